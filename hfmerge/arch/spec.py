@@ -1,0 +1,118 @@
+"""Architecture specs as data: every tensor name, and which permutation group acts on which axis.
+
+A permutation group is a symmetry of the network: reordering the units it names (and every axis that
+reads or writes those units) leaves the model's function unchanged. Alignment solves for one
+permutation per group; merging and checks only need names, axes and the buffer flag.
+
+Index convention everywhere: a permutation is a gather index, `new[i] = old[perm[i]]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+import torch
+
+GroupKind = Literal["residual", "ff", "attention"]
+
+
+class Layout(StrEnum):
+    """How an axis is laid out in terms of its group's units.
+
+    `UNITS` is a plain axis of `group.size` units (residual stream, FF hidden units). The other
+    layouts belong to attention groups and describe head-major axes, so a head permutation moves
+    whole `head_dim` blocks and within-head permutations move entries inside a block.
+    """
+
+    UNITS = "units"
+    Q = "q"  # [num_heads * head_dim]: query rows (or Conv1D columns), head-major
+    K = "k"  # [num_kv_heads * head_dim]: key rows
+    V = "v"  # [num_kv_heads * head_dim]: value rows
+    O = "o"  # [num_heads * head_dim]: input axis of the attention output projection
+    QKV_CONCAT = "qkv_concat"  # GPT-2 c_attn: [Q | K | V], each num_heads * head_dim
+    QKV_PER_HEAD = "qkv_per_head"  # GPT-NeoX query_key_value: [head][q | k | v][head_dim]
+
+
+@dataclass(frozen=True)
+class PermGroup:
+    """One permutation symmetry of the network.
+
+    For `residual` and `ff` groups, `size` units are permuted freely. For `attention` groups the
+    permutation is structured (see `AttentionPerm`): KV groups move as wholes (each with its query
+    heads), query heads may reorder inside their KV group, V/O dims may reorder inside each head, and
+    Q/K dims may reorder inside each head only within `qk_free_dims` (rotary dims are pinned).
+    """
+
+    name: str  # "residual", "layers.3.mlp", "layers.3.attn"
+    kind: GroupKind
+    size: int  # residual/ff: units; attention: num_heads * head_dim
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    qk_free_dims: tuple[int, int] = (0, 0)  # [start, end) of head dims that Q/K may permute
+
+    @property
+    def queries_per_kv(self) -> int:
+        """Query heads that share one KV head (1 without GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class AxisRole:
+    """Which group acts on one tensor axis, and how that axis is laid out."""
+
+    group: str
+    layout: Layout = Layout.UNITS
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the checkpoint: its name and, per axis, the group acting on it (or None)."""
+
+    name: str
+    axes: tuple[AxisRole | None, ...]
+    buffer: bool = False  # a non-parameter (e.g. position_ids): copied from the base, never merged
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The full spec of one checkpoint of one family."""
+
+    family: str  # registry name: "bert", "gpt2", "gpt_neox", "llama"
+    model_type: str  # config.json's model_type: "bert", "gpt2", "gpt_neox", "llama", "mistral", ...
+    groups: dict[str, PermGroup]
+    tensors: dict[str, TensorSpec]
+    # Tensors that share storage with another one and are absent from the checkpoint when tied,
+    # e.g. {"lm_head.weight": "model.embed_tokens.weight"}. Informational: never written out.
+    tied: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks (count of attention groups)."""
+        return sum(1 for g in self.groups.values() if g.kind == "attention")
+
+
+@dataclass(frozen=True)
+class AttentionPerm:
+    """A structured permutation of one attention group (gather indices, `new[i] = old[perm[i]]`).
+
+    Attributes:
+        kv_heads: [num_kv_heads]; new KV slot g holds old KV head `kv_heads[g]`.
+        q_in_group: [num_kv_heads, queries_per_kv]; in new KV slot g, new query position j holds old
+            query position `q_in_group[g, j]` within the old group `kv_heads[g]`.
+        qk_dims: [num_kv_heads, head_dim]; within-head Q/K order of the head in new slot g (shared by
+            the KV head and all its query heads). Identity outside `qk_free_dims`.
+        vo_dims: [num_kv_heads, head_dim]; within-head V order of the head in new slot g, shared by the
+            matching output-projection input dims of all its query heads.
+    """
+
+    kv_heads: torch.Tensor
+    q_in_group: torch.Tensor
+    qk_dims: torch.Tensor
+    vo_dims: torch.Tensor
+
+
+GroupPerm = torch.Tensor | AttentionPerm  # [size] index for residual/ff; AttentionPerm for attention
+Permutations = dict[str, GroupPerm]  # group name -> its permutation

@@ -1,0 +1,136 @@
+"""Every error hfmerge raises on purpose, with structured fields.
+
+Each error says three things: what went wrong (`what`), why it matters or what was found (`why`) and
+what the user can do about it (`fix`). The CLI formats them in one place (`cli.py`), so no other module
+prints an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class HfMergeError(Exception):
+    """Base class: a user-facing failure with what / why / fix."""
+
+    def __init__(self, what: str, *, why: str = "", fix: str = "") -> None:
+        self.what = what
+        self.why = why
+        self.fix = fix
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """One paragraph: what happened, why, and what to do."""
+        parts = [self.what.rstrip(".") + "."]
+        if self.why:
+            parts.append(self.why.rstrip(".") + ".")
+        if self.fix:
+            parts.append("Fix: " + self.fix.rstrip(".") + ".")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class RecipeProblem:
+    """One problem in a recipe, located in the YAML file."""
+
+    location: str  # dotted path such as "models.1.weight"
+    message: str
+    line: int | None = None  # 1-based line in the YAML file, when known
+    column: int | None = None
+
+    def describe(self) -> str:
+        """`models.1.weight (line 7, col 5): message`."""
+        where = self.location or "(top level)"
+        if self.line is not None:
+            where += f" (line {self.line}" + (f", col {self.column})" if self.column else ")")
+        return f"{where}: {self.message}"
+
+
+class RecipeError(HfMergeError):
+    """A recipe failed validation; `problems` holds every problem found, not just the first."""
+
+    def __init__(self, source: str, problems: Sequence[RecipeProblem]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        count = len(self.problems)
+        listing = "\n".join("  - " + p.describe() for p in self.problems)
+        super().__init__(
+            f"Recipe {source} has {count} problem{'s' if count != 1 else ''}:\n{listing}",
+            fix="edit the recipe at the places listed, then run `hfmerge validate` on it",
+        )
+
+
+class UnknownNameError(HfMergeError):
+    """A name (merge method, architecture family, ...) is not in its registry."""
+
+    def __init__(self, kind: str, name: str, choices: Sequence[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.choices = sorted(choices)
+        super().__init__(
+            f"Unknown {kind} {name!r}",
+            why=f"valid {kind}s are: {', '.join(self.choices)}",
+            fix=f"use one of the valid {kind}s",
+        )
+
+
+class MethodParameterError(HfMergeError):
+    """A merge method got parameters it cannot use."""
+
+    def __init__(self, method: str, problem: str, fix: str) -> None:
+        self.method = method
+        super().__init__(f"Merge method {method!r}: {problem}", fix=fix)
+
+
+class ArchitectureError(HfMergeError):
+    """A model's architecture is unsupported, or its tensors do not match its family's spec."""
+
+    def __init__(self, model: str, problem: str, *, fix: str = "") -> None:
+        self.model = model
+        super().__init__(
+            f"Model {model}: {problem}",
+            fix=fix or "check that the model is a supported family (`hfmerge archs`) and unmodified",
+        )
+
+
+class IncompatibleModelsError(HfMergeError):
+    """Two input models cannot be merged tensor by tensor (names, shapes or families differ)."""
+
+    def __init__(self, model_a: str, model_b: str, problems: Sequence[str]) -> None:
+        self.model_a = model_a
+        self.model_b = model_b
+        self.problems = list(problems)
+        shown = self.problems[:10]
+        more = len(self.problems) - len(shown)
+        listing = "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+        super().__init__(
+            f"Models {model_a} and {model_b} are not compatible",
+            why=listing,
+            fix="merge only models that share one architecture and shape (usually fine-tunes of "
+            "one base, or one recipe trained from different seeds)",
+        )
+
+
+class ModelSourceError(HfMergeError):
+    """A model reference cannot be read: missing directory, no safetensors, pickle-only, ..."""
+
+    def __init__(self, model: str, problem: str, fix: str) -> None:
+        self.model = model
+        super().__init__(f"Model {model}: {problem}", fix=fix)
+
+
+class OutputError(HfMergeError):
+    """The output location cannot be written as asked (exists, not writable, ...)."""
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        self.path = path
+        super().__init__(f"Output {path}: {problem}", fix=fix)
+
+
+class InputDataError(HfMergeError):
+    """Probe or calibration data cannot be read."""
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        self.path = path
+        super().__init__(f"Data {path}: {problem}", fix=fix)
