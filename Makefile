@@ -1,0 +1,32 @@
+# One entry point for set-up, the demo, the tests and the linters. Each target builds .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint pytest clean
+
+setup: $(STAMP)
+
+# Installs go through constraints.txt: torch stays the CPU build (2.13.0) and versions match the tests.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/hfmerge run recipes/demo.yaml --force
+
+lint: setup
+	$(BIN)/ruff check hfmerge tests benchmarks
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) out .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,100 @@
+"""Recipe + inspected models -> a per-tensor merge plan (pure data), printed by `--dry-run`.
+
+The plan is made from headers alone: for every output tensor, its shape, its output dtype and what
+happens to it (merged by the method, or copied from the base), plus the output shard layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from hfmerge.methods import MergeMethod
+from hfmerge.preflight import InspectedModel
+from hfmerge.tensors import ShardPlan, plan_shards
+
+# Recipe dtype names -> safetensors dtype codes.
+DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_FLOAT_CODES = frozenset({"BF16", "F16", "F32", "F64"})
+
+Action = Literal["merge", "copy"]
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """What happens to one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code of the output tensor
+    action: Action  # "merge": through the method; "copy": taken from the base unchanged
+    why: str  # one phrase for the dry-run table: why this action
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Every output tensor's job, the method, the inputs and the shard layout."""
+
+    method: MergeMethod
+    base: InspectedModel
+    inputs: list[InspectedModel]  # the models the method combines, in recipe order
+    jobs: list[TensorJob]
+    shards: ShardPlan
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of the output weights."""
+        return self.shards.total_bytes
+
+
+def build_plan(
+    method: MergeMethod,
+    *,
+    base: InspectedModel,
+    inputs: Sequence[InspectedModel],
+    out_dtype: str | None,
+    max_shard_bytes: int,
+) -> MergePlan:
+    """Plan every tensor of the base checkpoint, in the base's order.
+
+    Args:
+        method: the merge method.
+        base: the model whose config, tokenizer and buffers the output takes.
+        inputs: the models the method combines.
+        out_dtype: recipe dtype name (`bfloat16`, ...) for float tensors, or None to keep the base's.
+        max_shard_bytes: output shard size cap.
+    """
+    jobs = [_job(base, name, out_dtype) for name in base.index.names]
+    shards = plan_shards(jobs, max_shard_bytes=max_shard_bytes)  # a job is TensorLike
+    return MergePlan(method=method, base=base, inputs=list(inputs), jobs=jobs, shards=shards)
+
+
+def _job(base: InspectedModel, name: str, out_dtype: str | None) -> TensorJob:
+    info = base.index.info(name)
+    shape = tuple(info.shape)
+    tensor_spec = base.spec.tensors.get(name)
+    if tensor_spec is not None and tensor_spec.buffer:
+        return TensorJob(name, shape, info.dtype, "copy", "buffer, not a parameter")
+    if info.dtype not in _FLOAT_CODES:
+        return TensorJob(name, shape, info.dtype, "copy", f"{info.dtype} is not a float type")
+    dtype = DTYPE_CODES[out_dtype] if out_dtype else info.dtype
+    return TensorJob(name, shape, dtype, "merge", "parameter")
+
+
+def format_plan(plan: MergePlan) -> str:
+    """A plain-text table of the plan, one line per tensor, for `--dry-run`."""
+    shard_of = plan.shards.weight_map()
+    width = max(len(j.name) for j in plan.jobs)
+    lines = [
+        f"method {plan.method.name} over {len(plan.inputs)} models "
+        f"({', '.join(m.name for m in plan.inputs)}), base {plan.base.name}",
+        f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB in "
+        f"{len(plan.shards.shards)} shard(s)",
+        f"{'tensor':<{width}}  {'shape':<18} {'dtype':<5} {'action':<6} shard",
+    ]
+    for job in plan.jobs:
+        shape = "x".join(str(d) for d in job.shape) or "scalar"
+        lines.append(f"{job.name:<{width}}  {shape:<18} {job.dtype:<5} {job.action:<6} "
+                     f"{shard_of[job.name]}  ({job.why})")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Everything hfmerge learns about a model without reading its weights: config, headers, spec.
+
+`inspect_model` reads `config.json` and the safetensors headers; `check_compatible` compares models
+tensor by tensor and reports every difference at once, before any output is written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hfmerge.arch import spec_for
+from hfmerge.arch.spec import ArchSpec
+from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+from hfmerge.sources import ModelSource
+from hfmerge.tensors import CheckpointIndex, read_checkpoint_index
+
+# Config keys that must agree for two checkpoints to be merged tensor by tensor.
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+@dataclass(frozen=True)
+class InspectedModel:
+    """A model's source, config, checkpoint headers and architecture spec."""
+
+    source: ModelSource
+    config: dict[str, Any]
+    index: CheckpointIndex
+    spec: ArchSpec
+
+    @property
+    def name(self) -> str:
+        """How the user named the model."""
+        return self.source.display
+
+
+def read_config(source: ModelSource) -> dict[str, Any]:
+    """Parse the model's config.json."""
+    path = source.path / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelSourceError(source.display, f"has no config.json in {source.path}",
+                               "point at a directory saved with `save_pretrained`") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(source.display, f"config.json cannot be read ({exc})",
+                               "repair or re-download config.json") from exc
+    if not isinstance(config, dict):
+        raise ModelSourceError(source.display, "config.json is not a JSON object",
+                               "repair or re-download config.json")
+    return config
+
+
+def inspect_model(source: ModelSource) -> InspectedModel:
+    """Config + safetensors headers + architecture spec; reads no tensor data."""
+    config = read_config(source)
+    index = read_checkpoint_index(source.path)
+    spec = spec_for(config, index.names, model=source.display)
+    return InspectedModel(source=source, config=config, index=index, spec=spec)
+
+
+def check_compatible(models: Sequence[InspectedModel]) -> None:
+    """Every model against the first: same family, config shape keys, tensor names and shapes.
+
+    Raises:
+        IncompatibleModelsError: naming the first pair that differs and every difference found.
+    """
+    reference = models[0]
+    for other in models[1:]:
+        problems = _config_differences(reference, other) + _tensor_differences(reference, other)
+        if problems:
+            raise IncompatibleModelsError(reference.name, other.name, problems)
+
+
+def _config_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
+    if a.spec.family != b.spec.family:
+        return [f"architecture family {a.spec.family} vs {b.spec.family}"]
+    return [
+        f"config {key} {a.config.get(key)} vs {b.config.get(key)}"
+        for key in _SHAPE_KEYS
+        if a.config.get(key) != b.config.get(key)
+    ]
+
+
+def _tensor_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
+    names_a, names_b = set(a.index.names), set(b.index.names)
+    problems = [f"tensor {n} only in {a.name}" for n in sorted(names_a - names_b)]
+    problems += [f"tensor {n} only in {b.name}" for n in sorted(names_b - names_a)]
+    for name in sorted(names_a & names_b):
+        shape_a, shape_b = a.index.info(name).shape, b.index.info(name).shape
+        if tuple(shape_a) != tuple(shape_b):
+            problems.append(f"tensor {name} has shape {list(shape_a)} vs {list(shape_b)}")
+    return problems

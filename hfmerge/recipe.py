@@ -1,0 +1,217 @@
+"""The recipe: a YAML file naming models and what to do with them, validated with pydantic v2.
+
+`load_recipe` reports every problem at once (schema, unknown keys, method names and parameters), each
+with its YAML line, before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hfmerge.errors import RecipeError, RecipeProblem
+from hfmerge.yaml_locations import Location, locate, node_positions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(BaseModel):
+    """One input model; keys besides `model` and `revision` are the method's per-model parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model: str = Field(min_length=1)
+    revision: str | None = None
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        """Per-model method parameters (weight, density, ...) given beside the model."""
+        return dict(self.model_extra or {})
+
+    @property
+    def ref(self) -> str:
+        """The reference as users write it: `org/name@revision`, a path, or `zoo:name`."""
+        return f"{self.model}@{self.revision}" if self.revision else self.model
+
+
+class ProbeSpec(_Strict):
+    """Text used for activations (alignment, CKA, routing)."""
+
+    data: str = "builtin"
+    samples: int = Field(256, gt=0)
+    max_length: int = Field(128, gt=1)
+    device_map: str | dict[str, int | str] = "auto"
+
+
+class AlignSpec(_Strict):
+    """Permutation alignment of every model into `base`'s basis before merging."""
+
+    method: Literal["none", "weight", "activation"] = "none"
+
+
+class CheckSpec(_Strict):
+    """The CKA gate: refuse to merge below `cka_min`."""
+
+    cka_min: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class MergeSpec(_Strict):
+    """Which merge method to run, with its global parameters."""
+
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0  # seeds the random methods (DARE, DELLA); the same seed gives the same output
+
+
+class ExpertSpec(_Strict):
+    """Calibration text for one routed expert."""
+
+    data: str
+
+
+class RouteSpec(_Strict):
+    """Per-input routing instead of merging."""
+
+    method: Literal["centroid", "logistic", "perplexity"] = "centroid"
+    experts: list[ExpertSpec] = Field(default_factory=list)
+
+
+class OutputSpec(_Strict):
+    """Where and how the result is written."""
+
+    path: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    max_shard_size: str | int = "2GB"
+    push: str | None = None
+    private: bool = False
+
+
+class Recipe(_Strict):
+    """A whole recipe. Build it with `load_recipe` (file) or `parse_recipe` (mapping)."""
+
+    models: list[ModelEntry] = Field(min_length=2)
+    base: str | None = None
+    probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    align: AlignSpec = Field(default_factory=AlignSpec)
+    check: CheckSpec = Field(default_factory=CheckSpec)
+    merge: MergeSpec | None = None
+    route: RouteSpec | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _strings_to_entries(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def base_entry(self) -> ModelEntry:
+        """The model named by `base` (or the first model when there is no `base`)."""
+        if self.base is None:
+            return self.models[0]
+        for entry in self.models:
+            if self.base in (entry.model, entry.ref):
+                return entry
+        return ModelEntry(model=self.base)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, parse and validate a recipe file.
+
+    Raises:
+        RecipeError: with every problem found, each located in the YAML file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problem = RecipeProblem("", f"cannot read the file ({exc.strerror or exc})")
+        raise RecipeError(str(path), [problem]) from exc
+    return parse_recipe_text(text, source=str(path))
+
+
+def parse_recipe_text(text: str, *, source: str = "<recipe>") -> Recipe:
+    """Parse YAML text into a validated `Recipe`, reporting every problem with its line."""
+    try:
+        data = yaml.safe_load(text)
+        positions = node_positions(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise RecipeError(source, [RecipeProblem("", f"not valid YAML: {exc}", line)]) from exc
+    return parse_recipe(data, source=source, positions=positions)
+
+
+def parse_recipe(
+    data: Any,
+    *,
+    source: str = "<recipe>",
+    positions: dict[Location, tuple[int, int]] | None = None,
+) -> Recipe:
+    """Validate a recipe mapping; every schema and semantic problem is reported in one error."""
+    from hfmerge.recipe_checks import semantic_problems  # late: it imports the method registry
+
+    if not isinstance(data, dict):
+        raise RecipeError(source, [RecipeProblem("", "a recipe must be a YAML mapping of keys")])
+    problems: list[tuple[Location, str]] = []
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems += [_describe_pydantic(err) for err in exc.errors()]
+    problems += semantic_problems(data)
+    if problems:
+        located = [locate(loc, msg, positions or {}) for loc, msg in _unique(problems)]
+        raise RecipeError(source, located)
+    assert recipe is not None
+    return recipe
+
+
+def _describe_pydantic(err: Any) -> tuple[Location, str]:
+    loc: Location = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        return loc, f"unknown key {key!r}{_did_you_mean(key, _allowed_keys(loc[:-1]))}"
+    if err["type"] == "missing":
+        return loc, "required key is missing"
+    return loc, str(err["msg"])
+
+
+def _allowed_keys(loc: Location) -> list[str]:
+    """Field names of the recipe section at `loc` (for did-you-mean hints)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = _model_in(field.annotation) if field else None
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(choices)})"
+
+
+def _unique(items: list[tuple[Location, str]]) -> list[tuple[Location, str]]:
+    seen: set[tuple[Location, str]] = set()
+    return [i for i in items if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]

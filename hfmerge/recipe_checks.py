@@ -1,0 +1,116 @@
+"""Checks on a recipe that the schema alone cannot make: method names, parameters, model counts.
+
+They run on the raw mapping, so they still report their problems when the schema check fails
+elsewhere: the user sees every problem of the recipe in one error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hfmerge.methods import METHODS
+from hfmerge.tensors import parse_size
+from hfmerge.yaml_locations import Location
+
+_MODEL_KEYS = frozenset({"model", "revision"})
+
+
+def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
+    """Every problem beyond the schema, as (location, message) pairs."""
+    problems = _merge_xor_route(data)
+    problems += _merge_problems(data)
+    problems += _route_problems(data)
+    problems += _output_problems(data)
+    return problems
+
+
+def _merge_xor_route(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
+    has_merge, has_route = data.get("merge") is not None, data.get("route") is not None
+    if has_merge == has_route:
+        return [((), "give exactly one of `merge:` (average the models) or `route:` (send each "
+                 f"input to one model); this recipe has {'both' if has_merge else 'neither'}")]
+    return []
+
+
+def _model_entries(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    models = data.get("models")
+    if not isinstance(models, list):
+        return []
+    return [m if isinstance(m, Mapping) else {"model": m} for m in models]
+
+
+def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
+    merge = data.get("merge")
+    if not isinstance(merge, Mapping) or not isinstance(merge.get("method"), str):
+        return []
+    name = merge["method"]
+    method = METHODS.get(name)
+    if method is None:
+        return [(("merge", "method"), _unknown_method(name))]
+    entries = _model_entries(data)
+    base = data.get("base")
+    # Task-vector methods merge the models other than the base; the rest merge every listed model.
+    positions = [
+        i for i, e in enumerate(entries) if not method.needs_base or e.get("model") != base
+    ]
+    per_model = [
+        {k: v for k, v in entries[i].items() if k not in _MODEL_KEYS} for i in positions
+    ]
+    problems: list[tuple[Location, str]] = []
+    if method.needs_base and not base:
+        problems.append((("base",), f"method {name!r} builds on a base model: set `base:` to "
+                         "the model the others were fine-tuned from"))
+    params = merge.get("parameters") or {}
+    if isinstance(params, Mapping) and (not method.needs_base or base):
+        for loc, msg in _method_param_problems(method, params, per_model):
+            problems.append((_relocate(loc, positions), msg))
+    return problems
+
+
+def _method_param_problems(
+    method: Any, params: Mapping[str, Any], per_model: list[dict[str, Any]]
+) -> list[tuple[Location, str]]:
+    from hfmerge.methods import param_problems
+
+    return [(tuple(loc), msg) for loc, msg in param_problems(method, params, per_model)]
+
+
+def _relocate(loc: Location, positions: list[int]) -> Location:
+    """Map ("models", i, key) over the method's inputs to the index in the recipe's list."""
+    if loc[:1] == ("parameters",):
+        return ("merge", *loc)
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int) and loc[1] < len(positions):
+        return ("models", positions[loc[1]], *loc[2:])
+    return loc
+
+
+def _unknown_method(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(METHODS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown merge method {name!r}; {hint}valid methods: {', '.join(sorted(METHODS))}"
+
+
+def _route_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
+    route = data.get("route")
+    if not isinstance(route, Mapping):
+        return []
+    experts, models = route.get("experts"), data.get("models")
+    if isinstance(experts, list) and experts and isinstance(models, list):
+        if len(experts) != len(models):
+            return [(("route", "experts"), f"{len(experts)} experts for {len(models)} models: give "
+                     "one calibration entry per model, in the order of `models:`")]
+    return []
+
+
+def _output_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
+    output = data.get("output")
+    if not isinstance(output, Mapping) or "max_shard_size" not in output:
+        return []
+    try:
+        parse_size(output["max_shard_size"])
+    except ValueError as exc:
+        return [(("output", "max_shard_size"), str(exc))]
+    return []

@@ -1,0 +1,92 @@
+"""The command line: data on stdout, one-paragraph errors on stderr, exit codes, nothing written on error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hfmerge.cli import main
+from hfmerge.methods import METHODS
+from tiny_models import save_tiny_model
+
+
+def write_recipe(path: Path, models: list[str], method: str = "linear", out: str = "merged") -> Path:
+    lines = ["models:"] + [f"  - {m}" for m in models]
+    lines += ["merge:", f"  method: {method}", "output:", f"  path: {out}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_methods_lists_every_method_with_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"{name}:" in out
+    assert "paper: https://" in out and "density" in out
+
+
+def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["archs"]) == 0
+    out = capsys.readouterr().out
+    for family in ("bert", "gpt2", "gpt_neox", "llama"):
+        assert f"{family}:" in out
+    assert "mistral" in out and "qwen2" in out
+
+
+def test_run_writes_model_and_prints_its_path(
+    chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = save_tiny_model("llama", chdir_tmp / "a", seed=0)
+    b = save_tiny_model("llama", chdir_tmp / "b", seed=1)
+    path = write_recipe(chdir_tmp / "r.yaml", [str(a), str(b)])
+    assert main(["run", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "merged"
+    assert "AutoModelForCausalLM.from_pretrained('merged')" in captured.err
+    assert (chdir_tmp / "merged" / "config.json").exists()
+    assert main(["run", str(path)]) == 1  # exists now
+    assert "exists" in capsys.readouterr().err
+    assert main(["run", str(path), "--force", "--out", "other"]) == 0
+    assert (chdir_tmp / "other" / "README.md").exists()
+
+
+def test_dry_run_prints_the_plan(chdir_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = save_tiny_model("llama", chdir_tmp / "a", seed=0)
+    path = write_recipe(chdir_tmp / "r.yaml", [str(a), str(a)])
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.embed_tokens.weight" in out and "merge" in out
+    assert not (chdir_tmp / "merged").exists()
+
+
+def test_validate_reports_key_and_method_typos_in_one_error(
+    chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = chdir_tmp / "bad.yaml"
+    path.write_text("modles: [a, b]\nmerge:\n  method: linaer\n")
+    for command in (["validate", str(path)], ["run", str(path)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "unknown key 'modles'" in err and "'linaer'" in err and "'linear'" in err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in chdir_tmp.iterdir()) == ["bad.yaml"]
+
+
+def test_validate_ok_and_missing_model(chdir_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = save_tiny_model("llama", chdir_tmp / "a", seed=0)
+    good = write_recipe(chdir_tmp / "good.yaml", [str(a), str(a)])
+    assert main(["validate", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    missing = write_recipe(chdir_tmp / "missing.yaml", [str(a), "./nowhere"])
+    assert main(["validate", str(missing)]) == 1
+    assert "./nowhere: no such directory" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module() -> None:
+    done = subprocess.run([sys.executable, "-m", "hfmerge", "--help"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0
+    assert "run" in done.stdout and "validate" in done.stdout

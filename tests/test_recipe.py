@@ -1,0 +1,101 @@
+"""Recipe validation: every problem at once, located in the YAML file, nothing read or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hfmerge.errors import RecipeError
+from hfmerge.recipe import load_recipe, parse_recipe_text
+
+GOOD = """\
+models:
+  - a/model
+  - model: b/model
+    weight: 0.5
+    density: 0.4
+base: a/model
+merge:
+  method: ties
+  parameters: {normalize: true}
+output:
+  path: out/x
+  dtype: bfloat16
+  max_shard_size: 500MB
+"""
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe_text(text, source="r.yaml")
+    return [p.describe() for p in info.value.problems]
+
+
+def test_good_recipe_parses_with_per_model_parameters() -> None:
+    recipe = parse_recipe_text(GOOD)
+    assert [m.model for m in recipe.models] == ["a/model", "b/model"]
+    assert recipe.models[1].method_params == {"weight": 0.5, "density": 0.4}
+    assert recipe.models[0].method_params == {}
+    assert recipe.base_entry().model == "a/model"
+    assert recipe.output.dtype == "bfloat16"
+    assert recipe.align.method == "none"
+
+
+def test_misspelt_key_and_method_are_reported_together_with_lines() -> None:
+    text = GOOD.replace("output:", "outptu:").replace("method: ties", "method: tise")
+    found = problems_of(text)
+    assert len(found) == 2
+    joined = "\n".join(found)
+    assert "outptu (line 10, col 1): unknown key 'outptu' (did you mean 'output'?)" in joined
+    assert "merge.method (line 8, col 3)" in joined and "did you mean 'ties'?" in joined
+    assert "valid methods:" in joined and "linear" in joined
+
+
+def test_unknown_per_model_parameter_is_located_at_the_model() -> None:
+    found = problems_of(GOOD.replace("density: 0.4", "dentsity: 0.4"))
+    assert len(found) == 1
+    assert found[0].startswith("models.1.dentsity (line 5")
+
+
+def test_unknown_global_parameter_and_bad_value_type() -> None:
+    text = GOOD.replace("{normalize: true}", "{normalise: true}").replace("weight: 0.5", "weight: x")
+    found = "\n".join(problems_of(text))
+    assert "merge.parameters.normalise" in found
+    assert "models.1.weight" in found
+
+
+def test_merge_and_route_are_exclusive() -> None:
+    both = GOOD + "route:\n  method: centroid\n"
+    assert any("exactly one of `merge:`" in p for p in problems_of(both))
+    neither = GOOD.split("merge:")[0] + "output:\n  path: x\n"
+    assert any("has neither" in p for p in problems_of(neither))
+
+
+def test_task_method_without_base_is_refused() -> None:
+    found = problems_of(GOOD.replace("base: a/model\n", ""))
+    assert any(p.startswith("base:") and "builds on a base model" in p for p in found)
+
+
+def test_bad_shard_size_dtype_and_model_count() -> None:
+    text = (GOOD.replace("500MB", "lots").replace("dtype: bfloat16", "dtype: int8")
+            .replace("  - a/model\n", "", 1))
+    found = "\n".join(problems_of(text))
+    assert "output.max_shard_size" in found
+    assert "output.dtype" in found
+    assert "models" in found and "at least 2" in found
+
+
+def test_route_experts_must_match_models() -> None:
+    text = GOOD.split("merge:")[0] + "route:\n  experts: [{data: a.txt}]\n"
+    assert any("1 experts for 2 models" in p for p in problems_of(text))
+
+
+def test_not_a_mapping_and_bad_yaml() -> None:
+    assert "a recipe must be a YAML mapping" in problems_of("- a\n- b\n")[0]
+    assert "not valid YAML" in problems_of("models: [a, b\n")[0]
+
+
+def test_load_recipe_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="cannot read the file"):
+        load_recipe(tmp_path / "nope.yaml")

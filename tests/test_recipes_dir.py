@@ -1,0 +1,24 @@
+"""Every shipped recipe is valid and documents the command that runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hfmerge.recipe import load_recipe
+
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes() -> None:
+    assert len(RECIPES) >= 5
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.name))
+def test_recipe_loads_and_names_its_command(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert len(recipe.models) >= 2
+    command = f"hfmerge run {path.relative_to(ROOT).as_posix()}"
+    assert command in path.read_text(encoding="utf-8")
