@@ -1,4 +1,4 @@
-"""The model card (README.md) of a merged model: Hub metadata, inputs, method, recipe, how to load."""
+"""The model card (README.md) of a merged model: Hub metadata, inputs, method, recipe, loading."""
 
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ def auto_class_name(config: Mapping[str, Any]) -> str:
 def load_snippet(config: Mapping[str, Any], location: str) -> str:
     """Python lines that load the model at `location` (a path or a Hub id)."""
     auto = auto_class_name(config)
-    return (f"from transformers import {auto}, AutoTokenizer\n"
-            f"model = {auto}.from_pretrained({location!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({location!r})")
+    return (
+        f"from transformers import {auto}, AutoTokenizer\n"
+        f"model = {auto}.from_pretrained({location!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({location!r})"
+    )
 
 
 def render_card(
@@ -63,8 +65,13 @@ def _front_matter(base: InspectedModel, inputs: Sequence[InspectedModel]) -> str
     meta: dict[str, Any] = {}
     if hub_ids:
         meta["base_model"] = list(dict.fromkeys(hub_ids))
-    meta.update({"base_model_relation": "merge", "library_name": "transformers",
-                 "tags": ["merge", "hfmerge"]})
+    meta.update(
+        {
+            "base_model_relation": "merge",
+            "library_name": "transformers",
+            "tags": ["merge", "hfmerge"],
+        }
+    )
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 

@@ -37,7 +37,9 @@ def _hint(message: str) -> None:
 def run(
     recipe: RecipeArg,
     out: OutOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Run a recipe: merge the models it names and write a model directory."""
@@ -48,14 +50,21 @@ def run(
 
     parsed = load_recipe(recipe)
     target = out or (None if parsed.output.path else Path("out") / recipe.stem)
-    result = run_recipe(parsed, recipe_text=recipe.read_text(encoding="utf-8"), out_dir=target,
-                        dry_run=dry_run, force=force)
+    result = run_recipe(
+        parsed,
+        recipe_text=recipe.read_text(encoding="utf-8"),
+        out_dir=target,
+        dry_run=dry_run,
+        force=force,
+    )
     if result.out_dir is None:
         typer.echo(format_plan(result.plan))
         return
     typer.echo(str(result.out_dir))
-    _hint(f"Merged model written to {result.out_dir}. Load it with:\n"
-          + load_snippet(result.plan.base.config, str(result.out_dir)))
+    _hint(
+        f"Merged model written to {result.out_dir}. Load it with:\n"
+        + load_snippet(result.plan.base.config, str(result.out_dir))
+    )
 
 
 @app.command()
@@ -66,8 +75,10 @@ def validate(recipe: RecipeArg) -> None:
 
     result = run_recipe(load_recipe(recipe), dry_run=True, progress=False)
     plan = result.plan
-    typer.echo(f"{recipe}: OK — {plan.method.name} over {len(plan.inputs)} models, "
-               f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB of output")
+    typer.echo(
+        f"{recipe}: OK — {plan.method.name} over {len(plan.inputs)} models, "
+        f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB of output"
+    )
 
 
 @app.command()
@@ -78,8 +89,10 @@ def methods() -> None:
     for method in list_methods():
         typer.echo(f"{method.name}: {method.summary}")
         typer.echo(f"    paper: {method.paper}")
-        typer.echo(f"    needs base: {'yes' if method.needs_base else 'no'}; models: "
-                   f"{method.min_models}..{method.max_models or 'any'}")
+        typer.echo(
+            f"    needs base: {'yes' if method.needs_base else 'no'}; models: "
+            f"{method.min_models}..{method.max_models or 'any'}"
+        )
         for scope, model in (("method", method.params), ("per model", method.model_params)):
             for name, field in model.model_fields.items():
                 default = "required" if field.is_required() else f"default {field.default!r}"
@@ -92,8 +105,9 @@ def archs() -> None:
     from hfmerge.arch import list_families
 
     for family in list_families():
-        typer.echo(f"{family.name}: model types {', '.join(family.model_types)} — "
-                   f"{family.description}")
+        typer.echo(
+            f"{family.name}: model types {', '.join(family.model_types)} — {family.description}"
+        )
 
 
 @app.command()

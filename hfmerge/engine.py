@@ -57,9 +57,12 @@ def _merge_one(
     base_tensor = base.get(job.name).to(torch.float32) if plan.method.needs_base else None
     # A per-tensor seed keeps random methods (DARE, DELLA) reproducible in any tensor order.
     generator = torch.Generator().manual_seed(seed + zlib.crc32(job.name.encode()))
-    merged = plan.method.fn(tensors, base=base_tensor, model_params=model_params, params=params,
-                            generator=generator)
+    merged = plan.method.fn(
+        tensors, base=base_tensor, model_params=model_params, params=params, generator=generator
+    )
     if tuple(merged.shape) != job.shape:
-        raise RuntimeError(f"method {plan.method.name} returned shape {tuple(merged.shape)} "
-                           f"for {job.name}, expected {job.shape}")
+        raise RuntimeError(
+            f"method {plan.method.name} returned shape {tuple(merged.shape)} "
+            f"for {job.name}, expected {job.shape}"
+        )
     return merged.to(torch_dtype(job.dtype))

@@ -1,8 +1,8 @@
 """Every error hfmerge raises on purpose, with structured fields.
 
 Each error says three things: what went wrong (`what`), why it matters or what was found (`why`) and
-what the user can do about it (`fix`). The CLI formats them in one place (`cli.py`), so no other module
-prints an error.
+what the user can do about it (`fix`). The CLI formats them in one place (`cli.py`), so no
+other module prints an error.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ class ArchitectureError(HfMergeError):
         self.model = model
         super().__init__(
             f"Model {model}: {problem}",
-            fix=fix or "check that the model is a supported family (`hfmerge archs`) and unmodified",
+            fix=fix
+            or "check that the model is a supported family (`hfmerge archs`) and unmodified",
         )
 
 

@@ -1,4 +1,4 @@
-"""The one orchestrator: recipe -> resolved models -> preflight -> plan -> merge -> output directory.
+"""The one orchestrator: recipe -> resolved models -> preflight -> plan -> merge -> output dir.
 
 Every check that can fail runs before the first byte of output is written, and the output is
 assembled in a temporary directory that replaces the target only when complete.
@@ -65,15 +65,26 @@ def run_recipe(
     if not dry_run:
         check_output_dir(target, force=force)  # fail now, not after the merge
     base, inputs = _inspect(recipe, base_entry, inputs_entries, progress=progress)
-    plan = build_plan(method, base=base, inputs=inputs, out_dtype=recipe.output.dtype,
-                      max_shard_bytes=parse_size(recipe.output.max_shard_size))
+    plan = build_plan(
+        method,
+        base=base,
+        inputs=inputs,
+        out_dtype=recipe.output.dtype,
+        max_shard_bytes=parse_size(recipe.output.max_shard_size),
+    )
     if dry_run:
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, [base, *inputs])
     text = recipe_text or _dump_recipe(recipe)
     with atomic_output_dir(target, force=force) as staging:
-        execute_plan(plan, staging, params=params, model_params=model_params,
-                     seed=recipe.merge.seed, progress=progress)
+        execute_plan(
+            plan,
+            staging,
+            params=params,
+            model_params=model_params,
+            seed=recipe.merge.seed,
+            progress=progress,
+        )
         _write_side_files(staging, plan, recipe, text, params.model_dump(by_alias=True))
     return RunResult(plan=plan, out_dir=target)
 
@@ -116,8 +127,10 @@ def _inspect(
 def _refuse_input_as_output(target: Path, models: list[InspectedModel]) -> None:
     for model in models:
         if target.resolve() == model.source.path.resolve():
-            raise HfMergeError(f"The output directory {target} is the input model {model.name}",
-                               fix="choose another output path (`--out DIR`)")
+            raise HfMergeError(
+                f"The output directory {target} is the input model {model.name}",
+                fix="choose another output path (`--out DIR`)",
+            )
 
 
 def _write_side_files(
@@ -127,8 +140,14 @@ def _write_side_files(
     if recipe.output.dtype:
         _set_config_dtype(staging / "config.json", recipe.output.dtype)
     (staging / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
-    card = render_card(title=Path(recipe.output.path or "merged").name, method=plan.method,
-                       base=plan.base, inputs=plan.inputs, params=params, recipe_text=recipe_text)
+    card = render_card(
+        title=Path(recipe.output.path or "merged").name,
+        method=plan.method,
+        base=plan.base,
+        inputs=plan.inputs,
+        params=params,
+        recipe_text=recipe_text,
+    )
     (staging / "README.md").write_text(card, encoding="utf-8")
 
 

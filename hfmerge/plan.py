@@ -62,7 +62,7 @@ def build_plan(
         method: the merge method.
         base: the model whose config, tokenizer and buffers the output takes.
         inputs: the models the method combines.
-        out_dtype: recipe dtype name (`bfloat16`, ...) for float tensors, or None to keep the base's.
+        out_dtype: recipe dtype (`bfloat16`, ...) for float tensors; None keeps the base's.
         max_shard_bytes: output shard size cap.
     """
     jobs = [_job(base, name, out_dtype) for name in base.index.names]
@@ -95,6 +95,8 @@ def format_plan(plan: MergePlan) -> str:
     ]
     for job in plan.jobs:
         shape = "x".join(str(d) for d in job.shape) or "scalar"
-        lines.append(f"{job.name:<{width}}  {shape:<18} {job.dtype:<5} {job.action:<6} "
-                     f"{shard_of[job.name]}  ({job.why})")
+        lines.append(
+            f"{job.name:<{width}}  {shape:<18} {job.dtype:<5} {job.action:<6} "
+            f"{shard_of[job.name]}  ({job.why})"
+        )
     return "\n".join(lines)

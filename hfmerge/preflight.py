@@ -18,8 +18,15 @@ from hfmerge.sources import ModelSource
 from hfmerge.tensors import CheckpointIndex, read_checkpoint_index
 
 # Config keys that must agree for two checkpoints to be merged tensor by tensor.
-_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "intermediate_size")
+_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
 
 
 @dataclass(frozen=True)
@@ -43,14 +50,21 @@ def read_config(source: ModelSource) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ModelSourceError(source.display, f"has no config.json in {source.path}",
-                               "point at a directory saved with `save_pretrained`") from exc
+        raise ModelSourceError(
+            source.display,
+            f"has no config.json in {source.path}",
+            "point at a directory saved with `save_pretrained`",
+        ) from exc
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelSourceError(source.display, f"config.json cannot be read ({exc})",
-                               "repair or re-download config.json") from exc
+        raise ModelSourceError(
+            source.display,
+            f"config.json cannot be read ({exc})",
+            "repair or re-download config.json",
+        ) from exc
     if not isinstance(config, dict):
-        raise ModelSourceError(source.display, "config.json is not a JSON object",
-                               "repair or re-download config.json")
+        raise ModelSourceError(
+            source.display, "config.json is not a JSON object", "repair or re-download config.json"
+        )
     return config
 
 

@@ -1,7 +1,7 @@
 """The recipe: a YAML file naming models and what to do with them, validated with pydantic v2.
 
-`load_recipe` reports every problem at once (schema, unknown keys, method names and parameters), each
-with its YAML line, before anything is read or written.
+`load_recipe` reports every problem at once (schema, unknown keys, method names and
+parameters), each with its YAML line, before anything is read or written.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    """One input model; keys besides `model` and `revision` are the method's per-model parameters."""
+    """One input model; keys other than `model` and `revision` are per-model method parameters."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 

@@ -28,8 +28,13 @@ def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
 def _merge_xor_route(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     has_merge, has_route = data.get("merge") is not None, data.get("route") is not None
     if has_merge == has_route:
-        return [((), "give exactly one of `merge:` (average the models) or `route:` (send each "
-                 f"input to one model); this recipe has {'both' if has_merge else 'neither'}")]
+        return [
+            (
+                (),
+                "give exactly one of `merge:` (average the models) or `route:` (send each "
+                f"input to one model); this recipe has {'both' if has_merge else 'neither'}",
+            )
+        ]
     return []
 
 
@@ -54,13 +59,16 @@ def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     positions = [
         i for i, e in enumerate(entries) if not method.needs_base or e.get("model") != base
     ]
-    per_model = [
-        {k: v for k, v in entries[i].items() if k not in _MODEL_KEYS} for i in positions
-    ]
+    per_model = [{k: v for k, v in entries[i].items() if k not in _MODEL_KEYS} for i in positions]
     problems: list[tuple[Location, str]] = []
     if method.needs_base and not base:
-        problems.append((("base",), f"method {name!r} builds on a base model: set `base:` to "
-                         "the model the others were fine-tuned from"))
+        problems.append(
+            (
+                ("base",),
+                f"method {name!r} builds on a base model: set `base:` to "
+                "the model the others were fine-tuned from",
+            )
+        )
     params = merge.get("parameters") or {}
     if isinstance(params, Mapping) and (not method.needs_base or base):
         for loc, msg in _method_param_problems(method, params, per_model):
@@ -98,10 +106,14 @@ def _route_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     if not isinstance(route, Mapping):
         return []
     experts, models = route.get("experts"), data.get("models")
-    if isinstance(experts, list) and experts and isinstance(models, list):
-        if len(experts) != len(models):
-            return [(("route", "experts"), f"{len(experts)} experts for {len(models)} models: give "
-                     "one calibration entry per model, in the order of `models:`")]
+    if not (isinstance(experts, list) and experts and isinstance(models, list)):
+        return []
+    if len(experts) != len(models):
+        message = (
+            f"{len(experts)} experts for {len(models)} models: give one calibration entry "
+            "per model, in the order of `models:`"
+        )
+        return [(("route", "experts"), message)]
     return []
 
 

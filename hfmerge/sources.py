@@ -53,18 +53,23 @@ def resolve_model(ref: str, *, revision: str | None = None, progress: bool = Tru
     if ref.startswith(ZOO_PREFIX):
         from hfmerge.zoo import zoo_model
 
-        return ModelSource(ref=ref, path=zoo_model(ref[len(ZOO_PREFIX):], progress=progress))
+        return ModelSource(ref=ref, path=zoo_model(ref[len(ZOO_PREFIX) :], progress=progress))
     path = Path(ref).expanduser()
     if path.is_dir():
         return ModelSource(ref=ref, path=path.resolve())
     if path.exists():
-        raise ModelSourceError(ref, "is a file, not a model directory",
-                               "name the directory that holds config.json and *.safetensors")
+        raise ModelSourceError(
+            ref,
+            "is a file, not a model directory",
+            "name the directory that holds config.json and *.safetensors",
+        )
     if is_hub_id(ref):
         raise ModelSourceError(
-            ref, "is not a local directory, and this build of hfmerge reads local models only",
+            ref,
+            "is not a local directory, and this build of hfmerge reads local models only",
             "download it first (`hf download " + split_revision(ref)[0] + " --local-dir DIR`) "
             "and name DIR in the recipe",
         )
-    raise ModelSourceError(ref, "no such directory",
-                           "give a model directory, `zoo:NAME` or a Hub id `org/name`")
+    raise ModelSourceError(
+        ref, "no such directory", "give a model directory, `zoo:NAME` or a Hub id `org/name`"
+    )

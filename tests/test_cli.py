@@ -1,4 +1,4 @@
-"""The command line: data on stdout, one-paragraph errors on stderr, exit codes, nothing written on error."""
+"""The command line: data on stdout, one-paragraph errors on stderr, nothing written on error."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny_model
 
 from hfmerge.cli import main
 from hfmerge.methods import METHODS
-from tiny_models import save_tiny_model
 
 
-def write_recipe(path: Path, models: list[str], method: str = "linear", out: str = "merged") -> Path:
+def write_recipe(
+    path: Path, models: list[str], method: str = "linear", out: str = "merged"
+) -> Path:
     lines = ["models:"] + [f"  - {m}" for m in models]
     lines += ["merge:", f"  method: {method}", "output:", f"  path: {out}"]
     path.write_text("\n".join(lines) + "\n")
@@ -86,7 +88,8 @@ def test_validate_ok_and_missing_model(chdir_tmp: Path, capsys: pytest.CaptureFi
 
 
 def test_console_script_runs_as_a_module() -> None:
-    done = subprocess.run([sys.executable, "-m", "hfmerge", "--help"], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "hfmerge", "--help"], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0
     assert "run" in done.stdout and "validate" in done.stdout

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, OutputError
@@ -17,7 +18,6 @@ from hfmerge.methods import METHODS
 from hfmerge.pipeline import run_recipe
 from hfmerge.recipe import parse_recipe
 from hfmerge.tensors import LazyCheckpoint
-from tiny_models import make_tiny_model
 
 MakeModel = Callable[..., Path]
 
@@ -27,8 +27,9 @@ def make_model(tmp_path: Path) -> MakeModel:
     """Save a tiny Llama (optionally the base plus noise, like a fine-tune) and return its dir."""
 
     def make(name: str, *, seed: int = 0, finetune_of: int | None = None, **overrides: Any) -> Path:
-        model = make_tiny_model("llama", seed=finetune_of if finetune_of is not None else seed,
-                                **overrides)
+        model = make_tiny_model(
+            "llama", seed=finetune_of if finetune_of is not None else seed, **overrides
+        )
         if finetune_of is not None:
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -49,7 +50,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def recipe(models: list[Any], method: str, out: Path, **extra: Any) -> Any:
-    data: dict[str, Any] = {"models": models, "merge": {"method": method}, "output": {"path": str(out)}}
+    data: dict[str, Any] = {
+        "models": models,
+        "merge": {"method": method},
+        "output": {"path": str(out)},
+    }
     for key, value in extra.items():
         if key in ("parameters", "seed"):
             data["merge"][key] = value
@@ -60,7 +65,9 @@ def recipe(models: list[Any], method: str, out: Path, **extra: Any) -> Any:
     return parse_recipe(data)
 
 
-def test_linear_merge_of_a_model_with_itself_is_the_model(make_model: MakeModel, tmp_path: Path) -> None:
+def test_linear_merge_of_a_model_with_itself_is_the_model(
+    make_model: MakeModel, tmp_path: Path
+) -> None:
     a = make_model("a")
     out = tmp_path / "out"
     run_recipe(recipe([str(a), str(a)], "linear", out), progress=False)
@@ -78,8 +85,9 @@ def test_linear_merge_is_the_weighted_sum_and_loads(make_model: MakeModel, tmp_p
     assert result.out_dir == out
     wa, wb, merged = weights(a), weights(b), weights(out)
     for name in wa:
-        torch.testing.assert_close(merged[name], 0.25 * wa[name] + 0.75 * wb[name],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            merged[name], 0.25 * wa[name] + 0.75 * wb[name], rtol=0, atol=1e-6
+        )
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(wa)
@@ -108,7 +116,9 @@ def test_every_method_runs_end_to_end(name: str, make_model: MakeModel, tmp_path
     assert torch.isfinite(logits).all()
 
 
-def test_bfloat16_output_sets_tensor_and_config_dtype(make_model: MakeModel, tmp_path: Path) -> None:
+def test_bfloat16_output_sets_tensor_and_config_dtype(
+    make_model: MakeModel, tmp_path: Path
+) -> None:
     a, b = make_model("a"), make_model("b", seed=1)
     out = tmp_path / "out"
     run_recipe(recipe([str(a), str(b)], "linear", out, dtype="bfloat16"), progress=False)

@@ -59,7 +59,9 @@ def test_unknown_per_model_parameter_is_located_at_the_model() -> None:
 
 
 def test_unknown_global_parameter_and_bad_value_type() -> None:
-    text = GOOD.replace("{normalize: true}", "{normalise: true}").replace("weight: 0.5", "weight: x")
+    text = GOOD.replace("{normalize: true}", "{normalise: true}").replace(
+        "weight: 0.5", "weight: x"
+    )
     found = "\n".join(problems_of(text))
     assert "merge.parameters.normalise" in found
     assert "models.1.weight" in found
@@ -78,8 +80,11 @@ def test_task_method_without_base_is_refused() -> None:
 
 
 def test_bad_shard_size_dtype_and_model_count() -> None:
-    text = (GOOD.replace("500MB", "lots").replace("dtype: bfloat16", "dtype: int8")
-            .replace("  - a/model\n", "", 1))
+    text = (
+        GOOD.replace("500MB", "lots")
+        .replace("dtype: bfloat16", "dtype: int8")
+        .replace("  - a/model\n", "", 1)
+    )
     found = "\n".join(problems_of(text))
     assert "output.max_shard_size" in found
     assert "output.dtype" in found

@@ -1,0 +1,58 @@
+"""Tensor I/O without whole models in memory: header-only indexing, lazy reading, streamed shards.
+
+Also atomic output directories and copying of config and tokenizer files.
+"""
+
+from hfmerge.tensors.checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointIndex,
+    LazyCheckpoint,
+    read_checkpoint_index,
+)
+from hfmerge.tensors.dtypes import dtype_name, element_size, is_known_dtype, torch_dtype
+from hfmerge.tensors.header import TensorInfo, read_shard_header
+from hfmerge.tensors.output import (
+    SIDE_FILES,
+    atomic_output_dir,
+    check_output_dir,
+    copy_side_files,
+)
+from hfmerge.tensors.shards import (
+    PlannedShard,
+    PlannedTensor,
+    ShardPlan,
+    TensorLike,
+    TensorSpec,
+    parse_size,
+    plan_shards,
+)
+from hfmerge.tensors.writer import ShardWriteError, ShardWriter, encode_header
+
+__all__ = [
+    "INDEX_FILE",
+    "SIDE_FILES",
+    "SINGLE_FILE",
+    "CheckpointIndex",
+    "LazyCheckpoint",
+    "PlannedShard",
+    "PlannedTensor",
+    "ShardPlan",
+    "ShardWriteError",
+    "ShardWriter",
+    "TensorInfo",
+    "TensorLike",
+    "TensorSpec",
+    "atomic_output_dir",
+    "check_output_dir",
+    "copy_side_files",
+    "dtype_name",
+    "element_size",
+    "encode_header",
+    "is_known_dtype",
+    "parse_size",
+    "plan_shards",
+    "read_checkpoint_index",
+    "read_shard_header",
+    "torch_dtype",
+]

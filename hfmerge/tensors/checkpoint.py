@@ -1,0 +1,253 @@
+"""Find a model directory's safetensors shards, index them from headers, and read tensors lazily."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from hfmerge.errors import ModelSourceError
+from hfmerge.tensors.header import TensorInfo, read_shard_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Pickle formats are only ever listed by name: unpickling a file can run arbitrary code.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CONVERT_FIX = (
+    "convert it once, in an environment you trust: load it with transformers "
+    "(`model = AutoModelForCausalLM.from_pretrained(DIR)`, or the matching Auto class), "
+    "save it with `model.save_pretrained(OUT, safe_serialization=True)` and use OUT; "
+    "or pick a revision of the repo that ships model.safetensors"
+)
+
+
+class CheckpointIndex:
+    """Every tensor of a checkpoint, known from shard headers alone (no tensor data read)."""
+
+    def __init__(self, model_dir: Path, tensors: list[TensorInfo], *, label: str) -> None:
+        self.model_dir = model_dir
+        self.label = label
+        # File order (shard, then offset): reading `names` in order reads each file front to back.
+        self._tensors = {info.name: info for info in tensors}
+        self.shards: tuple[str, ...] = tuple(dict.fromkeys(info.shard for info in tensors))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Tensor names in file order."""
+        return tuple(self._tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data over all shards (headers excluded)."""
+        return sum(info.nbytes for info in self._tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        """Header record of tensor `name`; KeyError naming the checkpoint if absent."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in checkpoint {self.label}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self._tensors.values())
+
+
+def read_checkpoint_index(model_dir: Path, *, label: str | None = None) -> CheckpointIndex:
+    """Index the safetensors checkpoint in `model_dir` from its headers.
+
+    Reads `model.safetensors`, or `model.safetensors.index.json` and the shards it names (the single
+    file wins when both exist, as in transformers). `label` names the model in errors (a Hub id).
+    """
+    model_dir = Path(model_dir)
+    label = label or str(model_dir)
+    _check_directory(model_dir, label)
+    if (model_dir / SINGLE_FILE).is_file():
+        tensors = read_shard_header(model_dir / SINGLE_FILE, SINGLE_FILE, label=label)
+    elif (model_dir / INDEX_FILE).is_file():
+        tensors = _read_sharded(model_dir, label)
+    else:
+        raise _no_safetensors_error(model_dir, label)
+    if not tensors:
+        raise ModelSourceError(
+            label, "its safetensors checkpoint holds no tensors", "point to a model with weights"
+        )
+    return CheckpointIndex(model_dir, tensors, label=label)
+
+
+def _check_directory(model_dir: Path, label: str) -> None:
+    if not model_dir.exists():
+        raise ModelSourceError(
+            label,
+            f"directory {model_dir} does not exist",
+            "check the path, or give a Hub id as org/name[@revision]",
+        )
+    if not model_dir.is_dir():
+        raise ModelSourceError(
+            label, f"{model_dir} is not a directory", "point to the model's directory, not a file"
+        )
+
+
+def _read_sharded(model_dir: Path, label: str) -> list[TensorInfo]:
+    weight_map = _read_weight_map(model_dir / INDEX_FILE, label)
+    tensors: list[TensorInfo] = []
+    for shard in sorted(set(weight_map.values())):
+        path = model_dir / shard
+        if not path.is_file():
+            raise ModelSourceError(
+                label,
+                f"{INDEX_FILE} names shard {shard}, which is missing",
+                "download the complete repository (every model-*.safetensors file)",
+            )
+        tensors.extend(read_shard_header(path, shard, label=label))
+    _check_weight_map(weight_map, tensors, label)
+    return tensors
+
+
+def _read_weight_map(path: Path, label: str) -> dict[str, str]:
+    try:
+        document: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(
+            label, f"cannot read {INDEX_FILE}: {exc}", "download the index file again"
+        ) from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _is_plain_relative(v)
+        for k, v in weight_map.items()
+    ):
+        raise ModelSourceError(
+            label,
+            f"{INDEX_FILE} has no valid weight_map (tensor name -> shard file in the directory)",
+            "download the index file again",
+        )
+    return weight_map
+
+
+def _is_plain_relative(name: str) -> bool:
+    path = Path(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts
+
+
+def _check_weight_map(weight_map: dict[str, str], tensors: list[TensorInfo], label: str) -> None:
+    """Every name appears once over all shards, and in the shard the index says."""
+    where: dict[str, str] = {}
+    for info in tensors:
+        if info.name in where:
+            raise ModelSourceError(
+                label,
+                f"tensor {info.name!r} is stored in both {where[info.name]} and {info.shard}",
+                "download the repository again; its shards do not belong together",
+            )
+        where[info.name] = info.shard
+    for name, shard in weight_map.items():
+        if where.get(name) != shard:
+            raise ModelSourceError(
+                label,
+                f"{INDEX_FILE} puts tensor {name!r} in {shard}, but that shard's header lacks it",
+                "download the repository again; its index and shards do not match",
+            )
+
+
+def _no_safetensors_error(model_dir: Path, label: str) -> ModelSourceError:
+    files = sorted(p.name for p in model_dir.iterdir() if p.is_file())
+    pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        return ModelSourceError(
+            label,
+            f"it has only pickle checkpoints ({', '.join(pickles[:5])}), which hfmerge does not "
+            "load because unpickling a file can run arbitrary code",
+            _CONVERT_FIX,
+        )
+    others = [name for name in files if name.endswith(".safetensors")]
+    if others:
+        return ModelSourceError(
+            label,
+            f"it has safetensors files ({', '.join(others[:5])}) but neither {SINGLE_FILE} "
+            f"nor {INDEX_FILE}",
+            f"rename a single-file checkpoint to {SINGLE_FILE}, or add the shard index",
+        )
+    return ModelSourceError(
+        label,
+        "it has no model weights",
+        f"point to a directory with {SINGLE_FILE} (or model-*-of-*.safetensors and {INDEX_FILE})",
+    )
+
+
+class LazyCheckpoint:
+    """Read a checkpoint one tensor at a time, keeping at most `max_open` shard files open.
+
+    Use as a context manager; `get` after exit reopens files as needed.
+    """
+
+    def __init__(self, model_dir: Path, *, label: str | None = None, max_open: int = 2) -> None:
+        if max_open < 1:
+            raise ValueError("max_open must be at least 1")
+        self.index = read_checkpoint_index(model_dir, label=label)
+        self._max_open = max_open
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Tensor names in file order."""
+        return self.index.names
+
+    def info(self, name: str) -> TensorInfo:
+        """Header record of tensor `name`."""
+        return self.index.info(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name`, read from disk into a new CPU tensor."""
+        info = self.index.info(name)
+        try:
+            tensor: torch.Tensor = self._handle(info.shard).get_tensor(name)
+        except SafetensorError as exc:
+            raise ModelSourceError(
+                self.index.label,
+                f"cannot read tensor {name!r} from {info.shard}: {exc}",
+                "download the file again",
+            ) from None
+        return tensor
+
+    def _handle(self, shard: str) -> Any:
+        handle = self._handles.get(shard)
+        if handle is not None:
+            self._handles.move_to_end(shard)
+            return handle
+        while len(self._handles) >= self._max_open:
+            _, oldest = self._handles.popitem(last=False)
+            oldest.__exit__(None, None, None)
+        handle = safe_open(str(self.index.model_dir / shard), framework="pt", device="cpu")
+        self._handles[shard] = handle
+        return handle
+
+    def close(self) -> None:
+        """Release every open shard file."""
+        while self._handles:
+            _, handle = self._handles.popitem()
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> LazyCheckpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,143 @@
+"""Atomic output directories (all or nothing, even on Ctrl-C) and copying config/tokenizer files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from hfmerge.errors import OutputError
+
+# Config and tokenizer files a merged model inherits from its base; never weights.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def check_output_dir(final: Path, *, force: bool) -> None:
+    """Fail fast, before long work, if `final` cannot become the output directory.
+
+    An existing non-empty directory needs `force`; an existing file is always refused. Refusing an
+    output that is one of the input models is the caller's job.
+    """
+    final = Path(final)
+    if (final.exists() or final.is_symlink()) and not final.is_dir():
+        raise OutputError(
+            str(final), "exists and is not a directory", "remove it or choose another output path"
+        )
+    if not force and _is_nonempty_dir(final):
+        raise OutputError(
+            str(final),
+            "already exists and is not empty",
+            "choose another output path, or pass --force to replace it",
+        )
+    parent = _nearest_existing(final.parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            str(final), f"{parent} is not writable", "choose an output path you can write to"
+        )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a fresh hidden directory beside `final`; on success, rename it into place.
+
+    The existence check runs before yielding, so no work is done for a refused output. If the body
+    raises (KeyboardInterrupt included), the temporary directory is removed and `final` is left
+    as it was. With `force`, an old `final` is moved aside and deleted only once the new one is in.
+    """
+    final = Path(final).absolute()
+    check_output_dir(final, force=force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _make_sibling_dir(final, "tmp")
+    try:
+        yield tmp
+        check_output_dir(final, force=force)  # someone may have created it meanwhile
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files present in `src_dir`; names copied."""
+    copied: list[str] = []
+    for name in SIDE_FILES:
+        source = Path(src_dir) / name
+        if source.is_file():  # follows symlinks, as in the Hub cache's snapshot folders
+            shutil.copyfile(source, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    with os.scandir(path) as entries:
+        return any(True for _ in entries)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _make_sibling_dir(final: Path, kind: str) -> Path:
+    """Create `.NAME.hfmerge-KIND-XXXX` beside `final`: one filesystem, so renames are atomic."""
+    while True:
+        candidate = final.parent / f".{final.name}.hfmerge-{kind}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()  # honours the umask, unlike tempfile.mkdtemp's private 0o700
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an old `final` is moved aside first and restored on failure."""
+    aside = None
+    if final.exists() or final.is_symlink():
+        aside = final.parent / f".{final.name}.hfmerge-old-{secrets.token_hex(4)}"
+        os.rename(final, aside)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, final)
+        raise
+    _fsync_dir(final.parent)
+    if aside is not None:
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable, so a crash cannot leave the old name pointing nowhere."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
