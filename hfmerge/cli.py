@@ -84,19 +84,21 @@ def validate(recipe: RecipeArg) -> None:
 @app.command()
 def methods() -> None:
     """List the merge methods with their parameters and papers."""
-    from hfmerge.methods import list_methods
+    from hfmerge.methods import describe_parameters, list_methods
 
     for method in list_methods():
         typer.echo(f"{method.name}: {method.summary}")
         typer.echo(f"    paper: {method.paper}")
+        needs = "yes" if method.needs_base else "no"
         typer.echo(
-            f"    needs base: {'yes' if method.needs_base else 'no'}; models: "
-            f"{method.min_models}..{method.max_models or 'any'}"
+            f"    needs base: {needs}; models: {method.min_models}..{method.max_models or 'any'}"
         )
-        for scope, model in (("method", method.params), ("per model", method.model_params)):
-            for name, field in model.model_fields.items():
-                default = "required" if field.is_required() else f"default {field.default!r}"
-                typer.echo(f"    {scope} parameter {field.alias or name}: {default}")
+        for info in describe_parameters(method):
+            default = "required" if info.required else f"default {info.default!r}"
+            scope = "per model" if info.scope == "model" else "method"
+            typer.echo(
+                f"    {scope} parameter {info.name} ({info.type}, {default}): {info.description}"
+            )
 
 
 @app.command()

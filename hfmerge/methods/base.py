@@ -1,0 +1,168 @@
+"""The merge-method contract: typed parameters, the pure tensor-function protocol, the record.
+
+A method never does I/O: the engine hands it float32 tensors of one shape and casts the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Protocol, TypeVar
+
+import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+
+ZERO_WEIGHT_SUM = 1e-8  # |sum of weights| below this cannot be divided by (mergekit's threshold)
+Location = tuple[str | int, ...]  # ("parameters", key), ("models", i, key) or ("models",)
+Problem = tuple[Location, str]
+
+
+def _reject_bool(value: object) -> object:
+    # pydantic reads `density: yes` (a YAML bool) as 1.0; a boolean here is always a slip.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+# Numeric strings stay accepted: PyYAML reads `1e-5` (no dot) as a string.
+Number = Annotated[float, BeforeValidator(_reject_bool), Field(allow_inf_nan=False)]
+Fraction = Annotated[
+    float, BeforeValidator(_reject_bool), Field(ge=0.0, le=1.0, allow_inf_nan=False)
+]
+Flag = StrictBool
+
+
+class MethodParams(BaseModel):
+    """Parameters of a method that apply to the whole merge (slerp `t`, ties `normalize`, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(BaseModel):
+    """Parameters given per input model (weight, density, ...); empty for methods without any."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Field that a model-level (cross-field) check reports its error at.
+    blame: ClassVar[str | None] = None
+
+
+class WeightedModelParams(ModelParams):
+    """Per-model weight. mergekit requires it; 1.0 (equal weights, as in the papers) is the
+    default here, so `models: [a, b]` with `linear` is the uniform soup."""
+
+    weight: Number = Field(1.0, description="how much this model contributes")
+
+
+class MergeFn(Protocol):
+    """A pure tensor function: float32 inputs of one shape in, one float32 tensor of it out.
+
+    For `needs_base` methods `tensors` holds every model except the base and `base` is the base;
+    otherwise `tensors` holds every listed model and `base` may be None. `model_params[i]` belongs
+    to `tensors[i]`. Random methods draw only from `generator` (torch's global one when None).
+    """
+
+    def __call__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        /,
+        *,
+        base: torch.Tensor | None,
+        model_params: Sequence[ModelParams],
+        params: MethodParams,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor: ...
+
+
+CrossCheck = Callable[[MethodParams, Sequence[ModelParams]], list[Problem]]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method: what it is, what it needs, and its pure tensor function.
+
+    `min_models` / `max_models` count the tensors passed in `tensors`: for `needs_base` methods
+    that is the models other than the base.
+    """
+
+    name: str
+    summary: str
+    paper: str
+    needs_base: bool
+    min_models: int
+    max_models: int | None
+    params: type[MethodParams]
+    model_params: type[ModelParams]
+    deterministic: bool
+    fn: MergeFn
+    cross_check: CrossCheck | None = None  # checks across models, e.g. linear's zero weight sum
+
+    def merge(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        base: torch.Tensor | None = None,
+        model_params: Sequence[ModelParams],
+        params: MethodParams,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Call `fn` after checking the call matches this method's contract (engine bugs only)."""
+        self._check_call(tensors, base, model_params, params)
+        return self.fn(
+            tensors, base=base, model_params=model_params, params=params, generator=generator
+        )
+
+    def _check_call(
+        self,
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        model_params: Sequence[ModelParams],
+        params: MethodParams,
+    ) -> None:
+        problem = count_problem(self, len(tensors))
+        if problem:
+            raise ValueError(f"{self.name}: {problem}")
+        if len(model_params) != len(tensors):
+            raise ValueError(f"{self.name}: {len(model_params)} model_params for {len(tensors)}")
+        if self.needs_base and base is None:
+            raise ValueError(f"{self.name} needs a base tensor")
+        as_params(params, self.params)
+        for one in model_params:
+            as_params(one, self.model_params)
+        inputs = [*tensors, *([base] if base is not None else [])]
+        if any(t.shape != inputs[0].shape or t.dtype != torch.float32 for t in inputs):
+            raise ValueError(f"{self.name}: inputs must be float32 of one shape")
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def as_params(value: object, cls: type[P]) -> P:
+    """`value` typed as `cls`; a TypeError when the engine passed another method's parameters."""
+    if not isinstance(value, cls):
+        raise TypeError(f"expected {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
+def require_base(base: torch.Tensor | None, method: str) -> torch.Tensor:
+    """The base tensor of a `needs_base` method."""
+    if base is None:
+        raise ValueError(f"{method} needs a base tensor")
+    return base
+
+
+def count_problem(method: MergeMethod, count: int) -> str | None:
+    """Why `count` models (base excluded for `needs_base` methods) do not fit, or None."""
+    low, high = method.min_models, method.max_models
+    if low <= count and (high is None or count <= high):
+        return None
+    if high == low:
+        wanted = f"exactly {low}"
+    elif high is None:
+        wanted = f"at least {low}"
+    else:
+        wanted = f"between {low} and {high}"
+    noun = "model" if wanted.endswith(" 1") else "models"
+    if method.needs_base:
+        return f"needs a base model plus {wanted} other {noun}; got {count} besides the base"
+    return f"needs {wanted} {noun}; got {count}"

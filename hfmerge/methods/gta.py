@@ -1,0 +1,107 @@
+"""Generalized task arithmetic, shared by task_arithmetic, TIES, DARE, breadcrumbs and DELLA:
+sparsify each task vector -> weight -> optional sign consensus -> sum -> normalise -> lambda.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from pydantic import Field
+
+from hfmerge.methods.base import (
+    ZERO_WEIGHT_SUM,
+    Flag,
+    Fraction,
+    MethodParams,
+    Number,
+    WeightedModelParams,
+)
+
+Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (task vector, model index) -> sparsified
+
+
+class TaskArithmeticParams(MethodParams):
+    """Global parameters of every task-vector method."""
+
+    normalize: Flag = Field(False, description="divide the summed task vectors by the weights' sum")
+    lambda_: Number = Field(1.0, alias="lambda", description="scale of the combined task vector")
+
+
+class PruneParams(TaskArithmeticParams):
+    """Global parameters of the methods that sparsify task vectors."""
+
+    rescale: Flag = Field(False, description="rescale each pruned task vector to its L1 norm")
+
+
+class PrunedModelParams(WeightedModelParams):
+    """Per-model weight and the fraction of its task vector to keep."""
+
+    density: Fraction = Field(1.0, description="fraction of task-vector entries kept")
+
+
+def merge_task_vectors(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weights: Sequence[float],
+    prune: Prune | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """`base + lambda * combine(weight_i * prune(tensor_i - base))`.
+
+    With `consensus` (TIES), each entry takes the sign of the summed weighted task vectors and
+    only the task vectors agreeing with it are summed, and normalised by their own weights.
+    """
+    deltas = []
+    for index, (tensor, weight) in enumerate(zip(tensors, weights, strict=True)):
+        delta = tensor - base
+        if prune is not None:
+            delta = prune(delta, index)
+        deltas.append(delta * weight)
+    divisor: torch.Tensor | float
+    if consensus:
+        mixed, divisor = _elect(deltas, weights)
+    else:
+        mixed = sum_of(deltas)
+        divisor = _weight_sum(weights)
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed
+
+
+def _weight_sum(weights: Sequence[float]) -> float:
+    # float32 like mergekit; a vanishing sum leaves the task vectors unnormalised, as there.
+    total = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    return 1.0 if abs(total) < ZERO_WEIGHT_SUM else total
+
+
+def _elect(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES sign election: sum and weight total of the task-vector entries agreeing with the sign
+    of their sum (zero sum counts as positive; zero entries never agree).
+
+    Works one task vector at a time, so no [models, *shape] sign or mask stack is built.
+    """
+    positive = sum_of(deltas) >= 0
+    mixed = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0])
+    for delta, weight in zip(deltas, weights, strict=True):
+        agrees = torch.where(positive, delta > 0, delta < 0)
+        mixed += delta * agrees
+        divisor += agrees * weight
+    divisor[divisor == 0] = 1  # no agreeing model: the entry's sum is 0 anyway
+    return mixed, divisor
+
+
+def sum_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Elementwise sum, accumulated in place."""
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total += tensor
+    return total

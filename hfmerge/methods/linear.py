@@ -1,0 +1,67 @@
+"""Linear merge (model soups): the weighted average of the models' tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from hfmerge.methods.base import (
+    ZERO_WEIGHT_SUM,
+    Flag,
+    MergeMethod,
+    MethodParams,
+    ModelParams,
+    Problem,
+    WeightedModelParams,
+    as_params,
+)
+
+
+class LinearParams(MethodParams):
+    """Global parameters of `linear`."""
+
+    normalize: Flag = Field(True, description="divide by the sum of the weights")
+
+
+def linear_merge(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None,
+    model_params: Sequence[ModelParams],
+    params: MethodParams,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """`sum_i w_i x_i`, divided by `sum_i w_i` when `normalize`; `base` is not used."""
+    weights = [as_params(one, WeightedModelParams).weight for one in model_params]
+    merged = torch.zeros_like(tensors[0])
+    for tensor, weight in zip(tensors, weights, strict=True):
+        merged.add_(tensor, alpha=weight)
+    if as_params(params, LinearParams).normalize:
+        merged.div_(sum(weights))
+    return merged
+
+
+def check_weight_sum(params: MethodParams, model_params: Sequence[ModelParams]) -> list[Problem]:
+    """Normalising by weights that sum to zero would divide by zero (mergekit writes inf/NaN)."""
+    weights = [as_params(one, WeightedModelParams).weight for one in model_params]
+    if as_params(params, LinearParams).normalize and abs(sum(weights)) < ZERO_WEIGHT_SUM:
+        return [(("models",), f"the weights {weights} sum to 0, so `normalize` would divide by "
+                 "zero: change a weight, or set `normalize: false` to take the plain weighted sum")]
+    return []
+
+
+LINEAR = MergeMethod(
+    name="linear",
+    summary="Weighted average of the models (model soups).",
+    paper="https://arxiv.org/abs/2203.05482",
+    needs_base=False,
+    min_models=2,
+    max_models=None,
+    params=LinearParams,
+    model_params=WeightedModelParams,
+    deterministic=True,
+    fn=linear_merge,
+    cross_check=check_weight_sum,
+)

@@ -1,0 +1,135 @@
+"""Sparsification primitives for task vectors: magnitude top-k (TIES), outlier bands (breadcrumbs),
+Bernoulli drops (DARE) and rank-weighted drops (DELLA), each with optional L1 rescaling.
+
+Magnitude selection finds its threshold with `torch.kthvalue` (exact, linear time), never a sort.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RESCALE_EPS = 1e-7  # below this L1 norm a task vector counts as empty and is not rescaled
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` largest entries of `scores`: exactly `k` of them (clamped to [0, n]).
+
+    Entries tied at the threshold are taken in flat-index order, so the ranking is a total order
+    and the masks for different `k` nest (`band_mask` relies on that). `scores` must be finite.
+    """
+    flat = scores.reshape(-1)  # [n]
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    tied = torch.nonzero(flat == threshold).squeeze(1)  # [ties], ascending flat index
+    mask[tied[:missing]] = True
+    return mask.reshape(scores.shape)
+
+
+def band_mask(scores: torch.Tensor, *, skip_top: int, keep: int) -> torch.Tensor:
+    """Mask of the `keep` largest entries that remain after dropping the `skip_top` largest."""
+    return topk_mask(scores, skip_top + keep) & ~topk_mask(scores, skip_top)
+
+
+def rescale_l1(original: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """`pruned` scaled so its L1 norm matches `original`'s (mergekit's DARE/DELLA rescale)."""
+    before = original.abs().sum()
+    after = pruned.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return pruned
+    return pruned * (before / after)
+
+
+def _keep(delta: torch.Tensor, mask: torch.Tensor, *, rescale: bool) -> torch.Tensor:
+    pruned = delta * mask
+    return rescale_l1(delta, pruned) if rescale else pruned
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool) -> torch.Tensor:
+    """TIES trim: keep the `density` fraction of entries largest in magnitude.
+
+    The count is `floor(density * n)` and at least one entry, as in mergekit.
+    """
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    return _keep(delta, topk_mask(delta.abs(), k), rescale=rescale)
+
+
+def outlier_prune(
+    delta: torch.Tensor, density: float, gamma: float, *, rescale: bool
+) -> torch.Tensor:
+    """Breadcrumbs: drop the `gamma` fraction largest in magnitude and the smallest, keep `density`.
+
+    When `density + gamma > 1` fewer outliers are dropped, so that `density` is always kept.
+    """
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return delta
+    keep = max(0, int(density * n))
+    skip_top = min(int(gamma * n), n - keep)
+    return _keep(delta, band_mask(delta.abs(), skip_top=skip_top, keep=keep), rescale=rescale)
+
+
+def random_prune(
+    delta: torch.Tensor,
+    density: float,
+    *,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`.
+
+    `torch.bernoulli` on a probability tensor draws the same stream as mergekit's, so a generator
+    seeded like mergekit's `--random-seed` reproduces its masks tensor for tensor.
+    """
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    return _keep(delta, mask, rescale=rescale)
+
+
+def ranked_random_prune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability rises linearly with magnitude rank within each row,
+    from `density - epsilon` (smallest) to `density + epsilon` (largest).
+
+    Rows are output units: `[shape[0], -1]`; a 1-D tensor is one row.
+    """
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
+    probs = (density - epsilon) + rank_fraction(rows.abs()) * 2 * epsilon  # [rows, cols]
+    mask = torch.bernoulli(probs, generator=generator)
+    return _keep(rows, mask, rescale=rescale).reshape(delta.shape)
+
+
+def rank_fraction(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row rank of each entry of a 2-D tensor, scaled to [0, 1] (0: smallest, 1: largest).
+
+    Ranks need one sort per row; a stable sort makes ties rank by column. A one-column row gets
+    0.5, its mid-point (mergekit divides 0 by 0 there).
+    """
+    cols = scores.shape[1]
+    if cols == 1:
+        return torch.full_like(scores, 0.5)
+    order = torch.argsort(scores, dim=1, stable=True)  # [rows, cols]: columns, smallest first
+    positions = torch.arange(cols, dtype=scores.dtype, device=scores.device).expand_as(order)
+    ranks = torch.empty_like(scores).scatter_(1, order, positions)
+    return ranks / (cols - 1)

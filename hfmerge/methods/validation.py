@@ -1,0 +1,200 @@
+"""Raw recipe mappings -> a method's typed parameters, with every problem located and explained.
+
+A per-model parameter given under `parameters` is the default for every model (as in mergekit);
+a value beside a model overrides it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from hfmerge.errors import MethodParameterError
+from hfmerge.methods.base import (
+    Location,
+    MergeMethod,
+    MethodParams,
+    ModelParams,
+    Problem,
+    count_problem,
+)
+from hfmerge.methods.registry import METHODS
+
+Scope = Literal["method", "model"]
+
+# Keys that mergekit recipes carry but hfmerge deliberately has no use for.
+_MERGEKIT_ONLY = {
+    "int8_mask": "a mergekit memory option; hfmerge never builds the stacked sign mask it "
+    "shrinks, so delete the line",
+}
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter of a method, for help text and `hfmerge methods`."""
+
+    name: str  # as written in a recipe (`lambda`, not `lambda_`)
+    scope: Scope  # "method": under `parameters`; "model": per model, or a default under it
+    type: str  # "bool", "float", "float in [0, 1]"
+    required: bool
+    default: Any  # None when required
+    description: str
+
+
+def param_problems(
+    method: MergeMethod, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
+) -> list[Problem]:
+    """Every problem with these parameters, as (location, message); empty when they are valid.
+
+    Locations are ("parameters", key), ("models", i, key) with `i` indexing `model_params`, or
+    ("models",) for the model count and checks across models.
+    """
+    return _check(method, params, model_params)[2]
+
+
+def validate_params(
+    method: MergeMethod, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
+) -> tuple[MethodParams, list[ModelParams]]:
+    """Typed global and per-model parameters; `MethodParameterError` listing every problem."""
+    global_params, per_model, problems = _check(method, params, model_params)
+    if problems or global_params is None:
+        listing = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems)
+        raise MethodParameterError(method.name, listing, fix=f"{method.name} takes {usage(method)}")
+    return global_params, [one for one in per_model if one is not None]
+
+
+def describe_parameters(method: MergeMethod) -> list[ParameterInfo]:
+    """The method's global parameters, then its per-model ones."""
+    return [*_describe(method.params, "method"), *_describe(method.model_params, "model")]
+
+
+def usage(method: MergeMethod) -> str:
+    """`parameters: t (required); per model: nothing`, for error messages."""
+
+    def listing(scope: Scope) -> str:
+        infos = [info for info in describe_parameters(method) if info.scope == scope]
+        return ", ".join(_short(info) for info in infos) or "nothing"
+
+    return f"parameters: {listing('method')}; per model: {listing('model')}"
+
+
+def _short(info: ParameterInfo) -> str:
+    if info.required:
+        return f"{info.name} (required)"
+    default = str(info.default).lower() if isinstance(info.default, bool) else info.default
+    return f"{info.name}={default}"
+
+
+def _describe(cls: type[BaseModel], scope: Scope) -> list[ParameterInfo]:
+    infos = []
+    for name, field in cls.model_fields.items():
+        kind = getattr(field.annotation, "__name__", str(field.annotation))
+        low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+        high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+        if low is not None and high is not None:
+            kind += f" in [{low:g}, {high:g}]"
+        required = field.is_required()
+        infos.append(ParameterInfo(field.alias or name, scope, kind, required,
+                                   None if required else field.default, field.description or ""))
+    return infos
+
+
+def _keys(cls: type[BaseModel]) -> set[str]:
+    return {field.alias or name for name, field in cls.model_fields.items()}
+
+
+def _check(
+    method: MergeMethod, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
+) -> tuple[MethodParams | None, list[ModelParams | None], list[Problem]]:
+    model_keys = _keys(method.model_params)
+    shared = {key: value for key, value in params.items() if key in model_keys}
+    own = {key: value for key, value in params.items() if key not in model_keys}
+    problems: list[Problem] = []
+    count = count_problem(method, len(model_params))
+    if count:
+        problems.append((("models",), count))
+    global_params = _validate_global(method, own, problems)
+    per_model = [
+        _validate_model(method, index, shared, dict(one), problems)
+        for index, one in enumerate(model_params)
+    ]
+    if method.cross_check and global_params is not None and None not in per_model:
+        valid = [one for one in per_model if one is not None]
+        problems.extend(method.cross_check(global_params, valid))
+    return global_params, per_model, _unique(problems)
+
+
+def _validate_global(
+    method: MergeMethod, given: Mapping[str, Any], problems: list[Problem]
+) -> MethodParams | None:
+    try:
+        return method.params.model_validate(given)
+    except ValidationError as error:
+        for detail in error.errors(include_url=False):
+            problems.append((("parameters", *detail["loc"]), _message(method, detail, "method")))
+        return None
+
+
+def _validate_model(
+    method: MergeMethod,
+    index: int,
+    shared: Mapping[str, Any],
+    own: Mapping[str, Any],
+    problems: list[Problem],
+) -> ModelParams | None:
+    cls = method.model_params
+    try:
+        return cls.model_validate({**shared, **own})
+    except ValidationError as error:
+        for detail in error.errors(include_url=False):
+            loc = tuple(detail["loc"]) or ((cls.blame,) if cls.blame else ())
+            problems.append((_origin(loc, index, shared, own), _message(method, detail, "model")))
+        return None
+
+
+def _origin(
+    loc: Location, index: int, shared: Mapping[str, Any], own: Mapping[str, Any]
+) -> Location:
+    """Where the user wrote the faulty value: beside model `index`, or under `parameters`."""
+    if loc and loc[0] not in own and loc[0] in shared:
+        return ("parameters", *loc)
+    return ("models", index, *loc)
+
+
+def _message(method: MergeMethod, detail: ErrorDetails, scope: Scope) -> str:
+    key = str(detail["loc"][-1]) if detail["loc"] else ""
+    if detail["type"] == "extra_forbidden":
+        return _unknown_key(method, key, scope)
+    if detail["type"] == "missing":
+        if scope == "model":
+            return (f"{method.name} needs `{key}` for every model: set it beside each model, or "
+                    "once under `parameters` for all")
+        return f"{method.name} needs `{key}`"
+    text = detail["msg"].removeprefix("Value error, ")
+    return f"{text} (got {detail['input']!r})" if detail["loc"] else text
+
+
+def _unknown_key(method: MergeMethod, key: str, scope: Scope) -> str:
+    if scope == "model" and key in _keys(method.params):
+        return f"`{key}` applies to the whole merge: move it under `parameters`"
+    accepted = sorted(_keys(method.params) | _keys(method.model_params))
+    text = f"{method.name} has no parameter `{key}`"
+    if key in _MERGEKIT_ONLY:
+        return f"{text}: {_MERGEKIT_ONLY[key]}"
+    close = difflib.get_close_matches(key, accepted, n=1)
+    if close:
+        return f"{text}; did you mean `{close[0]}`?"
+    owners = [m.name for m in METHODS.values() if key in _keys(m.params) | _keys(m.model_params)]
+    if owners:
+        text += f" (it belongs to {', '.join(owners)})"
+    return f"{text}; it takes {usage(method)}"
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    # A bad default under `parameters` fails for every model; report it once.
+    return list(dict.fromkeys(problems))

@@ -1,0 +1,277 @@
+"""Merge methods: registry, identities, and each method's defining property on small tensors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from hfmerge.errors import UnknownNameError
+from hfmerge.methods import METHODS, MergeMethod, get_method, list_methods, validate_params
+
+ALL = sorted(METHODS)
+TASK_VECTOR_METHODS = [name for name in ALL if name not in ("linear", "slerp", "model_stock")]
+RANDOM_METHODS = ["dare_ties", "dare_linear", "della", "della_linear"]
+
+
+def run(
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None = None,
+    params: Mapping[str, Any] | None = None,
+    models: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Validate raw parameters like the engine does, then merge."""
+    method = get_method(name)
+    global_params, per_model = validate_params(method, params or {}, models or [{}] * len(tensors))
+    generator = torch.Generator().manual_seed(seed)
+    return method.merge(tensors, base=base, model_params=per_model, params=global_params,
+                        generator=generator)
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def weights_for(name: str, count: int) -> list[dict[str, Any]]:
+    """Valid per-model parameters: weights for the methods that take them, else nothing."""
+    fields = get_method(name).model_params.model_fields
+    return [{"weight": 0.5 + i} if "weight" in fields else {} for i in range(count)]
+
+
+def inputs_for(name: str, count: int) -> int:
+    method = get_method(name)
+    return max(method.min_models, min(count, method.max_models or count))
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def test_registry_holds_the_methods_mergekit_users_expect() -> None:
+    assert set(ALL) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock"}
+    assert [m.name for m in list_methods()] == list(METHODS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_is_documented(name: str) -> None:
+    method = get_method(name)
+    assert isinstance(method, MergeMethod) and method.name == name
+    assert method.paper.startswith("https://")
+    assert method.summary and "\n" not in method.summary
+    assert method.deterministic == (name not in RANDOM_METHODS)
+    assert method.needs_base == (name != "linear")
+
+
+def test_misspelt_method_lists_the_valid_ones() -> None:
+    with pytest.raises(UnknownNameError) as caught:
+        get_method("tie")
+    assert caught.value.kind == "merge method"
+    for name in ALL:
+        assert name in str(caught.value)
+
+
+# --- identities -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_models_equal_to_the_base_give_the_base(name: str) -> None:
+    a = randn(5, 7, seed=1)
+    count = inputs_for(name, 3)
+    models = [{**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields
+              else m for m in weights_for(name, count)]
+    params = {"t": 0.7} if name == "slerp" else {}
+    merged = run(name, [a.clone() for _ in range(count)], base=a.clone(), params=params,
+                 models=models)
+    torch.testing.assert_close(merged, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("linear", {}), ("task_arithmetic", {"normalize": True}),
+     ("ties", {}), ("breadcrumbs_ties", {"normalize": True}), ("della", {}),
+     ("model_stock", {})],
+)
+def test_identical_models_merge_to_themselves(name: str, params: dict[str, Any]) -> None:
+    # Normalised methods average identical task vectors back to the one they share.
+    a, base = randn(6, 4, seed=2), randn(6, 4, seed=3)
+    count = inputs_for(name, 3)
+    merged = run(name, [a.clone() for _ in range(count)], base=base, params=params,
+                 models=weights_for(name, count))
+    torch.testing.assert_close(merged, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_output_keeps_shape_and_float32(name: str) -> None:
+    shape = (3, 2, 5)
+    count = inputs_for(name, 2)
+    tensors = [randn(*shape, seed=10 + i) for i in range(count)]
+    params = {"t": 0.4} if name == "slerp" else {}
+    merged = run(name, tensors, base=randn(*shape, seed=9), params=params,
+                 models=weights_for(name, count))
+    assert merged.shape == shape and merged.dtype == torch.float32
+    assert torch.isfinite(merged).all()
+
+
+# --- linear -----------------------------------------------------------------------------------
+
+
+def test_linear_is_the_weighted_sum() -> None:
+    xs = [randn(4, 3, seed=i) for i in range(3)]
+    ws = [0.2, -0.5, 1.7]
+    expected = sum(w * x for w, x in zip(ws, xs, strict=True))
+    models = [{"weight": w} for w in ws]
+    assert isinstance(expected, torch.Tensor)
+    torch.testing.assert_close(run("linear", xs, params={"normalize": False}, models=models),
+                               expected)
+    torch.testing.assert_close(run("linear", xs, models=models), expected / sum(ws))
+
+
+# --- slerp ------------------------------------------------------------------------------------
+
+
+def test_slerp_endpoints_are_exact() -> None:
+    base, other = randn(8, 3, seed=4), randn(8, 3, seed=5)
+    assert torch.equal(run("slerp", [other], base=base, params={"t": 0.0}), base)
+    assert torch.equal(run("slerp", [other], base=base, params={"t": 1.0}), other)
+
+
+def test_slerp_follows_the_great_circle() -> None:
+    # Orthogonal unit vectors: slerp(t) = cos(tπ/2) e0 + sin(tπ/2) e1, norm 1 throughout.
+    e0, e1 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    for t in (0.25, 0.5, 0.9):
+        merged = run("slerp", [e1], base=e0, params={"t": t})
+        expected = torch.tensor([math.cos(t * math.pi / 2), math.sin(t * math.pi / 2), 0.0])
+        torch.testing.assert_close(merged, expected)
+
+
+@pytest.mark.parametrize("factor", [2.0, -1.0])
+def test_slerp_falls_back_to_lerp_when_colinear(factor: float) -> None:
+    base = randn(10, seed=6)
+    merged = run("slerp", [factor * base], base=base, params={"t": 0.25})
+    torch.testing.assert_close(merged, 0.75 * base + 0.25 * factor * base)
+
+
+# --- task arithmetic family --------------------------------------------------------------------
+
+
+def test_task_arithmetic_adds_scaled_task_vectors() -> None:
+    base = randn(5, 5, seed=7)
+    xs = [randn(5, 5, seed=8), randn(5, 5, seed=9)]
+    ws = [0.7, 0.4]
+    expected = base + 0.6 * (ws[0] * (xs[0] - base) + ws[1] * (xs[1] - base))
+    merged = run("task_arithmetic", xs, base=base, params={"lambda": 0.6},
+                 models=[{"weight": w} for w in ws])
+    torch.testing.assert_close(merged, expected)
+
+
+def test_ties_elects_signs_by_weighted_sum() -> None:
+    base = torch.zeros(3)
+    a, b = torch.tensor([1.0, -3.0, 0.0]), torch.tensor([2.0, 1.0, -1.0])
+    merged = run("ties", [a, b], base=base, models=[{"weight": 1.0}, {"weight": 1.0}])
+    # Sums [3, -2, -1]: entry 0 averages both, entry 1 keeps only a's -3, entry 2 only b's -1.
+    torch.testing.assert_close(merged, torch.tensor([1.5, -3.0, -1.0]))
+
+
+def _same_sign_models(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    base = randn(6, 8, seed=seed)
+    signs = torch.sign(randn(6, 8, seed=seed + 1))
+    return base, [base + signs * randn(6, 8, seed=seed + 2 + i).abs() for i in range(3)]
+
+
+def test_ties_without_conflicts_or_trimming_is_normalised_task_arithmetic() -> None:
+    base, xs = _same_sign_models(20)
+    models = [{"weight": w} for w in (0.3, 0.9, 1.4)]
+    ties = run("ties", xs, base=base, models=models)
+    reference = run("task_arithmetic", xs, base=base, params={"normalize": True}, models=models)
+    torch.testing.assert_close(ties, reference)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "della_linear", "breadcrumbs"])
+def test_linear_variants_at_density_one_are_task_arithmetic(name: str) -> None:
+    base = randn(7, 3, seed=30)
+    xs = [randn(7, 3, seed=31), randn(7, 3, seed=32)]
+    models = [{"weight": 0.8, "density": 1.0}, {"weight": 0.3, "density": 1.0}]
+    reference = run("task_arithmetic", xs, base=base, models=[{"weight": 0.8}, {"weight": 0.3}])
+    torch.testing.assert_close(run(name, xs, base=base, models=models), reference)
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "della", "breadcrumbs_ties"])
+def test_ties_variants_at_density_one_are_ties(name: str) -> None:
+    base = randn(7, 3, seed=33)
+    xs = [randn(7, 3, seed=34), randn(7, 3, seed=35)]
+    models = [{"weight": 0.8}, {"weight": 0.3}]
+    params = {"normalize": False}
+    reference = run("ties", xs, base=base, params=params, models=models)
+    torch.testing.assert_close(run(name, xs, base=base, params=params, models=models), reference)
+
+
+def test_ties_density_keeps_the_largest_entries_of_each_task_vector() -> None:
+    base = torch.zeros(100)
+    delta = randn(100, seed=40)
+    merged = run("ties", [delta], base=base, models=[{"weight": 1.0, "density": 0.2}])
+    kept = merged != 0
+    assert int(kept.sum()) == 20
+    assert delta[kept].abs().min() > delta[~kept].abs().max()
+
+
+def test_ties_rescale_restores_the_l1_norm() -> None:
+    base = torch.zeros(50)
+    delta = randn(50, seed=41)
+    merged = run("ties", [delta], base=base, params={"rescale": True},
+                 models=[{"weight": 1.0, "density": 0.3}])
+    torch.testing.assert_close(merged.abs().sum(), delta.abs().sum())
+
+
+# --- randomness -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_seeded_generator_makes_every_method_reproducible(name: str) -> None:
+    count = inputs_for(name, 2)
+    tensors = [randn(16, 16, seed=50 + i) for i in range(count)]
+    base = randn(16, 16, seed=49)
+    params = {"t": 0.5} if name == "slerp" else {}
+    models = [{**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields
+              else m for m in weights_for(name, count)]
+
+    def once(seed: int) -> torch.Tensor:
+        return run(name, tensors, base=base, params=params, models=models, seed=seed)
+
+    assert torch.equal(once(1), once(1))
+    # Only the methods flagged random may depend on the generator.
+    assert torch.equal(once(1), once(2)) == get_method(name).deterministic
+
+
+def test_random_methods_use_only_the_given_generator() -> None:
+    base, xs = randn(32, seed=60), [randn(32, seed=61)]
+    models = [{"weight": 1.0, "density": 0.5}]
+    torch.manual_seed(0)
+    first = run("dare_linear", xs, base=base, models=models, seed=3)
+    torch.manual_seed(1)
+    assert torch.equal(first, run("dare_linear", xs, base=base, models=models, seed=3))
+
+
+# --- model stock ------------------------------------------------------------------------------
+
+
+def test_model_stock_ratio_follows_the_angle() -> None:
+    base = torch.zeros(2)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.5, math.sqrt(3) / 2])  # 60°: cos 0.5
+    t = 2 * 0.5 / (1 + 0.5)
+    torch.testing.assert_close(run("model_stock", [a, b], base=base), t * (a + b) / 2)
+    orthogonal = run("model_stock", [a, torch.tensor([0.0, 1.0])], base=base)
+    torch.testing.assert_close(orthogonal, base)
+
+
+def test_model_stock_filter_wise_sets_one_ratio_per_row() -> None:
+    base = torch.zeros(2, 2)
+    a = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 2.0]])  # row 0 orthogonal (t=0), row 1 identical (t=1)
+    merged = run("model_stock", [a, b], base=base, params={"filter_wise": True})
+    torch.testing.assert_close(merged, torch.tensor([[0.0, 0.0], [1.0, 2.0]]))

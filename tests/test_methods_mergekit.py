@@ -1,0 +1,144 @@
+"""Every hfmerge method against mergekit's own implementation, tensor for tensor, to 1e-5.
+
+mergekit's random methods draw from torch's global generator with the same `torch.bernoulli`
+calls, so seeding it like our generator makes DARE and DELLA comparable too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from hfmerge.methods import METHODS, describe_parameters, get_method, validate_params
+
+pytestmark = pytest.mark.mergekit
+
+SHAPES = [(1,), (7,), (257,), (16, 33), (3, 4, 5)]
+# mergekit ranks DELLA along dim 1 and model_stock's filter_wise along the last dim of an N-D
+# tensor; hfmerge uses output rows `[shape[0], -1]` (see the methods' docs). Same for <= 2-D.
+# On a one-element row mergekit's DELLA divides 0 by 0 and torch.bernoulli raises.
+DELLA = {"della", "della_linear"}
+# mergekit parameters hfmerge rejects on purpose: int8_mask is a memory knob for a mask hfmerge
+# never stacks; density/rescale are accepted but ignored by mergekit's task_arithmetic.
+DROPPED = {"int8_mask"}
+DROPPED_BY_METHOD = {"task_arithmetic": {"density", "rescale"}}
+# mergekit requires `weight`; hfmerge defaults it to 1.0 (equal weights, as in the papers).
+RELAXED = {"weight": 1.0}
+
+WEIGHTS = [[1.0], [0.3, 0.7], [0.5, 1.2, -0.4]]
+DENSITIES = [0.2, 0.5, 0.9]
+
+
+@pytest.fixture(scope="module")
+def mergekit_api() -> ModuleType:
+    module: ModuleType = pytest.importorskip("mergekit.merge_methods.api")
+    return module
+
+
+@pytest.fixture(scope="module")
+def mergekit_registry() -> ModuleType:
+    module: ModuleType = pytest.importorskip("mergekit.merge_methods.registry")
+    return module
+
+
+def cases() -> list[Any]:
+    """(method, global parameters, per-model parameters) settings worth comparing, with ids."""
+    out: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
+    for ws in WEIGHTS:
+        out.append(("linear", {}, [{"weight": w} for w in ws]) if len(ws) > 1 else
+                   ("linear", {"normalize": False}, [{"weight": 2.0}, {"weight": 0.5}]))
+        out.append(("task_arithmetic", {"lambda": 0.8, "normalize": len(ws) == 2},
+                    [{"weight": w} for w in ws]))
+        for density in DENSITIES:
+            pruned = [{"weight": w, "density": density} for w in ws]
+            for name in ("ties", "dare_ties", "dare_linear"):
+                out.append((name, {}, pruned))
+            out.append(("ties", {"rescale": True, "normalize": False, "lambda": 1.5}, pruned))
+            gammas = [{**m, "gamma": 0.05 * (i + 1)} for i, m in enumerate(pruned)]
+            out.append(("breadcrumbs", {}, gammas))
+            out.append(("breadcrumbs_ties", {"normalize": True}, gammas))
+            if 0.1 < density < 0.9:
+                epsilons = [{**m, "epsilon": 0.1} for m in pruned]
+                out.append(("della", {}, epsilons))
+                out.append(("della_linear", {"rescale": False}, epsilons))
+    for t in (0.0, 0.3, 0.5, 1.0):
+        out.append(("slerp", {"t": t}, [{}]))
+    for filter_wise in (False, True):
+        out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}]))
+        out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}, {}]))
+    return [pytest.param(*case, id=f"{case[0]}-{i}") for i, case in enumerate(out)]
+
+
+def ours(name: str, base: torch.Tensor, xs: Sequence[torch.Tensor], params: dict[str, Any],
+         models: list[dict[str, Any]], seed: int) -> torch.Tensor:
+    method = get_method(name)
+    global_params, per_model = validate_params(method, params, models)
+    return method.merge(xs, base=base if method.needs_base else None, model_params=per_model,
+                        params=global_params, generator=torch.Generator().manual_seed(seed))
+
+
+def theirs(api: ModuleType, name: str, base: torch.Tensor, xs: Sequence[torch.Tensor],
+           params: dict[str, Any], models: list[dict[str, Any]], seed: int) -> torch.Tensor:
+    needs_base = get_method(name).needs_base
+    inputs = [base, *xs] if needs_base else list(xs)
+    offset = 1 if needs_base else 0
+    parameters: dict[str, Any] = dict(params)
+    for key in models[0]:
+        parameters[key] = {offset + i: one[key] for i, one in enumerate(models)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        result: torch.Tensor = api.merge_tensors(inputs, name, parameters=parameters,
+                                                 base_index=0 if needs_base else None)
+    return result
+
+
+def related(
+    shape: tuple[int, ...], count: int, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base and `count` fine-tunes of it: the regime these methods are built for."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator)
+    return base, [base + 0.1 * torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(("name", "params", "models"), cases())
+def test_matches_mergekit(mergekit_api: ModuleType, shape: tuple[int, ...], name: str,
+                          params: dict[str, Any], models: list[dict[str, Any]]) -> None:
+    if len(shape) > 2 and (name in DELLA or params.get("filter_wise")):
+        pytest.skip("hfmerge takes output rows of N-D tensors; mergekit a different axis")
+    if shape == (1,) and name in DELLA:
+        pytest.skip("mergekit's DELLA fails on one-element rows (0/0 keep probability)")
+    seed = len(models) * 1000 + sum(shape)
+    base, xs = related(shape, len(models), seed)
+    expected = theirs(mergekit_api, name, base, xs, params, models, seed)
+    torch.testing.assert_close(ours(name, base, xs, params, models, seed), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_parameters_and_defaults_match_mergekit(mergekit_registry: ModuleType, name: str) -> None:
+    spec = mergekit_registry.get(name).spec
+    expected = {p.name: RELAXED.get(p.name) if p.required else p.default for p in spec.parameters
+                if p.name not in DROPPED | DROPPED_BY_METHOD.get(name, set())}
+    assert {info.name: info.default for info in describe_parameters(get_method(name))} == expected
+
+
+def test_slerp_matches_mergekit_near_the_lerp_threshold(mergekit_api: ModuleType) -> None:
+    base = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    for scale in (0.02, 0.03, 0.05):  # cosines straddling 0.9995
+        other = base + scale * torch.randn(64, generator=torch.Generator().manual_seed(1))
+        expected = theirs(mergekit_api, "slerp", base, [other], {"t": 0.4}, [{}], 0)
+        torch.testing.assert_close(ours("slerp", base, [other], {"t": 0.4}, [{}], 0), expected)
+
+
+def test_ties_with_unrelated_models_matches_mergekit(mergekit_api: ModuleType) -> None:
+    # Independent draws: heavy sign conflicts, the case the election exists for.
+    xs = [torch.randn(40, 40, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    models = [{"weight": w, "density": 0.4} for w in (1.0, 0.6, 0.3)]
+    expected = theirs(mergekit_api, "ties", xs[0], xs[1:], {}, models, 0)
+    torch.testing.assert_close(ours("ties", xs[0], xs[1:], {}, models, 0), expected)
