@@ -89,10 +89,9 @@ def methods() -> None:
     for method in list_methods():
         typer.echo(f"{method.name}: {method.summary}")
         typer.echo(f"    paper: {method.paper}")
-        needs = "yes" if method.needs_base else "no"
-        typer.echo(
-            f"    needs base: {needs}; models: {method.min_models}..{method.max_models or 'any'}"
-        )
+        count = f"{method.min_models}..{method.max_models or 'any'}"
+        models = f"base + {count} models" if method.needs_base else f"{count} models, no base"
+        typer.echo(f"    inputs: {models}")
         for info in describe_parameters(method):
             default = "required" if info.required else f"default {info.default!r}"
             scope = "per model" if info.scope == "model" else "method"
