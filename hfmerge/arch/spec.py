@@ -30,7 +30,7 @@ class Layout(StrEnum):
     Q = "q"  # [num_heads * head_dim]: query rows (or Conv1D columns), head-major
     K = "k"  # [num_kv_heads * head_dim]: key rows
     V = "v"  # [num_kv_heads * head_dim]: value rows
-    O = "o"  # [num_heads * head_dim]: input axis of the attention output projection
+    O = "o"  # noqa: E741 [num_heads * head_dim]: input axis of the attention output projection
     QKV_CONCAT = "qkv_concat"  # GPT-2 c_attn: [Q | K | V], each num_heads * head_dim
     QKV_PER_HEAD = "qkv_per_head"  # GPT-NeoX query_key_value: [head][q | k | v][head_dim]
 
@@ -41,8 +41,8 @@ class PermGroup:
 
     For `residual` and `ff` groups, `size` units are permuted freely. For `attention` groups the
     permutation is structured (see `AttentionPerm`): KV groups move as wholes (each with its query
-    heads), query heads may reorder inside their KV group, V/O dims may reorder inside each head, and
-    Q/K dims may reorder inside each head only within `qk_free_dims` (rotary dims are pinned).
+    heads), query heads may reorder inside their KV group, V/O dims may reorder inside each head,
+    and Q/K dims may reorder inside each head only within `qk_free_dims` (rotary dims are pinned).
     """
 
     name: str  # "residual", "layers.3.mlp", "layers.3.attn"
@@ -102,10 +102,10 @@ class AttentionPerm:
         kv_heads: [num_kv_heads]; new KV slot g holds old KV head `kv_heads[g]`.
         q_in_group: [num_kv_heads, queries_per_kv]; in new KV slot g, new query position j holds old
             query position `q_in_group[g, j]` within the old group `kv_heads[g]`.
-        qk_dims: [num_kv_heads, head_dim]; within-head Q/K order of the head in new slot g (shared by
-            the KV head and all its query heads). Identity outside `qk_free_dims`.
-        vo_dims: [num_kv_heads, head_dim]; within-head V order of the head in new slot g, shared by the
-            matching output-projection input dims of all its query heads.
+        qk_dims: [num_kv_heads, head_dim]; within-head Q/K order of the head in new slot g (shared
+            by the KV head and all its query heads). Identity outside `qk_free_dims`.
+        vo_dims: [num_kv_heads, head_dim]; within-head V order of the head in new slot g, shared by
+            the matching output-projection input dims of all its query heads.
     """
 
     kv_heads: torch.Tensor
@@ -114,5 +114,5 @@ class AttentionPerm:
     vo_dims: torch.Tensor
 
 
-GroupPerm = torch.Tensor | AttentionPerm  # [size] index for residual/ff; AttentionPerm for attention
+GroupPerm = torch.Tensor | AttentionPerm  # [size] index (residual/ff); AttentionPerm (attention)
 Permutations = dict[str, GroupPerm]  # group name -> its permutation
