@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hfmerge.arch import spec_for
+from hfmerge.arch import check_shapes, spec_for
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
 from hfmerge.sources import ModelSource
@@ -73,6 +73,8 @@ def inspect_model(source: ModelSource) -> InspectedModel:
     config = read_config(source)
     index = read_checkpoint_index(source.path)
     spec = spec_for(config, index.names, model=source.display)
+    shapes = {name: index.info(name).shape for name in index.names}
+    check_shapes(spec, shapes, model=source.display)  # header shapes agree with config.json
     return InspectedModel(source=source, config=config, index=index, spec=spec)
 
 
