@@ -160,8 +160,8 @@ def test_lazy_reads_sharded_checkpoint_with_few_open_files(tiny_llama: tuple[Any
     with LazyCheckpoint(directory, max_open=2) as checkpoint:
         for name in reversed(checkpoint.names):  # backwards, to cycle through every shard
             assert same_bits(checkpoint.get(name), state[name]), name
-            assert len(checkpoint._handles) <= 2
-    assert not checkpoint._handles
+            assert len(checkpoint._fds) <= 2
+    assert not checkpoint._fds
     with pytest.raises(KeyError, match="is not in checkpoint"):
         checkpoint.info("not.in.checkpoint")
 
@@ -413,3 +413,17 @@ def test_parse_size(size: int | str, expected: int) -> None:
 def test_parse_size_rejects_junk(junk: Any) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(junk)
+
+
+def test_lazy_reads_own_their_memory_and_report_truncation(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with LazyCheckpoint(tmp_path) as checkpoint:
+        first = checkpoint.get("a")
+        first.add_(1)  # a private buffer: editing it touches neither the file nor a second read
+        assert torch.equal(checkpoint.get("a"), tensors["a"])
+    with LazyCheckpoint(tmp_path) as checkpoint:
+        with open(tmp_path / "model.safetensors", "r+b") as file:  # cut short after indexing
+            file.truncate(file.seek(0, os.SEEK_END) - 8)
+        with pytest.raises(ModelSourceError, match="ends 8 bytes early"):
+            checkpoint.get("b")

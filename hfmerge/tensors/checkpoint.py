@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,9 +11,9 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from hfmerge.errors import ModelSourceError
+from hfmerge.tensors.dtypes import torch_dtype
 from hfmerge.tensors.header import TensorInfo, read_shard_header
 
 SINGLE_FILE = "model.safetensors"
@@ -188,7 +189,9 @@ def _no_safetensors_error(model_dir: Path, label: str) -> ModelSourceError:
 class LazyCheckpoint:
     """Read a checkpoint one tensor at a time, keeping at most `max_open` shard files open.
 
-    Use as a context manager; `get` after exit reopens files as needed.
+    Tensors are read with `pread` into fresh buffers rather than through a memory map: a mapped
+    shard keeps every page it touched resident (and counted in RSS) until it is unmapped, so a
+    merge would grow to the size of its inputs. Use as a context manager.
     """
 
     def __init__(self, model_dir: Path, *, label: str | None = None, max_open: int = 2) -> None:
@@ -196,7 +199,7 @@ class LazyCheckpoint:
             raise ValueError("max_open must be at least 1")
         self.index = read_checkpoint_index(model_dir, label=label)
         self._max_open = max_open
-        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._fds: OrderedDict[str, int] = OrderedDict()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -211,35 +214,40 @@ class LazyCheckpoint:
         return name in self.index
 
     def get(self, name: str) -> torch.Tensor:
-        """Tensor `name`, read from disk into a new CPU tensor."""
+        """Tensor `name`, read from disk into a new CPU tensor that owns its memory."""
         info = self.index.info(name)
+        dtype = torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buffer = bytearray(info.nbytes)
         try:
-            tensor: torch.Tensor = self._handle(info.shard).get_tensor(name)
-        except SafetensorError as exc:
+            _read_exactly(self._fd(info.shard), memoryview(buffer), info.offset)
+        except OSError as exc:
             raise ModelSourceError(
                 self.index.label,
                 f"cannot read tensor {name!r} from {info.shard}: {exc}",
                 "download the file again",
             ) from None
-        return tensor
+        # safetensors data is little-endian, as is every platform torch ships for.
+        return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
 
-    def _handle(self, shard: str) -> Any:
-        handle = self._handles.get(shard)
-        if handle is not None:
-            self._handles.move_to_end(shard)
-            return handle
-        while len(self._handles) >= self._max_open:
-            _, oldest = self._handles.popitem(last=False)
-            oldest.__exit__(None, None, None)
-        handle = safe_open(str(self.index.model_dir / shard), framework="pt", device="cpu")
-        self._handles[shard] = handle
-        return handle
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        while len(self._fds) >= self._max_open:
+            _, oldest = self._fds.popitem(last=False)
+            os.close(oldest)
+        fd = os.open(self.index.model_dir / shard, os.O_RDONLY)
+        self._fds[shard] = fd
+        return fd
 
     def close(self) -> None:
         """Release every open shard file."""
-        while self._handles:
-            _, handle = self._handles.popitem()
-            handle.__exit__(None, None, None)
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
 
     def __enter__(self) -> LazyCheckpoint:
         return self
@@ -251,3 +259,16 @@ class LazyCheckpoint:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_MAX_READ = 1 << 30  # one pread call moves at most 2 GiB on Linux; stay well below
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from `fd` at `offset`, in chunks; a short file is an error."""
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done : done + _MAX_READ]], offset + done)
+        if count == 0:
+            raise OSError(f"file ends {len(view) - done} bytes early")
+        done += count
