@@ -77,7 +77,7 @@ class MergeFn(Protocol):
 CrossCheck = Callable[[MethodParams, Sequence[ModelParams]], list[Problem]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeMethod:
     """One merge method: what it is, what it needs, and its pure tensor function.
 
@@ -88,13 +88,14 @@ class MergeMethod:
     name: str
     summary: str
     paper: str
-    needs_base: bool
-    min_models: int
-    max_models: int | None
     params: type[MethodParams]
     model_params: type[ModelParams]
-    deterministic: bool
     fn: MergeFn
+    # Defaults describe the common case, a task-vector method over one or more fine-tunes.
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    deterministic: bool = True
     cross_check: CrossCheck | None = None  # checks across models, e.g. linear's zero weight sum
 
     def merge(

@@ -84,12 +84,8 @@ BREADCRUMBS = MergeMethod(
     name="breadcrumbs",
     summary="Drop the largest outliers and the smallest task-vector entries, then sum.",
     paper=PAPER,
-    needs_base=True,
-    min_models=1,
-    max_models=None,
     params=PruneParams,
     model_params=BreadcrumbsModelParams,
-    deterministic=True,
     fn=breadcrumbs_merge,
 )
 
@@ -97,11 +93,7 @@ BREADCRUMBS_TIES = MergeMethod(
     name="breadcrumbs_ties",
     summary="Drop the largest outliers and the smallest entries, then elect signs as in TIES.",
     paper=PAPER,
-    needs_base=True,
-    min_models=1,
-    max_models=None,
     params=PruneParams,
     model_params=BreadcrumbsModelParams,
-    deterministic=True,
     fn=breadcrumbs_ties_merge,
 )

@@ -58,10 +58,8 @@ LINEAR = MergeMethod(
     paper="https://arxiv.org/abs/2203.05482",
     needs_base=False,
     min_models=2,
-    max_models=None,
     params=LinearParams,
     model_params=WeightedModelParams,
-    deterministic=True,
     fn=linear_merge,
     cross_check=check_weight_sum,
 )

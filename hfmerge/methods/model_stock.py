@@ -77,11 +77,8 @@ MODEL_STOCK = MergeMethod(
     name="model_stock",
     summary="Move from the base towards the models' average by a ratio set by their angle.",
     paper="https://arxiv.org/abs/2403.19522",
-    needs_base=True,
     min_models=2,
-    max_models=None,
     params=ModelStockParams,
     model_params=ModelParams,
-    deterministic=True,
     fn=model_stock_merge,
 )

@@ -79,11 +79,8 @@ SLERP = MergeMethod(
     name="slerp",
     summary="Spherical interpolation from the base (t=0) to one other model (t=1).",
     paper="https://doi.org/10.1145/325165.325242",
-    needs_base=True,
-    min_models=1,
     max_models=1,
     params=SlerpParams,
     model_params=ModelParams,
-    deterministic=True,
     fn=slerp_merge,
 )

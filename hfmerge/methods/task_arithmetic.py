@@ -42,11 +42,7 @@ TASK_ARITHMETIC = MergeMethod(
     name="task_arithmetic",
     summary="Add the weighted sum of the models' task vectors (model - base) to the base.",
     paper="https://arxiv.org/abs/2212.04089",
-    needs_base=True,
-    min_models=1,
-    max_models=None,
     params=TaskArithmeticParams,
     model_params=WeightedModelParams,
-    deterministic=True,
     fn=task_arithmetic_merge,
 )

@@ -56,11 +56,7 @@ TIES = MergeMethod(
     name="ties",
     summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones.",
     paper="https://arxiv.org/abs/2306.01708",
-    needs_base=True,
-    min_models=1,
-    max_models=None,
     params=TiesParams,
     model_params=PrunedModelParams,
-    deterministic=True,
     fn=ties_merge,
 )
