@@ -45,14 +45,15 @@ def render_card(
     base: InspectedModel,
     inputs: Sequence[InspectedModel],
     params: Mapping[str, Any],
+    input_params: Sequence[Mapping[str, Any]],
     recipe_text: str,
 ) -> str:
     """The whole README.md: YAML front matter for the Hub, then the body."""
     sections = [
         f"# {title}",
-        f"This model is a merge made with [hfmerge](https://github.com/hfmerge/hfmerge) using "
-        f"**{method.name}** ([paper]({method.paper})): {method.summary}",
-        "## Inputs\n\n" + _inputs_table(base, inputs, method),
+        f"This model is a merge made with hfmerge using **{method.name}** "
+        f"([paper]({method.paper})): {method.summary}",
+        "## Inputs\n\n" + _inputs_table(base, inputs, input_params),
         "## Method\n\n" + _method_section(method, params),
         "## Recipe\n\n```yaml\n" + recipe_text.rstrip() + "\n```",
         "## Use\n\n```python\n" + load_snippet(base.config, "PATH_OR_REPO_ID") + "\n```",
@@ -76,16 +77,22 @@ def _front_matter(base: InspectedModel, inputs: Sequence[InspectedModel]) -> str
 
 
 def _inputs_table(
-    base: InspectedModel, inputs: Sequence[InspectedModel], method: MergeMethod
+    base: InspectedModel,
+    inputs: Sequence[InspectedModel],
+    input_params: Sequence[Mapping[str, Any]],
 ) -> str:
-    rows = ["| model | role | revision |", "|---|---|---|"]
-    models = list(inputs) if base in inputs or not method.needs_base else [base, *inputs]
-    for model in models:
-        role = "base" if model is base else "input"
-        if model is base and model in inputs:
-            role = "base, input"
-        rows.append(f"| `{model.name}` | {role} | {model.source.revision or 'local files'} |")
+    rows = ["| model | role | revision | parameters |", "|---|---|---|---|"]
+    if not any(model is base for model in inputs):
+        rows.append(_input_row(base, "base", {}))
+    for model, model_params in zip(inputs, input_params, strict=True):
+        rows.append(_input_row(model, "base, input" if model is base else "input", model_params))
     return "\n".join(rows)
+
+
+def _input_row(model: InspectedModel, role: str, model_params: Mapping[str, Any]) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in model_params.items()) or "–"
+    revision = model.source.revision or "local files"
+    return f"| `{model.name}` | {role} | {revision} | {shown} |"
 
 
 def _method_section(method: MergeMethod, params: Mapping[str, Any]) -> str:

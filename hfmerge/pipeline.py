@@ -85,7 +85,13 @@ def run_recipe(
             seed=recipe.merge.seed,
             progress=progress,
         )
-        _write_side_files(staging, plan, recipe, text, params.model_dump(by_alias=True))
+        card_params = CardParams(
+            method=params.model_dump(by_alias=True),
+            inputs=[p.model_dump(by_alias=True) for p in model_params],
+        )
+        _write_side_files(
+            staging, plan, recipe, title=target.name, recipe_text=text, params=card_params
+        )
     return RunResult(plan=plan, out_dir=target)
 
 
@@ -133,19 +139,34 @@ def _refuse_input_as_output(target: Path, models: list[InspectedModel]) -> None:
             )
 
 
+@dataclass(frozen=True)
+class CardParams:
+    """The resolved method parameters (defaults filled in) that the card lists."""
+
+    method: dict[str, Any]
+    inputs: list[dict[str, Any]]
+
+
 def _write_side_files(
-    staging: Path, plan: MergePlan, recipe: Recipe, recipe_text: str, params: dict[str, Any]
+    staging: Path,
+    plan: MergePlan,
+    recipe: Recipe,
+    *,
+    title: str,
+    recipe_text: str,
+    params: CardParams,
 ) -> None:
     copy_side_files(plan.base.source.path, staging)
     if recipe.output.dtype:
         _set_config_dtype(staging / "config.json", recipe.output.dtype)
     (staging / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
     card = render_card(
-        title=Path(recipe.output.path or "merged").name,
+        title=title,
         method=plan.method,
         base=plan.base,
         inputs=plan.inputs,
-        params=params,
+        params=params.method,
+        input_params=params.inputs,
         recipe_text=recipe_text,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")

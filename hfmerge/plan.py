@@ -87,7 +87,7 @@ def format_plan(plan: MergePlan) -> str:
     shard_of = plan.shards.weight_map()
     width = max(len(j.name) for j in plan.jobs)
     lines = [
-        f"method {plan.method.name} over {len(plan.inputs)} models "
+        f"method {plan.method.name} over {_count(len(plan.inputs), 'model')} "
         f"({', '.join(m.name for m in plan.inputs)}), base {plan.base.name}",
         f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB in "
         f"{len(plan.shards.shards)} shard(s)",
@@ -100,3 +100,7 @@ def format_plan(plan: MergePlan) -> str:
             f"{shard_of[job.name]}  ({job.why})"
         )
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
