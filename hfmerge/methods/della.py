@@ -3,22 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar, Self
 
 import torch
 from pydantic import Field, model_validator
 
-from hfmerge.methods.base import (
-    Flag,
-    Fraction,
-    MergeMethod,
-    MethodParams,
-    ModelParams,
-    as_params,
-    require_base,
-)
-from hfmerge.methods.gta import PrunedModelParams, PruneParams, merge_task_vectors
+from hfmerge.methods.base import Flag, Fraction
+from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
 from hfmerge.methods.sparsify import ranked_random_prune
 
 PAPER = "https://arxiv.org/abs/2406.11617"
@@ -57,77 +48,36 @@ class DellaLinearParams(PruneParams):
     rescale: Flag = Field(True, description="rescale each pruned task vector to its L1 norm")
 
 
-def _della(
-    tensors: Sequence[torch.Tensor],
-    *,
-    base: torch.Tensor,
-    model_params: Sequence[ModelParams],
+def _magprune(
     params: PruneParams,
+    model: DellaModelParams,
+    delta: torch.Tensor,
     generator: torch.Generator | None,
-    consensus: bool,
 ) -> torch.Tensor:
-    per_model = [as_params(one, DellaModelParams) for one in model_params]
-
-    def prune(delta: torch.Tensor, index: int) -> torch.Tensor:
-        one = per_model[index]
-        return ranked_random_prune(
-            delta, one.density, one.epsilon, rescale=params.rescale, generator=generator
-        )
-
-    return merge_task_vectors(
-        tensors,
-        base=base,
-        weights=[one.weight for one in per_model],
-        prune=prune,
-        consensus=consensus,
-        normalize=params.normalize,
-        lambda_=params.lambda_,
+    """Keep entries at random, with keep probabilities in density ± epsilon by magnitude rank."""
+    return ranked_random_prune(
+        delta, model.density, model.epsilon, rescale=params.rescale, generator=generator
     )
 
 
-def della_merge(
-    tensors: Sequence[torch.Tensor],
-    *,
-    base: torch.Tensor | None,
-    model_params: Sequence[ModelParams],
-    params: MethodParams,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """MagPrune, rescale, then TIES sign election."""
-    return _della(tensors, base=require_base(base, "della"), model_params=model_params,
-                  params=as_params(params, DellaParams), generator=generator, consensus=True)
-
-
-def della_linear_merge(
-    tensors: Sequence[torch.Tensor],
-    *,
-    base: torch.Tensor | None,
-    model_params: Sequence[ModelParams],
-    params: MethodParams,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """MagPrune, rescale, then a weighted sum."""
-    return _della(tensors, base=require_base(base, "della_linear"), model_params=model_params,
-                  params=as_params(params, DellaLinearParams), generator=generator,
-                  consensus=False)
-
-
-DELLA = MergeMethod(
+DELLA = task_vector_method(
     name="della",
     summary="Drop task-vector entries at random, keeping large ones likelier; elect signs.",
     paper=PAPER,
     params=DellaParams,
     model_params=DellaModelParams,
+    consensus=True,
+    sparsify=_magprune,
     deterministic=False,
-    fn=della_merge,
 )
 
-DELLA_LINEAR = MergeMethod(
+DELLA_LINEAR = task_vector_method(
     name="della_linear",
     summary="Drop task-vector entries at random, keeping large ones likelier; then sum.",
     paper=PAPER,
     params=DellaLinearParams,
     model_params=DellaModelParams,
+    consensus=False,
+    sparsify=_magprune,
     deterministic=False,
-    fn=della_linear_merge,
 )

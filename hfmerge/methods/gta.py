@@ -5,6 +5,7 @@ sparsify each task vector -> weight -> optional sign consensus -> sum -> normali
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from pydantic import Field
@@ -13,9 +14,13 @@ from hfmerge.methods.base import (
     ZERO_WEIGHT_SUM,
     Flag,
     Fraction,
+    MergeMethod,
     MethodParams,
+    ModelParams,
     Number,
     WeightedModelParams,
+    as_params,
+    require_base,
 )
 
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (task vector, model index) -> sparsified
@@ -38,6 +43,66 @@ class PrunedModelParams(WeightedModelParams):
     """Per-model weight and the fraction of its task vector to keep."""
 
     density: Fraction = Field(1.0, description="fraction of task-vector entries kept")
+
+
+GlobalT = TypeVar("GlobalT", bound="TaskArithmeticParams")
+ModelT = TypeVar("ModelT", bound=WeightedModelParams)
+# How one method sparsifies one model's task vector: (global params, that model's params, task
+# vector, generator) -> sparsified task vector.
+Sparsifier = Callable[[GlobalT, ModelT, torch.Tensor, torch.Generator | None], torch.Tensor]
+
+
+def task_vector_method(
+    *,
+    name: str,
+    summary: str,
+    paper: str,
+    params: type[GlobalT],
+    model_params: type[ModelT],
+    consensus: bool,
+    sparsify: Sparsifier[GlobalT, ModelT] | None = None,
+    deterministic: bool = True,
+) -> MergeMethod:
+    """A generalized-task-arithmetic method: its sparsifier, and whether it elects signs (TIES)."""
+
+    def merge(
+        tensors: Sequence[torch.Tensor],
+        *,
+        base: torch.Tensor | None,
+        model_params: Sequence[ModelParams],
+        params: MethodParams,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        global_params = as_params(params, params_cls)
+        per_model = [as_params(one, model_params_cls) for one in model_params]
+        prune: Prune | None = None
+        if sparsify is not None:
+            chosen = sparsify
+
+            def prune(delta: torch.Tensor, index: int) -> torch.Tensor:
+                return chosen(global_params, per_model[index], delta, generator)
+
+        return merge_task_vectors(
+            tensors,
+            base=require_base(base, name),
+            weights=[one.weight for one in per_model],
+            prune=prune,
+            consensus=consensus,
+            normalize=global_params.normalize,
+            lambda_=global_params.lambda_,
+        )
+
+    params_cls, model_params_cls = params, model_params
+    merge.__doc__ = summary
+    return MergeMethod(
+        name=name,
+        summary=summary,
+        paper=paper,
+        params=params,
+        model_params=model_params,
+        deterministic=deterministic,
+        fn=merge,
+    )
 
 
 def merge_task_vectors(

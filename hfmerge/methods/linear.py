@@ -47,8 +47,13 @@ def check_weight_sum(params: MethodParams, model_params: Sequence[ModelParams]) 
     """Normalising by weights that sum to zero would divide by zero (mergekit writes inf/NaN)."""
     weights = [as_params(one, WeightedModelParams).weight for one in model_params]
     if as_params(params, LinearParams).normalize and abs(sum(weights)) < ZERO_WEIGHT_SUM:
-        return [(("models",), f"the weights {weights} sum to 0, so `normalize` would divide by "
-                 "zero: change a weight, or set `normalize: false` to take the plain weighted sum")]
+        return [
+            (
+                ("models",),
+                f"the weights {weights} sum to 0, so `normalize` would divide by "
+                "zero: change a weight, or set `normalize: false` to take the plain weighted sum",
+            )
+        ]
     return []
 
 

@@ -99,8 +99,16 @@ def _describe(cls: type[BaseModel], scope: Scope) -> list[ParameterInfo]:
         if low is not None and high is not None:
             kind += f" in [{low:g}, {high:g}]"
         required = field.is_required()
-        infos.append(ParameterInfo(field.alias or name, scope, kind, required,
-                                   None if required else field.default, field.description or ""))
+        infos.append(
+            ParameterInfo(
+                field.alias or name,
+                scope,
+                kind,
+                required,
+                None if required else field.default,
+                field.description or "",
+            )
+        )
     return infos
 
 
@@ -172,8 +180,10 @@ def _message(method: MergeMethod, detail: ErrorDetails, scope: Scope) -> str:
         return _unknown_key(method, key, scope)
     if detail["type"] == "missing":
         if scope == "model":
-            return (f"{method.name} needs `{key}` for every model: set it beside each model, or "
-                    "once under `parameters` for all")
+            return (
+                f"{method.name} needs `{key}` for every model: set it beside each model, or "
+                "once under `parameters` for all"
+            )
         return f"{method.name} needs `{key}`"
     text = detail["msg"].removeprefix("Value error, ")
     return f"{text} (got {detail['input']!r})" if detail["loc"] else text
