@@ -1,4 +1,7 @@
-"""The model card (README.md) of a merged model: Hub metadata, inputs, method, recipe, loading."""
+"""The model card (README.md) of a merged model: Hub metadata, inputs, method, recipe, loading.
+
+Hub inputs are linked at the commits they were pinned to, so the card says exactly what was merged.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,14 @@ _AUTO_CLASSES = (
     ("ForMaskedLM", "AutoModelForMaskedLM"),
     ("ForSequenceClassification", "AutoModelForSequenceClassification"),
 )
+# Auto class -> the Hub's pipeline tag for it.
+_PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForSequenceClassification": "text-classification",
+}
+REPO_PLACEHOLDER = "PATH_OR_REPO_ID"  # in the card's loading snippet when no repo id is known
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 def auto_class_name(config: Mapping[str, Any]) -> str:
@@ -47,22 +58,36 @@ def render_card(
     params: Mapping[str, Any],
     input_params: Sequence[Mapping[str, Any]],
     recipe_text: str,
+    repo_id: str | None = None,
+    endpoint: str = DEFAULT_ENDPOINT,
 ) -> str:
-    """The whole README.md: YAML front matter for the Hub, then the body."""
+    """The whole README.md: YAML front matter for the Hub, then the body.
+
+    `repo_id` (where the model will be pushed) goes into the loading snippet; `endpoint` is the
+    Hub that Hub inputs are linked on.
+    """
+    location = repo_id or REPO_PLACEHOLDER
     sections = [
         f"# {title}",
         f"This model is a merge made with hfmerge using **{method.name}** "
         f"([paper]({method.paper})): {method.summary}",
-        "## Inputs\n\n" + _inputs_table(base, inputs, input_params),
+        "## Inputs\n\n" + _inputs_table(base, inputs, input_params, endpoint=endpoint),
         "## Method\n\n" + _method_section(method, params),
-        "## Recipe\n\n```yaml\n" + recipe_text.rstrip() + "\n```",
-        "## Use\n\n```python\n" + load_snippet(base.config, "PATH_OR_REPO_ID") + "\n```",
+        "## Recipe\n\nEvery Hub model is pinned to the commit that was merged, so running this "
+        "recipe again reproduces the same inputs.\n\n```yaml\n" + recipe_text.rstrip() + "\n```",
+        "## Use\n\n```python\n" + load_snippet(base.config, location) + "\n```",
     ]
     return _front_matter(base, inputs) + "\n" + "\n\n".join(sections) + "\n"
 
 
+def with_repo_id(card: str, repo_id: str) -> str:
+    """The card with its loading snippet naming `repo_id` (for a push decided after the run)."""
+    return card.replace(repr(REPO_PLACEHOLDER), repr(repo_id))
+
+
 def _front_matter(base: InspectedModel, inputs: Sequence[InspectedModel]) -> str:
-    hub_ids = [m.source.hub_id for m in [base, *inputs] if m.source.hub_id]
+    models = list({id(m): m for m in [base, *inputs]}.values())
+    hub_ids = [m.source.hub_id for m in models if m.source.hub_id]
     meta: dict[str, Any] = {}
     if hub_ids:
         meta["base_model"] = list(dict.fromkeys(hub_ids))
@@ -73,6 +98,12 @@ def _front_matter(base: InspectedModel, inputs: Sequence[InspectedModel]) -> str
             "tags": ["merge", "hfmerge"],
         }
     )
+    licenses = {m.source.license for m in models}
+    if len(licenses) == 1 and None not in licenses:  # inherited only when every input agrees
+        meta["license"] = licenses.pop()
+    pipeline_tag = _PIPELINE_TAGS.get(auto_class_name(base.config))
+    if pipeline_tag:
+        meta["pipeline_tag"] = pipeline_tag
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
@@ -80,19 +111,27 @@ def _inputs_table(
     base: InspectedModel,
     inputs: Sequence[InspectedModel],
     input_params: Sequence[Mapping[str, Any]],
+    *,
+    endpoint: str,
 ) -> str:
     rows = ["| model | role | revision | parameters |", "|---|---|---|---|"]
     if not any(model is base for model in inputs):
-        rows.append(_input_row(base, "base", {}))
+        rows.append(_input_row(base, "base", {}, endpoint=endpoint))
     for model, model_params in zip(inputs, input_params, strict=True):
-        rows.append(_input_row(model, "base, input" if model is base else "input", model_params))
+        role = "base, input" if model is base else "input"
+        rows.append(_input_row(model, role, model_params, endpoint=endpoint))
     return "\n".join(rows)
 
 
-def _input_row(model: InspectedModel, role: str, model_params: Mapping[str, Any]) -> str:
+def _input_row(
+    model: InspectedModel, role: str, model_params: Mapping[str, Any], *, endpoint: str
+) -> str:
     shown = ", ".join(f"{k}={v}" for k, v in model_params.items()) or "–"
-    revision = model.source.revision or "local files"
-    return f"| `{model.name}` | {role} | {revision} | {shown} |"
+    source = model.source
+    if source.hub_id and source.revision:
+        link = f"{endpoint.rstrip('/')}/{source.hub_id}/tree/{source.revision}"
+        return f"| [`{source.hub_id}`]({link}) | {role} | [`{source.revision}`]({link}) | {shown} |"
+    return f"| `{model.name}` | {role} | local files | {shown} |"
 
 
 def _method_section(method: MergeMethod, params: Mapping[str, Any]) -> str:

@@ -121,6 +121,53 @@ class ModelSourceError(HfMergeError):
         super().__init__(f"Model {model}: {problem}", fix=fix)
 
 
+class HubError(HfMergeError):
+    """A Hub request failed.
+
+    `kind` says how (not_found, revision_not_found, gated, unauthorized, forbidden, offline,
+    network, server, invalid), so callers can decide without parsing the text.
+    """
+
+    def __init__(
+        self, repo_id: str, problem: str, *, kind: str, revision: str | None = None,
+        why: str = "", fix: str = "",
+    ) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.kind = kind
+        self.problem = problem
+        name = f"{repo_id}@{revision}" if revision else repo_id
+        super().__init__(f"Hub repo {name}: {problem}", why=why, fix=fix)
+
+
+class PushError(HfMergeError):
+    """Pushing a finished output failed; the local output is complete and can be pushed later."""
+
+    def __init__(self, folder: str, repo_id: str, cause: HfMergeError) -> None:
+        self.folder = folder
+        self.repo_id = repo_id
+        self.cause = cause
+        super().__init__(
+            f"The output in {folder} is complete, but pushing it to {repo_id} failed: "
+            + cause.what.rstrip("."),
+            why=cause.why,
+            fix=(cause.fix.rstrip(".") + ", then " if cause.fix else "")
+            + f"run `hfmerge push {folder} {repo_id}` to finish",
+        )
+
+
+class PreflightError(HfMergeError):
+    """Several input models failed preflight; `problems` holds each model's error."""
+
+    def __init__(self, problems: Sequence[HfMergeError]) -> None:
+        self.problems = list(problems)
+        listing = "\n".join("  - " + p.message() for p in self.problems)
+        super().__init__(
+            f"{len(self.problems)} problems with the input models (no weights were downloaded; "
+            "fix each, then run `hfmerge validate` again):\n" + listing
+        )
+
+
 class OutputError(HfMergeError):
     """The output location cannot be written as asked (exists, not writable, ...)."""
 
@@ -135,3 +182,10 @@ class InputDataError(HfMergeError):
     def __init__(self, path: str, problem: str, fix: str) -> None:
         self.path = path
         super().__init__(f"Data {path}: {problem}", fix=fix)
+
+
+class AlignmentError(HfMergeError):
+    """Permutation alignment cannot run on the given models, tensors or data."""
+
+    def __init__(self, problem: str, *, why: str = "", fix: str = "") -> None:
+        super().__init__(f"Alignment failed: {problem}", why=why, fix=fix)

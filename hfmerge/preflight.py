@@ -1,7 +1,7 @@
 """Everything hfmerge learns about a model without reading its weights: config, headers, spec.
 
-`inspect_model` reads `config.json` and the safetensors headers; `check_compatible` compares models
-tensor by tensor and reports every difference at once, before any output is written.
+`inspect_models` pins and inspects every model (Hub models remotely: config and safetensors
+headers only) and compares them, reporting every problem of every model at once.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from hfmerge.arch import check_shapes, spec_for
 from hfmerge.arch.spec import ArchSpec
-from hfmerge.errors import IncompatibleModelsError, ModelSourceError
-from hfmerge.sources import ModelSource
+from hfmerge.errors import HfMergeError, IncompatibleModelsError, ModelSourceError, PreflightError
+from hfmerge.sources import ModelSource, pin_model
 from hfmerge.tensors import CheckpointIndex, read_checkpoint_index
 
 # Config keys that must agree for two checkpoints to be merged tensor by tensor.
@@ -68,14 +68,48 @@ def read_config(source: ModelSource) -> dict[str, Any]:
     return config
 
 
-def inspect_model(source: ModelSource) -> InspectedModel:
-    """Config + safetensors headers + architecture spec; reads no tensor data."""
-    config = read_config(source)
-    index = read_checkpoint_index(source.path)
+def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedModel:
+    """Config + safetensors headers + architecture spec; reads no tensor data.
+
+    A pinned Hub model is read remotely (config.json and header bytes only) unless its files are
+    already in the cache.
+    """
+    if source.hub_id is not None and source.revision is not None:
+        from hfmerge import hub
+
+        config = hub.remote_config(source.hub_id, source.revision, offline=offline)
+        index = hub.remote_index(source.hub_id, source.revision, offline=offline)
+    else:
+        config = read_config(source)
+        index = read_checkpoint_index(source.path)
     spec = spec_for(config, index.names, model=source.display)
     shapes = {name: index.info(name).shape for name in index.names}
     check_shapes(spec, shapes, model=source.display)  # header shapes agree with config.json
     return InspectedModel(source=source, config=config, index=index, spec=spec)
+
+
+def inspect_models(
+    refs: Sequence[tuple[str, str | None]], *, offline: bool = False, progress: bool = True
+) -> list[InspectedModel]:
+    """Pin and inspect every (reference, revision), then check them against the first.
+
+    No weights are downloaded. Raises the one problem found, or `PreflightError` listing every
+    problem of every model (missing repo or revision, no access, offline, incompatible).
+    """
+    found: list[InspectedModel] = []
+    problems: list[HfMergeError] = []
+    for ref, revision in refs:
+        try:
+            source = pin_model(ref, revision=revision, offline=offline, progress=progress)
+            found.append(inspect_model(source, offline=offline))
+        except HfMergeError as exc:
+            problems.append(exc)
+    problems += compatibility_problems(found)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise PreflightError(problems)
+    return found
 
 
 def check_compatible(models: Sequence[InspectedModel]) -> None:
@@ -84,11 +118,22 @@ def check_compatible(models: Sequence[InspectedModel]) -> None:
     Raises:
         IncompatibleModelsError: naming the first pair that differs and every difference found.
     """
+    problems = compatibility_problems(models)
+    if problems:
+        raise problems[0]
+
+
+def compatibility_problems(models: Sequence[InspectedModel]) -> list[IncompatibleModelsError]:
+    """One error per model that differs from the first (family, config, tensor names, shapes)."""
+    if not models:
+        return []
     reference = models[0]
+    errors = []
     for other in models[1:]:
         problems = _config_differences(reference, other) + _tensor_differences(reference, other)
         if problems:
-            raise IncompatibleModelsError(reference.name, other.name, problems)
+            errors.append(IncompatibleModelsError(reference.name, other.name, problems))
+    return errors
 
 
 def _config_differences(a: InspectedModel, b: InspectedModel) -> list[str]:

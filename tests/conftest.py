@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakehub import fake_hub  # noqa: F401  (fixture: a Hub-compatible server on 127.0.0.1)
 
 # Set before any test module imports huggingface_hub / transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

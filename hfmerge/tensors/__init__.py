@@ -4,14 +4,23 @@ Also atomic output directories and copying of config and tokenizer files.
 """
 
 from hfmerge.tensors.checkpoint import (
+    CONVERT_FIX,
     INDEX_FILE,
+    PICKLE_SUFFIXES,
     SINGLE_FILE,
     CheckpointIndex,
     LazyCheckpoint,
+    check_weight_map,
     read_checkpoint_index,
+    read_weight_map,
 )
 from hfmerge.tensors.dtypes import dtype_name, element_size, is_known_dtype, torch_dtype
-from hfmerge.tensors.header import TensorInfo, read_shard_header
+from hfmerge.tensors.header import (
+    TensorInfo,
+    header_length,
+    parse_shard_header,
+    read_shard_header,
+)
 from hfmerge.tensors.output import (
     SIDE_FILES,
     atomic_output_dir,
@@ -30,7 +39,9 @@ from hfmerge.tensors.shards import (
 from hfmerge.tensors.writer import ShardWriteError, ShardWriter, encode_header
 
 __all__ = [
+    "CONVERT_FIX",
     "INDEX_FILE",
+    "PICKLE_SUFFIXES",
     "SIDE_FILES",
     "SINGLE_FILE",
     "CheckpointIndex",
@@ -45,14 +56,18 @@ __all__ = [
     "TensorSpec",
     "atomic_output_dir",
     "check_output_dir",
+    "check_weight_map",
     "copy_side_files",
     "dtype_name",
     "element_size",
     "encode_header",
+    "header_length",
     "is_known_dtype",
+    "parse_shard_header",
     "parse_size",
     "plan_shards",
     "read_checkpoint_index",
     "read_shard_header",
+    "read_weight_map",
     "torch_dtype",
 ]

@@ -19,8 +19,8 @@ from hfmerge.tensors.header import TensorInfo, read_shard_header
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Pickle formats are only ever listed by name: unpickling a file can run arbitrary code.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_CONVERT_FIX = (
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT_FIX = (
     "convert it once, in an environment you trust: load it with transformers "
     "(`model = AutoModelForCausalLM.from_pretrained(DIR)`, or the matching Auto class), "
     "save it with `model.save_pretrained(OUT, safe_serialization=True)` and use OUT; "
@@ -101,7 +101,7 @@ def _check_directory(model_dir: Path, label: str) -> None:
 
 
 def _read_sharded(model_dir: Path, label: str) -> list[TensorInfo]:
-    weight_map = _read_weight_map(model_dir / INDEX_FILE, label)
+    weight_map = read_weight_map(model_dir / INDEX_FILE, label)
     tensors: list[TensorInfo] = []
     for shard in sorted(set(weight_map.values())):
         path = model_dir / shard
@@ -112,11 +112,12 @@ def _read_sharded(model_dir: Path, label: str) -> list[TensorInfo]:
                 "download the complete repository (every model-*.safetensors file)",
             )
         tensors.extend(read_shard_header(path, shard, label=label))
-    _check_weight_map(weight_map, tensors, label)
+    check_weight_map(weight_map, tensors, label)
     return tensors
 
 
-def _read_weight_map(path: Path, label: str) -> dict[str, str]:
+def read_weight_map(path: Path, label: str) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file) of a `model.safetensors.index.json`."""
     try:
         document: Any = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -141,7 +142,7 @@ def _is_plain_relative(name: str) -> bool:
     return bool(name) and not path.is_absolute() and ".." not in path.parts
 
 
-def _check_weight_map(weight_map: dict[str, str], tensors: list[TensorInfo], label: str) -> None:
+def check_weight_map(weight_map: dict[str, str], tensors: list[TensorInfo], label: str) -> None:
     """Every name appears once over all shards, and in the shard the index says."""
     where: dict[str, str] = {}
     for info in tensors:
@@ -163,13 +164,13 @@ def _check_weight_map(weight_map: dict[str, str], tensors: list[TensorInfo], lab
 
 def _no_safetensors_error(model_dir: Path, label: str) -> ModelSourceError:
     files = sorted(p.name for p in model_dir.iterdir() if p.is_file())
-    pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+    pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
     if pickles:
         return ModelSourceError(
             label,
             f"it has only pickle checkpoints ({', '.join(pickles[:5])}), which hfmerge does not "
             "load because unpickling a file can run arbitrary code",
-            _CONVERT_FIX,
+            CONVERT_FIX,
         )
     others = [name for name in files if name.endswith(".safetensors")]
     if others:

@@ -43,6 +43,25 @@ def read_shard_header(path: Path, shard: str, *, label: str) -> list[TensorInfo]
     `shard` is the name recorded in each `TensorInfo`; `label` names the model in errors.
     """
     file_size, raw = _read_raw_header(path, shard, label=label)
+    return parse_shard_header(raw, file_size=file_size, shard=shard, label=label)
+
+
+def header_length(prefix: bytes, *, file_size: int, shard: str, label: str) -> int:
+    """The JSON header's byte length from a file's first 8 bytes, checked against its size."""
+    if len(prefix) < 8:
+        raise _corrupt(label, shard, f"it is only {len(prefix)} bytes long")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+        raise _corrupt(label, shard, f"its header length field ({length}) is impossible")
+    return int(length)
+
+
+def parse_shard_header(raw: bytes, *, file_size: int, shard: str, label: str) -> list[TensorInfo]:
+    """Tensors of a shard from its raw JSON header (the bytes after the length field).
+
+    Used for local files and for headers fetched remotely with range requests alike, so both
+    get the same validation. `file_size` is the whole file's size in bytes.
+    """
     data_start = 8 + len(raw)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -65,12 +84,7 @@ def _read_raw_header(path: Path, shard: str, *, label: str) -> tuple[int, bytes]
     try:
         file_size = path.stat().st_size
         with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise _corrupt(label, shard, f"it is only {len(prefix)} bytes long")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or 8 + length > file_size:
-                raise _corrupt(label, shard, f"its header length field ({length}) is impossible")
+            length = header_length(handle.read(8), file_size=file_size, shard=shard, label=label)
             raw = handle.read(length)
     except OSError as exc:
         raise ModelSourceError(
