@@ -1,0 +1,215 @@
+"""Align model directories: find B's permutations into A's basis and write B permuted, streamed.
+
+Also saves and loads the permutations file (`hfmerge_permutations.safetensors`, int64 tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hfmerge.align.activation_matching import activation_matching
+from hfmerge.align.weight_matching import MatchResult, weight_matching
+from hfmerge.arch import spec_for
+from hfmerge.arch.permute import check_permutations, identity_permutations, permute_tensor
+from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
+from hfmerge.errors import AlignmentError, OutputError, UnknownNameError
+from hfmerge.preflight import InspectedModel, check_compatible, inspect_model
+from hfmerge.progress import track
+from hfmerge.sources import ModelSource
+from hfmerge.tensors import (
+    LazyCheckpoint,
+    ShardWriter,
+    atomic_output_dir,
+    check_output_dir,
+    copy_side_files,
+    parse_size,
+    plan_shards,
+)
+
+if TYPE_CHECKING:  # transformers loads only for activation matching
+    from transformers import PreTrainedModel
+
+PERMUTATIONS_FILE = "hfmerge_permutations.safetensors"
+ATTENTION_FIELDS = ("kv_heads", "q_in_group", "qk_dims", "vo_dims")
+METHODS = ("none", "weight", "activation")
+Batches = Iterable[dict[str, torch.Tensor]]
+PROBE_SAMPLES, PROBE_LENGTH, PROBE_BATCH = 32, 128, 8  # built-in probe when no batches are given
+
+
+def permutation_tensors(perms: Permutations) -> dict[str, torch.Tensor]:
+    """One int64 tensor per plain group, and per field of an attention group (`NAME.kv_heads`)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, perm in perms.items():
+        if isinstance(perm, AttentionPerm):
+            for field in ATTENTION_FIELDS:
+                out[f"{name}.{field}"] = getattr(perm, field).to(torch.int64).contiguous()
+        else:
+            out[name] = perm.to(torch.int64).contiguous()
+    return out
+
+
+def save_permutations(path: Path, perms: Permutations, *,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `perms` as a safetensors file (see `permutation_tensors` for the names)."""
+    save_file(permutation_tensors(perms), str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def load_permutations(path: Path, spec: ArchSpec) -> Permutations:
+    """Read a permutations file written for `spec`'s architecture; every group must be in it."""
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise AlignmentError(f"cannot read permutations file {path}: {exc}",
+                             fix=f"point to the {PERMUTATIONS_FILE} written by `hfmerge align`") \
+            from None
+    perms: Permutations = {}
+    for name, group in spec.groups.items():
+        keys = [f"{name}.{f}" for f in ATTENTION_FIELDS] if group.kind == "attention" else [name]
+        if all(key in tensors for key in keys):
+            values = [tensors.pop(key) for key in keys]
+            perms[name] = AttentionPerm(*values) if group.kind == "attention" else values[0]
+    problems = [f"unknown entries {', '.join(sorted(tensors)[:5])}"] if tensors else []
+    missing = [name for name in spec.groups if name not in perms]
+    if missing:
+        problems.append(f"no permutation for {', '.join(missing[:5])}")
+    try:
+        check_permutations(spec, perms)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise AlignmentError(f"permutations file {path} does not fit this {spec.family} model",
+                             why="; ".join(problems),
+                             fix="use the file written when this model pair was aligned")
+    return perms
+
+
+def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel, InspectedModel]:
+    """Configs, headers and specs of both models, refused unless they match tensor by tensor."""
+    pair = tuple(inspect_model(ModelSource(ref=str(d), path=Path(d)))
+                 for d in (model_a_dir, model_b_dir))
+    check_compatible(pair)
+    return pair[0], pair[1]
+
+
+def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
+    """Every non-buffer tensor of the checkpoint as float64."""
+    with LazyCheckpoint(model.source.path, label=model.name) as reader:
+        return {name: reader.get(name).to(torch.float64)
+                for name, tensor in model.spec.tensors.items() if not tensor.buffer}
+
+
+def _load_model(model: InspectedModel) -> PreTrainedModel:
+    """The checkpoint's own model class (config `architectures`), else AutoModel, in float32."""
+    import transformers
+
+    names = model.config.get("architectures") or []
+    cls = getattr(transformers, str(names[0]), None) if names else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+    try:
+        loaded: PreTrainedModel = cls.from_pretrained(model.source.path, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise AlignmentError(f"transformers cannot load {model.name}: {exc}",
+                             fix="use weight matching, which reads the safetensors directly") \
+            from None
+    module: torch.nn.Module = loaded  # torch's typing of .eval (transformers wraps it)
+    module.eval()  # in place; no dropout while probing
+    return loaded
+
+
+def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:
+    """Batches of the built-in English probe text, tokenized with the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hfmerge.zoo.corpus import builtin_probe_text
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.source.path)
+    except (OSError, ValueError) as exc:
+        raise AlignmentError(f"{model.name} has no usable tokenizer for the built-in probe text "
+                             f"({exc})", fix="pass probe batches, or use weight matching") from None
+    text = builtin_probe_text("prose")[: 40 * PROBE_SAMPLES * PROBE_LENGTH]  # plenty of tokens
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    usable = min(len(ids) // PROBE_LENGTH, PROBE_SAMPLES) * PROBE_LENGTH
+    rows = ids[:usable].reshape(-1, PROBE_LENGTH)  # [tokens] -> [samples, length]
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+            for chunk in torch.split(rows, PROBE_BATCH)]
+
+
+def _match(method: str, a: InspectedModel, b: InspectedModel, *, seed: int,
+           batches: Batches | None, progress: bool) -> MatchResult:
+    if method == "none":
+        return MatchResult(perms=identity_permutations(b.spec), iterations=0, objective=[])
+    if method == "weight":
+        # Both models are held whole as float64 (16 bytes per parameter pair: 1.8 GB for
+        # BERT-base); fine up to that size, larger models would need streamed similarities.
+        return weight_matching(b.spec, _read_params(a), _read_params(b), seed=seed,
+                               progress=progress)
+    if method == "activation":
+        model_a, model_b = _load_model(a), _load_model(b)
+        # Group names do not depend on name prefixes, so a spec of the loaded module names
+        # yields permutations that fit the checkpoint's spec too.
+        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), model=a.name)
+        data = _builtin_batches(a) if batches is None else batches
+        return activation_matching(spec, model_a, model_b, data, progress=progress)
+    raise UnknownNameError("alignment method", method, METHODS)
+
+
+def align_permutations(method: str, model_a_dir: Path, model_b_dir: Path, *, seed: int = 0,
+                       batches: Batches | None = None, progress: bool = False) -> Permutations:
+    """Permutations bringing model B into model A's basis (`none` gives the identity).
+
+    `weight` reads both checkpoints' tensors; `activation` loads both models with transformers
+    and runs `batches` (default: the built-in probe text through A's tokenizer).
+    """
+    a, b = _inspect_pair(model_a_dir, model_b_dir)
+    return _match(method, a, b, seed=seed, batches=batches, progress=progress).perms
+
+
+def align_checkpoint(model_a_dir: Path, model_b_dir: Path, out_dir: Path, *,
+                     method: Literal["weight", "activation"], seed: int = 0,
+                     batches: Batches | None = None, force: bool = False, progress: bool = True,
+                     max_shard_size: int | str = "5GB") -> MatchResult:
+    """Write model B permuted into A's basis to `out_dir`: same function as B, loadable as usual.
+
+    Tensors stream one at a time from B's shards into the output; config and tokenizer files are
+    copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`.
+    """
+    parse_size(max_shard_size)  # a bad size fails now, not after the matching
+    if method not in ("weight", "activation"):
+        raise UnknownNameError("alignment method", method, ["weight", "activation"])
+    out_dir = Path(out_dir)
+    for source in (model_a_dir, model_b_dir):
+        if out_dir.resolve() == Path(source).resolve():
+            raise OutputError(str(out_dir), "is one of the input models",
+                              "choose a new directory for the aligned model")
+    check_output_dir(out_dir, force=force)  # before the long matching, not after it
+    a, b = _inspect_pair(model_a_dir, model_b_dir)
+    result = _match(method, a, b, seed=seed, batches=batches, progress=progress)
+    _write_aligned(b, out_dir, result.perms, force=force, progress=progress,
+                   max_shard_bytes=parse_size(max_shard_size),
+                   metadata={"aligned_by": "hfmerge", "align_method": method})
+    return result
+
+
+def _write_aligned(b: InspectedModel, out_dir: Path, perms: Permutations, *, force: bool,
+                   progress: bool, max_shard_bytes: int, metadata: dict[str, str]) -> None:
+    """Stream B's tensors through `perms` into shards, keeping B's dtypes, names and side files."""
+    spec, path = b.spec, b.source.path
+    plan = plan_shards([b.index.info(name) for name in b.index.names],
+                       max_shard_bytes=max_shard_bytes)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        with LazyCheckpoint(path, label=b.name) as reader, \
+                ShardWriter(tmp, plan, metadata=metadata) as writer:
+            for name in track(plan.names, description="writing aligned model", enabled=progress):
+                writer.write(name, permute_tensor(reader.get(name), spec.tensors[name], spec,
+                                                  perms))
+        copy_side_files(path, tmp)
+        save_permutations(tmp / PERMUTATIONS_FILE, perms,
+                          metadata={"family": spec.family, **metadata})
