@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from hfmerge.errors import HfMergeError
 from hfmerge.progress import stderr_console
@@ -27,6 +27,9 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 OutOpt = Annotated[
     Path | None, typer.Option("--out", help="Output directory (overrides output.path).")
 ]
+PrivateOpt = Annotated[
+    bool | None, typer.Option("--private", help="Create the Hub repo private.", show_default=False)
+]
 
 
 def _hint(message: str) -> None:
@@ -41,8 +44,15 @@ def run(
         bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    push: Annotated[
+        str | None, typer.Option("--push", help="Push the output to this Hub repo id.")
+    ] = None,
+    private: PrivateOpt = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only the local HF cache; no network.")
+    ] = False,
 ) -> None:
-    """Run a recipe: merge the models it names and write a model directory."""
+    """Run a recipe: merge the models it names, write a model directory, optionally push it."""
     from hfmerge.card import load_snippet
     from hfmerge.pipeline import run_recipe
     from hfmerge.plan import format_plan
@@ -56,6 +66,9 @@ def run(
         out_dir=target,
         dry_run=dry_run,
         force=force,
+        push=push,
+        private=private,
+        offline=offline,
     )
     if result.out_dir is None:
         typer.echo(format_plan(result.plan))
@@ -65,6 +78,9 @@ def run(
         f"Merged model written to {result.out_dir}. Load it with:\n"
         + load_snippet(result.plan.base.config, str(result.out_dir))
     )
+    if result.url:
+        typer.echo(result.url)
+        _hint(f"Pushed to {result.url}")
 
 
 @app.command()
@@ -79,6 +95,20 @@ def validate(recipe: RecipeArg) -> None:
         f"{recipe}: OK — {plan.method.name} over {len(plan.inputs)} models, "
         f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB of output"
     )
+
+
+@app.command()
+def push(
+    directory: Annotated[Path, typer.Argument(help="Output directory of `hfmerge run`.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, `org/name` (or `name`).")],
+    private: PrivateOpt = None,
+) -> None:
+    """Push a finished output directory to the Hub as one commit; prints the repo URL."""
+    from hfmerge.pipeline import push_output
+
+    url = push_output(directory, repo_id, private=bool(private))
+    typer.echo(url)
+    _hint(f"Pushed {directory} to {url}")
 
 
 @app.command()
@@ -120,6 +150,72 @@ def zoo() -> None:
         typer.echo(f"zoo:{name}\t{path}\t{ZOO_MEMBERS[name]}")
 
 
+EvalModelArg = Annotated[str, typer.Argument(help="Model dir or zoo:NAME.", show_default=False)]
+EvalDataOpt = Annotated[str | None, typer.Option(
+    "--data", help="UTF-8 text file, .jsonl with a `text` field, or builtin[:code|prose|mixed].")]
+EvalJsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")]
+EvalLengthOpt = Annotated[int, typer.Option("--max-length", min=2, help="Tokens per window.")]
+EvalSamplesOpt = Annotated[int | None, typer.Option(
+    "--samples", min=1, help="Use this many windows, spread over the data (default: all).")]
+EvalBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")]
+
+
+@app.command("eval")
+def eval_(
+    model: EvalModelArg,
+    data: EvalDataOpt = None,
+    json_out: EvalJsonOpt = None,
+    max_length: EvalLengthOpt = 128,
+    samples: EvalSamplesOpt = None,
+    batch_size: EvalBatchOpt = 8,
+) -> None:
+    """Mean token loss and perplexity of a model on text (MLM loss on fixed masks for BERT)."""
+    from hfmerge.evaluate import eval_model, format_eval
+    from hfmerge.reports import write_json
+
+    result = eval_model(model, data=data, max_length=max_length, samples=samples,
+                        batch_size=batch_size, progress=True)
+    typer.echo(format_eval(model, result))
+    if json_out is not None:
+        _hint(f"wrote {write_json(json_out, {'model': model, **result.to_json()})}")
+
+
+@app.command()
+def barrier(
+    model_a: EvalModelArg,
+    model_b: EvalModelArg,
+    align: Annotated[list[str] | None, typer.Option(
+        "--align", help="none, weight or activation; repeat it (or a comma list) to compare.")
+    ] = None,
+    data: EvalDataOpt = None,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Points on the λ grid.")] = 11,
+    json_out: EvalJsonOpt = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot of loss vs λ.")
+                    ] = None,
+    max_length: EvalLengthOpt = 128,
+    samples: EvalSamplesOpt = None,
+    batch_size: EvalBatchOpt = 8,
+) -> None:
+    """Loss along the straight line from MODEL_A to MODEL_B, and its barrier."""
+    from hfmerge.barrier import (
+        barrier_report,
+        compare_barriers,
+        format_barrier_table,
+        parse_align_modes,
+    )
+    from hfmerge.reports import write_json
+
+    results = compare_barriers(model_a, model_b, aligns=parse_align_modes(align or []),
+                               steps=steps, data=data, max_length=max_length, samples=samples,
+                               batch_size=batch_size, progress=True)
+    typer.echo(format_barrier_table(results))
+    if json_out is not None:
+        _hint(f"wrote {write_json(json_out, barrier_report(results))}")
+    if plot is not None:
+        from hfmerge.plotting import plot_barriers
+
+        _hint(f"wrote {plot_barriers(results, plot)}")
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every hfmerge error into one paragraph on stderr."""
     command = typer.main.get_command(app)
@@ -128,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     except HfMergeError as exc:
         _hint(f"[bold red]error:[/] {exc.message()}")
         return 1
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
         _hint("aborted")
         return 130
+    except TyperException as exc:  # usage errors: bad option values, missing arguments
+        exc.show()  # type: ignore[attr-defined]  # every raised one is a ClickException
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         _hint("interrupted: nothing was written (partial output is removed)")
         return 130

@@ -93,3 +93,10 @@ def test_console_script_runs_as_a_module() -> None:
     )
     assert done.returncode == 0
     assert "run" in done.stdout and "validate" in done.stdout
+
+
+def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "Missing argument" in err and "Traceback" not in err
+    assert main(["no-such-command"]) == 2

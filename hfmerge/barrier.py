@@ -1,0 +1,340 @@
+"""Loss barrier on the straight line between two checkpoints, with or without permutation alignment.
+
+barrier = max over λ of L((1-λ)θA + λθB) − ((1-λ)L(θA) + λL(θB)); weights are streamed per tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from transformers import PreTrainedModel
+
+from hfmerge.arch.spec import ArchSpec, Permutations
+from hfmerge.errors import ArchitectureError, IncompatibleModelsError, UnknownNameError
+from hfmerge.evaluate import (
+    Objective,
+    Scored,
+    load_lm,
+    load_tokenizer,
+    model_inputs,
+    objective_of,
+    pad_id_of,
+    prepare,
+    score,
+    usable_length,
+)
+from hfmerge.progress import track
+from hfmerge.tensors import LazyCheckpoint, read_checkpoint_index
+
+AlignMode = Literal["none", "weight", "activation"]
+ALIGN_MODES: tuple[str, ...] = get_args(AlignMode)
+MIDPOINT = 0.5
+
+
+@dataclass(frozen=True)
+class BarrierResult:
+    """The loss curve between A (λ=0) and B (λ=1) for one alignment mode, and its barrier."""
+
+    align: str
+    lambdas: list[float]
+    loss: list[float]
+    loss_a: float
+    loss_b: float
+    barrier: float  # max over the grid of loss minus the linear baseline (>= 0: endpoints are 0)
+    barrier_lambda: float  # where that maximum is
+    loss_mid: float  # L(½θA + ½θB): the plain average (merged) model
+    tokens: int  # scored tokens per evaluation
+    objective: Objective
+    model_a: str = ""
+    model_b: str = ""
+    data: str = ""
+    max_length: int = 0
+
+    @property
+    def baseline(self) -> list[float]:
+        """(1-λ)·loss_a + λ·loss_b on the grid."""
+        return linear_baseline(self.lambdas, self.loss_a, self.loss_b)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict with the DESIGN.md fields (`lambdas`, `loss`, `barrier`, ...)."""
+        return {**asdict(self), "baseline": self.baseline}
+
+
+def lambda_grid(steps: int) -> list[float]:
+    """`steps` evenly spaced λ in [0, 1], plus 0.5 (the merged model) if the grid misses it."""
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (both endpoints), got {steps}")
+    grid = {i / (steps - 1) for i in range(steps)} | {MIDPOINT}
+    return sorted(grid)
+
+
+def linear_baseline(lambdas: Sequence[float], loss_a: float, loss_b: float) -> list[float]:
+    """The endpoints' straight line: (1-λ)·loss_a + λ·loss_b (exact at λ = 0 and 1)."""
+    return [(1.0 - lam) * loss_a + lam * loss_b for lam in lambdas]
+
+
+def barrier_of(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
+    """(barrier, λ at which it occurs) of a curve whose first and last points are the endpoints."""
+    baseline = linear_baseline(lambdas, losses[0], losses[-1])
+    gaps = [loss - line for loss, line in zip(losses, baseline, strict=True)]
+    best = max(range(len(gaps)), key=gaps.__getitem__)
+    return gaps[best], lambdas[best]
+
+
+def check_compatible(path_a: Path, path_b: Path, *, label_a: str, label_b: str) -> None:
+    """Same tensor names and shapes in both checkpoints (from headers; no weights read)."""
+    index_a = read_checkpoint_index(path_a, label=label_a)
+    index_b = read_checkpoint_index(path_b, label=label_b)
+    problems = [f"{n} only in {label_a}" for n in index_a.names if n not in index_b]
+    problems += [f"{n} only in {label_b}" for n in index_b.names if n not in index_a]
+    for name in index_a.names:
+        if name in index_b and index_a.info(name).shape != index_b.info(name).shape:
+            problems.append(f"{name} has shape {list(index_a.info(name).shape)} vs "
+                            f"{list(index_b.info(name).shape)}")
+    if problems:
+        raise IncompatibleModelsError(label_a, label_b, problems)
+
+
+def _checkpoint_targets(model: PreTrainedModel, names: Sequence[str], *, label: str
+                        ) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name -> the model tensor (a view of its storage) that name loads into.
+
+    transformers may rename tensors between file and module (GPT-NeoX `embed_out` is `lm_head`);
+    its own save-time renaming maps module names back to file names. A tied weight appears once in
+    the file, so writing through the file's names updates every tensor that shares it.
+    """
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x stores module names unchanged
+        by_file = state
+    else:
+        by_file = revert_weight_conversion(model, dict(state))
+    storages = {t.untyped_storage().data_ptr() for t in state.values()}
+    unknown = [n for n in names if n not in by_file]
+    converted = [n for n in names if n in by_file
+                 and by_file[n].untyped_storage().data_ptr() not in storages]
+    if unknown or converted:
+        raise ArchitectureError(label, "its checkpoint tensors do not map one-to-one onto the "
+                                f"loaded model ({', '.join((unknown + converted)[:5])})",
+                                fix="re-save the model with transformers' save_pretrained")
+    targets = {n: by_file[n] for n in names}
+    _check_coverage(model, targets, label=label)
+    return targets
+
+
+def _check_coverage(model: PreTrainedModel, targets: dict[str, torch.Tensor], *, label: str
+                    ) -> None:
+    """Every parameter is written by some checkpoint tensor (else it would stay A's forever)."""
+    written = {t.untyped_storage().data_ptr() for t in targets.values()}
+    missed = [name for name, param in model.named_parameters()
+              if param.untyped_storage().data_ptr() not in written]
+    if missed:
+        raise ArchitectureError(label, f"parameters {', '.join(missed[:5])} are not in its "
+                                "checkpoint", fix="re-save the model with its full weights")
+
+
+class Interpolator:
+    """Sets one loaded model's weights to (1-λ)·A + λ·π(B), reading both checkpoints per tensor."""
+
+    def __init__(self, model: PreTrainedModel, path_a: Path, path_b: Path, *, label_a: str,
+                 label_b: str) -> None:
+        self.model = model
+        self.path_a, self.path_b = path_a, path_b
+        self.label_a, self.label_b = label_a, label_b
+        names = read_checkpoint_index(path_a, label=label_a).names
+        self.targets = _checkpoint_targets(model, names, label=label_a)
+
+    def load(self, lam: float, *, spec: ArchSpec | None = None,
+             perms: Permutations | None = None) -> None:
+        """Write the interpolated weights into the model; B is permuted by `perms` on read."""
+        with (LazyCheckpoint(self.path_a, label=self.label_a) as a,
+              LazyCheckpoint(self.path_b, label=self.label_b) as b, torch.no_grad()):
+            for name, target in self.targets.items():
+                target.copy_(self._value(name, lam, a, b, spec, perms))
+
+    @staticmethod
+    def _value(name: str, lam: float, a: LazyCheckpoint, b: LazyCheckpoint,
+               spec: ArchSpec | None, perms: Permutations | None) -> torch.Tensor:
+        # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).
+        if lam == 0.0 or not a.info(name).dtype.startswith(("F", "BF")):
+            return a.get(name)  # integer buffers (position ids) are A's, never averaged
+        other = b.get(name)
+        if spec is not None and perms is not None and name in spec.tensors:
+            other = _permuted(name, other, spec, perms)
+        if lam == 1.0:
+            return other
+        # lerp is exact when both sides agree, so a model interpolated with itself stays itself.
+        return torch.lerp(a.get(name).float(), other.float(), lam)
+
+
+def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutations
+              ) -> torch.Tensor:
+    from hfmerge.arch.permute import permute_tensor
+
+    return permute_tensor(tensor, spec.tensors[name], spec, perms)
+
+
+def _spec_of(path: Path, *, label: str) -> ArchSpec:
+    from hfmerge.arch import spec_for
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return spec_for(config, read_checkpoint_index(path, label=label).names, model=label)
+
+
+def _permutations(mode: str, setup: _Setup, *, batch_size: int, progress: bool
+                  ) -> Permutations:
+    """B's permutations into A's basis by `mode`; activation matching probes the barrier's data."""
+    from hfmerge.align import align_permutations
+
+    windows = setup.windows
+    batches = [model_inputs(windows[i : i + batch_size], pad_id=setup.pad_id)
+               for i in range(0, len(windows), batch_size)]
+    return align_permutations(mode, setup.path_a, setup.path_b, seed=0, batches=batches,
+                              progress=progress)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything loaded once per comparison: the model, scored windows, paths, labels."""
+
+    model: PreTrainedModel
+    windows: list[torch.Tensor]  # unmasked token windows (alignment probes)
+    scored: list[Scored]  # the same windows with their labels (MLM: masked)
+    pad_id: int
+    path_a: Path
+    path_b: Path
+    label_a: str
+    label_b: str
+    data: str
+    max_length: int
+
+
+def _setup(model_a: str, model_b: str, *, data: str | None, max_length: int,
+           samples: int | None, progress: bool) -> _Setup:
+    from hfmerge.sources import resolve_model
+    from hfmerge.textdata import describe_data, load_texts, token_windows
+
+    texts = load_texts(data)  # first: a bad data file should fail before any model loads
+    path_a = resolve_model(model_a, progress=progress).path
+    path_b = resolve_model(model_b, progress=progress).path
+    check_compatible(path_a, path_b, label_a=model_a, label_b=model_b)
+    tokenizer = load_tokenizer(path_a, label=model_a)  # A's tokenizer scores both models
+    model = load_lm(path_a, label=model_a)
+    length = usable_length(model, max_length)
+    windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
+    scored = prepare(windows, tokenizer, objective=objective_of(model), mlm_seed=0)
+    return _Setup(model, windows, scored, pad_id_of(tokenizer), path_a, path_b, model_a, model_b,
+                  describe_data(data), length)
+
+
+def _check_modes(aligns: Sequence[str]) -> list[str]:
+    modes = list(dict.fromkeys(aligns))
+    for mode in modes:
+        if mode not in ALIGN_MODES:
+            raise UnknownNameError("alignment mode", mode, ALIGN_MODES)
+    if not modes:
+        raise ValueError("give at least one alignment mode")
+    return modes
+
+
+def compare_barriers(model_a: str, model_b: str, *, aligns: Sequence[str] = ("none",),
+                     steps: int = 11, data: str | None = None, max_length: int = 128,
+                     samples: int | None = None, batch_size: int = 8, progress: bool = True
+                     ) -> list[BarrierResult]:
+    """One barrier curve per alignment mode, on the same windows and λ grid (one model loaded).
+
+    Activation matching probes the same windows that are scored (the `--data` text), so its
+    barrier is measured in-sample; weight matching reads no data.
+    """
+    modes, lambdas = _check_modes(aligns), lambda_grid(steps)
+    setup = _setup(model_a, model_b, data=data, max_length=max_length, samples=samples,
+                   progress=progress)
+    spec = _spec_of(setup.path_b, label=model_b) if modes != ["none"] else None
+    perms = {m: None if m == "none" else _permutations(m, setup, batch_size=batch_size,
+                                                       progress=progress) for m in modes}
+    interpolator = Interpolator(setup.model, setup.path_a, setup.path_b, label_a=model_a,
+                                label_b=model_b)
+    # λ=0 is model A whatever the alignment: evaluate it once and share it.
+    jobs = [(modes[0], 0.0)] + [(m, lam) for m in modes for lam in lambdas if lam != 0.0]
+    losses: dict[tuple[str, float], float] = {}
+    tokens = 0
+    for mode, lam in track(jobs, description="barrier: interpolating", enabled=progress):
+        interpolator.load(lam, spec=spec, perms=perms[mode])
+        result = score(setup.model, setup.scored, pad_id=setup.pad_id,
+                       objective=objective_of(setup.model), batch_size=batch_size)
+        losses[(mode, lam)], tokens = result.loss, result.tokens
+    first = losses[(modes[0], 0.0)]
+    return [_result(m, lambdas, [first] + [losses[(m, lam)] for lam in lambdas[1:]], tokens,
+                    setup) for m in modes]
+
+
+def _result(mode: str, lambdas: list[float], curve: list[float], tokens: int, setup: _Setup
+            ) -> BarrierResult:
+    barrier, at = barrier_of(lambdas, curve)
+    return BarrierResult(
+        align=mode, lambdas=lambdas, loss=curve, loss_a=curve[0], loss_b=curve[-1],
+        barrier=barrier, barrier_lambda=at, loss_mid=curve[lambdas.index(MIDPOINT)],
+        tokens=tokens, objective=objective_of(setup.model), model_a=setup.label_a,
+        model_b=setup.label_b, data=setup.data, max_length=setup.max_length)
+
+
+def parse_align_modes(values: Sequence[str]) -> list[str]:
+    """`--align` values, each possibly a comma list, in order and deduplicated; checked."""
+    modes = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    return _check_modes(modes or ["none"])
+
+
+def barrier_report(results: Sequence[BarrierResult]) -> dict[str, Any]:
+    """The `--json` document: the first result's fields at top level, all under `results`."""
+    report = results[0].to_json()
+    if len(results) > 1:
+        report["results"] = [r.to_json() for r in results]
+    return report
+
+
+def format_barrier_table(results: Sequence[BarrierResult]) -> str:
+    """λ and one loss column per alignment mode, then barrier, its λ and the midpoint loss."""
+    width = max(9, *(len(r.align) + 2 for r in results))
+
+    def row(label: str, values: Sequence[float], digits: int = 4) -> str:
+        return f"{label:<9}" + "".join(f"{v:>{width}.{digits}f}" for v in values)
+
+    lines = [f"{'λ':<9}" + "".join(f"{r.align:>{width}}" for r in results)]
+    lines += [row(f"{lam:.3f}", [r.loss[i] for r in results])
+              for i, lam in enumerate(results[0].lambdas)]
+    lines.append(row("barrier", [r.barrier for r in results]))
+    lines.append(row("at λ", [r.barrier_lambda for r in results], digits=3))
+    lines.append(row("midpoint", [r.loss_mid for r in results]))
+    return "\n".join(lines)
+
+
+def loss_barrier(model_a: str, model_b: str, *, align: AlignMode = "none", steps: int = 11,
+                 data: str | None = None, max_length: int = 128, samples: int | None = None,
+                 batch_size: int = 8, progress: bool = True) -> BarrierResult:
+    """The loss barrier between two models (local dirs or `zoo:NAME`) for one alignment mode."""
+    return compare_barriers(model_a, model_b, aligns=(align,), steps=steps, data=data,
+                            max_length=max_length, samples=samples, batch_size=batch_size,
+                            progress=progress)[0]
+
+
+__all__ = [
+    "ALIGN_MODES",
+    "AlignMode",
+    "BarrierResult",
+    "Interpolator",
+    "barrier_of",
+    "barrier_report",
+    "check_compatible",
+    "compare_barriers",
+    "format_barrier_table",
+    "lambda_grid",
+    "linear_baseline",
+    "loss_barrier",
+    "parse_align_modes",
+]
