@@ -60,11 +60,13 @@ def render_card(
     recipe_text: str,
     repo_id: str | None = None,
     endpoint: str = DEFAULT_ENDPOINT,
+    extra_sections: Sequence[str] = (),
 ) -> str:
     """The whole README.md: YAML front matter for the Hub, then the body.
 
     `repo_id` (where the model will be pushed) goes into the loading snippet; `endpoint` is the
-    Hub that Hub inputs are linked on.
+    Hub that Hub inputs are linked on; `extra_sections` (markdown, e.g. the alignment report) go
+    after the method.
     """
     location = repo_id or REPO_PLACEHOLDER
     sections = [
@@ -73,6 +75,7 @@ def render_card(
         f"([paper]({method.paper})): {method.summary}",
         "## Inputs\n\n" + _inputs_table(base, inputs, input_params, endpoint=endpoint),
         "## Method\n\n" + _method_section(method, params),
+        *extra_sections,
         "## Recipe\n\nEvery Hub model is pinned to the commit that was merged, so running this "
         "recipe again reproduces the same inputs.\n\n```yaml\n" + recipe_text.rstrip() + "\n```",
         "## Use\n\n```python\n" + load_snippet(base.config, location) + "\n```",

@@ -104,7 +104,7 @@ def push(
     private: PrivateOpt = None,
 ) -> None:
     """Push a finished output directory to the Hub as one commit; prints the repo URL."""
-    from hfmerge.pipeline import push_output
+    from hfmerge.publish import push_output
 
     url = push_output(directory, repo_id, private=bool(private))
     typer.echo(url)
@@ -151,12 +151,20 @@ def zoo() -> None:
 
 
 EvalModelArg = Annotated[str, typer.Argument(help="Model dir or zoo:NAME.", show_default=False)]
-EvalDataOpt = Annotated[str | None, typer.Option(
-    "--data", help="UTF-8 text file, .jsonl with a `text` field, or builtin[:code|prose|mixed].")]
+EvalDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", help="UTF-8 text file, .jsonl with a `text` field, or builtin[:code|prose|mixed]."
+    ),
+]
 EvalJsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")]
 EvalLengthOpt = Annotated[int, typer.Option("--max-length", min=2, help="Tokens per window.")]
-EvalSamplesOpt = Annotated[int | None, typer.Option(
-    "--samples", min=1, help="Use this many windows, spread over the data (default: all).")]
+EvalSamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--samples", min=1, help="Use this many windows, spread over the data (default: all)."
+    ),
+]
 EvalBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")]
 
 
@@ -173,8 +181,14 @@ def eval_(
     from hfmerge.evaluate import eval_model, format_eval
     from hfmerge.reports import write_json
 
-    result = eval_model(model, data=data, max_length=max_length, samples=samples,
-                        batch_size=batch_size, progress=True)
+    result = eval_model(
+        model,
+        data=data,
+        max_length=max_length,
+        samples=samples,
+        batch_size=batch_size,
+        progress=True,
+    )
     typer.echo(format_eval(model, result))
     if json_out is not None:
         _hint(f"wrote {write_json(json_out, {'model': model, **result.to_json()})}")
@@ -184,14 +198,18 @@ def eval_(
 def barrier(
     model_a: EvalModelArg,
     model_b: EvalModelArg,
-    align: Annotated[list[str] | None, typer.Option(
-        "--align", help="none, weight or activation; repeat it (or a comma list) to compare.")
+    align: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--align", help="none, weight or activation; repeat it (or a comma list) to compare."
+        ),
     ] = None,
     data: EvalDataOpt = None,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Points on the λ grid.")] = 11,
     json_out: EvalJsonOpt = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot of loss vs λ.")
-                    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG plot of loss vs λ.")
+    ] = None,
     max_length: EvalLengthOpt = 128,
     samples: EvalSamplesOpt = None,
     batch_size: EvalBatchOpt = 8,
@@ -205,9 +223,17 @@ def barrier(
     )
     from hfmerge.reports import write_json
 
-    results = compare_barriers(model_a, model_b, aligns=parse_align_modes(align or []),
-                               steps=steps, data=data, max_length=max_length, samples=samples,
-                               batch_size=batch_size, progress=True)
+    results = compare_barriers(
+        model_a,
+        model_b,
+        aligns=parse_align_modes(align or []),
+        steps=steps,
+        data=data,
+        max_length=max_length,
+        samples=samples,
+        batch_size=batch_size,
+        progress=True,
+    )
     typer.echo(format_barrier_table(results))
     if json_out is not None:
         _hint(f"wrote {write_json(json_out, barrier_report(results))}")
@@ -215,6 +241,46 @@ def barrier(
         from hfmerge.plotting import plot_barriers
 
         _hint(f"wrote {plot_barriers(results, plot)}")
+
+
+@app.command()
+def align(
+    model_a: Annotated[str, typer.Argument(help="Reference model: its basis is kept.")],
+    model_b: Annotated[str, typer.Argument(help="Model to rewrite into MODEL_A's basis.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for aligned MODEL_B.")],
+    method: Annotated[
+        str, typer.Option("--method", help="weight (no data) or activation (probe text).")
+    ] = "weight",
+    data: Annotated[
+        str | None, typer.Option("--data", help="Probe text for activation matching.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of weight matching's order.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
+    from hfmerge.align import align_checkpoint
+    from hfmerge.alignment_step import probe_batches
+    from hfmerge.sources import resolve_model
+
+    a, b = resolve_model(model_a), resolve_model(model_b)
+    batches = None
+    if method == "activation":
+        batches = probe_batches(a.path, label=a.display, data=data, max_length=128, samples=64)
+    result = align_checkpoint(
+        a.path,
+        b.path,
+        out,
+        method=method,  # type: ignore[arg-type]
+        seed=seed,
+        batches=batches,
+        force=force,
+    )
+    typer.echo(str(out))
+    _hint(
+        f"{model_b} aligned into {model_a}'s basis by {method} matching in "
+        f"{result.iterations} sweep(s); permutations saved beside the weights."
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every hfmerge error into one paragraph on stderr."""

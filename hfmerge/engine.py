@@ -9,10 +9,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from hfmerge.arch.permute import permute_tensor
+from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.methods import MethodParams, ModelParams
 from hfmerge.plan import MergePlan, TensorJob
 from hfmerge.progress import track
@@ -26,12 +29,21 @@ def execute_plan(
     params: MethodParams,
     model_params: Sequence[ModelParams],
     seed: int = 0,
+    input_perms: Sequence[Permutations | None] | None = None,
     progress: bool = True,
 ) -> None:
-    """Write every planned tensor into `out_dir` (shards + index)."""
+    """Write every planned tensor into `out_dir` (shards + index).
+
+    `input_perms[i]`, when given, permutes input i's tensors on read (alignment into the base's
+    basis), so aligned copies of the inputs are never materialised.
+    """
+    perms = list(input_perms) if input_perms is not None else [None] * len(plan.inputs)
     with ExitStack() as stack:
         base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
-        inputs = [stack.enter_context(LazyCheckpoint(m.source.path)) for m in plan.inputs]
+        inputs = [
+            _AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
+            for m, p in zip(plan.inputs, perms, strict=True)
+        ]
         writer = stack.enter_context(
             ShardWriter(out_dir, plan.shards, metadata={"merged_by": "hfmerge"})
         )
@@ -43,11 +55,26 @@ def execute_plan(
             writer.write(job.name, tensor)
 
 
+@dataclass(frozen=True)
+class _AlignedReader:
+    """One input's tensors, permuted on read into the base's basis when `perms` is set."""
+
+    checkpoint: LazyCheckpoint
+    spec: ArchSpec
+    perms: Permutations | None
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.checkpoint.get(name)
+        if self.perms is None:
+            return tensor
+        return permute_tensor(tensor, self.spec.tensors[name], self.spec, self.perms)
+
+
 def _merge_one(
     job: TensorJob,
     plan: MergePlan,
     base: LazyCheckpoint,
-    inputs: Sequence[LazyCheckpoint],
+    inputs: Sequence[_AlignedReader],
     params: MethodParams,
     model_params: Sequence[ModelParams],
     seed: int,

@@ -7,18 +7,19 @@ is assembled in a temporary directory that replaces the target only when complet
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hfmerge.card import DEFAULT_ENDPOINT, render_card, with_repo_id
+from hfmerge.alignment_step import align_inputs
+from hfmerge.card import DEFAULT_ENDPOINT, render_card
 from hfmerge.engine import execute_plan
-from hfmerge.errors import HfMergeError, ModelSourceError, OutputError, PushError
+from hfmerge.errors import HfMergeError, ModelSourceError
 from hfmerge.methods import get_method, validate_params
 from hfmerge.plan import MergePlan, build_plan
 from hfmerge.preflight import InspectedModel, inspect_models
+from hfmerge.provenance import pinned_recipe
+from hfmerge.publish import check_push, push_output
 from hfmerge.recipe import ModelEntry, Recipe
 from hfmerge.sources import fetch_files
 from hfmerge.tensors import (
@@ -87,7 +88,7 @@ def run_recipe(
     if not dry_run:
         check_output_dir(target, force=force)  # fail now, not after the merge
         if push:
-            push = _check_push(push, offline=offline)  # and a push that cannot work, too
+            push = check_push(push, offline=offline)  # and a push that cannot work, too
     base, inputs = _inspect(base_entry, inputs_entries, offline=offline, progress=progress)
     plan = build_plan(
         method,
@@ -100,6 +101,7 @@ def run_recipe(
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, [base, *inputs])
     plan = _download(plan, offline=offline)
+    alignment = align_inputs(recipe, plan, progress=progress)
     text = pinned_recipe(recipe, recipe_text, [base, *inputs])
     card_params = CardParams(
         method=params.model_dump(by_alias=True),
@@ -112,11 +114,18 @@ def run_recipe(
             params=params,
             model_params=model_params,
             seed=recipe.merge.seed,
+            input_perms=alignment.perms,
             progress=progress,
         )
         _write_side_files(
-            staging, plan, recipe, title=target.name, recipe_text=text, params=card_params,
+            staging,
+            plan,
+            recipe,
+            title=target.name,
+            recipe_text=text,
+            params=card_params,
             repo_id=push,
+            alignment=alignment.card_section(),
         )
     if not push:
         return RunResult(plan=plan, out_dir=target)
@@ -125,70 +134,10 @@ def run_recipe(
     return RunResult(plan=plan, out_dir=target, url=url)
 
 
-def push_output(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    offline: bool = False,
-    checked: bool = False,
-    method: str | None = None,
-) -> str:
-    """Push a finished output directory to the Hub as one commit; the repo's URL.
-
-    Refuses, before uploading anything, a directory that is not a model output (no config.json
-    or no safetensors weights). `checked` says `check_push` already ran.
-
-    Raises:
-        PushError: the upload failed after retries; the local output is untouched.
-    """
-    folder = Path(folder)
-    _check_model_output(folder)
-    if not checked:
-        repo_id = _check_push(repo_id, offline=offline)
-    from hfmerge import hub
-
-    readme = folder / "README.md"
-    if readme.is_file():  # a card written before the repo id was known names it now
-        text = readme.read_text(encoding="utf-8")
-        if with_repo_id(text, repo_id) != text:
-            readme.write_text(with_repo_id(text, repo_id), encoding="utf-8")
-    message = f"Upload {method} merge made with hfmerge" if method else "Upload with hfmerge"
-    try:
-        return hub.push_folder(folder, repo_id, private=private, commit_message=message)
-    except HfMergeError as exc:
-        raise PushError(str(folder), repo_id, exc) from None
-
-
-def _check_push(repo_id: str, *, offline: bool) -> str:
-    from hfmerge import hub
-
-    return hub.check_push(repo_id, offline=offline)
-
-
-def _check_model_output(folder: Path) -> None:
-    if not folder.is_dir():
-        raise OutputError(str(folder), "is not a directory", "name a model output directory")
-    if not (folder / "config.json").is_file():
-        raise OutputError(
-            str(folder),
-            "has no config.json, so it is not a model output",
-            "push the directory that `hfmerge run` wrote",
-        )
-    try:
-        read_checkpoint_index(folder)  # safetensors weights present, headers valid
-    except ModelSourceError as exc:
-        raise OutputError(
-            str(folder), f"is not a complete model output: {exc.what}", exc.fix
-        ) from None
-
-
 def _refuse_unsupported(recipe: Recipe) -> None:
     unsupported = []
     if recipe.route is not None:
         unsupported.append("`route:` (per-input routing)")
-    if recipe.align.method != "none":
-        unsupported.append(f"`align: {{method: {recipe.align.method}}}`")
     if recipe.check.cka_min is not None:
         unsupported.append("`check: {cka_min: ...}`")
     if unsupported:
@@ -245,59 +194,6 @@ def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
     )
 
 
-def pinned_recipe(recipe: Recipe, recipe_text: str | None, models: list[InspectedModel]) -> str:
-    """The recipe with every Hub model pinned to the commit sha it resolved to, as YAML.
-
-    Saved as `hfmerge_recipe.yaml` and shown in the card: running it again reproduces the same
-    inputs even after the Hub repos move on.
-    """
-    import yaml
-
-    data = yaml.safe_load(recipe_text) if recipe_text else None
-    if not isinstance(data, dict):
-        data = recipe.model_dump(mode="json", exclude_defaults=True)
-    pins = {
-        m.name: (m.source.hub_id, m.source.revision)
-        for m in models
-        if m.source.hub_id and m.source.revision
-    }
-    data = _pin_models(data, pins) if pins else data
-    header = (
-        "# Written by hfmerge: this model's recipe, with every Hub model pinned to the commit\n"
-        "# that was merged. Run it again with: hfmerge run hfmerge_recipe.yaml --out DIR\n"
-    )
-    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def _pin_models(data: dict[str, Any], pins: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
-    """Hub entries of `models` (and `base`) rewritten to their pinned shas, matching as before.
-
-    A string entry becomes `org/name@sha`; a mapping entry gets `model: org/name, revision: sha`
-    beside its parameters. `base` is rewritten to match the same entry.
-    """
-    entries = [ModelEntry.model_validate({"model": m} if isinstance(m, str) else m)
-               for m in data.get("models", [])]
-    shared = Counter(e.model for e in entries)
-    old_base = data.get("base")
-    new_base = pins.get(old_base, (None, None)) if isinstance(old_base, str) else (None, None)
-    base: Any = f"{new_base[0]}@{new_base[1]}" if new_base[0] else old_base  # not in models
-    models: list[Any] = []
-    for item, entry in zip(data.get("models", []), entries, strict=True):
-        if entry.ref not in pins:
-            models.append(item)
-            continue
-        repo_id, sha = pins[entry.ref]
-        if isinstance(item, str):
-            models.append(f"{repo_id}@{sha}")
-        else:
-            models.append({**item, "model": repo_id, "revision": sha})
-        if old_base in (entry.model, entry.ref):
-            # The bare repo id matches by `model` (as recipe checks compare) when it is unique.
-            unique = shared[entry.model] == 1 and not isinstance(item, str)
-            base = repo_id if unique else f"{repo_id}@{sha}"
-    return {**data, "models": models} | ({"base": base} if base is not None else {})
-
-
 def _refuse_input_as_output(target: Path, models: list[InspectedModel]) -> None:
     for model in models:
         if target.resolve() == model.source.path.resolve():
@@ -324,6 +220,7 @@ def _write_side_files(
     recipe_text: str,
     params: CardParams,
     repo_id: str | None,
+    alignment: str,
 ) -> None:
     copy_side_files(plan.base.source.path, staging)
     if recipe.output.dtype:
@@ -339,6 +236,7 @@ def _write_side_files(
         recipe_text=recipe_text,
         repo_id=repo_id,
         endpoint=_endpoint(plan),
+        extra_sections=[alignment] if alignment else [],
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
 
@@ -357,9 +255,3 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
     for key in keys:
         config[key] = dtype
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def _dump_recipe(recipe: Recipe) -> str:
-    import yaml
-
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False)

@@ -53,6 +53,8 @@ class AlignSpec(_Strict):
     """Permutation alignment of every model into `base`'s basis before merging."""
 
     method: Literal["none", "weight", "activation"] = "none"
+    seed: int = 0  # weight matching visits the groups in a seeded random order
+    report_barrier: bool = False  # measure the loss barrier before and after, for the card
 
 
 class CheckSpec(_Strict):

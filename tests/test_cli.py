@@ -100,3 +100,25 @@ def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert "Missing argument" in err and "Traceback" not in err
     assert main(["no-such-command"]) == 2
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_align_writes_b_in_a_basis(
+    method: str, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from lm_helpers import save_lm, save_permuted_copy
+    from safetensors.torch import load_file
+
+    a = save_lm("llama", chdir_tmp / "a", seed=2)
+    b = save_permuted_copy(a, chdir_tmp / "b", seed=9)
+    assert main(["align", str(a), str(b), "--out", "c", "--method", method]) == 0
+    assert capsys.readouterr().out.strip() == "c"
+    original, aligned = (
+        load_file(a / "model.safetensors"),
+        load_file(chdir_tmp / "c" / "model.safetensors"),
+    )
+    for name, tensor in original.items():
+        torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
+    assert (chdir_tmp / "c" / "hfmerge_permutations.safetensors").exists()
+    assert main(["align", str(a), str(b), "--out", "c"]) == 1  # exists: refused without --force

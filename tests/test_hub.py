@@ -174,7 +174,7 @@ def fake_hub_cache() -> str:
 def test_pinning_rewrites_entries_and_keeps_the_base_matching(
     models: list[object], base: str, pinned_models: list[object], pinned_base: str
 ) -> None:
-    from hfmerge.pipeline import _pin_models
+    from hfmerge.provenance import _pin_models
     from hfmerge.recipe import Recipe, parse_recipe
 
     def base_position(recipe: Recipe) -> int | None:  # None: the base is not among the models

@@ -186,9 +186,31 @@ def test_incompatible_models_named_before_any_output(make_model: MakeModel, tmp_
 
 def test_unsupported_steps_refused_clearly(make_model: MakeModel, tmp_path: Path) -> None:
     a, b = make_model("a"), make_model("b", seed=1)
-    data = recipe([str(a), str(b)], "linear", tmp_path / "out", align={"method": "weight"})
-    with pytest.raises(HfMergeError, match="align"):
-        run_recipe(data, progress=False)
+    refused = recipe([str(a), str(b)], "linear", tmp_path / "out", check={"cka_min": 0.5})
+    with pytest.raises(HfMergeError, match="cka_min"):
+        run_recipe(refused, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_align_step_merges_a_model_with_its_permuted_copy_back_into_it(
+    method: str, tmp_path: Path
+) -> None:
+    from lm_helpers import save_lm, save_permuted_copy
+
+    save_lm("llama", tmp_path / "a", seed=3)  # with a tokenizer: activation matching probes text
+    save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=7)
+    models = [str(tmp_path / "a"), str(tmp_path / "b")]
+    aligned, plain = tmp_path / "aligned", tmp_path / "plain"
+    align = {"method": method}
+    run_recipe(recipe(models, "linear", aligned, align=align), progress=False)
+    run_recipe(recipe(models, "linear", plain), progress=False)
+    original = weights(tmp_path / "a")
+    for name, tensor in original.items():
+        torch.testing.assert_close(weights(aligned)[name], tensor, rtol=0, atol=1e-6)
+    far = max((weights(plain)[n] - t).abs().max().item() for n, t in original.items())
+    assert far > 1e-2  # the negative control: averaging unaligned copies is not the model
+    assert "## Alignment" in (aligned / "README.md").read_text()
 
 
 def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -> None:
@@ -201,3 +223,23 @@ def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -
     assert original.keys() == merged.keys()
     for name, tensor in original.items():
         assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
+
+
+def test_align_report_barrier_goes_into_the_card(tmp_path: Path) -> None:
+    from lm_helpers import save_lm, save_permuted_copy, train_tiny_lm
+
+    save_lm("llama", tmp_path / "a", model=train_tiny_lm("llama", seed=0))
+    save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=5)
+    out = tmp_path / "out"
+    data = recipe(
+        [str(tmp_path / "a"), str(tmp_path / "b")],
+        "linear",
+        out,
+        align={"method": "weight", "report_barrier": True},
+        probe={"data": "builtin", "samples": 8, "max_length": 32},
+    )
+    run_recipe(data, progress=False)
+    section = (out / "README.md").read_text().split("## Alignment")[1]
+    row = next(line for line in section.splitlines() if line.startswith(f"| `{tmp_path / 'b'}`"))
+    vanilla, aligned = (float(cell) for cell in row.split("|")[2:4])
+    assert vanilla > 0.1 and abs(aligned) < 1e-4

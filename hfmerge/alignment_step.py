@@ -1,0 +1,139 @@
+"""The recipe's `align:` step: every input permuted into the base's basis before merging.
+
+Permutations are solved per input against the base and applied on read by the engine, so the
+aligned inputs are never written out. With `report_barrier`, the loss barrier between the base and
+each input is measured with and without alignment for the model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hfmerge.arch.spec import Permutations
+from hfmerge.plan import MergePlan
+from hfmerge.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class BarrierRow:
+    """Barrier between the base and one input, before and after alignment."""
+
+    model: str
+    vanilla: float
+    aligned: float
+    midpoint_vanilla: float
+    midpoint_aligned: float
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Per-input permutations (None: already in the base's basis) and the optional report."""
+
+    method: str
+    perms: list[Permutations | None]
+    barriers: list[BarrierRow] = field(default_factory=list)
+
+    def card_section(self) -> str:
+        """Markdown for the model card ('' when nothing was aligned)."""
+        if self.method == "none":
+            return ""
+        lines = [
+            "## Alignment",
+            "",
+            f"Every input was permutation-aligned into the base's basis by **{self.method} "
+            "matching** (Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging.",
+        ]
+        if self.barriers:
+            lines += [
+                "",
+                "| input | barrier, unaligned | barrier, aligned | midpoint loss, "
+                "unaligned | midpoint loss, aligned |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| `{r.model}` | {r.vanilla:.4f} | {r.aligned:.4f} | "
+                f"{r.midpoint_vanilla:.4f} | {r.midpoint_aligned:.4f} |"
+                for r in self.barriers
+            ]
+        return "\n".join(lines)
+
+
+def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignment:
+    """Solve each input's permutations into the base's basis (`align.method`)."""
+    method = recipe.align.method
+    if method == "none":
+        return Alignment(method, [None] * len(plan.inputs))
+    from hfmerge.align import align_permutations
+
+    batches = None
+    if method == "activation":
+        probe = recipe.probe
+        batches = probe_batches(
+            plan.base.source.path,
+            label=plan.base.name,
+            data=probe.data,
+            max_length=probe.max_length,
+            samples=probe.samples,
+        )
+    perms: list[Permutations | None] = []
+    for model in plan.inputs:
+        if model is plan.base:
+            perms.append(None)  # the base is its own basis
+            continue
+        perms.append(
+            align_permutations(
+                method,
+                plan.base.source.path,
+                model.source.path,
+                seed=recipe.align.seed,
+                batches=batches,
+                progress=progress,
+            )
+        )
+    barriers = _barriers(recipe, plan, progress=progress) if recipe.align.report_barrier else []
+    return Alignment(method, perms, barriers)
+
+
+def probe_batches(
+    model_dir: Path,
+    *,
+    label: str,
+    data: str | None,
+    max_length: int,
+    samples: int | None,
+    batch_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """Probe text as padded batches, tokenized by the tokenizer saved in `model_dir`."""
+    from hfmerge.evaluate import load_tokenizer, model_inputs
+    from hfmerge.textdata import load_texts, token_windows
+
+    tokenizer = load_tokenizer(model_dir, label=label)
+    windows = token_windows(tokenizer, load_texts(data), max_length=max_length, samples=samples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [
+        model_inputs(windows[i : i + batch_size], pad_id=pad_id)
+        for i in range(0, len(windows), batch_size)
+    ]
+
+
+def _barriers(recipe: Recipe, plan: MergePlan, *, progress: bool) -> list[BarrierRow]:
+    from hfmerge.barrier import compare_barriers
+
+    rows = []
+    for model in (m for m in plan.inputs if m is not plan.base):
+        none, aligned = compare_barriers(
+            str(plan.base.source.path),
+            str(model.source.path),
+            aligns=("none", recipe.align.method),
+            data=recipe.probe.data,
+            max_length=recipe.probe.max_length,
+            samples=recipe.probe.samples,
+            progress=progress,
+        )
+        rows.append(
+            BarrierRow(model.name, none.barrier, aligned.barrier, none.loss_mid, aligned.loss_mid)
+        )
+    return rows

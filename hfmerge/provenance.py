@@ -1,0 +1,65 @@
+"""Provenance: the recipe saved beside an output, with every Hub model pinned to its commit."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from hfmerge.preflight import InspectedModel
+from hfmerge.recipe import ModelEntry, Recipe
+
+
+def pinned_recipe(recipe: Recipe, recipe_text: str | None, models: list[InspectedModel]) -> str:
+    """The recipe with every Hub model pinned to the commit sha it resolved to, as YAML.
+
+    Saved as `hfmerge_recipe.yaml` and shown in the card: running it again reproduces the same
+    inputs even after the Hub repos move on.
+    """
+    import yaml
+
+    data = yaml.safe_load(recipe_text) if recipe_text else None
+    if not isinstance(data, dict):
+        data = recipe.model_dump(mode="json", exclude_defaults=True)
+    pins = {
+        m.name: (m.source.hub_id, m.source.revision)
+        for m in models
+        if m.source.hub_id and m.source.revision
+    }
+    data = _pin_models(data, pins) if pins else data
+    header = (
+        "# Written by hfmerge: this model's recipe, with every Hub model pinned to the commit\n"
+        "# that was merged. Run it again with: hfmerge run hfmerge_recipe.yaml --out DIR\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _pin_models(data: dict[str, Any], pins: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """Hub entries of `models` (and `base`) rewritten to their pinned shas, matching as before.
+
+    A string entry becomes `org/name@sha`; a mapping entry gets `model: org/name, revision: sha`
+    beside its parameters. `base` is rewritten to match the same entry.
+    """
+    entries = [
+        ModelEntry.model_validate({"model": m} if isinstance(m, str) else m)
+        for m in data.get("models", [])
+    ]
+    shared = Counter(e.model for e in entries)
+    old_base = data.get("base")
+    new_base = pins.get(old_base, (None, None)) if isinstance(old_base, str) else (None, None)
+    base: Any = f"{new_base[0]}@{new_base[1]}" if new_base[0] else old_base  # not in models
+    models: list[Any] = []
+    for item, entry in zip(data.get("models", []), entries, strict=True):
+        if entry.ref not in pins:
+            models.append(item)
+            continue
+        repo_id, sha = pins[entry.ref]
+        if isinstance(item, str):
+            models.append(f"{repo_id}@{sha}")
+        else:
+            models.append({**item, "model": repo_id, "revision": sha})
+        if old_base in (entry.model, entry.ref):
+            # The bare repo id matches by `model` (as recipe checks compare) when it is unique.
+            unique = shared[entry.model] == 1 and not isinstance(item, str)
+            base = repo_id if unique else f"{repo_id}@{sha}"
+    return {**data, "models": models} | ({"base": base} if base is not None else {})

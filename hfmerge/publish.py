@@ -1,0 +1,67 @@
+"""Pushing a finished output directory to the Hub: checks first, then one commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hfmerge.card import with_repo_id
+from hfmerge.errors import HfMergeError, ModelSourceError, OutputError, PushError
+from hfmerge.tensors import read_checkpoint_index
+
+
+def push_output(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    offline: bool = False,
+    checked: bool = False,
+    method: str | None = None,
+) -> str:
+    """Push a finished output directory to the Hub as one commit; the repo's URL.
+
+    Refuses, before uploading anything, a directory that is not a model output (no config.json
+    or no safetensors weights). `checked` says `check_push` already ran.
+
+    Raises:
+        PushError: the upload failed after retries; the local output is untouched.
+    """
+    folder = Path(folder)
+    _check_model_output(folder)
+    if not checked:
+        repo_id = check_push(repo_id, offline=offline)
+    from hfmerge import hub
+
+    readme = folder / "README.md"
+    if readme.is_file():  # a card written before the repo id was known names it now
+        text = readme.read_text(encoding="utf-8")
+        if with_repo_id(text, repo_id) != text:
+            readme.write_text(with_repo_id(text, repo_id), encoding="utf-8")
+    message = f"Upload {method} merge made with hfmerge" if method else "Upload with hfmerge"
+    try:
+        return hub.push_folder(folder, repo_id, private=private, commit_message=message)
+    except HfMergeError as exc:
+        raise PushError(str(folder), repo_id, exc) from None
+
+
+def check_push(repo_id: str, *, offline: bool) -> str:
+    from hfmerge import hub
+
+    return hub.check_push(repo_id, offline=offline)
+
+
+def _check_model_output(folder: Path) -> None:
+    if not folder.is_dir():
+        raise OutputError(str(folder), "is not a directory", "name a model output directory")
+    if not (folder / "config.json").is_file():
+        raise OutputError(
+            str(folder),
+            "has no config.json, so it is not a model output",
+            "push the directory that `hfmerge run` wrote",
+        )
+    try:
+        read_checkpoint_index(folder)  # safetensors weights present, headers valid
+    except ModelSourceError as exc:
+        raise OutputError(
+            str(folder), f"is not a complete model output: {exc.what}", exc.fix
+        ) from None
