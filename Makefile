@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The offline demo: a TIES merge of the zoo's specialists, then two seeds averaged after
+# permutation alignment, and the loss barrier between the seeds with and without it.
 demo: setup
 	$(BIN)/hfmerge run recipes/demo.yaml --force
+	$(BIN)/hfmerge run recipes/examples/aligned-seeds.yaml --force
+	$(BIN)/hfmerge barrier zoo:seed0 zoo:seed1 --align none,weight --samples 64 \
+		--plot out/seeds-barrier.png --json out/seeds-barrier.json
 
 lint: setup
 	$(BIN)/ruff check hfmerge tests benchmarks
