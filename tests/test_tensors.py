@@ -161,7 +161,7 @@ def test_lazy_reads_sharded_checkpoint_with_few_open_files(tiny_llama: tuple[Any
         for name in reversed(checkpoint.names):  # backwards, to cycle through every shard
             assert same_bits(checkpoint.get(name), state[name]), name
             assert len(checkpoint._fds) <= 2
-    assert not checkpoint._fds
+    assert len(checkpoint._fds) == 0
     with pytest.raises(KeyError, match="is not in checkpoint"):
         checkpoint.info("not.in.checkpoint")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -14,6 +13,7 @@ import torch
 
 from hfmerge.errors import ModelSourceError
 from hfmerge.tensors.dtypes import torch_dtype
+from hfmerge.tensors.fds import FdCache
 from hfmerge.tensors.header import TensorInfo, read_shard_header
 
 SINGLE_FILE = "model.safetensors"
@@ -199,8 +199,7 @@ class LazyCheckpoint:
         if max_open < 1:
             raise ValueError("max_open must be at least 1")
         self.index = read_checkpoint_index(model_dir, label=label)
-        self._max_open = max_open
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds = FdCache(self.index.model_dir, flags=os.O_RDONLY, max_open=max_open)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -222,7 +221,7 @@ class LazyCheckpoint:
             return torch.empty(info.shape, dtype=dtype)
         buffer = bytearray(info.nbytes)
         try:
-            _read_exactly(self._fd(info.shard), memoryview(buffer), info.offset)
+            _read_exactly(self._fds.get(info.shard), memoryview(buffer), info.offset)
         except OSError as exc:
             raise ModelSourceError(
                 self.index.label,
@@ -232,23 +231,9 @@ class LazyCheckpoint:
         # safetensors data is little-endian, as is every platform torch ships for.
         return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
 
-    def _fd(self, shard: str) -> int:
-        fd = self._fds.get(shard)
-        if fd is not None:
-            self._fds.move_to_end(shard)
-            return fd
-        while len(self._fds) >= self._max_open:
-            _, oldest = self._fds.popitem(last=False)
-            os.close(oldest)
-        fd = os.open(self.index.model_dir / shard, os.O_RDONLY)
-        self._fds[shard] = fd
-        return fd
-
     def close(self) -> None:
         """Release every open shard file."""
-        while self._fds:
-            _, fd = self._fds.popitem()
-            os.close(fd)
+        self._fds.close()
 
     def __enter__(self) -> LazyCheckpoint:
         return self

@@ -8,7 +8,6 @@ import os
 import shutil
 import struct
 import sys
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +16,7 @@ import torch
 
 from hfmerge.errors import OutputError
 from hfmerge.tensors.dtypes import dtype_name
+from hfmerge.tensors.fds import FdCache
 from hfmerge.tensors.shards import PlannedShard, PlannedTensor, ShardPlan
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,9 +61,8 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.plan = plan
         self._metadata = _checked_metadata(metadata or {})
-        self._max_open = max(1, max_open)
         self._data_start: dict[str, int] = {}
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds = FdCache(self.out_dir, flags=os.O_WRONLY, max_open=max_open)
         self._written: set[str] = set()
         self._closed = False
 
@@ -123,7 +122,7 @@ class ShardWriter:
         shard, planned = self._check(name, tensor)
         offset = self._data_start[shard.filename] + planned.begin
         with self._os_errors(shard.filename):
-            _pwrite_all(self._fd(shard.filename), _tensor_bytes(tensor), offset)
+            _pwrite_all(self._fds.get(shard.filename), _tensor_bytes(tensor), offset)
         self._written.add(name)
 
     def _check(self, name: str, tensor: torch.Tensor) -> tuple[PlannedShard, PlannedTensor]:
@@ -149,7 +148,7 @@ class ShardWriter:
         if self._closed:
             return
         self._closed = True
-        self._close_fds()
+        self._fds.close()
         missing = [name for name in self.plan.names if name not in self._written]
         if missing:
             shown = ", ".join(repr(n) for n in missing[:5])
@@ -166,7 +165,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Release files without checks; the caller discards the partial output."""
         self._closed = True
-        self._close_fds()
+        self._fds.close()
 
     def _write_index(self) -> None:
         document = {
@@ -181,23 +180,6 @@ class ShardWriter:
             handle.write(json.dumps(document, indent=2) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-
-    def _fd(self, filename: str) -> int:
-        fd = self._fds.get(filename)
-        if fd is not None:
-            self._fds.move_to_end(filename)
-            return fd
-        while len(self._fds) >= self._max_open:
-            _, oldest = self._fds.popitem(last=False)
-            os.close(oldest)
-        fd = os.open(self.out_dir / filename, os.O_WRONLY)
-        self._fds[filename] = fd
-        return fd
-
-    def _close_fds(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            os.close(fd)
 
     def __enter__(self) -> ShardWriter:
         self.open()
