@@ -282,6 +282,63 @@ def align(
     )
 
 
+@app.command()
+def cka(
+    model_a: EvalModelArg,
+    model_b: EvalModelArg,
+    data: EvalDataOpt = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Probe windows.")] = 256,
+    max_length: EvalLengthOpt = 128,
+    batch_size: EvalBatchOpt = 8,
+    json_out: EvalJsonOpt = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG heatmap.")] = None,
+    fail_under: Annotated[
+        float | None, typer.Option("--fail-under", help="Exit 1 if a diagonal CKA is below X.")
+    ] = None,
+    device_map: Annotated[
+        str, typer.Option("--device-map", help="auto, cpu, cuda:0, ... or a JSON device map.")
+    ] = "auto",
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="Per-device limits: `0=20GiB,cpu=60GiB`.")
+    ] = None,
+    pooling: Annotated[
+        str, typer.Option("--pooling", help="tokens (every real token) or mean (per window).")
+    ] = "tokens",
+    units: Annotated[
+        bool, typer.Option("--units", help="Add matched-unit correlation (Li et al. 2016).")
+    ] = False,
+) -> None:
+    """Debiased linear CKA of every layer of MODEL_A with every layer of MODEL_B."""
+    from hfmerge.cka_report import check_fail_under, compute_cka, format_report
+    from hfmerge.errors import UnknownNameError
+    from hfmerge.probe import POOLINGS, parse_device_map, parse_max_memory
+    from hfmerge.reports import write_json
+
+    if pooling not in POOLINGS:
+        raise UnknownNameError("pooling", pooling, list(POOLINGS))
+    report = compute_cka(
+        model_a,
+        model_b,
+        data=data,
+        samples=samples,
+        max_length=max_length,
+        batch_size=batch_size,
+        pooling=pooling,  # narrowed to Pooling by the check above
+        device_map=parse_device_map(device_map),
+        max_memory=parse_max_memory(max_memory) if max_memory else None,
+        units=units,
+        progress=True,
+    )
+    typer.echo(format_report(report))
+    if json_out is not None:
+        _hint(f"wrote {write_json(json_out, report.to_json())}")
+    if plot is not None:
+        from hfmerge.cka_plot import plot_cka
+
+        _hint(f"wrote {plot_cka(report, plot)}")
+    check_fail_under(report, fail_under)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every hfmerge error into one paragraph on stderr."""
     command = typer.main.get_command(app)

@@ -1,0 +1,279 @@
+"""`hfmerge cka`: CKA of every layer of A with every layer of B on probe text, as a table and JSON.
+
+The diagonal pairs layers at the same relative depth; `--units` adds Li et al.'s unit statistics.
+"""
+
+# Different depths: the diagonal walks the shallower model's layers and pairs layer i (0 = the
+# embeddings) with the deeper model's layer round(i·(L_deep)/(L_shallow)), so embeddings meet
+# embeddings and last block meets last block. With equal depths that is plain i <-> i.
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hfmerge.errors import HfMergeError, IncompatibleModelsError, InputDataError
+from hfmerge.probe import DeviceMap, MaxMemory, Pooling
+from hfmerge.similarity import MIN_SAMPLES, CkaMatrix
+from hfmerge.units import UnitCorrespondence, unit_correspondence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+MAX_STATS_BYTES = 8 * 2**30  # float64 sums for every layer pair; see `_check_memory`
+MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
+
+
+@dataclass(frozen=True)
+class CkaReport:
+    """Everything `hfmerge cka` prints and writes (DESIGN.md fixes the JSON field names)."""
+
+    model_a: str
+    model_b: str
+    revisions: dict[str, str | None]
+    layers_a: list[str]
+    layers_b: list[str]
+    matrix: list[list[float]]  # [len(layers_a)][len(layers_b)], debiased
+    diagonal_pairs: list[tuple[int, int]]  # (index into layers_a, index into layers_b)
+    diagonal: list[float]
+    biased_diagonal: list[float]  # the biased estimator on the same pairs, for comparison
+    pooling: Pooling
+    samples: int  # probe windows (sequences)
+    tokens: int  # real tokens in them that entered (padding and causal position 0 excluded)
+    cka_samples: int  # samples the estimator saw: tokens, or windows with mean pooling
+    settings: dict[str, Any] = field(default_factory=dict)
+    units: list[UnitCorrespondence] | None = None
+    estimator: str = "debiased"  # unbiased HSIC (Song et al. 2012) in every term; exact streaming
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (`--json`)."""
+        document: dict[str, Any] = {
+            "model_a": self.model_a, "model_b": self.model_b, "revisions": self.revisions,
+            "layers_a": self.layers_a, "layers_b": self.layers_b, "matrix": self.matrix,
+            "diagonal": self.diagonal, "estimator": self.estimator, "pooling": self.pooling,
+            "samples": self.samples, "tokens": self.tokens, "cka_samples": self.cka_samples,
+            "diagonal_pairs": [[i, j] for i, j in self.diagonal_pairs],
+            "diagonal_layers": [[self.layers_a[i], self.layers_b[j]]
+                                for i, j in self.diagonal_pairs],
+            "biased_diagonal": self.biased_diagonal, "settings": self.settings,
+        }
+        if self.units is not None:
+            document["units"] = [u.to_json() for u in self.units]
+        return document
+
+
+class CkaBelowThresholdError(HfMergeError):
+    """A diagonal CKA value is below `--fail-under` (or undefined)."""
+
+    def __init__(self, report: CkaReport, threshold: float) -> None:
+        failing = failing_layers(report, threshold)
+        i, j, value = min(failing, key=lambda f: -math.inf if math.isnan(f[2]) else f[2])
+        where = _pair_name(report, i, j)
+        listing = ", ".join(f"{_pair_name(report, a, b)} {v:.3f}" for a, b, v in failing)
+        self.threshold, self.layer, self.value = threshold, where, value
+        super().__init__(
+            f"CKA of {report.model_a} and {report.model_b} falls below {threshold:g}: "
+            f"{value:.3f} at {where} ({len(failing)} of {len(report.diagonal)} layers below: "
+            f"{listing})",
+            why="representations that far apart usually average badly (a high loss barrier), "
+            "and NaN means a layer with no variance on the probe text",
+            fix="route between the models instead of merging them, probe with text closer to "
+            "their use (--data), or lower --fail-under if this drift is expected")
+
+
+def failing_layers(report: CkaReport, threshold: float) -> list[tuple[int, int, float]]:
+    """Diagonal pairs whose CKA is below `threshold` or NaN."""
+    return [(i, j, v) for (i, j), v in zip(report.diagonal_pairs, report.diagonal, strict=True)
+            if math.isnan(v) or v < threshold]
+
+
+def check_fail_under(report: CkaReport, threshold: float | None) -> None:
+    """Raise `CkaBelowThresholdError` when a diagonal value is below `threshold`."""
+    if threshold is not None and failing_layers(report, threshold):
+        raise CkaBelowThresholdError(report, threshold)
+
+
+def _pair_name(report: CkaReport, i: int, j: int) -> str:
+    a, b = report.layers_a[i], report.layers_b[j]
+    return a if a == b and i == j else f"{a} (A) / {b} (B)"
+
+
+def layer_names(count: int) -> list[str]:
+    """`embeddings`, then `block.0` ... `block.{count-2}` (hidden_states order)."""
+    return ["embeddings"] + [f"block.{i}" for i in range(count - 1)]
+
+
+def diagonal_pairs(count_a: int, count_b: int) -> list[tuple[int, int]]:
+    """Same-relative-depth pairs over the shallower model (identity when depths agree)."""
+    if count_a > count_b:
+        return [(j, i) for i, j in diagonal_pairs(count_b, count_a)]
+    if count_a == 1:
+        return [(0, 0)]
+    return [(i, round(i * (count_b - 1) / (count_a - 1))) for i in range(count_a)]
+
+
+def compute_cka(model_a: str, model_b: str, *, data: str | None = None, samples: int | None = 256,
+                max_length: int = 128, batch_size: int = 8, pooling: Pooling = "tokens",
+                device_map: DeviceMap | None = "auto", max_memory: MaxMemory | None = None,
+                units: bool = False, progress: bool = False) -> CkaReport:
+    """Probe both models on the same windows of `data` and build the CKA report.
+
+    Raises:
+        InputDataError: the data is unreadable or too short for CKA.
+        ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
+    """
+    from hfmerge.probe import position_limit, probe_batches
+    from hfmerge.textdata import describe_data, load_texts, token_windows
+
+    texts = load_texts(data)  # first: a bad data file should fail before any model loads
+    pair = _load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory,
+                      progress=progress)
+    limits = [limit for limit in map(position_limit, pair.models) if limit is not None]
+    length = min([max_length, *limits])
+    windows = token_windows(pair.tokenizer, texts, max_length=length, samples=samples)
+    batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
+    matrix, tokens = _stream(pair, batches, pooling=pooling, progress=progress)
+    if matrix.count < MIN_SAMPLES:
+        raise InputDataError(describe_data(data), f"gave only {matrix.count} samples",
+                             f"CKA needs at least {MIN_SAMPLES}; give more text or use "
+                             "--pooling tokens")
+    settings = {"data": describe_data(data), "max_length": length, "batch_size": batch_size,
+                "device_map": device_map,
+                "max_memory": {str(k): v for k, v in (max_memory or {}).items()},
+                "causal": pair.causal, "bos_dropped": pair.causal}
+    return _report(model_a, model_b, matrix, revisions=pair.revisions, pooling=pooling,
+                   windows=len(windows), tokens=tokens, settings=settings, units=units)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """Both models loaded for probing, with the tokenizer they share."""
+
+    models: tuple[PreTrainedModel, PreTrainedModel]
+    tokenizer: PreTrainedTokenizerBase
+    causal: bool
+    revisions: dict[str, str | None]
+
+
+def _load_pair(model_a: str, model_b: str, *, device_map: DeviceMap | None,
+               max_memory: MaxMemory | None, progress: bool) -> _Pair:
+    from hfmerge.probe import is_causal, load_probe_model, shared_tokenizer
+    from hfmerge.sources import resolve_model
+
+    source_a = resolve_model(model_a, progress=progress)
+    source_b = resolve_model(model_b, progress=progress)
+    tokenizer = shared_tokenizer(source_a.path, source_b.path, label_a=model_a, label_b=model_b)
+    a, b = (load_probe_model(s.path, label=s.ref, device_map=device_map, max_memory=max_memory)
+            for s in (source_a, source_b))
+    causal = is_causal(a.config)
+    if is_causal(b.config) != causal:
+        raise IncompatibleModelsError(model_a, model_b, [
+            "one is a causal LM and the other a bidirectional encoder"])
+    return _Pair((a, b), tokenizer, causal,
+                 {"model_a": source_a.revision, "model_b": source_b.revision})
+
+
+def _stream(pair: _Pair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling,
+            progress: bool) -> tuple[CkaMatrix, int]:
+    """Feed every batch's states into one CkaMatrix; returns it and the tokens that entered."""
+    from hfmerge.probe import paired_states
+
+    widths = [[int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1)
+              for m in pair.models]
+    _check_memory(widths[0], widths[1])
+    matrix, tokens = CkaMatrix(widths[0], widths[1]), 0
+    for states in paired_states(*pair.models, batches, causal=pair.causal, pooling=pooling,
+                                progress=progress):
+        matrix.update(states.a, states.b)
+        tokens += states.tokens
+    return matrix, tokens
+
+
+def _report(model_a: str, model_b: str, matrix: CkaMatrix, *, revisions: dict[str, str | None],
+            pooling: Pooling, windows: int, tokens: int, settings: dict[str, Any], units: bool
+            ) -> CkaReport:
+    values = matrix.values("debiased")  # [layers_a, layers_b]
+    pairs = diagonal_pairs(len(matrix.stats_a), len(matrix.stats_b))
+    return CkaReport(
+        model_a=model_a, model_b=model_b, revisions=revisions,
+        layers_a=layer_names(len(matrix.stats_a)), layers_b=layer_names(len(matrix.stats_b)),
+        matrix=values.tolist(), diagonal_pairs=pairs,
+        diagonal=[float(values[i, j]) for i, j in pairs],
+        biased_diagonal=[matrix.pairs[i][j].value("biased") for i, j in pairs],
+        pooling=pooling, samples=windows, tokens=tokens, cka_samples=matrix.count,
+        settings=settings,
+        units=[unit_correspondence(matrix.pairs[i][j]) for i, j in pairs] if units else None,
+    )
+
+
+def _check_memory(widths_a: list[int], widths_b: list[int]) -> None:
+    """Exact streaming keeps d_a·d_b float64 sums per layer pair: refuse what cannot fit."""
+    needed = 8 * (sum(d * d for d in widths_a) + sum(d * d for d in widths_b)
+                  + sum(widths_a) * sum(widths_b))
+    if needed > MAX_STATS_BYTES:
+        raise HfMergeError(
+            f"CKA over all {len(widths_a)}×{len(widths_b)} layer pairs would hold "
+            f"{needed / 2**30:.1f} GiB of float64 statistics",
+            why="the exact streaming estimator keeps a width×width sum per layer pair, which suits "
+            f"widths of a few hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
+            fix="compare narrower models, or models with fewer layers")
+
+
+def format_report(report: CkaReport) -> str:
+    """The readable table: settings, the diagonal (with --units columns), then a small matrix."""
+    lines = [
+        f"CKA {report.model_a} (A) vs {report.model_b} (B): {report.estimator} linear CKA "
+        "(unbiased HSIC, exact over all sample pairs)",
+        f"{report.pooling} pooling, {report.cka_samples} samples from {report.samples} windows "
+        f"({report.tokens} tokens) of {report.settings.get('data', '?')}",
+        "",
+        _diagonal_table(report),
+    ]
+    if max(len(report.layers_a), len(report.layers_b)) <= MATRIX_MAX_LAYERS:
+        lines += ["", "matrix (rows: layers of A, columns: layers of B)", _matrix_table(report)]
+    return "\n".join(lines)
+
+
+def _diagonal_table(report: CkaReport) -> str:
+    header = f"{'layer A':<12} {'layer B':<12} {'CKA':>8} {'biased':>8}"
+    if report.units is not None:
+        k, r2 = report.units[0].top_k, report.units[0].r2_threshold
+        header += f" {'matched r':>10} {'same-index r':>13} {f'R²>{r2:g} top-{k}':>14}"
+    rows = [header]
+    for n, (i, j) in enumerate(report.diagonal_pairs):
+        row = (f"{report.layers_a[i]:<12} {report.layers_b[j]:<12} "
+               f"{report.diagonal[n]:>8.4f} {report.biased_diagonal[n]:>8.4f}")
+        if report.units is not None:
+            u = report.units[n]
+            same = "-" if u.same_index_correlation is None else f"{u.same_index_correlation:.4f}"
+            row += f" {u.matched_correlation:>10.4f} {same:>13} {u.predicted_share:>14.1%}"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def short_name(layer: str) -> str:
+    """`embeddings` -> `emb`, `block.3` -> `3` (matrix headers and plot ticks)."""
+    return "emb" if layer == "embeddings" else layer.removeprefix("block.")
+
+
+def _matrix_table(report: CkaReport) -> str:
+    rows = [f"{'':<12}" + "".join(f"{short_name(b):>8}" for b in report.layers_b)]
+    for layer, values in zip(report.layers_a, report.matrix, strict=True):
+        rows.append(f"{layer:<12}" + "".join(f"{v:>8.3f}" for v in values))
+    return "\n".join(rows)
+
+
+__all__ = [
+    "CkaBelowThresholdError",
+    "CkaReport",
+    "check_fail_under",
+    "compute_cka",
+    "diagonal_pairs",
+    "failing_layers",
+    "format_report",
+    "layer_names",
+    "short_name",
+]
