@@ -13,6 +13,7 @@ from typing import Any
 
 from hfmerge.alignment_step import align_inputs
 from hfmerge.card import DEFAULT_ENDPOINT, render_card
+from hfmerge.cka_gate import cka_gate
 from hfmerge.engine import execute_plan
 from hfmerge.errors import HfMergeError, ModelSourceError
 from hfmerge.methods import get_method, validate_params
@@ -101,6 +102,7 @@ def run_recipe(
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, [base, *inputs])
     plan = _download(plan, offline=offline)
+    cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
     alignment = align_inputs(recipe, plan, progress=progress)
     text = pinned_recipe(recipe, recipe_text, [base, *inputs])
     card_params = CardParams(
@@ -125,7 +127,7 @@ def run_recipe(
             recipe_text=text,
             params=card_params,
             repo_id=push,
-            alignment=alignment.card_section(),
+            sections=[cka.card_section(), alignment.card_section()],
         )
     if not push:
         return RunResult(plan=plan, out_dir=target)
@@ -135,16 +137,11 @@ def run_recipe(
 
 
 def _refuse_unsupported(recipe: Recipe) -> None:
-    unsupported = []
     if recipe.route is not None:
-        unsupported.append("`route:` (per-input routing)")
-    if recipe.check.cka_min is not None:
-        unsupported.append("`check: {cka_min: ...}`")
-    if unsupported:
         raise HfMergeError(
-            f"This build of hfmerge cannot run {', '.join(unsupported)} yet",
-            why="the recipe is valid, but this step is not implemented in this version",
-            fix="remove those sections to run a plain merge",
+            "This build of hfmerge cannot run `route:` (per-input routing) recipes yet",
+            why="the recipe is valid, but routing is not implemented in this version",
+            fix="use `merge:` instead, or check the models first with `hfmerge cka`",
         )
 
 
@@ -220,7 +217,7 @@ def _write_side_files(
     recipe_text: str,
     params: CardParams,
     repo_id: str | None,
-    alignment: str,
+    sections: list[str],
 ) -> None:
     copy_side_files(plan.base.source.path, staging)
     if recipe.output.dtype:
@@ -236,7 +233,7 @@ def _write_side_files(
         recipe_text=recipe_text,
         repo_id=repo_id,
         endpoint=_endpoint(plan),
-        extra_sections=[alignment] if alignment else [],
+        extra_sections=[s for s in sections if s],
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
 

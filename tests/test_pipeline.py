@@ -184,12 +184,43 @@ def test_incompatible_models_named_before_any_output(make_model: MakeModel, tmp_
     assert not out.exists()
 
 
-def test_unsupported_steps_refused_clearly(make_model: MakeModel, tmp_path: Path) -> None:
+def test_route_recipes_refused_clearly(make_model: MakeModel, tmp_path: Path) -> None:
     a, b = make_model("a"), make_model("b", seed=1)
-    refused = recipe([str(a), str(b)], "linear", tmp_path / "out", check={"cka_min": 0.5})
-    with pytest.raises(HfMergeError, match="cka_min"):
-        run_recipe(refused, progress=False)
+    data = parse_recipe(
+        {
+            "models": [str(a), str(b)],
+            "route": {"method": "centroid"},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(HfMergeError, match="route"):
+        run_recipe(data, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path) -> None:
+    from lm_helpers import save_lm
+
+    from hfmerge.cka_gate import CkaGateError
+
+    save_lm("llama", tmp_path / "a", seed=0)
+    save_lm("llama", tmp_path / "b", seed=1)  # an unrelated init: low CKA in the blocks
+    models = [str(tmp_path / "a"), str(tmp_path / "b")]
+    probe = {"data": "builtin", "samples": 16, "max_length": 32}
+    out = tmp_path / "out"
+    strict = recipe(models, "linear", out, check={"cka_min": 0.95}, probe=probe)
+    with pytest.raises(CkaGateError) as info:
+        run_recipe(strict, progress=False)
+    message = info.value.message()
+    assert "below check.cka_min 0.95" in message and "route:" in message
+    assert "method: centroid" in message and not out.exists()
+    assert 0 <= info.value.value < 0.95 and info.value.layer.startswith(("block", "embeddings"))
+    run_recipe(strict, force=True, progress=False)
+    card = (out / "README.md").read_text()
+    assert "## CKA compatibility" in card and f"| `{tmp_path / 'b'}` |" in card
+    lenient = recipe(models, "linear", tmp_path / "ok", check={"cka_min": -1.0}, probe=probe)
+    run_recipe(lenient, progress=False)
+    assert (tmp_path / "ok" / "config.json").exists()
 
 
 @pytest.mark.parametrize("method", ["weight", "activation"])

@@ -1,0 +1,104 @@
+"""The recipe's `check:` gate: CKA per block between the base and each input, before merging.
+
+Below `check.cka_min` the run stops before anything is written and shows the `route:` block that
+would serve the models instead. CKA is blind to permutations, so aligned or not, the values are the
+same; alignment changes whether averaging works, CKA says whether the models still share features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import yaml
+
+from hfmerge.cka_report import CkaReport, compute_cka, failing_layers
+from hfmerge.errors import HfMergeError
+from hfmerge.plan import MergePlan
+from hfmerge.recipe import Recipe
+
+
+class CkaGateError(HfMergeError):
+    """An input's CKA with the base is below `check.cka_min`: merging would likely fail."""
+
+    def __init__(self, report: CkaReport, threshold: float, route_block: str) -> None:
+        i, _, value = min(failing_layers(report, threshold), key=lambda f: f[2])
+        self.layer, self.value, self.threshold = report.layers_a[i], value, threshold
+        super().__init__(
+            f"Refusing to merge: CKA between {report.model_a} and {report.model_b} is "
+            f"{value:.3f} at {self.layer}, below check.cka_min {threshold:g}",
+            why="models whose representations drifted apart average badly; routing each input "
+            "to the model that fits it keeps what each learned",
+            fix="replace `merge:` with this `route:` block (one calibration text per model), "
+            f"lower `check.cka_min`, or pass --force to merge anyway:\n{route_block}",
+        )
+
+
+@dataclass(frozen=True)
+class CkaCheck:
+    """The gate's reports (one per input other than the base) for the card."""
+
+    threshold: float | None
+    reports: list[CkaReport] = field(default_factory=list)
+
+    def card_section(self) -> str:
+        """Markdown: the per-layer CKA of every input against the base ('' when not run)."""
+        if not self.reports:
+            return ""
+        layers = self.reports[0].layers_a
+        lines = [
+            "## CKA compatibility",
+            "",
+            f"Debiased linear CKA per layer against the base (gate: `cka_min` {self.threshold:g}).",
+            "",
+            "| input | " + " | ".join(layers) + " |",
+            "|---|" + "---|" * len(layers),
+        ]
+        for report in self.reports:
+            values = " | ".join(f"{v:.3f}" for v in report.diagonal)
+            lines.append(f"| `{report.model_b}` | {values} |")
+        return "\n".join(lines)
+
+
+def cka_gate(recipe: Recipe, plan: MergePlan, *, force: bool, progress: bool) -> CkaCheck:
+    """Run the gate; raise `CkaGateError` below the threshold unless `force`."""
+    threshold = recipe.check.cka_min
+    if threshold is None:
+        return CkaCheck(threshold)
+    probe = recipe.probe
+    reports = [
+        compute_cka(
+            str(plan.base.source.path),
+            str(model.source.path),
+            data=probe.data,
+            samples=probe.samples,
+            max_length=probe.max_length,
+            device_map=probe.device_map,
+            progress=progress,
+        )
+        for model in plan.inputs
+        if model is not plan.base
+    ]
+    reports = [_named(r, plan) for r in reports]
+    for report in reports:
+        if failing_layers(report, threshold) and not force:
+            raise CkaGateError(report, threshold, route_block(recipe))
+    return CkaCheck(threshold, reports)
+
+
+def _named(report: CkaReport, plan: MergePlan) -> CkaReport:
+    """The report with the models named as in the recipe rather than by their local paths."""
+    by_path = {str(m.source.path): m.name for m in [plan.base, *plan.inputs]}
+    from dataclasses import replace
+
+    return replace(
+        report,
+        model_a=by_path.get(report.model_a, report.model_a),
+        model_b=by_path.get(report.model_b, report.model_b),
+    )
+
+
+def route_block(recipe: Recipe) -> str:
+    """The `route:` section that would serve these models instead of a merge."""
+    experts = [{"data": f"calibration text for {entry.model}"} for entry in recipe.models]
+    block = {"route": {"method": "centroid", "experts": experts}}
+    return yaml.safe_dump(block, sort_keys=False, default_flow_style=False).rstrip()
