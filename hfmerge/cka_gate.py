@@ -25,7 +25,7 @@ class CkaGateError(HfMergeError):
         self.layer, self.value, self.threshold = report.layers_a[i], value, threshold
         super().__init__(
             f"Refusing to merge: CKA between {report.model_a} and {report.model_b} is "
-            f"{value:.3f} at {self.layer}, below check.cka_min {threshold:g}",
+            f"{value:.4f} at {self.layer}, below check.cka_min {threshold:g}",
             why="models whose representations drifted apart average badly; routing each input "
             "to the model that fits it keeps what each learned",
             fix="replace `merge:` with this `route:` block (one calibration text per model), "

@@ -22,12 +22,17 @@ class HfMergeError(Exception):
 
     def message(self) -> str:
         """One paragraph: what happened, why, and what to do."""
-        parts = [self.what.rstrip(".") + "."]
+        parts = [_sentence(self.what)]
         if self.why:
-            parts.append(self.why.rstrip(".") + ".")
+            parts.append(_sentence(self.why))
         if self.fix:
-            parts.append("Fix: " + self.fix.rstrip(".") + ".")
+            parts.append("Fix: " + _sentence(self.fix))
         return " ".join(parts)
+
+
+def _sentence(text: str) -> str:
+    """Closed with a full stop (a multi-line text, e.g. a YAML block, is left as it is)."""
+    return text if "\n" in text else text.rstrip(".") + "."
 
 
 @dataclass(frozen=True)
