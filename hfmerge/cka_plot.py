@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -12,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from hfmerge.cka_report import CkaReport, short_name
-from hfmerge.errors import OutputError
+from hfmerge.plotting import save_figure
 
 
 def plot_cka(report: CkaReport, out: Path) -> Path:
@@ -41,7 +40,7 @@ def plot_cka(report: CkaReport, out: Path) -> Path:
     axes.set_ylabel(f"layer of A: {report.model_a}")
     axes.set_title(f"CKA, {report.pooling} pooling, {report.cka_samples} samples "
                    f"({report.settings.get('data', '?')})", fontsize="medium", wrap=True)
-    return _save(figure, Path(out))
+    return save_figure(figure, Path(out))
 
 
 def _write_values(axes: Axes, report: CkaReport) -> None:
@@ -52,19 +51,6 @@ def _write_values(axes: Axes, report: CkaReport) -> None:
             # Dark text on the bright end of viridis, light text on the dark end.
             color = "black" if not math.isnan(value) and value > 0.6 else "white"
             axes.text(j, i, text, ha="center", va="center", color=color, fontsize=size)
-
-
-def _save(figure: Figure, out: Path) -> Path:
-    """Temp file beside `out`, then rename: a failed save leaves no half PNG."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(str(out), f"cannot write the plot: {exc.strerror}",
-                          "check that its directory exists and is writable") from None
-    return out
 
 
 __all__ = ["plot_cka"]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-
-from hfmerge.errors import OutputError
 
 if TYPE_CHECKING:
     from hfmerge.barrier import BarrierResult
@@ -55,20 +52,14 @@ def plot_barriers(results: Sequence[BarrierResult], out: Path, *, title: str | N
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     axes.set_title(title or barrier_title(results), fontsize="medium", wrap=True)
-    return _save(figure, Path(out))
+    return save_figure(figure, Path(out))
 
 
-def _save(figure: Figure, out: Path) -> Path:
-    """Write to a temp file beside `out`, then rename: a failed save leaves no half PNG."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(str(out), f"cannot write the plot: {exc.strerror}",
-                          "check that its directory exists and is writable") from None
-    return out
+def save_figure(figure: Figure, out: Path) -> Path:
+    """Write `figure` as a PNG to `out` atomically."""
+    from hfmerge.reports import replace_atomically
+
+    return replace_atomically(out, lambda tmp: figure.savefig(tmp, format="png"), what="the plot")
 
 
-__all__ = ["barrier_title", "plot_barriers"]
+__all__ = ["barrier_title", "plot_barriers", "save_figure"]

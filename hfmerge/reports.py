@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,27 @@ def write_json(path: Path, document: Mapping[str, Any]) -> Path:
     Raises:
         OutputError: the file cannot be written.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     text = json.dumps(_finite(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return replace_atomically(
+        Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), what="the JSON report"
+    )
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object], *, what: str) -> Path:
+    """Run `write` on a temp file beside `path`, then rename it: a failure leaves no half file.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(str(path), f"cannot write the JSON report: {exc.strerror}",
+        raise OutputError(str(path), f"cannot write {what}: {exc.strerror}",
                           "check that its directory exists and is writable") from None
     return path
 
 
-__all__ = ["write_json"]
+__all__ = ["replace_atomically", "write_json"]
