@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from harness import measure
 
 FORWARD = """
 import sys, torch
@@ -36,14 +36,6 @@ import sys
 from hfmerge.cka_report import compute_cka
 a, b, samples, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 compute_cka(a, b, data="builtin:mixed", samples=samples, max_length=length, device_map="cpu")
-"""
-
-WRAPPER = """
-import resource, sys, time
-code = sys.argv[1]; sys.argv = sys.argv[1:]
-start = time.perf_counter()
-exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
@@ -68,18 +60,6 @@ def build_models(root: Path) -> tuple[Path, Path]:
             shutil.copy(tokenizer_dir / name, path / name)
         paths.append(path)
     return paths[0], paths[1]
-
-
-def measure(code: str, a: Path, b: Path, samples: int, length: int) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of `code` in a fresh process."""
-    done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, code, str(a), str(b), str(samples), str(length)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    wall, rss = done.stdout.split()[-2:]
-    return float(wall), float(rss)
 
 
 def main() -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from harness import measure
 
 from hfmerge.tensors import ShardWriter, TensorSpec, plan_shards
 
@@ -92,28 +91,6 @@ recipe = parse_recipe({"models": [a, b], "merge": {"method": "linear"}, "output"
 run_recipe(recipe, out_dir=out, force=True, progress=False)
 """
 
-WRAPPER = """
-import resource, runpy, sys, time
-code = sys.argv[1]; sys.argv = sys.argv[1:]
-start = time.perf_counter()
-exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
-wall = time.perf_counter() - start
-print(wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-"""
-
-
-def measure(code: str, a: Path, b: Path, out: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one approach in a fresh process."""
-    out.mkdir(exist_ok=True)
-    done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, code, str(a), str(b), str(out)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    wall, rss = done.stdout.split()[-2:]
-    return float(wall), float(rss)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,6 +113,8 @@ def main() -> None:
                 vocab=args.vocab,
             )
         rows: dict[str, list[tuple[float, float]]] = {"hfmerge": [], "naive": []}
+        for name in ("o1", "o2"):
+            (root / name).mkdir()
         for _ in range(args.repeats):  # alternate so machine noise hits both alike
             rows["hfmerge"].append(measure(HFMERGE, root / "a", root / "b", root / "o1"))
             rows["naive"].append(measure(NAIVE, root / "a", root / "b", root / "o2"))

