@@ -93,7 +93,9 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
                 progress=progress,
             )
         )
-    barriers = _barriers(recipe, plan, progress=progress) if recipe.align.report_barrier else []
+    barriers = (
+        _barriers(recipe, plan, perms, progress=progress) if recipe.align.report_barrier else []
+    )
     return Alignment(method, perms, barriers)
 
 
@@ -119,11 +121,16 @@ def probe_batches(
     ]
 
 
-def _barriers(recipe: Recipe, plan: MergePlan, *, progress: bool) -> list[BarrierRow]:
+def _barriers(
+    recipe: Recipe, plan: MergePlan, perms: list[Permutations | None], *, progress: bool
+) -> list[BarrierRow]:
+    """Barrier of each input with the base, unaligned and with the permutations being merged."""
     from hfmerge.barrier import compare_barriers
 
     rows = []
-    for model in (m for m in plan.inputs if m is not plan.base):
+    for model, solved in zip(plan.inputs, perms, strict=True):
+        if model is plan.base or solved is None:
+            continue
         none, aligned = compare_barriers(
             str(plan.base.source.path),
             str(model.source.path),
@@ -132,6 +139,7 @@ def _barriers(recipe: Recipe, plan: MergePlan, *, progress: bool) -> list[Barrie
             max_length=recipe.probe.max_length,
             samples=recipe.probe.samples,
             progress=progress,
+            solved={recipe.align.method: solved},
         )
         rows.append(
             BarrierRow(model.name, none.barrier, aligned.barrier, none.loss_mid, aligned.loss_mid)

@@ -6,7 +6,7 @@ barrier = max over λ of L((1-λ)θA + λθB) − ((1-λ)L(θA) + λL(θB)); wei
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -245,19 +245,22 @@ def _check_modes(aligns: Sequence[str]) -> list[str]:
 
 def compare_barriers(model_a: str, model_b: str, *, aligns: Sequence[str] = ("none",),
                      steps: int = 11, data: str | None = None, max_length: int = 128,
-                     samples: int | None = None, batch_size: int = 8, progress: bool = True
-                     ) -> list[BarrierResult]:
+                     samples: int | None = None, batch_size: int = 8, progress: bool = True,
+                     solved: Mapping[str, Permutations] | None = None) -> list[BarrierResult]:
     """One barrier curve per alignment mode, on the same windows and λ grid (one model loaded).
 
     Activation matching probes the same windows that are scored (the `--data` text), so its
-    barrier is measured in-sample; weight matching reads no data.
+    barrier is measured in-sample; weight matching reads no data. `solved` gives permutations
+    already found for a mode (the recipe's align step), so the curve is that of the very
+    permutations merged, and they are not solved twice.
     """
     modes, lambdas = _check_modes(aligns), lambda_grid(steps)
     setup = _setup(model_a, model_b, data=data, max_length=max_length, samples=samples,
                    progress=progress)
     spec = _spec_of(setup.path_b, label=model_b) if modes != ["none"] else None
-    perms = {m: None if m == "none" else _permutations(m, setup, batch_size=batch_size,
-                                                       progress=progress) for m in modes}
+    known = dict(solved or {})
+    perms = {m: None if m == "none" else known.get(m) or _permutations(
+        m, setup, batch_size=batch_size, progress=progress) for m in modes}
     interpolator = Interpolator(setup.model, setup.path_a, setup.path_b, label_a=model_a,
                                 label_b=model_b)
     # λ=0 is model A whatever the alignment: evaluate it once and share it.
