@@ -116,18 +116,21 @@ def diagonal_pairs(count_a: int, count_b: int) -> list[tuple[int, int]]:
 
 
 def compute_cka(model_a: str, model_b: str, *, data: str | None = None, samples: int | None = 256,
-                max_length: int = 128, batch_size: int = 8, pooling: Pooling = "tokens",
+                max_length: int = 128, batch_size: int = 8, pooling: Pooling | None = None,
                 device_map: DeviceMap | None = "auto", max_memory: MaxMemory | None = None,
                 units: bool = False, progress: bool = False) -> CkaReport:
     """Probe both models on the same windows of `data` and build the CKA report.
+
+    `pooling` defaults to `mean`, or to `tokens` with `units` (see `hfmerge.probe`).
 
     Raises:
         InputDataError: the data is unreadable or too short for CKA.
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
-    from hfmerge.probe import position_limit, probe_batches
+    from hfmerge.probe import default_pooling, position_limit, probe_batches
     from hfmerge.textdata import describe_data, load_texts, token_windows
 
+    pooling = pooling or default_pooling(units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     pair = _load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory,
                       progress=progress)

@@ -302,8 +302,10 @@ def cka(
         str | None, typer.Option("--max-memory", help="Per-device limits: `0=20GiB,cpu=60GiB`.")
     ] = None,
     pooling: Annotated[
-        str, typer.Option("--pooling", help="tokens (every real token) or mean (per window).")
-    ] = "tokens",
+        str | None,
+        typer.Option("--pooling", help="mean (per window; default) or tokens (every real token; "
+                     "the default with --units)."),
+    ] = None,
     units: Annotated[
         bool, typer.Option("--units", help="Add matched-unit correlation (Li et al. 2016).")
     ] = False,
@@ -314,7 +316,7 @@ def cka(
     from hfmerge.probe import POOLINGS, parse_device_map, parse_max_memory
     from hfmerge.reports import write_json
 
-    if pooling not in POOLINGS:
+    if pooling is not None and pooling not in POOLINGS:
         raise UnknownNameError("pooling", pooling, list(POOLINGS))
     report = compute_cka(
         model_a,
@@ -323,7 +325,7 @@ def cka(
         samples=samples,
         max_length=max_length,
         batch_size=batch_size,
-        pooling=pooling,  # narrowed to Pooling by the check above
+        pooling=pooling,  # checked above
         device_map=parse_device_map(device_map),
         max_memory=parse_max_memory(max_memory) if max_memory else None,
         units=units,

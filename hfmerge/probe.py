@@ -9,11 +9,14 @@ Models load under an accelerate device map; they run alternately batch by batch 
 # own output. Position 0 of a causal LM sees only itself (BOS, attention sink, massive activations):
 # it is the same for every window and would dominate, so it is dropped.
 #
-# Pooling. `tokens` (default): every kept token is one sample, so --samples 256 windows of 128
-# tokens give ~32k samples instead of 256; the debiased estimator's spread shrinks like 1/sqrt(n).
-# Token pairing needs one tokenizer, which `cka` requires anyway. Tokens of one window are not
-# independent and both models see the same token ids, which lifts early layers: `mean` (masked mean
-# per window) compares per-input summaries instead, the view that routing cares about.
+# Pooling. `mean` (default): the masked mean per window is one sample. It compares per-input
+# summaries, the view that routing and the merge gate care about; tokens of one window are not
+# independent and both models see the same token ids, which lifts early layers under `tokens`. It
+# also keeps the cost at the forward passes: the exact estimator's d×d cross sums cost n·d² per
+# layer pair, which with every token a sample (~32k for 256 windows) outweighs the forward passes
+# on a CPU. `tokens`: every kept token is one sample, so the debiased estimator's spread shrinks
+# like 1/sqrt(n); unit matching (`--units`) needs those samples (n well above the width), so it
+# defaults to `tokens`. Token pairing needs one tokenizer, which `cka` requires anyway.
 
 from __future__ import annotations
 
@@ -31,7 +34,12 @@ from hfmerge.evaluate import load_tokenizer, model_inputs, pad_id_of, quiet_tran
 from hfmerge.progress import track
 
 Pooling = Literal["tokens", "mean"]
-POOLINGS: tuple[Pooling, ...] = ("tokens", "mean")
+POOLINGS: tuple[Pooling, ...] = ("mean", "tokens")
+
+
+def default_pooling(*, units: bool) -> Pooling:
+    """`mean`, or `tokens` when unit correspondence is asked for (it needs many samples)."""
+    return "tokens" if units else "mean"
 DeviceMap = str | dict[str, int | str]
 MaxMemory = dict[int | str, str]
 _NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

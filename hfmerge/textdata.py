@@ -14,10 +14,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hfmerge.errors import InputDataError
-from hfmerge.zoo.corpus import Domain, builtin_probe_text
+from hfmerge.zoo.corpus import DOMAINS, Domain, builtin_probe_text, train_text
 
 BUILTIN = "builtin"
-BUILTIN_DOMAINS: tuple[str, ...] = get_args(Domain)  # ("code", "prose", "mixed")
+BUILTIN_DOMAINS: tuple[str, ...] = get_args(Domain)  # ("code", "prose", "mixed"): held out
+# The zoo's training split of a domain: calibration text for routing, kept apart from the held-out
+# text that evaluation uses.
+TRAIN_SUFFIX = "-train"
+BUILTIN_TRAIN: tuple[str, ...] = tuple(d + TRAIN_SUFFIX for d in DOMAINS)
 DEFAULT_DOMAIN = "prose"
 _DATA_FIX = "give a UTF-8 text file, a .jsonl file with a `text` field per line, or `builtin`"
 _AFFIX_PROBE = "hello world"  # any ordinary text: only the specials wrapped around it matter
@@ -34,7 +38,8 @@ def load_texts(data: str | None) -> list[str]:
     """The documents in `data`.
 
     `None` or `builtin` is the built-in English probe (held-out pydoc prose, which no zoo model
-    trained on); `builtin:code|prose|mixed` picks a domain. A `.jsonl` path gives each line's `text`
+    trained on); `builtin:code|prose|mixed` picks a held-out domain, and `builtin:code-train` or
+    `builtin:prose-train` the zoo's training text of a domain (calibration for routing). A `.jsonl` path gives each line's `text`
     (one document per line, blank lines skipped); any other path is one UTF-8 document.
 
     Raises:
@@ -54,8 +59,10 @@ def load_texts(data: str | None) -> list[str]:
 
 def _builtin_text(name: str) -> str:
     domain = name.split(":", 1)[1]
+    if domain in BUILTIN_TRAIN:
+        return train_text(domain.removesuffix(TRAIN_SUFFIX))
     if domain not in BUILTIN_DOMAINS:
-        choices = ", ".join(f"{BUILTIN}:{d}" for d in BUILTIN_DOMAINS)
+        choices = ", ".join(f"{BUILTIN}:{d}" for d in (*BUILTIN_DOMAINS, *BUILTIN_TRAIN))
         raise InputDataError(name, f"is not a built-in text; those are {BUILTIN}, {choices}",
                              f"use one of them, or {_DATA_FIX}")
     return builtin_probe_text(cast(Domain, domain))

@@ -117,12 +117,17 @@ def test_diagonal_pairs_rule() -> None:
     assert diagonal_pairs(3, 7) == [(0, 0), (1, 3), (2, 6)]
 
 
-def test_mean_pooling_counts_windows(models: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "mean.json"
-    assert main(["cka", str(models["a"]), str(models["other"]), *SMALL, "--pooling", "mean",
-                 "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["pooling"] == "mean" and report["cka_samples"] == report["samples"] == 6
+def test_mean_pooling_is_the_default_and_counts_windows(models: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    reports = []
+    for flags in ([], ["--pooling", "tokens"]):
+        out = tmp_path / f"{len(flags)}.json"
+        assert main(["cka", str(models["a"]), str(models["other"]), *SMALL, *flags,
+                     "--json", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    mean, tokens = reports
+    assert mean["pooling"] == "mean" and mean["cka_samples"] == mean["samples"] == 6
+    assert tokens["pooling"] == "tokens" and tokens["cka_samples"] == tokens["tokens"] > 6
 
 
 def test_errors_are_one_paragraph(

@@ -20,7 +20,10 @@ def test_builtin_probe_is_prose_by_default_and_domains_are_selectable() -> None:
     assert load_texts("builtin:mixed") == [builtin_probe_text("mixed")]
     assert "def " in load_texts("builtin:code")[0] and "def " not in prose[:2000]
     assert describe_data(None) == describe_data("builtin") == "builtin:prose"
-    with pytest.raises(InputDataError, match=r"builtin:code") as info:
+    code_train = load_texts("builtin:code-train")[0]
+    assert "def " in code_train and code_train[:4000] not in load_texts("builtin:code")[0]
+    assert load_texts("builtin:prose-train")[0][:4000] not in prose
+    with pytest.raises(InputDataError, match=r"builtin:code-train") as info:
         load_texts("builtin:poetry")
     assert "Fix:" in str(info.value)
 
