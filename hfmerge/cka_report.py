@@ -199,16 +199,17 @@ def _report(model_a: str, model_b: str, matrix: CkaMatrix, *, revisions: dict[st
             pooling: Pooling, windows: int, tokens: int, settings: dict[str, Any], units: bool
             ) -> CkaReport:
     values = matrix.values("debiased")  # [layers_a, layers_b]
-    pairs = diagonal_pairs(len(matrix.stats_a), len(matrix.stats_b))
+    pairs = diagonal_pairs(len(matrix.dims_a), len(matrix.dims_b))
+    biased = matrix.values("biased")
     return CkaReport(
         model_a=model_a, model_b=model_b, revisions=revisions,
-        layers_a=layer_names(len(matrix.stats_a)), layers_b=layer_names(len(matrix.stats_b)),
+        layers_a=layer_names(len(matrix.dims_a)), layers_b=layer_names(len(matrix.dims_b)),
         matrix=values.tolist(), diagonal_pairs=pairs,
         diagonal=[float(values[i, j]) for i, j in pairs],
-        biased_diagonal=[matrix.pairs[i][j].value("biased") for i, j in pairs],
+        biased_diagonal=[float(biased[i, j]) for i, j in pairs],
         pooling=pooling, samples=windows, tokens=tokens, cka_samples=matrix.count,
         settings=settings,
-        units=[unit_correspondence(matrix.pairs[i][j]) for i, j in pairs] if units else None,
+        units=[unit_correspondence(matrix.accumulator(i, j)) for i, j in pairs] if units else None,
     )
 
 

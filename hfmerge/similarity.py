@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -196,7 +196,7 @@ class CkaAccumulator:
         return _covariance(self.x, self.y, self.pair)
 
 
-class CkaMatrix:
+class _StreamingMatrix:
     """One `CkaAccumulator` per pair (layer i of A, layer j of B), sharing each layer's own sums."""
 
     def __init__(self, dims_a: Sequence[int], dims_b: Sequence[int]) -> None:
@@ -207,18 +207,9 @@ class CkaMatrix:
 
     @property
     def count(self) -> int:
-        """Samples seen so far."""
         return self.stats_a[0].count if self.stats_a else 0
 
     def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
-        """Add one minibatch: a [n, d] tensor per layer of A (`xs`) and of B (`ys`), same n rows."""
-        if len(xs) != len(self.stats_a) or len(ys) != len(self.stats_b):
-            raise ValueError(f"expected {len(self.stats_a)} and {len(self.stats_b)} layers, got "
-                             f"{len(xs)} and {len(ys)}")
-        if len({t.shape[0] for t in (*xs, *ys)}) != 1:
-            raise ValueError("every layer's features must have the same rows (samples)")
-        if xs[0].shape[0] == 0:
-            return
         prepared_a = [self._add(stats, x) for stats, x in zip(self.stats_a, xs, strict=True)]
         prepared_b = [self._add(stats, y) for stats, y in zip(self.stats_b, ys, strict=True)]
         for row, (xa, a) in zip(self.pairs, prepared_a, strict=True):
@@ -231,10 +222,123 @@ class CkaMatrix:
         stats.add(rows, sq)
         return rows, sq
 
-    def values(self, estimator: Estimator = "debiased") -> torch.Tensor:
-        """[layers_a, layers_b] float64 matrix of CKA values."""
+    def values(self, estimator: Estimator) -> torch.Tensor:
         return torch.tensor([[acc.value(estimator) for acc in row] for row in self.pairs],
                             dtype=torch.float64)
+
+
+class CkaMatrix:
+    """CKA of every layer of A with every layer of B, fed one minibatch of all layers at a time.
+
+    While the samples seen number at most `buffer_rows` (default: the widest layer), the rows are
+    kept and CKA comes from n×n Gram matrices; past that they move into d×d running sums and are
+    streamed. Both give the same exact estimator. Memory is min(n·d, d²)-sized per layer, so
+    window-pooled features (n of a few hundred) never pay for the d_a·d_b sums of every pair.
+    """
+
+    def __init__(self, dims_a: Sequence[int], dims_b: Sequence[int], *,
+                 buffer_rows: int | None = None) -> None:
+        self.dims_a, self.dims_b = list(dims_a), list(dims_b)
+        self.buffer_rows = max([*dims_a, *dims_b, 0]) if buffer_rows is None else buffer_rows
+        self._rows_a: list[list[torch.Tensor]] = [[] for _ in dims_a]
+        self._rows_b: list[list[torch.Tensor]] = [[] for _ in dims_b]
+        self._buffered = 0
+        self._streaming: _StreamingMatrix | None = None
+
+    @property
+    def count(self) -> int:
+        """Samples seen so far."""
+        return self._buffered if self._streaming is None else self._streaming.count
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the rows have moved into d×d running sums (memory fixed from then on)."""
+        return self._streaming is not None
+
+    def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
+        """Add one minibatch: a [n, d] tensor per layer of A (`xs`) and of B (`ys`), same n rows."""
+        if len(xs) != len(self.dims_a) or len(ys) != len(self.dims_b):
+            raise ValueError(f"expected {len(self.dims_a)} and {len(self.dims_b)} layers, got "
+                             f"{len(xs)} and {len(ys)}")
+        if len({t.shape[0] for t in (*xs, *ys)}) != 1:
+            raise ValueError("every layer's features must have the same rows (samples)")
+        if xs[0].shape[0] == 0:
+            return
+        if self._streaming is not None:
+            self._streaming.update(xs, ys)
+            return
+        for rows, x in zip([*self._rows_a, *self._rows_b], [*xs, *ys], strict=True):
+            rows.append(x.detach().to(device="cpu", dtype=torch.float64))
+        self._buffered += xs[0].shape[0]
+        if self._buffered > self.buffer_rows:
+            self._start_streaming()
+
+    def _start_streaming(self) -> None:
+        self._streaming = _StreamingMatrix(self.dims_a, self.dims_b)
+        self._streaming.update([torch.cat(r) for r in self._rows_a],
+                               [torch.cat(r) for r in self._rows_b])
+        self._rows_a, self._rows_b = [[] for _ in self.dims_a], [[] for _ in self.dims_b]
+
+    def accumulator(self, i: int, j: int) -> CkaAccumulator:
+        """The accumulator of layer i of A with layer j of B (for unit correspondence)."""
+        if self._streaming is not None:
+            return self._streaming.pairs[i][j]
+        accumulator = CkaAccumulator(self.dims_a[i], self.dims_b[j])
+        accumulator.update(torch.cat(self._rows_a[i]), torch.cat(self._rows_b[j]))
+        return accumulator
+
+    def values(self, estimator: Estimator = "debiased") -> torch.Tensor:
+        """[layers_a, layers_b] float64 matrix of CKA values.
+
+        Raises:
+            ValueError: fewer than 4 samples (the unbiased HSIC is undefined).
+        """
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
+        if self._streaming is not None:
+            return self._streaming.values(estimator)
+        if self._buffered < MIN_SAMPLES:
+            raise ValueError(f"CKA needs at least {MIN_SAMPLES} samples, got {self._buffered}")
+        grams_a = _gram_side([torch.cat(r) for r in self._rows_a])
+        grams_b = _gram_side([torch.cat(r) for r in self._rows_b])
+        return _gram_cka(grams_a, grams_b, estimator, n=self._buffered)
+
+
+class _GramSide(NamedTuple):
+    """Per layer of one model: Gram matrices of the column-centred rows, flattened, and their
+    diagonals (the rows' squared norms)."""
+
+    grams: torch.Tensor  # [layers, n·n]
+    norms: torch.Tensor  # [layers, n]
+
+
+def _gram_side(layers: Sequence[torch.Tensor]) -> _GramSide:
+    centred = [x - x.mean(0) for x in layers]  # [n, d] each; HSIC ignores centring
+    return _GramSide(
+        grams=torch.stack([(x @ x.T).flatten() for x in centred]),  # [n, n] -> [n·n] per layer
+        norms=torch.stack([(x * x).sum(1) for x in centred]),  # [n] per layer
+    )
+
+
+def _gram_cka(a: _GramSide, b: _GramSide, estimator: Estimator, *, n: int) -> torch.Tensor:
+    """Every pair's CKA from Grams: ⟨K, L⟩ = ‖X̄ᵀȲ‖²_F, so the streaming formula applies as is."""
+    cross = a.grams @ b.grams.T  # [La, n²] @ [n², Lb] -> [La, Lb]
+    self_a = (a.grams * a.grams).sum(1)  # [La]: ‖X̄ᵀX̄‖²_F
+    self_b = (b.grams * b.grams).sum(1)  # [Lb]
+    if estimator == "biased":
+        return cross / torch.sqrt(torch.outer(self_a, self_b))
+    rows_ab = a.norms @ b.norms.T  # [La, n] @ [n, Lb] -> [La, Lb]: Σ a_i b_i
+    sq_a, sq_b = a.norms.sum(1), b.norms.sum(1)  # [La], [Lb]: ‖X̄‖²_F
+
+    def debiased(dot: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        return dot - n / (n - 2) * rows + norms / ((n - 1) * (n - 2))
+
+    num = debiased(cross, rows_ab, torch.outer(sq_a, sq_b))
+    den_a = debiased(self_a, (a.norms * a.norms).sum(1), sq_a * sq_a)  # [La]
+    den_b = debiased(self_b, (b.norms * b.norms).sum(1), sq_b * sq_b)  # [Lb]
+    values = num / torch.sqrt(torch.outer(den_a, den_b).clamp(min=0))
+    undefined = (den_a <= 0)[:, None] | (den_b <= 0)[None, :]  # a side without variance
+    return values.masked_fill(undefined, float("nan"))
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, *, estimator: Estimator = "debiased") -> float:

@@ -39,8 +39,9 @@ def load_texts(data: str | None) -> list[str]:
 
     `None` or `builtin` is the built-in English probe (held-out pydoc prose, which no zoo model
     trained on); `builtin:code|prose|mixed` picks a held-out domain, and `builtin:code-train` or
-    `builtin:prose-train` the zoo's training text of a domain (calibration for routing). A `.jsonl` path gives each line's `text`
-    (one document per line, blank lines skipped); any other path is one UTF-8 document.
+    `builtin:prose-train` the zoo's training text of a domain (calibration for routing). A
+    `.jsonl` path gives each line's `text` (one document per line, blank lines skipped); any other
+    path is one UTF-8 document.
 
     Raises:
         InputDataError: a missing or unreadable file, a bad JSON line, or no text at all.

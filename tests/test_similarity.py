@@ -162,20 +162,49 @@ def test_cka_matrix_streams_every_pair_exactly() -> None:
 
 
 def _stored_bytes(matrix: CkaMatrix) -> int:
-    tensors = [t for s in (*matrix.stats_a, *matrix.stats_b)
+    streaming = matrix._streaming
+    assert streaming is not None
+    tensors = [t for s in (*streaming.stats_a, *streaming.stats_b)
                for t in (s.sum, s.self_sums.xy, s.self_sums.ay, s.self_sums.bx)]
-    tensors += [acc.pair.xy for row in matrix.pairs for acc in row]
+    tensors += [acc.pair.xy for row in streaming.pairs for acc in row]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def test_cka_matrix_memory_does_not_grow_with_samples() -> None:
     xs, ys = _layers(seed=8, n=400)
     matrix = CkaMatrix([x.shape[1] for x in xs], [y.shape[1] for y in ys])
-    matrix.update([x[:20] for x in xs], [y[:20] for y in ys])
+    matrix.update([x[:20] for x in xs], [y[:20] for y in ys])  # 20 rows > width 9: streaming
+    assert matrix.streaming
     before = _stored_bytes(matrix)
     for start in range(20, 400, 20):
         matrix.update([x[start : start + 20] for x in xs], [y[start : start + 20] for y in ys])
     assert matrix.count == 400 and _stored_bytes(matrix) == before
+
+
+@pytest.mark.parametrize("estimator", ["debiased", "biased"])
+def test_gram_form_for_few_samples_equals_the_streamed_sums(estimator: str) -> None:
+    xs, ys = _layers(seed=9, n=60)
+    wide = [torch.cat([x, x[:, :2] * 3.0], dim=1) for x in xs]  # widths up to 9
+    few = CkaMatrix([x.shape[1] for x in wide], [y.shape[1] for y in ys], buffer_rows=1000)
+    streamed = CkaMatrix([x.shape[1] for x in wide], [y.shape[1] for y in ys], buffer_rows=0)
+    for start, stop in ((0, 35), (35, 60)):
+        for matrix in (few, streamed):
+            matrix.update([x[start:stop] for x in wide], [y[start:stop] for y in ys])
+    assert not few.streaming and streamed.streaming and few.count == streamed.count == 60
+    gram, sums = few.values(estimator), streamed.values(estimator)  # type: ignore[arg-type]
+    assert torch.allclose(gram, sums, atol=1e-10)
+    if estimator == "debiased":
+        assert float(gram[1, 0]) == pytest.approx(reference_cka(wide[1], ys[0], debiased=True),
+                                                  abs=1e-9)
+    assert few.accumulator(2, 1).value(estimator) == pytest.approx(float(sums[2, 1]), abs=1e-10)
+
+
+def test_gram_form_gives_nan_for_a_constant_layer() -> None:
+    x = torch.randn(12, 3, dtype=F64)
+    matrix = CkaMatrix([3, 3], [3])
+    matrix.update([x, torch.ones(12, 3, dtype=F64)], [x * 2.0])
+    values = matrix.values()
+    assert float(values[0, 0]) == pytest.approx(1.0) and torch.isnan(values[1, 0])
 
 
 def test_units_of_a_permuted_copy_match_perfectly_and_same_index_does_not() -> None:
