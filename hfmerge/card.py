@@ -12,6 +12,7 @@ import yaml
 
 from hfmerge.methods import MergeMethod
 from hfmerge.preflight import InspectedModel
+from hfmerge.sources import ModelSource
 
 # Head class suffix in config.architectures -> the transformers Auto class that loads it.
 _AUTO_CLASSES = (
@@ -90,24 +91,66 @@ def with_repo_id(card: str, repo_id: str) -> str:
 
 def _front_matter(base: InspectedModel, inputs: Sequence[InspectedModel]) -> str:
     models = list({id(m): m for m in [base, *inputs]}.values())
-    hub_ids = [m.source.hub_id for m in models if m.source.hub_id]
+    pipeline_tag = _PIPELINE_TAGS.get(auto_class_name(base.config))
+    return _hub_metadata([m.source for m in models], tags=["merge", "hfmerge"],
+                         library="transformers", pipeline_tag=pipeline_tag)
+
+
+def _hub_metadata(sources: Sequence[ModelSource], *, tags: list[str], library: str | None,
+                  pipeline_tag: str | None) -> str:
+    """YAML front matter: Hub inputs as `base_model`, relation, tags, a license every input
+    shares, and the pipeline tag."""
+    hub_ids = [s.hub_id for s in sources if s.hub_id]
     meta: dict[str, Any] = {}
     if hub_ids:
         meta["base_model"] = list(dict.fromkeys(hub_ids))
-    meta.update(
-        {
-            "base_model_relation": "merge",
-            "library_name": "transformers",
-            "tags": ["merge", "hfmerge"],
-        }
-    )
-    licenses = {m.source.license for m in models}
+    meta["base_model_relation"] = "merge"
+    if library:
+        meta["library_name"] = library
+    meta["tags"] = tags
+    licenses = {s.license for s in sources}
     if len(licenses) == 1 and None not in licenses:  # inherited only when every input agrees
         meta["license"] = licenses.pop()
-    pipeline_tag = _PIPELINE_TAGS.get(auto_class_name(base.config))
     if pipeline_tag:
         meta["pipeline_tag"] = pipeline_tag
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def routed_snippet(location: str) -> str:
+    """Python lines that load a routed repo at `location` (a path or a Hub id)."""
+    return (
+        "from hfmerge import RoutedModel\n"
+        f"model = RoutedModel.from_pretrained({location!r})\n"
+        'print(model.route(["def add(a, b):", "The quick brown fox"]))\n'
+        'ids = model.tokenizer("def add(a, b):", return_tensors="pt").input_ids\n'
+        "print(model.tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))"
+    )
+
+
+def render_routed_card(*, title: str, experts: Sequence[ModelSource], names: Sequence[str],
+                       recipe_text: str, snippet: str, sections: Sequence[str] = (),
+                       endpoint: str = DEFAULT_ENDPOINT) -> str:
+    """README.md of a routed repo: metadata, the experts, routing report, recipe, loading."""
+    rows = ["| expert | model | revision |", "|---|---|---|"]
+    for name, source in zip(names, experts, strict=True):
+        if source.hub_id and source.revision:
+            link = f"{endpoint.rstrip('/')}/{source.hub_id}/tree/{source.revision}"
+            rows.append(f"| `{name}` | [`{source.hub_id}`]({link}) | `{source.revision}` |")
+        else:
+            rows.append(f"| `{name}` | `{source.ref}` | local files (bundled) |")
+    body = [
+        f"# {title}",
+        "A routed model made with hfmerge: each input sequence is sent to the one expert whose "
+        "calibration text it resembles most, so every expert keeps what it learned (no "
+        "averaging). It needs no remote code; load it with `hfmerge.RoutedModel`.",
+        "## Experts\n\n" + "\n".join(rows),
+        *sections,
+        "## Recipe\n\n```yaml\n" + recipe_text.rstrip() + "\n```",
+        "## Use\n\n```python\n" + snippet + "\n```",
+    ]
+    meta = _hub_metadata(experts, tags=["merge", "hfmerge", "routing"], library=None,
+                         pipeline_tag="text-generation")
+    return meta + "\n" + "\n\n".join(body) + "\n"
 
 
 def _inputs_table(

@@ -53,9 +53,7 @@ def run(
     ] = False,
 ) -> None:
     """Run a recipe: merge the models it names, write a model directory, optionally push it."""
-    from hfmerge.card import load_snippet
     from hfmerge.pipeline import run_recipe
-    from hfmerge.plan import format_plan
     from hfmerge.recipe import load_recipe
 
     parsed = load_recipe(recipe)
@@ -71,13 +69,11 @@ def run(
         offline=offline,
     )
     if result.out_dir is None:
-        typer.echo(format_plan(result.plan))
+        typer.echo(result.describe_plan())
         return
     typer.echo(str(result.out_dir))
-    _hint(
-        f"Merged model written to {result.out_dir}. Load it with:\n"
-        + load_snippet(result.plan.base.config, str(result.out_dir))
-    )
+    kind = "Routed" if parsed.route is not None else "Merged"
+    _hint(f"{kind} model written to {result.out_dir}. Load it with:\n{result.snippet}")
     if result.url:
         typer.echo(result.url)
         _hint(f"Pushed to {result.url}")
@@ -88,9 +84,13 @@ def validate(recipe: RecipeArg) -> None:
     """Check a recipe: every schema problem at once, then model compatibility from headers."""
     from hfmerge.pipeline import run_recipe
     from hfmerge.recipe import load_recipe
+    from hfmerge.route_step import RoutePlan
 
     result = run_recipe(load_recipe(recipe), dry_run=True, progress=False)
     plan = result.plan
+    if isinstance(plan, RoutePlan):
+        typer.echo(f"{recipe}: OK — {plan.method} router over {len(plan.experts)} experts")
+        return
     typer.echo(
         f"{recipe}: OK — {plan.method.name} over {len(plan.inputs)} models, "
         f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB of output"
@@ -170,28 +170,33 @@ EvalBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows 
 
 @app.command("eval")
 def eval_(
-    model: EvalModelArg,
-    data: EvalDataOpt = None,
+    models: Annotated[
+        list[str],
+        typer.Argument(help="Model dirs, zoo:NAME, Hub ids or routed repos.", show_default=False),
+    ],
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="UTF-8 text file, .jsonl with a `text` field, or "
+                     "builtin[:code|prose|mixed]; repeat it to compare on several texts."),
+    ] = None,
     json_out: EvalJsonOpt = None,
     max_length: EvalLengthOpt = 128,
     samples: EvalSamplesOpt = None,
     batch_size: EvalBatchOpt = 8,
 ) -> None:
-    """Mean token loss and perplexity of a model on text (MLM loss on fixed masks for BERT)."""
-    from hfmerge.evaluate import eval_model, format_eval
+    """Mean token loss and perplexity of models on text (MLM loss on fixed masks for BERT).
+
+    Routed repos are evaluated through their router; several models or texts give a table.
+    """
+    from hfmerge.eval_report import eval_grid, format_grid, grid_json
     from hfmerge.reports import write_json
 
-    result = eval_model(
-        model,
-        data=data,
-        max_length=max_length,
-        samples=samples,
-        batch_size=batch_size,
-        progress=True,
-    )
-    typer.echo(format_eval(model, result))
+    texts: list[str | None] = list(data) if data else [None]
+    cells = eval_grid(models, texts, max_length=max_length, samples=samples,
+                      batch_size=batch_size, progress=True)
+    typer.echo(format_grid(cells))
     if json_out is not None:
-        _hint(f"wrote {write_json(json_out, {'model': model, **result.to_json()})}")
+        _hint(f"wrote {write_json(json_out, grid_json(cells))}")
 
 
 @app.command()

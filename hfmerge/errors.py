@@ -194,3 +194,18 @@ class AlignmentError(HfMergeError):
 
     def __init__(self, problem: str, *, why: str = "", fix: str = "") -> None:
         super().__init__(f"Alignment failed: {problem}", why=why, fix=fix)
+
+
+class RoutedRepoError(HfMergeError):
+    """A routed repo (`hfmerge_router.json` + `router.safetensors`) is missing or malformed."""
+
+    def __init__(self, repo: str, problem: str, fix: str) -> None:
+        self.repo = repo
+        super().__init__(f"Routed repo {repo}: {problem}", fix=fix)
+
+
+class RoutingError(HfMergeError):
+    """A router cannot be built or used as asked (calibration data, experts, memory budget)."""
+
+    def __init__(self, problem: str, *, why: str = "", fix: str = "") -> None:
+        super().__init__(f"Routing: {problem}", why=why, fix=fix)

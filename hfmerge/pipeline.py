@@ -12,17 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from hfmerge.alignment_step import align_inputs
-from hfmerge.card import DEFAULT_ENDPOINT, render_card
+from hfmerge.card import (
+    DEFAULT_ENDPOINT,
+    load_snippet,
+    render_card,
+    render_routed_card,
+    routed_snippet,
+)
 from hfmerge.cka_gate import cka_gate
 from hfmerge.engine import execute_plan
 from hfmerge.errors import HfMergeError, ModelSourceError
 from hfmerge.methods import get_method, validate_params
-from hfmerge.plan import MergePlan, build_plan
+from hfmerge.plan import MergePlan, build_plan, format_plan
 from hfmerge.preflight import InspectedModel, inspect_models
 from hfmerge.provenance import pinned_recipe
 from hfmerge.publish import check_push, push_output
 from hfmerge.recipe import ModelEntry, Recipe
-from hfmerge.sources import fetch_files
+from hfmerge.route_step import RoutePlan, build_route, download_route, plan_route
+from hfmerge.sources import ModelSource, fetch_files
 from hfmerge.tensors import (
     atomic_output_dir,
     check_output_dir,
@@ -36,12 +43,20 @@ RECIPE_FILE = "hfmerge_recipe.yaml"
 
 @dataclass(frozen=True)
 class RunResult:
-    """What `run_recipe` did: the plan, where the output went (None for a dry run), and the URL
-    of the Hub repo it was pushed to (None when not pushed)."""
+    """What `run_recipe` did: the plan (a merge plan, or a route plan for `route:` recipes),
+    where the output went (None for a dry run), the Python lines that load it, and the URL of
+    the Hub repo it was pushed to (None when not pushed)."""
 
-    plan: MergePlan
+    plan: MergePlan | RoutePlan
     out_dir: Path | None
     url: str | None = None
+    snippet: str = ""
+
+    def describe_plan(self) -> str:
+        """The plan as `--dry-run` prints it."""
+        if isinstance(self.plan, RoutePlan):
+            return self.plan.describe()
+        return format_plan(self.plan)
 
 
 def run_recipe(
@@ -77,7 +92,10 @@ def run_recipe(
         HfMergeError: any user-facing problem, raised before weights are downloaded or output
             is written. `PushError` when only the push failed: the output is then complete.
     """
-    _refuse_unsupported(recipe)
+    if recipe.route is not None:
+        return _run_route(recipe, recipe_text=recipe_text, out_dir=out_dir, dry_run=dry_run,
+                          force=force, progress=progress, push=push, private=private,
+                          offline=offline)
     assert recipe.merge is not None
     method = get_method(recipe.merge.method)
     base_entry, inputs_entries = _split_base(recipe, needs_base=method.needs_base)
@@ -104,7 +122,8 @@ def run_recipe(
     plan = _download(plan, offline=offline)
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
     alignment = align_inputs(recipe, plan, progress=progress)
-    text = pinned_recipe(recipe, recipe_text, [base, *inputs])
+    text = pinned_recipe(recipe, recipe_text, [m.source for m in [base, *inputs]])
+    snippet = load_snippet(base.config, push or str(target))
     card_params = CardParams(
         method=params.model_dump(by_alias=True),
         inputs=[p.model_dump(by_alias=True) for p in model_params],
@@ -130,19 +149,46 @@ def run_recipe(
             sections=[cka.card_section(), alignment.card_section()],
         )
     if not push:
-        return RunResult(plan=plan, out_dir=target)
+        return RunResult(plan=plan, out_dir=target, snippet=snippet)
     keep_private = recipe.output.private if private is None else private
     url = push_output(target, push, private=keep_private, checked=True, method=method.name)
-    return RunResult(plan=plan, out_dir=target, url=url)
+    return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet)
 
 
-def _refuse_unsupported(recipe: Recipe) -> None:
-    if recipe.route is not None:
-        raise HfMergeError(
-            "This build of hfmerge cannot run `route:` (per-input routing) recipes yet",
-            why="the recipe is valid, but routing is not implemented in this version",
-            fix="use `merge:` instead, or check the models first with `hfmerge cka`",
-        )
+def _run_route(recipe: Recipe, *, recipe_text: str | None, out_dir: str | Path | None,
+               dry_run: bool, force: bool, progress: bool, push: str | None,
+               private: bool | None, offline: bool) -> RunResult:
+    """The `route:` counterpart of a merge: experts pinned, router fitted, routed repo written."""
+    target = Path(out_dir or recipe.output.path or "out/routed")
+    push = push or recipe.output.push
+    if not dry_run:
+        check_output_dir(target, force=force)
+        if push:
+            push = check_push(push, offline=offline)
+    plan = plan_route(recipe, offline=offline, progress=progress)
+    if dry_run:
+        return RunResult(plan=plan, out_dir=None)
+    for source in [*plan.experts, *([plan.backbone] if plan.backbone else [])]:
+        if target.resolve() == source.path.resolve():
+            raise HfMergeError(f"The output directory {target} is the input model {source.ref}",
+                               fix="choose another output path (`--out DIR`)")
+    plan = download_route(plan, offline=offline)
+    text = pinned_recipe(recipe, recipe_text, plan.experts)
+    snippet = routed_snippet(push or str(target))
+    with atomic_output_dir(target, force=force) as staging:
+        built = build_route(plan, recipe, staging, progress=progress)
+        (staging / RECIPE_FILE).write_text(text, encoding="utf-8")
+        card = render_routed_card(title=target.name, experts=plan.experts, names=plan.names,
+                                  recipe_text=text, snippet=snippet,
+                                  sections=[built.card_section], endpoint=_hub_endpoint(
+                                      [*plan.experts, *([plan.backbone] if plan.backbone
+                                                        else [])]))
+        (staging / "README.md").write_text(card, encoding="utf-8")
+    if not push:
+        return RunResult(plan=plan, out_dir=target, snippet=snippet)
+    keep_private = recipe.output.private if private is None else private
+    url = push_output(target, push, private=keep_private, checked=True, method="routed")
+    return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet)
 
 
 def _split_base(recipe: Recipe, *, needs_base: bool) -> tuple[ModelEntry, list[ModelEntry]]:
@@ -239,7 +285,11 @@ def _write_side_files(
 
 
 def _endpoint(plan: MergePlan) -> str:
-    if all(m.source.hub_id is None for m in [plan.base, *plan.inputs]):
+    return _hub_endpoint([m.source for m in [plan.base, *plan.inputs]])
+
+
+def _hub_endpoint(sources: list[ModelSource]) -> str:
+    if all(source.hub_id is None for source in sources):
         return DEFAULT_ENDPOINT  # no Hub input: nothing links to it
     from hfmerge import hub
 

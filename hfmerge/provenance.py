@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hfmerge.preflight import InspectedModel
 from hfmerge.recipe import ModelEntry, Recipe
+from hfmerge.sources import ModelSource
 
 
-def pinned_recipe(recipe: Recipe, recipe_text: str | None, models: list[InspectedModel]) -> str:
+def pinned_recipe(recipe: Recipe, recipe_text: str | None, sources: Sequence[ModelSource]) -> str:
     """The recipe with every Hub model pinned to the commit sha it resolved to, as YAML.
 
     Saved as `hfmerge_recipe.yaml` and shown in the card: running it again reproduces the same
@@ -22,9 +22,9 @@ def pinned_recipe(recipe: Recipe, recipe_text: str | None, models: list[Inspecte
     if not isinstance(data, dict):
         data = recipe.model_dump(mode="json", exclude_defaults=True)
     pins = {
-        m.name: (m.source.hub_id, m.source.revision)
-        for m in models
-        if m.source.hub_id and m.source.revision
+        source.display: (source.hub_id, source.revision)
+        for source in sources
+        if source.hub_id and source.revision
     }
     data = _pin_models(data, pins) if pins else data
     header = (

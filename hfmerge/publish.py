@@ -21,7 +21,8 @@ def push_output(
     """Push a finished output directory to the Hub as one commit; the repo's URL.
 
     Refuses, before uploading anything, a directory that is not a model output (no config.json
-    or no safetensors weights). `checked` says `check_push` already ran.
+    or no safetensors weights) or a routed repo that does not open. `checked` says `check_push`
+    already ran.
 
     Raises:
         PushError: the upload failed after retries; the local output is untouched.
@@ -53,6 +54,11 @@ def check_push(repo_id: str, *, offline: bool) -> str:
 def _check_model_output(folder: Path) -> None:
     if not folder.is_dir():
         raise OutputError(str(folder), "is not a directory", "name a model output directory")
+    from hfmerge.routing.manifest import MANIFEST_FILE
+
+    if (folder / MANIFEST_FILE).is_file():
+        _check_routed_output(folder)
+        return
     if not (folder / "config.json").is_file():
         raise OutputError(
             str(folder),
@@ -65,3 +71,25 @@ def _check_model_output(folder: Path) -> None:
         raise OutputError(
             str(folder), f"is not a complete model output: {exc.what}", exc.fix
         ) from None
+
+
+def _check_routed_output(folder: Path) -> None:
+    """A routed repo must open: manifest and router valid, every bundled model complete.
+
+    Experts referenced by Hub id are not fetched: they live in their own repos.
+    """
+    from hfmerge.errors import RoutedRepoError
+    from hfmerge.routing.repo import read_manifest, read_router
+
+    try:
+        manifest = read_manifest(folder, label=str(folder))
+        read_router(folder, manifest, label=str(folder))
+        locations = [expert.location for expert in manifest.experts]
+        if manifest.router.backbone is not None and manifest.router.backbone.location:
+            locations.append(manifest.router.backbone.location)
+        for location in locations:
+            if location.path is not None:
+                read_checkpoint_index(folder / location.path)
+    except (RoutedRepoError, ModelSourceError) as exc:
+        raise OutputError(str(folder), f"is not a complete routed repo: {exc.what}",
+                          exc.fix) from None

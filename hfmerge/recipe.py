@@ -82,6 +82,12 @@ class RouteSpec(_Strict):
 
     method: Literal["centroid", "logistic", "perplexity"] = "centroid"
     experts: list[ExpertSpec] = Field(default_factory=list)
+    layer: int | None = Field(None, ge=1)  # backbone block whose output is pooled; ~2/3 depth
+    temperature: float | None = Field(None, gt=0)  # softmax temperature of the router scores
+    min_confidence: float | None = Field(None, ge=0, le=1)  # below it: default_expert
+    default_expert: int | None = Field(None, ge=0)  # index into `models`
+    bundle: bool | None = None  # copy experts into the repo; default: when any is not on the Hub
+    seed: int = 0
 
 
 class OutputSpec(_Strict):

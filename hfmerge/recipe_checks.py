@@ -106,15 +106,27 @@ def _route_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     if not isinstance(route, Mapping):
         return []
     experts, models = route.get("experts"), data.get("models")
-    if not (isinstance(experts, list) and experts and isinstance(models, list)):
+    if not isinstance(models, list):
         return []
-    if len(experts) != len(models):
-        message = (
+    problems: list[tuple[Location, str]] = []
+    if not experts:
+        problems.append((("route",), "no `experts:`: give one calibration entry per model "
+                         "(`- data: FILE`), in the order of `models:`"))
+    elif isinstance(experts, list) and len(experts) != len(models):
+        problems.append((("route", "experts"), (
             f"{len(experts)} experts for {len(models)} models: give one calibration entry "
-            "per model, in the order of `models:`"
-        )
-        return [(("route", "experts"), message)]
-    return []
+            "per model, in the order of `models:`")))
+    default = route.get("default_expert")
+    if isinstance(default, int) and not isinstance(default, bool) and default >= len(models):
+        problems.append((("route", "default_expert"), (
+            f"default_expert {default} is not a model index; use 0 to {len(models) - 1} "
+            "(the order of `models:`)")))
+    align = data.get("align")
+    if isinstance(align, Mapping) and align.get("method", "none") != "none":
+        problems.append((("align", "method"), (
+            "alignment has no effect on routing (each input runs one whole expert): remove "
+            "`align:` or use `merge:`")))
+    return problems
 
 
 def _output_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hfmerge import RoutedModel
 from hfmerge.cli import main
 from hfmerge.errors import UnknownNameError
 from hfmerge.zoo import configured_zoo
@@ -31,6 +32,9 @@ def test_zoo_recipe_runs_and_loads(
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
+    if "route:" in path.read_text(encoding="utf-8"):
+        _check_routed(out)
+        return
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tokenizer(["def merge(a, b):\n    return a"], return_tensors="pt")
@@ -38,6 +42,16 @@ def test_zoo_recipe_runs_and_loads(
         output = model(**ids, labels=ids["input_ids"])
     assert torch.isfinite(output.logits).all()
     assert 0 < output.loss.item() < 20
+
+
+def _check_routed(out: Path) -> None:
+    model = RoutedModel.from_pretrained(out, device_map=None)
+    assert len(model.route(["def merge(a, b):\n    return a", "The merge of two lists"])) == 2
+    ids = model.tokenizer(["def merge(a, b):"], return_tensors="pt")
+    output = model(**ids)
+    assert torch.isfinite(output.logits).all()
+    generated = model.generate(ids["input_ids"], max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 4
 
 
 def test_demo_is_among_them() -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from hfmerge.errors import HfMergeError, IncompatibleModelsError, OutputError
+from hfmerge.errors import IncompatibleModelsError, InputDataError, OutputError
 from hfmerge.methods import METHODS
 from hfmerge.pipeline import run_recipe
 from hfmerge.recipe import parse_recipe
@@ -184,16 +184,19 @@ def test_incompatible_models_named_before_any_output(make_model: MakeModel, tmp_
     assert not out.exists()
 
 
-def test_route_recipes_refused_clearly(make_model: MakeModel, tmp_path: Path) -> None:
+def test_route_recipe_with_missing_calibration_text_writes_nothing(
+    make_model: MakeModel, tmp_path: Path
+) -> None:
     a, b = make_model("a"), make_model("b", seed=1)
+    missing = tmp_path / "missing.txt"
     data = parse_recipe(
         {
             "models": [str(a), str(b)],
-            "route": {"method": "centroid"},
+            "route": {"method": "centroid", "experts": [{"data": str(missing)}] * 2},
             "output": {"path": str(tmp_path / "out")},
         }
     )
-    with pytest.raises(HfMergeError, match="route"):
+    with pytest.raises(InputDataError, match=r"missing\.txt"):
         run_recipe(data, progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -96,6 +96,19 @@ def test_route_experts_must_match_models() -> None:
     assert any("1 experts for 2 models" in p for p in problems_of(text))
 
 
+def test_route_needs_experts_a_valid_default_and_no_alignment() -> None:
+    head = GOOD.split("merge:")[0].replace("    weight: 0.5\n    density: 0.4\n", "")
+    assert any("no `experts:`" in p for p in problems_of(head + "route:\n  method: centroid\n"))
+    text = head + ("align: {method: weight}\nroute:\n  experts: [{data: a}, {data: b}]\n"
+                   "  default_expert: 2\n  temperature: 0\n")
+    found = "\n".join(problems_of(text))
+    assert "default_expert 2 is not a model index" in found
+    assert "alignment has no effect on routing" in found and "route.temperature" in found
+    ok = head + "route:\n  experts: [{data: a}, {data: b}]\n  default_expert: 1\n"
+    recipe = parse_recipe_text(ok)
+    assert recipe.route is not None and recipe.route.default_expert == 1
+
+
 def test_not_a_mapping_and_bad_yaml() -> None:
     assert "a recipe must be a YAML mapping" in problems_of("- a\n- b\n")[0]
     assert "not valid YAML" in problems_of("models: [a, b\n")[0]

@@ -1,0 +1,82 @@
+"""`hfmerge eval` over several models and texts: plain and routed models side by side.
+
+One model on one text prints the single line of `format_eval`; more print a table with one row
+per model and one loss column per text, which is how routed, expert and merged models compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hfmerge.evaluate import EvalResult, eval_model, format_eval
+from hfmerge.textdata import describe_data, load_texts
+
+
+@dataclass(frozen=True)
+class EvalCell:
+    """One model's result on one text."""
+
+    model: str
+    data: str
+    result: EvalResult
+
+    def to_json(self) -> dict[str, Any]:
+        """`{"model", "data", "loss", "perplexity", "tokens", ...}`."""
+        return {"model": self.model, "data": self.data, **self.result.to_json()}
+
+
+def eval_any(ref: str, *, data: str | None, max_length: int, samples: int | None,
+             batch_size: int, progress: bool) -> EvalResult:
+    """Evaluate a plain model or a routed repo (local folder or Hub id)."""
+    from hfmerge.routing import eval_routed, is_routed_repo
+
+    if is_routed_repo(ref, check_hub=True):
+        return eval_routed(ref, data=data, max_length=max_length, samples=samples,
+                           batch_size=batch_size, progress=progress)
+    return eval_model(ref, data=data, max_length=max_length, samples=samples,
+                      batch_size=batch_size, progress=progress)
+
+
+def eval_grid(refs: Sequence[str], datas: Sequence[str | None], *, max_length: int,
+              samples: int | None, batch_size: int, progress: bool) -> list[EvalCell]:
+    """Every model on every text, model by model.
+
+    Raises:
+        InputDataError: a text is unreadable; checked for all texts before any model loads.
+    """
+    for data in datas:
+        load_texts(data)
+    return [EvalCell(ref, describe_data(data),
+                     eval_any(ref, data=data, max_length=max_length, samples=samples,
+                              batch_size=batch_size, progress=progress))
+            for ref in refs for data in datas]
+
+
+def format_grid(cells: Sequence[EvalCell]) -> str:
+    """One line for a single result; else a loss table, the best loss per text starred."""
+    if len(cells) == 1:
+        return format_eval(cells[0].model, cells[0].result)
+    models = list(dict.fromkeys(c.model for c in cells))
+    datas = list(dict.fromkeys(c.data for c in cells))
+    loss = {(c.model, c.data): c.result.loss for c in cells}
+    best = {d: min(loss[m, d] for m in models) for d in datas}
+    width = max(len("model"), *map(len, models))
+    header = f"{'model':<{width}}  " + "  ".join(f"{d:>16}" for d in datas)
+    lines = ["mean token loss (nats/token; * = lowest per text)", header]
+    for model in models:
+        values = [f"{loss[model, d]:.4f}{'*' if loss[model, d] == best[d] else ' '}"
+                  for d in datas]
+        lines.append(f"{model:<{width}}  " + "  ".join(f"{v:>16}" for v in values))
+    return "\n".join(lines)
+
+
+def grid_json(cells: Sequence[EvalCell]) -> dict[str, Any]:
+    """The DESIGN.md `eval` fields for one result; `{"results": [...]}` for several."""
+    if len(cells) == 1:
+        return cells[0].to_json()
+    return {"results": [c.to_json() for c in cells]}
+
+
+__all__ = ["EvalCell", "eval_any", "eval_grid", "format_grid", "grid_json"]

@@ -1,0 +1,186 @@
+"""The `route:` side of a recipe: pin the experts, fit the router, write the routed repo.
+
+Every check that can fail (calibration text, references, names) runs in `plan_route`, before any
+weight is downloaded; `build_route` then downloads, fits and writes into a staging folder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hfmerge.recipe import Recipe
+from hfmerge.sources import ModelSource, fetch_files, pin_model
+from hfmerge.textdata import describe_data, load_texts
+
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """What a route recipe will build: pinned experts, their names and calibration text."""
+
+    method: str
+    experts: list[ModelSource]
+    names: list[str]
+    calibration: list[list[str]]  # texts per expert, same order
+    calibration_names: list[str]  # where they came from, for the card
+    backbone: ModelSource | None  # a router backbone that is not one of the experts
+    backbone_expert: str | None  # or the expert that serves as the backbone
+    bundle: bool
+
+    def describe(self) -> str:
+        """The plan as a few lines (what `--dry-run` prints)."""
+        lines = [f"route: {self.method} router over {len(self.experts)} experts "
+                 f"({'bundled' if self.bundle else 'referenced by pinned Hub revision'})"]
+        for name, source, data in zip(self.names, self.experts, self.calibration_names,
+                                      strict=True):
+            pinned = f"@{source.revision}" if source.revision else ""
+            lines.append(f"  expert {name}: {source.hub_id or source.ref}{pinned}, "
+                         f"calibration {data}")
+        if self.backbone is not None:
+            lines.append(f"  router backbone: {self.backbone.ref}")
+        elif self.backbone_expert is not None:
+            lines.append(f"  router backbone: expert {self.backbone_expert}")
+        return "\n".join(lines)
+
+
+def expert_names(refs: Sequence[str]) -> list[str]:
+    """Short, unique, path-safe names: `zoo:code` -> code, `org/model@rev` -> model."""
+    names: list[str] = []
+    for ref in refs:
+        stem = ref.split("@", 1)[0].rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+        name = _NAME_CHARS.sub("-", stem).strip("-.") or "expert"
+        unique, k = name, 2
+        while unique in names:
+            unique, k = f"{name}-{k}", k + 1
+        names.append(unique)
+    return names
+
+
+def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
+    """Read the calibration text and pin every model; nothing is downloaded but configs.
+
+    Raises:
+        InputDataError: a calibration file is missing, unreadable or empty.
+        ModelSourceError, HubError: a model reference cannot be resolved.
+    """
+    route = recipe.route
+    assert route is not None
+    calibration = [load_texts(expert.data) for expert in route.experts]  # bad input first
+    experts = [pin_model(e.model, revision=e.revision, offline=offline, progress=progress)
+               for e in recipe.models]
+    names = expert_names([e.model for e in recipe.models])
+    backbone, backbone_expert = None, None
+    if route.method != "perplexity":
+        base = recipe.base_entry()
+        refs = [e.ref for e in recipe.models]
+        if base.ref in refs:
+            backbone_expert = names[refs.index(base.ref)]
+        else:
+            backbone = pin_model(base.model, revision=base.revision, offline=offline,
+                                 progress=progress)
+    models = [*experts, *([backbone] if backbone else [])]
+    bundle = route.bundle if route.bundle is not None else any(m.hub_id is None for m in models)
+    return RoutePlan(route.method, experts, names, calibration,
+                     [describe_data(e.data) for e in route.experts], backbone,
+                     backbone_expert, bundle)
+
+
+def download_route(plan: RoutePlan, *, offline: bool) -> RoutePlan:
+    """Fetch every Hub model's weights, config and tokenizer into the HF cache."""
+    from hfmerge import hub
+
+    def fetch(source: ModelSource) -> ModelSource:
+        if source.hub_id is None or source.revision is None:
+            return source
+        index = hub.remote_index(source.hub_id, source.revision, offline=offline)
+        return fetch_files(source, index.shards, side_files=True, offline=offline)
+
+    backbone = fetch(plan.backbone) if plan.backbone is not None else None
+    return RoutePlan(plan.method, [fetch(s) for s in plan.experts], plan.names, plan.calibration,
+                     plan.calibration_names, backbone, plan.backbone_expert, plan.bundle)
+
+
+@dataclass(frozen=True)
+class BuiltRoute:
+    """The routed repo's content, written into a staging folder, and its calibration report."""
+
+    heldout_accuracy: float | None
+    card_section: str
+
+
+def build_route(plan: RoutePlan, recipe: Recipe, staging: Path, *, progress: bool
+                ) -> BuiltRoute:
+    """Fit the router on the calibration text and write manifest, router tensors and bundles."""
+    from hfmerge.routing import (
+        BackboneRef,
+        ExpertEntry,
+        ModelLocation,
+        build_router,
+        routed_manifest,
+        write_routed_repo,
+    )
+
+    route = recipe.route
+    assert route is not None
+    paths = [s.path for s in plan.experts]
+    backbone_path = plan.backbone.path if plan.backbone is not None else None
+    if plan.backbone_expert is not None:
+        backbone_path = paths[plan.names.index(plan.backbone_expert)]
+    built = build_router(
+        plan.method, backbone=backbone_path, experts=paths, calibration_texts=plan.calibration,
+        names=plan.names, layer=route.layer, samples=recipe.probe.samples,
+        max_length=recipe.probe.max_length, temperature=route.temperature,
+        min_confidence=route.min_confidence, default_expert=route.default_expert,
+        seed=route.seed, progress=progress)
+
+    def location(source: ModelSource, folder: str) -> ModelLocation:
+        if plan.bundle or source.hub_id is None:
+            return ModelLocation(path=folder)
+        return ModelLocation(repo_id=source.hub_id, revision=source.revision)
+
+    experts = [ExpertEntry(name, location(source, f"experts/{name}"))
+               for name, source in zip(plan.names, plan.experts, strict=True)]
+    backbone_ref = None
+    if plan.backbone_expert is not None:
+        backbone_ref = BackboneRef(expert=plan.backbone_expert)
+    elif plan.backbone is not None:
+        backbone_ref = BackboneRef(location=location(plan.backbone, "backbone"))
+    manifest = routed_manifest(built, experts, backbone=backbone_ref)
+    write_routed_repo(
+        staging, manifest, built.router,
+        bundle_sources={n: s.path for n, s in zip(plan.names, plan.experts, strict=True)},
+        backbone_source=plan.backbone.path if plan.backbone is not None else None)
+    return BuiltRoute(built.report.heldout_accuracy, _card_section(plan, built))
+
+
+def _card_section(plan: RoutePlan, built: object) -> str:
+    from hfmerge.routing import BuiltRouter
+
+    assert isinstance(built, BuiltRouter)
+    report = built.report
+    rows = ["| expert | model | calibration | windows | held-out recall |", "|---|---|---|---|---|"]
+    for k, (name, source) in enumerate(zip(plan.names, plan.experts, strict=True)):
+        recall = report.expert_accuracy[k]
+        shown = "–" if recall is None else f"{recall:.1%}"
+        model = source.hub_id or source.ref
+        pinned = f" @ `{source.revision[:12]}`" if source.revision else ""
+        rows.append(f"| `{name}` | `{model}`{pinned} | {plan.calibration_names[k]} | "
+                    f"{report.samples[k]} | {shown} |")
+    settings = built.router.settings
+    lines = [f"- router: `{built.router.name}`, layer {built.layer}, "
+             f"temperature {settings.temperature}, windows of {built.max_length} tokens"]
+    if report.heldout_accuracy is not None:
+        lines.append(f"- held-out routing accuracy on calibration text: "
+                     f"{report.heldout_accuracy:.1%} ({report.heldout_samples} windows)")
+    lines += [f"- warning: {w}" for w in report.warnings]
+    return ("## Routing\n\nEach input sequence goes to one whole expert, chosen from the "
+            "router backbone's pooled hidden state.\n\n" + "\n".join(rows) + "\n\n"
+            + "\n".join(lines))
+
+
+__all__ = ["BuiltRoute", "RoutePlan", "build_route", "download_route", "expert_names",
+           "plan_route"]

@@ -1,0 +1,87 @@
+"""Routed experts read one token stream and return logits over one vocabulary: check that."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+from hfmerge.evaluate import load_tokenizer
+
+_WHY = "a routed model feeds every expert the same token ids and returns one logits tensor"
+
+
+def read_config(path: Path, *, label: str) -> dict[str, Any]:
+    """A model folder's config.json as a dict."""
+    try:
+        config: Any = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(label, f"its config.json cannot be read ({exc})",
+                               "route between transformers model folders") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(label, "its config.json is not a JSON object",
+                               "route between transformers model folders")
+    return config
+
+
+def config_value(path: Path, key: str) -> Any:
+    """One config.json field, or None."""
+    return read_config(path, label=str(path)).get(key)
+
+
+def config_vocab_size(path: Path, *, label: str) -> int:
+    """`vocab_size` from config.json."""
+    size = read_config(path, label=label).get("vocab_size")
+    if not isinstance(size, int):
+        raise ModelSourceError(label, "its config.json has no vocab_size",
+                               "route between transformers language models")
+    return size
+
+
+def check_expert_vocabularies(experts: Mapping[str, Path]) -> int:
+    """Every expert's config has the same vocab_size; returns it."""
+    sizes = {name: config_vocab_size(path, label=name) for name, path in experts.items()}
+    first, size = next(iter(sizes.items()))
+    for name, other in sizes.items():
+        if other != size:
+            raise IncompatibleModelsError(first, name, [
+                f"their vocabularies have {size} and {other} entries, and {_WHY}"])
+    return size
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, experts: Mapping[str, Path], *,
+                         tokenizer_label: str) -> None:
+    """Each expert's own tokenizer (when it has one) has the router tokenizer's vocabulary,
+    and every expert's embedding covers it."""
+    vocab = tokenizer.get_vocab()
+    for name, path in experts.items():
+        size = config_vocab_size(path, label=name)
+        if len(tokenizer) > size:
+            raise IncompatibleModelsError(tokenizer_label, name, [
+                f"the tokenizer has {len(tokenizer)} tokens but {name} embeds only {size}"])
+        try:
+            own: PreTrainedTokenizerBase | None = load_tokenizer(path, label=name)
+        except ModelSourceError:
+            own = None  # no tokenizer files: it reads the router tokenizer's ids (size checked)
+        if own is not None and own.get_vocab() != vocab:
+            raise IncompatibleModelsError(tokenizer_label, name, [
+                f"their tokenizers differ ({len(tokenizer)} vs {len(own)} tokens, or the same "
+                f"tokens with other ids), and {_WHY}"])
+
+
+
+
+
+def usable_length(models: Iterable[Path], max_length: int) -> int:
+    """`max_length`, capped at the shortest position limit among the models' configs."""
+    limits = [config_value(path, key) for path in models
+              for key in ("max_position_embeddings", "n_positions")]
+    return min([max_length, *(n for n in limits if isinstance(n, int) and n > 0)])
+
+
+__all__ = ["check_expert_vocabularies", "check_tokenizer_fits", "config_value", "config_vocab_size",
+           "read_config", "usable_length"]
