@@ -16,10 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The offline demo: a TIES merge of the zoo's specialists, then two seeds averaged after
-# permutation alignment, and the loss barrier between the seeds with and without it.
+# The offline demo: a TIES merge of the zoo's specialists and a routed model over them, their
+# losses side by side on held-out code and prose; then two seeds averaged after permutation
+# alignment, and the loss barrier between the seeds with and without it.
 demo: setup
 	$(BIN)/hfmerge run recipes/demo.yaml --force
+	$(BIN)/hfmerge run recipes/examples/routed-specialists.yaml --force
+	OMP_NUM_THREADS=1 $(BIN)/hfmerge eval out/routed-specialists zoo:code zoo:prose out/demo \
+		--data builtin:code --data builtin:prose --samples 64 --json out/routed-vs-merged.json
 	$(BIN)/hfmerge run recipes/examples/aligned-seeds.yaml --force
 	$(BIN)/hfmerge barrier zoo:seed0 zoo:seed1 --align none,weight --samples 64 \
 		--plot out/seeds-barrier.png --json out/seeds-barrier.json
