@@ -28,7 +28,8 @@ class CkaGateError(HfMergeError):
             f"{value:.4f} at {self.layer}, below check.cka_min {threshold:g}",
             why="models whose representations drifted apart average badly; routing each input "
             "to the model that fits it keeps what each learned",
-            fix="replace `merge:` with this `route:` block (one calibration text per model), "
+            fix="replace `merge:` (and any `align:`) with this `route:` block (one calibration "
+            "text per model), "
             f"lower `check.cka_min`, or pass --force to merge anyway:\n{route_block}",
         )
 
@@ -99,6 +100,14 @@ def _named(report: CkaReport, plan: MergePlan) -> CkaReport:
 
 def route_block(recipe: Recipe) -> str:
     """The `route:` section that would serve these models instead of a merge."""
-    experts = [{"data": f"calibration text for {entry.model}"} for entry in recipe.models]
+    experts = [{"data": _calibration_hint(entry.model)} for entry in recipe.models]
     block = {"route": {"method": "centroid", "experts": experts}}
     return yaml.safe_dump(block, sort_keys=False, default_flow_style=False).rstrip()
+
+
+def _calibration_hint(model: str) -> str:
+    """The zoo's specialists have built-in training text; other models need the user's."""
+    domain = model.removeprefix("zoo:")
+    if model.startswith("zoo:") and domain in ("code", "prose"):
+        return f"builtin:{domain}-train"
+    return f"text typical of {model}'s inputs (a file path)"

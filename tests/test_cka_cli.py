@@ -148,3 +148,15 @@ def test_errors_are_one_paragraph(
     bert = save_lm("bert", tmp_path / "bert", seed=0)
     assert main(["cka", str(models["a"]), str(bert), *SMALL]) == 1
     assert "tokenizers differ" in capsys.readouterr().err
+
+
+def test_route_block_suggests_calibration_text_per_model() -> None:
+    from hfmerge.cka_gate import route_block
+    from hfmerge.recipe import parse_recipe
+
+    recipe = parse_recipe({"models": ["zoo:code", "zoo:prose", "org/other"],
+                           "merge": {"method": "linear"}})
+    block = route_block(recipe)
+    assert block.splitlines()[:2] == ["route:", "  method: centroid"]
+    assert "builtin:code-train" in block and "builtin:prose-train" in block
+    assert "text typical of org/other's inputs" in block
