@@ -10,68 +10,10 @@ process so peak RSS is measured per approach. Prints a table and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-import torch
-from harness import measure
-
-from hfmerge.tensors import ShardWriter, TensorSpec, plan_shards
-
-
-def llama_shapes(hidden: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a Llama checkpoint (MHA, FF = 2.75x hidden)."""
-    ff = int(hidden * 2.75)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{proj}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (ff, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (ff, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, ff)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
-
-
-def write_model(
-    path: Path,
-    shapes: dict[str, tuple[int, ...]],
-    *,
-    seed: int,
-    hidden: int,
-    layers: int,
-    vocab: int,
-) -> None:
-    """A checkpoint written tensor by tensor (base weights from seed 0, plus seed's deltas)."""
-    specs = [TensorSpec(name=n, dtype="BF16", shape=s) for n, s in shapes.items()]
-    plan = plan_shards(specs, max_shard_bytes=2 * 10**9)
-    path.mkdir(parents=True)
-    with ShardWriter(path, plan) as writer:
-        for index, (name, shape) in enumerate(shapes.items()):
-            base = torch.randn(shape, generator=torch.Generator().manual_seed(index)) * 0.02
-            delta = torch.randn(
-                shape, generator=torch.Generator().manual_seed(10**6 * seed + index)
-            )
-            writer.write(name, (base + 0.002 * delta).to(torch.bfloat16))
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": int(hidden * 2.75),
-        "num_hidden_layers": layers,
-        "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 64,
-        "vocab_size": vocab,
-        "tie_word_embeddings": False,
-        "dtype": "bfloat16",
-    }
-    (path / "config.json").write_text(json.dumps(config))
-
+from harness import LlamaShape, measure, write_model
 
 NAIVE = """
 import sys, torch
@@ -99,19 +41,20 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    shapes = llama_shapes(args.hidden, args.layers, args.vocab)
-    params = sum(torch.Size(s).numel() for s in shapes.values())
+    heads = args.hidden // 64
+    shape = LlamaShape(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=heads,
+        kv_heads=heads,
+        intermediate=int(args.hidden * 2.75),
+        vocab=args.vocab,
+    )
+    params = shape.parameters
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for seed, name in ((1, "a"), (2, "b")):
-            write_model(
-                root / name,
-                shapes,
-                seed=seed,
-                hidden=args.hidden,
-                layers=args.layers,
-                vocab=args.vocab,
-            )
+            write_model(root / name, shape, seed=seed)
         rows: dict[str, list[tuple[float, float]]] = {"hfmerge": [], "naive": []}
         for name in ("o1", "o2"):
             (root / name).mkdir()

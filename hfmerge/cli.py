@@ -51,6 +51,9 @@ def run(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only the local HF cache; no network.")
     ] = False,
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="Peak memory while merging, e.g. 1GB.")
+    ] = None,
 ) -> None:
     """Run a recipe: merge the models it names, write a model directory, optionally push it."""
     from hfmerge.pipeline import run_recipe
@@ -67,6 +70,7 @@ def run(
         push=push,
         private=private,
         offline=offline,
+        max_memory=max_memory,
     )
     if result.out_dir is None:
         typer.echo(result.describe_plan())

@@ -1,25 +1,38 @@
-"""Runs a merge plan: one tensor at a time from every input, through the method, into the shards.
+"""Runs a merge plan: tensor by tensor, chunk by chunk, from every input through the method into
+the shards, with reads ahead and writes behind on their own threads (`engine_io.py`).
 
-Peak memory is the inputs' copies of the largest tensor plus the method's temporaries; nothing holds
-a whole model, and the output is streamed into pre-planned shard files.
+Each tensor is cut into row chunks (`engine_budget.py` sizes them; whole tensors for methods with
+no chunked form). A method that needs per-tensor statistics (TIES's magnitude cut) sees the chunks
+once per statistics pass before the pass that produces output. Nothing holds a whole model, and
+the float32 temporaries are bounded by the chunk size, not the tensor size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from hfmerge.arch.permute import permute_tensor
 from hfmerge.arch.spec import ArchSpec, Permutations
+from hfmerge.engine_budget import ChunkPolicy, chunk_policy
+from hfmerge.engine_io import Acquire, Prefetcher, WriteBehind
+from hfmerge.engine_malloc import keep_chunk_buffers
 from hfmerge.methods import MethodParams, ModelParams
+from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.plan import MergePlan, TensorJob
 from hfmerge.progress import track
-from hfmerge.tensors import LazyCheckpoint, ShardWriter, torch_dtype
+from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
+
+# torch intra-op threads while merging: the reader and writer threads take the other core's
+# share on small machines, and two teams spinning on two cores slow each other down.
+COMPUTE_THREADS = 1
 
 
 def execute_plan(
@@ -31,65 +44,238 @@ def execute_plan(
     seed: int = 0,
     input_perms: Sequence[Permutations | None] | None = None,
     progress: bool = True,
+    max_memory_bytes: int | None = None,
+    device: str | torch.device | None = None,
 ) -> None:
     """Write every planned tensor into `out_dir` (shards + index).
 
-    `input_perms[i]`, when given, permutes input i's tensors on read (alignment into the base's
-    basis), so aligned copies of the inputs are never materialised.
+    Args:
+        plan: the merge plan.
+        out_dir: directory to write the shards into.
+        params: the method's global parameters.
+        model_params: per-input parameters, in `plan.inputs` order.
+        seed: seed of random methods (DARE, DELLA); each tensor draws from its own generator.
+        input_perms: `input_perms[i]`, when given, permutes input i's tensors on read (alignment
+            into the base's basis), so aligned copies of the inputs are never materialised.
+        progress: draw a progress bar on stderr.
+        max_memory_bytes: peak resident memory to stay within; chunks and queues are sized
+            from it. None: 1M-element chunks, about 100 MB of buffers for two models.
+        device: where the arithmetic runs; None picks CUDA when available, else the CPU.
+
+    Raises:
+        HfMergeError: `max_memory_bytes` is too small for one chunk of some tensor.
     """
+    policy = chunk_policy(plan, max_memory_bytes)
+    keep_chunk_buffers()
+    steps = _Steps(
+        plan,
+        policy,
+        params=params,
+        model_params=model_params,
+        seed=seed,
+        device=resolve_device(device),
+    )
     perms = list(input_perms) if input_perms is not None else [None] * len(plan.inputs)
     with ExitStack() as stack:
-        base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
-        inputs = [
+        steps.base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
+        steps.inputs = [
             _AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
             for m, p in zip(plan.inputs, perms, strict=True)
         ]
         writer = stack.enter_context(
             ShardWriter(out_dir, plan.shards, metadata={"merged_by": "hfmerge"})
         )
-        for job in track(plan.jobs, description="merging tensors", enabled=progress):
+        stack.enter_context(_torch_threads(COMPUTE_THREADS))
+        behind = stack.enter_context(WriteBehind(writer.write_part, policy.write_bytes))
+        ahead = stack.enter_context(Prefetcher(steps.produce, policy.read_bytes))
+        pending = iter(ahead)
+        for _ in track(plan.jobs, description="merging tensors", enabled=progress):
+            for step, size in pending:
+                job_end = step.job_end
+                _run_step(step, behind)
+                del step  # free the chunk before the reader may read the next one
+                ahead.done(size)
+                if job_end:
+                    break
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when it is available and none was asked for, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class _Step:
+    """One chunk of one pass over one tensor, read and ready for the main thread."""
+
+    job: TensorJob
+    merge: TensorMerge | None  # None: a copy, `tensors` holds the base's raw rows
+    pass_index: int
+    tensors: list[torch.Tensor]
+    base: torch.Tensor | None
+    first: int  # flat index of the chunk's first element
+    whole: bool
+    pass_end: bool
+    job_end: bool
+
+
+class _Steps:
+    """Produces every step of the plan in order, on the reader thread."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        policy: ChunkPolicy,
+        *,
+        params: MethodParams,
+        model_params: Sequence[ModelParams],
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.plan = plan
+        self.policy = policy
+        self.params = params
+        self.model_params = model_params
+        self.seed = seed
+        # Random methods stay on the CPU: their masks come from a CPU generator, so the merged
+        # model is the same on every machine.
+        self.device = device if plan.method.deterministic else torch.device("cpu")
+        self.base: LazyCheckpoint | None = None
+        self.inputs: list[_AlignedReader] = []
+
+    def produce(self, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
+        """Every step with its input bytes, reading each chunk after `acquire` admits it."""
+        for job in self.plan.jobs:
             if job.action == "copy":
-                tensor = base.get(job.name)
+                yield from self._copy(job, acquire)
             else:
-                tensor = _merge_one(job, plan, base, inputs, params, model_params, seed)
-            writer.write(job.name, tensor)
+                yield from self._merge(job, acquire)
+
+    def _ranges(self, job: TensorJob, *, whole: bool) -> list[tuple[int, int]]:
+        rows = job.shape[0] if job.shape else 1
+        step = self.policy.rows_per_chunk(job, whole=whole)
+        return [(s, min(s + step, rows)) for s in range(0, rows, step)] or [(0, 0)]
+
+    def _copy(self, job: TensorJob, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
+        assert self.base is not None
+        ranges = self._ranges(job, whole=False)
+        row_bytes = _row_elements(job) * element_size(job.dtype)
+        for start, stop in ranges:
+            size = (stop - start) * row_bytes
+            acquire(size)
+            raw = self.base.get_rows(job.name, start, stop)
+            last = stop == ranges[-1][1]
+            step = _Step(job, None, 0, [raw], None, start * _row_elements(job), False, last, last)
+            yield step, size
+
+    def _merge(self, job: TensorJob, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
+        method = self.plan.method
+        merge = method.tensor_merge(
+            job.shape,
+            model_params=self.model_params,
+            params=self.params,
+            # A per-tensor seed keeps random methods reproducible in any tensor order.
+            generator=torch.Generator().manual_seed(self.seed + zlib.crc32(job.name.encode())),
+            device=self.device,
+        )
+        ranges = self._ranges(job, whole=method.stream is None)
+        rows = job.shape[0] if job.shape else 1
+        loaded = len(self.inputs) + (1 if method.needs_base else 0)
+        for pass_index in range(merge.passes + 1):
+            for start, stop in ranges:
+                size = (stop - start) * _row_elements(job) * loaded * 4
+                acquire(size)
+                tensors, base = self._read(job.name, start, stop)
+                end = stop == ranges[-1][1]
+                step = _Step(
+                    job,
+                    merge,
+                    pass_index,
+                    tensors,
+                    base,
+                    first=start * _row_elements(job),
+                    whole=start == 0 and stop == rows,
+                    pass_end=end,
+                    job_end=end and pass_index == merge.passes,
+                )
+                yield step, size
+
+    def _read(
+        self, name: str, start: int, stop: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        # float32 on the compute device, converted here so the cast overlaps the main thread's math.
+        tensors = [self._float(reader.get_rows(name, start, stop)) for reader in self.inputs]
+        base = None
+        if self.plan.method.needs_base:
+            assert self.base is not None
+            base = self._float(self.base.get_rows(name, start, stop))
+        return tensors, base
+
+    def _float(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Arithmetic in float32 whatever the storage dtype: bf16 sums lose digits fast.
+        return tensor.to(self.device).to(torch.float32)
+
+
+def _run_step(step: _Step, behind: WriteBehind) -> None:
+    """Merge, observe or copy one chunk; merged and copied rows go to the writer thread."""
+    name = step.job.name
+    if step.merge is None:
+        behind.put(name, step.first, step.tensors[0])
+        return
+    chunk = Chunk(step.tensors, step.base, step.first, step.whole)
+    if step.pass_index < step.merge.passes:
+        step.merge.observe(step.pass_index, chunk)
+        if step.pass_end:
+            step.merge.end_pass(step.pass_index)
+        return
+    merged = step.merge.apply(chunk)
+    expected = tuple(step.tensors[0].shape) if step.tensors else step.job.shape
+    if tuple(merged.shape) != expected:
+        raise RuntimeError(
+            f"method returned shape {tuple(merged.shape)} for {name}, expected {expected}"
+        )
+    behind.put(name, step.first, merged.to(torch_dtype(step.job.dtype)).cpu())
+
+
+def _row_elements(job: TensorJob) -> int:
+    return math.prod(job.shape[1:]) if job.shape else 1
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(min(count, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
 class _AlignedReader:
-    """One input's tensors, permuted on read into the base's basis when `perms` is set."""
+    """One input's tensors, permuted on read into the base's basis when `perms` is set.
+
+    A permutation can move rows anywhere, so a permuted tensor is read whole once and its chunks
+    are cut from it (the last one is kept for the next pass).
+    """
 
     checkpoint: LazyCheckpoint
     spec: ArchSpec
     perms: Permutations | None
+    _last: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
 
-    def get(self, name: str) -> torch.Tensor:
-        tensor = self.checkpoint.get(name)
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of tensor `name`, in the base's basis."""
         if self.perms is None:
-            return tensor
-        return permute_tensor(tensor, self.spec.tensors[name], self.spec, self.perms)
-
-
-def _merge_one(
-    job: TensorJob,
-    plan: MergePlan,
-    base: LazyCheckpoint,
-    inputs: Sequence[_AlignedReader],
-    params: MethodParams,
-    model_params: Sequence[ModelParams],
-    seed: int,
-) -> torch.Tensor:
-    # Arithmetic in float32 whatever the storage dtype: bf16 sums lose digits fast.
-    tensors = [reader.get(job.name).to(torch.float32) for reader in inputs]
-    base_tensor = base.get(job.name).to(torch.float32) if plan.method.needs_base else None
-    # A per-tensor seed keeps random methods (DARE, DELLA) reproducible in any tensor order.
-    generator = torch.Generator().manual_seed(seed + zlib.crc32(job.name.encode()))
-    merged = plan.method.fn(
-        tensors, base=base_tensor, model_params=model_params, params=params, generator=generator
-    )
-    if tuple(merged.shape) != job.shape:
-        raise RuntimeError(
-            f"method {plan.method.name} returned shape {tuple(merged.shape)} "
-            f"for {job.name}, expected {job.shape}"
-        )
-    return merged.to(torch_dtype(job.dtype))
+            return self.checkpoint.get_rows(name, start, stop)
+        if name not in self._last:
+            self._last.clear()
+            tensor = self.checkpoint.get(name)
+            spec = self.spec.tensors[name]
+            self._last[name] = permute_tensor(tensor, spec, self.spec, self.perms)
+        whole = self._last[name]
+        return whole[start:stop] if whole.dim() else whole

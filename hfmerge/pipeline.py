@@ -21,6 +21,7 @@ from hfmerge.card import (
 )
 from hfmerge.cka_gate import cka_gate
 from hfmerge.engine import execute_plan
+from hfmerge.engine_budget import parse_memory_budget
 from hfmerge.errors import HfMergeError, ModelSourceError
 from hfmerge.methods import get_method, validate_params
 from hfmerge.plan import MergePlan, build_plan, format_plan
@@ -70,6 +71,7 @@ def run_recipe(
     push: str | None = None,
     private: bool | None = None,
     offline: bool = False,
+    max_memory: str | int | None = None,
 ) -> RunResult:
     """Run a merge recipe end to end.
 
@@ -87,11 +89,13 @@ def run_recipe(
         push: Hub repo id to push the output to (overrides `output.push`).
         private: make a newly created repo private (overrides `output.private`).
         offline: use only the local HF cache, with no network request.
+        max_memory: peak memory for the merge step, e.g. "1GB" (engine_budget.py).
 
     Raises:
         HfMergeError: any user-facing problem, raised before weights are downloaded or output
             is written. `PushError` when only the push failed: the output is then complete.
     """
+    max_memory_bytes = parse_memory_budget(max_memory)
     if recipe.route is not None:
         return _run_route(recipe, recipe_text=recipe_text, out_dir=out_dir, dry_run=dry_run,
                           force=force, progress=progress, push=push, private=private,
@@ -137,6 +141,7 @@ def run_recipe(
             seed=recipe.merge.seed,
             input_perms=alignment.perms,
             progress=progress,
+            max_memory_bytes=max_memory_bytes,
         )
         _write_side_files(
             staging,

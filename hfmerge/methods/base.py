@@ -12,6 +12,8 @@ from typing import Annotated, ClassVar, Protocol, TypeVar
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
+from hfmerge.methods.chunks import FunctionMerge, StreamFactory, TensorMerge
+
 ZERO_WEIGHT_SUM = 1e-8  # |sum of weights| below this cannot be divided by (mergekit's threshold)
 Location = tuple[str | int, ...]  # ("parameters", key), ("models", i, key) or ("models",)
 Problem = tuple[Location, str]
@@ -97,6 +99,26 @@ class MergeMethod:
     max_models: int | None = None
     deterministic: bool = True
     cross_check: CrossCheck | None = None  # checks across models, e.g. linear's zero weight sum
+    # The chunked form (methods/chunks.py); None: the engine hands `fn` whole tensors.
+    stream: StreamFactory | None = None
+
+    def tensor_merge(
+        self,
+        shape: tuple[int, ...],
+        *,
+        model_params: Sequence[ModelParams],
+        params: MethodParams,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> TensorMerge:
+        """How the engine merges one tensor: chunk by chunk when the method can, else whole."""
+        if self.stream is not None:
+            return self.stream(
+                shape, model_params=model_params, params=params, generator=generator, device=device
+            )
+        return FunctionMerge(
+            self.fn, model_params=model_params, params=params, generator=generator, whole_only=True
+        )
 
     def merge(
         self,

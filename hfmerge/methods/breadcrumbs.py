@@ -8,7 +8,7 @@ from pydantic import Field
 
 from hfmerge.methods.base import Fraction
 from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
-from hfmerge.methods.sparsify import outlier_prune
+from hfmerge.methods.sparsify import Band, outlier_band, outlier_prune
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -29,6 +29,11 @@ def _crumbs(
     return outlier_prune(delta, model.density, model.gamma, rescale=params.rescale)
 
 
+def _crumbs_band(_: PruneParams, model: BreadcrumbsModelParams, n: int) -> Band | None:
+    """The entries `_crumbs` keeps, for the chunked form."""
+    return outlier_band(n, model.density, model.gamma)
+
+
 BREADCRUMBS = task_vector_method(
     name="breadcrumbs",
     summary="Drop the largest outliers and the smallest task-vector entries, then sum.",
@@ -37,6 +42,7 @@ BREADCRUMBS = task_vector_method(
     model_params=BreadcrumbsModelParams,
     consensus=False,
     sparsify=_crumbs,
+    band=_crumbs_band,
 )
 
 BREADCRUMBS_TIES = task_vector_method(
@@ -47,4 +53,5 @@ BREADCRUMBS_TIES = task_vector_method(
     model_params=BreadcrumbsModelParams,
     consensus=True,
     sparsify=_crumbs,
+    band=_crumbs_band,
 )

@@ -17,6 +17,7 @@ from hfmerge.methods.base import (
     WeightedModelParams,
     as_params,
 )
+from hfmerge.methods.chunks import elementwise
 
 
 class LinearParams(MethodParams):
@@ -67,4 +68,5 @@ LINEAR = MergeMethod(
     model_params=WeightedModelParams,
     fn=linear_merge,
     cross_check=check_weight_sum,
+    stream=elementwise(linear_merge),
 )

@@ -1,12 +1,17 @@
 """Sparsification primitives for task vectors: magnitude top-k (TIES), outlier bands (breadcrumbs),
 Bernoulli drops (DARE) and rank-weighted drops (DELLA), each with optional L1 rescaling.
 
-Magnitude selection finds its threshold with `torch.kthvalue` (exact, linear time), never a sort.
+Magnitude selection finds its threshold by an exact radix selection (`methods/select.py`), never a
+sort.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from hfmerge.methods.select import CutMask, magnitude_keys, select_cuts
 
 RESCALE_EPS = 1e-7  # below this L1 norm a task vector counts as empty and is not rescaled
 
@@ -16,6 +21,8 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Entries tied at the threshold are taken in flat-index order, so the ranking is a total order
     and the masks for different `k` nest (`band_mask` relies on that). `scores` must be finite.
+    Non-negative float32 scores (magnitudes, the usual case) use the radix selection of
+    `methods/select.py`; other scores `torch.kthvalue`; both give the same mask.
     """
     flat = scores.reshape(-1)  # [n]
     n = flat.numel()
@@ -23,6 +30,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if flat.dtype == torch.float32 and bool(flat.min() >= 0):
+        keys = magnitude_keys(flat.contiguous())  # [n]
+        return CutMask(select_cuts(keys, [k])[0])(keys).reshape(scores.shape)
     threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
     mask = flat > threshold
     missing = k - int(mask.sum())
@@ -33,6 +43,8 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def band_mask(scores: torch.Tensor, *, skip_top: int, keep: int) -> torch.Tensor:
     """Mask of the `keep` largest entries that remain after dropping the `skip_top` largest."""
+    if skip_top == 0:
+        return topk_mask(scores, keep)  # the same mask; one selection instead of two
     return topk_mask(scores, skip_top + keep) & ~topk_mask(scores, skip_top)
 
 
@@ -50,33 +62,62 @@ def _keep(delta: torch.Tensor, mask: torch.Tensor, *, rescale: bool) -> torch.Te
     return rescale_l1(delta, pruned) if rescale else pruned
 
 
-def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool) -> torch.Tensor:
-    """TIES trim: keep the `density` fraction of entries largest in magnitude.
+@dataclass(frozen=True)
+class Band:
+    """What a magnitude sparsifier keeps of an n-entry task vector: the `keep` largest entries
+    left after dropping the `skip_top` largest; `zero` keeps nothing and returns exact zeros.
 
-    The count is `floor(density * n)` and at least one entry, as in mergekit.
+    Shared by the whole-tensor functions here and the chunked ones (`methods/gta_stream.py`), so
+    both count the same entries.
     """
-    n = delta.numel()
+
+    skip_top: int
+    keep: int
+    zero: bool = False
+
+
+def magnitude_band(n: int, density: float) -> Band | None:
+    """TIES's band: the `floor(density * n)` largest, at least one, as in mergekit; None keeps
+    everything."""
     if density >= 1 or n == 0:
-        return delta
+        return None
     if density <= 0:
+        return Band(0, 0, zero=True)
+    return Band(0, max(1, int(density * n)))
+
+
+def outlier_band(n: int, density: float, gamma: float) -> Band | None:
+    """Breadcrumbs' band: drop the `gamma` fraction largest and the smallest, keep `density`.
+
+    When `density + gamma > 1` fewer outliers are dropped, so that `density` is always kept.
+    """
+    if density >= 1 or n == 0:
+        return None
+    keep = max(0, int(density * n))
+    return Band(min(int(gamma * n), n - keep), keep)
+
+
+def band_prune(delta: torch.Tensor, band: Band | None, *, rescale: bool) -> torch.Tensor:
+    """`delta` with only the entries of `band` kept (by magnitude), optionally L1-rescaled."""
+    if band is None:
+        return delta
+    if band.zero:
         return torch.zeros_like(delta)
-    k = max(1, int(density * n))
-    return _keep(delta, topk_mask(delta.abs(), k), rescale=rescale)
+    mask = band_mask(delta.abs(), skip_top=band.skip_top, keep=band.keep)
+    return _keep(delta, mask, rescale=rescale)
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, *, rescale: bool) -> torch.Tensor:
+    """TIES trim: keep the `density` fraction of entries largest in magnitude."""
+    return band_prune(delta, magnitude_band(delta.numel(), density), rescale=rescale)
 
 
 def outlier_prune(
     delta: torch.Tensor, density: float, gamma: float, *, rescale: bool
 ) -> torch.Tensor:
-    """Breadcrumbs: drop the `gamma` fraction largest in magnitude and the smallest, keep `density`.
-
-    When `density + gamma > 1` fewer outliers are dropped, so that `density` is always kept.
-    """
-    n = delta.numel()
-    if density >= 1 or n == 0:
-        return delta
-    keep = max(0, int(density * n))
-    skip_top = min(int(gamma * n), n - keep)
-    return _keep(delta, band_mask(delta.abs(), skip_top=skip_top, keep=keep), rescale=rescale)
+    """Breadcrumbs: drop the `gamma` fraction largest in magnitude and the smallest; keep
+    `density`."""
+    return band_prune(delta, outlier_band(delta.numel(), density, gamma), rescale=rescale)
 
 
 def random_prune(

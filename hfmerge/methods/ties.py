@@ -8,7 +8,7 @@ from pydantic import Field
 
 from hfmerge.methods.base import Flag
 from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
-from hfmerge.methods.sparsify import magnitude_prune
+from hfmerge.methods.sparsify import Band, magnitude_band, magnitude_prune
 
 
 class TiesParams(PruneParams):
@@ -24,6 +24,11 @@ def _trim(
     return magnitude_prune(delta, model.density, rescale=params.rescale)
 
 
+def _trim_band(_: TiesParams, model: PrunedModelParams, n: int) -> Band | None:
+    """The entries `_trim` keeps, for the chunked form."""
+    return magnitude_band(n, model.density)
+
+
 TIES = task_vector_method(
     name="ties",
     summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones.",
@@ -32,4 +37,5 @@ TIES = task_vector_method(
     model_params=PrunedModelParams,
     consensus=True,
     sparsify=_trim,
+    band=_trim_band,
 )

@@ -216,20 +216,38 @@ class LazyCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """Tensor `name`, read from disk into a new CPU tensor that owns its memory."""
         info = self.index.info(name)
+        return self._read(info, info.offset, info.nbytes, tuple(info.shape))
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (dim 0) of tensor `name`, read alone; a 0-d tensor has one row."""
+        info = self.index.info(name)
+        shape = tuple(info.shape)
+        rows = shape[0] if shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"rows {start}:{stop} out of range for {name!r} with {rows} rows")
+        if not shape:
+            return self.get(name)
+        row_bytes = info.nbytes // rows if rows else 0
+        offset = info.offset + start * row_bytes
+        return self._read(info, offset, (stop - start) * row_bytes, (stop - start, *shape[1:]))
+
+    def _read(
+        self, info: TensorInfo, offset: int, nbytes: int, shape: tuple[int, ...]
+    ) -> torch.Tensor:
         dtype = torch_dtype(info.dtype)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        buffer = bytearray(info.nbytes)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(nbytes)
         try:
-            _read_exactly(self._fds.get(info.shard), memoryview(buffer), info.offset)
+            _read_exactly(self._fds.get(info.shard), memoryview(buffer), offset)
         except OSError as exc:
             raise ModelSourceError(
                 self.index.label,
-                f"cannot read tensor {name!r} from {info.shard}: {exc}",
+                f"cannot read tensor {info.name!r} from {info.shard}: {exc}",
                 "download the file again",
             ) from None
         # safetensors data is little-endian, as is every platform torch ships for.
-        return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         """Release every open shard file."""

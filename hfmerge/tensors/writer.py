@@ -64,6 +64,7 @@ class ShardWriter:
         self._data_start: dict[str, int] = {}
         self._fds = FdCache(self.out_dir, flags=os.O_WRONLY, max_open=max_open)
         self._written: set[str] = set()
+        self._parts: dict[str, int] = {}  # bytes written so far of tensors written in parts
         self._closed = False
 
     @property
@@ -124,6 +125,40 @@ class ShardWriter:
         with self._os_errors(shard.filename):
             _pwrite_all(self._fds.get(shard.filename), _tensor_bytes(tensor), offset)
         self._written.add(name)
+
+    def write_part(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write consecutive elements of tensor `name`, from flat index `start` on.
+
+        The tensor counts as written once parts covering all its bytes have arrived (each part
+        once: the engine writes disjoint chunks). `tensor` must have the planned dtype.
+        """
+        if self._closed:
+            raise ShardWriteError(f"cannot write {name!r}: the writer is closed")
+        self.open()
+        shard, planned = self._check_part(name, tensor)
+        size = tensor.numel() * tensor.element_size()
+        begin = start * tensor.element_size()
+        if start < 0 or begin + size > planned.end - planned.begin:
+            raise ShardWriteError(f"part at element {start} of {name!r} overruns its plan")
+        offset = self._data_start[shard.filename] + planned.begin + begin
+        with self._os_errors(shard.filename):
+            _pwrite_all(self._fds.get(shard.filename), _tensor_bytes(tensor), offset)
+        done = self._parts.get(name, 0) + size
+        self._parts[name] = done
+        if done == planned.end - planned.begin:
+            self._written.add(name)
+
+    def _check_part(self, name: str, tensor: torch.Tensor) -> tuple[PlannedShard, PlannedTensor]:
+        if name not in self.plan:
+            raise ShardWriteError(f"tensor {name!r} is not in the shard plan")
+        if name in self._written:
+            raise ShardWriteError(f"tensor {name!r} was already written")
+        shard, planned = self.plan.locate(name)
+        if dtype_name(tensor.dtype) != planned.dtype:
+            raise ShardWriteError(
+                f"tensor {name!r} part has dtype {tensor.dtype}, planned {planned.dtype}"
+            )
+        return shard, planned
 
     def _check(self, name: str, tensor: torch.Tensor) -> tuple[PlannedShard, PlannedTensor]:
         if name not in self.plan:

@@ -1,0 +1,261 @@
+"""hfmerge vs mergekit on 1.1B-parameter Llama-shaped bf16 models: wall time and peak RSS.
+
+    .venv/bin/python benchmarks/bench_merge.py [--dir /tmp/hfmerge-bench-merge]
+        [--methods linear,ties] [--repeats 1] [--size-factor 2] [--skip-mergekit]
+        [--max-memory 1GB]
+
+Builds once (cached in --dir) a base and two fine-tunes (base + small random deltas, so task
+vectors mean something) shaped like TinyLlama-1.1B: hidden 2048, 22 layers, 32 heads, 4 KV heads,
+intermediate 5632, vocab 32000, bf16 safetensors with config.json. For each method (linear with
+weights 0.5/0.5; TIES with density 0.5 and weights 0.5/0.5 over the base) it runs, alternating,
+each in a fresh process: `hfmerge run recipe.yaml --force`, `mergekit-yaml config.yml OUT` with
+mergekit's defaults (CPU, --out-shard-size 5B, no --lazy-unpickle (safetensors are read lazily
+anyway), --no-copy-tokenizer as there is none) and a raw floor that reads every input tensor and
+writes the output shards with no arithmetic. It prints wall seconds and peak RSS of each, the
+ratios, and how far the two outputs are apart (linear must agree to one bf16 rounding).
+--size-factor 2 also builds a model with twice the layers and merges it with hfmerge, to show
+that its peak RSS does not grow with the model. Child processes get OMP_NUM_THREADS = the core
+count unless it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from harness import LlamaShape, measure, measure_command, write_model
+
+from hfmerge.tensors import LazyCheckpoint
+
+BIN = Path(sys.executable).parent
+TINYLLAMA = LlamaShape(
+    hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000
+)
+Rows = dict[tuple[str, str], list[tuple[float, float]]]  # (method, tool) -> (wall s, RSS MiB)
+MERGEKIT_FLAGS = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+
+FLOOR = """
+import math, sys
+from hfmerge.engine_malloc import keep_chunk_buffers
+from hfmerge.tensors import LazyCheckpoint, ShardWriter, plan_shards
+keep_chunk_buffers()  # the engine's allocator settings, so the floor pays no extra page faults
+out, *models = sys.argv[1:]
+inputs = [LazyCheckpoint(m) for m in models]
+first = inputs[0]
+plan = plan_shards([first.info(n) for n in first.names], max_shard_bytes=5 * 10**9)
+with ShardWriter(out, plan) as writer:
+    for name in first.names:
+        shape = first.info(name).shape
+        rows, row = shape[0], math.prod(shape[1:])
+        step = max(1, (1 << 20) // row)
+        for start in range(0, rows, step):
+            parts = [m.get_rows(name, start, min(rows, start + step)) for m in inputs]
+            writer.write_part(name, start * row, parts[0])
+"""
+
+
+def build(root: Path, shape: LlamaShape) -> dict[str, Path]:
+    """The base and two fine-tunes of `shape` under `root`, built unless already there."""
+    paths = {name: root / f"L{shape.layers}" / name for name in ("base", "a", "b")}
+    for seed, path in enumerate(paths.values()):
+        if not (path / "config.json").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"building {path} ...", file=sys.stderr, flush=True)
+            write_model(path, shape, seed=seed or None)
+    return paths
+
+
+def hfmerge_recipe(method: str, models: dict[str, Path], out: Path) -> str:
+    """The recipe for `method` over the fine-tunes (and the base for TIES)."""
+    extra = "    density: 0.5\n" if method == "ties" else ""
+    lines = ["models:"]
+    for name in ("a", "b"):
+        lines.append(f"  - model: {models[name]}\n    weight: 0.5\n{extra}".rstrip())
+    if method == "ties":
+        lines.append(f"base: {models['base']}")
+    lines += [f"merge:\n  method: {method}", f"output:\n  path: {out}\n  dtype: bfloat16"]
+    return "\n".join(lines) + "\n"
+
+
+def mergekit_config(method: str, models: dict[str, Path]) -> str:
+    """The same merge as `hfmerge_recipe`, in mergekit's YAML."""
+    params = "{weight: 0.5, density: 0.5}" if method == "ties" else "{weight: 0.5}"
+    lines = ["models:"]
+    for name in ("a", "b"):
+        lines.append(f"  - model: {models[name]}\n    parameters: {params}")
+    if method == "ties":
+        lines.append(f"base_model: {models['base']}")
+    lines += [f"merge_method: {method}", "dtype: bfloat16"]
+    return "\n".join(lines) + "\n"
+
+
+def run_hfmerge(
+    method: str, models: dict[str, Path], work: Path, max_memory: str | None
+) -> tuple[float, float]:
+    """(wall s, peak RSS MiB) of `hfmerge run` on `method`."""
+    recipe = work / f"{method}.yaml"
+    recipe.write_text(hfmerge_recipe(method, models, work / f"hf-{method}"))
+    argv = [str(BIN / "hfmerge"), "run", str(recipe), "--force"]
+    if max_memory:
+        argv += ["--max-memory", max_memory]
+    return measure_command(argv, env=child_env())
+
+
+def run_mergekit(method: str, models: dict[str, Path], work: Path) -> tuple[float, float]:
+    """(wall s, peak RSS MiB) of `mergekit-yaml` on `method`."""
+    config = work / f"{method}.mergekit.yml"
+    config.write_text(mergekit_config(method, models))
+    out = work / f"mk-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [str(BIN / "mergekit-yaml"), str(config), str(out), *MERGEKIT_FLAGS]
+    return measure_command(argv, env=child_env())
+
+
+def run_floor(method: str, models: dict[str, Path], work: Path) -> tuple[float, float]:
+    """(wall s, peak RSS MiB) of reading every input and writing the output, no arithmetic."""
+    out = work / "floor"
+    shutil.rmtree(out, ignore_errors=True)
+    inputs = [models["a"], models["b"]] + ([models["base"]] if method == "ties" else [])
+    return measure(FLOOR, out, *inputs)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of the measured processes: same threads for both tools."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+def compare(one: Path, other: Path) -> tuple[float, float, float]:
+    """(max |difference|, fraction of elements that differ, fraction that differ by more than
+    one bf16 rounding (2^-8 relative)) over every tensor of two checkpoints."""
+    worst, differ, beyond, total = 0.0, 0, 0, 0
+    with LazyCheckpoint(one) as a, LazyCheckpoint(other) as b:
+        for name in a.names:
+            x, y = a.get(name).float(), b.get(name).float()
+            gap = (x - y).abs()
+            ulp = torch.maximum(x.abs(), y.abs()) * 2.0**-8
+            worst = max(worst, float(gap.max()))
+            differ += int((gap > 0).sum())
+            beyond += int((gap > ulp).sum())
+            total += x.numel()
+    return worst, differ / total, beyond / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/hfmerge-bench-merge"))
+    parser.add_argument("--methods", default="linear,ties")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--size-factor", type=int, default=1, help="also merge a model with N x the layers"
+    )
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--max-memory", default=None, help="passed to hfmerge run")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    work = args.dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    models = build(args.dir, TINYLLAMA)
+    rows = measure_all(methods, models, work, args)
+    print_table(methods, rows, args)
+    for method in methods:
+        if not args.skip_mergekit:
+            report_agreement(method, work)
+    if args.size_factor > 1:
+        report_scaling(methods, rows, args, work)
+
+
+def measure_all(
+    methods: list[str], models: dict[str, Path], work: Path, args: argparse.Namespace
+) -> Rows:
+    """Every (method, tool) measurement, the tools alternating within each repeat."""
+    rows: Rows = {}
+    tools = ["hfmerge", *([] if args.skip_mergekit else ["mergekit"]), "floor"]
+    for method in methods:
+        for _ in range(args.repeats):
+            for tool in tools:
+                print(f"{method}: {tool} ...", file=sys.stderr, flush=True)
+                if tool == "hfmerge":
+                    got = run_hfmerge(method, models, work, args.max_memory)
+                elif tool == "mergekit":
+                    got = run_mergekit(method, models, work)
+                else:
+                    got = run_floor(method, models, work)
+                rows.setdefault((method, tool), []).append(got)
+    return rows
+
+
+def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least wall time and least peak RSS over the repeats."""
+    return min(w for w, _ in runs), min(r for _, r in runs)
+
+
+def print_table(methods: list[str], rows: Rows, args: argparse.Namespace) -> None:
+    """The side-by-side table and the ratios."""
+    params = TINYLLAMA.parameters
+    print(
+        f"two {params / 1e9:.2f}B-parameter Llama-shaped bf16 models ({params * 2 / 1e9:.2f} GB "
+        f"each), {os.cpu_count()} cores, OMP_NUM_THREADS={child_env()['OMP_NUM_THREADS']}, "
+        f"best of {args.repeats}"
+    )
+    commands = {
+        "hfmerge": "hfmerge run RECIPE --force"
+        + (f" --max-memory {args.max_memory}" if args.max_memory else ""),
+        "mergekit": "mergekit-yaml CONFIG OUT " + " ".join(MERGEKIT_FLAGS) + " (CPU, 5B shards)",
+        "floor": "read every input tensor, write the shards, no arithmetic",
+    }
+    print(f"{'method':<7} {'tool':<9} {'wall s':>8} {'peak RSS MiB':>13}  command")
+    for method in methods:
+        for tool in ("hfmerge", "mergekit", "floor"):
+            if (method, tool) in rows:
+                wall, rss = best(rows[method, tool])
+                print(f"{method:<7} {tool:<9} {wall:>8.1f} {rss:>13.0f}  {commands[tool]}")
+    for method in methods:
+        hf_wall, hf_rss = best(rows[method, "hfmerge"])
+        floor_wall = best(rows[method, "floor"])[0]
+        line = f"{method}: hfmerge/floor wall {hf_wall / floor_wall:.2f}x"
+        if (method, "mergekit") in rows:
+            mk_wall, mk_rss = best(rows[method, "mergekit"])
+            line += (
+                f"; hfmerge/mergekit wall {hf_wall / mk_wall:.2f}x, "
+                f"peak RSS {hf_rss / mk_rss:.2f}x"
+            )
+        print(line)
+
+
+def report_agreement(method: str, work: Path) -> None:
+    """How far hfmerge's output is from mergekit's; linear must agree to one bf16 rounding."""
+    worst, differ, beyond = compare(work / f"hf-{method}", work / f"mk-{method}")
+    verdict = ""
+    if method == "linear":
+        verdict = "  OK: within bf16 rounding" if beyond == 0 else "  MISMATCH beyond bf16 rounding"
+    print(
+        f"{method} outputs, hfmerge vs mergekit: max |diff| {worst:.3g}, {differ:.4%} of elements "
+        f"differ, {beyond:.4%} by more than one bf16 rounding{verdict}"
+    )
+    if method == "linear" and beyond:
+        raise SystemExit(1)
+
+
+def report_scaling(methods: list[str], rows: Rows, args: argparse.Namespace, work: Path) -> None:
+    """hfmerge on a model with `size_factor` times the layers: peak RSS should stay flat."""
+    big = LlamaShape(**{**TINYLLAMA.__dict__, "layers": TINYLLAMA.layers * args.size_factor})
+    models = build(args.dir, big)
+    for method in methods:
+        print(f"{method}: hfmerge on {args.size_factor}x ...", file=sys.stderr, flush=True)
+        wall, rss = run_hfmerge(method, models, work, args.max_memory)
+        small_wall, small_rss = best(rows[method, "hfmerge"])
+        print(
+            f"{method} {args.size_factor}x model ({big.layers} layers, {big.parameters / 1e9:.2f}B "
+            f"parameters): hfmerge wall {wall:.1f} s ({wall / small_wall:.2f}x the 1x model), "
+            f"peak RSS {rss:.0f} MiB (1x model: {small_rss:.0f} MiB)"
+        )
+
+
+if __name__ == "__main__":
+    main()

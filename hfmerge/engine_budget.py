@@ -1,0 +1,136 @@
+"""How much the merge engine holds at once: chunk size and read/write queues from a memory budget.
+
+Per chunk element the engine holds the inputs as float32 (the chunk being merged), the method's
+float32 temporaries and the output cast to its dtype; queued behind it are up to `READ_AHEAD`
+chunks read ahead and `WRITE_BEHIND` merged chunks waiting to be written. With a budget, the chunk
+is sized so all of that fits in what the budget leaves beside the process's current RSS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from dataclasses import dataclass
+
+from hfmerge.errors import HfMergeError
+from hfmerge.plan import MergePlan, TensorJob
+from hfmerge.tensors import element_size, parse_size
+
+TARGET_CHUNK_ELEMENTS = 1 << 20  # 4 MiB per float32 temporary: fits a core's cache share
+READ_AHEAD = 2  # chunks read while one is merged: hides read latency, pread runs beside math
+WRITE_BEHIND = 2  # merged chunks queued for the writer thread
+RESERVE_BYTES = 64 << 20  # allocator slack, histograms and small tensors beside the chunks
+F32 = 4
+
+
+def workspace_floats(loaded: int) -> int:
+    """float32 temporaries per element while merging `loaded` inputs (TIES's: a delta and a
+    pruned copy per model, sum, mixed, divisor, masks): the most any chunked method uses."""
+    return 2 * loaded + 4
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """Chunk size (elements) and queue limits (bytes) the engine works with."""
+
+    chunk_elements: int
+    read_bytes: int  # inputs read and not yet merged, at most (one larger chunk may pass alone)
+    write_bytes: int  # merged output not yet written, at most (idem)
+
+    def rows_per_chunk(self, job: TensorJob, *, whole: bool) -> int:
+        """Rows (along dim 0) per chunk of `job`: all of them for whole-tensor methods."""
+        rows = job.shape[0] if job.shape else 1
+        if whole or rows == 0:
+            return max(rows, 1)
+        return max(1, min(rows, self.chunk_elements // max(1, _row_elements(job))))
+
+
+def parse_memory_budget(size: str | int | None) -> int | None:
+    """Bytes in a `--max-memory` value such as "1GB" or "800MiB"; None stays None.
+
+    Raises:
+        HfMergeError: the value is not a size.
+    """
+    if size is None:
+        return None
+    try:
+        return parse_size(size)
+    except ValueError as exc:
+        raise HfMergeError(
+            f"Invalid memory budget {size!r}", why=str(exc), fix="give a size such as 1GB or 800MiB"
+        ) from None
+
+
+def chunk_policy(plan: MergePlan, max_memory_bytes: int | None) -> ChunkPolicy:
+    """The policy for `plan`; with a budget, checked against every tensor's smallest chunk.
+
+    Raises:
+        HfMergeError: the budget leaves too little for one chunk of some tensor (a row, or a
+            whole tensor for methods without a chunked form).
+    """
+    per_element = _bytes_per_element(plan)
+    if max_memory_bytes is None:
+        chunk = TARGET_CHUNK_ELEMENTS
+    else:
+        available = max_memory_bytes - current_rss() - RESERVE_BYTES
+        chunk = min(TARGET_CHUNK_ELEMENTS, max(0, available) // per_element)
+        _check_fits(plan, chunk, max_memory_bytes, available, per_element)
+    loaded = _loaded(plan)
+    return ChunkPolicy(
+        chunk_elements=max(1, chunk),
+        read_bytes=READ_AHEAD * max(1, chunk) * loaded * F32,
+        write_bytes=WRITE_BEHIND * max(1, chunk) * _out_size(plan),
+    )
+
+
+def _bytes_per_element(plan: MergePlan) -> int:
+    loaded = _loaded(plan)
+    chunk = loaded * F32 + workspace_floats(loaded) * F32 + _out_size(plan)
+    queued = READ_AHEAD * loaded * F32 + WRITE_BEHIND * _out_size(plan)
+    return chunk + queued
+
+
+def _check_fits(
+    plan: MergePlan, chunk: int, budget: int, available: int, per_element: int
+) -> None:
+    whole = plan.method.stream is None
+    for job in plan.jobs:
+        need = math.prod(job.shape) if whole and job.action == "merge" else _row_elements(job)
+        if need > chunk:
+            wanted = budget - available + need * per_element
+            unit = "tensor" if whole else "row of tensor"
+            raise HfMergeError(
+                f"--max-memory {_gb(budget)} is below what one chunk needs",
+                why=f"merging one {unit} {job.name} ({need:,} elements) takes about "
+                f"{_gb(need * per_element)} beside the {_gb(budget - available)} the process "
+                "already uses"
+                + (f"; {plan.method.name} merges whole tensors" if whole else ""),
+                fix=f"raise --max-memory to at least {_gb(wanted)}, or leave it out",
+            )
+
+
+def _row_elements(job: TensorJob) -> int:
+    return math.prod(job.shape[1:]) if job.shape else 1
+
+
+def _loaded(plan: MergePlan) -> int:
+    """Tensors read per output tensor: every input, and the base for task-vector methods."""
+    return len(plan.inputs) + (1 if plan.method.needs_base else 0)
+
+
+def _out_size(plan: MergePlan) -> int:
+    return max((element_size(job.dtype) for job in plan.jobs), default=F32)
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes (its peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,139 @@
+"""Task-vector methods (task arithmetic, TIES, breadcrumbs) chunk by chunk, exactly.
+
+Magnitude cuts are per tensor, as in mergekit, so they are found first over the whole task vector:
+two radix-selection passes (`methods/select.py`) give the exact k-th largest |delta| and how many
+ties at it to keep. An optional third pass sums the L1 norms for `rescale`. The apply pass then
+prunes each chunk with those cuts and combines it with the element-wise rule of `gta.py`.
+
+The output equals the whole-tensor function bit for bit, except with `rescale`: there the L1 norms
+are chunk sums added in float64 rather than one float32 `sum`, so the rescale factor may differ in
+its last bits (relative difference < 1e-6; tested in tests/test_engine_chunks.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hfmerge.methods.chunks import Chunk
+from hfmerge.methods.select import CutMask, RadixSelect, magnitude_keys
+from hfmerge.methods.sparsify import RESCALE_EPS, Band
+
+Prune = Callable[[torch.Tensor, int], torch.Tensor]
+# (input tensors, base, prune) -> merged: the element-wise combination of gta.merge_task_vectors.
+Combine = Callable[[Sequence[torch.Tensor], torch.Tensor, Prune | None], torch.Tensor]
+
+
+class TaskVectorMerge:
+    """One tensor of a task-vector method: radix passes, an optional L1 pass, then apply."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        bands: Sequence[Band | None] | None,
+        rescale: bool,
+        combine: Combine,
+        device: torch.device,
+    ) -> None:
+        self.bands = list(bands) if bands is not None else None
+        self.combine = combine
+        cut_lists = [_band_ks(band) for band in self.bands or []]
+        self._selects = [RadixSelect(ks, n, device=device) for ks in cut_lists]
+        radix = any(select.needed for select in self._selects)
+        pruning = any(band is not None and not band.zero for band in self.bands or [])
+        self._kinds = ["hi", "lo"] * radix + ["l1"] * (rescale and pruning)
+        self._masks: list[list[CutMask]] = []
+        self._sums = [[0.0, 0.0] for _ in cut_lists]  # per model: L1 before, after pruning
+        self._scales: list[torch.Tensor | None] = [None] * len(cut_lists)
+        if not radix:
+            for select in self._selects:
+                select.end_lo()  # trivial cuts (keep all / none), known without data
+
+    @property
+    def passes(self) -> int:
+        """Statistics passes before the apply pass: 0 (no pruning), 2 (cuts) or 3 (+ L1)."""
+        return len(self._kinds)
+
+    def observe(self, pass_index: int, chunk: Chunk) -> None:
+        """Feed one chunk to the radix selections or to the L1 sums."""
+        kind = self._kinds[pass_index]
+        base = _need_base(chunk)
+        if kind == "l1" and chunk.first == 0:
+            self._reset_masks()
+        for index, tensor in enumerate(chunk.tensors):
+            delta = tensor - base
+            if kind == "l1":
+                pruned = self._mask_only(delta, index)
+                self._sums[index][0] += float(delta.abs().sum(dtype=torch.float64))
+                self._sums[index][1] += float(pruned.abs().sum(dtype=torch.float64))
+            elif self._selects[index].needed:
+                keys = magnitude_keys(delta)
+                if kind == "hi":
+                    self._selects[index].observe_hi(keys)
+                else:
+                    self._selects[index].observe_lo(keys)
+
+    def end_pass(self, pass_index: int) -> None:
+        """Finish a statistics pass: fix the histograms' bins, the cuts, or the L1 scales."""
+        kind = self._kinds[pass_index]
+        for index, select in enumerate(self._selects):
+            if kind == "hi" and select.needed:
+                select.end_hi()
+            elif kind == "lo":
+                select.end_lo()
+            elif kind == "l1":
+                self._scales[index] = _l1_scale(*self._sums[index])
+
+    def apply(self, chunk: Chunk) -> torch.Tensor:
+        """The merged rows of `chunk` (chunks must come in flat order)."""
+        if chunk.first == 0:
+            self._reset_masks()
+        prune = self._prune if self.bands is not None else None
+        return self.combine(chunk.tensors, _need_base(chunk), prune)
+
+    def _reset_masks(self) -> None:
+        # Tie quotas are consumed in flat order, so every pass over the chunks starts afresh.
+        self._masks = [[CutMask(cut) for cut in select.cuts] for select in self._selects]
+
+    def _mask_only(self, delta: torch.Tensor, index: int) -> torch.Tensor:
+        """`delta` with the entries outside its band zeroed (`sparsify.band_prune` unscaled)."""
+        band = self.bands[index] if self.bands is not None else None
+        if band is None:
+            return delta
+        if band.zero:
+            return torch.zeros_like(delta)
+        masks = self._masks[index]
+        keys = magnitude_keys(delta)
+        mask = masks[0](keys)
+        if len(masks) > 1:  # breadcrumbs: drop the skip_top largest
+            mask &= ~masks[1](keys)
+        return delta * mask
+
+    def _prune(self, delta: torch.Tensor, index: int) -> torch.Tensor:
+        pruned = self._mask_only(delta, index)
+        scale = self._scales[index]
+        return pruned if scale is None else pruned * scale
+
+
+def _band_ks(band: Band | None) -> list[int]:
+    """The top-k counts a band needs: k = skip_top + keep, and skip_top to drop when positive."""
+    if band is None or band.zero:
+        return []
+    return [band.skip_top + band.keep] + ([band.skip_top] if band.skip_top > 0 else [])
+
+
+def _l1_scale(before: float, after: float) -> torch.Tensor | None:
+    """`sparsify.rescale_l1`'s factor, from L1 sums; None where it leaves the tensor alone."""
+    before32 = torch.tensor(before, dtype=torch.float32)
+    after32 = torch.tensor(after, dtype=torch.float32)
+    if before32 < RESCALE_EPS or after32 < RESCALE_EPS:
+        return None
+    return before32 / after32
+
+
+def _need_base(chunk: Chunk) -> torch.Tensor:
+    if chunk.base is None:
+        raise ValueError("task-vector methods need the base model's tensors")
+    return chunk.base

@@ -1,0 +1,151 @@
+"""Exact top-k by magnitude over a tensor seen in flat-order chunks: a two-pass radix selection.
+
+Non-negative float32 values order like their bit patterns read as int32, so the k-th largest
+magnitude is found from a histogram of the keys' top 16 bits (pass 1), then of the low 16 bits of
+the keys inside the one bin that holds it (pass 2). Integer counts add exactly, so any chunking
+gives the same cut, and it is the value `torch.kthvalue` returns, bit for bit: no sort, no
+whole-tensor temporary, about 1 ns per element per pass. `CutMask` then applies the cut chunk by
+chunk with `topk_mask`'s tie rule (ties at the cut are taken in flat-index order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+_ABS = 0x7FFFFFFF  # clears the float32 sign bit: key(x) = bits of |x|
+HI_BINS = 1 << 15  # top 16 bits of a key (the sign bit is always 0)
+LO_BINS = 1 << 16
+ALL = -1  # a cut below every key: every entry is in
+NONE = _ABS  # a cut at the largest key: no (finite) entry is in
+
+
+def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys of `|values|` (float32, contiguous), ordered as the magnitudes are."""
+    return values.view(torch.int32) & _ABS
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The k largest entries: every entry whose key is above `key`, then the first `ties`
+    entries (in flat order) whose key equals it."""
+
+    key: int
+    ties: int
+    all_ties: bool = False  # every entry equal to `key` is in (the usual case): no bookkeeping
+
+
+class RadixSelect:
+    """Cuts for several `k` over one stream of keys: `observe_hi` every chunk, `end_hi`, then
+    `observe_lo` every chunk again, `end_lo`; `cuts` then holds one `Cut` per k."""
+
+    def __init__(self, ks: Sequence[int], n: int, *, device: torch.device) -> None:
+        self.ks = list(ks)
+        self.n = n
+        self.device = device
+        self._hi = torch.zeros(HI_BINS, dtype=torch.int64, device=device)
+        self._bins: dict[int, tuple[int, torch.Tensor]] = {}  # bin -> (count above, low hist)
+        self.cuts: list[Cut] = []
+
+    @property
+    def needed(self) -> bool:
+        """Whether any k needs the passes (k <= 0 and k >= n are known without data)."""
+        return any(0 < k < self.n for k in self.ks)
+
+    def observe_hi(self, keys: torch.Tensor) -> None:
+        """Pass 1: count the chunk's keys by their top 16 bits."""
+        self._hi += torch.bincount((keys >> 16).reshape(-1), minlength=HI_BINS)
+
+    def end_hi(self) -> None:
+        """Find the bin holding each k-th largest key."""
+        # at_least[b]: keys whose top bits are >= b, so a bin's upper neighbour counts "above".
+        at_least = self._hi.flip(0).cumsum(0).flip(0).tolist()
+        at_least.append(0)
+        for k in self.ks:
+            if 0 < k < self.n:
+                b = _last_index_at_least(at_least, k)
+                if b not in self._bins:
+                    low = torch.zeros(LO_BINS, dtype=torch.int64, device=self.device)
+                    self._bins[b] = (at_least[b + 1], low)
+
+    def observe_lo(self, keys: torch.Tensor) -> None:
+        """Pass 2: count the low 16 bits of the keys that fall in a wanted bin."""
+        flat = keys.reshape(-1)
+        for b, (_, hist) in self._bins.items():
+            # Keys below the bin land in slot 0, above it in the last: one bincount, no select.
+            slots = (flat - (b << 16)).clamp_(-1, LO_BINS).add_(1)
+            hist += torch.bincount(slots, minlength=LO_BINS + 2)[1 : LO_BINS + 1]
+
+    def end_lo(self) -> None:
+        """Turn the histograms into one exact `Cut` per k."""
+        lows = {
+            b: (above, hist.flip(0).cumsum(0).flip(0).tolist())
+            for b, (above, hist) in self._bins.items()
+        }
+        self.cuts = [self._cut(k, lows) for k in self.ks]
+
+    def _cut(self, k: int, lows: dict[int, tuple[int, list[int]]]) -> Cut:
+        if k <= 0:
+            return Cut(NONE, 0)
+        if k >= self.n:
+            return Cut(ALL, 0)
+        for b, (above, at_least) in lows.items():
+            if above < k <= above + at_least[0]:
+                at_least = [*at_least, 0]
+                low = _last_index_at_least(at_least, k - above)
+                greater = above + at_least[low + 1]
+                tied = at_least[low] - at_least[low + 1]
+                return Cut((b << 16) | low, k - greater, all_ties=k - greater == tied)
+        raise AssertionError("radix selection lost its bin")  # the passes saw different data
+
+
+def _last_index_at_least(at_least: list[int], k: int) -> int:
+    """Largest index i with at_least[i] >= k (at_least is non-increasing, at_least[0] >= k)."""
+    low, high = 0, len(at_least) - 1
+    while low < high:  # invariant: at_least[low] >= k
+        mid = (low + high + 1) // 2
+        if at_least[mid] >= k:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def select_cuts(keys: torch.Tensor, ks: Sequence[int]) -> list[Cut]:
+    """The cuts for `ks` over one in-memory tensor of keys (both passes on it)."""
+    select = RadixSelect(ks, keys.numel(), device=keys.device)
+    if select.needed:
+        select.observe_hi(keys)
+        select.end_hi()
+        select.observe_lo(keys)
+    select.end_lo()
+    return select.cuts
+
+
+class CutMask:
+    """Applies a `Cut` to consecutive chunks of the keys, in flat order, taking ties from the
+    front until the cut's quota is used (so the chunks' masks concatenate to `topk_mask`)."""
+
+    def __init__(self, cut: Cut) -> None:
+        self.key = cut.key
+        self.ties_left = cut.ties
+        self.all_ties = cut.all_ties
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the entries of this chunk that are among the k largest."""
+        if self.all_ties:
+            return keys >= self.key
+        mask = keys > self.key
+        if self.ties_left > 0:
+            tied = keys == self.key
+            count = int(tied.sum())
+            if count <= self.ties_left:
+                mask |= tied
+                self.ties_left -= count
+            else:
+                first = torch.nonzero(tied.reshape(-1)).squeeze(1)[: self.ties_left]  # [ties]
+                mask.view(-1)[first] = True
+                self.ties_left = 0
+        return mask

@@ -1,0 +1,122 @@
+"""Chunked merging equals whole-tensor merging; the radix selection is exact against kthvalue."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from hfmerge.methods import get_method, validate_params
+from hfmerge.methods.chunks import Chunk
+from hfmerge.methods.select import CutMask, magnitude_keys, select_cuts
+from hfmerge.methods.sparsify import topk_mask
+
+
+def tensors(seed: int, shape: tuple[int, ...], *, quantized: bool) -> list[torch.Tensor]:
+    """A base and three fine-tunes; `quantized` makes many equal deltas (ties at the cut)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    out = [base + 0.1 * torch.randn(shape, generator=g) for _ in range(3)]
+    if quantized:
+        out = [torch.round(t * 8) / 8 for t in out]
+        base = torch.round(base * 8) / 8
+    out[2][: shape[0] // 3] = base[: shape[0] // 3]  # a block of zero deltas: ties at zero
+    return [base, *out]
+
+
+def chunked(
+    name: str,
+    xs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    params: Any,
+    models: Any,
+    rows: int,
+) -> torch.Tensor:
+    """Run a method's `TensorMerge` over row chunks of `rows` rows, like the engine."""
+    method = get_method(name)
+    shape = tuple(xs[0].shape)
+    merge = method.tensor_merge(
+        shape, model_params=models, params=params, generator=None, device=torch.device("cpu")
+    )
+    per_row = math.prod(shape[1:])
+
+    def chunks() -> Iterator[Chunk]:
+        for s in range(0, shape[0], rows):
+            part = base[s : s + rows] if base is not None else None
+            yield Chunk([x[s : s + rows] for x in xs], part, s * per_row, rows >= shape[0])
+
+    for index in range(merge.passes):
+        for chunk in chunks():
+            merge.observe(index, chunk)
+        merge.end_pass(index)
+    return torch.cat([merge.apply(chunk) for chunk in chunks()])
+
+
+CASES = [
+    ("linear", {}, [{"weight": 0.3}, {"weight": 0.5}, {"weight": -0.1}]),
+    ("task_arithmetic", {"lambda": 0.7}, [{"weight": 0.3}] * 3),
+    ("ties", {}, [{"weight": 0.3, "density": 0.4}, {"weight": 0.5, "density": 0.5},
+                  {"weight": 1.0, "density": 0.0}]),
+    ("ties", {"normalize": False}, [{"weight": 1.0, "density": 0.9}] * 3),
+    ("breadcrumbs", {}, [{"weight": 0.3, "density": 0.4, "gamma": 0.1}] * 3),
+    ("breadcrumbs_ties", {}, [{"weight": 0.5, "density": 0.7, "gamma": 0.05}] * 3),
+]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("rows", [1, 4, 37])
+@pytest.mark.parametrize(("name", "params", "models"), CASES)
+def test_chunked_equals_whole_bit_for_bit(
+    name: str, params: dict[str, Any], models: list[dict[str, Any]], rows: int, quantized: bool
+) -> None:
+    method = get_method(name)
+    base, *xs = tensors(rows, (37, 19), quantized=quantized)
+    global_params, per_model = validate_params(method, params, models)
+    used_base = base if method.needs_base else None
+    whole = method.merge(xs, base=used_base, model_params=per_model, params=global_params)
+    got = chunked(name, xs, used_base, global_params, per_model, rows)
+    assert torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_rescale_differs_only_by_float32_summation(name: str) -> None:
+    """With rescale the L1 sums are added per chunk in float64: within 1e-6 of the whole."""
+    method = get_method(name)
+    base, *xs = tensors(3, (64, 33), quantized=False)
+    models = [{"weight": 0.5, "density": 0.3}] * 3
+    global_params, per_model = validate_params(method, {"rescale": True}, models)
+    whole = method.merge(xs, base=base, model_params=per_model, params=global_params)
+    got = chunked(name, xs, base, global_params, per_model, 5)
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_radix_cut_is_kthvalue_and_masks_concatenate(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 5000, (1,), generator=g))
+    values = torch.randn(n, generator=g) * 10.0 ** float(torch.randint(-8, 3, (1,), generator=g))
+    if seed % 2:
+        values = torch.round(values * 4) / 4  # heavy ties
+    values[: n // 4] = 0
+    scores = values.abs()
+    keys = magnitude_keys(values)
+    ks = [1, n // 2, n - 1, int(torch.randint(1, n, (1,), generator=g))]
+    for k, cut in zip(ks, select_cuts(keys, ks), strict=True):
+        threshold = torch.kthvalue(scores, n - k + 1).values  # the k-th largest
+        assert cut.key == int(magnitude_keys(threshold.reshape(1))[0])
+        assert cut.ties == k - int((scores > threshold).sum())
+        mask = CutMask(cut)
+        step = int(torch.randint(1, n + 1, (1,), generator=g))
+        parts = torch.cat([mask(keys[i : i + step]) for i in range(0, n, step)])
+        assert torch.equal(parts, topk_mask(scores.double(), k))  # the kthvalue path
+
+
+def test_radix_cut_edges() -> None:
+    keys = magnitude_keys(torch.tensor([0.0, -0.0, 1.0, -2.0]))
+    none, everything = select_cuts(keys, [0, 4])
+    assert not CutMask(none)(keys).any() and CutMask(everything)(keys).all()
+    assert CutMask(select_cuts(keys, [1])[0])(keys).tolist() == [False, False, False, True]
+    assert CutMask(select_cuts(keys, [3])[0])(keys).tolist() == [True, False, True, True]

@@ -1,0 +1,204 @@
+"""The engine end to end: chunking, read-ahead and write-behind do not change outputs; the memory
+budget sizes chunks and refuses what cannot fit; errors stop both threads and close every file."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import make_tiny_model
+
+from hfmerge import engine, engine_budget
+from hfmerge.engine_budget import ChunkPolicy, parse_memory_budget
+from hfmerge.engine_io import Prefetcher, WriteBehind
+from hfmerge.errors import HfMergeError
+from hfmerge.pipeline import run_recipe
+from hfmerge.plan import TensorJob
+from hfmerge.recipe import parse_recipe
+from hfmerge.tensors import LazyCheckpoint
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A tiny Llama base and two fine-tunes of it."""
+    root = tmp_path_factory.mktemp("engine")
+    paths = []
+    for seed in range(3):
+        model = make_tiny_model("llama", seed=0)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.02 * seed * torch.randn(param.shape, generator=generator))
+        path = root / f"m{seed}"
+        model.save_pretrained(path, safe_serialization=True)
+        paths.append(path)
+    return paths
+
+
+def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, torch.Tensor]:
+    """Run `method` over models 1 and 2 with model 0 as base; the output's tensors."""
+    per_model = {"linear": {"weight": 0.5}, "model_stock": {}}
+    fields = per_model.get(method, {"weight": 0.5, "density": 0.5})
+    entries = [{"model": str(m), **fields} for m in models[1:]]
+    data = {
+        "models": entries,
+        "base": str(models[0]),
+        "merge": {"method": method},
+        "output": {"path": str(out), "dtype": "bfloat16", "max_shard_size": "60KB"},
+    }
+    run_recipe(parse_recipe(data), force=True, progress=False, **run)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs", "dare_ties", "model_stock"])
+def test_many_small_chunks_give_the_same_output(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    whole = merge(models, tmp_path / "whole", method)
+    monkeypatch.setattr(engine_budget, "TARGET_CHUNK_ELEMENTS", 100)  # rows of 1-3 per chunk
+    monkeypatch.setattr(engine_budget, "READ_AHEAD", 1)
+    small = merge(models, tmp_path / "small", method)
+    assert whole.keys() == small.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, small[name]), name
+
+
+def test_engine_output_matches_the_method_on_whole_tensors(
+    models: list[Path], tmp_path: Path
+) -> None:
+    from hfmerge.methods import get_method, validate_params
+
+    merged = merge(models, tmp_path / "out", "ties")
+    method = get_method("ties")
+    params, per_model = validate_params(method, {}, [{"weight": 0.5, "density": 0.5}] * 2)
+    with LazyCheckpoint(models[0]) as base, LazyCheckpoint(models[1]) as a, LazyCheckpoint(
+        models[2]
+    ) as b:
+        for name in base.names:
+            expected = method.merge(
+                [a.get(name).float(), b.get(name).float()],
+                base=base.get(name).float(),
+                model_params=per_model,
+                params=params,
+            ).to(torch.bfloat16)
+            assert torch.equal(merged[name], expected), name
+
+
+def test_rows_per_chunk_follow_the_budget() -> None:
+    policy = ChunkPolicy(chunk_elements=1000, read_bytes=1, write_bytes=1)
+    job = TensorJob("w", (50, 64), "BF16", "merge", "parameter")
+    assert policy.rows_per_chunk(job, whole=False) == 15  # 1000 // 64
+    assert policy.rows_per_chunk(job, whole=True) == 50
+    assert policy.rows_per_chunk(TensorJob("s", (), "F32", "merge", ""), whole=False) == 1
+
+
+def test_budget_sets_the_chunk_size_and_refuses_too_little(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
+    seen: list[tuple[Any, ChunkPolicy]] = []
+    real = engine_budget.chunk_policy
+
+    def spy(plan: Any, budget: int | None) -> ChunkPolicy:
+        seen.append((plan, real(plan, budget)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(engine, "chunk_policy", spy)
+    reserve = engine_budget.RESERVE_BYTES
+    merge(models, tmp_path / "a", "ties", max_memory=reserve + 200_000)
+    plan, policy = seen[-1]
+    assert policy.chunk_elements == 200_000 // engine_budget._bytes_per_element(plan)
+    assert policy.read_bytes == engine_budget.READ_AHEAD * policy.chunk_elements * 3 * 4
+    with pytest.raises(HfMergeError, match="below what one chunk needs") as info:
+        merge(models, tmp_path / "b", "ties", max_memory=reserve + 1000)
+    assert "raise --max-memory" in info.value.message()
+    assert not (tmp_path / "b").exists()
+
+
+def test_whole_tensor_methods_need_the_largest_tensor_in_budget(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
+    with pytest.raises(HfMergeError, match="merges whole tensors"):
+        budget = engine_budget.RESERVE_BYTES + 50_000
+        merge(models, tmp_path / "out", "dare_ties", max_memory=budget)
+
+
+def test_memory_budget_text_is_checked() -> None:
+    assert parse_memory_budget("1GB") == 10**9
+    assert parse_memory_budget(None) is None
+    with pytest.raises(HfMergeError, match="Invalid memory budget"):
+        parse_memory_budget("lots")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def engine_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("hfmerge-")]
+
+
+def test_a_read_error_stops_both_threads_and_closes_files(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = LazyCheckpoint.get_rows
+
+    def flaky(self: LazyCheckpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise OSError("disk gone")
+        return real(self, name, start, stop)
+
+    before = open_fds()
+    monkeypatch.setattr(LazyCheckpoint, "get_rows", flaky)
+    with pytest.raises(OSError, match="disk gone"):
+        merge(models, tmp_path / "out", "ties")
+    assert engine_threads() == []
+    assert open_fds() == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_write_error_reaches_the_caller(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hfmerge.tensors import ShardWriter
+
+    def broken(self: ShardWriter, name: str, start: int, tensor: torch.Tensor) -> None:
+        raise OSError("no space left")
+
+    before = open_fds()
+    monkeypatch.setattr(ShardWriter, "write_part", broken)
+    with pytest.raises(OSError, match="no space left"):
+        merge(models, tmp_path / "out", "linear")
+    assert engine_threads() == []
+    assert open_fds() == before
+
+
+def test_prefetcher_stops_a_blocked_producer() -> None:
+    def produce(acquire: Any) -> Any:
+        for i in range(100):
+            acquire(10)
+            yield i, 10
+
+    with Prefetcher(produce, read_bytes=20) as ahead:
+        first = next(iter(ahead))
+        assert first == (0, 10)  # the producer is now blocked on the byte gate
+    assert engine_threads() == []
+
+
+def test_write_behind_writes_everything_in_order_of_arrival() -> None:
+    written: list[tuple[str, int]] = []
+    with WriteBehind(lambda n, s, t: written.append((n, s)), write_bytes=8) as behind:
+        for i in range(50):
+            behind.put("t", i, torch.zeros(2))
+    assert written == [("t", i) for i in range(50)]
