@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hfmerge.alignment_step import align_inputs
 from hfmerge.card import (
     DEFAULT_ENDPOINT,
     load_snippet,
@@ -19,7 +18,6 @@ from hfmerge.card import (
     render_routed_card,
     routed_snippet,
 )
-from hfmerge.cka_gate import cka_gate
 from hfmerge.engine import execute_plan
 from hfmerge.engine_budget import parse_memory_budget
 from hfmerge.errors import HfMergeError, ModelSourceError
@@ -29,7 +27,6 @@ from hfmerge.preflight import InspectedModel, inspect_models
 from hfmerge.provenance import pinned_recipe
 from hfmerge.publish import check_push, push_output
 from hfmerge.recipe import ModelEntry, Recipe
-from hfmerge.route_step import RoutePlan, build_route, download_route, plan_route
 from hfmerge.sources import ModelSource, fetch_files
 from hfmerge.tensors import (
     atomic_output_dir,
@@ -38,6 +35,12 @@ from hfmerge.tensors import (
     parse_size,
     read_checkpoint_index,
 )
+
+if TYPE_CHECKING:
+    from hfmerge.route_step import RoutePlan
+
+# The steps that probe models (CKA gate, alignment, routing) import transformers, which costs
+# seconds; they are imported where they run, so a plain merge starts fast.
 
 RECIPE_FILE = "hfmerge_recipe.yaml"
 
@@ -55,9 +58,9 @@ class RunResult:
 
     def describe_plan(self) -> str:
         """The plan as `--dry-run` prints it."""
-        if isinstance(self.plan, RoutePlan):
-            return self.plan.describe()
-        return format_plan(self.plan)
+        if isinstance(self.plan, MergePlan):
+            return format_plan(self.plan)
+        return self.plan.describe()
 
 
 def run_recipe(
@@ -124,6 +127,9 @@ def run_recipe(
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, [base, *inputs])
     plan = _download(plan, offline=offline)
+    from hfmerge.alignment_step import align_inputs
+    from hfmerge.cka_gate import cka_gate
+
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
     alignment = align_inputs(recipe, plan, progress=progress)
     text = pinned_recipe(recipe, recipe_text, [m.source for m in [base, *inputs]])
@@ -164,6 +170,8 @@ def _run_route(recipe: Recipe, *, recipe_text: str | None, out_dir: str | Path |
                dry_run: bool, force: bool, progress: bool, push: str | None,
                private: bool | None, offline: bool) -> RunResult:
     """The `route:` counterpart of a merge: experts pinned, router fitted, routed repo written."""
+    from hfmerge.route_step import build_route, download_route, plan_route
+
     target = Path(out_dir or recipe.output.path or "out/routed")
     push = push or recipe.output.push
     if not dry_run:
