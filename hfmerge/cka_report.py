@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, InputDataError
-from hfmerge.probe import DeviceMap, MaxMemory, Pooling
 from hfmerge.similarity import MIN_SAMPLES, CkaMatrix
 from hfmerge.units import UnitCorrespondence, unit_correspondence
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # probe.py imports transformers, which a merge without `check:` never needs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from hfmerge.probe import DeviceMap, MaxMemory, Pooling
 
 MAX_STATS_BYTES = 8 * 2**30  # float64 sums for every layer pair; see `_check_memory`
 MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
