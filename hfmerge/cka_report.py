@@ -187,8 +187,10 @@ def _stream(pair: _Pair, batches: list[dict[str, torch.Tensor]], *, pooling: Poo
 
     widths = [[int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1)
               for m in pair.models]
-    _check_memory(widths[0], widths[1])
     matrix, tokens = CkaMatrix(widths[0], widths[1]), 0
+    windows = sum(int(batch["input_ids"].shape[0]) for batch in batches)
+    if pooling == "tokens" or windows > matrix.buffer_rows:  # the d×d streaming sums will be used
+        _check_memory(widths[0], widths[1])
     for states in paired_states(*pair.models, batches, causal=pair.causal, pooling=pooling,
                                 progress=progress):
         matrix.update(states.a, states.b)
@@ -222,9 +224,11 @@ def _check_memory(widths_a: list[int], widths_b: list[int]) -> None:
         raise HfMergeError(
             f"CKA over all {len(widths_a)}×{len(widths_b)} layer pairs would hold "
             f"{needed / 2**30:.1f} GiB of float64 statistics",
-            why="the exact streaming estimator keeps a width×width sum per layer pair, which suits "
-            f"widths of a few hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
-            fix="compare narrower models, or models with fewer layers")
+            why="with more samples than the width (token pooling, or many windows) the exact "
+            "estimator keeps a width×width sum per layer pair, which suits widths of a few "
+            f"hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
+            fix=f"use --pooling mean with at most {max(widths_a + widths_b)} windows (--samples), "
+            "which needs no such sums, or compare narrower or shallower models")
 
 
 def format_report(report: CkaReport) -> str:

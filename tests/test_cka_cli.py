@@ -160,3 +160,12 @@ def test_route_block_suggests_calibration_text_per_model() -> None:
     assert block.splitlines()[:2] == ["route:", "  method: centroid"]
     assert "builtin:code-train" in block and "builtin:prose-train" in block
     assert "text typical of org/other's inputs" in block
+
+
+def test_wide_models_are_refused_only_where_streaming_sums_are_needed() -> None:
+    from hfmerge.cka_report import _check_memory
+    from hfmerge.errors import HfMergeError
+
+    _check_memory([768] * 13, [768] * 13)  # BERT-base: fine
+    with pytest.raises(HfMergeError, match="--pooling mean with at most 4096 windows"):
+        _check_memory([4096] * 33, [4096] * 33)  # 7B-sized: 140+ GiB of sums
