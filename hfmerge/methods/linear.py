@@ -36,8 +36,8 @@ def linear_merge(
 ) -> torch.Tensor:
     """`sum_i w_i x_i`, divided by `sum_i w_i` when `normalize`; `base` is not used."""
     weights = [as_params(one, WeightedModelParams).weight for one in model_params]
-    merged = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights, strict=True):
+    merged = tensors[0].mul(weights[0])  # = 0 + w_0 x_0 exactly, without a zeroed buffer
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         merged.add_(tensor, alpha=weight)
     if as_params(params, LinearParams).normalize:
         merged.div_(sum(weights))
