@@ -125,7 +125,7 @@ def run_recipe(
     )
     if dry_run:
         return RunResult(plan=plan, out_dir=None)
-    _refuse_input_as_output(target, [base, *inputs])
+    _refuse_input_as_output(target, [m.source for m in [base, *inputs]])
     plan = _download(plan, offline=offline)
     from hfmerge.alignment_step import align_inputs
     from hfmerge.cka_gate import cka_gate
@@ -181,10 +181,7 @@ def _run_route(recipe: Recipe, *, recipe_text: str | None, out_dir: str | Path |
     plan = plan_route(recipe, offline=offline, progress=progress)
     if dry_run:
         return RunResult(plan=plan, out_dir=None)
-    for source in [*plan.experts, *([plan.backbone] if plan.backbone else [])]:
-        if target.resolve() == source.path.resolve():
-            raise HfMergeError(f"The output directory {target} is the input model {source.ref}",
-                               fix="choose another output path (`--out DIR`)")
+    _refuse_input_as_output(target, plan.models)
     plan = download_route(plan, offline=offline)
     text = pinned_recipe(recipe, recipe_text, plan.experts)
     snippet = routed_snippet(push or str(target))
@@ -193,9 +190,8 @@ def _run_route(recipe: Recipe, *, recipe_text: str | None, out_dir: str | Path |
         (staging / RECIPE_FILE).write_text(text, encoding="utf-8")
         card = render_routed_card(title=target.name, experts=plan.experts, names=plan.names,
                                   recipe_text=text, snippet=snippet,
-                                  sections=[built.card_section], endpoint=_hub_endpoint(
-                                      [*plan.experts, *([plan.backbone] if plan.backbone
-                                                        else [])]))
+                                  sections=[built.card_section],
+                                  endpoint=_hub_endpoint(plan.models))
         (staging / "README.md").write_text(card, encoding="utf-8")
     if not push:
         return RunResult(plan=plan, out_dir=target, snippet=snippet)
@@ -250,11 +246,11 @@ def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
     )
 
 
-def _refuse_input_as_output(target: Path, models: list[InspectedModel]) -> None:
-    for model in models:
-        if target.resolve() == model.source.path.resolve():
+def _refuse_input_as_output(target: Path, sources: list[ModelSource]) -> None:
+    for source in sources:
+        if target.resolve() == source.path.resolve():
             raise HfMergeError(
-                f"The output directory {target} is the input model {model.name}",
+                f"The output directory {target} is the input model {source.display}",
                 fix="choose another output path (`--out DIR`)",
             )
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hfmerge.recipe import Recipe
-from hfmerge.sources import ModelSource, fetch_files, pin_model
+from hfmerge.sources import ModelSource, download_pinned, pin_model
 from hfmerge.textdata import describe_data, load_texts
+
+if TYPE_CHECKING:  # hfmerge.routing imports transformers; it loads when a route is built
+    from hfmerge.routing import BuiltRouter
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -30,6 +34,11 @@ class RoutePlan:
     backbone: ModelSource | None  # a router backbone that is not one of the experts
     backbone_expert: str | None  # or the expert that serves as the backbone
     bundle: bool
+
+    @property
+    def models(self) -> list[ModelSource]:
+        """Every model the routed repo serves: the experts, then a separate backbone."""
+        return [*self.experts, *([self.backbone] if self.backbone is not None else [])]
 
     def describe(self) -> str:
         """The plan as a few lines (what `--dry-run` prints)."""
@@ -82,8 +91,8 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
         else:
             backbone = pin_model(base.model, revision=base.revision, offline=offline,
                                  progress=progress)
-    models = [*experts, *([backbone] if backbone else [])]
-    bundle = route.bundle if route.bundle is not None else any(m.hub_id is None for m in models)
+    off_hub = any(s.hub_id is None for s in [*experts, backbone] if s is not None)
+    bundle = off_hub if route.bundle is None else route.bundle  # default: bundle what must be
     return RoutePlan(route.method, experts, names, calibration,
                      [describe_data(e.data) for e in route.experts], backbone,
                      backbone_expert, bundle)
@@ -91,17 +100,9 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
 
 def download_route(plan: RoutePlan, *, offline: bool) -> RoutePlan:
     """Fetch every Hub model's weights, config and tokenizer into the HF cache."""
-    from hfmerge import hub
-
-    def fetch(source: ModelSource) -> ModelSource:
-        if source.hub_id is None or source.revision is None:
-            return source
-        index = hub.remote_index(source.hub_id, source.revision, offline=offline)
-        return fetch_files(source, index.shards, side_files=True, offline=offline)
-
-    backbone = fetch(plan.backbone) if plan.backbone is not None else None
-    return RoutePlan(plan.method, [fetch(s) for s in plan.experts], plan.names, plan.calibration,
-                     plan.calibration_names, backbone, plan.backbone_expert, plan.bundle)
+    backbone = None if plan.backbone is None else download_pinned(plan.backbone, offline=offline)
+    return replace(plan, experts=[download_pinned(s, offline=offline) for s in plan.experts],
+                   backbone=backbone)
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,7 @@ def build_route(plan: RoutePlan, recipe: Recipe, staging: Path, *, progress: boo
     return BuiltRoute(built.report.heldout_accuracy, _card_section(plan, built))
 
 
-def _card_section(plan: RoutePlan, built: object) -> str:
-    from hfmerge.routing import BuiltRouter
-
-    assert isinstance(built, BuiltRouter)
+def _card_section(plan: RoutePlan, built: BuiltRouter) -> str:
     report = built.report
     rows = ["| expert | model | calibration | windows | held-out recall |", "|---|---|---|---|---|"]
     for k, (name, source) in enumerate(zip(plan.names, plan.experts, strict=True)):

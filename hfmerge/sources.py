@@ -88,6 +88,11 @@ def resolve_model(
         HubError: the Hub cannot provide it.
     """
     source = pin_model(ref, revision=revision, offline=offline, progress=progress)
+    return download_pinned(source, offline=offline)
+
+
+def download_pinned(source: ModelSource, *, offline: bool = False) -> ModelSource:
+    """A pinned Hub model's weights, config and tokenizer in the cache; local sources as is."""
     if source.hub_id is None or source.revision is None:
         return source
     from hfmerge import hub
