@@ -133,11 +133,8 @@ def render_routed_card(*, title: str, experts: Sequence[ModelSource], names: Seq
     """README.md of a routed repo: metadata, the experts, routing report, recipe, loading."""
     rows = ["| expert | model | revision |", "|---|---|---|"]
     for name, source in zip(names, experts, strict=True):
-        if source.hub_id and source.revision:
-            link = f"{endpoint.rstrip('/')}/{source.hub_id}/tree/{source.revision}"
-            rows.append(f"| `{name}` | [`{source.hub_id}`]({link}) | `{source.revision}` |")
-        else:
-            rows.append(f"| `{name}` | `{source.ref}` | local files (bundled) |")
+        model, revision = _source_cells(source, endpoint=endpoint, local="local files (bundled)")
+        rows.append(f"| `{name}` | {model} | {revision} |")
     body = [
         f"# {title}",
         "A routed model made with hfmerge: each input sequence is sent to the one expert whose "
@@ -173,11 +170,16 @@ def _input_row(
     model: InspectedModel, role: str, model_params: Mapping[str, Any], *, endpoint: str
 ) -> str:
     shown = ", ".join(f"{k}={v}" for k, v in model_params.items()) or "–"
-    source = model.source
+    name, revision = _source_cells(model.source, endpoint=endpoint, local="local files")
+    return f"| {name} | {role} | {revision} | {shown} |"
+
+
+def _source_cells(source: ModelSource, *, endpoint: str, local: str) -> tuple[str, str]:
+    """Table cells (model, revision): Hub models linked at their pinned commit."""
     if source.hub_id and source.revision:
         link = f"{endpoint.rstrip('/')}/{source.hub_id}/tree/{source.revision}"
-        return f"| [`{source.hub_id}`]({link}) | {role} | [`{source.revision}`]({link}) | {shown} |"
-    return f"| `{model.name}` | {role} | local files | {shown} |"
+        return f"[`{source.hub_id}`]({link})", f"[`{source.revision}`]({link})"
+    return f"`{source.display}`", local
 
 
 def _method_section(method: MergeMethod, params: Mapping[str, Any]) -> str:
