@@ -128,14 +128,15 @@ def compute_cka(model_a: str, model_b: str, *, data: str | None = None, samples:
         InputDataError: the data is unreadable or too short for CKA.
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
-    from hfmerge.probe import default_pooling, position_limit, probe_batches
+    from hfmerge.evaluate import position_limit
+    from hfmerge.probe import default_pooling, probe_batches
     from hfmerge.textdata import describe_data, load_texts, token_windows
 
     pooling = pooling or default_pooling(units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     pair = _load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory,
                       progress=progress)
-    limits = [limit for limit in map(position_limit, pair.models) if limit is not None]
+    limits = [limit for m in pair.models if (limit := position_limit(m.config)) is not None]
     length = min([max_length, *limits])
     windows = token_windows(pair.tokenizer, texts, max_length=length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -261,14 +262,23 @@ def format_eval(model_ref: str, result: EvalResult) -> str:
             f"({result.tokens} {scored} in {result.windows} windows{size}{where})")
 
 
+def position_limit(config: Any) -> int | None:
+    """The longest window a model config allows (absolute position embeddings), if any.
+
+    `config` is a transformers config or a config.json mapping.
+    """
+    get = config.get if isinstance(config, Mapping) else partial(getattr, config)
+    limits = [get(key, None) for key in ("max_position_embeddings", "n_positions")]
+    known = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    return min(known) if known else None
+
+
 def usable_length(model: PreTrainedModel, max_length: int) -> int:
     """`max_length`, capped at the model's position limit (absolute position embeddings)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    config = model.config
-    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
-    known = [limit for limit in limits if isinstance(limit, int) and limit > 0]
-    return min([max_length, *known])
+    limit = position_limit(model.config)
+    return max_length if limit is None else min(max_length, limit)
 
 
 __all__ = [
@@ -284,6 +294,7 @@ __all__ = [
     "model_inputs",
     "objective_of",
     "perplexity",
+    "position_limit",
     "prepare",
     "score",
 ]

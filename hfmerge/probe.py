@@ -170,14 +170,6 @@ def _config_value(path: Path, key: str) -> Any:
     return config.get(key) if isinstance(config, dict) else None
 
 
-def position_limit(model: PreTrainedModel) -> int | None:
-    """The model's longest window (absolute position embeddings), if it has one."""
-    config = model.config
-    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
-    known = [limit for limit in limits if isinstance(limit, int) and limit > 0]
-    return min(known) if known else None
-
-
 def probe_batches(windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBase, *,
                   batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Right-padded `input_ids` and `attention_mask` batches of `windows`."""
@@ -263,6 +255,5 @@ __all__ = [
     "parse_device_map",
     "parse_max_memory",
     "pool",
-    "position_limit",
     "probe_batches",
 ]

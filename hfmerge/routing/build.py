@@ -14,8 +14,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hfmerge.errors import RoutingError
-from hfmerge.evaluate import load_tokenizer, model_inputs, pad_id_of
-from hfmerge.probe import DeviceMap, load_probe_model, position_limit
+from hfmerge.evaluate import load_tokenizer, model_inputs, pad_id_of, position_limit
+from hfmerge.probe import DeviceMap, load_probe_model
 from hfmerge.progress import track
 from hfmerge.routing.calibration import CalibrationReport, calibration_report
 from hfmerge.routing.features import check_layer, default_layer, num_blocks, window_features
@@ -123,7 +123,7 @@ def _feature_inputs(backbone: Path, windows: Sequence[torch.Tensor],
     model = load_probe_model(backbone, label=str(backbone), device_map=device_map, dtype=dtype)
     used = default_layer(num_blocks(model)) if layer is None else layer
     check_layer(model, used)
-    limit = position_limit(model)
+    limit = position_limit(model.config)
     if limit is not None and max(len(w) for w in windows) > limit:
         raise RoutingError(f"calibration windows are longer than the backbone's {limit} "
                            "positions", fix=f"use max_length {limit} or less")

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
-from hfmerge.evaluate import load_tokenizer
+from hfmerge.evaluate import load_tokenizer, position_limit
 
 _WHY = "a routed model feeds every expert the same token ids and returns one logits tensor"
 
@@ -26,11 +26,6 @@ def read_config(path: Path, *, label: str) -> dict[str, Any]:
         raise ModelSourceError(label, "its config.json is not a JSON object",
                                "route between transformers model folders")
     return config
-
-
-def config_value(path: Path, key: str) -> Any:
-    """One config.json field, or None."""
-    return read_config(path, label=str(path)).get(key)
 
 
 def config_vocab_size(path: Path, *, label: str) -> int:
@@ -78,10 +73,9 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, experts: Mapping[st
 
 def usable_length(models: Iterable[Path], max_length: int) -> int:
     """`max_length`, capped at the shortest position limit among the models' configs."""
-    limits = [config_value(path, key) for path in models
-              for key in ("max_position_embeddings", "n_positions")]
-    return min([max_length, *(n for n in limits if isinstance(n, int) and n > 0)])
+    limits = [position_limit(read_config(path, label=str(path))) for path in models]
+    return min([max_length, *(limit for limit in limits if limit is not None)])
 
 
-__all__ = ["check_expert_vocabularies", "check_tokenizer_fits", "config_value", "config_vocab_size",
+__all__ = ["check_expert_vocabularies", "check_tokenizer_fits", "config_vocab_size",
            "read_config", "usable_length"]
