@@ -107,7 +107,9 @@ def route_block(recipe: Recipe) -> str:
 
 def _calibration_hint(model: str) -> str:
     """The zoo's specialists have built-in training text; other models need the user's."""
+    from hfmerge.zoo.corpus import DOMAINS
+
     domain = model.removeprefix("zoo:")
-    if model.startswith("zoo:") and domain in ("code", "prose"):
+    if model.startswith("zoo:") and domain in DOMAINS:  # the specialists are named by domain
         return f"builtin:{domain}-train"
     return f"text typical of {model}'s inputs (a file path)"
