@@ -1,11 +1,12 @@
-"""Alignment benchmark: loss barriers of the zoo's seed pair, and weight-matching cost at BERT-base.
+"""Alignment benchmark: loss barriers of the zoo's seed pairs; weight-matching cost at BERT-base.
 
-    python benchmarks/bench_align.py [--samples 64] [--skip-bert]
+    python benchmarks/bench_align.py [--samples 64] [--pairs llama,gpt2] [--skip-bert]
 
-Part 1 prints barrier and midpoint loss for none / activation / weight alignment between
-zoo:seed0 and zoo:seed1 (built on first use). Part 2 times weight matching on two randomly
-initialised BERT-base-sized models (12 layers, width 768, 12 heads, FF 3072) and reports the
-process's peak RSS.
+Part 1 prints barrier and midpoint loss for none / activation / weight alignment between the
+two seeds of each zoo family (built on first use): Llama-style zoo:seed0 / zoo:seed1 and
+GPT-2-style zoo:gpt2-seed0 / zoo:gpt2-seed1, same width, depth and data. Part 2 times weight
+matching on two randomly initialised BERT-base-sized models (12 layers, width 768, 12 heads,
+FF 3072) and reports the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -16,26 +17,36 @@ import time
 
 import torch
 
+# family -> (model A, model B, what it is)
+PAIRS: dict[str, tuple[str, str, str]] = {
+    "llama": ("zoo:seed0", "zoo:seed1", "Llama-style: RoPE, GQA, SwiGLU, RMSNorm"),
+    "gpt2": ("zoo:gpt2-seed0", "zoo:gpt2-seed1", "GPT-2-style: learned positions, GELU, LayerNorm"),
+}
 
-def barrier_table(samples: int) -> None:
-    """Barrier and midpoint loss per alignment mode on the zoo's two seeds."""
+
+def barrier_table(pairs: list[str], samples: int) -> None:
+    """Barrier and midpoint loss per alignment mode on each zoo seed pair."""
     from hfmerge.barrier import compare_barriers
 
-    start = time.perf_counter()
-    results = compare_barriers(
-        "zoo:seed0", "zoo:seed1", aligns=("none", "activation", "weight"), samples=samples
-    )
-    print(
-        f"zoo:seed0 vs zoo:seed1 (Llama-style, builtin prose probe, {samples} windows), "
-        f"{time.perf_counter() - start:.0f} s"
-    )
-    print(f"{'align':<11} {'barrier':>8} {'midpoint':>9} {'vs none':>8}")
-    vanilla = results[0].barrier
-    for result in results:
-        print(
-            f"{result.align:<11} {result.barrier:>8.3f} {result.loss_mid:>9.3f} "
-            f"{result.barrier / vanilla:>7.2f}x"
+    print(f"{'pair':<32} {'align':<11} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
+    for family in pairs:
+        model_a, model_b, what = PAIRS[family]
+        start = time.perf_counter()
+        results = compare_barriers(
+            model_a,
+            model_b,
+            aligns=("none", "activation", "weight"),
+            samples=samples,
+            progress=False,
         )
+        seconds = time.perf_counter() - start
+        vanilla = results[0].barrier
+        for result in results:
+            print(
+                f"{model_a + ' / ' + model_b:<32} {result.align:<11} {result.barrier:>8.3f} "
+                f"{result.loss_mid:>9.3f} {result.barrier / vanilla:>7.2f}x {seconds:>5.0f}"
+            )
+        print(f"  ({what}; default probe text, {samples} windows)")
 
 
 def bert_base_timing() -> None:
@@ -64,9 +75,14 @@ def bert_base_timing() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--pairs", default=",".join(PAIRS), help="comma list of zoo families")
     parser.add_argument("--skip-bert", action="store_true")
     args = parser.parse_args()
-    barrier_table(args.samples)
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    unknown = sorted(set(pairs) - set(PAIRS))
+    if unknown:
+        parser.error(f"unknown pair {unknown}; choose from {sorted(PAIRS)}")
+    barrier_table(pairs, args.samples)
     if not args.skip_bert:
         bert_base_timing()
 

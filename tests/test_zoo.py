@@ -20,7 +20,8 @@ from hfmerge.errors import UnknownNameError
 from hfmerge.zoo import ZOO_MEMBERS, ZooConfig, build_zoo, corpus, train, zoo_cache_dir, zoo_model
 
 TINY = ZooConfig.tiny()
-MEMBERS = ("seed0", "seed1", "code", "prose")
+MEMBERS = ("seed0", "seed1", "code", "prose")  # the Llama-style members
+GPT2_MEMBERS = ("gpt2-seed0", "gpt2-seed1")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,31 @@ def test_members_load_with_auto_classes_and_give_finite_logits(tiny_zoo: dict[st
         assert not config.tie_word_embeddings
         assert (path / "generation_config.json").is_file()
         assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+
+
+def test_gpt2_pair_is_a_real_tied_gpt2_of_the_same_size(tiny_zoo: dict[str, Path]) -> None:
+    for name in GPT2_MEMBERS:
+        path = zoo_cache_dir(TINY) / name
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = model.config
+        assert config.model_type == "gpt2"
+        assert (config.n_embd, config.n_layer) == (TINY.hidden_size, TINY.num_layers)
+        assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied
+        batch = tokenizer(["def f(x):\n    return x"], return_tensors="pt")
+        assert torch.isfinite(model(**batch).logits).all()
+        info = json.loads((path / "zoo.json").read_text())
+        assert info["architecture"] == "gpt2"
+        # 120 tiny steps bring GPT-2 to about unigram level (the default size gets well below);
+        # far below a uniform guess is still real learning.
+        uniform = math.log(len(tokenizer))
+        for domain in ("code", "prose"):
+            assert info["heldout_loss"][domain] < uniform - 0.8, (name, domain)
+    first, second = (load_file(zoo_cache_dir(TINY) / n / "model.safetensors") for n in GPT2_MEMBERS)
+    assert first.keys() == second.keys()
+    assert not torch.equal(
+        first["transformer.h.0.mlp.c_fc.weight"], second["transformer.h.0.mlp.c_fc.weight"]
+    )
 
 
 def test_tokenizer_is_lossless_on_code_and_unicode(tiny_zoo: dict[str, Path]) -> None:
@@ -143,7 +169,9 @@ def test_second_call_is_a_cache_hit(
         raise AssertionError("a cached zoo member was trained again")
 
     monkeypatch.setattr(train, "train_lm", no_training)
-    assert build_zoo(TINY, progress=False) == tiny_zoo
+    built = build_zoo(TINY, progress=False)
+    assert set(built) == set(ZOO_MEMBERS)
+    assert {name: built[name] for name in tiny_zoo} == tiny_zoo
     assert zoo_model("code", config=TINY, progress=False) == tiny_zoo["code"]
     assert {n: (p / "model.safetensors").stat().st_mtime_ns for n, p in tiny_zoo.items()} == mtimes
 

@@ -1,4 +1,7 @@
-"""The offline model zoo: small Llama-style LMs trained by hfmerge on stdlib code and pydoc prose.
+"""The offline model zoo: small LMs trained by hfmerge on stdlib code and pydoc prose.
+
+Llama-style members (two seeds and two specialists of seed0) and a GPT-2 seed pair of the same
+width and depth, so alignment can be measured on both families.
 
 Members are built on first use, deterministically, and cached under `$HFMERGE_CACHE/zoo/<hash>/`.
 """
@@ -22,9 +25,9 @@ from hfmerge.zoo import corpus
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-    from hfmerge.zoo.train import TrainResult
+    from hfmerge.zoo.train import TrainResult, ZooArch
 
 # torch and transformers are imported lazily: a cache hit (and `corpus`) should not pay for them.
 
@@ -35,16 +38,19 @@ ZOO_MEMBERS: dict[str, str] = {
     "seed1": "same architecture and data as seed0, different init and data-order seed (1)",
     "code": "seed0 fine-tuned on Python standard-library source only (code specialist)",
     "prose": "seed0 fine-tuned on pydoc_data English prose only (prose specialist)",
+    "gpt2-seed0": "GPT-2-style LM (LayerNorm, GELU, learned positions, tied head), seed 0",
+    "gpt2-seed1": "same GPT-2-style architecture and data as gpt2-seed0, seed 1",
 }
 
 
 @dataclass(frozen=True)
 class _Recipe:
-    """How one member is trained: its seed, parent (None: from scratch) and batch mix."""
+    """How one member is trained: its seed, parent (None: from scratch), batch mix and family."""
 
     seed: int
     parent: str | None
     domains: tuple[str, ...]
+    arch: ZooArch = "llama"
 
 
 _RECIPES: dict[str, _Recipe] = {
@@ -52,6 +58,9 @@ _RECIPES: dict[str, _Recipe] = {
     "seed1": _Recipe(seed=1, parent=None, domains=("code", "prose")),
     "code": _Recipe(seed=2, parent="seed0", domains=("code",)),
     "prose": _Recipe(seed=3, parent="seed0", domains=("prose",)),
+    # Same seeds as the Llama pair: the family, not the data order, is what differs.
+    "gpt2-seed0": _Recipe(seed=0, parent=None, domains=("code", "prose"), arch="gpt2"),
+    "gpt2-seed1": _Recipe(seed=1, parent=None, domains=("code", "prose"), arch="gpt2"),
 }
 
 
@@ -61,10 +70,10 @@ class ZooConfig:
 
     vocab_size: int = 2048
     hidden_size: int = 128
-    intermediate_size: int = 352  # SwiGLU at ~2.75x hidden
+    intermediate_size: int = 352  # Llama SwiGLU at ~2.75x hidden (GPT-2 members use 4x hidden)
     num_layers: int = 4
     num_heads: int = 4
-    num_kv_heads: int = 2  # GQA: two query heads per KV head
+    num_kv_heads: int = 2  # Llama GQA: two query heads per KV head (GPT-2 has no GQA)
     context: int = 128
     batch_size: int = 16
     pretrain_steps: int = 300
@@ -247,7 +256,7 @@ class _Builder:
         if self.progress:
             train.log(f"training zoo model {name!r} (first use; cached in {self.cache_dir})")
         if parent_dir is None:
-            model = train.new_model(cfg, tok, seed=recipe.seed)
+            model = train.new_model(cfg, tok, seed=recipe.seed, arch=recipe.arch)
             steps, lr = cfg.pretrain_steps, cfg.pretrain_lr
         else:
             model = train.load_model(parent_dir)
@@ -268,7 +277,7 @@ class _Builder:
         (out / "zoo.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
     def _member_info(
-        self, name: str, recipe: _Recipe, result: TrainResult, model: LlamaForCausalLM
+        self, name: str, recipe: _Recipe, result: TrainResult, model: PreTrainedModel
     ) -> dict[str, Any]:
         from hfmerge.zoo import train
 
@@ -286,6 +295,7 @@ class _Builder:
             "seed": recipe.seed,
             "parent": recipe.parent,
             "domains": list(recipe.domains),
+            "architecture": recipe.arch,
             "steps": result.steps,
             "train_seconds": round(result.seconds, 2),
             "final_train_loss": result.final_loss,

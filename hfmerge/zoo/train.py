@@ -1,4 +1,4 @@
-"""Train and evaluate the zoo's small Llama-style causal LMs: a plain, deterministic AdamW loop.
+"""Train and evaluate the zoo's small causal LMs (Llama, GPT-2): a plain, deterministic AdamW loop.
 
 Determinism comes from fixed seeds, a forked RNG, a fixed CPU thread count and no dropout.
 """
@@ -11,10 +11,19 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.utils import logging as hf_logging
 
 if TYPE_CHECKING:
@@ -61,11 +70,13 @@ def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def new_model(
-    config: ZooConfig, tokenizer: PreTrainedTokenizerFast, *, seed: int
-) -> LlamaForCausalLM:
-    """A freshly initialised Llama: GQA, SwiGLU, RoPE, untied LM head, no dropout."""
-    llama = LlamaConfig(
+ZooArch = Literal["llama", "gpt2"]
+ZOO_ARCHS: tuple[ZooArch, ...] = ("llama", "gpt2")
+
+
+def _llama_config(config: ZooConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """GQA, SwiGLU, RoPE, RMSNorm, untied LM head, no dropout."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -79,9 +90,43 @@ def new_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _gpt2_config(config: ZooConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2Config:
+    """GPT-2 as published: learned positions, LayerNorm, GELU FF at 4x width, tied head.
+
+    Same width, depth, heads and data as the Llama members, so the two families' barriers
+    compare; no GQA (GPT-2 has none) and dropout off for determinism.
+    """
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=config.context,
+        n_embd=config.hidden_size,
+        n_layer=config.num_layers,
+        n_head=config.num_heads,
+        n_inner=4 * config.hidden_size,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def new_model(
+    config: ZooConfig, tokenizer: PreTrainedTokenizerFast, *, seed: int, arch: ZooArch = "llama"
+) -> PreTrainedModel:
+    """A freshly initialised causal LM of family `arch`, seeded without touching global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(llama)
+        model: PreTrainedModel = (
+            GPT2LMHeadModel(_gpt2_config(config, tokenizer))
+            if arch == "gpt2"
+            else LlamaForCausalLM(_llama_config(config, tokenizer))
+        )
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -111,7 +156,7 @@ def sample_batch(
     return torch.cat(rows, dim=0)
 
 
-def _bos_id(model: LlamaForCausalLM) -> int:
+def _bos_id(model: PreTrainedModel) -> int:
     bos = model.config.bos_token_id
     if not isinstance(bos, int):
         raise ValueError("zoo models always set bos_token_id; this model has none")
@@ -154,7 +199,7 @@ def _progress_bar() -> Progress:
 
 
 def train_lm(
-    model: LlamaForCausalLM,
+    model: PreTrainedModel,
     streams: Streams,
     *,
     mix: Mapping[str, int],
@@ -209,7 +254,7 @@ def eval_windows(tokens: torch.Tensor, *, context: int, bos_id: int, limit: int)
 
 
 @torch.no_grad()
-def heldout_loss(model: LlamaForCausalLM, tokens: torch.Tensor, *, config: ZooConfig) -> float:
+def heldout_loss(model: PreTrainedModel, tokens: torch.Tensor, *, config: ZooConfig) -> float:
     """Mean next-token loss (nats) over evenly spread windows of held-out `tokens`."""
     windows = eval_windows(
         tokens, context=config.context, bos_id=_bos_id(model), limit=config.eval_windows
@@ -247,19 +292,19 @@ def quiet_hf_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     """Write a loadable model dir; current `transformers` always writes safetensors."""
     with quiet_hf_bars():
         model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def load_model(model_dir: Path) -> LlamaForCausalLM:
-    """Load a zoo model in float32 for further training."""
+def load_model(model_dir: Path) -> PreTrainedModel:
+    """Load a zoo model (either family) in float32 for further training."""
     with quiet_hf_bars():
-        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if not isinstance(model, LlamaForCausalLM):
-        raise TypeError(f"{model_dir} did not load as a LlamaForCausalLM")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{model_dir} did not load as a transformers model")
     return model
 
 
