@@ -8,10 +8,11 @@ Builds once (cached in --dir) a base and two fine-tunes (base + small random del
 vectors mean something) shaped like TinyLlama-1.1B: hidden 2048, 22 layers, 32 heads, 4 KV heads,
 intermediate 5632, vocab 32000, bf16 safetensors with config.json. For each method (linear with
 weights 0.5/0.5; TIES with density 0.5 and weights 0.5/0.5 over the base) it runs, alternating,
-each in a fresh process: `hfmerge run recipe.yaml --force`, `mergekit-yaml config.yml OUT` with
+each in a fresh process: `hfmerge run recipe.yaml`, `mergekit-yaml config.yml OUT` with
 mergekit's defaults (CPU, --out-shard-size 5B, no --lazy-unpickle (safetensors are read lazily
 anyway), --no-copy-tokenizer as there is none) and a raw floor that reads every input tensor and
-writes the output shards with no arithmetic. It prints wall seconds and peak RSS of each, the
+writes the output shards with no arithmetic. Each tool writes into a fresh path (the old output is
+removed before the timed run). It prints wall seconds and peak RSS of each, the
 ratios, and how far the two outputs are apart (linear must agree to one bf16 rounding).
 --size-factor 2 also builds a model with twice the layers and merges it with hfmerge, to show
 that its peak RSS does not grow with the model. Child processes get OMP_NUM_THREADS = the core
@@ -98,8 +99,11 @@ def run_hfmerge(
 ) -> tuple[float, float]:
     """(wall s, peak RSS MiB) of `hfmerge run` on `method`."""
     recipe = work / f"{method}.yaml"
-    recipe.write_text(hfmerge_recipe(method, models, work / f"hf-{method}"))
-    argv = [str(BIN / "hfmerge"), "run", str(recipe), "--force"]
+    out = work / f"hf-{method}"
+    recipe.write_text(hfmerge_recipe(method, models, out))
+    # Every tool writes into a fresh path, its old output removed outside the timing.
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [str(BIN / "hfmerge"), "run", str(recipe)]
     if max_memory:
         argv += ["--max-memory", max_memory]
     return measure_command(argv, env=child_env())
@@ -204,7 +208,7 @@ def print_table(methods: list[str], rows: Rows, args: argparse.Namespace) -> Non
         f"best of {args.repeats}"
     )
     commands = {
-        "hfmerge": "hfmerge run RECIPE --force"
+        "hfmerge": "hfmerge run RECIPE"
         + (f" --max-memory {args.max_memory}" if args.max_memory else ""),
         "mergekit": "mergekit-yaml CONFIG OUT " + " ".join(MERGEKIT_FLAGS) + " (CPU, 5B shards)",
         "floor": "read every input tensor, write the shards, no arithmetic",

@@ -292,6 +292,28 @@ def test_writer_round_trip_in_shuffled_order(tmp_path: Path) -> None:
     assert read_checkpoint_index(tmp_path).total_bytes == plan.total_bytes
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux-only")
+def test_large_writes_start_their_writeback_and_keep_their_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    tensors = {"big": torch.randn(512, 1024), "small": torch.randn(8)}  # 2 MiB and 32 bytes
+    plan = write_shuffled(tmp_path, tensors, cap=parse_size("1GB"))
+    _, big = plan.locate("big")
+    header_length = 8 + struct.unpack("<Q", (tmp_path / "model.safetensors").read_bytes()[:8])[0]
+    # Only the large write queues its writeback, on exactly its own byte range.
+    assert calls == [(header_length + big.begin, big.end - big.begin, os.POSIX_FADV_DONTNEED)]
+    back = read_all(tmp_path)
+    assert all(same_bits(back[name], tensor) for name, tensor in tensors.items())
+
+
 def test_single_shard_is_model_safetensors_without_index(tmp_path: Path) -> None:
     tensors = mixed_tensors()
     plan = write_shuffled(tmp_path, tensors, cap=parse_size("2GB"))
