@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 def merged(fake_hub: FakeHub, tmp_path: Path, chdir_tmp: Path,
            monkeypatch: pytest.MonkeyPatch) -> Path:
     """The recipe r.yaml merging org/a and org/b into ./merged (not yet run); fast retries."""
-    monkeypatch.setattr(hub, "PUSH_BACKOFF_S", 0.01)
+    monkeypatch.setattr(hub.push, "PUSH_BACKOFF_S", 0.01)
     seed_llama(fake_hub, tmp_path, "org/a", seed=0)
     seed_llama(fake_hub, tmp_path, "org/b", seed=1)
     return write_recipe(chdir_tmp / "r.yaml", ["org/a", "org/b"])

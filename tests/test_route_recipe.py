@@ -103,7 +103,7 @@ def test_routed_repo_over_hub_experts_is_pushed_and_loads_back_by_id(
     fake_hub: FakeHub, experts: dict[str, Path], tmp_path: Path, chdir_tmp: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(hub, "PUSH_BACKOFF_S", 0.01)
+    monkeypatch.setattr(hub.push, "PUSH_BACKOFF_S", 0.01)
     shas = {n: fake_hub.add_model(f"org/{n}", experts[n]) for n in NAMES}
     texts = write_texts(tmp_path)
     recipe = route_recipe(chdir_tmp / "r.yaml", [f"org/{n}" for n in NAMES], "org/digits",
