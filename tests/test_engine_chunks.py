@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from hfmerge.methods import get_method, validate_params
 from hfmerge.methods.chunks import Chunk
-from hfmerge.methods.select import CutMask, magnitude_keys, select_cuts
+from hfmerge.methods.select import Cut, CutMask, magnitude_keys, select_cuts
 from hfmerge.methods.sparsify import topk_mask
 
 
@@ -34,8 +35,11 @@ def chunked(
     params: Any,
     models: Any,
     rows: int,
+    *,
+    split: bool = False,
 ) -> torch.Tensor:
-    """Run a method's `TensorMerge` over row chunks of `rows` rows, like the engine."""
+    """Run a method's `TensorMerge` over row chunks of `rows` rows, like the engine; `split`
+    applies each chunk as two row halves at once (`apply_split` on a real thread pool)."""
     method = get_method(name)
     shape = tuple(xs[0].shape)
     merge = method.tensor_merge(
@@ -52,7 +56,14 @@ def chunked(
         for chunk in chunks():
             merge.observe(index, chunk)
         merge.end_pass(index)
-    return torch.cat([merge.apply(chunk) for chunk in chunks()])
+    if not split:
+        return torch.cat([merge.apply(chunk) for chunk in chunks()])
+    assert merge.splittable
+    with ThreadPoolExecutor(1) as pool:
+        return torch.cat([
+            merge.apply_split(*chunk.split(len(chunk.tensors[0]) // 2), pool.submit)
+            for chunk in chunks()
+        ])
 
 
 CASES = [
@@ -79,6 +90,33 @@ def test_chunked_equals_whole_bit_for_bit(
     whole = method.merge(xs, base=used_base, model_params=per_model, params=global_params)
     got = chunked(name, xs, used_base, global_params, per_model, rows)
     assert torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("rows", [2, 5, 37])
+@pytest.mark.parametrize(("name", "params", "models"), CASES)
+def test_halves_in_two_threads_equal_whole_bit_for_bit(
+    name: str, params: dict[str, Any], models: list[dict[str, Any]], rows: int, quantized: bool
+) -> None:
+    """The engine's two-thread apply: the tail half gets the tie quota the head half leaves."""
+    method = get_method(name)
+    base, *xs = tensors(rows, (37, 19), quantized=quantized)
+    global_params, per_model = validate_params(method, params, models)
+    used_base = base if method.needs_base else None
+    whole = method.merge(xs, base=used_base, model_params=per_model, params=global_params)
+    got = chunked(name, xs, used_base, global_params, per_model, rows, split=True)
+    assert torch.equal(got, whole)
+
+
+def test_cut_mask_after_hands_on_the_remaining_ties() -> None:
+    keys = torch.tensor([5, 3, 5, 5, 1, 5], dtype=torch.int32)
+    mask = CutMask(Cut(5, ties=3))  # keep everything above 5, then the first three 5s
+    later = mask.after(keys[:3])  # the head holds two of the 5s
+    assert later.ties_left == 1 and not later.stateless
+    assert mask.ties_left == 3  # the original is untouched
+    whole = CutMask(Cut(5, ties=3))(keys)
+    assert torch.equal(torch.cat([mask(keys[:3]), later(keys[3:])]), whole)
+    assert CutMask(Cut(5, ties=4, all_ties=True)).stateless
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])

@@ -7,14 +7,19 @@ without a chunked form are wrapped by `WholeTensorMerge`, which takes the tensor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from hfmerge.methods.base import MergeFn, MethodParams, ModelParams
+
+
+# Runs fn(*args) on another thread: ThreadPoolExecutor.submit's shape.
+Submit = Callable[..., Future[Any]]
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,28 @@ class Chunk:
     first: int
     whole: bool  # the chunk is the whole tensor
 
+    def split(self, rows: int) -> tuple[Chunk, Chunk]:
+        """The chunk's first `rows` rows and the rest, as two partial chunks (views, no copy)."""
+        row_elements = self.tensors[0][:1].numel()  # elements per row: [rows, ...] -> [1, ...]
+        head = Chunk(
+            [t[:rows] for t in self.tensors],
+            None if self.base is None else self.base[:rows],
+            self.first,
+            whole=False,
+        )
+        tail = Chunk(
+            [t[rows:] for t in self.tensors],
+            None if self.base is None else self.base[rows:],
+            self.first + rows * row_elements,
+            whole=False,
+        )
+        return head, tail
+
 
 class TensorMerge(Protocol):
     """One tensor's merge: `observe` every chunk in each statistics pass (`end_pass` after the
-    last), then `apply` every chunk in order, which returns that chunk's merged rows."""
+    last), then `apply` every chunk in order, which returns that chunk's merged rows.
+    `apply_split` may stand in for `apply` on two halves of one chunk, run at once."""
 
     @property
     def passes(self) -> int: ...
@@ -42,6 +65,16 @@ class TensorMerge(Protocol):
     def end_pass(self, pass_index: int) -> None: ...
 
     def apply(self, chunk: Chunk) -> torch.Tensor: ...
+
+    @property
+    def splittable(self) -> bool:
+        """Whether `apply_split` may be used (whole-tensor methods need the chunk whole)."""
+        ...
+
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> torch.Tensor:
+        """Exactly `apply(head)` then `apply(tail)`, concatenated, with the tail's work handed to
+        `submit` (another thread) so the two halves run at once."""
+        ...
 
 
 class StreamFactory(Protocol):
@@ -90,6 +123,16 @@ class FunctionMerge(_NoStatistics):
         self.params = params
         self.generator = generator
         self.whole_only = whole_only
+
+    @property
+    def splittable(self) -> bool:
+        """Element-wise functions are; whole-tensor ones (and their generators) are not."""
+        return not self.whole_only
+
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> torch.Tensor:
+        """`apply` of both halves, the tail through `submit`: no state links the chunks."""
+        later = submit(self.apply, tail)
+        return torch.cat([self.apply(head), later.result()])
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         """The merged rows of `chunk`."""

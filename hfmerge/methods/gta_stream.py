@@ -13,10 +13,11 @@ its last bits (relative difference < 1e-6; tested in tests/test_engine_chunks.py
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
-from hfmerge.methods.chunks import Chunk
+from hfmerge.methods.chunks import Chunk, Submit
 from hfmerge.methods.select import CutMask, RadixSelect, magnitude_keys
 from hfmerge.methods.sparsify import RESCALE_EPS, Band
 
@@ -65,7 +66,7 @@ class TaskVectorMerge:
         for index, tensor in enumerate(chunk.tensors):
             delta = tensor - base
             if kind == "l1":
-                pruned = self._mask_only(delta, index)
+                pruned = self._mask_only(self._masks, delta, index)
                 self._sums[index][0] += float(delta.abs().sum(dtype=torch.float64))
                 self._sums[index][1] += float(pruned.abs().sum(dtype=torch.float64))
             elif self._selects[index].needed:
@@ -86,33 +87,63 @@ class TaskVectorMerge:
             elif kind == "l1":
                 self._scales[index] = _l1_scale(*self._sums[index])
 
+    @property
+    def splittable(self) -> bool:
+        """Always: `apply_split` hands the tail the tie quotas the head leaves."""
+        return True
+
     def apply(self, chunk: Chunk) -> torch.Tensor:
         """The merged rows of `chunk` (chunks must come in flat order)."""
         if chunk.first == 0:
             self._reset_masks()
-        prune = self._prune if self.bands is not None else None
+        return self._apply_with(self._masks, chunk)
+
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> torch.Tensor:
+        """`apply(head)` then `apply(tail)`, concatenated; the tail runs through `submit`."""
+        if head.first == 0:
+            self._reset_masks()
+        tail_masks = self._masks_after(head)
+        later = submit(self._apply_with, tail_masks, tail)
+        merged = torch.cat([self._apply_with(self._masks, head), later.result()])
+        self._masks = tail_masks
+        return merged
+
+    def _apply_with(self, masks: list[list[CutMask]], chunk: Chunk) -> torch.Tensor:
+        prune = partial(self._prune, masks) if self.bands is not None else None
         return self.combine(chunk.tensors, _need_base(chunk), prune)
 
     def _reset_masks(self) -> None:
         # Tie quotas are consumed in flat order, so every pass over the chunks starts afresh.
         self._masks = [[CutMask(cut) for cut in select.cuts] for select in self._selects]
 
-    def _mask_only(self, delta: torch.Tensor, index: int) -> torch.Tensor:
+    def _masks_after(self, chunk: Chunk) -> list[list[CutMask]]:
+        """The masks as they will be once `chunk` is applied: its ties at each cut used up."""
+        after = []
+        for index, masks in enumerate(self._masks):
+            if all(mask.stateless for mask in masks):
+                after.append(masks)  # nothing to hand over, so both halves may share them
+                continue
+            keys = magnitude_keys(chunk.tensors[index] - _need_base(chunk))
+            after.append([mask.after(keys) for mask in masks])
+        return after
+
+    def _mask_only(self, masks: list[list[CutMask]], delta: torch.Tensor, index: int
+                   ) -> torch.Tensor:
         """`delta` with the entries outside its band zeroed (`sparsify.band_prune` unscaled)."""
         band = self.bands[index] if self.bands is not None else None
         if band is None:
             return delta
         if band.zero:
             return torch.zeros_like(delta)
-        masks = self._masks[index]
         keys = magnitude_keys(delta)
-        mask = masks[0](keys)
-        if len(masks) > 1:  # breadcrumbs: drop the skip_top largest
-            mask &= ~masks[1](keys)
+        mask = masks[index][0](keys)
+        if len(masks[index]) > 1:  # breadcrumbs: drop the skip_top largest
+            mask &= ~masks[index][1](keys)
         return delta * mask
 
-    def _prune(self, delta: torch.Tensor, index: int) -> torch.Tensor:
-        pruned = self._mask_only(delta, index)
+    def _prune(self, masks: list[list[CutMask]], delta: torch.Tensor, index: int
+               ) -> torch.Tensor:
+        pruned = self._mask_only(masks, delta, index)
         scale = self._scales[index]
         return pruned if scale is None else pruned * scale
 

@@ -133,6 +133,18 @@ class CutMask:
         self.ties_left = cut.ties
         self.all_ties = cut.all_ties
 
+    @property
+    def stateless(self) -> bool:
+        """Whether chunks may be masked in any order: no partial tie quota is left to use."""
+        return self.all_ties or self.ties_left == 0
+
+    def after(self, keys: torch.Tensor) -> CutMask:
+        """A copy of this mask as it will be after masking `keys` (their ties used up)."""
+        later = CutMask(Cut(self.key, self.ties_left, self.all_ties))
+        if not self.stateless:
+            later.ties_left = max(0, self.ties_left - int((keys == self.key).sum()))
+        return later
+
     def __call__(self, keys: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the entries of this chunk that are among the k largest."""
         if self.all_ties:
