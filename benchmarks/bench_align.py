@@ -2,11 +2,13 @@
 
     python benchmarks/bench_align.py [--samples 64] [--pairs llama,gpt2] [--skip-bert]
 
-Part 1 prints barrier and midpoint loss for none / activation / weight alignment between the
-two seeds of each zoo family (built on first use): Llama-style zoo:seed0 / zoo:seed1 and
-GPT-2-style zoo:gpt2-seed0 / zoo:gpt2-seed1, same width, depth and data. Part 2 times weight
-matching on two randomly initialised BERT-base-sized models (12 layers, width 768, 12 heads,
-FF 3072) and reports the process's peak RSS.
+Part 1 prints barrier and midpoint loss for none / activation / weight alignment, and weight
+alignment with REPAIR, between the two seeds of each zoo family (built on first use): Llama-style
+zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 / zoo:gpt2-seed1, same width, depth and data.
+Losses are scored on the held-out built-in prose; activation matching and REPAIR statistics read
+the zoo's prose training text (`--probe-data builtin:prose-train`), never the scored text.
+Part 2 times weight matching on two randomly initialised BERT-base-sized models (12 layers,
+width 768, 12 heads, FF 3072) and reports the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+PROBE_DATA = "builtin:prose-train"  # the seeds' training text; the scored text stays held out
 # family -> (model A, model B, what it is)
 PAIRS: dict[str, tuple[str, str, str]] = {
     "llama": ("zoo:seed0", "zoo:seed1", "Llama-style: RoPE, GQA, SwiGLU, RMSNorm"),
@@ -28,14 +31,15 @@ def barrier_table(pairs: list[str], samples: int) -> None:
     """Barrier and midpoint loss per alignment mode on each zoo seed pair."""
     from hfmerge.barrier import compare_barriers
 
-    print(f"{'pair':<32} {'align':<11} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
+    print(f"{'pair':<32} {'align':<14} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
     for family in pairs:
         model_a, model_b, what = PAIRS[family]
         start = time.perf_counter()
         results = compare_barriers(
             model_a,
             model_b,
-            aligns=("none", "activation", "weight"),
+            aligns=("none", "activation", "weight", "weight+repair"),
+            probe_data=PROBE_DATA,
             samples=samples,
             progress=False,
         )
@@ -43,10 +47,10 @@ def barrier_table(pairs: list[str], samples: int) -> None:
         vanilla = results[0].barrier
         for result in results:
             print(
-                f"{model_a + ' / ' + model_b:<32} {result.align:<11} {result.barrier:>8.3f} "
+                f"{model_a + ' / ' + model_b:<32} {result.align:<14} {result.barrier:>8.3f} "
                 f"{result.loss_mid:>9.3f} {result.barrier / vanilla:>7.2f}x {seconds:>5.0f}"
             )
-        print(f"  ({what}; default probe text, {samples} windows)")
+        print(f"  ({what}; scored on builtin, probes from {PROBE_DATA}, {samples} windows)")
 
 
 def bert_base_timing() -> None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hfmerge.arch.spec import Permutations
 from hfmerge.plan import MergePlan
 from hfmerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from hfmerge.repair_step import RepairReport
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class BarrierRow:
     aligned: float
     midpoint_vanilla: float
     midpoint_aligned: float
+    repaired: float | None = None  # aligned + REPAIR, when the recipe repairs
+    midpoint_repaired: float | None = None
 
 
 @dataclass(frozen=True)
@@ -36,29 +42,37 @@ class Alignment:
     perms: list[Permutations | None]
     barriers: list[BarrierRow] = field(default_factory=list)
 
-    def card_section(self) -> str:
-        """Markdown for the model card ('' when nothing was aligned)."""
-        if self.method == "none":
+    def card_section(self, repaired: RepairReport | None = None) -> str:
+        """Markdown for the model card ('' when nothing was aligned or repaired)."""
+        if self.method == "none" and repaired is None:
             return ""
-        lines = [
-            "## Alignment",
-            "",
+        lines = ["## Alignment", ""]
+        lines.append(
+            "The inputs were merged in their own bases (no permutation alignment)."
+            if self.method == "none" else
             f"Every input was permutation-aligned into the base's basis by **{self.method} "
-            "matching** (Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging.",
-        ]
+            "matching** (Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging.")
+        if repaired is not None:
+            lines += repaired.card_lines()
         if self.barriers:
-            lines += [
-                "",
-                "| input | barrier, unaligned | barrier, aligned | midpoint loss, "
-                "unaligned | midpoint loss, aligned |",
-                "|---|---|---|---|---|",
-            ]
-            lines += [
-                f"| `{r.model}` | {r.vanilla:.4f} | {r.aligned:.4f} | "
-                f"{r.midpoint_vanilla:.4f} | {r.midpoint_aligned:.4f} |"
-                for r in self.barriers
-            ]
+            lines += ["", *_barrier_table(self.barriers)]
         return "\n".join(lines)
+
+
+def _barrier_table(rows: list[BarrierRow]) -> list[str]:
+    """Markdown table of each input's barriers (and REPAIR columns when measured)."""
+    repaired = all(r.repaired is not None for r in rows)
+    head = ["input", "barrier, unaligned", "barrier, aligned", "midpoint loss, unaligned",
+            "midpoint loss, aligned"]
+    head += ["barrier, aligned + REPAIR", "midpoint loss, aligned + REPAIR"] if repaired else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r.model}`", *(f"{v:.4f}" for v in (
+            r.vanilla, r.aligned, r.midpoint_vanilla, r.midpoint_aligned))]
+        if repaired:
+            cells += [f"{r.repaired:.4f}", f"{r.midpoint_repaired:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignment:
@@ -131,17 +145,20 @@ def _barriers(
     for model, solved in zip(plan.inputs, perms, strict=True):
         if model is plan.base or solved is None:
             continue
-        none, aligned = compare_barriers(
+        method = recipe.align.method
+        curves = ("none", method) + ((f"{method}+repair",) if recipe.align.repair else ())
+        none, aligned, *repaired = compare_barriers(
             str(plan.base.source.path),
             str(model.source.path),
-            aligns=("none", recipe.align.method),
+            aligns=curves,
             data=recipe.probe.data,
             max_length=recipe.probe.max_length,
             samples=recipe.probe.samples,
             progress=progress,
-            solved={recipe.align.method: solved},
+            solved={method: solved},
         )
-        rows.append(
-            BarrierRow(model.name, none.barrier, aligned.barrier, none.loss_mid, aligned.loss_mid)
-        )
+        fixed = repaired[0] if repaired else None
+        rows.append(BarrierRow(
+            model.name, none.barrier, aligned.barrier, none.loss_mid, aligned.loss_mid,
+            fixed.barrier if fixed else None, fixed.loss_mid if fixed else None))
     return rows

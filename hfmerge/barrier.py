@@ -1,6 +1,8 @@
 """Loss barrier on the straight line between two checkpoints, with or without permutation alignment.
 
 barrier = max over λ of L((1-λ)θA + λθB) − ((1-λ)L(θA) + λL(θB)); weights are streamed per tensor.
+A curve is an alignment mode, optionally with REPAIR (`weight+repair`): each interior point is then
+rescaled to the endpoints' blended channel statistics before it is scored (`align.repair`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from transformers import PreTrainedModel
@@ -31,9 +33,34 @@ from hfmerge.evaluate import (
 from hfmerge.progress import track
 from hfmerge.tensors import LazyCheckpoint, read_checkpoint_index
 
+if TYPE_CHECKING:
+    from hfmerge.align.repair import Repairer
+
 AlignMode = Literal["none", "weight", "activation"]
 ALIGN_MODES: tuple[str, ...] = get_args(AlignMode)
+REPAIR_SUFFIX = "+repair"
+CURVES: tuple[str, ...] = ALIGN_MODES + tuple(m + REPAIR_SUFFIX for m in ALIGN_MODES)
 MIDPOINT = 0.5
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One requested curve: an alignment mode, and whether interior points are REPAIRed."""
+
+    align: str  # one of ALIGN_MODES
+    repair: bool = False
+
+    @property
+    def name(self) -> str:
+        """`weight`, `weight+repair`, ...: the `align` field of its result."""
+        return self.align + (REPAIR_SUFFIX if self.repair else "")
+
+    @classmethod
+    def parse(cls, name: str) -> Curve:
+        """`MODE` or `MODE+repair`; an unknown name lists the valid ones."""
+        if name not in CURVES:
+            raise UnknownNameError("alignment mode", name, CURVES)
+        return cls(name.removesuffix(REPAIR_SUFFIX), name.endswith(REPAIR_SUFFIX))
 
 
 @dataclass(frozen=True)
@@ -100,7 +127,7 @@ def check_compatible(path_a: Path, path_b: Path, *, label_a: str, label_b: str) 
         raise IncompatibleModelsError(label_a, label_b, problems)
 
 
-def _checkpoint_targets(model: PreTrainedModel, names: Sequence[str], *, label: str
+def checkpoint_targets(model: PreTrainedModel, names: Sequence[str], *, label: str
                         ) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name -> the model tensor (a view of its storage) that name loads into.
 
@@ -148,7 +175,7 @@ class Interpolator:
         self.path_a, self.path_b = path_a, path_b
         self.label_a, self.label_b = label_a, label_b
         names = read_checkpoint_index(path_a, label=label_a).names
-        self.targets = _checkpoint_targets(model, names, label=label_a)
+        self.targets = checkpoint_targets(model, names, label=label_a)
 
     def load(self, lam: float, *, spec: ArchSpec | None = None,
              perms: Permutations | None = None) -> None:
@@ -180,7 +207,7 @@ def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutatio
     return permute_tensor(tensor, spec.tensors[name], spec, perms)
 
 
-def _spec_of(path: Path, *, label: str) -> ArchSpec:
+def spec_of(path: Path, *, label: str) -> ArchSpec:
     from hfmerge.arch import spec_for
 
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -189,10 +216,10 @@ def _spec_of(path: Path, *, label: str) -> ArchSpec:
 
 def _permutations(mode: str, setup: _Setup, *, batch_size: int, progress: bool
                   ) -> Permutations:
-    """B's permutations into A's basis by `mode`; activation matching probes the barrier's data."""
+    """B's permutations into A's basis by `mode`; activation matching reads the probe windows."""
     from hfmerge.align import align_permutations
 
-    windows = setup.windows
+    windows = setup.probes
     batches = [model_inputs(windows[i : i + batch_size], pad_id=setup.pad_id)
                for i in range(0, len(windows), batch_size)]
     return align_permutations(mode, setup.path_a, setup.path_b, seed=0, batches=batches,
@@ -204,8 +231,8 @@ class _Setup:
     """Everything loaded once per comparison: the model, scored windows, paths, labels."""
 
     model: PreTrainedModel
-    windows: list[torch.Tensor]  # unmasked token windows (alignment probes)
-    scored: list[Scored]  # the same windows with their labels (MLM: masked)
+    probes: list[torch.Tensor]  # unmasked token windows for activation matching and REPAIR
+    scored: list[Scored]  # the scored windows with their labels (MLM: masked)
     pad_id: int
     path_a: Path
     path_b: Path
@@ -215,12 +242,13 @@ class _Setup:
     max_length: int
 
 
-def _setup(model_a: str, model_b: str, *, data: str | None, max_length: int,
-           samples: int | None, progress: bool) -> _Setup:
+def _setup(model_a: str, model_b: str, *, data: str | None, probe_data: str | None,
+           max_length: int, samples: int | None, progress: bool) -> _Setup:
     from hfmerge.sources import resolve_model
     from hfmerge.textdata import describe_data, load_texts, token_windows
 
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
+    probe_texts = texts if probe_data is None else load_texts(probe_data)
     path_a = resolve_model(model_a, progress=progress).path
     path_b = resolve_model(model_b, progress=progress).path
     check_compatible(path_a, path_b, label_a=model_a, label_b=model_b)
@@ -228,53 +256,74 @@ def _setup(model_a: str, model_b: str, *, data: str | None, max_length: int,
     model = load_lm(path_a, label=model_a)
     length = usable_length(model, max_length)
     windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
+    probes = windows if probe_data is None else token_windows(
+        tokenizer, probe_texts, max_length=length, samples=samples)
     scored = prepare(windows, tokenizer, objective=objective_of(model), mlm_seed=0)
-    return _Setup(model, windows, scored, pad_id_of(tokenizer), path_a, path_b, model_a, model_b,
+    return _Setup(model, probes, scored, pad_id_of(tokenizer), path_a, path_b, model_a, model_b,
                   describe_data(data), length)
 
 
-def _check_modes(aligns: Sequence[str]) -> list[str]:
-    modes = list(dict.fromkeys(aligns))
-    for mode in modes:
-        if mode not in ALIGN_MODES:
-            raise UnknownNameError("alignment mode", mode, ALIGN_MODES)
-    if not modes:
+def _check_modes(aligns: Sequence[str]) -> list[Curve]:
+    curves = [Curve.parse(name) for name in dict.fromkeys(aligns)]
+    if not curves:
         raise ValueError("give at least one alignment mode")
-    return modes
+    return curves
+
+
+def _repairer(setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None,
+              perms: Permutations | None) -> Repairer:
+    """REPAIR between A and π(B), their statistics measured on the probe windows."""
+    from hfmerge.align.repair import ProbeBatch, Repairer
+
+    repairer = Repairer(setup.model, ProbeBatch(model_inputs(setup.probes, pad_id=setup.pad_id)))
+
+    def endpoint(lam: float) -> PreTrainedModel:
+        interpolator.load(lam, spec=spec, perms=perms)
+        return setup.model
+
+    repairer.measure_endpoints(endpoint)
+    return repairer
 
 
 def compare_barriers(model_a: str, model_b: str, *, aligns: Sequence[str] = ("none",),
-                     steps: int = 11, data: str | None = None, max_length: int = 128,
-                     samples: int | None = None, batch_size: int = 8, progress: bool = True,
-                     solved: Mapping[str, Permutations] | None = None) -> list[BarrierResult]:
+                     steps: int = 11, data: str | None = None, probe_data: str | None = None,
+                     max_length: int = 128, samples: int | None = None, batch_size: int = 8,
+                     progress: bool = True, solved: Mapping[str, Permutations] | None = None
+                     ) -> list[BarrierResult]:
     """One barrier curve per alignment mode, on the same windows and λ grid (one model loaded).
 
-    Activation matching probes the same windows that are scored (the `--data` text), so its
-    barrier is measured in-sample; weight matching reads no data. `solved` gives permutations
+    `aligns` holds modes (`none`, `weight`, `activation`), each optionally `MODE+repair`.
+    Activation matching and REPAIR read `probe_data` (default: the scored `data`, so those curves
+    are then measured in-sample); weight matching reads no data. `solved` gives permutations
     already found for a mode (the recipe's align step), so the curve is that of the very
     permutations merged, and they are not solved twice.
     """
-    modes, lambdas = _check_modes(aligns), lambda_grid(steps)
-    setup = _setup(model_a, model_b, data=data, max_length=max_length, samples=samples,
-                   progress=progress)
-    spec = _spec_of(setup.path_b, label=model_b) if modes != ["none"] else None
+    curves, lambdas = _check_modes(aligns), lambda_grid(steps)
+    setup = _setup(model_a, model_b, data=data, probe_data=probe_data, max_length=max_length,
+                   samples=samples, progress=progress)
+    modes = list(dict.fromkeys(c.align for c in curves))
+    spec = spec_of(setup.path_b, label=model_b) if modes != ["none"] else None
     known = dict(solved or {})
     perms = {m: None if m == "none" else known.get(m) or _permutations(
         m, setup, batch_size=batch_size, progress=progress) for m in modes}
     interpolator = Interpolator(setup.model, setup.path_a, setup.path_b, label_a=model_a,
                                 label_b=model_b)
-    # λ=0 is model A whatever the alignment: evaluate it once and share it.
-    jobs = [(modes[0], 0.0)] + [(m, lam) for m in modes for lam in lambdas if lam != 0.0]
-    losses: dict[tuple[str, float], float] = {}
+    repairers = {c.align: _repairer(setup, interpolator, spec, perms[c.align])
+                 for c in curves if c.repair}
+    # λ=0 is model A whatever the curve (REPAIR there is the identity): evaluate it once.
+    jobs = [(curves[0], 0.0)] + [(c, lam) for c in curves for lam in lambdas if lam != 0.0]
+    losses: dict[tuple[Curve, float], float] = {}
     tokens = 0
-    for mode, lam in track(jobs, description="barrier: interpolating", enabled=progress):
-        interpolator.load(lam, spec=spec, perms=perms[mode])
+    for curve, lam in track(jobs, description="barrier: interpolating", enabled=progress):
+        interpolator.load(lam, spec=spec, perms=perms[curve.align])
+        if curve.repair and 0.0 < lam < 1.0:  # endpoints: REPAIR is the identity
+            repairers[curve.align].apply(setup.model, lam)
         result = score(setup.model, setup.scored, pad_id=setup.pad_id,
                        objective=objective_of(setup.model), batch_size=batch_size)
-        losses[(mode, lam)], tokens = result.loss, result.tokens
-    first = losses[(modes[0], 0.0)]
-    return [_result(m, lambdas, [first] + [losses[(m, lam)] for lam in lambdas[1:]], tokens,
-                    setup) for m in modes]
+        losses[(curve, lam)], tokens = result.loss, result.tokens
+    first = losses[(curves[0], 0.0)]
+    return [_result(c.name, lambdas, [first] + [losses[(c, lam)] for lam in lambdas[1:]],
+                    tokens, setup) for c in curves]
 
 
 def _result(mode: str, lambdas: list[float], curve: list[float], tokens: int, setup: _Setup
@@ -290,7 +339,7 @@ def _result(mode: str, lambdas: list[float], curve: list[float], tokens: int, se
 def parse_align_modes(values: Sequence[str]) -> list[str]:
     """`--align` values, each possibly a comma list, in order and deduplicated; checked."""
     modes = [part.strip() for value in values for part in value.split(",") if part.strip()]
-    return _check_modes(modes or ["none"])
+    return [curve.name for curve in _check_modes(modes or ["none"])]
 
 
 def barrier_report(results: Sequence[BarrierResult]) -> dict[str, Any]:
@@ -328,16 +377,20 @@ def loss_barrier(model_a: str, model_b: str, *, align: AlignMode = "none", steps
 
 __all__ = [
     "ALIGN_MODES",
+    "CURVES",
     "AlignMode",
     "BarrierResult",
+    "Curve",
     "Interpolator",
     "barrier_of",
     "barrier_report",
     "check_compatible",
+    "checkpoint_targets",
     "compare_barriers",
     "format_barrier_table",
     "lambda_grid",
     "linear_baseline",
     "loss_barrier",
     "parse_align_modes",
+    "spec_of",
 ]

@@ -210,10 +210,21 @@ def barrier(
     align: Annotated[
         list[str] | None,
         typer.Option(
-            "--align", help="none, weight or activation; repeat it (or a comma list) to compare."
+            "--align",
+            help="none, weight or activation, each optionally +repair (weight+repair rescales "
+            "every interpolated point to the endpoints' channel statistics); repeat it (or a "
+            "comma list) to compare.",
         ),
     ] = None,
     data: EvalDataOpt = None,
+    probe_data: Annotated[
+        str | None,
+        typer.Option(
+            "--probe-data",
+            help="Text for activation matching and REPAIR statistics, kept apart from the "
+            "scored --data (same forms as --data; default: --data itself).",
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Points on the λ grid.")] = 11,
     json_out: EvalJsonOpt = None,
     plot: Annotated[
@@ -238,6 +249,7 @@ def barrier(
         aligns=parse_align_modes(align or []),
         steps=steps,
         data=data,
+        probe_data=probe_data,
         max_length=max_length,
         samples=samples,
         batch_size=batch_size,

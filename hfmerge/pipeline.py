@@ -37,6 +37,9 @@ from hfmerge.tensors import (
 )
 
 if TYPE_CHECKING:
+    from hfmerge.arch.spec import Permutations
+    from hfmerge.methods.base import ModelParams
+    from hfmerge.repair_step import RepairReport
     from hfmerge.route_step import RoutePlan
 
 # The steps that probe models (CKA gate, alignment, routing) import transformers, which costs
@@ -149,6 +152,8 @@ def run_recipe(
             progress=progress,
             max_memory_bytes=max_memory_bytes,
         )
+        _copy_config(staging, plan, recipe)
+        repaired = _repair(staging, plan, recipe, alignment.perms, model_params, progress=progress)
         _write_side_files(
             staging,
             plan,
@@ -157,7 +162,7 @@ def run_recipe(
             recipe_text=text,
             params=card_params,
             repo_id=push,
-            sections=[cka.card_section(), alignment.card_section()],
+            sections=[cka.card_section(), alignment.card_section(repaired)],
         )
     if not push:
         return RunResult(plan=plan, out_dir=target, snippet=snippet)
@@ -263,6 +268,25 @@ class CardParams:
     inputs: list[dict[str, Any]]
 
 
+def _copy_config(staging: Path, plan: MergePlan, recipe: Recipe) -> None:
+    """The base's config, tokenizer and other side files, with the output dtype set."""
+    copy_side_files(plan.base.source.path, staging)
+    if recipe.output.dtype:
+        _set_config_dtype(staging / "config.json", recipe.output.dtype)
+
+
+def _repair(staging: Path, plan: MergePlan, recipe: Recipe, perms: list[Permutations | None],
+            model_params: list[ModelParams], *, progress: bool) -> RepairReport | None:
+    """`align.repair`: rescale the staged merge (a linear merge, checked with the recipe)."""
+    if not recipe.align.repair:
+        return None
+    from hfmerge.methods.base import WeightedModelParams, as_params
+    from hfmerge.repair_step import repair_output
+
+    weights = [float(as_params(p, WeightedModelParams).weight) for p in model_params]
+    return repair_output(staging, plan, recipe, perms, weights, progress=progress)
+
+
 def _write_side_files(
     staging: Path,
     plan: MergePlan,
@@ -274,9 +298,6 @@ def _write_side_files(
     repo_id: str | None,
     sections: list[str],
 ) -> None:
-    copy_side_files(plan.base.source.path, staging)
-    if recipe.output.dtype:
-        _set_config_dtype(staging / "config.json", recipe.output.dtype)
     (staging / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
     card = render_card(
         title=title,

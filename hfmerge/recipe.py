@@ -55,6 +55,9 @@ class AlignSpec(_Strict):
     method: Literal["none", "weight", "activation"] = "none"
     seed: int = 0  # weight matching visits the groups in a seeded random order
     report_barrier: bool = False  # measure the loss barrier before and after, for the card
+    # REPAIR the merged model: rescale its channels to the inputs' blended statistics on the
+    # probe text (linear merges only: the blend uses the merge weights).
+    repair: bool = False
 
 
 class CheckSpec(_Strict):

@@ -22,7 +22,21 @@ def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     problems += _merge_problems(data)
     problems += _route_problems(data)
     problems += _output_problems(data)
+    problems += _repair_problems(data)
     return problems
+
+
+def _repair_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
+    align, merge = data.get("align"), data.get("merge")
+    if not isinstance(align, Mapping) or align.get("repair") is not True:
+        return []
+    method = merge.get("method") if isinstance(merge, Mapping) else None
+    if method == "linear":
+        return []
+    return [(("align", "repair"), "REPAIR rescales toward the merge-weighted blend of the inputs' "
+             f"statistics, which only a `linear` merge defines (this recipe has "
+             f"{'merge method ' + repr(method) if method else 'no merge'}): use `merge: {{method: "
+             "linear}` or drop `repair`")]
 
 
 def _merge_xor_route(data: Mapping[str, Any]) -> list[tuple[Location, str]]:

@@ -107,15 +107,41 @@ def test_permuted_copy_has_a_vanilla_barrier_that_alignment_removes(
     trained_pair: tuple[Path, Path],
 ) -> None:
     a, b = trained_pair
-    none, weight, activation = compare_barriers(
-        str(a), str(b), aligns=["none", "weight", "activation"], steps=5, max_length=LENGTH,
-        samples=SAMPLES, progress=False)
+    none, weight, activation, repaired = compare_barriers(
+        str(a), str(b), aligns=["none", "weight", "activation", "weight+repair"], steps=5,
+        max_length=LENGTH, samples=SAMPLES, progress=False)
     assert none.loss_b == pytest.approx(none.loss_a, abs=1e-4)  # same function, new basis
     assert none.barrier > 0.1 and none.loss_mid > none.loss_a + 0.1
-    for aligned in (weight, activation):
+    assert repaired.align == "weight+repair"  # A and π(B) agree: every REPAIR factor is 1
+    for aligned in (weight, activation, repaired):
         assert aligned.loss_a == none.loss_a
         assert aligned.barrier < 1e-4
         assert max(aligned.loss) - min(aligned.loss) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def seed_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny Llamas trained from different seeds: a barrier that alignment only lowers."""
+    root = tmp_path_factory.mktemp("seeds")
+    return (save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
+            save_lm("llama", root / "b", model=train_tiny_lm("llama", seed=1, steps=200)))
+
+
+def test_repair_curve_keeps_the_endpoints_and_reads_its_probe_text(
+    seed_pair: tuple[Path, Path],
+) -> None:
+    a, b = seed_pair
+    weight, repaired, held_out = compare_barriers(
+        str(a), str(b), aligns=["weight", "weight+repair"], steps=3, max_length=LENGTH,
+        samples=SAMPLES, progress=False) + compare_barriers(
+        str(a), str(b), aligns=["weight+repair"], steps=3, max_length=LENGTH, samples=SAMPLES,
+        probe_data="builtin:code", progress=False)
+    for curve in (repaired, held_out):  # endpoints are the models themselves
+        assert (curve.loss_a, curve.loss_b) == (weight.loss_a, weight.loss_b)
+    # Whether REPAIR helps depends on the pair (these tiny models are far from connected, and
+    # scaling up their averaged noise hurts; benchmarks/bench_align.py measures the zoo seeds).
+    assert abs(repaired.loss_mid - weight.loss_mid) > 1e-3
+    assert abs(held_out.loss_mid - repaired.loss_mid) > 1e-3  # statistics from the other text
 
 
 def test_incompatible_models_and_unknown_modes_are_refused(tmp_path: Path) -> None:
@@ -124,8 +150,10 @@ def test_incompatible_models_and_unknown_modes_are_refused(tmp_path: Path) -> No
         loss_barrier(str(llama), str(gpt2), progress=False)
     with pytest.raises(UnknownNameError, match="'weigth'"):
         compare_barriers(str(llama), str(llama), aligns=["weigth"], progress=False)
-    assert parse_align_modes(["none,weight", " activation", "none"]) == [
-        "none", "weight", "activation"]
+    assert parse_align_modes(["none,weight", " activation", "none", "weight+repair"]) == [
+        "none", "weight", "activation", "weight+repair"]
+    with pytest.raises(UnknownNameError, match="activation\\+repair"):
+        parse_align_modes(["weight+rescale"])
     assert parse_align_modes([]) == ["none"]
 
 

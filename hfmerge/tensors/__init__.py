@@ -36,7 +36,12 @@ from hfmerge.tensors.shards import (
     parse_size,
     plan_shards,
 )
-from hfmerge.tensors.writer import ShardWriteError, ShardWriter, encode_header
+from hfmerge.tensors.writer import (
+    ShardWriteError,
+    ShardWriter,
+    encode_header,
+    overwrite_tensors,
+)
 
 __all__ = [
     "CONVERT_FIX",
@@ -63,6 +68,7 @@ __all__ = [
     "encode_header",
     "header_length",
     "is_known_dtype",
+    "overwrite_tensors",
     "parse_shard_header",
     "parse_size",
     "plan_shards",

@@ -1,0 +1,165 @@
+"""Where REPAIR corrects each family: module outputs or inputs whose channels shrink when averaged.
+
+A site is a module and a side. `output`: the module's output channels, folded into its output rows
+(and bias), or into a norm's gain (and bias). `input`: the module's input channels, folded into its
+weight's input axis. Every correction is a per-channel factor, so the repaired model is the same
+architecture with the same tensors. Sites per block, in forward order:
+
+- norm outputs (pre-LN: the sublayer inputs; post-LN: the residual stream itself);
+- query and key projection outputs, one factor per RoPE pair so rotation still commutes with it
+  (attention sharpness is the product of the two scales: the largest single lever);
+- the attention output projection's input (the heads' value mixtures);
+- the FF down projection's input (the hidden units after the nonlinearity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel
+
+from hfmerge.arch import family_of
+from hfmerge.arch.gpt_neox import rotary_fraction
+from hfmerge.errors import ArchitectureError
+
+Side = Literal["output", "input"]
+
+
+@dataclass(frozen=True)
+class RepairSite:
+    """One corrected activation: a module's output or input, some or all of its last-axis channels.
+
+    `channels` ([n] positions on the activation's last axis; None: all of them) are corrected;
+    `ties` ([n] factor index per corrected channel; None: one factor each) makes channels share a
+    factor, as the two dims of one RoPE pair must.
+    """
+
+    module: str
+    side: Side
+    channels: torch.Tensor | None = None
+    ties: torch.Tensor | None = None
+
+
+def rope_ties(num_heads: int, head_dim: int, rotary_dims: int) -> torch.Tensor:
+    """[num_heads * head_dim] factor ids, head-major; dims j and j + r/2 of a head share one.
+
+    transformers rotates dim j with dim j + rotary_dims/2 (`rotate_half`); dims past the rotary
+    part get a factor each.
+    """
+    half = rotary_dims // 2
+    dims = torch.arange(head_dim)
+    within = torch.where(dims < 2 * half, dims % max(half, 1), dims)  # [head_dim]
+    ids = torch.arange(num_heads).unsqueeze(1) * head_dim + within  # [heads, head_dim]
+    inverse: torch.Tensor = torch.unique(ids.flatten(), return_inverse=True)[1]
+    return inverse  # contiguous ids 0..n_factors-1
+
+
+def _get(config: Any, *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _prefix(model: PreTrainedModel, layers: str) -> str:
+    """The dotted path of the model body holding `layers` (e.g. `model.` for `*ForCausalLM`)."""
+    names = {str(name) for name, _ in model.named_modules()}
+    for prefix in sorted({n[: -len(layers)] for n in names if n.endswith(layers)}, key=len):
+        if f"{prefix}{layers}.0" in names:
+            return prefix
+    raise ArchitectureError(type(model).__name__, f"has no `{layers}` block list to repair",
+                            fix="load the model with its transformers class")
+
+
+def _llama(model: PreTrainedModel) -> list[RepairSite]:
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = _get(config, "num_key_value_heads", default=heads)
+    head_dim = _get(config, "head_dim", default=config.hidden_size // heads)
+    rope = _get(config, "rope_parameters", default={}) or {}
+    fraction = rope.get("partial_rotary_factor") or _get(config, "partial_rotary_factor",
+                                                         default=1.0)
+    rotary = int(head_dim * fraction)
+    p = _prefix(model, "layers")
+    sites: list[RepairSite] = []
+    for i in range(config.num_hidden_layers):
+        block = f"{p}layers.{i}"
+        sites += [RepairSite(f"{block}.input_layernorm", "output"),
+                  RepairSite(f"{block}.self_attn.q_proj", "output",
+                             ties=rope_ties(heads, head_dim, rotary)),
+                  RepairSite(f"{block}.self_attn.k_proj", "output",
+                             ties=rope_ties(kv_heads, head_dim, rotary)),
+                  RepairSite(f"{block}.self_attn.o_proj", "input"),
+                  RepairSite(f"{block}.post_attention_layernorm", "output"),
+                  RepairSite(f"{block}.mlp.down_proj", "input")]
+    return [*sites, RepairSite(f"{p}norm", "output")]
+
+
+def _gpt2(model: PreTrainedModel) -> list[RepairSite]:
+    config = model.config
+    p = _prefix(model, "h")
+    query_key = torch.arange(2 * config.n_embd)  # c_attn's output is [Q | K | V]; V is not touched
+    sites: list[RepairSite] = []
+    for i in range(config.n_layer):
+        block = f"{p}h.{i}"
+        sites += [RepairSite(f"{block}.ln_1", "output"),
+                  RepairSite(f"{block}.attn.c_attn", "output", channels=query_key),
+                  RepairSite(f"{block}.attn.c_proj", "input"),
+                  RepairSite(f"{block}.ln_2", "output"),
+                  RepairSite(f"{block}.mlp.c_proj", "input")]
+    return [*sites, RepairSite(f"{p}ln_f", "output")]
+
+
+def _gpt_neox(model: PreTrainedModel) -> list[RepairSite]:
+    config = model.config
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    head_dim = hidden // heads
+    rotary = int(head_dim * rotary_fraction(config.to_dict(), model=type(model).__name__))
+    # query_key_value's output is [head][q | k | v][head_dim]: take q and k of every head.
+    base = torch.arange(heads).unsqueeze(1) * 3 * head_dim  # [heads, 1]
+    query = (base + torch.arange(head_dim)).flatten()  # [heads * head_dim]
+    key = (base + head_dim + torch.arange(head_dim)).flatten()
+    ties = rope_ties(heads, head_dim, rotary)
+    p = _prefix(model, "layers")
+    sites: list[RepairSite] = []
+    for i in range(config.num_hidden_layers):
+        block = f"{p}layers.{i}"
+        sites += [RepairSite(f"{block}.input_layernorm", "output"),
+                  RepairSite(f"{block}.attention.query_key_value", "output",
+                             channels=torch.cat([query, key]),
+                             ties=torch.cat([ties, ties + int(ties.max()) + 1])),
+                  RepairSite(f"{block}.attention.dense", "input"),
+                  RepairSite(f"{block}.post_attention_layernorm", "output"),
+                  RepairSite(f"{block}.mlp.dense_4h_to_h", "input")]
+    return [*sites, RepairSite(f"{p}final_layer_norm", "output")]
+
+
+def _bert(model: PreTrainedModel) -> list[RepairSite]:
+    p = _prefix(model, "encoder.layer")
+    sites = [RepairSite(f"{p}embeddings.LayerNorm", "output")]
+    for i in range(model.config.num_hidden_layers):
+        block = f"{p}encoder.layer.{i}"
+        sites += [RepairSite(f"{block}.attention.self.query", "output"),
+                  RepairSite(f"{block}.attention.self.key", "output"),
+                  RepairSite(f"{block}.attention.output.dense", "input"),
+                  RepairSite(f"{block}.attention.output.LayerNorm", "output"),
+                  RepairSite(f"{block}.output.dense", "input"),
+                  RepairSite(f"{block}.output.LayerNorm", "output")]
+    return sites
+
+
+SITES: Mapping[str, Callable[[PreTrainedModel], list[RepairSite]]] = {
+    "bert": _bert, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama}
+
+
+def repair_sites(model: PreTrainedModel) -> list[RepairSite]:
+    """The family's sites for a loaded model, every block plus the final norm."""
+    config = {"model_type": getattr(model.config, "model_type", None)}
+    return SITES[family_of(config, model=type(model).__name__)](model)
+
+
+__all__ = ["SITES", "RepairSite", "Side", "repair_sites", "rope_ties"]
