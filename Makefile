@@ -18,15 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The offline demo: a TIES merge of the zoo's specialists and a routed model over them, their
 # losses side by side on held-out code and prose; then two seeds averaged after permutation
-# alignment, and the loss barrier between the seeds with and without it.
+# alignment, and the loss barrier between the seeds without it, with it, and with it plus REPAIR.
 demo: setup
 	$(BIN)/hfmerge run recipes/demo.yaml --force
 	$(BIN)/hfmerge run recipes/examples/routed-specialists.yaml --force
 	OMP_NUM_THREADS=1 $(BIN)/hfmerge eval out/routed-specialists zoo:code zoo:prose out/demo \
 		--data builtin:code --data builtin:prose --samples 64 --json out/routed-vs-merged.json
 	$(BIN)/hfmerge run recipes/examples/aligned-seeds.yaml --force
-	$(BIN)/hfmerge barrier zoo:seed0 zoo:seed1 --align none,weight --samples 64 \
-		--plot out/seeds-barrier.png --json out/seeds-barrier.json
+	$(BIN)/hfmerge barrier zoo:seed0 zoo:seed1 --align none,weight,weight+repair --samples 64 \
+		--probe-data builtin:prose-train --plot out/seeds-barrier.png --json out/seeds-barrier.json
 
 lint: setup
 	$(BIN)/ruff check hfmerge tests benchmarks

@@ -41,6 +41,7 @@ ALIGN_MODES: tuple[str, ...] = get_args(AlignMode)
 REPAIR_SUFFIX = "+repair"
 CURVES: tuple[str, ...] = ALIGN_MODES + tuple(m + REPAIR_SUFFIX for m in ALIGN_MODES)
 MIDPOINT = 0.5
+REPAIR_WINDOWS = 256  # probe windows REPAIR fits on (as a recipe's default `probe.samples`)
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,8 @@ def _repairer(setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None,
     """REPAIR between A and π(B), their statistics measured on the probe windows."""
     from hfmerge.align.repair import ProbeBatch, Repairer
 
-    repairer = Repairer(setup.model, ProbeBatch(model_inputs(setup.probes, pad_id=setup.pad_id)))
+    windows = setup.probes[:REPAIR_WINDOWS]  # one batch: bounded, whatever --samples says
+    repairer = Repairer(setup.model, ProbeBatch(model_inputs(windows, pad_id=setup.pad_id)))
 
     def endpoint(lam: float) -> PreTrainedModel:
         interpolator.load(lam, spec=spec, perms=perms)

@@ -13,15 +13,15 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from hfmerge.align.repair import (
     Factors,
-    SiteRms,
     ProbeBatch,
     Repairer,
-    _hooked,
-    _scaled,
+    SiteRms,
     blend,
     fit,
     fold,
+    hooked_sites,
     measure,
+    scaled,
 )
 from hfmerge.align.repair_sites import RepairSite, repair_sites, rope_ties
 from hfmerge.errors import UnknownNameError
@@ -64,11 +64,11 @@ def test_folded_factors_equal_scaling_the_activations(kind: str) -> None:
     by_module = {site.module: site for site in sites}
 
     def scale(activation: torch.Tensor, site: RepairSite) -> torch.Tensor:
-        return _scaled(activation, site, factors[site.module])
+        return scaled(activation, site, factors[site.module])
 
     inputs = tiny_batch(kind, seed=1)
     plain = model_outputs(model, inputs)
-    with _hooked(model, sites, scale):
+    with hooked_sites(model, sites, scale):
         hooked = model_outputs(model, inputs)
     folded = copy.deepcopy(model)
     modules = dict(folded.named_modules())

@@ -52,7 +52,7 @@ def _per_channel(site: RepairSite, factors: torch.Tensor) -> torch.Tensor:
     return factors if site.ties is None else factors[site.ties]
 
 
-def _scaled(activation: torch.Tensor, site: RepairSite, factors: torch.Tensor) -> torch.Tensor:
+def scaled(activation: torch.Tensor, site: RepairSite, factors: torch.Tensor) -> torch.Tensor:
     """The activation with its corrected channels multiplied by their factors."""
     scale = torch.ones(activation.shape[-1], dtype=activation.dtype, device=activation.device)
     channels = site.channels if site.channels is not None else slice(None)
@@ -93,7 +93,7 @@ Hook = Callable[[torch.Tensor, RepairSite], torch.Tensor | None]
 
 
 @contextmanager
-def _hooked(model: PreTrainedModel, sites: Sequence[RepairSite], on_activation: Hook
+def hooked_sites(model: PreTrainedModel, sites: Sequence[RepairSite], on_activation: Hook
             ) -> Iterator[None]:
     """Call `on_activation(activation, site)` at every site; a returned tensor replaces it."""
     modules = dict(model.named_modules())
@@ -141,7 +141,7 @@ def measure(model: PreTrainedModel, sites: Sequence[RepairSite], probe: ProbeBat
     def record(activation: torch.Tensor, site: RepairSite) -> None:
         rms[site.module] = channel_rms(activation, probe.mask, site)
 
-    with _hooked(model, sites, record), torch.no_grad():
+    with hooked_sites(model, sites, record), torch.no_grad():
         model(**probe.inputs)
     return rms
 
@@ -171,9 +171,9 @@ def fit(model: PreTrainedModel, sites: Sequence[RepairSite], probe: ProbeBatch, 
         factor = torch.where(now > MIN_RMS, wanted / now.clamp_min(MIN_RMS), torch.ones_like(now))
         factors[site.module] = factor
         fold(modules[site.module], site, factor)
-        return _scaled(activation, site, factor) if site.side == "output" else None
+        return scaled(activation, site, factor) if site.side == "output" else None
 
-    with _hooked(model, sites, correct), torch.no_grad():
+    with hooked_sites(model, sites, correct), torch.no_grad():
         model(**probe.inputs)
     return factors
 
@@ -200,4 +200,4 @@ class Repairer:
 
 
 __all__ = ["Factors", "ProbeBatch", "Repairer", "SiteRms", "blend", "channel_rms", "fit", "fold",
-           "measure"]
+           "hooked_sites", "measure", "scaled"]
