@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from fakehub import fake_hub  # noqa: F401  (fixture: a Hub-compatible server on 127.0.0.1)
 
+from hfmerge.zoo.train import fixed_threads
+
 # Set before any test module imports huggingface_hub / transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -24,6 +26,13 @@ def _isolated_env(
     home = tmp_path_factory.mktemp("hf-home")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; two spin at barriers on a shared 2-core box."""
+    with fixed_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,15 +24,11 @@ from hfmerge.align.repair import (
 )
 from hfmerge.align.repair_sites import RepairSite, repair_sites, rope_ties
 from hfmerge.errors import UnknownNameError
-from hfmerge.zoo.train import fixed_threads
 
 KINDS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "bert_base_model"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _probe(kind: str, *, seed: int = 0) -> ProbeBatch:

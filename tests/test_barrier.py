@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,11 @@ from hfmerge.evaluate import evaluate
 from hfmerge.plotting import plot_barriers
 from hfmerge.reports import write_json
 from hfmerge.textdata import load_texts, token_windows
-from hfmerge.zoo.train import fixed_threads
 
 LENGTH, SAMPLES = 48, 8  # small, so every curve takes a fraction of a second
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two spin at barriers on a shared 2-core box."""
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

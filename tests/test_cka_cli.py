@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,13 @@ from lm_helpers import save_lm, save_permuted_copy
 
 from hfmerge.cka_report import CkaReport, compute_cka, diagonal_pairs, format_report
 from hfmerge.cli import main
-from hfmerge.zoo.train import fixed_threads
 
 FIELDS = {"model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal",
           "estimator", "pooling", "samples", "tokens"}
 SMALL = ["--samples", "6", "--max-length", "32", "--batch-size", "4", "--device-map", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two spin at barriers on a shared 2-core box."""
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,18 +17,13 @@ from hfmerge.cli import main
 from hfmerge.errors import ModelSourceError
 from hfmerge.evaluate import MASK_FRACTION, Scored, eval_model, evaluate, mlm_masks, perplexity
 from hfmerge.textdata import load_texts, token_windows
-from hfmerge.zoo.train import fixed_threads
 
 TEXT = ("The with statement is used to wrap the execution of a block with methods defined by a "
         "context manager. This allows common try, except, finally usage patterns to be "
         "encapsulated for convenient reuse. ") * 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two spin at barriers on a shared 2-core box."""
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def direct_loss(model: PreTrainedModel, rows: Sequence[Scored], *, causal: bool) -> float:

@@ -3,7 +3,6 @@ tensors REPAIR folds into differ from the plain merge."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,13 @@ from hfmerge.pipeline import run_recipe
 from hfmerge.recipe import parse_recipe
 from hfmerge.tensors import overwrite_tensors
 from hfmerge.tensors.writer import ShardWriteError
-from hfmerge.zoo.train import fixed_threads
 
 PROBE = {"data": "builtin", "samples": 8, "max_length": 32}
 FOLDED = ("input_layernorm", "q_proj", "k_proj", "o_proj", "post_attention_layernorm",
           "down_proj", "model.norm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,8 @@ from hfmerge.routing import (
 )
 from hfmerge.routing.model import BACKBONE
 from hfmerge.textdata import token_windows
-from hfmerge.zoo.train import fixed_threads
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two spin at barriers on a shared 2-core box."""
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,8 @@ from routing_helpers import write_bundled as write_repo
 from hfmerge.errors import RoutingError
 from hfmerge.routing import ExpertPool, PooledModel, RoutedModel
 from hfmerge.routing.placement import estimate_bytes
-from hfmerge.zoo.train import fixed_threads
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two spin at barriers on a shared 2-core box."""
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -17,16 +15,11 @@ from hfmerge.routing.routers import (
     RouterSettings,
     router_class,
 )
-from hfmerge.zoo.train import fixed_threads
 
 DIM, PER_EXPERT = 16, 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors run fastest on one thread; two spin at barriers on a shared 2-core box."""
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def clusters(spread: float, *, experts: int = 3, seed: int = 0,

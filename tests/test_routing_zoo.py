@@ -20,16 +20,12 @@ from hfmerge.routing import (
     write_routed_repo,
 )
 from hfmerge.zoo import corpus, zoo_model
-from hfmerge.zoo.train import fixed_threads
 
 EXPERTS = ("code", "prose")
 LENGTH = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with fixed_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ architecture with the same tensors. Sites per block, in forward order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,6 +75,16 @@ def _prefix(model: PreTrainedModel, layers: str) -> str:
                             fix="load the model with its transformers class")
 
 
+# One site of every block: (module path inside the block, side, channels, ties).
+BlockSite = tuple[str, Side, torch.Tensor | None, torch.Tensor | None]
+
+
+def _blocks(blocks: str, count: int, per_block: Sequence[BlockSite]) -> list[RepairSite]:
+    """`per_block` in each of `count` blocks named `{blocks}.{i}`, block by block."""
+    return [RepairSite(f"{blocks}.{i}.{module}", side, channels, ties)
+            for i in range(count) for module, side, channels, ties in per_block]
+
+
 def _llama(model: PreTrainedModel) -> list[RepairSite]:
     config = model.config
     heads = config.num_attention_heads
@@ -85,33 +95,27 @@ def _llama(model: PreTrainedModel) -> list[RepairSite]:
                                                          default=1.0)
     rotary = int(head_dim * fraction)
     p = _prefix(model, "layers")
-    sites: list[RepairSite] = []
-    for i in range(config.num_hidden_layers):
-        block = f"{p}layers.{i}"
-        sites += [RepairSite(f"{block}.input_layernorm", "output"),
-                  RepairSite(f"{block}.self_attn.q_proj", "output",
-                             ties=rope_ties(heads, head_dim, rotary)),
-                  RepairSite(f"{block}.self_attn.k_proj", "output",
-                             ties=rope_ties(kv_heads, head_dim, rotary)),
-                  RepairSite(f"{block}.self_attn.o_proj", "input"),
-                  RepairSite(f"{block}.post_attention_layernorm", "output"),
-                  RepairSite(f"{block}.mlp.down_proj", "input")]
-    return [*sites, RepairSite(f"{p}norm", "output")]
+    return [*_blocks(f"{p}layers", config.num_hidden_layers, [
+        ("input_layernorm", "output", None, None),
+        ("self_attn.q_proj", "output", None, rope_ties(heads, head_dim, rotary)),
+        ("self_attn.k_proj", "output", None, rope_ties(kv_heads, head_dim, rotary)),
+        ("self_attn.o_proj", "input", None, None),
+        ("post_attention_layernorm", "output", None, None),
+        ("mlp.down_proj", "input", None, None),
+    ]), RepairSite(f"{p}norm", "output")]
 
 
 def _gpt2(model: PreTrainedModel) -> list[RepairSite]:
     config = model.config
     p = _prefix(model, "h")
     query_key = torch.arange(2 * config.n_embd)  # c_attn's output is [Q | K | V]; V is not touched
-    sites: list[RepairSite] = []
-    for i in range(config.n_layer):
-        block = f"{p}h.{i}"
-        sites += [RepairSite(f"{block}.ln_1", "output"),
-                  RepairSite(f"{block}.attn.c_attn", "output", channels=query_key),
-                  RepairSite(f"{block}.attn.c_proj", "input"),
-                  RepairSite(f"{block}.ln_2", "output"),
-                  RepairSite(f"{block}.mlp.c_proj", "input")]
-    return [*sites, RepairSite(f"{p}ln_f", "output")]
+    return [*_blocks(f"{p}h", config.n_layer, [
+        ("ln_1", "output", None, None),
+        ("attn.c_attn", "output", query_key, None),
+        ("attn.c_proj", "input", None, None),
+        ("ln_2", "output", None, None),
+        ("mlp.c_proj", "input", None, None),
+    ]), RepairSite(f"{p}ln_f", "output")]
 
 
 def _gpt_neox(model: PreTrainedModel) -> list[RepairSite]:
@@ -125,31 +129,27 @@ def _gpt_neox(model: PreTrainedModel) -> list[RepairSite]:
     key = (base + head_dim + torch.arange(head_dim)).flatten()
     ties = rope_ties(heads, head_dim, rotary)
     p = _prefix(model, "layers")
-    sites: list[RepairSite] = []
-    for i in range(config.num_hidden_layers):
-        block = f"{p}layers.{i}"
-        sites += [RepairSite(f"{block}.input_layernorm", "output"),
-                  RepairSite(f"{block}.attention.query_key_value", "output",
-                             channels=torch.cat([query, key]),
-                             ties=torch.cat([ties, ties + int(ties.max()) + 1])),
-                  RepairSite(f"{block}.attention.dense", "input"),
-                  RepairSite(f"{block}.post_attention_layernorm", "output"),
-                  RepairSite(f"{block}.mlp.dense_4h_to_h", "input")]
-    return [*sites, RepairSite(f"{p}final_layer_norm", "output")]
+    return [*_blocks(f"{p}layers", config.num_hidden_layers, [
+        ("input_layernorm", "output", None, None),
+        ("attention.query_key_value", "output", torch.cat([query, key]),
+         torch.cat([ties, ties + int(ties.max()) + 1])),
+        ("attention.dense", "input", None, None),
+        ("post_attention_layernorm", "output", None, None),
+        ("mlp.dense_4h_to_h", "input", None, None),
+    ]), RepairSite(f"{p}final_layer_norm", "output")]
 
 
 def _bert(model: PreTrainedModel) -> list[RepairSite]:
     p = _prefix(model, "encoder.layer")
-    sites = [RepairSite(f"{p}embeddings.LayerNorm", "output")]
-    for i in range(model.config.num_hidden_layers):
-        block = f"{p}encoder.layer.{i}"
-        sites += [RepairSite(f"{block}.attention.self.query", "output"),
-                  RepairSite(f"{block}.attention.self.key", "output"),
-                  RepairSite(f"{block}.attention.output.dense", "input"),
-                  RepairSite(f"{block}.attention.output.LayerNorm", "output"),
-                  RepairSite(f"{block}.output.dense", "input"),
-                  RepairSite(f"{block}.output.LayerNorm", "output")]
-    return sites
+    return [RepairSite(f"{p}embeddings.LayerNorm", "output"),
+            *_blocks(f"{p}encoder.layer", model.config.num_hidden_layers, [
+                ("attention.self.query", "output", None, None),
+                ("attention.self.key", "output", None, None),
+                ("attention.output.dense", "input", None, None),
+                ("attention.output.LayerNorm", "output", None, None),
+                ("output.dense", "input", None, None),
+                ("output.LayerNorm", "output", None, None),
+            ])]
 
 
 SITES: Mapping[str, Callable[[PreTrainedModel], list[RepairSite]]] = {
