@@ -39,8 +39,9 @@ def linear_merge(
     merged = tensors[0].mul(weights[0])  # = 0 + w_0 x_0 exactly, without a zeroed buffer
     for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         merged.add_(tensor, alpha=weight)
-    if as_params(params, LinearParams).normalize:
-        merged.div_(sum(weights))
+    total = sum(weights)
+    if as_params(params, LinearParams).normalize and total != 1.0:  # x / 1 is x: skip the pass
+        merged.div_(total)
     return merged
 
 
