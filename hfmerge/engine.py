@@ -13,11 +13,12 @@ import contextlib
 import math
 import os
 import zlib
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -239,14 +240,22 @@ class _RowSplitter:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return cls(SPLIT_WORKERS if device.type == "cpu" and (cores or 1) > 1 else 0)
 
-    def apply(self, merge: TensorMerge, chunk: Chunk) -> torch.Tensor:
-        """`merge.apply(chunk)`, its row halves in two threads when worth it and allowed."""
+    def apply(self, merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
+              ) -> list[tuple[int, torch.Tensor]]:
+        """`merge.apply(chunk)` cast to `dtype`, as (first element, rows) parts: the chunk's row
+        halves on two threads when worth it and allowed, each cast on its own thread."""
         first = chunk.tensors[0] if chunk.tensors else None
         if (self._pool is None or first is None or first.dim() == 0 or first.shape[0] < 2
                 or first.numel() < SPLIT_MIN_ELEMENTS or not merge.splittable):
-            return merge.apply(chunk)
+            return [(chunk.first, merge.apply(chunk).to(dtype))]
+        pool = self._pool
+
+        def cast_on_helper(fn: Callable[..., torch.Tensor], *args: Any) -> Future[torch.Tensor]:
+            return pool.submit(lambda: fn(*args).to(dtype))
+
         head, tail = chunk.split(first.shape[0] // 2)
-        return merge.apply_split(head, tail, self._pool.submit)
+        head_rows, tail_rows = merge.apply_split(head, tail, cast_on_helper)
+        return [(head.first, head_rows.to(dtype)), (tail.first, tail_rows)]
 
     def __enter__(self) -> _RowSplitter:
         return self
@@ -268,13 +277,20 @@ def _run_step(step: _Step, behind: WriteBehind, splitter: _RowSplitter) -> None:
         if step.pass_end:
             step.merge.end_pass(step.pass_index)
         return
-    merged = splitter.apply(step.merge, chunk)
+    parts = splitter.apply(step.merge, chunk, torch_dtype(step.job.dtype))
     expected = tuple(step.tensors[0].shape) if step.tensors else step.job.shape
-    if tuple(merged.shape) != expected:
-        raise RuntimeError(
-            f"method returned shape {tuple(merged.shape)} for {name}, expected {expected}"
-        )
-    behind.put(name, step.first, merged.to(torch_dtype(step.job.dtype)).cpu())
+    got = _joined_shape([part for _, part in parts])
+    if got != expected:
+        raise RuntimeError(f"method returned shape {got} for {name}, expected {expected}")
+    for first, part in parts:
+        behind.put(name, first, part.cpu())
+
+
+def _joined_shape(parts: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """The shape of `parts` stacked along rows (one part: its own shape, 0-d included)."""
+    if len(parts) == 1:
+        return tuple(parts[0].shape)
+    return (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
 
 
 def _row_elements(job: TensorJob) -> int:

@@ -61,7 +61,7 @@ def chunked(
     assert merge.splittable
     with ThreadPoolExecutor(1) as pool:
         return torch.cat([
-            merge.apply_split(*chunk.split(len(chunk.tensors[0]) // 2), pool.submit)
+            torch.cat(merge.apply_split(*chunk.split(len(chunk.tensors[0]) // 2), pool.submit))
             for chunk in chunks()
         ])
 

@@ -71,6 +71,29 @@ def test_many_small_chunks_give_the_same_output(
         assert torch.equal(tensor, small[name]), name
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs", "dare_ties", "model_stock"])
+def test_row_halves_on_two_threads_give_the_same_output(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    monkeypatch.setattr(engine._RowSplitter, "for_device", classmethod(lambda cls, d: cls(0)))
+    serial = merge(models, tmp_path / "serial", method)
+    split_calls = []
+    real_split = engine.Chunk.split
+
+    def spy(chunk: Any, rows: int) -> Any:
+        split_calls.append(rows)
+        return real_split(chunk, rows)
+
+    monkeypatch.setattr(engine.Chunk, "split", spy)
+    monkeypatch.setattr(engine, "SPLIT_MIN_ELEMENTS", 1)  # split every chunk of 2+ rows
+    monkeypatch.setattr(engine._RowSplitter, "for_device", classmethod(lambda cls, d: cls(1)))
+    halves = merge(models, tmp_path / "halves", method)
+    assert bool(split_calls) == (method not in ("dare_ties", "model_stock"))  # whole-tensor ones
+    assert serial.keys() == halves.keys()
+    for name, tensor in serial.items():
+        assert torch.equal(tensor, halves[name]), name
+
+
 def test_engine_output_matches_the_method_on_whole_tensors(
     models: list[Path], tmp_path: Path
 ) -> None:

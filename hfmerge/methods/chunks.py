@@ -71,9 +71,11 @@ class TensorMerge(Protocol):
         """Whether `apply_split` may be used (whole-tensor methods need the chunk whole)."""
         ...
 
-    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> torch.Tensor:
-        """Exactly `apply(head)` then `apply(tail)`, concatenated, with the tail's work handed to
-        `submit` (another thread) so the two halves run at once."""
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
+                    ) -> tuple[torch.Tensor, Any]:
+        """Exactly `apply(head)` and `apply(tail)`, with the tail's work handed to `submit`
+        (another thread) so the two halves run at once. Returns the head's rows and whatever the
+        tail's future yields: its rows, or what `submit`'s caller made of them (e.g. cast)."""
         ...
 
 
@@ -129,10 +131,11 @@ class FunctionMerge(_NoStatistics):
         """Element-wise functions are; whole-tensor ones (and their generators) are not."""
         return not self.whole_only
 
-    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> torch.Tensor:
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
+                    ) -> tuple[torch.Tensor, Any]:
         """`apply` of both halves, the tail through `submit`: no state links the chunks."""
         later = submit(self.apply, tail)
-        return torch.cat([self.apply(head), later.result()])
+        return self.apply(head), later.result()
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         """The merged rows of `chunk`."""

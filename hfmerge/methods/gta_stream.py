@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -98,13 +99,14 @@ class TaskVectorMerge:
             self._reset_masks()
         return self._apply_with(self._masks, chunk)
 
-    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> torch.Tensor:
-        """`apply(head)` then `apply(tail)`, concatenated; the tail runs through `submit`."""
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
+                    ) -> tuple[torch.Tensor, Any]:
+        """`apply(head)` and `apply(tail)` at once; the tail runs through `submit`."""
         if head.first == 0:
             self._reset_masks()
         tail_masks = self._masks_after(head)
         later = submit(self._apply_with, tail_masks, tail)
-        merged = torch.cat([self._apply_with(self._masks, head), later.result()])
+        merged = self._apply_with(self._masks, head), later.result()
         self._masks = tail_masks
         return merged
 
