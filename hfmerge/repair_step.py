@@ -56,7 +56,7 @@ def _blend(stats: Sequence[SiteRms], weights: Sequence[float]) -> SiteRms:
 def _input_stats(plan: MergePlan, perms: Sequence[Permutations | None], sites: list[RepairSite],
                  probe: ProbeBatch, model: PreTrainedModel, *, progress: bool) -> list[SiteRms]:
     """Each input's statistics in the base's basis, measured in `model` (loaded from the base)."""
-    from hfmerge.barrier import Interpolator, spec_of
+    from hfmerge.interpolate import Interpolator, spec_of
     from hfmerge.progress import track
 
     base = plan.base.source.path
@@ -73,7 +73,7 @@ def _input_stats(plan: MergePlan, perms: Sequence[Permutations | None], sites: l
 def _folded_tensors(model: PreTrainedModel, sites: list[RepairSite], staging: Path, *,
                     label: str) -> dict[str, torch.Tensor]:
     """Checkpoint name -> new value of every tensor a site's factor was folded into."""
-    from hfmerge.barrier import checkpoint_targets
+    from hfmerge.interpolate import checkpoint_targets
     from hfmerge.tensors import read_checkpoint_index
 
     modules = dict(model.named_modules())
