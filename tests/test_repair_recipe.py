@@ -34,14 +34,15 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             save_lm("llama", root / "b", model=train_tiny_lm("llama", seed=1, steps=200)))
 
 
-def _recipe(a: Path, b: Path, out: Path, *, repair: bool, method: str = "linear") -> Any:
+def _recipe(a: Path, b: Path, out: Path, *, repair: bool, method: str = "linear",
+            shard: str = "5GB") -> Any:
     return parse_recipe({
         "models": [{"model": str(a), "weight": 0.5}, {"model": str(b), "weight": 0.5}],
         "base": str(a),
         "align": {"method": "weight", "repair": repair},
         "probe": PROBE,
         "merge": {"method": method},
-        "output": {"path": str(out)},
+        "output": {"path": str(out), "max_shard_size": shard},
     })
 
 
@@ -88,3 +89,16 @@ def test_overwrite_tensors_keeps_dtype_and_refuses_a_new_shape(tmp_path: Path) -
     assert torch.equal(reloaded["b"], tensors["b"])
     with pytest.raises(ShardWriteError, match="shape"):
         overwrite_tensors(tmp_path, {"b": torch.ones(5)}, label="m")
+
+
+def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = seeds
+    run_recipe(_recipe(a, b, tmp_path / "one", repair=True), progress=False)
+    run_recipe(_recipe(a, b, tmp_path / "many", repair=True, shard="40KB"), progress=False)
+    assert len(list((tmp_path / "many").glob("*.safetensors"))) > 2
+    whole = load_file(tmp_path / "one" / "model.safetensors")
+    sharded: dict[str, torch.Tensor] = {}
+    for file in (tmp_path / "many").glob("*.safetensors"):
+        sharded.update(load_file(file))
+    assert whole.keys() == sharded.keys()
+    assert all(torch.equal(whole[name], sharded[name]) for name in whole)
