@@ -88,7 +88,8 @@ def test_row_halves_on_two_threads_give_the_same_output(
     monkeypatch.setattr(engine, "SPLIT_MIN_ELEMENTS", 1)  # split every chunk of 2+ rows
     monkeypatch.setattr(engine._RowSplitter, "for_device", classmethod(lambda cls, d: cls(1)))
     halves = merge(models, tmp_path / "halves", method)
-    assert bool(split_calls) == (method not in ("dare_ties", "model_stock"))  # whole-tensor ones
+    # Not split: DARE (one mask stream per model) and Model Stock (whole tensors).
+    assert bool(split_calls) == (method not in ("dare_ties", "model_stock"))
     assert serial.keys() == halves.keys()
     for name, tensor in serial.items():
         assert torch.equal(tensor, halves[name]), name
@@ -152,7 +153,7 @@ def test_whole_tensor_methods_need_the_largest_tensor_in_budget(
     monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
     with pytest.raises(HfMergeError, match="merges whole tensors"):
         budget = engine_budget.RESERVE_BYTES + 50_000
-        merge(models, tmp_path / "out", "dare_ties", max_memory=budget)
+        merge(models, tmp_path / "out", "della", max_memory=budget)
 
 
 def test_memory_budget_text_is_checked() -> None:

@@ -29,6 +29,11 @@ def _drop(
     return random_prune(delta, model.density, rescale=params.rescale, generator=generator)
 
 
+def _keep_probability(params: DareParams, model: PrunedModelParams) -> float:
+    """Each entry is kept with probability `density`, independently: DARE streams by chunks."""
+    return model.density
+
+
 DARE_TIES = task_vector_method(
     name="dare_ties",
     summary="Drop task-vector entries at random, rescale, elect signs as in TIES.",
@@ -37,6 +42,7 @@ DARE_TIES = task_vector_method(
     model_params=PrunedModelParams,
     consensus=True,
     sparsify=_drop,
+    keep=_keep_probability,
     deterministic=False,
 )
 
@@ -48,5 +54,6 @@ DARE_LINEAR = task_vector_method(
     model_params=PrunedModelParams,
     consensus=False,
     sparsify=_drop,
+    keep=_keep_probability,
     deterministic=False,
 )

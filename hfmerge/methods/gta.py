@@ -25,6 +25,7 @@ from hfmerge.methods.base import (
 )
 from hfmerge.methods.chunks import TensorMerge
 from hfmerge.methods.gta_stream import TaskVectorMerge
+from hfmerge.methods.random_stream import RandomDropMerge
 from hfmerge.methods.sparsify import Band
 
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (task vector, model index) -> sparsified
@@ -57,6 +58,9 @@ Sparsifier = Callable[[GlobalT, ModelT, torch.Tensor, torch.Generator | None], t
 # The magnitude band a sparsifier keeps, from (global params, model params, numel): given for the
 # deterministic magnitude sparsifiers, it gives the method its chunked form (gta_stream.py).
 BandOf = Callable[[GlobalT, ModelT, int], Band | None]
+# The keep probability of a random sparsifier that drops each entry independently (DARE), from
+# (global params, model params): given, it gives the method its chunked form (random_stream.py).
+KeepOf = Callable[[GlobalT, ModelT], float]
 
 
 def task_vector_method(
@@ -69,12 +73,14 @@ def task_vector_method(
     consensus: bool,
     sparsify: Sparsifier[GlobalT, ModelT] | None = None,
     band: BandOf[GlobalT, ModelT] | None = None,
+    keep: KeepOf[GlobalT, ModelT] | None = None,
     deterministic: bool = True,
 ) -> MergeMethod:
     """A generalized-task-arithmetic method: its sparsifier, and whether it elects signs (TIES).
 
     Without a sparsifier, or with `band` (the sparsifier's magnitude band), the method also gets
-    its exact chunked form; random sparsifiers (DARE, DELLA) merge whole tensors.
+    its exact chunked form; so does `keep` (DARE, whose masks replay chunk by chunk). DELLA, whose
+    keep probabilities rank whole rows, merges whole tensors.
     """
 
     def merge(
@@ -131,6 +137,9 @@ def task_vector_method(
             )
 
         rescale = isinstance(global_params, PruneParams) and global_params.rescale
+        if keep is not None:
+            return RandomDropMerge(n, keep=[keep(global_params, m) for m in per_model],
+                                   rescale=rescale, combine=combine, generator=generator)
         return TaskVectorMerge(n, bands=bands, rescale=rescale, combine=combine, device=device)
 
     params_cls, model_params_cls = params, model_params
@@ -143,7 +152,7 @@ def task_vector_method(
         model_params=model_params,
         deterministic=deterministic,
         fn=merge,
-        stream=stream if sparsify is None or band is not None else None,
+        stream=stream if sparsify is None or band is not None or keep is not None else None,
     )
 
 

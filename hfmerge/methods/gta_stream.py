@@ -86,7 +86,7 @@ class TaskVectorMerge:
             elif kind == "lo":
                 select.end_lo()
             elif kind == "l1":
-                self._scales[index] = _l1_scale(*self._sums[index])
+                self._scales[index] = l1_scale(*self._sums[index])
 
     @property
     def splittable(self) -> bool:
@@ -157,7 +157,7 @@ def _band_ks(band: Band | None) -> list[int]:
     return [band.skip_top + band.keep] + ([band.skip_top] if band.skip_top > 0 else [])
 
 
-def _l1_scale(before: float, after: float) -> torch.Tensor | None:
+def l1_scale(before: float, after: float) -> torch.Tensor | None:
     """`sparsify.rescale_l1`'s factor, from L1 sums; None where it leaves the tensor alone."""
     before32 = torch.tensor(before, dtype=torch.float32)
     after32 = torch.tensor(after, dtype=torch.float32)
