@@ -189,7 +189,7 @@ class _Steps:
             generator=torch.Generator().manual_seed(self.seed + zlib.crc32(job.name.encode())),
             device=self.device,
         )
-        ranges = self._ranges(job, whole=method.stream is None)
+        ranges = self._ranges(job, whole=merge.whole_only)
         rows = job.shape[0] if job.shape else 1
         loaded = len(self.inputs) + (1 if method.needs_base else 0)
         for pass_index in range(merge.passes + 1):

@@ -162,15 +162,27 @@ def test_radix_cut_edges() -> None:
     assert CutMask(select_cuts(keys, [3])[0])(keys).tolist() == [True, False, True, True]
 
 
+RANDOM_CASES = [
+    ("dare_ties", [{"weight": 0.5, "density": 0.3}, {"weight": 0.5, "density": 1.0},
+                   {"weight": 0.7, "density": 0.6}]),
+    ("dare_linear", [{"weight": 0.5, "density": 0.3}, {"weight": 0.5, "density": 0.0},
+                     {"weight": 0.7, "density": 0.6}]),
+    ("della", [{"weight": 0.5, "density": 0.3, "epsilon": 0.1}, {"weight": 0.5, "density": 1.0},
+               {"weight": 0.7, "density": 0.6, "epsilon": 0.2}]),
+    ("della_linear", [{"weight": 0.5, "density": 0.4}, {"weight": 0.5, "density": 0.0},
+                      {"weight": 0.7, "density": 0.6}]),
+]
+
+
 @pytest.mark.parametrize("rows", [1, 4, 37])
-@pytest.mark.parametrize("name", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize(("name", "models"), RANDOM_CASES)
 @pytest.mark.parametrize("rescale", [False, True])
-def test_dare_chunks_replay_the_whole_tensor_masks(name: str, rescale: bool, rows: int) -> None:
-    """The same seed gives the same masks chunk by chunk, model by model (one keeps all)."""
+def test_random_chunks_replay_the_whole_tensor_masks(
+    name: str, models: list[dict[str, Any]], rescale: bool, rows: int
+) -> None:
+    """The same seed gives the same masks chunk by chunk, model by model (some draw nothing)."""
     method = get_method(name)
     base, *xs = tensors(rows, (37, 19), quantized=False)
-    models = [{"weight": 0.5, "density": 0.3}, {"weight": 0.5, "density": 1.0},
-              {"weight": 0.7, "density": 0.6}]
     global_params, per_model = validate_params(method, {"rescale": rescale}, models)
     whole = method.merge(xs, base=base, model_params=per_model, params=global_params,
                          generator=torch.Generator().manual_seed(11))
@@ -183,3 +195,14 @@ def test_dare_chunks_replay_the_whole_tensor_masks(name: str, rescale: bool, row
     other = chunked(name, xs, base, global_params, per_model, rows,
                     generator=torch.Generator().manual_seed(12))
     assert not torch.equal(other, whole)  # negative control: another seed, other masks
+
+
+def test_della_merges_a_one_dimensional_tensor_whole() -> None:
+    """A 1-D tensor is one row, which DELLA's probabilities rank as a whole."""
+    method = get_method("della")
+    global_params, per_model = validate_params(method, {}, [{"density": 0.5}] * 2)
+    one_d = method.tensor_merge((64,), model_params=per_model, params=global_params,
+                                generator=torch.Generator(), device=torch.device("cpu"))
+    two_d = method.tensor_merge((8, 8), model_params=per_model, params=global_params,
+                                generator=torch.Generator(), device=torch.device("cpu"))
+    assert one_d.whole_only and not two_d.whole_only

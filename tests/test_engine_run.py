@@ -58,7 +58,8 @@ def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, t
     return tensors
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs", "dare_ties", "model_stock"])
+@pytest.mark.parametrize(
+    "method", ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock"])
 def test_many_small_chunks_give_the_same_output(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
@@ -153,7 +154,7 @@ def test_whole_tensor_methods_need_the_largest_tensor_in_budget(
     monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
     with pytest.raises(HfMergeError, match="merges whole tensors"):
         budget = engine_budget.RESERVE_BYTES + 50_000
-        merge(models, tmp_path / "out", "della", max_memory=budget)
+        merge(models, tmp_path / "out", "model_stock", max_memory=budget)
 
 
 def test_memory_budget_text_is_checked() -> None:

@@ -57,6 +57,8 @@ class TensorMerge(Protocol):
     last), then `apply` every chunk in order, which returns that chunk's merged rows.
     `apply_split` may stand in for `apply` on two halves of one chunk, run at once."""
 
+    whole_only: bool  # the chunk must be the whole tensor
+
     @property
     def passes(self) -> int: ...
 

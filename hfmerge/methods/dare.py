@@ -8,7 +8,7 @@ from pydantic import Field
 
 from hfmerge.methods.base import Flag
 from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
-from hfmerge.methods.sparsify import random_prune
+from hfmerge.methods.sparsify import DropRule, dare_rule, random_prune
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -29,9 +29,9 @@ def _drop(
     return random_prune(delta, model.density, rescale=params.rescale, generator=generator)
 
 
-def _keep_probability(params: DareParams, model: PrunedModelParams) -> float:
-    """Each entry is kept with probability `density`, independently: DARE streams by chunks."""
-    return model.density
+def _rule(params: DareParams, model: PrunedModelParams) -> DropRule:
+    """Each entry kept with probability `density`, independently: DARE streams by chunks."""
+    return dare_rule(model.density)
 
 
 DARE_TIES = task_vector_method(
@@ -42,7 +42,7 @@ DARE_TIES = task_vector_method(
     model_params=PrunedModelParams,
     consensus=True,
     sparsify=_drop,
-    keep=_keep_probability,
+    drop=_rule,
     deterministic=False,
 )
 
@@ -54,6 +54,6 @@ DARE_LINEAR = task_vector_method(
     model_params=PrunedModelParams,
     consensus=False,
     sparsify=_drop,
-    keep=_keep_probability,
+    drop=_rule,
     deterministic=False,
 )

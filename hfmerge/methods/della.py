@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from hfmerge.methods.base import Flag, Fraction
 from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
-from hfmerge.methods.sparsify import ranked_random_prune
+from hfmerge.methods.sparsify import DropRule, della_rule, ranked_random_prune
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -60,6 +60,11 @@ def _magprune(
     )
 
 
+def _rule(params: PruneParams, model: DellaModelParams) -> DropRule:
+    """MagPrune's keep probabilities, ranked within each row: DELLA streams by whole rows."""
+    return della_rule(model.density, model.epsilon)
+
+
 DELLA = task_vector_method(
     name="della",
     summary="Drop task-vector entries at random, keeping large ones likelier; elect signs.",
@@ -68,6 +73,8 @@ DELLA = task_vector_method(
     model_params=DellaModelParams,
     consensus=True,
     sparsify=_magprune,
+    drop=_rule,
+    ranks_rows=True,
     deterministic=False,
 )
 
@@ -79,5 +86,7 @@ DELLA_LINEAR = task_vector_method(
     model_params=DellaModelParams,
     consensus=False,
     sparsify=_magprune,
+    drop=_rule,
+    ranks_rows=True,
     deterministic=False,
 )

@@ -23,10 +23,10 @@ from hfmerge.methods.base import (
     as_params,
     require_base,
 )
-from hfmerge.methods.chunks import TensorMerge
+from hfmerge.methods.chunks import FunctionMerge, TensorMerge
 from hfmerge.methods.gta_stream import TaskVectorMerge
 from hfmerge.methods.random_stream import RandomDropMerge
-from hfmerge.methods.sparsify import Band
+from hfmerge.methods.sparsify import Band, DropRule
 
 Prune = Callable[[torch.Tensor, int], torch.Tensor]  # (task vector, model index) -> sparsified
 
@@ -58,9 +58,9 @@ Sparsifier = Callable[[GlobalT, ModelT, torch.Tensor, torch.Generator | None], t
 # The magnitude band a sparsifier keeps, from (global params, model params, numel): given for the
 # deterministic magnitude sparsifiers, it gives the method its chunked form (gta_stream.py).
 BandOf = Callable[[GlobalT, ModelT, int], Band | None]
-# The keep probability of a random sparsifier that drops each entry independently (DARE), from
-# (global params, model params): given, it gives the method its chunked form (random_stream.py).
-KeepOf = Callable[[GlobalT, ModelT], float]
+# How a random sparsifier drops one model's entries (DARE, DELLA), from (global params, model
+# params): given, it gives the method its chunked form (random_stream.py).
+DropOf = Callable[[GlobalT, ModelT], DropRule]
 
 
 def task_vector_method(
@@ -73,14 +73,15 @@ def task_vector_method(
     consensus: bool,
     sparsify: Sparsifier[GlobalT, ModelT] | None = None,
     band: BandOf[GlobalT, ModelT] | None = None,
-    keep: KeepOf[GlobalT, ModelT] | None = None,
+    drop: DropOf[GlobalT, ModelT] | None = None,
+    ranks_rows: bool = False,
     deterministic: bool = True,
 ) -> MergeMethod:
     """A generalized-task-arithmetic method: its sparsifier, and whether it elects signs (TIES).
 
     Without a sparsifier, or with `band` (the sparsifier's magnitude band), the method also gets
-    its exact chunked form; so does `keep` (DARE, whose masks replay chunk by chunk). DELLA, whose
-    keep probabilities rank whole rows, merges whole tensors.
+    its exact chunked form; so does `drop` (DARE, DELLA: their masks replay chunk by chunk).
+    `ranks_rows`: the drop probabilities rank whole rows, so a 1-D tensor (one row) merges whole.
     """
 
     def merge(
@@ -137,8 +138,11 @@ def task_vector_method(
             )
 
         rescale = isinstance(global_params, PruneParams) and global_params.rescale
-        if keep is not None:
-            return RandomDropMerge(n, keep=[keep(global_params, m) for m in per_model],
+        if drop is not None:
+            if ranks_rows and len(shape) < 2:
+                return FunctionMerge(merge, model_params=model_params, params=params,
+                                     generator=generator, whole_only=True)
+            return RandomDropMerge(n, rules=[drop(global_params, m) for m in per_model],
                                    rescale=rescale, combine=combine, generator=generator)
         return TaskVectorMerge(n, bands=bands, rescale=rescale, combine=combine, device=device)
 
@@ -152,7 +156,7 @@ def task_vector_method(
         model_params=model_params,
         deterministic=deterministic,
         fn=merge,
-        stream=stream if sparsify is None or band is not None or keep is not None else None,
+        stream=stream if sparsify is None or band is not None or drop is not None else None,
     )
 
 

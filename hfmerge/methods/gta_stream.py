@@ -30,6 +30,8 @@ Combine = Callable[[Sequence[torch.Tensor], torch.Tensor, Prune | None], torch.T
 class TaskVectorMerge:
     """One tensor of a task-vector method: radix passes, an optional L1 pass, then apply."""
 
+    whole_only = False
+
     def __init__(
         self,
         n: int,

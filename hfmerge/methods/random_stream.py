@@ -1,8 +1,10 @@
-"""DARE chunk by chunk, with the same random masks as the whole-tensor function.
+"""DARE and DELLA chunk by chunk, with the same random masks as the whole-tensor function.
 
 The whole-tensor function draws each model's mask with `torch.bernoulli` from one generator, model
 after model, one draw per entry in flat order; drawn in flat-order pieces, the stream is the same.
-So model i's draws start where model i-1's end. One statistics pass per model that drops entries
+So model i's draws start where model i-1's end. (DELLA's keep probabilities rank each row, and
+chunks hold whole rows; a 1-D tensor is one row, so it is merged whole.) One statistics pass per
+model that drops entries
 walks its masks in order, which both finds where the next model's draws start and sums the L1
 norms for `rescale`; the apply pass then replays every model's draws from its saved start, each
 model on its own generator state.
@@ -20,18 +22,20 @@ import torch
 
 from hfmerge.methods.chunks import Chunk, Submit
 from hfmerge.methods.gta_stream import Combine, l1_scale
+from hfmerge.methods.sparsify import DropRule
 
 
 class RandomDropMerge:
-    """One tensor of DARE: a pass per dropping model, then apply with the masks replayed."""
+    """One tensor of DARE/DELLA: a pass per dropping model, then apply with the masks replayed."""
 
-    def __init__(self, n: int, *, keep: Sequence[float], rescale: bool, combine: Combine,
+    whole_only = False
+
+    def __init__(self, n: int, *, rules: Sequence[DropRule], rescale: bool, combine: Combine,
                  generator: torch.Generator | None) -> None:
         if generator is None:
             raise ValueError("a random method needs a generator to stream (its masks replay)")
-        self.keep = list(keep)
-        # As `sparsify.random_prune`: a model keeping everything draws nothing.
-        self.dropping = [i for i, p in enumerate(self.keep) if p < 1 and n > 0]
+        self.rules = list(rules)
+        self.dropping = [i for i, rule in enumerate(self.rules) if callable(rule) and n > 0]
         self.rescale = rescale
         self.combine = combine
         self._generator = generator
@@ -77,6 +81,8 @@ class RandomDropMerge:
         raise AssertionError("random masks cannot be split across threads")
 
     def _prune(self, delta: torch.Tensor, index: int) -> torch.Tensor:
+        if self.rules[index] == "drop all":
+            return torch.zeros_like(delta)
         if index not in self._states:
             return delta  # keeps everything
         generator = torch.Generator().set_state(self._states[index])
@@ -86,7 +92,9 @@ class RandomDropMerge:
         return pruned if scale is None else pruned * scale
 
     def _mask(self, delta: torch.Tensor, index: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.bernoulli(torch.full_like(delta, self.keep[index]), generator=generator)
+        rule = self.rules[index]
+        assert callable(rule)
+        return torch.bernoulli(rule(delta), generator=generator)
 
 
 def _base(chunk: Chunk) -> torch.Tensor:

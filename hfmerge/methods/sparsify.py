@@ -7,11 +7,20 @@ sort.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import torch
 
 from hfmerge.methods.select import CutMask, magnitude_keys, select_cuts
+
+# Keep probability of every entry of a task vector (or of whole rows of it), same shape out.
+Probabilities = Callable[[torch.Tensor], torch.Tensor]
+# How a random sparsifier treats one model: entries kept at random with these probabilities, or
+# (drawing nothing) all kept or all dropped.
+DropRule = Probabilities | Literal["keep all", "drop all"]
 
 RESCALE_EPS = 1e-7  # below this L1 norm a task vector counts as empty and is not rescaled
 
@@ -132,10 +141,20 @@ def random_prune(
     `torch.bernoulli` on a probability tensor draws the same stream as mergekit's, so a generator
     seeded like mergekit's `--random-seed` reproduces its masks tensor for tensor.
     """
-    if density >= 1 or delta.numel() == 0:
+    rule = dare_rule(density)
+    if rule == "keep all" or delta.numel() == 0:
         return delta
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
-    return _keep(delta, mask, rescale=rescale)
+    assert callable(rule)
+    return _keep(delta, torch.bernoulli(rule(delta), generator=generator), rescale=rescale)
+
+
+def dare_rule(density: float) -> DropRule:
+    """DARE's keep probabilities: `density` everywhere (a model keeping all draws nothing)."""
+    return "keep all" if density >= 1 else partial(_constant, value=density)
+
+
+def _constant(delta: torch.Tensor, *, value: float) -> torch.Tensor:
+    return torch.full_like(delta, value)
 
 
 def ranked_random_prune(
@@ -151,14 +170,28 @@ def ranked_random_prune(
 
     Rows are output units: `[shape[0], -1]`; a 1-D tensor is one row.
     """
-    if density >= 1 or delta.numel() == 0:
+    rule = della_rule(density, epsilon)
+    if rule == "keep all" or delta.numel() == 0:
         return delta
-    if density <= 0:
+    if rule == "drop all":
         return torch.zeros_like(delta)
+    assert callable(rule)
+    return _keep(delta, torch.bernoulli(rule(delta), generator=generator), rescale=rescale)
+
+
+def della_rule(density: float, epsilon: float) -> DropRule:
+    """DELLA's keep probabilities (ranked within rows), or all kept / all dropped, drawing none."""
+    if density >= 1:
+        return "keep all"
+    if density <= 0:
+        return "drop all"
+    return partial(_ranked, density=density, epsilon=epsilon)
+
+
+def _ranked(delta: torch.Tensor, *, density: float, epsilon: float) -> torch.Tensor:
     rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
     probs = (density - epsilon) + rank_fraction(rows.abs()) * 2 * epsilon  # [rows, cols]
-    mask = torch.bernoulli(probs, generator=generator)
-    return _keep(rows, mask, rescale=rescale).reshape(delta.shape)
+    return probs.reshape(delta.shape)
 
 
 def rank_fraction(scores: torch.Tensor) -> torch.Tensor:
