@@ -206,3 +206,13 @@ def test_della_merges_a_one_dimensional_tensor_whole() -> None:
     two_d = method.tensor_merge((8, 8), model_params=per_model, params=global_params,
                                 generator=torch.Generator(), device=torch.device("cpu"))
     assert one_d.whole_only and not two_d.whole_only
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (5, 13)])
+def test_masks_pack_into_bits_and_back(shape: tuple[int, ...]) -> None:
+    from hfmerge.methods.random_stream import pack_mask, unpack_mask
+
+    mask = torch.bernoulli(torch.full(shape, 0.5), generator=torch.Generator().manual_seed(1))
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(packed, mask), mask)
