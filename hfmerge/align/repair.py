@@ -94,7 +94,7 @@ Hook = Callable[[torch.Tensor, RepairSite], torch.Tensor | None]
 
 @contextmanager
 def hooked_sites(model: PreTrainedModel, sites: Sequence[RepairSite], on_activation: Hook
-            ) -> Iterator[None]:
+                 ) -> Iterator[None]:
     """Call `on_activation(activation, site)` at every site; a returned tensor replaces it."""
     modules = dict(model.named_modules())
     missing = [site.module for site in sites if site.module not in modules]

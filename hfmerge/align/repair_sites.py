@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
 
 from hfmerge.arch import family_of
+from hfmerge.arch.common import config_int
 from hfmerge.arch.gpt_neox import rotary_fraction
+from hfmerge.arch.llama import head_dim_of
 from hfmerge.errors import ArchitectureError
 
 Side = Literal["output", "input"]
@@ -57,14 +59,6 @@ def rope_ties(num_heads: int, head_dim: int, rotary_dims: int) -> torch.Tensor:
     return inverse  # contiguous ids 0..n_factors-1
 
 
-def _get(config: Any, *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        value = getattr(config, key, None)
-        if value is not None:
-            return value
-    return default
-
-
 def _prefix(model: PreTrainedModel, layers: str) -> str:
     """The dotted path of the model body holding `layers` (e.g. `model.` for `*ForCausalLM`)."""
     names = {str(name) for name, _ in model.named_modules()}
@@ -86,16 +80,14 @@ def _blocks(blocks: str, count: int, per_block: Sequence[BlockSite]) -> list[Rep
 
 
 def _llama(model: PreTrainedModel) -> list[RepairSite]:
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = _get(config, "num_key_value_heads", default=heads)
-    head_dim = _get(config, "head_dim", default=config.hidden_size // heads)
-    rope = _get(config, "rope_parameters", default={}) or {}
-    fraction = rope.get("partial_rotary_factor") or _get(config, "partial_rotary_factor",
-                                                         default=1.0)
-    rotary = int(head_dim * fraction)
+    config, name = model.config.to_dict(), type(model).__name__
+    hidden = config_int(config, "hidden_size", model=name)
+    heads = config_int(config, "num_attention_heads", model=name)
+    kv_heads = config_int(config, "num_key_value_heads", model=name, default=heads)
+    head_dim = head_dim_of(config, hidden, heads, model=name)
+    rotary = int(head_dim * rotary_fraction(config, model=name, default=1.0))
     p = _prefix(model, "layers")
-    return [*_blocks(f"{p}layers", config.num_hidden_layers, [
+    return [*_blocks(f"{p}layers", config_int(config, "num_hidden_layers", model=name), [
         ("input_layernorm", "output", None, None),
         ("self_attn.q_proj", "output", None, rope_ties(heads, head_dim, rotary)),
         ("self_attn.k_proj", "output", None, rope_ties(kv_heads, head_dim, rotary)),

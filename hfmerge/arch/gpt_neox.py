@@ -34,12 +34,15 @@ DEFAULT_ROTARY_PCT = 0.25  # transformers' GPTNeoXConfig default (every Pythia s
 HEAD_NAMES = ("embed_out.weight", "lm_head.weight")
 
 
-def rotary_fraction(config: Mapping[str, Any], *, model: str) -> float:
-    """Share of each head's dims under RoPE: transformers 5 `rope_parameters`, else `rotary_pct`."""
+def rotary_fraction(config: Mapping[str, Any], *, model: str,
+                    default: float = DEFAULT_ROTARY_PCT) -> float:
+    """Share of each head's dims under RoPE: transformers 5 `rope_parameters`, else `rotary_pct`.
+
+    `default` applies when the config names none (GPT-NeoX's own default; 1.0 for Llama-style)."""
     rope = config.get("rope_parameters") or {}
     candidates = (rope.get("partial_rotary_factor"), config.get("partial_rotary_factor"),
                   config.get("rotary_pct"))
-    value = next((v for v in candidates if v is not None), DEFAULT_ROTARY_PCT)
+    value = next((v for v in candidates if v is not None), default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ArchitectureError(model, f"config.json rotary fraction {value!r} is not in [0, 1]")
     return float(value)

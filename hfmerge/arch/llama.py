@@ -73,7 +73,7 @@ def _layer(b: SpecBuilder, p: str, i: int, *, biases: _Biases) -> None:
     b.buffer(f"{base}self_attn.rotary_emb.inv_freq", ndim=1)  # saved by transformers < 4.31
 
 
-def _head_dim(config: Mapping[str, Any], hidden: int, heads: int, *, model: str) -> int:
+def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, model: str) -> int:
     # head_dim may differ from hidden / heads (e.g. Mistral-Nemo); null head_dim means the default.
     if config.get("head_dim") is None:
         return split_heads(hidden, heads, model=model)
@@ -86,7 +86,7 @@ def build(config: dict[str, Any], tensor_names: Collection[str], *,
     hidden = config_int(config, "hidden_size", model=model)
     heads = config_int(config, "num_attention_heads", model=model)
     kv_heads = config_int(config, "num_key_value_heads", model=model, default=heads)
-    head_dim = _head_dim(config, hidden, heads, model=model)
+    head_dim = head_dim_of(config, hidden, heads, model=model)
     layers = config_int(config, "num_hidden_layers", model=model)
     inner = config_int(config, "intermediate_size", model=model)
     names = set(tensor_names)

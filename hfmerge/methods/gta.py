@@ -80,7 +80,7 @@ def task_vector_method(
     """A generalized-task-arithmetic method: its sparsifier, and whether it elects signs (TIES).
 
     Without a sparsifier, or with `band` (the sparsifier's magnitude band), the method also gets
-    its exact chunked form; so does `drop` (DARE, DELLA: their masks replay chunk by chunk).
+    its exact chunked form; so does `drop` (DARE, DELLA: each model's masks drawn in one pass).
     `ranks_rows`: the drop probabilities rank whole rows, so a 1-D tensor (one row) merges whole.
     """
 

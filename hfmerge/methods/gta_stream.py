@@ -63,7 +63,7 @@ class TaskVectorMerge:
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         """Feed one chunk to the radix selections or to the L1 sums."""
         kind = self._kinds[pass_index]
-        base = _need_base(chunk)
+        base = need_base(chunk)
         if kind == "l1" and chunk.first == 0:
             self._reset_masks()
         for index, tensor in enumerate(chunk.tensors):
@@ -114,7 +114,7 @@ class TaskVectorMerge:
 
     def _apply_with(self, masks: list[list[CutMask]], chunk: Chunk) -> torch.Tensor:
         prune = partial(self._prune, masks) if self.bands is not None else None
-        return self.combine(chunk.tensors, _need_base(chunk), prune)
+        return self.combine(chunk.tensors, need_base(chunk), prune)
 
     def _reset_masks(self) -> None:
         # Tie quotas are consumed in flat order, so every pass over the chunks starts afresh.
@@ -127,7 +127,7 @@ class TaskVectorMerge:
             if all(mask.stateless for mask in masks):
                 after.append(masks)  # nothing to hand over, so both halves may share them
                 continue
-            keys = magnitude_keys(chunk.tensors[index] - _need_base(chunk))
+            keys = magnitude_keys(chunk.tensors[index] - need_base(chunk))
             after.append([mask.after(keys) for mask in masks])
         return after
 
@@ -168,7 +168,7 @@ def l1_scale(before: float, after: float) -> torch.Tensor | None:
     return before32 / after32
 
 
-def _need_base(chunk: Chunk) -> torch.Tensor:
+def need_base(chunk: Chunk) -> torch.Tensor:
     if chunk.base is None:
         raise ValueError("task-vector methods need the base model's tensors")
     return chunk.base

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from hfmerge.methods.chunks import Chunk, Submit
-from hfmerge.methods.gta_stream import Combine, l1_scale
+from hfmerge.methods.gta_stream import Combine, l1_scale, need_base
 from hfmerge.methods.sparsify import DropRule
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -73,7 +73,7 @@ class RandomDropMerge:
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         """Draw model `dropping[pass_index]`'s mask for the chunk, keep it; add its L1 norms."""
         index = self.dropping[pass_index]
-        delta = chunk.tensors[index] - _base(chunk)
+        delta = chunk.tensors[index] - need_base(chunk)
         rule = self.rules[index]
         assert callable(rule)
         mask = torch.bernoulli(rule(delta), generator=self._generator)
@@ -89,7 +89,7 @@ class RandomDropMerge:
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         """The merged rows of `chunk` (chunks must come in flat order, as they were observed)."""
-        return self.combine(chunk.tensors, _base(chunk), self._prune)
+        return self.combine(chunk.tensors, need_base(chunk), self._prune)
 
     def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> tuple[torch.Tensor, Any]:
         """Never called: `splittable` is False."""
@@ -103,12 +103,6 @@ class RandomDropMerge:
         pruned = delta * unpack_mask(self._masks[index].popleft(), delta)
         scale = self._scales.get(index)
         return pruned if scale is None else pruned * scale
-
-
-def _base(chunk: Chunk) -> torch.Tensor:
-    if chunk.base is None:
-        raise ValueError("task-vector methods need the base model's tensors")
-    return chunk.base
 
 
 __all__ = ["RandomDropMerge", "pack_mask", "unpack_mask"]
