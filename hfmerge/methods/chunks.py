@@ -64,13 +64,19 @@ class TensorMerge(Protocol):
 
     def observe(self, pass_index: int, chunk: Chunk) -> None: ...
 
+    def observe_split(self, pass_index: int, head: Chunk, tail: Chunk, submit: Submit) -> None:
+        """Exactly `observe(head)` then `observe(tail)`, where the merge may hand the tail's work
+        to `submit` (another thread) so the two halves run at once."""
+        ...
+
     def end_pass(self, pass_index: int) -> None: ...
 
     def apply(self, chunk: Chunk) -> torch.Tensor: ...
 
     @property
     def splittable(self) -> bool:
-        """Whether `apply_split` may be used (whole-tensor methods need the chunk whole)."""
+        """Whether `observe_split` and `apply_split` may be used (whole-tensor methods need the
+        chunk whole)."""
         ...
 
     def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
@@ -105,6 +111,10 @@ class _NoStatistics:
         raise AssertionError("this merge has no statistics pass")
 
     def end_pass(self, pass_index: int) -> None:
+        """Never called: there are no statistics passes."""
+        raise AssertionError("this merge has no statistics pass")
+
+    def observe_split(self, pass_index: int, head: Chunk, tail: Chunk, submit: Submit) -> None:
         """Never called: there are no statistics passes."""
         raise AssertionError("this merge has no statistics pass")
 

@@ -62,22 +62,56 @@ class TaskVectorMerge:
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:
         """Feed one chunk to the radix selections or to the L1 sums."""
-        kind = self._kinds[pass_index]
+        if self._kinds[pass_index] == "l1":
+            self._observe_l1(chunk)
+        else:
+            self._add_counts(pass_index, self._count(pass_index, chunk))
+
+    def observe_split(self, pass_index: int, head: Chunk, tail: Chunk, submit: Submit) -> None:
+        """`observe(head)` then `observe(tail)`; the radix passes count the tail through
+        `submit` (integer counts add exactly in any order). The L1 pass runs in order: its masks
+        use tie quotas in flat order."""
+        if self._kinds[pass_index] == "l1":
+            self._observe_l1(head)
+            self._observe_l1(tail)
+            return
+        later = submit(self._count, pass_index, tail)
+        self._add_counts(pass_index, self._count(pass_index, head))
+        self._add_counts(pass_index, later.result())
+
+    def _count(self, pass_index: int, chunk: Chunk) -> list[Any]:
+        """One radix pass's counts of `chunk`, per model (None: that model needs no cut)."""
+        hi = self._kinds[pass_index] == "hi"
         base = need_base(chunk)
-        if kind == "l1" and chunk.first == 0:
+        counts: list[Any] = []
+        for select, tensor in zip(self._selects, chunk.tensors, strict=True):
+            if not select.needed:
+                counts.append(None)
+                continue
+            keys = magnitude_keys(tensor - base)
+            counts.append(select.count_hi(keys) if hi else select.count_lo(keys))
+        return counts
+
+    def _add_counts(self, pass_index: int, counts: list[Any]) -> None:
+        hi = self._kinds[pass_index] == "hi"
+        for select, count in zip(self._selects, counts, strict=True):
+            if count is None:
+                continue
+            if hi:
+                select.add_hi(count)
+            else:
+                select.add_lo(count)
+
+    def _observe_l1(self, chunk: Chunk) -> None:
+        """Add the chunk's L1 norms before and after pruning, per model."""
+        base = need_base(chunk)
+        if chunk.first == 0:
             self._reset_masks()
         for index, tensor in enumerate(chunk.tensors):
             delta = tensor - base
-            if kind == "l1":
-                pruned = self._mask_only(self._masks, delta, index)
-                self._sums[index][0] += float(delta.abs().sum(dtype=torch.float64))
-                self._sums[index][1] += float(pruned.abs().sum(dtype=torch.float64))
-            elif self._selects[index].needed:
-                keys = magnitude_keys(delta)
-                if kind == "hi":
-                    self._selects[index].observe_hi(keys)
-                else:
-                    self._selects[index].observe_lo(keys)
+            pruned = self._mask_only(self._masks, delta, index)
+            self._sums[index][0] += float(delta.abs().sum(dtype=torch.float64))
+            self._sums[index][1] += float(pruned.abs().sum(dtype=torch.float64))
 
     def end_pass(self, pass_index: int) -> None:
         """Finish a statistics pass: fix the histograms' bins, the cuts, or the L1 scales."""
@@ -92,7 +126,8 @@ class TaskVectorMerge:
 
     @property
     def splittable(self) -> bool:
-        """Always: `apply_split` hands the tail the tie quotas the head leaves."""
+        """Always: the radix counts add in any order, and `apply_split` hands the tail the tie
+        quotas the head leaves."""
         return True
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
@@ -140,10 +175,10 @@ class TaskVectorMerge:
         if band.zero:
             return torch.zeros_like(delta)
         keys = magnitude_keys(delta)
-        mask = masks[index][0](keys)
-        if len(masks[index]) > 1:  # breadcrumbs: drop the skip_top largest
-            mask &= ~masks[index][1](keys)
-        return delta * mask
+        keep = masks[index][0].keep(keys)
+        if len(masks[index]) > 1:  # breadcrumbs: drop the skip_top largest (a subset: 1 - 1)
+            keep -= masks[index][1].keep(keys)
+        return delta * keep
 
     def _prune(self, masks: list[list[CutMask]], delta: torch.Tensor, index: int
                ) -> torch.Tensor:

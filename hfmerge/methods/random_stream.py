@@ -67,7 +67,7 @@ class RandomDropMerge:
 
     @property
     def splittable(self) -> bool:
-        """Never: the masks are consumed in flat order."""
+        """Never: the masks are drawn and consumed chunk by chunk, in flat order."""
         return False
 
     def observe(self, pass_index: int, chunk: Chunk) -> None:
@@ -81,6 +81,10 @@ class RandomDropMerge:
         if self.rescale:
             self._sums[index][0] += float(delta.abs().sum(dtype=torch.float64))
             self._sums[index][1] += float((delta * mask).abs().sum(dtype=torch.float64))
+
+    def observe_split(self, pass_index: int, head: Chunk, tail: Chunk, submit: Submit) -> None:
+        """Never called: `splittable` is False."""
+        raise AssertionError("random masks cannot be split across threads")
 
     def end_pass(self, pass_index: int) -> None:
         """The model's draws are done (the generator now sits at the next model's first)."""

@@ -24,7 +24,8 @@ NONE = _ABS  # a cut at the largest key: no (finite) entry is in
 
 def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
     """int32 keys of `|values|` (float32, contiguous), ordered as the magnitudes are."""
-    return values.view(torch.int32) & _ABS
+    # abs clears the sign bit (NaNs' too): the same bits as `& _ABS`, in a faster float kernel.
+    return values.abs().view(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,16 @@ class RadixSelect:
 
     def observe_hi(self, keys: torch.Tensor) -> None:
         """Pass 1: count the chunk's keys by their top 16 bits."""
-        self._hi += torch.bincount((keys >> 16).reshape(-1), minlength=HI_BINS)
+        self.add_hi(self.count_hi(keys))
+
+    @staticmethod
+    def count_hi(keys: torch.Tensor) -> torch.Tensor:
+        """Pass 1's counts for one chunk, without adding them (safe on any thread)."""
+        return torch.bincount((keys >> 16).reshape(-1), minlength=HI_BINS)
+
+    def add_hi(self, counts: torch.Tensor) -> None:
+        """Add `count_hi`'s counts: integer sums, so chunks may be counted in any order."""
+        self._hi += counts
 
     def end_hi(self) -> None:
         """Find the bin holding each k-th largest key."""
@@ -72,11 +82,22 @@ class RadixSelect:
 
     def observe_lo(self, keys: torch.Tensor) -> None:
         """Pass 2: count the low 16 bits of the keys that fall in a wanted bin."""
+        self.add_lo(self.count_lo(keys))
+
+    def count_lo(self, keys: torch.Tensor) -> list[torch.Tensor]:
+        """Pass 2's counts for one chunk, one histogram per wanted bin, without adding them."""
         flat = keys.reshape(-1)
-        for b, (_, hist) in self._bins.items():
+        counts = []
+        for b in self._bins:
             # Keys below the bin land in slot 0, above it in the last: one bincount, no select.
             slots = (flat - (b << 16)).clamp_(-1, LO_BINS).add_(1)
-            hist += torch.bincount(slots, minlength=LO_BINS + 2)[1 : LO_BINS + 1]
+            counts.append(torch.bincount(slots, minlength=LO_BINS + 2)[1 : LO_BINS + 1])
+        return counts
+
+    def add_lo(self, counts: list[torch.Tensor]) -> None:
+        """Add `count_lo`'s counts, bin by bin."""
+        for (_, hist), count in zip(self._bins.values(), counts, strict=True):
+            hist += count
 
     def end_lo(self) -> None:
         """Turn the histograms into one exact `Cut` per k."""
@@ -144,6 +165,14 @@ class CutMask:
         if not self.stateless:
             later.ties_left = max(0, self.ties_left - int((keys == self.key).sum()))
         return later
+
+    def keep(self, keys: torch.Tensor) -> torch.Tensor:
+        """`self(keys)` as float32 ones and zeros: comparing into a float tensor and multiplying
+        by it is about 3x faster on CPU than making and multiplying by a bool mask."""
+        if not self.all_ties:
+            return self(keys).to(torch.float32)
+        kept = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
+        return torch.ge(keys, self.key, out=kept)
 
     def __call__(self, keys: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the entries of this chunk that are among the k largest."""
