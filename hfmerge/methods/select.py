@@ -10,11 +10,13 @@ chunk with `topk_mask`'s tie rule (ties at the cut are taken in flat-index order
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _ABS = 0x7FFFFFFF  # clears the float32 sign bit: key(x) = bits of |x|
 HI_BINS = 1 << 15  # top 16 bits of a key (the sign bit is always 0)
 LO_BINS = 1 << 16
@@ -62,7 +64,12 @@ class RadixSelect:
     @staticmethod
     def count_hi(keys: torch.Tensor) -> torch.Tensor:
         """Pass 1's counts for one chunk, without adding them (safe on any thread)."""
-        return torch.bincount((keys >> 16).reshape(-1), minlength=HI_BINS)
+        flat = keys.reshape(-1)
+        if _LITTLE_ENDIAN:
+            # The top halves read in place as int16 (keys are >= 0): bincount of int16 is about
+            # 1.3x faster than shifting and counting int32.
+            return torch.bincount(flat.view(torch.int16)[1::2], minlength=HI_BINS)
+        return torch.bincount(flat >> 16, minlength=HI_BINS)
 
     def add_hi(self, counts: torch.Tensor) -> None:
         """Add `count_hi`'s counts: integer sums, so chunks may be counted in any order."""
@@ -90,7 +97,10 @@ class RadixSelect:
         counts = []
         for b in self._bins:
             # Keys below the bin land in slot 0, above it in the last: one bincount, no select.
-            slots = (flat - (b << 16)).clamp_(-1, LO_BINS).add_(1)
+            if b > 0:
+                slots = (flat - ((b << 16) - 1)).clamp_(0, LO_BINS + 1)  # key - bin start + 1
+            else:  # key + 1 would overflow at the largest NaN's key
+                slots = flat.clamp(max=LO_BINS).add_(1)
             counts.append(torch.bincount(slots, minlength=LO_BINS + 2)[1 : LO_BINS + 1])
         return counts
 
@@ -163,30 +173,33 @@ class CutMask:
         """A copy of this mask as it will be after masking `keys` (their ties used up)."""
         later = CutMask(Cut(self.key, self.ties_left, self.all_ties))
         if not self.stateless:
-            later.ties_left = max(0, self.ties_left - int((keys == self.key).sum()))
+            later.ties_left = max(0, self.ties_left - self._count_ties(keys))
         return later
 
     def keep(self, keys: torch.Tensor) -> torch.Tensor:
-        """`self(keys)` as float32 ones and zeros: comparing into a float tensor and multiplying
-        by it is about 3x faster on CPU than making and multiplying by a bool mask."""
-        if not self.all_ties:
-            return self(keys).to(torch.float32)
+        """1.0 for the entries of this chunk that are among the k largest, else 0.0 (float32).
+
+        Comparing into a float tensor, and multiplying by one, is about 3x faster on CPU than
+        making (and multiplying by) a bool mask."""
         kept = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
-        return torch.ge(keys, self.key, out=kept)
+        if self.all_ties:
+            return torch.ge(keys, self.key, out=kept)
+        if self.ties_left == 0:
+            return torch.gt(keys, self.key, out=kept)
+        count = self._count_ties(keys)
+        if count <= self.ties_left:  # every tie here is within the quota
+            self.ties_left -= count
+            return torch.ge(keys, self.key, out=kept)
+        torch.gt(keys, self.key, out=kept)
+        tied = torch.nonzero(keys.reshape(-1) == self.key).squeeze(1)  # [ties here]
+        kept.view(-1)[tied[: self.ties_left]] = 1.0
+        self.ties_left = 0
+        return kept
 
     def __call__(self, keys: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the entries of this chunk that are among the k largest."""
-        if self.all_ties:
-            return keys >= self.key
-        mask = keys > self.key
-        if self.ties_left > 0:
-            tied = keys == self.key
-            count = int(tied.sum())
-            if count <= self.ties_left:
-                mask |= tied
-                self.ties_left -= count
-            else:
-                first = torch.nonzero(tied.reshape(-1)).squeeze(1)[: self.ties_left]  # [ties]
-                mask.view(-1)[first] = True
-                self.ties_left = 0
-        return mask
+        """`keep` as a boolean mask."""
+        return self.keep(keys) != 0
+
+    def _count_ties(self, keys: torch.Tensor) -> int:
+        tied = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
+        return int(torch.count_nonzero(torch.eq(keys, self.key, out=tied)))
