@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,16 +221,46 @@ class LazyCheckpoint:
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` (dim 0) of tensor `name`, read alone; a 0-d tensor has one row."""
+        return self._read(*self._rows(name, start, stop))
+
+    def view_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """`get_rows`, as a copy-on-write view of the file's cached pages instead of a copy.
+
+        Reading a chunk once (converting or writing it) costs no copy into a buffer first, which
+        is about a third of a pread's cost for a merge; the pages are mapped while the tensor
+        lives and unmapped when it is freed. Writing to the tensor never reaches the file.
+        """
+        info, offset, nbytes, shape = self._rows(name, start, stop)
+        if nbytes < _MIN_MAP_BYTES:
+            return self._read(info, offset, nbytes, shape)  # a mapping costs more than a copy
+        fd = self._fds.get(info.shard)
+        if offset + nbytes > os.fstat(fd).st_size:  # mapped pages past the end would SIGBUS
+            raise self._short_file(info, "the file is shorter than when it was indexed")
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            pages = mmap.mmap(fd, offset + nbytes - aligned, access=mmap.ACCESS_COPY,
+                              offset=aligned)
+        except OSError:
+            return self._read(info, offset, nbytes, shape)  # no mapping here: read a copy
+        dtype = torch_dtype(info.dtype)
+        # frombuffer holds a reference to `pages`, so the mapping lives as long as the tensor.
+        flat = torch.frombuffer(pages, dtype=dtype, count=nbytes // dtype.itemsize,
+                                offset=offset - aligned)
+        return flat.reshape(shape)
+
+    def _rows(self, name: str, start: int, stop: int
+              ) -> tuple[TensorInfo, int, int, tuple[int, ...]]:
+        """(info, first byte, byte count, shape) of rows `start:stop` of tensor `name`."""
         info = self.index.info(name)
         shape = tuple(info.shape)
         rows = shape[0] if shape else 1
         if not 0 <= start <= stop <= rows:
             raise IndexError(f"rows {start}:{stop} out of range for {name!r} with {rows} rows")
         if not shape:
-            return self.get(name)
+            return info, info.offset, info.nbytes, shape
         row_bytes = info.nbytes // rows if rows else 0
         offset = info.offset + start * row_bytes
-        return self._read(info, offset, (stop - start) * row_bytes, (stop - start, *shape[1:]))
+        return info, offset, (stop - start) * row_bytes, (stop - start, *shape[1:])
 
     def _read(
         self, info: TensorInfo, offset: int, nbytes: int, shape: tuple[int, ...]
@@ -237,17 +268,21 @@ class LazyCheckpoint:
         dtype = torch_dtype(info.dtype)
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(nbytes)
+        # Uninitialised, unlike a bytearray: the read overwrites every byte anyway.
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            _read_exactly(self._fds.get(info.shard), memoryview(buffer), offset)
+            _read_exactly(self._fds.get(info.shard), buffer.numpy().data, offset)
         except OSError as exc:
-            raise ModelSourceError(
-                self.index.label,
-                f"cannot read tensor {info.name!r} from {info.shard}: {exc}",
-                "download the file again",
-            ) from None
+            raise self._short_file(info, str(exc)) from None
         # safetensors data is little-endian, as is every platform torch ships for.
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return buffer.view(dtype).reshape(shape)
+
+    def _short_file(self, info: TensorInfo, problem: str) -> ModelSourceError:
+        return ModelSourceError(
+            self.index.label,
+            f"cannot read tensor {info.name!r} from {info.shard}: {problem}",
+            "download the file again",
+        )
 
     def close(self) -> None:
         """Release every open shard file."""
@@ -265,6 +300,7 @@ class LazyCheckpoint:
         self.close()
 
 
+_MIN_MAP_BYTES = 256 << 10  # smaller reads are copied: a mapping's set-up costs more
 _MAX_READ = 1 << 30  # one pread call moves at most 2 GiB on Linux; stay well below
 
 
