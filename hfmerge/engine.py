@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from hfmerge.arch.permute import permute_tensor
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.engine_budget import ChunkPolicy, chunk_policy
+from hfmerge.engine_compute import RowSplitter
 from hfmerge.engine_io import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine_malloc import keep_chunk_buffers
 from hfmerge.methods import MethodParams, ModelParams
@@ -34,13 +32,9 @@ from hfmerge.progress import track
 from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
 
 # torch intra-op threads while merging: the reader and writer threads take the other core's
-# share on small machines, and two teams spinning on two cores slow each other down.
+# share on small machines, and two teams spinning on two cores slow each other down. The main
+# thread and its helpers share a chunk's rows instead (`engine_compute.py`).
 COMPUTE_THREADS = 1
-# Instead, a chunk's rows are split between the main thread and this many helpers (torch drops
-# the GIL inside each op): whole chains of ops run in parallel, not each op's inner loop, which
-# on 2 cores makes TIES about 1.5x faster where intra-op threads gained nothing.
-SPLIT_WORKERS = 1
-SPLIT_MIN_ELEMENTS = 1 << 16  # smaller chunks are not worth a hand-off
 
 
 def execute_plan(
@@ -94,7 +88,7 @@ def execute_plan(
             ShardWriter(out_dir, plan.shards, metadata={"merged_by": "hfmerge"})
         )
         stack.enter_context(_torch_threads(COMPUTE_THREADS))
-        splitter = stack.enter_context(_RowSplitter.for_device(steps.device))
+        splitter = stack.enter_context(RowSplitter.for_device(steps.device))
         behind = stack.enter_context(WriteBehind(writer.write_part, policy.write_bytes))
         ahead = stack.enter_context(Prefetcher(steps.produce, policy.read_bytes))
         pending = iter(ahead)
@@ -128,6 +122,7 @@ class _Step:
     whole: bool
     pass_end: bool
     job_end: bool
+    raw: bool = False  # tensors are in their storage dtype: an element-wise merge's chunk
 
 
 class _Steps:
@@ -196,7 +191,7 @@ class _Steps:
             for start, stop in ranges:
                 size = (stop - start) * _row_elements(job) * loaded * 4
                 acquire(size)
-                tensors, base = self._read(job.name, start, stop)
+                tensors, base = self._read(job.name, start, stop, raw=merge.elementwise)
                 end = stop == ranges[-1][1]
                 step = _Step(
                     job,
@@ -208,78 +203,32 @@ class _Steps:
                     whole=start == 0 and stop == rows,
                     pass_end=end,
                     job_end=end and pass_index == merge.passes,
+                    raw=merge.elementwise,
                 )
                 yield step, size
 
     def _read(
-        self, name: str, start: int, stop: int
+        self, name: str, start: int, stop: int, *, raw: bool
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        # float32 on the compute device, converted here so the cast overlaps the main thread's math.
-        tensors = [self._float(reader.get_rows(name, start, stop)) for reader in self.inputs]
+        # float32 on the compute device, converted here so the cast overlaps the main thread's
+        # math; element-wise merges convert piece by piece themselves (`raw`).
+        convert = self._on_device if raw else self._float
+        tensors = [convert(reader.get_rows(name, start, stop)) for reader in self.inputs]
         base = None
         if self.plan.method.needs_base:
             assert self.base is not None
-            base = self._float(self.base.view_rows(name, start, stop))
+            base = convert(self.base.view_rows(name, start, stop))
         return tensors, base
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
 
     def _float(self, tensor: torch.Tensor) -> torch.Tensor:
         # Arithmetic in float32 whatever the storage dtype: bf16 sums lose digits fast.
         return tensor.to(self.device).to(torch.float32)
 
 
-class _RowSplitter:
-    """Runs `observe` and `apply` on a chunk's two row halves at once when the chunk is big
-    enough and the merge allows it."""
-
-    def __init__(self, workers: int) -> None:
-        self._pool = ThreadPoolExecutor(workers, "hfmerge-compute") if workers > 0 else None
-
-    @classmethod
-    def for_device(cls, device: torch.device) -> _RowSplitter:
-        """Helpers on a multi-core CPU; none on a GPU (its kernels are asynchronous anyway)."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return cls(SPLIT_WORKERS if device.type == "cpu" and (cores or 1) > 1 else 0)
-
-    def _worth_splitting(self, chunk: Chunk) -> bool:
-        first = chunk.tensors[0] if chunk.tensors else None
-        return (self._pool is not None and first is not None and first.dim() > 0
-                and first.shape[0] >= 2 and first.numel() >= SPLIT_MIN_ELEMENTS)
-
-    def observe(self, merge: TensorMerge, pass_index: int, chunk: Chunk) -> None:
-        """`merge.observe(pass_index, chunk)`, its row halves on two threads when worth it."""
-        if not self._worth_splitting(chunk) or not merge.splittable:
-            merge.observe(pass_index, chunk)
-            return
-        assert self._pool is not None
-        head, tail = chunk.split(chunk.tensors[0].shape[0] // 2)
-        merge.observe_split(pass_index, head, tail, self._pool.submit)
-
-    def apply(self, merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
-              ) -> list[tuple[int, torch.Tensor]]:
-        """`merge.apply(chunk)` cast to `dtype`, as (first element, rows) parts: the chunk's row
-        halves on two threads when worth it and allowed, each cast on its own thread."""
-        if not self._worth_splitting(chunk) or not merge.splittable:
-            return [(chunk.first, merge.apply(chunk).to(dtype))]
-        assert self._pool is not None
-        pool = self._pool
-        first = chunk.tensors[0]
-
-        def cast_on_helper(fn: Callable[..., torch.Tensor], *args: Any) -> Future[torch.Tensor]:
-            return pool.submit(lambda: fn(*args).to(dtype))
-
-        head, tail = chunk.split(first.shape[0] // 2)
-        head_rows, tail_rows = merge.apply_split(head, tail, cast_on_helper)
-        return [(head.first, head_rows.to(dtype)), (tail.first, tail_rows)]
-
-    def __enter__(self) -> _RowSplitter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _run_step(step: _Step, behind: WriteBehind, splitter: _RowSplitter) -> None:
+def _run_step(step: _Step, behind: WriteBehind, splitter: RowSplitter) -> None:
     """Merge, observe or copy one chunk; merged and copied rows go to the writer thread."""
     name = step.job.name
     if step.merge is None:
@@ -291,7 +240,11 @@ def _run_step(step: _Step, behind: WriteBehind, splitter: _RowSplitter) -> None:
         if step.pass_end:
             step.merge.end_pass(step.pass_index)
         return
-    parts = splitter.apply(step.merge, chunk, torch_dtype(step.job.dtype))
+    dtype = torch_dtype(step.job.dtype)
+    if step.raw:
+        parts = [(step.first, splitter.apply_in_pieces(step.merge, chunk, dtype))]
+    else:
+        parts = splitter.apply(step.merge, chunk, dtype)
     expected = tuple(step.tensors[0].shape) if step.tensors else step.job.shape
     got = _joined_shape([part for _, part in parts])
     if got != expected:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
-from hfmerge import engine, engine_budget
+from hfmerge import engine, engine_budget, engine_compute
 from hfmerge.engine_budget import ChunkPolicy, parse_memory_budget
 from hfmerge.engine_io import Prefetcher, WriteBehind
 from hfmerge.errors import HfMergeError
@@ -42,7 +42,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, torch.Tensor]:
     """Run `method` over models 1 and 2 with model 0 as base; the output's tensors."""
-    per_model = {"linear": {"weight": 0.5}, "model_stock": {}}
+    per_model = {"linear": {"weight": 0.5}, "task_arithmetic": {"weight": 0.5}, "model_stock": {}}
     fields = per_model.get(method, {"weight": 0.5, "density": 0.5})
     entries = [{"model": str(m), **fields} for m in models[1:]]
     data = {
@@ -72,11 +72,12 @@ def test_many_small_chunks_give_the_same_output(
         assert torch.equal(tensor, small[name]), name
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs", "dare_ties", "model_stock"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties", "model_stock"])
 def test_row_halves_on_two_threads_give_the_same_output(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    monkeypatch.setattr(engine._RowSplitter, "for_device", classmethod(lambda cls, d: cls(0)))
+    splitter = engine_compute.RowSplitter
+    monkeypatch.setattr(splitter, "for_device", classmethod(lambda cls, d: cls(0)))
     serial = merge(models, tmp_path / "serial", method)
     split_calls = []
     real_split = engine.Chunk.split
@@ -86,8 +87,8 @@ def test_row_halves_on_two_threads_give_the_same_output(
         return real_split(chunk, rows)
 
     monkeypatch.setattr(engine.Chunk, "split", spy)
-    monkeypatch.setattr(engine, "SPLIT_MIN_ELEMENTS", 1)  # split every chunk of 2+ rows
-    monkeypatch.setattr(engine._RowSplitter, "for_device", classmethod(lambda cls, d: cls(1)))
+    monkeypatch.setattr(engine_compute, "SPLIT_MIN_ELEMENTS", 1)  # split every chunk of 2+ rows
+    monkeypatch.setattr(splitter, "for_device", classmethod(lambda cls, d: cls(1)))
     halves = merge(models, tmp_path / "halves", method)
     # Not split: DARE (one mask stream per model) and Model Stock (whole tensors).
     assert bool(split_calls) == (method not in ("dare_ties", "model_stock"))
@@ -96,25 +97,53 @@ def test_row_halves_on_two_threads_give_the_same_output(
         assert torch.equal(tensor, halves[name]), name
 
 
+@pytest.mark.parametrize("method", ["ties", "linear", "task_arithmetic"])
 def test_engine_output_matches_the_method_on_whole_tensors(
-    models: list[Path], tmp_path: Path
+    models: list[Path], tmp_path: Path, method: str
 ) -> None:
     from hfmerge.methods import get_method, validate_params
 
-    merged = merge(models, tmp_path / "out", "ties")
-    method = get_method("ties")
-    params, per_model = validate_params(method, {}, [{"weight": 0.5, "density": 0.5}] * 2)
+    merged = merge(models, tmp_path / "out", method)
+    merge_method = get_method(method)
+    fields = {"weight": 0.5} if method != "ties" else {"weight": 0.5, "density": 0.5}
+    params, per_model = validate_params(merge_method, {}, [fields] * 2)
     with LazyCheckpoint(models[0]) as base, LazyCheckpoint(models[1]) as a, LazyCheckpoint(
         models[2]
     ) as b:
         for name in base.names:
-            expected = method.merge(
+            expected = merge_method.merge(
                 [a.get(name).float(), b.get(name).float()],
                 base=base.get(name).float(),
                 model_params=per_model,
                 params=params,
             ).to(torch.bfloat16)
             assert torch.equal(merged[name], expected), name
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_elementwise_merges_run_in_pieces_with_the_same_output(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Element-wise merges get their chunks in the storage dtype and merge them a few rows at a
+    time: one row per piece gives the output of one piece per chunk, bit for bit."""
+    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 1 << 30)
+    whole = merge(models, tmp_path / "whole", method)
+    pieces: list[int] = []
+    real = engine.Chunk.rows
+
+    def spy(chunk: Any, start: int, stop: int, **kwargs: Any) -> Any:
+        piece = real(chunk, start, stop, **kwargs)
+        assert all(t.dtype == torch.float32 for t in piece.tensors)
+        pieces.append(stop - start)
+        return piece
+
+    monkeypatch.setattr(engine.Chunk, "rows", spy)
+    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 1)
+    small = merge(models, tmp_path / "small", method)
+    assert pieces and set(pieces) == {1}
+    assert whole.keys() == small.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, small[name]), name
 
 
 def test_rows_per_chunk_follow_the_budget() -> None:

@@ -36,20 +36,24 @@ class Chunk:
 
     def split(self, rows: int) -> tuple[Chunk, Chunk]:
         """The chunk's first `rows` rows and the rest, as two partial chunks (views, no copy)."""
-        row_elements = self.tensors[0][:1].numel()  # elements per row: [rows, ...] -> [1, ...]
-        head = Chunk(
-            [t[:rows] for t in self.tensors],
-            None if self.base is None else self.base[:rows],
-            self.first,
-            whole=False,
+        return self.rows(0, rows), self.rows(rows, len(self.tensors[0]))
+
+    def rows(self, start: int, stop: int, *, as_float: bool = False) -> Chunk:
+        """Rows `start:stop` of the chunk (a 0-d chunk is its own only row): views, or float32
+        copies with `as_float` (no copy where they already are float32)."""
+
+        def cut(tensor: torch.Tensor) -> torch.Tensor:
+            piece = tensor[start:stop] if tensor.dim() else tensor
+            return piece.float() if as_float else piece
+
+        first = self.tensors[0]
+        row_elements = first[:1].numel() if first.dim() else 1  # [rows, ...] -> [1, ...]
+        return Chunk(
+            [cut(t) for t in self.tensors],
+            None if self.base is None else cut(self.base),
+            self.first + start * row_elements,
+            whole=self.whole and start == 0 and (first.dim() == 0 or stop >= len(first)),
         )
-        tail = Chunk(
-            [t[rows:] for t in self.tensors],
-            None if self.base is None else self.base[rows:],
-            self.first + rows * row_elements,
-            whole=False,
-        )
-        return head, tail
 
 
 class TensorMerge(Protocol):
@@ -58,6 +62,9 @@ class TensorMerge(Protocol):
     `apply_split` may stand in for `apply` on two halves of one chunk, run at once."""
 
     whole_only: bool  # the chunk must be the whole tensor
+    # `apply` of any rows gives those rows' output and keeps no state, so the engine may feed it
+    # a chunk piece by piece, converting each piece to float32 only when it is merged.
+    elementwise: bool
 
     @property
     def passes(self) -> int: ...
@@ -137,6 +144,7 @@ class FunctionMerge(_NoStatistics):
         self.params = params
         self.generator = generator
         self.whole_only = whole_only
+        self.elementwise = not whole_only
 
     @property
     def splittable(self) -> bool:

@@ -42,6 +42,7 @@ class TaskVectorMerge:
         device: torch.device,
     ) -> None:
         self.bands = list(bands) if bands is not None else None
+        self.elementwise = bands is None  # no magnitude cuts: plain task arithmetic
         self.combine = combine
         cut_lists = [_band_ks(band) for band in self.bands or []]
         self._selects = [RadixSelect(ks, n, device=device) for ks in cut_lists]

@@ -45,6 +45,7 @@ class RandomDropMerge:
     then the apply pass uses them."""
 
     whole_only = False
+    elementwise = False  # its masks are consumed chunk by chunk
 
     def __init__(self, n: int, *, rules: Sequence[DropRule], rescale: bool, combine: Combine,
                  generator: torch.Generator | None) -> None:
