@@ -22,7 +22,7 @@ import torch
 from hfmerge.arch.permute import permute_tensor
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.engine_budget import ChunkPolicy, chunk_policy
-from hfmerge.engine_compute import RowSplitter
+from hfmerge.engine_compute import RowSplitter, apply_in_pieces
 from hfmerge.engine_io import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine_malloc import keep_chunk_buffers
 from hfmerge.methods import MethodParams, ModelParams
@@ -122,7 +122,6 @@ class _Step:
     whole: bool
     pass_end: bool
     job_end: bool
-    raw: bool = False  # tensors are in their storage dtype: an element-wise merge's chunk
 
 
 class _Steps:
@@ -203,7 +202,6 @@ class _Steps:
                     whole=start == 0 and stop == rows,
                     pass_end=end,
                     job_end=end and pass_index == merge.passes,
-                    raw=merge.elementwise,
                 )
                 yield step, size
 
@@ -241,8 +239,8 @@ def _run_step(step: _Step, behind: WriteBehind, splitter: RowSplitter) -> None:
             step.merge.end_pass(step.pass_index)
         return
     dtype = torch_dtype(step.job.dtype)
-    if step.raw:
-        parts = [(step.first, splitter.apply_in_pieces(step.merge, chunk, dtype))]
+    if step.merge.elementwise:  # read in its storage dtype (`_Steps._read`)
+        parts = [(step.first, apply_in_pieces(step.merge, chunk, dtype))]
     else:
         parts = splitter.apply(step.merge, chunk, dtype)
     expected = tuple(step.tensors[0].shape) if step.tensors else step.job.shape

@@ -65,32 +65,32 @@ class RowSplitter:
         head_rows, tail_rows = merge.apply_split(head, tail, cast_on_helper)
         return [(head.first, head_rows.to(dtype)), (tail.first, tail_rows)]
 
-    @staticmethod
-    def apply_in_pieces(merge: TensorMerge, chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
-        """An element-wise merge of a chunk held in its storage dtype, cast to `dtype`.
-
-        Converted to float32, merged and cast back a few rows at a time, so the float32
-        temporaries stay in a core's cache instead of streaming through memory. On the main
-        thread only: memory-bound work gains nothing from a helper, and the writer thread needs
-        the other core (a helper made linear merges 1.1x slower on 2 cores). One piece on a GPU,
-        where the conversions cost nothing.
-        """
-        first = chunk.tensors[0]
-        out = torch.empty(first.shape, dtype=dtype, device=first.device)
-        if first.dim() == 0:
-            return out.copy_(merge.apply(chunk.rows(0, 1, as_float=True)))
-        rows = first.shape[0]
-        step = rows
-        if first.device.type == "cpu":
-            step = max(1, PIECE_ELEMENTS // max(1, first[0].numel()))
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            out[start:stop].copy_(merge.apply(chunk.rows(start, stop, as_float=True)))
-        return out
-
     def __enter__(self) -> RowSplitter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def apply_in_pieces(merge: TensorMerge, chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
+    """An element-wise merge of a chunk held in its storage dtype, cast to `dtype`.
+
+    Converted to float32, merged and cast back a few rows at a time, so the float32
+    temporaries stay in a core's cache instead of streaming through memory. On the main
+    thread only: memory-bound work gains nothing from a helper, and the writer thread needs
+    the other core (a helper made linear merges 1.1x slower on 2 cores). One piece on a GPU,
+    where the conversions cost nothing.
+    """
+    first = chunk.tensors[0]
+    out = torch.empty(first.shape, dtype=dtype, device=first.device)
+    if first.dim() == 0:
+        return out.copy_(merge.apply(chunk.rows(0, 1, as_float=True)))
+    rows = first.shape[0]
+    step = rows
+    if first.device.type == "cpu":
+        step = max(1, PIECE_ELEMENTS // max(1, first[0].numel()))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start:stop].copy_(merge.apply(chunk.rows(start, stop, as_float=True)))
+    return out
