@@ -1,20 +1,40 @@
 """hfmerge: align, CKA-check, merge or route Hugging Face models, and push the result to the Hub."""
 
-from typing import Any
+from __future__ import annotations
 
-from hfmerge.errors import HfMergeError
-from hfmerge.pipeline import RunResult, run_recipe
-from hfmerge.recipe import Recipe, load_recipe
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hfmerge.errors import HfMergeError
+    from hfmerge.pipeline import RunResult, run_recipe
+    from hfmerge.recipe import Recipe, load_recipe
+    from hfmerge.routing import RoutedModel
 
 __all__ = ["HfMergeError", "Recipe", "RoutedModel", "RunResult", "__version__", "load_recipe",
            "run_recipe"]
 __version__ = "0.1.0"
 
+# Public names and their modules, imported on first use: `import hfmerge` (and the command line's
+# entry point, which runs before torch is imported) stays light until something is used.
+_LAZY = {
+    "HfMergeError": "hfmerge.errors",
+    "RunResult": "hfmerge.pipeline",
+    "run_recipe": "hfmerge.pipeline",
+    "Recipe": "hfmerge.recipe",
+    "load_recipe": "hfmerge.recipe",
+    "RoutedModel": "hfmerge.routing",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # RoutedModel imports transformers; `import hfmerge` stays light until it is used.
-    if name == "RoutedModel":
-        from hfmerge.routing import RoutedModel
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hfmerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return RoutedModel
-    raise AttributeError(f"module 'hfmerge' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

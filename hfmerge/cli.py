@@ -5,7 +5,6 @@ Data goes to stdout; progress, hints and errors go to stderr. Errors are formatt
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -383,7 +382,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-def console_main() -> None:
-    """The `hfmerge` console script."""
-    sys.exit(main())

@@ -95,6 +95,43 @@ def test_console_script_runs_as_a_module() -> None:
     assert "run" in done.stdout and "validate" in done.stdout
 
 
+# Runs the console script with `cli.main` replaced, and prints what it saw: the exit status, whether
+# the GC ran during the command, whether torch was imported, and whether objects were frozen.
+_ENTRY_PROBE = """
+import gc, sys
+import hfmerge.cli as cli
+seen = []
+cli.main = lambda: seen.append(gc.isenabled()) or 3
+sys.argv = ["hfmerge", *sys.argv[1:]]
+from hfmerge.entry import console_main
+try:
+    console_main()
+except SystemExit as exc:
+    print(exc.code, seen, "torch" in sys.modules, gc.get_freeze_count() > 0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "torch_imported"), [(["methods"], True), (["--help"], False), ([], False)]
+)
+def test_console_script_imports_torch_with_the_gc_paused_only_for_commands(
+    args: list[str], torch_imported: bool
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _ENTRY_PROBE, *args], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["3", "[True]", str(torch_imported), "True"]
+
+
+def test_import_hfmerge_stays_light_until_a_name_is_used() -> None:
+    probe = (
+        "import sys, hfmerge; light = 'torch' not in sys.modules; "
+        "hfmerge.run_recipe; print(light, 'torch' in sys.modules, 'run_recipe' in dir(hfmerge))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True", "True"]
+
+
 def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 2
     err = capsys.readouterr().err
