@@ -76,21 +76,32 @@ class RowSplitter:
 def apply_in_pieces(merge: TensorMerge, chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
     """An element-wise merge of a chunk held in its storage dtype, cast to `dtype`.
 
-    Converted to float32, merged and cast back a few rows at a time, so the float32
-    temporaries stay in a core's cache instead of streaming through memory. On the main
-    thread only: memory-bound work gains nothing from a helper, and the writer thread needs
-    the other core (a helper made linear merges 1.1x slower on 2 cores). One piece on a GPU,
-    where the conversions cost nothing.
+    The chunk's elements are converted to float32, merged and cast back `PIECE_ELEMENTS` at a
+    time (flat runs: an element-wise merge does not care about rows), through float32 buffers
+    reused for every piece, so the temporaries stay in a core's cache instead of streaming
+    through memory. On the main thread only: memory-bound work gains nothing from a helper, and
+    the writer thread needs the other core (a helper made linear merges 1.1x slower on 2 cores).
+    One piece on a GPU, where the conversions cost nothing.
     """
     first = chunk.tensors[0]
-    out = torch.empty(first.shape, dtype=dtype, device=first.device)
-    if first.dim() == 0:
-        return out.copy_(merge.apply(chunk.rows(0, 1, as_float=True)))
-    rows = first.shape[0]
-    step = rows
-    if first.device.type == "cpu":
-        step = max(1, PIECE_ELEMENTS // max(1, first[0].numel()))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        out[start:stop].copy_(merge.apply(chunk.rows(start, stop, as_float=True)))
+    if first.device.type != "cpu":
+        rows = len(first) if first.dim() else 1
+        return merge.apply(chunk.rows(0, rows, as_float=True)).to(dtype)
+    sources = [*chunk.tensors, *([] if chunk.base is None else [chunk.base])]
+    flat = [source.reshape(-1) for source in sources]  # [rows, ...] -> [n]: views, no copy
+    out = torch.empty(first.shape, dtype=dtype)
+    out_flat = out.view(-1)  # [rows, ...] -> [n]
+    total = out_flat.numel()
+    size = min(PIECE_ELEMENTS, total)
+    buffers = [torch.empty(size) if t.dtype != torch.float32 else None for t in flat]
+    inputs = len(chunk.tensors)
+    for start in range(0, total, size):
+        stop = min(total, start + size)
+        floats = [
+            part if buffer is None else buffer[: stop - start].copy_(part)
+            for part, buffer in zip((t[start:stop] for t in flat), buffers, strict=True)
+        ]
+        piece = Chunk(floats[:inputs], floats[inputs] if len(floats) > inputs else None,
+                      chunk.first + start, whole=False)
+        out_flat[start:stop].copy_(merge.apply(piece))
     return out

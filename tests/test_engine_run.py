@@ -124,20 +124,20 @@ def test_engine_output_matches_the_method_on_whole_tensors(
 def test_elementwise_merges_run_in_pieces_with_the_same_output(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    """Element-wise merges get their chunks in the storage dtype and merge them a few rows at a
-    time: one row per piece gives the output of one piece per chunk, bit for bit."""
+    """Element-wise merges get their chunks in the storage dtype and merge them a few elements
+    at a time: one element per piece gives the output of one piece per chunk, bit for bit."""
     monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 1 << 30)
     whole = merge(models, tmp_path / "whole", method)
     pieces: list[int] = []
-    real = engine.Chunk.rows
+    real = engine_compute.Chunk
 
-    def spy(chunk: Any, start: int, stop: int, **kwargs: Any) -> Any:
-        piece = real(chunk, start, stop, **kwargs)
-        assert all(t.dtype == torch.float32 for t in piece.tensors)
-        pieces.append(stop - start)
-        return piece
+    def spy(tensors: list[torch.Tensor], base: torch.Tensor | None, first: int, whole: bool
+            ) -> Any:
+        assert all(t.dtype == torch.float32 for t in [*tensors, *([] if base is None else [base])])
+        pieces.append(tensors[0].numel())
+        return real(tensors, base, first, whole)
 
-    monkeypatch.setattr(engine.Chunk, "rows", spy)
+    monkeypatch.setattr(engine_compute, "Chunk", spy)
     monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 1)
     small = merge(models, tmp_path / "small", method)
     assert pieces and set(pieces) == {1}
