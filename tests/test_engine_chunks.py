@@ -76,6 +76,7 @@ CASES = [
     ("ties", {"normalize": False}, [{"weight": 1.0, "density": 0.9}] * 3),
     ("breadcrumbs", {}, [{"weight": 0.3, "density": 0.4, "gamma": 0.1}] * 3),
     ("breadcrumbs_ties", {}, [{"weight": 0.5, "density": 0.7, "gamma": 0.05}] * 3),
+    ("model_stock", {"filter_wise": True}, [{}] * 3),  # a ratio per row: rows merge alone
 ]
 
 
@@ -131,6 +132,36 @@ def test_rescale_differs_only_by_float32_summation(name: str) -> None:
     whole = method.merge(xs, base=base, model_params=per_model, params=global_params)
     got = chunked(name, xs, base, global_params, per_model, 5)
     torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
+
+
+GRAM_CASES = [
+    ("model_stock", (37, 19), {}, 3),
+    ("model_stock", (64,), {"filter_wise": True}, 3),
+    ("model_stock", (8, 3, 5), {}, 3),
+    ("model_stock", (8, 3, 5), {"filter_wise": True}, 2),
+    ("slerp", (37, 19), {"t": 0.3}, 1),
+    ("slerp", (64,), {"t": 0.8}, 1),
+]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("name", "shape", "params", "count"), GRAM_CASES)
+def test_gram_methods_in_chunks_get_the_whole_tensors_coefficients(
+    name: str, shape: tuple[int, ...], params: dict[str, Any], count: int, split: bool
+) -> None:
+    """Per-tensor angles come from Gram matrices summed over the chunks in float64: the merge
+    equals the whole tensor's within float32 rounding (for Model Stock with a model equal to the
+    base too, whose cosine with the others is 0)."""
+    method = get_method(name)
+    base, *xs = tensors(len(shape), shape, quantized=False)
+    xs = xs[:count]
+    if count > 2:
+        xs[1] = base.clone()
+    global_params, per_model = validate_params(method, params, [{}] * count)
+    whole = method.merge(xs, base=base, model_params=per_model, params=global_params)
+    got = chunked(name, xs, base, global_params, per_model, 3, split=split)
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(whole, base)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -3,6 +3,7 @@ budget sizes chunks and refuses what cannot fit; errors stop both threads and cl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -90,8 +91,8 @@ def test_row_halves_on_two_threads_give_the_same_output(
     monkeypatch.setattr(engine_compute, "SPLIT_MIN_ELEMENTS", 1)  # split every chunk of 2+ rows
     monkeypatch.setattr(splitter, "for_device", classmethod(lambda cls, d: cls(1)))
     halves = merge(models, tmp_path / "halves", method)
-    # Not split: DARE (one mask stream per model) and Model Stock (whole tensors).
-    assert bool(split_calls) == (method not in ("dare_ties", "model_stock"))
+    # Not split: DARE (one mask stream per model).
+    assert bool(split_calls) == (method != "dare_ties")
     assert serial.keys() == halves.keys()
     for name, tensor in serial.items():
         assert torch.equal(tensor, halves[name]), name
@@ -180,9 +181,15 @@ def test_budget_sets_the_chunk_size_and_refuses_too_little(
 def test_whole_tensor_methods_need_the_largest_tensor_in_budget(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A method without a chunked form (every registered one has one) merges whole tensors."""
+    from hfmerge.methods import registry
+
     monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
+    budget = engine_budget.RESERVE_BYTES + 50_000
+    merge(models, tmp_path / "chunked", "model_stock", max_memory=budget)
+    whole_only = dataclasses.replace(registry.METHODS["model_stock"], stream=None)
+    monkeypatch.setitem(registry.METHODS, "model_stock", whole_only)
     with pytest.raises(HfMergeError, match="merges whole tensors"):
-        budget = engine_budget.RESERVE_BYTES + 50_000
         merge(models, tmp_path / "out", "model_stock", max_memory=budget)
 
 

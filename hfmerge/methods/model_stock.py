@@ -16,6 +16,8 @@ from hfmerge.methods.base import (
     as_params,
     require_base,
 )
+from hfmerge.methods.chunks import Chunk, TensorMerge
+from hfmerge.methods.gram import GramMerge, GramMethod
 from hfmerge.methods.gta import sum_of
 
 NORM_FLOOR = 1e-6  # norm products are clamped here, so a zero task vector has cosine 0
@@ -38,39 +40,70 @@ def model_stock_merge(
 ) -> torch.Tensor:
     """`t * mean_i(w_i) + (1 - t) * w_0` with `t = N cos / (1 + (N - 1) cos)`, cos the mean
     pairwise cosine between the N task vectors."""
-    w0 = require_base(base, "model_stock")
+    chunk = Chunk(tensors, require_base(base, "model_stock"), 0, whole=True)
+    return _gram_method(as_params(params, ModelStockParams).filter_wise).merge(chunk)
+
+
+def model_stock_stream(
+    shape: tuple[int, ...],
+    *,
+    model_params: Sequence[ModelParams],
+    params: MethodParams,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> TensorMerge:
+    """Model Stock in row chunks: rows merge alone with `filter_wise`, else one ratio per tensor
+    from its summed Gram matrix (`gram.py`)."""
     filter_wise = as_params(params, ModelStockParams).filter_wise
-    base_rows = _rows(w0, filter_wise=filter_wise)
-    offsets = [_rows(w, filter_wise=filter_wise) - base_rows for w in tensors]
-    ratio = _ratio(_mean_pairwise_cosine(offsets), len(tensors))  # [rows, 1]
-    average = sum_of(tensors) / len(tensors)
-    return (ratio * _rows(average, filter_wise=filter_wise) + (1 - ratio) * base_rows).reshape(
-        w0.shape
-    )
+    return GramMerge(_gram_method(filter_wise), row_local=filter_wise and len(shape) >= 2)
+
+
+def _gram_method(filter_wise: bool) -> GramMethod:
+    def vectors(chunk: Chunk) -> list[torch.Tensor]:
+        base_rows = _rows(_base(chunk), filter_wise=filter_wise)
+        return [_rows(w, filter_wise=filter_wise) - base_rows for w in chunk.tensors]
+
+    def combine(chunk: Chunk, ratio: torch.Tensor) -> torch.Tensor:
+        base = _base(chunk)
+        base_rows = _rows(base, filter_wise=filter_wise)
+        average = (sum_of(chunk.tensors) / len(chunk.tensors)).reshape(base_rows.shape)
+        return (ratio * average + (1 - ratio) * base_rows).reshape(base.shape)
+
+    return GramMethod(vectors, _ratio, combine)
+
+
+def _base(chunk: Chunk) -> torch.Tensor:
+    return require_base(chunk.base, "model_stock")
 
 
 def _rows(tensor: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
     """[rows, cols]: one row per output unit when `filter_wise`, else the whole tensor as one."""
     if filter_wise and tensor.dim() >= 2:
-        return tensor.reshape(tensor.shape[0], -1)
+        return tensor.flatten(1)  # [rows, ...] -> [rows, cols], zero rows included
     return tensor.reshape(1, -1)
 
 
-def _mean_pairwise_cosine(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[rows, 1]: cosine between task vectors, row by row, averaged over all pairs."""
-    cosines = []
-    for index, a in enumerate(offsets):
-        for b in offsets[index + 1 :]:
-            norms = (a.norm(dim=1) * b.norm(dim=1)).clamp(min=NORM_FLOOR)
-            cosines.append(((a * b).sum(dim=1) / norms).clamp(-1, 1))
-    return torch.stack(cosines).mean(dim=0).unsqueeze(1)
-
-
-def _ratio(cos: torch.Tensor, count: int) -> torch.Tensor:
+def _ratio(products: torch.Tensor) -> torch.Tensor:
+    """[rows, 1] float32: the interpolation ratio of each row, from the task vectors' [N, N, rows]
+    Gram matrix."""
+    count = products.shape[0]
+    cos = _mean_pairwise_cosine(products)
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < SINGULAR
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    return torch.where(singular, torch.zeros_like(cos), count * cos / safe)
+    return torch.where(singular, torch.zeros_like(cos), count * cos / safe).float()
+
+
+def _mean_pairwise_cosine(products: torch.Tensor) -> torch.Tensor:
+    """[rows, 1] float64: cosine between task vectors, row by row, averaged over all pairs."""
+    count = products.shape[0]
+    norms = products.diagonal().T.sqrt()  # [N, N, rows] -> [N, rows]
+    cosines = [
+        (products[i, j] / (norms[i] * norms[j]).clamp(min=NORM_FLOOR)).clamp(-1, 1)
+        for i in range(count)
+        for j in range(i + 1, count)
+    ]
+    return torch.stack(cosines).mean(dim=0).unsqueeze(1)
 
 
 MODEL_STOCK = MergeMethod(
@@ -81,4 +114,5 @@ MODEL_STOCK = MergeMethod(
     params=ModelStockParams,
     model_params=ModelParams,
     fn=model_stock_merge,
+    stream=model_stock_stream,
 )

@@ -16,10 +16,11 @@ from hfmerge.methods.base import (
     as_params,
     require_base,
 )
+from hfmerge.methods.chunks import Chunk, TensorMerge
+from hfmerge.methods.gram import GramMerge, GramMethod
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, lerp instead (mergekit's threshold)
 NORM_EPS = 1e-8  # a vector shorter than this is not normalised (mergekit's eps)
-_CHUNK = 1 << 20  # elements per chunk when reducing, to bound scratch memory
 
 
 class SlerpParams(MethodParams):
@@ -36,43 +37,61 @@ def slerp_merge(
     params: MethodParams,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """SLERP from `base` (t=0) to `tensors[0]` (t=1), the whole tensor taken as one vector."""
-    return slerp(as_params(params, SlerpParams).t, require_base(base, "slerp"), tensors[0])
+    """SLERP from `base` (t=0) to `tensors[0]` (t=1), the whole tensor taken as one vector:
+    `sin((1-t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1`, θ the angle between the flattened tensors."""
+    chunk = Chunk(tensors, require_base(base, "slerp"), 0, whole=True)
+    return _gram_method(as_params(params, SlerpParams).t).merge(chunk)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """`sin((1-t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1`, θ the angle between the flattened tensors.
+def slerp_stream(
+    shape: tuple[int, ...],
+    *,
+    model_params: Sequence[ModelParams],
+    params: MethodParams,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> TensorMerge:
+    """SLERP in row chunks: the angle from the tensor's summed Gram matrix (`gram.py`), then
+    every chunk mixed with its coefficients."""
+    return GramMerge(_gram_method(as_params(params, SlerpParams).t), row_local=False)
 
-    Falls back to `(1-t) v0 + t v1` when |cos θ| > DOT_THRESHOLD (parallel or antipodal), where
-    the spherical formula divides by a vanishing sin θ.
+
+def _gram_method(t: float) -> GramMethod:
+    def vectors(chunk: Chunk) -> list[torch.Tensor]:
+        return [_base(chunk).reshape(1, -1), chunk.tensors[0].reshape(1, -1)]  # [1, n] views
+
+    def combine(chunk: Chunk, coefficients: tuple[float, float]) -> torch.Tensor:
+        merged = _base(chunk) * coefficients[0]
+        return merged.add_(chunk.tensors[0], alpha=coefficients[1])
+
+    return GramMethod(vectors, lambda products: _coefficients(t, products), combine)
+
+
+def _base(chunk: Chunk) -> torch.Tensor:
+    return require_base(chunk.base, "slerp")
+
+
+def _coefficients(t: float, products: torch.Tensor) -> tuple[float, float]:
+    """The weights of v0 and v1, from their [2, 2, 1] Gram matrix.
+
+    Falls back to `(1-t, t)` when |cos θ| > DOT_THRESHOLD (parallel or antipodal), where the
+    spherical formula divides by a vanishing sin θ.
     """
-    cos = _cosine(v0.reshape(-1), v1.reshape(-1))  # [n] views: the tensor is one vector
+    cos = _cosine(products[:, :, 0].tolist())
     if abs(cos) > DOT_THRESHOLD:
-        coef0, coef1 = 1 - t, t
-    else:
-        theta = math.acos(cos)
-        coef0 = math.sin((1 - t) * theta) / math.sin(theta)
-        coef1 = math.sin(t * theta) / math.sin(theta)
-    merged = v0 * coef0
-    return merged.add_(v1, alpha=coef1)
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine of the angle between two vectors; an empty vector reads as parallel (lerp)."""
-    if a.numel() == 0:
-        return 1.0
-    norm_a = math.sqrt(_dot(a, a))
-    norm_b = math.sqrt(_dot(b, b))
+def _cosine(products: list[list[float]]) -> float:
+    """Cosine of the angle between two vectors from their Gram matrix; a vector shorter than
+    NORM_EPS is not normalised (as in mergekit)."""
+    norm_a = math.sqrt(products[0][0])
+    norm_b = math.sqrt(products[1][1])
     norm_a = norm_a if norm_a > NORM_EPS else 1.0
     norm_b = norm_b if norm_b > NORM_EPS else 1.0
-    return min(1.0, max(-1.0, _dot(a, b) / (norm_a * norm_b)))
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    # Chunk sums (float32, pairwise) add up in Python floats (float64): accurate for 10^9 entries.
-    return sum(
-        float((a[i : i + _CHUNK] * b[i : i + _CHUNK]).sum()) for i in range(0, a.numel(), _CHUNK)
-    )
+    return min(1.0, max(-1.0, products[0][1] / (norm_a * norm_b)))
 
 
 SLERP = MergeMethod(
@@ -83,4 +102,5 @@ SLERP = MergeMethod(
     params=SlerpParams,
     model_params=ModelParams,
     fn=slerp_merge,
+    stream=slerp_stream,
 )

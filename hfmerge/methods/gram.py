@@ -1,0 +1,115 @@
+"""Merges that mix the models with coefficients set by inner products of their tensors (SLERP's
+angle, Model Stock's mean cosine), whole or in row chunks.
+
+Such a method names the vectors whose inner products it needs (`vectors`), turns their Gram
+matrix into mixing coefficients (`coefficients`) and mixes the tensors with them (`combine`). The
+Gram matrix is row-wise ([N, N, rows]): a method with one coefficient set per tensor views each
+tensor as one row. Products are taken in float32 and summed in float64, so a tensor merged in
+chunks, whose Gram matrix is the sum of its chunks', gets the coefficients of the whole tensor
+within float64 rounding, and then the same output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hfmerge.methods.chunks import Chunk, Submit
+
+# chunk -> the N vectors to take inner products of, each [rows, cols]
+Vectors = Callable[[Chunk], Sequence[torch.Tensor]]
+# [N, N, rows] float64 Gram matrix -> the method's mixing coefficients
+Coefficients = Callable[[torch.Tensor], Any]
+# (chunk, coefficients) -> the chunk's merged rows
+Combine = Callable[[Chunk, Any], torch.Tensor]
+
+_SUM_ELEMENTS = 1 << 20  # elements per partial sum over a whole tensor: bounds scratch memory
+
+
+def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N, N, rows] float64: the row-wise inner products of every pair of [rows, cols] vectors."""
+    count = len(vectors)
+    rows, cols = vectors[0].shape
+    out = torch.zeros(count, count, rows, dtype=torch.float64, device=vectors[0].device)
+    step = max(1, _SUM_ELEMENTS // max(1, rows))  # columns per partial sum
+    for i, a in enumerate(vectors):
+        for j in range(i, count):
+            b = vectors[j]
+            for start in range(0, cols, step):
+                stop = start + step
+                out[i, j] += (a[:, start:stop] * b[:, start:stop]).sum(dim=1, dtype=torch.float64)
+            out[j, i] = out[i, j]
+    return out
+
+
+@dataclass(frozen=True)
+class GramMethod:
+    """A method's three parts (see the module docstring)."""
+
+    vectors: Vectors
+    coefficients: Coefficients
+    combine: Combine
+
+    def merge(self, chunk: Chunk) -> torch.Tensor:
+        """The merge of a chunk whose Gram matrix is its own: a whole tensor, or whole rows of a
+        method with coefficients per row."""
+        return self.combine(chunk, self.coefficients(gram(self.vectors(chunk))))
+
+
+class GramMerge:
+    """One tensor of a `GramMethod` in row chunks.
+
+    `row_local`: coefficients per row, so each chunk (whole rows) is merged on its own. Otherwise a
+    statistics pass first adds up the chunks' Gram matrices, and the apply pass mixes every chunk
+    with the coefficients of the total.
+    """
+
+    whole_only = False
+    elementwise = False
+    splittable = True
+
+    def __init__(self, method: GramMethod, *, row_local: bool) -> None:
+        self.method = method
+        self.row_local = row_local
+        self._gram: torch.Tensor | None = None
+        self._coefficients: Any = None
+
+    @property
+    def passes(self) -> int:
+        """Statistics passes: none with coefficients per row, else one."""
+        return 0 if self.row_local else 1
+
+    def observe(self, pass_index: int, chunk: Chunk) -> None:
+        """Add the chunk's Gram matrix to the tensor's."""
+        self._add(self._chunk_gram(chunk))
+
+    def observe_split(self, pass_index: int, head: Chunk, tail: Chunk, submit: Submit) -> None:
+        """Both halves' Gram matrices at once, added head first as `observe` would."""
+        later = submit(self._chunk_gram, tail)
+        self._add(self._chunk_gram(head))
+        self._add(later.result())
+
+    def end_pass(self, pass_index: int) -> None:
+        """The tensor's coefficients, from its total Gram matrix."""
+        assert self._gram is not None, "no chunk was observed"
+        self._coefficients = self.method.coefficients(self._gram)
+
+    def apply(self, chunk: Chunk) -> torch.Tensor:
+        """The chunk's merged rows."""
+        if self.row_local:
+            return self.method.merge(chunk)
+        return self.method.combine(chunk, self._coefficients)
+
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> tuple[torch.Tensor, Any]:
+        """`apply` of both halves, the tail through `submit`: no state links the halves."""
+        later = submit(self.apply, tail)
+        return self.apply(head), later.result()
+
+    def _chunk_gram(self, chunk: Chunk) -> torch.Tensor:
+        return gram(self.method.vectors(chunk))
+
+    def _add(self, chunk_gram: torch.Tensor) -> None:
+        self._gram = chunk_gram if self._gram is None else self._gram + chunk_gram
