@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from hfmerge.methods.chunks import Chunk, Submit
+from hfmerge.methods.base import MethodParams, ModelParams, require_base
+from hfmerge.methods.chunks import Chunk, Submit, TensorMerge
 
 # chunk -> the N vectors to take inner products of, each [rows, cols]
 Vectors = Callable[[Chunk], Sequence[torch.Tensor]]
@@ -57,6 +58,44 @@ class GramMethod:
         """The merge of a chunk whose Gram matrix is its own: a whole tensor, or whole rows of a
         method with coefficients per row."""
         return self.combine(chunk, self.coefficients(gram(self.vectors(chunk))))
+
+
+@dataclass(frozen=True)
+class GramForms:
+    """A Gram method's whole-tensor function (`merge`, a `MergeFn`) and chunked form (`stream`, a
+    `StreamFactory`), from its parts for given parameters.
+
+    `row_local(params, shape)`: whether the method has coefficients per row of that tensor.
+    """
+
+    name: str
+    parts: Callable[[MethodParams], GramMethod]
+    row_local: Callable[[MethodParams, tuple[int, ...]], bool] = lambda params, shape: False
+
+    def merge(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        base: torch.Tensor | None,
+        model_params: Sequence[ModelParams],
+        params: MethodParams,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The merge of whole tensors."""
+        chunk = Chunk(tensors, require_base(base, self.name), 0, whole=True)
+        return self.parts(params).merge(chunk)
+
+    def stream(
+        self,
+        shape: tuple[int, ...],
+        *,
+        model_params: Sequence[ModelParams],
+        params: MethodParams,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> TensorMerge:
+        """The merge of one tensor of `shape` in row chunks."""
+        return GramMerge(self.parts(params), row_local=self.row_local(params, shape))
 
 
 class GramMerge:

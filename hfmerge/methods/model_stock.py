@@ -3,8 +3,6 @@ between their task vectors."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field
 
@@ -16,8 +14,8 @@ from hfmerge.methods.base import (
     as_params,
     require_base,
 )
-from hfmerge.methods.chunks import Chunk, TensorMerge
-from hfmerge.methods.gram import GramMerge, GramMethod
+from hfmerge.methods.chunks import Chunk
+from hfmerge.methods.gram import GramForms, GramMethod
 from hfmerge.methods.gta import sum_of
 
 NORM_FLOOR = 1e-6  # norm products are clamped here, so a zero task vector has cosine 0
@@ -30,35 +28,16 @@ class ModelStockParams(MethodParams):
     filter_wise: Flag = Field(False, description="one ratio per output row instead of per tensor")
 
 
-def model_stock_merge(
-    tensors: Sequence[torch.Tensor],
-    *,
-    base: torch.Tensor | None,
-    model_params: Sequence[ModelParams],
-    params: MethodParams,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
+def _row_local(params: MethodParams, shape: tuple[int, ...]) -> bool:
+    """Rows of an N-D tensor merge alone with `filter_wise`; a 1-D tensor is one row."""
+    return as_params(params, ModelStockParams).filter_wise and len(shape) >= 2
+
+
+def _parts(params: MethodParams) -> GramMethod:
     """`t * mean_i(w_i) + (1 - t) * w_0` with `t = N cos / (1 + (N - 1) cos)`, cos the mean
-    pairwise cosine between the N task vectors."""
-    chunk = Chunk(tensors, require_base(base, "model_stock"), 0, whole=True)
-    return _gram_method(as_params(params, ModelStockParams).filter_wise).merge(chunk)
-
-
-def model_stock_stream(
-    shape: tuple[int, ...],
-    *,
-    model_params: Sequence[ModelParams],
-    params: MethodParams,
-    generator: torch.Generator | None,
-    device: torch.device,
-) -> TensorMerge:
-    """Model Stock in row chunks: rows merge alone with `filter_wise`, else one ratio per tensor
-    from its summed Gram matrix (`gram.py`)."""
+    pairwise cosine between the N task vectors (per row with `filter_wise`)."""
     filter_wise = as_params(params, ModelStockParams).filter_wise
-    return GramMerge(_gram_method(filter_wise), row_local=filter_wise and len(shape) >= 2)
 
-
-def _gram_method(filter_wise: bool) -> GramMethod:
     def vectors(chunk: Chunk) -> list[torch.Tensor]:
         base_rows = _rows(_base(chunk), filter_wise=filter_wise)
         return [_rows(w, filter_wise=filter_wise) - base_rows for w in chunk.tensors]
@@ -106,6 +85,7 @@ def _mean_pairwise_cosine(products: torch.Tensor) -> torch.Tensor:
     return torch.stack(cosines).mean(dim=0).unsqueeze(1)
 
 
+_FORMS = GramForms("model_stock", _parts, _row_local)
 MODEL_STOCK = MergeMethod(
     name="model_stock",
     summary="Move from the base towards the models' average by a ratio set by their angle.",
@@ -113,6 +93,6 @@ MODEL_STOCK = MergeMethod(
     min_models=2,
     params=ModelStockParams,
     model_params=ModelParams,
-    fn=model_stock_merge,
-    stream=model_stock_stream,
+    fn=_FORMS.merge,
+    stream=_FORMS.stream,
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -16,8 +15,8 @@ from hfmerge.methods.base import (
     as_params,
     require_base,
 )
-from hfmerge.methods.chunks import Chunk, TensorMerge
-from hfmerge.methods.gram import GramMerge, GramMethod
+from hfmerge.methods.chunks import Chunk
+from hfmerge.methods.gram import GramForms, GramMethod
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, lerp instead (mergekit's threshold)
 NORM_EPS = 1e-8  # a vector shorter than this is not normalised (mergekit's eps)
@@ -29,34 +28,11 @@ class SlerpParams(MethodParams):
     t: Number = Field(description="interpolation factor: 0 gives the base model, 1 the other")
 
 
-def slerp_merge(
-    tensors: Sequence[torch.Tensor],
-    *,
-    base: torch.Tensor | None,
-    model_params: Sequence[ModelParams],
-    params: MethodParams,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """SLERP from `base` (t=0) to `tensors[0]` (t=1), the whole tensor taken as one vector:
+def _parts(params: MethodParams) -> GramMethod:
+    """SLERP from the base (t=0) to the other model (t=1), each tensor taken as one vector:
     `sin((1-t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1`, θ the angle between the flattened tensors."""
-    chunk = Chunk(tensors, require_base(base, "slerp"), 0, whole=True)
-    return _gram_method(as_params(params, SlerpParams).t).merge(chunk)
+    t = as_params(params, SlerpParams).t
 
-
-def slerp_stream(
-    shape: tuple[int, ...],
-    *,
-    model_params: Sequence[ModelParams],
-    params: MethodParams,
-    generator: torch.Generator | None,
-    device: torch.device,
-) -> TensorMerge:
-    """SLERP in row chunks: the angle from the tensor's summed Gram matrix (`gram.py`), then
-    every chunk mixed with its coefficients."""
-    return GramMerge(_gram_method(as_params(params, SlerpParams).t), row_local=False)
-
-
-def _gram_method(t: float) -> GramMethod:
     def vectors(chunk: Chunk) -> list[torch.Tensor]:
         return [_base(chunk).reshape(1, -1), chunk.tensors[0].reshape(1, -1)]  # [1, n] views
 
@@ -94,6 +70,7 @@ def _cosine(products: list[list[float]]) -> float:
     return min(1.0, max(-1.0, products[0][1] / (norm_a * norm_b)))
 
 
+_FORMS = GramForms("slerp", _parts)
 SLERP = MergeMethod(
     name="slerp",
     summary="Spherical interpolation from the base (t=0) to one other model (t=1).",
@@ -101,6 +78,6 @@ SLERP = MergeMethod(
     max_models=1,
     params=SlerpParams,
     model_params=ModelParams,
-    fn=slerp_merge,
-    stream=slerp_stream,
+    fn=_FORMS.merge,
+    stream=_FORMS.stream,
 )
