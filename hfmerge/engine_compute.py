@@ -92,7 +92,7 @@ def apply_in_pieces(merge: TensorMerge, chunk: Chunk, dtype: torch.dtype) -> tor
     out = torch.empty(first.shape, dtype=dtype)
     out_flat = out.view(-1)  # [rows, ...] -> [n]
     total = out_flat.numel()
-    size = min(PIECE_ELEMENTS, total)
+    size = max(1, min(PIECE_ELEMENTS, total))  # an empty chunk has no piece
     buffers = [torch.empty(size) if t.dtype != torch.float32 else None for t in flat]
     inputs = len(chunk.tensors)
     for start in range(0, total, size):

@@ -147,6 +147,26 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
         assert torch.equal(tensor, small[name]), name
 
 
+@pytest.mark.parametrize("shape", [(), (0, 5), (3, 0), (5,), (70, 3)])
+def test_elementwise_pieces_of_any_shape_equal_the_method(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hfmerge.methods import get_method, validate_params
+
+    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 4)  # several pieces, a short last one
+    method = get_method("linear")
+    params, per_model = validate_params(method, {}, [{"weight": 0.3}, {"weight": 0.9}])
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, generator=generator).bfloat16() for _ in range(2)]
+    merge = method.tensor_merge(shape, model_params=per_model, params=params, generator=None,
+                                device=torch.device("cpu"))
+    got = engine_compute.apply_in_pieces(merge, engine.Chunk(inputs, None, 0, True),
+                                         torch.bfloat16)
+    expected = method.merge([t.float() for t in inputs], base=None, model_params=per_model,
+                            params=params).bfloat16()
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
 def test_rows_per_chunk_follow_the_budget() -> None:
     policy = ChunkPolicy(chunk_elements=1000, read_bytes=1, write_bytes=1)
     job = TensorJob("w", (50, 64), "BF16", "merge", "parameter")
