@@ -1,19 +1,19 @@
 """hfmerge vs mergekit on 1.1B-parameter Llama-shaped bf16 models: wall time and peak RSS.
 
     .venv/bin/python benchmarks/bench_merge.py [--dir /tmp/hfmerge-bench-merge]
-        [--methods linear,ties] [--repeats 1] [--size-factor 2] [--skip-mergekit]
+        [--methods linear,ties,slerp,model_stock] [--repeats 1] [--size-factor 2] [--skip-mergekit]
         [--max-memory 1GB]
 
 Builds once (cached in --dir) a base and two fine-tunes (base + small random deltas, so task
 vectors mean something) shaped like TinyLlama-1.1B: hidden 2048, 22 layers, 32 heads, 4 KV heads,
 intermediate 5632, vocab 32000, bf16 safetensors with config.json. For each method (linear with
-weights 0.5/0.5; TIES with density 0.5 and weights 0.5/0.5 over the base) it runs, alternating,
-each in a fresh process: `hfmerge run recipe.yaml`, `mergekit-yaml config.yml OUT` with
+weights 0.5/0.5; TIES with density 0.5 and weights 0.5/0.5 over the base; also, with --methods,
+SLERP from the base to one fine-tune at t=0.4 and Model Stock of both over the base) it runs,
+alternating, each in a fresh process: `hfmerge run recipe.yaml`, `mergekit-yaml config.yml OUT` with
 mergekit's defaults (CPU, --out-shard-size 5B, no --lazy-unpickle (safetensors are read lazily
 anyway), --no-copy-tokenizer as there is none) and a raw floor that reads every input tensor and
 writes the output shards with no arithmetic. Each tool writes into a fresh path (the old output is
-removed before the timed run). It prints wall seconds and peak RSS of each, the
-ratios, and how far the two outputs are apart (linear must agree to one bf16 rounding).
+removed before the timed run). It prints wall seconds and peak RSS of each, the ratios, and how far the two outputs are apart (linear must agree to one bf16 rounding).
 --size-factor 2 also builds a model with twice the layers and merges it with hfmerge, to show
 that its peak RSS does not grow with the model. Child processes get OMP_NUM_THREADS = the core
 count unless it is set.
@@ -25,6 +25,7 @@ import argparse
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,26 +71,63 @@ def build(root: Path, shape: LlamaShape) -> dict[str, Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class BenchMerge:
+    """One benchmarked merge: the models it lists, whether it names the base, and its per-model
+    and global parameters."""
+
+    models: tuple[str, ...]  # of "base", "a", "b"
+    base: bool
+    model_params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float] = field(default_factory=dict)
+
+    def inputs(self, models: dict[str, Path]) -> list[Path]:
+        """Every checkpoint the merge reads."""
+        names = [*self.models, *(["base"] if self.base and "base" not in self.models else [])]
+        return [models[name] for name in names]
+
+
+MERGES = {
+    "linear": BenchMerge(("a", "b"), base=False, model_params={"weight": 0.5}),
+    "ties": BenchMerge(("a", "b"), base=True, model_params={"weight": 0.5, "density": 0.5}),
+    "slerp": BenchMerge(("base", "a"), base=True, params={"t": 0.4}),
+    "model_stock": BenchMerge(("a", "b"), base=True),
+}
+
+
+def _flow(values: dict[str, float]) -> str:
+    """A flow-style YAML mapping: {weight: 0.5, density: 0.5}."""
+    return "{" + ", ".join(f"{key}: {value}" for key, value in values.items()) + "}"
+
+
 def hfmerge_recipe(method: str, models: dict[str, Path], out: Path) -> str:
-    """The recipe for `method` over the fine-tunes (and the base for TIES)."""
-    extra = "    density: 0.5\n" if method == "ties" else ""
+    """The recipe for `method` (see `MERGES`): per-model parameters sit in each model's entry."""
+    merge = MERGES[method]
     lines = ["models:"]
-    for name in ("a", "b"):
-        lines.append(f"  - model: {models[name]}\n    weight: 0.5\n{extra}".rstrip())
-    if method == "ties":
+    for name in merge.models:
+        lines.append(f"  - model: {models[name]}")
+        lines += [f"    {key}: {value}" for key, value in merge.model_params.items()]
+    if merge.base:
         lines.append(f"base: {models['base']}")
-    lines += [f"merge:\n  method: {method}", f"output:\n  path: {out}\n  dtype: bfloat16"]
+    lines.append(f"merge:\n  method: {method}")
+    if merge.params:
+        lines.append(f"  parameters: {_flow(merge.params)}")
+    lines.append(f"output:\n  path: {out}\n  dtype: bfloat16")
     return "\n".join(lines) + "\n"
 
 
 def mergekit_config(method: str, models: dict[str, Path]) -> str:
     """The same merge as `hfmerge_recipe`, in mergekit's YAML."""
-    params = "{weight: 0.5, density: 0.5}" if method == "ties" else "{weight: 0.5}"
+    merge = MERGES[method]
     lines = ["models:"]
-    for name in ("a", "b"):
-        lines.append(f"  - model: {models[name]}\n    parameters: {params}")
-    if method == "ties":
+    for name in merge.models:
+        lines.append(f"  - model: {models[name]}")
+        if merge.model_params:
+            lines.append(f"    parameters: {_flow(merge.model_params)}")
+    if merge.base:
         lines.append(f"base_model: {models['base']}")
+    if merge.params:
+        lines.append(f"parameters: {_flow(merge.params)}")
     lines += [f"merge_method: {method}", "dtype: bfloat16"]
     return "\n".join(lines) + "\n"
 
@@ -123,8 +161,7 @@ def run_floor(method: str, models: dict[str, Path], work: Path) -> tuple[float, 
     """(wall s, peak RSS MiB) of reading every input and writing the output, no arithmetic."""
     out = work / "floor"
     shutil.rmtree(out, ignore_errors=True)
-    inputs = [models["a"], models["b"]] + ([models["base"]] if method == "ties" else [])
-    return measure(FLOOR, out, *inputs)
+    return measure(FLOOR, out, *MERGES[method].inputs(models))
 
 
 def child_env() -> dict[str, str]:
@@ -162,6 +199,9 @@ def main() -> None:
     parser.add_argument("--max-memory", default=None, help="passed to hfmerge run")
     args = parser.parse_args()
     methods = args.methods.split(",")
+    unknown = [method for method in methods if method not in MERGES]
+    if unknown:
+        parser.error(f"unknown method {', '.join(unknown)}: choose from {', '.join(MERGES)}")
     work = args.dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     models = build(args.dir, TINYLLAMA)
@@ -213,12 +253,13 @@ def print_table(methods: list[str], rows: Rows, args: argparse.Namespace) -> Non
         "mergekit": "mergekit-yaml CONFIG OUT " + " ".join(MERGEKIT_FLAGS) + " (CPU, 5B shards)",
         "floor": "read every input tensor, write the shards, no arithmetic",
     }
-    print(f"{'method':<7} {'tool':<9} {'wall s':>8} {'peak RSS MiB':>13}  command")
+    width = max(len("method"), *map(len, methods))
+    print(f"{'method':<{width}} {'tool':<9} {'wall s':>8} {'peak RSS MiB':>13}  command")
     for method in methods:
         for tool in ("hfmerge", "mergekit", "floor"):
             if (method, tool) in rows:
                 wall, rss = best(rows[method, tool])
-                print(f"{method:<7} {tool:<9} {wall:>8.1f} {rss:>13.0f}  {commands[tool]}")
+                print(f"{method:<{width}} {tool:<9} {wall:>8.1f} {rss:>13.0f}  {commands[tool]}")
     for method in methods:
         hf_wall, hf_rss = best(rows[method, "hfmerge"])
         floor_wall = best(rows[method, "floor"])[0]

@@ -1,12 +1,12 @@
 """Merges that mix the models with coefficients set by inner products of their tensors (SLERP's
 angle, Model Stock's mean cosine), whole or in row chunks.
 
-Such a method names the vectors whose inner products it needs (`vectors`), turns their Gram
-matrix into mixing coefficients (`coefficients`) and mixes the tensors with them (`combine`). The
-Gram matrix is row-wise ([N, N, rows]): a method with one coefficient set per tensor views each
-tensor as one row. Products are taken in float32 and summed in float64, so a tensor merged in
-chunks, whose Gram matrix is the sum of its chunks', gets the coefficients of the whole tensor
-within float64 rounding, and then the same output.
+Such a method names the tensors whose inner products it needs (`vectors`, as [rows, cols] views
+from `rows_of`), turns their Gram matrix into mixing coefficients (`coefficients`) and mixes the
+tensors with them (`combine`). The Gram matrix is kept per row ([N, N, rows]): each row's products
+are summed in float32, which gives the same sum whichever chunk holds the row, and rows are added
+up in float64. A method with one coefficient set per tensor sums over the rows first ([N, N, 1]),
+so a tensor merged in chunks gets the whole tensor's coefficients within float64 rounding.
 """
 
 from __future__ import annotations
@@ -20,30 +20,44 @@ import torch
 from hfmerge.methods.base import MethodParams, ModelParams, require_base
 from hfmerge.methods.chunks import Chunk, Submit, TensorMerge
 
-# chunk -> the N vectors to take inner products of, each [rows, cols]
+# chunk -> the N vectors to take inner products of, each [rows, cols] (`rows_of`)
 Vectors = Callable[[Chunk], Sequence[torch.Tensor]]
-# [N, N, rows] float64 Gram matrix -> the method's mixing coefficients
+# [N, N, rows] (per row) or [N, N, 1] (per tensor) float64 Gram matrix -> mixing coefficients
 Coefficients = Callable[[torch.Tensor], Any]
 # (chunk, coefficients) -> the chunk's merged rows
 Combine = Callable[[Chunk, Any], torch.Tensor]
 
-_SUM_ELEMENTS = 1 << 20  # elements per partial sum over a whole tensor: bounds scratch memory
+_SUM_ELEMENTS = 1 << 20  # elements per product temporary: bounds scratch memory on whole tensors
+
+
+def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] view of a tensor's rows along dim 0; a 1-D tensor's rows are its elements,
+    and a 0-d tensor is one row of one."""
+    if tensor.dim() >= 2:
+        return tensor.flatten(1)  # [rows, ...] -> [rows, cols], zero rows included
+    return tensor.reshape(-1, 1)  # [n] -> [n, 1]
 
 
 def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[N, N, rows] float64: the row-wise inner products of every pair of [rows, cols] vectors."""
+    """[N, N, rows] float64: the row-wise dot products of every pair of [rows, cols] vectors,
+    each row summed in float32."""
     count = len(vectors)
     rows, cols = vectors[0].shape
-    out = torch.zeros(count, count, rows, dtype=torch.float64, device=vectors[0].device)
-    step = max(1, _SUM_ELEMENTS // max(1, rows))  # columns per partial sum
+    out = torch.empty(count, count, rows, dtype=torch.float64, device=vectors[0].device)
+    step = max(1, _SUM_ELEMENTS // max(1, cols))  # rows per product temporary
     for i, a in enumerate(vectors):
         for j in range(i, count):
             b = vectors[j]
-            for start in range(0, cols, step):
+            for start in range(0, rows, step):
                 stop = start + step
-                out[i, j] += (a[:, start:stop] * b[:, start:stop]).sum(dim=1, dtype=torch.float64)
+                out[i, j, start:stop] = (a[start:stop] * b[start:stop]).sum(dim=1)
             out[j, i] = out[i, j]
     return out
+
+
+def per_tensor(products: torch.Tensor) -> torch.Tensor:
+    """[N, N, rows] -> [N, N, 1]: the Gram matrix of whole tensors, rows added in float64."""
+    return products.sum(dim=2, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -54,10 +68,11 @@ class GramMethod:
     coefficients: Coefficients
     combine: Combine
 
-    def merge(self, chunk: Chunk) -> torch.Tensor:
+    def merge(self, chunk: Chunk, *, per_row: bool) -> torch.Tensor:
         """The merge of a chunk whose Gram matrix is its own: a whole tensor, or whole rows of a
-        method with coefficients per row."""
-        return self.combine(chunk, self.coefficients(gram(self.vectors(chunk))))
+        tensor with coefficients per row (`per_row`)."""
+        products = gram(self.vectors(chunk))
+        return self.combine(chunk, self.coefficients(products if per_row else per_tensor(products)))
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,8 @@ class GramForms:
     ) -> torch.Tensor:
         """The merge of whole tensors."""
         chunk = Chunk(tensors, require_base(base, self.name), 0, whole=True)
-        return self.parts(params).merge(chunk)
+        per_row = self.row_local(params, tuple(chunk.tensors[0].shape))
+        return self.parts(params).merge(chunk, per_row=per_row)
 
     def stream(
         self,
@@ -139,7 +155,7 @@ class GramMerge:
     def apply(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's merged rows."""
         if self.row_local:
-            return self.method.merge(chunk)
+            return self.method.merge(chunk, per_row=True)
         return self.method.combine(chunk, self._coefficients)
 
     def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> tuple[torch.Tensor, Any]:
@@ -148,7 +164,7 @@ class GramMerge:
         return self.apply(head), later.result()
 
     def _chunk_gram(self, chunk: Chunk) -> torch.Tensor:
-        return gram(self.method.vectors(chunk))
+        return per_tensor(gram(self.method.vectors(chunk)))
 
     def _add(self, chunk_gram: torch.Tensor) -> None:
         self._gram = chunk_gram if self._gram is None else self._gram + chunk_gram

@@ -15,7 +15,7 @@ from hfmerge.methods.base import (
     require_base,
 )
 from hfmerge.methods.chunks import Chunk
-from hfmerge.methods.gram import GramForms, GramMethod
+from hfmerge.methods.gram import GramForms, GramMethod, rows_of
 from hfmerge.methods.gta import sum_of
 
 NORM_FLOOR = 1e-6  # norm products are clamped here, so a zero task vector has cosine 0
@@ -33,38 +33,27 @@ def _row_local(params: MethodParams, shape: tuple[int, ...]) -> bool:
     return as_params(params, ModelStockParams).filter_wise and len(shape) >= 2
 
 
-def _parts(params: MethodParams) -> GramMethod:
-    """`t * mean_i(w_i) + (1 - t) * w_0` with `t = N cos / (1 + (N - 1) cos)`, cos the mean
-    pairwise cosine between the N task vectors (per row with `filter_wise`)."""
-    filter_wise = as_params(params, ModelStockParams).filter_wise
+def _vectors(chunk: Chunk) -> list[torch.Tensor]:
+    """The task vectors, as rows."""
+    base_rows = rows_of(_base(chunk))
+    return [rows_of(w) - base_rows for w in chunk.tensors]
 
-    def vectors(chunk: Chunk) -> list[torch.Tensor]:
-        base_rows = _rows(_base(chunk), filter_wise=filter_wise)
-        return [_rows(w, filter_wise=filter_wise) - base_rows for w in chunk.tensors]
 
-    def combine(chunk: Chunk, ratio: torch.Tensor) -> torch.Tensor:
-        base = _base(chunk)
-        base_rows = _rows(base, filter_wise=filter_wise)
-        average = (sum_of(chunk.tensors) / len(chunk.tensors)).reshape(base_rows.shape)
-        return (ratio * average + (1 - ratio) * base_rows).reshape(base.shape)
-
-    return GramMethod(vectors, _ratio, combine)
+def _combine(chunk: Chunk, ratio: torch.Tensor) -> torch.Tensor:
+    """`t * mean_i(w_i) + (1 - t) * w_0`, with `t` per row ([rows, 1]) or per tensor ([1, 1])."""
+    base = _base(chunk)
+    base_rows = rows_of(base)
+    average = (sum_of(chunk.tensors) / len(chunk.tensors)).reshape(base_rows.shape)
+    return (ratio * average + (1 - ratio) * base_rows).reshape(base.shape)
 
 
 def _base(chunk: Chunk) -> torch.Tensor:
     return require_base(chunk.base, "model_stock")
 
 
-def _rows(tensor: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
-    """[rows, cols]: one row per output unit when `filter_wise`, else the whole tensor as one."""
-    if filter_wise and tensor.dim() >= 2:
-        return tensor.flatten(1)  # [rows, ...] -> [rows, cols], zero rows included
-    return tensor.reshape(1, -1)
-
-
 def _ratio(products: torch.Tensor) -> torch.Tensor:
-    """[rows, 1] float32: the interpolation ratio of each row, from the task vectors' [N, N, rows]
-    Gram matrix."""
+    """[rows, 1] float32: the interpolation ratio of each row (one row per tensor), from the task
+    vectors' [N, N, rows] Gram matrix."""
     count = products.shape[0]
     cos = _mean_pairwise_cosine(products)
     denominator = 1 + (count - 1) * cos
@@ -85,7 +74,10 @@ def _mean_pairwise_cosine(products: torch.Tensor) -> torch.Tensor:
     return torch.stack(cosines).mean(dim=0).unsqueeze(1)
 
 
-_FORMS = GramForms("model_stock", _parts, _row_local)
+# `t * mean_i(w_i) + (1 - t) * w_0` with `t = N cos / (1 + (N - 1) cos)`, cos the mean pairwise
+# cosine between the N task vectors: one per tensor, or per row with `filter_wise`.
+_PARTS = GramMethod(_vectors, _ratio, _combine)
+_FORMS = GramForms("model_stock", lambda params: _PARTS, _row_local)
 MODEL_STOCK = MergeMethod(
     name="model_stock",
     summary="Move from the base towards the models' average by a ratio set by their angle.",

@@ -16,7 +16,7 @@ from hfmerge.methods.base import (
     require_base,
 )
 from hfmerge.methods.chunks import Chunk
-from hfmerge.methods.gram import GramForms, GramMethod
+from hfmerge.methods.gram import GramForms, GramMethod, rows_of
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, lerp instead (mergekit's threshold)
 NORM_EPS = 1e-8  # a vector shorter than this is not normalised (mergekit's eps)
@@ -34,7 +34,7 @@ def _parts(params: MethodParams) -> GramMethod:
     t = as_params(params, SlerpParams).t
 
     def vectors(chunk: Chunk) -> list[torch.Tensor]:
-        return [_base(chunk).reshape(1, -1), chunk.tensors[0].reshape(1, -1)]  # [1, n] views
+        return [rows_of(_base(chunk)), rows_of(chunk.tensors[0])]
 
     def combine(chunk: Chunk, coefficients: tuple[float, float]) -> torch.Tensor:
         merged = _base(chunk) * coefficients[0]
