@@ -98,7 +98,7 @@ def test_row_halves_on_two_threads_give_the_same_output(
         assert torch.equal(tensor, halves[name]), name
 
 
-@pytest.mark.parametrize("method", ["ties", "linear", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "linear", "task_arithmetic", "model_stock"])
 def test_engine_output_matches_the_method_on_whole_tensors(
     models: list[Path], tmp_path: Path, method: str
 ) -> None:
@@ -106,7 +106,9 @@ def test_engine_output_matches_the_method_on_whole_tensors(
 
     merged = merge(models, tmp_path / "out", method)
     merge_method = get_method(method)
-    fields = {"weight": 0.5} if method != "ties" else {"weight": 0.5, "density": 0.5}
+    per_method: dict[str, dict[str, float]] = {"ties": {"weight": 0.5, "density": 0.5},
+                                               "model_stock": {}}
+    fields = per_method.get(method, {"weight": 0.5})
     params, per_model = validate_params(merge_method, {}, [fields] * 2)
     with LazyCheckpoint(models[0]) as base, LazyCheckpoint(models[1]) as a, LazyCheckpoint(
         models[2]
