@@ -94,6 +94,14 @@ class TensorMerge(Protocol):
         ...
 
 
+def apply_halves(apply: Callable[[Chunk], torch.Tensor], head: Chunk, tail: Chunk,
+                 submit: Submit) -> tuple[torch.Tensor, Any]:
+    """`apply_split` of a merge whose rows are merged independently: `apply(head)` here and
+    `apply(tail)` through `submit`, at once."""
+    later = submit(apply, tail)
+    return apply(head), later.result()
+
+
 class StreamFactory(Protocol):
     """Makes the `TensorMerge` of one tensor of `shape` (a method's chunked form)."""
 
@@ -153,9 +161,8 @@ class FunctionMerge(_NoStatistics):
 
     def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
                     ) -> tuple[torch.Tensor, Any]:
-        """`apply` of both halves, the tail through `submit`: no state links the chunks."""
-        later = submit(self.apply, tail)
-        return self.apply(head), later.result()
+        """`apply` of both halves at once: no state links the chunks."""
+        return apply_halves(self.apply, head, tail, submit)
 
     def apply(self, chunk: Chunk) -> torch.Tensor:
         """The merged rows of `chunk`."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hfmerge.methods.base import MethodParams, ModelParams, require_base
-from hfmerge.methods.chunks import Chunk, Submit, TensorMerge
+from hfmerge.methods.chunks import Chunk, Submit, TensorMerge, apply_halves
 
 # chunk -> the N vectors to take inner products of, each [rows, cols] (`rows_of`)
 Vectors = Callable[[Chunk], Sequence[torch.Tensor]]
@@ -159,9 +159,8 @@ class GramMerge:
         return self.method.combine(chunk, self._coefficients)
 
     def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> tuple[torch.Tensor, Any]:
-        """`apply` of both halves, the tail through `submit`: no state links the halves."""
-        later = submit(self.apply, tail)
-        return self.apply(head), later.result()
+        """`apply` of both halves at once: no state links the halves."""
+        return apply_halves(self.apply, head, tail, submit)
 
     def _chunk_gram(self, chunk: Chunk) -> torch.Tensor:
         return per_tensor(gram(self.method.vectors(chunk)))
