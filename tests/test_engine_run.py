@@ -66,6 +66,7 @@ def test_many_small_chunks_give_the_same_output(
 ) -> None:
     whole = merge(models, tmp_path / "whole", method)
     monkeypatch.setattr(engine_budget, "TARGET_CHUNK_ELEMENTS", 100)  # rows of 1-3 per chunk
+    monkeypatch.setattr(engine_budget, "ELEMENTWISE_CHUNK_ELEMENTS", 100)
     monkeypatch.setattr(engine_budget, "READ_AHEAD", 1)
     small = merge(models, tmp_path / "small", method)
     assert whole.keys() == small.keys()
@@ -153,20 +154,27 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
 def test_elementwise_pieces_of_any_shape_equal_the_method(
     shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Pieces of 4 elements, output parts of 12 (three pieces), a short last one of each."""
     from hfmerge.methods import get_method, validate_params
 
-    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 4)  # several pieces, a short last one
+    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 4)
+    monkeypatch.setattr(engine_compute, "PART_ELEMENTS", 12)
     method = get_method("linear")
     params, per_model = validate_params(method, {}, [{"weight": 0.3}, {"weight": 0.9}])
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=generator).bfloat16() for _ in range(2)]
     merge = method.tensor_merge(shape, model_params=per_model, params=params, generator=None,
                                 device=torch.device("cpu"))
-    got = engine_compute.apply_in_pieces(merge, engine.Chunk(inputs, None, 0, True),
-                                         torch.bfloat16)
+    first = 1000  # the chunk's place in its tensor
+    parts = list(engine_compute.apply_in_pieces(merge, engine.Chunk(inputs, None, first, True),
+                                                torch.bfloat16))
     expected = method.merge([t.float() for t in inputs], base=None, model_params=per_model,
-                            params=params).bfloat16()
-    assert got.shape == expected.shape and torch.equal(got, expected)
+                            params=params).bfloat16().reshape(-1)
+    starts = [start for start, _ in parts]
+    sizes = [part.numel() for _, part in parts]
+    assert starts == [first + sum(sizes[:i]) for i in range(len(parts))]  # consecutive, in order
+    assert all(size == 12 for size in sizes[:-1]) and 0 <= sizes[-1] <= 12
+    assert torch.equal(torch.cat([part for _, part in parts]), expected)
 
 
 def test_rows_per_chunk_follow_the_budget() -> None:
@@ -174,7 +182,40 @@ def test_rows_per_chunk_follow_the_budget() -> None:
     job = TensorJob("w", (50, 64), "BF16", "merge", "parameter")
     assert policy.rows_per_chunk(job, whole=False) == 15  # 1000 // 64
     assert policy.rows_per_chunk(job, whole=True) == 50
+    assert policy.rows_per_chunk(job, whole=False, elementwise=True) == 15
     assert policy.rows_per_chunk(TensorJob("s", (), "F32", "merge", ""), whole=False) == 1
+    elementwise = dataclasses.replace(policy, elementwise=True)
+    assert elementwise.rows_per_chunk(job, whole=False, elementwise=True) == 15
+    with pytest.raises(AssertionError, match="one kind"):  # its chunk has no room for temporaries
+        elementwise.rows_per_chunk(job, whole=False)
+
+
+def test_elementwise_policies_have_larger_chunks_in_the_same_budget(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linear merges get a policy for element-wise merges: no float32 temporaries per element,
+    so 4x the chunk without a budget and a larger one within it; TIES does not."""
+    monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
+    seen: list[ChunkPolicy] = []
+    real = engine_budget.chunk_policy
+
+    def spy(plan: Any, budget: int | None, *, elementwise: bool = False) -> ChunkPolicy:
+        seen.append(real(plan, budget, elementwise=elementwise))
+        return seen[-1]
+
+    monkeypatch.setattr(engine, "chunk_policy", spy)
+    merge(models, tmp_path / "linear", "linear")
+    merge(models, tmp_path / "ties", "ties")
+    assert [p.elementwise for p in seen] == [True, False]
+    linear, ties = seen
+    assert linear.chunk_elements == 4 * ties.chunk_elements
+    assert linear.chunk_elements == engine_budget.ELEMENTWISE_CHUNK_ELEMENTS
+    budget = engine_budget.RESERVE_BYTES + 200_000
+    merge(models, tmp_path / "linear-budget", "linear", max_memory=budget)
+    merge(models, tmp_path / "ties-budget", "ties", max_memory=budget)
+    # linear: 2 inputs, bf16 out: 8 + 2 bytes held + 16 + 4 queued; no 2 * 2 + 4 temporaries
+    assert seen[2].chunk_elements == 200_000 // (8 + 2 + 16 + 4)
+    assert seen[3].chunk_elements < seen[2].chunk_elements
 
 
 def test_budget_sets_the_chunk_size_and_refuses_too_little(
@@ -184,8 +225,8 @@ def test_budget_sets_the_chunk_size_and_refuses_too_little(
     seen: list[tuple[Any, ChunkPolicy]] = []
     real = engine_budget.chunk_policy
 
-    def spy(plan: Any, budget: int | None) -> ChunkPolicy:
-        seen.append((plan, real(plan, budget)))
+    def spy(plan: Any, budget: int | None, *, elementwise: bool = False) -> ChunkPolicy:
+        seen.append((plan, real(plan, budget, elementwise=elementwise)))
         return seen[-1][1]
 
     monkeypatch.setattr(engine, "chunk_policy", spy)
