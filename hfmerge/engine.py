@@ -4,17 +4,20 @@ the shards, with reads ahead and writes behind on their own threads (`engine_io.
 Each tensor is cut into row chunks (`engine_budget.py` sizes them; whole tensors for methods with
 no chunked form). A method that needs per-tensor statistics (TIES's magnitude cut) sees the chunks
 once per statistics pass before the pass that produces output. Nothing holds a whole model, and
-the float32 temporaries are bounded by the chunk size, not the tensor size.
+the float32 temporaries are bounded by the chunk size, not the tensor size. Element-wise merges on
+a multi-core CPU split the tensors between two processes (`engine_procs.py`); the others split
+each chunk's rows between two threads (`engine_compute.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,10 +28,11 @@ from hfmerge.engine_budget import ChunkPolicy, chunk_policy
 from hfmerge.engine_compute import RowSplitter, apply_in_pieces
 from hfmerge.engine_io import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine_malloc import keep_chunk_buffers
+from hfmerge.engine_procs import ForkedShare, process_count, split_jobs
 from hfmerge.methods import MethodParams, ModelParams
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.plan import MergePlan, TensorJob
-from hfmerge.progress import track
+from hfmerge.progress import counter
 from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
 
 # torch intra-op threads while merging: the reader and writer threads take the other core's
@@ -60,47 +64,92 @@ def execute_plan(
         input_perms: `input_perms[i]`, when given, permutes input i's tensors on read (alignment
             into the base's basis), so aligned copies of the inputs are never materialised.
         progress: draw a progress bar on stderr.
-        max_memory_bytes: peak resident memory to stay within; chunks and queues are sized
-            from it. None: 1M-element chunks, about 100 MB of buffers for two models.
+        max_memory_bytes: peak resident memory to stay within, summed over the merging
+            processes; chunks and queues are sized from it. None: 1M-element chunks (4M for
+            element-wise merges), about 100 MB of buffers per process for two models.
         device: where the arithmetic runs; None picks CUDA when available, else the CPU.
 
     Raises:
         HfMergeError: `max_memory_bytes` is too small for one chunk of some tensor.
     """
+    compute_device = resolve_device(device)
     elementwise = _merges_elementwise(plan, params, model_params)
-    policy = chunk_policy(plan, max_memory_bytes, elementwise=elementwise)
+    processes = process_count(elementwise=elementwise, device=compute_device)
+    policy = chunk_policy(plan, max_memory_bytes, elementwise=elementwise, processes=processes)
     keep_chunk_buffers()
-    steps = _Steps(
-        plan,
-        policy,
-        params=params,
-        model_params=model_params,
-        seed=seed,
-        device=resolve_device(device),
-    )
     perms = list(input_perms) if input_perms is not None else [None] * len(plan.inputs)
-    with ExitStack() as stack:
-        steps.base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
-        steps.inputs = [
-            _AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
-            for m, p in zip(plan.inputs, perms, strict=True)
-        ]
-        writer = stack.enter_context(
-            ShardWriter(out_dir, plan.shards, metadata={"merged_by": "hfmerge"})
-        )
-        stack.enter_context(_torch_threads(COMPUTE_THREADS))
-        splitter = stack.enter_context(RowSplitter.for_device(steps.device))
-        behind = stack.enter_context(WriteBehind(writer.write_part, policy.write_bytes))
-        ahead = stack.enter_context(Prefetcher(steps.produce, policy.read_bytes))
-        pending = iter(ahead)
-        for _ in track(plan.jobs, description="merging tensors", enabled=progress):
-            for step, size in pending:
-                job_end = step.job_end
-                _run_step(step, behind, splitter)
-                del step  # free the chunk before the reader may read the next one
-                ahead.done(size)
-                if job_end:
-                    break
+    share = _Share(plan, policy, params=params, model_params=model_params, seed=seed,
+                   device=compute_device, perms=perms)
+    own, *others = split_jobs(plan.jobs, policy.processes)
+    with (
+        ShardWriter(out_dir, plan.shards, metadata={"merged_by": "hfmerge"}) as writer,
+        counter(description="merging tensors", total=len(plan.jobs), enabled=progress) as advance,
+        ExitStack() as children,
+    ):
+        run = functools.partial(share.run, writer)
+        forked = [children.enter_context(ForkedShare(jobs, run, advance)) for jobs in others]
+
+        def on_job() -> None:
+            advance(1)
+            for child in forked:
+                child.check()  # a child's error stops the parent too
+
+        run(own, on_job)
+        for child in forked:
+            writer.record_written(child.wait())
+
+
+class _Share:
+    """Merges a share of the plan's tensors into the writer's files: the whole plan in one
+    process, or one process's share (`engine_procs.py`)."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        policy: ChunkPolicy,
+        *,
+        params: MethodParams,
+        model_params: Sequence[ModelParams],
+        seed: int,
+        device: torch.device,
+        perms: Sequence[Permutations | None],
+    ) -> None:
+        self.plan = plan
+        self.policy = policy
+        self.params = params
+        self.model_params = model_params
+        self.seed = seed
+        self.device = device
+        self.perms = perms
+
+    def run(self, writer: ShardWriter, jobs: list[TensorJob], on_job: Callable[[], None]
+            ) -> frozenset[str]:
+        """Merge `jobs` (in plan order) into `writer`, calling `on_job()` after each; the names
+        `writer` holds as written."""
+        plan = replace(self.plan, jobs=jobs)
+        steps = _Steps(plan, self.policy, params=self.params, model_params=self.model_params,
+                       seed=self.seed, device=self.device)
+        with ExitStack() as stack:
+            steps.base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
+            steps.inputs = [
+                _AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
+                for m, p in zip(plan.inputs, self.perms, strict=True)
+            ]
+            stack.enter_context(_torch_threads(COMPUTE_THREADS))
+            splitter = stack.enter_context(RowSplitter.for_device(steps.device))
+            behind = stack.enter_context(WriteBehind(writer.write_part, self.policy.write_bytes))
+            ahead = stack.enter_context(Prefetcher(steps.produce, self.policy.read_bytes))
+            pending = iter(ahead)
+            for _ in jobs:
+                for step, size in pending:
+                    job_end = step.job_end
+                    _run_step(step, behind, splitter)
+                    del step  # free the chunk before the reader may read the next one
+                    ahead.done(size)
+                    if job_end:
+                        break
+                on_job()
+        return writer.written
 
 
 def _merges_elementwise(

@@ -14,6 +14,7 @@ are larger: a 1.1B-parameter linear merge makes 4x fewer hand-overs, and its wal
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -45,6 +46,7 @@ class ChunkPolicy:
     read_bytes: int  # inputs read and not yet merged, at most (one larger chunk may pass alone)
     write_bytes: int  # merged output not yet written, at most (idem)
     elementwise: bool = False  # sized for element-wise merges: no chunk-sized temporaries
+    processes: int = 1  # merging processes, each holding a chunk and queues of these sizes
 
     def rows_per_chunk(self, job: TensorJob, *, whole: bool, elementwise: bool = False) -> int:
         """Rows (along dim 0) per chunk of `job`: all of them for whole-tensor methods.
@@ -80,31 +82,48 @@ def parse_memory_budget(size: str | int | None) -> int | None:
 
 
 def chunk_policy(
-    plan: MergePlan, max_memory_bytes: int | None, *, elementwise: bool = False
+    plan: MergePlan,
+    max_memory_bytes: int | None,
+    *,
+    elementwise: bool = False,
+    processes: int = 1,
 ) -> ChunkPolicy:
     """The policy for `plan`; with a budget, checked against every tensor's smallest chunk.
 
     `elementwise`: every tensor of the plan merges element by element, so chunks need no
-    float32 temporaries and may be larger.
+    float32 temporaries and may be larger. `processes`: merging processes wanted. Each holds
+    what one process would (its own copy of the process's current RSS counted too), so the
+    budget is shared between them; where the shares leave too little for a chunk, one process.
 
     Raises:
         HfMergeError: the budget leaves too little for one chunk of some tensor (a row, or a
             whole tensor for methods without a chunked form).
     """
+    if processes > 1:
+        with contextlib.suppress(HfMergeError):
+            return _policy(plan, max_memory_bytes, elementwise, processes)
+    return _policy(plan, max_memory_bytes, elementwise, 1)
+
+
+def _policy(
+    plan: MergePlan, max_memory_bytes: int | None, elementwise: bool, processes: int
+) -> ChunkPolicy:
     per_element = _bytes_per_element(plan, elementwise=elementwise)
+    target = ELEMENTWISE_CHUNK_ELEMENTS if elementwise else TARGET_CHUNK_ELEMENTS
     if max_memory_bytes is None:
-        chunk = ELEMENTWISE_CHUNK_ELEMENTS if elementwise else TARGET_CHUNK_ELEMENTS
+        chunk = target
     else:
-        available = max_memory_bytes - current_rss() - RESERVE_BYTES
-        target = ELEMENTWISE_CHUNK_ELEMENTS if elementwise else TARGET_CHUNK_ELEMENTS
+        share = max_memory_bytes // processes  # each process's part of the budget
+        available = share - current_rss() - RESERVE_BYTES
         chunk = min(target, max(0, available) // per_element)
-        _check_fits(plan, chunk, max_memory_bytes, available, per_element)
+        _check_fits(plan, chunk, share, available, per_element)
     loaded = _loaded(plan)
     return ChunkPolicy(
         chunk_elements=max(1, chunk),
         read_bytes=READ_AHEAD * max(1, chunk) * loaded * F32,
         write_bytes=WRITE_BEHIND * max(1, chunk) * _out_size(plan),
         elementwise=elementwise,
+        processes=processes,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class HfMergeError(Exception):
@@ -28,6 +29,18 @@ class HfMergeError(Exception):
         if self.fix:
             parts.append("Fix: " + _sentence(self.fix))
         return " ".join(parts)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by their fields, not their constructor arguments (every subclass takes others),
+        # so an error raised in a worker process reaches the parent as the same error.
+        return _restore, (type(self), self.__dict__)
+
+
+def _restore(cls: type[HfMergeError], fields: dict[str, Any]) -> HfMergeError:
+    error = cls.__new__(cls)
+    error.__dict__.update(fields)
+    Exception.__init__(error, error.message())
+    return error
 
 
 def _sentence(text: str) -> str:

@@ -11,52 +11,19 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_models import make_tiny_model
+from engine_helpers import make_models, merge
 
 from hfmerge import engine, engine_budget, engine_compute
 from hfmerge.engine_budget import ChunkPolicy, parse_memory_budget
 from hfmerge.engine_io import Prefetcher, WriteBehind
 from hfmerge.errors import HfMergeError
-from hfmerge.pipeline import run_recipe
 from hfmerge.plan import TensorJob
-from hfmerge.recipe import parse_recipe
 from hfmerge.tensors import LazyCheckpoint
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """A tiny Llama base and two fine-tunes of it."""
-    root = tmp_path_factory.mktemp("engine")
-    paths = []
-    for seed in range(3):
-        model = make_tiny_model("llama", seed=0)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.02 * seed * torch.randn(param.shape, generator=generator))
-        path = root / f"m{seed}"
-        model.save_pretrained(path, safe_serialization=True)
-        paths.append(path)
-    return paths
-
-
-def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, torch.Tensor]:
-    """Run `method` over models 1 and 2 with model 0 as base; the output's tensors."""
-    per_model = {"linear": {"weight": 0.5}, "task_arithmetic": {"weight": 0.5}, "model_stock": {}}
-    fields = per_model.get(method, {"weight": 0.5, "density": 0.5})
-    entries = [{"model": str(m), **fields} for m in models[1:]]
-    data = {
-        "models": entries,
-        "base": str(models[0]),
-        "merge": {"method": method},
-        "output": {"path": str(out), "dtype": "bfloat16", "max_shard_size": "60KB"},
-    }
-    run_recipe(parse_recipe(data), force=True, progress=False, **run)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
+    return make_models(tmp_path_factory.mktemp("engine"))
 
 
 @pytest.mark.parametrize(
@@ -196,11 +163,12 @@ def test_elementwise_policies_have_larger_chunks_in_the_same_budget(
     """Linear merges get a policy for element-wise merges: no float32 temporaries per element,
     so 4x the chunk without a budget and a larger one within it; TIES does not."""
     monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
+    monkeypatch.setattr(engine, "process_count", lambda **_: 1)  # one share of the budget
     seen: list[ChunkPolicy] = []
     real = engine_budget.chunk_policy
 
-    def spy(plan: Any, budget: int | None, *, elementwise: bool = False) -> ChunkPolicy:
-        seen.append(real(plan, budget, elementwise=elementwise))
+    def spy(plan: Any, budget: int | None, **options: Any) -> ChunkPolicy:
+        seen.append(real(plan, budget, **options))
         return seen[-1]
 
     monkeypatch.setattr(engine, "chunk_policy", spy)
@@ -225,8 +193,8 @@ def test_budget_sets_the_chunk_size_and_refuses_too_little(
     seen: list[tuple[Any, ChunkPolicy]] = []
     real = engine_budget.chunk_policy
 
-    def spy(plan: Any, budget: int | None, *, elementwise: bool = False) -> ChunkPolicy:
-        seen.append((plan, real(plan, budget, elementwise=elementwise)))
+    def spy(plan: Any, budget: int | None, **options: Any) -> ChunkPolicy:
+        seen.append((plan, real(plan, budget, **options)))
         return seen[-1][1]
 
     monkeypatch.setattr(engine, "chunk_policy", spy)

@@ -8,7 +8,7 @@ import os
 import shutil
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -149,6 +149,15 @@ class ShardWriter:
         self._parts[name] = done
         if done == planned.end - planned.begin:
             self._written.add(name)
+
+    def record_written(self, names: Iterable[str]) -> None:
+        """Count `names` as written: another process wrote them into these files (a forked
+        share of the merge, whose writes the page cache shares with this process)."""
+        names = list(names)
+        unknown = [name for name in names if name not in self.plan]
+        if unknown:
+            raise ShardWriteError(f"tensor {unknown[0]!r} is not in the shard plan")
+        self._written.update(names)
 
     def _check_part(self, name: str, tensor: torch.Tensor) -> tuple[PlannedShard, PlannedTensor]:
         if name not in self.plan:

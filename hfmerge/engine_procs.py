@@ -1,0 +1,162 @@
+"""Element-wise merges in two processes, each merging its share of the tensors into the same shard
+files at their planned offsets.
+
+Why processes: an element-wise merge (linear, task arithmetic) is a few torch ops per 64K-element
+piece. torch drops the GIL inside each op and takes it back between them, so two threads hand the
+GIL over at every op and gained nothing (+0.6 s of CPU, no faster). Two processes share only the
+output files: on 2 cores they cut the engine time of a 1.1B-parameter linear merge by a fifth.
+
+How: once the shard files exist, the engine forks. The child merges its share, reports each
+finished tensor and then the names it wrote (or its error) through a pipe, and ends in `os._exit`
+whatever happens, so it never returns into its caller's clean-up. The parent merges the rest and
+advances one progress bar for both. A parent that fails kills the child before its caller
+discards the output. Linux only (`fork` with torch loaded); elsewhere, and on a GPU, one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Collection, Sequence
+from multiprocessing import Pipe
+from types import TracebackType
+
+import torch
+
+from hfmerge.errors import HfMergeError
+from hfmerge.plan import TensorJob
+
+MAX_PROCESSES = 2  # measured on 2 cores; more are untried
+
+# Merges `jobs`, calling `on_job()` after each; returns the names of the tensors it wrote.
+RunShare = Callable[[list[TensorJob], Callable[[], None]], Collection[str]]
+
+
+def process_count(*, elementwise: bool, device: torch.device) -> int:
+    """Processes for a merge: two for element-wise merges on a multi-core Linux CPU, else one."""
+    if not elementwise or device.type != "cpu" or not sys.platform.startswith("linux"):
+        return 1
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(MAX_PROCESSES, cores))
+
+
+def split_jobs(jobs: Sequence[TensorJob], shares: int) -> list[list[TensorJob]]:
+    """`jobs` dealt into `shares` lists of about equal elements (largest first, each to the
+    lightest share), every list in plan order so each process reads its files front to back."""
+    loads = [0] * shares
+    owner: dict[str, int] = {}
+    for job in sorted(jobs, key=_elements, reverse=True):
+        lightest = loads.index(min(loads))
+        owner[job.name] = lightest
+        loads[lightest] += _elements(job)
+    return [[job for job in jobs if owner[job.name] == share] for share in range(shares)]
+
+
+def _elements(job: TensorJob) -> int:
+    count = 1
+    for size in job.shape:
+        count *= size
+    return count
+
+
+class ForkedShare:
+    """One share of the jobs, merged by a child process while the `with` block runs.
+
+    `on_job(1)` is called (on a listener thread) for each tensor the child finishes; `check()`
+    raises the child's error as soon as it is known; `wait()` returns the names it wrote.
+    """
+
+    def __init__(self, jobs: list[TensorJob], run: RunShare, on_job: Callable[[int], None]
+                 ) -> None:
+        self._jobs = jobs
+        self._run = run
+        self._on_job = on_job
+        self._pid = 0
+        self._written: frozenset[str] | None = None
+        self._error: BaseException | None = None
+        self._listener = threading.Thread(target=self._listen, name="hfmerge-share", daemon=True)
+        self._receive, self._send = Pipe(duplex=False)
+
+    def __enter__(self) -> ForkedShare:
+        pid = os.fork()
+        if pid == 0:
+            self._child()  # never returns
+        self._pid = pid
+        self._send.close()
+        self._listener.start()
+        return self
+
+    def _child(self) -> None:
+        status = 1
+        try:
+            self._receive.close()
+            written = self._run(self._jobs, lambda: self._send.send(("job", None)))
+            self._send.send(("done", frozenset(written)))
+            status = 0
+        except BaseException as exc:  # handed to the parent, which raises it
+            with contextlib.suppress(BaseException):
+                self._send.send(("error", _portable(exc)))
+        finally:
+            os._exit(status)
+
+    def _listen(self) -> None:
+        try:
+            while True:
+                kind, value = self._receive.recv()
+                if kind == "job":
+                    self._on_job(1)
+                    continue
+                if kind == "done":
+                    self._written = value
+                else:
+                    self._error = value
+                return
+        except (EOFError, OSError):  # the child died without a word (killed, out of memory)
+            self._error = RuntimeError("the merge's worker process ended without finishing")
+
+    def check(self) -> None:
+        """Raise the child's error if it has failed already."""
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> frozenset[str]:
+        """Wait for the child; the names it wrote, or its error raised here."""
+        self._listener.join()
+        self._reap()
+        self.check()
+        assert self._written is not None
+        return self._written
+
+    def _reap(self) -> None:
+        if self._pid:
+            os.waitpid(self._pid, 0)
+            self._pid = 0
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._pid:  # leaving early: the output is discarded, so the child stops writing now
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            self._reap()
+        self._listener.join()
+        self._receive.close()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """hfmerge's own errors and interrupts as they are (they pickle); anything else, a bug, as a
+    RuntimeError carrying the child's traceback, which would not cross the pipe otherwise."""
+    if isinstance(exc, (HfMergeError, KeyboardInterrupt)):
+        with contextlib.suppress(Exception):
+            pickle.dumps(exc)
+            return exc
+    text = "".join(traceback.format_exception(exc))
+    return RuntimeError(f"the merge's worker process failed:\n{text}")
