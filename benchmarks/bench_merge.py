@@ -13,8 +13,9 @@ alternating, each in a fresh process: `hfmerge run recipe.yaml`, `mergekit-yaml 
 mergekit's defaults (CPU, --out-shard-size 5B, no --lazy-unpickle (safetensors are read lazily
 anyway), --no-copy-tokenizer as there is none) and a raw floor that reads every input tensor and
 writes the output shards with no arithmetic. Each tool writes into a fresh path (the old output is
-removed before the timed run). It prints wall seconds and peak RSS of each, the ratios, and how
-far the two outputs are apart (linear must agree to one bf16 rounding).
+removed before the timed run). It prints wall seconds and peak RSS of each (summed over a
+command's processes: hfmerge merges linear in two), the ratios, and how far the two outputs are
+apart (linear must agree to one bf16 rounding).
 --size-factor 2 also builds a model with twice the layers and merges it with hfmerge, to show
 that its peak RSS does not grow with the model. Child processes get OMP_NUM_THREADS = the core
 count unless it is set.

@@ -51,7 +51,8 @@ def run(
         bool, typer.Option("--offline", help="Use only the local HF cache; no network.")
     ] = False,
     max_memory: Annotated[
-        str | None, typer.Option("--max-memory", help="Peak memory while merging, e.g. 1GB.")
+        str | None,
+        typer.Option("--max-memory", help="Peak memory while merging (all processes), e.g. 1GB."),
     ] = None,
 ) -> None:
     """Run a recipe: merge the models it names, write a model directory, optionally push it."""

@@ -87,7 +87,9 @@ def execute_plan(
         ExitStack() as children,
     ):
         run = functools.partial(share.run, writer)
-        forked = [children.enter_context(ForkedShare(jobs, run, advance)) for jobs in others]
+        forked = [
+            children.enter_context(ForkedShare(jobs, run, advance)) for jobs in others if jobs
+        ]
 
         def on_job() -> None:
             advance(1)
@@ -99,28 +101,18 @@ def execute_plan(
             writer.record_written(child.wait())
 
 
+@dataclass(frozen=True)
 class _Share:
     """Merges a share of the plan's tensors into the writer's files: the whole plan in one
     process, or one process's share (`engine_procs.py`)."""
 
-    def __init__(
-        self,
-        plan: MergePlan,
-        policy: ChunkPolicy,
-        *,
-        params: MethodParams,
-        model_params: Sequence[ModelParams],
-        seed: int,
-        device: torch.device,
-        perms: Sequence[Permutations | None],
-    ) -> None:
-        self.plan = plan
-        self.policy = policy
-        self.params = params
-        self.model_params = model_params
-        self.seed = seed
-        self.device = device
-        self.perms = perms
+    plan: MergePlan
+    policy: ChunkPolicy
+    params: MethodParams
+    model_params: Sequence[ModelParams]
+    seed: int
+    device: torch.device
+    perms: Sequence[Permutations | None]
 
     def run(self, writer: ShardWriter, jobs: list[TensorJob], on_job: Callable[[], None]
             ) -> frozenset[str]:
