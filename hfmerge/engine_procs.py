@@ -16,6 +16,7 @@ discards the output. Linux only (`fork` with torch loaded); elsewhere, and on a 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import signal
@@ -32,6 +33,7 @@ from hfmerge.errors import HfMergeError
 from hfmerge.plan import TensorJob
 
 MAX_PROCESSES = 2  # measured on 2 cores; more are untried
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # Merges `jobs`, calling `on_job()` after each; returns the names of the tensors it wrote.
 RunShare = Callable[[list[TensorJob], Callable[[], None]], Collection[str]]
@@ -83,17 +85,19 @@ class ForkedShare:
         self._receive, self._send = Pipe(duplex=False)
 
     def __enter__(self) -> ForkedShare:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            self._child()  # never returns
+            self._child(parent)  # never returns
         self._pid = pid
         self._send.close()
         self._listener.start()
         return self
 
-    def _child(self) -> None:
+    def _child(self, parent: int) -> None:
         status = 1
         try:
+            _die_with(parent)
             self._receive.close()
             written = self._run(self._jobs, lambda: self._send.send(("job", None)))
             self._send.send(("done", frozenset(written)))
@@ -149,6 +153,16 @@ class ForkedShare:
             self._reap()
         self._listener.join()
         self._receive.close()
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (a parent killed outright has no
+    chance to), so no child keeps writing into an output nobody will use."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -190,3 +190,40 @@ def test_every_kind_of_error_crosses_the_pipe_intact() -> None:
         assert type(copy) is type(error) and vars(copy).keys() == vars(error).keys()
         assert (copy.what, copy.why, copy.fix) == (error.what, error.why, error.fix)
         assert copy.message() == error.message() and str(copy) == str(error)
+
+
+def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """A parent killed outright (no clean-up runs) takes its child along."""
+    import signal
+    import subprocess
+    import sys
+
+    probe = f"""
+import os, sys, time
+from hfmerge.engine_procs import ForkedShare
+share = ForkedShare([], lambda jobs, on_job: time.sleep(60) or [], lambda steps: None)
+share.__enter__()
+open({str(tmp_path / "child")!r}, "w").write(str(share._pid))
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", probe])
+    pid_file = tmp_path / "child"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
