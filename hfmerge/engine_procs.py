@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import pickle
 import signal
@@ -52,18 +53,11 @@ def split_jobs(jobs: Sequence[TensorJob], shares: int) -> list[list[TensorJob]]:
     lightest share), every list in plan order so each process reads its files front to back."""
     loads = [0] * shares
     owner: dict[str, int] = {}
-    for job in sorted(jobs, key=_elements, reverse=True):
+    for job in sorted(jobs, key=lambda job: math.prod(job.shape), reverse=True):
         lightest = loads.index(min(loads))
         owner[job.name] = lightest
-        loads[lightest] += _elements(job)
+        loads[lightest] += math.prod(job.shape)
     return [[job for job in jobs if owner[job.name] == share] for share in range(shares)]
-
-
-def _elements(job: TensorJob) -> int:
-    count = 1
-    for size in job.shape:
-        count *= size
-    return count
 
 
 class ForkedShare:
@@ -157,7 +151,8 @@ class ForkedShare:
 
 def _die_with(parent: int) -> None:
     """Have the kernel kill this process when its parent dies (a parent killed outright has no
-    chance to), so no child keeps writing into an output nobody will use."""
+    chance to), so no child keeps writing into an output nobody will use. Linux sends the signal
+    when the forking thread ends: the engine forks from the thread that waits for the child."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
