@@ -1,6 +1,6 @@
 """How the merge engine spends its cores on a chunk: the main thread and a helper each take half
-of its rows (torch drops the GIL inside each op), and element-wise merges convert and merge a few
-rows at a time so their float32 temporaries stay in cache.
+of its rows (torch drops the GIL inside each op), and element-wise merges convert and merge a
+chunk's elements in cache-sized flat pieces so their float32 temporaries stay in cache.
 """
 
 from __future__ import annotations

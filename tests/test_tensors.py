@@ -402,6 +402,19 @@ def test_writer_refuses_duplicates_and_missing_tensors(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
 
+def test_writer_counts_what_another_process_wrote(tmp_path: Path) -> None:
+    """A forked share's names complete the plan; a name off the plan is refused."""
+    specs = [TensorSpec("a", "F32", (2,)), TensorSpec("b", "F32", (2,))]
+    plan = plan_shards(specs, max_shard_bytes=100)
+    with ShardWriter(tmp_path, plan) as writer:
+        writer.write("a", torch.zeros(2))
+        with pytest.raises(ShardWriteError, match="'c' is not in the shard plan"):
+            writer.record_written(["b", "c"])
+        assert writer.written == {"a"}  # nothing counted from a refused list
+        writer.record_written(iter(["b"]))
+    assert writer.written == {"a", "b"}
+
+
 def test_writer_fails_fast_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = plan_shards([TensorSpec("a", "F32", (1000,))], max_shard_bytes=10**6)
     usage = shutil.disk_usage(tmp_path)._replace(free=3000)  # 4000 bytes needed

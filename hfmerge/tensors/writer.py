@@ -154,17 +154,23 @@ class ShardWriter:
         """Count `names` as written: another process wrote them into these files (a forked
         share of the merge, whose writes the page cache shares with this process)."""
         names = list(names)
-        unknown = [name for name in names if name not in self.plan]
-        if unknown:
-            raise ShardWriteError(f"tensor {unknown[0]!r} is not in the shard plan")
+        for name in names:
+            self._require_planned(name)
         self._written.update(names)
 
-    def _check_part(self, name: str, tensor: torch.Tensor) -> tuple[PlannedShard, PlannedTensor]:
+    def _require_planned(self, name: str) -> None:
         if name not in self.plan:
             raise ShardWriteError(f"tensor {name!r} is not in the shard plan")
+
+    def _locate_unwritten(self, name: str) -> tuple[PlannedShard, PlannedTensor]:
+        """Where tensor `name` goes, checking that it is planned and not written yet."""
+        self._require_planned(name)
         if name in self._written:
             raise ShardWriteError(f"tensor {name!r} was already written")
-        shard, planned = self.plan.locate(name)
+        return self.plan.locate(name)
+
+    def _check_part(self, name: str, tensor: torch.Tensor) -> tuple[PlannedShard, PlannedTensor]:
+        shard, planned = self._locate_unwritten(name)
         if dtype_name(tensor.dtype) != planned.dtype:
             raise ShardWriteError(
                 f"tensor {name!r} part has dtype {tensor.dtype}, planned {planned.dtype}"
@@ -172,11 +178,7 @@ class ShardWriter:
         return shard, planned
 
     def _check(self, name: str, tensor: torch.Tensor) -> tuple[PlannedShard, PlannedTensor]:
-        if name not in self.plan:
-            raise ShardWriteError(f"tensor {name!r} is not in the shard plan")
-        if name in self._written:
-            raise ShardWriteError(f"tensor {name!r} was already written")
-        shard, planned = self.plan.locate(name)
+        shard, planned = self._locate_unwritten(name)
         if tuple(tensor.shape) != planned.shape:
             raise ShardWriteError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, planned {planned.shape}"
