@@ -161,11 +161,14 @@ def _die_with(parent: int) -> None:
 
 
 def _portable(exc: BaseException) -> BaseException:
-    """hfmerge's own errors and interrupts as they are (they pickle); anything else, a bug, as a
-    RuntimeError carrying the child's traceback, which would not cross the pipe otherwise."""
-    if isinstance(exc, (HfMergeError, KeyboardInterrupt)):
-        with contextlib.suppress(Exception):
-            pickle.dumps(exc)
-            return exc
+    """The child's error in a form that crosses the pipe: the same exception wherever it pickles,
+    so the caller catches an `OSError` (a full disk) or an `HfMergeError` just as it would from
+    one process. Any other error carries the child's traceback as a note, since the parent's
+    traceback only shows the wait; one that does not pickle becomes a RuntimeError with it."""
     text = "".join(traceback.format_exception(exc))
+    if not isinstance(exc, (HfMergeError, KeyboardInterrupt)):
+        exc.add_note(f"raised in the merge's worker process:\n{text}")
+    with contextlib.suppress(Exception):
+        pickle.loads(pickle.dumps(exc))  # some pickle but cannot be rebuilt (odd constructors)
+        return exc
     return RuntimeError(f"the merge's worker process failed:\n{text}")

@@ -55,6 +55,13 @@ def _fail_in_child(monkeypatch: pytest.MonkeyPatch, error: BaseException | None)
     monkeypatch.setattr(engine._Share, "run", failing)
 
 
+class Unrebuildable(Exception):
+    """Pickles (as its one message argument) but cannot be rebuilt from it."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
 def _assert_no_children() -> None:
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
@@ -127,15 +134,43 @@ def test_a_childs_error_reaches_the_caller_and_nothing_is_left(
     _assert_no_children()
 
 
-def test_a_bug_in_the_child_arrives_with_its_traceback(
+def test_a_bug_in_the_child_arrives_as_itself_with_the_childs_traceback(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     _fail_in_child(monkeypatch, ZeroDivisionError("bad arithmetic"))
+    with pytest.raises(ZeroDivisionError, match="bad arithmetic") as info:
+        merge(models, tmp_path / "out", "linear")
+    (note,) = info.value.__notes__
+    assert note.startswith("raised in the merge's worker process")
+    assert "in failing" in note  # the child's own frames
+    assert not (tmp_path / "out").exists()
+    _assert_no_children()
+
+
+def test_a_full_disk_in_the_child_is_an_oserror_for_the_caller(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    two_processes: list[frozenset[str]],
+) -> None:
+    """Callers catch OSError (ENOSPC, EACCES) whichever process met it."""
+    import errno
+
+    _fail_in_child(monkeypatch, OSError(errno.ENOSPC, "No space left on device", "/out/x"))
+    with pytest.raises(OSError, match="No space left") as info:
+        merge(models, tmp_path / "out", "linear")
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, "/out/x")
+    assert not (tmp_path / "out").exists()
+    _assert_no_children()
+
+
+def test_an_error_that_cannot_be_rebuilt_arrives_as_text(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    two_processes: list[frozenset[str]],
+) -> None:
+    _fail_in_child(monkeypatch, Unrebuildable(1, 2))
     with pytest.raises(RuntimeError, match="worker process failed") as info:
         merge(models, tmp_path / "out", "linear")
-    assert "ZeroDivisionError: bad arithmetic" in str(info.value)
-    assert "in failing" in str(info.value)  # the child's own frames
+    assert "Unrebuildable: 1/2" in str(info.value)
     _assert_no_children()
 
 
