@@ -29,7 +29,7 @@ PAIRS: dict[str, tuple[str, str, str]] = {
 
 def barrier_table(pairs: list[str], samples: int) -> None:
     """Barrier and midpoint loss per alignment mode on each zoo seed pair."""
-    from hfmerge.barrier import compare_barriers
+    from hfmerge.analysis.barrier import compare_barriers
 
     print(f"{'pair':<32} {'align':<14} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
     for family in pairs:

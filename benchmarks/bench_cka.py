@@ -24,8 +24,8 @@ from harness import measure
 FORWARD = """
 import sys, torch
 from pathlib import Path
-from hfmerge.probe import load_probe_model, probe_batches, shared_tokenizer
-from hfmerge.textdata import load_texts, token_windows
+from hfmerge.lm.probe import load_probe_model, probe_batches, shared_tokenizer
+from hfmerge.lm.textdata import load_texts, token_windows
 a, b, samples, length = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 tokenizer = shared_tokenizer(a, b, label_a="a", label_b="b")
 models = [load_probe_model(p, label=p.name, device_map="cpu", max_memory=None) for p in (a, b)]
@@ -38,7 +38,7 @@ with torch.no_grad():
 
 CKA = """
 import sys
-from hfmerge.cka_report import compute_cka
+from hfmerge.analysis.cka import compute_cka
 a, b, samples, length, pooling = sys.argv[1:6]
 compute_cka(a, b, data="builtin:mixed", samples=int(samples), max_length=int(length),
             device_map="cpu", pooling=pooling)
@@ -49,9 +49,9 @@ PEER = """
 import json, sys, time, torch
 from pathlib import Path
 from ckatorch.core import cka_base
-from hfmerge.probe import load_probe_model, paired_states, probe_batches, shared_tokenizer
-from hfmerge.similarity import CkaMatrix
-from hfmerge.textdata import load_texts, token_windows
+from hfmerge.lm.probe import load_probe_model, paired_states, probe_batches, shared_tokenizer
+from hfmerge.analysis.similarity import CkaMatrix
+from hfmerge.lm.textdata import load_texts, token_windows
 a, b, samples, length, out = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), Path(sys.argv[5])
 tokenizer = shared_tokenizer(a, b, label_a="a", label_b="b")

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from hfmerge import RoutedModel
-from hfmerge.eval_report import eval_any
-from hfmerge.evaluate import load_lm, model_inputs, pad_id_of
-from hfmerge.pipeline import run_recipe
-from hfmerge.recipe import parse_recipe
-from hfmerge.textdata import load_texts, token_windows
+from hfmerge.analysis.evaluation import eval_any
+from hfmerge.lm.scoring import load_lm, model_inputs, pad_id_of
+from hfmerge.lm.textdata import load_texts, token_windows
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
 
 DOMAINS = ("code", "prose")
 ROUTERS = ("centroid", "logistic", "perplexity")

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hfmerge.errors import HfMergeError
-    from hfmerge.pipeline import RunResult, run_recipe
-    from hfmerge.recipe import Recipe, load_recipe
+    from hfmerge.pipeline.run import RunResult, run_recipe
+    from hfmerge.recipe.schema import Recipe, load_recipe
     from hfmerge.routing import RoutedModel
 
 __all__ = ["HfMergeError", "Recipe", "RoutedModel", "RunResult", "__version__", "load_recipe",
@@ -19,10 +19,10 @@ __version__ = "0.1.0"
 # entry point, which runs before torch is imported) stays light until something is used.
 _LAZY = {
     "HfMergeError": "hfmerge.errors",
-    "RunResult": "hfmerge.pipeline",
-    "run_recipe": "hfmerge.pipeline",
-    "Recipe": "hfmerge.recipe",
-    "load_recipe": "hfmerge.recipe",
+    "RunResult": "hfmerge.pipeline.run",
+    "run_recipe": "hfmerge.pipeline.run",
+    "Recipe": "hfmerge.recipe.schema",
+    "load_recipe": "hfmerge.recipe.schema",
     "RoutedModel": "hfmerge.routing",
 }
 

@@ -1,5 +1,5 @@
 """`python -m hfmerge` runs the command line."""
 
-from hfmerge.entry import console_main
+from hfmerge.cli.entry import console_main
 
 console_main()

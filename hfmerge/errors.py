@@ -1,7 +1,7 @@
 """Every error hfmerge raises on purpose, with structured fields.
 
 Each error says three things: what went wrong (`what`), why it matters or what was found (`why`) and
-what the user can do about it (`fix`). The CLI formats them in one place (`cli.py`), so no
+what the user can do about it (`fix`). The CLI formats them in one place (`cli/app.py`), so no
 other module prints an error.
 """
 

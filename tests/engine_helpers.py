@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
-from hfmerge.pipeline import run_recipe
-from hfmerge.recipe import parse_recipe
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
 
 
 def make_models(root: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import torch
 from lm_helpers import char_tokenizer, save_lm, save_permuted_copy, style_of, train_tiny_lm
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedModel
 
-from hfmerge.barrier import (
+from hfmerge.analysis.barrier import (
     barrier_of,
     barrier_report,
     compare_barriers,
@@ -19,12 +19,12 @@ from hfmerge.barrier import (
     loss_barrier,
     parse_align_modes,
 )
-from hfmerge.cli import main
+from hfmerge.analysis.plotting import plot_barriers
+from hfmerge.analysis.reports import write_json
+from hfmerge.cli.app import main
 from hfmerge.errors import IncompatibleModelsError, OutputError, UnknownNameError
-from hfmerge.evaluate import evaluate
-from hfmerge.plotting import plot_barriers
-from hfmerge.reports import write_json
-from hfmerge.textdata import load_texts, token_windows
+from hfmerge.lm.scoring import evaluate
+from hfmerge.lm.textdata import load_texts, token_windows
 
 LENGTH, SAMPLES = 48, 8  # small, so every curve takes a fraction of a second
 

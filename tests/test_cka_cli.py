@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from lm_helpers import save_lm, save_permuted_copy
 
-from hfmerge.cka_report import CkaReport, compute_cka, diagonal_pairs, format_report
-from hfmerge.cli import main
+from hfmerge.analysis.cka import CkaReport, compute_cka, diagonal_pairs, format_report
+from hfmerge.cli.app import main
 
 FIELDS = {"model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal",
           "estimator", "pooling", "samples", "tokens"}
@@ -145,8 +145,8 @@ def test_errors_are_one_paragraph(
 
 
 def test_route_block_suggests_calibration_text_per_model() -> None:
-    from hfmerge.cka_gate import route_block
-    from hfmerge.recipe import parse_recipe
+    from hfmerge.pipeline.gate import route_block
+    from hfmerge.recipe.schema import parse_recipe
 
     recipe = parse_recipe({"models": ["zoo:code", "zoo:prose", "org/other"],
                            "merge": {"method": "linear"}})
@@ -157,7 +157,7 @@ def test_route_block_suggests_calibration_text_per_model() -> None:
 
 
 def test_wide_models_are_refused_only_where_streaming_sums_are_needed() -> None:
-    from hfmerge.cka_report import _check_memory
+    from hfmerge.analysis.cka import _check_memory
     from hfmerge.errors import HfMergeError
 
     _check_memory([768] * 13, [768] * 13)  # BERT-base: fine

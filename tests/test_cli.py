@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_models import save_tiny_model
 
-from hfmerge.cli import main
+from hfmerge.cli.app import main
 from hfmerge.methods import METHODS
 
 
@@ -99,7 +99,7 @@ def test_console_script_runs_as_a_module() -> None:
 # the GC ran during the command, whether torch was imported, and whether objects were frozen.
 _ENTRY_PROBE = """
 import atexit, gc, sys, threading, time
-import hfmerge.cli as cli
+import hfmerge.cli.app as cli
 
 def command():
     atexit.register(print, "exit handler ran")
@@ -109,7 +109,7 @@ def command():
 
 cli.main = command
 sys.argv = ["hfmerge", *sys.argv[1:]]
-from hfmerge.entry import console_main
+from hfmerge.cli.entry import console_main
 console_main()
 print("not reached")
 """

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfmerge import RoutedModel
-from hfmerge.cli import main
+from hfmerge.cli.app import main
 from hfmerge.errors import UnknownNameError
 from hfmerge.zoo import configured_zoo
 

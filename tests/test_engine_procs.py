@@ -12,10 +12,12 @@ import pytest
 import torch
 from engine_helpers import make_models, merge
 
-from hfmerge import engine, engine_budget, engine_procs
-from hfmerge.engine_procs import ForkedShare, process_count, split_jobs
+from hfmerge.engine import budget as engine_budget
+from hfmerge.engine import procs as engine_procs
+from hfmerge.engine import stream as engine
+from hfmerge.engine.plan import TensorJob
+from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
 from hfmerge.errors import ModelSourceError
-from hfmerge.plan import TensorJob
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
@@ -235,7 +237,7 @@ def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
 
     probe = f"""
 import os, sys, time
-from hfmerge.engine_procs import ForkedShare
+from hfmerge.engine.procs import ForkedShare
 share = ForkedShare([], lambda jobs, on_job: time.sleep(60) or [], lambda steps: None)
 share.__enter__()
 open({str(tmp_path / "child")!r}, "w").write(str(share._pid))

@@ -13,11 +13,13 @@ import pytest
 import torch
 from engine_helpers import make_models, merge
 
-from hfmerge import engine, engine_budget, engine_compute
-from hfmerge.engine_budget import ChunkPolicy, parse_memory_budget
-from hfmerge.engine_io import Prefetcher, WriteBehind
+from hfmerge.engine import budget as engine_budget
+from hfmerge.engine import compute as engine_compute
+from hfmerge.engine import stream as engine
+from hfmerge.engine.budget import ChunkPolicy, parse_memory_budget
+from hfmerge.engine.io_threads import Prefetcher, WriteBehind
+from hfmerge.engine.plan import TensorJob
 from hfmerge.errors import HfMergeError
-from hfmerge.plan import TensorJob
 from hfmerge.tensors import LazyCheckpoint
 
 

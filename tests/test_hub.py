@@ -17,7 +17,7 @@ from fakehub_models import (
 )
 from transformers import AutoModelForCausalLM
 
-from hfmerge.cli import main
+from hfmerge.cli.app import main
 
 # The client's own LFS upload passes bytes as `data=`, which httpx2 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -174,8 +174,8 @@ def fake_hub_cache() -> str:
 def test_pinning_rewrites_entries_and_keeps_the_base_matching(
     models: list[object], base: str, pinned_models: list[object], pinned_base: str
 ) -> None:
-    from hfmerge.provenance import _pin_models
-    from hfmerge.recipe import Recipe, parse_recipe
+    from hfmerge.pipeline.provenance import _pin_models
+    from hfmerge.recipe.schema import Recipe, parse_recipe
 
     def base_position(recipe: Recipe) -> int | None:  # None: the base is not among the models
         entry = recipe.base_entry()

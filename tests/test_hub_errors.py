@@ -11,7 +11,7 @@ from fakehub import OTHER_TOKEN, TOKEN, FakeHub
 from fakehub_models import seed_llama, write_recipe
 
 from hfmerge import hub
-from hfmerge.cli import main
+from hfmerge.cli.app import main
 from hfmerge.errors import HubError, ModelSourceError
 
 

@@ -11,7 +11,7 @@ from tiny_models import save_tiny_model
 
 from hfmerge import hub
 from hfmerge.errors import ModelSourceError
-from hfmerge.sources import pin_model, resolve_model
+from hfmerge.sources.refs import pin_model, resolve_model
 from hfmerge.tensors import (
     header_length,
     parse_shard_header,

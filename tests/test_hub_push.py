@@ -10,7 +10,7 @@ from fakehub_models import seed_llama, write_recipe
 from transformers import AutoModelForCausalLM
 
 from hfmerge import hub
-from hfmerge.cli import main
+from hfmerge.cli.app import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from hfmerge.errors import IncompatibleModelsError, InputDataError, OutputError
 from hfmerge.methods import METHODS
-from hfmerge.pipeline import run_recipe
-from hfmerge.recipe import parse_recipe
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import LazyCheckpoint
 
 MakeModel = Callable[..., Path]
@@ -204,7 +204,7 @@ def test_route_recipe_with_missing_calibration_text_writes_nothing(
 def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path) -> None:
     from lm_helpers import save_lm
 
-    from hfmerge.cka_gate import CkaGateError
+    from hfmerge.pipeline.gate import CkaGateError
 
     save_lm("llama", tmp_path / "a", seed=0)
     save_lm("llama", tmp_path / "b", seed=1)  # an unrelated init: low CKA in the blocks

@@ -10,8 +10,9 @@ import torch
 from lm_helpers import char_tokenizer, save_lm, save_permuted_copy, style_of
 from transformers import PreTrainedModel
 
+from hfmerge.analysis.similarity import CkaMatrix
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
-from hfmerge.probe import (
+from hfmerge.lm.probe import (
     is_causal,
     kept_positions,
     layer_states,
@@ -23,8 +24,7 @@ from hfmerge.probe import (
     probe_batches,
     shared_tokenizer,
 )
-from hfmerge.similarity import CkaMatrix
-from hfmerge.textdata import load_texts, token_windows
+from hfmerge.lm.textdata import load_texts, token_windows
 
 LENGTH, SAMPLES = 32, 8
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hfmerge.errors import RecipeError
-from hfmerge.recipe import load_recipe, parse_recipe_text
+from hfmerge.recipe.schema import load_recipe, parse_recipe_text
 
 GOOD = """\
 models:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hfmerge.recipe import load_recipe
+from hfmerge.recipe.schema import load_recipe
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

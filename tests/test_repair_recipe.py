@@ -11,11 +11,11 @@ import torch
 from lm_helpers import save_lm, train_tiny_lm
 from safetensors.torch import load_file, save_file
 
-from hfmerge.barrier import compare_barriers
+from hfmerge.analysis.barrier import compare_barriers
 from hfmerge.errors import RecipeError
-from hfmerge.evaluate import eval_model
-from hfmerge.pipeline import run_recipe
-from hfmerge.recipe import parse_recipe
+from hfmerge.lm.scoring import eval_model
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import overwrite_tensors
 from hfmerge.tensors.writer import ShardWriteError
 

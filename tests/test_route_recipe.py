@@ -20,7 +20,7 @@ from routing_helpers import (
 )
 
 from hfmerge import RoutedModel, hub
-from hfmerge.cli import main
+from hfmerge.cli.app import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 

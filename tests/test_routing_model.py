@@ -21,8 +21,9 @@ from routing_helpers import (
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model, tiny_batch
 
-from hfmerge.evaluate import evaluate, load_tokenizer
-from hfmerge.probe import is_causal, kept_positions, pool
+from hfmerge.lm.probe import is_causal, kept_positions, pool
+from hfmerge.lm.scoring import evaluate, load_tokenizer
+from hfmerge.lm.textdata import token_windows
 from hfmerge.routing import (
     MANIFEST_FILE,
     ROUTER_FILE,
@@ -34,7 +35,6 @@ from hfmerge.routing import (
     read_manifest,
 )
 from hfmerge.routing.model import BACKBONE
-from hfmerge.textdata import token_windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hfmerge.evaluate import eval_model
+from hfmerge.lm.scoring import eval_model
 from hfmerge.routing import (
     BackboneRef,
     ExpertEntry,

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from hfmerge.similarity import CkaAccumulator, CkaMatrix, cka_matrix, linear_cka
-from hfmerge.units import correlations, sparse_r2, unit_correspondence
+from hfmerge.analysis.similarity import CkaAccumulator, CkaMatrix, cka_matrix, linear_cka
+from hfmerge.analysis.units import correlations, sparse_r2, unit_correspondence
 
 F64 = torch.float64
 

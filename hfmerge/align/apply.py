@@ -19,9 +19,9 @@ from hfmerge.arch import spec_for
 from hfmerge.arch.permute import check_permutations, identity_permutations, permute_tensor
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, OutputError, UnknownNameError
-from hfmerge.preflight import InspectedModel, check_compatible, inspect_model
 from hfmerge.progress import track
-from hfmerge.sources import ModelSource
+from hfmerge.sources.inspection import InspectedModel, check_compatible, inspect_model
+from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import (
     LazyCheckpoint,
     ShardWriter,

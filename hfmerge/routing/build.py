@@ -14,8 +14,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hfmerge.errors import RoutingError
-from hfmerge.evaluate import load_tokenizer, model_inputs, pad_id_of, position_limit
-from hfmerge.probe import DeviceMap, load_probe_model
+from hfmerge.lm.probe import DeviceMap, load_probe_model
+from hfmerge.lm.scoring import load_tokenizer, model_inputs, pad_id_of, position_limit
+from hfmerge.lm.textdata import token_windows
 from hfmerge.progress import track
 from hfmerge.routing.calibration import CalibrationReport, calibration_report
 from hfmerge.routing.features import check_layer, default_layer, num_blocks, window_features
@@ -28,7 +29,6 @@ from hfmerge.routing.vocab import (
     check_tokenizer_fits,
     usable_length,
 )
-from hfmerge.textdata import token_windows
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
-from hfmerge.evaluate import EvalResult, causal_targets, pad_id_of, score
-from hfmerge.probe import DeviceMap, MaxMemory
+from hfmerge.lm.probe import DeviceMap, MaxMemory
+from hfmerge.lm.scoring import EvalResult, causal_targets, pad_id_of, score
 from hfmerge.routing.model import RoutedModel
 from hfmerge.routing.vocab import usable_length
 
@@ -25,7 +25,7 @@ def eval_routed(ref: str | Path, *, data: str | None, max_length: int = 128,
                 device_map: DeviceMap | None = "auto", max_memory: MaxMemory | None = None,
                 offline: bool = False, progress: bool = False) -> EvalResult:
     """Mean token loss of the routed repo `ref` on `data` (as `evaluate.eval_model`)."""
-    from hfmerge.textdata import describe_data, load_texts, token_windows
+    from hfmerge.lm.textdata import describe_data, load_texts, token_windows
 
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     model = RoutedModel.from_pretrained(ref, device_map=device_map, max_memory=max_memory,

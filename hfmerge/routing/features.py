@@ -14,8 +14,8 @@ import torch
 from transformers import PreTrainedModel
 
 from hfmerge.errors import RoutingError
-from hfmerge.evaluate import model_inputs
-from hfmerge.probe import _input_device, is_causal, kept_positions, pool
+from hfmerge.lm.probe import _input_device, is_causal, kept_positions, pool
+from hfmerge.lm.scoring import model_inputs
 
 
 class _Captured(Exception):

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.probe import _input_device
+from hfmerge.lm.probe import _input_device
 
 # Runs expert e on a batch and returns its per-sequence losses [b]; the router stacks them.
 ExpertLossFn = Callable[[int], torch.Tensor]

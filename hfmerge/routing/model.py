@@ -16,8 +16,8 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hfmerge.evaluate import load_tokenizer, model_inputs, pad_id_of
-from hfmerge.probe import DeviceMap, MaxMemory, _input_device
+from hfmerge.lm.probe import DeviceMap, MaxMemory, _input_device
+from hfmerge.lm.scoring import load_tokenizer, model_inputs, pad_id_of
 from hfmerge.routing.features import pooled_features
 from hfmerge.routing.losses import loss_matrix, sequence_losses
 from hfmerge.routing.manifest import RoutedManifest

@@ -2,7 +2,7 @@
 
 Writing bundles expert checkpoints by hard link where the file system allows (no copy of
 gigabytes), else by copy. Reading resolves every expert to a local folder: bundled ones inside
-the repo, Hub ones through `hfmerge.sources` at their pinned commit.
+the repo, Hub ones through `hfmerge.sources.refs` at their pinned commit.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def is_routed_repo(ref: str | Path, *, check_hub: bool = False, offline: bool = 
     path = Path(ref).expanduser()
     if path.is_dir() or not check_hub:
         return (path / MANIFEST_FILE).is_file()
-    from hfmerge.sources import is_hub_id, split_revision
+    from hfmerge.sources.refs import is_hub_id, split_revision
 
     if not is_hub_id(str(ref)):
         return False
@@ -168,7 +168,7 @@ def resolve_location(location: ModelLocation, folder: Path, *, label: str, offli
             raise RoutedRepoError(str(folder), f"{label} should be bundled in {location.path}/, "
                                   "which is missing", "download the whole routed repo")
         return path
-    from hfmerge.sources import resolve_model
+    from hfmerge.sources.refs import resolve_model
 
     ref = f"{location.repo_id}@{location.revision}"
     return resolve_model(ref, offline=offline, progress=progress).path
@@ -197,7 +197,7 @@ def open_routed_repo(ref: str | Path, *, revision: str | None = None, offline: b
 
 def _repo_folder(ref: str, *, revision: str | None, offline: bool) -> tuple[Path, str | None]:
     """(folder holding the manifest, commit sha or None for a local folder)."""
-    from hfmerge.sources import is_hub_id, split_revision
+    from hfmerge.sources.refs import is_hub_id, split_revision
 
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -217,7 +217,7 @@ def _repo_folder(ref: str, *, revision: str | None, offline: bool) -> tuple[Path
 def _download_bundled(ref: str, sha: str, manifest: RoutedManifest, *, offline: bool) -> Path:
     """Fetch the bundled model folders of a Hub routed repo (nothing when none is bundled)."""
     from hfmerge import hub
-    from hfmerge.sources import split_revision
+    from hfmerge.sources.refs import split_revision
 
     locations = [expert.location for expert in manifest.experts]
     if manifest.router.backbone is not None and manifest.router.backbone.location is not None:

@@ -56,8 +56,8 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe: merge the models it names, write a model directory, optionally push it."""
-    from hfmerge.pipeline import run_recipe
-    from hfmerge.recipe import load_recipe
+    from hfmerge.pipeline.run import run_recipe
+    from hfmerge.recipe.schema import load_recipe
 
     parsed = load_recipe(recipe)
     target = out or (None if parsed.output.path else Path("out") / recipe.stem)
@@ -86,9 +86,9 @@ def run(
 @app.command()
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe: every schema problem at once, then model compatibility from headers."""
-    from hfmerge.pipeline import run_recipe
-    from hfmerge.recipe import load_recipe
-    from hfmerge.route_step import RoutePlan
+    from hfmerge.pipeline.route import RoutePlan
+    from hfmerge.pipeline.run import run_recipe
+    from hfmerge.recipe.schema import load_recipe
 
     result = run_recipe(load_recipe(recipe), dry_run=True, progress=False)
     plan = result.plan
@@ -108,7 +108,7 @@ def push(
     private: PrivateOpt = None,
 ) -> None:
     """Push a finished output directory to the Hub as one commit; prints the repo URL."""
-    from hfmerge.publish import push_output
+    from hfmerge.pipeline.publish import push_output
 
     url = push_output(directory, repo_id, private=bool(private))
     typer.echo(url)
@@ -192,8 +192,8 @@ def eval_(
 
     Routed repos are evaluated through their router; several models or texts give a table.
     """
-    from hfmerge.eval_report import eval_grid, format_grid, grid_json
-    from hfmerge.reports import write_json
+    from hfmerge.analysis.evaluation import eval_grid, format_grid, grid_json
+    from hfmerge.analysis.reports import write_json
 
     texts: list[str | None] = list(data) if data else [None]
     cells = eval_grid(models, texts, max_length=max_length, samples=samples,
@@ -235,13 +235,13 @@ def barrier(
     batch_size: EvalBatchOpt = 8,
 ) -> None:
     """Loss along the straight line from MODEL_A to MODEL_B, and its barrier."""
-    from hfmerge.barrier import (
+    from hfmerge.analysis.barrier import (
         barrier_report,
         compare_barriers,
         format_barrier_table,
         parse_align_modes,
     )
-    from hfmerge.reports import write_json
+    from hfmerge.analysis.reports import write_json
 
     results = compare_barriers(
         model_a,
@@ -259,7 +259,7 @@ def barrier(
     if json_out is not None:
         _hint(f"wrote {write_json(json_out, barrier_report(results))}")
     if plot is not None:
-        from hfmerge.plotting import plot_barriers
+        from hfmerge.analysis.plotting import plot_barriers
 
         _hint(f"wrote {plot_barriers(results, plot)}")
 
@@ -280,8 +280,8 @@ def align(
 ) -> None:
     """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
     from hfmerge.align import align_checkpoint
-    from hfmerge.alignment_step import probe_batches
-    from hfmerge.sources import resolve_model
+    from hfmerge.pipeline.align import probe_batches
+    from hfmerge.sources.refs import resolve_model
 
     a, b = resolve_model(model_a), resolve_model(model_b)
     batches = None
@@ -332,10 +332,10 @@ def cka(
     ] = False,
 ) -> None:
     """Debiased linear CKA of every layer of MODEL_A with every layer of MODEL_B."""
-    from hfmerge.cka_report import check_fail_under, compute_cka, format_report
+    from hfmerge.analysis.cka import check_fail_under, compute_cka, format_report
+    from hfmerge.analysis.reports import write_json
     from hfmerge.errors import UnknownNameError
-    from hfmerge.probe import POOLINGS, parse_device_map, parse_max_memory
-    from hfmerge.reports import write_json
+    from hfmerge.lm.probe import POOLINGS, parse_device_map, parse_max_memory
 
     if pooling is not None and pooling not in POOLINGS:
         raise UnknownNameError("pooling", pooling, list(POOLINGS))
@@ -356,7 +356,7 @@ def cka(
     if json_out is not None:
         _hint(f"wrote {write_json(json_out, report.to_json())}")
     if plot is not None:
-        from hfmerge.cka_plot import plot_cka
+        from hfmerge.analysis.cka_plot import plot_cka
 
         _hint(f"wrote {plot_cka(report, plot)}")
     check_fail_under(report, fail_under)

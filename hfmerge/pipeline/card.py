@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 
 from hfmerge.methods import MergeMethod
-from hfmerge.preflight import InspectedModel
-from hfmerge.sources import ModelSource
+from hfmerge.sources.inspection import InspectedModel
+from hfmerge.sources.refs import ModelSource
 
 # Head class suffix in config.architectures -> the transformers Auto class that loads it.
 _AUTO_CLASSES = (

@@ -6,8 +6,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hfmerge.recipe import ModelEntry, Recipe
-from hfmerge.sources import ModelSource
+from hfmerge.recipe.schema import ModelEntry, Recipe
+from hfmerge.sources.refs import ModelSource
 
 
 def pinned_recipe(recipe: Recipe, recipe_text: str | None, sources: Sequence[ModelSource]) -> str:

@@ -31,7 +31,7 @@ def console_main() -> None:
     args = sys.argv[1:]
     gc.disable()
     try:
-        from hfmerge.cli import main
+        from hfmerge.cli.app import main
 
         if args and not _HELP_ONLY.intersection(args):
             import torch  # noqa: F401  # every command uses it; imported here, it is frozen

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hfmerge.card import with_repo_id
 from hfmerge.errors import HfMergeError, ModelSourceError, OutputError, PushError
+from hfmerge.pipeline.card import with_repo_id
 from hfmerge.tensors import read_checkpoint_index
 
 

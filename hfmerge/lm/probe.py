@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
-from hfmerge.evaluate import load_tokenizer, model_inputs, pad_id_of, quiet_transformers
+from hfmerge.lm.scoring import load_tokenizer, model_inputs, pad_id_of, quiet_transformers
 from hfmerge.progress import track
 
 Pooling = Literal["tokens", "mean"]

@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from hfmerge.barrier import BarrierResult
+    from hfmerge.analysis.barrier import BarrierResult
 
 _COLORS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")
 
@@ -57,7 +57,7 @@ def plot_barriers(results: Sequence[BarrierResult], out: Path, *, title: str | N
 
 def save_figure(figure: Figure, out: Path) -> Path:
     """Write `figure` as a PNG to `out` atomically."""
-    from hfmerge.reports import replace_atomically
+    from hfmerge.analysis.reports import replace_atomically
 
     return replace_atomically(out, lambda tmp: figure.savefig(tmp, format="png"), what="the plot")
 

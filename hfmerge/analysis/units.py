@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hfmerge.similarity import CkaAccumulator
+from hfmerge.analysis.similarity import CkaAccumulator
 
 TOP_K = 5
 R2_THRESHOLD = 0.5

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from hfmerge.cka_report import CkaReport, compute_cka, failing_layers
+from hfmerge.analysis.cka import CkaReport, compute_cka, failing_layers
+from hfmerge.engine.plan import MergePlan
 from hfmerge.errors import HfMergeError
-from hfmerge.plan import MergePlan
-from hfmerge.recipe import Recipe
+from hfmerge.recipe.schema import Recipe
 
 
 class CkaGateError(HfMergeError):

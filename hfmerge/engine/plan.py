@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hfmerge.methods import MergeMethod
-from hfmerge.preflight import InspectedModel
+from hfmerge.sources.inspection import InspectedModel
 from hfmerge.tensors import ShardPlan, plan_shards
 
 # Recipe dtype names -> safetensors dtype codes.

@@ -11,23 +11,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hfmerge.card import (
+from hfmerge.engine.budget import parse_memory_budget
+from hfmerge.engine.plan import MergePlan, build_plan, format_plan
+from hfmerge.engine.stream import execute_plan
+from hfmerge.errors import HfMergeError, ModelSourceError
+from hfmerge.methods import get_method, validate_params
+from hfmerge.pipeline.card import (
     DEFAULT_ENDPOINT,
     load_snippet,
     render_card,
     render_routed_card,
     routed_snippet,
 )
-from hfmerge.engine import execute_plan
-from hfmerge.engine_budget import parse_memory_budget
-from hfmerge.errors import HfMergeError, ModelSourceError
-from hfmerge.methods import get_method, validate_params
-from hfmerge.plan import MergePlan, build_plan, format_plan
-from hfmerge.preflight import InspectedModel, inspect_models
-from hfmerge.provenance import pinned_recipe
-from hfmerge.publish import check_push, push_output
-from hfmerge.recipe import ModelEntry, Recipe
-from hfmerge.sources import ModelSource, fetch_files
+from hfmerge.pipeline.provenance import pinned_recipe
+from hfmerge.pipeline.publish import check_push, push_output
+from hfmerge.recipe.schema import ModelEntry, Recipe
+from hfmerge.sources.inspection import InspectedModel, inspect_models
+from hfmerge.sources.refs import ModelSource, fetch_files
 from hfmerge.tensors import (
     atomic_output_dir,
     check_output_dir,
@@ -39,8 +39,8 @@ from hfmerge.tensors import (
 if TYPE_CHECKING:
     from hfmerge.arch.spec import Permutations
     from hfmerge.methods.base import ModelParams
-    from hfmerge.repair_step import RepairReport
-    from hfmerge.route_step import RoutePlan
+    from hfmerge.pipeline.repair import RepairReport
+    from hfmerge.pipeline.route import RoutePlan
 
 # The steps that probe models (CKA gate, alignment, routing) import transformers, which costs
 # seconds; they are imported where they run, so a plain merge starts fast.
@@ -95,7 +95,7 @@ def run_recipe(
         push: Hub repo id to push the output to (overrides `output.push`).
         private: make a newly created repo private (overrides `output.private`).
         offline: use only the local HF cache, with no network request.
-        max_memory: peak memory for the merge step, e.g. "1GB" (engine_budget.py).
+        max_memory: peak memory for the merge step, e.g. "1GB" (engine/budget.py).
 
     Raises:
         HfMergeError: any user-facing problem, raised before weights are downloaded or output
@@ -130,8 +130,8 @@ def run_recipe(
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, [m.source for m in [base, *inputs]])
     plan = _download(plan, offline=offline)
-    from hfmerge.alignment_step import align_inputs
-    from hfmerge.cka_gate import cka_gate
+    from hfmerge.pipeline.align import align_inputs
+    from hfmerge.pipeline.gate import cka_gate
 
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
     alignment = align_inputs(recipe, plan, progress=progress)
@@ -175,7 +175,7 @@ def _run_route(recipe: Recipe, *, recipe_text: str | None, out_dir: str | Path |
                dry_run: bool, force: bool, progress: bool, push: str | None,
                private: bool | None, offline: bool) -> RunResult:
     """The `route:` counterpart of a merge: experts pinned, router fitted, routed repo written."""
-    from hfmerge.route_step import build_route, download_route, plan_route
+    from hfmerge.pipeline.route import build_route, download_route, plan_route
 
     target = Path(out_dir or recipe.output.path or "out/routed")
     push = push or recipe.output.push
@@ -281,7 +281,7 @@ def _repair(staging: Path, plan: MergePlan, recipe: Recipe, perms: list[Permutat
     if not recipe.align.repair:
         return None
     from hfmerge.methods.base import WeightedModelParams, as_params
-    from hfmerge.repair_step import repair_output
+    from hfmerge.pipeline.repair import repair_output
 
     weights = [float(as_params(p, WeightedModelParams).weight) for p in model_params]
     return repair_output(staging, plan, recipe, perms, weights, progress=progress)

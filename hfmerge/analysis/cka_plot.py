@@ -10,8 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from hfmerge.cka_report import CkaReport, short_name
-from hfmerge.plotting import save_figure
+from hfmerge.analysis.cka import CkaReport, short_name
+from hfmerge.analysis.plotting import save_figure
 
 
 def plot_cka(report: CkaReport, out: Path) -> Path:

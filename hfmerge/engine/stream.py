@@ -1,12 +1,12 @@
 """Runs a merge plan: tensor by tensor, chunk by chunk, from every input through the method into
-the shards, with reads ahead and writes behind on their own threads (`engine_io.py`).
+the shards, with reads ahead and writes behind on their own threads (`engine/io_threads.py`).
 
-Each tensor is cut into row chunks (`engine_budget.py` sizes them; whole tensors for methods with
+Each tensor is cut into row chunks (`engine/budget.py` sizes them; whole tensors for methods with
 no chunked form). A method that needs per-tensor statistics (TIES's magnitude cut) sees the chunks
 once per statistics pass before the pass that produces output. Nothing holds a whole model, and
 the float32 temporaries are bounded by the chunk size, not the tensor size. Element-wise merges on
-a multi-core CPU split the tensors between two processes (`engine_procs.py`); the others split
-each chunk's rows between two threads (`engine_compute.py`).
+a multi-core CPU split the tensors between two processes (`engine/procs.py`); the others split
+each chunk's rows between two threads (`engine/compute.py`).
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ import torch
 
 from hfmerge.arch.permute import permute_tensor
 from hfmerge.arch.spec import ArchSpec, Permutations
-from hfmerge.engine_budget import ChunkPolicy, chunk_policy
-from hfmerge.engine_compute import RowSplitter, apply_in_pieces
-from hfmerge.engine_io import Acquire, Prefetcher, WriteBehind
-from hfmerge.engine_malloc import keep_chunk_buffers
-from hfmerge.engine_procs import ForkedShare, process_count, split_jobs
+from hfmerge.engine.budget import ChunkPolicy, chunk_policy
+from hfmerge.engine.compute import RowSplitter, apply_in_pieces
+from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
+from hfmerge.engine.malloc import keep_chunk_buffers
+from hfmerge.engine.plan import MergePlan, TensorJob
+from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
 from hfmerge.methods import MethodParams, ModelParams
 from hfmerge.methods.chunks import Chunk, TensorMerge
-from hfmerge.plan import MergePlan, TensorJob
 from hfmerge.progress import counter
 from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
 
 # torch intra-op threads while merging: the reader and writer threads take the other core's
 # share on small machines, and two teams spinning on two cores slow each other down. The main
-# thread and its helpers share a chunk's rows instead (`engine_compute.py`).
+# thread and its helpers share a chunk's rows instead (`engine/compute.py`).
 COMPUTE_THREADS = 1
 
 
@@ -104,7 +104,7 @@ def execute_plan(
 @dataclass(frozen=True)
 class _Share:
     """Merges a share of the plan's tensors into the writer's files: the whole plan in one
-    process, or one process's share (`engine_procs.py`)."""
+    process, or one process's share (`engine/procs.py`)."""
 
     plan: MergePlan
     policy: ChunkPolicy

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from hfmerge.arch.spec import Permutations
-from hfmerge.plan import MergePlan
-from hfmerge.recipe import Recipe
+from hfmerge.engine.plan import MergePlan
+from hfmerge.recipe.schema import Recipe
 
 if TYPE_CHECKING:
-    from hfmerge.repair_step import RepairReport
+    from hfmerge.pipeline.repair import RepairReport
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ def probe_batches(
     batch_size: int = 8,
 ) -> list[dict[str, torch.Tensor]]:
     """Probe text as padded batches, tokenized by the tokenizer saved in `model_dir`."""
-    from hfmerge.evaluate import load_tokenizer, model_inputs
-    from hfmerge.textdata import load_texts, token_windows
+    from hfmerge.lm.scoring import load_tokenizer, model_inputs
+    from hfmerge.lm.textdata import load_texts, token_windows
 
     tokenizer = load_tokenizer(model_dir, label=label)
     windows = token_windows(tokenizer, load_texts(data), max_length=max_length, samples=samples)
@@ -139,7 +139,7 @@ def _barriers(
     recipe: Recipe, plan: MergePlan, perms: list[Permutations | None], *, progress: bool
 ) -> list[BarrierRow]:
     """Barrier of each input with the base, unaligned and with the permutations being merged."""
-    from hfmerge.barrier import compare_barriers
+    from hfmerge.analysis.barrier import compare_barriers
 
     rows = []
     for model, solved in zip(plan.inputs, perms, strict=True):

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hfmerge.errors import RecipeError, RecipeProblem
-from hfmerge.yaml_locations import Location, locate, node_positions
+from hfmerge.recipe.yaml_locations import Location, locate, node_positions
 
 
 class _Strict(BaseModel):
@@ -166,7 +166,7 @@ def parse_recipe(
     positions: dict[Location, tuple[int, int]] | None = None,
 ) -> Recipe:
     """Validate a recipe mapping; every schema and semantic problem is reported in one error."""
-    from hfmerge.recipe_checks import semantic_problems  # late: it imports the method registry
+    from hfmerge.recipe.checks import semantic_problems  # late: it imports the method registry
 
     if not isinstance(data, dict):
         raise RecipeError(source, [RecipeProblem("", "a recipe must be a YAML mapping of keys")])

@@ -14,7 +14,7 @@ from typing import Any
 from hfmerge.arch import check_shapes, spec_for
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, ModelSourceError, PreflightError
-from hfmerge.sources import ModelSource, pin_model
+from hfmerge.sources.refs import ModelSource, pin_model
 from hfmerge.tensors import CheckpointIndex, read_checkpoint_index
 
 # Config keys that must agree for two checkpoints to be merged tensor by tensor.

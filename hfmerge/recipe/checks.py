@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from hfmerge.methods import METHODS
+from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
-from hfmerge.yaml_locations import Location
 
 _MODEL_KEYS = frozenset({"model", "revision"})
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hfmerge.evaluate import EvalResult, eval_model, format_eval
-from hfmerge.textdata import describe_data, load_texts
+from hfmerge.lm.scoring import EvalResult, eval_model, format_eval
+from hfmerge.lm.textdata import describe_data, load_texts
 
 
 @dataclass(frozen=True)

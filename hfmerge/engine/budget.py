@@ -21,8 +21,8 @@ import os
 import resource
 from dataclasses import dataclass
 
+from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.errors import HfMergeError
-from hfmerge.plan import MergePlan, TensorJob
 from hfmerge.tensors import element_size, parse_size
 
 TARGET_CHUNK_ELEMENTS = 1 << 20  # 4 MiB per float32 temporary: fits a core's cache share

@@ -30,8 +30,8 @@ from types import TracebackType
 
 import torch
 
+from hfmerge.engine.plan import TensorJob
 from hfmerge.errors import HfMergeError
-from hfmerge.plan import TensorJob
 
 MAX_PROCESSES = 2  # measured on 2 cores; more are untried
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hfmerge.recipe import Recipe
-from hfmerge.sources import ModelSource, download_pinned, pin_model
-from hfmerge.textdata import describe_data, load_texts
+from hfmerge.lm.textdata import describe_data, load_texts
+from hfmerge.recipe.schema import Recipe
+from hfmerge.sources.refs import ModelSource, download_pinned, pin_model
 
 if TYPE_CHECKING:  # hfmerge.routing imports transformers; it loads when a route is built
     from hfmerge.routing import BuiltRouter

@@ -18,8 +18,8 @@ from transformers import PreTrainedModel
 from hfmerge.align.repair import Factors, ProbeBatch, SiteRms, fit, measure
 from hfmerge.align.repair_sites import RepairSite, repair_sites
 from hfmerge.arch.spec import Permutations
-from hfmerge.plan import MergePlan
-from hfmerge.recipe import Recipe
+from hfmerge.engine.plan import MergePlan
+from hfmerge.recipe.schema import Recipe
 
 ONE_BATCH = 1 << 30  # `probe_batches` batch size that keeps every window in one batch
 
@@ -56,7 +56,7 @@ def _blend(stats: Sequence[SiteRms], weights: Sequence[float]) -> SiteRms:
 def _input_stats(plan: MergePlan, perms: Sequence[Permutations | None], sites: list[RepairSite],
                  probe: ProbeBatch, model: PreTrainedModel, *, progress: bool) -> list[SiteRms]:
     """Each input's statistics in the base's basis, measured in `model` (loaded from the base)."""
-    from hfmerge.interpolate import Interpolator, spec_of
+    from hfmerge.analysis.interpolate import Interpolator, spec_of
     from hfmerge.progress import track
 
     base = plan.base.source.path
@@ -73,7 +73,7 @@ def _input_stats(plan: MergePlan, perms: Sequence[Permutations | None], sites: l
 def _folded_tensors(model: PreTrainedModel, sites: list[RepairSite], staging: Path, *,
                     label: str) -> dict[str, torch.Tensor]:
     """Checkpoint name -> new value of every tensor a site's factor was folded into."""
-    from hfmerge.interpolate import checkpoint_targets
+    from hfmerge.analysis.interpolate import checkpoint_targets
     from hfmerge.tensors import read_checkpoint_index
 
     modules = dict(model.named_modules())
@@ -88,8 +88,8 @@ def repair_output(staging: Path, plan: MergePlan, recipe: Recipe,
                   perms: Sequence[Permutations | None], weights: Sequence[float], *,
                   progress: bool) -> RepairReport:
     """Fit REPAIR factors on the merged model in `staging` and overwrite the folded tensors."""
-    from hfmerge.alignment_step import probe_batches
-    from hfmerge.evaluate import load_lm
+    from hfmerge.lm.scoring import load_lm
+    from hfmerge.pipeline.align import probe_batches
     from hfmerge.tensors import overwrite_tensors
 
     probe = recipe.probe

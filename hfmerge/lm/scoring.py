@@ -240,8 +240,8 @@ def eval_model(model_ref: str, *, data: str | None, max_length: int = 128,
                samples: int | None = None, batch_size: int = 8, progress: bool = False
                ) -> EvalResult:
     """Load a model (local dir or `zoo:NAME`) with its tokenizer and evaluate it on `data`."""
-    from hfmerge.sources import resolve_model
-    from hfmerge.textdata import describe_data, load_texts, token_windows
+    from hfmerge.lm.textdata import describe_data, load_texts, token_windows
+    from hfmerge.sources.refs import resolve_model
 
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     source = resolve_model(model_ref, progress=progress)

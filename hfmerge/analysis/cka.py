@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hfmerge.analysis.similarity import MIN_SAMPLES, CkaMatrix
+from hfmerge.analysis.units import UnitCorrespondence, unit_correspondence
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, InputDataError
-from hfmerge.similarity import MIN_SAMPLES, CkaMatrix
-from hfmerge.units import UnitCorrespondence, unit_correspondence
 
-if TYPE_CHECKING:  # probe.py imports transformers, which a merge without `check:` never needs
+if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from hfmerge.probe import DeviceMap, MaxMemory, Pooling
+    from hfmerge.lm.probe import DeviceMap, MaxMemory, Pooling
 
 MAX_STATS_BYTES = 8 * 2**30  # float64 sums for every layer pair; see `_check_memory`
 MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
@@ -122,15 +122,15 @@ def compute_cka(model_a: str, model_b: str, *, data: str | None = None, samples:
                 units: bool = False, progress: bool = False) -> CkaReport:
     """Probe both models on the same windows of `data` and build the CKA report.
 
-    `pooling` defaults to `mean`, or to `tokens` with `units` (see `hfmerge.probe`).
+    `pooling` defaults to `mean`, or to `tokens` with `units` (see `hfmerge.lm.probe`).
 
     Raises:
         InputDataError: the data is unreadable or too short for CKA.
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
-    from hfmerge.evaluate import position_limit
-    from hfmerge.probe import default_pooling, probe_batches
-    from hfmerge.textdata import describe_data, load_texts, token_windows
+    from hfmerge.lm.probe import default_pooling, probe_batches
+    from hfmerge.lm.scoring import position_limit
+    from hfmerge.lm.textdata import describe_data, load_texts, token_windows
 
     pooling = pooling or default_pooling(units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
@@ -165,8 +165,8 @@ class _Pair:
 
 def _load_pair(model_a: str, model_b: str, *, device_map: DeviceMap | None,
                max_memory: MaxMemory | None, progress: bool) -> _Pair:
-    from hfmerge.probe import is_causal, load_probe_model, shared_tokenizer
-    from hfmerge.sources import resolve_model
+    from hfmerge.lm.probe import is_causal, load_probe_model, shared_tokenizer
+    from hfmerge.sources.refs import resolve_model
 
     source_a = resolve_model(model_a, progress=progress)
     source_b = resolve_model(model_b, progress=progress)
@@ -184,7 +184,7 @@ def _load_pair(model_a: str, model_b: str, *, device_map: DeviceMap | None,
 def _stream(pair: _Pair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling,
             progress: bool) -> tuple[CkaMatrix, int]:
     """Feed every batch's states into one CkaMatrix; returns it and the tokens that entered."""
-    from hfmerge.probe import paired_states
+    from hfmerge.lm.probe import paired_states
 
     widths = [[int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1)
               for m in pair.models]

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 from transformers import PreTrainedModel
 
+from hfmerge.analysis.interpolate import Interpolator, check_compatible, spec_of
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.errors import UnknownNameError
-from hfmerge.evaluate import (
+from hfmerge.lm.scoring import (
     Objective,
     Scored,
     load_lm,
@@ -29,7 +30,6 @@ from hfmerge.evaluate import (
     score,
     usable_length,
 )
-from hfmerge.interpolate import Interpolator, check_compatible, spec_of
 from hfmerge.progress import track
 
 if TYPE_CHECKING:
@@ -143,8 +143,8 @@ class _Setup:
 
 def _setup(model_a: str, model_b: str, *, data: str | None, probe_data: str | None,
            max_length: int, samples: int | None, progress: bool) -> _Setup:
-    from hfmerge.sources import resolve_model
-    from hfmerge.textdata import describe_data, load_texts, token_windows
+    from hfmerge.lm.textdata import describe_data, load_texts, token_windows
+    from hfmerge.sources.refs import resolve_model
 
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     probe_texts = texts if probe_data is None else load_texts(probe_data)
