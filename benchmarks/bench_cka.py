@@ -24,7 +24,8 @@ from harness import measure
 FORWARD = """
 import sys, torch
 from pathlib import Path
-from hfmerge.lm.probe import load_probe_model, probe_batches, shared_tokenizer
+from hfmerge.lm.batches import probe_batches
+from hfmerge.lm.probe import load_probe_model, shared_tokenizer
 from hfmerge.lm.textdata import load_texts, token_windows
 a, b, samples, length = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 tokenizer = shared_tokenizer(a, b, label_a="a", label_b="b")
@@ -49,7 +50,8 @@ PEER = """
 import json, sys, time, torch
 from pathlib import Path
 from ckatorch.core import cka_base
-from hfmerge.lm.probe import load_probe_model, paired_states, probe_batches, shared_tokenizer
+from hfmerge.lm.batches import probe_batches
+from hfmerge.lm.probe import load_probe_model, paired_states, shared_tokenizer
 from hfmerge.analysis.similarity import CkaMatrix
 from hfmerge.lm.textdata import load_texts, token_windows
 a, b, samples, length, out = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \

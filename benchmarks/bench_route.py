@@ -22,7 +22,8 @@ import torch
 
 from hfmerge import RoutedModel
 from hfmerge.analysis.evaluation import eval_any
-from hfmerge.lm.scoring import load_lm, model_inputs, pad_id_of
+from hfmerge.lm.batches import model_inputs, pad_id_of
+from hfmerge.lm.load import load_lm
 from hfmerge.lm.textdata import load_texts, token_windows
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe

@@ -13,9 +13,10 @@ from lm_helpers import char_tokenizer, save_lm
 from tiny_models import make_tiny_model, save_tiny_model
 from transformers import PreTrainedModel
 
+from hfmerge.analysis.evaluation import eval_model
 from hfmerge.cli.app import main
 from hfmerge.errors import ModelSourceError
-from hfmerge.lm.scoring import MASK_FRACTION, Scored, eval_model, evaluate, mlm_masks, perplexity
+from hfmerge.lm.scoring import MASK_FRACTION, Scored, evaluate, mlm_masks, perplexity
 from hfmerge.lm.textdata import load_texts, token_windows
 
 TEXT = ("The with statement is used to wrap the execution of a block with methods defined by a "

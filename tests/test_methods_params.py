@@ -16,7 +16,7 @@ from hfmerge.methods import (
     param_problems,
     validate_params,
 )
-from hfmerge.methods.base import MethodParams, ModelParams, as_params
+from hfmerge.methods.params import MethodParams, ModelParams, as_params
 from hfmerge.methods.ties import TiesParams
 
 # name: (global defaults, per-model defaults); None marks a required parameter.

@@ -12,18 +12,15 @@ from transformers import PreTrainedModel
 
 from hfmerge.analysis.similarity import CkaMatrix
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
-from hfmerge.lm.probe import (
+from hfmerge.lm.batches import probe_batches
+from hfmerge.lm.load import (
     is_causal,
-    kept_positions,
-    layer_states,
     load_probe_model,
-    paired_states,
     parse_device_map,
     parse_max_memory,
-    pool,
-    probe_batches,
     shared_tokenizer,
 )
+from hfmerge.lm.probe import kept_positions, layer_states, paired_states, pool
 from hfmerge.lm.textdata import load_texts, token_windows
 
 LENGTH, SAMPLES = 32, 8

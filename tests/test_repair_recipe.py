@@ -12,8 +12,8 @@ from lm_helpers import save_lm, train_tiny_lm
 from safetensors.torch import load_file, save_file
 
 from hfmerge.analysis.barrier import compare_barriers
+from hfmerge.analysis.evaluation import eval_model
 from hfmerge.errors import RecipeError
-from hfmerge.lm.scoring import eval_model
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import overwrite_tensors

@@ -21,8 +21,9 @@ from routing_helpers import (
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model, tiny_batch
 
-from hfmerge.lm.probe import is_causal, kept_positions, pool
-from hfmerge.lm.scoring import evaluate, load_tokenizer
+from hfmerge.lm.load import is_causal, load_tokenizer
+from hfmerge.lm.probe import kept_positions, pool
+from hfmerge.lm.scoring import evaluate
 from hfmerge.lm.textdata import token_windows
 from hfmerge.routing import (
     MANIFEST_FILE,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hfmerge.lm.scoring import eval_model
+from hfmerge.analysis.evaluation import eval_model
 from hfmerge.routing import (
     BackboneRef,
     ExpertEntry,

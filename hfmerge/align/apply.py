@@ -125,21 +125,10 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
 
 def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:
     """Batches of the built-in English probe text, tokenized with the model's own tokenizer."""
-    from transformers import AutoTokenizer
+    from hfmerge.lm.batches import text_batches
 
-    from hfmerge.zoo.corpus import builtin_probe_text
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model.source.path)
-    except (OSError, ValueError) as exc:
-        raise AlignmentError(f"{model.name} has no usable tokenizer for the built-in probe text "
-                             f"({exc})", fix="pass probe batches, or use weight matching") from None
-    text = builtin_probe_text("prose")[: 40 * PROBE_SAMPLES * PROBE_LENGTH]  # plenty of tokens
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    usable = min(len(ids) // PROBE_LENGTH, PROBE_SAMPLES) * PROBE_LENGTH
-    rows = ids[:usable].reshape(-1, PROBE_LENGTH)  # [tokens] -> [samples, length]
-    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
-            for chunk in torch.split(rows, PROBE_BATCH)]
+    return text_batches(model.source.path, label=model.name, data=None, max_length=PROBE_LENGTH,
+                        samples=PROBE_SAMPLES, batch_size=PROBE_BATCH)
 
 
 def _match(method: str, a: InspectedModel, b: InspectedModel, *, seed: int,

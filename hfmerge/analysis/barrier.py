@@ -18,18 +18,9 @@ from transformers import PreTrainedModel
 from hfmerge.analysis.interpolate import Interpolator, check_compatible, spec_of
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.errors import UnknownNameError
-from hfmerge.lm.scoring import (
-    Objective,
-    Scored,
-    load_lm,
-    load_tokenizer,
-    model_inputs,
-    objective_of,
-    pad_id_of,
-    prepare,
-    score,
-    usable_length,
-)
+from hfmerge.lm.batches import model_inputs, pad_id_of, window_batches
+from hfmerge.lm.load import Objective, load_lm, load_tokenizer, usable_length
+from hfmerge.lm.scoring import Scored, objective_of, prepare, score
 from hfmerge.progress import track
 
 if TYPE_CHECKING:
@@ -119,8 +110,7 @@ def _permutations(mode: str, setup: _Setup, *, batch_size: int, progress: bool
     from hfmerge.align import align_permutations
 
     windows = setup.probes
-    batches = [model_inputs(windows[i : i + batch_size], pad_id=setup.pad_id)
-               for i in range(0, len(windows), batch_size)]
+    batches = window_batches(windows, pad_id=setup.pad_id, batch_size=batch_size)
     return align_permutations(mode, setup.path_a, setup.path_b, seed=0, batches=batches,
                               progress=progress)
 

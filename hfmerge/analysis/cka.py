@@ -22,7 +22,8 @@ from hfmerge.errors import HfMergeError, IncompatibleModelsError, InputDataError
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from hfmerge.lm.probe import DeviceMap, MaxMemory, Pooling
+    from hfmerge.lm.load import DeviceMap, MaxMemory
+    from hfmerge.lm.probe import Pooling
 
 MAX_STATS_BYTES = 8 * 2**30  # float64 sums for every layer pair; see `_check_memory`
 MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
@@ -128,8 +129,9 @@ def compute_cka(model_a: str, model_b: str, *, data: str | None = None, samples:
         InputDataError: the data is unreadable or too short for CKA.
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
-    from hfmerge.lm.probe import default_pooling, probe_batches
-    from hfmerge.lm.scoring import position_limit
+    from hfmerge.lm.batches import probe_batches
+    from hfmerge.lm.load import position_limit
+    from hfmerge.lm.probe import default_pooling
     from hfmerge.lm.textdata import describe_data, load_texts, token_windows
 
     pooling = pooling or default_pooling(units=units)
@@ -165,7 +167,7 @@ class _Pair:
 
 def _load_pair(model_a: str, model_b: str, *, device_map: DeviceMap | None,
                max_memory: MaxMemory | None, progress: bool) -> _Pair:
-    from hfmerge.lm.probe import is_causal, load_probe_model, shared_tokenizer
+    from hfmerge.lm.load import is_causal, load_probe_model, shared_tokenizer
     from hfmerge.sources.refs import resolve_model
 
     source_a = resolve_model(model_a, progress=progress)

@@ -7,10 +7,11 @@ per model and one loss column per text, which is how routed, expert and merged m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from hfmerge.lm.scoring import EvalResult, eval_model, format_eval
+from hfmerge.lm.load import load_lm, load_tokenizer, usable_length
+from hfmerge.lm.scoring import EvalResult, evaluate
 from hfmerge.lm.textdata import describe_data, load_texts
 
 
@@ -80,3 +81,29 @@ def grid_json(cells: Sequence[EvalCell]) -> dict[str, Any]:
 
 
 __all__ = ["EvalCell", "eval_any", "eval_grid", "format_grid", "grid_json"]
+
+
+def eval_model(model_ref: str, *, data: str | None, max_length: int = 128,
+               samples: int | None = None, batch_size: int = 8, progress: bool = False
+               ) -> EvalResult:
+    """Load a model (local dir or `zoo:NAME`) with its tokenizer and evaluate it on `data`."""
+    from hfmerge.lm.textdata import describe_data, load_texts, token_windows
+    from hfmerge.sources.refs import resolve_model
+
+    texts = load_texts(data)  # first: a bad data file should fail before any model loads
+    source = resolve_model(model_ref, progress=progress)
+    tokenizer = load_tokenizer(source.path, label=model_ref)
+    model = load_lm(source.path, label=model_ref)
+    length = usable_length(model, max_length)
+    windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
+    result = evaluate(model, tokenizer, windows, batch_size=batch_size, progress=progress)
+    return replace(result, max_length=length, data=describe_data(data))
+
+
+def format_eval(model_ref: str, result: EvalResult) -> str:
+    """One readable line: model, loss, perplexity and what was scored."""
+    scored = "masked tokens" if result.objective == "masked" else "tokens"
+    where = f", {result.data}" if result.data else ""
+    size = f" of <= {result.max_length} tokens" if result.max_length else ""
+    return (f"{model_ref}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f} "
+            f"({result.tokens} {scored} in {result.windows} windows{size}{where})")

@@ -280,13 +280,13 @@ def align(
 ) -> None:
     """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
     from hfmerge.align import align_checkpoint
-    from hfmerge.pipeline.align import probe_batches
+    from hfmerge.lm.batches import text_batches
     from hfmerge.sources.refs import resolve_model
 
     a, b = resolve_model(model_a), resolve_model(model_b)
     batches = None
     if method == "activation":
-        batches = probe_batches(a.path, label=a.display, data=data, max_length=128, samples=64)
+        batches = text_batches(a.path, label=a.display, data=data, max_length=128, samples=64)
     result = align_checkpoint(
         a.path,
         b.path,
@@ -335,7 +335,8 @@ def cka(
     from hfmerge.analysis.cka import check_fail_under, compute_cka, format_report
     from hfmerge.analysis.reports import write_json
     from hfmerge.errors import UnknownNameError
-    from hfmerge.lm.probe import POOLINGS, parse_device_map, parse_max_memory
+    from hfmerge.lm.load import parse_device_map, parse_max_memory
+    from hfmerge.lm.probe import POOLINGS
 
     if pooling is not None and pooling not in POOLINGS:
         raise UnknownNameError("pooling", pooling, list(POOLINGS))

@@ -1,12 +1,7 @@
 """Merge methods: small pure tensor functions with typed parameters, and their registry."""
 
-from hfmerge.methods.base import (
-    MergeFn,
-    MergeMethod,
-    MethodParams,
-    ModelParams,
-    Problem,
-)
+from hfmerge.methods.base import MergeMethod
+from hfmerge.methods.params import MergeFn, MethodParams, ModelParams, Problem
 from hfmerge.methods.registry import METHODS, get_method, list_methods
 from hfmerge.methods.validation import (
     ParameterInfo,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from hfmerge.methods.base import Fraction
 from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
+from hfmerge.methods.params import Fraction
 from hfmerge.methods.sparsify import Band, outlier_band, outlier_prune
 
 PAPER = "https://arxiv.org/abs/2312.06795"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from hfmerge.methods.base import MergeFn, MethodParams, ModelParams
+    from hfmerge.methods.params import MergeFn, MethodParams, ModelParams
 
 
 # Runs fn(*args) on another thread: ThreadPoolExecutor.submit's shape.

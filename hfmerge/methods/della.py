@@ -8,8 +8,8 @@ from typing import ClassVar, Self
 import torch
 from pydantic import Field, model_validator
 
-from hfmerge.methods.base import Flag, Fraction
 from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
+from hfmerge.methods.params import Flag, Fraction
 from hfmerge.methods.sparsify import DropRule, della_rule, ranked_random_prune
 
 PAPER = "https://arxiv.org/abs/2406.11617"

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from hfmerge.methods.base import MethodParams, ModelParams, require_base
+from hfmerge.methods.base import require_base
 from hfmerge.methods.chunks import Chunk, Submit, TensorMerge, apply_halves
+from hfmerge.methods.params import MethodParams, ModelParams
 
 # chunk -> the N vectors to take inner products of, each [rows, cols] (`rows_of`)
 Vectors = Callable[[Chunk], Sequence[torch.Tensor]]

@@ -11,20 +11,18 @@ from typing import TypeVar
 import torch
 from pydantic import Field
 
-from hfmerge.methods.base import (
-    ZERO_WEIGHT_SUM,
+from hfmerge.methods.base import ZERO_WEIGHT_SUM, MergeMethod, require_base
+from hfmerge.methods.chunks import FunctionMerge, TensorMerge
+from hfmerge.methods.gta_stream import TaskVectorMerge
+from hfmerge.methods.params import (
     Flag,
     Fraction,
-    MergeMethod,
     MethodParams,
     ModelParams,
     Number,
     WeightedModelParams,
     as_params,
-    require_base,
 )
-from hfmerge.methods.chunks import FunctionMerge, TensorMerge
-from hfmerge.methods.gta_stream import TaskVectorMerge
 from hfmerge.methods.random_stream import RandomDropMerge
 from hfmerge.methods.sparsify import Band, DropRule
 

@@ -7,17 +7,16 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from hfmerge.methods.base import (
-    ZERO_WEIGHT_SUM,
+from hfmerge.methods.base import ZERO_WEIGHT_SUM, MergeMethod
+from hfmerge.methods.chunks import elementwise
+from hfmerge.methods.params import (
     Flag,
-    MergeMethod,
     MethodParams,
     ModelParams,
     Problem,
     WeightedModelParams,
     as_params,
 )
-from hfmerge.methods.chunks import elementwise
 
 
 class LinearParams(MethodParams):

@@ -7,16 +7,10 @@ import math
 import torch
 from pydantic import Field
 
-from hfmerge.methods.base import (
-    MergeMethod,
-    MethodParams,
-    ModelParams,
-    Number,
-    as_params,
-    require_base,
-)
+from hfmerge.methods.base import MergeMethod, require_base
 from hfmerge.methods.chunks import Chunk
 from hfmerge.methods.gram import GramForms, GramMethod, rows_of
+from hfmerge.methods.params import MethodParams, ModelParams, Number, as_params
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: nearly colinear, lerp instead (mergekit's threshold)
 NORM_EPS = 1e-8  # a vector shorter than this is not normalised (mergekit's eps)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hfmerge.methods.base import WeightedModelParams
 from hfmerge.methods.gta import TaskArithmeticParams, task_vector_method
+from hfmerge.methods.params import WeightedModelParams
 
 TASK_ARITHMETIC = task_vector_method(
     name="task_arithmetic",

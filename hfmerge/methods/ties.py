@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from hfmerge.methods.base import Flag
 from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
+from hfmerge.methods.params import Flag
 from hfmerge.methods.sparsify import Band, magnitude_band, magnitude_prune
 
 

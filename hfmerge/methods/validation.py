@@ -15,14 +15,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from hfmerge.errors import MethodParameterError
-from hfmerge.methods.base import (
-    Location,
-    MergeMethod,
-    MethodParams,
-    ModelParams,
-    Problem,
-    count_problem,
-)
+from hfmerge.methods.base import MergeMethod, count_problem
+from hfmerge.methods.params import Location, MethodParams, ModelParams, Problem
 from hfmerge.methods.registry import METHODS
 
 Scope = Literal["method", "model"]

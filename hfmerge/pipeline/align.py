@@ -8,10 +8,7 @@ each input is measured with and without alignment for the model card.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from hfmerge.arch.spec import Permutations
 from hfmerge.engine.plan import MergePlan
@@ -81,11 +78,12 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
     if method == "none":
         return Alignment(method, [None] * len(plan.inputs))
     from hfmerge.align import align_permutations
+    from hfmerge.lm.batches import text_batches
 
     batches = None
     if method == "activation":
         probe = recipe.probe
-        batches = probe_batches(
+        batches = text_batches(
             plan.base.source.path,
             label=plan.base.name,
             data=probe.data,
@@ -111,28 +109,6 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
         _barriers(recipe, plan, perms, progress=progress) if recipe.align.report_barrier else []
     )
     return Alignment(method, perms, barriers)
-
-
-def probe_batches(
-    model_dir: Path,
-    *,
-    label: str,
-    data: str | None,
-    max_length: int,
-    samples: int | None,
-    batch_size: int = 8,
-) -> list[dict[str, torch.Tensor]]:
-    """Probe text as padded batches, tokenized by the tokenizer saved in `model_dir`."""
-    from hfmerge.lm.scoring import load_tokenizer, model_inputs
-    from hfmerge.lm.textdata import load_texts, token_windows
-
-    tokenizer = load_tokenizer(model_dir, label=label)
-    windows = token_windows(tokenizer, load_texts(data), max_length=max_length, samples=samples)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [
-        model_inputs(windows[i : i + batch_size], pad_id=pad_id)
-        for i in range(0, len(windows), batch_size)
-    ]
 
 
 def _barriers(

@@ -21,7 +21,7 @@ from hfmerge.arch.spec import Permutations
 from hfmerge.engine.plan import MergePlan
 from hfmerge.recipe.schema import Recipe
 
-ONE_BATCH = 1 << 30  # `probe_batches` batch size that keeps every window in one batch
+ONE_BATCH = 1 << 30  # `text_batches` batch size that keeps every window in one batch
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,12 @@ def repair_output(staging: Path, plan: MergePlan, recipe: Recipe,
                   perms: Sequence[Permutations | None], weights: Sequence[float], *,
                   progress: bool) -> RepairReport:
     """Fit REPAIR factors on the merged model in `staging` and overwrite the folded tensors."""
-    from hfmerge.lm.scoring import load_lm
-    from hfmerge.pipeline.align import probe_batches
+    from hfmerge.lm.batches import text_batches
+    from hfmerge.lm.load import load_lm
     from hfmerge.tensors import overwrite_tensors
 
     probe = recipe.probe
-    batch = probe_batches(plan.base.source.path, label=plan.base.name, data=probe.data,
+    batch = text_batches(plan.base.source.path, label=plan.base.name, data=probe.data,
                           max_length=probe.max_length, samples=probe.samples,
                           batch_size=ONE_BATCH)[0]
     windows = ProbeBatch(batch)

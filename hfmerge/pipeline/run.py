@@ -38,7 +38,7 @@ from hfmerge.tensors import (
 
 if TYPE_CHECKING:
     from hfmerge.arch.spec import Permutations
-    from hfmerge.methods.base import ModelParams
+    from hfmerge.methods.params import ModelParams
     from hfmerge.pipeline.repair import RepairReport
     from hfmerge.pipeline.route import RoutePlan
 
@@ -280,7 +280,7 @@ def _repair(staging: Path, plan: MergePlan, recipe: Recipe, perms: list[Permutat
     """`align.repair`: rescale the staged merge (a linear merge, checked with the recipe)."""
     if not recipe.align.repair:
         return None
-    from hfmerge.methods.base import WeightedModelParams, as_params
+    from hfmerge.methods.params import WeightedModelParams, as_params
     from hfmerge.pipeline.repair import repair_output
 
     weights = [float(as_params(p, WeightedModelParams).weight) for p in model_params]

@@ -14,8 +14,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hfmerge.errors import RoutingError
-from hfmerge.lm.probe import DeviceMap, load_probe_model
-from hfmerge.lm.scoring import load_tokenizer, model_inputs, pad_id_of, position_limit
+from hfmerge.lm.batches import pad_id_of, probe_batches
+from hfmerge.lm.load import DeviceMap, load_probe_model, load_tokenizer, position_limit
 from hfmerge.lm.textdata import token_windows
 from hfmerge.progress import track
 from hfmerge.routing.calibration import CalibrationReport, calibration_report
@@ -136,9 +136,7 @@ def _loss_inputs(experts: Sequence[Path], windows: Sequence[torch.Tensor],
                  tokenizer: PreTrainedTokenizerBase, *, batch_size: int,
                  device_map: DeviceMap | None, progress: bool) -> torch.Tensor:
     """[n, E]: each expert's mean token loss on each window, one expert in memory at a time."""
-    pad_id = pad_id_of(tokenizer)
-    batches = [model_inputs(windows[i : i + batch_size], pad_id=pad_id)
-               for i in range(0, len(windows), batch_size)]
+    batches = probe_batches(windows, tokenizer, batch_size=batch_size)
     columns = []
     for path in track(experts, description="scoring calibration windows", enabled=progress):
         model = load_causal_lm(path, label=str(path),

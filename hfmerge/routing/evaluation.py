@@ -7,8 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
-from hfmerge.lm.probe import DeviceMap, MaxMemory
-from hfmerge.lm.scoring import EvalResult, causal_targets, pad_id_of, score
+from hfmerge.lm.batches import pad_id_of
+from hfmerge.lm.load import DeviceMap, MaxMemory
+from hfmerge.lm.scoring import EvalResult, causal_targets, score
 from hfmerge.routing.model import RoutedModel
 from hfmerge.routing.vocab import usable_length
 

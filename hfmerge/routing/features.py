@@ -14,8 +14,9 @@ import torch
 from transformers import PreTrainedModel
 
 from hfmerge.errors import RoutingError
-from hfmerge.lm.probe import _input_device, is_causal, kept_positions, pool
-from hfmerge.lm.scoring import model_inputs
+from hfmerge.lm.batches import model_inputs
+from hfmerge.lm.load import input_device, is_causal
+from hfmerge.lm.probe import kept_positions, pool
 
 
 class _Captured(Exception):
@@ -87,7 +88,7 @@ def pooled_features(model: PreTrainedModel, input_ids: torch.Tensor,
         summed = pool(hidden, keep, pooling="mean")  # [b, d]: every row has a kept token
         raise _Captured(summed.to(device="cpu", dtype=torch.float32))
 
-    device = _input_device(model)
+    device = input_device(model)
     handle = blocks(model)[layer - 1].register_forward_hook(capture)
     try:
         with torch.inference_mode():

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.lm.probe import _input_device
+from hfmerge.lm.load import input_device
 
 # Runs expert e on a batch and returns its per-sequence losses [b]; the router stacks them.
 ExpertLossFn = Callable[[int], torch.Tensor]
@@ -33,7 +33,7 @@ def logits_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
 def sequence_losses(model: PreTrainedModel, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:
     """[b] float32 CPU: the mean next-token loss of each row under causal LM `model`."""
-    device = _input_device(model)
+    device = input_device(model)
     with torch.inference_mode():
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                        use_cache=False).logits  # [b, t, v]

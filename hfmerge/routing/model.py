@@ -16,8 +16,8 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hfmerge.lm.probe import DeviceMap, MaxMemory, _input_device
-from hfmerge.lm.scoring import load_tokenizer, model_inputs, pad_id_of
+from hfmerge.lm.batches import model_inputs, pad_id_of
+from hfmerge.lm.load import DeviceMap, MaxMemory, input_device, load_tokenizer
 from hfmerge.routing.features import pooled_features
 from hfmerge.routing.losses import loss_matrix, sequence_losses
 from hfmerge.routing.manifest import RoutedManifest
@@ -183,7 +183,7 @@ class RoutedModel:
     def _expert_logits(self, expert: int, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.pool.get(self.experts[expert])
-        device = _input_device(model)
+        device = input_device(model)
         with torch.inference_mode():
             out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                         use_cache=False)
@@ -212,7 +212,7 @@ class RoutedModel:
     def _expert_generate(self, expert: int, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         model = self.pool.get(self.experts[expert])
-        device = _input_device(model)
+        device = input_device(model)
         kwargs.setdefault("pad_token_id", pad_id_of(self.tokenizer))
         with torch.inference_mode():
             # Typed loosely by transformers (mypy sees nn.Module's __getattr__).

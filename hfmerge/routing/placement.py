@@ -19,8 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hfmerge.errors import ModelSourceError, RoutingError
-from hfmerge.lm.probe import DeviceMap, MaxMemory, load_probe_model
-from hfmerge.lm.scoring import quiet_transformers
+from hfmerge.lm.load import DeviceMap, MaxMemory, load_probe_model, quiet_transformers
 from hfmerge.routing.manifest import AUTO_DTYPE
 from hfmerge.tensors import parse_size, read_checkpoint_index, torch_dtype
 

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
-from hfmerge.lm.scoring import load_tokenizer, position_limit
+from hfmerge.lm.load import load_tokenizer, position_limit
 
 _WHY = "a routed model feeds every expert the same token ids and returns one logits tensor"
 

@@ -1,0 +1,253 @@
+"""Loading models and tokenizers with `transformers`: the one place hfmerge does it.
+
+Every model hfmerge runs (to evaluate, probe, fit REPAIR or route) is loaded here, from the
+safetensors in a local directory, with its config's own class and no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+
+Objective = Literal["causal", "masked"]
+
+
+# Any one of these files means the directory carries its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
+                   "vocab.json", "spiece.model")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load bars and reports while loading; problems are checked by hand."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory; a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSourceError(
+            label, "has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file)",
+            "save the tokenizer the model was trained with into its directory, e.g. "
+            f"`AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}')`")
+    with quiet_transformers():
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+    return tokenizer
+
+
+def lm_objective(architectures: Sequence[str], *, label: str) -> Objective:
+    """`masked` or `causal` from config.json's `architectures`; an error for headless models."""
+    if any(name.endswith("ForMaskedLM") for name in architectures):
+        return "masked"
+    if not architectures or any("CausalLM" in n or "LMHead" in n for n in architectures):
+        return "causal"
+    raise ModelSourceError(
+        label, f"is a {', '.join(architectures)}, which has no language-model head to score text",
+        "evaluate a checkpoint with its LM head (…ForCausalLM or …ForMaskedLM)")
+
+
+def load_lm(path: Path, *, label: str) -> PreTrainedModel:
+    """The model in `path` with its LM head, float32, eval mode; missing weights are an error."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(path)
+        objective = lm_objective(list(config.architectures or []), label=label)
+        auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
+        loaded: Any = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    model, info = loaded  # (model, {"missing_keys": [...], ...})
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        raise ModelSourceError(
+            label, f"lacks weights its LM head needs ({', '.join(missing[:5])}); they would be "
+            "random", "evaluate a checkpoint saved with its LM head")
+    model.train(False)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
+    return model
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest window a model config allows (absolute position embeddings), if any.
+
+    `config` is a transformers config or a config.json mapping.
+    """
+    get = config.get if isinstance(config, Mapping) else partial(getattr, config)
+    limits = [get(key, None) for key in ("max_position_embeddings", "n_positions")]
+    known = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    return min(known) if known else None
+
+
+def usable_length(model: PreTrainedModel, max_length: int) -> int:
+    """`max_length`, capped at the model's position limit (absolute position embeddings)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    limit = position_limit(model.config)
+    return max_length if limit is None else min(max_length, limit)
+
+
+DeviceMap = str | dict[str, int | str]
+
+
+MaxMemory = dict[int | str, str]
+
+
+_NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+_ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert",
+                            "deberta", "deberta-v2", "mpnet", "camembert", "modernbert"})
+
+
+_MAP_FIX = ("use auto, balanced, sequential, cpu, a device such as cuda:0, or a JSON mapping of "
+            'module names to devices such as \'{"": "cpu"}\'')
+
+
+def parse_device_map(text: str) -> DeviceMap:
+    """`--device-map`: a named strategy, one device for everything, or a JSON module -> device map.
+
+    Raises:
+        ModelSourceError: an unknown strategy or device, or a malformed JSON map.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelSourceError("--device-map", f"is not valid JSON ({exc.msg})", _MAP_FIX
+                                   ) from None
+        if not isinstance(mapping, dict) or not all(
+            isinstance(v, int | str) for v in mapping.values()
+        ):
+            raise ModelSourceError("--device-map", "must map module names to devices", _MAP_FIX)
+        return mapping
+    if text in _NAMED_MAPS:
+        return text
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise ModelSourceError("--device-map", f"{text!r} is neither a strategy nor a device",
+                               _MAP_FIX) from None
+    return text
+
+
+def parse_max_memory(text: str) -> MaxMemory:
+    """`0=20GiB,cpu=60GiB` -> {0: "20GiB", "cpu": "60GiB"} (accelerate's `max_memory`).
+
+    Raises:
+        ModelSourceError: an entry without `=`.
+    """
+    limits: MaxMemory = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        device, sep, size = entry.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise ModelSourceError("--max-memory", f"entry {entry!r} is not DEVICE=SIZE",
+                                   "write it like `0=20GiB,cpu=60GiB`")
+        key = device.strip()
+        limits[int(key) if key.isdigit() else key] = size.strip()
+    return limits
+
+
+def is_causal(config: Any) -> bool:
+    """False for bidirectional encoders (BERT family, masked LMs), True for everything else."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if any(name.endswith("ForMaskedLM") for name in architectures):
+        return False
+    return getattr(config, "model_type", "") not in _ENCODER_TYPES
+
+
+def load_probe_model(path: Path, *, label: str, device_map: DeviceMap | None = "auto",
+                     max_memory: MaxMemory | None = None,
+                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model's base (no LM head), placed by accelerate, in eval mode.
+
+    Raises:
+        ModelSourceError: weights of the base model are missing (they would be random).
+    """
+    from transformers import AutoModel
+
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+        if max_memory:
+            placement["max_memory"] = max_memory
+    with quiet_transformers():
+        loaded: Any = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                **placement)
+    model, info = loaded
+    # A BERT pooler is not a hidden state: its absence from MLM checkpoints is harmless.
+    missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("pooler."))
+    if missing:
+        raise ModelSourceError(label, f"lacks weights its layers need ({', '.join(missing[:5])})",
+                               "compare complete checkpoints (config.json and all safetensors)")
+    model.config.tie_last_hidden_states = False  # see the note at the top
+    model.train(False)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
+    return model
+
+
+def shared_tokenizer(path_a: Path, path_b: Path, *, label_a: str, label_b: str
+                     ) -> PreTrainedTokenizerBase:
+    """Model A's tokenizer, after checking that model B reads the same token ids.
+
+    B's own tokenizer, when it has one, must have A's vocabulary; without one, B's embedding
+    table must at least cover A's vocabulary.
+
+    Raises:
+        ModelSourceError: A has no tokenizer, or the vocabulary is larger than a model's embedding.
+        IncompatibleModelsError: B's tokenizer has another vocabulary.
+    """
+    tokenizer = load_tokenizer(path_a, label=label_a)
+    try:
+        other: PreTrainedTokenizerBase | None = load_tokenizer(path_b, label=label_b)
+    except ModelSourceError:
+        other = None  # no tokenizer files: B is read with A's tokenizer (checked below)
+    if other is not None and other.get_vocab() != tokenizer.get_vocab():
+        raise IncompatibleModelsError(label_a, label_b, [
+            f"their tokenizers differ ({len(tokenizer)} vs {len(other)} tokens, or the same "
+            "tokens with other ids), so token positions cannot be paired"])
+    for path, label in ((path_a, label_a), (path_b, label_b)):
+        vocab_size = _config_value(path, "vocab_size")
+        if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+            raise ModelSourceError(
+                label, f"has {vocab_size} embeddings, fewer than the {len(tokenizer)} tokens of "
+                f"{label_a}'s tokenizer", "compare models trained with the same tokenizer")
+    return tokenizer
+
+
+def _config_value(path: Path, key: str) -> Any:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get(key) if isinstance(config, dict) else None
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where the inputs go: the embedding's device (offloaded weights sit on `meta`: use cpu)."""
+    weight = model.get_input_embeddings().weight
+    device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+    return torch.device("cpu") if device.type == "meta" else device
