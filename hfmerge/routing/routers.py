@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from hfmerge.errors import RoutingError, UnknownNameError
-from hfmerge.zoo.train import fixed_threads
+from hfmerge.runtime import fixed_threads
 
 RouterInputs = Literal["features", "losses"]
 _STD_FLOOR = 1e-6  # a feature that never varies is left unscaled instead of divided by ~0

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -26,12 +26,14 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from hfmerge.runtime import fixed_threads
+from hfmerge.zoo.config import ZooArch, ZooConfig
+
 if TYPE_CHECKING:
     from pathlib import Path
 
     from rich.progress import Progress
 
-    from hfmerge.zoo import ZooConfig
 
 Streams = Mapping[str, torch.Tensor]  # domain -> 1-D int64 token ids of one long text
 _EVAL_BATCH = 16
@@ -53,15 +55,6 @@ class TrainResult:
         return sum(tail) / len(tail) if tail else math.nan
 
 
-@contextmanager
-def fixed_threads(count: int) -> Iterator[None]:
-    """Run with `count` intra-op threads (float sums depend on the split), then restore."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
@@ -70,7 +63,6 @@ def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-ZooArch = Literal["llama", "gpt2"]
 ZOO_ARCHS: tuple[ZooArch, ...] = ("llama", "gpt2")
 
 

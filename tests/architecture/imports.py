@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "hfmerge"
+from tests.support import REPO_ROOT
+
+PACKAGE_ROOT = REPO_ROOT / "hfmerge"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,165 @@
+"""`hfmerge cka`: table, JSON with the fixed fields, heatmap, --fail-under, --units, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hfmerge.analysis.cka import CkaReport, compute_cka, diagonal_pairs, format_report
+from hfmerge.cli.app import main
+from tests.support.lm import save_lm, save_permuted_copy
+
+FIELDS = {"model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal",
+          "estimator", "pooling", "samples", "tokens"}
+SMALL = ["--samples", "6", "--max-length", "32", "--batch-size", "4", "--device-map", "cpu"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Llama, its permuted copy, another random init, and a deeper one."""
+    root = tmp_path_factory.mktemp("cka")
+    a = save_lm("llama", root / "a", seed=0)
+    return {
+        "a": a,
+        "permuted": save_permuted_copy(a, root / "permuted", seed=4),
+        "other": save_lm("llama", root / "other", seed=1),
+        "deep": save_lm("llama", root / "deep", seed=2, num_hidden_layers=4),
+    }
+
+
+def test_json_has_the_fixed_fields_and_a_heatmap_is_written(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, png = tmp_path / "cka.json", tmp_path / "cka.png"
+    args = ["cka", str(models["a"]), str(models["permuted"]), *SMALL, "--json", str(out),
+            "--plot", str(png), "--units"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "block.1" in captured.out and "matrix" in captured.out and "matched r" in captured.out
+    assert "wrote" in captured.err and "wrote" not in captured.out
+    report = json.loads(out.read_text())
+    assert report.keys() >= FIELDS
+    assert report["layers_a"] == ["embeddings", "block.0", "block.1"] == report["layers_b"]
+    assert len(report["matrix"]) == 3 and all(len(row) == 3 for row in report["matrix"])
+    assert report["diagonal"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    assert report["estimator"] == "debiased" and report["pooling"] == "tokens"
+    assert report["samples"] == 6 and report["tokens"] == report["cka_samples"] > 6
+    assert report["revisions"] == {"model_a": None, "model_b": None}
+    assert report["settings"]["max_length"] == 32 and report["settings"]["bos_dropped"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_units_match_a_permuted_copy_and_not_another_init(models: dict[str, Path]) -> None:
+    def run(b: str) -> CkaReport:
+        return compute_cka(str(models["a"]), str(models[b]), samples=6, max_length=32,
+                           device_map="cpu", units=True)
+
+    permuted, other = run("permuted"), run("other")
+    assert permuted.units is not None and other.units is not None
+    for unit in permuted.units:
+        assert unit.matched_correlation > 0.999 and unit.predicted_share > 0.99
+        assert unit.same_index_correlation is not None and unit.same_index_correlation < 0.5
+    # Embeddings are a lookup of ~40 distinct characters in 64 dims, so any two random tables are
+    # partly linearly related (the token-identity effect); the blocks are not.
+    assert other.units[0].matched_correlation < 0.6
+    for unit in other.units[1:]:
+        assert unit.matched_correlation < 0.4 and unit.predicted_share < 0.2
+    assert max(other.diagonal) < 0.9  # and CKA itself sees two unrelated random models
+    assert "matched r" in format_report(permuted)
+
+
+def test_fail_under_exit_codes_name_the_layer(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cka", str(models["a"]), str(models["permuted"]), *SMALL,
+                 "--fail-under", "0.99"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "low.json"
+    code = main(["cka", str(models["a"]), str(models["other"]), *SMALL, "--fail-under", "0.99",
+                 "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1
+    report = json.loads(out.read_text())  # the report is still written before failing
+    lowest = min(report["diagonal"])
+    layer = report["layers_a"][report["diagonal"].index(lowest)]
+    assert f"{lowest:.3f} at {layer}" in captured.err
+    assert "falls below 0.99" in captured.err and "Fix:" in captured.err
+    assert "Traceback" not in captured.err and "block.0" in captured.out
+
+
+def test_models_of_different_depth_pair_by_relative_depth(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "depth.json"
+    assert main(["cka", str(models["a"]), str(models["deep"]), *SMALL, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["layers_b"]) == 5 and len(report["matrix"][0]) == 5
+    assert report["diagonal_pairs"] == [[0, 0], [1, 2], [2, 4]]
+    assert report["diagonal"] == pytest.approx([report["matrix"][i][j]
+                                                for i, j in report["diagonal_pairs"]])
+
+
+def test_diagonal_pairs_rule() -> None:
+    assert diagonal_pairs(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert diagonal_pairs(5, 3) == [(0, 0), (2, 1), (4, 2)]
+    assert diagonal_pairs(3, 7) == [(0, 0), (1, 3), (2, 6)]
+
+
+def test_mean_pooling_is_the_default_and_counts_windows(models: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    reports = []
+    for flags in ([], ["--pooling", "tokens"]):
+        out = tmp_path / f"{len(flags)}.json"
+        assert main(["cka", str(models["a"]), str(models["other"]), *SMALL, *flags,
+                     "--json", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    mean, tokens = reports
+    assert mean["pooling"] == "mean" and mean["cka_samples"] == mean["samples"] == 6
+    assert tokens["pooling"] == "tokens" and tokens["cka_samples"] == tokens["tokens"] > 6
+
+
+def test_errors_are_one_paragraph(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(models["a"] / name, bare / name)
+    assert main(["cka", str(bare), str(models["a"]), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "Fix:" in err and "Traceback" not in err
+    assert main(["cka", str(models["a"]), str(models["a"]), "--pooling", "max"]) == 1
+    assert "Unknown pooling 'max'" in capsys.readouterr().err
+    assert main(["cka", str(models["a"]), str(models["a"]), "--data", str(tmp_path / "no.txt")]
+                ) == 1
+    assert "no such file" in capsys.readouterr().err
+    bert = save_lm("bert", tmp_path / "bert", seed=0)
+    assert main(["cka", str(models["a"]), str(bert), *SMALL]) == 1
+    assert "tokenizers differ" in capsys.readouterr().err
+
+
+def test_route_block_suggests_calibration_text_per_model() -> None:
+    from hfmerge.pipeline.gate import route_block
+    from hfmerge.recipe.schema import parse_recipe
+
+    recipe = parse_recipe({"models": ["zoo:code", "zoo:prose", "org/other"],
+                           "merge": {"method": "linear"}})
+    block = route_block(recipe)
+    assert block.splitlines()[:2] == ["route:", "  method: centroid"]
+    assert "builtin:code-train" in block and "builtin:prose-train" in block
+    assert "text typical of org/other's inputs" in block
+
+
+def test_wide_models_are_refused_only_where_streaming_sums_are_needed() -> None:
+    from hfmerge.analysis.cka import _check_memory
+    from hfmerge.errors import HfMergeError
+
+    _check_memory([768] * 13, [768] * 13)  # BERT-base: fine
+    with pytest.raises(HfMergeError, match="--pooling mean with at most 4096 windows"):
+        _check_memory([4096] * 33, [4096] * 33)  # 7B-sized: 140+ GiB of sums

@@ -1,0 +1,171 @@
+"""The command line: data on stdout, one-paragraph errors on stderr, nothing written on error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hfmerge.cli.app import main
+from hfmerge.methods import METHODS
+from tests.support.tiny_models import save_tiny_model
+
+
+def write_recipe(
+    path: Path, models: list[str], method: str = "linear", out: str = "merged"
+) -> Path:
+    lines = ["models:"] + [f"  - {m}" for m in models]
+    lines += ["merge:", f"  method: {method}", "output:", f"  path: {out}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_methods_lists_every_method_with_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"{name}:" in out
+    assert "paper: https://" in out and "density" in out
+
+
+def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["archs"]) == 0
+    out = capsys.readouterr().out
+    for family in ("bert", "gpt2", "gpt_neox", "llama"):
+        assert f"{family}:" in out
+    assert "mistral" in out and "qwen2" in out
+
+
+def test_run_writes_model_and_prints_its_path(
+    chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = save_tiny_model("llama", chdir_tmp / "a", seed=0)
+    b = save_tiny_model("llama", chdir_tmp / "b", seed=1)
+    path = write_recipe(chdir_tmp / "r.yaml", [str(a), str(b)])
+    assert main(["run", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "merged"
+    assert "AutoModelForCausalLM.from_pretrained('merged')" in captured.err
+    assert (chdir_tmp / "merged" / "config.json").exists()
+    assert main(["run", str(path)]) == 1  # exists now
+    assert "exists" in capsys.readouterr().err
+    assert main(["run", str(path), "--force", "--out", "other"]) == 0
+    assert (chdir_tmp / "other" / "README.md").exists()
+
+
+def test_dry_run_prints_the_plan(chdir_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = save_tiny_model("llama", chdir_tmp / "a", seed=0)
+    path = write_recipe(chdir_tmp / "r.yaml", [str(a), str(a)])
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.embed_tokens.weight" in out and "merge" in out
+    assert not (chdir_tmp / "merged").exists()
+
+
+def test_validate_reports_key_and_method_typos_in_one_error(
+    chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = chdir_tmp / "bad.yaml"
+    path.write_text("modles: [a, b]\nmerge:\n  method: linaer\n")
+    for command in (["validate", str(path)], ["run", str(path)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "unknown key 'modles'" in err and "'linaer'" in err and "'linear'" in err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in chdir_tmp.iterdir()) == ["bad.yaml"]
+
+
+def test_validate_ok_and_missing_model(chdir_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = save_tiny_model("llama", chdir_tmp / "a", seed=0)
+    good = write_recipe(chdir_tmp / "good.yaml", [str(a), str(a)])
+    assert main(["validate", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    missing = write_recipe(chdir_tmp / "missing.yaml", [str(a), "./nowhere"])
+    assert main(["validate", str(missing)]) == 1
+    assert "./nowhere: no such directory" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hfmerge", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0
+    assert "run" in done.stdout and "validate" in done.stdout
+
+
+# Runs the console script with `cli.main` replaced, and prints what it saw: the exit status, whether
+# the GC ran during the command, whether torch was imported, and whether objects were frozen.
+_ENTRY_PROBE = """
+import atexit, gc, sys, threading, time
+import hfmerge.cli.app as cli
+
+def command():
+    atexit.register(print, "exit handler ran")
+    threading.Thread(target=lambda: time.sleep(0.2) or print("thread joined")).start()
+    print(gc.isenabled(), "torch" in sys.modules, gc.get_freeze_count() > 0, end=" ")
+    return 3
+
+cli.main = command
+sys.argv = ["hfmerge", *sys.argv[1:]]
+from hfmerge.cli.entry import console_main
+console_main()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "torch_imported"), [(["methods"], True), (["--help"], False), ([], False)]
+)
+def test_console_script_imports_torch_with_the_gc_paused_only_for_commands(
+    args: list[str], torch_imported: bool
+) -> None:
+    """The command runs with the GC on, torch imported (and frozen) only for commands; the exit
+    skips the teardown but keeps the status, joins threads, runs handlers and flushes output."""
+    done = subprocess.run(
+        [sys.executable, "-c", _ENTRY_PROBE, *args], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.split() == [
+        "True", str(torch_imported), "True", "thread", "joined", "exit", "handler", "ran"
+    ]
+
+
+def test_import_hfmerge_stays_light_until_a_name_is_used() -> None:
+    probe = (
+        "import sys, hfmerge; light = 'torch' not in sys.modules; "
+        "hfmerge.run_recipe; print(light, 'torch' in sys.modules, 'run_recipe' in dir(hfmerge))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True", "True"]
+
+
+def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "Missing argument" in err and "Traceback" not in err
+    assert main(["no-such-command"]) == 2
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_align_writes_b_in_a_basis(
+    method: str, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.support.lm import save_lm, save_permuted_copy
+
+    a = save_lm("llama", chdir_tmp / "a", seed=2)
+    b = save_permuted_copy(a, chdir_tmp / "b", seed=9)
+    assert main(["align", str(a), str(b), "--out", "c", "--method", method]) == 0
+    assert capsys.readouterr().out.strip() == "c"
+    original, aligned = (
+        load_file(a / "model.safetensors"),
+        load_file(chdir_tmp / "c" / "model.safetensors"),
+    )
+    for name, tensor in original.items():
+        torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
+    assert (chdir_tmp / "c" / "hfmerge_permutations.safetensors").exists()
+    assert main(["align", str(a), str(b), "--out", "c"]) == 1  # exists: refused without --force

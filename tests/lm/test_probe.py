@@ -1,0 +1,190 @@
+"""Probing: masks and BOS respected, padding-proof, pre-norm last block, shared tokenizer checks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from hfmerge.analysis.similarity import CkaMatrix
+from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+from hfmerge.lm.batches import probe_batches
+from hfmerge.lm.load import (
+    is_causal,
+    load_probe_model,
+    parse_device_map,
+    parse_max_memory,
+    shared_tokenizer,
+)
+from hfmerge.lm.probe import kept_positions, layer_states, paired_states, pool
+from hfmerge.lm.textdata import load_texts, token_windows
+from tests.support.lm import char_tokenizer, save_lm, save_permuted_copy, style_of
+
+LENGTH, SAMPLES = 32, 8
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Llama (GQA) and a randomly permuted copy: same function, other basis."""
+    root = tmp_path_factory.mktemp("probe")
+    a = save_lm("llama", root / "a", seed=0)
+    return a, save_permuted_copy(a, root / "b", seed=3)
+
+
+def _batches(kind: str, *, batch_size: int = 3) -> list[dict[str, torch.Tensor]]:
+    tokenizer = char_tokenizer(style_of(kind))
+    windows = token_windows(tokenizer, load_texts(None), max_length=LENGTH, samples=SAMPLES)
+    windows[1] = windows[1][:LENGTH // 2]  # a short window, so batches hold real padding
+    return probe_batches(windows, tokenizer, batch_size=batch_size)
+
+
+def _load(path: Path) -> PreTrainedModel:
+    return load_probe_model(path, label=str(path), device_map="cpu")
+
+
+def _matrix(a: PreTrainedModel, b: PreTrainedModel, batches: list[dict[str, torch.Tensor]], *,
+            causal: bool = True) -> torch.Tensor:
+    matrix: CkaMatrix | None = None
+    for states in paired_states(a, b, batches, causal=causal):
+        if matrix is None:
+            matrix = CkaMatrix([s.shape[1] for s in states.a], [s.shape[1] for s in states.b])
+        matrix.update(states.a, states.b)
+    assert matrix is not None
+    return matrix.values()
+
+
+def test_kept_positions_drop_padding_and_causal_position_zero() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert kept_positions(mask, causal=True).tolist() == [[False, True, True, False],
+                                                          [False, True, False, False]]
+    assert kept_positions(mask, causal=False).tolist() == mask.bool().tolist()
+
+
+def test_pool_tokens_and_masked_mean() -> None:
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)  # [b=2, t=3, d=2]
+    keep = torch.tensor([[True, True, False], [False, False, False]])
+    assert pool(hidden, keep, pooling="tokens").tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    assert pool(hidden, keep, pooling="mean").tolist() == [[1.0, 2.0]]  # empty window dropped
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_extra_padding_changes_nothing(tmp_path: Path, kind: str) -> None:
+    model = _load(save_lm(kind, tmp_path / kind, seed=2))
+    causal = is_causal(model.config)
+    pad_id = char_tokenizer(style_of(kind)).pad_token_id
+    batches = _batches(kind)
+    padded = [{"input_ids": torch.nn.functional.pad(b["input_ids"], (0, 7), value=pad_id),
+               "attention_mask": torch.nn.functional.pad(b["attention_mask"], (0, 7))}
+              for b in batches]
+    for plain, extra in zip(batches, padded, strict=True):
+        for s, t in zip(layer_states(model, plain, causal=causal, pooling="tokens"),
+                        layer_states(model, extra, causal=causal, pooling="tokens"), strict=True):
+            assert torch.allclose(s, t, atol=1e-5)
+    torch.testing.assert_close(_matrix(model, model, padded, causal=causal),
+                               _matrix(model, model, batches, causal=causal), atol=1e-6, rtol=0)
+    other = _load(save_lm(kind, tmp_path / f"{kind}-other", seed=3))
+    torch.testing.assert_close(_matrix(model, other, padded, causal=causal),
+                               _matrix(model, other, batches, causal=causal), atol=1e-6, rtol=0)
+
+
+def test_padding_is_masked_not_averaged_in() -> None:
+    hidden = torch.zeros(1, 4, 2)
+    hidden[0, :2] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    hidden[0, 2:] = 1000.0  # what a model emits at pad positions must never reach a statistic
+    keep = kept_positions(torch.tensor([[1, 1, 0, 0]]), causal=False)
+    assert pool(hidden, keep, pooling="mean").tolist() == [[2.0, 3.0]]
+
+
+def test_permuted_copy_has_the_same_matrix_as_the_model_itself(
+    llama_pair: tuple[Path, Path],
+) -> None:
+    a, b = _load(llama_pair[0]), _load(llama_pair[1])
+    batches = _batches("llama")
+    states_a = layer_states(a, batches[0], causal=True, pooling="tokens")
+    states_b = layer_states(b, batches[0], causal=True, pooling="tokens")
+    # The residual permutation moves hidden units, so raw states differ (the basis changed) ...
+    assert not torch.allclose(states_a[1], states_b[1], atol=1e-3)
+    # ... yet they are the same up to that permutation, which CKA cannot see.
+    assert torch.allclose(states_a[1].sort(dim=1).values, states_b[1].sort(dim=1).values,
+                          atol=1e-4)
+    itself = _matrix(a, a, batches)
+    assert torch.allclose(itself.diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-9)
+    torch.testing.assert_close(_matrix(a, b, batches), itself, atol=1e-5, rtol=0)
+
+
+def test_mean_pooling_gives_one_sample_per_window(llama_pair: tuple[Path, Path]) -> None:
+    model = _load(llama_pair[0])
+    batch = _batches("llama")[0]
+    states = layer_states(model, batch, causal=True, pooling="mean")
+    assert [tuple(s.shape) for s in states] == [(3, 64)] * 3
+
+
+def test_last_state_is_the_last_block_output_before_the_final_norm(
+    llama_pair: tuple[Path, Path],
+) -> None:
+    model = _load(llama_pair[0])
+    batch = _batches("llama")[0]
+    captured: list[torch.Tensor] = []
+    blocks = model.layers
+    assert isinstance(blocks, torch.nn.ModuleList)
+    last_block = blocks[-1]
+    handle = last_block.register_forward_hook(lambda _m, _a, out: captured.append(
+        out[0] if isinstance(out, tuple) else out))
+    try:
+        states = layer_states(model, batch, causal=True, pooling="tokens")
+    finally:
+        handle.remove()
+    keep = kept_positions(batch["attention_mask"], causal=True)
+    assert torch.allclose(states[-1], captured[0][keep], atol=1e-6)
+
+
+def test_bert_keeps_position_zero(tmp_path: Path) -> None:
+    path = save_lm("bert", tmp_path / "bert", seed=1)
+    model = _load(path)
+    assert not is_causal(model.config)
+    batch = _batches("bert")[0]
+    states = layer_states(model, batch, causal=False, pooling="tokens")
+    assert states[0].shape[0] == int(batch["attention_mask"].sum())
+
+
+def test_shared_tokenizer_rules(tmp_path: Path, llama_pair: tuple[Path, Path]) -> None:
+    a = llama_pair[0]
+    assert len(shared_tokenizer(a, llama_pair[1], label_a="a", label_b="b")) == len(
+        char_tokenizer("llama"))
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(a / name, no_tok / name)
+    shared_tokenizer(a, no_tok, label_a="a", label_b="no_tok")  # B is read with A's tokenizer
+    with pytest.raises(ModelSourceError, match="has no tokenizer") as info:
+        shared_tokenizer(no_tok, a, label_a="no_tok", label_b="a")
+    assert "save_pretrained" in info.value.message()
+    bert = save_lm("bert", tmp_path / "bert", seed=0)
+    with pytest.raises(IncompatibleModelsError, match="tokenizers differ"):
+        shared_tokenizer(a, bert, label_a="a", label_b="bert")
+
+
+def test_device_map_and_max_memory_parsing() -> None:
+    assert parse_device_map("auto") == "auto"
+    assert parse_device_map("cuda:1") == "cuda:1"
+    assert parse_device_map('{"": "cpu"}') == {"": "cpu"}
+    assert parse_max_memory("0=20GiB, cpu=60GiB") == {0: "20GiB", "cpu": "60GiB"}
+    with pytest.raises(ModelSourceError, match="neither a strategy nor a device"):
+        parse_device_map("everywhere")
+    with pytest.raises(ModelSourceError, match="not valid JSON"):
+        parse_device_map("{oops")
+    with pytest.raises(ModelSourceError, match="DEVICE=SIZE"):
+        parse_max_memory("20GiB")
+
+
+def test_auto_device_map_with_memory_limit_loads_and_runs(llama_pair: tuple[Path, Path]) -> None:
+    model = load_probe_model(llama_pair[0], label="a", device_map="auto",
+                             max_memory={"cpu": "1GiB"})
+    states = layer_states(model, _batches("llama")[0], causal=True, pooling="tokens")
+    assert len(states) == 3 and states[0].dtype == torch.float32

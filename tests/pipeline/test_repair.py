@@ -1,0 +1,104 @@
+"""`align: {repair: true}`: the published merge is the barrier's REPAIRed midpoint, and only the
+tensors REPAIR folds into differ from the plain merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hfmerge.analysis.barrier import compare_barriers
+from hfmerge.analysis.evaluation import eval_model
+from hfmerge.errors import RecipeError
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
+from hfmerge.tensors import overwrite_tensors
+from hfmerge.tensors.writer import ShardWriteError
+from tests.support.lm import save_lm, train_tiny_lm
+
+PROBE = {"data": "builtin", "samples": 8, "max_length": 32}
+FOLDED = ("input_layernorm", "q_proj", "k_proj", "o_proj", "post_attention_layernorm",
+          "down_proj", "model.norm")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("seeds")
+    return (save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
+            save_lm("llama", root / "b", model=train_tiny_lm("llama", seed=1, steps=200)))
+
+
+def _recipe(a: Path, b: Path, out: Path, *, repair: bool, method: str = "linear",
+            shard: str = "5GB") -> Any:
+    return parse_recipe({
+        "models": [{"model": str(a), "weight": 0.5}, {"model": str(b), "weight": 0.5}],
+        "base": str(a),
+        "align": {"method": "weight", "repair": repair},
+        "probe": PROBE,
+        "merge": {"method": method},
+        "output": {"path": str(out), "max_shard_size": shard},
+    })
+
+
+def _loss(path: Path) -> float:
+    return eval_model(str(path), data=str(PROBE["data"]), max_length=int(PROBE["max_length"]),
+                      samples=int(PROBE["samples"])).loss
+
+
+def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
+    seeds: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = seeds
+    run_recipe(_recipe(a, b, tmp_path / "plain", repair=False), progress=False)
+    run_recipe(_recipe(a, b, tmp_path / "repaired", repair=True), progress=False)
+    weight, repaired = compare_barriers(
+        str(a), str(b), aligns=["weight", "weight+repair"], steps=3, data=str(PROBE["data"]),
+        max_length=int(PROBE["max_length"]), samples=int(PROBE["samples"]), progress=False)
+    assert _loss(tmp_path / "plain") == pytest.approx(weight.loss_mid, abs=1e-4)
+    assert _loss(tmp_path / "repaired") == pytest.approx(repaired.loss_mid, abs=1e-4)
+    assert abs(repaired.loss_mid - weight.loss_mid) > 1e-3
+
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    fixed = load_file(tmp_path / "repaired" / "model.safetensors")
+    changed = {name for name in plain if not torch.equal(plain[name], fixed[name])}
+    assert changed and all(any(part in name for part in FOLDED) for name in changed)
+    assert not any("v_proj" in n or "gate_proj" in n or "embed" in n for n in changed)
+    card = (tmp_path / "repaired" / "README.md").read_text()
+    assert "REPAIR" in card and "channel groups" in card
+
+
+def test_repair_needs_a_linear_merge() -> None:
+    with pytest.raises(RecipeError, match=r"align\.repair.*linear"):
+        _recipe(Path("a"), Path("b"), Path("out"), repair=True, method="ties")
+
+
+def test_overwrite_tensors_keeps_dtype_and_refuses_a_new_shape(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(6, dtype=torch.bfloat16).view(2, 3),
+               "b": torch.ones(4, dtype=torch.float32)}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    overwrite_tensors(tmp_path, {"a": torch.full((2, 3), 2.5)}, label="m")  # float32 in
+    reloaded = load_file(tmp_path / "model.safetensors")
+    assert reloaded["a"].dtype == torch.bfloat16 and torch.equal(reloaded["a"],
+                                                                torch.full((2, 3), 2.5).bfloat16())
+    assert torch.equal(reloaded["b"], tensors["b"])
+    with pytest.raises(ShardWriteError, match="shape"):
+        overwrite_tensors(tmp_path, {"b": torch.ones(5)}, label="m")
+
+
+def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = seeds
+    run_recipe(_recipe(a, b, tmp_path / "one", repair=True), progress=False)
+    run_recipe(_recipe(a, b, tmp_path / "many", repair=True, shard="40KB"), progress=False)
+    assert len(list((tmp_path / "many").glob("*.safetensors"))) > 2
+    whole = load_file(tmp_path / "one" / "model.safetensors")
+    sharded: dict[str, torch.Tensor] = {}
+    for file in (tmp_path / "many").glob("*.safetensors"):
+        sharded.update(load_file(file))
+    assert whole.keys() == sharded.keys()
+    assert all(torch.equal(whole[name], sharded[name]) for name in whole)

@@ -1,0 +1,47 @@
+"""Shared by the engine tests: a tiny Llama base with two fine-tunes, and a merge of them run
+through the pipeline, read back as tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
+from tests.support.tiny_models import make_tiny_model
+
+
+def make_models(root: Path) -> list[Path]:
+    """A tiny Llama base and two fine-tunes of it, saved under `root`."""
+    paths = []
+    for seed in range(3):
+        model = make_tiny_model("llama", seed=0)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.02 * seed * torch.randn(param.shape, generator=generator))
+        path = root / f"m{seed}"
+        model.save_pretrained(path, safe_serialization=True)
+        paths.append(path)
+    return paths
+
+
+def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, torch.Tensor]:
+    """Run `method` over models 1 and 2 with model 0 as base; the output's tensors."""
+    per_model = {"linear": {"weight": 0.5}, "task_arithmetic": {"weight": 0.5}, "model_stock": {}}
+    fields = per_model.get(method, {"weight": 0.5, "density": 0.5})
+    entries = [{"model": str(m), **fields} for m in models[1:]]
+    data = {
+        "models": entries,
+        "base": str(models[0]),
+        "merge": {"method": method},
+        "output": {"path": str(out), "dtype": "bfloat16", "max_shard_size": "60KB"},
+    }
+    run_recipe(parse_recipe(data), force=True, progress=False, **run)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
