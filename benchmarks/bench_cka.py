@@ -116,21 +116,27 @@ def main() -> None:
         rows.append(("hfmerge cka (mean)", *measure(CKA, a, b, *sizes, "mean")))
         rows.append(("hfmerge cka (tokens)", *measure(CKA, a, b, *sizes, "tokens")))
         peer = _peer(a, b, sizes, Path(tmp) / "peer.json")
-    print(f"two BERT-base-sized models, {args.samples} windows x {args.max_length} tokens "
-          "(builtin:mixed), all 13 x 13 layer pairs, CPU")
+    print(
+        f"two BERT-base-sized models, {args.samples} windows x {args.max_length} tokens "
+        "(builtin:mixed), all 13 x 13 layer pairs, CPU"
+    )
     print(f"{'step':<22} {'wall s':>8} {'peak RSS MiB':>13} {'over forward':>13}")
     forward_s, forward_rss = rows[0][1], rows[0][2]
     for name, wall, rss in rows:
         print(f"{name:<22} {wall:>8.1f} {rss:>13.0f} {wall / forward_s - 1:>+13.0%}")
-    print(f"peak RSS over the forward passes: mean {rows[1][2] / forward_rss:.2f}x, "
-          f"tokens {rows[2][2] / forward_rss:.2f}x")
+    print(
+        f"peak RSS over the forward passes: mean {rows[1][2] / forward_rss:.2f}x, "
+        f"tokens {rows[2][2] / forward_rss:.2f}x"
+    )
     if peer is None:
         print("ckatorch not installed: pip install -c constraints.txt -e '.[bench]'")
         return
-    print(f"CKA step alone on the same mean-pooled activations: hfmerge {peer['ours_s']:.3f} s, "
-          f"ckatorch cka_base {peer['theirs_s']:.3f} s "
-          f"({peer['theirs_s'] / peer['ours_s']:.1f}x); max |difference| "
-          f"{peer['max_abs_diff']:.1e}")
+    print(
+        f"CKA step alone on the same mean-pooled activations: hfmerge {peer['ours_s']:.3f} s, "
+        f"ckatorch cka_base {peer['theirs_s']:.3f} s "
+        f"({peer['theirs_s'] / peer['ours_s']:.1f}x); max |difference| "
+        f"{peer['max_abs_diff']:.1e}"
+    )
 
 
 def _peer(a: Path, b: Path, sizes: tuple[int, int], out: Path) -> dict[str, float] | None:

@@ -36,9 +36,7 @@ from harness import LlamaShape, measure, measure_command, write_model
 from hfmerge.tensors import LazyCheckpoint
 
 BIN = Path(sys.executable).parent
-TINYLLAMA = LlamaShape(
-    hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000
-)
+TINYLLAMA = LlamaShape(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000)
 Rows = dict[tuple[str, str], list[tuple[float, float]]]  # (method, tool) -> (wall s, RSS MiB)
 MERGEKIT_FLAGS = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
 
@@ -269,8 +267,7 @@ def print_table(methods: list[str], rows: Rows, args: argparse.Namespace) -> Non
         if (method, "mergekit") in rows:
             mk_wall, mk_rss = best(rows[method, "mergekit"])
             line += (
-                f"; hfmerge/mergekit wall {hf_wall / mk_wall:.2f}x, "
-                f"peak RSS {hf_rss / mk_rss:.2f}x"
+                f"; hfmerge/mergekit wall {hf_wall / mk_wall:.2f}x, peak RSS {hf_rss / mk_rss:.2f}x"
             )
         print(line)
 

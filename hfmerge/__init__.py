@@ -11,8 +11,15 @@ if TYPE_CHECKING:
     from hfmerge.recipe.schema import Recipe, load_recipe
     from hfmerge.routing import RoutedModel
 
-__all__ = ["HfMergeError", "Recipe", "RoutedModel", "RunResult", "__version__", "load_recipe",
-           "run_recipe"]
+__all__ = [
+    "HfMergeError",
+    "Recipe",
+    "RoutedModel",
+    "RunResult",
+    "__version__",
+    "load_recipe",
+    "run_recipe",
+]
 __version__ = "0.1.0"
 
 # Public names and their modules, imported on first use: `import hfmerge` (and the command line's

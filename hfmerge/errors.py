@@ -147,8 +147,14 @@ class HubError(HfMergeError):
     """
 
     def __init__(
-        self, repo_id: str, problem: str, *, kind: str, revision: str | None = None,
-        why: str = "", fix: str = "",
+        self,
+        repo_id: str,
+        problem: str,
+        *,
+        kind: str,
+        revision: str | None = None,
+        why: str = "",
+        fix: str = "",
     ) -> None:
         self.repo_id = repo_id
         self.revision = revision

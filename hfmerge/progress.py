@@ -44,8 +44,9 @@ def track(
 
 
 @contextlib.contextmanager
-def counter(*, description: str, total: int, enabled: bool = True
-            ) -> Iterator[Callable[[int], None]]:
+def counter(
+    *, description: str, total: int, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """A progress bar of `total` steps on stderr when `enabled`, advanced by calling the
     yielded function with a step count, from any thread."""
     if not enabled:

@@ -118,8 +118,11 @@ def _output_probes(spec: ArchSpec, module: str, role: AxisRole | None) -> list[_
     start, end = group.qk_free_dims
     if end - start < 2:  # Q/K dims are pinned (RoPE): nothing to learn from them
         return []
-    return [_Probe(module, "output", group.name, part, where.reshape(-1))  # [heads*head_dim]
-            for part, where in head_slices(group, role.layout).items() if part in ("q", "k")]
+    return [
+        _Probe(module, "output", group.name, part, where.reshape(-1))  # [heads*head_dim]
+        for part, where in head_slices(group, role.layout).items()
+        if part in ("q", "k")
+    ]
 
 
 def _probes(spec: ArchSpec, modules: dict[str, nn.Module]) -> list[_Probe]:
@@ -158,22 +161,26 @@ Captured = dict[int, torch.Tensor]  # probe index -> captured activations [batch
 Hidden = tuple[torch.Tensor, ...]  # hidden states, each [batch, seq, hidden]
 
 
-def _hooks(model: nn.Module, probes: list[_Probe], store: Captured
-           ) -> list[torch.utils.hooks.RemovableHandle]:
+def _hooks(
+    model: nn.Module, probes: list[_Probe], store: Captured
+) -> list[torch.utils.hooks.RemovableHandle]:
     """Register one hook per probe that writes the probed tensor into `store`."""
     modules = dict(model.named_modules())
     handles = []
     for index, probe in enumerate(probes):
         module = modules.get(probe.module)
         if module is None:
-            raise AlignmentError(f"one model has no module {probe.module}",
-                                 fix="align two models of the same class and size")
+            raise AlignmentError(
+                f"one model has no module {probe.module}",
+                fix="align two models of the same class and size",
+            )
         handles.append(_hook(module, probe.where, index, store))
     return handles
 
 
-def _hook(module: nn.Module, where: Where, index: int, store: Captured
-          ) -> torch.utils.hooks.RemovableHandle:
+def _hook(
+    module: nn.Module, where: Where, index: int, store: Captured
+) -> torch.utils.hooks.RemovableHandle:
     if where == "input":
 
         def pre_hook(_: nn.Module, args: tuple[Any, ...]) -> None:
@@ -190,9 +197,11 @@ def _hook(module: nn.Module, where: Where, index: int, store: Captured
 def _tokens(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Non-padding positions of [batch, seq, width] features as [tokens, width] float64."""
     if features.dim() != 3 or tuple(features.shape[:2]) != tuple(keep.shape):
-        raise AlignmentError(f"a captured activation has shape {tuple(features.shape)}, expected "
-                             f"[batch, seq, width] with [batch, seq] = {tuple(keep.shape)}",
-                             fix="pass batches of input_ids with a matching attention_mask")
+        raise AlignmentError(
+            f"a captured activation has shape {tuple(features.shape)}, expected "
+            f"[batch, seq, width] with [batch, seq] = {tuple(keep.shape)}",
+            fix="pass batches of input_ids with a matching attention_mask",
+        )
     flat = features.reshape(-1, features.shape[-1])  # [batch, seq, width] -> [batch*seq, width]
     rows = keep.reshape(-1).to(flat.device)  # [batch, seq] -> [batch*seq]
     return flat[rows].to(device="cpu", dtype=torch.float64)  # [tokens, width]
@@ -206,8 +215,9 @@ class _Statistics:
         self.parts: dict[tuple[str, str], CrossStats] = {}
         self.residual: list[CrossStats] = []
 
-    def add(self, keep: torch.Tensor, hidden: tuple[Hidden, Hidden],
-            stores: tuple[Captured, Captured]) -> None:
+    def add(
+        self, keep: torch.Tensor, hidden: tuple[Hidden, Hidden], stores: tuple[Captured, Captured]
+    ) -> None:
         """One batch: both models' hidden states and hooked activations, `keep` [batch, seq]."""
         hidden_a, hidden_b = hidden
         if not self.residual:
@@ -217,8 +227,7 @@ class _Statistics:
         for stats, a, b in zip(self.residual, hidden_a, hidden_b, strict=True):
             stats.update(_tokens(a, keep), _tokens(b, keep))
         for index, probe in enumerate(self.probes):
-            a, b = (_tokens(_take(store, index, probe), keep)[:, probe.columns]
-                    for store in stores)
+            a, b = (_tokens(_take(store, index, probe), keep)[:, probe.columns] for store in stores)
             key = (probe.group, probe.part)
             if key not in self.parts:
                 self.parts[key] = CrossStats(a.shape[1], b.shape[1])
@@ -227,9 +236,11 @@ class _Statistics:
 
 def _take(store: Captured, index: int, probe: _Probe) -> torch.Tensor:
     if index not in store:
-        raise AlignmentError(f"module {probe.module} did not run in the forward pass",
-                             why="its activations are what the group is matched on",
-                             fix="use weight matching for this model")
+        raise AlignmentError(
+            f"module {probe.module} did not run in the forward pass",
+            why="its activations are what the group is matched on",
+            fix="use weight matching for this model",
+        )
     return store.pop(index)
 
 
@@ -243,16 +254,23 @@ def _hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> Hi
 def _keep(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[batch, seq] True at real tokens, False at padding."""
     if "input_ids" not in batch:
-        raise AlignmentError("a batch has no input_ids",
-                             fix="pass tokenized batches (input_ids, attention_mask)")
+        raise AlignmentError(
+            "a batch has no input_ids", fix="pass tokenized batches (input_ids, attention_mask)"
+        )
     mask = batch.get("attention_mask")
     if mask is None:
         return torch.ones_like(batch["input_ids"], dtype=torch.bool, device="cpu")
     return mask.bool().cpu()
 
 
-def _collect(spec: ArchSpec, model_a: PreTrainedModel, model_b: PreTrainedModel,
-             batches: Iterable[dict[str, torch.Tensor]], *, progress: bool) -> _Statistics:
+def _collect(
+    spec: ArchSpec,
+    model_a: PreTrainedModel,
+    model_b: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    progress: bool,
+) -> _Statistics:
     probes = _probes(spec, dict(model_a.named_modules()))
     _check_coverage(spec, probes)
     stores: tuple[Captured, Captured] = ({}, {})
@@ -268,8 +286,10 @@ def _collect(spec: ArchSpec, model_a: PreTrainedModel, model_b: PreTrainedModel,
         for handle in handles:
             handle.remove()
     if not stats.residual or stats.residual[0].count < 2:
-        raise AlignmentError("the batches hold fewer than two non-padding tokens",
-                             fix="pass probe text with more tokens")
+        raise AlignmentError(
+            "the batches hold fewer than two non-padding tokens",
+            fix="pass probe text with more tokens",
+        )
     return stats
 
 
@@ -278,8 +298,9 @@ def _attention_blocks(group: PermGroup, stats: _Statistics) -> HeadBlocks:
     for part in ("q", "k", "o"):
         if (group.name, part) in stats.parts:
             correlation = stats.parts[group.name, part].correlation()
-            blocks[part] = head_blocks(correlation, heads=part_heads(group, part),
-                                       head_dim=group.head_dim)
+            blocks[part] = head_blocks(
+                correlation, heads=part_heads(group, part), head_dim=group.head_dim
+            )
     return blocks
 
 
@@ -299,9 +320,14 @@ def _match_group(group: PermGroup, stats: _Statistics) -> tuple[GroupPerm, float
     return order, assignment_value(similarity, order) / group.size
 
 
-def activation_matching(spec: ArchSpec, model_a: PreTrainedModel, model_b: PreTrainedModel,
-                        batches: Iterable[dict[str, torch.Tensor]], *,
-                        progress: bool = False) -> MatchResult:
+def activation_matching(
+    spec: ArchSpec,
+    model_a: PreTrainedModel,
+    model_b: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    progress: bool = False,
+) -> MatchResult:
     """Permutations of B's units that maximise the correlation of matched activations with A's.
 
     Residual: correlation averaged over every hidden state (embeddings and each block's output);
@@ -315,5 +341,6 @@ def activation_matching(spec: ArchSpec, model_a: PreTrainedModel, model_b: PreTr
     correlation: dict[str, float] = {}
     for group in spec.groups.values():
         perms[group.name], correlation[group.name] = _match_group(group, stats)
-    return MatchResult(perms=perms, iterations=1, objective=[sum(correlation.values())],
-                       correlation=correlation)
+    return MatchResult(
+        perms=perms, iterations=1, objective=[sum(correlation.values())], correlation=correlation
+    )

@@ -54,8 +54,9 @@ def permutation_tensors(perms: Permutations) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_permutations(path: Path, perms: Permutations, *,
-                      metadata: dict[str, str] | None = None) -> None:
+def save_permutations(
+    path: Path, perms: Permutations, *, metadata: dict[str, str] | None = None
+) -> None:
     """Write `perms` as a safetensors file (see `permutation_tensors` for the names)."""
     save_file(permutation_tensors(perms), str(path), metadata={"format": "pt", **(metadata or {})})
 
@@ -65,9 +66,10 @@ def load_permutations(path: Path, spec: ArchSpec) -> Permutations:
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as exc:
-        raise AlignmentError(f"cannot read permutations file {path}: {exc}",
-                             fix=f"point to the {PERMUTATIONS_FILE} written by `hfmerge align`") \
-            from None
+        raise AlignmentError(
+            f"cannot read permutations file {path}: {exc}",
+            fix=f"point to the {PERMUTATIONS_FILE} written by `hfmerge align`",
+        ) from None
     perms: Permutations = {}
     for name, group in spec.groups.items():
         keys = [f"{name}.{f}" for f in ATTENTION_FIELDS] if group.kind == "attention" else [name]
@@ -83,16 +85,19 @@ def load_permutations(path: Path, spec: ArchSpec) -> Permutations:
     except ValueError as exc:
         problems.append(str(exc))
     if problems:
-        raise AlignmentError(f"permutations file {path} does not fit this {spec.family} model",
-                             why="; ".join(problems),
-                             fix="use the file written when this model pair was aligned")
+        raise AlignmentError(
+            f"permutations file {path} does not fit this {spec.family} model",
+            why="; ".join(problems),
+            fix="use the file written when this model pair was aligned",
+        )
     return perms
 
 
 def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel, InspectedModel]:
     """Configs, headers and specs of both models, refused unless they match tensor by tensor."""
-    pair = tuple(inspect_model(ModelSource(ref=str(d), path=Path(d)))
-                 for d in (model_a_dir, model_b_dir))
+    pair = tuple(
+        inspect_model(ModelSource(ref=str(d), path=Path(d))) for d in (model_a_dir, model_b_dir)
+    )
     check_compatible(pair)
     return pair[0], pair[1]
 
@@ -100,8 +105,11 @@ def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel,
 def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
     """Every non-buffer tensor of the checkpoint as float64."""
     with LazyCheckpoint(model.source.path, label=model.name) as reader:
-        return {name: reader.get(name).to(torch.float64)
-                for name, tensor in model.spec.tensors.items() if not tensor.buffer}
+        return {
+            name: reader.get(name).to(torch.float64)
+            for name, tensor in model.spec.tensors.items()
+            if not tensor.buffer
+        }
 
 
 def _load_model(model: InspectedModel) -> PreTrainedModel:
@@ -115,9 +123,10 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
     try:
         loaded: PreTrainedModel = cls.from_pretrained(model.source.path, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise AlignmentError(f"transformers cannot load {model.name}: {exc}",
-                             fix="use weight matching, which reads the safetensors directly") \
-            from None
+        raise AlignmentError(
+            f"transformers cannot load {model.name}: {exc}",
+            fix="use weight matching, which reads the safetensors directly",
+        ) from None
     module: torch.nn.Module = loaded  # torch's typing of .eval (transformers wraps it)
     module.eval()  # in place; no dropout while probing
     return loaded
@@ -127,19 +136,33 @@ def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:
     """Batches of the built-in English probe text, tokenized with the model's own tokenizer."""
     from hfmerge.lm.batches import text_batches
 
-    return text_batches(model.source.path, label=model.name, data=None, max_length=PROBE_LENGTH,
-                        samples=PROBE_SAMPLES, batch_size=PROBE_BATCH)
+    return text_batches(
+        model.source.path,
+        label=model.name,
+        data=None,
+        max_length=PROBE_LENGTH,
+        samples=PROBE_SAMPLES,
+        batch_size=PROBE_BATCH,
+    )
 
 
-def _match(method: str, a: InspectedModel, b: InspectedModel, *, seed: int,
-           batches: Batches | None, progress: bool) -> MatchResult:
+def _match(
+    method: str,
+    a: InspectedModel,
+    b: InspectedModel,
+    *,
+    seed: int,
+    batches: Batches | None,
+    progress: bool,
+) -> MatchResult:
     if method == "none":
         return MatchResult(perms=identity_permutations(b.spec), iterations=0, objective=[])
     if method == "weight":
         # Both models are held whole as float64 (16 bytes per parameter pair: 1.8 GB for
         # BERT-base); fine up to that size, larger models would need streamed similarities.
-        return weight_matching(b.spec, _read_params(a), _read_params(b), seed=seed,
-                               progress=progress)
+        return weight_matching(
+            b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
+        )
     if method == "activation":
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
@@ -150,8 +173,15 @@ def _match(method: str, a: InspectedModel, b: InspectedModel, *, seed: int,
     raise UnknownNameError("alignment method", method, METHODS)
 
 
-def align_permutations(method: str, model_a_dir: Path, model_b_dir: Path, *, seed: int = 0,
-                       batches: Batches | None = None, progress: bool = False) -> Permutations:
+def align_permutations(
+    method: str,
+    model_a_dir: Path,
+    model_b_dir: Path,
+    *,
+    seed: int = 0,
+    batches: Batches | None = None,
+    progress: bool = False,
+) -> Permutations:
     """Permutations bringing model B into model A's basis (`none` gives the identity).
 
     `weight` reads both checkpoints' tensors; `activation` loads both models with transformers
@@ -161,10 +191,18 @@ def align_permutations(method: str, model_a_dir: Path, model_b_dir: Path, *, see
     return _match(method, a, b, seed=seed, batches=batches, progress=progress).perms
 
 
-def align_checkpoint(model_a_dir: Path, model_b_dir: Path, out_dir: Path, *,
-                     method: Literal["weight", "activation"], seed: int = 0,
-                     batches: Batches | None = None, force: bool = False, progress: bool = True,
-                     max_shard_size: int | str = "5GB") -> MatchResult:
+def align_checkpoint(
+    model_a_dir: Path,
+    model_b_dir: Path,
+    out_dir: Path,
+    *,
+    method: Literal["weight", "activation"],
+    seed: int = 0,
+    batches: Batches | None = None,
+    force: bool = False,
+    progress: bool = True,
+    max_shard_size: int | str = "5GB",
+) -> MatchResult:
     """Write model B permuted into A's basis to `out_dir`: same function as B, loadable as usual.
 
     Tensors stream one at a time from B's shards into the output; config and tokenizer files are
@@ -176,29 +214,51 @@ def align_checkpoint(model_a_dir: Path, model_b_dir: Path, out_dir: Path, *,
     out_dir = Path(out_dir)
     for source in (model_a_dir, model_b_dir):
         if out_dir.resolve() == Path(source).resolve():
-            raise OutputError(str(out_dir), "is one of the input models",
-                              "choose a new directory for the aligned model")
+            raise OutputError(
+                str(out_dir),
+                "is one of the input models",
+                "choose a new directory for the aligned model",
+            )
     check_output_dir(out_dir, force=force)  # before the long matching, not after it
     a, b = _inspect_pair(model_a_dir, model_b_dir)
     result = _match(method, a, b, seed=seed, batches=batches, progress=progress)
-    _write_aligned(b, out_dir, result.perms, force=force, progress=progress,
-                   max_shard_bytes=parse_size(max_shard_size),
-                   metadata={"aligned_by": "hfmerge", "align_method": method})
+    _write_aligned(
+        b,
+        out_dir,
+        result.perms,
+        force=force,
+        progress=progress,
+        max_shard_bytes=parse_size(max_shard_size),
+        metadata={"aligned_by": "hfmerge", "align_method": method},
+    )
     return result
 
 
-def _write_aligned(b: InspectedModel, out_dir: Path, perms: Permutations, *, force: bool,
-                   progress: bool, max_shard_bytes: int, metadata: dict[str, str]) -> None:
+def _write_aligned(
+    b: InspectedModel,
+    out_dir: Path,
+    perms: Permutations,
+    *,
+    force: bool,
+    progress: bool,
+    max_shard_bytes: int,
+    metadata: dict[str, str],
+) -> None:
     """Stream B's tensors through `perms` into shards, keeping B's dtypes, names and side files."""
     spec, path = b.spec, b.source.path
-    plan = plan_shards([b.index.info(name) for name in b.index.names],
-                       max_shard_bytes=max_shard_bytes)
+    plan = plan_shards(
+        [b.index.info(name) for name in b.index.names], max_shard_bytes=max_shard_bytes
+    )
     with atomic_output_dir(out_dir, force=force) as tmp:
-        with LazyCheckpoint(path, label=b.name) as reader, \
-                ShardWriter(tmp, plan, metadata=metadata) as writer:
+        with (
+            LazyCheckpoint(path, label=b.name) as reader,
+            ShardWriter(tmp, plan, metadata=metadata) as writer,
+        ):
             for name in track(plan.names, description="writing aligned model", enabled=progress):
-                writer.write(name, permute_tensor(reader.get(name), spec.tensors[name], spec,
-                                                  perms))
+                writer.write(
+                    name, permute_tensor(reader.get(name), spec.tensors[name], spec, perms)
+                )
         copy_side_files(path, tmp)
-        save_permutations(tmp / PERMUTATIONS_FILE, perms,
-                          metadata={"family": spec.family, **metadata})
+        save_permutations(
+            tmp / PERMUTATIONS_FILE, perms, metadata={"family": spec.family, **metadata}
+        )

@@ -45,8 +45,11 @@ def head_slices(group: PermGroup, layout: Layout) -> dict[str, torch.Tensor]:
     if layout is Layout.O:
         return {"o": block(heads, 0)}
     if layout is Layout.QKV_CONCAT:
-        return {"q": block(heads, 0), "k": block(kv, heads * dim),
-                "v": block(kv, (heads + kv) * dim)}
+        return {
+            "q": block(heads, 0),
+            "k": block(kv, heads * dim),
+            "v": block(kv, (heads + kv) * dim),
+        }
     if layout is Layout.QKV_PER_HEAD:
         first = torch.arange(heads)[:, None] * (3 * dim) + torch.arange(dim)  # [heads, dim]
         return {"q": first, "k": first + dim, "v": first + 2 * dim}
@@ -82,12 +85,17 @@ def _pair(group: PermGroup, blocks: HeadBlocks, a: int, b: int) -> _Pair:
     qa, qb = slice(a * per_kv, (a + 1) * per_kv), slice(b * per_kv, (b + 1) * per_kv)
     q, o = blocks.get("q"), blocks.get("o")
     k, v = blocks.get("k"), blocks.get("v")
-    return _Pair(q=None if q is None else q[qa, qb], k=None if k is None else k[a, b],
-                 v=None if v is None else v[a, b], o=None if o is None else o[qa, qb])
+    return _Pair(
+        q=None if q is None else q[qa, qb],
+        k=None if k is None else k[a, b],
+        v=None if v is None else v[a, b],
+        o=None if o is None else o[qa, qb],
+    )
 
 
-def _matched_queries(per_query: torch.Tensor | None, queries: torch.Tensor, dim: int
-                     ) -> torch.Tensor:
+def _matched_queries(
+    per_query: torch.Tensor | None, queries: torch.Tensor, dim: int
+) -> torch.Tensor:
     """Sum of the blocks of matched query pairs: [per_kv, per_kv, d, d] -> [d, d]."""
     total = torch.zeros(dim, dim, dtype=torch.float64)
     if per_query is not None:
@@ -97,8 +105,9 @@ def _matched_queries(per_query: torch.Tensor | None, queries: torch.Tensor, dim:
     return total
 
 
-def _dim_matrices(pair: _Pair, queries: torch.Tensor, dim: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _dim_matrices(
+    pair: _Pair, queries: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Within-head similarities (Q/K, V/O), [d, d] each, for one query assignment of the pair."""
     qk = _matched_queries(pair.q, queries, dim)
     vo = _matched_queries(pair.o, queries, dim)
@@ -177,18 +186,21 @@ def check_blocks(group: PermGroup, blocks: HeadBlocks) -> None:
         heads = part_heads(group, part)
         expected = (heads, heads, group.head_dim, group.head_dim)
         if tuple(block.shape) != expected:
-            raise ValueError(f"{group.name}: {part} blocks have shape {tuple(block.shape)}, "
-                             f"expected {expected}")
+            raise ValueError(
+                f"{group.name}: {part} blocks have shape {tuple(block.shape)}, expected {expected}"
+            )
 
 
 def solve_attention(group: PermGroup, blocks: HeadBlocks) -> AttentionPerm:
     """The head-aware permutation maximising the summed similarity of the group's parts."""
     check_blocks(group, blocks)
     kv = group.num_kv_heads
-    solutions = [[_solve_pair(group, _pair(group, blocks, a, b)) for b in range(kv)]
-                 for a in range(kv)]
-    scores = torch.tensor([[s.score for s in row] for row in solutions],
-                          dtype=torch.float64)  # [kv_a, kv_b]
+    solutions = [
+        [_solve_pair(group, _pair(group, blocks, a, b)) for b in range(kv)] for a in range(kv)
+    ]
+    scores = torch.tensor(
+        [[s.score for s in row] for row in solutions], dtype=torch.float64
+    )  # [kv_a, kv_b]
     kv_heads = solve_lap(scores)
     chosen = [solutions[g][int(kv_heads[g])] for g in range(kv)]
     return AttentionPerm(

@@ -16,8 +16,9 @@ def solve_lap(similarity: torch.Tensor) -> torch.Tensor:
     `new[i] = old[perm[i]]` brings B's units into A's order.
     """
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
-        raise ValueError("a similarity for assignment must be square, got "
-                         f"{tuple(similarity.shape)}")
+        raise ValueError(
+            f"a similarity for assignment must be square, got {tuple(similarity.shape)}"
+        )
     matrix = similarity.detach().to(device="cpu", dtype=torch.float64).numpy()
     if not np.isfinite(matrix).all():
         raise AlignmentError(

@@ -93,27 +93,37 @@ Hook = Callable[[torch.Tensor, RepairSite], torch.Tensor | None]
 
 
 @contextmanager
-def hooked_sites(model: PreTrainedModel, sites: Sequence[RepairSite], on_activation: Hook
-                 ) -> Iterator[None]:
+def hooked_sites(
+    model: PreTrainedModel, sites: Sequence[RepairSite], on_activation: Hook
+) -> Iterator[None]:
     """Call `on_activation(activation, site)` at every site; a returned tensor replaces it."""
     modules = dict(model.named_modules())
     missing = [site.module for site in sites if site.module not in modules]
     if missing:
-        raise ArchitectureError(type(model).__name__, f"has no module {', '.join(missing[:3])}",
-                                fix="repair a model of a supported family, loaded by transformers")
+        raise ArchitectureError(
+            type(model).__name__,
+            f"has no module {', '.join(missing[:3])}",
+            fix="repair a model of a supported family, loaded by transformers",
+        )
     handles = []
     for site in sites:
         module = modules[site.module]
         if site.side == "output":
-            def after(_m: nn.Module, _args: Any, out: torch.Tensor, site: RepairSite = site
-                      ) -> torch.Tensor | None:
+
+            def after(
+                _m: nn.Module, _args: Any, out: torch.Tensor, site: RepairSite = site
+            ) -> torch.Tensor | None:
                 return on_activation(out, site)
+
             handles.append(module.register_forward_hook(after))
         else:
-            def before(_m: nn.Module, args: tuple[Any, ...], site: RepairSite = site
-                       ) -> tuple[Any, ...] | None:
+
+            def before(
+                _m: nn.Module, args: tuple[Any, ...], site: RepairSite = site
+            ) -> tuple[Any, ...] | None:
                 new = on_activation(args[0], site)
                 return None if new is None else (new, *args[1:])
+
             handles.append(module.register_forward_pre_hook(before))
     try:
         yield
@@ -151,8 +161,9 @@ def blend(rms_a: SiteRms, rms_b: SiteRms, lam: float) -> SiteRms:
     return {site: torch.lerp(rms_a[site], rms_b[site], lam) for site in rms_a}
 
 
-def fit(model: PreTrainedModel, sites: Sequence[RepairSite], probe: ProbeBatch, target: SiteRms
-        ) -> Factors:
+def fit(
+    model: PreTrainedModel, sites: Sequence[RepairSite], probe: ProbeBatch, target: SiteRms
+) -> Factors:
     """Rescale `model` in place so each site's RMS meets `target`; returns the folded factors.
 
     One forward pass: at each site (in execution order) the factor is target / current RMS and
@@ -199,5 +210,16 @@ class Repairer:
         return fit(model, self.sites, self.probe, blend(self.rms_a, self.rms_b, lam))
 
 
-__all__ = ["Factors", "ProbeBatch", "Repairer", "SiteRms", "blend", "channel_rms", "fit", "fold",
-           "hooked_sites", "measure", "scaled"]
+__all__ = [
+    "Factors",
+    "ProbeBatch",
+    "Repairer",
+    "SiteRms",
+    "blend",
+    "channel_rms",
+    "fit",
+    "fold",
+    "hooked_sites",
+    "measure",
+    "scaled",
+]

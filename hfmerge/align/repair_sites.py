@@ -65,8 +65,11 @@ def _prefix(model: PreTrainedModel, layers: str) -> str:
     for prefix in sorted({n[: -len(layers)] for n in names if n.endswith(layers)}, key=len):
         if f"{prefix}{layers}.0" in names:
             return prefix
-    raise ArchitectureError(type(model).__name__, f"has no `{layers}` block list to repair",
-                            fix="load the model with its transformers class")
+    raise ArchitectureError(
+        type(model).__name__,
+        f"has no `{layers}` block list to repair",
+        fix="load the model with its transformers class",
+    )
 
 
 # One site of every block: (module path inside the block, side, channels, ties).
@@ -75,8 +78,11 @@ BlockSite = tuple[str, Side, torch.Tensor | None, torch.Tensor | None]
 
 def _blocks(blocks: str, count: int, per_block: Sequence[BlockSite]) -> list[RepairSite]:
     """`per_block` in each of `count` blocks named `{blocks}.{i}`, block by block."""
-    return [RepairSite(f"{blocks}.{i}.{module}", side, channels, ties)
-            for i in range(count) for module, side, channels, ties in per_block]
+    return [
+        RepairSite(f"{blocks}.{i}.{module}", side, channels, ties)
+        for i in range(count)
+        for module, side, channels, ties in per_block
+    ]
 
 
 def _llama(model: PreTrainedModel) -> list[RepairSite]:
@@ -87,27 +93,41 @@ def _llama(model: PreTrainedModel) -> list[RepairSite]:
     head_dim = head_dim_of(config, hidden, heads, model=name)
     rotary = int(head_dim * rotary_fraction(config, model=name, default=1.0))
     p = _prefix(model, "layers")
-    return [*_blocks(f"{p}layers", config_int(config, "num_hidden_layers", model=name), [
-        ("input_layernorm", "output", None, None),
-        ("self_attn.q_proj", "output", None, rope_ties(heads, head_dim, rotary)),
-        ("self_attn.k_proj", "output", None, rope_ties(kv_heads, head_dim, rotary)),
-        ("self_attn.o_proj", "input", None, None),
-        ("post_attention_layernorm", "output", None, None),
-        ("mlp.down_proj", "input", None, None),
-    ]), RepairSite(f"{p}norm", "output")]
+    return [
+        *_blocks(
+            f"{p}layers",
+            config_int(config, "num_hidden_layers", model=name),
+            [
+                ("input_layernorm", "output", None, None),
+                ("self_attn.q_proj", "output", None, rope_ties(heads, head_dim, rotary)),
+                ("self_attn.k_proj", "output", None, rope_ties(kv_heads, head_dim, rotary)),
+                ("self_attn.o_proj", "input", None, None),
+                ("post_attention_layernorm", "output", None, None),
+                ("mlp.down_proj", "input", None, None),
+            ],
+        ),
+        RepairSite(f"{p}norm", "output"),
+    ]
 
 
 def _gpt2(model: PreTrainedModel) -> list[RepairSite]:
     config = model.config
     p = _prefix(model, "h")
     query_key = torch.arange(2 * config.n_embd)  # c_attn's output is [Q | K | V]; V is not touched
-    return [*_blocks(f"{p}h", config.n_layer, [
-        ("ln_1", "output", None, None),
-        ("attn.c_attn", "output", query_key, None),
-        ("attn.c_proj", "input", None, None),
-        ("ln_2", "output", None, None),
-        ("mlp.c_proj", "input", None, None),
-    ]), RepairSite(f"{p}ln_f", "output")]
+    return [
+        *_blocks(
+            f"{p}h",
+            config.n_layer,
+            [
+                ("ln_1", "output", None, None),
+                ("attn.c_attn", "output", query_key, None),
+                ("attn.c_proj", "input", None, None),
+                ("ln_2", "output", None, None),
+                ("mlp.c_proj", "input", None, None),
+            ],
+        ),
+        RepairSite(f"{p}ln_f", "output"),
+    ]
 
 
 def _gpt_neox(model: PreTrainedModel) -> list[RepairSite]:
@@ -121,31 +141,52 @@ def _gpt_neox(model: PreTrainedModel) -> list[RepairSite]:
     key = (base + head_dim + torch.arange(head_dim)).flatten()
     ties = rope_ties(heads, head_dim, rotary)
     p = _prefix(model, "layers")
-    return [*_blocks(f"{p}layers", config.num_hidden_layers, [
-        ("input_layernorm", "output", None, None),
-        ("attention.query_key_value", "output", torch.cat([query, key]),
-         torch.cat([ties, ties + int(ties.max()) + 1])),
-        ("attention.dense", "input", None, None),
-        ("post_attention_layernorm", "output", None, None),
-        ("mlp.dense_4h_to_h", "input", None, None),
-    ]), RepairSite(f"{p}final_layer_norm", "output")]
+    return [
+        *_blocks(
+            f"{p}layers",
+            config.num_hidden_layers,
+            [
+                ("input_layernorm", "output", None, None),
+                (
+                    "attention.query_key_value",
+                    "output",
+                    torch.cat([query, key]),
+                    torch.cat([ties, ties + int(ties.max()) + 1]),
+                ),
+                ("attention.dense", "input", None, None),
+                ("post_attention_layernorm", "output", None, None),
+                ("mlp.dense_4h_to_h", "input", None, None),
+            ],
+        ),
+        RepairSite(f"{p}final_layer_norm", "output"),
+    ]
 
 
 def _bert(model: PreTrainedModel) -> list[RepairSite]:
     p = _prefix(model, "encoder.layer")
-    return [RepairSite(f"{p}embeddings.LayerNorm", "output"),
-            *_blocks(f"{p}encoder.layer", model.config.num_hidden_layers, [
+    return [
+        RepairSite(f"{p}embeddings.LayerNorm", "output"),
+        *_blocks(
+            f"{p}encoder.layer",
+            model.config.num_hidden_layers,
+            [
                 ("attention.self.query", "output", None, None),
                 ("attention.self.key", "output", None, None),
                 ("attention.output.dense", "input", None, None),
                 ("attention.output.LayerNorm", "output", None, None),
                 ("output.dense", "input", None, None),
                 ("output.LayerNorm", "output", None, None),
-            ])]
+            ],
+        ),
+    ]
 
 
 SITES: Mapping[str, Callable[[PreTrainedModel], list[RepairSite]]] = {
-    "bert": _bert, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama}
+    "bert": _bert,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "llama": _llama,
+}
 
 
 def repair_sites(model: PreTrainedModel) -> list[RepairSite]:

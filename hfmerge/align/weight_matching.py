@@ -87,8 +87,9 @@ class _Problem:
         """B's tensor with every axis but the touched one permuted: [axis_len, rest]."""
         tensor_spec = self.spec.tensors[touch.tensor]
         others = tuple(None if i == touch.axis else r for i, r in enumerate(tensor_spec.axes))
-        moved = permute_tensor(self.b[touch.tensor], replace(tensor_spec, axes=others), self.spec,
-                               perms)
+        moved = permute_tensor(
+            self.b[touch.tensor], replace(tensor_spec, axes=others), self.spec, perms
+        )
         return _rows(moved, touch.axis)
 
     def plain(self, size: int, touches: list[_Touch], perms: Permutations) -> torch.Tensor:
@@ -106,14 +107,21 @@ class _Problem:
             for part, where in head_slices(group, touch.role.layout).items():
                 index = where.reshape(-1)  # [heads, head_dim] -> [heads*head_dim]
                 gram = rows_a[index] @ rows_b[index].T  # [heads*head_dim, heads*head_dim]
-                add_blocks(total, part, head_blocks(gram, heads=where.shape[0],
-                                                    head_dim=group.head_dim))
+                add_blocks(
+                    total, part, head_blocks(gram, heads=where.shape[0], head_dim=group.head_dim)
+                )
         return total
 
     def objective(self, perms: Permutations) -> float:
         """<W_A, P(W_B)> over every matched tensor."""
-        return sum(float((self.a[n] * permute_tensor(self.b[n], self.spec.tensors[n], self.spec,
-                                                      perms)).sum()) for n in self.a)
+        return sum(
+            float(
+                (
+                    self.a[n] * permute_tensor(self.b[n], self.spec.tensors[n], self.spec, perms)
+                ).sum()
+            )
+            for n in self.a
+        )
 
 
 class _GroupStep:
@@ -125,9 +133,14 @@ class _GroupStep:
         self.dynamic = [t for t in touches if not t.static]
         # Groups on the other axes of the dynamic tensors (itself too where it is on two axes):
         # the similarity depends on their permutations and on nothing else.
-        self.neighbours = sorted({r.group for t in self.dynamic
-                                  for i, r in enumerate(problem.spec.tensors[t.tensor].axes)
-                                  if r is not None and i != t.axis})
+        self.neighbours = sorted(
+            {
+                r.group
+                for t in self.dynamic
+                for i, r in enumerate(problem.spec.tensors[t.tensor].axes)
+                if r is not None and i != t.axis
+            }
+        )
         self.solved_at: dict[str, int] | None = None  # neighbours' versions at the last solve
         static = [t for t in touches if t.static]
         identity = identity_permutations(problem.spec)  # static touches ignore it
@@ -171,31 +184,40 @@ class _GroupStep:
         old = perms[self.group.name]
         assert isinstance(old, AttentionPerm)
         new = solve_attention(self.group, blocks)
-        if not improves(attention_objective(self.group, blocks, new),
-                        attention_objective(self.group, blocks, old)):
+        if not improves(
+            attention_objective(self.group, blocks, new),
+            attention_objective(self.group, blocks, old),
+        ):
             return False
         perms[self.group.name] = new
         return True
 
 
-def _checked_names(spec: ArchSpec, params_a: Mapping[str, torch.Tensor],
-                   params_b: Mapping[str, torch.Tensor]) -> list[str]:
+def _checked_names(
+    spec: ArchSpec, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor]
+) -> list[str]:
     """Shared tensor names of A and B, refusing any difference in names or shapes."""
     if params_a.keys() != params_b.keys():
         only = sorted(set(params_a) ^ set(params_b))
-        raise AlignmentError(f"the two models hold different tensors ({', '.join(only[:5])})",
-                             fix="align only models of one architecture and size")
+        raise AlignmentError(
+            f"the two models hold different tensors ({', '.join(only[:5])})",
+            fix="align only models of one architecture and size",
+        )
     unknown = sorted(n for n in params_a if n not in spec.tensors)
     if unknown:
-        raise AlignmentError(f"tensors not in the {spec.family} spec: {', '.join(unknown[:5])}",
-                             fix="build the spec from the same checkpoint as the tensors")
+        raise AlignmentError(
+            f"tensors not in the {spec.family} spec: {', '.join(unknown[:5])}",
+            fix="build the spec from the same checkpoint as the tensors",
+        )
     # Spec order keeps runs deterministic; buffers (position ids, masks) are never matched.
     names = [n for n, t in spec.tensors.items() if n in params_a and not t.buffer]
     for name in names:
         if params_a[name].shape != params_b[name].shape:
-            raise AlignmentError(f"tensor {name} has shape {tuple(params_a[name].shape)} in A and "
-                                 f"{tuple(params_b[name].shape)} in B",
-                                 fix="align only models of one architecture and size")
+            raise AlignmentError(
+                f"tensor {name} has shape {tuple(params_a[name].shape)} in A and "
+                f"{tuple(params_b[name].shape)} in B",
+                fix="align only models of one architecture and size",
+            )
     return names
 
 
@@ -204,9 +226,15 @@ def _float64(params: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, 
     return {n: params[n].detach().to(device="cpu", dtype=torch.float64) for n in names}
 
 
-def weight_matching(spec: ArchSpec, params_a: Mapping[str, torch.Tensor],
-                    params_b: Mapping[str, torch.Tensor], *, seed: int = 0, max_iter: int = 100,
-                    progress: bool = False) -> MatchResult:
+def weight_matching(
+    spec: ArchSpec,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+    progress: bool = False,
+) -> MatchResult:
     """Permutations of B's units that maximise <W_A, P(W_B)> (Git Re-Basin weight matching).
 
     Holds both models as float64 copies (buffers skipped); the similarity of a group sums every
@@ -218,11 +246,16 @@ def weight_matching(spec: ArchSpec, params_a: Mapping[str, torch.Tensor],
     names = _checked_names(spec, params_a, params_b)
     problem = _Problem(spec, _float64(params_a, names), _float64(params_b, names))
     touches = _touches(spec, names)
-    steps = {name: _GroupStep(problem, spec.groups[name], touches[name])
-             for name in spec.groups if touches[name]}
+    steps = {
+        name: _GroupStep(problem, spec.groups[name], touches[name])
+        for name in spec.groups
+        if touches[name]
+    }
     if not steps:
-        raise AlignmentError("no tensor carries a permutation group",
-                             fix="pass the models' parameters, not only their buffers")
+        raise AlignmentError(
+            "no tensor carries a permutation group",
+            fix="pass the models' parameters, not only their buffers",
+        )
     perms = identity_permutations(spec)
     order = list(steps)
     generator = torch.Generator().manual_seed(seed)
@@ -232,9 +265,12 @@ def weight_matching(spec: ArchSpec, params_a: Mapping[str, torch.Tensor],
     while len(objective) < max_iter and not converged:
         sweep = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
         description = f"weight matching, sweep {len(objective) + 1}"
-        changed = [steps[name].run(perms, versions)
-                   for name in track(sweep, description=description, enabled=progress)]
+        changed = [
+            steps[name].run(perms, versions)
+            for name in track(sweep, description=description, enabled=progress)
+        ]
         objective.append(problem.objective(perms))
         converged = not any(changed)
-    return MatchResult(perms=perms, iterations=len(objective), objective=objective,
-                       converged=converged)
+    return MatchResult(
+        perms=perms, iterations=len(objective), objective=objective, converged=converged
+    )

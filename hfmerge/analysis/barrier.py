@@ -104,15 +104,15 @@ def barrier_of(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float
     return gaps[best], lambdas[best]
 
 
-def _permutations(mode: str, setup: _Setup, *, batch_size: int, progress: bool
-                  ) -> Permutations:
+def _permutations(mode: str, setup: _Setup, *, batch_size: int, progress: bool) -> Permutations:
     """B's permutations into A's basis by `mode`; activation matching reads the probe windows."""
     from hfmerge.align import align_permutations
 
     windows = setup.probes
     batches = window_batches(windows, pad_id=setup.pad_id, batch_size=batch_size)
-    return align_permutations(mode, setup.path_a, setup.path_b, seed=0, batches=batches,
-                              progress=progress)
+    return align_permutations(
+        mode, setup.path_a, setup.path_b, seed=0, batches=batches, progress=progress
+    )
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,16 @@ class _Setup:
     max_length: int
 
 
-def _setup(model_a: str, model_b: str, *, data: str | None, probe_data: str | None,
-           max_length: int, samples: int | None, progress: bool) -> _Setup:
+def _setup(
+    model_a: str,
+    model_b: str,
+    *,
+    data: str | None,
+    probe_data: str | None,
+    max_length: int,
+    samples: int | None,
+    progress: bool,
+) -> _Setup:
     from hfmerge.lm.textdata import describe_data, load_texts, token_windows
     from hfmerge.sources.refs import resolve_model
 
@@ -145,11 +153,24 @@ def _setup(model_a: str, model_b: str, *, data: str | None, probe_data: str | No
     model = load_lm(path_a, label=model_a)
     length = usable_length(model, max_length)
     windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
-    probes = windows if probe_data is None else token_windows(
-        tokenizer, probe_texts, max_length=length, samples=samples)
+    probes = (
+        windows
+        if probe_data is None
+        else token_windows(tokenizer, probe_texts, max_length=length, samples=samples)
+    )
     scored = prepare(windows, tokenizer, objective=objective_of(model), mlm_seed=0)
-    return _Setup(model, probes, scored, pad_id_of(tokenizer), path_a, path_b, model_a, model_b,
-                  describe_data(data), length)
+    return _Setup(
+        model,
+        probes,
+        scored,
+        pad_id_of(tokenizer),
+        path_a,
+        path_b,
+        model_a,
+        model_b,
+        describe_data(data),
+        length,
+    )
 
 
 def _check_modes(aligns: Sequence[str]) -> list[Curve]:
@@ -159,8 +180,9 @@ def _check_modes(aligns: Sequence[str]) -> list[Curve]:
     return curves
 
 
-def _repairer(setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None,
-              perms: Permutations | None) -> Repairer:
+def _repairer(
+    setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None, perms: Permutations | None
+) -> Repairer:
     """REPAIR between A and π(B), their statistics measured on the probe windows."""
     from hfmerge.align.repair import ProbeBatch, Repairer
 
@@ -175,11 +197,20 @@ def _repairer(setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None,
     return repairer
 
 
-def compare_barriers(model_a: str, model_b: str, *, aligns: Sequence[str] = ("none",),
-                     steps: int = 11, data: str | None = None, probe_data: str | None = None,
-                     max_length: int = 128, samples: int | None = None, batch_size: int = 8,
-                     progress: bool = True, solved: Mapping[str, Permutations] | None = None
-                     ) -> list[BarrierResult]:
+def compare_barriers(
+    model_a: str,
+    model_b: str,
+    *,
+    aligns: Sequence[str] = ("none",),
+    steps: int = 11,
+    data: str | None = None,
+    probe_data: str | None = None,
+    max_length: int = 128,
+    samples: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    solved: Mapping[str, Permutations] | None = None,
+) -> list[BarrierResult]:
     """One barrier curve per alignment mode, on the same windows and λ grid (one model loaded).
 
     `aligns` holds modes (`none`, `weight`, `activation`), each optionally `MODE+repair`.
@@ -189,17 +220,30 @@ def compare_barriers(model_a: str, model_b: str, *, aligns: Sequence[str] = ("no
     permutations merged, and they are not solved twice.
     """
     curves, lambdas = _check_modes(aligns), lambda_grid(steps)
-    setup = _setup(model_a, model_b, data=data, probe_data=probe_data, max_length=max_length,
-                   samples=samples, progress=progress)
+    setup = _setup(
+        model_a,
+        model_b,
+        data=data,
+        probe_data=probe_data,
+        max_length=max_length,
+        samples=samples,
+        progress=progress,
+    )
     modes = list(dict.fromkeys(c.align for c in curves))
     spec = spec_of(setup.path_b, label=model_b) if modes != ["none"] else None
     known = dict(solved or {})
-    perms = {m: None if m == "none" else known.get(m) or _permutations(
-        m, setup, batch_size=batch_size, progress=progress) for m in modes}
-    interpolator = Interpolator(setup.model, setup.path_a, setup.path_b, label_a=model_a,
-                                label_b=model_b)
-    repairers = {c.align: _repairer(setup, interpolator, spec, perms[c.align])
-                 for c in curves if c.repair}
+    perms = {
+        m: None
+        if m == "none"
+        else known.get(m) or _permutations(m, setup, batch_size=batch_size, progress=progress)
+        for m in modes
+    }
+    interpolator = Interpolator(
+        setup.model, setup.path_a, setup.path_b, label_a=model_a, label_b=model_b
+    )
+    repairers = {
+        c.align: _repairer(setup, interpolator, spec, perms[c.align]) for c in curves if c.repair
+    }
     # λ=0 is model A whatever the curve (REPAIR there is the identity): evaluate it once.
     jobs = [(curves[0], 0.0)] + [(c, lam) for c in curves for lam in lambdas if lam != 0.0]
     losses: dict[tuple[Curve, float], float] = {}
@@ -208,22 +252,41 @@ def compare_barriers(model_a: str, model_b: str, *, aligns: Sequence[str] = ("no
         interpolator.load(lam, spec=spec, perms=perms[curve.align])
         if curve.repair and 0.0 < lam < 1.0:  # endpoints: REPAIR is the identity
             repairers[curve.align].apply(setup.model, lam)
-        result = score(setup.model, setup.scored, pad_id=setup.pad_id,
-                       objective=objective_of(setup.model), batch_size=batch_size)
+        result = score(
+            setup.model,
+            setup.scored,
+            pad_id=setup.pad_id,
+            objective=objective_of(setup.model),
+            batch_size=batch_size,
+        )
         losses[(curve, lam)], tokens = result.loss, result.tokens
     first = losses[(curves[0], 0.0)]
-    return [_result(c.name, lambdas, [first] + [losses[(c, lam)] for lam in lambdas[1:]],
-                    tokens, setup) for c in curves]
+    return [
+        _result(c.name, lambdas, [first] + [losses[(c, lam)] for lam in lambdas[1:]], tokens, setup)
+        for c in curves
+    ]
 
 
-def _result(mode: str, lambdas: list[float], curve: list[float], tokens: int, setup: _Setup
-            ) -> BarrierResult:
+def _result(
+    mode: str, lambdas: list[float], curve: list[float], tokens: int, setup: _Setup
+) -> BarrierResult:
     barrier, at = barrier_of(lambdas, curve)
     return BarrierResult(
-        align=mode, lambdas=lambdas, loss=curve, loss_a=curve[0], loss_b=curve[-1],
-        barrier=barrier, barrier_lambda=at, loss_mid=curve[lambdas.index(MIDPOINT)],
-        tokens=tokens, objective=objective_of(setup.model), model_a=setup.label_a,
-        model_b=setup.label_b, data=setup.data, max_length=setup.max_length)
+        align=mode,
+        lambdas=lambdas,
+        loss=curve,
+        loss_a=curve[0],
+        loss_b=curve[-1],
+        barrier=barrier,
+        barrier_lambda=at,
+        loss_mid=curve[lambdas.index(MIDPOINT)],
+        tokens=tokens,
+        objective=objective_of(setup.model),
+        model_a=setup.label_a,
+        model_b=setup.label_b,
+        data=setup.data,
+        max_length=setup.max_length,
+    )
 
 
 def parse_align_modes(values: Sequence[str]) -> list[str]:
@@ -248,21 +311,39 @@ def format_barrier_table(results: Sequence[BarrierResult]) -> str:
         return f"{label:<9}" + "".join(f"{v:>{width}.{digits}f}" for v in values)
 
     lines = [f"{'λ':<9}" + "".join(f"{r.align:>{width}}" for r in results)]
-    lines += [row(f"{lam:.3f}", [r.loss[i] for r in results])
-              for i, lam in enumerate(results[0].lambdas)]
+    lines += [
+        row(f"{lam:.3f}", [r.loss[i] for r in results]) for i, lam in enumerate(results[0].lambdas)
+    ]
     lines.append(row("barrier", [r.barrier for r in results]))
     lines.append(row("at λ", [r.barrier_lambda for r in results], digits=3))
     lines.append(row("midpoint", [r.loss_mid for r in results]))
     return "\n".join(lines)
 
 
-def loss_barrier(model_a: str, model_b: str, *, align: AlignMode = "none", steps: int = 11,
-                 data: str | None = None, max_length: int = 128, samples: int | None = None,
-                 batch_size: int = 8, progress: bool = True) -> BarrierResult:
+def loss_barrier(
+    model_a: str,
+    model_b: str,
+    *,
+    align: AlignMode = "none",
+    steps: int = 11,
+    data: str | None = None,
+    max_length: int = 128,
+    samples: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> BarrierResult:
     """The loss barrier between two models (local dirs or `zoo:NAME`) for one alignment mode."""
-    return compare_barriers(model_a, model_b, aligns=(align,), steps=steps, data=data,
-                            max_length=max_length, samples=samples, batch_size=batch_size,
-                            progress=progress)[0]
+    return compare_barriers(
+        model_a,
+        model_b,
+        aligns=(align,),
+        steps=steps,
+        data=data,
+        max_length=max_length,
+        samples=samples,
+        batch_size=batch_size,
+        progress=progress,
+    )[0]
 
 
 __all__ = [

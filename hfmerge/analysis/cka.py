@@ -53,14 +53,24 @@ class CkaReport:
     def to_json(self) -> dict[str, Any]:
         """The JSON document (`--json`)."""
         document: dict[str, Any] = {
-            "model_a": self.model_a, "model_b": self.model_b, "revisions": self.revisions,
-            "layers_a": self.layers_a, "layers_b": self.layers_b, "matrix": self.matrix,
-            "diagonal": self.diagonal, "estimator": self.estimator, "pooling": self.pooling,
-            "samples": self.samples, "tokens": self.tokens, "cka_samples": self.cka_samples,
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "revisions": self.revisions,
+            "layers_a": self.layers_a,
+            "layers_b": self.layers_b,
+            "matrix": self.matrix,
+            "diagonal": self.diagonal,
+            "estimator": self.estimator,
+            "pooling": self.pooling,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "cka_samples": self.cka_samples,
             "diagonal_pairs": [[i, j] for i, j in self.diagonal_pairs],
-            "diagonal_layers": [[self.layers_a[i], self.layers_b[j]]
-                                for i, j in self.diagonal_pairs],
-            "biased_diagonal": self.biased_diagonal, "settings": self.settings,
+            "diagonal_layers": [
+                [self.layers_a[i], self.layers_b[j]] for i, j in self.diagonal_pairs
+            ],
+            "biased_diagonal": self.biased_diagonal,
+            "settings": self.settings,
         }
         if self.units is not None:
             document["units"] = [u.to_json() for u in self.units]
@@ -83,13 +93,17 @@ class CkaBelowThresholdError(HfMergeError):
             why="representations that far apart usually average badly (a high loss barrier), "
             "and NaN means a layer with no variance on the probe text",
             fix="route between the models instead of merging them, probe with text closer to "
-            "their use (--data), or lower --fail-under if this drift is expected")
+            "their use (--data), or lower --fail-under if this drift is expected",
+        )
 
 
 def failing_layers(report: CkaReport, threshold: float) -> list[tuple[int, int, float]]:
     """Diagonal pairs whose CKA is below `threshold` or NaN."""
-    return [(i, j, v) for (i, j), v in zip(report.diagonal_pairs, report.diagonal, strict=True)
-            if math.isnan(v) or v < threshold]
+    return [
+        (i, j, v)
+        for (i, j), v in zip(report.diagonal_pairs, report.diagonal, strict=True)
+        if math.isnan(v) or v < threshold
+    ]
 
 
 def check_fail_under(report: CkaReport, threshold: float | None) -> None:
@@ -117,10 +131,20 @@ def diagonal_pairs(count_a: int, count_b: int) -> list[tuple[int, int]]:
     return [(i, round(i * (count_b - 1) / (count_a - 1))) for i in range(count_a)]
 
 
-def compute_cka(model_a: str, model_b: str, *, data: str | None = None, samples: int | None = 256,
-                max_length: int = 128, batch_size: int = 8, pooling: Pooling | None = None,
-                device_map: DeviceMap | None = "auto", max_memory: MaxMemory | None = None,
-                units: bool = False, progress: bool = False) -> CkaReport:
+def compute_cka(
+    model_a: str,
+    model_b: str,
+    *,
+    data: str | None = None,
+    samples: int | None = 256,
+    max_length: int = 128,
+    batch_size: int = 8,
+    pooling: Pooling | None = None,
+    device_map: DeviceMap | None = "auto",
+    max_memory: MaxMemory | None = None,
+    units: bool = False,
+    progress: bool = False,
+) -> CkaReport:
     """Probe both models on the same windows of `data` and build the CKA report.
 
     `pooling` defaults to `mean`, or to `tokens` with `units` (see `hfmerge.lm.probe`).
@@ -136,23 +160,40 @@ def compute_cka(model_a: str, model_b: str, *, data: str | None = None, samples:
 
     pooling = pooling or default_pooling(units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    pair = _load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory,
-                      progress=progress)
+    pair = _load_pair(
+        model_a, model_b, device_map=device_map, max_memory=max_memory, progress=progress
+    )
     limits = [limit for m in pair.models if (limit := position_limit(m.config)) is not None]
     length = min([max_length, *limits])
     windows = token_windows(pair.tokenizer, texts, max_length=length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
     matrix, tokens = _stream(pair, batches, pooling=pooling, progress=progress)
     if matrix.count < MIN_SAMPLES:
-        raise InputDataError(describe_data(data), f"gave only {matrix.count} samples",
-                             f"CKA needs at least {MIN_SAMPLES}; give more text or use "
-                             "--pooling tokens")
-    settings = {"data": describe_data(data), "max_length": length, "batch_size": batch_size,
-                "device_map": device_map,
-                "max_memory": {str(k): v for k, v in (max_memory or {}).items()},
-                "causal": pair.causal, "bos_dropped": pair.causal}
-    return _report(model_a, model_b, matrix, revisions=pair.revisions, pooling=pooling,
-                   windows=len(windows), tokens=tokens, settings=settings, units=units)
+        raise InputDataError(
+            describe_data(data),
+            f"gave only {matrix.count} samples",
+            f"CKA needs at least {MIN_SAMPLES}; give more text or use --pooling tokens",
+        )
+    settings = {
+        "data": describe_data(data),
+        "max_length": length,
+        "batch_size": batch_size,
+        "device_map": device_map,
+        "max_memory": {str(k): v for k, v in (max_memory or {}).items()},
+        "causal": pair.causal,
+        "bos_dropped": pair.causal,
+    }
+    return _report(
+        model_a,
+        model_b,
+        matrix,
+        revisions=pair.revisions,
+        pooling=pooling,
+        windows=len(windows),
+        tokens=tokens,
+        settings=settings,
+        units=units,
+    )
 
 
 @dataclass(frozen=True)
@@ -165,55 +206,84 @@ class _Pair:
     revisions: dict[str, str | None]
 
 
-def _load_pair(model_a: str, model_b: str, *, device_map: DeviceMap | None,
-               max_memory: MaxMemory | None, progress: bool) -> _Pair:
+def _load_pair(
+    model_a: str,
+    model_b: str,
+    *,
+    device_map: DeviceMap | None,
+    max_memory: MaxMemory | None,
+    progress: bool,
+) -> _Pair:
     from hfmerge.lm.load import is_causal, load_probe_model, shared_tokenizer
     from hfmerge.sources.refs import resolve_model
 
     source_a = resolve_model(model_a, progress=progress)
     source_b = resolve_model(model_b, progress=progress)
     tokenizer = shared_tokenizer(source_a.path, source_b.path, label_a=model_a, label_b=model_b)
-    a, b = (load_probe_model(s.path, label=s.ref, device_map=device_map, max_memory=max_memory)
-            for s in (source_a, source_b))
+    a, b = (
+        load_probe_model(s.path, label=s.ref, device_map=device_map, max_memory=max_memory)
+        for s in (source_a, source_b)
+    )
     causal = is_causal(a.config)
     if is_causal(b.config) != causal:
-        raise IncompatibleModelsError(model_a, model_b, [
-            "one is a causal LM and the other a bidirectional encoder"])
-    return _Pair((a, b), tokenizer, causal,
-                 {"model_a": source_a.revision, "model_b": source_b.revision})
+        raise IncompatibleModelsError(
+            model_a, model_b, ["one is a causal LM and the other a bidirectional encoder"]
+        )
+    return _Pair(
+        (a, b), tokenizer, causal, {"model_a": source_a.revision, "model_b": source_b.revision}
+    )
 
 
-def _stream(pair: _Pair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling,
-            progress: bool) -> tuple[CkaMatrix, int]:
+def _stream(
+    pair: _Pair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling, progress: bool
+) -> tuple[CkaMatrix, int]:
     """Feed every batch's states into one CkaMatrix; returns it and the tokens that entered."""
     from hfmerge.lm.probe import paired_states
 
-    widths = [[int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1)
-              for m in pair.models]
+    widths = [
+        [int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1) for m in pair.models
+    ]
     matrix, tokens = CkaMatrix(widths[0], widths[1]), 0
     windows = sum(int(batch["input_ids"].shape[0]) for batch in batches)
     if pooling == "tokens" or windows > matrix.buffer_rows:  # the d×d streaming sums will be used
         _check_memory(widths[0], widths[1])
-    for states in paired_states(*pair.models, batches, causal=pair.causal, pooling=pooling,
-                                progress=progress):
+    for states in paired_states(
+        *pair.models, batches, causal=pair.causal, pooling=pooling, progress=progress
+    ):
         matrix.update(states.a, states.b)
         tokens += states.tokens
     return matrix, tokens
 
 
-def _report(model_a: str, model_b: str, matrix: CkaMatrix, *, revisions: dict[str, str | None],
-            pooling: Pooling, windows: int, tokens: int, settings: dict[str, Any], units: bool
-            ) -> CkaReport:
+def _report(
+    model_a: str,
+    model_b: str,
+    matrix: CkaMatrix,
+    *,
+    revisions: dict[str, str | None],
+    pooling: Pooling,
+    windows: int,
+    tokens: int,
+    settings: dict[str, Any],
+    units: bool,
+) -> CkaReport:
     values = matrix.values("debiased")  # [layers_a, layers_b]
     pairs = diagonal_pairs(len(matrix.dims_a), len(matrix.dims_b))
     biased = matrix.values("biased")
     return CkaReport(
-        model_a=model_a, model_b=model_b, revisions=revisions,
-        layers_a=layer_names(len(matrix.dims_a)), layers_b=layer_names(len(matrix.dims_b)),
-        matrix=values.tolist(), diagonal_pairs=pairs,
+        model_a=model_a,
+        model_b=model_b,
+        revisions=revisions,
+        layers_a=layer_names(len(matrix.dims_a)),
+        layers_b=layer_names(len(matrix.dims_b)),
+        matrix=values.tolist(),
+        diagonal_pairs=pairs,
         diagonal=[float(values[i, j]) for i, j in pairs],
         biased_diagonal=[float(biased[i, j]) for i, j in pairs],
-        pooling=pooling, samples=windows, tokens=tokens, cka_samples=matrix.count,
+        pooling=pooling,
+        samples=windows,
+        tokens=tokens,
+        cka_samples=matrix.count,
         settings=settings,
         units=[unit_correspondence(matrix.accumulator(i, j)) for i, j in pairs] if units else None,
     )
@@ -221,8 +291,9 @@ def _report(model_a: str, model_b: str, matrix: CkaMatrix, *, revisions: dict[st
 
 def _check_memory(widths_a: list[int], widths_b: list[int]) -> None:
     """Exact streaming keeps d_a·d_b float64 sums per layer pair: refuse what cannot fit."""
-    needed = 8 * (sum(d * d for d in widths_a) + sum(d * d for d in widths_b)
-                  + sum(widths_a) * sum(widths_b))
+    needed = 8 * (
+        sum(d * d for d in widths_a) + sum(d * d for d in widths_b) + sum(widths_a) * sum(widths_b)
+    )
     if needed > MAX_STATS_BYTES:
         raise HfMergeError(
             f"CKA over all {len(widths_a)}×{len(widths_b)} layer pairs would hold "
@@ -231,7 +302,8 @@ def _check_memory(widths_a: list[int], widths_b: list[int]) -> None:
             "estimator keeps a width×width sum per layer pair, which suits widths of a few "
             f"hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
             fix=f"use --pooling mean with at most {max(widths_a + widths_b)} windows (--samples), "
-            "which needs no such sums, or compare narrower or shallower models")
+            "which needs no such sums, or compare narrower or shallower models",
+        )
 
 
 def format_report(report: CkaReport) -> str:
@@ -256,8 +328,10 @@ def _diagonal_table(report: CkaReport) -> str:
         header += f" {'matched r':>10} {'same-index r':>13} {f'R²>{r2:g} top-{k}':>14}"
     rows = [header]
     for n, (i, j) in enumerate(report.diagonal_pairs):
-        row = (f"{report.layers_a[i]:<12} {report.layers_b[j]:<12} "
-               f"{report.diagonal[n]:>8.4f} {report.biased_diagonal[n]:>8.4f}")
+        row = (
+            f"{report.layers_a[i]:<12} {report.layers_b[j]:<12} "
+            f"{report.diagonal[n]:>8.4f} {report.biased_diagonal[n]:>8.4f}"
+        )
         if report.units is not None:
             u = report.units[n]
             same = "-" if u.same_index_correlation is None else f"{u.same_index_correlation:.4f}"

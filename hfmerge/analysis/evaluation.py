@@ -28,20 +28,46 @@ class EvalCell:
         return {"model": self.model, "data": self.data, **self.result.to_json()}
 
 
-def eval_any(ref: str, *, data: str | None, max_length: int, samples: int | None,
-             batch_size: int, progress: bool) -> EvalResult:
+def eval_any(
+    ref: str,
+    *,
+    data: str | None,
+    max_length: int,
+    samples: int | None,
+    batch_size: int,
+    progress: bool,
+) -> EvalResult:
     """Evaluate a plain model or a routed repo (local folder or Hub id)."""
     from hfmerge.routing import eval_routed, is_routed_repo
 
     if is_routed_repo(ref, check_hub=True):
-        return eval_routed(ref, data=data, max_length=max_length, samples=samples,
-                           batch_size=batch_size, progress=progress)
-    return eval_model(ref, data=data, max_length=max_length, samples=samples,
-                      batch_size=batch_size, progress=progress)
+        return eval_routed(
+            ref,
+            data=data,
+            max_length=max_length,
+            samples=samples,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    return eval_model(
+        ref,
+        data=data,
+        max_length=max_length,
+        samples=samples,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
-def eval_grid(refs: Sequence[str], datas: Sequence[str | None], *, max_length: int,
-              samples: int | None, batch_size: int, progress: bool) -> list[EvalCell]:
+def eval_grid(
+    refs: Sequence[str],
+    datas: Sequence[str | None],
+    *,
+    max_length: int,
+    samples: int | None,
+    batch_size: int,
+    progress: bool,
+) -> list[EvalCell]:
     """Every model on every text, model by model.
 
     Raises:
@@ -49,10 +75,22 @@ def eval_grid(refs: Sequence[str], datas: Sequence[str | None], *, max_length: i
     """
     for data in datas:
         load_texts(data)
-    return [EvalCell(ref, describe_data(data),
-                     eval_any(ref, data=data, max_length=max_length, samples=samples,
-                              batch_size=batch_size, progress=progress))
-            for ref in refs for data in datas]
+    return [
+        EvalCell(
+            ref,
+            describe_data(data),
+            eval_any(
+                ref,
+                data=data,
+                max_length=max_length,
+                samples=samples,
+                batch_size=batch_size,
+                progress=progress,
+            ),
+        )
+        for ref in refs
+        for data in datas
+    ]
 
 
 def format_grid(cells: Sequence[EvalCell]) -> str:
@@ -67,8 +105,7 @@ def format_grid(cells: Sequence[EvalCell]) -> str:
     header = f"{'model':<{width}}  " + "  ".join(f"{d:>16}" for d in datas)
     lines = ["mean token loss (nats/token; * = lowest per text)", header]
     for model in models:
-        values = [f"{loss[model, d]:.4f}{'*' if loss[model, d] == best[d] else ' '}"
-                  for d in datas]
+        values = [f"{loss[model, d]:.4f}{'*' if loss[model, d] == best[d] else ' '}" for d in datas]
         lines.append(f"{model:<{width}}  " + "  ".join(f"{v:>16}" for v in values))
     return "\n".join(lines)
 
@@ -83,9 +120,15 @@ def grid_json(cells: Sequence[EvalCell]) -> dict[str, Any]:
 __all__ = ["EvalCell", "eval_any", "eval_grid", "format_grid", "grid_json"]
 
 
-def eval_model(model_ref: str, *, data: str | None, max_length: int = 128,
-               samples: int | None = None, batch_size: int = 8, progress: bool = False
-               ) -> EvalResult:
+def eval_model(
+    model_ref: str,
+    *,
+    data: str | None,
+    max_length: int = 128,
+    samples: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> EvalResult:
     """Load a model (local dir or `zoo:NAME`) with its tokenizer and evaluate it on `data`."""
     from hfmerge.lm.textdata import describe_data, load_texts, token_windows
     from hfmerge.sources.refs import resolve_model
@@ -105,5 +148,7 @@ def format_eval(model_ref: str, result: EvalResult) -> str:
     scored = "masked tokens" if result.objective == "masked" else "tokens"
     where = f", {result.data}" if result.data else ""
     size = f" of <= {result.max_length} tokens" if result.max_length else ""
-    return (f"{model_ref}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f} "
-            f"({result.tokens} {scored} in {result.windows} windows{size}{where})")
+    return (
+        f"{model_ref}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f} "
+        f"({result.tokens} {scored} in {result.windows} windows{size}{where})"
+    )

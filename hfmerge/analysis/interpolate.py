@@ -27,14 +27,17 @@ def check_compatible(path_a: Path, path_b: Path, *, label_a: str, label_b: str) 
     problems += [f"{n} only in {label_b}" for n in index_b.names if n not in index_a]
     for name in index_a.names:
         if name in index_b and index_a.info(name).shape != index_b.info(name).shape:
-            problems.append(f"{name} has shape {list(index_a.info(name).shape)} vs "
-                            f"{list(index_b.info(name).shape)}")
+            problems.append(
+                f"{name} has shape {list(index_a.info(name).shape)} vs "
+                f"{list(index_b.info(name).shape)}"
+            )
     if problems:
         raise IncompatibleModelsError(label_a, label_b, problems)
 
 
-def checkpoint_targets(model: PreTrainedModel, names: Sequence[str], *, label: str
-                        ) -> dict[str, torch.Tensor]:
+def checkpoint_targets(
+    model: PreTrainedModel, names: Sequence[str], *, label: str
+) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name -> the model tensor (a view of its storage) that name loads into.
 
     transformers may rename tensors between file and module (GPT-NeoX `embed_out` is `lm_head`);
@@ -50,50 +53,72 @@ def checkpoint_targets(model: PreTrainedModel, names: Sequence[str], *, label: s
         by_file = revert_weight_conversion(model, dict(state))
     storages = {t.untyped_storage().data_ptr() for t in state.values()}
     unknown = [n for n in names if n not in by_file]
-    converted = [n for n in names if n in by_file
-                 and by_file[n].untyped_storage().data_ptr() not in storages]
+    converted = [
+        n for n in names if n in by_file and by_file[n].untyped_storage().data_ptr() not in storages
+    ]
     if unknown or converted:
-        raise ArchitectureError(label, "its checkpoint tensors do not map one-to-one onto the "
-                                f"loaded model ({', '.join((unknown + converted)[:5])})",
-                                fix="re-save the model with transformers' save_pretrained")
+        raise ArchitectureError(
+            label,
+            "its checkpoint tensors do not map one-to-one onto the "
+            f"loaded model ({', '.join((unknown + converted)[:5])})",
+            fix="re-save the model with transformers' save_pretrained",
+        )
     targets = {n: by_file[n] for n in names}
     _check_coverage(model, targets, label=label)
     return targets
 
 
-def _check_coverage(model: PreTrainedModel, targets: dict[str, torch.Tensor], *, label: str
-                    ) -> None:
+def _check_coverage(
+    model: PreTrainedModel, targets: dict[str, torch.Tensor], *, label: str
+) -> None:
     """Every parameter is written by some checkpoint tensor (else it would stay A's forever)."""
     written = {t.untyped_storage().data_ptr() for t in targets.values()}
-    missed = [name for name, param in model.named_parameters()
-              if param.untyped_storage().data_ptr() not in written]
+    missed = [
+        name
+        for name, param in model.named_parameters()
+        if param.untyped_storage().data_ptr() not in written
+    ]
     if missed:
-        raise ArchitectureError(label, f"parameters {', '.join(missed[:5])} are not in its "
-                                "checkpoint", fix="re-save the model with its full weights")
+        raise ArchitectureError(
+            label,
+            f"parameters {', '.join(missed[:5])} are not in its checkpoint",
+            fix="re-save the model with its full weights",
+        )
 
 
 class Interpolator:
     """Sets one loaded model's weights to (1-λ)·A + λ·π(B), reading both checkpoints per tensor."""
 
-    def __init__(self, model: PreTrainedModel, path_a: Path, path_b: Path, *, label_a: str,
-                 label_b: str) -> None:
+    def __init__(
+        self, model: PreTrainedModel, path_a: Path, path_b: Path, *, label_a: str, label_b: str
+    ) -> None:
         self.model = model
         self.path_a, self.path_b = path_a, path_b
         self.label_a, self.label_b = label_a, label_b
         names = read_checkpoint_index(path_a, label=label_a).names
         self.targets = checkpoint_targets(model, names, label=label_a)
 
-    def load(self, lam: float, *, spec: ArchSpec | None = None,
-             perms: Permutations | None = None) -> None:
+    def load(
+        self, lam: float, *, spec: ArchSpec | None = None, perms: Permutations | None = None
+    ) -> None:
         """Write the interpolated weights into the model; B is permuted by `perms` on read."""
-        with (LazyCheckpoint(self.path_a, label=self.label_a) as a,
-              LazyCheckpoint(self.path_b, label=self.label_b) as b, torch.no_grad()):
+        with (
+            LazyCheckpoint(self.path_a, label=self.label_a) as a,
+            LazyCheckpoint(self.path_b, label=self.label_b) as b,
+            torch.no_grad(),
+        ):
             for name, target in self.targets.items():
                 target.copy_(self._value(name, lam, a, b, spec, perms))
 
     @staticmethod
-    def _value(name: str, lam: float, a: LazyCheckpoint, b: LazyCheckpoint,
-               spec: ArchSpec | None, perms: Permutations | None) -> torch.Tensor:
+    def _value(
+        name: str,
+        lam: float,
+        a: LazyCheckpoint,
+        b: LazyCheckpoint,
+        spec: ArchSpec | None,
+        perms: Permutations | None,
+    ) -> torch.Tensor:
         # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).
         if lam == 0.0 or not a.info(name).dtype.startswith(("F", "BF")):
             return a.get(name)  # integer buffers (position ids) are A's, never averaged
@@ -106,8 +131,7 @@ class Interpolator:
         return torch.lerp(a.get(name).float(), other.float(), lam)
 
 
-def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutations
-              ) -> torch.Tensor:
+def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutations) -> torch.Tensor:
     from hfmerge.arch.permute import permute_tensor
 
     return permute_tensor(tensor, spec.tensors[name], spec, perms)

@@ -22,8 +22,7 @@ def barrier_title(results: Sequence[BarrierResult]) -> str:
     return f"Loss barrier {first.model_a} → {first.model_b}: {values}"
 
 
-def plot_barriers(results: Sequence[BarrierResult], out: Path, *, title: str | None = None
-                  ) -> Path:
+def plot_barriers(results: Sequence[BarrierResult], out: Path, *, title: str | None = None) -> Path:
     """Write the barrier plot of `results` to `out` (PNG, Agg canvas: no display, no global state).
 
     Raises:
@@ -38,13 +37,24 @@ def plot_barriers(results: Sequence[BarrierResult], out: Path, *, title: str | N
     shared = all(abs(r.loss_b - results[0].loss_b) < 1e-6 for r in results)
     for i, result in enumerate(results):
         color = _COLORS[i % len(_COLORS)]
-        axes.plot(result.lambdas, result.loss, marker="o", markersize=3, color=color,
-                  label=f"align={result.align} (barrier {result.barrier:.3f})")
+        axes.plot(
+            result.lambdas,
+            result.loss,
+            marker="o",
+            markersize=3,
+            color=color,
+            label=f"align={result.align} (barrier {result.barrier:.3f})",
+        )
         if shared and i > 0:
             continue
-        axes.plot([0.0, 1.0], [result.loss_a, result.loss_b], linestyle="--",
-                  color="tab:gray" if shared else color, alpha=0.8,
-                  label="linear baseline" if shared else f"align={result.align}: linear baseline")
+        axes.plot(
+            [0.0, 1.0],
+            [result.loss_a, result.loss_b],
+            linestyle="--",
+            color="tab:gray" if shared else color,
+            alpha=0.8,
+            label="linear baseline" if shared else f"align={result.align}: linear baseline",
+        )
     unit = "masked-token" if results[0].objective == "masked" else "next-token"
     axes.set_xlabel(f"λ (0 = {results[0].model_a}, 1 = {results[0].model_b})")
     axes.set_ylabel(f"mean {unit} loss (nats)")

@@ -47,8 +47,11 @@ def replace_atomically(path: Path, write: Callable[[Path], object], *, what: str
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(str(path), f"cannot write {what}: {exc.strerror}",
-                          "check that its directory exists and is writable") from None
+        raise OutputError(
+            str(path),
+            f"cannot write {what}: {exc.strerror}",
+            "check that its directory exists and is writable",
+        ) from None
     return path
 
 

@@ -111,9 +111,15 @@ def _centred(fx: FeatureStats, fy: FeatureStats, sums: _CrossSums) -> _Centred:
     centred_xy = sums.xy - n * torch.outer(mx, my)  # [dx, dy]: X̄ᵀȲ
     xy_mm = float(mx @ sums.xy @ my)  # [dx] @ [dx, dy] @ [dy] -> scalar
     row_products = (
-        sums.ab - 2 * float(my @ sums.ay) + cy * fx.sq
-        - 2 * float(mx @ sums.bx) + 4 * xy_mm - 2 * cy * float(mx @ fx.sum)
-        + cx * fy.sq - 2 * cx * float(my @ fy.sum) + n * cx * cy
+        sums.ab
+        - 2 * float(my @ sums.ay)
+        + cy * fx.sq
+        - 2 * float(mx @ sums.bx)
+        + 4 * xy_mm
+        - 2 * cy * float(mx @ fx.sum)
+        + cx * fy.sq
+        - 2 * cx * float(my @ fy.sum)
+        + n * cx * cy
     )
     return _Centred(
         cross=float((centred_xy * centred_xy).sum()),
@@ -136,8 +142,14 @@ def _debiased_dot(c: _Centred, n: int) -> float:
 class CkaAccumulator:
     """Linear CKA of X [n, d_x] and Y [n, d_y], fed in minibatches whose rows pair up."""
 
-    def __init__(self, dim_x: int, dim_y: int, *, x_stats: FeatureStats | None = None,
-                 y_stats: FeatureStats | None = None) -> None:
+    def __init__(
+        self,
+        dim_x: int,
+        dim_y: int,
+        *,
+        x_stats: FeatureStats | None = None,
+        y_stats: FeatureStats | None = None,
+    ) -> None:
         """Pass `x_stats`/`y_stats` to share one layer's own sums between several accumulators
         (`CkaMatrix` does); their owner then feeds them, and `update` must not be used."""
         self._owns = x_stats is None and y_stats is None
@@ -164,8 +176,9 @@ class CkaAccumulator:
         self.y.add(ys, b)
         self.add_pair(xs, a, ys, b)
 
-    def add_pair(self, xs: torch.Tensor, a: torch.Tensor, ys: torch.Tensor, b: torch.Tensor
-                 ) -> None:
+    def add_pair(
+        self, xs: torch.Tensor, a: torch.Tensor, ys: torch.Tensor, b: torch.Tensor
+    ) -> None:
         """Add the cross sums of rows already `prepare`d and added by the feature stats' owner."""
         self.pair.add(xs, a, ys, b)
 
@@ -202,8 +215,10 @@ class _StreamingMatrix:
     def __init__(self, dims_a: Sequence[int], dims_b: Sequence[int]) -> None:
         self.stats_a = [FeatureStats(d) for d in dims_a]
         self.stats_b = [FeatureStats(d) for d in dims_b]
-        self.pairs = [[CkaAccumulator(fa.dim, fb.dim, x_stats=fa, y_stats=fb)
-                       for fb in self.stats_b] for fa in self.stats_a]
+        self.pairs = [
+            [CkaAccumulator(fa.dim, fb.dim, x_stats=fa, y_stats=fb) for fb in self.stats_b]
+            for fa in self.stats_a
+        ]
 
     @property
     def count(self) -> int:
@@ -223,8 +238,9 @@ class _StreamingMatrix:
         return rows, sq
 
     def values(self, estimator: Estimator) -> torch.Tensor:
-        return torch.tensor([[acc.value(estimator) for acc in row] for row in self.pairs],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [[acc.value(estimator) for acc in row] for row in self.pairs], dtype=torch.float64
+        )
 
 
 class CkaMatrix:
@@ -236,8 +252,9 @@ class CkaMatrix:
     window-pooled features (n of a few hundred) never pay for the d_a·d_b sums of every pair.
     """
 
-    def __init__(self, dims_a: Sequence[int], dims_b: Sequence[int], *,
-                 buffer_rows: int | None = None) -> None:
+    def __init__(
+        self, dims_a: Sequence[int], dims_b: Sequence[int], *, buffer_rows: int | None = None
+    ) -> None:
         self.dims_a, self.dims_b = list(dims_a), list(dims_b)
         self.buffer_rows = max([*dims_a, *dims_b, 0]) if buffer_rows is None else buffer_rows
         self._rows_a: list[list[torch.Tensor]] = [[] for _ in dims_a]
@@ -258,8 +275,10 @@ class CkaMatrix:
     def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
         """Add one minibatch: a [n, d] tensor per layer of A (`xs`) and of B (`ys`), same n rows."""
         if len(xs) != len(self.dims_a) or len(ys) != len(self.dims_b):
-            raise ValueError(f"expected {len(self.dims_a)} and {len(self.dims_b)} layers, got "
-                             f"{len(xs)} and {len(ys)}")
+            raise ValueError(
+                f"expected {len(self.dims_a)} and {len(self.dims_b)} layers, got "
+                f"{len(xs)} and {len(ys)}"
+            )
         if len({t.shape[0] for t in (*xs, *ys)}) != 1:
             raise ValueError("every layer's features must have the same rows (samples)")
         if xs[0].shape[0] == 0:
@@ -275,8 +294,9 @@ class CkaMatrix:
 
     def _start_streaming(self) -> None:
         self._streaming = _StreamingMatrix(self.dims_a, self.dims_b)
-        self._streaming.update([torch.cat(r) for r in self._rows_a],
-                               [torch.cat(r) for r in self._rows_b])
+        self._streaming.update(
+            [torch.cat(r) for r in self._rows_a], [torch.cat(r) for r in self._rows_b]
+        )
         self._rows_a, self._rows_b = [[] for _ in self.dims_a], [[] for _ in self.dims_b]
 
     def accumulator(self, i: int, j: int) -> CkaAccumulator:
@@ -348,8 +368,11 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, *, estimator: Estimator = "debi
     return accumulator.value(estimator)
 
 
-def cka_matrix(batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]], *,
-               estimator: Estimator = "debiased") -> torch.Tensor:
+def cka_matrix(
+    batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+    *,
+    estimator: Estimator = "debiased",
+) -> torch.Tensor:
     """CKA of every layer of A with every layer of B, streamed over (A layers, B layers) batches.
 
     Each batch holds one [n, d] tensor per layer; memory stays fixed however many batches come.

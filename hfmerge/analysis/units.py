@@ -82,8 +82,9 @@ def sparse_r2(corr_aa: torch.Tensor, corr_ab: torch.Tensor, *, top_k: int) -> to
     return r2.clamp(0.0, 1.0)
 
 
-def unit_correspondence(accumulator: CkaAccumulator, *, top_k: int = TOP_K,
-                        r2_threshold: float = R2_THRESHOLD) -> UnitCorrespondence:
+def unit_correspondence(
+    accumulator: CkaAccumulator, *, top_k: int = TOP_K, r2_threshold: float = R2_THRESHOLD
+) -> UnitCorrespondence:
     """Li et al.'s one-to-one and few-to-one unit statistics of the pair fed to `accumulator`."""
     if accumulator.count < 2:
         raise ValueError(f"unit correlations need at least 2 samples, got {accumulator.count}")

@@ -18,8 +18,9 @@ from hfmerge.errors import ArchitectureError, UnknownNameError
 class Builder(Protocol):
     """A family module's `build` function."""
 
-    def __call__(self, config: dict[str, Any], tensor_names: Collection[str], *,
-                 model: str = "model") -> ArchSpec: ...
+    def __call__(
+        self, config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+    ) -> ArchSpec: ...
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,19 @@ def family_of(config: Mapping[str, Any], *, model: str = "model") -> str:
     """The family name for config.json's `model_type`."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise ArchitectureError(model, "config.json has no `model_type`",
-                                fix="use the config.json saved with the model by transformers")
+        raise ArchitectureError(
+            model,
+            "config.json has no `model_type`",
+            fix="use the config.json saved with the model by transformers",
+        )
     if model_type not in MODEL_TYPES:
         raise UnknownNameError("architecture (model_type)", model_type, list(MODEL_TYPES))
     return MODEL_TYPES[model_type]
 
 
-def spec_for(config: dict[str, Any], tensor_names: Collection[str], *,
-             model: str = "model") -> ArchSpec:
+def spec_for(
+    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+) -> ArchSpec:
     """The spec of one checkpoint: every tensor name in it, with the group acting on each axis.
 
     Args:
@@ -71,8 +76,9 @@ def spec_for(config: dict[str, Any], tensor_names: Collection[str], *,
     return FAMILIES[family_of(config, model=model)](config, tensor_names, model=model)
 
 
-def check_shapes(spec: ArchSpec, shapes: Mapping[str, Sequence[int]], *,
-                 model: str = "model") -> None:
+def check_shapes(
+    spec: ArchSpec, shapes: Mapping[str, Sequence[int]], *, model: str = "model"
+) -> None:
     """Check every permuted axis against the checkpoint's header shapes; lists all mismatches."""
     problems = []
     for name, tensor in spec.tensors.items():
@@ -85,13 +91,19 @@ def check_shapes(spec: ArchSpec, shapes: Mapping[str, Sequence[int]], *,
                 continue
             expected = axis_length(spec.groups[role.group], role.layout)
             if shape[axis] != expected:
-                problems.append(f"{name} axis {axis} has {shape[axis]} entries, the config implies "
-                                f"{expected} ({role.group}, {role.layout.value})")
+                problems.append(
+                    f"{name} axis {axis} has {shape[axis]} entries, the config implies "
+                    f"{expected} ({role.group}, {role.layout.value})"
+                )
     if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8
-                                           else "")
-        raise ArchitectureError(model, f"tensor shapes do not match config.json: {shown}",
-                                fix="use the config.json that was saved with these weights")
+        shown = "; ".join(problems[:8]) + (
+            f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+        )
+        raise ArchitectureError(
+            model,
+            f"tensor shapes do not match config.json: {shown}",
+            fix="use the config.json that was saved with these weights",
+        )
 
 
 __all__ = [

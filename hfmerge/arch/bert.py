@@ -72,8 +72,13 @@ def _mlm_head(b: SpecBuilder, p: str, *, is_tied: bool) -> None:
     b.add(f"{MLM_HEAD}transform.dense.bias", R)
     _norm(b, f"{MLM_HEAD}transform.LayerNorm")
     b.add(f"{MLM_HEAD}bias", None)
-    b.tied(f"{MLM_HEAD}decoder.weight", None, R, to=f"{p}embeddings.word_embeddings.weight",
-           is_tied=is_tied)
+    b.tied(
+        f"{MLM_HEAD}decoder.weight",
+        None,
+        R,
+        to=f"{p}embeddings.word_embeddings.weight",
+        is_tied=is_tied,
+    )
     b.tied(f"{MLM_HEAD}decoder.bias", None, to=f"{MLM_HEAD}bias", is_tied=True)
 
 
@@ -83,8 +88,9 @@ def _nsp_head(b: SpecBuilder) -> None:
     b.add("cls.seq_relationship.bias", None)
 
 
-def build(config: dict[str, Any], tensor_names: Collection[str], *,
-          model: str = "model") -> ArchSpec:
+def build(
+    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+) -> ArchSpec:
     """The BERT spec of one checkpoint; the prefix and heads are read from its tensor names."""
     hidden = config_int(config, "hidden_size", model=model)
     heads = config_int(config, "num_attention_heads", model=model)
@@ -92,16 +98,25 @@ def build(config: dict[str, Any], tensor_names: Collection[str], *,
     layers = config_int(config, "num_hidden_layers", model=model)
     inner = config_int(config, "intermediate_size", model=model)
     names = set(tensor_names)
-    p = detect_prefix(names, "embeddings.word_embeddings.weight", ("bert.", ""), model=model,
-                      family=NAME)
+    p = detect_prefix(
+        names, "embeddings.word_embeddings.weight", ("bert.", ""), model=model, family=NAME
+    )
     b = SpecBuilder(NAME, str(config.get("model_type", NAME)), model)
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     _embeddings(b, p)
     for i in range(layers):
         b.group(PermGroup(mlp_group(i), "ff", inner))
         # No rotary embedding: Q/K may reorder every dim inside a head.
-        b.group(attention_group(i, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-                                qk_free_dims=(0, head_dim), model=model))
+        b.group(
+            attention_group(
+                i,
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=head_dim,
+                qk_free_dims=(0, head_dim),
+                model=model,
+            )
+        )
         _layer(b, p, i)
     if f"{p}pooler.dense.weight" in names:
         _pooler(b, p)

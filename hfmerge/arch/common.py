@@ -38,21 +38,28 @@ def attn(layer: int, layout: Layout) -> AxisRole:
     return AxisRole(attn_group(layer), layout)
 
 
-def config_int(config: Mapping[str, Any], *keys: str, model: str,
-               default: int | None = None) -> int:
+def config_int(
+    config: Mapping[str, Any], *keys: str, model: str, default: int | None = None
+) -> int:
     """The first of `keys` present in config.json as a positive int, else `default`, else error."""
     for key in keys:
         value = config.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ArchitectureError(model, f"config.json field {key!r} is {value!r}, not a "
-                                    "positive integer", fix="use the model's original config.json")
+            raise ArchitectureError(
+                model,
+                f"config.json field {key!r} is {value!r}, not a positive integer",
+                fix="use the model's original config.json",
+            )
         return value
     if default is not None:
         return default
-    raise ArchitectureError(model, f"config.json has no {' or '.join(repr(k) for k in keys)}",
-                            fix="use the model's original config.json")
+    raise ArchitectureError(
+        model,
+        f"config.json has no {' or '.join(repr(k) for k in keys)}",
+        fix="use the model's original config.json",
+    )
 
 
 def config_flag(config: Mapping[str, Any], key: str, *, default: bool) -> bool:
@@ -64,34 +71,55 @@ def config_flag(config: Mapping[str, Any], key: str, *, default: bool) -> bool:
 def split_heads(hidden: int, num_heads: int, *, model: str) -> int:
     """head_dim when the config does not give one: hidden_size must split evenly over the heads."""
     if hidden % num_heads:
-        raise ArchitectureError(model, f"hidden size {hidden} does not split into {num_heads} "
-                                "heads")
+        raise ArchitectureError(
+            model, f"hidden size {hidden} does not split into {num_heads} heads"
+        )
     return hidden // num_heads
 
 
-def attention_group(layer: int, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                    qk_free_dims: tuple[int, int], model: str) -> PermGroup:
+def attention_group(
+    layer: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    qk_free_dims: tuple[int, int],
+    model: str,
+) -> PermGroup:
     """The attention group of one block, after checking that GQA splits evenly."""
     if num_heads % num_kv_heads:
-        raise ArchitectureError(model, f"{num_heads} attention heads do not split into "
-                                f"{num_kv_heads} key/value heads")
-    return PermGroup(attn_group(layer), "attention", num_heads * head_dim, num_heads=num_heads,
-                     num_kv_heads=num_kv_heads, head_dim=head_dim, qk_free_dims=qk_free_dims)
+        raise ArchitectureError(
+            model, f"{num_heads} attention heads do not split into {num_kv_heads} key/value heads"
+        )
+    return PermGroup(
+        attn_group(layer),
+        "attention",
+        num_heads * head_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        qk_free_dims=qk_free_dims,
+    )
 
 
-def detect_prefix(names: Collection[str], probe: str, prefixes: tuple[str, ...], *, model: str,
-                  family: str) -> str:
+def detect_prefix(
+    names: Collection[str], probe: str, prefixes: tuple[str, ...], *, model: str, family: str
+) -> str:
     """The name prefix (e.g. "model." for *ForCausalLM, "" for a bare model) that holds `probe`."""
     for prefix in prefixes:
         if prefix + probe in names:
             return prefix
     looked = ", ".join(repr(p + probe) for p in prefixes)
-    raise ArchitectureError(model, f"its checkpoint has none of {looked}, so it is not a {family} "
-                            "checkpoint that hfmerge knows")
+    raise ArchitectureError(
+        model,
+        f"its checkpoint has none of {looked}, so it is not a {family} "
+        "checkpoint that hfmerge knows",
+    )
 
 
-def has_lm_head(config: Mapping[str, Any], names: Collection[str], *, prefix: str,
-                head_names: tuple[str, ...]) -> bool:
+def has_lm_head(
+    config: Mapping[str, Any], names: Collection[str], *, prefix: str, head_names: tuple[str, ...]
+) -> bool:
     """Whether the checkpoint is a causal-LM class: prefixed body, head tensor or config says so."""
     architectures = config.get("architectures") or []
     says_lm = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
@@ -131,23 +159,27 @@ class SpecBuilder:
         """Declare a permutation group."""
         self.groups[group.name] = group
 
-    def add(self, name: str | tuple[str, ...], *axes: AxisRole | None,
-            required: bool = True) -> None:
+    def add(
+        self, name: str | tuple[str, ...], *axes: AxisRole | None, required: bool = True
+    ) -> None:
         """A parameter; a tuple of names gives accepted spellings (first = the usual one)."""
         names = (name,) if isinstance(name, str) else name
         self.entries.append(_Entry(names, axes, required, buffer=False, tied_to=None))
 
     def buffer(self, name: str, *, ndim: int) -> None:
         """A non-parameter buffer that some checkpoints hold: optional, never permuted."""
-        self.entries.append(_Entry((name,), (None,) * ndim, required=False, buffer=True,
-                                   tied_to=None))
+        self.entries.append(
+            _Entry((name,), (None,) * ndim, required=False, buffer=True, tied_to=None)
+        )
 
-    def tied(self, name: str | tuple[str, ...], *axes: AxisRole | None, to: str,
-             is_tied: bool) -> None:
+    def tied(
+        self, name: str | tuple[str, ...], *axes: AxisRole | None, to: str, is_tied: bool
+    ) -> None:
         """A tensor that shares storage with `to` when tied (then optional), required otherwise."""
         names = (name,) if isinstance(name, str) else name
-        self.entries.append(_Entry(names, axes, required=not is_tied, buffer=False,
-                                   tied_to=to if is_tied else None))
+        self.entries.append(
+            _Entry(names, axes, required=not is_tied, buffer=False, tied_to=to if is_tied else None)
+        )
 
     def finish(self, tensor_names: Collection[str]) -> ArchSpec:
         """The spec restricted to the checkpoint's names; unknown or missing names are an error."""
@@ -158,8 +190,10 @@ class SpecBuilder:
         for entry in self.entries:
             present = [n for n in entry.names if n in names]
             if len(present) > 1:
-                raise ArchitectureError(self.model, "its checkpoint holds one tensor under several "
-                                        f"names: {', '.join(present)}")
+                raise ArchitectureError(
+                    self.model,
+                    f"its checkpoint holds one tensor under several names: {', '.join(present)}",
+                )
             if present:
                 tensors[present[0]] = TensorSpec(present[0], entry.axes, buffer=entry.buffer)
             elif entry.tied_to is not None:
@@ -172,14 +206,19 @@ class SpecBuilder:
     def _check_names(self, unknown: Collection[str], missing: Collection[str]) -> None:
         problems = []
         if unknown:
-            problems.append(f"{len(unknown)} checkpoint tensor(s) are not in the {self.family} "
-                            f"spec ({listing(unknown)})")
+            problems.append(
+                f"{len(unknown)} checkpoint tensor(s) are not in the {self.family} "
+                f"spec ({listing(unknown)})"
+            )
         if missing:
-            problems.append(f"{len(missing)} tensor(s) of the {self.family} spec are missing from "
-                            f"the checkpoint ({listing(missing)})")
+            problems.append(
+                f"{len(missing)} tensor(s) of the {self.family} spec are missing from "
+                f"the checkpoint ({listing(missing)})"
+            )
         if problems:
             raise ArchitectureError(
-                self.model, "; ".join(problems),
+                self.model,
+                "; ".join(problems),
                 fix=f"check that config.json (model_type {self.model_type!r}, sizes, bias and "
                 "tying flags) matches the weights; modified or unsupported variants of a family "
                 "(extra heads, cross-attention, relative positions) cannot be aligned",

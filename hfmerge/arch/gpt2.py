@@ -52,8 +52,9 @@ def _layer(b: SpecBuilder, p: str, i: int) -> None:
     b.buffer(f"{base}attn.masked_bias", ndim=0)
 
 
-def build(config: dict[str, Any], tensor_names: Collection[str], *,
-          model: str = "model") -> ArchSpec:
+def build(
+    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+) -> ArchSpec:
     """The GPT-2 spec of one checkpoint; the `transformer.` prefix is read from its tensor names."""
     hidden = config_int(config, "n_embd", "hidden_size", model=model)
     heads = config_int(config, "n_head", "num_attention_heads", model=model)
@@ -70,8 +71,16 @@ def build(config: dict[str, Any], tensor_names: Collection[str], *,
     for i in range(layers):
         b.group(PermGroup(mlp_group(i), "ff", inner))
         # No rotary embedding: Q/K may reorder every dim inside a head.
-        b.group(attention_group(i, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-                                qk_free_dims=(0, head_dim), model=model))
+        b.group(
+            attention_group(
+                i,
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=head_dim,
+                qk_free_dims=(0, head_dim),
+                model=model,
+            )
+        )
         _layer(b, p, i)
     _norm(b, f"{p}ln_f")
     # The bare GPT2Model has no head; the original `gpt2` repo has no prefix and a tied head.

@@ -34,14 +34,18 @@ DEFAULT_ROTARY_PCT = 0.25  # transformers' GPTNeoXConfig default (every Pythia s
 HEAD_NAMES = ("embed_out.weight", "lm_head.weight")
 
 
-def rotary_fraction(config: Mapping[str, Any], *, model: str,
-                    default: float = DEFAULT_ROTARY_PCT) -> float:
+def rotary_fraction(
+    config: Mapping[str, Any], *, model: str, default: float = DEFAULT_ROTARY_PCT
+) -> float:
     """Share of each head's dims under RoPE: transformers 5 `rope_parameters`, else `rotary_pct`.
 
     `default` applies when the config names none (GPT-NeoX's own default; 1.0 for Llama-style)."""
     rope = config.get("rope_parameters") or {}
-    candidates = (rope.get("partial_rotary_factor"), config.get("partial_rotary_factor"),
-                  config.get("rotary_pct"))
+    candidates = (
+        rope.get("partial_rotary_factor"),
+        config.get("partial_rotary_factor"),
+        config.get("rotary_pct"),
+    )
     value = next((v for v in candidates if v is not None), default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ArchitectureError(model, f"config.json rotary fraction {value!r} is not in [0, 1]")
@@ -72,8 +76,9 @@ def _layer(b: SpecBuilder, p: str, i: int, *, attention_bias: bool) -> None:
     b.buffer(f"{base}attention.masked_bias", ndim=0)
 
 
-def build(config: dict[str, Any], tensor_names: Collection[str], *,
-          model: str = "model") -> ArchSpec:
+def build(
+    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+) -> ArchSpec:
     """The GPT-NeoX spec of one checkpoint; the `gpt_neox.` prefix is read from its tensor names."""
     hidden = config_int(config, "hidden_size", model=model)
     heads = config_int(config, "num_attention_heads", model=model)
@@ -89,8 +94,16 @@ def build(config: dict[str, Any], tensor_names: Collection[str], *,
     b.buffer(f"{p}rotary_emb.inv_freq", ndim=1)
     for i in range(layers):
         b.group(PermGroup(mlp_group(i), "ff", inner))
-        b.group(attention_group(i, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-                                qk_free_dims=(rotary_ndims, head_dim), model=model))
+        b.group(
+            attention_group(
+                i,
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=head_dim,
+                qk_free_dims=(rotary_ndims, head_dim),
+                model=model,
+            )
+        )
         _layer(b, p, i, attention_bias=config_flag(config, "attention_bias", default=True))
     _norm(b, f"{p}final_layer_norm")
     if has_lm_head(config, names, prefix=p, head_names=HEAD_NAMES):

@@ -47,8 +47,9 @@ class _Biases:
         if model_type == "mistral":  # MistralAttention/MLP hard-code bias=False
             return cls(qkv=False, o=False, mlp=False)
         attention_bias = config_flag(config, "attention_bias", default=False)
-        return cls(qkv=attention_bias, o=attention_bias,
-                   mlp=config_flag(config, "mlp_bias", default=False))
+        return cls(
+            qkv=attention_bias, o=attention_bias, mlp=config_flag(config, "mlp_bias", default=False)
+        )
 
 
 def _layer(b: SpecBuilder, p: str, i: int, *, biases: _Biases) -> None:
@@ -80,8 +81,9 @@ def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, model: st
     return config_int(config, "head_dim", model=model)
 
 
-def build(config: dict[str, Any], tensor_names: Collection[str], *,
-          model: str = "model") -> ArchSpec:
+def build(
+    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+) -> ArchSpec:
     """The Llama-family spec of one checkpoint; the `model.` prefix is read from tensor names."""
     hidden = config_int(config, "hidden_size", model=model)
     heads = config_int(config, "num_attention_heads", model=model)
@@ -99,8 +101,16 @@ def build(config: dict[str, Any], tensor_names: Collection[str], *,
     for i in range(layers):
         b.group(PermGroup(mlp_group(i), "ff", inner))
         # Q/K dims stay fixed even under partial rotary: identity inside a head is always exact.
-        b.group(attention_group(i, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                                qk_free_dims=(0, 0), model=model))
+        b.group(
+            attention_group(
+                i,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                qk_free_dims=(0, 0),
+                model=model,
+            )
+        )
         _layer(b, p, i, biases=biases)
     b.add(f"{p}norm.weight", R)
     if has_lm_head(config, names, prefix=p, head_names=("lm_head.weight",)):

@@ -43,12 +43,16 @@ def axis_index(group: PermGroup, perm: GroupPerm, layout: Layout) -> torch.Tenso
     """The gather index (LongTensor of `axis_length` entries) for one axis of `layout`."""
     if group.kind != "attention":
         if layout is not Layout.UNITS or isinstance(perm, AttentionPerm):
-            raise ValueError(f"group {group.name!r} ({group.kind}) takes a plain index on a "
-                             f"'units' axis, got layout {layout.value!r}")
+            raise ValueError(
+                f"group {group.name!r} ({group.kind}) takes a plain index on a "
+                f"'units' axis, got layout {layout.value!r}"
+            )
         return perm.long()
     if layout not in _ATTENTION_LAYOUTS or not isinstance(perm, AttentionPerm):
-        raise ValueError(f"attention group {group.name!r} takes an AttentionPerm on a head-major "
-                         f"axis, got layout {layout.value!r}")
+        raise ValueError(
+            f"attention group {group.name!r} takes an AttentionPerm on a head-major "
+            f"axis, got layout {layout.value!r}"
+        )
     return _attention_index(group, perm, layout)
 
 
@@ -82,12 +86,14 @@ def _attention_index(group: PermGroup, perm: AttentionPerm, layout: Layout) -> t
     return _per_head_qkv_index(group, kv_heads, qk, vo)
 
 
-def _per_head_qkv_index(group: PermGroup, heads: torch.Tensor, qk: torch.Tensor,
-                        vo: torch.Tensor) -> torch.Tensor:
+def _per_head_qkv_index(
+    group: PermGroup, heads: torch.Tensor, qk: torch.Tensor, vo: torch.Tensor
+) -> torch.Tensor:
     """GPT-NeoX rows `[head][q | k | v][head_dim]`: whole 3*head_dim blocks move with their head."""
     if group.queries_per_kv != 1:
-        raise ValueError(f"group {group.name!r}: a per-head fused QKV axis needs num_kv_heads == "
-                         "num_heads")
+        raise ValueError(
+            f"group {group.name!r}: a per-head fused QKV axis needs num_kv_heads == num_heads"
+        )
     dim = group.head_dim
     base = heads[:, None] * (3 * dim)  # [heads, 1]: first row of each old head's block
     blocks = torch.cat([base + qk, base + dim + qk, base + 2 * dim + vo], dim=1)  # [heads, 3*dim]
@@ -99,22 +105,26 @@ IndexFor = Callable[[AxisRole], torch.Tensor | None]
 
 def _apply(tensor: torch.Tensor, tensor_spec: TensorSpec, index_for: IndexFor) -> torch.Tensor:
     if tensor.dim() != len(tensor_spec.axes):
-        raise ValueError(f"{tensor_spec.name}: tensor has {tensor.dim()} axes, the spec "
-                         f"{len(tensor_spec.axes)}")
+        raise ValueError(
+            f"{tensor_spec.name}: tensor has {tensor.dim()} axes, the spec {len(tensor_spec.axes)}"
+        )
     out = tensor
     for axis, role in enumerate(tensor_spec.axes):
         index = None if role is None else index_for(role)
         if role is None or index is None:
             continue
         if index.numel() != out.shape[axis]:
-            raise ValueError(f"{tensor_spec.name}: axis {axis} has {out.shape[axis]} entries, the "
-                             f"permutation of {role.group!r} {index.numel()}")
+            raise ValueError(
+                f"{tensor_spec.name}: axis {axis} has {out.shape[axis]} entries, the "
+                f"permutation of {role.group!r} {index.numel()}"
+            )
         out = out.index_select(axis, index.to(out.device))
     return out
 
 
-def permute_tensor(tensor: torch.Tensor, tensor_spec: TensorSpec, spec: ArchSpec,
-                   perms: Permutations) -> torch.Tensor:
+def permute_tensor(
+    tensor: torch.Tensor, tensor_spec: TensorSpec, spec: ArchSpec, perms: Permutations
+) -> torch.Tensor:
     """One tensor moved into the permuted basis; axes whose group is not in `perms` stay as is."""
 
     def index_for(role: AxisRole) -> torch.Tensor | None:
@@ -125,8 +135,13 @@ def permute_tensor(tensor: torch.Tensor, tensor_spec: TensorSpec, spec: ArchSpec
     return _apply(tensor, tensor_spec, index_for)
 
 
-def permute_state_dict(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec,
-                       perms: Permutations, *, check: bool = True) -> dict[str, torch.Tensor]:
+def permute_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: ArchSpec,
+    perms: Permutations,
+    *,
+    check: bool = True,
+) -> dict[str, torch.Tensor]:
     """Every tensor moved into the permuted basis (dtype kept); names outside the spec are errors.
 
     `check=False` skips `check_permutations`, which only tests that build invalid perms on purpose.
@@ -153,8 +168,9 @@ def _rows_of(values: torch.Tensor, rows: int) -> torch.Tensor:
     return values.unsqueeze(0).repeat(rows, 1)  # [n] -> [rows, n]
 
 
-def _free_rows(rows: int, dim: int, free: tuple[int, int], generator: torch.Generator | None
-               ) -> torch.Tensor:
+def _free_rows(
+    rows: int, dim: int, free: tuple[int, int], generator: torch.Generator | None
+) -> torch.Tensor:
     """[rows, dim] orders, identity outside [start, end) and shuffled inside when `generator`."""
     out = _rows_of(torch.arange(dim), rows)
     start, end = free
@@ -257,8 +273,10 @@ def _check_attention(group: PermGroup, perm: AttentionPerm) -> None:
     fixed[start:end] = False
     pinned = perm.qk_dims.long().cpu()[:, fixed]  # [kv, dims outside qk_free_dims]
     if not torch.equal(pinned, _rows_of(torch.arange(dim)[fixed], kv)):
-        raise ValueError(f"{group.name}: qk_dims moves dims outside {group.qk_free_dims} (rotary "
-                         "dims must stay in place)")
+        raise ValueError(
+            f"{group.name}: qk_dims moves dims outside {group.qk_free_dims} (rotary "
+            "dims must stay in place)"
+        )
 
 
 def check_permutations(spec: ArchSpec, perms: Permutations) -> None:

@@ -180,8 +180,11 @@ def eval_(
     ],
     data: Annotated[
         list[str] | None,
-        typer.Option("--data", help="UTF-8 text file, .jsonl with a `text` field, or "
-                     "builtin[:code|prose|mixed]; repeat it to compare on several texts."),
+        typer.Option(
+            "--data",
+            help="UTF-8 text file, .jsonl with a `text` field, or "
+            "builtin[:code|prose|mixed]; repeat it to compare on several texts.",
+        ),
     ] = None,
     json_out: EvalJsonOpt = None,
     max_length: EvalLengthOpt = 128,
@@ -196,8 +199,9 @@ def eval_(
     from hfmerge.analysis.reports import write_json
 
     texts: list[str | None] = list(data) if data else [None]
-    cells = eval_grid(models, texts, max_length=max_length, samples=samples,
-                      batch_size=batch_size, progress=True)
+    cells = eval_grid(
+        models, texts, max_length=max_length, samples=samples, batch_size=batch_size, progress=True
+    )
     typer.echo(format_grid(cells))
     if json_out is not None:
         _hint(f"wrote {write_json(json_out, grid_json(cells))}")
@@ -324,8 +328,11 @@ def cka(
     ] = None,
     pooling: Annotated[
         str | None,
-        typer.Option("--pooling", help="mean (per window; default) or tokens (every real token; "
-                     "the default with --units)."),
+        typer.Option(
+            "--pooling",
+            help="mean (per window; default) or tokens (every real token; "
+            "the default with --units).",
+        ),
     ] = None,
     units: Annotated[
         bool, typer.Option("--units", help="Add matched-unit correlation (Li et al. 2016).")
@@ -383,4 +390,3 @@ def main(argv: list[str] | None = None) -> int:
         _hint("interrupted: nothing was written (partial output is removed)")
         return 130
     return 0
-

@@ -137,9 +137,7 @@ def _bytes_per_element(plan: MergePlan, *, elementwise: bool = False) -> int:
     return chunk + queued
 
 
-def _check_fits(
-    plan: MergePlan, chunk: int, budget: int, available: int, per_element: int
-) -> None:
+def _check_fits(plan: MergePlan, chunk: int, budget: int, available: int, per_element: int) -> None:
     whole = plan.method.stream is None
     for job in plan.jobs:
         need = math.prod(job.shape) if whole and job.action == "merge" else _row_elements(job)
@@ -150,8 +148,7 @@ def _check_fits(
                 f"--max-memory {_gb(budget)} is below what one chunk needs",
                 why=f"merging one {unit} {job.name} ({need:,} elements) takes about "
                 f"{_gb(need * per_element)} beside the {_gb(budget - available)} the process "
-                "already uses"
-                + (f"; {plan.method.name} merges whole tensors" if whole else ""),
+                "already uses" + (f"; {plan.method.name} merges whole tensors" if whole else ""),
                 fix=f"raise --max-memory to at least {_gb(wanted)}, or leave it out",
             )
 

@@ -37,8 +37,13 @@ class RowSplitter:
 
     def _worth_splitting(self, chunk: Chunk) -> bool:
         first = chunk.tensors[0] if chunk.tensors else None
-        return (self._pool is not None and first is not None and first.dim() > 0
-                and first.shape[0] >= 2 and first.numel() >= SPLIT_MIN_ELEMENTS)
+        return (
+            self._pool is not None
+            and first is not None
+            and first.dim() > 0
+            and first.shape[0] >= 2
+            and first.numel() >= SPLIT_MIN_ELEMENTS
+        )
 
     def observe(self, merge: TensorMerge, pass_index: int, chunk: Chunk) -> None:
         """`merge.observe(pass_index, chunk)`, its row halves on two threads when worth it."""
@@ -49,8 +54,9 @@ class RowSplitter:
         head, tail = chunk.split(chunk.tensors[0].shape[0] // 2)
         merge.observe_split(pass_index, head, tail, self._pool.submit)
 
-    def apply(self, merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
-              ) -> list[tuple[int, torch.Tensor]]:
+    def apply(
+        self, merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
+    ) -> list[tuple[int, torch.Tensor]]:
         """`merge.apply(chunk)` cast to `dtype`, as (first element, rows) parts: the chunk's row
         halves on two threads when worth it and allowed, each cast on its own thread."""
         if not self._worth_splitting(chunk) or not merge.splittable:
@@ -74,8 +80,9 @@ class RowSplitter:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def apply_in_pieces(merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
-                    ) -> Iterator[tuple[int, torch.Tensor]]:
+def apply_in_pieces(
+    merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
     """An element-wise merge of a chunk held in its storage dtype, cast to `dtype`, as
     (first element, flat output) parts of `PART_ELEMENTS`, each yielded once it is merged.
 
@@ -107,8 +114,12 @@ def apply_in_pieces(merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
             part if buffer is None else buffer[: stop - start].copy_(part)
             for part, buffer in zip((t[start:stop] for t in flat), buffers, strict=True)
         ]
-        piece = Chunk(floats[:inputs], floats[inputs] if len(floats) > inputs else None,
-                      chunk.first + start, whole=False)
+        piece = Chunk(
+            floats[:inputs],
+            floats[inputs] if len(floats) > inputs else None,
+            chunk.first + start,
+            whole=False,
+        )
         out[start:stop].copy_(merge.apply(piece))
         if stop - part_start >= PART_ELEMENTS or stop == total:
             yield chunk.first + part_start, out[part_start:stop]

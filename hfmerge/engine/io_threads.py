@@ -124,9 +124,7 @@ class WriteBehind:
     """Writes (name, first element, tensor) parts through `write` in a thread, `write_bytes`
     behind the caller. `close()` waits for every write and raises the first error."""
 
-    def __init__(
-        self, write: Callable[[str, int, torch.Tensor], None], write_bytes: int
-    ) -> None:
+    def __init__(self, write: Callable[[str, int, torch.Tensor], None], write_bytes: int) -> None:
         self._write = write
         self._stop = threading.Event()
         self._gate = ByteGate(write_bytes, self._stop)

@@ -67,8 +67,7 @@ class ForkedShare:
     raises the child's error as soon as it is known; `wait()` returns the names it wrote.
     """
 
-    def __init__(self, jobs: list[TensorJob], run: RunShare, on_job: Callable[[int], None]
-                 ) -> None:
+    def __init__(self, jobs: list[TensorJob], run: RunShare, on_job: Callable[[int], None]) -> None:
         self._jobs = jobs
         self._run = run
         self._on_job = on_job

@@ -78,8 +78,15 @@ def execute_plan(
     policy = chunk_policy(plan, max_memory_bytes, elementwise=elementwise, processes=processes)
     keep_chunk_buffers()
     perms = list(input_perms) if input_perms is not None else [None] * len(plan.inputs)
-    share = _Share(plan, policy, params=params, model_params=model_params, seed=seed,
-                   device=compute_device, perms=perms)
+    share = _Share(
+        plan,
+        policy,
+        params=params,
+        model_params=model_params,
+        seed=seed,
+        device=compute_device,
+        perms=perms,
+    )
     own, *others = split_jobs(plan.jobs, policy.processes)
     with (
         ShardWriter(out_dir, plan.shards, metadata={"merged_by": "hfmerge"}) as writer,
@@ -114,13 +121,20 @@ class _Share:
     device: torch.device
     perms: Sequence[Permutations | None]
 
-    def run(self, writer: ShardWriter, jobs: list[TensorJob], on_job: Callable[[], None]
-            ) -> frozenset[str]:
+    def run(
+        self, writer: ShardWriter, jobs: list[TensorJob], on_job: Callable[[], None]
+    ) -> frozenset[str]:
         """Merge `jobs` (in plan order) into `writer`, calling `on_job()` after each; the names
         `writer` holds as written."""
         plan = replace(self.plan, jobs=jobs)
-        steps = _Steps(plan, self.policy, params=self.params, model_params=self.model_params,
-                       seed=self.seed, device=self.device)
+        steps = _Steps(
+            plan,
+            self.policy,
+            params=self.params,
+            model_params=self.model_params,
+            seed=self.seed,
+            device=self.device,
+        )
         with ExitStack() as stack:
             steps.base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
             steps.inputs = [
@@ -153,7 +167,10 @@ def _merges_elementwise(
     if job is None:
         return False
     merge = plan.method.tensor_merge(
-        job.shape, model_params=model_params, params=params, generator=torch.Generator(),
+        job.shape,
+        model_params=model_params,
+        params=params,
+        generator=torch.Generator(),
         device=torch.device("cpu"),
     )
     return merge.elementwise
@@ -213,8 +230,7 @@ class _Steps:
             else:
                 yield from self._merge(job, acquire)
 
-    def _ranges(self, job: TensorJob, *, whole: bool, elementwise: bool
-                ) -> list[tuple[int, int]]:
+    def _ranges(self, job: TensorJob, *, whole: bool, elementwise: bool) -> list[tuple[int, int]]:
         rows = job.shape[0] if job.shape else 1
         step = self.policy.rows_per_chunk(job, whole=whole, elementwise=elementwise)
         return [(s, min(s + step, rows)) for s in range(0, rows, step)] or [(0, 0)]

@@ -67,8 +67,9 @@ def pin(repo_id: str, revision: str | None, *, offline: bool = False) -> PinnedR
     check_repo_id(repo_id)
     with translated(repo_id, revision, hub=hub, action="read"):
         if hub.offline:  # the snapshot folder of the cached commit is named by its sha
-            return PinnedRepo(repo_id, Path(_snapshot(repo_id, revision, hub, patterns=[])).name,
-                              license=None)
+            return PinnedRepo(
+                repo_id, Path(_snapshot(repo_id, revision, hub, patterns=[])).name, license=None
+            )
         info = hub_api(hub).model_info(repo_id, revision=revision)
         remember_ref(repo_id, revision or "main", str(info.sha), hub)
     license = getattr(info.card_data, "license", None)
@@ -86,15 +87,19 @@ def remote_config(repo_id: str, sha: str, *, offline: bool = False) -> dict[str,
     with translated(repo_id, sha, hub=hub, action="read"):
         path = _hf_file(repo_id, sha, "config.json", hub)
     if path is None:
-        raise ModelSourceError(repo_id, f"has no config.json at commit {sha}",
-                               "name a transformers model repo (saved with `save_pretrained`)")
+        raise ModelSourceError(
+            repo_id,
+            f"has no config.json at commit {sha}",
+            "name a transformers model repo (saved with `save_pretrained`)",
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
-        raise ModelSourceError(repo_id, f"its config.json cannot be read ({exc})",
-                               "fix config.json in the repo") from None
+        raise ModelSourceError(
+            repo_id, f"its config.json cannot be read ({exc})", "fix config.json in the repo"
+        ) from None
     return config
 
 
@@ -111,19 +116,31 @@ def remote_index(repo_id: str, sha: str, *, offline: bool = False) -> Checkpoint
     if cached is not None:
         return cached
     if hub.offline:
-        raise HubError(repo_id, "its safetensors weights are not in the local cache "
-                       f"({hub.cache_dir}) and offline mode is on", kind="offline",
-                       revision=sha, fix=OFFLINE_FIX)
+        raise HubError(
+            repo_id,
+            "its safetensors weights are not in the local cache "
+            f"({hub.cache_dir}) and offline mode is on",
+            kind="offline",
+            revision=sha,
+            fix=OFFLINE_FIX,
+        )
     with translated(repo_id, sha, hub=hub, action="read"):
         tensors = _remote_tensors(repo_id, sha, hub)
     if not tensors:
-        raise ModelSourceError(repo_id, "its safetensors checkpoint holds no tensors",
-                               "name a model with weights")
+        raise ModelSourceError(
+            repo_id, "its safetensors checkpoint holds no tensors", "name a model with weights"
+        )
     return CheckpointIndex(folder, tensors, label=repo_id)
 
 
-def download(repo_id: str, sha: str, *, allow_patterns: Sequence[str], offline: bool = False,
-             allow_pickle: bool = False) -> Path:
+def download(
+    repo_id: str,
+    sha: str,
+    *,
+    allow_patterns: Sequence[str],
+    offline: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
     """Download the files of `repo_id` at `sha` matching `allow_patterns` into the HF cache.
 
     Returns the snapshot folder. Patterns that would fetch pickle checkpoints are refused
@@ -131,30 +148,47 @@ def download(repo_id: str, sha: str, *, allow_patterns: Sequence[str], offline: 
     """
     pickles = [p for p in allow_patterns if _matches_pickle(p)]
     if pickles and not allow_pickle:
-        raise ModelSourceError(repo_id, f"downloading pickle checkpoints ({', '.join(pickles)}) "
-                               "is refused, because unpickling a file can run arbitrary code",
-                               CONVERT_FIX)
+        raise ModelSourceError(
+            repo_id,
+            f"downloading pickle checkpoints ({', '.join(pickles)}) "
+            "is refused, because unpickling a file can run arbitrary code",
+            CONVERT_FIX,
+        )
     hub = settings(offline=offline)
     with translated(repo_id, sha, hub=hub, action="download"):
         return Path(_snapshot(repo_id, sha, hub, patterns=list(allow_patterns)))
 
 
-def _snapshot(repo_id: str, revision: str | None, hub: HubSettings, *,
-              patterns: list[str]) -> str:
-    return str(snapshot_download(
-        repo_id, revision=revision, allow_patterns=patterns, cache_dir=hub.cache_dir,
-        endpoint=hub.endpoint, token=hub.token, local_files_only=hub.offline,
-        library_name=LIBRARY,
-    ))
+def _snapshot(repo_id: str, revision: str | None, hub: HubSettings, *, patterns: list[str]) -> str:
+    return str(
+        snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            cache_dir=hub.cache_dir,
+            endpoint=hub.endpoint,
+            token=hub.token,
+            local_files_only=hub.offline,
+            library_name=LIBRARY,
+        )
+    )
 
 
 def _hf_file(repo_id: str, sha: str, filename: str, hub: HubSettings) -> Path | None:
     """One small file of the repo through the cache; None when the commit has no such file."""
     try:
-        return Path(hf_hub_download(
-            repo_id, filename, revision=sha, cache_dir=hub.cache_dir, endpoint=hub.endpoint,
-            token=hub.token, local_files_only=hub.offline, library_name=LIBRARY,
-        ))
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=sha,
+                cache_dir=hub.cache_dir,
+                endpoint=hub.endpoint,
+                token=hub.token,
+                local_files_only=hub.offline,
+                library_name=LIBRARY,
+            )
+        )
     except hf_errors.RemoteEntryNotFoundError:
         return None
 
@@ -181,15 +215,19 @@ def _remote_tensors(repo_id: str, sha: str, hub: HubSettings) -> list[TensorInfo
     for shard in sorted(set(weight_map.values())):
         found = _remote_header(repo_id, sha, shard, hub)
         if found is None:
-            raise ModelSourceError(repo_id, f"{INDEX_FILE} names shard {shard}, which the "
-                                   f"repo lacks at {sha}", "pin a revision with every shard")
+            raise ModelSourceError(
+                repo_id,
+                f"{INDEX_FILE} names shard {shard}, which the repo lacks at {sha}",
+                "pin a revision with every shard",
+            )
         tensors.extend(found)
     check_weight_map(weight_map, tensors, repo_id)
     return tensors
 
 
-def _remote_header(repo_id: str, sha: str, filename: str,
-                   hub: HubSettings) -> list[TensorInfo] | None:
+def _remote_header(
+    repo_id: str, sha: str, filename: str, hub: HubSettings
+) -> list[TensorInfo] | None:
     """A shard's header by two range requests (length field, then JSON); None if absent."""
     url = hf_hub_url(repo_id, filename, revision=sha, endpoint=hub.endpoint)
     headers = build_hf_headers(token=hub.token, library_name=LIBRARY)
@@ -210,22 +248,38 @@ def _remote_header(repo_id: str, sha: str, filename: str,
 
 
 def _range_get(url: str, headers: dict[str, str], first: int, last: int) -> httpx2.Response:
-    return get_session().get(url, headers={**headers, "Range": f"bytes={first}-{last}"},
-                             timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    return get_session().get(
+        url,
+        headers={**headers, "Range": f"bytes={first}-{last}"},
+        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+    )
 
 
 def _no_safetensors(repo_id: str, sha: str, hub: HubSettings) -> HfMergeError:
-    pickles = [f for f in hub_api(hub).list_repo_files(repo_id, revision=sha)
-               if f.endswith(PICKLE_SUFFIXES)]
+    pickles = [
+        f
+        for f in hub_api(hub).list_repo_files(repo_id, revision=sha)
+        if f.endswith(PICKLE_SUFFIXES)
+    ]
     if pickles:
-        return ModelSourceError(repo_id, f"has only pickle checkpoints ({', '.join(pickles[:5])})"
-                                f" at commit {sha}, which hfmerge does not download because "
-                                "unpickling a file can run arbitrary code", CONVERT_FIX)
-    return ModelSourceError(repo_id, f"has no {SINGLE_FILE} or {INDEX_FILE} at commit "
-                            f"{sha}", "name a repo or revision with safetensors weights")
+        return ModelSourceError(
+            repo_id,
+            f"has only pickle checkpoints ({', '.join(pickles[:5])})"
+            f" at commit {sha}, which hfmerge does not download because "
+            "unpickling a file can run arbitrary code",
+            CONVERT_FIX,
+        )
+    return ModelSourceError(
+        repo_id,
+        f"has no {SINGLE_FILE} or {INDEX_FILE} at commit {sha}",
+        "name a repo or revision with safetensors weights",
+    )
 
 
 def _matches_pickle(pattern: str) -> bool:
-    probes = [f"{stem}{suffix}" for suffix in PICKLE_SUFFIXES
-              for stem in ("model", "pytorch_model", "pytorch_model-00001-of-00002")]
+    probes = [
+        f"{stem}{suffix}"
+        for suffix in PICKLE_SUFFIXES
+        for stem in ("model", "pytorch_model", "pytorch_model-00001-of-00002")
+    ]
     return pattern.endswith(PICKLE_SUFFIXES) or any(fnmatch.fnmatch(p, pattern) for p in probes)

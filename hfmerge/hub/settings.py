@@ -65,8 +65,12 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except hf_errors.HFValidationError as exc:
-        raise HubError(repo_id, f"is not a valid repo id ({exc})", kind="invalid",
-                       fix="write it as `org/name` (letters, digits, '-', '_', '.')") from None
+        raise HubError(
+            repo_id,
+            f"is not a valid repo id ({exc})",
+            kind="invalid",
+            fix="write it as `org/name` (letters, digits, '-', '_', '.')",
+        ) from None
 
 
 def repo_cache(repo_id: str, hub: HubSettings) -> Path:
@@ -89,5 +93,6 @@ def hub_api(hub: HubSettings) -> HfApi:
         release = version(LIBRARY)
     except PackageNotFoundError:  # a source tree that was never installed
         release = "unknown"
-    return HfApi(endpoint=hub.endpoint, token=hub.token, library_name=LIBRARY,
-                 library_version=release)
+    return HfApi(
+        endpoint=hub.endpoint, token=hub.token, library_name=LIBRARY, library_version=release
+    )

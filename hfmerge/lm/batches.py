@@ -26,8 +26,10 @@ def pad(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
 
 def model_inputs(rows: Sequence[torch.Tensor], *, pad_id: int) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` ([b, t_max]) of right-padded windows."""
-    return {"input_ids": pad(rows, pad_id),
-            "attention_mask": pad([torch.ones_like(r) for r in rows], 0)}
+    return {
+        "input_ids": pad(rows, pad_id),
+        "attention_mask": pad([torch.ones_like(r) for r in rows], 0),
+    }
 
 
 def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -36,21 +38,32 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     return pad if isinstance(pad, int) else 0
 
 
-def window_batches(windows: Sequence[torch.Tensor], *, pad_id: int, batch_size: int
-                   ) -> list[dict[str, torch.Tensor]]:
+def window_batches(
+    windows: Sequence[torch.Tensor], *, pad_id: int, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
     """`windows` in order, `batch_size` at a time, as right-padded model inputs."""
-    return [model_inputs(windows[i : i + batch_size], pad_id=pad_id)
-            for i in range(0, len(windows), batch_size)]
+    return [
+        model_inputs(windows[i : i + batch_size], pad_id=pad_id)
+        for i in range(0, len(windows), batch_size)
+    ]
 
 
-def probe_batches(windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBase, *,
-                  batch_size: int) -> list[dict[str, torch.Tensor]]:
+def probe_batches(
+    windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBase, *, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
     """Right-padded `input_ids` and `attention_mask` batches of `windows`."""
     return window_batches(windows, pad_id=pad_id_of(tokenizer), batch_size=batch_size)
 
 
-def text_batches(model_dir: Path, *, label: str, data: str | None, max_length: int,
-                 samples: int | None, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+def text_batches(
+    model_dir: Path,
+    *,
+    label: str,
+    data: str | None,
+    max_length: int,
+    samples: int | None,
+    batch_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
     """Probe text (`data`, as `load_texts` reads it) tokenized by the tokenizer in `model_dir`."""
     tokenizer = load_tokenizer(model_dir, label=label)
     windows = token_windows(tokenizer, load_texts(data), max_length=max_length, samples=samples)

@@ -23,8 +23,14 @@ Objective = Literal["causal", "masked"]
 
 
 # Any one of these files means the directory carries its own tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
-                   "vocab.json", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+)
 
 
 @contextmanager
@@ -49,9 +55,11 @@ def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
 
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelSourceError(
-            label, "has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file)",
+            label,
+            "has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file)",
             "save the tokenizer the model was trained with into its directory, e.g. "
-            f"`AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}')`")
+            f"`AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}')`",
+        )
     with quiet_transformers():
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
     return tokenizer
@@ -64,8 +72,10 @@ def lm_objective(architectures: Sequence[str], *, label: str) -> Objective:
     if not architectures or any("CausalLM" in n or "LMHead" in n for n in architectures):
         return "causal"
     raise ModelSourceError(
-        label, f"is a {', '.join(architectures)}, which has no language-model head to score text",
-        "evaluate a checkpoint with its LM head (…ForCausalLM or …ForMaskedLM)")
+        label,
+        f"is a {', '.join(architectures)}, which has no language-model head to score text",
+        "evaluate a checkpoint with its LM head (…ForCausalLM or …ForMaskedLM)",
+    )
 
 
 def load_lm(path: Path, *, label: str) -> PreTrainedModel:
@@ -81,8 +91,10 @@ def load_lm(path: Path, *, label: str) -> PreTrainedModel:
     missing = sorted(info.get("missing_keys", []))
     if missing:
         raise ModelSourceError(
-            label, f"lacks weights its LM head needs ({', '.join(missing[:5])}); they would be "
-            "random", "evaluate a checkpoint saved with its LM head")
+            label,
+            f"lacks weights its LM head needs ({', '.join(missing[:5])}); they would be random",
+            "evaluate a checkpoint saved with its LM head",
+        )
     model.train(False)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
@@ -117,12 +129,27 @@ MaxMemory = dict[int | str, str]
 _NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-_ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert",
-                            "deberta", "deberta-v2", "mpnet", "camembert", "modernbert"})
+_ENCODER_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "electra",
+        "albert",
+        "deberta",
+        "deberta-v2",
+        "mpnet",
+        "camembert",
+        "modernbert",
+    }
+)
 
 
-_MAP_FIX = ("use auto, balanced, sequential, cpu, a device such as cuda:0, or a JSON mapping of "
-            'module names to devices such as \'{"": "cpu"}\'')
+_MAP_FIX = (
+    "use auto, balanced, sequential, cpu, a device such as cuda:0, or a JSON mapping of "
+    'module names to devices such as \'{"": "cpu"}\''
+)
 
 
 def parse_device_map(text: str) -> DeviceMap:
@@ -136,8 +163,9 @@ def parse_device_map(text: str) -> DeviceMap:
         try:
             mapping = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ModelSourceError("--device-map", f"is not valid JSON ({exc.msg})", _MAP_FIX
-                                   ) from None
+            raise ModelSourceError(
+                "--device-map", f"is not valid JSON ({exc.msg})", _MAP_FIX
+            ) from None
         if not isinstance(mapping, dict) or not all(
             isinstance(v, int | str) for v in mapping.values()
         ):
@@ -148,8 +176,9 @@ def parse_device_map(text: str) -> DeviceMap:
     try:
         torch.device(text)
     except RuntimeError:
-        raise ModelSourceError("--device-map", f"{text!r} is neither a strategy nor a device",
-                               _MAP_FIX) from None
+        raise ModelSourceError(
+            "--device-map", f"{text!r} is neither a strategy nor a device", _MAP_FIX
+        ) from None
     return text
 
 
@@ -163,8 +192,11 @@ def parse_max_memory(text: str) -> MaxMemory:
     for entry in filter(None, (part.strip() for part in text.split(","))):
         device, sep, size = entry.partition("=")
         if not sep or not device.strip() or not size.strip():
-            raise ModelSourceError("--max-memory", f"entry {entry!r} is not DEVICE=SIZE",
-                                   "write it like `0=20GiB,cpu=60GiB`")
+            raise ModelSourceError(
+                "--max-memory",
+                f"entry {entry!r} is not DEVICE=SIZE",
+                "write it like `0=20GiB,cpu=60GiB`",
+            )
         key = device.strip()
         limits[int(key) if key.isdigit() else key] = size.strip()
     return limits
@@ -178,9 +210,14 @@ def is_causal(config: Any) -> bool:
     return getattr(config, "model_type", "") not in _ENCODER_TYPES
 
 
-def load_probe_model(path: Path, *, label: str, device_map: DeviceMap | None = "auto",
-                     max_memory: MaxMemory | None = None,
-                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_probe_model(
+    path: Path,
+    *,
+    label: str,
+    device_map: DeviceMap | None = "auto",
+    max_memory: MaxMemory | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
     """The model's base (no LM head), placed by accelerate, in eval mode.
 
     Raises:
@@ -194,14 +231,18 @@ def load_probe_model(path: Path, *, label: str, device_map: DeviceMap | None = "
         if max_memory:
             placement["max_memory"] = max_memory
     with quiet_transformers():
-        loaded: Any = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                **placement)
+        loaded: Any = AutoModel.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **placement
+        )
     model, info = loaded
     # A BERT pooler is not a hidden state: its absence from MLM checkpoints is harmless.
     missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("pooler."))
     if missing:
-        raise ModelSourceError(label, f"lacks weights its layers need ({', '.join(missing[:5])})",
-                               "compare complete checkpoints (config.json and all safetensors)")
+        raise ModelSourceError(
+            label,
+            f"lacks weights its layers need ({', '.join(missing[:5])})",
+            "compare complete checkpoints (config.json and all safetensors)",
+        )
     model.config.tie_last_hidden_states = False  # see the note at the top
     model.train(False)
     if not isinstance(model, PreTrainedModel):
@@ -209,8 +250,9 @@ def load_probe_model(path: Path, *, label: str, device_map: DeviceMap | None = "
     return model
 
 
-def shared_tokenizer(path_a: Path, path_b: Path, *, label_a: str, label_b: str
-                     ) -> PreTrainedTokenizerBase:
+def shared_tokenizer(
+    path_a: Path, path_b: Path, *, label_a: str, label_b: str
+) -> PreTrainedTokenizerBase:
     """Model A's tokenizer, after checking that model B reads the same token ids.
 
     B's own tokenizer, when it has one, must have A's vocabulary; without one, B's embedding
@@ -226,15 +268,23 @@ def shared_tokenizer(path_a: Path, path_b: Path, *, label_a: str, label_b: str
     except ModelSourceError:
         other = None  # no tokenizer files: B is read with A's tokenizer (checked below)
     if other is not None and other.get_vocab() != tokenizer.get_vocab():
-        raise IncompatibleModelsError(label_a, label_b, [
-            f"their tokenizers differ ({len(tokenizer)} vs {len(other)} tokens, or the same "
-            "tokens with other ids), so token positions cannot be paired"])
+        raise IncompatibleModelsError(
+            label_a,
+            label_b,
+            [
+                f"their tokenizers differ ({len(tokenizer)} vs {len(other)} tokens, or the same "
+                "tokens with other ids), so token positions cannot be paired"
+            ],
+        )
     for path, label in ((path_a, label_a), (path_b, label_b)):
         vocab_size = _config_value(path, "vocab_size")
         if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
             raise ModelSourceError(
-                label, f"has {vocab_size} embeddings, fewer than the {len(tokenizer)} tokens of "
-                f"{label_a}'s tokenizer", "compare models trained with the same tokenizer")
+                label,
+                f"has {vocab_size} embeddings, fewer than the {len(tokenizer)} tokens of "
+                f"{label_a}'s tokenizer",
+                "compare models trained with the same tokenizer",
+            )
     return tokenizer
 
 

@@ -40,18 +40,6 @@ def default_pooling(*, units: bool) -> Pooling:
     return "tokens" if units else "mean"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def kept_positions(attention_mask: torch.Tensor, *, causal: bool) -> torch.Tensor:
     """[b, t] bool: real tokens, minus position 0 for causal LMs."""
     keep = attention_mask.bool().clone()
@@ -71,10 +59,9 @@ def pool(hidden: torch.Tensor, keep: torch.Tensor, *, pooling: Pooling) -> torch
     return sums[rows] / counts[rows].unsqueeze(-1).to(sums.dtype)  # [b', d] / [b', 1]
 
 
-
-
-def layer_states(model: PreTrainedModel, batch: Mapping[str, torch.Tensor], *, causal: bool,
-                 pooling: Pooling) -> list[torch.Tensor]:
+def layer_states(
+    model: PreTrainedModel, batch: Mapping[str, torch.Tensor], *, causal: bool, pooling: Pooling
+) -> list[torch.Tensor]:
     """One [samples, d] tensor per hidden state (embeddings, then each block), float32, CPU."""
     device = input_device(model)
     inputs = {key: value.to(device) for key, value in batch.items()}
@@ -84,9 +71,11 @@ def layer_states(model: PreTrainedModel, batch: Mapping[str, torch.Tensor], *, c
     expected = getattr(model.config, "num_hidden_layers", None)
     if states is None or (isinstance(expected, int) and len(states) != expected + 1):
         raise ModelSourceError(
-            str(model.config.name_or_path), f"returned {len(states or ())} hidden states for "
-            f"{expected} layers", "probe a model whose class returns the embeddings and every "
-            "block output with output_hidden_states=True")
+            str(model.config.name_or_path),
+            f"returned {len(states or ())} hidden states for {expected} layers",
+            "probe a model whose class returns the embeddings and every "
+            "block output with output_hidden_states=True",
+        )
     keep = kept_positions(batch["attention_mask"], causal=causal)
     return [pool(h, keep, pooling=pooling).to(device="cpu", dtype=torch.float32) for h in states]
 
@@ -100,14 +89,23 @@ class PairedStates:
     tokens: int  # real tokens kept in this batch (before mean pooling)
 
 
-def paired_states(model_a: PreTrainedModel, model_b: PreTrainedModel,
-                  batches: Sequence[Mapping[str, torch.Tensor]], *, causal: bool,
-                  pooling: Pooling = "tokens", progress: bool = False) -> Iterator[PairedStates]:
+def paired_states(
+    model_a: PreTrainedModel,
+    model_b: PreTrainedModel,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    causal: bool,
+    pooling: Pooling = "tokens",
+    progress: bool = False,
+) -> Iterator[PairedStates]:
     """Run A, then B, on each batch and yield their states; the caller streams them away."""
     for batch in track(batches, description="probing both models", enabled=progress):
         kept = int(kept_positions(batch["attention_mask"], causal=causal).sum())
-        yield PairedStates(layer_states(model_a, batch, causal=causal, pooling=pooling),
-                           layer_states(model_b, batch, causal=causal, pooling=pooling), kept)
+        yield PairedStates(
+            layer_states(model_a, batch, causal=causal, pooling=pooling),
+            layer_states(model_b, batch, causal=causal, pooling=pooling),
+            kept,
+        )
 
 
 __all__ = [

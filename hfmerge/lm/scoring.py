@@ -65,8 +65,9 @@ def causal_targets(windows: Sequence[torch.Tensor]) -> list[Scored]:
     return [Scored(w, w.clone()) for w in windows]
 
 
-def mlm_masks(windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBase, *,
-              seed: int = 0) -> list[Scored]:
+def mlm_masks(
+    windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBase, *, seed: int = 0
+) -> list[Scored]:
     """Deterministic masks: in each window, round(15%) (at least 1) of its non-special tokens.
 
     Every chosen token becomes [MASK] (no 80/10/10 random or kept tokens: those add noise and, for
@@ -75,9 +76,11 @@ def mlm_masks(windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBas
     """
     mask_id = tokenizer.mask_token_id
     if not isinstance(mask_id, int):
-        raise ModelSourceError(str(tokenizer.name_or_path), "its tokenizer has no mask token, "
-                               "which a masked-LM evaluation needs",
-                               "use the tokenizer the model was trained with")
+        raise ModelSourceError(
+            str(tokenizer.name_or_path),
+            "its tokenizer has no mask token, which a masked-LM evaluation needs",
+            "use the tokenizer the model was trained with",
+        )
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     scored: list[Scored] = []
@@ -92,8 +95,9 @@ def mlm_masks(windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBas
     return scored
 
 
-def _batch_loss(model: PreTrainedModel, batch: Sequence[Scored], *, pad_id: int, causal: bool
-                ) -> tuple[float, int]:
+def _batch_loss(
+    model: PreTrainedModel, batch: Sequence[Scored], *, pad_id: int, causal: bool
+) -> tuple[float, int]:
     """Summed cross-entropy (nats) and the number of scored tokens of one batch."""
     inputs = model_inputs([s.input_ids for s in batch], pad_id=pad_id)
     labels = pad([s.labels for s in batch], IGNORE)  # [b, t]; padding is never scored
@@ -109,8 +113,15 @@ def _batch_loss(model: PreTrainedModel, batch: Sequence[Scored], *, pad_id: int,
     return float(loss), int((labels != IGNORE).sum())
 
 
-def score(model: PreTrainedModel, scored: Sequence[Scored], *, pad_id: int, objective: Objective,
-          batch_size: int = 8, progress: bool = False) -> EvalResult:
+def score(
+    model: PreTrainedModel,
+    scored: Sequence[Scored],
+    *,
+    pad_id: int,
+    objective: Objective,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> EvalResult:
     """Token-weighted mean loss over prepared windows (see `causal_targets`, `mlm_masks`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -127,41 +138,42 @@ def score(model: PreTrainedModel, scored: Sequence[Scored], *, pad_id: int, obje
     return EvalResult(mean, perplexity(mean), tokens, len(scored), objective)
 
 
-def prepare(windows: Sequence[torch.Tensor], tokenizer: PreTrainedTokenizerBase, *,
-            objective: Objective, mlm_seed: int = 0) -> list[Scored]:
+def prepare(
+    windows: Sequence[torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    objective: Objective,
+    mlm_seed: int = 0,
+) -> list[Scored]:
     """Inputs and labels for `objective`: next-token targets, or the fixed MLM masks."""
     if objective == "masked":
         return mlm_masks(windows, tokenizer, seed=mlm_seed)
     return causal_targets(windows)
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             windows: Sequence[torch.Tensor], *, batch_size: int = 8, mlm_seed: int = 0,
-             progress: bool = False) -> EvalResult:
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    windows: Sequence[torch.Tensor],
+    *,
+    batch_size: int = 8,
+    mlm_seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
     """Mean token loss of `model` on `windows` (from `textdata.token_windows`), token-weighted.
 
     Causal LMs are scored on every next token; masked LMs on `mlm_masks(windows, seed=mlm_seed)`.
     """
     objective = objective_of(model)
     scored = prepare(windows, tokenizer, objective=objective, mlm_seed=mlm_seed)
-    return score(model, scored, pad_id=pad_id_of(tokenizer), objective=objective,
-                 batch_size=batch_size, progress=progress)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    return score(
+        model,
+        scored,
+        pad_id=pad_id_of(tokenizer),
+        objective=objective,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 __all__ = [

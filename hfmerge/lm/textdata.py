@@ -64,8 +64,11 @@ def _builtin_text(name: str) -> str:
         return train_text(domain.removesuffix(TRAIN_SUFFIX))
     if domain not in BUILTIN_DOMAINS:
         choices = ", ".join(f"{BUILTIN}:{d}" for d in (*BUILTIN_DOMAINS, *BUILTIN_TRAIN))
-        raise InputDataError(name, f"is not a built-in text; those are {BUILTIN}, {choices}",
-                             f"use one of them, or {_DATA_FIX}")
+        raise InputDataError(
+            name,
+            f"is not a built-in text; those are {BUILTIN}, {choices}",
+            f"use one of them, or {_DATA_FIX}",
+        )
     return builtin_probe_text(cast(Domain, domain))
 
 
@@ -77,11 +80,15 @@ def _read_file(path: Path, name: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise InputDataError(name, f"is not UTF-8 text ({exc.reason} at byte {exc.start})",
-                             "convert it to UTF-8, e.g. `iconv -t UTF-8 FILE > OUT`") from None
+        raise InputDataError(
+            name,
+            f"is not UTF-8 text ({exc.reason} at byte {exc.start})",
+            "convert it to UTF-8, e.g. `iconv -t UTF-8 FILE > OUT`",
+        ) from None
     except OSError as exc:
-        raise InputDataError(name, f"cannot be read: {exc.strerror}", "check its permissions"
-                             ) from None
+        raise InputDataError(
+            name, f"cannot be read: {exc.strerror}", "check its permissions"
+        ) from None
 
 
 def _jsonl_texts(content: str, name: str) -> list[str]:
@@ -96,16 +103,24 @@ def _jsonl_text(line: str, number: int, name: str) -> str:
     try:
         record: Any = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputDataError(name, f"line {number} is not valid JSON ({exc.msg}, column "
-                             f"{exc.colno})", 'write one JSON object per line: {"text": "..."}'
-                             ) from None
+        raise InputDataError(
+            name,
+            f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})",
+            'write one JSON object per line: {"text": "..."}',
+        ) from None
     if not isinstance(record, dict) or "text" not in record:
-        raise InputDataError(name, f"line {number} has no `text` field",
-                             'give every line a string field `text`: {"text": "..."}')
+        raise InputDataError(
+            name,
+            f"line {number} has no `text` field",
+            'give every line a string field `text`: {"text": "..."}',
+        )
     text = record["text"]
     if not isinstance(text, str):
-        raise InputDataError(name, f"line {number}: `text` is a {type(text).__name__}, not a "
-                             "string", 'give every line a string field `text`: {"text": "..."}')
+        raise InputDataError(
+            name,
+            f"line {number}: `text` is a {type(text).__name__}, not a string",
+            'give every line a string field `text`: {"text": "..."}',
+        )
     return text
 
 
@@ -138,8 +153,13 @@ def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list
     raise ValueError("the tokenizer's special-token template changes the text's own tokens")
 
 
-def token_windows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_length: int,
-                  samples: int | None) -> list[torch.Tensor]:
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    samples: int | None,
+) -> list[torch.Tensor]:
     """Token-id windows of at most `max_length`, each wrapped in the tokenizer's special tokens.
 
     Each document is tiled into consecutive chunks (its last chunk may be shorter); windows never
@@ -151,8 +171,10 @@ def token_windows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, m
     prefix, suffix = special_affixes(tokenizer)
     body = max_length - len(prefix) - len(suffix)
     if body < 1:
-        raise ValueError(f"max_length {max_length} leaves no room beside the "
-                         f"{len(prefix) + len(suffix)} special tokens")
+        raise ValueError(
+            f"max_length {max_length} leaves no room beside the "
+            f"{len(prefix) + len(suffix)} special tokens"
+        )
     windows: list[torch.Tensor] = []
     for text in texts:
         ids = encode_plain(tokenizer, text)

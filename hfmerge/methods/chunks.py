@@ -86,16 +86,16 @@ class TensorMerge(Protocol):
         chunk whole)."""
         ...
 
-    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
-                    ) -> tuple[torch.Tensor, Any]:
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> tuple[torch.Tensor, Any]:
         """Exactly `apply(head)` and `apply(tail)`, with the tail's work handed to `submit`
         (another thread) so the two halves run at once. Returns the head's rows and whatever the
         tail's future yields: its rows, or what `submit`'s caller made of them (e.g. cast)."""
         ...
 
 
-def apply_halves(apply: Callable[[Chunk], torch.Tensor], head: Chunk, tail: Chunk,
-                 submit: Submit) -> tuple[torch.Tensor, Any]:
+def apply_halves(
+    apply: Callable[[Chunk], torch.Tensor], head: Chunk, tail: Chunk, submit: Submit
+) -> tuple[torch.Tensor, Any]:
     """`apply_split` of a merge whose rows are merged independently: `apply(head)` here and
     `apply(tail)` through `submit`, at once."""
     later = submit(apply, tail)
@@ -159,8 +159,7 @@ class FunctionMerge(_NoStatistics):
         """Element-wise functions are; whole-tensor ones (and their generators) are not."""
         return not self.whole_only
 
-    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
-                    ) -> tuple[torch.Tensor, Any]:
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> tuple[torch.Tensor, Any]:
         """`apply` of both halves at once: no state links the chunks."""
         return apply_halves(self.apply, head, tail, submit)
 

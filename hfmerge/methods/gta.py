@@ -138,10 +138,20 @@ def task_vector_method(
         rescale = isinstance(global_params, PruneParams) and global_params.rescale
         if drop is not None:
             if ranks_rows and len(shape) < 2:
-                return FunctionMerge(merge, model_params=model_params, params=params,
-                                     generator=generator, whole_only=True)
-            return RandomDropMerge(n, rules=[drop(global_params, m) for m in per_model],
-                                   rescale=rescale, combine=combine, generator=generator)
+                return FunctionMerge(
+                    merge,
+                    model_params=model_params,
+                    params=params,
+                    generator=generator,
+                    whole_only=True,
+                )
+            return RandomDropMerge(
+                n,
+                rules=[drop(global_params, m) for m in per_model],
+                rescale=rescale,
+                combine=combine,
+                generator=generator,
+            )
         return TaskVectorMerge(n, bands=bands, rescale=rescale, combine=combine, device=device)
 
     params_cls, model_params_cls = params, model_params

@@ -137,8 +137,7 @@ class TaskVectorMerge:
             self._reset_masks()
         return self._apply_with(self._masks, chunk)
 
-    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit
-                    ) -> tuple[torch.Tensor, Any]:
+    def apply_split(self, head: Chunk, tail: Chunk, submit: Submit) -> tuple[torch.Tensor, Any]:
         """`apply(head)` and `apply(tail)` at once; the tail runs through `submit`."""
         if head.first == 0:
             self._reset_masks()
@@ -167,8 +166,9 @@ class TaskVectorMerge:
             after.append([mask.after(keys) for mask in masks])
         return after
 
-    def _mask_only(self, masks: list[list[CutMask]], delta: torch.Tensor, index: int
-                   ) -> torch.Tensor:
+    def _mask_only(
+        self, masks: list[list[CutMask]], delta: torch.Tensor, index: int
+    ) -> torch.Tensor:
         """`delta` with the entries outside its band zeroed (`sparsify.band_prune` unscaled)."""
         band = self.bands[index] if self.bands is not None else None
         if band is None:
@@ -181,8 +181,7 @@ class TaskVectorMerge:
             keep -= masks[index][1].keep(keys)
         return delta * keep
 
-    def _prune(self, masks: list[list[CutMask]], delta: torch.Tensor, index: int
-               ) -> torch.Tensor:
+    def _prune(self, masks: list[list[CutMask]], delta: torch.Tensor, index: int) -> torch.Tensor:
         pruned = self._mask_only(masks, delta, index)
         scale = self._scales[index]
         return pruned if scale is None else pruned * scale

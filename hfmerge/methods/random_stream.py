@@ -47,8 +47,15 @@ class RandomDropMerge:
     whole_only = False
     elementwise = False  # its masks are consumed chunk by chunk
 
-    def __init__(self, n: int, *, rules: Sequence[DropRule], rescale: bool, combine: Combine,
-                 generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        rules: Sequence[DropRule],
+        rescale: bool,
+        combine: Combine,
+        generator: torch.Generator | None,
+    ) -> None:
         if generator is None:
             raise ValueError("a random method needs its seeded generator to stream")
         self.rules = list(rules)

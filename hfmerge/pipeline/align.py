@@ -46,9 +46,10 @@ class Alignment:
         lines = ["## Alignment", ""]
         lines.append(
             "The inputs were merged in their own bases (no permutation alignment)."
-            if self.method == "none" else
-            f"Every input was permutation-aligned into the base's basis by **{self.method} "
-            "matching** (Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging.")
+            if self.method == "none"
+            else f"Every input was permutation-aligned into the base's basis by **{self.method} "
+            "matching** (Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging."
+        )
         if repaired is not None:
             lines += repaired.card_lines()
         if self.barriers:
@@ -59,13 +60,20 @@ class Alignment:
 def _barrier_table(rows: list[BarrierRow]) -> list[str]:
     """Markdown table of each input's barriers (and REPAIR columns when measured)."""
     repaired = all(r.repaired is not None for r in rows)
-    head = ["input", "barrier, unaligned", "barrier, aligned", "midpoint loss, unaligned",
-            "midpoint loss, aligned"]
+    head = [
+        "input",
+        "barrier, unaligned",
+        "barrier, aligned",
+        "midpoint loss, unaligned",
+        "midpoint loss, aligned",
+    ]
     head += ["barrier, aligned + REPAIR", "midpoint loss, aligned + REPAIR"] if repaired else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r.model}`", *(f"{v:.4f}" for v in (
-            r.vanilla, r.aligned, r.midpoint_vanilla, r.midpoint_aligned))]
+        cells = [
+            f"`{r.model}`",
+            *(f"{v:.4f}" for v in (r.vanilla, r.aligned, r.midpoint_vanilla, r.midpoint_aligned)),
+        ]
         if repaired:
             cells += [f"{r.repaired:.4f}", f"{r.midpoint_repaired:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -134,7 +142,15 @@ def _barriers(
             solved={method: solved},
         )
         fixed = repaired[0] if repaired else None
-        rows.append(BarrierRow(
-            model.name, none.barrier, aligned.barrier, none.loss_mid, aligned.loss_mid,
-            fixed.barrier if fixed else None, fixed.loss_mid if fixed else None))
+        rows.append(
+            BarrierRow(
+                model.name,
+                none.barrier,
+                aligned.barrier,
+                none.loss_mid,
+                aligned.loss_mid,
+                fixed.barrier if fixed else None,
+                fixed.loss_mid if fixed else None,
+            )
+        )
     return rows

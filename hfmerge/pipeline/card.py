@@ -92,12 +92,21 @@ def with_repo_id(card: str, repo_id: str) -> str:
 def _front_matter(base: InspectedModel, inputs: Sequence[InspectedModel]) -> str:
     models = list({id(m): m for m in [base, *inputs]}.values())
     pipeline_tag = _PIPELINE_TAGS.get(auto_class_name(base.config))
-    return _hub_metadata([m.source for m in models], tags=["merge", "hfmerge"],
-                         library="transformers", pipeline_tag=pipeline_tag)
+    return _hub_metadata(
+        [m.source for m in models],
+        tags=["merge", "hfmerge"],
+        library="transformers",
+        pipeline_tag=pipeline_tag,
+    )
 
 
-def _hub_metadata(sources: Sequence[ModelSource], *, tags: list[str], library: str | None,
-                  pipeline_tag: str | None) -> str:
+def _hub_metadata(
+    sources: Sequence[ModelSource],
+    *,
+    tags: list[str],
+    library: str | None,
+    pipeline_tag: str | None,
+) -> str:
     """YAML front matter: Hub inputs as `base_model`, relation, tags, a license every input
     shares, and the pipeline tag."""
     hub_ids = [s.hub_id for s in sources if s.hub_id]
@@ -127,9 +136,16 @@ def routed_snippet(location: str) -> str:
     )
 
 
-def render_routed_card(*, title: str, experts: Sequence[ModelSource], names: Sequence[str],
-                       recipe_text: str, snippet: str, sections: Sequence[str] = (),
-                       endpoint: str = DEFAULT_ENDPOINT) -> str:
+def render_routed_card(
+    *,
+    title: str,
+    experts: Sequence[ModelSource],
+    names: Sequence[str],
+    recipe_text: str,
+    snippet: str,
+    sections: Sequence[str] = (),
+    endpoint: str = DEFAULT_ENDPOINT,
+) -> str:
     """README.md of a routed repo: metadata, the experts, routing report, recipe, loading."""
     rows = ["| expert | model | revision |", "|---|---|---|"]
     for name, source in zip(names, experts, strict=True):
@@ -145,8 +161,9 @@ def render_routed_card(*, title: str, experts: Sequence[ModelSource], names: Seq
         "## Recipe\n\n```yaml\n" + recipe_text.rstrip() + "\n```",
         "## Use\n\n```python\n" + snippet + "\n```",
     ]
-    meta = _hub_metadata(experts, tags=["merge", "hfmerge", "routing"], library=None,
-                         pipeline_tag="text-generation")
+    meta = _hub_metadata(
+        experts, tags=["merge", "hfmerge", "routing"], library=None, pipeline_tag="text-generation"
+    )
     return meta + "\n" + "\n\n".join(body) + "\n"
 
 

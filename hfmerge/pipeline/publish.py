@@ -91,5 +91,6 @@ def _check_routed_output(folder: Path) -> None:
             if location.path is not None:
                 read_checkpoint_index(folder / location.path)
     except (RoutedRepoError, ModelSourceError) as exc:
-        raise OutputError(str(folder), f"is not a complete routed repo: {exc.what}",
-                          exc.fix) from None
+        raise OutputError(
+            str(folder), f"is not a complete routed repo: {exc.what}", exc.fix
+        ) from None

@@ -36,11 +36,14 @@ class RepairReport:
 
     def card_lines(self) -> list[str]:
         """Markdown lines for the card's alignment section."""
-        return ["", f"Then **REPAIR** (https://arxiv.org/abs/2211.08403) rescaled {self.factors} "
-                f"channel groups at {self.sites} sites (norm outputs, queries and keys per RoPE "
-                "pair, attention and FF output-projection inputs) to the merge-weighted blend of "
-                f"the inputs' statistics on `{self.probe}`; factors ranged from "
-                f"{self.smallest:.3f} to {self.largest:.3f}."]
+        return [
+            "",
+            f"Then **REPAIR** (https://arxiv.org/abs/2211.08403) rescaled {self.factors} "
+            f"channel groups at {self.sites} sites (norm outputs, queries and keys per RoPE "
+            "pair, attention and FF output-projection inputs) to the merge-weighted blend of "
+            f"the inputs' statistics on `{self.probe}`; factors ranged from "
+            f"{self.smallest:.3f} to {self.largest:.3f}.",
+        ]
 
 
 def _blend(stats: Sequence[SiteRms], weights: Sequence[float]) -> SiteRms:
@@ -53,8 +56,15 @@ def _blend(stats: Sequence[SiteRms], weights: Sequence[float]) -> SiteRms:
     return blended
 
 
-def _input_stats(plan: MergePlan, perms: Sequence[Permutations | None], sites: list[RepairSite],
-                 probe: ProbeBatch, model: PreTrainedModel, *, progress: bool) -> list[SiteRms]:
+def _input_stats(
+    plan: MergePlan,
+    perms: Sequence[Permutations | None],
+    sites: list[RepairSite],
+    probe: ProbeBatch,
+    model: PreTrainedModel,
+    *,
+    progress: bool,
+) -> list[SiteRms]:
     """Each input's statistics in the base's basis, measured in `model` (loaded from the base)."""
     from hfmerge.analysis.interpolate import Interpolator, spec_of
     from hfmerge.progress import track
@@ -62,40 +72,62 @@ def _input_stats(plan: MergePlan, perms: Sequence[Permutations | None], sites: l
     base = plan.base.source.path
     spec = spec_of(base, label=plan.base.name)
     stats = []
-    for entry, solved in track(list(zip(plan.inputs, perms, strict=True)),
-                               description="repair: measuring inputs", enabled=progress):
-        Interpolator(model, base, entry.source.path, label_a=plan.base.name,
-                     label_b=entry.name).load(1.0, spec=spec, perms=solved)
+    for entry, solved in track(
+        list(zip(plan.inputs, perms, strict=True)),
+        description="repair: measuring inputs",
+        enabled=progress,
+    ):
+        Interpolator(
+            model, base, entry.source.path, label_a=plan.base.name, label_b=entry.name
+        ).load(1.0, spec=spec, perms=solved)
         stats.append(measure(model, sites, probe))
     return stats
 
 
-def _folded_tensors(model: PreTrainedModel, sites: list[RepairSite], staging: Path, *,
-                    label: str) -> dict[str, torch.Tensor]:
+def _folded_tensors(
+    model: PreTrainedModel, sites: list[RepairSite], staging: Path, *, label: str
+) -> dict[str, torch.Tensor]:
     """Checkpoint name -> new value of every tensor a site's factor was folded into."""
     from hfmerge.analysis.interpolate import checkpoint_targets
     from hfmerge.tensors import read_checkpoint_index
 
     modules = dict(model.named_modules())
-    touched = {p.untyped_storage().data_ptr() for site in sites
-               for p in modules[site.module].parameters(recurse=False)}
+    touched = {
+        p.untyped_storage().data_ptr()
+        for site in sites
+        for p in modules[site.module].parameters(recurse=False)
+    }
     names = read_checkpoint_index(staging, label=label).names
-    return {name: tensor for name, tensor in checkpoint_targets(model, names, label=label).items()
-            if tensor.untyped_storage().data_ptr() in touched}
+    return {
+        name: tensor
+        for name, tensor in checkpoint_targets(model, names, label=label).items()
+        if tensor.untyped_storage().data_ptr() in touched
+    }
 
 
-def repair_output(staging: Path, plan: MergePlan, recipe: Recipe,
-                  perms: Sequence[Permutations | None], weights: Sequence[float], *,
-                  progress: bool) -> RepairReport:
+def repair_output(
+    staging: Path,
+    plan: MergePlan,
+    recipe: Recipe,
+    perms: Sequence[Permutations | None],
+    weights: Sequence[float],
+    *,
+    progress: bool,
+) -> RepairReport:
     """Fit REPAIR factors on the merged model in `staging` and overwrite the folded tensors."""
     from hfmerge.lm.batches import text_batches
     from hfmerge.lm.load import load_lm
     from hfmerge.tensors import overwrite_tensors
 
     probe = recipe.probe
-    batch = text_batches(plan.base.source.path, label=plan.base.name, data=probe.data,
-                          max_length=probe.max_length, samples=probe.samples,
-                          batch_size=ONE_BATCH)[0]
+    batch = text_batches(
+        plan.base.source.path,
+        label=plan.base.name,
+        data=probe.data,
+        max_length=probe.max_length,
+        samples=probe.samples,
+        batch_size=ONE_BATCH,
+    )[0]
     windows = ProbeBatch(batch)
     model = load_lm(plan.base.source.path, label=plan.base.name)
     sites = repair_sites(model)
@@ -103,11 +135,13 @@ def repair_output(staging: Path, plan: MergePlan, recipe: Recipe,
     del model
     merged = load_lm(staging, label=str(staging))
     factors: Factors = fit(merged, sites, windows, target)
-    overwrite_tensors(staging, _folded_tensors(merged, sites, staging, label=str(staging)),
-                      label=str(staging))
+    overwrite_tensors(
+        staging, _folded_tensors(merged, sites, staging, label=str(staging)), label=str(staging)
+    )
     values = torch.cat(list(factors.values()))
-    return RepairReport(len(sites), len(values), float(values.min()), float(values.max()),
-                        probe.data)
+    return RepairReport(
+        len(sites), len(values), float(values.min()), float(values.max()), probe.data
+    )
 
 
 __all__ = ["RepairReport", "repair_output"]

@@ -42,13 +42,17 @@ class RoutePlan:
 
     def describe(self) -> str:
         """The plan as a few lines (what `--dry-run` prints)."""
-        lines = [f"route: {self.method} router over {len(self.experts)} experts "
-                 f"({'bundled' if self.bundle else 'referenced by pinned Hub revision'})"]
-        for name, source, data in zip(self.names, self.experts, self.calibration_names,
-                                      strict=True):
+        lines = [
+            f"route: {self.method} router over {len(self.experts)} experts "
+            f"({'bundled' if self.bundle else 'referenced by pinned Hub revision'})"
+        ]
+        for name, source, data in zip(
+            self.names, self.experts, self.calibration_names, strict=True
+        ):
             pinned = f"@{source.revision}" if source.revision else ""
-            lines.append(f"  expert {name}: {source.hub_id or source.ref}{pinned}, "
-                         f"calibration {data}")
+            lines.append(
+                f"  expert {name}: {source.hub_id or source.ref}{pinned}, calibration {data}"
+            )
         if self.backbone is not None:
             lines.append(f"  router backbone: {self.backbone.ref}")
         elif self.backbone_expert is not None:
@@ -79,8 +83,10 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
     route = recipe.route
     assert route is not None
     calibration = [load_texts(expert.data) for expert in route.experts]  # bad input first
-    experts = [pin_model(e.model, revision=e.revision, offline=offline, progress=progress)
-               for e in recipe.models]
+    experts = [
+        pin_model(e.model, revision=e.revision, offline=offline, progress=progress)
+        for e in recipe.models
+    ]
     names = expert_names([e.model for e in recipe.models])
     backbone, backbone_expert = None, None
     if route.method != "perplexity":
@@ -89,20 +95,29 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
         if base.ref in refs:
             backbone_expert = names[refs.index(base.ref)]
         else:
-            backbone = pin_model(base.model, revision=base.revision, offline=offline,
-                                 progress=progress)
+            backbone = pin_model(
+                base.model, revision=base.revision, offline=offline, progress=progress
+            )
     off_hub = any(s.hub_id is None for s in [*experts, backbone] if s is not None)
     bundle = off_hub if route.bundle is None else route.bundle  # default: bundle what must be
-    return RoutePlan(route.method, experts, names, calibration,
-                     [describe_data(e.data) for e in route.experts], backbone,
-                     backbone_expert, bundle)
+    return RoutePlan(
+        route.method,
+        experts,
+        names,
+        calibration,
+        [describe_data(e.data) for e in route.experts],
+        backbone,
+        backbone_expert,
+        bundle,
+    )
 
 
 def download_route(plan: RoutePlan, *, offline: bool) -> RoutePlan:
     """Fetch every Hub model's weights, config and tokenizer into the HF cache."""
     backbone = None if plan.backbone is None else download_pinned(plan.backbone, offline=offline)
-    return replace(plan, experts=[download_pinned(s, offline=offline) for s in plan.experts],
-                   backbone=backbone)
+    return replace(
+        plan, experts=[download_pinned(s, offline=offline) for s in plan.experts], backbone=backbone
+    )
 
 
 @dataclass(frozen=True)
@@ -113,8 +128,7 @@ class BuiltRoute:
     card_section: str
 
 
-def build_route(plan: RoutePlan, recipe: Recipe, staging: Path, *, progress: bool
-                ) -> BuiltRoute:
+def build_route(plan: RoutePlan, recipe: Recipe, staging: Path, *, progress: bool) -> BuiltRoute:
     """Fit the router on the calibration text and write manifest, router tensors and bundles."""
     from hfmerge.routing import (
         BackboneRef,
@@ -132,19 +146,30 @@ def build_route(plan: RoutePlan, recipe: Recipe, staging: Path, *, progress: boo
     if plan.backbone_expert is not None:
         backbone_path = paths[plan.names.index(plan.backbone_expert)]
     built = build_router(
-        plan.method, backbone=backbone_path, experts=paths, calibration_texts=plan.calibration,
-        names=plan.names, layer=route.layer, samples=recipe.probe.samples,
-        max_length=recipe.probe.max_length, temperature=route.temperature,
-        min_confidence=route.min_confidence, default_expert=route.default_expert,
-        seed=route.seed, progress=progress)
+        plan.method,
+        backbone=backbone_path,
+        experts=paths,
+        calibration_texts=plan.calibration,
+        names=plan.names,
+        layer=route.layer,
+        samples=recipe.probe.samples,
+        max_length=recipe.probe.max_length,
+        temperature=route.temperature,
+        min_confidence=route.min_confidence,
+        default_expert=route.default_expert,
+        seed=route.seed,
+        progress=progress,
+    )
 
     def location(source: ModelSource, folder: str) -> ModelLocation:
         if plan.bundle or source.hub_id is None:
             return ModelLocation(path=folder)
         return ModelLocation(repo_id=source.hub_id, revision=source.revision)
 
-    experts = [ExpertEntry(name, location(source, f"experts/{name}"))
-               for name, source in zip(plan.names, plan.experts, strict=True)]
+    experts = [
+        ExpertEntry(name, location(source, f"experts/{name}"))
+        for name, source in zip(plan.names, plan.experts, strict=True)
+    ]
     backbone_ref = None
     if plan.backbone_expert is not None:
         backbone_ref = BackboneRef(expert=plan.backbone_expert)
@@ -152,9 +177,12 @@ def build_route(plan: RoutePlan, recipe: Recipe, staging: Path, *, progress: boo
         backbone_ref = BackboneRef(location=location(plan.backbone, "backbone"))
     manifest = routed_manifest(built, experts, backbone=backbone_ref)
     write_routed_repo(
-        staging, manifest, built.router,
+        staging,
+        manifest,
+        built.router,
         bundle_sources={n: s.path for n, s in zip(plan.names, plan.experts, strict=True)},
-        backbone_source=plan.backbone.path if plan.backbone is not None else None)
+        backbone_source=plan.backbone.path if plan.backbone is not None else None,
+    )
     return BuiltRoute(built.report.heldout_accuracy, _card_section(plan, built))
 
 
@@ -166,19 +194,25 @@ def _card_section(plan: RoutePlan, built: BuiltRouter) -> str:
         shown = "–" if recall is None else f"{recall:.1%}"
         model = source.hub_id or source.ref
         pinned = f" @ `{source.revision[:12]}`" if source.revision else ""
-        rows.append(f"| `{name}` | `{model}`{pinned} | {plan.calibration_names[k]} | "
-                    f"{report.samples[k]} | {shown} |")
+        rows.append(
+            f"| `{name}` | `{model}`{pinned} | {plan.calibration_names[k]} | "
+            f"{report.samples[k]} | {shown} |"
+        )
     settings = built.router.settings
-    lines = [f"- router: `{built.router.name}`, layer {built.layer}, "
-             f"temperature {settings.temperature}, windows of {built.max_length} tokens"]
+    lines = [
+        f"- router: `{built.router.name}`, layer {built.layer}, "
+        f"temperature {settings.temperature}, windows of {built.max_length} tokens"
+    ]
     if report.heldout_accuracy is not None:
-        lines.append(f"- held-out routing accuracy on calibration text: "
-                     f"{report.heldout_accuracy:.1%} ({report.heldout_samples} windows)")
+        lines.append(
+            f"- held-out routing accuracy on calibration text: "
+            f"{report.heldout_accuracy:.1%} ({report.heldout_samples} windows)"
+        )
     lines += [f"- warning: {w}" for w in report.warnings]
-    return ("## Routing\n\nEach input sequence goes to one whole expert, chosen from the "
-            "router backbone's pooled hidden state.\n\n" + "\n".join(rows) + "\n\n"
-            + "\n".join(lines))
+    return (
+        "## Routing\n\nEach input sequence goes to one whole expert, chosen from the "
+        "router backbone's pooled hidden state.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines)
+    )
 
 
-__all__ = ["BuiltRoute", "RoutePlan", "build_route", "download_route", "expert_names",
-           "plan_route"]
+__all__ = ["BuiltRoute", "RoutePlan", "build_route", "download_route", "expert_names", "plan_route"]

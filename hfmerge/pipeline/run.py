@@ -103,9 +103,17 @@ def run_recipe(
     """
     max_memory_bytes = parse_memory_budget(max_memory)
     if recipe.route is not None:
-        return _run_route(recipe, recipe_text=recipe_text, out_dir=out_dir, dry_run=dry_run,
-                          force=force, progress=progress, push=push, private=private,
-                          offline=offline)
+        return _run_route(
+            recipe,
+            recipe_text=recipe_text,
+            out_dir=out_dir,
+            dry_run=dry_run,
+            force=force,
+            progress=progress,
+            push=push,
+            private=private,
+            offline=offline,
+        )
     assert recipe.merge is not None
     method = get_method(recipe.merge.method)
     base_entry, inputs_entries = _split_base(recipe, needs_base=method.needs_base)
@@ -171,9 +179,18 @@ def run_recipe(
     return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet)
 
 
-def _run_route(recipe: Recipe, *, recipe_text: str | None, out_dir: str | Path | None,
-               dry_run: bool, force: bool, progress: bool, push: str | None,
-               private: bool | None, offline: bool) -> RunResult:
+def _run_route(
+    recipe: Recipe,
+    *,
+    recipe_text: str | None,
+    out_dir: str | Path | None,
+    dry_run: bool,
+    force: bool,
+    progress: bool,
+    push: str | None,
+    private: bool | None,
+    offline: bool,
+) -> RunResult:
     """The `route:` counterpart of a merge: experts pinned, router fitted, routed repo written."""
     from hfmerge.pipeline.route import build_route, download_route, plan_route
 
@@ -193,10 +210,15 @@ def _run_route(recipe: Recipe, *, recipe_text: str | None, out_dir: str | Path |
     with atomic_output_dir(target, force=force) as staging:
         built = build_route(plan, recipe, staging, progress=progress)
         (staging / RECIPE_FILE).write_text(text, encoding="utf-8")
-        card = render_routed_card(title=target.name, experts=plan.experts, names=plan.names,
-                                  recipe_text=text, snippet=snippet,
-                                  sections=[built.card_section],
-                                  endpoint=_hub_endpoint(plan.models))
+        card = render_routed_card(
+            title=target.name,
+            experts=plan.experts,
+            names=plan.names,
+            recipe_text=text,
+            snippet=snippet,
+            sections=[built.card_section],
+            endpoint=_hub_endpoint(plan.models),
+        )
         (staging / "README.md").write_text(card, encoding="utf-8")
     if not push:
         return RunResult(plan=plan, out_dir=target, snippet=snippet)
@@ -275,8 +297,15 @@ def _copy_config(staging: Path, plan: MergePlan, recipe: Recipe) -> None:
         _set_config_dtype(staging / "config.json", recipe.output.dtype)
 
 
-def _repair(staging: Path, plan: MergePlan, recipe: Recipe, perms: list[Permutations | None],
-            model_params: list[ModelParams], *, progress: bool) -> RepairReport | None:
+def _repair(
+    staging: Path,
+    plan: MergePlan,
+    recipe: Recipe,
+    perms: list[Permutations | None],
+    model_params: list[ModelParams],
+    *,
+    progress: bool,
+) -> RepairReport | None:
     """`align.repair`: rescale the staged merge (a linear merge, checked with the recipe)."""
     if not recipe.align.repair:
         return None

@@ -33,10 +33,15 @@ def _repair_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     method = merge.get("method") if isinstance(merge, Mapping) else None
     if method == "linear":
         return []
-    return [(("align", "repair"), "REPAIR rescales toward the merge-weighted blend of the inputs' "
-             f"statistics, which only a `linear` merge defines (this recipe has "
-             f"{'merge method ' + repr(method) if method else 'no merge'}): use `merge: {{method: "
-             "linear}` or drop `repair`")]
+    return [
+        (
+            ("align", "repair"),
+            "REPAIR rescales toward the merge-weighted blend of the inputs' "
+            f"statistics, which only a `linear` merge defines (this recipe has "
+            f"{'merge method ' + repr(method) if method else 'no merge'}): use `merge: {{method: "
+            "linear}` or drop `repair`",
+        )
+    ]
 
 
 def _merge_xor_route(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
@@ -124,22 +129,45 @@ def _route_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
         return []
     problems: list[tuple[Location, str]] = []
     if not experts:
-        problems.append((("route",), "no `experts:`: give one calibration entry per model "
-                         "(`- data: FILE`), in the order of `models:`"))
+        problems.append(
+            (
+                ("route",),
+                "no `experts:`: give one calibration entry per model "
+                "(`- data: FILE`), in the order of `models:`",
+            )
+        )
     elif isinstance(experts, list) and len(experts) != len(models):
-        problems.append((("route", "experts"), (
-            f"{len(experts)} experts for {len(models)} models: give one calibration entry "
-            "per model, in the order of `models:`")))
+        problems.append(
+            (
+                ("route", "experts"),
+                (
+                    f"{len(experts)} experts for {len(models)} models: give one calibration entry "
+                    "per model, in the order of `models:`"
+                ),
+            )
+        )
     default = route.get("default_expert")
     if isinstance(default, int) and not isinstance(default, bool) and default >= len(models):
-        problems.append((("route", "default_expert"), (
-            f"default_expert {default} is not a model index; use 0 to {len(models) - 1} "
-            "(the order of `models:`)")))
+        problems.append(
+            (
+                ("route", "default_expert"),
+                (
+                    f"default_expert {default} is not a model index; use 0 to {len(models) - 1} "
+                    "(the order of `models:`)"
+                ),
+            )
+        )
     align = data.get("align")
     if isinstance(align, Mapping) and align.get("method", "none") != "none":
-        problems.append((("align", "method"), (
-            "alignment has no effect on routing (each input runs one whole expert): remove "
-            "`align:` or use `merge:`")))
+        problems.append(
+            (
+                ("align", "method"),
+                (
+                    "alignment has no effect on routing (each input runs one whole expert): remove "
+                    "`align:` or use `merge:`"
+                ),
+            )
+        )
     return problems
 
 

@@ -41,13 +41,24 @@ class BuiltRouter:
     max_length: int  # calibration window length, also the router's input limit
 
 
-def build_router(method: str, *, backbone: Path | None, experts: Sequence[Path],
-                 calibration_texts: Sequence[Sequence[str]],
-                 names: Sequence[str] | None = None, layer: int | None = None,
-                 samples: int | None = 64, max_length: int = 128,
-                 temperature: float | None = None, min_confidence: float | None = None,
-                 default_expert: int | None = None, seed: int = 0, batch_size: int = 16,
-                 device_map: DeviceMap | None = None, progress: bool = False) -> BuiltRouter:
+def build_router(
+    method: str,
+    *,
+    backbone: Path | None,
+    experts: Sequence[Path],
+    calibration_texts: Sequence[Sequence[str]],
+    names: Sequence[str] | None = None,
+    layer: int | None = None,
+    samples: int | None = 64,
+    max_length: int = 128,
+    temperature: float | None = None,
+    min_confidence: float | None = None,
+    default_expert: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device_map: DeviceMap | None = None,
+    progress: bool = False,
+) -> BuiltRouter:
     """Tokenize each expert's texts with the router tokenizer, pool features, fit the router.
 
     `backbone` is the router backbone's folder (an expert's, or another model sharing their
@@ -61,8 +72,11 @@ def build_router(method: str, *, backbone: Path | None, experts: Sequence[Path],
     cls = router_class(method)
     names = list(names or [f"expert{i}" for i in range(len(experts))])
     _check_inputs(experts, calibration_texts, names)
-    settings = RouterSettings(cls.default_temperature if temperature is None else temperature,
-                              min_confidence, default_expert)
+    settings = RouterSettings(
+        cls.default_temperature if temperature is None else temperature,
+        min_confidence,
+        default_expert,
+    )
     settings.check(len(experts))
     expert_paths = dict(zip(names, experts, strict=True))
     check_expert_vocabularies(expert_paths)
@@ -71,39 +85,59 @@ def build_router(method: str, *, backbone: Path | None, experts: Sequence[Path],
     check_tokenizer_fits(tokenizer, expert_paths, tokenizer_label=str(tokenizer_path))
     # `max_length` is an upper bound, as for probing: models with fewer positions cap it.
     max_length = usable_length([*experts, *([backbone] if backbone else [])], max_length)
-    windows, labels = _windows(tokenizer, calibration_texts, samples=samples,
-                               max_length=max_length)
+    windows, labels = _windows(tokenizer, calibration_texts, samples=samples, max_length=max_length)
     if cls.inputs == "losses":
-        inputs = _loss_inputs(experts, windows, tokenizer, batch_size=batch_size,
-                              device_map=device_map, progress=progress)
+        inputs = _loss_inputs(
+            experts,
+            windows,
+            tokenizer,
+            batch_size=batch_size,
+            device_map=device_map,
+            progress=progress,
+        )
         used_layer = None
     else:
         if backbone is None:
-            raise RoutingError(f"the {method} router needs a backbone model for its features",
-                               fix="name the router backbone (an expert or a shared base)")
-        inputs, used_layer = _feature_inputs(backbone, windows, tokenizer, layer=layer,
-                                             batch_size=batch_size, device_map=device_map)
+            raise RoutingError(
+                f"the {method} router needs a backbone model for its features",
+                fix="name the router backbone (an expert or a shared base)",
+            )
+        inputs, used_layer = _feature_inputs(
+            backbone, windows, tokenizer, layer=layer, batch_size=batch_size, device_map=device_map
+        )
     report = calibration_report(cls, inputs, labels, experts=names, settings=settings, seed=seed)
     router = cls.fit(inputs, labels, num_experts=len(experts), settings=settings, seed=seed)
     return BuiltRouter(router, report, used_layer, max_length)
 
 
-def _check_inputs(experts: Sequence[Path], texts: Sequence[Sequence[str]],
-                  names: Sequence[str]) -> None:
+def _check_inputs(
+    experts: Sequence[Path], texts: Sequence[Sequence[str]], names: Sequence[str]
+) -> None:
     if len(experts) < 2:
-        raise RoutingError(f"routing needs at least 2 experts, got {len(experts)}",
-                           fix="list two or more models")
+        raise RoutingError(
+            f"routing needs at least 2 experts, got {len(experts)}", fix="list two or more models"
+        )
     if len(texts) != len(experts) or len(names) != len(experts):
-        raise RoutingError(f"{len(experts)} experts but {len(texts)} calibration text lists and "
-                           f"{len(names)} names", fix="give one calibration text list per expert")
+        raise RoutingError(
+            f"{len(experts)} experts but {len(texts)} calibration text lists and "
+            f"{len(names)} names",
+            fix="give one calibration text list per expert",
+        )
     empty = [name for name, ts in zip(names, texts, strict=True) if not any(t.strip() for t in ts)]
     if empty:
-        raise RoutingError(f"experts {', '.join(empty)} have no calibration text",
-                           fix="give every expert some text typical of its inputs")
+        raise RoutingError(
+            f"experts {', '.join(empty)} have no calibration text",
+            fix="give every expert some text typical of its inputs",
+        )
 
 
-def _windows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]], *,
-             samples: int | None, max_length: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _windows(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[Sequence[str]],
+    *,
+    samples: int | None,
+    max_length: int,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every expert's calibration windows, concatenated, and each window's expert index [n]."""
     windows: list[torch.Tensor] = []
     labels: list[int] = []
@@ -114,9 +148,15 @@ def _windows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[Sequence[str]],
     return windows, torch.tensor(labels, dtype=torch.long)
 
 
-def _feature_inputs(backbone: Path, windows: Sequence[torch.Tensor],
-                    tokenizer: PreTrainedTokenizerBase, *, layer: int | None, batch_size: int,
-                    device_map: DeviceMap | None) -> tuple[torch.Tensor, int]:
+def _feature_inputs(
+    backbone: Path,
+    windows: Sequence[torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    layer: int | None,
+    batch_size: int,
+    device_map: DeviceMap | None,
+) -> tuple[torch.Tensor, int]:
     """[n, d] pooled features of the windows at `layer` (default: ~2/3 depth), and the layer."""
     # The dtype the serving side loads it in (`auto`), so features match at serve time.
     dtype = load_dtype(PooledModel("backbone", backbone))
@@ -125,40 +165,61 @@ def _feature_inputs(backbone: Path, windows: Sequence[torch.Tensor],
     check_layer(model, used)
     limit = position_limit(model.config)
     if limit is not None and max(len(w) for w in windows) > limit:
-        raise RoutingError(f"calibration windows are longer than the backbone's {limit} "
-                           "positions", fix=f"use max_length {limit} or less")
-    features = window_features(model, windows, layer=used, pad_id=pad_id_of(tokenizer),
-                               batch_size=batch_size)
+        raise RoutingError(
+            f"calibration windows are longer than the backbone's {limit} positions",
+            fix=f"use max_length {limit} or less",
+        )
+    features = window_features(
+        model, windows, layer=used, pad_id=pad_id_of(tokenizer), batch_size=batch_size
+    )
     return features, used
 
 
-def _loss_inputs(experts: Sequence[Path], windows: Sequence[torch.Tensor],
-                 tokenizer: PreTrainedTokenizerBase, *, batch_size: int,
-                 device_map: DeviceMap | None, progress: bool) -> torch.Tensor:
+def _loss_inputs(
+    experts: Sequence[Path],
+    windows: Sequence[torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    device_map: DeviceMap | None,
+    progress: bool,
+) -> torch.Tensor:
     """[n, E]: each expert's mean token loss on each window, one expert in memory at a time."""
     batches = probe_batches(windows, tokenizer, batch_size=batch_size)
     columns = []
     for path in track(experts, description="scoring calibration windows", enabled=progress):
-        model = load_causal_lm(path, label=str(path),
-                               dtype=load_dtype(PooledModel(str(path), path)),
-                               device_map=device_map, max_memory=None)
-        columns.append(torch.cat([sequence_losses(model, b["input_ids"], b["attention_mask"])
-                                  for b in batches]))
+        model = load_causal_lm(
+            path,
+            label=str(path),
+            dtype=load_dtype(PooledModel(str(path), path)),
+            device_map=device_map,
+            max_memory=None,
+        )
+        columns.append(
+            torch.cat(
+                [sequence_losses(model, b["input_ids"], b["attention_mask"]) for b in batches]
+            )
+        )
         del model  # before the next expert loads
     return torch.stack(columns, dim=1)  # E x [n] -> [n, E]
 
 
-def routed_manifest(built: BuiltRouter, experts: Sequence[ExpertEntry], *,
-                    backbone: BackboneRef | None) -> RoutedManifest:
+def routed_manifest(
+    built: BuiltRouter, experts: Sequence[ExpertEntry], *, backbone: BackboneRef | None
+) -> RoutedManifest:
     """The manifest that serves `built` over `experts` (same order as at build time)."""
     names = [expert.name for expert in experts]
     settings = built.router.settings
     default = None if settings.default_expert is None else names[settings.default_expert]
-    spec = RouterSpec(type=built.router.name,
-                      backbone=backbone if built.router.inputs == "features" else None,
-                      layer=built.layer, max_length=built.max_length,
-                      temperature=settings.temperature, min_confidence=settings.min_confidence,
-                      default_expert=default)
+    spec = RouterSpec(
+        type=built.router.name,
+        backbone=backbone if built.router.inputs == "features" else None,
+        layer=built.layer,
+        max_length=built.max_length,
+        temperature=settings.temperature,
+        min_confidence=settings.min_confidence,
+        default_expert=default,
+    )
     return RoutedManifest(tuple(experts), spec, built.report.to_json())
 
 

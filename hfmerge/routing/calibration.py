@@ -38,8 +38,9 @@ class CalibrationReport:
         return asdict(self)
 
 
-def holdout_split(labels: torch.Tensor, *, fraction: float, seed: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def holdout_split(
+    labels: torch.Tensor, *, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified (fit, held-out) index tensors; an expert with < 2 windows keeps all for fit."""
     generator = torch.Generator().manual_seed(seed)
     fit, held = [], []
@@ -58,9 +59,16 @@ def cosine_matrix(vectors: torch.Tensor) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in unit @ unit.T]  # [E, E]
 
 
-def calibration_report(router_type: type[Router], inputs: torch.Tensor, labels: torch.Tensor,
-                       *, experts: Sequence[str], settings: RouterSettings, seed: int = 0,
-                       holdout_fraction: float = HOLDOUT_FRACTION) -> CalibrationReport:
+def calibration_report(
+    router_type: type[Router],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    experts: Sequence[str],
+    settings: RouterSettings,
+    seed: int = 0,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+) -> CalibrationReport:
     """Fit `router_type` on part of the calibration inputs and route the rest."""
     count = len(experts)
     samples = torch.bincount(labels, minlength=count).tolist()
@@ -72,15 +80,17 @@ def calibration_report(router_type: type[Router], inputs: torch.Tensor, labels: 
     accuracy: float | None = None
     per_expert: list[float | None] = [None] * count
     if len(held_rows) and all(n >= 2 for n in samples):
-        router = router_type.fit(inputs[fit_rows], labels[fit_rows], num_experts=count,
-                                 settings=settings, seed=seed)
+        router = router_type.fit(
+            inputs[fit_rows], labels[fit_rows], num_experts=count, settings=settings, seed=seed
+        )
         right = router.choose(inputs[held_rows]) == labels[held_rows]  # [h]
         accuracy = round(float(right.float().mean()), 6)
         per_expert = [_recall(right, labels[held_rows], e) for e in range(count)]
     else:
         held_rows = held_rows[:0]
-    report = CalibrationReport(list(experts), samples, raw, centred, len(held_rows), accuracy,
-                               per_expert)
+    report = CalibrationReport(
+        list(experts), samples, raw, centred, len(held_rows), accuracy, per_expert
+    )
     report.warnings.extend(report_warnings(report))
     return report
 
@@ -92,15 +102,19 @@ def _recall(right: torch.Tensor, labels: torch.Tensor, expert: int) -> float | N
 
 def report_warnings(report: CalibrationReport) -> list[str]:
     """Plain sentences about what makes this router unreliable."""
-    warnings = [f"expert {name!r} has only {n} calibration windows (want {MIN_SAMPLES}+)"
-                for name, n in zip(report.experts, report.samples, strict=True)
-                if n < MIN_SAMPLES]
+    warnings = [
+        f"expert {name!r} has only {n} calibration windows (want {MIN_SAMPLES}+)"
+        for name, n in zip(report.experts, report.samples, strict=True)
+        if n < MIN_SAMPLES
+    ]
     if report.heldout_accuracy is None:
         warnings.append("too few calibration windows to hold any out: accuracy is unknown")
     elif report.heldout_accuracy < LOW_ACCURACY:
-        warnings.append(f"held-out routing accuracy is {report.heldout_accuracy:.0%}: the "
-                        "router does not tell the experts' calibration texts apart well (try "
-                        "more distinct texts, another router layer, or another router)")
+        warnings.append(
+            f"held-out routing accuracy is {report.heldout_accuracy:.0%}: the "
+            "router does not tell the experts' calibration texts apart well (try "
+            "more distinct texts, another router layer, or another router)"
+        )
     warnings.extend(_close_pairs(report))
     return warnings
 
@@ -111,10 +125,13 @@ def _close_pairs(report: CalibrationReport) -> list[str]:
     matrix, names = report.centred_centroid_cosine, report.experts
     if matrix is None or len(names) < 3:
         return []
-    return [f"experts {names[i]!r} and {names[j]!r} have near-identical centroids "
-            f"(centred cosine {matrix[i][j]:.3f}): the router cannot tell them apart"
-            for i in range(len(names)) for j in range(i + 1, len(names))
-            if matrix[i][j] > CLOSE_CENTROIDS]
+    return [
+        f"experts {names[i]!r} and {names[j]!r} have near-identical centroids "
+        f"(centred cosine {matrix[i][j]:.3f}): the router cannot tell them apart"
+        for i in range(len(names))
+        for j in range(i + 1, len(names))
+        if matrix[i][j] > CLOSE_CENTROIDS
+    ]
 
 
 __all__ = ["CalibrationReport", "calibration_report", "cosine_matrix", "holdout_split"]

@@ -42,8 +42,10 @@ def num_blocks(model: PreTrainedModel) -> int:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise RoutingError(f"{config.name_or_path} does not say how many blocks it has",
-                       fix="use a transformers model whose config has num_hidden_layers")
+    raise RoutingError(
+        f"{config.name_or_path} does not say how many blocks it has",
+        fix="use a transformers model whose config has num_hidden_layers",
+    )
 
 
 def blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -56,21 +58,25 @@ def blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return module
-    raise RoutingError(f"{model.config.name_or_path}: no list of {count} blocks was found",
-                       fix="use a transformer model (Llama, GPT-2, GPT-NeoX, BERT families)")
+    raise RoutingError(
+        f"{model.config.name_or_path}: no list of {count} blocks was found",
+        fix="use a transformer model (Llama, GPT-2, GPT-NeoX, BERT families)",
+    )
 
 
 def check_layer(model: PreTrainedModel, layer: int) -> None:
     """`layer` counts block outputs from 1 (hidden_states index): 1..num_blocks."""
     count = num_blocks(model)
     if not 1 <= layer <= count:
-        raise RoutingError(f"router layer {layer} is outside the backbone's blocks 1..{count}",
-                           fix=f"choose a layer from 1 to {count}, or leave it unset for "
-                           f"{default_layer(count)}")
+        raise RoutingError(
+            f"router layer {layer} is outside the backbone's blocks 1..{count}",
+            fix=f"choose a layer from 1 to {count}, or leave it unset for {default_layer(count)}",
+        )
 
 
-def pooled_features(model: PreTrainedModel, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, *, layer: int) -> torch.Tensor:
+def pooled_features(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, layer: int
+) -> torch.Tensor:
     """[b, t] ids -> [b, d] float32 CPU: masked mean of block `layer`'s output over kept tokens.
 
     Padding is masked and a causal LM's position 0 (BOS, the same for every input) is dropped;
@@ -92,28 +98,46 @@ def pooled_features(model: PreTrainedModel, input_ids: torch.Tensor,
     handle = blocks(model)[layer - 1].register_forward_hook(capture)
     try:
         with torch.inference_mode():
-            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                  use_cache=False)
+            model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                use_cache=False,
+            )
     except _Captured as captured:
         return captured.pooled
     finally:
         handle.remove()
-    raise RoutingError(f"block {layer} of {model.config.name_or_path} never ran",
-                       fix="use a standard transformers model class")
+    raise RoutingError(
+        f"block {layer} of {model.config.name_or_path} never ran",
+        fix="use a standard transformers model class",
+    )
 
 
-def window_features(model: PreTrainedModel, windows: Sequence[torch.Tensor], *, layer: int,
-                    pad_id: int, batch_size: int = 16) -> torch.Tensor:
+def window_features(
+    model: PreTrainedModel,
+    windows: Sequence[torch.Tensor],
+    *,
+    layer: int,
+    pad_id: int,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """[n, d] float32 features of 1-D token windows, batched with right padding."""
     if not windows:
         raise ValueError("no windows to pool")
     parts = []
     for start in range(0, len(windows), batch_size):
         batch = model_inputs(windows[start : start + batch_size], pad_id=pad_id)
-        parts.append(pooled_features(model, batch["input_ids"], batch["attention_mask"],
-                                     layer=layer))
+        parts.append(
+            pooled_features(model, batch["input_ids"], batch["attention_mask"], layer=layer)
+        )
     return torch.cat(parts)  # [n, d]
 
 
-__all__ = ["blocks", "check_layer", "default_layer", "num_blocks", "pooled_features",
-           "window_features"]
+__all__ = [
+    "blocks",
+    "check_layer",
+    "default_layer",
+    "num_blocks",
+    "pooled_features",
+    "window_features",
+]

@@ -13,8 +13,9 @@ from hfmerge.lm.load import input_device
 ExpertLossFn = Callable[[int], torch.Tensor]
 
 
-def logits_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> torch.Tensor:
+def logits_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """[b, t, v] logits of [b, t] ids -> [b] float32 mean loss over each row's real targets.
 
     Position i predicts token i + 1; a target counts when both it and its context position are
@@ -25,18 +26,24 @@ def logits_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
     valid = mask[:, 1:] & mask[:, :-1]  # [b, t-1]
     per_token = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2),  # [b, t-1, v] -> [b, v, t-1] (class dim 1)
-        targets, reduction="none")  # [b, t-1]
+        targets,
+        reduction="none",
+    )  # [b, t-1]
     summed = (per_token * valid).sum(1)  # [b]
     return (summed / valid.sum(1).clamp_min(1)).cpu()
 
 
-def sequence_losses(model: PreTrainedModel, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_losses(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """[b] float32 CPU: the mean next-token loss of each row under causal LM `model`."""
     device = input_device(model)
     with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       use_cache=False).logits  # [b, t, v]
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            use_cache=False,
+        ).logits  # [b, t, v]
     return logits_loss(logits, input_ids, attention_mask)
 
 

@@ -101,11 +101,16 @@ class RouterSpec:
 
     def to_json(self) -> dict[str, Any]:
         """The `router` object of the manifest."""
-        return {"type": self.type,
-                "backbone": self.backbone.to_json() if self.backbone else None,
-                "layer": self.layer, "pooling": self.pooling, "temperature": self.temperature,
-                "min_confidence": self.min_confidence, "default_expert": self.default_expert,
-                "max_length": self.max_length}
+        return {
+            "type": self.type,
+            "backbone": self.backbone.to_json() if self.backbone else None,
+            "layer": self.layer,
+            "pooling": self.pooling,
+            "temperature": self.temperature,
+            "min_confidence": self.min_confidence,
+            "default_expert": self.default_expert,
+            "max_length": self.max_length,
+        }
 
 
 @dataclass(frozen=True)
@@ -130,15 +135,22 @@ class RoutedManifest:
         """What `Router.from_saved` reads (the default expert as an index)."""
         spec = self.router
         default = None if spec.default_expert is None else self.names.index(spec.default_expert)
-        return {"type": spec.type, "num_experts": len(self.experts),
-                "temperature": spec.temperature, "min_confidence": spec.min_confidence,
-                "default_expert": default}
+        return {
+            "type": spec.type,
+            "num_experts": len(self.experts),
+            "temperature": spec.temperature,
+            "min_confidence": spec.min_confidence,
+            "default_expert": default,
+        }
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document, keys in reading order."""
-        return {"format_version": self.format_version,
-                "experts": [expert.to_json() for expert in self.experts],
-                "router": self.router.to_json(), "calibration": self.calibration}
+        return {
+            "format_version": self.format_version,
+            "experts": [expert.to_json() for expert in self.experts],
+            "router": self.router.to_json(),
+            "calibration": self.calibration,
+        }
 
 
 def _check_experts(experts: Sequence[ExpertEntry]) -> None:
@@ -147,8 +159,11 @@ def _check_experts(experts: Sequence[ExpertEntry]) -> None:
     seen: set[str] = set()
     for i, expert in enumerate(experts):
         if not _NAME.match(expert.name):
-            _fail(f"experts[{i}].name", f"{expert.name!r} is not a plain name (letters, digits, "
-                  "`_.-`, not starting with punctuation)")
+            _fail(
+                f"experts[{i}].name",
+                f"{expert.name!r} is not a plain name (letters, digits, "
+                "`_.-`, not starting with punctuation)",
+            )
         if expert.name in seen:
             _fail(f"experts[{i}].name", f"{expert.name!r} appears twice")
         seen.add(expert.name)
@@ -158,15 +173,22 @@ def _check_experts(experts: Sequence[ExpertEntry]) -> None:
 def _check_location(location: ModelLocation, where: str) -> None:
     if location.path is not None:
         parts = PurePosixPath(location.path).parts
-        if location.path.startswith("/") or "\\" in location.path or not parts or any(
-            part in ("..", ".") for part in parts
+        if (
+            location.path.startswith("/")
+            or "\\" in location.path
+            or not parts
+            or any(part in ("..", ".") for part in parts)
         ):
-            _fail(f"{where}.path", f"{location.path!r} is not a plain relative folder inside "
-                  "the repo")
+            _fail(
+                f"{where}.path", f"{location.path!r} is not a plain relative folder inside the repo"
+            )
         return
     if not isinstance(location.revision, str) or not _SHA.match(location.revision):
-        _fail(f"{where}.revision", f"{location.revision!r} is not a 40-hex commit sha (experts "
-              "are pinned so the routed repo always serves the same weights)")
+        _fail(
+            f"{where}.revision",
+            f"{location.revision!r} is not a 40-hex commit sha (experts "
+            "are pinned so the routed repo always serves the same weights)",
+        )
 
 
 def _check_router(spec: RouterSpec, names: Sequence[str]) -> None:
@@ -197,8 +219,11 @@ def parse_manifest(data: Any) -> RoutedManifest:
     document = _object(data, "")
     version = document.get("format_version")
     if version != FORMAT_VERSION:
-        _fail("format_version", f"{version!r} is not a version this hfmerge reads "
-              f"({FORMAT_VERSION}); a newer hfmerge may have written it")
+        _fail(
+            "format_version",
+            f"{version!r} is not a version this hfmerge reads "
+            f"({FORMAT_VERSION}); a newer hfmerge may have written it",
+        )
     experts = _list(document.get("experts"), "experts")
     entries = tuple(_expert(item, f"experts[{i}]") for i, item in enumerate(experts))
     router = _router(document.get("router"))
@@ -208,8 +233,9 @@ def parse_manifest(data: Any) -> RoutedManifest:
 
 def _expert(data: Any, where: str) -> ExpertEntry:
     item = _object(data, where)
-    return ExpertEntry(_string(item.get("name"), f"{where}.name"), _location(item, where),
-                       _dtype(item, where))
+    return ExpertEntry(
+        _string(item.get("name"), f"{where}.name"), _location(item, where), _dtype(item, where)
+    )
 
 
 def _location(item: Mapping[str, Any], where: str) -> ModelLocation:
@@ -219,8 +245,10 @@ def _location(item: Mapping[str, Any], where: str) -> ModelLocation:
         return ModelLocation(path=_string(item["path"], f"{where}.path"))
     if "repo_id" not in item:
         _fail(where, "gives neither `path` nor `repo_id` + `revision`")
-    return ModelLocation(repo_id=_string(item["repo_id"], f"{where}.repo_id"),
-                         revision=_string(item.get("revision"), f"{where}.revision"))
+    return ModelLocation(
+        repo_id=_string(item["repo_id"], f"{where}.repo_id"),
+        revision=_string(item.get("revision"), f"{where}.revision"),
+    )
 
 
 def _router(data: Any) -> RouterSpec:
@@ -232,21 +260,26 @@ def _router(data: Any) -> RouterSpec:
         _fail("router.layer", f"{layer!r} is not an integer")
     default = item.get("default_expert")
     return RouterSpec(
-        type=_string(item.get("type"), "router.type"), backbone=backbone, layer=layer,
+        type=_string(item.get("type"), "router.type"),
+        backbone=backbone,
+        layer=layer,
         max_length=_number(item.get("max_length"), "router.max_length", integer=True),
         temperature=_number(item.get("temperature"), "router.temperature"),
-        min_confidence=None if item.get("min_confidence") is None else _number(
-            item["min_confidence"], "router.min_confidence"),
+        min_confidence=None
+        if item.get("min_confidence") is None
+        else _number(item["min_confidence"], "router.min_confidence"),
         default_expert=None if default is None else _string(default, "router.default_expert"),
-        pooling=_string(item.get("pooling", POOLING), "router.pooling"))
+        pooling=_string(item.get("pooling", POOLING), "router.pooling"),
+    )
 
 
 def _backbone(data: Any) -> BackboneRef:
     item = _object(data, "router.backbone")
     if "expert" in item:
         return BackboneRef(expert=_string(item["expert"], "router.backbone.expert"))
-    return BackboneRef(location=_location(item, "router.backbone"),
-                       dtype=_dtype(item, "router.backbone"))
+    return BackboneRef(
+        location=_location(item, "router.backbone"), dtype=_dtype(item, "router.backbone")
+    )
 
 
 def _dtype(item: Mapping[str, Any], where: str) -> str:

@@ -41,9 +41,17 @@ class RoutedOutput:
 class RoutedModel:
     """Experts behind a per-sequence router, loaded lazily within a memory budget."""
 
-    def __init__(self, manifest: RoutedManifest, router: Router, pool: ExpertPool,
-                 tokenizer: PreTrainedTokenizerBase, *, backbone: str | None,
-                 source: str = "", revision: str | None = None) -> None:
+    def __init__(
+        self,
+        manifest: RoutedManifest,
+        router: Router,
+        pool: ExpertPool,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        backbone: str | None,
+        source: str = "",
+        revision: str | None = None,
+    ) -> None:
         self.manifest = manifest
         self.router = router
         self.pool = pool
@@ -53,11 +61,17 @@ class RoutedModel:
         self.revision = revision
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path, *,
-                        device_map: DeviceMap | None = "auto",
-                        max_memory: MaxMemory | None = None,
-                        memory_budget: int | str | None = None, offline: bool = False,
-                        revision: str | None = None, progress: bool = False) -> RoutedModel:
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        *,
+        device_map: DeviceMap | None = "auto",
+        max_memory: MaxMemory | None = None,
+        memory_budget: int | str | None = None,
+        offline: bool = False,
+        revision: str | None = None,
+        progress: bool = False,
+    ) -> RoutedModel:
         """Open a routed repo (folder or Hub id `org/name[@rev]`); experts load on first use.
 
         `device_map` and `max_memory` are accelerate's, used for each expert. The experts in
@@ -70,27 +84,41 @@ class RoutedModel:
             RoutingError: the budget cannot hold the largest expert.
             HubError: a Hub repo or pinned expert cannot be fetched.
         """
-        repo = open_routed_repo(path_or_repo_id, revision=revision, offline=offline,
-                                progress=progress)
+        repo = open_routed_repo(
+            path_or_repo_id, revision=revision, offline=offline, progress=progress
+        )
         budget = None if memory_budget is None else parse_size(memory_budget)
-        return cls.from_local(repo, device_map=device_map, max_memory=max_memory,
-                              memory_budget=budget)
+        return cls.from_local(
+            repo, device_map=device_map, max_memory=max_memory, memory_budget=budget
+        )
 
     @classmethod
-    def from_local(cls, repo: LocalRoutedRepo, *, device_map: DeviceMap | None = "auto",
-                   max_memory: MaxMemory | None = None,
-                   memory_budget: int | None = None) -> RoutedModel:
+    def from_local(
+        cls,
+        repo: LocalRoutedRepo,
+        *,
+        device_map: DeviceMap | None = "auto",
+        max_memory: MaxMemory | None = None,
+        memory_budget: int | None = None,
+    ) -> RoutedModel:
         """A routed model over an opened repo whose models are all on disk."""
         manifest = repo.manifest
         check_expert_vocabularies(repo.expert_paths)
-        pooled = [PooledModel(e.name, repo.expert_paths[e.name], e.dtype)
-                  for e in manifest.experts]
+        pooled = [PooledModel(e.name, repo.expert_paths[e.name], e.dtype) for e in manifest.experts]
         backbone, tokenizer_path = _backbone_entry(repo, pooled)
-        pool = ExpertPool(pooled, device_map=device_map, max_memory=max_memory,
-                          budget_bytes=memory_budget)
+        pool = ExpertPool(
+            pooled, device_map=device_map, max_memory=max_memory, budget_bytes=memory_budget
+        )
         tokenizer = load_tokenizer(tokenizer_path, label=f"{repo.ref} router backbone")
-        return cls(manifest, repo.router, pool, tokenizer, backbone=backbone, source=repo.ref,
-                   revision=repo.revision)
+        return cls(
+            manifest,
+            repo.router,
+            pool,
+            tokenizer,
+            backbone=backbone,
+            source=repo.ref,
+            revision=repo.revision,
+        )
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -117,35 +145,44 @@ class RoutedModel:
     def route(self, texts: Sequence[str], *, batch_size: int = 16) -> list[int]:
         """The expert index each text goes to (from its first `max_length` tokens)."""
         limit = self.manifest.router.max_length
-        rows = [torch.tensor(self.tokenizer(text, truncation=True, max_length=limit)["input_ids"],
-                             dtype=torch.long) for text in texts]
+        rows = [
+            torch.tensor(
+                self.tokenizer(text, truncation=True, max_length=limit)["input_ids"],
+                dtype=torch.long,
+            )
+            for text in texts
+        ]
         routes: list[int] = []
         for start in range(0, len(rows), batch_size):
-            batch = model_inputs(rows[start : start + batch_size],
-                                 pad_id=pad_id_of(self.tokenizer))
+            batch = model_inputs(rows[start : start + batch_size], pad_id=pad_id_of(self.tokenizer))
             routes += self.route_ids(batch["input_ids"], batch["attention_mask"]).tolist()
         return routes
 
-    def route_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+    def route_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, T] ids -> [B] long expert indices (CPU), from each row's first `max_length`
         real tokens."""
         attention_mask = _mask_of(input_ids, attention_mask)
         batch = self._router_batch(input_ids, attention_mask)
         if self.router.inputs == "losses":
-            inputs = loss_matrix(functools.partial(self._expert_losses, batch),
-                                 len(self.experts))  # [B, E]
+            inputs = loss_matrix(
+                functools.partial(self._expert_losses, batch), len(self.experts)
+            )  # [B, E]
         else:
             inputs = self._features(batch)  # [B, d]
         return self.router.choose(inputs)
 
-    def _router_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> dict[str, torch.Tensor]:
+    def _router_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Each row's real tokens, cut to max_length, right-padded: the router sees inputs
         laid out as its calibration windows were, whatever the caller's padding side."""
         limit = self.manifest.router.max_length
-        rows = [ids[mask.bool()][:limit] for ids, mask in
-                zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
+        rows = [
+            ids[mask.bool()][:limit]
+            for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
+        ]
         if any(len(row) == 0 for row in rows):
             raise ValueError("a row has no real token (its attention mask is all zeros)")
         return model_inputs(rows, pad_id=pad_id_of(self.tokenizer))
@@ -153,8 +190,9 @@ class RoutedModel:
     def _features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.backbone is not None and self.manifest.router.layer is not None
         model = self.pool.get(self.backbone)
-        return pooled_features(model, batch["input_ids"], batch["attention_mask"],
-                               layer=self.manifest.router.layer)  # [B, d]
+        return pooled_features(
+            model, batch["input_ids"], batch["attention_mask"], layer=self.manifest.router.layer
+        )  # [B, d]
 
     def _expert_losses(self, batch: dict[str, torch.Tensor], expert: int) -> torch.Tensor:
         model = self.pool.get(self.experts[expert])
@@ -162,8 +200,9 @@ class RoutedModel:
 
     # -- running the experts ---------------------------------------------------------------
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                 ) -> RoutedOutput:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> RoutedOutput:
         """Route each row, run each chosen expert on its rows; logits [B, T, V] in row order,
         on `input_ids`' device."""
         attention_mask = _mask_of(input_ids, attention_mask)
@@ -180,18 +219,26 @@ class RoutedModel:
         assert logits is not None  # a batch has at least one row
         return RoutedOutput(logits, choice)
 
-    def _expert_logits(self, expert: int, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> torch.Tensor:
+    def _expert_logits(
+        self, expert: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         model = self.pool.get(self.experts[expert])
         device = input_device(model)
         with torch.inference_mode():
-            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                        use_cache=False)
+            out = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                use_cache=False,
+            )
         logits: torch.Tensor = out.logits  # [r, T, V]
         return logits
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **generate_kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
         """Route on the prompt, generate with each chosen expert on its rows, and return
         [B, T'] ids (rows shorter than the longest are right-padded with the pad id).
 
@@ -199,35 +246,50 @@ class RoutedModel:
         """
         attention_mask = _mask_of(input_ids, attention_mask)
         choice = self.route_ids(input_ids, attention_mask)
-        parts = {int(e): self._expert_generate(int(e), input_ids[choice == e],
-                                               attention_mask[choice == e], generate_kwargs)
-                 for e in torch.unique(choice)}
+        parts = {
+            int(e): self._expert_generate(
+                int(e), input_ids[choice == e], attention_mask[choice == e], generate_kwargs
+            )
+            for e in torch.unique(choice)
+        }
         width = max(part.shape[1] for part in parts.values())
-        out = torch.full((len(choice), width), pad_id_of(self.tokenizer), dtype=torch.long,
-                         device=input_ids.device)  # [B, T']
+        out = torch.full(
+            (len(choice), width),
+            pad_id_of(self.tokenizer),
+            dtype=torch.long,
+            device=input_ids.device,
+        )  # [B, T']
         for expert, part in parts.items():
             out[(choice == expert).to(input_ids.device), : part.shape[1]] = part.to(out.device)
         return out
 
-    def _expert_generate(self, expert: int, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _expert_generate(
+        self,
+        expert: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         model = self.pool.get(self.experts[expert])
         device = input_device(model)
         kwargs.setdefault("pad_token_id", pad_id_of(self.tokenizer))
         with torch.inference_mode():
             # Typed loosely by transformers (mypy sees nn.Module's __getattr__).
-            sequences = cast(Any, model).generate(input_ids=input_ids.to(device),
-                                       attention_mask=attention_mask.to(device), **kwargs)
+            sequences = cast(Any, model).generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+            )
         if not isinstance(sequences, torch.Tensor):
-            raise TypeError("RoutedModel.generate returns token ids only; leave "
-                            "return_dict_in_generate unset")
+            raise TypeError(
+                "RoutedModel.generate returns token ids only; leave return_dict_in_generate unset"
+            )
         return sequences  # [r, T + new]
 
 
 def _mask_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     if input_ids.dim() != 2 or 0 in input_ids.shape:
-        raise ValueError(f"input_ids must be a non-empty [batch, tokens], got "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a non-empty [batch, tokens], got {tuple(input_ids.shape)}"
+        )
     return torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
 
@@ -240,8 +302,9 @@ def _backbone_entry(repo: LocalRoutedRepo, pooled: list[PooledModel]) -> tuple[s
     if backbone.expert is not None:
         return backbone.expert, repo.expert_paths[backbone.expert]
     assert repo.backbone_path is not None  # resolved by open_routed_repo
-    pooled.append(PooledModel(BACKBONE, repo.backbone_path, backbone.dtype, head=False,
-                              pinned=True))
+    pooled.append(
+        PooledModel(BACKBONE, repo.backbone_path, backbone.dtype, head=False, pinned=True)
+    )
     return BACKBONE, repo.backbone_path
 
 

@@ -54,8 +54,10 @@ def load_dtype(model: PooledModel) -> torch.dtype:
 def estimate_bytes(model: PooledModel) -> int:
     """Weight bytes once loaded, from the safetensors headers (float tensors at `dtype`)."""
     size = load_dtype(model).itemsize
-    return sum(info.numel * size if info.dtype.startswith(_FLOAT_PREFIXES) else info.nbytes
-               for info in read_checkpoint_index(model.path, label=model.name))
+    return sum(
+        info.numel * size if info.dtype.startswith(_FLOAT_PREFIXES) else info.nbytes
+        for info in read_checkpoint_index(model.path, label=model.name)
+    )
 
 
 def budget_of(max_memory: MaxMemory | None, budget_bytes: int | None) -> int | None:
@@ -67,13 +69,20 @@ def budget_of(max_memory: MaxMemory | None, budget_bytes: int | None) -> int | N
     try:
         return sum(parse_size(limit) for limit in max_memory.values())
     except ValueError as exc:
-        raise RoutingError(f"max_memory {max_memory} cannot be read ({exc})",
-                           fix="write limits like {0: '20GiB', 'cpu': '60GiB'}") from None
+        raise RoutingError(
+            f"max_memory {max_memory} cannot be read ({exc})",
+            fix="write limits like {0: '20GiB', 'cpu': '60GiB'}",
+        ) from None
 
 
-def load_causal_lm(path: Path, *, label: str, dtype: torch.dtype,
-                   device_map: DeviceMap | None, max_memory: MaxMemory | None
-                   ) -> PreTrainedModel:
+def load_causal_lm(
+    path: Path,
+    *,
+    label: str,
+    dtype: torch.dtype,
+    device_map: DeviceMap | None,
+    max_memory: MaxMemory | None,
+) -> PreTrainedModel:
     """A causal LM placed by accelerate (`device_map`), eval mode; missing weights are an error."""
     from transformers import AutoModelForCausalLM
 
@@ -84,12 +93,16 @@ def load_causal_lm(path: Path, *, label: str, dtype: torch.dtype,
             placement["max_memory"] = max_memory
     with quiet_transformers():
         loaded: Any = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, **placement)
+            path, dtype=dtype, output_loading_info=True, **placement
+        )
     model, info = loaded
     missing = sorted(info.get("missing_keys", []))
     if missing:
-        raise ModelSourceError(label, f"lacks weights ({', '.join(missing[:5])}); they would be "
-                               "random", "route between complete checkpoints with LM heads")
+        raise ModelSourceError(
+            label,
+            f"lacks weights ({', '.join(missing[:5])}); they would be random",
+            "route between complete checkpoints with LM heads",
+        )
     model.train(False)
     return model  # type: ignore[no-any-return]
 
@@ -97,8 +110,14 @@ def load_causal_lm(path: Path, *, label: str, dtype: torch.dtype,
 class ExpertPool:
     """Loads pooled models lazily and keeps the most recently used ones within the budget."""
 
-    def __init__(self, models: Sequence[PooledModel], *, device_map: DeviceMap | None = "auto",
-                 max_memory: MaxMemory | None = None, budget_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        models: Sequence[PooledModel],
+        *,
+        device_map: DeviceMap | None = "auto",
+        max_memory: MaxMemory | None = None,
+        budget_bytes: int | None = None,
+    ) -> None:
         self.models = {model.name: model for model in models}
         self.device_map = device_map
         self.max_memory = max_memory
@@ -120,8 +139,8 @@ class ExpertPool:
             raise RoutingError(
                 f"the memory budget ({self.budget:,} bytes) cannot hold the largest expert "
                 f"({largest:,} bytes){beside}",
-                fix="raise max_memory (or memory_budget), or load the experts in a smaller "
-                "dtype")
+                fix="raise max_memory (or memory_budget), or load the experts in a smaller dtype",
+            )
 
     @property
     def loaded(self) -> tuple[str, ...]:
@@ -171,10 +190,16 @@ class ExpertPool:
     def _load(self, entry: PooledModel) -> PreTrainedModel:
         limits, dtype = self._remaining_memory(), load_dtype(entry)
         if not entry.head:
-            return load_probe_model(entry.path, label=entry.name, device_map=self.device_map,
-                                    max_memory=limits, dtype=dtype)
-        return load_causal_lm(entry.path, label=entry.name, dtype=dtype,
-                              device_map=self.device_map, max_memory=limits)
+            return load_probe_model(
+                entry.path,
+                label=entry.name,
+                device_map=self.device_map,
+                max_memory=limits,
+                dtype=dtype,
+            )
+        return load_causal_lm(
+            entry.path, label=entry.name, dtype=dtype, device_map=self.device_map, max_memory=limits
+        )
 
     def _remaining_memory(self) -> MaxMemory | None:
         """`max_memory` less what the loaded models occupy on each device, so accelerate packs
@@ -187,8 +212,10 @@ class ExpertPool:
                 key = _memory_key(tensor.device)
                 if key is not None:
                     used[key] = used.get(key, 0) + tensor.numel() * tensor.element_size()
-        return {device: _size_text(max(0, parse_size(limit) - used.get(device, 0)))
-                for device, limit in self.max_memory.items()}
+        return {
+            device: _size_text(max(0, parse_size(limit) - used.get(device, 0)))
+            for device, limit in self.max_memory.items()
+        }
 
 
 def _size_text(count: int) -> str:
@@ -205,5 +232,11 @@ def _memory_key(device: torch.device) -> int | str | None:
     return None
 
 
-__all__ = ["ExpertPool", "PooledModel", "budget_of", "estimate_bytes", "load_causal_lm",
-           "load_dtype"]
+__all__ = [
+    "ExpertPool",
+    "PooledModel",
+    "budget_of",
+    "estimate_bytes",
+    "load_causal_lm",
+    "load_dtype",
+]

@@ -67,8 +67,11 @@ def read_manifest(folder: Path, *, label: str | None = None) -> RoutedManifest:
     label = label or str(folder)
     path = folder / MANIFEST_FILE
     if not path.is_file():
-        raise RoutedRepoError(label, f"has no {MANIFEST_FILE}",
-                              "name a folder or Hub repo written by hfmerge's routing")
+        raise RoutedRepoError(
+            label,
+            f"has no {MANIFEST_FILE}",
+            "name a folder or Hub repo written by hfmerge's routing",
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
@@ -84,8 +87,12 @@ def read_router(folder: Path, manifest: RoutedManifest, *, label: str | None = N
     label = label or str(folder)
     cls = router_class(manifest.router.type)
     if cls.inputs == "features" and manifest.router.backbone is None:
-        raise RoutedRepoError(label, f"{MANIFEST_FILE}: router.backbone is missing, and the "
-                              f"{cls.name} router reads its features from a backbone", _FIX)
+        raise RoutedRepoError(
+            label,
+            f"{MANIFEST_FILE}: router.backbone is missing, and the "
+            f"{cls.name} router reads its features from a backbone",
+            _FIX,
+        )
     path = folder / ROUTER_FILE
     if not path.is_file():
         raise RoutedRepoError(label, f"has no {ROUTER_FILE}", _FIX)
@@ -93,13 +100,19 @@ def read_router(folder: Path, manifest: RoutedManifest, *, label: str | None = N
         tensors = load_file(path)
         return cls.from_saved(manifest.router_config(), tensors)
     except Exception as exc:  # safetensors raises its own errors on corrupt files
-        raise RoutedRepoError(label, f"{ROUTER_FILE} does not fit the manifest's "
-                              f"{cls.name} router ({exc})", _FIX) from None
+        raise RoutedRepoError(
+            label, f"{ROUTER_FILE} does not fit the manifest's {cls.name} router ({exc})", _FIX
+        ) from None
 
 
-def write_routed_repo(staging_dir: Path, manifest: RoutedManifest, router: Router, *,
-                      bundle_sources: Mapping[str, Path] | None = None,
-                      backbone_source: Path | None = None) -> Path:
+def write_routed_repo(
+    staging_dir: Path,
+    manifest: RoutedManifest,
+    router: Router,
+    *,
+    bundle_sources: Mapping[str, Path] | None = None,
+    backbone_source: Path | None = None,
+) -> Path:
     """Write the manifest, router tensors and bundled models into `staging_dir`; returns it.
 
     `bundle_sources` maps each expert whose location is a `path` to the folder to copy it
@@ -114,8 +127,11 @@ def write_routed_repo(staging_dir: Path, manifest: RoutedManifest, router: Route
     backbone = manifest.router.backbone
     if backbone is not None and backbone.location is not None:
         _bundle_location(backbone.location, backbone_source, staging_dir, "router backbone")
-    save_file(router.to_tensors(), staging_dir / ROUTER_FILE,
-              metadata={"format": "pt", "router": router.name})
+    save_file(
+        router.to_tensors(),
+        staging_dir / ROUTER_FILE,
+        metadata={"format": "pt", "router": router.name},
+    )
     text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
     (staging_dir / MANIFEST_FILE).write_text(text, encoding="utf-8")
     return staging_dir
@@ -123,13 +139,16 @@ def write_routed_repo(staging_dir: Path, manifest: RoutedManifest, router: Route
 
 def _check_router_fits(manifest: RoutedManifest, router: Router) -> None:
     if router.name != manifest.router.type or router.num_experts != len(manifest.experts):
-        raise ValueError(f"a {router.name} router over {router.num_experts} experts does not fit "
-                         f"a manifest for a {manifest.router.type} router over "
-                         f"{len(manifest.experts)} experts")
+        raise ValueError(
+            f"a {router.name} router over {router.num_experts} experts does not fit "
+            f"a manifest for a {manifest.router.type} router over "
+            f"{len(manifest.experts)} experts"
+        )
 
 
-def _bundle_location(location: ModelLocation, source: Path | None, staging_dir: Path,
-                     what: str) -> None:
+def _bundle_location(
+    location: ModelLocation, source: Path | None, staging_dir: Path, what: str
+) -> None:
     if location.path is None:
         return
     if source is None:
@@ -159,14 +178,18 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(real, target)
 
 
-def resolve_location(location: ModelLocation, folder: Path, *, label: str, offline: bool,
-                     progress: bool) -> Path:
+def resolve_location(
+    location: ModelLocation, folder: Path, *, label: str, offline: bool, progress: bool
+) -> Path:
     """A local model folder for `location`: inside `folder`, or downloaded at its pinned sha."""
     if location.path is not None:
         path = folder / location.path
         if not path.is_dir():
-            raise RoutedRepoError(str(folder), f"{label} should be bundled in {location.path}/, "
-                                  "which is missing", "download the whole routed repo")
+            raise RoutedRepoError(
+                str(folder),
+                f"{label} should be bundled in {location.path}/, which is missing",
+                "download the whole routed repo",
+            )
         return path
     from hfmerge.sources.refs import resolve_model
 
@@ -174,8 +197,9 @@ def resolve_location(location: ModelLocation, folder: Path, *, label: str, offli
     return resolve_model(ref, offline=offline, progress=progress).path
 
 
-def open_routed_repo(ref: str | Path, *, revision: str | None = None, offline: bool = False,
-                     progress: bool = False) -> LocalRoutedRepo:
+def open_routed_repo(
+    ref: str | Path, *, revision: str | None = None, offline: bool = False, progress: bool = False
+) -> LocalRoutedRepo:
     """Read a routed repo (local folder or Hub id) and resolve every model it names."""
     folder, sha = _repo_folder(str(ref), revision=revision, offline=offline)
     label = str(ref)
@@ -183,15 +207,26 @@ def open_routed_repo(ref: str | Path, *, revision: str | None = None, offline: b
     router = read_router(folder, manifest, label=label)
     if sha is not None:  # bundled models are downloaded only now that the manifest is known
         folder = _download_bundled(str(ref), sha, manifest, offline=offline)
-    experts = {expert.name: resolve_location(expert.location, folder, label=f"expert "
-                                             f"{expert.name!r}", offline=offline,
-                                             progress=progress)
-               for expert in manifest.experts}
+    experts = {
+        expert.name: resolve_location(
+            expert.location,
+            folder,
+            label=f"expert {expert.name!r}",
+            offline=offline,
+            progress=progress,
+        )
+        for expert in manifest.experts
+    }
     backbone = manifest.router.backbone
     backbone_path = None
     if backbone is not None and backbone.location is not None:
-        backbone_path = resolve_location(backbone.location, folder, label="the router backbone",
-                                         offline=offline, progress=progress)
+        backbone_path = resolve_location(
+            backbone.location,
+            folder,
+            label="the router backbone",
+            offline=offline,
+            progress=progress,
+        )
     return LocalRoutedRepo(folder, manifest, router, experts, backbone_path, label, sha)
 
 
@@ -203,14 +238,18 @@ def _repo_folder(ref: str, *, revision: str | None, offline: bool) -> tuple[Path
     if path.is_dir():
         return path.resolve(), None
     if not is_hub_id(ref):
-        raise RoutedRepoError(ref, "is neither a folder nor a Hub id `org/name`",
-                              "give the routed repo's folder or its Hub id")
+        raise RoutedRepoError(
+            ref,
+            "is neither a folder nor a Hub id `org/name`",
+            "give the routed repo's folder or its Hub id",
+        )
     from hfmerge import hub
 
     repo_id, inline = split_revision(ref)
     sha = hub.pin(repo_id, revision or inline, offline=offline).sha
-    folder = hub.download(repo_id, sha, allow_patterns=[MANIFEST_FILE, ROUTER_FILE],
-                          offline=offline)
+    folder = hub.download(
+        repo_id, sha, allow_patterns=[MANIFEST_FILE, ROUTER_FILE], offline=offline
+    )
     return folder, sha
 
 
@@ -226,8 +265,9 @@ def _download_bundled(ref: str, sha: str, manifest: RoutedManifest, *, offline: 
     repo_id = split_revision(ref)[0]
     if not patterns:  # every model is a pinned Hub repo of its own
         return hub.snapshot_dir(repo_id, sha)
-    return hub.download(repo_id, sha, allow_patterns=[MANIFEST_FILE, ROUTER_FILE, *patterns],
-                        offline=offline)
+    return hub.download(
+        repo_id, sha, allow_patterns=[MANIFEST_FILE, ROUTER_FILE, *patterns], offline=offline
+    )
 
 
 __all__ = [

@@ -34,28 +34,42 @@ class RouterSettings:
     def check(self, num_experts: int) -> None:
         """Raise RoutingError on a temperature <= 0, a bad threshold or a missing default."""
         if not self.temperature > 0:
-            raise RoutingError(f"temperature {self.temperature} is not positive",
-                               fix="give a temperature above 0 (lower is more decisive)")
+            raise RoutingError(
+                f"temperature {self.temperature} is not positive",
+                fix="give a temperature above 0 (lower is more decisive)",
+            )
         if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
-            raise RoutingError(f"min_confidence {self.min_confidence} is not a probability",
-                               fix="give a value from 0 to 1")
+            raise RoutingError(
+                f"min_confidence {self.min_confidence} is not a probability",
+                fix="give a value from 0 to 1",
+            )
         if self.min_confidence is not None and self.default_expert is None:
-            raise RoutingError("min_confidence is set but no default_expert takes unsure inputs",
-                               fix="name a default_expert, or drop min_confidence")
+            raise RoutingError(
+                "min_confidence is set but no default_expert takes unsure inputs",
+                fix="name a default_expert, or drop min_confidence",
+            )
         if self.default_expert is not None and not 0 <= self.default_expert < num_experts:
-            raise RoutingError(f"default expert {self.default_expert} is not one of the "
-                               f"{num_experts} experts", fix="name one of the experts")
+            raise RoutingError(
+                f"default expert {self.default_expert} is not one of the {num_experts} experts",
+                fix="name one of the experts",
+            )
 
     def to_json(self) -> dict[str, Any]:
         """`temperature`, `min_confidence`, `default_expert` (an index)."""
-        return {"temperature": self.temperature, "min_confidence": self.min_confidence,
-                "default_expert": self.default_expert}
+        return {
+            "temperature": self.temperature,
+            "min_confidence": self.min_confidence,
+            "default_expert": self.default_expert,
+        }
 
     @classmethod
     def from_json(cls, config: Mapping[str, Any]) -> RouterSettings:
         """The settings in a router's `config()`."""
-        return cls(float(config.get("temperature", 1.0)), config.get("min_confidence"),
-                   config.get("default_expert"))
+        return cls(
+            float(config.get("temperature", 1.0)),
+            config.get("min_confidence"),
+            config.get("default_expert"),
+        )
 
 
 class Router(ABC):
@@ -67,8 +81,10 @@ class Router(ABC):
 
     def __init__(self, num_experts: int, settings: RouterSettings) -> None:
         if num_experts < 2:
-            raise RoutingError(f"a router needs at least 2 experts, got {num_experts}",
-                               fix="route between two or more models")
+            raise RoutingError(
+                f"a router needs at least 2 experts, got {num_experts}",
+                fix="route between two or more models",
+            )
         settings.check(num_experts)
         self.num_experts = num_experts
         self.settings = settings
@@ -79,8 +95,15 @@ class Router(ABC):
 
     @classmethod
     @abstractmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, *, num_experts: int,
-            settings: RouterSettings, seed: int = 0) -> Router:
+    def fit(
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        num_experts: int,
+        settings: RouterSettings,
+        seed: int = 0,
+    ) -> Router:
         """A router from calibration inputs [n, ...] and each one's expert index [n]."""
 
     @abstractmethod
@@ -89,8 +112,7 @@ class Router(ABC):
 
     @classmethod
     @abstractmethod
-    def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-                   ) -> Router:
+    def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Router:
         """Rebuild from `config()` and `to_tensors()`; ValueError when they do not fit."""
 
     def config(self) -> dict[str, Any]:
@@ -108,13 +130,17 @@ class Router(ABC):
         top, choice = probabilities.max(dim=-1)
         settings = self.settings
         if settings.min_confidence is not None and settings.default_expert is not None:
-            choice = torch.where(top < settings.min_confidence,
-                                 torch.full_like(choice, settings.default_expert), choice)
+            choice = torch.where(
+                top < settings.min_confidence,
+                torch.full_like(choice, settings.default_expert),
+                choice,
+            )
         return choice
 
 
-def _saved(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[int | None, ...]
-           ) -> torch.Tensor:
+def _saved(
+    tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[int | None, ...]
+) -> torch.Tensor:
     """Tensor `name` checked against `shape` (None: any size); ValueError otherwise."""
     if name not in tensors:
         raise ValueError(f"tensor {name!r} is missing")
@@ -122,8 +148,10 @@ def _saved(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[int | No
     if tensor.dim() != len(shape) or any(
         want is not None and got != want for got, want in zip(tensor.shape, shape, strict=True)
     ):
-        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                         f"{tuple('any' if s is None else s for s in shape)}")
+        raise ValueError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+            f"{tuple('any' if s is None else s for s in shape)}"
+        )
     return tensor
 
 
@@ -132,8 +160,10 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_experts: int) 
     counts = torch.bincount(labels, minlength=num_experts)  # [E]
     if bool((counts == 0).any()):
         missing = [int(e) for e in torch.nonzero(counts == 0).flatten()]
-        raise RoutingError(f"experts {missing} have no calibration sample",
-                           fix="give every expert calibration text")
+        raise RoutingError(
+            f"experts {missing} have no calibration sample",
+            fix="give every expert calibration text",
+        )
     sums = torch.zeros(num_experts, features.shape[1]).index_add_(0, labels, features.float())
     return sums / counts.unsqueeze(1)  # [E, d] / [E, 1]
 
@@ -150,8 +180,9 @@ class CentroidRouter(Router):
     name = "centroid"
     default_temperature = 0.1  # cosines differ by ~0.1-1 between experts: a decisive softmax
 
-    def __init__(self, centroids: torch.Tensor, center: torch.Tensor, settings: RouterSettings
-                 ) -> None:
+    def __init__(
+        self, centroids: torch.Tensor, center: torch.Tensor, settings: RouterSettings
+    ) -> None:
         super().__init__(centroids.shape[0], settings)
         self.centroids = centroids  # [E, d], unit rows
         self.center = center  # [d]
@@ -162,8 +193,15 @@ class CentroidRouter(Router):
         return centred @ self.centroids.T  # [n, d] @ [d, E] -> [n, E]
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, *, num_experts: int,
-            settings: RouterSettings, seed: int = 0) -> CentroidRouter:
+    def fit(
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        num_experts: int,
+        settings: RouterSettings,
+        seed: int = 0,
+    ) -> CentroidRouter:
         """c_e = normalize(mean_e - center), center = mean over experts of mean_e."""
         means = class_means(features, labels, num_experts)  # [E, d]
         center = means.mean(0)  # [d]
@@ -175,8 +213,9 @@ class CentroidRouter(Router):
         return {"centroids": self.centroids.contiguous(), "center": self.center.contiguous()}
 
     @classmethod
-    def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-                   ) -> CentroidRouter:
+    def from_saved(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> CentroidRouter:
         """From `centroids` [E, d] and `center` [d]."""
         centroids = _saved(tensors, "centroids", (config.get("num_experts"), None))
         center = _saved(tensors, "center", (centroids.shape[1],))
@@ -192,8 +231,14 @@ class LogisticRouter(Router):
 
     name = "logistic"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                 std: torch.Tensor, settings: RouterSettings) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        settings: RouterSettings,
+    ) -> None:
         super().__init__(weight.shape[0], settings)
         self.weight, self.bias = weight, bias  # [E, d], [E]
         self.mean, self.std = mean, std  # [d], [d]
@@ -204,8 +249,15 @@ class LogisticRouter(Router):
         return standard @ self.weight.T + self.bias  # [n, d] @ [d, E] + [E] -> [n, E]
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, *, num_experts: int,
-            settings: RouterSettings, seed: int = 0) -> LogisticRouter:
+    def fit(
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        num_experts: int,
+        settings: RouterSettings,
+        seed: int = 0,
+    ) -> LogisticRouter:
         """Minimise class-balanced cross-entropy + L2 on the weights (`seed` is unused:
         the fit has no randomness)."""
         features = features.float()
@@ -221,24 +273,40 @@ class LogisticRouter(Router):
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """`weight` [E, d], `bias` [E], `mean` [d], `std` [d]."""
-        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
-                "mean": self.mean.contiguous(), "std": self.std.contiguous()}
+        return {
+            "weight": self.weight.contiguous(),
+            "bias": self.bias.contiguous(),
+            "mean": self.mean.contiguous(),
+            "std": self.std.contiguous(),
+        }
 
     @classmethod
-    def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-                   ) -> LogisticRouter:
+    def from_saved(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> LogisticRouter:
         """From `weight`, `bias`, `mean`, `std`."""
         weight = _saved(tensors, "weight", (config.get("num_experts"), None))
         experts, dim = weight.shape
-        return cls(weight, _saved(tensors, "bias", (experts,)), _saved(tensors, "mean", (dim,)),
-                   _saved(tensors, "std", (dim,)), RouterSettings.from_json(config))
+        return cls(
+            weight,
+            _saved(tensors, "bias", (experts,)),
+            _saved(tensors, "mean", (dim,)),
+            _saved(tensors, "std", (dim,)),
+            RouterSettings.from_json(config),
+        )
 
 
-def _minimise(standard: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor, class_weight: torch.Tensor) -> None:
+def _minimise(
+    standard: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    class_weight: torch.Tensor,
+) -> None:
     """L-BFGS on the weighted cross-entropy of `standard @ weight.T + bias`, in place."""
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=_LOGISTIC_STEPS,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=_LOGISTIC_STEPS, line_search_fn="strong_wolfe"
+    )
 
     def loss_fn() -> torch.Tensor:
         optimizer.zero_grad()
@@ -271,8 +339,15 @@ class PerplexityRouter(Router):
         return -inputs
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, *, num_experts: int,
-            settings: RouterSettings, seed: int = 0) -> PerplexityRouter:
+    def fit(
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        num_experts: int,
+        settings: RouterSettings,
+        seed: int = 0,
+    ) -> PerplexityRouter:
         """Nothing to learn."""
         return cls(num_experts, settings)
 
@@ -281,8 +356,9 @@ class PerplexityRouter(Router):
         return {}
 
     @classmethod
-    def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-                   ) -> PerplexityRouter:
+    def from_saved(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> PerplexityRouter:
         """From the config alone."""
         experts = config.get("num_experts")
         if not isinstance(experts, int):

@@ -20,11 +20,17 @@ def read_config(path: Path, *, label: str) -> dict[str, Any]:
     try:
         config: Any = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelSourceError(label, f"its config.json cannot be read ({exc})",
-                               "route between transformers model folders") from None
+        raise ModelSourceError(
+            label,
+            f"its config.json cannot be read ({exc})",
+            "route between transformers model folders",
+        ) from None
     if not isinstance(config, dict):
-        raise ModelSourceError(label, "its config.json is not a JSON object",
-                               "route between transformers model folders")
+        raise ModelSourceError(
+            label,
+            "its config.json is not a JSON object",
+            "route between transformers model folders",
+        )
     return config
 
 
@@ -32,8 +38,9 @@ def config_vocab_size(path: Path, *, label: str) -> int:
     """`vocab_size` from config.json."""
     size = read_config(path, label=label).get("vocab_size")
     if not isinstance(size, int):
-        raise ModelSourceError(label, "its config.json has no vocab_size",
-                               "route between transformers language models")
+        raise ModelSourceError(
+            label, "its config.json has no vocab_size", "route between transformers language models"
+        )
     return size
 
 
@@ -43,32 +50,39 @@ def check_expert_vocabularies(experts: Mapping[str, Path]) -> int:
     first, size = next(iter(sizes.items()))
     for name, other in sizes.items():
         if other != size:
-            raise IncompatibleModelsError(first, name, [
-                f"their vocabularies have {size} and {other} entries, and {_WHY}"])
+            raise IncompatibleModelsError(
+                first, name, [f"their vocabularies have {size} and {other} entries, and {_WHY}"]
+            )
     return size
 
 
-def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, experts: Mapping[str, Path], *,
-                         tokenizer_label: str) -> None:
+def check_tokenizer_fits(
+    tokenizer: PreTrainedTokenizerBase, experts: Mapping[str, Path], *, tokenizer_label: str
+) -> None:
     """Each expert's own tokenizer (when it has one) has the router tokenizer's vocabulary,
     and every expert's embedding covers it."""
     vocab = tokenizer.get_vocab()
     for name, path in experts.items():
         size = config_vocab_size(path, label=name)
         if len(tokenizer) > size:
-            raise IncompatibleModelsError(tokenizer_label, name, [
-                f"the tokenizer has {len(tokenizer)} tokens but {name} embeds only {size}"])
+            raise IncompatibleModelsError(
+                tokenizer_label,
+                name,
+                [f"the tokenizer has {len(tokenizer)} tokens but {name} embeds only {size}"],
+            )
         try:
             own: PreTrainedTokenizerBase | None = load_tokenizer(path, label=name)
         except ModelSourceError:
             own = None  # no tokenizer files: it reads the router tokenizer's ids (size checked)
         if own is not None and own.get_vocab() != vocab:
-            raise IncompatibleModelsError(tokenizer_label, name, [
-                f"their tokenizers differ ({len(tokenizer)} vs {len(own)} tokens, or the same "
-                f"tokens with other ids), and {_WHY}"])
-
-
-
+            raise IncompatibleModelsError(
+                tokenizer_label,
+                name,
+                [
+                    f"their tokenizers differ ({len(tokenizer)} vs {len(own)} tokens, or the same "
+                    f"tokens with other ids), and {_WHY}"
+                ],
+            )
 
 
 def usable_length(models: Iterable[Path], max_length: int) -> int:
@@ -77,5 +91,10 @@ def usable_length(models: Iterable[Path], max_length: int) -> int:
     return min([max_length, *(limit for limit in limits if limit is not None)])
 
 
-__all__ = ["check_expert_vocabularies", "check_tokenizer_fits", "config_vocab_size",
-           "read_config", "usable_length"]
+__all__ = [
+    "check_expert_vocabularies",
+    "check_tokenizer_fits",
+    "config_vocab_size",
+    "read_config",
+    "usable_length",
+]

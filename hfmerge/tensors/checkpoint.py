@@ -238,18 +238,21 @@ class LazyCheckpoint:
             raise self._short_file(info, "the file is shorter than when it was indexed")
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            pages = mmap.mmap(fd, offset + nbytes - aligned, access=mmap.ACCESS_COPY,
-                              offset=aligned)
+            pages = mmap.mmap(
+                fd, offset + nbytes - aligned, access=mmap.ACCESS_COPY, offset=aligned
+            )
         except OSError:
             return self._read(info, offset, nbytes, shape)  # no mapping here: read a copy
         dtype = torch_dtype(info.dtype)
         # frombuffer holds a reference to `pages`, so the mapping lives as long as the tensor.
-        flat = torch.frombuffer(pages, dtype=dtype, count=nbytes // dtype.itemsize,
-                                offset=offset - aligned)
+        flat = torch.frombuffer(
+            pages, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - aligned
+        )
         return flat.reshape(shape)
 
-    def _rows(self, name: str, start: int, stop: int
-              ) -> tuple[TensorInfo, int, int, tuple[int, ...]]:
+    def _rows(
+        self, name: str, start: int, stop: int
+    ) -> tuple[TensorInfo, int, int, tuple[int, ...]]:
         """(info, first byte, byte count, shape) of rows `start:stop` of tensor `name`."""
         info = self.index.info(name)
         shape = tuple(info.shape)

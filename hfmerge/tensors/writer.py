@@ -309,16 +309,19 @@ def overwrite_tensors(model_dir: Path, values: Mapping[str, torch.Tensor], *, la
     for name, value in values.items():
         info = index.info(name)
         if tuple(value.shape) != info.shape:
-            raise ShardWriteError(f"{name}: shape {list(value.shape)} does not match the "
-                                  f"checkpoint's {list(info.shape)}")
+            raise ShardWriteError(
+                f"{name}: shape {list(value.shape)} does not match the "
+                f"checkpoint's {list(info.shape)}"
+            )
         by_shard.setdefault(info.shard, []).append(name)
     for shard, names in by_shard.items():
         fd = os.open(model_dir / shard, os.O_WRONLY)
         try:
             for name in names:
                 info = index.info(name)
-                _pwrite_all(fd, _tensor_bytes(values[name].to(torch_dtype(info.dtype))),
-                            info.offset)
+                _pwrite_all(
+                    fd, _tensor_bytes(values[name].to(torch_dtype(info.dtype))), info.offset
+                )
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -66,12 +66,6 @@ _RECIPES: dict[str, _Recipe] = {
 }
 
 
-
-
-
-
-
-
 def _versions() -> dict[str, str]:
     import tokenizers
     import torch

@@ -55,8 +55,6 @@ class TrainResult:
         return sum(tail) / len(tail) if tail else math.nan
 
 
-
-
 def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
     """Token ids of a long text, without specials; the backend skips the max-length warning."""
     ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids

@@ -30,16 +30,19 @@ def test_cross_stats_match_numpy_over_chunks() -> None:
     stats = CrossStats(4, 3)
     for rows in (slice(0, 7), slice(7, 30), slice(30, 50)):
         stats.update(a[rows].float(), b[rows].float())  # float32 in, float64 sums
-    expected = np.corrcoef(a.float().double().numpy(), b.float().double().numpy(),
-                           rowvar=False)[:4, 4:]  # [7, 7] -> [A features, B features]
+    expected = np.corrcoef(a.float().double().numpy(), b.float().double().numpy(), rowvar=False)[
+        :4, 4:
+    ]  # [7, 7] -> [A features, B features]
     assert np.allclose(stats.correlation().numpy(), expected, atol=1e-10)
     assert stats.count == 50
 
 
 def test_cross_stats_score_constant_features_zero() -> None:
     stats = CrossStats(2, 2)
-    stats.update(torch.tensor([[1.0, 5.0], [2.0, 5.0], [4.0, 5.0]]),
-                 torch.tensor([[3.0, 1.0], [3.0, 2.0], [3.0, 4.0]]))
+    stats.update(
+        torch.tensor([[1.0, 5.0], [2.0, 5.0], [4.0, 5.0]]),
+        torch.tensor([[3.0, 1.0], [3.0, 2.0], [3.0, 4.0]]),
+    )
     correlation = stats.correlation()
     assert torch.isfinite(correlation).all()
     assert correlation[0, 1] == pytest.approx(1.0)
@@ -64,9 +67,12 @@ def _pair(kind: str) -> tuple[PreTrainedModel, PreTrainedModel, ArchSpec, Permut
 
 def _minilm_batches() -> list[Batch]:
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
-    texts = ["Two networks trained from different seeds compute the same kind of function.",
-             "Their hidden units come in a different order.", "Averaging them unaligned fails.",
-             "Matching units first lowers the loss barrier between them, often by a lot."]
+    texts = [
+        "Two networks trained from different seeds compute the same kind of function.",
+        "Their hidden units come in a different order.",
+        "Averaging them unaligned fails.",
+        "Matching units first lowers the loss barrier between them, often by a lot.",
+    ]
     encoded = tokenizer(texts, padding=True, return_tensors="pt")
     return [dict(encoded)]
 
@@ -126,5 +132,6 @@ def test_refuses_batches_without_tokens() -> None:
         activation_matching(spec, model_a, model_b, [])
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(AlignmentError, match="fewer than two"):
-        activation_matching(spec, model_a, model_b,
-                            [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
+        activation_matching(
+            spec, model_a, model_b, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}]
+        )

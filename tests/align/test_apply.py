@@ -55,8 +55,11 @@ def _save_permuted(source: Path, out: Path, perms: Permutations) -> Path:
         if path.is_file() and path.name != "model.safetensors":
             shutil.copyfile(path, out / path.name)
     state = load_file(str(source / "model.safetensors"))
-    save_file(permute_state_dict(state, _spec(source), perms), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        permute_state_dict(state, _spec(source), perms),
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return out
 
 
@@ -79,8 +82,7 @@ def test_aligned_checkpoint_computes_what_b_computes(kind: str, tmp_path: Path) 
     expected = permute_state_dict(load_file(str(b / "model.safetensors")), spec, result.perms)
     assert written.keys() == expected.keys()
     assert all(torch.equal(written[n], expected[n]) for n in written)  # exact, dtype kept
-    assert_same_perms(load_permutations(tmp_path / "out" / PERMUTATIONS_FILE, spec),
-                      result.perms)
+    assert_same_perms(load_permutations(tmp_path / "out" / PERMUTATIONS_FILE, spec), result.perms)
     assert (tmp_path / "out" / "config.json").read_text() == (b / "config.json").read_text()
 
 
@@ -88,8 +90,9 @@ def test_planted_permutation_is_undone_on_disk(tmp_path: Path) -> None:
     a = save_tiny_model("llama", tmp_path / "a", seed=0)
     planted = nontrivial_permutations(_spec(a), seed=1)
     b = _save_permuted(a, tmp_path / "b", planted)
-    result = align_checkpoint(a, b, tmp_path / "out", method="weight", progress=False,
-                              max_shard_size="20KB")
+    result = align_checkpoint(
+        a, b, tmp_path / "out", method="weight", progress=False, max_shard_size="20KB"
+    )
     assert_same_perms(result.perms, invert(_spec(a), planted))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # streamed into several shards
@@ -103,14 +106,16 @@ def test_activation_method_on_disk(tmp_path: Path) -> None:
     a = save_tiny_model("gpt2", tmp_path / "a", seed=0)
     planted = nontrivial_permutations(_spec(a), seed=2)
     b = _save_permuted(a, tmp_path / "b", planted)
-    result = align_checkpoint(a, b, tmp_path / "out", method="activation",
-                              batches=padded_batches("gpt2"), progress=False)
+    result = align_checkpoint(
+        a, b, tmp_path / "out", method="activation", batches=padded_batches("gpt2"), progress=False
+    )
     assert_same_perms(result.perms, invert(_spec(a), planted))
     assert min(result.correlation.values()) > 0.99
 
 
-def test_minilm_activation_with_the_builtin_probe_text(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_minilm_activation_with_the_builtin_probe_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(apply, "PROBE_SAMPLES", 8)  # 8 x 128 tokens: enough here, and quick
     spec = _spec(MINILM)
     planted = nontrivial_permutations(spec, seed=3)

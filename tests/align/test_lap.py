@@ -21,10 +21,12 @@ from hfmerge.arch.spec import ArchSpec, AttentionPerm, Layout, PermGroup
 from hfmerge.errors import AlignmentError
 
 # 6 query heads over 2 KV heads (3 per group), head_dim 4, first dim pinned (partial rotary).
-GQA = PermGroup("layers.0.attn", "attention", 24, num_heads=6, num_kv_heads=2, head_dim=4,
-                qk_free_dims=(1, 4))
-MHA = PermGroup("layers.0.attn", "attention", 12, num_heads=3, num_kv_heads=3, head_dim=4,
-                qk_free_dims=(0, 4))
+GQA = PermGroup(
+    "layers.0.attn", "attention", 24, num_heads=6, num_kv_heads=2, head_dim=4, qk_free_dims=(1, 4)
+)
+MHA = PermGroup(
+    "layers.0.attn", "attention", 12, num_heads=3, num_kv_heads=3, head_dim=4, qk_free_dims=(0, 4)
+)
 GQA_LAYOUTS = (Layout.Q, Layout.K, Layout.V, Layout.O, Layout.QKV_CONCAT)
 MHA_LAYOUTS = (*GQA_LAYOUTS, Layout.QKV_PER_HEAD)  # NeoX's fused layout needs one KV per query
 
@@ -40,8 +42,9 @@ def test_solve_lap_maximises_like_brute_force() -> None:
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         similarity = torch.randn(5, 5, generator=generator, dtype=torch.float64)
-        best = max(assignment_value(similarity, torch.tensor(p))
-                   for p in itertools.permutations(range(5)))
+        best = max(
+            assignment_value(similarity, torch.tensor(p)) for p in itertools.permutations(range(5))
+        )
         perm = solve_lap(similarity)
         assert sorted(perm.tolist()) == list(range(5))
         assert assignment_value(similarity, perm) == pytest.approx(best, abs=1e-12)
@@ -68,8 +71,9 @@ def test_improves_ignores_rounding_but_not_gains() -> None:
     assert improves(1e-3, 0.0)
 
 
-def _expected_old_position(group: PermGroup, perm: AttentionPerm, part: str, new_head: int,
-                           slices: torch.Tensor) -> torch.Tensor:
+def _expected_old_position(
+    group: PermGroup, perm: AttentionPerm, part: str, new_head: int, slices: torch.Tensor
+) -> torch.Tensor:
     """The axis positions that `perm` should gather into `new_head` of `part`, by the spec rules."""
     per_kv = group.queries_per_kv
     if part in ("q", "o"):
@@ -98,27 +102,36 @@ def test_head_slices_agree_with_axis_index(group: PermGroup, layouts: tuple[Layo
 def _layout_tensors(group: PermGroup, seed: int) -> dict[Layout, torch.Tensor]:
     """One random [axis_len, 5] tensor per layout of a GQA group."""
     generator = torch.Generator().manual_seed(seed)
-    return {layout: torch.randn(axis_length(group, layout), 5, generator=generator,
-                                dtype=torch.float64) for layout in GQA_LAYOUTS}
+    return {
+        layout: torch.randn(axis_length(group, layout), 5, generator=generator, dtype=torch.float64)
+        for layout in GQA_LAYOUTS
+    }
 
 
-def _blocks(group: PermGroup, a: dict[Layout, torch.Tensor],
-            b: dict[Layout, torch.Tensor]) -> HeadBlocks:
+def _blocks(
+    group: PermGroup, a: dict[Layout, torch.Tensor], b: dict[Layout, torch.Tensor]
+) -> HeadBlocks:
     """Head blocks of A against B, built from the layouts as weight matching does."""
     blocks: HeadBlocks = {}
     for layout in a:
         for part, where in head_slices(group, layout).items():
             rows = where.reshape(-1)  # [heads, head_dim] -> [heads*head_dim]
             gram = a[layout][rows] @ b[layout][rows].T  # [n, 5] @ [5, n] -> [n, n]
-            add_blocks(blocks, part, head_blocks(gram, heads=where.shape[0],
-                                                 head_dim=group.head_dim))
+            add_blocks(
+                blocks, part, head_blocks(gram, heads=where.shape[0], head_dim=group.head_dim)
+            )
     return blocks
 
 
-def _inner_product(group: PermGroup, a: dict[Layout, torch.Tensor],
-                   b: dict[Layout, torch.Tensor], perm: AttentionPerm) -> float:
-    return sum(float((a[layout] * b[layout][axis_index(group, perm, layout)]).sum())
-               for layout in a)
+def _inner_product(
+    group: PermGroup,
+    a: dict[Layout, torch.Tensor],
+    b: dict[Layout, torch.Tensor],
+    perm: AttentionPerm,
+) -> float:
+    return sum(
+        float((a[layout] * b[layout][axis_index(group, perm, layout)]).sum()) for layout in a
+    )
 
 
 def test_attention_objective_is_the_inner_product_after_permuting() -> None:
@@ -127,15 +140,18 @@ def test_attention_objective_is_the_inner_product_after_permuting() -> None:
     for seed in range(5):
         perm = _random_perm(GQA, seed=10 + seed)
         assert attention_objective(GQA, blocks, perm) == pytest.approx(
-            _inner_product(GQA, a, b, perm), rel=1e-12)
+            _inner_product(GQA, a, b, perm), rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("group", [GQA, MHA])
 def test_solve_attention_recovers_a_planted_permutation(group: PermGroup) -> None:
     layouts = GQA_LAYOUTS if group is GQA else MHA_LAYOUTS
     generator = torch.Generator().manual_seed(5)
-    a = {layout: torch.randn(axis_length(group, layout), 5, generator=generator,
-                             dtype=torch.float64) for layout in layouts}
+    a = {
+        layout: torch.randn(axis_length(group, layout), 5, generator=generator, dtype=torch.float64)
+        for layout in layouts
+    }
     planted = _random_perm(group, seed=6)
     b = {layout: t[axis_index(group, planted, layout)] for layout, t in a.items()}
     found = solve_attention(group, _blocks(group, a, b))
@@ -157,25 +173,40 @@ def _all_mha_perms(group: PermGroup) -> list[AttentionPerm]:
     for order in itertools.permutations(heads):
         for qk in itertools.product(free, repeat=len(heads)):
             for vo in itertools.product(dims, repeat=len(heads)):
-                perms.append(AttentionPerm(torch.tensor(order),
-                                           torch.zeros(len(heads), 1, dtype=torch.long),
-                                           torch.tensor(qk), torch.tensor(vo)))
+                perms.append(
+                    AttentionPerm(
+                        torch.tensor(order),
+                        torch.zeros(len(heads), 1, dtype=torch.long),
+                        torch.tensor(qk),
+                        torch.tensor(vo),
+                    )
+                )
     return perms
 
 
 def test_solve_attention_is_optimal_without_gqa() -> None:
-    group = PermGroup("layers.0.attn", "attention", 6, num_heads=2, num_kv_heads=2, head_dim=3,
-                      qk_free_dims=(1, 3))
+    group = PermGroup(
+        "layers.0.attn",
+        "attention",
+        6,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=3,
+        qk_free_dims=(1, 3),
+    )
     generator = torch.Generator().manual_seed(7)
     layouts = (Layout.Q, Layout.K, Layout.V, Layout.O)
-    a, b = ({layout: torch.randn(6, 2, generator=generator, dtype=torch.float64)
-             for layout in layouts} for _ in range(2))
+    a, b = (
+        {layout: torch.randn(6, 2, generator=generator, dtype=torch.float64) for layout in layouts}
+        for _ in range(2)
+    )
     blocks = _blocks(group, a, b)
     best = max(attention_objective(group, blocks, p) for p in _all_mha_perms(group))
     found = solve_attention(group, blocks)
     assert attention_objective(group, blocks, found) == pytest.approx(best, abs=1e-12)
     assert attention_objective(group, blocks, found) == pytest.approx(
-        _inner_product(group, a, b, found), rel=1e-12)
+        _inner_product(group, a, b, found), rel=1e-12
+    )
 
 
 def test_solve_attention_refuses_misshapen_blocks() -> None:

@@ -36,16 +36,19 @@ def _probe(kind: str, *, seed: int = 0) -> ProbeBatch:
     return ProbeBatch({k: batch[k] for k in ("input_ids", "attention_mask")})
 
 
-def _channel_counts(model: PreTrainedModel, sites: list[RepairSite], probe: ProbeBatch
-                    ) -> dict[str, int]:
+def _channel_counts(
+    model: PreTrainedModel, sites: list[RepairSite], probe: ProbeBatch
+) -> dict[str, int]:
     """Factor count per site, read off one forward pass (all channels where untied and unpicked)."""
     return {site: len(rms) for site, rms in measure(model, sites, probe).items()}
 
 
 def _effective(rms: SiteRms, factors: Factors, sites: list[RepairSite]) -> SiteRms:
     """RMS as the site's weights see it: an input site's factor lives in the weights reading it."""
-    return {s.module: rms[s.module] * factors[s.module] if s.side == "input" else rms[s.module]
-            for s in sites}
+    return {
+        s.module: rms[s.module] * factors[s.module] if s.side == "input" else rms[s.module]
+        for s in sites
+    }
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -54,8 +57,9 @@ def test_folded_factors_equal_scaling_the_activations(kind: str) -> None:
     sites, probe = repair_sites(model), _probe(kind)
     counts = _channel_counts(model, sites, probe)
     generator = torch.Generator().manual_seed(7)
-    factors = {s: 0.5 + torch.rand(n, generator=generator, dtype=torch.float64)
-               for s, n in counts.items()}
+    factors = {
+        s: 0.5 + torch.rand(n, generator=generator, dtype=torch.float64) for s, n in counts.items()
+    }
     by_module = {site.module: site for site in sites}
 
     def scale(activation: torch.Tensor, site: RepairSite) -> torch.Tensor:
@@ -84,8 +88,10 @@ def test_fit_meets_every_target_and_is_the_identity_on_own_statistics(kind: str)
     assert all(torch.allclose(p, before[n], atol=1e-12) for n, p in model.named_parameters())
 
     generator = torch.Generator().manual_seed(2)
-    target = {s: r * (0.6 + 0.8 * torch.rand(len(r), generator=generator, dtype=torch.float64))
-              for s, r in own.items()}
+    target = {
+        s: r * (0.6 + 0.8 * torch.rand(len(r), generator=generator, dtype=torch.float64))
+        for s, r in own.items()
+    }
     factors = fit(model, sites, probe, target)
     for site, wanted in _effective(measure(model, sites, probe), factors, sites).items():
         torch.testing.assert_close(wanted, target[site], rtol=1e-9, atol=1e-12)
@@ -117,8 +123,10 @@ def test_a_tied_factor_commutes_with_rotary_embedding() -> None:
     scaled_then_rotated = apply_rotary_pos_emb(q * scale, q * scale, cos, sin)[0]
     torch.testing.assert_close(scaled_then_rotated, rotated_then_scaled)
     untied = torch.rand(1, heads, 1, head_dim, generator=generator, dtype=torch.float64) + 0.5
-    assert not torch.allclose(apply_rotary_pos_emb(q * untied, q, cos, sin)[0],
-                              apply_rotary_pos_emb(q, q, cos, sin)[0] * untied)
+    assert not torch.allclose(
+        apply_rotary_pos_emb(q * untied, q, cos, sin)[0],
+        apply_rotary_pos_emb(q, q, cos, sin)[0] * untied,
+    )
 
 
 def test_repairer_targets_blend_the_endpoints() -> None:
@@ -129,8 +137,9 @@ def test_repairer_targets_blend_the_endpoints() -> None:
     repairer.measure_endpoints(lambda lam: a if lam == 0.0 else b)
     target = blend(repairer.rms_a, repairer.rms_b, 0.25)
     site = repairer.sites[0].module
-    torch.testing.assert_close(target[site], 0.75 * repairer.rms_a[site]
-                               + 0.25 * repairer.rms_b[site])
+    torch.testing.assert_close(
+        target[site], 0.75 * repairer.rms_a[site] + 0.25 * repairer.rms_b[site]
+    )
     mid = copy.deepcopy(a)
     with torch.no_grad():
         for (_, p_mid), p_b in zip(mid.named_parameters(), b.parameters(), strict=True):

@@ -57,8 +57,9 @@ def assert_close_states(a: State, b: State, *, atol: float) -> None:
 
 
 def _inner(a: State, b: State, spec: ArchSpec) -> float:
-    return sum(float((a[n].double() * b[n].double()).sum()) for n in a
-               if not spec.tensors[n].buffer)
+    return sum(
+        float((a[n].double() * b[n].double()).sum()) for n in a if not spec.tensors[n].buffer
+    )
 
 
 @pytest.mark.parametrize("kind", [*TINY_FAMILIES, "minilm"])
@@ -80,8 +81,10 @@ def test_recovers_the_permutation_through_noise(kind: str) -> None:
     state, spec = _tiny(kind)
     generator = torch.Generator().manual_seed(2)
     # Noise as large as the weights themselves (every entry of A is O(1/sqrt(fan)) or O(1)).
-    noisy = {n: t + t.std() * torch.randn(t.shape, generator=generator, dtype=t.dtype)
-             for n, t in state.items()}
+    noisy = {
+        n: t + t.std() * torch.randn(t.shape, generator=generator, dtype=t.dtype)
+        for n, t in state.items()
+    }
     planted = nontrivial_permutations(spec, seed=3)
     result = weight_matching(spec, state, permute_state_dict(noisy, spec, planted))
     assert_same_perms(result.perms, invert(spec, planted))

@@ -47,8 +47,9 @@ def _load(path: Path, kind: str) -> PreTrainedModel:
 
 
 def _windows(kind: str) -> list[torch.Tensor]:
-    return token_windows(char_tokenizer(style_of(kind)), load_texts(None), max_length=LENGTH,
-                         samples=SAMPLES)
+    return token_windows(
+        char_tokenizer(style_of(kind)), load_texts(None), max_length=LENGTH, samples=SAMPLES
+    )
 
 
 def test_lambda_grid_always_has_endpoints_and_midpoint() -> None:
@@ -70,8 +71,9 @@ def test_barrier_is_the_largest_gap_above_the_endpoints_line() -> None:
 @pytest.mark.parametrize("kind", ["llama_tied", "bert"])
 def test_model_with_itself_has_zero_barrier_and_a_flat_curve(tmp_path: Path, kind: str) -> None:
     path = save_lm(kind, tmp_path / "m", seed=4)
-    result = loss_barrier(str(path), str(path), steps=5, max_length=LENGTH, samples=SAMPLES,
-                          progress=False)
+    result = loss_barrier(
+        str(path), str(path), steps=5, max_length=LENGTH, samples=SAMPLES, progress=False
+    )
     assert abs(result.barrier) <= 1e-6
     assert max(result.loss) - min(result.loss) <= 1e-6
     assert result.objective == ("masked" if kind == "bert" else "causal")
@@ -82,8 +84,9 @@ def test_curve_matches_evaluate_at_endpoints_and_an_averaged_model_at_the_midpoi
     tmp_path: Path, kind: str
 ) -> None:
     a, b = save_lm(kind, tmp_path / "a", seed=0), save_lm(kind, tmp_path / "b", seed=1)
-    result = loss_barrier(str(a), str(b), steps=3, max_length=LENGTH, samples=SAMPLES,
-                          progress=False)
+    result = loss_barrier(
+        str(a), str(b), steps=3, max_length=LENGTH, samples=SAMPLES, progress=False
+    )
     tokenizer, windows = char_tokenizer(style_of(kind)), _windows(kind)
     model_a, model_b = _load(a, kind), _load(b, kind)
     assert result.loss_a == pytest.approx(evaluate(model_a, tokenizer, windows).loss, abs=1e-6)
@@ -91,8 +94,10 @@ def test_curve_matches_evaluate_at_endpoints_and_an_averaged_model_at_the_midpoi
     assert abs(result.loss_a - result.loss_b) > 1e-3  # the two models do differ
     # Independent midpoint: average every module tensor (tied ones included) by hand.
     state_b = model_b.state_dict()
-    averaged = {n: (t + state_b[n]) / 2 if t.is_floating_point() else t
-                for n, t in model_a.state_dict().items()}
+    averaged = {
+        n: (t + state_b[n]) / 2 if t.is_floating_point() else t
+        for n, t in model_a.state_dict().items()
+    }
     model_a.load_state_dict(averaged)
     assert result.loss_mid == pytest.approx(evaluate(model_a, tokenizer, windows).loss, abs=1e-5)
 
@@ -102,8 +107,14 @@ def test_permuted_copy_has_a_vanilla_barrier_that_alignment_removes(
 ) -> None:
     a, b = trained_pair
     none, weight, activation, repaired = compare_barriers(
-        str(a), str(b), aligns=["none", "weight", "activation", "weight+repair"], steps=5,
-        max_length=LENGTH, samples=SAMPLES, progress=False)
+        str(a),
+        str(b),
+        aligns=["none", "weight", "activation", "weight+repair"],
+        steps=5,
+        max_length=LENGTH,
+        samples=SAMPLES,
+        progress=False,
+    )
     assert none.loss_b == pytest.approx(none.loss_a, abs=1e-4)  # same function, new basis
     assert none.barrier > 0.1 and none.loss_mid > none.loss_a + 0.1
     assert repaired.align == "weight+repair"  # A and π(B) agree: every REPAIR factor is 1
@@ -117,8 +128,10 @@ def test_permuted_copy_has_a_vanilla_barrier_that_alignment_removes(
 def seed_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two tiny Llamas trained from different seeds: a barrier that alignment only lowers."""
     root = tmp_path_factory.mktemp("seeds")
-    return (save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
-            save_lm("llama", root / "b", model=train_tiny_lm("llama", seed=1, steps=200)))
+    return (
+        save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
+        save_lm("llama", root / "b", model=train_tiny_lm("llama", seed=1, steps=200)),
+    )
 
 
 def test_repair_curve_keeps_the_endpoints_and_reads_its_probe_text(
@@ -126,10 +139,23 @@ def test_repair_curve_keeps_the_endpoints_and_reads_its_probe_text(
 ) -> None:
     a, b = seed_pair
     weight, repaired, held_out = compare_barriers(
-        str(a), str(b), aligns=["weight", "weight+repair"], steps=3, max_length=LENGTH,
-        samples=SAMPLES, progress=False) + compare_barriers(
-        str(a), str(b), aligns=["weight+repair"], steps=3, max_length=LENGTH, samples=SAMPLES,
-        probe_data="builtin:code", progress=False)
+        str(a),
+        str(b),
+        aligns=["weight", "weight+repair"],
+        steps=3,
+        max_length=LENGTH,
+        samples=SAMPLES,
+        progress=False,
+    ) + compare_barriers(
+        str(a),
+        str(b),
+        aligns=["weight+repair"],
+        steps=3,
+        max_length=LENGTH,
+        samples=SAMPLES,
+        probe_data="builtin:code",
+        progress=False,
+    )
     for curve in (repaired, held_out):  # endpoints are the models themselves
         assert (curve.loss_a, curve.loss_b) == (weight.loss_a, weight.loss_b)
     # Whether REPAIR helps depends on the pair (these tiny models are far from connected, and
@@ -145,18 +171,39 @@ def test_incompatible_models_and_unknown_modes_are_refused(tmp_path: Path) -> No
     with pytest.raises(UnknownNameError, match="'weigth'"):
         compare_barriers(str(llama), str(llama), aligns=["weigth"], progress=False)
     assert parse_align_modes(["none,weight", " activation", "none", "weight+repair"]) == [
-        "none", "weight", "activation", "weight+repair"]
+        "none",
+        "weight",
+        "activation",
+        "weight+repair",
+    ]
     with pytest.raises(UnknownNameError, match="activation\\+repair"):
         parse_align_modes(["weight+rescale"])
     assert parse_align_modes([]) == ["none"]
 
 
-def test_cli_barrier_table_json_and_plot(trained_pair: tuple[Path, Path], chdir_tmp: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_barrier_table_json_and_plot(
+    trained_pair: tuple[Path, Path], chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, b = trained_pair
-    argv = ["barrier", str(a), str(b), "--align", "none", "--align", "weight", "--steps", "3",
-            "--json", "barrier.json", "--plot", "barrier.png", "--max-length", str(LENGTH),
-            "--samples", str(SAMPLES)]
+    argv = [
+        "barrier",
+        str(a),
+        str(b),
+        "--align",
+        "none",
+        "--align",
+        "weight",
+        "--steps",
+        "3",
+        "--json",
+        "barrier.json",
+        "--plot",
+        "barrier.png",
+        "--max-length",
+        str(LENGTH),
+        "--samples",
+        str(SAMPLES),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     report = json.loads((chdir_tmp / "barrier.json").read_text())
@@ -174,8 +221,9 @@ def test_cli_barrier_table_json_and_plot(trained_pair: tuple[Path, Path], chdir_
     assert (chdir_tmp / "barrier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_unwritable_plot_and_json_are_output_errors(trained_pair: tuple[Path, Path],
-                                                    tmp_path: Path) -> None:
+def test_unwritable_plot_and_json_are_output_errors(
+    trained_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
     a, b = trained_pair
     result = loss_barrier(str(a), str(b), steps=2, max_length=LENGTH, samples=2, progress=False)
     missing = tmp_path / "no_dir" / "out"
@@ -191,8 +239,17 @@ def test_cli_barrier_missing_data_is_one_paragraph_and_writes_nothing(
     trained_pair: tuple[Path, Path], chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a, b = trained_pair
-    argv = ["barrier", str(a), str(b), "--data", "missing.jsonl", "--json", "x.json",
-            "--plot", "x.png"]
+    argv = [
+        "barrier",
+        str(a),
+        str(b),
+        "--data",
+        "missing.jsonl",
+        "--json",
+        "x.json",
+        "--plot",
+        "x.png",
+    ]
     assert main(argv) == 1
     captured = capsys.readouterr()
     err = captured.err.strip()

@@ -19,9 +19,11 @@ from hfmerge.lm.textdata import load_texts, token_windows
 from tests.support.lm import char_tokenizer, save_lm
 from tests.support.tiny_models import make_tiny_model, save_tiny_model
 
-TEXT = ("The with statement is used to wrap the execution of a block with methods defined by a "
-        "context manager. This allows common try, except, finally usage patterns to be "
-        "encapsulated for convenient reuse. ") * 3
+TEXT = (
+    "The with statement is used to wrap the execution of a block with methods defined by a "
+    "context manager. This allows common try, except, finally usage patterns to be "
+    "encapsulated for convenient reuse. "
+) * 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -41,8 +43,10 @@ def direct_loss(model: PreTrainedModel, rows: Sequence[Scored], *, causal: bool)
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
 def test_causal_loss_equals_the_models_own_loss_token_weighted(kind: str) -> None:
-    model, tokenizer = make_tiny_model(kind, seed=3), char_tokenizer("gpt2" if kind == "gpt2"
-                                                                    else "llama")
+    model, tokenizer = (
+        make_tiny_model(kind, seed=3),
+        char_tokenizer("gpt2" if kind == "gpt2" else "llama"),
+    )
     # 23-token windows and a short last one: batches mix lengths, so padding must be masked.
     windows = token_windows(tokenizer, [TEXT, "short doc"], max_length=23, samples=None)
     assert len({len(w) for w in windows}) > 1
@@ -69,8 +73,10 @@ def test_mlm_masks_are_fixed_by_seed_and_follow_the_15_percent_rule() -> None:
     windows = token_windows(tokenizer, [TEXT], max_length=40, samples=None)
     first, second = mlm_masks(windows, tokenizer, seed=0), mlm_masks(windows, tokenizer, seed=0)
     other = mlm_masks(windows, tokenizer, seed=1)
-    assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
-               for a, b in zip(first, second, strict=True))
+    assert all(
+        torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        for a, b in zip(first, second, strict=True)
+    )
     assert any(not torch.equal(a.labels, c.labels) for a, c in zip(first, other, strict=True))
     special = set(tokenizer.all_special_ids)
     for window, row in zip(windows, first, strict=True):
@@ -96,7 +102,8 @@ def test_mlm_loss_uses_the_same_masks_for_two_models_and_matches_their_own_loss(
         again = evaluate(model, tokenizer, windows, batch_size=1)
         assert again.loss == pytest.approx(result.loss, rel=1e-6)
         assert evaluate(model, tokenizer, windows, mlm_seed=7).loss != pytest.approx(
-            result.loss, rel=1e-6)
+            result.loss, rel=1e-6
+        )
 
 
 def test_eval_model_loads_dir_caps_length_and_matches_evaluate(tmp_path: Path) -> None:
@@ -125,13 +132,26 @@ def test_model_without_tokenizer_or_lm_head_is_a_clear_error(tmp_path: Path) -> 
         eval_model(str(headless), data=None)
 
 
-def test_cli_eval_prints_a_line_and_writes_json(chdir_tmp: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_prints_a_line_and_writes_json(
+    chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = save_lm("gpt2", chdir_tmp / "m", seed=0)
     data = chdir_tmp / "data.jsonl"
     data.write_text(json.dumps({"text": TEXT}) + "\n")
-    argv = ["eval", str(path), "--data", str(data), "--json", "out.json", "--max-length", "32",
-            "--samples", "3", "--batch-size", "2"]
+    argv = [
+        "eval",
+        str(path),
+        "--data",
+        str(data),
+        "--json",
+        "out.json",
+        "--max-length",
+        "32",
+        "--samples",
+        "3",
+        "--batch-size",
+        "2",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads((chdir_tmp / "out.json").read_text())

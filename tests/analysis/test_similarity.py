@@ -18,13 +18,17 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _related(n: int = 80, dx: int = 12, dy: int = 9, *, seed: int = 0
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _related(
+    n: int = 80, dx: int = 12, dy: int = 9, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """X with an offset, and Y a noisy linear map of X: CKA well inside (0, 1)."""
     g = _gen(seed)
     x = torch.randn(n, dx, generator=g, dtype=F64) * 2 + 3
-    y = x @ torch.randn(dx, dy, generator=g, dtype=F64) + 2 * torch.randn(n, dy, generator=g,
-                                                                         dtype=F64) - 1
+    y = (
+        x @ torch.randn(dx, dy, generator=g, dtype=F64)
+        + 2 * torch.randn(n, dy, generator=g, dtype=F64)
+        - 1
+    )
     return x, y
 
 
@@ -115,9 +119,9 @@ def test_float32_batches_are_accumulated_in_float64() -> None:
     accumulator = CkaAccumulator(x.shape[1], y.shape[1])
     accumulator.update(x.float(), y.float())
     assert accumulator.pair.xy.dtype == F64
-    assert accumulator.value() == pytest.approx(reference_cka(x.float().double(),
-                                                              y.float().double(), debiased=True),
-                                                abs=1e-9)
+    assert accumulator.value() == pytest.approx(
+        reference_cka(x.float().double(), y.float().double(), debiased=True), abs=1e-9
+    )
 
 
 def test_errors_on_too_few_samples_unpaired_rows_and_unknown_estimator() -> None:
@@ -141,12 +145,14 @@ def test_constant_representation_is_nan_not_clamped() -> None:
 def _layers(seed: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = _gen(seed)
     base = torch.randn(n, 6, generator=g, dtype=F64)
-    xs = [base @ torch.randn(6, d, generator=g, dtype=F64) + torch.randn(n, d, generator=g,
-                                                                        dtype=F64)
-          for d in (5, 8, 7)]
-    ys = [base @ torch.randn(6, d, generator=g, dtype=F64) + torch.randn(n, d, generator=g,
-                                                                        dtype=F64)
-          for d in (4, 9)]
+    xs = [
+        base @ torch.randn(6, d, generator=g, dtype=F64) + torch.randn(n, d, generator=g, dtype=F64)
+        for d in (5, 8, 7)
+    ]
+    ys = [
+        base @ torch.randn(6, d, generator=g, dtype=F64) + torch.randn(n, d, generator=g, dtype=F64)
+        for d in (4, 9)
+    ]
     return xs, ys
 
 
@@ -157,15 +163,19 @@ def test_cka_matrix_streams_every_pair_exactly() -> None:
     assert matrix.shape == (3, 2)
     for i, x in enumerate(xs):
         for j, y in enumerate(ys):
-            assert float(matrix[i, j]) == pytest.approx(reference_cka(x, y, debiased=True),
-                                                        abs=1e-6)
+            assert float(matrix[i, j]) == pytest.approx(
+                reference_cka(x, y, debiased=True), abs=1e-6
+            )
 
 
 def _stored_bytes(matrix: CkaMatrix) -> int:
     streaming = matrix._streaming
     assert streaming is not None
-    tensors = [t for s in (*streaming.stats_a, *streaming.stats_b)
-               for t in (s.sum, s.self_sums.xy, s.self_sums.ay, s.self_sums.bx)]
+    tensors = [
+        t
+        for s in (*streaming.stats_a, *streaming.stats_b)
+        for t in (s.sum, s.self_sums.xy, s.self_sums.ay, s.self_sums.bx)
+    ]
     tensors += [acc.pair.xy for row in streaming.pairs for acc in row]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -194,8 +204,9 @@ def test_gram_form_for_few_samples_equals_the_streamed_sums(estimator: str) -> N
     gram, sums = few.values(estimator), streamed.values(estimator)  # type: ignore[arg-type]
     assert torch.allclose(gram, sums, atol=1e-10)
     if estimator == "debiased":
-        assert float(gram[1, 0]) == pytest.approx(reference_cka(wide[1], ys[0], debiased=True),
-                                                  abs=1e-9)
+        assert float(gram[1, 0]) == pytest.approx(
+            reference_cka(wide[1], ys[0], debiased=True), abs=1e-9
+        )
     assert few.accumulator(2, 1).value(estimator) == pytest.approx(float(sums[2, 1]), abs=1e-10)
 
 
@@ -236,8 +247,13 @@ def test_units_see_rotations_and_independence_that_cka_ignores() -> None:
 def test_sparse_r2_recovers_a_two_unit_combination() -> None:
     g = _gen(12)
     a = torch.randn(1000, 10, generator=g, dtype=F64)
-    b = torch.stack([a[:, 2] - 2 * a[:, 7],  # exactly two of A's units
-                     torch.randn(1000, generator=g, dtype=F64)], dim=1)  # [n, 2]
+    b = torch.stack(
+        [
+            a[:, 2] - 2 * a[:, 7],  # exactly two of A's units
+            torch.randn(1000, generator=g, dtype=F64),
+        ],
+        dim=1,
+    )  # [n, 2]
     accumulator = CkaAccumulator(10, 2)
     accumulator.update(a, b)
     corr_aa, _, corr_ab = correlations(accumulator)

@@ -37,34 +37,62 @@ KEPT = 1e-10  # a kept symmetry moves float64 outputs by less than this
 
 # 4 query heads over 2 KV heads, head_dim 2. New KV slot 0 holds old KV head 1 (old query heads 2,
 # 3, taken in order 3, 2); slot 1 holds old KV head 0 (query heads 0, 1 in order).
-GQA = PermGroup("layers.0.attn", "attention", 8, num_heads=4, num_kv_heads=2, head_dim=2,
-                qk_free_dims=(0, 2))
-GQA_PERM = AttentionPerm(kv_heads=torch.tensor([1, 0]), q_in_group=torch.tensor([[1, 0], [0, 1]]),
-                         qk_dims=torch.tensor([[1, 0], [0, 1]]),
-                         vo_dims=torch.tensor([[0, 1], [1, 0]]))
+GQA = PermGroup(
+    "layers.0.attn", "attention", 8, num_heads=4, num_kv_heads=2, head_dim=2, qk_free_dims=(0, 2)
+)
+GQA_PERM = AttentionPerm(
+    kv_heads=torch.tensor([1, 0]),
+    q_in_group=torch.tensor([[1, 0], [0, 1]]),
+    qk_dims=torch.tensor([[1, 0], [0, 1]]),
+    vo_dims=torch.tensor([[0, 1], [1, 0]]),
+)
 
 
-@pytest.mark.parametrize(("layout", "expected"), [
-    (Layout.Q, [7, 6, 5, 4, 0, 1, 2, 3]),
-    (Layout.K, [3, 2, 0, 1]),
-    (Layout.V, [2, 3, 1, 0]),
-    (Layout.O, [6, 7, 4, 5, 1, 0, 3, 2]),
-    (Layout.QKV_CONCAT, [7, 6, 5, 4, 0, 1, 2, 3, 11, 10, 8, 9, 14, 15, 13, 12]),
-])
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        (Layout.Q, [7, 6, 5, 4, 0, 1, 2, 3]),
+        (Layout.K, [3, 2, 0, 1]),
+        (Layout.V, [2, 3, 1, 0]),
+        (Layout.O, [6, 7, 4, 5, 1, 0, 3, 2]),
+        (Layout.QKV_CONCAT, [7, 6, 5, 4, 0, 1, 2, 3, 11, 10, 8, 9, 14, 15, 13, 12]),
+    ],
+)
 def test_axis_index_by_hand_gqa(layout: Layout, expected: list[int]) -> None:
     assert axis_index(GQA, GQA_PERM, layout).tolist() == expected
 
 
 def test_axis_index_by_hand_per_head_qkv() -> None:
-    group = PermGroup("layers.0.attn", "attention", 4, num_heads=2, num_kv_heads=2, head_dim=2,
-                      qk_free_dims=(0, 2))
-    perm = AttentionPerm(kv_heads=torch.tensor([1, 0]),
-                         q_in_group=torch.zeros(2, 1, dtype=torch.long),
-                         qk_dims=torch.tensor([[1, 0], [0, 1]]),
-                         vo_dims=torch.tensor([[1, 0], [0, 1]]))
+    group = PermGroup(
+        "layers.0.attn",
+        "attention",
+        4,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=2,
+        qk_free_dims=(0, 2),
+    )
+    perm = AttentionPerm(
+        kv_heads=torch.tensor([1, 0]),
+        q_in_group=torch.zeros(2, 1, dtype=torch.long),
+        qk_dims=torch.tensor([[1, 0], [0, 1]]),
+        vo_dims=torch.tensor([[1, 0], [0, 1]]),
+    )
     # New head 0 = old head 1 (rows 6..11: q 6,7 k 8,9 v 10,11); new head 1 = old head 0.
-    assert axis_index(group, perm, Layout.QKV_PER_HEAD).tolist() == [7, 6, 9, 8, 11, 10,
-                                                                      0, 1, 2, 3, 4, 5]
+    assert axis_index(group, perm, Layout.QKV_PER_HEAD).tolist() == [
+        7,
+        6,
+        9,
+        8,
+        11,
+        10,
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     gqa_perm = identity_permutations(_spec_with(GQA))[GQA.name]
     with pytest.raises(ValueError, match="num_kv_heads == num_heads"):
         axis_index(GQA, gqa_perm, Layout.QKV_PER_HEAD)
@@ -111,8 +139,9 @@ def test_inverse_undoes_and_compose_chains(kind: str) -> None:
     q = nontrivial_permutations(spec, seed=11)
     once = permute_state_dict(state, spec, p)
     _assert_equal_dicts(permute_state_dict(once, spec, invert(spec, p)), state)
-    _assert_equal_dicts(permute_state_dict(once, spec, q),
-                        permute_state_dict(state, spec, compose(spec, p, q)))
+    _assert_equal_dicts(
+        permute_state_dict(once, spec, q), permute_state_dict(state, spec, compose(spec, p, q))
+    )
     _assert_equal_dicts(permute_state_dict(state, spec, identity_permutations(spec)), state)
     for perms in (invert(spec, p), compose(spec, p, q), compose(spec, p, invert(spec, p))):
         check_permutations(spec, perms)
@@ -184,10 +213,22 @@ def test_check_permutations_rejects_malformed_perms() -> None:
         ({"layers.9.mlp": torch.arange(96)}, "not a permutation group"),
         ({"layers.0.mlp": attn}, "plain index"),
         ({"layers.0.attn": torch.arange(64)}, "AttentionPerm"),
-        ({"layers.0.attn": AttentionPerm(attn.kv_heads, attn.q_in_group[:, :2], attn.qk_dims,
-                                         attn.vo_dims)}, "q_in_group has shape"),
-        ({"layers.0.attn": AttentionPerm(attn.kv_heads, attn.q_in_group, attn.qk_dims.flip(1),
-                                         attn.vo_dims)}, "rotary"),
+        (
+            {
+                "layers.0.attn": AttentionPerm(
+                    attn.kv_heads, attn.q_in_group[:, :2], attn.qk_dims, attn.vo_dims
+                )
+            },
+            "q_in_group has shape",
+        ),
+        (
+            {
+                "layers.0.attn": AttentionPerm(
+                    attn.kv_heads, attn.q_in_group, attn.qk_dims.flip(1), attn.vo_dims
+                )
+            },
+            "rotary",
+        ),
     ]
     for perms, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -221,8 +262,13 @@ def _outputs_after(kind: str, state: dict[str, torch.Tensor]) -> float:
 def _attention_only(spec: ArchSpec, layer: int, **parts: torch.Tensor) -> Permutations:
     """Identity everywhere except the named parts of one layer's attention permutation."""
     perm = _attn(identity_permutations(spec), f"layers.{layer}.attn")
-    fields = {"kv_heads": perm.kv_heads, "q_in_group": perm.q_in_group,
-              "qk_dims": perm.qk_dims, "vo_dims": perm.vo_dims, **parts}
+    fields = {
+        "kv_heads": perm.kv_heads,
+        "q_in_group": perm.q_in_group,
+        "qk_dims": perm.qk_dims,
+        "vo_dims": perm.vo_dims,
+        **parts,
+    }
     return {f"layers.{layer}.attn": AttentionPerm(**fields)}
 
 
@@ -250,8 +296,9 @@ def test_rotary_dims_of_neox_are_pinned_but_the_rest_are_free() -> None:
     start, end = spec.groups["layers.1.attn"].qk_free_dims
     assert (start, end) == (4, 16)
     rotary = _attention_only(spec, 1, qk_dims=_reversed_range(4, 16, 0, start))
-    assert _outputs_after("gpt_neox", permute_state_dict(state, spec, rotary,
-                                                         check=False)) > CHANGED
+    assert (
+        _outputs_after("gpt_neox", permute_state_dict(state, spec, rotary, check=False)) > CHANGED
+    )
     free = _attention_only(spec, 1, qk_dims=_reversed_range(4, 16, start, end))
     assert _outputs_after("gpt_neox", permute_state_dict(state, spec, free)) < KEPT
 
@@ -276,8 +323,10 @@ def test_query_head_must_move_with_its_kv_group() -> None:
 
 def test_gate_and_up_must_share_one_permutation() -> None:
     state, _ = _state("llama")
-    gate_order, up_order = torch.randperm(96, generator=torch.Generator().manual_seed(3)), \
-        torch.arange(95, -1, -1)
+    gate_order, up_order = (
+        torch.randperm(96, generator=torch.Generator().manual_seed(3)),
+        torch.arange(95, -1, -1),
+    )
     base = "model.layers.1.mlp."
 
     def with_orders(gate: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -291,12 +340,16 @@ def test_gate_and_up_must_share_one_permutation() -> None:
     assert _outputs_after("llama", with_orders(up_order, up_order)) < KEPT
 
 
-@pytest.mark.parametrize(("reads", "writes"), [
-    (("query", "key"), ()),  # Q/K circuit
-    (("value",), ("attention.output.dense",)),  # V/O circuit
-])
-def test_full_width_permutation_crosses_heads(reads: tuple[str, ...],
-                                              writes: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("reads", "writes"),
+    [
+        (("query", "key"), ()),  # Q/K circuit
+        (("value",), ("attention.output.dense",)),  # V/O circuit
+    ],
+)
+def test_full_width_permutation_crosses_heads(
+    reads: tuple[str, ...], writes: tuple[str, ...]
+) -> None:
     state, _ = _state("bert")  # 4 heads of 8 dims, no RoPE: within-head orders are free
     cross = torch.randperm(32, generator=torch.Generator().manual_seed(4))
     within = (torch.arange(4)[:, None] * 8 + torch.arange(7, -1, -1)).reshape(-1)  # [4, 8] -> [32]
@@ -316,11 +369,14 @@ def test_full_width_permutation_crosses_heads(reads: tuple[str, ...],
     assert _outputs_after("bert", with_order(within)) < KEPT
 
 
-@pytest.mark.parametrize(("kind", "norm"), [
-    ("llama", "model.layers.1.post_attention_layernorm.weight"),
-    ("bert", "bert.encoder.layer.0.attention.output.LayerNorm.weight"),
-    ("gpt_neox", "gpt_neox.final_layer_norm.bias"),
-])
+@pytest.mark.parametrize(
+    ("kind", "norm"),
+    [
+        ("llama", "model.layers.1.post_attention_layernorm.weight"),
+        ("bert", "bert.encoder.layer.0.attention.output.LayerNorm.weight"),
+        ("gpt_neox", "gpt_neox.final_layer_norm.bias"),
+    ],
+)
 def test_residual_permutation_must_reach_every_norm(kind: str, norm: str) -> None:
     state, spec = _state(kind)
     residual = {"residual": nontrivial_permutations(spec, seed=5)["residual"]}

@@ -33,13 +33,22 @@ from tests.support.tiny_models import (
 )
 
 KINDS = list(TINY_FAMILIES)
-FAMILY_OF_KIND = {"bert": "bert", "bert_base_model": "bert", "gpt2": "gpt2",
-                  "gpt_neox": "gpt_neox", "llama": "llama", "llama_tied": "llama",
-                  "mistral": "llama", "qwen2": "llama"}
+FAMILY_OF_KIND = {
+    "bert": "bert",
+    "bert_base_model": "bert",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "llama": "llama",
+    "llama_tied": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+}
 # Tensors absent from the saved file because transformers ties them to another one.
 TIED_IN_FILE = {
-    "bert": {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-             "cls.predictions.decoder.bias": "cls.predictions.bias"},
+    "bert": {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    },
     "gpt2": {"lm_head.weight": "transformer.wte.weight"},
     "llama_tied": {"lm_head.weight": "model.embed_tokens.weight"},
 }
@@ -117,11 +126,13 @@ def test_spec_details_per_family() -> None:
     qwen = make_tiny_model("qwen2")
     qwen_spec = spec_for(qwen.config.to_dict(), qwen.state_dict().keys())
     assert {n for n in qwen_spec.tensors if n.endswith("proj.bias")} == {
-        f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2) for p in "qkv"}
+        f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2) for p in "qkv"
+    }
 
 
-def _assert_every_permuted_tensor_moved(spec: ArchSpec, before: dict[str, torch.Tensor],
-                                        after: dict[str, torch.Tensor]) -> None:
+def _assert_every_permuted_tensor_moved(
+    spec: ArchSpec, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> None:
     for name, tensor in before.items():
         moved = any(role is not None for role in spec.tensors[name].axes)
         assert torch.equal(tensor, after[name]) != moved, name
@@ -150,20 +161,25 @@ def test_valid_permutations_keep_outputs(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_permuted_checkpoint_files_load_with_same_outputs(kind: str, saved: dict[str, Path],
-                                                          tmp_path: Path) -> None:
+def test_permuted_checkpoint_files_load_with_same_outputs(
+    kind: str, saved: dict[str, Path], tmp_path: Path
+) -> None:
     """The hfmerge path: header names -> spec -> permute file tensors -> from_pretrained."""
     config, shapes = read_checkpoint(saved[kind])
     spec = spec_for(config, shapes.keys(), model=kind)
     perms = nontrivial_permutations(spec, seed=2)
     tensors = load_file(str(saved[kind] / "model.safetensors"))
-    save_file(permute_state_dict(tensors, spec, perms), str(tmp_path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        permute_state_dict(tensors, spec, perms),
+        str(tmp_path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     auto = AUTO_CLASS.get(kind, AutoModelForCausalLM)
     original, permuted = (
-        exact_float64_norms(auto.from_pretrained(path, dtype=torch.float64,
-                                                 attn_implementation="eager"))
+        exact_float64_norms(
+            auto.from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
+        )
         for path in (saved[kind], tmp_path)
     )
     inputs = tiny_batch(kind, seed=3)
@@ -180,12 +196,18 @@ def test_valid_permutations_keep_cached_generation_scores(kind: str) -> None:
     model: Any = make_tiny_model(kind, dtype=torch.float64)  # `generate` is untyped
     spec = spec_for(model.config.to_dict(), model.state_dict().keys())
     permuted = copy.deepcopy(model)
-    permuted.load_state_dict(permute_state_dict(model.state_dict(), spec,
-                                                nontrivial_permutations(spec, seed=4)))
+    permuted.load_state_dict(
+        permute_state_dict(model.state_dict(), spec, nontrivial_permutations(spec, seed=4))
+    )
     prompt = tiny_batch(kind)["input_ids"][:1]
-    kwargs: dict[str, Any] = {"max_new_tokens": 4, "do_sample": False, "use_cache": True,
-                              "output_scores": True, "return_dict_in_generate": True,
-                              "pad_token_id": 0}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "use_cache": True,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+        "pad_token_id": 0,
+    }
     expected = model.generate(prompt, **kwargs)
     got = permuted.generate(prompt, **kwargs)
     assert torch.equal(got.sequences, expected.sequences)
@@ -222,8 +244,10 @@ def test_minilm_valid_permutations_keep_outputs(minilm_dir: Path) -> None:
     permuted = copy.deepcopy(model)
     permuted.load_state_dict(permute_state_dict(state, spec_for(config, state.keys()), perms))
     generator = torch.Generator().manual_seed(6)
-    inputs = {"input_ids": torch.randint(1000, 30000, (2, 16), generator=generator),
-              "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.randint(1000, 30000, (2, 16), generator=generator),
+        "attention_mask": torch.ones(2, 16, dtype=torch.long),
+    }
     inputs["attention_mask"][1, 10:] = 0
     residual = perms["residual"]
     assert isinstance(residual, torch.Tensor)
@@ -307,10 +331,17 @@ def test_check_shapes_catches_a_wrong_kv_head_count() -> None:
 
 
 def test_registry_lists_every_family() -> None:
-    assert [f.name for f in list_families()] == list(FAMILIES) == ["bert", "gpt2", "gpt_neox",
-                                                                  "llama"]
-    assert MODEL_TYPES == {"bert": "bert", "gpt2": "gpt2", "gpt_neox": "gpt_neox",
-                           "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+    assert (
+        [f.name for f in list_families()] == list(FAMILIES) == ["bert", "gpt2", "gpt_neox", "llama"]
+    )
+    assert MODEL_TYPES == {
+        "bert": "bert",
+        "gpt2": "gpt2",
+        "gpt_neox": "gpt_neox",
+        "llama": "llama",
+        "mistral": "llama",
+        "qwen2": "llama",
+    }
     assert all(f.description and f.model_types for f in list_families())
 
 

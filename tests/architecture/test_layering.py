@@ -38,7 +38,7 @@ ENTRY_POINTS = frozenset({"hfmerge", "hfmerge.__main__"})
 
 
 def layer_of(module: str) -> str:
-    """"hfmerge.engine.stream" -> "engine"; "hfmerge.errors" -> "errors"."""
+    """ "hfmerge.engine.stream" -> "engine"; "hfmerge.errors" -> "errors"."""
     return module.split(".")[1]
 
 

@@ -26,8 +26,13 @@ print(" ".join(loaded) or "none")
 
 
 def _run_in_fresh_interpreter(recipe: Path) -> str:
-    done = subprocess.run([sys.executable, "-c", CHECK, str(recipe)], capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK, str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -36,12 +41,19 @@ def test_linear_and_ties_merges_import_no_transformers(tmp_path: Path) -> None:
     base, *tuned = make_models(tmp_path)
     for method in ("linear", "ties"):
         recipe = tmp_path / f"{method}.yaml"
-        recipe.write_text(yaml.safe_dump({
-            "models": [{"model": str(path), "weight": 0.5, "density": 0.5} for path in tuned]
-            if method == "ties" else [{"model": str(path), "weight": 0.5} for path in tuned],
-            "base": str(base),
-            "merge": {"method": method},
-            "output": {"path": str(tmp_path / method)},
-        }))
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "models": [
+                        {"model": str(path), "weight": 0.5, "density": 0.5} for path in tuned
+                    ]
+                    if method == "ties"
+                    else [{"model": str(path), "weight": 0.5} for path in tuned],
+                    "base": str(base),
+                    "merge": {"method": method},
+                    "output": {"path": str(tmp_path / method)},
+                }
+            )
+        )
         assert _run_in_fresh_interpreter(recipe) == "none", method
         assert (tmp_path / method / "config.json").is_file()

@@ -12,8 +12,19 @@ from hfmerge.analysis.cka import CkaReport, compute_cka, diagonal_pairs, format_
 from hfmerge.cli.app import main
 from tests.support.lm import save_lm, save_permuted_copy
 
-FIELDS = {"model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal",
-          "estimator", "pooling", "samples", "tokens"}
+FIELDS = {
+    "model_a",
+    "model_b",
+    "revisions",
+    "layers_a",
+    "layers_b",
+    "matrix",
+    "diagonal",
+    "estimator",
+    "pooling",
+    "samples",
+    "tokens",
+}
 SMALL = ["--samples", "6", "--max-length", "32", "--batch-size", "4", "--device-map", "cpu"]
 
 
@@ -37,8 +48,17 @@ def test_json_has_the_fixed_fields_and_a_heatmap_is_written(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, png = tmp_path / "cka.json", tmp_path / "cka.png"
-    args = ["cka", str(models["a"]), str(models["permuted"]), *SMALL, "--json", str(out),
-            "--plot", str(png), "--units"]
+    args = [
+        "cka",
+        str(models["a"]),
+        str(models["permuted"]),
+        *SMALL,
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+        "--units",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "block.1" in captured.out and "matrix" in captured.out and "matched r" in captured.out
@@ -57,8 +77,9 @@ def test_json_has_the_fixed_fields_and_a_heatmap_is_written(
 
 def test_units_match_a_permuted_copy_and_not_another_init(models: dict[str, Path]) -> None:
     def run(b: str) -> CkaReport:
-        return compute_cka(str(models["a"]), str(models[b]), samples=6, max_length=32,
-                           device_map="cpu", units=True)
+        return compute_cka(
+            str(models["a"]), str(models[b]), samples=6, max_length=32, device_map="cpu", units=True
+        )
 
     permuted, other = run("permuted"), run("other")
     assert permuted.units is not None and other.units is not None
@@ -77,12 +98,24 @@ def test_units_match_a_permuted_copy_and_not_another_init(models: dict[str, Path
 def test_fail_under_exit_codes_name_the_layer(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["cka", str(models["a"]), str(models["permuted"]), *SMALL,
-                 "--fail-under", "0.99"]) == 0
+    assert (
+        main(["cka", str(models["a"]), str(models["permuted"]), *SMALL, "--fail-under", "0.99"])
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "low.json"
-    code = main(["cka", str(models["a"]), str(models["other"]), *SMALL, "--fail-under", "0.99",
-                 "--json", str(out)])
+    code = main(
+        [
+            "cka",
+            str(models["a"]),
+            str(models["other"]),
+            *SMALL,
+            "--fail-under",
+            "0.99",
+            "--json",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1
     report = json.loads(out.read_text())  # the report is still written before failing
@@ -101,8 +134,9 @@ def test_models_of_different_depth_pair_by_relative_depth(
     report = json.loads(out.read_text())
     assert len(report["layers_b"]) == 5 and len(report["matrix"][0]) == 5
     assert report["diagonal_pairs"] == [[0, 0], [1, 2], [2, 4]]
-    assert report["diagonal"] == pytest.approx([report["matrix"][i][j]
-                                                for i, j in report["diagonal_pairs"]])
+    assert report["diagonal"] == pytest.approx(
+        [report["matrix"][i][j] for i, j in report["diagonal_pairs"]]
+    )
 
 
 def test_diagonal_pairs_rule() -> None:
@@ -111,13 +145,18 @@ def test_diagonal_pairs_rule() -> None:
     assert diagonal_pairs(3, 7) == [(0, 0), (1, 3), (2, 6)]
 
 
-def test_mean_pooling_is_the_default_and_counts_windows(models: dict[str, Path],
-                                                        tmp_path: Path) -> None:
+def test_mean_pooling_is_the_default_and_counts_windows(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
     reports = []
     for flags in ([], ["--pooling", "tokens"]):
         out = tmp_path / f"{len(flags)}.json"
-        assert main(["cka", str(models["a"]), str(models["other"]), *SMALL, *flags,
-                     "--json", str(out)]) == 0
+        assert (
+            main(
+                ["cka", str(models["a"]), str(models["other"]), *SMALL, *flags, "--json", str(out)]
+            )
+            == 0
+        )
         reports.append(json.loads(out.read_text()))
     mean, tokens = reports
     assert mean["pooling"] == "mean" and mean["cka_samples"] == mean["samples"] == 6
@@ -136,8 +175,9 @@ def test_errors_are_one_paragraph(
     assert "has no tokenizer" in err and "Fix:" in err and "Traceback" not in err
     assert main(["cka", str(models["a"]), str(models["a"]), "--pooling", "max"]) == 1
     assert "Unknown pooling 'max'" in capsys.readouterr().err
-    assert main(["cka", str(models["a"]), str(models["a"]), "--data", str(tmp_path / "no.txt")]
-                ) == 1
+    assert (
+        main(["cka", str(models["a"]), str(models["a"]), "--data", str(tmp_path / "no.txt")]) == 1
+    )
     assert "no such file" in capsys.readouterr().err
     bert = save_lm("bert", tmp_path / "bert", seed=0)
     assert main(["cka", str(models["a"]), str(bert), *SMALL]) == 1
@@ -148,8 +188,9 @@ def test_route_block_suggests_calibration_text_per_model() -> None:
     from hfmerge.pipeline.gate import route_block
     from hfmerge.recipe.schema import parse_recipe
 
-    recipe = parse_recipe({"models": ["zoo:code", "zoo:prose", "org/other"],
-                           "merge": {"method": "linear"}})
+    recipe = parse_recipe(
+        {"models": ["zoo:code", "zoo:prose", "org/other"], "merge": {"method": "linear"}}
+    )
     block = route_block(recipe)
     assert block.splitlines()[:2] == ["route:", "  method: centroid"]
     assert "builtin:code-train" in block and "builtin:prose-train" in block

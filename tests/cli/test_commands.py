@@ -128,7 +128,14 @@ def test_console_script_imports_torch_with_the_gc_paused_only_for_commands(
     )
     assert done.returncode == 3, done.stderr
     assert done.stdout.split() == [
-        "True", str(torch_imported), "True", "thread", "joined", "exit", "handler", "ran"
+        "True",
+        str(torch_imported),
+        "True",
+        "thread",
+        "joined",
+        "exit",
+        "handler",
+        "ran",
     ]
 
 

@@ -44,8 +44,7 @@ def chunked(
     method = get_method(name)
     shape = tuple(xs[0].shape)
     merge = method.tensor_merge(
-        shape, model_params=models, params=params, generator=generator,
-        device=torch.device("cpu")
+        shape, model_params=models, params=params, generator=generator, device=torch.device("cpu")
     )
     per_row = math.prod(shape[1:])
 
@@ -62,17 +61,26 @@ def chunked(
         return torch.cat([merge.apply(chunk) for chunk in chunks()])
     assert merge.splittable
     with ThreadPoolExecutor(1) as pool:
-        return torch.cat([
-            torch.cat(merge.apply_split(*chunk.split(len(chunk.tensors[0]) // 2), pool.submit))
-            for chunk in chunks()
-        ])
+        return torch.cat(
+            [
+                torch.cat(merge.apply_split(*chunk.split(len(chunk.tensors[0]) // 2), pool.submit))
+                for chunk in chunks()
+            ]
+        )
 
 
 CASES = [
     ("linear", {}, [{"weight": 0.3}, {"weight": 0.5}, {"weight": -0.1}]),
     ("task_arithmetic", {"lambda": 0.7}, [{"weight": 0.3}] * 3),
-    ("ties", {}, [{"weight": 0.3, "density": 0.4}, {"weight": 0.5, "density": 0.5},
-                  {"weight": 1.0, "density": 0.0}]),
+    (
+        "ties",
+        {},
+        [
+            {"weight": 0.3, "density": 0.4},
+            {"weight": 0.5, "density": 0.5},
+            {"weight": 1.0, "density": 0.0},
+        ],
+    ),
     ("ties", {"normalize": False}, [{"weight": 1.0, "density": 0.9}] * 3),
     ("breadcrumbs", {}, [{"weight": 0.3, "density": 0.4, "gamma": 0.1}] * 3),
     ("breadcrumbs_ties", {}, [{"weight": 0.5, "density": 0.7, "gamma": 0.05}] * 3),
@@ -194,14 +202,38 @@ def test_radix_cut_edges() -> None:
 
 
 RANDOM_CASES = [
-    ("dare_ties", [{"weight": 0.5, "density": 0.3}, {"weight": 0.5, "density": 1.0},
-                   {"weight": 0.7, "density": 0.6}]),
-    ("dare_linear", [{"weight": 0.5, "density": 0.3}, {"weight": 0.5, "density": 0.0},
-                     {"weight": 0.7, "density": 0.6}]),
-    ("della", [{"weight": 0.5, "density": 0.3, "epsilon": 0.1}, {"weight": 0.5, "density": 1.0},
-               {"weight": 0.7, "density": 0.6, "epsilon": 0.2}]),
-    ("della_linear", [{"weight": 0.5, "density": 0.4}, {"weight": 0.5, "density": 0.0},
-                      {"weight": 0.7, "density": 0.6}]),
+    (
+        "dare_ties",
+        [
+            {"weight": 0.5, "density": 0.3},
+            {"weight": 0.5, "density": 1.0},
+            {"weight": 0.7, "density": 0.6},
+        ],
+    ),
+    (
+        "dare_linear",
+        [
+            {"weight": 0.5, "density": 0.3},
+            {"weight": 0.5, "density": 0.0},
+            {"weight": 0.7, "density": 0.6},
+        ],
+    ),
+    (
+        "della",
+        [
+            {"weight": 0.5, "density": 0.3, "epsilon": 0.1},
+            {"weight": 0.5, "density": 1.0},
+            {"weight": 0.7, "density": 0.6, "epsilon": 0.2},
+        ],
+    ),
+    (
+        "della_linear",
+        [
+            {"weight": 0.5, "density": 0.4},
+            {"weight": 0.5, "density": 0.0},
+            {"weight": 0.7, "density": 0.6},
+        ],
+    ),
 ]
 
 
@@ -215,16 +247,23 @@ def test_random_chunks_replay_the_whole_tensor_masks(
     method = get_method(name)
     base, *xs = tensors(rows, (37, 19), quantized=False)
     global_params, per_model = validate_params(method, {"rescale": rescale}, models)
-    whole = method.merge(xs, base=base, model_params=per_model, params=global_params,
-                         generator=torch.Generator().manual_seed(11))
-    got = chunked(name, xs, base, global_params, per_model, rows,
-                  generator=torch.Generator().manual_seed(11))
+    whole = method.merge(
+        xs,
+        base=base,
+        model_params=per_model,
+        params=global_params,
+        generator=torch.Generator().manual_seed(11),
+    )
+    got = chunked(
+        name, xs, base, global_params, per_model, rows, generator=torch.Generator().manual_seed(11)
+    )
     if rescale:  # L1 sums in float64 per chunk: the factor's last bits may differ
         torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
     else:
         assert torch.equal(got, whole)
-    other = chunked(name, xs, base, global_params, per_model, rows,
-                    generator=torch.Generator().manual_seed(12))
+    other = chunked(
+        name, xs, base, global_params, per_model, rows, generator=torch.Generator().manual_seed(12)
+    )
     assert not torch.equal(other, whole)  # negative control: another seed, other masks
 
 
@@ -232,10 +271,20 @@ def test_della_merges_a_one_dimensional_tensor_whole() -> None:
     """A 1-D tensor is one row, which DELLA's probabilities rank as a whole."""
     method = get_method("della")
     global_params, per_model = validate_params(method, {}, [{"density": 0.5}] * 2)
-    one_d = method.tensor_merge((64,), model_params=per_model, params=global_params,
-                                generator=torch.Generator(), device=torch.device("cpu"))
-    two_d = method.tensor_merge((8, 8), model_params=per_model, params=global_params,
-                                generator=torch.Generator(), device=torch.device("cpu"))
+    one_d = method.tensor_merge(
+        (64,),
+        model_params=per_model,
+        params=global_params,
+        generator=torch.Generator(),
+        device=torch.device("cpu"),
+    )
+    two_d = method.tensor_merge(
+        (8, 8),
+        model_params=per_model,
+        params=global_params,
+        generator=torch.Generator(),
+        device=torch.device("cpu"),
+    )
     assert one_d.whole_only and not two_d.whole_only
 
 

@@ -71,8 +71,11 @@ def _assert_no_children() -> None:
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_two_processes_write_what_one_does(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    two_processes: list[frozenset[str]], method: str,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    two_processes: list[frozenset[str]],
+    method: str,
 ) -> None:
     both = merge(models, tmp_path / "two", method)
     monkeypatch.setattr(engine, "process_count", lambda **_: 1)
@@ -106,14 +109,17 @@ def test_process_count_only_splits_elementwise_cpu_merges() -> None:
 
 
 def test_processes_share_the_budget_or_fall_back_to_one(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
     seen: list[engine_budget.ChunkPolicy] = []
     real = engine_budget.chunk_policy
-    monkeypatch.setattr(engine, "chunk_policy",
-                        lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    monkeypatch.setattr(
+        engine, "chunk_policy", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+    )
     reserve = engine_budget.RESERVE_BYTES
     merge(models, tmp_path / "roomy", "linear", max_memory=2 * (reserve + 300_000))
     merge(models, tmp_path / "tight", "linear", max_memory=reserve + 300_000)
@@ -125,7 +131,9 @@ def test_processes_share_the_budget_or_fall_back_to_one(
 
 
 def test_a_childs_error_reaches_the_caller_and_nothing_is_left(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     _fail_in_child(monkeypatch, ModelSourceError("m1", "cannot read tensor 'x'", "download it"))
@@ -137,7 +145,9 @@ def test_a_childs_error_reaches_the_caller_and_nothing_is_left(
 
 
 def test_a_bug_in_the_child_arrives_as_itself_with_the_childs_traceback(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     _fail_in_child(monkeypatch, ZeroDivisionError("bad arithmetic"))
@@ -151,7 +161,9 @@ def test_a_bug_in_the_child_arrives_as_itself_with_the_childs_traceback(
 
 
 def test_a_full_disk_in_the_child_is_an_oserror_for_the_caller(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     """Callers catch OSError (ENOSPC, EACCES) whichever process met it."""
@@ -166,7 +178,9 @@ def test_a_full_disk_in_the_child_is_an_oserror_for_the_caller(
 
 
 def test_an_error_that_cannot_be_rebuilt_arrives_as_text(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     _fail_in_child(monkeypatch, Unrebuildable(1, 2))
@@ -177,7 +191,9 @@ def test_an_error_that_cannot_be_rebuilt_arrives_as_text(
 
 
 def test_a_child_that_dies_silently_is_an_error(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     _fail_in_child(monkeypatch, None)
@@ -188,7 +204,9 @@ def test_a_child_that_dies_silently_is_an_error(
 
 
 def test_a_failing_parent_kills_the_child_at_once(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    models: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
     parent = os.getpid()

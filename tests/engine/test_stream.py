@@ -29,7 +29,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "method", ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock"])
+    "method", ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock"]
+)
 def test_many_small_chunks_give_the_same_output(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
@@ -76,13 +77,17 @@ def test_engine_output_matches_the_method_on_whole_tensors(
 
     merged = merge(models, tmp_path / "out", method)
     merge_method = get_method(method)
-    per_method: dict[str, dict[str, float]] = {"ties": {"weight": 0.5, "density": 0.5},
-                                               "model_stock": {}}
+    per_method: dict[str, dict[str, float]] = {
+        "ties": {"weight": 0.5, "density": 0.5},
+        "model_stock": {},
+    }
     fields = per_method.get(method, {"weight": 0.5})
     params, per_model = validate_params(merge_method, {}, [fields] * 2)
-    with LazyCheckpoint(models[0]) as base, LazyCheckpoint(models[1]) as a, LazyCheckpoint(
-        models[2]
-    ) as b:
+    with (
+        LazyCheckpoint(models[0]) as base,
+        LazyCheckpoint(models[1]) as a,
+        LazyCheckpoint(models[2]) as b,
+    ):
         for name in base.names:
             expected = merge_method.merge(
                 [a.get(name).float(), b.get(name).float()],
@@ -104,8 +109,7 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
     pieces: list[int] = []
     real = engine_compute.Chunk
 
-    def spy(tensors: list[torch.Tensor], base: torch.Tensor | None, first: int, whole: bool
-            ) -> Any:
+    def spy(tensors: list[torch.Tensor], base: torch.Tensor | None, first: int, whole: bool) -> Any:
         assert all(t.dtype == torch.float32 for t in [*tensors, *([] if base is None else [base])])
         pieces.append(tensors[0].numel())
         return real(tensors, base, first, whole)
@@ -132,13 +136,20 @@ def test_elementwise_pieces_of_any_shape_equal_the_method(
     params, per_model = validate_params(method, {}, [{"weight": 0.3}, {"weight": 0.9}])
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=generator).bfloat16() for _ in range(2)]
-    merge = method.tensor_merge(shape, model_params=per_model, params=params, generator=None,
-                                device=torch.device("cpu"))
+    merge = method.tensor_merge(
+        shape, model_params=per_model, params=params, generator=None, device=torch.device("cpu")
+    )
     first = 1000  # the chunk's place in its tensor
-    parts = list(engine_compute.apply_in_pieces(merge, engine.Chunk(inputs, None, first, True),
-                                                torch.bfloat16))
-    expected = method.merge([t.float() for t in inputs], base=None, model_params=per_model,
-                            params=params).bfloat16().reshape(-1)
+    parts = list(
+        engine_compute.apply_in_pieces(
+            merge, engine.Chunk(inputs, None, first, True), torch.bfloat16
+        )
+    )
+    expected = (
+        method.merge([t.float() for t in inputs], base=None, model_params=per_model, params=params)
+        .bfloat16()
+        .reshape(-1)
+    )
     starts = [start for start, _ in parts]
     sizes = [part.numel() for _, part in parts]
     assert starts == [first + sum(sizes[:i]) for i in range(len(parts))]  # consecutive, in order

@@ -26,11 +26,13 @@ def test_every_preflight_problem_of_every_model_at_once_without_weights(
     seed_llama(fake_hub, tmp_path, "org/gated", seed=1, gated=True)
     seed_llama(fake_hub, tmp_path, "bob/secret", seed=2, private=True)
     seed_llama(fake_hub, tmp_path, "org/wide", seed=3, intermediate_size=128)
-    models = ["org/a", "org/missing", "org/a@no-such-branch", "org/gated", "bob/secret",
-              "org/wide"]
+    models = ["org/a", "org/missing", "org/a@no-such-branch", "org/gated", "bob/secret", "org/wide"]
     recipe = write_recipe(chdir_tmp / "r.yaml", models)
-    for command in (["validate", str(recipe)], ["run", str(recipe)], ["run", str(recipe),
-                                                                       "--dry-run"]):
+    for command in (
+        ["validate", str(recipe)],
+        ["run", str(recipe)],
+        ["run", str(recipe), "--dry-run"],
+    ):
         assert main(command) == 1
         err = one_line(capsys.readouterr().err)
         assert "5 problems with the input models" in err
@@ -86,7 +88,10 @@ def test_gated_and_private_repos_open_to_the_right_token(
 
 
 def test_a_rejected_token_is_named_as_such_and_never_shown(
-    fake_hub: FakeHub, tmp_path: Path, chdir_tmp: Path, capsys: pytest.CaptureFixture[str],
+    fake_hub: FakeHub,
+    tmp_path: Path,
+    chdir_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seed_llama(fake_hub, tmp_path, "org/a", seed=0)
@@ -105,8 +110,7 @@ def test_a_rejected_token_is_named_as_such_and_never_shown(
 def test_conflicting_revisions_and_bad_ids_are_refused_before_any_request(
     fake_hub: FakeHub, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    recipe = write_recipe(chdir_tmp / "r.yaml", [{"model": "org/a@v1", "revision": "v2"},
-                                                 "org/a"])
+    recipe = write_recipe(chdir_tmp / "r.yaml", [{"model": "org/a@v1", "revision": "v2"}, "org/a"])
     assert main(["validate", str(recipe)]) == 1
     assert "names revision 'v1' and also `revision: v2`" in one_line(capsys.readouterr().err)
     with pytest.raises(HubError) as caught:
@@ -121,8 +125,9 @@ def test_pickle_only_repo_is_refused_clearly_and_never_downloaded(
     seed_llama(fake_hub, tmp_path, "org/a", seed=0)
     fake_hub.store.create("org/pickled")
     config = fake_hub.file("org/a", "config.json")
-    fake_hub.commit_files("org/pickled", {"config.json": config,
-                                          "pytorch_model.bin": b"\x80\x04pickle" * 100})
+    fake_hub.commit_files(
+        "org/pickled", {"config.json": config, "pytorch_model.bin": b"\x80\x04pickle" * 100}
+    )
     recipe = write_recipe(chdir_tmp / "r.yaml", ["org/a", "org/pickled"])
     assert main(["validate", str(recipe)]) == 1
     err = one_line(capsys.readouterr().err)
@@ -133,8 +138,9 @@ def test_pickle_only_repo_is_refused_clearly_and_never_downloaded(
         hub.download("org/pickled", fake_hub.head("org/pickled"), allow_patterns=["*.bin"])
 
 
-def test_an_unreachable_hub_is_a_network_error(monkeypatch: pytest.MonkeyPatch,
-                                               fake_hub: FakeHub) -> None:
+def test_an_unreachable_hub_is_a_network_error(
+    monkeypatch: pytest.MonkeyPatch, fake_hub: FakeHub
+) -> None:
     with socket.socket() as sock:  # a port on 127.0.0.1 that nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

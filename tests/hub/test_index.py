@@ -31,8 +31,11 @@ def test_remote_index_equals_the_local_one_without_tensor_bytes(
     assert remote.shards == local.shards and (len(remote.shards) > 1) == bool(shard_size)
     assert remote.model_dir == hub.snapshot_dir("org/a", sha)
     assert fake_hub.weight_bytes_served == 0
-    ranges = [r.range for r in fake_hub.requests("resolve")
-              if r.method == "GET" and r.path.endswith(".safetensors")]
+    ranges = [
+        r.range
+        for r in fake_hub.requests("resolve")
+        if r.method == "GET" and r.path.endswith(".safetensors")
+    ]
     assert ranges and all(ranges)
 
 
@@ -43,7 +46,10 @@ def test_a_downloaded_model_is_indexed_from_the_cache_with_no_request(
     source = resolve_model("org/a@main")
     assert source.hub_id == "org/a" and source.revision == fake_hub.head("org/a")
     assert sorted(p.name for p in source.path.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     assert fake_hub.weight_bytes_served > 0
     before = len(fake_hub.log)
     index = hub.remote_index("org/a", source.revision)

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 
 
 @pytest.fixture
-def merged(fake_hub: FakeHub, tmp_path: Path, chdir_tmp: Path,
-           monkeypatch: pytest.MonkeyPatch) -> Path:
+def merged(
+    fake_hub: FakeHub, tmp_path: Path, chdir_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """The recipe r.yaml merging org/a and org/b into ./merged (not yet run); fast retries."""
     monkeypatch.setattr(hub.push, "PUSH_BACKOFF_S", 0.01)
     seed_llama(fake_hub, tmp_path, "org/a", seed=0)
@@ -49,8 +50,9 @@ def test_push_retries_server_errors_and_makes_one_commit(
     repo = fake_hub.repo("org/pushed")
     assert repo.private and len(repo.history) == 2
     files = local_files(chdir_tmp / "merged")
-    assert {p: d for p, d in remote_files(fake_hub, "org/pushed").items()
-            if p != ".gitattributes"} == files
+    assert {
+        p: d for p, d in remote_files(fake_hub, "org/pushed").items() if p != ".gitattributes"
+    } == files
     assert "from_pretrained('org/pushed')" in files["README.md"].decode()  # named on push
 
 
@@ -74,7 +76,8 @@ def test_a_push_that_fails_for_good_keeps_the_output_and_says_how_to_finish(
     assert capsys.readouterr().out.strip() == f"{fake_hub.url}/org/merged"
     pushed = remote_files(fake_hub, "org/merged")
     assert {p: d for p, d in pushed.items() if p != ".gitattributes"} == local_files(
-        chdir_tmp / "merged")
+        chdir_tmp / "merged"
+    )
     assert card_metadata(pushed["README.md"].decode())["base_model"] == ["org/a", "org/b"]
     every_file = b"".join(p.read_bytes() for p in chdir_tmp.rglob("*") if p.is_file())
     assert TOKEN.encode() not in every_file
@@ -82,7 +85,9 @@ def test_a_push_that_fails_for_good_keeps_the_output_and_says_how_to_finish(
 
 @pytest.mark.parametrize("contents", [{}, {"README.md": b"# notes"}, {"config.json": b"{}"}])
 def test_push_refuses_a_directory_that_is_not_a_model_output(
-    fake_hub: FakeHub, chdir_tmp: Path, capsys: pytest.CaptureFixture[str],
+    fake_hub: FakeHub,
+    chdir_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
     contents: dict[str, bytes],
 ) -> None:
     folder = chdir_tmp / "notes"
@@ -96,7 +101,10 @@ def test_push_refuses_a_directory_that_is_not_a_model_output(
 
 
 def test_run_push_checks_the_token_before_merging(
-    fake_hub: FakeHub, merged: Path, chdir_tmp: Path, capsys: pytest.CaptureFixture[str],
+    fake_hub: FakeHub,
+    merged: Path,
+    chdir_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("HF_TOKEN")
@@ -115,8 +123,14 @@ def test_run_push_checks_the_token_before_merging(
 def test_recipe_output_push_and_a_repush_without_stale_shards(
     fake_hub: FakeHub, merged: Path, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sharded = write_recipe(chdir_tmp / "s.yaml", ["org/a", "org/b"], out="sharded",
-                           push="org/m", private=True, max_shard_size="100KB")
+    sharded = write_recipe(
+        chdir_tmp / "s.yaml",
+        ["org/a", "org/b"],
+        out="sharded",
+        push="org/m",
+        private=True,
+        max_shard_size="100KB",
+    )
     assert main(["run", str(sharded)]) == 0
     assert capsys.readouterr().out.split()[-1] == f"{fake_hub.url}/org/m"
     assert fake_hub.repo("org/m").private

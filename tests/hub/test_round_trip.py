@@ -26,8 +26,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 @pytest.fixture
 def two_models(fake_hub: FakeHub, tmp_path: Path) -> tuple[str, str]:
     """org/a and org/b: tiny Llamas from seeds 0 and 1, both Apache-2.0; their main shas."""
-    return (seed_llama(fake_hub, tmp_path, "org/a", seed=0),
-            seed_llama(fake_hub, tmp_path, "org/b", seed=1))
+    return (
+        seed_llama(fake_hub, tmp_path, "org/a", seed=0),
+        seed_llama(fake_hub, tmp_path, "org/b", seed=1),
+    )
 
 
 def logits(model_ref: str | Path) -> torch.Tensor:
@@ -38,12 +40,16 @@ def logits(model_ref: str | Path) -> torch.Tensor:
 
 
 def test_run_pins_merges_pushes_and_the_pushed_repo_loads(
-    fake_hub: FakeHub, two_models: tuple[str, str], chdir_tmp: Path,
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    fake_hub: FakeHub,
+    two_models: tuple[str, str],
+    chdir_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sha_a, sha_b = two_models
-    recipe = write_recipe(chdir_tmp / "r.yaml", ["org/a", {"model": "org/b", "revision": "main"}],
-                          push="org/merged")
+    recipe = write_recipe(
+        chdir_tmp / "r.yaml", ["org/a", {"model": "org/b", "revision": "main"}], push="org/merged"
+    )
     assert main(["run", str(recipe)]) == 0
     out_lines = capsys.readouterr().out.split()
     assert out_lines == ["merged", f"{fake_hub.url}/org/merged"]
@@ -97,8 +103,10 @@ def test_pinned_recipe_keeps_the_base_and_per_model_parameters(
     assert main(["run", str(recipe), "--out", "first"]) == 0
     pinned = yaml.safe_load((chdir_tmp / "first" / "hfmerge_recipe.yaml").read_text())
     assert pinned["base"] == f"org/a@{sha_a}"
-    assert pinned["models"] == [f"org/a@{sha_a}",
-                                {"model": "org/b", "weight": 0.5, "revision": sha_b}]
+    assert pinned["models"] == [
+        f"org/a@{sha_a}",
+        {"model": "org/b", "weight": 0.5, "revision": sha_b},
+    ]
     assert main(["run", "first/hfmerge_recipe.yaml", "--out", "again"]) == 0
     assert same_weights(chdir_tmp / "first", chdir_tmp / "again")
     card = (chdir_tmp / "again" / "README.md").read_text()
@@ -117,8 +125,11 @@ def test_dry_run_and_validate_read_headers_only(
     assert "model.layers.0.mlp.up_proj.weight" in capsys.readouterr().out
     assert main(["validate", str(recipe)]) == 0
     assert "OK" in capsys.readouterr().out
-    header_reads = [r for r in fake_hub.requests("resolve")
-                    if r.path.endswith(".safetensors") and r.method == "GET"]
+    header_reads = [
+        r
+        for r in fake_hub.requests("resolve")
+        if r.path.endswith(".safetensors") and r.method == "GET"
+    ]
     assert len(header_reads) >= 2 * 3  # (length, header) for org/b and each shard of org/a
     assert all(r.range for r in header_reads)
     assert fake_hub.weight_bytes_served == 0
@@ -129,7 +140,9 @@ def test_dry_run_and_validate_read_headers_only(
 
 
 def test_offline_with_a_filled_cache_makes_no_request(
-    fake_hub: FakeHub, two_models: tuple[str, str], chdir_tmp: Path,
+    fake_hub: FakeHub,
+    two_models: tuple[str, str],
+    chdir_tmp: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     recipe = write_recipe(chdir_tmp / "r.yaml", ["org/a", "org/b@main"])
@@ -142,11 +155,14 @@ def test_offline_with_a_filled_cache_makes_no_request(
     for name in ("offline", "env-offline"):
         assert same_weights(chdir_tmp / "online", chdir_tmp / name)
         assert (chdir_tmp / name / "hfmerge_recipe.yaml").read_text() == (
-            chdir_tmp / "online" / "hfmerge_recipe.yaml").read_text()
+            chdir_tmp / "online" / "hfmerge_recipe.yaml"
+        ).read_text()
 
 
 def test_offline_without_cache_names_the_model_and_the_fix(
-    fake_hub: FakeHub, two_models: tuple[str, str], chdir_tmp: Path,
+    fake_hub: FakeHub,
+    two_models: tuple[str, str],
+    chdir_tmp: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     recipe = write_recipe(chdir_tmp / "r.yaml", ["org/a", "org/b"])
@@ -163,14 +179,25 @@ def fake_hub_cache() -> str:
     return os.environ["HF_HUB_CACHE"]
 
 
-@pytest.mark.parametrize(("models", "base", "pinned_models", "pinned_base"), [
-    (["org/a", "org/b"], "org/a", ["org/a@A", "org/b@B"], "org/a@A"),
-    ([{"model": "org/a", "weight": 1}, "./local"], "org/a",
-     [{"model": "org/a", "weight": 1, "revision": "A"}, "./local"], "org/a"),
-    ([{"model": "org/a", "revision": "v1"}, {"model": "org/a", "revision": "v2"}], "org/a@v2",
-     [{"model": "org/a", "revision": "A"}, {"model": "org/a", "revision": "A2"}], "org/a@A2"),
-    (["org/b", "./local"], "org/base", ["org/b@B", "./local"], "org/base@C"),
-])
+@pytest.mark.parametrize(
+    ("models", "base", "pinned_models", "pinned_base"),
+    [
+        (["org/a", "org/b"], "org/a", ["org/a@A", "org/b@B"], "org/a@A"),
+        (
+            [{"model": "org/a", "weight": 1}, "./local"],
+            "org/a",
+            [{"model": "org/a", "weight": 1, "revision": "A"}, "./local"],
+            "org/a",
+        ),
+        (
+            [{"model": "org/a", "revision": "v1"}, {"model": "org/a", "revision": "v2"}],
+            "org/a@v2",
+            [{"model": "org/a", "revision": "A"}, {"model": "org/a", "revision": "A2"}],
+            "org/a@A2",
+        ),
+        (["org/b", "./local"], "org/base", ["org/b@B", "./local"], "org/base@C"),
+    ],
+)
 def test_pinning_rewrites_entries_and_keeps_the_base_matching(
     models: list[object], base: str, pinned_models: list[object], pinned_base: str
 ) -> None:
@@ -181,8 +208,13 @@ def test_pinning_rewrites_entries_and_keeps_the_base_matching(
         entry = recipe.base_entry()
         return next((i for i, e in enumerate(recipe.models) if e is entry), None)
 
-    pins = {"org/a": ("org/a", "A"), "org/a@v1": ("org/a", "A"), "org/a@v2": ("org/a", "A2"),
-            "org/b": ("org/b", "B"), "org/base": ("org/base", "C")}
+    pins = {
+        "org/a": ("org/a", "A"),
+        "org/a@v1": ("org/a", "A"),
+        "org/a@v2": ("org/a", "A2"),
+        "org/b": ("org/b", "B"),
+        "org/base": ("org/base", "C"),
+    }
     data = {"models": models, "base": base, "merge": {"method": "task_arithmetic"}}
     pinned = _pin_models(data, pins)
     assert pinned["models"] == pinned_models and pinned["base"] == pinned_base

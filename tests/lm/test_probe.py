@@ -40,7 +40,7 @@ def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _batches(kind: str, *, batch_size: int = 3) -> list[dict[str, torch.Tensor]]:
     tokenizer = char_tokenizer(style_of(kind))
     windows = token_windows(tokenizer, load_texts(None), max_length=LENGTH, samples=SAMPLES)
-    windows[1] = windows[1][:LENGTH // 2]  # a short window, so batches hold real padding
+    windows[1] = windows[1][: LENGTH // 2]  # a short window, so batches hold real padding
     return probe_batches(windows, tokenizer, batch_size=batch_size)
 
 
@@ -48,8 +48,13 @@ def _load(path: Path) -> PreTrainedModel:
     return load_probe_model(path, label=str(path), device_map="cpu")
 
 
-def _matrix(a: PreTrainedModel, b: PreTrainedModel, batches: list[dict[str, torch.Tensor]], *,
-            causal: bool = True) -> torch.Tensor:
+def _matrix(
+    a: PreTrainedModel,
+    b: PreTrainedModel,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    causal: bool = True,
+) -> torch.Tensor:
     matrix: CkaMatrix | None = None
     for states in paired_states(a, b, batches, causal=causal):
         if matrix is None:
@@ -61,8 +66,10 @@ def _matrix(a: PreTrainedModel, b: PreTrainedModel, batches: list[dict[str, torc
 
 def test_kept_positions_drop_padding_and_causal_position_zero() -> None:
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    assert kept_positions(mask, causal=True).tolist() == [[False, True, True, False],
-                                                          [False, True, False, False]]
+    assert kept_positions(mask, causal=True).tolist() == [
+        [False, True, True, False],
+        [False, True, False, False],
+    ]
     assert kept_positions(mask, causal=False).tolist() == mask.bool().tolist()
 
 
@@ -79,18 +86,33 @@ def test_extra_padding_changes_nothing(tmp_path: Path, kind: str) -> None:
     causal = is_causal(model.config)
     pad_id = char_tokenizer(style_of(kind)).pad_token_id
     batches = _batches(kind)
-    padded = [{"input_ids": torch.nn.functional.pad(b["input_ids"], (0, 7), value=pad_id),
-               "attention_mask": torch.nn.functional.pad(b["attention_mask"], (0, 7))}
-              for b in batches]
+    padded = [
+        {
+            "input_ids": torch.nn.functional.pad(b["input_ids"], (0, 7), value=pad_id),
+            "attention_mask": torch.nn.functional.pad(b["attention_mask"], (0, 7)),
+        }
+        for b in batches
+    ]
     for plain, extra in zip(batches, padded, strict=True):
-        for s, t in zip(layer_states(model, plain, causal=causal, pooling="tokens"),
-                        layer_states(model, extra, causal=causal, pooling="tokens"), strict=True):
+        for s, t in zip(
+            layer_states(model, plain, causal=causal, pooling="tokens"),
+            layer_states(model, extra, causal=causal, pooling="tokens"),
+            strict=True,
+        ):
             assert torch.allclose(s, t, atol=1e-5)
-    torch.testing.assert_close(_matrix(model, model, padded, causal=causal),
-                               _matrix(model, model, batches, causal=causal), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        _matrix(model, model, padded, causal=causal),
+        _matrix(model, model, batches, causal=causal),
+        atol=1e-6,
+        rtol=0,
+    )
     other = _load(save_lm(kind, tmp_path / f"{kind}-other", seed=3))
-    torch.testing.assert_close(_matrix(model, other, padded, causal=causal),
-                               _matrix(model, other, batches, causal=causal), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        _matrix(model, other, padded, causal=causal),
+        _matrix(model, other, batches, causal=causal),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_padding_is_masked_not_averaged_in() -> None:
@@ -111,8 +133,7 @@ def test_permuted_copy_has_the_same_matrix_as_the_model_itself(
     # The residual permutation moves hidden units, so raw states differ (the basis changed) ...
     assert not torch.allclose(states_a[1], states_b[1], atol=1e-3)
     # ... yet they are the same up to that permutation, which CKA cannot see.
-    assert torch.allclose(states_a[1].sort(dim=1).values, states_b[1].sort(dim=1).values,
-                          atol=1e-4)
+    assert torch.allclose(states_a[1].sort(dim=1).values, states_b[1].sort(dim=1).values, atol=1e-4)
     itself = _matrix(a, a, batches)
     assert torch.allclose(itself.diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-9)
     torch.testing.assert_close(_matrix(a, b, batches), itself, atol=1e-5, rtol=0)
@@ -134,8 +155,9 @@ def test_last_state_is_the_last_block_output_before_the_final_norm(
     blocks = model.layers
     assert isinstance(blocks, torch.nn.ModuleList)
     last_block = blocks[-1]
-    handle = last_block.register_forward_hook(lambda _m, _a, out: captured.append(
-        out[0] if isinstance(out, tuple) else out))
+    handle = last_block.register_forward_hook(
+        lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
     try:
         states = layer_states(model, batch, causal=True, pooling="tokens")
     finally:
@@ -156,7 +178,8 @@ def test_bert_keeps_position_zero(tmp_path: Path) -> None:
 def test_shared_tokenizer_rules(tmp_path: Path, llama_pair: tuple[Path, Path]) -> None:
     a = llama_pair[0]
     assert len(shared_tokenizer(a, llama_pair[1], label_a="a", label_b="b")) == len(
-        char_tokenizer("llama"))
+        char_tokenizer("llama")
+    )
     no_tok = tmp_path / "no_tok"
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -184,7 +207,8 @@ def test_device_map_and_max_memory_parsing() -> None:
 
 
 def test_auto_device_map_with_memory_limit_loads_and_runs(llama_pair: tuple[Path, Path]) -> None:
-    model = load_probe_model(llama_pair[0], label="a", device_map="auto",
-                             max_memory={"cpu": "1GiB"})
+    model = load_probe_model(
+        llama_pair[0], label="a", device_map="auto", max_memory={"cpu": "1GiB"}
+    )
     states = layer_states(model, _batches("llama")[0], causal=True, pooling="tokens")
     assert len(states) == 3 and states[0].dtype == torch.float32

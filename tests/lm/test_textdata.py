@@ -36,8 +36,9 @@ def test_text_file_is_one_document_with_its_blank_lines(tmp_path: Path) -> None:
 
 def test_jsonl_gives_each_lines_text_and_skips_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
-    path.write_text('{"text": "one", "id": 1}\n\n{"text": "two ü"}\n{"text": ""}\n',
-                    encoding="utf-8")
+    path.write_text(
+        '{"text": "one", "id": 1}\n\n{"text": "two ü"}\n{"text": ""}\n', encoding="utf-8"
+    )
     assert load_texts(str(path)) == ["one", "two ü"]
 
 
@@ -53,8 +54,9 @@ def test_jsonl_gives_each_lines_text_and_skips_blank_lines(tmp_path: Path) -> No
         ("empty.jsonl", '{"text": "  "}\n', r"holds no text"),
     ],
 )
-def test_bad_data_files_raise_one_paragraph_errors(tmp_path: Path, name: str, content: str,
-                                                   expected: str) -> None:
+def test_bad_data_files_raise_one_paragraph_errors(
+    tmp_path: Path, name: str, content: str, expected: str
+) -> None:
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(InputDataError, match=expected) as info:
@@ -138,7 +140,9 @@ def test_windows_tile_long_documents_with_a_tokenizer_that_pads_and_truncates() 
     text = " ".join(f"word{i} is here" for i in range(400))
     windows = token_windows(tokenizer, [text], max_length=64, samples=None)
     assert len(windows) > 5
-    assert all(int(w[0]) == tokenizer.cls_token_id and int(w[-1]) == tokenizer.sep_token_id
-               for w in windows)
+    assert all(
+        int(w[0]) == tokenizer.cls_token_id and int(w[-1]) == tokenizer.sep_token_id
+        for w in windows
+    )
     assert all(len(w) == 64 for w in windows[:-1])
     assert tokenizer.pad_token_id not in windows[0].tolist()

@@ -30,8 +30,9 @@ def run(
     method = get_method(name)
     global_params, per_model = validate_params(method, params or {}, models or [{}] * len(tensors))
     generator = torch.Generator().manual_seed(seed)
-    return method.merge(tensors, base=base, model_params=per_model, params=global_params,
-                        generator=generator)
+    return method.merge(
+        tensors, base=base, model_params=per_model, params=global_params, generator=generator
+    )
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
@@ -53,8 +54,19 @@ def inputs_for(name: str, count: int) -> int:
 
 
 def test_registry_holds_the_methods_mergekit_users_expect() -> None:
-    assert set(ALL) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-                        "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock"}
+    assert set(ALL) == {
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+    }
     assert [m.name for m in list_methods()] == list(METHODS)
 
 
@@ -83,26 +95,39 @@ def test_misspelt_method_lists_the_valid_ones() -> None:
 def test_models_equal_to_the_base_give_the_base(name: str) -> None:
     a = randn(5, 7, seed=1)
     count = inputs_for(name, 3)
-    models = [{**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields
-              else m for m in weights_for(name, count)]
+    models = [
+        {**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields else m
+        for m in weights_for(name, count)
+    ]
     params = {"t": 0.7} if name == "slerp" else {}
-    merged = run(name, [a.clone() for _ in range(count)], base=a.clone(), params=params,
-                 models=models)
+    merged = run(
+        name, [a.clone() for _ in range(count)], base=a.clone(), params=params, models=models
+    )
     torch.testing.assert_close(merged, a, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("linear", {}), ("task_arithmetic", {"normalize": True}),
-     ("ties", {}), ("breadcrumbs_ties", {"normalize": True}), ("della", {}),
-     ("model_stock", {})],
+    [
+        ("linear", {}),
+        ("task_arithmetic", {"normalize": True}),
+        ("ties", {}),
+        ("breadcrumbs_ties", {"normalize": True}),
+        ("della", {}),
+        ("model_stock", {}),
+    ],
 )
 def test_identical_models_merge_to_themselves(name: str, params: dict[str, Any]) -> None:
     # Normalised methods average identical task vectors back to the one they share.
     a, base = randn(6, 4, seed=2), randn(6, 4, seed=3)
     count = inputs_for(name, 3)
-    merged = run(name, [a.clone() for _ in range(count)], base=base, params=params,
-                 models=weights_for(name, count))
+    merged = run(
+        name,
+        [a.clone() for _ in range(count)],
+        base=base,
+        params=params,
+        models=weights_for(name, count),
+    )
     torch.testing.assert_close(merged, a, rtol=1e-5, atol=1e-6)
 
 
@@ -112,8 +137,9 @@ def test_output_keeps_shape_and_float32(name: str) -> None:
     count = inputs_for(name, 2)
     tensors = [randn(*shape, seed=10 + i) for i in range(count)]
     params = {"t": 0.4} if name == "slerp" else {}
-    merged = run(name, tensors, base=randn(*shape, seed=9), params=params,
-                 models=weights_for(name, count))
+    merged = run(
+        name, tensors, base=randn(*shape, seed=9), params=params, models=weights_for(name, count)
+    )
     assert merged.shape == shape and merged.dtype == torch.float32
     assert torch.isfinite(merged).all()
 
@@ -127,8 +153,9 @@ def test_linear_is_the_weighted_sum() -> None:
     expected = sum(w * x for w, x in zip(ws, xs, strict=True))
     models = [{"weight": w} for w in ws]
     assert isinstance(expected, torch.Tensor)
-    torch.testing.assert_close(run("linear", xs, params={"normalize": False}, models=models),
-                               expected)
+    torch.testing.assert_close(
+        run("linear", xs, params={"normalize": False}, models=models), expected
+    )
     torch.testing.assert_close(run("linear", xs, models=models), expected / sum(ws))
 
 
@@ -165,8 +192,9 @@ def test_task_arithmetic_adds_scaled_task_vectors() -> None:
     xs = [randn(5, 5, seed=8), randn(5, 5, seed=9)]
     ws = [0.7, 0.4]
     expected = base + 0.6 * (ws[0] * (xs[0] - base) + ws[1] * (xs[1] - base))
-    merged = run("task_arithmetic", xs, base=base, params={"lambda": 0.6},
-                 models=[{"weight": w} for w in ws])
+    merged = run(
+        "task_arithmetic", xs, base=base, params={"lambda": 0.6}, models=[{"weight": w} for w in ws]
+    )
     torch.testing.assert_close(merged, expected)
 
 
@@ -223,8 +251,13 @@ def test_ties_density_keeps_the_largest_entries_of_each_task_vector() -> None:
 def test_ties_rescale_restores_the_l1_norm() -> None:
     base = torch.zeros(50)
     delta = randn(50, seed=41)
-    merged = run("ties", [delta], base=base, params={"rescale": True},
-                 models=[{"weight": 1.0, "density": 0.3}])
+    merged = run(
+        "ties",
+        [delta],
+        base=base,
+        params={"rescale": True},
+        models=[{"weight": 1.0, "density": 0.3}],
+    )
     torch.testing.assert_close(merged.abs().sum(), delta.abs().sum())
 
 
@@ -237,8 +270,10 @@ def test_seeded_generator_makes_every_method_reproducible(name: str) -> None:
     tensors = [randn(16, 16, seed=50 + i) for i in range(count)]
     base = randn(16, 16, seed=49)
     params = {"t": 0.5} if name == "slerp" else {}
-    models = [{**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields
-              else m for m in weights_for(name, count)]
+    models = [
+        {**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields else m
+        for m in weights_for(name, count)
+    ]
 
     def once(seed: int) -> torch.Tensor:
         return run(name, tensors, base=base, params=params, models=models, seed=seed)

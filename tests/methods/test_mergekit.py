@@ -49,10 +49,18 @@ def cases() -> list[Any]:
     """(method, global parameters, per-model parameters) settings worth comparing, with ids."""
     out: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
     for ws in WEIGHTS:
-        out.append(("linear", {}, [{"weight": w} for w in ws]) if len(ws) > 1 else
-                   ("linear", {"normalize": False}, [{"weight": 2.0}, {"weight": 0.5}]))
-        out.append(("task_arithmetic", {"lambda": 0.8, "normalize": len(ws) == 2},
-                    [{"weight": w} for w in ws]))
+        out.append(
+            ("linear", {}, [{"weight": w} for w in ws])
+            if len(ws) > 1
+            else ("linear", {"normalize": False}, [{"weight": 2.0}, {"weight": 0.5}])
+        )
+        out.append(
+            (
+                "task_arithmetic",
+                {"lambda": 0.8, "normalize": len(ws) == 2},
+                [{"weight": w} for w in ws],
+            )
+        )
         for density in DENSITIES:
             pruned = [{"weight": w, "density": density} for w in ws]
             for name in ("ties", "dare_ties", "dare_linear"):
@@ -73,16 +81,34 @@ def cases() -> list[Any]:
     return [pytest.param(*case, id=f"{case[0]}-{i}") for i, case in enumerate(out)]
 
 
-def ours(name: str, base: torch.Tensor, xs: Sequence[torch.Tensor], params: dict[str, Any],
-         models: list[dict[str, Any]], seed: int) -> torch.Tensor:
+def ours(
+    name: str,
+    base: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    params: dict[str, Any],
+    models: list[dict[str, Any]],
+    seed: int,
+) -> torch.Tensor:
     method = get_method(name)
     global_params, per_model = validate_params(method, params, models)
-    return method.merge(xs, base=base if method.needs_base else None, model_params=per_model,
-                        params=global_params, generator=torch.Generator().manual_seed(seed))
+    return method.merge(
+        xs,
+        base=base if method.needs_base else None,
+        model_params=per_model,
+        params=global_params,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def theirs(api: ModuleType, name: str, base: torch.Tensor, xs: Sequence[torch.Tensor],
-           params: dict[str, Any], models: list[dict[str, Any]], seed: int) -> torch.Tensor:
+def theirs(
+    api: ModuleType,
+    name: str,
+    base: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    params: dict[str, Any],
+    models: list[dict[str, Any]],
+    seed: int,
+) -> torch.Tensor:
     needs_base = get_method(name).needs_base
     inputs = [base, *xs] if needs_base else list(xs)
     offset = 1 if needs_base else 0
@@ -91,8 +117,9 @@ def theirs(api: ModuleType, name: str, base: torch.Tensor, xs: Sequence[torch.Te
         parameters[key] = {offset + i: one[key] for i, one in enumerate(models)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        result: torch.Tensor = api.merge_tensors(inputs, name, parameters=parameters,
-                                                 base_index=0 if needs_base else None)
+        result: torch.Tensor = api.merge_tensors(
+            inputs, name, parameters=parameters, base_index=0 if needs_base else None
+        )
     return result
 
 
@@ -107,8 +134,13 @@ def related(
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize(("name", "params", "models"), cases())
-def test_matches_mergekit(mergekit_api: ModuleType, shape: tuple[int, ...], name: str,
-                          params: dict[str, Any], models: list[dict[str, Any]]) -> None:
+def test_matches_mergekit(
+    mergekit_api: ModuleType,
+    shape: tuple[int, ...],
+    name: str,
+    params: dict[str, Any],
+    models: list[dict[str, Any]],
+) -> None:
     if len(shape) > 2 and (name in DELLA or params.get("filter_wise")):
         pytest.skip("hfmerge takes output rows of N-D tensors; mergekit a different axis")
     if shape == (1,) and name in DELLA:
@@ -116,15 +148,19 @@ def test_matches_mergekit(mergekit_api: ModuleType, shape: tuple[int, ...], name
     seed = len(models) * 1000 + sum(shape)
     base, xs = related(shape, len(models), seed)
     expected = theirs(mergekit_api, name, base, xs, params, models, seed)
-    torch.testing.assert_close(ours(name, base, xs, params, models, seed), expected,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours(name, base, xs, params, models, seed), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_parameters_and_defaults_match_mergekit(mergekit_registry: ModuleType, name: str) -> None:
     spec = mergekit_registry.get(name).spec
-    expected = {p.name: RELAXED.get(p.name) if p.required else p.default for p in spec.parameters
-                if p.name not in DROPPED | DROPPED_BY_METHOD.get(name, set())}
+    expected = {
+        p.name: RELAXED.get(p.name) if p.required else p.default
+        for p in spec.parameters
+        if p.name not in DROPPED | DROPPED_BY_METHOD.get(name, set())
+    }
     assert {info.name: info.default for info in describe_parameters(get_method(name))} == expected
 
 

@@ -24,27 +24,40 @@ DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "linear": ({"normalize": True}, {"weight": 1.0}),
     "slerp": ({"t": None}, {}),
     "task_arithmetic": ({"normalize": False, "lambda": 1.0}, {"weight": 1.0}),
-    "ties": ({"normalize": True, "rescale": False, "lambda": 1.0},
-             {"weight": 1.0, "density": 1.0}),
-    "dare_ties": ({"normalize": False, "rescale": True, "lambda": 1.0},
-                  {"weight": 1.0, "density": 1.0}),
-    "dare_linear": ({"normalize": False, "rescale": True, "lambda": 1.0},
-                    {"weight": 1.0, "density": 1.0}),
-    "breadcrumbs": ({"normalize": False, "rescale": False, "lambda": 1.0},
-                    {"weight": 1.0, "density": 1.0, "gamma": 0.01}),
-    "breadcrumbs_ties": ({"normalize": False, "rescale": False, "lambda": 1.0},
-                         {"weight": 1.0, "density": 1.0, "gamma": 0.01}),
-    "della": ({"normalize": True, "rescale": True, "lambda": 1.0},
-              {"weight": 1.0, "density": 1.0, "epsilon": 0.15}),
-    "della_linear": ({"normalize": False, "rescale": True, "lambda": 1.0},
-                     {"weight": 1.0, "density": 1.0, "epsilon": 0.15}),
+    "ties": ({"normalize": True, "rescale": False, "lambda": 1.0}, {"weight": 1.0, "density": 1.0}),
+    "dare_ties": (
+        {"normalize": False, "rescale": True, "lambda": 1.0},
+        {"weight": 1.0, "density": 1.0},
+    ),
+    "dare_linear": (
+        {"normalize": False, "rescale": True, "lambda": 1.0},
+        {"weight": 1.0, "density": 1.0},
+    ),
+    "breadcrumbs": (
+        {"normalize": False, "rescale": False, "lambda": 1.0},
+        {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+    ),
+    "breadcrumbs_ties": (
+        {"normalize": False, "rescale": False, "lambda": 1.0},
+        {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+    ),
+    "della": (
+        {"normalize": True, "rescale": True, "lambda": 1.0},
+        {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+    ),
+    "della_linear": (
+        {"normalize": False, "rescale": True, "lambda": 1.0},
+        {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+    ),
     "model_stock": ({"filter_wise": False}, {}),
 }
 
 
 def table(cls: type[MethodParams] | type[ModelParams]) -> dict[str, Any]:
-    return {field.alias or name: None if field.is_required() else field.default
-            for name, field in cls.model_fields.items()}
+    return {
+        field.alias or name: None if field.is_required() else field.default
+        for name, field in cls.model_fields.items()
+    }
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -67,11 +80,16 @@ def problems(name: str, params: dict[str, Any], models: list[dict[str, Any]]) ->
 
 
 def test_valid_parameters_give_typed_objects_with_defaults() -> None:
-    params, models = validate_params(get_method("ties"), {"density": 0.5, "lambda": 2},
-                                     [{"weight": 1}, {"weight": 0.5, "density": 0.2}])
+    params, models = validate_params(
+        get_method("ties"),
+        {"density": 0.5, "lambda": 2},
+        [{"weight": 1}, {"weight": 0.5, "density": 0.2}],
+    )
     assert params.model_dump(by_alias=True) == {"normalize": True, "rescale": False, "lambda": 2.0}
-    assert [m.model_dump() for m in models] == [{"weight": 1.0, "density": 0.5},
-                                                {"weight": 0.5, "density": 0.2}]
+    assert [m.model_dump() for m in models] == [
+        {"weight": 1.0, "density": 0.5},
+        {"weight": 0.5, "density": 0.2},
+    ]
     with pytest.raises(ValidationError, match="frozen"):
         as_params(params, TiesParams).normalize = False  # type: ignore[misc]
 
@@ -88,8 +106,9 @@ def test_misspelt_key_suggests_the_right_one() -> None:
 
 
 def test_key_of_another_method_names_its_owners() -> None:
-    message = problems("task_arithmetic", {}, [{"weight": 1, "density": 0.5}])[("models", 0,
-                                                                                 "density")]
+    message = problems("task_arithmetic", {}, [{"weight": 1, "density": 0.5}])[
+        ("models", 0, "density")
+    ]
     assert "ties" in message and "dare_linear" in message
 
 
@@ -139,8 +158,9 @@ def test_weight_defaults_to_one() -> None:
 
 
 def test_shared_default_is_overridden_per_model() -> None:
-    _, models = validate_params(get_method("dare_linear"), {"density": 0.4, "weight": 1},
-                                [{}, {"density": 0.9}])
+    _, models = validate_params(
+        get_method("dare_linear"), {"density": 0.4, "weight": 1}, [{}, {"density": 0.9}]
+    )
     assert [m.model_dump()["density"] for m in models] == [0.4, 0.9]
 
 
@@ -166,8 +186,12 @@ def test_della_epsilon_is_free_when_nothing_is_pruned() -> None:
 
 @pytest.mark.parametrize(
     ("name", "count", "expected"),
-    [("slerp", 2, "exactly 1 other model"), ("model_stock", 1, "at least 2 other models"),
-     ("linear", 1, "at least 2 models"), ("ties", 0, "at least 1 other model")],
+    [
+        ("slerp", 2, "exactly 1 other model"),
+        ("model_stock", 1, "at least 2 other models"),
+        ("linear", 1, "at least 2 models"),
+        ("ties", 0, "at least 1 other model"),
+    ],
 )
 def test_wrong_model_count(name: str, count: int, expected: str) -> None:
     models = [{"weight": 1.0} if name in ("linear", "ties") else {} for _ in range(count)]
@@ -186,11 +210,18 @@ def test_linear_refuses_to_normalise_weights_summing_to_zero() -> None:
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    found = problems("della", {"bogus": 1, "lambda": "x"},
-                     [{"weight": 1, "density": 0.05}, {"gamma": 1, "weight": "x"}])
-    assert set(found) == {("parameters", "bogus"), ("parameters", "lambda"),
-                          ("models", 0, "density"), ("models", 1, "gamma"),
-                          ("models", 1, "weight")}
+    found = problems(
+        "della",
+        {"bogus": 1, "lambda": "x"},
+        [{"weight": 1, "density": 0.05}, {"gamma": 1, "weight": "x"}],
+    )
+    assert set(found) == {
+        ("parameters", "bogus"),
+        ("parameters", "lambda"),
+        ("models", 0, "density"),
+        ("models", 1, "gamma"),
+        ("models", 1, "weight"),
+    }
 
 
 def test_merge_rejects_an_engine_call_that_breaks_the_contract() -> None:

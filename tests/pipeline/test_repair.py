@@ -20,8 +20,15 @@ from hfmerge.tensors.writer import ShardWriteError
 from tests.support.lm import save_lm, train_tiny_lm
 
 PROBE = {"data": "builtin", "samples": 8, "max_length": 32}
-FOLDED = ("input_layernorm", "q_proj", "k_proj", "o_proj", "post_attention_layernorm",
-          "down_proj", "model.norm")
+FOLDED = (
+    "input_layernorm",
+    "q_proj",
+    "k_proj",
+    "o_proj",
+    "post_attention_layernorm",
+    "down_proj",
+    "model.norm",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -30,25 +37,34 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("seeds")
-    return (save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
-            save_lm("llama", root / "b", model=train_tiny_lm("llama", seed=1, steps=200)))
+    return (
+        save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
+        save_lm("llama", root / "b", model=train_tiny_lm("llama", seed=1, steps=200)),
+    )
 
 
-def _recipe(a: Path, b: Path, out: Path, *, repair: bool, method: str = "linear",
-            shard: str = "5GB") -> Any:
-    return parse_recipe({
-        "models": [{"model": str(a), "weight": 0.5}, {"model": str(b), "weight": 0.5}],
-        "base": str(a),
-        "align": {"method": "weight", "repair": repair},
-        "probe": PROBE,
-        "merge": {"method": method},
-        "output": {"path": str(out), "max_shard_size": shard},
-    })
+def _recipe(
+    a: Path, b: Path, out: Path, *, repair: bool, method: str = "linear", shard: str = "5GB"
+) -> Any:
+    return parse_recipe(
+        {
+            "models": [{"model": str(a), "weight": 0.5}, {"model": str(b), "weight": 0.5}],
+            "base": str(a),
+            "align": {"method": "weight", "repair": repair},
+            "probe": PROBE,
+            "merge": {"method": method},
+            "output": {"path": str(out), "max_shard_size": shard},
+        }
+    )
 
 
 def _loss(path: Path) -> float:
-    return eval_model(str(path), data=str(PROBE["data"]), max_length=int(PROBE["max_length"]),
-                      samples=int(PROBE["samples"])).loss
+    return eval_model(
+        str(path),
+        data=str(PROBE["data"]),
+        max_length=int(PROBE["max_length"]),
+        samples=int(PROBE["samples"]),
+    ).loss
 
 
 def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
@@ -58,8 +74,15 @@ def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
     run_recipe(_recipe(a, b, tmp_path / "plain", repair=False), progress=False)
     run_recipe(_recipe(a, b, tmp_path / "repaired", repair=True), progress=False)
     weight, repaired = compare_barriers(
-        str(a), str(b), aligns=["weight", "weight+repair"], steps=3, data=str(PROBE["data"]),
-        max_length=int(PROBE["max_length"]), samples=int(PROBE["samples"]), progress=False)
+        str(a),
+        str(b),
+        aligns=["weight", "weight+repair"],
+        steps=3,
+        data=str(PROBE["data"]),
+        max_length=int(PROBE["max_length"]),
+        samples=int(PROBE["samples"]),
+        progress=False,
+    )
     assert _loss(tmp_path / "plain") == pytest.approx(weight.loss_mid, abs=1e-4)
     assert _loss(tmp_path / "repaired") == pytest.approx(repaired.loss_mid, abs=1e-4)
     assert abs(repaired.loss_mid - weight.loss_mid) > 1e-3
@@ -79,13 +102,16 @@ def test_repair_needs_a_linear_merge() -> None:
 
 
 def test_overwrite_tensors_keeps_dtype_and_refuses_a_new_shape(tmp_path: Path) -> None:
-    tensors = {"a": torch.arange(6, dtype=torch.bfloat16).view(2, 3),
-               "b": torch.ones(4, dtype=torch.float32)}
+    tensors = {
+        "a": torch.arange(6, dtype=torch.bfloat16).view(2, 3),
+        "b": torch.ones(4, dtype=torch.float32),
+    }
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     overwrite_tensors(tmp_path, {"a": torch.full((2, 3), 2.5)}, label="m")  # float32 in
     reloaded = load_file(tmp_path / "model.safetensors")
-    assert reloaded["a"].dtype == torch.bfloat16 and torch.equal(reloaded["a"],
-                                                                torch.full((2, 3), 2.5).bfloat16())
+    assert reloaded["a"].dtype == torch.bfloat16 and torch.equal(
+        reloaded["a"], torch.full((2, 3), 2.5).bfloat16()
+    )
     assert torch.equal(reloaded["b"], tensors["b"])
     with pytest.raises(ShardWriteError, match="shape"):
         overwrite_tensors(tmp_path, {"b": torch.ones(5)}, label="m")

@@ -41,14 +41,17 @@ def write_texts(folder: Path) -> dict[str, Path]:
     return files
 
 
-def route_recipe(path: Path, models: list[str], base: str, texts: dict[str, Path],
-                 **output: object) -> Path:
+def route_recipe(
+    path: Path, models: list[str], base: str, texts: dict[str, Path], **output: object
+) -> Path:
     recipe = {
         "models": models,
         "base": base,
         "probe": {"samples": 24, "max_length": LENGTH},
-        "route": {"method": "centroid",
-                  "experts": [{"data": str(texts[f"{n}-train"])} for n in NAMES]},
+        "route": {
+            "method": "centroid",
+            "experts": [{"data": str(texts[f"{n}-train"])} for n in NAMES],
+        },
         "output": {"path": "routed", **output},
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -59,8 +62,9 @@ def test_route_recipe_writes_a_routed_repo_that_serves_and_evaluates(
     experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     texts = write_texts(tmp_path)
-    recipe = route_recipe(tmp_path / "r.yaml", [str(experts[n]) for n in NAMES],
-                          str(experts["backbone"]), texts)
+    recipe = route_recipe(
+        tmp_path / "r.yaml", [str(experts[n]) for n in NAMES], str(experts["backbone"]), texts
+    )
     out = tmp_path / "out"
     assert main(["run", str(recipe), "--out", str(out), "--dry-run"]) == 0
     plan = capsys.readouterr().out
@@ -87,27 +91,51 @@ def test_route_recipe_writes_a_routed_repo_that_serves_and_evaluates(
         assert torch.equal(output.logits[row : row + 1], alone.logits)
 
     report = tmp_path / "eval.json"
-    assert main(["eval", str(out), str(experts["digits"]), str(experts["letters"]),
-                 "--data", str(texts["digits-test"]), "--data", str(texts["letters-test"]),
-                 "--max-length", str(LENGTH), "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                str(experts["digits"]),
+                str(experts["letters"]),
+                "--data",
+                str(texts["digits-test"]),
+                "--data",
+                str(texts["letters-test"]),
+                "--max-length",
+                str(LENGTH),
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "mean token loss" in table and str(out) in table
-    loss = {(r["model"], Path(r["data"]).stem): r["loss"]
-            for r in json.loads(report.read_text())["results"]}
+    loss = {
+        (r["model"], Path(r["data"]).stem): r["loss"]
+        for r in json.loads(report.read_text())["results"]
+    }
     for name in NAMES:  # every test window goes to its own expert: the same loss
         assert loss[str(out), f"{name}-test"] == pytest.approx(
-            loss[str(experts[name]), f"{name}-test"], abs=1e-5)
+            loss[str(experts[name]), f"{name}-test"], abs=1e-5
+        )
 
 
 def test_routed_repo_over_hub_experts_is_pushed_and_loads_back_by_id(
-    fake_hub: FakeHub, experts: dict[str, Path], tmp_path: Path, chdir_tmp: Path,
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    fake_hub: FakeHub,
+    experts: dict[str, Path],
+    tmp_path: Path,
+    chdir_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(hub.push, "PUSH_BACKOFF_S", 0.01)
     shas = {n: fake_hub.add_model(f"org/{n}", experts[n]) for n in NAMES}
     texts = write_texts(tmp_path)
-    recipe = route_recipe(chdir_tmp / "r.yaml", [f"org/{n}" for n in NAMES], "org/digits",
-                          texts, push="org/routed")
+    recipe = route_recipe(
+        chdir_tmp / "r.yaml", [f"org/{n}" for n in NAMES], "org/digits", texts, push="org/routed"
+    )
     assert main(["run", str(recipe)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith("org/routed")
     repo = fake_hub.repo("org/routed")
@@ -126,8 +154,9 @@ def test_push_refuses_a_routed_folder_with_a_missing_bundle(
     experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     texts = write_texts(tmp_path)
-    recipe = route_recipe(tmp_path / "r.yaml", [str(experts[n]) for n in NAMES],
-                          str(experts["digits"]), texts)
+    recipe = route_recipe(
+        tmp_path / "r.yaml", [str(experts[n]) for n in NAMES], str(experts["digits"]), texts
+    )
     out = tmp_path / "out"
     assert main(["run", str(recipe), "--out", str(out)]) == 0
     for file in (out / "experts" / "letters").glob("*.safetensors"):

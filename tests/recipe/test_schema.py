@@ -99,8 +99,10 @@ def test_route_experts_must_match_models() -> None:
 def test_route_needs_experts_a_valid_default_and_no_alignment() -> None:
     head = GOOD.split("merge:")[0].replace("    weight: 0.5\n    density: 0.4\n", "")
     assert any("no `experts:`" in p for p in problems_of(head + "route:\n  method: centroid\n"))
-    text = head + ("align: {method: weight}\nroute:\n  experts: [{data: a}, {data: b}]\n"
-                   "  default_expert: 2\n  temperature: 0\n")
+    text = head + (
+        "align: {method: weight}\nroute:\n  experts: [{data: a}, {data: b}]\n"
+        "  default_expert: 2\n  temperature: 0\n"
+    )
     found = "\n".join(problems_of(text))
     assert "default_expert 2 is not a model index" in found
     assert "alignment has no effect on routing" in found and "route.temperature" in found

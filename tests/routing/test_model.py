@@ -51,8 +51,9 @@ def centroid(experts: dict[str, Path]) -> BuiltRouter:
 
 
 @pytest.fixture(scope="module")
-def repo(centroid: BuiltRouter, experts: dict[str, Path],
-         tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(
+    centroid: BuiltRouter, experts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     return write_bundled(centroid, experts, tmp_path_factory.mktemp("routed") / "repo")
 
 
@@ -62,8 +63,11 @@ def test_pooled_features_are_the_masked_mean_of_that_blocks_output(kind: str) ->
     batch = tiny_batch(kind)
     features = pooled_features(model, batch["input_ids"], batch["attention_mask"], layer=1)
     with torch.no_grad():
-        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       output_hidden_states=True).hidden_states
+        states = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+        ).hidden_states
     keep = kept_positions(batch["attention_mask"], causal=is_causal(model.config))
     assert torch.allclose(features, pool(states[1], keep, pooling="mean"), atol=1e-6)
     assert features.dtype == torch.float32 and features.device.type == "cpu"
@@ -91,34 +95,43 @@ def test_each_row_gets_exactly_its_experts_logits(repo: Path) -> None:
         rows = out.experts == index
         expert = load_expert(repo / "experts" / name)
         with torch.no_grad():
-            expected = expert(input_ids=batch["input_ids"][rows],
-                              attention_mask=batch["attention_mask"][rows]).logits
+            expected = expert(
+                input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]
+            ).logits
         assert torch.equal(out.logits[rows], expected)
     assert model.pool.device_maps == {"digits": {"": "cpu"}, "letters": {"": "cpu"}}
 
 
-def test_the_saved_repo_routes_as_the_built_router(repo: Path, centroid: BuiltRouter,
-                                                   experts: dict[str, Path]) -> None:
+def test_the_saved_repo_routes_as_the_built_router(
+    repo: Path, centroid: BuiltRouter, experts: dict[str, Path]
+) -> None:
     saved = load_file(repo / ROUTER_FILE)
     assert saved.keys() == centroid.router.to_tensors().keys()
     assert all(torch.equal(saved[k], v) for k, v in centroid.router.to_tensors().items())
     manifest = read_manifest(repo)
     assert manifest.router.layer == centroid.layer and manifest.calibration["samples"] == [24, 24]
     assert sorted(p.name for p in (repo / "experts" / "letters").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert sorted(p.name for p in repo.iterdir()) == ["experts", MANIFEST_FILE, ROUTER_FILE]
     # The built router on features of the original backbone, against the loaded repo.
     tokenizer = load_tokenizer(experts["digits"], label="digits")
     texts = digit_texts(3, seed=11) + letter_texts(3, seed=12)
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=LENGTH)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=LENGTH)
     backbone = load_expert(experts["digits"])
-    features = pooled_features(backbone, batch["input_ids"], batch["attention_mask"],
-                               layer=centroid.layer or 0)
+    features = pooled_features(
+        backbone, batch["input_ids"], batch["attention_mask"], layer=centroid.layer or 0
+    )
     loaded = RoutedModel.from_pretrained(repo, device_map=None)
-    assert loaded.route_ids(batch["input_ids"], batch["attention_mask"]).tolist() == \
-        centroid.router.choose(features).tolist() == [0, 0, 0, 1, 1, 1]
+    assert (
+        loaded.route_ids(batch["input_ids"], batch["attention_mask"]).tolist()
+        == centroid.router.choose(features).tolist()
+        == [0, 0, 0, 1, 1, 1]
+    )
 
 
 def test_left_padding_routes_like_right_padding(repo: Path) -> None:
@@ -126,24 +139,30 @@ def test_left_padding_routes_like_right_padding(repo: Path) -> None:
     right = mixed_batch(model.tokenizer)
     model.tokenizer.padding_side = "left"
     left = mixed_batch(model.tokenizer)
-    assert model.route_ids(left["input_ids"], left["attention_mask"]).tolist() == \
-        model.route_ids(right["input_ids"], right["attention_mask"]).tolist()
+    assert (
+        model.route_ids(left["input_ids"], left["attention_mask"]).tolist()
+        == model.route_ids(right["input_ids"], right["attention_mask"]).tolist()
+    )
 
 
 def test_generate_equals_each_experts_own_greedy_generate(repo: Path) -> None:
     model = RoutedModel.from_pretrained(repo, device_map=None)
     model.tokenizer.padding_side = "left"  # decoder prompts of different lengths
     batch = mixed_batch(model.tokenizer)
-    out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=4,
-                         do_sample=False)
+    out = model.generate(
+        batch["input_ids"], batch["attention_mask"], max_new_tokens=4, do_sample=False
+    )
     assert out.shape == (4, batch["input_ids"].shape[1] + 4)
     for index, name in enumerate(NAMES):
         rows = torch.tensor(EXPECTED_ROUTES) == index
         expert = load_expert(repo / "experts" / name)
-        expected = expert.generate(input_ids=batch["input_ids"][rows],
-                                   attention_mask=batch["attention_mask"][rows],
-                                   max_new_tokens=4, do_sample=False,
-                                   pad_token_id=model.tokenizer.pad_token_id)
+        expected = expert.generate(
+            input_ids=batch["input_ids"][rows],
+            attention_mask=batch["attention_mask"][rows],
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
         assert torch.equal(out[rows], expected)
 
 
@@ -178,8 +197,9 @@ def test_perplexity_router_picks_the_expert_with_the_lower_loss(
                 row_losses.append(float(expert(input_ids=real, labels=real).loss))
         losses.append(row_losses)
     expected = torch.tensor(losses).argmin(0)  # [E, B] -> [B]
-    assert model.route_ids(batch["input_ids"], batch["attention_mask"]).tolist() == \
-        expected.tolist()
+    assert (
+        model.route_ids(batch["input_ids"], batch["attention_mask"]).tolist() == expected.tolist()
+    )
 
 
 def test_eval_scores_each_window_with_its_expert(repo: Path, tmp_path: Path) -> None:
@@ -187,8 +207,9 @@ def test_eval_scores_each_window_with_its_expert(repo: Path, tmp_path: Path) -> 
     data.write_text("\n".join(digit_texts(6, seed=21)), encoding="utf-8")
     routed = eval_routed(repo, data=str(data), max_length=LENGTH, device_map=None)
     tokenizer = load_tokenizer(repo / "experts" / "digits", label="digits")
-    windows = token_windows(tokenizer, [data.read_text(encoding="utf-8")], max_length=LENGTH,
-                            samples=None)
+    windows = token_windows(
+        tokenizer, [data.read_text(encoding="utf-8")], max_length=LENGTH, samples=None
+    )
     direct = evaluate(load_expert(repo / "experts" / "digits"), tokenizer, windows)
     assert routed.tokens == direct.tokens and routed.windows == direct.windows
     assert routed.loss == pytest.approx(direct.loss, rel=1e-6)  # every window goes to digits

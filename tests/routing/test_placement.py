@@ -58,16 +58,19 @@ def test_a_budget_for_one_expert_evicts_the_least_recently_used(repo: Path) -> N
         rows = out.experts == index
         with torch.no_grad():
             expected = load_expert(repo / "experts" / name)(
-                input_ids=batch["input_ids"][rows],
-                attention_mask=batch["attention_mask"][rows]).logits
+                input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]
+            ).logits
         assert torch.equal(out.logits[rows], expected)
     assert model.route(["12 34"]) == [0]  # routing needs the backbone back
     assert pool.loads == ["digits", "letters", "digits"] and pool.loaded == ("digits",)
 
 
 def test_an_evicted_expert_is_freed(repo: Path) -> None:
-    pool = ExpertPool([PooledModel(n, repo / "experts" / n) for n in NAMES], device_map=None,
-                      budget_bytes=expert_bytes(repo / "experts" / "digits") + 1)
+    pool = ExpertPool(
+        [PooledModel(n, repo / "experts" / n) for n in NAMES],
+        device_map=None,
+        budget_bytes=expert_bytes(repo / "experts" / "digits") + 1,
+    )
     first = weakref.ref(pool.get("digits"))
     pool.get("letters")
     gc.collect()

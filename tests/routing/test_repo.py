@@ -52,23 +52,33 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def repo(experts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bundled(build("centroid", experts), experts,
-                         tmp_path_factory.mktemp("routed") / "repo")
+    return write_bundled(
+        build("centroid", experts), experts, tmp_path_factory.mktemp("routed") / "repo"
+    )
 
 
 def manifest_json(repo: Path) -> dict[str, Any]:
     return json.loads((repo / MANIFEST_FILE).read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
 
-def test_manifest_round_trips_and_bundles_by_hard_link(repo: Path, experts: dict[str, Path]
-                                                       ) -> None:
+def test_manifest_round_trips_and_bundles_by_hard_link(
+    repo: Path, experts: dict[str, Path]
+) -> None:
     data = manifest_json(repo)
     assert data["format_version"] == 1
-    assert data["experts"] == [{"name": n, "path": f"experts/{n}", "dtype": "float32"}
-                               for n in NAMES]
+    assert data["experts"] == [
+        {"name": n, "path": f"experts/{n}", "dtype": "float32"} for n in NAMES
+    ]
     assert data["router"] | {"layer": None} == {
-        "type": "centroid", "backbone": {"expert": "digits"}, "layer": None, "pooling": "mean",
-        "temperature": 0.1, "min_confidence": None, "default_expert": None, "max_length": 32}
+        "type": "centroid",
+        "backbone": {"expert": "digits"},
+        "layer": None,
+        "pooling": "mean",
+        "temperature": 0.1,
+        "min_confidence": None,
+        "default_expert": None,
+        "max_length": 32,
+    }
     assert parse_manifest(data).to_json() == data
     weights = repo / "experts" / "digits" / "model.safetensors"
     assert os.path.samefile(weights, experts["digits"] / "model.safetensors")
@@ -85,29 +95,36 @@ def _set(path: str, value: Any) -> Edit:
         for key in parents:
             target = target[int(key)] if key.isdigit() else target[key]
         target[int(last) if last.isdigit() else last] = value
+
     return edit
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (_set("format_version", 2), "format_version: 2 is not a version this hfmerge reads"),
-    (_set("experts", []), "experts: lists 0 expert"),
-    (_set("experts.1.name", "digits"), r"experts\[1\].name: 'digits' appears twice"),
-    (_set("experts.0.path", "../elsewhere"), "is not a plain relative folder"),
-    (_set("experts.0.path", "/etc"), "is not a plain relative folder"),
-    (_set("experts.0", {"name": "a", "repo_id": "org/a", "revision": "main"}),
-     r"experts\[0\].revision: 'main' is not a 40-hex commit sha"),
-    (_set("experts.0", {"name": "a", "repo_id": "org/a", "revision": SHA, "path": "x"}),
-     "gives both `path` and `repo_id`"),
-    (_set("experts.0.dtype", "int8"), r"experts\[0\].dtype: 'int8' is not one of"),
-    (_set("router.backbone", {"expert": "nobody"}), "router.backbone.expert: 'nobody' is not"),
-    (_set("router.layer", "two"), "router.layer: 'two' is not an integer"),
-    (_set("router.temperature", "hot"), "router.temperature: must be a number"),
-    (_set("router.default_expert", "nobody"), "router.default_expert: 'nobody' is not"),
-    (_set("router.pooling", "last"), "router.pooling: 'last' is not supported"),
-    (_set("router", None), "router: must be a JSON object"),
-])
-def test_bad_manifests_name_the_field(repo: Path, tmp_path: Path, edit: Edit, message: str
-                                      ) -> None:
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("format_version", 2), "format_version: 2 is not a version this hfmerge reads"),
+        (_set("experts", []), "experts: lists 0 expert"),
+        (_set("experts.1.name", "digits"), r"experts\[1\].name: 'digits' appears twice"),
+        (_set("experts.0.path", "../elsewhere"), "is not a plain relative folder"),
+        (_set("experts.0.path", "/etc"), "is not a plain relative folder"),
+        (
+            _set("experts.0", {"name": "a", "repo_id": "org/a", "revision": "main"}),
+            r"experts\[0\].revision: 'main' is not a 40-hex commit sha",
+        ),
+        (
+            _set("experts.0", {"name": "a", "repo_id": "org/a", "revision": SHA, "path": "x"}),
+            "gives both `path` and `repo_id`",
+        ),
+        (_set("experts.0.dtype", "int8"), r"experts\[0\].dtype: 'int8' is not one of"),
+        (_set("router.backbone", {"expert": "nobody"}), "router.backbone.expert: 'nobody' is not"),
+        (_set("router.layer", "two"), "router.layer: 'two' is not an integer"),
+        (_set("router.temperature", "hot"), "router.temperature: must be a number"),
+        (_set("router.default_expert", "nobody"), "router.default_expert: 'nobody' is not"),
+        (_set("router.pooling", "last"), "router.pooling: 'last' is not supported"),
+        (_set("router", None), "router: must be a JSON object"),
+    ],
+)
+def test_bad_manifests_name_the_field(repo: Path, tmp_path: Path, edit: Edit, message: str) -> None:
     data = manifest_json(repo)
     edit(data)
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(data), encoding="utf-8")
@@ -125,8 +142,7 @@ def test_missing_or_unreadable_files_are_clear(repo: Path, tmp_path: Path) -> No
     (tmp_path / MANIFEST_FILE).write_bytes((repo / MANIFEST_FILE).read_bytes())
     with pytest.raises(RoutedRepoError, match=f"has no {ROUTER_FILE}"):
         open_routed_repo(tmp_path)
-    save_file({"centroids": torch.zeros(3, 64), "center": torch.zeros(64)},
-              tmp_path / ROUTER_FILE)
+    save_file({"centroids": torch.zeros(3, 64), "center": torch.zeros(64)}, tmp_path / ROUTER_FILE)
     with pytest.raises(RoutedRepoError, match=r"does not fit .*shape \(3, 64\)"):
         open_routed_repo(tmp_path)
     (tmp_path / ROUTER_FILE).write_bytes((repo / ROUTER_FILE).read_bytes())
@@ -147,14 +163,19 @@ def test_an_unknown_router_type_or_missing_backbone_is_refused(repo: Path, tmp_p
         open_routed_repo(tmp_path)
 
 
-def test_experts_with_another_vocabulary_are_refused(experts: dict[str, Path],
-                                                     tmp_path: Path) -> None:
+def test_experts_with_another_vocabulary_are_refused(
+    experts: dict[str, Path], tmp_path: Path
+) -> None:
     other = shutil.copytree(experts["letters"], tmp_path / "other")
     config = json.loads((other / "config.json").read_text(encoding="utf-8"))
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 120}))
     with pytest.raises(IncompatibleModelsError, match="97 and 120 entries"):
-        build_router("centroid", backbone=experts["digits"], experts=[experts["digits"], other],
-                     calibration_texts=[digit_texts(2), letter_texts(2)])
+        build_router(
+            "centroid",
+            backbone=experts["digits"],
+            experts=[experts["digits"], other],
+            calibration_texts=[digit_texts(2), letter_texts(2)],
+        )
 
 
 def test_experts_pinned_on_the_hub_and_a_routed_repo_read_by_id(

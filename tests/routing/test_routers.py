@@ -22,8 +22,9 @@ DIM, PER_EXPERT = 16, 40
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
-def clusters(spread: float, *, experts: int = 3, seed: int = 0,
-             offset: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+def clusters(
+    spread: float, *, experts: int = 3, seed: int = 0, offset: float = 20.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian clusters around random unit means, all shifted by a large common vector (as
     mean-pooled hidden states are): features [E * PER_EXPERT, DIM], labels."""
     generator = torch.Generator().manual_seed(seed)
@@ -58,8 +59,12 @@ def test_centroid_is_centred_so_the_common_direction_does_not_hide_the_experts()
 @pytest.mark.parametrize("cls", [CentroidRouter, LogisticRouter])
 def test_saved_tensors_and_config_rebuild_the_same_router(cls: type[CentroidRouter]) -> None:
     features, labels = clusters(0.5)
-    router = cls.fit(features, labels, num_experts=3,
-                     settings=RouterSettings(0.5, min_confidence=0.6, default_expert=2))
+    router = cls.fit(
+        features,
+        labels,
+        num_experts=3,
+        settings=RouterSettings(0.5, min_confidence=0.6, default_expert=2),
+    )
     again = cls.from_saved(router.config(), router.to_tensors())
     assert torch.equal(again.probabilities(features), router.probabilities(features))
     assert again.settings == router.settings
@@ -71,8 +76,9 @@ def test_logistic_fit_is_deterministic() -> None:
     features, labels = clusters(1.0)
     first = LogisticRouter.fit(features, labels, num_experts=3, settings=RouterSettings())
     second = LogisticRouter.fit(features, labels, num_experts=3, settings=RouterSettings())
-    assert all(torch.equal(first.to_tensors()[k], second.to_tensors()[k])
-               for k in first.to_tensors())
+    assert all(
+        torch.equal(first.to_tensors()[k], second.to_tensors()[k]) for k in first.to_tensors()
+    )
 
 
 def test_unsure_inputs_fall_back_to_the_default_expert() -> None:
@@ -88,8 +94,9 @@ def test_unsure_inputs_fall_back_to_the_default_expert() -> None:
 
 
 def test_perplexity_router_picks_the_lowest_loss() -> None:
-    router = PerplexityRouter.fit(torch.empty(0), torch.empty(0, dtype=torch.long),
-                                  num_experts=3, settings=RouterSettings())
+    router = PerplexityRouter.fit(
+        torch.empty(0), torch.empty(0, dtype=torch.long), num_experts=3, settings=RouterSettings()
+    )
     losses = torch.tensor([[2.0, 1.0, 3.0], [0.5, 0.7, 0.6], [4.0, 4.0, 3.9]])  # [n, E]
     assert router.choose(losses).tolist() == [1, 0, 2]
     assert router.to_tensors() == {}
@@ -102,12 +109,15 @@ def test_unknown_router_name_lists_valid_names() -> None:
     assert caught.value.choices == sorted(ROUTERS)
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    (RouterSettings(0.0), "not positive"),
-    (RouterSettings(1.0, min_confidence=1.5, default_expert=0), "not a probability"),
-    (RouterSettings(1.0, min_confidence=0.5), "no default_expert"),
-    (RouterSettings(1.0, default_expert=3), "not one of the 2 experts"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (RouterSettings(0.0), "not positive"),
+        (RouterSettings(1.0, min_confidence=1.5, default_expert=0), "not a probability"),
+        (RouterSettings(1.0, min_confidence=0.5), "no default_expert"),
+        (RouterSettings(1.0, default_expert=3), "not one of the 2 experts"),
+    ],
+)
 def test_bad_settings_are_refused(settings: RouterSettings, message: str) -> None:
     features, labels = clusters(0.1, experts=2)
     with pytest.raises(RoutingError, match=message):
@@ -125,15 +135,17 @@ def test_holdout_split_is_stratified_and_deterministic() -> None:
     fit, held = holdout_split(labels, fraction=0.2, seed=3)
     assert torch.bincount(labels[held], minlength=3).tolist() == [2, 1, 0]
     assert sorted([*fit.tolist(), *held.tolist()]) == list(range(16))
-    assert all(torch.equal(a, b) for a, b in zip((fit, held),
-                                                 holdout_split(labels, fraction=0.2, seed=3),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip((fit, held), holdout_split(labels, fraction=0.2, seed=3), strict=True)
+    )
 
 
 def test_report_of_separated_experts_is_clean() -> None:
     features, labels = clusters(0.05)
-    report = calibration_report(CentroidRouter, features, labels, experts=["a", "b", "c"],
-                                settings=RouterSettings(0.1))
+    report = calibration_report(
+        CentroidRouter, features, labels, experts=["a", "b", "c"], settings=RouterSettings(0.1)
+    )
     assert report.samples == [PER_EXPERT] * 3
     assert report.heldout_samples == 3 * 8 and report.heldout_accuracy == 1.0
     assert report.expert_accuracy == [1.0, 1.0, 1.0]
@@ -145,10 +157,20 @@ def test_report_of_separated_experts_is_clean() -> None:
 def test_report_warns_about_overlapping_experts() -> None:
     features, labels = clusters(3.0)
     labels[:4] = 2  # expert 2 also shares expert 0's cluster
-    report = calibration_report(CentroidRouter, features[:90], labels[:90],
-                                experts=["a", "b", "c"], settings=RouterSettings(0.1))
+    report = calibration_report(
+        CentroidRouter,
+        features[:90],
+        labels[:90],
+        experts=["a", "b", "c"],
+        settings=RouterSettings(0.1),
+    )
     assert report.heldout_accuracy is not None and report.heldout_accuracy < 0.8
     assert any("held-out routing accuracy" in w for w in report.warnings)
-    few = calibration_report(LogisticRouter, features[:6], torch.tensor([0, 0, 0, 1, 1, 1]),
-                             experts=["a", "b"], settings=RouterSettings())
+    few = calibration_report(
+        LogisticRouter,
+        features[:6],
+        torch.tensor([0, 0, 0, 1, 1, 1]),
+        experts=["a", "b"],
+        settings=RouterSettings(),
+    )
     assert any("only 3 calibration windows" in w for w in few.warnings)

@@ -40,14 +40,24 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 
 def routed_repo(method: str, zoo: dict[str, Path], out: Path) -> Path:
     """A bundled routed repo over the specialists, seed0 (their shared base) as backbone."""
-    built = build_router(method, backbone=zoo["seed0"], experts=[zoo[n] for n in EXPERTS],
-                         calibration_texts=[[corpus.train_text(n)[:60_000]] for n in EXPERTS],
-                         names=EXPERTS, samples=48, max_length=LENGTH)
+    built = build_router(
+        method,
+        backbone=zoo["seed0"],
+        experts=[zoo[n] for n in EXPERTS],
+        calibration_texts=[[corpus.train_text(n)[:60_000]] for n in EXPERTS],
+        names=EXPERTS,
+        samples=48,
+        max_length=LENGTH,
+    )
     entries = [ExpertEntry(n, ModelLocation(path=f"experts/{n}")) for n in EXPERTS]
     backbone = BackboneRef(location=ModelLocation(path="backbone"))
-    return write_routed_repo(out, routed_manifest(built, entries, backbone=backbone),
-                             built.router, bundle_sources={n: zoo[n] for n in EXPERTS},
-                             backbone_source=zoo["seed0"])
+    return write_routed_repo(
+        out,
+        routed_manifest(built, entries, backbone=backbone),
+        built.router,
+        bundle_sources={n: zoo[n] for n in EXPERTS},
+        backbone_source=zoo["seed0"],
+    )
 
 
 def chunks(text: str, count: int, size: int = 600) -> list[str]:
@@ -55,11 +65,13 @@ def chunks(text: str, count: int, size: int = 600) -> list[str]:
     return [text[i * step : i * step + size] for i in range(count)]
 
 
-def test_held_out_code_and_prose_go_to_their_specialist(zoo: dict[str, Path],
-                                                        tmp_path: Path) -> None:
+def test_held_out_code_and_prose_go_to_their_specialist(
+    zoo: dict[str, Path], tmp_path: Path
+) -> None:
     model = RoutedModel.from_pretrained(routed_repo("centroid", zoo, tmp_path), device_map=None)
-    routes = model.route(chunks(corpus.heldout_text("code"), 20)
-                         + chunks(corpus.heldout_text("prose"), 20))
+    routes = model.route(
+        chunks(corpus.heldout_text("code"), 20) + chunks(corpus.heldout_text("prose"), 20)
+    )
     right = sum(r == 0 for r in routes[:20]) + sum(r == 1 for r in routes[20:])
     assert right >= 32  # 80%; the tiny zoo (hidden 32, 2 blocks) routes 34 of 40 right
 
@@ -71,8 +83,9 @@ def test_perplexity_routing_scores_at_least_as_well_as_the_best_expert(
     data.write_text(corpus.builtin_probe_text("mixed")[:8000], encoding="utf-8")
     repo = routed_repo("perplexity", zoo, tmp_path / "repo")
     routed = eval_routed(repo, data=str(data), max_length=LENGTH, device_map=None)
-    alone = [eval_model(str(repo / "experts" / n), data=str(data), max_length=LENGTH)
-             for n in EXPERTS]
+    alone = [
+        eval_model(str(repo / "experts" / n), data=str(data), max_length=LENGTH) for n in EXPERTS
+    ]
     assert all(result.tokens == routed.tokens for result in alone)
     # Each window goes to the expert with its lowest loss, so the token-weighted mean can only
     # beat (or match) every single expert's.

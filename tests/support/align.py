@@ -19,7 +19,6 @@ def assert_same_perms(found: Permutations, expected: Permutations) -> None:
     assert not wrong, f"differs: {wrong}"
 
 
-
 def padded_batches(kind: str, *, seed: int = 0, count: int = 3) -> list[Batch]:
     """Random token ids, right padding of varying length in every batch (masked)."""
     generator = torch.Generator().manual_seed(seed)
@@ -28,7 +27,7 @@ def padded_batches(kind: str, *, seed: int = 0, count: int = 3) -> list[Batch]:
         ids = torch.randint(0, VOCAB, (4, 16), generator=generator)
         mask = torch.ones_like(ids)
         for row, pad in enumerate((0, 3, 7, 1)):
-            mask[row, 16 - pad:] = 0
+            mask[row, 16 - pad :] = 0
         batch = {"input_ids": ids, "attention_mask": mask}
         if kind.startswith("bert"):
             batch["token_type_ids"] = torch.randint(0, 2, ids.shape, generator=generator)

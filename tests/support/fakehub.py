@@ -63,12 +63,22 @@ class FakeHub:
         self._server.server_close()
 
     # -- seeding -----------------------------------------------------------------------------
-    def add_model(self, repo_id: str, folder: Path, *, private: bool = False,
-                  gated: bool = False, license: str | None = None) -> str:
+    def add_model(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        private: bool = False,
+        gated: bool = False,
+        license: str | None = None,
+    ) -> str:
         """Create `repo_id` holding every file of `folder` (plus a card with `license`)."""
         repo = self.store.create(repo_id, private=private, gated=gated)
-        files = {p.relative_to(folder).as_posix(): p.read_bytes()
-                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = {
+            p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
         if license:
             files["README.md"] = f"---\nlicense: {license}\n---\n# {repo_id}\n".encode()
         return self.commit_files(repo.repo_id, files)
@@ -149,8 +159,9 @@ class _Handler(BaseHTTPRequestHandler):
         hub.record(LoggedRequest(method, url.path, route, reply.status, self.headers["Range"]))
         self._send(reply, head=method == "HEAD")
 
-    def _route(self, hub: FakeHub, method: str, path: str, query: str,
-               body: bytes) -> tuple[str, Reply]:
+    def _route(
+        self, hub: FakeHub, method: str, path: str, query: str, body: bytes
+    ) -> tuple[str, Reply]:
         found = _find_route(method, path)
         if found is None:
             return "unknown", error_reply(404, f"no route for {method} {path}")
@@ -201,8 +212,9 @@ def _find_route(method: str, path: str) -> tuple[str, re.Match[str]] | None:
 
 
 @pytest.fixture
-def fake_hub(tmp_path_factory: pytest.TempPathFactory,
-             monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+def fake_hub(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeHub]:
     """A running fake Hub; the client (env and `huggingface_hub.constants`) points at it.
 
     HF_HOME is a fresh directory, the token is alice's (member of `org`), Xet and telemetry are
@@ -212,17 +224,28 @@ def fake_hub(tmp_path_factory: pytest.TempPathFactory,
 
     hub = FakeHub().start()
     home = tmp_path_factory.mktemp("fakehub-home")
-    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(home),
-           "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_XET": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_TOKEN": TOKEN,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     # Read once at import time by the client, so they are patched as well.
     patches: dict[str, object] = {
-        "ENDPOINT": hub.url, "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_XET": True,
-        "HF_HUB_DISABLE_TELEMETRY": True, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-        "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
         "HUGGINGFACE_CO_URL_TEMPLATE": hub.url + "/{repo_id}/resolve/{revision}/{filename}",
     }
     for constant, setting in patches.items():
@@ -260,8 +283,13 @@ def serve(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=serve.__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--seed", type=Path, help="publish org/a and org/b, built in this folder")
-    parser.add_argument("--fail", metavar="ROUTE:TIMES:STATUS", action="append", default=[],
-                        help="answer the first TIMES requests of ROUTE (e.g. commit) with STATUS")
+    parser.add_argument(
+        "--fail",
+        metavar="ROUTE:TIMES:STATUS",
+        action="append",
+        default=[],
+        help="answer the first TIMES requests of ROUTE (e.g. commit) with STATUS",
+    )
     args = parser.parse_args(argv)
     hub = FakeHub(port=args.port).start()
     for spec in args.fail:

@@ -13,9 +13,18 @@ from tests.support.fakehub import FakeHub
 from tests.support.tiny_models import make_tiny_model
 
 
-def seed_llama(hub: FakeHub, tmp: Path, repo_id: str, *, seed: int,
-               license: str | None = "apache-2.0", private: bool = False, gated: bool = False,
-               max_shard_size: str | None = None, **overrides: Any) -> str:
+def seed_llama(
+    hub: FakeHub,
+    tmp: Path,
+    repo_id: str,
+    *,
+    seed: int,
+    license: str | None = "apache-2.0",
+    private: bool = False,
+    gated: bool = False,
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> str:
     """Save a tiny Llama (seeded) and publish it as `repo_id`; the commit sha of main."""
     folder = tmp / "_seed" / repo_id.replace("/", "--")
     model = make_tiny_model("llama", seed=seed, **overrides)
@@ -30,15 +39,26 @@ def replace_weights(hub: FakeHub, tmp: Path, repo_id: str, *, seed: int) -> str:
     """A new commit on main with other weights (the repo "moves on"); its sha."""
     folder = tmp / "_seed_moved" / repo_id.replace("/", "--")
     make_tiny_model("llama", seed=seed).save_pretrained(folder)
-    return hub.commit_files(repo_id, {"model.safetensors": (folder / "model.safetensors")
-                                      .read_bytes()})
+    return hub.commit_files(
+        repo_id, {"model.safetensors": (folder / "model.safetensors").read_bytes()}
+    )
 
 
-def write_recipe(path: Path, models: list[Any], *, method: str = "linear", out: str = "merged",
-                 base: str | None = None, **output: Any) -> Path:
+def write_recipe(
+    path: Path,
+    models: list[Any],
+    *,
+    method: str = "linear",
+    out: str = "merged",
+    base: str | None = None,
+    **output: Any,
+) -> Path:
     """A recipe file merging `models` into `out` (more `output:` keys as keywords)."""
-    data: dict[str, Any] = {"models": models, "merge": {"method": method},
-                            "output": {"path": out, **output}}
+    data: dict[str, Any] = {
+        "models": models,
+        "merge": {"method": method},
+        "output": {"path": out, **output},
+    }
     if base:
         data["base"] = base
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -51,8 +51,9 @@ class Reply:
 
 
 def json_reply(status: int, payload: Any, **headers: str) -> Reply:
-    return Reply(status, json.dumps(payload).encode(), {"Content-Type": "application/json",
-                                                        **headers})
+    return Reply(
+        status, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers}
+    )
 
 
 def error_reply(status: int, message: str, code: str | None = None, **headers: str) -> Reply:
@@ -101,13 +102,21 @@ class Routes:
         repo = self.store.repos.get(req.params["repo"])
         if repo is None or not repo.may_read(req.user):
             # Like the Hub: unauthenticated callers get 401, others 404, both "not found".
-            raise HttpError(error_reply(401 if req.user is None else 404,
-                                        "Repository not found", "RepoNotFound"))
+            raise HttpError(
+                error_reply(
+                    401 if req.user is None else 404, "Repository not found", "RepoNotFound"
+                )
+            )
         if write and (req.user is None or not req.user.can_write(repo.namespace)):
             raise HttpError(error_reply(403, "You don't have the rights to write to this repo"))
         if download and not repo.may_download(req.user):
-            raise HttpError(error_reply(401 if req.user is None else 403,
-                                        "Access to this model is restricted", "GatedRepo"))
+            raise HttpError(
+                error_reply(
+                    401 if req.user is None else 403,
+                    "Access to this model is restricted",
+                    "GatedRepo",
+                )
+            )
         return repo
 
     @staticmethod
@@ -122,8 +131,15 @@ class Routes:
         if req.user is None:
             return error_reply(401, "Invalid credentials in Authorization header")
         orgs = [{"name": org, "type": "org"} for org in req.user.orgs]
-        return json_reply(200, {"type": "user", "name": req.user.name, "orgs": orgs,
-                                "auth": {"accessToken": {"role": "write"}}})
+        return json_reply(
+            200,
+            {
+                "type": "user",
+                "name": req.user.name,
+                "orgs": orgs,
+                "auth": {"accessToken": {"role": "write"}},
+            },
+        )
 
     def create(self, req: Request) -> Reply:
         body = req.json()
@@ -134,8 +150,7 @@ class Routes:
         url = f"{self.hub.url}/{repo_id}"
         with self.store.lock:
             if repo_id in self.store.repos:
-                return json_reply(409, {"error": "You already created this model repo",
-                                        "url": url})
+                return json_reply(409, {"error": "You already created this model repo", "url": url})
             if not req.user.can_write(namespace):
                 return error_reply(403, f"You cannot create a repo in {namespace}")
             self.store.create(repo_id, private=body.get("visibility") == "private")
@@ -149,13 +164,23 @@ class Routes:
         sha = self._sha(repo, req.params.get("rev"))
         files = repo.commits[sha]
         card = repo.card_data(sha)
-        return json_reply(200, {
-            "id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": repo.private,
-            "gated": "manual" if repo.gated else False, "disabled": False,
-            "author": repo.namespace, "lastModified": "2026-11-01T00:00:00.000Z",
-            "tags": (card or {}).get("tags", []), "library_name": (card or {}).get("library_name"),
-            "cardData": card, "siblings": [f.sibling(p) for p, f in sorted(files.items())],
-        })
+        return json_reply(
+            200,
+            {
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "sha": sha,
+                "private": repo.private,
+                "gated": "manual" if repo.gated else False,
+                "disabled": False,
+                "author": repo.namespace,
+                "lastModified": "2026-11-01T00:00:00.000Z",
+                "tags": (card or {}).get("tags", []),
+                "library_name": (card or {}).get("library_name"),
+                "cardData": card,
+                "siblings": [f.sibling(p) for p, f in sorted(files.items())],
+            },
+        )
 
     def tree(self, req: Request) -> Reply:
         repo = self._repo(req)
@@ -188,8 +213,14 @@ class Routes:
             lfs = size > 0 and goes_to_lfs(path, size, base64.b64decode(item["sample"]))
             old = files.get(path)
             oid = None if old is None else (old.sha256 if lfs else old.git_oid)
-            answers.append({"path": path, "uploadMode": "lfs" if lfs else "regular",
-                            "shouldIgnore": False, "oid": oid})
+            answers.append(
+                {
+                    "path": path,
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": oid,
+                }
+            )
         return json_reply(200, {"files": answers})
 
     def lfs_batch(self, req: Request) -> Reply:
@@ -199,11 +230,13 @@ class Routes:
             entry: dict[str, Any] = {"oid": obj["oid"], "size": obj["size"]}
             if obj["oid"] not in self.store.blobs:  # no actions: already stored, skip
                 href = f"{self.hub.url}/__lfs/{obj['oid']}"
-                entry["actions"] = {"upload": {"href": href},
-                                    "verify": {"href": href + "/verify"}}
+                entry["actions"] = {"upload": {"href": href}, "verify": {"href": href + "/verify"}}
             objects.append(entry)
-        return Reply(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                     {"Content-Type": "application/vnd.git-lfs+json"})
+        return Reply(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            {"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def lfs_upload(self, req: Request) -> Reply:
         oid = req.params["oid"]
@@ -244,8 +277,9 @@ class Routes:
                 return error_reply(412, "A commit has happened since. Please refresh and retry.")
             sha = repo.commit(changes, branch=branch)
         url = f"{self.hub.url}/{repo.repo_id}"
-        return json_reply(200, {"commitOid": sha, "commitUrl": f"{url}/commit/{sha}",
-                                "pullRequestUrl": None})
+        return json_reply(
+            200, {"commitOid": sha, "commitUrl": f"{url}/commit/{sha}", "pullRequestUrl": None}
+        )
 
     # -- download ----------------------------------------------------------------------------
     def resolve(self, req: Request) -> Reply:
@@ -254,8 +288,12 @@ class Routes:
         stored = repo.commits[sha].get(req.params["path"])
         if stored is None:
             return error_reply(404, "Entry not found", "EntryNotFound", **{"X-Repo-Commit": sha})
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{stored.etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{stored.etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if stored.lfs:
             headers |= {"X-Linked-Etag": f'"{stored.etag}"', "X-Linked-Size": str(stored.size)}
         if req.method == "HEAD":
@@ -290,6 +328,7 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int]:
         return max(0, size - int(end)), size - 1
     first, last = int(start), min(int(end) if end else size - 1, size - 1)
     if first >= size or first > last:
-        raise HttpError(error_reply(416, "range not satisfiable",
-                                    **{"Content-Range": f"bytes */{size}"}))
+        raise HttpError(
+            error_reply(416, "range not satisfiable", **{"Content-Range": f"bytes */{size}"})
+        )
     return first, last

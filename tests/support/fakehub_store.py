@@ -62,8 +62,12 @@ class StoredFile:
 
     def tree_entry(self, path: str) -> dict[str, Any]:
         """The file as the tree endpoint lists it."""
-        entry: dict[str, Any] = {"type": "file", "oid": self.git_oid, "size": self.size,
-                                 "path": path}
+        entry: dict[str, Any] = {
+            "type": "file",
+            "oid": self.git_oid,
+            "size": self.size,
+            "path": path,
+        }
         if self.lfs:
             entry["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": 134}
         return entry
@@ -114,8 +118,11 @@ class Repo:
         files = dict(self.commits[head]) if head else {}
         for path, content in changes.items():
             if content is None:
-                files = {p: f for p, f in files.items() if p != path and
-                         not p.startswith(path.rstrip("/") + "/")}
+                files = {
+                    p: f
+                    for p, f in files.items()
+                    if p != path and not p.startswith(path.rstrip("/") + "/")
+                }
             else:
                 files[path] = content
         sha = secrets.token_hex(20)

@@ -25,15 +25,27 @@ from tests.support.tiny_models import VOCAB, make_tiny_model
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 \n.,;:!?'\"()[]{}-_=+*/<>#%&|@$^~`\\\t"
 # Specials per tokenizer style: (token names in id order, template, special-token kwargs).
 _STYLES: dict[str, tuple[list[str], str | None, dict[str, str]]] = {
-    "llama": (["<s>", "</s>", "<pad>", "<unk>"], "<s> $A",
-              {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-               "unk_token": "<unk>"}),
-    "gpt2": (["<|endoftext|>"], None,
-             {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>"}),
-    "bert": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]",
-             {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
-              "sep_token": "[SEP]", "mask_token": "[MASK]"}),
+    "llama": (
+        ["<s>", "</s>", "<pad>", "<unk>"],
+        "<s> $A",
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+    ),
+    "gpt2": (
+        ["<|endoftext|>"],
+        None,
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    ),
+    "bert": (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        "[CLS] $A [SEP]",
+        {
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+        },
+    ),
 }
 
 
@@ -53,14 +65,17 @@ def char_tokenizer(style: str) -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.Fuse()  # characters join back without spaces
     if template is not None:
         ids = [(t, vocab[t]) for t in specials if t in template]
-        tokenizer.post_processor = processors.TemplateProcessing(single=template,
-                                                                 special_tokens=ids)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=ids
+        )
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tokenizer, model_max_length=64, **names)
+        tokenizer_object=tokenizer, model_max_length=64, **names
+    )
 
 
-def save_lm(kind: str, path: Path, *, seed: int = 0, model: PreTrainedModel | None = None,
-            **overrides: Any) -> Path:
+def save_lm(
+    kind: str, path: Path, *, seed: int = 0, model: PreTrainedModel | None = None, **overrides: Any
+) -> Path:
     """Save a tiny model of `kind` (or `model`) with a matching char tokenizer into `path`."""
     model = model or make_tiny_model(kind, seed=seed, **overrides)
     model.save_pretrained(path)
@@ -77,8 +92,9 @@ def _train_windows(tokenizer: PreTrainedTokenizerFast, *, length: int) -> torch.
     return torch.cat([bos, tiles], dim=1)  # [n, length]
 
 
-def train_tiny_lm(kind: str = "llama", *, seed: int = 0, steps: int = 120, **overrides: Any
-                  ) -> PreTrainedModel:
+def train_tiny_lm(
+    kind: str = "llama", *, seed: int = 0, steps: int = 120, **overrides: Any
+) -> PreTrainedModel:
     """A tiny causal LM briefly trained on pydoc prose (deterministic; about a second on a CPU)."""
     model = make_tiny_model(kind, seed=seed, **overrides)
     windows = _train_windows(char_tokenizer(style_of(kind)), length=48)
@@ -103,6 +119,9 @@ def save_permuted_copy(source: Path, out: Path, *, seed: int = 1) -> Path:
     config = json.loads((out / "config.json").read_text())
     spec = spec_for(config, tensors.keys())
     perms = random_permutations(spec, torch.Generator().manual_seed(seed))
-    save_file(permute_state_dict(tensors, spec, perms), out / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        permute_state_dict(tensors, spec, perms),
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return out

@@ -33,37 +33,56 @@ def digit_texts(count: int, *, seed: int = 0) -> list[str]:
 def letter_texts(count: int, *, seed: int = 0) -> list[str]:
     """Lines of random lowercase words."""
     rng = random.Random(seed)
-    return [" ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(5))
-                     for _ in range(10)) for _ in range(count)]
+    return [
+        " ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(5)) for _ in range(10))
+        for _ in range(count)
+    ]
 
 
 def save_experts(root: Path) -> dict[str, Path]:
     """Two tiny random Llamas sharing the char tokenizer, and a third as a separate backbone."""
-    return {"digits": save_lm("llama", root / "digits", seed=0),
-            "letters": save_lm("llama", root / "letters", seed=1),
-            "backbone": save_lm("llama", root / "backbone", seed=2)}
+    return {
+        "digits": save_lm("llama", root / "digits", seed=0),
+        "letters": save_lm("llama", root / "letters", seed=1),
+        "backbone": save_lm("llama", root / "backbone", seed=2),
+    }
 
 
-def build(method: str, experts: dict[str, Path], *, backbone: str = "digits",
-          **options: Any) -> BuiltRouter:
+def build(
+    method: str, experts: dict[str, Path], *, backbone: str = "digits", **options: Any
+) -> BuiltRouter:
     """`method` fitted on digit vs letter texts, with `experts[backbone]` as the backbone."""
-    return build_router(method, backbone=experts[backbone],
-                        experts=[experts[n] for n in NAMES],
-                        calibration_texts=[digit_texts(12), letter_texts(12)], names=NAMES,
-                        samples=24, max_length=LENGTH, **options)
+    return build_router(
+        method,
+        backbone=experts[backbone],
+        experts=[experts[n] for n in NAMES],
+        calibration_texts=[digit_texts(12), letter_texts(12)],
+        names=NAMES,
+        samples=24,
+        max_length=LENGTH,
+        **options,
+    )
 
 
-def write_bundled(built: BuiltRouter, experts: dict[str, Path], out: Path, *,
-                  backbone: str = "digits") -> Path:
+def write_bundled(
+    built: BuiltRouter, experts: dict[str, Path], out: Path, *, backbone: str = "digits"
+) -> Path:
     """A routed repo bundling both experts (and the backbone when it is not one of them)."""
     entries = [ExpertEntry(n, ModelLocation(path=f"experts/{n}"), "float32") for n in NAMES]
     separate = backbone not in NAMES
-    ref = (BackboneRef(location=ModelLocation(path="backbone"), dtype="float32") if separate
-           else BackboneRef(expert=backbone))
+    ref = (
+        BackboneRef(location=ModelLocation(path="backbone"), dtype="float32")
+        if separate
+        else BackboneRef(expert=backbone)
+    )
     manifest = routed_manifest(built, entries, backbone=ref)
-    return write_routed_repo(out, manifest, built.router,
-                             bundle_sources={n: experts[n] for n in NAMES},
-                             backbone_source=experts[backbone] if separate else None)
+    return write_routed_repo(
+        out,
+        manifest,
+        built.router,
+        bundle_sources={n: experts[n] for n in NAMES},
+        backbone_source=experts[backbone] if separate else None,
+    )
 
 
 def load_expert(path: Path) -> PreTrainedModel:
@@ -75,8 +94,12 @@ def load_expert(path: Path) -> PreTrainedModel:
 
 def mixed_batch(tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
     """Digit and letter rows interleaved, right-padded (rows have different lengths)."""
-    texts = [digit_texts(1, seed=7)[0][:20], letter_texts(1, seed=8)[0],
-             letter_texts(1, seed=9)[0][:25], digit_texts(1, seed=10)[0]]
+    texts = [
+        digit_texts(1, seed=7)[0][:20],
+        letter_texts(1, seed=8)[0],
+        letter_texts(1, seed=9)[0][:25],
+        digit_texts(1, seed=10)[0],
+    ]
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 

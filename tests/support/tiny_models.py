@@ -47,27 +47,61 @@ class TinyFamily:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "intermediate_size": 48, "max_position_embeddings": MAX_POSITIONS, "type_vocab_size": 2}
+_BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 48,
+    "max_position_embeddings": MAX_POSITIONS,
+    "type_vocab_size": 2,
+}
 # 8 query heads over 2 KV heads (GQA, 4 queries per group), head_dim 8.
-_LLAMA = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
-          "num_key_value_heads": 2, "intermediate_size": 96,
-          "max_position_embeddings": MAX_POSITIONS, "tie_word_embeddings": False}
+_LLAMA = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+    "max_position_embeddings": MAX_POSITIONS,
+    "tie_word_embeddings": False,
+}
 
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "bert": TinyFamily(BertConfig, BertForMaskedLM, _BERT),
     "bert_base_model": TinyFamily(BertConfig, BertModel, _BERT),
-    "gpt2": TinyFamily(GPT2Config, GPT2LMHeadModel, {
-        "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 48, "n_positions": MAX_POSITIONS,
-        "bos_token_id": 0, "eos_token_id": 0}),
+    "gpt2": TinyFamily(
+        GPT2Config,
+        GPT2LMHeadModel,
+        {
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_inner": 48,
+            "n_positions": MAX_POSITIONS,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+    ),
     # head_dim 16 with rotary_pct 0.25: 4 rotary dims pinned, 12 free dims per head.
-    "gpt_neox": TinyFamily(GPTNeoXConfig, GPTNeoXForCausalLM, {
-        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 96, "rotary_pct": 0.25, "use_parallel_residual": True,
-        "max_position_embeddings": MAX_POSITIONS, "bos_token_id": 0, "eos_token_id": 0}),
+    "gpt_neox": TinyFamily(
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 96,
+            "rotary_pct": 0.25,
+            "use_parallel_residual": True,
+            "max_position_embeddings": MAX_POSITIONS,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+    ),
     "llama": TinyFamily(LlamaConfig, LlamaForCausalLM, _LLAMA),
-    "llama_tied": TinyFamily(LlamaConfig, LlamaForCausalLM, {**_LLAMA,
-                                                             "tie_word_embeddings": True}),
+    "llama_tied": TinyFamily(
+        LlamaConfig, LlamaForCausalLM, {**_LLAMA, "tie_word_embeddings": True}
+    ),
     "mistral": TinyFamily(MistralConfig, MistralForCausalLM, {**_LLAMA, "sliding_window": None}),
     "qwen2": TinyFamily(Qwen2Config, Qwen2ForCausalLM, _LLAMA),
 }
@@ -109,8 +143,9 @@ def exact_float64_norms(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def make_tiny_model(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    **overrides: Any) -> PreTrainedModel:
+def make_tiny_model(
+    kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> PreTrainedModel:
     """A small random model of `kind` (see TINY_FAMILIES), in eval mode, eager attention.
 
     In float64, RMSNorm is made to compute in float64 (see `exact_float64_norms`).
@@ -138,15 +173,16 @@ def tiny_batch(kind: str, *, seed: int = 0, batch: int = 2, length: int = 9) -> 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
     mask = torch.ones(batch, length, dtype=torch.long)
-    mask[-1, length - 3:] = 0  # three padding positions in the last row
+    mask[-1, length - 3 :] = 0  # three padding positions in the last row
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if kind.startswith("bert"):
         inputs["token_type_ids"] = torch.randint(0, 2, (batch, length), generator=generator)
     return inputs
 
 
-def model_outputs(model: PreTrainedModel, inputs: dict[str, Any], *,
-                  residual: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def model_outputs(
+    model: PreTrainedModel, inputs: dict[str, Any], *, residual: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Outputs that a valid permutation leaves unchanged.
 
     LM heads give logits. A bare encoder's last_hidden_state lives in the residual basis, so when
@@ -176,8 +212,12 @@ def _moves(group: PermGroup, perm: GroupPerm) -> bool:
     if not isinstance(perm, AttentionPerm):
         return not torch.equal(perm, torch.arange(group.size))
     start, end = group.qk_free_dims
-    parts = [(perm.kv_heads, group.num_kv_heads > 1), (perm.q_in_group, group.queries_per_kv > 1),
-             (perm.vo_dims, True), (perm.qk_dims, end - start > 1)]
+    parts = [
+        (perm.kv_heads, group.num_kv_heads > 1),
+        (perm.q_in_group, group.queries_per_kv > 1),
+        (perm.vo_dims, True),
+        (perm.qk_dims, end - start > 1),
+    ]
     identity = identity_permutations_of(group)
     return all(not torch.equal(p, i) for (p, free), i in zip(parts, identity, strict=True) if free)
 
@@ -185,8 +225,12 @@ def _moves(group: PermGroup, perm: GroupPerm) -> bool:
 def identity_permutations_of(group: PermGroup) -> list[torch.Tensor]:
     """Identity kv_heads, q_in_group, vo_dims, qk_dims of an attention group (`_moves` order)."""
     kv, per_kv, dim = group.num_kv_heads, group.queries_per_kv, group.head_dim
-    return [torch.arange(kv), torch.arange(per_kv).repeat(kv, 1),  # [kv, per_kv]
-            torch.arange(dim).repeat(kv, 1), torch.arange(dim).repeat(kv, 1)]  # [kv, head_dim]
+    return [
+        torch.arange(kv),
+        torch.arange(per_kv).repeat(kv, 1),  # [kv, per_kv]
+        torch.arange(dim).repeat(kv, 1),
+        torch.arange(dim).repeat(kv, 1),
+    ]  # [kv, head_dim]
 
 
 def nontrivial_permutations(spec: ArchSpec, *, seed: int = 0, tries: int = 200) -> Permutations:
