@@ -18,7 +18,7 @@ from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.arch import spec_for
 from hfmerge.arch.permute import check_permutations, identity_permutations, permute_tensor
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
-from hfmerge.errors import AlignmentError, OutputError, UnknownNameError
+from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
 from hfmerge.sources.inspection import InspectedModel, check_compatible, inspect_model
 from hfmerge.sources.refs import ModelSource
@@ -212,14 +212,8 @@ def align_checkpoint(
     if method not in ("weight", "activation"):
         raise UnknownNameError("alignment method", method, ["weight", "activation"])
     out_dir = Path(out_dir)
-    for source in (model_a_dir, model_b_dir):
-        if out_dir.resolve() == Path(source).resolve():
-            raise OutputError(
-                str(out_dir),
-                "is one of the input models",
-                "choose a new directory for the aligned model",
-            )
-    check_output_dir(out_dir, force=force)  # before the long matching, not after it
+    # before the long matching, not after it
+    check_output_dir(out_dir, force=force, inputs=[Path(model_a_dir), Path(model_b_dir)])
     a, b = _inspect_pair(model_a_dir, model_b_dir)
     result = _match(method, a, b, seed=seed, batches=batches, progress=progress)
     _write_aligned(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from hfmerge.engine.budget import parse_memory_budget
 from hfmerge.engine.plan import MergePlan, build_plan, format_plan
 from hfmerge.engine.stream import execute_plan
-from hfmerge.errors import HfMergeError, ModelSourceError
+from hfmerge.errors import ModelSourceError
 from hfmerge.methods import get_method, validate_params
 from hfmerge.pipeline.card import (
     DEFAULT_ENDPOINT,
@@ -34,6 +34,7 @@ from hfmerge.tensors import (
     copy_side_files,
     parse_size,
     read_checkpoint_index,
+    refuse_overlap,
 )
 
 if TYPE_CHECKING:
@@ -274,12 +275,7 @@ def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
 
 
 def _refuse_input_as_output(target: Path, sources: list[ModelSource]) -> None:
-    for source in sources:
-        if target.resolve() == source.path.resolve():
-            raise HfMergeError(
-                f"The output directory {target} is the input model {source.display}",
-                fix="choose another output path (`--out DIR`)",
-            )
+    refuse_overlap(target, [source.path for source in sources])
 
 
 @dataclass(frozen=True)

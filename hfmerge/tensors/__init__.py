@@ -26,6 +26,8 @@ from hfmerge.tensors.output import (
     atomic_output_dir,
     check_output_dir,
     copy_side_files,
+    output_path,
+    refuse_overlap,
 )
 from hfmerge.tensors.shards import (
     PlannedShard,
@@ -68,6 +70,7 @@ __all__ = [
     "encode_header",
     "header_length",
     "is_known_dtype",
+    "output_path",
     "overwrite_tensors",
     "parse_shard_header",
     "parse_size",
@@ -75,5 +78,6 @@ __all__ = [
     "read_checkpoint_index",
     "read_shard_header",
     "read_weight_map",
+    "refuse_overlap",
     "torch_dtype",
 ]

@@ -6,7 +6,7 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hfmerge.errors import OutputError
@@ -30,13 +30,20 @@ SIDE_FILES = (
 )
 
 
-def check_output_dir(final: Path, *, force: bool) -> None:
+def output_path(path: str | os.PathLike[str]) -> Path:
+    """The absolute output path as the user meant it: `~` expanded, relative to the working dir."""
+    return Path(path).expanduser().absolute()
+
+
+def check_output_dir(final: Path, *, force: bool, inputs: Iterable[Path] = ()) -> None:
     """Fail fast, before long work, if `final` cannot become the output directory.
 
-    An existing non-empty directory needs `force`; an existing file is always refused. Refusing an
-    output that is one of the input models is the caller's job.
+    An existing non-empty directory needs `force`; an existing file is always refused. So is an
+    output that is, contains or lies inside any of `inputs` (model directories), whatever
+    `force` says: replacing the output deletes what it holds.
     """
-    final = Path(final)
+    final = output_path(final)
+    refuse_overlap(final, inputs)
     if (final.exists() or final.is_symlink()) and not final.is_dir():
         raise OutputError(
             str(final), "exists and is not a directory", "remove it or choose another output path"
@@ -54,6 +61,45 @@ def check_output_dir(final: Path, *, force: bool) -> None:
         )
 
 
+def refuse_overlap(final: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output that is, contains or lies inside an input model's directory.
+
+    Paths are compared resolved (symlinks, `..` and `~`). Where an input's files are symlinks (a
+    Hub snapshot's point into the cache's `blobs/`), the folders they point into are protected
+    too: an output there, or above them, would delete them when replaced.
+    """
+    out = output_path(final).resolve()
+    for model_dir in inputs:
+        root = Path(model_dir).expanduser().resolve()
+        problem = None
+        if out == root:
+            problem = f"is the input model {model_dir}"
+        elif root.is_relative_to(out):
+            problem = f"contains the input model {model_dir}"
+        elif out.is_relative_to(root):
+            problem = f"lies inside the input model {model_dir}"
+        else:
+            held = [place for place in _link_targets(root) if place.is_relative_to(out)]
+            if held:
+                problem = f"contains {held[0]}, where files of the input model {model_dir} live"
+        if problem:
+            raise OutputError(
+                str(final),
+                f"{problem}; writing it would replace or delete that model's files",
+                "choose an output path outside every input model's folder",
+            )
+
+
+def _link_targets(model_dir: Path) -> set[Path]:
+    """The folders that the symlinks directly inside `model_dir` point into."""
+    targets: set[Path] = set()
+    with contextlib.suppress(OSError):
+        for entry in model_dir.iterdir():
+            if entry.is_symlink():
+                targets.add(entry.resolve().parent)
+    return targets
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: Path, *, force: bool) -> Iterator[Path]:
     """Yield a fresh hidden directory beside `final`; on success, rename it into place.
@@ -62,7 +108,7 @@ def atomic_output_dir(final: Path, *, force: bool) -> Iterator[Path]:
     raises (KeyboardInterrupt included), the temporary directory is removed and `final` is left
     as it was. With `force`, an old `final` is moved aside and deleted only once the new one is in.
     """
-    final = Path(final).absolute()
+    final = output_path(final)
     check_output_dir(final, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_sibling_dir(final, "tmp")

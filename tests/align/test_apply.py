@@ -140,7 +140,7 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(IncompatibleModelsError, match="shape"):
         align_checkpoint(a, other, tmp_path / "out", method="weight", progress=False)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(OutputError, match="input models"):
+    with pytest.raises(OutputError, match="is the input model"):
         align_checkpoint(a, other, a, method="weight", progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("keep me")
