@@ -10,11 +10,10 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hfmerge.errors import RecipeError, RecipeProblem
-from hfmerge.recipe.yaml_locations import Location, locate, node_positions
+from hfmerge.recipe.yaml_locations import Location, locate, read_yaml
 
 
 class _Strict(BaseModel):
@@ -144,18 +143,19 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as exc:
         problem = RecipeProblem("", f"cannot read the file ({exc.strerror or exc})")
         raise RecipeError(str(path), [problem]) from exc
+    except UnicodeDecodeError as exc:
+        problem = RecipeProblem(
+            "",
+            f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save the recipe as UTF-8",
+        )
+        raise RecipeError(str(path), [problem]) from None
     return parse_recipe_text(text, source=str(path))
 
 
 def parse_recipe_text(text: str, *, source: str = "<recipe>") -> Recipe:
     """Parse YAML text into a validated `Recipe`, reporting every problem with its line."""
-    try:
-        data = yaml.safe_load(text)
-        positions = node_positions(yaml.compose(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise RecipeError(source, [RecipeProblem("", f"not valid YAML: {exc}", line)]) from exc
+    data, positions = read_yaml(text, source=source)
     return parse_recipe(data, source=source, positions=positions)
 
 
