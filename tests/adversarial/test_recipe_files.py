@@ -133,7 +133,7 @@ def test_a_recipe_in_another_encoding_names_the_file_and_the_fix(
 
 
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
-    with pytest.raises(RecipeError, match="nested too deeply|not valid YAML"):
+    with pytest.raises(RecipeError, match="nested too deeply"):
         parse_recipe_text("models: " + "[" * 50_000 + "]" * 50_000 + "\n")
 
 
