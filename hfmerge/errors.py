@@ -82,12 +82,15 @@ class RecipeError(HfMergeError):
 class UnknownNameError(HfMergeError):
     """A name (merge method, architecture family, ...) is not in its registry."""
 
-    def __init__(self, kind: str, name: str, choices: Sequence[str]) -> None:
+    def __init__(
+        self, kind: str, name: str, choices: Sequence[str], *, owner: str | None = None
+    ) -> None:
         self.kind = kind
         self.name = name
         self.choices = sorted(choices)
+        self.owner = owner  # whose name it is (a model), where that helps find it
         super().__init__(
-            f"Unknown {kind} {name!r}",
+            f"Unknown {kind} {name!r}" + (f" of {owner}" if owner else ""),
             why=f"valid {kind}s are: {', '.join(self.choices)}",
             fix=f"use one of the valid {kind}s",
         )

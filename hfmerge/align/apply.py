@@ -116,12 +116,14 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
     """The checkpoint's own model class (config `architectures`), else AutoModel, in float32."""
     import transformers
 
+    from hfmerge.lm.load import load_pretrained
+
     names = model.config.get("architectures") or []
     cls = getattr(transformers, str(names[0]), None) if names else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     try:
-        loaded: PreTrainedModel = cls.from_pretrained(model.source.path, dtype=torch.float32)
+        loaded, _ = load_pretrained(cls, model.source.path, label=model.name, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise AlignmentError(
             f"transformers cannot load {model.name}: {exc}",

@@ -55,7 +55,9 @@ def family_of(config: Mapping[str, Any], *, model: str = "model") -> str:
             fix="use the config.json saved with the model by transformers",
         )
     if model_type not in MODEL_TYPES:
-        raise UnknownNameError("architecture (model_type)", model_type, list(MODEL_TYPES))
+        raise UnknownNameError(
+            "architecture (model_type)", model_type, list(MODEL_TYPES), owner=model
+        )
     return MODEL_TYPES[model_type]
 
 

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+from hfmerge.tensors import read_checkpoint_index
 
 Objective = Literal["causal", "masked"]
 
@@ -49,6 +50,46 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
+def load_pretrained(
+    auto: Any, path: Path, *, label: str, **kwargs: Any
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """`auto.from_pretrained(path, **kwargs)` as hfmerge allows it, and its loading report.
+
+    Every model hfmerge runs is loaded through here: from safetensors only (a folder with only
+    pickle weights is refused before transformers sees it, since unpickling runs code), with
+    `trust_remote_code=False` (a config that needs the folder's own Python is refused, with no
+    prompt), and with transformers' bars and warnings hidden.
+
+    Raises:
+        ModelSourceError: no safetensors weights, or the model needs its own code.
+    """
+    read_checkpoint_index(path, label=label)  # refuses pickle-only folders, names the model
+    with quiet_transformers(), _no_remote_code(path, label=label):
+        loaded: Any = auto.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False, output_loading_info=True, **kwargs
+        )
+    model, info = loaded  # (model, {"missing_keys": [...], ...})
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
+    return model, info
+
+
+@contextmanager
+def _no_remote_code(path: Path, *, label: str) -> Iterator[None]:
+    """Turn transformers' refusal of a folder's own code into an error naming the model."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelSourceError(
+            label,
+            "needs Python code from its own folder (`auto_map` in its config), which hfmerge "
+            "never runs",
+            "use a checkpoint of an architecture that transformers ships (`hfmerge archs`)",
+        ) from None
+
+
 def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory; a clear error when there is none."""
     from transformers import AutoTokenizer
@@ -60,8 +101,10 @@ def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
             "save the tokenizer the model was trained with into its directory, e.g. "
             f"`AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}')`",
         )
-    with quiet_transformers():
-        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+    with quiet_transformers(), _no_remote_code(path, label=label):
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=False
+        )
     return tokenizer
 
 
@@ -82,12 +125,11 @@ def load_lm(path: Path, *, label: str) -> PreTrainedModel:
     """The model in `path` with its LM head, float32, eval mode; missing weights are an error."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    with quiet_transformers():
-        config = AutoConfig.from_pretrained(path)
-        objective = lm_objective(list(config.architectures or []), label=label)
-        auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
-        loaded: Any = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    model, info = loaded  # (model, {"missing_keys": [...], ...})
+    with quiet_transformers(), _no_remote_code(path, label=label):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    objective = lm_objective(list(config.architectures or []), label=label)
+    auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
+    model, info = load_pretrained(auto, path, label=label, dtype=torch.float32)
     missing = sorted(info.get("missing_keys", []))
     if missing:
         raise ModelSourceError(
@@ -96,8 +138,6 @@ def load_lm(path: Path, *, label: str) -> PreTrainedModel:
             "evaluate a checkpoint saved with its LM head",
         )
     model.train(False)
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
     return model
 
 
@@ -230,11 +270,7 @@ def load_probe_model(
         placement["device_map"] = device_map
         if max_memory:
             placement["max_memory"] = max_memory
-    with quiet_transformers():
-        loaded: Any = AutoModel.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, **placement
-        )
-    model, info = loaded
+    model, info = load_pretrained(AutoModel, path, label=label, dtype=dtype, **placement)
     # A BERT pooler is not a hidden state: its absence from MLM checkpoints is harmless.
     missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("pooler."))
     if missing:
@@ -245,8 +281,6 @@ def load_probe_model(
         )
     model.config.tie_last_hidden_states = False  # see the note at the top
     model.train(False)
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
     return model
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from hfmerge.lm.textdata import describe_data, load_texts
 from hfmerge.recipe.schema import Recipe
 from hfmerge.sources.refs import ModelSource, download_pinned, pin_model
+from hfmerge.tensors import read_checkpoint_index
 
 if TYPE_CHECKING:  # hfmerge.routing imports transformers; it loads when a route is built
     from hfmerge.routing import BuiltRouter
@@ -87,6 +88,9 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
         pin_model(e.model, revision=e.revision, offline=offline, progress=progress)
         for e in recipe.models
     ]
+    for source in experts:
+        if source.hub_id is None:  # local: refuse pickle-only or weightless folders now
+            read_checkpoint_index(source.path, label=source.display)
     names = expert_names([e.model for e in recipe.models])
     backbone, backbone_expert = None, None
     if route.method != "perplexity":

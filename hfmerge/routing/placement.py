@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hfmerge.errors import ModelSourceError, RoutingError
-from hfmerge.lm.load import DeviceMap, MaxMemory, load_probe_model, quiet_transformers
+from hfmerge.lm.load import DeviceMap, MaxMemory, load_pretrained, load_probe_model
 from hfmerge.routing.manifest import AUTO_DTYPE
 from hfmerge.tensors import parse_size, read_checkpoint_index, torch_dtype
 
@@ -91,11 +91,7 @@ def load_causal_lm(
         placement["device_map"] = device_map
         if max_memory:
             placement["max_memory"] = max_memory
-    with quiet_transformers():
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, **placement
-        )
-    model, info = loaded
+    model, info = load_pretrained(AutoModelForCausalLM, path, label=label, dtype=dtype, **placement)
     missing = sorted(info.get("missing_keys", []))
     if missing:
         raise ModelSourceError(
@@ -104,7 +100,7 @@ def load_causal_lm(
             "route between complete checkpoints with LM heads",
         )
     model.train(False)
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 class ExpertPool:

@@ -158,7 +158,7 @@ class _Builder:
                 )
                 with _atomic_dir(target) as tmp:
                     trained.save_pretrained(tmp)
-            loaded = AutoTokenizer.from_pretrained(target)
+            loaded = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
             if not isinstance(loaded, PreTrainedTokenizerFast):
                 raise TypeError(f"{target} holds a {type(loaded).__name__}, not a fast tokenizer")
             self._tokenizer = loaded

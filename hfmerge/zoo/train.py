@@ -292,7 +292,9 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_d
 def load_model(model_dir: Path) -> PreTrainedModel:
     """Load a zoo model (either family) in float32 for further training."""
     with quiet_hf_bars():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"{model_dir} did not load as a transformers model")
     return model

@@ -281,6 +281,7 @@ def test_unknown_model_type_names_the_supported_ones() -> None:
         spec_for({**config, "model_type": "t5"}, names, model="org/t5")
     assert info.value.kind == "architecture (model_type)"
     assert info.value.name == "t5"
+    assert info.value.owner == "org/t5" and "of org/t5" in str(info.value)
     assert set(info.value.choices) == {"bert", "gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
 
 
