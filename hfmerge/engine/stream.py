@@ -242,7 +242,7 @@ class _Steps:
         for start, stop in ranges:
             size = (stop - start) * row_bytes
             acquire(size)
-            raw = self.base.view_rows(job.name, start, stop)
+            raw = self.base.get_rows(job.name, start, stop)
             last = stop == ranges[-1][1]
             step = _Step(job, None, 0, [raw], None, start * _row_elements(job), False, last, last)
             yield step, size
@@ -289,7 +289,7 @@ class _Steps:
         base = None
         if self.plan.method.needs_base:
             assert self.base is not None
-            base = convert(self.base.view_rows(name, start, stop))
+            base = convert(self.base.get_rows(name, start, stop))
         return tensors, base
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -365,7 +365,7 @@ class _AlignedReader:
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of tensor `name`, in the base's basis."""
         if self.perms is None:
-            return self.checkpoint.view_rows(name, start, stop)
+            return self.checkpoint.get_rows(name, start, stop)
         if name not in self._last:
             self._last.clear()
             tensor = self.checkpoint.get(name)

@@ -15,7 +15,7 @@ from hfmerge.arch import check_shapes, spec_for
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, ModelSourceError, PreflightError
 from hfmerge.sources.refs import ModelSource, pin_model
-from hfmerge.tensors import CheckpointIndex, read_checkpoint_index
+from hfmerge.tensors import CheckpointIndex, dtype_kind, read_checkpoint_index
 
 # Config keys that must agree for two checkpoints to be merged tensor by tensor.
 _SHAPE_KEYS = (
@@ -151,7 +151,14 @@ def _tensor_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
     problems = [f"tensor {n} only in {a.name}" for n in sorted(names_a - names_b)]
     problems += [f"tensor {n} only in {b.name}" for n in sorted(names_b - names_a)]
     for name in sorted(names_a & names_b):
-        shape_a, shape_b = a.index.info(name).shape, b.index.info(name).shape
-        if tuple(shape_a) != tuple(shape_b):
-            problems.append(f"tensor {name} has shape {list(shape_a)} vs {list(shape_b)}")
+        info_a, info_b = a.index.info(name), b.index.info(name)
+        if tuple(info_a.shape) != tuple(info_b.shape):
+            problems.append(f"tensor {name} has shape {list(info_a.shape)} vs {list(info_b.shape)}")
+        # BF16 against F32 converts exactly enough; an integer against a float would be merged
+        # as the integers' values, a silent corruption of the output
+        if dtype_kind(info_a.dtype) != dtype_kind(info_b.dtype):
+            problems.append(
+                f"tensor {name} is {info_a.dtype} vs {info_b.dtype}: a merge needs the same kind "
+                "of number (float, integer, bool) in every model"
+            )
     return problems

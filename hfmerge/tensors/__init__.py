@@ -14,7 +14,13 @@ from hfmerge.tensors.checkpoint import (
     read_checkpoint_index,
     read_weight_map,
 )
-from hfmerge.tensors.dtypes import dtype_name, element_size, is_known_dtype, torch_dtype
+from hfmerge.tensors.dtypes import (
+    dtype_kind,
+    dtype_name,
+    element_size,
+    is_known_dtype,
+    torch_dtype,
+)
 from hfmerge.tensors.header import (
     TensorInfo,
     header_length,
@@ -65,6 +71,7 @@ __all__ = [
     "check_output_dir",
     "check_weight_map",
     "copy_side_files",
+    "dtype_kind",
     "dtype_name",
     "element_size",
     "encode_header",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,9 +74,11 @@ def read_checkpoint_index(model_dir: Path, *, label: str | None = None) -> Check
     model_dir = Path(model_dir)
     label = label or str(model_dir)
     _check_directory(model_dir, label)
-    if (model_dir / SINGLE_FILE).is_file():
+    # lexists: a dangling or looping symlink is read, and fails with its reason, rather than
+    # counting as no weights at all
+    if os.path.lexists(model_dir / SINGLE_FILE):
         tensors = read_shard_header(model_dir / SINGLE_FILE, SINGLE_FILE, label=label)
-    elif (model_dir / INDEX_FILE).is_file():
+    elif os.path.lexists(model_dir / INDEX_FILE):
         tensors = _read_sharded(model_dir, label)
     else:
         raise _no_safetensors_error(model_dir, label)
@@ -106,7 +107,7 @@ def _read_sharded(model_dir: Path, label: str) -> list[TensorInfo]:
     tensors: list[TensorInfo] = []
     for shard in sorted(set(weight_map.values())):
         path = model_dir / shard
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ModelSourceError(
                 label,
                 f"{INDEX_FILE} names shard {shard}, which is missing",
@@ -191,9 +192,10 @@ def _no_safetensors_error(model_dir: Path, label: str) -> ModelSourceError:
 class LazyCheckpoint:
     """Read a checkpoint one tensor at a time, keeping at most `max_open` shard files open.
 
-    Tensors are read with `pread` into fresh buffers rather than through a memory map: a mapped
-    shard keeps every page it touched resident (and counted in RSS) until it is unmapped, so a
-    merge would grow to the size of its inputs. Use as a context manager.
+    Tensors are read with `pread` into fresh buffers, never through a memory map: a file that
+    shrinks while mapped kills the process with SIGBUS on the next touch of a lost page, where a
+    short read is an error naming the file; and a mapped shard keeps every page it touched
+    resident until it is unmapped. Use as a context manager.
     """
 
     def __init__(self, model_dir: Path, *, label: str | None = None, max_open: int = 2) -> None:
@@ -222,33 +224,6 @@ class LazyCheckpoint:
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` (dim 0) of tensor `name`, read alone; a 0-d tensor has one row."""
         return self._read(*self._rows(name, start, stop))
-
-    def view_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """`get_rows`, as a copy-on-write view of the file's cached pages instead of a copy.
-
-        Reading a chunk once (converting or writing it) costs no copy into a buffer first, which
-        is about a third of a pread's cost for a merge; the pages are mapped while the tensor
-        lives and unmapped when it is freed. Writing to the tensor never reaches the file.
-        """
-        info, offset, nbytes, shape = self._rows(name, start, stop)
-        if nbytes < _MIN_MAP_BYTES:
-            return self._read(info, offset, nbytes, shape)  # a mapping costs more than a copy
-        fd = self._fds.get(info.shard)
-        if offset + nbytes > os.fstat(fd).st_size:  # mapped pages past the end would SIGBUS
-            raise self._short_file(info, "the file is shorter than when it was indexed")
-        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            pages = mmap.mmap(
-                fd, offset + nbytes - aligned, access=mmap.ACCESS_COPY, offset=aligned
-            )
-        except OSError:
-            return self._read(info, offset, nbytes, shape)  # no mapping here: read a copy
-        dtype = torch_dtype(info.dtype)
-        # frombuffer holds a reference to `pages`, so the mapping lives as long as the tensor.
-        flat = torch.frombuffer(
-            pages, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - aligned
-        )
-        return flat.reshape(shape)
 
     def _rows(
         self, name: str, start: int, stop: int
@@ -303,7 +278,6 @@ class LazyCheckpoint:
         self.close()
 
 
-_MIN_MAP_BYTES = 256 << 10  # smaller reads are copied: a mapping's set-up costs more
 _MAX_READ = 1 << 30  # one pread call moves at most 2 GiB on Linux; stay well below
 
 

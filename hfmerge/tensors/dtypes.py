@@ -31,6 +31,21 @@ def is_known_dtype(name: str) -> bool:
     return name in _DTYPES
 
 
+def known_dtypes() -> list[str]:
+    """Every safetensors dtype string this package reads, in table order."""
+    return list(_DTYPES)
+
+
+def dtype_kind(name: str) -> str:
+    """ "float", "int", "bool" or "complex": what kind of number the dtype `name` holds."""
+    dtype = _lookup(name)[0]
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "int"
+
+
 def element_size(name: str) -> int:
     """Bytes per element of the safetensors dtype `name` ("BF16" -> 2)."""
     return _lookup(name)[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hfmerge.errors import ModelSourceError
-from hfmerge.tensors.dtypes import element_size, is_known_dtype
+from hfmerge.tensors.dtypes import element_size, is_known_dtype, known_dtypes
 
 # safetensors itself refuses headers above 100 MB; a bigger length field means a corrupt file.
 MAX_HEADER_BYTES = 100_000_000
@@ -110,8 +110,15 @@ def _check_entry(entry: Any, name: str, *, label: str, shard: str) -> tuple[int,
     ):
         raise _corrupt(label, shard, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = int(offsets[0]), int(offsets[1])
-    # Unknown dtypes (newer formats) are listed as-is; only known ones can be size-checked.
-    if is_known_dtype(dtype) and end - begin != math.prod(shape) * element_size(dtype):
+    if not is_known_dtype(dtype):  # refused here, not when the first read needs its size
+        raise ModelSourceError(
+            label,
+            f"{shard}: tensor {name!r} has dtype {dtype!r}, which hfmerge cannot read "
+            f"(it reads {', '.join(known_dtypes())})",
+            "use a checkpoint saved with standard safetensors dtypes, or convert this one with "
+            "the tool that made it",
+        )
+    if end - begin != math.prod(shape) * element_size(dtype):
         raise _corrupt(label, shard, f"tensor {name!r}: byte size does not match dtype and shape")
     return begin, end
 

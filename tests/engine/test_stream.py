@@ -256,7 +256,7 @@ def test_a_read_error_stops_both_threads_and_closes_files(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = LazyCheckpoint.view_rows
+    real = LazyCheckpoint.get_rows
 
     def flaky(self: LazyCheckpoint, name: str, start: int, stop: int) -> torch.Tensor:
         calls["n"] += 1
@@ -265,7 +265,7 @@ def test_a_read_error_stops_both_threads_and_closes_files(
         return real(self, name, start, stop)
 
     before = open_fds()
-    monkeypatch.setattr(LazyCheckpoint, "view_rows", flaky)
+    monkeypatch.setattr(LazyCheckpoint, "get_rows", flaky)
     with pytest.raises(OSError, match="disk gone"):
         merge(models, tmp_path / "out", "ties")
     assert engine_threads() == []

@@ -158,7 +158,7 @@ def test_failure_midway_leaves_nothing_behind(
 ) -> None:
     a, b = make_model("a"), make_model("b", seed=1)
     calls = {"n": 0}
-    real_get = LazyCheckpoint.view_rows  # the engine reads tensors in row chunks
+    real_get = LazyCheckpoint.get_rows  # the engine reads tensors in row chunks
 
     def flaky(self: LazyCheckpoint, name: str, start: int, stop: int) -> torch.Tensor:
         calls["n"] += 1
@@ -166,7 +166,7 @@ def test_failure_midway_leaves_nothing_behind(
             raise KeyboardInterrupt
         return real_get(self, name, start, stop)
 
-    monkeypatch.setattr(LazyCheckpoint, "view_rows", flaky)
+    monkeypatch.setattr(LazyCheckpoint, "get_rows", flaky)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe([str(a), str(b)], "linear", out), progress=False)

@@ -462,31 +462,3 @@ def test_lazy_reads_own_their_memory_and_report_truncation(tmp_path: Path) -> No
             file.truncate(file.seek(0, os.SEEK_END) - 8)
         with pytest.raises(ModelSourceError, match="ends 8 bytes early"):
             checkpoint.get("b")
-
-
-def test_mapped_rows_equal_read_rows_stay_private_and_unmap(tmp_path: Path) -> None:
-    """`view_rows` maps the file's pages: the same bits as `get_rows` (unaligned offsets and
-    small reads included), writes stay in the process, and the mapping goes with the tensor."""
-    big = torch.randn(600, 257, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    tensors = {"small": torch.arange(7, dtype=torch.float32), "big": big}  # big: ~300 KiB
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    with LazyCheckpoint(tmp_path) as checkpoint:
-        for start, stop in [(0, 600), (1, 599), (17, 18), (300, 600)]:
-            view = checkpoint.view_rows("big", start, stop)
-            assert same_bits(view, big[start:stop]), (start, stop)
-            assert same_bits(view, checkpoint.get_rows("big", start, stop))
-        assert same_bits(checkpoint.view_rows("small", 2, 5), tensors["small"][2:5])
-        before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
-        view = checkpoint.view_rows("big", 0, 600)
-        view.zero_()  # copy-on-write: the file and a fresh view keep the data
-        assert same_bits(checkpoint.view_rows("big", 0, 600), big)
-        del view
-        if before is not None:  # the mapping's descriptor is closed with the tensor
-            assert len(os.listdir("/proc/self/fd")) == before
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as file:
-        assert same_bits(file.get_tensor("big"), big)
-    with LazyCheckpoint(tmp_path) as checkpoint:
-        with open(tmp_path / "model.safetensors", "r+b") as file:  # cut short after indexing
-            file.truncate(file.seek(0, os.SEEK_END) - 8)
-        with pytest.raises(ModelSourceError, match="shorter than when it was indexed"):
-            checkpoint.view_rows("big", 0, 600)
