@@ -1,9 +1,10 @@
 """How much the merge engine holds at once: chunk size and read/write queues from a memory budget.
 
 Per chunk element the engine holds the inputs as float32 (the chunk being merged), the method's
-float32 temporaries and the output cast to its dtype; queued behind it are up to `READ_AHEAD`
-chunks read ahead and `WRITE_BEHIND` merged chunks waiting to be written. With a budget, the chunk
-is sized so all of that fits in what the budget leaves beside the process's current RSS.
+float32 temporaries and the output cast to its dtype; queued behind it are up to
+`EngineTuning.read_ahead` chunks read ahead and `EngineTuning.write_behind` merged chunks waiting
+to be written. With a budget, the chunk is sized so all of that fits in what the budget leaves
+beside the process's current RSS.
 
 Element-wise merges (linear, task arithmetic) have no chunk-sized temporaries: they convert and
 merge a chunk in cache-sized pieces through a few fixed buffers (`engine_compute.apply_in_pieces`).
@@ -22,14 +23,10 @@ import resource
 from dataclasses import dataclass
 
 from hfmerge.engine.plan import MergePlan, TensorJob
+from hfmerge.engine.tuning import EngineTuning
 from hfmerge.errors import HfMergeError
 from hfmerge.tensors import element_size, parse_size
 
-TARGET_CHUNK_ELEMENTS = 1 << 20  # 4 MiB per float32 temporary: fits a core's cache share
-ELEMENTWISE_CHUNK_ELEMENTS = 1 << 22  # no chunk-sized temporaries: fewer, larger hand-overs
-READ_AHEAD = 2  # chunks read while one is merged: hides read latency, pread runs beside math
-WRITE_BEHIND = 2  # merged chunks queued for the writer thread
-RESERVE_BYTES = 64 << 20  # allocator slack, histograms and small tensors beside the chunks
 F32 = 4
 
 
@@ -86,11 +83,13 @@ def chunk_policy(
     plan: MergePlan,
     max_memory_bytes: int | None,
     *,
+    tuning: EngineTuning,
     elementwise: bool = False,
     processes: int = 1,
 ) -> ChunkPolicy:
     """The policy for `plan`; with a budget, checked against every tensor's smallest chunk.
 
+    `tuning`: target chunk sizes, queue depths and the bytes reserved beside them.
     `elementwise`: every tensor of the plan merges element by element, so chunks need no
     float32 temporaries and may be larger. `processes`: merging processes wanted. Each holds
     what one process would (its own copy of the process's current RSS counted too), so the
@@ -102,38 +101,42 @@ def chunk_policy(
     """
     if processes > 1:
         with contextlib.suppress(HfMergeError):
-            return _policy(plan, max_memory_bytes, elementwise, processes)
-    return _policy(plan, max_memory_bytes, elementwise, 1)
+            return _policy(plan, max_memory_bytes, tuning, elementwise, processes)
+    return _policy(plan, max_memory_bytes, tuning, elementwise, 1)
 
 
 def _policy(
-    plan: MergePlan, max_memory_bytes: int | None, elementwise: bool, processes: int
+    plan: MergePlan,
+    max_memory_bytes: int | None,
+    tuning: EngineTuning,
+    elementwise: bool,
+    processes: int,
 ) -> ChunkPolicy:
-    per_element = _bytes_per_element(plan, elementwise=elementwise)
-    target = ELEMENTWISE_CHUNK_ELEMENTS if elementwise else TARGET_CHUNK_ELEMENTS
+    per_element = _bytes_per_element(plan, tuning, elementwise=elementwise)
+    target = tuning.elementwise_chunk_elements if elementwise else tuning.target_chunk_elements
     if max_memory_bytes is None:
         chunk = target
     else:
         share = max_memory_bytes // processes  # each process's part of the budget
-        available = share - current_rss() - RESERVE_BYTES
+        available = share - current_rss() - tuning.reserve_bytes
         chunk = min(target, max(0, available) // per_element)
         _check_fits(plan, chunk, share, available, per_element)
     loaded = _loaded(plan)
     return ChunkPolicy(
         chunk_elements=max(1, chunk),
-        read_bytes=READ_AHEAD * max(1, chunk) * loaded * F32,
-        write_bytes=WRITE_BEHIND * max(1, chunk) * _out_size(plan),
+        read_bytes=tuning.read_ahead * max(1, chunk) * loaded * F32,
+        write_bytes=tuning.write_behind * max(1, chunk) * _out_size(plan),
         elementwise=elementwise,
         processes=processes,
     )
 
 
-def _bytes_per_element(plan: MergePlan, *, elementwise: bool = False) -> int:
+def _bytes_per_element(plan: MergePlan, tuning: EngineTuning, *, elementwise: bool = False) -> int:
     loaded = _loaded(plan)
     # Inputs counted as float32 even where element-wise merges hold them in their storage dtype.
     temporaries = 0 if elementwise else workspace_floats(loaded) * F32
     chunk = loaded * F32 + temporaries + _out_size(plan)
-    queued = READ_AHEAD * loaded * F32 + WRITE_BEHIND * _out_size(plan)
+    queued = tuning.read_ahead * loaded * F32 + tuning.write_behind * _out_size(plan)
     return chunk + queued
 
 

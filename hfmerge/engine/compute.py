@@ -12,28 +12,29 @@ from typing import Any
 
 import torch
 
+from hfmerge.engine.tuning import EngineTuning
 from hfmerge.methods.chunks import Chunk, TensorMerge
-
-# Helper threads beside the main one: whole chains of ops run in parallel, not each op's inner
-# loop, which on 2 cores makes TIES about 1.5x faster where intra-op threads gained nothing.
-SPLIT_WORKERS = 1
-SPLIT_MIN_ELEMENTS = 1 << 16  # smaller chunks are not worth a hand-off
-PIECE_ELEMENTS = 1 << 16  # an element-wise merge's piece: 256 KiB per float32 temporary
-PART_ELEMENTS = 1 << 20  # an element-wise merge's output part: 2 MiB in bf16, within a core's L2
 
 
 class RowSplitter:
-    """Runs `observe` and `apply` on a chunk's two row halves at once when the chunk is big
-    enough and the merge allows it."""
+    """Runs `observe` and `apply` on a chunk's two row halves at once when the chunk has at
+    least `min_elements` and the merge allows it.
 
-    def __init__(self, workers: int) -> None:
+    Whole chains of ops run in parallel, not each op's inner loop, which on 2 cores makes TIES
+    about 1.5x faster where intra-op threads gained nothing.
+    """
+
+    def __init__(self, workers: int, min_elements: int) -> None:
         self._pool = ThreadPoolExecutor(workers, "hfmerge-compute") if workers > 0 else None
+        self._min_elements = min_elements
 
     @classmethod
-    def for_device(cls, device: torch.device) -> RowSplitter:
-        """Helpers on a multi-core CPU; none on a GPU (its kernels are asynchronous anyway)."""
+    def for_device(cls, device: torch.device, tuning: EngineTuning) -> RowSplitter:
+        """`tuning.split_workers` helpers on a multi-core CPU; none on a GPU (its kernels are
+        asynchronous anyway)."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return cls(SPLIT_WORKERS if device.type == "cpu" and (cores or 1) > 1 else 0)
+        workers = tuning.split_workers if device.type == "cpu" and (cores or 1) > 1 else 0
+        return cls(workers, tuning.split_min_elements)
 
     def _worth_splitting(self, chunk: Chunk) -> bool:
         first = chunk.tensors[0] if chunk.tensors else None
@@ -42,7 +43,7 @@ class RowSplitter:
             and first is not None
             and first.dim() > 0
             and first.shape[0] >= 2
-            and first.numel() >= SPLIT_MIN_ELEMENTS
+            and first.numel() >= self._min_elements
         )
 
     def observe(self, merge: TensorMerge, pass_index: int, chunk: Chunk) -> None:
@@ -81,13 +82,13 @@ class RowSplitter:
 
 
 def apply_in_pieces(
-    merge: TensorMerge, chunk: Chunk, dtype: torch.dtype
+    merge: TensorMerge, chunk: Chunk, dtype: torch.dtype, tuning: EngineTuning
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """An element-wise merge of a chunk held in its storage dtype, cast to `dtype`, as
-    (first element, flat output) parts of `PART_ELEMENTS`, each yielded once it is merged.
+    (first element, flat output) parts of `tuning.part_elements`, each yielded once it is merged.
 
-    The chunk's elements are converted to float32, merged and cast back `PIECE_ELEMENTS` at a
-    time (flat runs: an element-wise merge does not care about rows), through float32 buffers
+    The chunk's elements are converted to float32, merged and cast back `tuning.piece_elements`
+    at a time (flat runs: an element-wise merge does not care about rows), through float32 buffers
     reused for every piece, so the temporaries stay in a core's cache instead of streaming
     through memory. On the main thread only: memory-bound work gains nothing from a helper, and
     the writer thread needs the other core (a helper made linear merges 1.1x slower on 2 cores).
@@ -104,7 +105,7 @@ def apply_in_pieces(
     flat = [source.reshape(-1) for source in sources]  # [rows, ...] -> [n]: views, no copy
     out = torch.empty(first.numel(), dtype=dtype)  # [n]: the chunk's rows, flat
     total = out.numel()
-    size = max(1, min(PIECE_ELEMENTS, total))  # an empty chunk has no piece
+    size = max(1, min(tuning.piece_elements, total))  # an empty chunk has no piece
     buffers = [torch.empty(size) if t.dtype != torch.float32 else None for t in flat]
     inputs = len(chunk.tensors)
     part_start = 0
@@ -121,7 +122,7 @@ def apply_in_pieces(
             whole=False,
         )
         out[start:stop].copy_(merge.apply(piece))
-        if stop - part_start >= PART_ELEMENTS or stop == total:
+        if stop - part_start >= tuning.part_elements or stop == total:
             yield chunk.first + part_start, out[part_start:stop]
             part_start = stop
     if total == 0:

@@ -31,21 +31,22 @@ from types import TracebackType
 import torch
 
 from hfmerge.engine.plan import TensorJob
+from hfmerge.engine.tuning import EngineTuning
 from hfmerge.errors import HfMergeError
 
-MAX_PROCESSES = 2  # measured on 2 cores; more are untried
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # Merges `jobs`, calling `on_job()` after each; returns the names of the tensors it wrote.
 RunShare = Callable[[list[TensorJob], Callable[[], None]], Collection[str]]
 
 
-def process_count(*, elementwise: bool, device: torch.device) -> int:
-    """Processes for a merge: two for element-wise merges on a multi-core Linux CPU, else one."""
+def process_count(*, elementwise: bool, device: torch.device, tuning: EngineTuning) -> int:
+    """Processes for a merge: up to `tuning.max_processes` (one per core) for element-wise
+    merges on a multi-core Linux CPU, else one."""
     if not elementwise or device.type != "cpu" or not sys.platform.startswith("linux"):
         return 1
     cores = len(os.sched_getaffinity(0))
-    return max(1, min(MAX_PROCESSES, cores))
+    return max(1, min(tuning.max_processes, cores))
 
 
 def split_jobs(jobs: Sequence[TensorJob], shares: int) -> list[list[TensorJob]]:

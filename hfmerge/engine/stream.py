@@ -30,15 +30,11 @@ from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine.malloc import keep_chunk_buffers
 from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
+from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.methods import MethodParams, ModelParams
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
 from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
-
-# torch intra-op threads while merging: the reader and writer threads take the other core's
-# share on small machines, and two teams spinning on two cores slow each other down. The main
-# thread and its helpers share a chunk's rows instead (`engine/compute.py`).
-COMPUTE_THREADS = 1
 
 
 def execute_plan(
@@ -52,6 +48,7 @@ def execute_plan(
     progress: bool = True,
     max_memory_bytes: int | None = None,
     device: str | torch.device | None = None,
+    tuning: EngineTuning = DEFAULT_TUNING,
 ) -> None:
     """Write every planned tensor into `out_dir` (shards + index).
 
@@ -65,17 +62,21 @@ def execute_plan(
             into the base's basis), so aligned copies of the inputs are never materialised.
         progress: draw a progress bar on stderr.
         max_memory_bytes: peak resident memory to stay within, summed over the merging
-            processes; chunks and queues are sized from it. None: 1M-element chunks (4M for
-            element-wise merges), about 100 MB of buffers per process for two models.
+            processes; chunks and queues are sized from it. None: `tuning`'s chunk sizes (by
+            default 1M elements, 4M for element-wise merges), about 100 MB of buffers per
+            process for two models.
         device: where the arithmetic runs; None picks CUDA when available, else the CPU.
+        tuning: chunk, queue, piece, thread and process sizes (`engine/tuning.py`).
 
     Raises:
         HfMergeError: `max_memory_bytes` is too small for one chunk of some tensor.
     """
     compute_device = resolve_device(device)
     elementwise = _merges_elementwise(plan, params, model_params)
-    processes = process_count(elementwise=elementwise, device=compute_device)
-    policy = chunk_policy(plan, max_memory_bytes, elementwise=elementwise, processes=processes)
+    processes = process_count(elementwise=elementwise, device=compute_device, tuning=tuning)
+    policy = chunk_policy(
+        plan, max_memory_bytes, tuning=tuning, elementwise=elementwise, processes=processes
+    )
     keep_chunk_buffers()
     perms = list(input_perms) if input_perms is not None else [None] * len(plan.inputs)
     share = _Share(
@@ -86,6 +87,7 @@ def execute_plan(
         seed=seed,
         device=compute_device,
         perms=perms,
+        tuning=tuning,
     )
     own, *others = split_jobs(plan.jobs, policy.processes)
     with (
@@ -120,6 +122,7 @@ class _Share:
     seed: int
     device: torch.device
     perms: Sequence[Permutations | None]
+    tuning: EngineTuning
 
     def run(
         self, writer: ShardWriter, jobs: list[TensorJob], on_job: Callable[[], None]
@@ -141,15 +144,18 @@ class _Share:
                 _AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
                 for m, p in zip(plan.inputs, self.perms, strict=True)
             ]
-            stack.enter_context(_torch_threads(COMPUTE_THREADS))
-            splitter = stack.enter_context(RowSplitter.for_device(steps.device))
+            # The reader and writer threads take the other core's share on small machines, and
+            # two teams spinning on two cores slow each other down: the main thread and its
+            # helpers share a chunk's rows instead (`engine/compute.py`).
+            stack.enter_context(_torch_threads(self.tuning.compute_threads))
+            splitter = stack.enter_context(RowSplitter.for_device(steps.device, self.tuning))
             behind = stack.enter_context(WriteBehind(writer.write_part, self.policy.write_bytes))
             ahead = stack.enter_context(Prefetcher(steps.produce, self.policy.read_bytes))
             pending = iter(ahead)
             for _ in jobs:
                 for step, size in pending:
                     job_end = step.job_end
-                    _run_step(step, behind, splitter)
+                    _run_step(step, behind, splitter, self.tuning)
                     del step  # free the chunk before the reader may read the next one
                     ahead.done(size)
                     if job_end:
@@ -300,7 +306,9 @@ class _Steps:
         return tensor.to(self.device).to(torch.float32)
 
 
-def _run_step(step: _Step, behind: WriteBehind, splitter: RowSplitter) -> None:
+def _run_step(
+    step: _Step, behind: WriteBehind, splitter: RowSplitter, tuning: EngineTuning
+) -> None:
     """Merge, observe or copy one chunk; merged and copied rows go to the writer thread."""
     name = step.job.name
     if step.merge is None:
@@ -314,7 +322,7 @@ def _run_step(step: _Step, behind: WriteBehind, splitter: RowSplitter) -> None:
         return
     dtype = torch_dtype(step.job.dtype)
     if step.merge.elementwise:  # read in its storage dtype (`_Steps._read`); flat parts
-        for first, part in apply_in_pieces(step.merge, chunk, dtype):
+        for first, part in apply_in_pieces(step.merge, chunk, dtype, tuning):
             behind.put(name, first, part.cpu())
         return
     parts = splitter.apply(step.merge, chunk, dtype)

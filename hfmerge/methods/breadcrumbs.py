@@ -3,12 +3,11 @@ sum (`breadcrumbs`) or TIES-elect signs (`breadcrumbs_ties`)."""
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
-from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
+from hfmerge.methods.gta import BandSparsifier, PrunedModelParams, PruneParams, TaskVectorMethod
 from hfmerge.methods.params import Fraction
-from hfmerge.methods.sparsify import Band, outlier_band, outlier_prune
+from hfmerge.methods.sparsify import Band, outlier_band
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -19,39 +18,27 @@ class BreadcrumbsModelParams(PrunedModelParams):
     gamma: Fraction = Field(0.01, description="fraction of largest-magnitude entries dropped")
 
 
-def _crumbs(
-    params: PruneParams,
-    model: BreadcrumbsModelParams,
-    delta: torch.Tensor,
-    _: torch.Generator | None,
-) -> torch.Tensor:
-    """Keep the band between the smallest entries and the `gamma` largest outliers."""
-    return outlier_prune(delta, model.density, model.gamma, rescale=params.rescale)
-
-
 def _crumbs_band(_: PruneParams, model: BreadcrumbsModelParams, n: int) -> Band | None:
-    """The entries `_crumbs` keeps, for the chunked form."""
+    """Keep the band between the smallest entries and the `gamma` largest outliers."""
     return outlier_band(n, model.density, model.gamma)
 
 
-BREADCRUMBS = task_vector_method(
+BREADCRUMBS = TaskVectorMethod(
     name="breadcrumbs",
     summary="Drop the largest outliers and the smallest task-vector entries, then sum.",
     paper=PAPER,
     params=PruneParams,
     model_params=BreadcrumbsModelParams,
     consensus=False,
-    sparsify=_crumbs,
-    band=_crumbs_band,
-)
+    sparsify=BandSparsifier(_crumbs_band),
+).merge_method()
 
-BREADCRUMBS_TIES = task_vector_method(
+BREADCRUMBS_TIES = TaskVectorMethod(
     name="breadcrumbs_ties",
     summary="Drop the largest outliers and the smallest entries, then elect signs as in TIES.",
     paper=PAPER,
     params=PruneParams,
     model_params=BreadcrumbsModelParams,
     consensus=True,
-    sparsify=_crumbs,
-    band=_crumbs_band,
-)
+    sparsify=BandSparsifier(_crumbs_band),
+).merge_method()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Self
 
-import torch
 from pydantic import Field, model_validator
 
-from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
+from hfmerge.methods.gta import DropSparsifier, PrunedModelParams, PruneParams, TaskVectorMethod
 from hfmerge.methods.params import Flag, Fraction
-from hfmerge.methods.sparsify import DropRule, della_rule, ranked_random_prune
+from hfmerge.methods.sparsify import DropRule, della_rule
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -48,45 +47,28 @@ class DellaLinearParams(PruneParams):
     rescale: Flag = Field(True, description="rescale each pruned task vector to its L1 norm")
 
 
-def _magprune(
-    params: PruneParams,
-    model: DellaModelParams,
-    delta: torch.Tensor,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Keep entries at random, with keep probabilities in density ± epsilon by magnitude rank."""
-    return ranked_random_prune(
-        delta, model.density, model.epsilon, rescale=params.rescale, generator=generator
-    )
-
-
 def _rule(params: PruneParams, model: DellaModelParams) -> DropRule:
-    """MagPrune's keep probabilities, ranked within each row: DELLA streams by whole rows."""
+    """MagPrune: keep entries at random, with keep probabilities in density ± epsilon by
+    magnitude rank within each row (so DELLA streams by whole rows)."""
     return della_rule(model.density, model.epsilon)
 
 
-DELLA = task_vector_method(
+DELLA = TaskVectorMethod(
     name="della",
     summary="Drop task-vector entries at random, keeping large ones likelier; elect signs.",
     paper=PAPER,
     params=DellaParams,
     model_params=DellaModelParams,
     consensus=True,
-    sparsify=_magprune,
-    drop=_rule,
-    ranks_rows=True,
-    deterministic=False,
-)
+    sparsify=DropSparsifier(_rule, ranks_rows=True),  # ranks rows: 1-D merges whole
+).merge_method()
 
-DELLA_LINEAR = task_vector_method(
+DELLA_LINEAR = TaskVectorMethod(
     name="della_linear",
     summary="Drop task-vector entries at random, keeping large ones likelier; then sum.",
     paper=PAPER,
     params=DellaLinearParams,
     model_params=DellaModelParams,
     consensus=False,
-    sparsify=_magprune,
-    drop=_rule,
-    ranks_rows=True,
-    deterministic=False,
-)
+    sparsify=DropSparsifier(_rule, ranks_rows=True),  # ranks rows: 1-D merges whole
+).merge_method()

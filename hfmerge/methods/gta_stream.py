@@ -3,11 +3,11 @@
 Magnitude cuts are per tensor, as in mergekit, so they are found first over the whole task vector:
 two radix-selection passes (`methods/select.py`) give the exact k-th largest |delta| and how many
 ties at it to keep. An optional third pass sums the L1 norms for `rescale`. The apply pass then
-prunes each chunk with those cuts and combines it with the element-wise rule of `gta.py`.
+prunes each chunk with those cuts and combines it with the element-wise rule of `gta_sum.py`.
 
 The output equals the whole-tensor function bit for bit, except with `rescale`: there the L1 norms
 are chunk sums added in float64 rather than one float32 `sum`, so the rescale factor may differ in
-its last bits (relative difference < 1e-6; tested in tests/test_engine_chunks.py).
+its last bits (relative difference < 1e-6; tested in tests/engine/test_chunks.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from hfmerge.methods.chunks import Chunk, Submit
 from hfmerge.methods.select import CutMask, RadixSelect, magnitude_keys
 from hfmerge.methods.sparsify import RESCALE_EPS, Band
 
+# (task vector, model index) -> that model's task vector sparsified.
 Prune = Callable[[torch.Tensor, int], torch.Tensor]
-# (input tensors, base, prune) -> merged: the element-wise combination of gta.merge_task_vectors.
+# (input tensors, base, prune) -> merged: the element-wise combination, `gta_sum.TaskVectorSum`.
 Combine = Callable[[Sequence[torch.Tensor], torch.Tensor, Prune | None], torch.Tensor]
 
 

@@ -9,7 +9,7 @@ from pydantic import Field
 from hfmerge.methods.base import MergeMethod, require_base
 from hfmerge.methods.chunks import Chunk
 from hfmerge.methods.gram import GramForms, GramMethod, rows_of
-from hfmerge.methods.gta import sum_of
+from hfmerge.methods.gta_sum import sum_of
 from hfmerge.methods.params import Flag, MethodParams, ModelParams, as_params
 
 NORM_FLOOR = 1e-6  # norm products are clamped here, so a zero task vector has cosine 0

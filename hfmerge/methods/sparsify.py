@@ -141,10 +141,22 @@ def random_prune(
     `torch.bernoulli` on a probability tensor draws the same stream as mergekit's, so a generator
     seeded like mergekit's `--random-seed` reproduces its masks tensor for tensor.
     """
-    rule = dare_rule(density)
+    return drop_prune(delta, dare_rule(density), rescale=rescale, generator=generator)
+
+
+def drop_prune(
+    delta: torch.Tensor,
+    rule: DropRule,
+    *,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """`delta` with entries kept at random by `rule` (one Bernoulli draw per entry, in flat
+    order), optionally L1-rescaled; a rule that keeps or drops everything draws nothing."""
     if rule == "keep all" or delta.numel() == 0:
         return delta
-    assert callable(rule)
+    if rule == "drop all":
+        return torch.zeros_like(delta)
     return _keep(delta, torch.bernoulli(rule(delta), generator=generator), rescale=rescale)
 
 
@@ -170,13 +182,7 @@ def ranked_random_prune(
 
     Rows are output units: `[shape[0], -1]`; a 1-D tensor is one row.
     """
-    rule = della_rule(density, epsilon)
-    if rule == "keep all" or delta.numel() == 0:
-        return delta
-    if rule == "drop all":
-        return torch.zeros_like(delta)
-    assert callable(rule)
-    return _keep(delta, torch.bernoulli(rule(delta), generator=generator), rescale=rescale)
+    return drop_prune(delta, della_rule(density, epsilon), rescale=rescale, generator=generator)
 
 
 def della_rule(density: float, epsilon: float) -> DropRule:

@@ -3,12 +3,11 @@ agreeing ones."""
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
-from hfmerge.methods.gta import PrunedModelParams, PruneParams, task_vector_method
+from hfmerge.methods.gta import BandSparsifier, PrunedModelParams, PruneParams, TaskVectorMethod
 from hfmerge.methods.params import Flag
-from hfmerge.methods.sparsify import Band, magnitude_band, magnitude_prune
+from hfmerge.methods.sparsify import Band, magnitude_band
 
 
 class TiesParams(PruneParams):
@@ -17,25 +16,17 @@ class TiesParams(PruneParams):
     normalize: Flag = Field(True, description="divide by the weights of the agreeing models")
 
 
-def _trim(
-    params: TiesParams, model: PrunedModelParams, delta: torch.Tensor, _: torch.Generator | None
-) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude."""
-    return magnitude_prune(delta, model.density, rescale=params.rescale)
-
-
 def _trim_band(_: TiesParams, model: PrunedModelParams, n: int) -> Band | None:
-    """The entries `_trim` keeps, for the chunked form."""
+    """Keep the `density` fraction of entries with the largest magnitude."""
     return magnitude_band(n, model.density)
 
 
-TIES = task_vector_method(
+TIES = TaskVectorMethod(
     name="ties",
     summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones.",
     paper="https://arxiv.org/abs/2306.01708",
     params=TiesParams,
     model_params=PrunedModelParams,
     consensus=True,
-    sparsify=_trim,
-    band=_trim_band,
-)
+    sparsify=BandSparsifier(_trim_band),
+).merge_method()

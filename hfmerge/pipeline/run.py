@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from hfmerge.engine.budget import parse_memory_budget
 from hfmerge.engine.plan import MergePlan, build_plan, format_plan
 from hfmerge.engine.stream import execute_plan
+from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.errors import ModelSourceError
 from hfmerge.methods import get_method, validate_params
 from hfmerge.pipeline.card import (
@@ -79,6 +80,7 @@ def run_recipe(
     private: bool | None = None,
     offline: bool = False,
     max_memory: str | int | None = None,
+    tuning: EngineTuning = DEFAULT_TUNING,
 ) -> RunResult:
     """Run a merge recipe end to end.
 
@@ -97,6 +99,7 @@ def run_recipe(
         private: make a newly created repo private (overrides `output.private`).
         offline: use only the local HF cache, with no network request.
         max_memory: peak memory for the merge step, e.g. "1GB" (engine/budget.py).
+        tuning: the merge engine's chunk, queue, thread and process sizes (engine/tuning.py).
 
     Raises:
         HfMergeError: any user-facing problem, raised before weights are downloaded or output
@@ -160,6 +163,7 @@ def run_recipe(
             input_perms=alignment.perms,
             progress=progress,
             max_memory_bytes=max_memory_bytes,
+            tuning=tuning,
         )
         _copy_config(staging, plan, recipe)
         repaired = _repair(staging, plan, recipe, alignment.perms, model_params, progress=progress)

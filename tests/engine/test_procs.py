@@ -3,6 +3,7 @@ shared, and every failure (the child's or the parent's) ends both processes with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -12,10 +13,10 @@ import pytest
 import torch
 
 from hfmerge.engine import budget as engine_budget
-from hfmerge.engine import procs as engine_procs
 from hfmerge.engine import stream as engine
 from hfmerge.engine.plan import TensorJob
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
+from hfmerge.engine.tuning import DEFAULT_TUNING
 from hfmerge.errors import ModelSourceError
 from tests.support.engine import make_models, merge
 
@@ -102,10 +103,14 @@ def test_split_jobs_deals_even_shares_in_plan_order() -> None:
 
 def test_process_count_only_splits_elementwise_cpu_merges() -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert process_count(elementwise=False, device=cpu) == 1
-    assert process_count(elementwise=True, device=gpu) == 1
+    tuning = DEFAULT_TUNING
+    assert process_count(elementwise=False, device=cpu, tuning=tuning) == 1
+    assert process_count(elementwise=True, device=gpu, tuning=tuning) == 1
     cores = len(os.sched_getaffinity(0))
-    assert process_count(elementwise=True, device=cpu) == min(engine_procs.MAX_PROCESSES, cores)
+    expected = min(tuning.max_processes, cores)
+    assert process_count(elementwise=True, device=cpu, tuning=tuning) == expected
+    one = dataclasses.replace(tuning, max_processes=1)
+    assert process_count(elementwise=True, device=cpu, tuning=one) == 1
 
 
 def test_processes_share_the_budget_or_fall_back_to_one(
@@ -120,7 +125,7 @@ def test_processes_share_the_budget_or_fall_back_to_one(
     monkeypatch.setattr(
         engine, "chunk_policy", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
     )
-    reserve = engine_budget.RESERVE_BYTES
+    reserve = DEFAULT_TUNING.reserve_bytes
     merge(models, tmp_path / "roomy", "linear", max_memory=2 * (reserve + 300_000))
     merge(models, tmp_path / "tight", "linear", max_memory=reserve + 300_000)
     roomy, tight = seen

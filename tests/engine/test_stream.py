@@ -18,6 +18,7 @@ from hfmerge.engine import stream as engine
 from hfmerge.engine.budget import ChunkPolicy, parse_memory_budget
 from hfmerge.engine.io_threads import Prefetcher, WriteBehind
 from hfmerge.engine.plan import TensorJob
+from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.errors import HfMergeError
 from hfmerge.tensors import LazyCheckpoint
 from tests.support.engine import make_models, merge
@@ -32,13 +33,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     "method", ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock"]
 )
 def test_many_small_chunks_give_the_same_output(
-    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+    models: list[Path], tmp_path: Path, method: str
 ) -> None:
     whole = merge(models, tmp_path / "whole", method)
-    monkeypatch.setattr(engine_budget, "TARGET_CHUNK_ELEMENTS", 100)  # rows of 1-3 per chunk
-    monkeypatch.setattr(engine_budget, "ELEMENTWISE_CHUNK_ELEMENTS", 100)
-    monkeypatch.setattr(engine_budget, "READ_AHEAD", 1)
-    small = merge(models, tmp_path / "small", method)
+    small_chunks = dataclasses.replace(
+        DEFAULT_TUNING,
+        target_chunk_elements=100,  # rows of 1-3 per chunk
+        elementwise_chunk_elements=100,
+        read_ahead=1,
+    )
+    small = merge(models, tmp_path / "small", method, tuning=small_chunks)
     assert whole.keys() == small.keys()
     for name, tensor in whole.items():
         assert torch.equal(tensor, small[name]), name
@@ -48,9 +52,12 @@ def test_many_small_chunks_give_the_same_output(
 def test_row_halves_on_two_threads_give_the_same_output(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    splitter = engine_compute.RowSplitter
-    monkeypatch.setattr(splitter, "for_device", classmethod(lambda cls, d: cls(0)))
-    serial = merge(models, tmp_path / "serial", method)
+    serial = merge(
+        models,
+        tmp_path / "serial",
+        method,
+        tuning=dataclasses.replace(DEFAULT_TUNING, split_workers=0),
+    )
     split_calls = []
     real_split = engine.Chunk.split
 
@@ -58,10 +65,13 @@ def test_row_halves_on_two_threads_give_the_same_output(
         split_calls.append(rows)
         return real_split(chunk, rows)
 
+    def one_helper(cls: Any, device: torch.device, tuning: EngineTuning) -> Any:
+        return cls(1, tuning.split_min_elements)  # as on a multi-core CPU, whatever this machine
+
     monkeypatch.setattr(engine.Chunk, "split", spy)
-    monkeypatch.setattr(engine_compute, "SPLIT_MIN_ELEMENTS", 1)  # split every chunk of 2+ rows
-    monkeypatch.setattr(splitter, "for_device", classmethod(lambda cls, d: cls(1)))
-    halves = merge(models, tmp_path / "halves", method)
+    monkeypatch.setattr(engine_compute.RowSplitter, "for_device", classmethod(one_helper))
+    every_chunk = dataclasses.replace(DEFAULT_TUNING, split_min_elements=1)  # 2+ rows split
+    halves = merge(models, tmp_path / "halves", method, tuning=every_chunk)
     # Not split: DARE (one mask stream per model).
     assert bool(split_calls) == (method != "dare_ties")
     assert serial.keys() == halves.keys()
@@ -104,8 +114,8 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
 ) -> None:
     """Element-wise merges get their chunks in the storage dtype and merge them a few elements
     at a time: one element per piece gives the output of one piece per chunk, bit for bit."""
-    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 1 << 30)
-    whole = merge(models, tmp_path / "whole", method)
+    one_piece = dataclasses.replace(DEFAULT_TUNING, piece_elements=1 << 30)
+    whole = merge(models, tmp_path / "whole", method, tuning=one_piece)
     pieces: list[int] = []
     real = engine_compute.Chunk
 
@@ -115,8 +125,8 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
         return real(tensors, base, first, whole)
 
     monkeypatch.setattr(engine_compute, "Chunk", spy)
-    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 1)
-    small = merge(models, tmp_path / "small", method)
+    one_element = dataclasses.replace(DEFAULT_TUNING, piece_elements=1)
+    small = merge(models, tmp_path / "small", method, tuning=one_element)
     assert pieces and set(pieces) == {1}
     assert whole.keys() == small.keys()
     for name, tensor in whole.items():
@@ -124,14 +134,11 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
 
 
 @pytest.mark.parametrize("shape", [(), (0, 5), (3, 0), (5,), (70, 3)])
-def test_elementwise_pieces_of_any_shape_equal_the_method(
-    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_elementwise_pieces_of_any_shape_equal_the_method(shape: tuple[int, ...]) -> None:
     """Pieces of 4 elements, output parts of 12 (three pieces), a short last one of each."""
     from hfmerge.methods import get_method, validate_params
 
-    monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 4)
-    monkeypatch.setattr(engine_compute, "PART_ELEMENTS", 12)
+    tuning = dataclasses.replace(DEFAULT_TUNING, piece_elements=4, part_elements=12)
     method = get_method("linear")
     params, per_model = validate_params(method, {}, [{"weight": 0.3}, {"weight": 0.9}])
     generator = torch.Generator().manual_seed(0)
@@ -142,7 +149,7 @@ def test_elementwise_pieces_of_any_shape_equal_the_method(
     first = 1000  # the chunk's place in its tensor
     parts = list(
         engine_compute.apply_in_pieces(
-            merge, engine.Chunk(inputs, None, first, True), torch.bfloat16
+            merge, engine.Chunk(inputs, None, first, True), torch.bfloat16, tuning
         )
     )
     expected = (
@@ -190,8 +197,8 @@ def test_elementwise_policies_have_larger_chunks_in_the_same_budget(
     assert [p.elementwise for p in seen] == [True, False]
     linear, ties = seen
     assert linear.chunk_elements == 4 * ties.chunk_elements
-    assert linear.chunk_elements == engine_budget.ELEMENTWISE_CHUNK_ELEMENTS
-    budget = engine_budget.RESERVE_BYTES + 200_000
+    assert linear.chunk_elements == DEFAULT_TUNING.elementwise_chunk_elements
+    budget = DEFAULT_TUNING.reserve_bytes + 200_000
     merge(models, tmp_path / "linear-budget", "linear", max_memory=budget)
     merge(models, tmp_path / "ties-budget", "ties", max_memory=budget)
     # linear: 2 inputs, bf16 out: 8 + 2 bytes held + 16 + 4 queued; no 2 * 2 + 4 temporaries
@@ -211,15 +218,25 @@ def test_budget_sets_the_chunk_size_and_refuses_too_little(
         return seen[-1][1]
 
     monkeypatch.setattr(engine, "chunk_policy", spy)
-    reserve = engine_budget.RESERVE_BYTES
+    reserve = DEFAULT_TUNING.reserve_bytes
     merge(models, tmp_path / "a", "ties", max_memory=reserve + 200_000)
     plan, policy = seen[-1]
-    assert policy.chunk_elements == 200_000 // engine_budget._bytes_per_element(plan)
-    assert policy.read_bytes == engine_budget.READ_AHEAD * policy.chunk_elements * 3 * 4
+    assert policy.chunk_elements == 200_000 // engine_budget._bytes_per_element(
+        plan, DEFAULT_TUNING
+    )
+    assert policy.read_bytes == DEFAULT_TUNING.read_ahead * policy.chunk_elements * 3 * 4
     with pytest.raises(HfMergeError, match="below what one chunk needs") as info:
         merge(models, tmp_path / "b", "ties", max_memory=reserve + 1000)
     assert "raise --max-memory" in info.value.message()
     assert not (tmp_path / "b").exists()
+    # The pipeline's tuning reaches the budget: no reserve, one chunk read ahead, none behind.
+    lean = dataclasses.replace(DEFAULT_TUNING, reserve_bytes=0, read_ahead=1, write_behind=0)
+    merge(models, tmp_path / "c", "ties", max_memory=200_000, tuning=lean)
+    # ties, 2 inputs and the base, bf16 out: 12 + 40 + 2 bytes held, 12 queued
+    assert seen[-1][1].chunk_elements == 200_000 // 66
+    assert seen[-1][1].write_bytes == 0
+    merge(models, tmp_path / "d", "ties", tuning=dataclasses.replace(lean, target_chunk_elements=7))
+    assert seen[-1][1].chunk_elements == 7
 
 
 def test_whole_tensor_methods_need_the_largest_tensor_in_budget(
@@ -229,7 +246,7 @@ def test_whole_tensor_methods_need_the_largest_tensor_in_budget(
     from hfmerge.methods import registry
 
     monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
-    budget = engine_budget.RESERVE_BYTES + 50_000
+    budget = DEFAULT_TUNING.reserve_bytes + 50_000
     merge(models, tmp_path / "chunked", "model_stock", max_memory=budget)
     whole_only = dataclasses.replace(registry.METHODS["model_stock"], stream=None)
     monkeypatch.setitem(registry.METHODS, "model_stock", whole_only)
