@@ -45,8 +45,10 @@ def replace_atomically(path: Path, write: Callable[[Path], object], *, what: str
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # Ctrl-C or a signal too: no temp file is left behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         raise OutputError(
             str(path),
             f"cannot write {what}: {exc.strerror}",

@@ -44,6 +44,7 @@ from hfmerge.tensors.shards import (
     parse_size,
     plan_shards,
 )
+from hfmerge.tensors.staging import StaleStaging, remove_stale, stale_staging
 from hfmerge.tensors.writer import (
     ShardWriteError,
     ShardWriter,
@@ -64,6 +65,7 @@ __all__ = [
     "ShardPlan",
     "ShardWriteError",
     "ShardWriter",
+    "StaleStaging",
     "TensorInfo",
     "TensorLike",
     "TensorSpec",
@@ -86,5 +88,7 @@ __all__ = [
     "read_shard_header",
     "read_weight_map",
     "refuse_overlap",
+    "remove_stale",
+    "stale_staging",
     "torch_dtype",
 ]

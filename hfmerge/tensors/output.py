@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hfmerge.errors import OutputError
+from hfmerge.tensors.staging import StagingDir, lock_existing, remove_stale
 
 # Config and tokenizer files a merged model inherits from its base; never weights.
 SIDE_FILES = (
@@ -111,14 +112,17 @@ def atomic_output_dir(final: Path, *, force: bool) -> Iterator[Path]:
     final = output_path(final)
     check_output_dir(final, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_sibling_dir(final, "tmp")
+    remove_stale(final)  # what killed runs to this output left behind
+    staging = StagingDir(final, "tmp")
     try:
-        yield tmp
+        yield staging.path
         check_output_dir(final, force=force)  # someone may have created it meanwhile
-        _move_into_place(tmp, final)
+        _move_into_place(staging.path, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging.path, ignore_errors=True)
         raise
+    finally:
+        staging.release()
 
 
 def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
@@ -127,7 +131,14 @@ def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
     for name in SIDE_FILES:
         source = Path(src_dir) / name
         if source.is_file():  # follows symlinks, as in the Hub cache's snapshot folders
-            shutil.copyfile(source, Path(dst_dir) / name)
+            try:
+                shutil.copyfile(source, Path(dst_dir) / name)
+            except OSError as exc:  # a full disk shows here too, past the free-space estimate
+                raise OutputError(
+                    str(dst_dir),
+                    f"cannot copy {name} from {src_dir}: {exc.strerror or exc}",
+                    "free space on the output's disk (or choose another output path), then rerun",
+                ) from None
             copied.append(name)
     return copied
 
@@ -145,32 +156,27 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _make_sibling_dir(final: Path, kind: str) -> Path:
-    """Create `.NAME.hfmerge-KIND-XXXX` beside `final`: one filesystem, so renames are atomic."""
-    while True:
-        candidate = final.parent / f".{final.name}.hfmerge-{kind}-{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()  # honours the umask, unlike tempfile.mkdtemp's private 0o700
-        except FileExistsError:
-            continue
-        return candidate
-
-
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; an old `final` is moved aside first and restored on failure."""
-    aside = None
+    aside = held = None
     if final.exists() or final.is_symlink():
         aside = final.parent / f".{final.name}.hfmerge-old-{secrets.token_hex(4)}"
+        # locked before the rename, so the folder is never unheld under its staging name
+        held = lock_existing(final) if final.is_dir() and not final.is_symlink() else None
         os.rename(final, aside)
     try:
-        os.rename(tmp, final)
-    except BaseException:
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, final)
+            raise
+        _fsync_dir(final.parent)
         if aside is not None:
-            os.rename(aside, final)
-        raise
-    _fsync_dir(final.parent)
-    if aside is not None:
-        _remove(aside)
+            _remove(aside)
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _remove(path: Path) -> None:
