@@ -7,13 +7,13 @@ written into the model's own storage.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
+from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.errors import ArchitectureError, IncompatibleModelsError
 from hfmerge.tensors import LazyCheckpoint, read_checkpoint_index
@@ -140,8 +140,9 @@ def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutatio
 def spec_of(path: Path, *, label: str) -> ArchSpec:
     from hfmerge.arch import spec_for
 
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    return spec_for(config, read_checkpoint_index(path, label=label).names, model=label)
+    return spec_for(
+        read_config(path, label=label), read_checkpoint_index(path, label=label).names, model=label
+    )
 
 
 __all__ = ["Interpolator", "check_compatible", "checkpoint_targets", "spec_of"]

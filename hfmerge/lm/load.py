@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hfmerge.arch.config import read_config
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
 
 Objective = Literal["causal", "masked"]
@@ -277,7 +278,7 @@ def shared_tokenizer(
             ],
         )
     for path, label in ((path_a, label_a), (path_b, label_b)):
-        vocab_size = _config_value(path, "vocab_size")
+        vocab_size = read_config(path, label=label).get("vocab_size")
         if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
             raise ModelSourceError(
                 label,
@@ -286,14 +287,6 @@ def shared_tokenizer(
                 "compare models trained with the same tokenizer",
             )
     return tokenizer
-
-
-def _config_value(path: Path, key: str) -> Any:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return config.get(key) if isinstance(config, dict) else None
 
 
 def input_device(model: PreTrainedModel) -> torch.device:

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from hfmerge.arch.config import read_config
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
 from hfmerge.lm.load import load_tokenizer, position_limit
 
 _WHY = "a routed model feeds every expert the same token ids and returns one logits tensor"
-
-
-def read_config(path: Path, *, label: str) -> dict[str, Any]:
-    """A model folder's config.json as a dict."""
-    try:
-        config: Any = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(
-            label,
-            f"its config.json cannot be read ({exc})",
-            "route between transformers model folders",
-        ) from None
-    if not isinstance(config, dict):
-        raise ModelSourceError(
-            label,
-            "its config.json is not a JSON object",
-            "route between transformers model folders",
-        )
-    return config
 
 
 def config_vocab_size(path: Path, *, label: str) -> int:
@@ -95,6 +75,5 @@ __all__ = [
     "check_expert_vocabularies",
     "check_tokenizer_fits",
     "config_vocab_size",
-    "read_config",
     "usable_length",
 ]

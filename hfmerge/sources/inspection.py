@@ -6,14 +6,14 @@ headers only) and compares them, reporting every problem of every model at once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hfmerge.arch import check_shapes, spec_for
+from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec
-from hfmerge.errors import HfMergeError, IncompatibleModelsError, ModelSourceError, PreflightError
+from hfmerge.errors import HfMergeError, IncompatibleModelsError, PreflightError
 from hfmerge.sources.refs import ModelSource, pin_model
 from hfmerge.tensors import CheckpointIndex, read_checkpoint_index
 
@@ -44,30 +44,6 @@ class InspectedModel:
         return self.source.display
 
 
-def read_config(source: ModelSource) -> dict[str, Any]:
-    """Parse the model's config.json."""
-    path = source.path / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelSourceError(
-            source.display,
-            f"has no config.json in {source.path}",
-            "point at a directory saved with `save_pretrained`",
-        ) from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelSourceError(
-            source.display,
-            f"config.json cannot be read ({exc})",
-            "repair or re-download config.json",
-        ) from exc
-    if not isinstance(config, dict):
-        raise ModelSourceError(
-            source.display, "config.json is not a JSON object", "repair or re-download config.json"
-        )
-    return config
-
-
 def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedModel:
     """Config + safetensors headers + architecture spec; reads no tensor data.
 
@@ -80,7 +56,7 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
         config = hub.remote_config(source.hub_id, source.revision, offline=offline)
         index = hub.remote_index(source.hub_id, source.revision, offline=offline)
     else:
-        config = read_config(source)
+        config = read_config(source.path, label=source.display)
         index = read_checkpoint_index(source.path)
     spec = spec_for(config, index.names, model=source.display)
     shapes = {name: index.info(name).shape for name in index.names}
