@@ -7,7 +7,8 @@ other module prints an error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,12 @@ class RecipeError(HfMergeError):
         )
 
 
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`did you mean 'x'?` for the choice closest to a misspelt `name`; '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
 class UnknownNameError(HfMergeError):
     """A name (merge method, architecture family, ...) is not in its registry."""
 
@@ -86,10 +93,12 @@ class UnknownNameError(HfMergeError):
         self.kind = kind
         self.name = name
         self.choices = sorted(choices)
+        fix = f"use one of the valid {kind}s"
+        hint = did_you_mean(name, self.choices)
         super().__init__(
             f"Unknown {kind} {name!r}",
             why=f"valid {kind}s are: {', '.join(self.choices)}",
-            fix=f"use one of the valid {kind}s",
+            fix=f"{hint} Otherwise {fix}" if hint else fix,
         )
 
 
