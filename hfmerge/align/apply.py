@@ -20,6 +20,7 @@ from hfmerge.arch.permute import check_permutations, identity_permutations, perm
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, OutputError, UnknownNameError
 from hfmerge.progress import track
+from hfmerge.recipe.align_methods import ALIGN_METHODS
 from hfmerge.sources.inspection import InspectedModel, check_compatible, inspect_model
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import (
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # transformers loads only for activation matching
 
 PERMUTATIONS_FILE = "hfmerge_permutations.safetensors"
 ATTENTION_FIELDS = ("kv_heads", "q_in_group", "qk_dims", "vo_dims")
-METHODS = ("none", "weight", "activation")
+_WRITTEN = tuple(m for m in ALIGN_METHODS if m != "none")  # methods `align_checkpoint` takes
 Batches = Iterable[dict[str, torch.Tensor]]
 PROBE_SAMPLES, PROBE_LENGTH, PROBE_BATCH = 32, 128, 8  # built-in probe when no batches are given
 
@@ -170,7 +171,7 @@ def _match(
         spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), model=a.name)
         data = _builtin_batches(a) if batches is None else batches
         return activation_matching(spec, model_a, model_b, data, progress=progress)
-    raise UnknownNameError("alignment method", method, METHODS)
+    raise UnknownNameError("alignment method", method, ALIGN_METHODS)
 
 
 def align_permutations(
@@ -209,8 +210,8 @@ def align_checkpoint(
     copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`.
     """
     parse_size(max_shard_size)  # a bad size fails now, not after the matching
-    if method not in ("weight", "activation"):
-        raise UnknownNameError("alignment method", method, ["weight", "activation"])
+    if method not in _WRITTEN:
+        raise UnknownNameError("alignment method", method, _WRITTEN)
     out_dir = Path(out_dir)
     for source in (model_a_dir, model_b_dir):
         if out_dir.resolve() == Path(source).resolve():

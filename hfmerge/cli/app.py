@@ -13,6 +13,7 @@ from typer.exceptions import TyperException
 
 from hfmerge.errors import HfMergeError
 from hfmerge.progress import stderr_console
+from hfmerge.recipe.align_methods import ALIGN_METHODS
 
 app = typer.Typer(
     name="hfmerge",
@@ -215,7 +216,7 @@ def barrier(
         list[str] | None,
         typer.Option(
             "--align",
-            help="none, weight or activation, each optionally +repair (weight+repair rescales "
+            help=f"{', '.join(ALIGN_METHODS)}, each optionally +repair (weight+repair rescales "
             "every interpolated point to the endpoints' channel statistics); repeat it (or a "
             "comma list) to compare.",
         ),

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hfmerge.errors import RecipeError, RecipeProblem, did_you_mean
+from hfmerge.recipe.align_methods import AlignMethod
 from hfmerge.recipe.yaml_locations import Location, locate, node_positions
 
 
@@ -51,7 +52,7 @@ class ProbeSpec(_Strict):
 class AlignSpec(_Strict):
     """Permutation alignment of every model into `base`'s basis before merging."""
 
-    method: Literal["none", "weight", "activation"] = "none"
+    method: AlignMethod = "none"
     seed: int = 0  # weight matching visits the groups in a seeded random order
     report_barrier: bool = False  # measure the loss barrier before and after, for the card
     # REPAIR the merged model: rescale its channels to the inputs' blended statistics on the
