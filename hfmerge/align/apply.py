@@ -21,7 +21,7 @@ from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, OutputError, UnknownNameError
 from hfmerge.progress import track
 from hfmerge.recipe.align_methods import ALIGN_METHODS
-from hfmerge.sources.inspection import InspectedModel, check_compatible, inspect_model
+from hfmerge.sources.inspection import InspectedModel, check_mergeable, inspect_model
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import (
     LazyCheckpoint,
@@ -99,7 +99,7 @@ def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel,
     pair = tuple(
         inspect_model(ModelSource(ref=str(d), path=Path(d))) for d in (model_a_dir, model_b_dir)
     )
-    check_compatible(pair)
+    check_mergeable(pair)
     return pair[0], pair[1]
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.analysis.interpolate import Interpolator, check_compatible, spec_of
+from hfmerge.analysis.interpolate import Interpolator, check_same_tensors, spec_of
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.errors import UnknownNameError
 from hfmerge.lm.batches import model_inputs, pad_id_of, window_batches
@@ -147,7 +147,7 @@ def _setup(
     probe_texts = texts if probe_data is None else load_texts(probe_data)
     path_a = resolve_model(model_a, progress=progress).path
     path_b = resolve_model(model_b, progress=progress).path
-    check_compatible(path_a, path_b, label_a=model_a, label_b=model_b)
+    check_same_tensors(path_a, path_b, label_a=model_a, label_b=model_b)
     tokenizer = load_tokenizer(path_a, label=model_a)  # A's tokenizer scores both models
     model = load_lm(path_a, label=model_a)
     length = usable_length(model, max_length)

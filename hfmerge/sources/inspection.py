@@ -88,7 +88,7 @@ def inspect_models(
     return found
 
 
-def check_compatible(models: Sequence[InspectedModel]) -> None:
+def check_mergeable(models: Sequence[InspectedModel]) -> None:
     """Every model against the first: same family, config shape keys, tensor names and shapes.
 
     Raises:
@@ -106,7 +106,9 @@ def compatibility_problems(models: Sequence[InspectedModel]) -> list[Incompatibl
     reference = models[0]
     errors = []
     for other in models[1:]:
-        problems = _config_differences(reference, other) + _tensor_differences(reference, other)
+        problems = _config_differences(reference, other) + tensor_differences(
+            reference.index, other.index, label_a=reference.name, label_b=other.name
+        )
         if problems:
             errors.append(IncompatibleModelsError(reference.name, other.name, problems))
     return errors
@@ -122,12 +124,15 @@ def _config_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
     ]
 
 
-def _tensor_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
-    names_a, names_b = set(a.index.names), set(b.index.names)
-    problems = [f"tensor {n} only in {a.name}" for n in sorted(names_a - names_b)]
-    problems += [f"tensor {n} only in {b.name}" for n in sorted(names_b - names_a)]
+def tensor_differences(
+    index_a: CheckpointIndex, index_b: CheckpointIndex, *, label_a: str, label_b: str
+) -> list[str]:
+    """Tensors only in one checkpoint, then tensors whose shapes differ (from headers alone)."""
+    names_a, names_b = set(index_a.names), set(index_b.names)
+    problems = [f"tensor {n} only in {label_a}" for n in sorted(names_a - names_b)]
+    problems += [f"tensor {n} only in {label_b}" for n in sorted(names_b - names_a)]
     for name in sorted(names_a & names_b):
-        shape_a, shape_b = a.index.info(name).shape, b.index.info(name).shape
+        shape_a, shape_b = index_a.info(name).shape, index_b.info(name).shape
         if tuple(shape_a) != tuple(shape_b):
             problems.append(f"tensor {name} has shape {list(shape_a)} vs {list(shape_b)}")
     return problems
