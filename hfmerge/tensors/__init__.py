@@ -5,9 +5,7 @@ Also atomic output directories and copying of config and tokenizer files.
 
 from hfmerge.tensors.checkpoint import (
     CONVERT_FIX,
-    INDEX_FILE,
     PICKLE_SUFFIXES,
-    SINGLE_FILE,
     CheckpointIndex,
     LazyCheckpoint,
     check_weight_map,
@@ -28,11 +26,13 @@ from hfmerge.tensors.output import (
     copy_side_files,
 )
 from hfmerge.tensors.shards import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    OutputTensor,
     PlannedShard,
     PlannedTensor,
     ShardPlan,
     TensorLike,
-    TensorSpec,
     parse_size,
     plan_shards,
 )
@@ -51,6 +51,7 @@ __all__ = [
     "SINGLE_FILE",
     "CheckpointIndex",
     "LazyCheckpoint",
+    "OutputTensor",
     "PlannedShard",
     "PlannedTensor",
     "ShardPlan",
@@ -58,7 +59,6 @@ __all__ = [
     "ShardWriter",
     "TensorInfo",
     "TensorLike",
-    "TensorSpec",
     "atomic_output_dir",
     "check_output_dir",
     "check_weight_map",

@@ -17,9 +17,8 @@ import torch
 from hfmerge.errors import OutputError
 from hfmerge.tensors.dtypes import dtype_name
 from hfmerge.tensors.fds import FdCache
-from hfmerge.tensors.shards import PlannedShard, PlannedTensor, ShardPlan
+from hfmerge.tensors.shards import INDEX_FILE, PlannedShard, PlannedTensor, ShardPlan
 
-INDEX_FILE = "model.safetensors.index.json"
 # Linux writes at most this many bytes per write call; larger tensors go in several calls.
 _MAX_WRITE = 0x7FFFF000
 # Writes at least this large start their own writeback at once (see `_start_writeback`).
