@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfmerge.analysis.similarity import MIN_SAMPLES, CkaMatrix
+from hfmerge.analysis.similarity import MIN_CKA_SAMPLES, CkaMatrix
 from hfmerge.analysis.units import UnitCorrespondence, unit_correspondence
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, InputDataError
 
@@ -168,11 +168,11 @@ def compute_cka(
     windows = token_windows(pair.tokenizer, texts, max_length=length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
     matrix, tokens = _stream(pair, batches, pooling=pooling, progress=progress)
-    if matrix.count < MIN_SAMPLES:
+    if matrix.count < MIN_CKA_SAMPLES:
         raise InputDataError(
             describe_data(data),
             f"gave only {matrix.count} samples",
-            f"CKA needs at least {MIN_SAMPLES}; give more text or use --pooling tokens",
+            f"CKA needs at least {MIN_CKA_SAMPLES}; give more text or use --pooling tokens",
         )
     settings = {
         "data": describe_data(data),

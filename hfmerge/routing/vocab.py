@@ -65,7 +65,7 @@ def check_tokenizer_fits(
             )
 
 
-def usable_length(models: Iterable[Path], max_length: int) -> int:
+def common_usable_length(models: Iterable[Path], max_length: int) -> int:
     """`max_length`, capped at the shortest position limit among the models' configs."""
     limits = [position_limit(read_config(path, label=str(path))) for path in models]
     return min([max_length, *(limit for limit in limits if limit is not None)])
@@ -74,6 +74,6 @@ def usable_length(models: Iterable[Path], max_length: int) -> int:
 __all__ = [
     "check_expert_vocabularies",
     "check_tokenizer_fits",
+    "common_usable_length",
     "config_vocab_size",
-    "usable_length",
 ]
