@@ -8,6 +8,7 @@ other module prints an error.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,16 @@ class UnknownNameError(HfMergeError):
             why=f"valid {kind}s are: {', '.join(self.choices)}",
             fix=f"{hint} Otherwise {fix}" if hint else fix,
         )
+
+
+class OptionError(HfMergeError):
+    """A command-line option (or the library argument it feeds) has a value hfmerge cannot use."""
+
+    def __init__(self, option: str, value: str, problem: str, *, why: str = "", fix: str) -> None:
+        self.option = option  # as spelt on the command line: "--device-map"
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{option} {value!r}: {problem}", why=why, fix=fix)
 
 
 class MethodParameterError(HfMergeError):
@@ -237,3 +248,81 @@ class RoutingError(HfMergeError):
 
     def __init__(self, problem: str, *, why: str = "", fix: str = "") -> None:
         super().__init__(f"Routing: {problem}", why=why, fix=fix)
+
+
+class CkaBelowThresholdError(HfMergeError):
+    """A diagonal CKA value is below `--fail-under` (or undefined).
+
+    `failing` holds every (layer pair, value) below the threshold; `layer` and `value` the lowest.
+    """
+
+    def __init__(
+        self,
+        model_a: str,
+        model_b: str,
+        *,
+        threshold: float,
+        failing: Sequence[tuple[str, float]],
+        layers: int,
+    ) -> None:
+        self.model_a, self.model_b = model_a, model_b
+        self.failing = list(failing)
+        where, value = min(self.failing, key=lambda f: -math.inf if math.isnan(f[1]) else f[1])
+        self.threshold, self.layer, self.value = threshold, where, value
+        listing = ", ".join(f"{name} {v:.3f}" for name, v in self.failing)
+        super().__init__(
+            f"CKA of {model_a} and {model_b} falls below {threshold:g}: "
+            f"{value:.3f} at {where} ({len(self.failing)} of {layers} layers below: {listing})",
+            why="representations that far apart usually average badly (a high loss barrier), "
+            "and NaN means a layer with no variance on the probe text",
+            fix="route between the models instead of merging them, probe with text closer to "
+            "their use (--data), or lower --fail-under if this drift is expected",
+        )
+
+
+class CkaGateError(HfMergeError):
+    """An input's CKA with the base is below `check.cka_min`: merging would likely fail.
+
+    `layer` and `value` are the lowest CKA found; `route_block` the `route:` YAML to use instead.
+    """
+
+    def __init__(
+        self,
+        model_a: str,
+        model_b: str,
+        *,
+        layer: str,
+        value: float,
+        threshold: float,
+        route_block: str,
+    ) -> None:
+        self.model_a, self.model_b = model_a, model_b
+        self.layer, self.value, self.threshold = layer, value, threshold
+        self.route_block = route_block
+        super().__init__(
+            f"Refusing to merge: CKA between {model_a} and {model_b} is "
+            f"{value:.4f} at {layer}, below check.cka_min {threshold:g}",
+            why="models whose representations drifted apart average badly; routing each input "
+            "to the model that fits it keeps what each learned",
+            fix="replace `merge:` (and any `align:`) with this `route:` block (one calibration "
+            "text per model), "
+            f"lower `check.cka_min`, or pass --force to merge anyway:\n{route_block}",
+        )
+
+
+class ShardWriteError(ValueError):
+    """A tensor does not match the shard plan, or the plan was not completely written.
+
+    A caller broke the writer's contract (a bug, not a user's mistake), so it is a ValueError with
+    a plain message rather than an HfMergeError with a fix.
+    """
+
+
+class ManifestProblem(ValueError):
+    """One invalid field of a routed repo's manifest; the repo loader turns it into a
+    RoutedRepoError naming the repo."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where  # the field's dotted path, "" for the whole document
+        self.problem = problem
+        super().__init__(f"{where}: {problem}" if where else problem)

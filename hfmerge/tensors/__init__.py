@@ -37,7 +37,6 @@ from hfmerge.tensors.shards import (
     plan_shards,
 )
 from hfmerge.tensors.writer import (
-    ShardWriteError,
     ShardWriter,
     encode_header,
     overwrite_tensors,
@@ -55,7 +54,6 @@ __all__ = [
     "PlannedShard",
     "PlannedTensor",
     "ShardPlan",
-    "ShardWriteError",
     "ShardWriter",
     "TensorInfo",
     "TensorLike",

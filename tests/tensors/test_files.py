@@ -16,11 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from hfmerge.errors import ModelSourceError, OutputError
+from hfmerge.errors import ModelSourceError, OutputError, ShardWriteError
 from hfmerge.tensors import (
     LazyCheckpoint,
     OutputTensor,
-    ShardWriteError,
     ShardWriter,
     atomic_output_dir,
     copy_side_files,
