@@ -105,7 +105,7 @@ def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel,
 
 def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
     """Every non-buffer tensor of the checkpoint as float64."""
-    with LazyCheckpoint(model.source.path, label=model.name) as reader:
+    with LazyCheckpoint(model.source.path, label=model.label) as reader:
         return {
             name: reader.get(name).to(torch.float64)
             for name, tensor in model.spec.tensors.items()
@@ -125,7 +125,7 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
         loaded: PreTrainedModel = cls.from_pretrained(model.source.path, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise AlignmentError(
-            f"transformers cannot load {model.name}: {exc}",
+            f"transformers cannot load {model.label}: {exc}",
             fix="use weight matching, which reads the safetensors directly",
         ) from None
     module: torch.nn.Module = loaded  # torch's typing of .eval (transformers wraps it)
@@ -139,7 +139,7 @@ def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:
 
     return text_batches(
         model.source.path,
-        label=model.name,
+        label=model.label,
         data=None,
         max_length=PROBE_LENGTH,
         samples=PROBE_SAMPLES,
@@ -168,7 +168,7 @@ def _match(
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
         # yields permutations that fit the checkpoint's spec too.
-        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), model=a.name)
+        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), model=a.label)
         data = _builtin_batches(a) if batches is None else batches
         return activation_matching(spec, model_a, model_b, data, progress=progress)
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)
@@ -252,7 +252,7 @@ def _write_aligned(
     )
     with atomic_output_dir(out_dir, force=force) as tmp:
         with (
-            LazyCheckpoint(path, label=b.name) as reader,
+            LazyCheckpoint(path, label=b.label) as reader,
             ShardWriter(tmp, plan, metadata=metadata) as writer,
         ):
             for name in track(plan.names, description="writing aligned model", enabled=progress):

@@ -291,7 +291,7 @@ def align(
     a, b = resolve_model(model_a), resolve_model(model_b)
     batches = None
     if method == "activation":
-        batches = text_batches(a.path, label=a.display, data=data, max_length=128, samples=64)
+        batches = text_batches(a.path, label=a.label, data=data, max_length=128, samples=64)
     result = align_checkpoint(
         a.path,
         b.path,

@@ -83,7 +83,7 @@ def _gate_error(report: CkaReport, threshold: float, route: str) -> CkaGateError
 
 def _named(report: CkaReport, plan: MergePlan) -> CkaReport:
     """The report with the models named as in the recipe rather than by their local paths."""
-    by_path = {str(m.source.path): m.name for m in [plan.base, *plan.inputs]}
+    by_path = {str(m.source.path): m.label for m in [plan.base, *plan.inputs]}
     from dataclasses import replace
 
     return replace(

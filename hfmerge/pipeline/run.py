@@ -256,10 +256,10 @@ def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
         source = fetch_files(
             model.source, model.index.shards, side_files=model is plan.base, offline=offline
         )
-        index = read_checkpoint_index(source.path, label=model.name)
+        index = read_checkpoint_index(source.path, label=model.label)
         if list(index) != list(model.index):
             raise ModelSourceError(
-                model.name,
+                model.label,
                 "its downloaded weights do not match the headers read before downloading",
                 "delete its folder in the HF cache and run again",
             )
@@ -277,7 +277,7 @@ def _refuse_input_as_output(target: Path, sources: list[ModelSource]) -> None:
     for source in sources:
         if target.resolve() == source.path.resolve():
             raise HfMergeError(
-                f"The output directory {target} is the input model {source.display}",
+                f"The output directory {target} is the input model {source.label}",
                 fix="choose another output path (`--out DIR`)",
             )
 

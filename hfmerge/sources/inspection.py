@@ -39,9 +39,9 @@ class InspectedModel:
     spec: ArchSpec
 
     @property
-    def name(self) -> str:
-        """How the user named the model."""
-        return self.source.display
+    def label(self) -> str:
+        """The model's name in messages and tables (its source's label)."""
+        return self.source.label
 
 
 def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedModel:
@@ -56,11 +56,11 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
         config = hub.remote_config(source.hub_id, source.revision, offline=offline)
         index = hub.remote_index(source.hub_id, source.revision, offline=offline)
     else:
-        config = read_config(source.path, label=source.display)
+        config = read_config(source.path, label=source.label)
         index = read_checkpoint_index(source.path)
-    spec = spec_for(config, index.names, model=source.display)
+    spec = spec_for(config, index.names, model=source.label)
     shapes = {name: index.info(name).shape for name in index.names}
-    check_shapes(spec, shapes, model=source.display)  # header shapes agree with config.json
+    check_shapes(spec, shapes, model=source.label)  # header shapes agree with config.json
     return InspectedModel(source=source, config=config, index=index, spec=spec)
 
 
@@ -107,10 +107,10 @@ def compatibility_problems(models: Sequence[InspectedModel]) -> list[Incompatibl
     errors = []
     for other in models[1:]:
         problems = _config_differences(reference, other) + tensor_differences(
-            reference.index, other.index, label_a=reference.name, label_b=other.name
+            reference.index, other.index, label_a=reference.label, label_b=other.label
         )
         if problems:
-            errors.append(IncompatibleModelsError(reference.name, other.name, problems))
+            errors.append(IncompatibleModelsError(reference.label, other.label, problems))
     return errors
 
 

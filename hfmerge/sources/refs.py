@@ -31,8 +31,8 @@ class ModelSource:
     license: str | None = None  # the Hub card's license, when it declares one
 
     @property
-    def display(self) -> str:
-        """Short name for tables and messages."""
+    def label(self) -> str:
+        """The model's name in messages and tables: the reference as the user wrote it."""
         return self.ref
 
 
