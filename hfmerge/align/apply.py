@@ -168,7 +168,7 @@ def _match(
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
         # yields permutations that fit the checkpoint's spec too.
-        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), model=a.label)
+        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
         data = _builtin_batches(a) if batches is None else batches
         return activation_matching(spec, model_a, model_b, data, progress=progress)
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)

@@ -138,7 +138,7 @@ def spec_of(path: Path, *, label: str) -> ArchSpec:
     from hfmerge.arch import spec_for
 
     return spec_for(
-        read_config(path, label=label), read_checkpoint_index(path, label=label).names, model=label
+        read_config(path, label=label), read_checkpoint_index(path, label=label).names, label=label
     )
 
 

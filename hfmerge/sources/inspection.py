@@ -58,9 +58,9 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
     else:
         config = read_config(source.path, label=source.label)
         index = read_checkpoint_index(source.path)
-    spec = spec_for(config, index.names, model=source.label)
+    spec = spec_for(config, index.names, label=source.label)
     shapes = {name: index.info(name).shape for name in index.names}
-    check_shapes(spec, shapes, model=source.label)  # header shapes agree with config.json
+    check_shapes(spec, shapes, label=source.label)  # header shapes agree with config.json
     return InspectedModel(source=source, config=config, index=index, spec=spec)
 
 
