@@ -2,7 +2,8 @@
 
 Each error says three things: what went wrong (`what`), why it matters or what was found (`why`) and
 what the user can do about it (`fix`). The CLI formats them in one place (`cli/app.py`), so no
-other module prints an error.
+other module prints an error. A field that names a model (`model`, `model_a`, `model_b`) holds its
+label, the model's name in messages (see `hfmerge.sources`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ _SHAPE_KEYS = (
 
 @dataclass(frozen=True)
 class InspectedModel:
-    """A model's source, config, checkpoint headers and architecture spec."""
+    """A source with what is known before any weight is read: config, header index, spec."""
 
     source: ModelSource
     config: dict[str, Any]
