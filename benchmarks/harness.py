@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hfmerge.tensors import ShardWriter, TensorSpec, plan_shards
+from hfmerge.tensors import OutputTensor, ShardWriter, plan_shards
 
 # Runs the snippet given as argv[1] with the remaining arguments as its argv, then prints its wall
 # time and the process's own peak RSS (so each approach is measured alone, in a fresh process).
@@ -158,7 +158,7 @@ def write_model(
     """A bf16 checkpoint written tensor by tensor: shared base weights (seeded by tensor index)
     plus, when `seed` is given, small deltas of that seed, so task vectors are meaningful."""
     shapes = shape.tensors()
-    specs = [TensorSpec(name=n, dtype="BF16", shape=s) for n, s in shapes.items()]
+    specs = [OutputTensor(name=n, dtype="BF16", shape=s) for n, s in shapes.items()]
     path.mkdir(parents=True)
     with ShardWriter(path, plan_shards(specs, max_shard_bytes=shard_bytes)) as writer:
         for index, (name, dims) in enumerate(shapes.items()):

@@ -2,12 +2,15 @@
 
 Each error says three things: what went wrong (`what`), why it matters or what was found (`why`) and
 what the user can do about it (`fix`). The CLI formats them in one place (`cli/app.py`), so no
-other module prints an error.
+other module prints an error. A field that names a model (`model`, `model_a`, `model_b`) holds its
+label, the model's name in messages (see `hfmerge.sources`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +82,12 @@ class RecipeError(HfMergeError):
         )
 
 
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`did you mean 'x'?` for the choice closest to a misspelt `name`; '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
 class UnknownNameError(HfMergeError):
     """A name (merge method, architecture family, ...) is not in its registry."""
 
@@ -89,11 +98,23 @@ class UnknownNameError(HfMergeError):
         self.name = name
         self.choices = sorted(choices)
         self.owner = owner  # whose name it is (a model), where that helps find it
+        fix = f"use one of the valid {kind}s"
+        hint = did_you_mean(name, self.choices)
         super().__init__(
             f"Unknown {kind} {name!r}" + (f" of {owner}" if owner else ""),
             why=f"valid {kind}s are: {', '.join(self.choices)}",
-            fix=f"use one of the valid {kind}s",
+            fix=f"{hint} Otherwise {fix}" if hint else fix,
         )
+
+
+class OptionError(HfMergeError):
+    """A command-line option (or the library argument it feeds) has a value hfmerge cannot use."""
+
+    def __init__(self, option: str, value: str, problem: str, *, why: str = "", fix: str) -> None:
+        self.option = option  # as spelt on the command line: "--device-map"
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{option} {value!r}: {problem}", why=why, fix=fix)
 
 
 class MethodParameterError(HfMergeError):
@@ -231,3 +252,81 @@ class RoutingError(HfMergeError):
 
     def __init__(self, problem: str, *, why: str = "", fix: str = "") -> None:
         super().__init__(f"Routing: {problem}", why=why, fix=fix)
+
+
+class CkaBelowThresholdError(HfMergeError):
+    """A diagonal CKA value is below `--fail-under` (or undefined).
+
+    `failing` holds every (layer pair, value) below the threshold; `layer` and `value` the lowest.
+    """
+
+    def __init__(
+        self,
+        model_a: str,
+        model_b: str,
+        *,
+        threshold: float,
+        failing: Sequence[tuple[str, float]],
+        layers: int,
+    ) -> None:
+        self.model_a, self.model_b = model_a, model_b
+        self.failing = list(failing)
+        where, value = min(self.failing, key=lambda f: -math.inf if math.isnan(f[1]) else f[1])
+        self.threshold, self.layer, self.value = threshold, where, value
+        listing = ", ".join(f"{name} {v:.3f}" for name, v in self.failing)
+        super().__init__(
+            f"CKA of {model_a} and {model_b} falls below {threshold:g}: "
+            f"{value:.3f} at {where} ({len(self.failing)} of {layers} layers below: {listing})",
+            why="representations that far apart usually average badly (a high loss barrier), "
+            "and NaN means a layer with no variance on the probe text",
+            fix="route between the models instead of merging them, probe with text closer to "
+            "their use (--data), or lower --fail-under if this drift is expected",
+        )
+
+
+class CkaGateError(HfMergeError):
+    """An input's CKA with the base is below `check.cka_min`: merging would likely fail.
+
+    `layer` and `value` are the lowest CKA found; `route_block` the `route:` YAML to use instead.
+    """
+
+    def __init__(
+        self,
+        model_a: str,
+        model_b: str,
+        *,
+        layer: str,
+        value: float,
+        threshold: float,
+        route_block: str,
+    ) -> None:
+        self.model_a, self.model_b = model_a, model_b
+        self.layer, self.value, self.threshold = layer, value, threshold
+        self.route_block = route_block
+        super().__init__(
+            f"Refusing to merge: CKA between {model_a} and {model_b} is "
+            f"{value:.4f} at {layer}, below check.cka_min {threshold:g}",
+            why="models whose representations drifted apart average badly; routing each input "
+            "to the model that fits it keeps what each learned",
+            fix="replace `merge:` (and any `align:`) with this `route:` block (one calibration "
+            "text per model), "
+            f"lower `check.cka_min`, or pass --force to merge anyway:\n{route_block}",
+        )
+
+
+class ShardWriteError(ValueError):
+    """A tensor does not match the shard plan, or the plan was not completely written.
+
+    A caller broke the writer's contract (a bug, not a user's mistake), so it is a ValueError with
+    a plain message rather than an HfMergeError with a fix.
+    """
+
+
+class ManifestProblem(ValueError):
+    """One invalid field of a routed repo's manifest; the repo loader turns it into a
+    RoutedRepoError naming the repo."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where  # the field's dotted path, "" for the whole document
+        self.problem = problem
+        super().__init__(f"{where}: {problem}" if where else problem)

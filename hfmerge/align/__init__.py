@@ -5,7 +5,6 @@
 
 from hfmerge.align.activation_matching import CrossStats, activation_matching
 from hfmerge.align.apply import (
-    METHODS,
     PERMUTATIONS_FILE,
     align_checkpoint,
     align_permutations,
@@ -18,7 +17,6 @@ from hfmerge.align.lap import solve_lap
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 
 __all__ = [
-    "METHODS",
     "PERMUTATIONS_FILE",
     "CrossStats",
     "MatchResult",

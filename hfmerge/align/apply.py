@@ -20,7 +20,8 @@ from hfmerge.arch.permute import check_permutations, identity_permutations, perm
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
-from hfmerge.sources.inspection import InspectedModel, check_compatible, inspect_model
+from hfmerge.recipe.align_methods import ALIGN_METHODS
+from hfmerge.sources.inspection import InspectedModel, check_mergeable, inspect_model
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import (
     LazyCheckpoint,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # transformers loads only for activation matching
 
 PERMUTATIONS_FILE = "hfmerge_permutations.safetensors"
 ATTENTION_FIELDS = ("kv_heads", "q_in_group", "qk_dims", "vo_dims")
-METHODS = ("none", "weight", "activation")
+_WRITTEN = tuple(m for m in ALIGN_METHODS if m != "none")  # methods `align_checkpoint` takes
 Batches = Iterable[dict[str, torch.Tensor]]
 PROBE_SAMPLES, PROBE_LENGTH, PROBE_BATCH = 32, 128, 8  # built-in probe when no batches are given
 
@@ -98,13 +99,13 @@ def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel,
     pair = tuple(
         inspect_model(ModelSource(ref=str(d), path=Path(d))) for d in (model_a_dir, model_b_dir)
     )
-    check_compatible(pair)
+    check_mergeable(pair)
     return pair[0], pair[1]
 
 
 def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
     """Every non-buffer tensor of the checkpoint as float64."""
-    with LazyCheckpoint(model.source.path, label=model.name) as reader:
+    with LazyCheckpoint(model.source.path, label=model.label) as reader:
         return {
             name: reader.get(name).to(torch.float64)
             for name, tensor in model.spec.tensors.items()
@@ -123,10 +124,10 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     try:
-        loaded, _ = load_pretrained(cls, model.source.path, label=model.name, dtype=torch.float32)
+        loaded, _ = load_pretrained(cls, model.source.path, label=model.label, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise AlignmentError(
-            f"transformers cannot load {model.name}: {exc}",
+            f"transformers cannot load {model.label}: {exc}",
             fix="use weight matching, which reads the safetensors directly",
         ) from None
     module: torch.nn.Module = loaded  # torch's typing of .eval (transformers wraps it)
@@ -140,7 +141,7 @@ def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:
 
     return text_batches(
         model.source.path,
-        label=model.name,
+        label=model.label,
         data=None,
         max_length=PROBE_LENGTH,
         samples=PROBE_SAMPLES,
@@ -169,10 +170,10 @@ def _match(
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
         # yields permutations that fit the checkpoint's spec too.
-        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), model=a.name)
+        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
         data = _builtin_batches(a) if batches is None else batches
         return activation_matching(spec, model_a, model_b, data, progress=progress)
-    raise UnknownNameError("alignment method", method, METHODS)
+    raise UnknownNameError("alignment method", method, ALIGN_METHODS)
 
 
 def align_permutations(
@@ -211,8 +212,8 @@ def align_checkpoint(
     copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`.
     """
     parse_size(max_shard_size)  # a bad size fails now, not after the matching
-    if method not in ("weight", "activation"):
-        raise UnknownNameError("alignment method", method, ["weight", "activation"])
+    if method not in _WRITTEN:
+        raise UnknownNameError("alignment method", method, _WRITTEN)
     out_dir = Path(out_dir)
     # before the long matching, not after it
     check_output_dir(out_dir, force=force, inputs=[Path(model_a_dir), Path(model_b_dir)])
@@ -247,7 +248,7 @@ def _write_aligned(
     )
     with atomic_output_dir(out_dir, force=force) as tmp:
         with (
-            LazyCheckpoint(path, label=b.name) as reader,
+            LazyCheckpoint(path, label=b.label) as reader,
             ShardWriter(tmp, plan, metadata=metadata) as writer,
         ):
             for name in track(plan.names, description="writing aligned model", enabled=progress):

@@ -87,16 +87,16 @@ def _blocks(blocks: str, count: int, per_block: Sequence[BlockSite]) -> list[Rep
 
 def _llama(model: PreTrainedModel) -> list[RepairSite]:
     config, name = model.config.to_dict(), type(model).__name__
-    hidden = config_int(config, "hidden_size", model=name)
-    heads = config_int(config, "num_attention_heads", model=name)
-    kv_heads = config_int(config, "num_key_value_heads", model=name, default=heads)
-    head_dim = head_dim_of(config, hidden, heads, model=name)
-    rotary = int(head_dim * rotary_fraction(config, model=name, default=1.0))
+    hidden = config_int(config, "hidden_size", label=name)
+    heads = config_int(config, "num_attention_heads", label=name)
+    kv_heads = config_int(config, "num_key_value_heads", label=name, default=heads)
+    head_dim = head_dim_of(config, hidden, heads, label=name)
+    rotary = int(head_dim * rotary_fraction(config, label=name, default=1.0))
     p = _prefix(model, "layers")
     return [
         *_blocks(
             f"{p}layers",
-            config_int(config, "num_hidden_layers", model=name),
+            config_int(config, "num_hidden_layers", label=name),
             [
                 ("input_layernorm", "output", None, None),
                 ("self_attn.q_proj", "output", None, rope_ties(heads, head_dim, rotary)),
@@ -134,7 +134,7 @@ def _gpt_neox(model: PreTrainedModel) -> list[RepairSite]:
     config = model.config
     heads, hidden = config.num_attention_heads, config.hidden_size
     head_dim = hidden // heads
-    rotary = int(head_dim * rotary_fraction(config.to_dict(), model=type(model).__name__))
+    rotary = int(head_dim * rotary_fraction(config.to_dict(), label=type(model).__name__))
     # query_key_value's output is [head][q | k | v][head_dim]: take q and k of every head.
     base = torch.arange(heads).unsqueeze(1) * 3 * head_dim  # [heads, 1]
     query = (base + torch.arange(head_dim)).flatten()  # [heads * head_dim]
@@ -192,7 +192,7 @@ SITES: Mapping[str, Callable[[PreTrainedModel], list[RepairSite]]] = {
 def repair_sites(model: PreTrainedModel) -> list[RepairSite]:
     """The family's sites for a loaded model, every block plus the final norm."""
     config = {"model_type": getattr(model.config, "model_type", None)}
-    return SITES[family_of(config, model=type(model).__name__)](model)
+    return SITES[family_of(config, label=type(model).__name__)](model)
 
 
 __all__ = ["SITES", "RepairSite", "Side", "repair_sites", "rope_ties"]

@@ -10,26 +10,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.analysis.interpolate import Interpolator, check_compatible, spec_of
+from hfmerge.analysis.interpolate import Interpolator, check_same_tensors, spec_of
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.errors import UnknownNameError
 from hfmerge.lm.batches import model_inputs, pad_id_of, window_batches
 from hfmerge.lm.load import Objective, load_lm, load_tokenizer, usable_length
 from hfmerge.lm.scoring import Scored, objective_of, prepare, score
 from hfmerge.progress import track
+from hfmerge.recipe.align_methods import ALIGN_METHODS, AlignMethod
 
 if TYPE_CHECKING:
     from hfmerge.align.repair import Repairer
 
-AlignMode = Literal["none", "weight", "activation"]
-ALIGN_MODES: tuple[str, ...] = get_args(AlignMode)
 REPAIR_SUFFIX = "+repair"
-CURVES: tuple[str, ...] = ALIGN_MODES + tuple(m + REPAIR_SUFFIX for m in ALIGN_MODES)
+CURVES: tuple[str, ...] = ALIGN_METHODS + tuple(m + REPAIR_SUFFIX for m in ALIGN_METHODS)
 MIDPOINT = 0.5
 REPAIR_WINDOWS = 256  # probe windows REPAIR fits on (as a recipe's default `probe.samples`)
 
@@ -38,7 +37,7 @@ REPAIR_WINDOWS = 256  # probe windows REPAIR fits on (as a recipe's default `pro
 class Curve:
     """One requested curve: an alignment mode, and whether interior points are REPAIRed."""
 
-    align: str  # one of ALIGN_MODES
+    align: str  # one of ALIGN_METHODS
     repair: bool = False
 
     @property
@@ -148,7 +147,7 @@ def _setup(
     probe_texts = texts if probe_data is None else load_texts(probe_data)
     path_a = resolve_model(model_a, progress=progress).path
     path_b = resolve_model(model_b, progress=progress).path
-    check_compatible(path_a, path_b, label_a=model_a, label_b=model_b)
+    check_same_tensors(path_a, path_b, label_a=model_a, label_b=model_b)
     tokenizer = load_tokenizer(path_a, label=model_a)  # A's tokenizer scores both models
     model = load_lm(path_a, label=model_a)
     length = usable_length(model, max_length)
@@ -324,7 +323,7 @@ def loss_barrier(
     model_a: str,
     model_b: str,
     *,
-    align: AlignMode = "none",
+    align: AlignMethod = "none",
     steps: int = 11,
     data: str | None = None,
     max_length: int = 128,
@@ -347,9 +346,7 @@ def loss_barrier(
 
 
 __all__ = [
-    "ALIGN_MODES",
     "CURVES",
-    "AlignMode",
     "BarrierResult",
     "Curve",
     "barrier_of",

@@ -15,9 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfmerge.analysis.similarity import MIN_SAMPLES, CkaMatrix
+from hfmerge.analysis.similarity import MIN_CKA_SAMPLES, CkaMatrix
 from hfmerge.analysis.units import UnitCorrespondence, unit_correspondence
-from hfmerge.errors import HfMergeError, IncompatibleModelsError, InputDataError
+from hfmerge.errors import (
+    CkaBelowThresholdError,
+    HfMergeError,
+    IncompatibleModelsError,
+    InputDataError,
+)
 
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -77,26 +82,6 @@ class CkaReport:
         return document
 
 
-class CkaBelowThresholdError(HfMergeError):
-    """A diagonal CKA value is below `--fail-under` (or undefined)."""
-
-    def __init__(self, report: CkaReport, threshold: float) -> None:
-        failing = failing_layers(report, threshold)
-        i, j, value = min(failing, key=lambda f: -math.inf if math.isnan(f[2]) else f[2])
-        where = _pair_name(report, i, j)
-        listing = ", ".join(f"{_pair_name(report, a, b)} {v:.3f}" for a, b, v in failing)
-        self.threshold, self.layer, self.value = threshold, where, value
-        super().__init__(
-            f"CKA of {report.model_a} and {report.model_b} falls below {threshold:g}: "
-            f"{value:.3f} at {where} ({len(failing)} of {len(report.diagonal)} layers below: "
-            f"{listing})",
-            why="representations that far apart usually average badly (a high loss barrier), "
-            "and NaN means a layer with no variance on the probe text",
-            fix="route between the models instead of merging them, probe with text closer to "
-            "their use (--data), or lower --fail-under if this drift is expected",
-        )
-
-
 def failing_layers(report: CkaReport, threshold: float) -> list[tuple[int, int, float]]:
     """Diagonal pairs whose CKA is below `threshold` or NaN."""
     return [
@@ -108,8 +93,17 @@ def failing_layers(report: CkaReport, threshold: float) -> list[tuple[int, int, 
 
 def check_fail_under(report: CkaReport, threshold: float | None) -> None:
     """Raise `CkaBelowThresholdError` when a diagonal value is below `threshold`."""
-    if threshold is not None and failing_layers(report, threshold):
-        raise CkaBelowThresholdError(report, threshold)
+    if threshold is None:
+        return
+    failing = [(_pair_name(report, i, j), v) for i, j, v in failing_layers(report, threshold)]
+    if failing:
+        raise CkaBelowThresholdError(
+            report.model_a,
+            report.model_b,
+            threshold=threshold,
+            failing=failing,
+            layers=len(report.diagonal),
+        )
 
 
 def _pair_name(report: CkaReport, i: int, j: int) -> str:
@@ -168,11 +162,11 @@ def compute_cka(
     windows = token_windows(pair.tokenizer, texts, max_length=length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
     matrix, tokens = _stream(pair, batches, pooling=pooling, progress=progress)
-    if matrix.count < MIN_SAMPLES:
+    if matrix.count < MIN_CKA_SAMPLES:
         raise InputDataError(
             describe_data(data),
             f"gave only {matrix.count} samples",
-            f"CKA needs at least {MIN_SAMPLES}; give more text or use --pooling tokens",
+            f"CKA needs at least {MIN_CKA_SAMPLES}; give more text or use --pooling tokens",
         )
     settings = {
         "data": describe_data(data),
@@ -353,7 +347,6 @@ def _matrix_table(report: CkaReport) -> str:
 
 
 __all__ = [
-    "CkaBelowThresholdError",
     "CkaReport",
     "check_fail_under",
     "compute_cka",

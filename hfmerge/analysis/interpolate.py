@@ -7,30 +7,27 @@ written into the model's own storage.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
+from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.errors import ArchitectureError, IncompatibleModelsError
+from hfmerge.sources.inspection import tensor_differences
 from hfmerge.tensors import LazyCheckpoint, read_checkpoint_index
 
 
-def check_compatible(path_a: Path, path_b: Path, *, label_a: str, label_b: str) -> None:
+def check_same_tensors(path_a: Path, path_b: Path, *, label_a: str, label_b: str) -> None:
     """Same tensor names and shapes in both checkpoints (from headers; no weights read)."""
-    index_a = read_checkpoint_index(path_a, label=label_a)
-    index_b = read_checkpoint_index(path_b, label=label_b)
-    problems = [f"{n} only in {label_a}" for n in index_a.names if n not in index_b]
-    problems += [f"{n} only in {label_b}" for n in index_b.names if n not in index_a]
-    for name in index_a.names:
-        if name in index_b and index_a.info(name).shape != index_b.info(name).shape:
-            problems.append(
-                f"{name} has shape {list(index_a.info(name).shape)} vs "
-                f"{list(index_b.info(name).shape)}"
-            )
+    problems = tensor_differences(
+        read_checkpoint_index(path_a, label=label_a),
+        read_checkpoint_index(path_b, label=label_b),
+        label_a=label_a,
+        label_b=label_b,
+    )
     if problems:
         raise IncompatibleModelsError(label_a, label_b, problems)
 
@@ -140,8 +137,9 @@ def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutatio
 def spec_of(path: Path, *, label: str) -> ArchSpec:
     from hfmerge.arch import spec_for
 
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    return spec_for(config, read_checkpoint_index(path, label=label).names, model=label)
+    return spec_for(
+        read_config(path, label=label), read_checkpoint_index(path, label=label).names, label=label
+    )
 
 
-__all__ = ["Interpolator", "check_compatible", "checkpoint_targets", "spec_of"]
+__all__ = ["Interpolator", "check_same_tensors", "checkpoint_targets", "spec_of"]

@@ -27,7 +27,7 @@ import torch
 
 Estimator = Literal["debiased", "biased"]
 ESTIMATORS: tuple[Estimator, ...] = ("debiased", "biased")
-MIN_SAMPLES = 4  # the unbiased HSIC divides by n - 3
+MIN_CKA_SAMPLES = 4  # the unbiased HSIC divides by n - 3
 
 
 class _CrossSums:
@@ -189,8 +189,8 @@ class CkaAccumulator:
             ValueError: fewer than 4 samples (the unbiased HSIC is undefined).
         """
         n = self.count
-        if n < MIN_SAMPLES:
-            raise ValueError(f"CKA needs at least {MIN_SAMPLES} samples, got {n}")
+        if n < MIN_CKA_SAMPLES:
+            raise ValueError(f"CKA needs at least {MIN_CKA_SAMPLES} samples, got {n}")
         xy = _centred(self.x, self.y, self.pair)
         xx = _centred(self.x, self.x, self.x.self_sums)
         yy = _centred(self.y, self.y, self.y.self_sums)
@@ -317,8 +317,8 @@ class CkaMatrix:
             raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
         if self._streaming is not None:
             return self._streaming.values(estimator)
-        if self._buffered < MIN_SAMPLES:
-            raise ValueError(f"CKA needs at least {MIN_SAMPLES} samples, got {self._buffered}")
+        if self._buffered < MIN_CKA_SAMPLES:
+            raise ValueError(f"CKA needs at least {MIN_CKA_SAMPLES} samples, got {self._buffered}")
         grams_a = _gram_side([torch.cat(r) for r in self._rows_a])
         grams_b = _gram_side([torch.cat(r) for r in self._rows_b])
         return _gram_cka(grams_a, grams_b, estimator, n=self._buffered)
@@ -389,7 +389,7 @@ def cka_matrix(
 
 __all__ = [
     "ESTIMATORS",
-    "MIN_SAMPLES",
+    "MIN_CKA_SAMPLES",
     "CkaAccumulator",
     "CkaMatrix",
     "Estimator",

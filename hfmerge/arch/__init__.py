@@ -19,7 +19,7 @@ class Builder(Protocol):
     """A family module's `build` function."""
 
     def __call__(
-        self, config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+        self, config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
     ) -> ArchSpec: ...
 
 
@@ -45,41 +45,41 @@ def list_families() -> list[FamilyInfo]:
     return [info for info, _ in _REGISTRY]
 
 
-def family_of(config: Mapping[str, Any], *, model: str = "model") -> str:
+def family_of(config: Mapping[str, Any], *, label: str = "model") -> str:
     """The family name for config.json's `model_type`."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ArchitectureError(
-            model,
+            label,
             "config.json has no `model_type`",
             fix="use the config.json saved with the model by transformers",
         )
     if model_type not in MODEL_TYPES:
         raise UnknownNameError(
-            "architecture (model_type)", model_type, list(MODEL_TYPES), owner=model
+            "architecture (model_type)", model_type, list(MODEL_TYPES), owner=label
         )
     return MODEL_TYPES[model_type]
 
 
 def spec_for(
-    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+    config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
 ) -> ArchSpec:
     """The spec of one checkpoint: every tensor name in it, with the group acting on each axis.
 
     Args:
         config: parsed config.json (a dict, not a transformers config object).
         tensor_names: names in the safetensors checkpoint (or a state dict's keys).
-        model: how to name the model in error messages.
+        label: the model's name in error messages.
 
     Raises:
         UnknownNameError: the model_type is not supported.
         ArchitectureError: the config lacks a size, or names are unknown to / missing from the spec.
     """
-    return FAMILIES[family_of(config, model=model)](config, tensor_names, model=model)
+    return FAMILIES[family_of(config, label=label)](config, tensor_names, label=label)
 
 
 def check_shapes(
-    spec: ArchSpec, shapes: Mapping[str, Sequence[int]], *, model: str = "model"
+    spec: ArchSpec, shapes: Mapping[str, Sequence[int]], *, label: str = "model"
 ) -> None:
     """Check every permuted axis against the checkpoint's header shapes; lists all mismatches."""
     problems = []
@@ -102,7 +102,7 @@ def check_shapes(
             f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
         )
         raise ArchitectureError(
-            model,
+            label,
             f"tensor shapes do not match config.json: {shown}",
             fix="use the config.json that was saved with these weights",
         )

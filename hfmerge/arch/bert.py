@@ -89,19 +89,19 @@ def _nsp_head(b: SpecBuilder) -> None:
 
 
 def build(
-    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+    config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
 ) -> ArchSpec:
     """The BERT spec of one checkpoint; the prefix and heads are read from its tensor names."""
-    hidden = config_int(config, "hidden_size", model=model)
-    heads = config_int(config, "num_attention_heads", model=model)
-    head_dim = split_heads(hidden, heads, model=model)
-    layers = config_int(config, "num_hidden_layers", model=model)
-    inner = config_int(config, "intermediate_size", model=model)
+    hidden = config_int(config, "hidden_size", label=label)
+    heads = config_int(config, "num_attention_heads", label=label)
+    head_dim = split_heads(hidden, heads, label=label)
+    layers = config_int(config, "num_hidden_layers", label=label)
+    inner = config_int(config, "intermediate_size", label=label)
     names = set(tensor_names)
     p = detect_prefix(
-        names, "embeddings.word_embeddings.weight", ("bert.", ""), model=model, family=NAME
+        names, "embeddings.word_embeddings.weight", ("bert.", ""), label=label, family=NAME
     )
-    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), model)
+    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), label)
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     _embeddings(b, p)
     for i in range(layers):
@@ -114,7 +114,7 @@ def build(
                 num_kv_heads=heads,
                 head_dim=head_dim,
                 qk_free_dims=(0, head_dim),
-                model=model,
+                label=label,
             )
         )
         _layer(b, p, i)

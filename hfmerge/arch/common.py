@@ -39,7 +39,7 @@ def attn(layer: int, layout: Layout) -> AxisRole:
 
 
 def config_int(
-    config: Mapping[str, Any], *keys: str, model: str, default: int | None = None
+    config: Mapping[str, Any], *keys: str, label: str, default: int | None = None
 ) -> int:
     """The first of `keys` present in config.json as a positive int, else `default`, else error."""
     for key in keys:
@@ -48,7 +48,7 @@ def config_int(
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ArchitectureError(
-                model,
+                label,
                 f"config.json field {key!r} is {value!r}, not a positive integer",
                 fix="use the model's original config.json",
             )
@@ -56,7 +56,7 @@ def config_int(
     if default is not None:
         return default
     raise ArchitectureError(
-        model,
+        label,
         f"config.json has no {' or '.join(repr(k) for k in keys)}",
         fix="use the model's original config.json",
     )
@@ -68,11 +68,11 @@ def config_flag(config: Mapping[str, Any], key: str, *, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def split_heads(hidden: int, num_heads: int, *, model: str) -> int:
+def split_heads(hidden: int, num_heads: int, *, label: str) -> int:
     """head_dim when the config does not give one: hidden_size must split evenly over the heads."""
     if hidden % num_heads:
         raise ArchitectureError(
-            model, f"hidden size {hidden} does not split into {num_heads} heads"
+            label, f"hidden size {hidden} does not split into {num_heads} heads"
         )
     return hidden // num_heads
 
@@ -84,12 +84,12 @@ def attention_group(
     num_kv_heads: int,
     head_dim: int,
     qk_free_dims: tuple[int, int],
-    model: str,
+    label: str,
 ) -> PermGroup:
     """The attention group of one block, after checking that GQA splits evenly."""
     if num_heads % num_kv_heads:
         raise ArchitectureError(
-            model, f"{num_heads} attention heads do not split into {num_kv_heads} key/value heads"
+            label, f"{num_heads} attention heads do not split into {num_kv_heads} key/value heads"
         )
     return PermGroup(
         attn_group(layer),
@@ -103,7 +103,7 @@ def attention_group(
 
 
 def detect_prefix(
-    names: Collection[str], probe: str, prefixes: tuple[str, ...], *, model: str, family: str
+    names: Collection[str], probe: str, prefixes: tuple[str, ...], *, label: str, family: str
 ) -> str:
     """The name prefix (e.g. "model." for *ForCausalLM, "" for a bare model) that holds `probe`."""
     for prefix in prefixes:
@@ -111,7 +111,7 @@ def detect_prefix(
             return prefix
     looked = ", ".join(repr(p + probe) for p in prefixes)
     raise ArchitectureError(
-        model,
+        label,
         f"its checkpoint has none of {looked}, so it is not a {family} "
         "checkpoint that hfmerge knows",
     )
@@ -151,7 +151,7 @@ class SpecBuilder:
 
     family: str
     model_type: str
-    model: str
+    label: str
     groups: dict[str, PermGroup] = field(default_factory=dict)
     entries: list[_Entry] = field(default_factory=list)
 
@@ -191,7 +191,7 @@ class SpecBuilder:
             present = [n for n in entry.names if n in names]
             if len(present) > 1:
                 raise ArchitectureError(
-                    self.model,
+                    self.label,
                     f"its checkpoint holds one tensor under several names: {', '.join(present)}",
                 )
             if present:
@@ -217,7 +217,7 @@ class SpecBuilder:
             )
         if problems:
             raise ArchitectureError(
-                self.model,
+                self.label,
                 "; ".join(problems),
                 fix=f"check that config.json (model_type {self.model_type!r}, sizes, bias and "
                 "tying flags) matches the weights; modified or unsupported variants of a family "

@@ -53,17 +53,17 @@ def _layer(b: SpecBuilder, p: str, i: int) -> None:
 
 
 def build(
-    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+    config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
 ) -> ArchSpec:
     """The GPT-2 spec of one checkpoint; the `transformer.` prefix is read from its tensor names."""
-    hidden = config_int(config, "n_embd", "hidden_size", model=model)
-    heads = config_int(config, "n_head", "num_attention_heads", model=model)
-    head_dim = split_heads(hidden, heads, model=model)
-    layers = config_int(config, "n_layer", "num_hidden_layers", model=model)
-    inner = config_int(config, "n_inner", model=model, default=4 * hidden)
+    hidden = config_int(config, "n_embd", "hidden_size", label=label)
+    heads = config_int(config, "n_head", "num_attention_heads", label=label)
+    head_dim = split_heads(hidden, heads, label=label)
+    layers = config_int(config, "n_layer", "num_hidden_layers", label=label)
+    inner = config_int(config, "n_inner", label=label, default=4 * hidden)
     names = set(tensor_names)
-    p = detect_prefix(names, "wte.weight", ("transformer.", ""), model=model, family=NAME)
-    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), model)
+    p = detect_prefix(names, "wte.weight", ("transformer.", ""), label=label, family=NAME)
+    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), label)
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     # Rows are token ids / positions: never permuted.
     b.add(f"{p}wte.weight", None, R)
@@ -78,7 +78,7 @@ def build(
                 num_kv_heads=heads,
                 head_dim=head_dim,
                 qk_free_dims=(0, head_dim),
-                model=model,
+                label=label,
             )
         )
         _layer(b, p, i)

@@ -35,7 +35,7 @@ HEAD_NAMES = ("embed_out.weight", "lm_head.weight")
 
 
 def rotary_fraction(
-    config: Mapping[str, Any], *, model: str, default: float = DEFAULT_ROTARY_PCT
+    config: Mapping[str, Any], *, label: str, default: float = DEFAULT_ROTARY_PCT
 ) -> float:
     """Share of each head's dims under RoPE: transformers 5 `rope_parameters`, else `rotary_pct`.
 
@@ -48,7 +48,7 @@ def rotary_fraction(
     )
     value = next((v for v in candidates if v is not None), default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ArchitectureError(model, f"config.json rotary fraction {value!r} is not in [0, 1]")
+        raise ArchitectureError(label, f"config.json rotary fraction {value!r} is not in [0, 1]")
     return float(value)
 
 
@@ -77,18 +77,18 @@ def _layer(b: SpecBuilder, p: str, i: int, *, attention_bias: bool) -> None:
 
 
 def build(
-    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+    config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
 ) -> ArchSpec:
     """The GPT-NeoX spec of one checkpoint; the `gpt_neox.` prefix is read from its tensor names."""
-    hidden = config_int(config, "hidden_size", model=model)
-    heads = config_int(config, "num_attention_heads", model=model)
-    head_dim = split_heads(hidden, heads, model=model)
-    layers = config_int(config, "num_hidden_layers", model=model)
-    inner = config_int(config, "intermediate_size", model=model)
-    rotary_ndims = int(head_dim * rotary_fraction(config, model=model))  # as GPTNeoXAttention
+    hidden = config_int(config, "hidden_size", label=label)
+    heads = config_int(config, "num_attention_heads", label=label)
+    head_dim = split_heads(hidden, heads, label=label)
+    layers = config_int(config, "num_hidden_layers", label=label)
+    inner = config_int(config, "intermediate_size", label=label)
+    rotary_ndims = int(head_dim * rotary_fraction(config, label=label))  # as GPTNeoXAttention
     names = set(tensor_names)
-    p = detect_prefix(names, "embed_in.weight", ("gpt_neox.", ""), model=model, family=NAME)
-    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), model)
+    p = detect_prefix(names, "embed_in.weight", ("gpt_neox.", ""), label=label, family=NAME)
+    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), label)
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     b.add(f"{p}embed_in.weight", None, R)
     b.buffer(f"{p}rotary_emb.inv_freq", ndim=1)
@@ -101,7 +101,7 @@ def build(
                 num_kv_heads=heads,
                 head_dim=head_dim,
                 qk_free_dims=(rotary_ndims, head_dim),
-                model=model,
+                label=label,
             )
         )
         _layer(b, p, i, attention_bias=config_flag(config, "attention_bias", default=True))

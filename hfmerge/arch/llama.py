@@ -74,26 +74,26 @@ def _layer(b: SpecBuilder, p: str, i: int, *, biases: _Biases) -> None:
     b.buffer(f"{base}self_attn.rotary_emb.inv_freq", ndim=1)  # saved by transformers < 4.31
 
 
-def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, model: str) -> int:
+def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, label: str) -> int:
     # head_dim may differ from hidden / heads (e.g. Mistral-Nemo); null head_dim means the default.
     if config.get("head_dim") is None:
-        return split_heads(hidden, heads, model=model)
-    return config_int(config, "head_dim", model=model)
+        return split_heads(hidden, heads, label=label)
+    return config_int(config, "head_dim", label=label)
 
 
 def build(
-    config: dict[str, Any], tensor_names: Collection[str], *, model: str = "model"
+    config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
 ) -> ArchSpec:
     """The Llama-family spec of one checkpoint; the `model.` prefix is read from tensor names."""
-    hidden = config_int(config, "hidden_size", model=model)
-    heads = config_int(config, "num_attention_heads", model=model)
-    kv_heads = config_int(config, "num_key_value_heads", model=model, default=heads)
-    head_dim = head_dim_of(config, hidden, heads, model=model)
-    layers = config_int(config, "num_hidden_layers", model=model)
-    inner = config_int(config, "intermediate_size", model=model)
+    hidden = config_int(config, "hidden_size", label=label)
+    heads = config_int(config, "num_attention_heads", label=label)
+    kv_heads = config_int(config, "num_key_value_heads", label=label, default=heads)
+    head_dim = head_dim_of(config, hidden, heads, label=label)
+    layers = config_int(config, "num_hidden_layers", label=label)
+    inner = config_int(config, "intermediate_size", label=label)
     names = set(tensor_names)
-    p = detect_prefix(names, "embed_tokens.weight", ("model.", ""), model=model, family=NAME)
-    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), model)
+    p = detect_prefix(names, "embed_tokens.weight", ("model.", ""), label=label, family=NAME)
+    b = SpecBuilder(NAME, str(config.get("model_type", NAME)), label)
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     b.add(f"{p}embed_tokens.weight", None, R)
     b.buffer(f"{p}rotary_emb.inv_freq", ndim=1)
@@ -108,7 +108,7 @@ def build(
                 num_kv_heads=kv_heads,
                 head_dim=head_dim,
                 qk_free_dims=(0, 0),
-                model=model,
+                label=label,
             )
         )
         _layer(b, p, i, biases=biases)

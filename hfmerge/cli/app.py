@@ -13,6 +13,7 @@ from typer.exceptions import TyperException
 
 from hfmerge.errors import HfMergeError
 from hfmerge.progress import stderr_console
+from hfmerge.recipe.align_methods import ALIGN_METHODS
 
 app = typer.Typer(
     name="hfmerge",
@@ -215,7 +216,7 @@ def barrier(
         list[str] | None,
         typer.Option(
             "--align",
-            help="none, weight or activation, each optionally +repair (weight+repair rescales "
+            help=f"{', '.join(ALIGN_METHODS)}, each optionally +repair (weight+repair rescales "
             "every interpolated point to the endpoints' channel statistics); repeat it (or a "
             "comma list) to compare.",
         ),
@@ -290,7 +291,7 @@ def align(
     a, b = resolve_model(model_a), resolve_model(model_b)
     batches = None
     if method == "activation":
-        batches = text_batches(a.path, label=a.display, data=data, max_length=128, samples=64)
+        batches = text_batches(a.path, label=a.label, data=data, max_length=128, samples=64)
     result = align_checkpoint(
         a.path,
         b.path,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.engine.tuning import EngineTuning
-from hfmerge.errors import HfMergeError
+from hfmerge.errors import HfMergeError, OptionError
 from hfmerge.tensors import element_size, parse_size
 
 F32 = 4
@@ -67,15 +67,19 @@ def parse_memory_budget(size: str | int | None) -> int | None:
     """Bytes in a `--max-memory` value such as "1GB" or "800MiB"; None stays None.
 
     Raises:
-        HfMergeError: the value is not a size.
+        OptionError: the value is not a size.
     """
     if size is None:
         return None
     try:
         return parse_size(size)
     except ValueError as exc:
-        raise HfMergeError(
-            f"Invalid memory budget {size!r}", why=str(exc), fix="give a size such as 1GB or 800MiB"
+        raise OptionError(
+            "--max-memory",
+            str(size),
+            "is not a memory budget",
+            why=str(exc),
+            fix="give a size such as 1GB or 800MiB",
         ) from None
 
 
@@ -147,8 +151,10 @@ def _check_fits(plan: MergePlan, chunk: int, budget: int, available: int, per_el
         if need > chunk:
             wanted = budget - available + need * per_element
             unit = "tensor" if whole else "row of tensor"
-            raise HfMergeError(
-                f"--max-memory {_gb(budget)} is below what one chunk needs",
+            raise OptionError(
+                "--max-memory",
+                _gb(budget),
+                "is below what one chunk needs",
                 why=f"merging one {unit} {job.name} ({need:,} elements) takes about "
                 f"{_gb(need * per_element)} beside the {_gb(budget - available)} the process "
                 "already uses" + (f"; {plan.method.name} merges whole tensors" if whole else ""),

@@ -88,7 +88,7 @@ def format_plan(plan: MergePlan) -> str:
     width = max(len(j.name) for j in plan.jobs)
     lines = [
         f"method {plan.method.name} over {_count(len(plan.inputs), 'model')} "
-        f"({', '.join(m.name for m in plan.inputs)}), base {plan.base.name}",
+        f"({', '.join(m.label for m in plan.inputs)}), base {plan.base.label}",
         f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB in "
         f"{len(plan.shards.shards)} shard(s)",
         f"{'tensor':<{width}}  {'shape':<18} {'dtype':<5} {'action':<6} shard",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from huggingface_hub import errors as hf_errors
 # The documented import path; utils re-exports it lazily, which mypy cannot follow.
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
+from hfmerge.arch.config import CONFIG_FILE, read_config
 from hfmerge.errors import HfMergeError, HubError, ModelSourceError
 from hfmerge.hub.settings import (
     LIBRARY,
@@ -85,22 +85,14 @@ def remote_config(repo_id: str, sha: str, *, offline: bool = False) -> dict[str,
     """The repo's config.json at `sha` (a few KB, through the cache; no weights)."""
     hub = settings(offline=offline)
     with translated(repo_id, sha, hub=hub, action="read"):
-        path = _hf_file(repo_id, sha, "config.json", hub)
+        path = _hf_file(repo_id, sha, CONFIG_FILE, hub)
     if path is None:
         raise ModelSourceError(
             repo_id,
             f"has no config.json at commit {sha}",
             "name a transformers model repo (saved with `save_pretrained`)",
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
-        raise ModelSourceError(
-            repo_id, f"its config.json cannot be read ({exc})", "fix config.json in the repo"
-        ) from None
-    return config
+    return read_config(path.parent, label=repo_id)  # the file sits in the commit's snapshot
 
 
 def remote_index(repo_id: str, sha: str, *, offline: bool = False) -> CheckpointIndex:

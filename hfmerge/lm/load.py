@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+from hfmerge.arch.config import read_config
+from hfmerge.errors import IncompatibleModelsError, ModelSourceError, OptionError
 from hfmerge.tensors import read_checkpoint_index
 
 Objective = Literal["causal", "masked"]
@@ -196,28 +197,30 @@ def parse_device_map(text: str) -> DeviceMap:
     """`--device-map`: a named strategy, one device for everything, or a JSON module -> device map.
 
     Raises:
-        ModelSourceError: an unknown strategy or device, or a malformed JSON map.
+        OptionError: an unknown strategy or device, or a malformed JSON map.
     """
     text = text.strip()
     if text.startswith("{"):
         try:
             mapping = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ModelSourceError(
-                "--device-map", f"is not valid JSON ({exc.msg})", _MAP_FIX
+            raise OptionError(
+                "--device-map", text, f"is not valid JSON ({exc.msg})", fix=_MAP_FIX
             ) from None
         if not isinstance(mapping, dict) or not all(
             isinstance(v, int | str) for v in mapping.values()
         ):
-            raise ModelSourceError("--device-map", "must map module names to devices", _MAP_FIX)
+            raise OptionError(
+                "--device-map", text, "must map module names to devices", fix=_MAP_FIX
+            )
         return mapping
     if text in _NAMED_MAPS:
         return text
     try:
         torch.device(text)
     except RuntimeError:
-        raise ModelSourceError(
-            "--device-map", f"{text!r} is neither a strategy nor a device", _MAP_FIX
+        raise OptionError(
+            "--device-map", text, "is neither a strategy nor a device", fix=_MAP_FIX
         ) from None
     return text
 
@@ -226,16 +229,17 @@ def parse_max_memory(text: str) -> MaxMemory:
     """`0=20GiB,cpu=60GiB` -> {0: "20GiB", "cpu": "60GiB"} (accelerate's `max_memory`).
 
     Raises:
-        ModelSourceError: an entry without `=`.
+        OptionError: an entry without `=`.
     """
     limits: MaxMemory = {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         device, sep, size = entry.partition("=")
         if not sep or not device.strip() or not size.strip():
-            raise ModelSourceError(
+            raise OptionError(
                 "--max-memory",
+                text,
                 f"entry {entry!r} is not DEVICE=SIZE",
-                "write it like `0=20GiB,cpu=60GiB`",
+                fix="write it like `0=20GiB,cpu=60GiB`",
             )
         key = device.strip()
         limits[int(key) if key.isdigit() else key] = size.strip()
@@ -311,7 +315,7 @@ def shared_tokenizer(
             ],
         )
     for path, label in ((path_a, label_a), (path_b, label_b)):
-        vocab_size = _config_value(path, "vocab_size")
+        vocab_size = read_config(path, label=label).get("vocab_size")
         if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
             raise ModelSourceError(
                 label,
@@ -320,14 +324,6 @@ def shared_tokenizer(
                 "compare models trained with the same tokenizer",
             )
     return tokenizer
-
-
-def _config_value(path: Path, key: str) -> Any:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return config.get(key) if isinstance(config, dict) else None
 
 
 def input_device(model: PreTrainedModel) -> torch.device:

@@ -6,7 +6,6 @@ a value beside a model overrides it.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from hfmerge.errors import MethodParameterError
+from hfmerge.errors import MethodParameterError, did_you_mean
 from hfmerge.methods.base import MergeMethod, count_problem
 from hfmerge.methods.params import Location, MethodParams, ModelParams, Problem
 from hfmerge.methods.registry import METHODS
@@ -190,9 +189,9 @@ def _unknown_key(method: MergeMethod, key: str, scope: Scope) -> str:
     text = f"{method.name} has no parameter `{key}`"
     if key in _MERGEKIT_ONLY:
         return f"{text}: {_MERGEKIT_ONLY[key]}"
-    close = difflib.get_close_matches(key, accepted, n=1)
-    if close:
-        return f"{text}; did you mean `{close[0]}`?"
+    hint = did_you_mean(key, accepted)
+    if hint:
+        return f"{text}; {hint}"
     owners = [m.name for m in METHODS.values() if key in _keys(m.params) | _keys(m.model_params)]
     if owners:
         text += f" (it belongs to {', '.join(owners)})"

@@ -93,7 +93,7 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
         probe = recipe.probe
         batches = text_batches(
             plan.base.source.path,
-            label=plan.base.name,
+            label=plan.base.label,
             data=probe.data,
             max_length=probe.max_length,
             samples=probe.samples,
@@ -144,7 +144,7 @@ def _barriers(
         fixed = repaired[0] if repaired else None
         rows.append(
             BarrierRow(
-                model.name,
+                model.label,
                 none.barrier,
                 aligned.barrier,
                 none.loss_mid,

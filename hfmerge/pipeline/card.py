@@ -196,7 +196,7 @@ def _source_cells(source: ModelSource, *, endpoint: str, local: str) -> tuple[st
     if source.hub_id and source.revision:
         link = f"{endpoint.rstrip('/')}/{source.hub_id}/tree/{source.revision}"
         return f"[`{source.hub_id}`]({link})", f"[`{source.revision}`]({link})"
-    return f"`{source.display}`", local
+    return f"`{source.label}`", local
 
 
 def _method_section(method: MergeMethod, params: Mapping[str, Any]) -> str:

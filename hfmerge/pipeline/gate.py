@@ -13,25 +13,8 @@ import yaml
 
 from hfmerge.analysis.cka import CkaReport, compute_cka, failing_layers
 from hfmerge.engine.plan import MergePlan
-from hfmerge.errors import HfMergeError
+from hfmerge.errors import CkaGateError
 from hfmerge.recipe.schema import Recipe
-
-
-class CkaGateError(HfMergeError):
-    """An input's CKA with the base is below `check.cka_min`: merging would likely fail."""
-
-    def __init__(self, report: CkaReport, threshold: float, route_block: str) -> None:
-        i, _, value = min(failing_layers(report, threshold), key=lambda f: f[2])
-        self.layer, self.value, self.threshold = report.layers_a[i], value, threshold
-        super().__init__(
-            f"Refusing to merge: CKA between {report.model_a} and {report.model_b} is "
-            f"{value:.4f} at {self.layer}, below check.cka_min {threshold:g}",
-            why="models whose representations drifted apart average badly; routing each input "
-            "to the model that fits it keeps what each learned",
-            fix="replace `merge:` (and any `align:`) with this `route:` block (one calibration "
-            "text per model), "
-            f"lower `check.cka_min`, or pass --force to merge anyway:\n{route_block}",
-        )
 
 
 @dataclass(frozen=True)
@@ -82,13 +65,25 @@ def cka_gate(recipe: Recipe, plan: MergePlan, *, force: bool, progress: bool) ->
     reports = [_named(r, plan) for r in reports]
     for report in reports:
         if failing_layers(report, threshold) and not force:
-            raise CkaGateError(report, threshold, route_block(recipe))
+            raise _gate_error(report, threshold, route_block(recipe))
     return CkaCheck(threshold, reports)
+
+
+def _gate_error(report: CkaReport, threshold: float, route: str) -> CkaGateError:
+    i, _, value = min(failing_layers(report, threshold), key=lambda f: f[2])
+    return CkaGateError(
+        report.model_a,
+        report.model_b,
+        layer=report.layers_a[i],
+        value=value,
+        threshold=threshold,
+        route_block=route,
+    )
 
 
 def _named(report: CkaReport, plan: MergePlan) -> CkaReport:
     """The report with the models named as in the recipe rather than by their local paths."""
-    by_path = {str(m.source.path): m.name for m in [plan.base, *plan.inputs]}
+    by_path = {str(m.source.path): m.label for m in [plan.base, *plan.inputs]}
     from dataclasses import replace
 
     return replace(

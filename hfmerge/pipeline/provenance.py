@@ -22,7 +22,7 @@ def pinned_recipe(recipe: Recipe, recipe_text: str | None, sources: Sequence[Mod
     if not isinstance(data, dict):
         data = recipe.model_dump(mode="json", exclude_defaults=True)
     pins = {
-        source.display: (source.hub_id, source.revision)
+        source.label: (source.hub_id, source.revision)
         for source in sources
         if source.hub_id and source.revision
     }

@@ -70,7 +70,7 @@ def _input_stats(
     from hfmerge.progress import track
 
     base = plan.base.source.path
-    spec = spec_of(base, label=plan.base.name)
+    spec = spec_of(base, label=plan.base.label)
     stats = []
     for entry, solved in track(
         list(zip(plan.inputs, perms, strict=True)),
@@ -78,7 +78,7 @@ def _input_stats(
         enabled=progress,
     ):
         Interpolator(
-            model, base, entry.source.path, label_a=plan.base.name, label_b=entry.name
+            model, base, entry.source.path, label_a=plan.base.label, label_b=entry.label
         ).load(1.0, spec=spec, perms=solved)
         stats.append(measure(model, sites, probe))
     return stats
@@ -122,14 +122,14 @@ def repair_output(
     probe = recipe.probe
     batch = text_batches(
         plan.base.source.path,
-        label=plan.base.name,
+        label=plan.base.label,
         data=probe.data,
         max_length=probe.max_length,
         samples=probe.samples,
         batch_size=ONE_BATCH,
     )[0]
     windows = ProbeBatch(batch)
-    model = load_lm(plan.base.source.path, label=plan.base.name)
+    model = load_lm(plan.base.source.path, label=plan.base.label)
     sites = repair_sites(model)
     target = _blend(_input_stats(plan, perms, sites, windows, model, progress=progress), weights)
     del model

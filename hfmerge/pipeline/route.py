@@ -90,7 +90,7 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
     ]
     for source in experts:
         if source.hub_id is None:  # local: refuse pickle-only or weightless folders now
-            read_checkpoint_index(source.path, label=source.display)
+            read_checkpoint_index(source.path, label=source.label)
     names = expert_names([e.model for e in recipe.models])
     backbone, backbone_expert = None, None
     if route.method != "perplexity":

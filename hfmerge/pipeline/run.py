@@ -261,10 +261,10 @@ def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
         source = fetch_files(
             model.source, model.index.shards, side_files=model is plan.base, offline=offline
         )
-        index = read_checkpoint_index(source.path, label=model.name)
+        index = read_checkpoint_index(source.path, label=model.label)
         if list(index) != list(model.index):
             raise ModelSourceError(
-                model.name,
+                model.label,
                 "its downloaded weights do not match the headers read before downloading",
                 "delete its folder in the HF cache and run again",
             )

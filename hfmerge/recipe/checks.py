@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
 from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
@@ -113,11 +114,9 @@ def _relocate(loc: Location, positions: list[int]) -> Location:
 
 
 def _unknown_method(name: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(METHODS), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown merge method {name!r}; {hint}valid methods: {', '.join(sorted(METHODS))}"
+    hint = did_you_mean(name, METHODS)
+    valid = f"valid methods: {', '.join(sorted(METHODS))}"
+    return f"unknown merge method {name!r}; " + (f"{hint} {valid}" if hint else valid)
 
 
 def _route_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:

@@ -6,13 +6,13 @@ parameters), each with its YAML line, before anything is read or written.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hfmerge.errors import RecipeError, RecipeProblem
+from hfmerge.errors import RecipeError, RecipeProblem, did_you_mean
+from hfmerge.recipe.align_methods import AlignMethod
 from hfmerge.recipe.yaml_locations import Location, locate, read_yaml
 
 
@@ -51,7 +51,7 @@ class ProbeSpec(_Strict):
 class AlignSpec(_Strict):
     """Permutation alignment of every model into `base`'s basis before merging."""
 
-    method: Literal["none", "weight", "activation"] = "none"
+    method: AlignMethod = "none"
     seed: int = 0  # weight matching visits the groups in a seeded random order
     report_barrier: bool = False  # measure the loss barrier before and after, for the card
     # REPAIR the merged model: rescale its channels to the inputs' blended statistics on the
@@ -188,7 +188,7 @@ def _describe_pydantic(err: Any) -> tuple[Location, str]:
     loc: Location = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        return loc, f"unknown key {key!r}{_did_you_mean(key, _allowed_keys(loc[:-1]))}"
+        return loc, f"unknown key {key!r}{_key_hint(key, _allowed_keys(loc[:-1]))}"
     if err["type"] == "missing":
         return loc, "required key is missing"
     return loc, str(err["msg"])
@@ -218,9 +218,9 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(choices)})"
+def _key_hint(name: str, choices: list[str]) -> str:
+    hint = did_you_mean(name, choices)
+    return f" ({hint})" if hint else f" (valid keys: {', '.join(choices)})"
 
 
 def _unique(items: list[tuple[Location, str]]) -> list[tuple[Location, str]]:

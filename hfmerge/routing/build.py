@@ -27,7 +27,7 @@ from hfmerge.routing.routers import Router, RouterSettings, router_class
 from hfmerge.routing.vocab import (
     check_expert_vocabularies,
     check_tokenizer_fits,
-    usable_length,
+    common_usable_length,
 )
 
 
@@ -84,7 +84,7 @@ def build_router(
     tokenizer = load_tokenizer(tokenizer_path, label=str(tokenizer_path))
     check_tokenizer_fits(tokenizer, expert_paths, tokenizer_label=str(tokenizer_path))
     # `max_length` is an upper bound, as for probing: models with fewer positions cap it.
-    max_length = usable_length([*experts, *([backbone] if backbone else [])], max_length)
+    max_length = common_usable_length([*experts, *([backbone] if backbone else [])], max_length)
     windows, labels = _windows(tokenizer, calibration_texts, samples=samples, max_length=max_length)
     if cls.inputs == "losses":
         inputs = _loss_inputs(

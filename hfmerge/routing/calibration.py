@@ -12,7 +12,9 @@ import torch
 from hfmerge.routing.routers import Router, RouterSettings, class_means
 
 HOLDOUT_FRACTION = 0.2
-MIN_SAMPLES = 8  # fewer calibration windows per expert make centroids and accuracies noise
+MIN_CALIBRATION_WINDOWS = (
+    8  # fewer calibration windows per expert make centroids and accuracies noise
+)
 LOW_ACCURACY = 0.8  # below this held-out accuracy, routing is unreliable
 CLOSE_CENTROIDS = 0.9  # centred centroids this aligned cannot be told apart
 
@@ -103,9 +105,9 @@ def _recall(right: torch.Tensor, labels: torch.Tensor, expert: int) -> float | N
 def report_warnings(report: CalibrationReport) -> list[str]:
     """Plain sentences about what makes this router unreliable."""
     warnings = [
-        f"expert {name!r} has only {n} calibration windows (want {MIN_SAMPLES}+)"
+        f"expert {name!r} has only {n} calibration windows (want {MIN_CALIBRATION_WINDOWS}+)"
         for name, n in zip(report.experts, report.samples, strict=True)
-        if n < MIN_SAMPLES
+        if n < MIN_CALIBRATION_WINDOWS
     ]
     if report.heldout_accuracy is None:
         warnings.append("too few calibration windows to hold any out: accuracy is unknown")

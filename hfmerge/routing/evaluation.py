@@ -11,14 +11,14 @@ from hfmerge.lm.batches import pad_id_of
 from hfmerge.lm.load import DeviceMap, MaxMemory
 from hfmerge.lm.scoring import EvalResult, causal_targets, score
 from hfmerge.routing.model import RoutedModel
-from hfmerge.routing.vocab import usable_length
+from hfmerge.routing.vocab import common_usable_length
 
 
 def routed_length(model: RoutedModel, max_length: int) -> int:
     """`max_length`, capped at the shortest position limit among the experts."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    return usable_length((entry.path for entry in model.pool.models.values()), max_length)
+    return common_usable_length((entry.path for entry in model.pool.models.values()), max_length)
 
 
 def eval_routed(

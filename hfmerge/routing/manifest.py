@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
+from hfmerge.errors import ManifestProblem
+
 MANIFEST_FILE = "hfmerge_router.json"
 ROUTER_FILE = "router.safetensors"
 FORMAT_VERSION = 1
@@ -22,15 +24,6 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch names
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also a folder name under experts/
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _FIX = f"rebuild the routed repo with hfmerge, or correct {MANIFEST_FILE} by hand"
-
-
-class ManifestProblem(ValueError):
-    """One invalid field; the repo loader turns it into a RoutedRepoError naming the repo."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        self.where = where
-        self.problem = problem
-        super().__init__(f"{where}: {problem}" if where else problem)
 
 
 def _fail(where: str, problem: str) -> NoReturn:
@@ -324,7 +317,6 @@ __all__ = [
     "ROUTER_FILE",
     "BackboneRef",
     "ExpertEntry",
-    "ManifestProblem",
     "ModelLocation",
     "RoutedManifest",
     "RouterSpec",

@@ -16,11 +16,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from hfmerge.errors import RoutedRepoError
+from hfmerge.errors import ManifestProblem, RoutedRepoError
 from hfmerge.routing.manifest import (
     MANIFEST_FILE,
     ROUTER_FILE,
-    ManifestProblem,
     ModelLocation,
     RoutedManifest,
     parse_manifest,

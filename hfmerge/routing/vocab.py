@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from hfmerge.arch.config import read_config
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError
 from hfmerge.lm.load import load_tokenizer, position_limit
 
 _WHY = "a routed model feeds every expert the same token ids and returns one logits tensor"
-
-
-def read_config(path: Path, *, label: str) -> dict[str, Any]:
-    """A model folder's config.json as a dict."""
-    try:
-        config: Any = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(
-            label,
-            f"its config.json cannot be read ({exc})",
-            "route between transformers model folders",
-        ) from None
-    if not isinstance(config, dict):
-        raise ModelSourceError(
-            label,
-            "its config.json is not a JSON object",
-            "route between transformers model folders",
-        )
-    return config
 
 
 def config_vocab_size(path: Path, *, label: str) -> int:
@@ -85,7 +65,7 @@ def check_tokenizer_fits(
             )
 
 
-def usable_length(models: Iterable[Path], max_length: int) -> int:
+def common_usable_length(models: Iterable[Path], max_length: int) -> int:
     """`max_length`, capped at the shortest position limit among the models' configs."""
     limits = [position_limit(read_config(path, label=str(path))) for path in models]
     return min([max_length, *(limit for limit in limits if limit is not None)])
@@ -94,7 +74,6 @@ def usable_length(models: Iterable[Path], max_length: int) -> int:
 __all__ = [
     "check_expert_vocabularies",
     "check_tokenizer_fits",
+    "common_usable_length",
     "config_vocab_size",
-    "read_config",
-    "usable_length",
 ]

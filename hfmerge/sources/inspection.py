@@ -6,14 +6,14 @@ headers only) and compares them, reporting every problem of every model at once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hfmerge.arch import check_shapes, spec_for
+from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec
-from hfmerge.errors import HfMergeError, IncompatibleModelsError, ModelSourceError, PreflightError
+from hfmerge.errors import HfMergeError, IncompatibleModelsError, PreflightError
 from hfmerge.sources.refs import ModelSource, pin_model
 from hfmerge.tensors import CheckpointIndex, dtype_kind, read_checkpoint_index
 
@@ -31,7 +31,7 @@ _SHAPE_KEYS = (
 
 @dataclass(frozen=True)
 class InspectedModel:
-    """A model's source, config, checkpoint headers and architecture spec."""
+    """A source with what is known before any weight is read: config, header index, spec."""
 
     source: ModelSource
     config: dict[str, Any]
@@ -39,33 +39,9 @@ class InspectedModel:
     spec: ArchSpec
 
     @property
-    def name(self) -> str:
-        """How the user named the model."""
-        return self.source.display
-
-
-def read_config(source: ModelSource) -> dict[str, Any]:
-    """Parse the model's config.json."""
-    path = source.path / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelSourceError(
-            source.display,
-            f"has no config.json in {source.path}",
-            "point at a directory saved with `save_pretrained`",
-        ) from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelSourceError(
-            source.display,
-            f"config.json cannot be read ({exc})",
-            "repair or re-download config.json",
-        ) from exc
-    if not isinstance(config, dict):
-        raise ModelSourceError(
-            source.display, "config.json is not a JSON object", "repair or re-download config.json"
-        )
-    return config
+    def label(self) -> str:
+        """The model's name in messages and tables (its source's label)."""
+        return self.source.label
 
 
 def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedModel:
@@ -80,11 +56,11 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
         config = hub.remote_config(source.hub_id, source.revision, offline=offline)
         index = hub.remote_index(source.hub_id, source.revision, offline=offline)
     else:
-        config = read_config(source)
+        config = read_config(source.path, label=source.label)
         index = read_checkpoint_index(source.path)
-    spec = spec_for(config, index.names, model=source.display)
+    spec = spec_for(config, index.names, label=source.label)
     shapes = {name: index.info(name).shape for name in index.names}
-    check_shapes(spec, shapes, model=source.display)  # header shapes agree with config.json
+    check_shapes(spec, shapes, label=source.label)  # header shapes agree with config.json
     return InspectedModel(source=source, config=config, index=index, spec=spec)
 
 
@@ -112,7 +88,7 @@ def inspect_models(
     return found
 
 
-def check_compatible(models: Sequence[InspectedModel]) -> None:
+def check_mergeable(models: Sequence[InspectedModel]) -> None:
     """Every model against the first: same family, config shape keys, tensor names and shapes.
 
     Raises:
@@ -130,9 +106,11 @@ def compatibility_problems(models: Sequence[InspectedModel]) -> list[Incompatibl
     reference = models[0]
     errors = []
     for other in models[1:]:
-        problems = _config_differences(reference, other) + _tensor_differences(reference, other)
+        problems = _config_differences(reference, other) + tensor_differences(
+            reference.index, other.index, label_a=reference.label, label_b=other.label
+        )
         if problems:
-            errors.append(IncompatibleModelsError(reference.name, other.name, problems))
+            errors.append(IncompatibleModelsError(reference.label, other.label, problems))
     return errors
 
 
@@ -146,12 +124,15 @@ def _config_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
     ]
 
 
-def _tensor_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
-    names_a, names_b = set(a.index.names), set(b.index.names)
-    problems = [f"tensor {n} only in {a.name}" for n in sorted(names_a - names_b)]
-    problems += [f"tensor {n} only in {b.name}" for n in sorted(names_b - names_a)]
+def tensor_differences(
+    index_a: CheckpointIndex, index_b: CheckpointIndex, *, label_a: str, label_b: str
+) -> list[str]:
+    """Tensors only in one checkpoint, then tensors whose shapes differ (from headers alone)."""
+    names_a, names_b = set(index_a.names), set(index_b.names)
+    problems = [f"tensor {n} only in {label_a}" for n in sorted(names_a - names_b)]
+    problems += [f"tensor {n} only in {label_b}" for n in sorted(names_b - names_a)]
     for name in sorted(names_a & names_b):
-        info_a, info_b = a.index.info(name), b.index.info(name)
+        info_a, info_b = index_a.info(name), index_b.info(name)
         if tuple(info_a.shape) != tuple(info_b.shape):
             problems.append(f"tensor {name} has shape {list(info_a.shape)} vs {list(info_b.shape)}")
         # BF16 against F32 converts exactly enough; an integer against a float would be merged

@@ -20,7 +20,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where one input model's files are, and how the user named it."""
+    """A pinned model: where its files are, and the reference the user wrote for it."""
 
     ref: str  # as written in the recipe or on the command line
     # Local directory holding config.json and safetensors. For a Hub model, the cache's snapshot
@@ -31,8 +31,8 @@ class ModelSource:
     license: str | None = None  # the Hub card's license, when it declares one
 
     @property
-    def display(self) -> str:
-        """Short name for tables and messages."""
+    def label(self) -> str:
+        """The model's name in messages and tables: the reference as the user wrote it."""
         return self.ref
 
 

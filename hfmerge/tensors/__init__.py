@@ -5,9 +5,7 @@ Also atomic output directories and copying of config and tokenizer files.
 
 from hfmerge.tensors.checkpoint import (
     CONVERT_FIX,
-    INDEX_FILE,
     PICKLE_SUFFIXES,
-    SINGLE_FILE,
     CheckpointIndex,
     LazyCheckpoint,
     check_weight_map,
@@ -36,17 +34,18 @@ from hfmerge.tensors.output import (
     refuse_overlap,
 )
 from hfmerge.tensors.shards import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    OutputTensor,
     PlannedShard,
     PlannedTensor,
     ShardPlan,
     TensorLike,
-    TensorSpec,
     parse_size,
     plan_shards,
 )
 from hfmerge.tensors.staging import StaleStaging, remove_stale, stale_staging
 from hfmerge.tensors.writer import (
-    ShardWriteError,
     ShardWriter,
     encode_header,
     overwrite_tensors,
@@ -60,15 +59,14 @@ __all__ = [
     "SINGLE_FILE",
     "CheckpointIndex",
     "LazyCheckpoint",
+    "OutputTensor",
     "PlannedShard",
     "PlannedTensor",
     "ShardPlan",
-    "ShardWriteError",
     "ShardWriter",
     "StaleStaging",
     "TensorInfo",
     "TensorLike",
-    "TensorSpec",
     "atomic_output_dir",
     "check_output_dir",
     "check_weight_map",

@@ -15,9 +15,8 @@ from hfmerge.errors import ModelSourceError
 from hfmerge.tensors.dtypes import torch_dtype
 from hfmerge.tensors.fds import FdCache
 from hfmerge.tensors.header import TensorInfo, read_shard_header
+from hfmerge.tensors.shards import INDEX_FILE, SINGLE_FILE
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Pickle formats are only ever listed by name: unpickling a file can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CONVERT_FIX = (

@@ -11,7 +11,8 @@ from typing import Protocol
 
 from hfmerge.tensors.dtypes import element_size
 
-SINGLE_FILE = "model.safetensors"
+SINGLE_FILE = "model.safetensors"  # a one-shard checkpoint
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> shard map
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 # Decimal units as in huggingface_hub / transformers ("2GB" = 2 * 10**9); "GiB" units are binary.
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -56,7 +57,7 @@ class TensorLike(Protocol):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class OutputTensor:
     """A tensor to be written: name, safetensors dtype string ("BF16") and shape."""
 
     name: str
@@ -157,9 +158,9 @@ def plan_shards(tensors: Sequence[TensorLike], *, max_shard_bytes: int) -> Shard
     """
     if isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive byte count, got {max_shard_bytes!r}")
-    specs = [_checked_spec(t) for t in tensors]
-    _check_unique(specs)
-    groups = _group(specs, max_shard_bytes)
+    checked = [_checked(t) for t in tensors]
+    _check_unique(checked)
+    groups = _group(checked, max_shard_bytes)
     count = len(groups)
     return ShardPlan(
         tuple(
@@ -169,52 +170,52 @@ def plan_shards(tensors: Sequence[TensorLike], *, max_shard_bytes: int) -> Shard
     )
 
 
-def _checked_spec(tensor: TensorLike) -> TensorSpec:
+def _checked(tensor: TensorLike) -> OutputTensor:
     shape = tuple(tensor.shape)
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ValueError(f"tensor {tensor.name!r} has an invalid shape {shape!r}")
     if not tensor.name or tensor.name == "__metadata__":
         raise ValueError(f"invalid tensor name {tensor.name!r}")
     element_size(tensor.dtype)  # raises ValueError on a dtype the writer cannot store
-    return TensorSpec(tensor.name, tensor.dtype, shape)
+    return OutputTensor(tensor.name, tensor.dtype, shape)
 
 
-def _check_unique(specs: list[TensorSpec]) -> None:
-    if not specs:
+def _check_unique(outputs: list[OutputTensor]) -> None:
+    if not outputs:
         raise ValueError("cannot plan shards for zero tensors")
     seen: set[str] = set()
-    for spec in specs:
-        if spec.name in seen:
-            raise ValueError(f"tensor {spec.name!r} appears twice")
-        seen.add(spec.name)
+    for tensor in outputs:
+        if tensor.name in seen:
+            raise ValueError(f"tensor {tensor.name!r} appears twice")
+        seen.add(tensor.name)
 
 
-def _nbytes(spec: TensorSpec) -> int:
-    return math.prod(spec.shape) * element_size(spec.dtype)
+def _nbytes(tensor: OutputTensor) -> int:
+    return math.prod(tensor.shape) * element_size(tensor.dtype)
 
 
-def _group(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    groups: list[list[TensorSpec]] = [[]]
+def _group(outputs: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    groups: list[list[OutputTensor]] = [[]]
     used = 0
-    for spec in specs:
-        size = _nbytes(spec)
+    for tensor in outputs:
+        size = _nbytes(tensor)
         if groups[-1] and used + size > max_shard_bytes:
             groups.append([])
             used = 0
-        groups[-1].append(spec)
+        groups[-1].append(tensor)
         used += size
     return groups
 
 
-def _layout(group: list[TensorSpec]) -> tuple[PlannedTensor, ...]:
+def _layout(group: list[OutputTensor]) -> tuple[PlannedTensor, ...]:
     # Every tensor's byte size is a multiple of its element size, so wider dtypes first keeps
     # each tensor aligned, as safetensors' own writer does (mmap readers may need it).
-    ordered = sorted(group, key=lambda spec: -element_size(spec.dtype))
+    ordered = sorted(group, key=lambda tensor: -element_size(tensor.dtype))
     planned: list[PlannedTensor] = []
     offset = 0
-    for spec in ordered:
-        end = offset + _nbytes(spec)
-        planned.append(PlannedTensor(spec.name, spec.dtype, spec.shape, offset, end))
+    for tensor in ordered:
+        end = offset + _nbytes(tensor)
+        planned.append(PlannedTensor(tensor.name, tensor.dtype, tensor.shape, offset, end))
         offset = end
     return tuple(planned)
 

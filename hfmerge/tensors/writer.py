@@ -14,20 +14,15 @@ from types import TracebackType
 
 import torch
 
-from hfmerge.errors import OutputError
+from hfmerge.errors import OutputError, ShardWriteError
 from hfmerge.tensors.dtypes import dtype_name
 from hfmerge.tensors.fds import FdCache
-from hfmerge.tensors.shards import PlannedShard, PlannedTensor, ShardPlan
+from hfmerge.tensors.shards import INDEX_FILE, PlannedShard, PlannedTensor, ShardPlan
 
-INDEX_FILE = "model.safetensors.index.json"
 # Linux writes at most this many bytes per write call; larger tensors go in several calls.
 _MAX_WRITE = 0x7FFFF000
 # Writes at least this large start their own writeback at once (see `_start_writeback`).
 _EARLY_WRITEBACK_BYTES = 1 << 20
-
-
-class ShardWriteError(ValueError):
-    """A tensor does not match the shard plan, or the plan was not completely written."""
 
 
 def encode_header(shard: PlannedShard, metadata: Mapping[str, str]) -> bytes:

@@ -74,12 +74,12 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_spec_covers_the_saved_checkpoint_exactly(kind: str, saved: dict[str, Path]) -> None:
     config, shapes = read_checkpoint(saved[kind])
-    spec = spec_for(config, shapes.keys(), model=kind)
+    spec = spec_for(config, shapes.keys(), label=kind)
     assert spec.family == FAMILY_OF_KIND[kind]
     assert set(spec.tensors) == set(shapes)
     assert spec.tied == TIED_IN_FILE.get(kind, {})
     assert not set(spec.tied) & set(spec.tensors)
-    check_shapes(spec, shapes, model=kind)
+    check_shapes(spec, shapes, label=kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -142,7 +142,7 @@ def _assert_every_permuted_tensor_moved(
 def test_valid_permutations_keep_outputs(kind: str) -> None:
     model = make_tiny_model(kind, dtype=torch.float64)
     state = model.state_dict()
-    spec = spec_for(model.config.to_dict(), state.keys(), model=kind)
+    spec = spec_for(model.config.to_dict(), state.keys(), label=kind)
     perms = nontrivial_permutations(spec, seed=1)
     permuted_state = permute_state_dict(state, spec, perms)
     _assert_every_permuted_tensor_moved(spec, state, permuted_state)
@@ -166,7 +166,7 @@ def test_permuted_checkpoint_files_load_with_same_outputs(
 ) -> None:
     """The hfmerge path: header names -> spec -> permute file tensors -> from_pretrained."""
     config, shapes = read_checkpoint(saved[kind])
-    spec = spec_for(config, shapes.keys(), model=kind)
+    spec = spec_for(config, shapes.keys(), label=kind)
     perms = nontrivial_permutations(spec, seed=2)
     tensors = load_file(str(saved[kind] / "model.safetensors"))
     save_file(
@@ -226,7 +226,7 @@ def minilm_dir() -> Path:
 
 def test_minilm_spec_covers_the_real_checkpoint(minilm_dir: Path) -> None:
     config, shapes = read_checkpoint(minilm_dir)
-    spec = spec_for(config, shapes.keys(), model="all-MiniLM-L6-v2")
+    spec = spec_for(config, shapes.keys(), label="all-MiniLM-L6-v2")
     assert set(spec.tensors) == set(shapes)
     assert spec.tensors["embeddings.position_ids"].buffer  # saved by transformers 4.8
     assert spec.num_layers == 6
@@ -278,7 +278,7 @@ def _llama_checkpoint() -> tuple[dict[str, Any], set[str]]:
 def test_unknown_model_type_names_the_supported_ones() -> None:
     config, names = _llama_checkpoint()
     with pytest.raises(UnknownNameError) as info:
-        spec_for({**config, "model_type": "t5"}, names, model="org/t5")
+        spec_for({**config, "model_type": "t5"}, names, label="org/t5")
     assert info.value.kind == "architecture (model_type)"
     assert info.value.name == "t5"
     assert info.value.owner == "org/t5" and "of org/t5" in str(info.value)
@@ -289,14 +289,14 @@ def test_missing_model_type_is_an_architecture_error() -> None:
     config, names = _llama_checkpoint()
     del config["model_type"]
     with pytest.raises(ArchitectureError, match="model_type"):
-        spec_for(config, names, model="x")
+        spec_for(config, names, label="x")
 
 
 def test_unknown_tensor_names_are_listed() -> None:
     config, names = _llama_checkpoint()
     extra = {"model.layers.0.self_attn.q_norm.weight", "score.weight"}
     with pytest.raises(ArchitectureError) as info:
-        spec_for(config, names | extra, model="org/odd")
+        spec_for(config, names | extra, label="org/odd")
     message = str(info.value)
     assert "org/odd" in message and "2 checkpoint tensor(s) are not in the llama spec" in message
     assert all(name in message for name in extra)
@@ -306,7 +306,7 @@ def test_missing_tensor_names_are_listed() -> None:
     config, names = _llama_checkpoint()
     gone = {"model.layers.1.mlp.up_proj.weight", "lm_head.weight"}
     with pytest.raises(ArchitectureError) as info:
-        spec_for(config, names - gone, model="org/cut")
+        spec_for(config, names - gone, label="org/cut")
     assert "2 tensor(s) of the llama spec are missing" in str(info.value)
     assert all(name in str(info.value) for name in gone)
 
@@ -327,7 +327,7 @@ def test_check_shapes_catches_a_wrong_kv_head_count() -> None:
     config = {**model.config.to_dict(), "num_key_value_heads": 4}
     spec = spec_for(config, shapes.keys())
     with pytest.raises(ArchitectureError, match=r"k_proj\.weight axis 0 has 16 entries.*32"):
-        check_shapes(spec, shapes, model="tiny")
+        check_shapes(spec, shapes, label="tiny")
     check_shapes(spec_for(model.config.to_dict(), shapes.keys()), shapes)
 
 

@@ -243,6 +243,11 @@ def test_every_kind_of_error_crosses_the_pipe_intact() -> None:
         errors.OutputError("/out", "disk full", "free space"),
         errors.UnknownNameError("method", "liner", ["linear", "ties"]),
         errors.PreflightError([errors.ModelSourceError("m", "p", "f")]),
+        errors.OptionError("--device-map", "everywhere", "is no device", fix="use cpu"),
+        errors.CkaGateError("a", "b", layer="block.1", value=0.5, threshold=0.9, route_block="r"),
+        errors.CkaBelowThresholdError(
+            "a", "b", threshold=0.9, failing=[("block.1", 0.5), ("block.2", 0.7)], layers=3
+        ),
         errors.HfMergeError("what", why="why", fix="fix"),
     ]
     for error in cases:

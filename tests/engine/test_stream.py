@@ -19,7 +19,7 @@ from hfmerge.engine.budget import ChunkPolicy, parse_memory_budget
 from hfmerge.engine.io_threads import Prefetcher, WriteBehind
 from hfmerge.engine.plan import TensorJob
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
-from hfmerge.errors import HfMergeError
+from hfmerge.errors import HfMergeError, OptionError
 from hfmerge.tensors import LazyCheckpoint
 from tests.support.engine import make_models, merge
 
@@ -257,8 +257,9 @@ def test_whole_tensor_methods_need_the_largest_tensor_in_budget(
 def test_memory_budget_text_is_checked() -> None:
     assert parse_memory_budget("1GB") == 10**9
     assert parse_memory_budget(None) is None
-    with pytest.raises(HfMergeError, match="Invalid memory budget"):
+    with pytest.raises(OptionError, match="--max-memory 'lots': is not a memory budget") as info:
         parse_memory_budget("lots")
+    assert (info.value.option, info.value.value) == ("--max-memory", "lots")
 
 
 def open_fds() -> int:

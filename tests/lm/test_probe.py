@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hfmerge.analysis.similarity import CkaMatrix
-from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+from hfmerge.errors import IncompatibleModelsError, ModelSourceError, OptionError
 from hfmerge.lm.batches import probe_batches
 from hfmerge.lm.load import (
     is_causal,
@@ -198,12 +198,14 @@ def test_device_map_and_max_memory_parsing() -> None:
     assert parse_device_map("cuda:1") == "cuda:1"
     assert parse_device_map('{"": "cpu"}') == {"": "cpu"}
     assert parse_max_memory("0=20GiB, cpu=60GiB") == {0: "20GiB", "cpu": "60GiB"}
-    with pytest.raises(ModelSourceError, match="neither a strategy nor a device"):
+    with pytest.raises(OptionError, match="neither a strategy nor a device") as info:
         parse_device_map("everywhere")
-    with pytest.raises(ModelSourceError, match="not valid JSON"):
+    assert (info.value.option, info.value.value) == ("--device-map", "everywhere")
+    with pytest.raises(OptionError, match="not valid JSON"):
         parse_device_map("{oops")
-    with pytest.raises(ModelSourceError, match="DEVICE=SIZE"):
+    with pytest.raises(OptionError, match="DEVICE=SIZE") as info:
         parse_max_memory("20GiB")
+    assert info.value.option == "--max-memory"
 
 
 def test_auto_device_map_with_memory_limit_loads_and_runs(llama_pair: tuple[Path, Path]) -> None:

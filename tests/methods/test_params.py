@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from hfmerge.errors import MethodParameterError
+from hfmerge.errors import MethodParameterError, UnknownNameError
 from hfmerge.methods import (
     METHODS,
     describe_parameters,
@@ -102,7 +102,17 @@ def test_unknown_key_is_located_and_lists_what_the_method_takes() -> None:
 
 def test_misspelt_key_suggests_the_right_one() -> None:
     found = problems("ties", {"densty": 0.5}, [{"weight": 1}])
-    assert "did you mean `density`" in found[("parameters", "densty")]
+    assert "did you mean 'density'?" in found[("parameters", "densty")]
+
+
+def test_unknown_method_name_suggests_the_closest_and_lists_all() -> None:
+    with pytest.raises(UnknownNameError) as info:
+        get_method("linaer")
+    assert info.value.fix == "did you mean 'linear'? Otherwise use one of the valid merge methods"
+    assert info.value.why == f"valid merge methods are: {', '.join(sorted(METHODS))}"
+    with pytest.raises(UnknownNameError) as info:
+        get_method("zzz")
+    assert info.value.fix == "use one of the valid merge methods"
 
 
 def test_key_of_another_method_names_its_owners() -> None:

@@ -12,11 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from hfmerge.analysis.barrier import compare_barriers
 from hfmerge.analysis.evaluation import eval_model
-from hfmerge.errors import RecipeError
+from hfmerge.errors import RecipeError, ShardWriteError
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import overwrite_tensors
-from hfmerge.tensors.writer import ShardWriteError
 from tests.support.lm import save_lm, train_tiny_lm
 
 PROBE = {"data": "builtin", "samples": 8, "max_length": 32}

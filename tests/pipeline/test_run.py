@@ -202,7 +202,7 @@ def test_route_recipe_with_missing_calibration_text_writes_nothing(
 
 
 def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path) -> None:
-    from hfmerge.pipeline.gate import CkaGateError
+    from hfmerge.errors import CkaGateError
     from tests.support.lm import save_lm
 
     save_lm("llama", tmp_path / "a", seed=0)

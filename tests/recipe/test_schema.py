@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from hfmerge.errors import RecipeError
+from hfmerge.recipe.align_methods import ALIGN_METHODS
 from hfmerge.recipe.schema import load_recipe, parse_recipe_text
 
 GOOD = """\
@@ -109,6 +110,16 @@ def test_route_needs_experts_a_valid_default_and_no_alignment() -> None:
     ok = head + "route:\n  experts: [{data: a}, {data: b}]\n  default_expert: 1\n"
     recipe = parse_recipe_text(ok)
     assert recipe.route is not None and recipe.route.default_expert == 1
+
+
+@pytest.mark.parametrize("method", ALIGN_METHODS)
+def test_align_accepts_every_alignment_method(method: str) -> None:
+    assert parse_recipe_text(GOOD + f"align: {{method: {method}}}\n").align.method == method
+
+
+def test_align_refuses_a_method_outside_the_alignment_methods() -> None:
+    (problem,) = problems_of(GOOD + "align: {method: weights}\n")
+    assert problem.startswith("align.method") and "weight" in problem
 
 
 def test_not_a_mapping_and_bad_yaml() -> None:

@@ -16,12 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from hfmerge.errors import ModelSourceError, OutputError
+from hfmerge.errors import ModelSourceError, OutputError, ShardWriteError
 from hfmerge.tensors import (
     LazyCheckpoint,
-    ShardWriteError,
+    OutputTensor,
     ShardWriter,
-    TensorSpec,
     atomic_output_dir,
     copy_side_files,
     dtype_name,
@@ -255,12 +254,12 @@ def test_missing_or_non_directory_source(tmp_path: Path) -> None:
 # ---- planning and writing -------------------------------------------------------------------
 
 
-def specs_of(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
-    return [TensorSpec(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+def outputs_of(tensors: dict[str, torch.Tensor]) -> list[OutputTensor]:
+    return [OutputTensor(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
 
 
 def write_shuffled(out: Path, tensors: dict[str, torch.Tensor], cap: int, seed: int = 0) -> Any:
-    plan = plan_shards(specs_of(tensors), max_shard_bytes=cap)
+    plan = plan_shards(outputs_of(tensors), max_shard_bytes=cap)
     order = list(tensors)
     random.Random(seed).shuffle(order)
     with ShardWriter(out, plan, metadata={"merged_by": "test"}) as writer:
@@ -335,14 +334,14 @@ def test_tensor_larger_than_cap_gets_its_own_shard(tmp_path: Path) -> None:
     assert plan.filenames[1] == "model-00002-of-00003.safetensors"
     assert same_bits(read_all(tmp_path)["big"], tensors["big"])
     first_big = plan_shards(
-        specs_of({"big": tensors["big"], "a": tensors["a"]}), max_shard_bytes=20
+        outputs_of({"big": tensors["big"], "a": tensors["a"]}), max_shard_bytes=20
     )
     assert [s.names for s in first_big.shards] == [("big",), ("a",)]
 
 
 def test_plan_aligns_every_tensor_to_its_element_size() -> None:
-    specs = [TensorSpec("odd_bf16", "BF16", (3,)), TensorSpec("f32", "F32", (2,))]
-    specs += [TensorSpec("flag", "BOOL", (1,)), TensorSpec("i64", "I64", (1,))]
+    specs = [OutputTensor("odd_bf16", "BF16", (3,)), OutputTensor("f32", "F32", (2,))]
+    specs += [OutputTensor("flag", "BOOL", (1,)), OutputTensor("i64", "I64", (1,))]
     (shard,) = plan_shards(specs, max_shard_bytes=10**6).shards
     assert [t.name for t in shard.tensors] == ["i64", "f32", "odd_bf16", "flag"]
     assert all(t.begin % element_size(t.dtype) == 0 for t in shard.tensors)
@@ -382,7 +381,7 @@ def test_written_model_loads_in_transformers_with_same_logits(
 def test_writer_refuses_tensors_off_the_plan(
     tmp_path: Path, name: str, tensor: torch.Tensor, expected: str
 ) -> None:
-    plan = plan_shards([TensorSpec("w", "F32", (2, 3))], max_shard_bytes=100)
+    plan = plan_shards([OutputTensor("w", "F32", (2, 3))], max_shard_bytes=100)
     writer = ShardWriter(tmp_path, plan)
     with pytest.raises(ShardWriteError, match=expected):
         writer.write(name, tensor)
@@ -390,7 +389,7 @@ def test_writer_refuses_tensors_off_the_plan(
 
 
 def test_writer_refuses_duplicates_and_missing_tensors(tmp_path: Path) -> None:
-    specs = [TensorSpec("a", "F32", (2,)), TensorSpec("b", "F32", (2,))]
+    specs = [OutputTensor("a", "F32", (2,)), OutputTensor("b", "F32", (2,))]
     plan = plan_shards(specs, max_shard_bytes=100)
     missing = "1 planned tensors were never written: 'b'"
     with pytest.raises(ShardWriteError, match=missing), ShardWriter(tmp_path, plan) as writer:
@@ -404,7 +403,7 @@ def test_writer_refuses_duplicates_and_missing_tensors(tmp_path: Path) -> None:
 
 def test_writer_counts_what_another_process_wrote(tmp_path: Path) -> None:
     """A forked share's names complete the plan; a name off the plan is refused."""
-    specs = [TensorSpec("a", "F32", (2,)), TensorSpec("b", "F32", (2,))]
+    specs = [OutputTensor("a", "F32", (2,)), OutputTensor("b", "F32", (2,))]
     plan = plan_shards(specs, max_shard_bytes=100)
     with ShardWriter(tmp_path, plan) as writer:
         writer.write("a", torch.zeros(2))
@@ -416,7 +415,7 @@ def test_writer_counts_what_another_process_wrote(tmp_path: Path) -> None:
 
 
 def test_writer_fails_fast_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan = plan_shards([TensorSpec("a", "F32", (1000,))], max_shard_bytes=10**6)
+    plan = plan_shards([OutputTensor("a", "F32", (1000,))], max_shard_bytes=10**6)
     usage = shutil.disk_usage(tmp_path)._replace(free=3000)  # 4000 bytes needed
     monkeypatch.setattr("hfmerge.tensors.writer.shutil.disk_usage", lambda _: usage)
     with pytest.raises(OutputError, match="GB are free"), ShardWriter(tmp_path / "out", plan):

@@ -1,0 +1,41 @@
+"""The one reader of a model directory's config.json.
+
+Every layer that needs a model's config (Hub reads, inspection, tokenizer checks, routing,
+interpolation) reads it here, so a missing or broken file gives the same error everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hfmerge.errors import ModelSourceError
+
+CONFIG_FILE = "config.json"
+_REPAIR_FIX = "repair or re-download config.json"
+
+
+def read_config(directory: Path, *, label: str) -> dict[str, Any]:
+    """The parsed config.json in `directory`.
+
+    Raises:
+        ModelSourceError: naming `label`, when the file is missing, unreadable, not JSON or not a
+            JSON object.
+    """
+    path = directory / CONFIG_FILE
+    try:
+        config: Any = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelSourceError(
+            label,
+            f"has no {CONFIG_FILE} in {directory}",
+            "point at a directory saved with `save_pretrained`",
+        ) from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        raise ModelSourceError(
+            label, f"{CONFIG_FILE} cannot be read ({exc})", _REPAIR_FIX
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(label, f"{CONFIG_FILE} is not a JSON object", _REPAIR_FIX)
+    return config
