@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hfmerge.analysis.evaluation import eval_model
+from hfmerge.recipe.schema import ProbeSpec, RouteSpec
 from hfmerge.routing import (
     BackboneRef,
     ExpertEntry,
@@ -41,13 +42,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 def routed_repo(method: str, zoo: dict[str, Path], out: Path) -> Path:
     """A bundled routed repo over the specialists, seed0 (their shared base) as backbone."""
     built = build_router(
-        method,
-        backbone=zoo["seed0"],
+        RouteSpec.model_validate({"method": method}),
+        ProbeSpec(samples=48, max_length=LENGTH),
         experts=[zoo[n] for n in EXPERTS],
+        backbone=zoo["seed0"],
         calibration_texts=[[corpus.train_text(n)[:60_000]] for n in EXPERTS],
         names=EXPERTS,
-        samples=48,
-        max_length=LENGTH,
     )
     entries = [ExpertEntry(n, ModelLocation(path=f"experts/{n}")) for n in EXPERTS]
     backbone = BackboneRef(location=ModelLocation(path="backbone"))
