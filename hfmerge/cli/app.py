@@ -56,15 +56,12 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe: merge the models it names, write a model directory, optionally push it."""
+    from hfmerge.pipeline.options import RunOptions
     from hfmerge.pipeline.run import run_recipe
     from hfmerge.recipe.schema import load_recipe
 
-    parsed = load_recipe(recipe)
-    target = out or (None if parsed.output.path else Path("out") / recipe.stem)
-    result = run_recipe(
-        parsed,
-        recipe_text=recipe.read_text(encoding="utf-8"),
-        out_dir=target,
+    options = RunOptions(
+        out=out,
         dry_run=dry_run,
         force=force,
         push=push,
@@ -72,11 +69,12 @@ def run(
         offline=offline,
         max_memory=max_memory,
     )
+    result = run_recipe(load_recipe(recipe), options, recipe_file=recipe)
     if result.out_dir is None:
         typer.echo(result.describe_plan())
         return
     typer.echo(str(result.out_dir))
-    kind = "Routed" if parsed.route is not None else "Merged"
+    kind = "Routed" if result.routed else "Merged"
     _hint(f"{kind} model written to {result.out_dir}. Load it with:\n{result.snippet}")
     if result.url:
         typer.echo(result.url)
@@ -86,11 +84,12 @@ def run(
 @app.command()
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe: every schema problem at once, then model compatibility from headers."""
+    from hfmerge.pipeline.options import RunOptions
     from hfmerge.pipeline.route import RoutePlan
     from hfmerge.pipeline.run import run_recipe
     from hfmerge.recipe.schema import load_recipe
 
-    result = run_recipe(load_recipe(recipe), dry_run=True, progress=False)
+    result = run_recipe(load_recipe(recipe), RunOptions(dry_run=True, progress=False))
     plan = result.plan
     if isinstance(plan, RoutePlan):
         typer.echo(f"{recipe}: OK — {plan.method} router over {len(plan.experts)} experts")
