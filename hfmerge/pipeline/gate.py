@@ -68,8 +68,8 @@ def cka_gate(recipe: Recipe, plan: MergePlan, *, force: bool, progress: bool) ->
     probe = recipe.probe
     reports = [
         compute_cka(
-            str(plan.base.source.path),
-            str(model.source.path),
+            plan.base.source,
+            model.source,
             data=probe.data,
             samples=probe.samples,
             max_length=probe.max_length,
@@ -79,23 +79,10 @@ def cka_gate(recipe: Recipe, plan: MergePlan, *, force: bool, progress: bool) ->
         for model in plan.inputs
         if model is not plan.base
     ]
-    reports = [_named(r, plan) for r in reports]
     for report in reports:
         if failing_layers(report, threshold) and not force:
             raise CkaGateError(report, threshold, route_block(recipe))
     return CkaCheck(threshold, reports)
-
-
-def _named(report: CkaReport, plan: MergePlan) -> CkaReport:
-    """The report with the models named as in the recipe rather than by their local paths."""
-    by_path = {str(m.source.path): m.name for m in [plan.base, *plan.inputs]}
-    from dataclasses import replace
-
-    return replace(
-        report,
-        model_a=by_path.get(report.model_a, report.model_a),
-        model_b=by_path.get(report.model_b, report.model_b),
-    )
 
 
 def route_block(recipe: Recipe) -> str:

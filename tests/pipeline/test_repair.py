@@ -18,7 +18,7 @@ from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import overwrite_tensors
 from hfmerge.tensors.writer import ShardWriteError
-from tests.support.lm import save_lm, train_tiny_lm
+from tests.support.lm import save_lm, source_of, train_tiny_lm
 
 QUIET = RunOptions(progress=False)  # no progress bars in test output
 
@@ -63,7 +63,7 @@ def _recipe(
 
 def _loss(path: Path) -> float:
     return eval_model(
-        str(path),
+        source_of(path),
         data=str(PROBE["data"]),
         max_length=int(PROBE["max_length"]),
         samples=int(PROBE["samples"]),
@@ -77,8 +77,8 @@ def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
     run_recipe(_recipe(a, b, tmp_path / "plain", repair=False), QUIET)
     run_recipe(_recipe(a, b, tmp_path / "repaired", repair=True), QUIET)
     weight, repaired = compare_barriers(
-        str(a),
-        str(b),
+        source_of(a),
+        source_of(b),
         aligns=["weight", "weight+repair"],
         steps=3,
         data=str(PROBE["data"]),

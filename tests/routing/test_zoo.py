@@ -21,6 +21,7 @@ from hfmerge.routing import (
     write_routed_repo,
 )
 from hfmerge.zoo import corpus, zoo_model
+from tests.support.lm import source_of
 
 EXPERTS = ("code", "prose")
 LENGTH = 64
@@ -84,7 +85,8 @@ def test_perplexity_routing_scores_at_least_as_well_as_the_best_expert(
     repo = routed_repo("perplexity", zoo, tmp_path / "repo")
     routed = eval_routed(repo, data=str(data), max_length=LENGTH, device_map=None)
     alone = [
-        eval_model(str(repo / "experts" / n), data=str(data), max_length=LENGTH) for n in EXPERTS
+        eval_model(source_of(repo / "experts" / n), data=str(data), max_length=LENGTH)
+        for n in EXPERTS
     ]
     assert all(result.tokens == routed.tokens for result in alone)
     # Each window goes to the expert with its lowest loss, so the token-weighted mean can only
