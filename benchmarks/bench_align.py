@@ -29,20 +29,20 @@ PAIRS: dict[str, tuple[str, str, str]] = {
 
 def barrier_table(pairs: list[str], samples: int) -> None:
     """Barrier and midpoint loss per alignment mode on each zoo seed pair."""
-    from hfmerge.analysis.barrier import compare_barriers
+    from hfmerge import api
 
     print(f"{'pair':<32} {'align':<14} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
     for family in pairs:
         model_a, model_b, what = PAIRS[family]
         start = time.perf_counter()
-        results = compare_barriers(
+        results = api.barrier(
             model_a,
             model_b,
-            aligns=("none", "activation", "weight", "weight+repair"),
+            align=("none", "activation", "weight", "weight+repair"),
             probe_data=PROBE_DATA,
             samples=samples,
             progress=False,
-        )
+        ).results
         seconds = time.perf_counter() - start
         vanilla = results[0].barrier
         for result in results:
@@ -57,6 +57,7 @@ def bert_base_timing() -> None:
     """Wall time and peak RSS of weight matching on a random BERT-base-sized pair."""
     from transformers import BertConfig, BertModel
 
+    # Internal on purpose: it times weight matching alone, on state dicts already in memory.
     from hfmerge.align import weight_matching
     from hfmerge.arch import spec_for
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from harness import measure
 
+# Internal on purpose: the baseline is the forward passes alone, without the CKA statistics.
 FORWARD = """
 import sys, torch
 from pathlib import Path
@@ -39,13 +40,14 @@ with torch.no_grad():
 
 CKA = """
 import sys
-from hfmerge.analysis.cka import compute_cka
+from hfmerge import api
 a, b, samples, length, pooling = sys.argv[1:6]
-compute_cka(a, b, data="builtin:mixed", samples=int(samples), max_length=int(length),
-            device_map="cpu", pooling=pooling)
+api.cka(a, b, data="builtin:mixed", samples=int(samples), max_length=int(length),
+        device_map="cpu", pooling=pooling, progress=False)
 """
 
 # The same mean-pooled activations through hfmerge's estimator and ckatorch's; timings to a file.
+# Internal on purpose: it times the estimator alone, on activations collected once for both.
 PEER = """
 import json, sys, time, torch
 from pathlib import Path

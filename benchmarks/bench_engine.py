@@ -26,11 +26,10 @@ save_file(merged, out + "/model.safetensors")
 
 HFMERGE = """
 import sys
-from hfmerge.recipe.schema import parse_recipe
-from hfmerge.pipeline.run import run_recipe
+from hfmerge import api, parse_recipe
 a, b, out = sys.argv[1:4]
 recipe = parse_recipe({"models": [a, b], "merge": {"method": "linear"}, "output": {"path": out}})
-run_recipe(recipe, out_dir=out, force=True, progress=False)
+api.run(recipe, api.RunOptions(force=True, progress=False))
 """
 
 

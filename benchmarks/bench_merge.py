@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from harness import LlamaShape, measure, measure_command, write_model
 
+# Internal on purpose: the outputs are compared tensor by tensor, read lazily (they are GBs).
 from hfmerge.tensors import LazyCheckpoint
 
 BIN = Path(sys.executable).parent
@@ -40,6 +41,7 @@ TINYLLAMA = LlamaShape(hidden=2048, layers=22, heads=32, kv_heads=4, intermediat
 Rows = dict[tuple[str, str], list[tuple[float, float]]]  # (method, tool) -> (wall s, RSS MiB)
 MERGEKIT_FLAGS = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
 
+# Internal on purpose: the floor is the engine's own reading and writing with no arithmetic.
 FLOOR = """
 import math, sys
 from hfmerge.engine.malloc import keep_chunk_buffers

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from hfmerge import RoutedModel
-from hfmerge.analysis.evaluation import eval_any
+from hfmerge import RoutedModel, api, parse_recipe
+
+# Internal on purpose: the router's cost per window is timed against one expert's forward pass on
+# the very same token windows, which needs the probe-window helpers and a bare expert model.
 from hfmerge.lm.batches import model_inputs, pad_id_of
 from hfmerge.lm.load import load_lm
 from hfmerge.lm.textdata import load_texts, token_windows
-from hfmerge.pipeline.run import run_recipe
-from hfmerge.recipe.schema import parse_recipe
 
 DOMAINS = ("code", "prose")
 ROUTERS = ("centroid", "logistic", "perplexity")
@@ -109,23 +109,25 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        quiet = api.RunOptions(progress=False)
         built = {
-            name: run_recipe(parse_recipe(r), progress=False).out_dir
+            name: api.run(parse_recipe(r), quiet).out_dir
             for name, r in recipes(Path(tmp), args.samples, args.max_length).items()
         }
         models: dict[str, str] = {
             **{e: e for e in EXPERTS},
             **{n: str(p) for n, p in built.items()},
         }
+        report = api.evaluate(
+            list(models.values()),
+            data=[f"builtin:{d}" for d in DOMAINS],
+            max_length=args.max_length,
+            samples=args.samples,
+            batch_size=8,
+            progress=False,
+        )
         loss = {
-            (name, d): eval_any(
-                ref,
-                data=f"builtin:{d}",
-                max_length=args.max_length,
-                samples=args.samples,
-                batch_size=8,
-                progress=False,
-            ).loss
+            (name, d): report.result(ref, f"builtin:{d}").loss
             for name, ref in models.items()
             for d in DOMAINS
         }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+# Internal on purpose: checkpoints of GBs are written tensor by tensor, with no model built.
 from hfmerge.tensors import OutputTensor, ShardWriter, plan_shards
 
 # Runs the snippet given as argv[1] with the remaining arguments as its argv, then prints its wall

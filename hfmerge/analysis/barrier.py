@@ -23,6 +23,7 @@ from hfmerge.lm.load import Objective, load_lm, load_tokenizer, usable_length
 from hfmerge.lm.scoring import Scored, objective_of, prepare, score
 from hfmerge.progress import track
 from hfmerge.recipe.align_methods import ALIGN_METHODS, AlignMethod
+from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:
     from hfmerge.align.repair import Repairer
@@ -78,7 +79,7 @@ class BarrierResult:
         return linear_baseline(self.lambdas, self.loss_a, self.loss_b)
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict with the DESIGN.md fields (`lambdas`, `loss`, `barrier`, ...)."""
+        """JSON-ready dict with the fixed `barrier` fields (`lambdas`, `loss`, `barrier`, ...)."""
         return {**asdict(self), "baseline": self.baseline}
 
 
@@ -131,25 +132,23 @@ class _Setup:
 
 
 def _setup(
-    model_a: str,
-    model_b: str,
+    model_a: ModelSource,
+    model_b: ModelSource,
     *,
     data: str | None,
     probe_data: str | None,
     max_length: int,
     samples: int | None,
-    progress: bool,
 ) -> _Setup:
     from hfmerge.lm.textdata import describe_data, load_texts, token_windows
-    from hfmerge.sources.refs import resolve_model
 
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     probe_texts = texts if probe_data is None else load_texts(probe_data)
-    path_a = resolve_model(model_a, progress=progress).path
-    path_b = resolve_model(model_b, progress=progress).path
-    check_same_tensors(path_a, path_b, label_a=model_a, label_b=model_b)
-    tokenizer = load_tokenizer(path_a, label=model_a)  # A's tokenizer scores both models
-    model = load_lm(path_a, label=model_a)
+    path_a, path_b = model_a.path, model_b.path
+    label_a, label_b = model_a.label, model_b.label
+    check_same_tensors(path_a, path_b, label_a=label_a, label_b=label_b)
+    tokenizer = load_tokenizer(path_a, label=label_a)  # A's tokenizer scores both models
+    model = load_lm(path_a, label=label_a)
     length = usable_length(model, max_length)
     windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
     probes = (
@@ -165,8 +164,8 @@ def _setup(
         pad_id_of(tokenizer),
         path_a,
         path_b,
-        model_a,
-        model_b,
+        label_a,
+        label_b,
         describe_data(data),
         length,
     )
@@ -197,8 +196,8 @@ def _repairer(
 
 
 def compare_barriers(
-    model_a: str,
-    model_b: str,
+    model_a: ModelSource,
+    model_b: ModelSource,
     *,
     aligns: Sequence[str] = ("none",),
     steps: int = 11,
@@ -212,11 +211,12 @@ def compare_barriers(
 ) -> list[BarrierResult]:
     """One barrier curve per alignment mode, on the same windows and λ grid (one model loaded).
 
-    `aligns` holds modes (`none`, `weight`, `activation`), each optionally `MODE+repair`.
-    Activation matching and REPAIR read `probe_data` (default: the scored `data`, so those curves
-    are then measured in-sample); weight matching reads no data. `solved` gives permutations
-    already found for a mode (the recipe's align step), so the curve is that of the very
-    permutations merged, and they are not solved twice.
+    `model_a` and `model_b` are resolved models (`hfmerge.sources.refs.resolve_model`). `aligns`
+    holds modes (`none`, `weight`, `activation`), each optionally `MODE+repair`. Activation
+    matching and REPAIR read `probe_data` (default: the scored `data`, so those curves are then
+    measured in-sample); weight matching reads no data. `solved` gives permutations already
+    found for a mode (the recipe's align step), so the curve is that of the very permutations
+    merged, and they are not solved twice.
     """
     curves, lambdas = _check_modes(aligns), lambda_grid(steps)
     setup = _setup(
@@ -226,10 +226,9 @@ def compare_barriers(
         probe_data=probe_data,
         max_length=max_length,
         samples=samples,
-        progress=progress,
     )
     modes = list(dict.fromkeys(c.align for c in curves))
-    spec = spec_of(setup.path_b, label=model_b) if modes != ["none"] else None
+    spec = spec_of(setup.path_b, label=setup.label_b) if modes != ["none"] else None
     known = dict(solved or {})
     perms = {
         m: None
@@ -238,7 +237,7 @@ def compare_barriers(
         for m in modes
     }
     interpolator = Interpolator(
-        setup.model, setup.path_a, setup.path_b, label_a=model_a, label_b=model_b
+        setup.model, setup.path_a, setup.path_b, label_a=setup.label_a, label_b=setup.label_b
     )
     repairers = {
         c.align: _repairer(setup, interpolator, spec, perms[c.align]) for c in curves if c.repair
@@ -320,8 +319,8 @@ def format_barrier_table(results: Sequence[BarrierResult]) -> str:
 
 
 def loss_barrier(
-    model_a: str,
-    model_b: str,
+    model_a: ModelSource,
+    model_b: ModelSource,
     *,
     align: AlignMethod = "none",
     steps: int = 11,
@@ -331,7 +330,7 @@ def loss_barrier(
     batch_size: int = 8,
     progress: bool = True,
 ) -> BarrierResult:
-    """The loss barrier between two models (local dirs or `zoo:NAME`) for one alignment mode."""
+    """The loss barrier between two resolved models for one alignment mode."""
     return compare_barriers(
         model_a,
         model_b,

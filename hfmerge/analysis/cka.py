@@ -23,6 +23,7 @@ from hfmerge.errors import (
     IncompatibleModelsError,
     InputDataError,
 )
+from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,7 +37,7 @@ MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
 
 @dataclass(frozen=True)
 class CkaReport:
-    """Everything `hfmerge cka` prints and writes (DESIGN.md fixes the JSON field names)."""
+    """Everything `hfmerge cka` prints and writes (the JSON field names are fixed)."""
 
     model_a: str
     model_b: str
@@ -126,8 +127,8 @@ def diagonal_pairs(count_a: int, count_b: int) -> list[tuple[int, int]]:
 
 
 def compute_cka(
-    model_a: str,
-    model_b: str,
+    model_a: ModelSource,
+    model_b: ModelSource,
     *,
     data: str | None = None,
     samples: int | None = 256,
@@ -141,7 +142,9 @@ def compute_cka(
 ) -> CkaReport:
     """Probe both models on the same windows of `data` and build the CKA report.
 
-    `pooling` defaults to `mean`, or to `tokens` with `units` (see `hfmerge.lm.probe`).
+    `model_a` and `model_b` are resolved models (`hfmerge.sources.refs.resolve_model`); the
+    report names them as their references were written. `pooling` defaults to `mean`, or to
+    `tokens` with `units` (see `hfmerge.lm.probe`).
 
     Raises:
         InputDataError: the data is unreadable or too short for CKA.
@@ -154,9 +157,7 @@ def compute_cka(
 
     pooling = pooling or default_pooling(units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    pair = _load_pair(
-        model_a, model_b, device_map=device_map, max_memory=max_memory, progress=progress
-    )
+    pair = _load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
     limits = [limit for m in pair.models if (limit := position_limit(m.config)) is not None]
     length = min([max_length, *limits])
     windows = token_windows(pair.tokenizer, texts, max_length=length, samples=samples)
@@ -178,8 +179,8 @@ def compute_cka(
         "bos_dropped": pair.causal,
     }
     return _report(
-        model_a,
-        model_b,
+        model_a.label,
+        model_b.label,
         matrix,
         revisions=pair.revisions,
         pooling=pooling,
@@ -201,19 +202,16 @@ class _Pair:
 
 
 def _load_pair(
-    model_a: str,
-    model_b: str,
+    source_a: ModelSource,
+    source_b: ModelSource,
     *,
     device_map: DeviceMap | None,
     max_memory: MaxMemory | None,
-    progress: bool,
 ) -> _Pair:
     from hfmerge.lm.load import is_causal, load_probe_model, shared_tokenizer
-    from hfmerge.sources.refs import resolve_model
 
-    source_a = resolve_model(model_a, progress=progress)
-    source_b = resolve_model(model_b, progress=progress)
-    tokenizer = shared_tokenizer(source_a.path, source_b.path, label_a=model_a, label_b=model_b)
+    label_a, label_b = source_a.label, source_b.label
+    tokenizer = shared_tokenizer(source_a.path, source_b.path, label_a=label_a, label_b=label_b)
     a, b = (
         load_probe_model(s.path, label=s.ref, device_map=device_map, max_memory=max_memory)
         for s in (source_a, source_b)
@@ -221,7 +219,7 @@ def _load_pair(
     causal = is_causal(a.config)
     if is_causal(b.config) != causal:
         raise IncompatibleModelsError(
-            model_a, model_b, ["one is a causal LM and the other a bidirectional encoder"]
+            label_a, label_b, ["one is a causal LM and the other a bidirectional encoder"]
         )
     return _Pair(
         (a, b), tokenizer, causal, {"model_a": source_a.revision, "model_b": source_b.revision}

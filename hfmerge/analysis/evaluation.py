@@ -1,7 +1,8 @@
-"""`hfmerge eval` over several models and texts: plain and routed models side by side.
+"""Loss and perplexity of a model on text, and the `hfmerge eval` grid of several models and texts.
 
 One model on one text prints the single line of `format_eval`; more print a table with one row
-per model and one loss column per text, which is how routed, expert and merged models compare.
+per model and one loss column per text, which is how routed, expert and merged models compare
+(`hfmerge.api.evaluate` fills the grid, routed repos through `hfmerge.routing.eval_routed`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 from hfmerge.lm.load import load_lm, load_tokenizer, usable_length
 from hfmerge.lm.scoring import EvalResult, evaluate
-from hfmerge.lm.textdata import describe_data, load_texts
+from hfmerge.lm.textdata import describe_data, load_texts, token_windows
+from hfmerge.sources.refs import ModelSource
 
 
 @dataclass(frozen=True)
@@ -26,71 +28,6 @@ class EvalCell:
     def to_json(self) -> dict[str, Any]:
         """`{"model", "data", "loss", "perplexity", "tokens", ...}`."""
         return {"model": self.model, "data": self.data, **self.result.to_json()}
-
-
-def eval_any(
-    ref: str,
-    *,
-    data: str | None,
-    max_length: int,
-    samples: int | None,
-    batch_size: int,
-    progress: bool,
-) -> EvalResult:
-    """Evaluate a plain model or a routed repo (local folder or Hub id)."""
-    from hfmerge.routing import eval_routed, is_routed_repo
-
-    if is_routed_repo(ref, check_hub=True):
-        return eval_routed(
-            ref,
-            data=data,
-            max_length=max_length,
-            samples=samples,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    return eval_model(
-        ref,
-        data=data,
-        max_length=max_length,
-        samples=samples,
-        batch_size=batch_size,
-        progress=progress,
-    )
-
-
-def eval_grid(
-    refs: Sequence[str],
-    datas: Sequence[str | None],
-    *,
-    max_length: int,
-    samples: int | None,
-    batch_size: int,
-    progress: bool,
-) -> list[EvalCell]:
-    """Every model on every text, model by model.
-
-    Raises:
-        InputDataError: a text is unreadable; checked for all texts before any model loads.
-    """
-    for data in datas:
-        load_texts(data)
-    return [
-        EvalCell(
-            ref,
-            describe_data(data),
-            eval_any(
-                ref,
-                data=data,
-                max_length=max_length,
-                samples=samples,
-                batch_size=batch_size,
-                progress=progress,
-            ),
-        )
-        for ref in refs
-        for data in datas
-    ]
 
 
 def format_grid(cells: Sequence[EvalCell]) -> str:
@@ -111,17 +48,15 @@ def format_grid(cells: Sequence[EvalCell]) -> str:
 
 
 def grid_json(cells: Sequence[EvalCell]) -> dict[str, Any]:
-    """The DESIGN.md `eval` fields for one result; `{"results": [...]}` for several."""
+    """The `eval` JSON: one result's fields (`loss`, `perplexity`, `tokens`, ...), or
+    `{"results": [...]}` of such for several."""
     if len(cells) == 1:
         return cells[0].to_json()
     return {"results": [c.to_json() for c in cells]}
 
 
-__all__ = ["EvalCell", "eval_any", "eval_grid", "format_grid", "grid_json"]
-
-
 def eval_model(
-    model_ref: str,
+    source: ModelSource,
     *,
     data: str | None,
     max_length: int = 128,
@@ -129,14 +64,10 @@ def eval_model(
     batch_size: int = 8,
     progress: bool = False,
 ) -> EvalResult:
-    """Load a model (local dir or `zoo:NAME`) with its tokenizer and evaluate it on `data`."""
-    from hfmerge.lm.textdata import describe_data, load_texts, token_windows
-    from hfmerge.sources.refs import resolve_model
-
+    """Load a resolved model with its tokenizer and evaluate it on `data`."""
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    source = resolve_model(model_ref, progress=progress)
-    tokenizer = load_tokenizer(source.path, label=model_ref)
-    model = load_lm(source.path, label=model_ref)
+    tokenizer = load_tokenizer(source.path, label=source.label)
+    model = load_lm(source.path, label=source.label)
     length = usable_length(model, max_length)
     windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
     result = evaluate(model, tokenizer, windows, batch_size=batch_size, progress=progress)
@@ -152,3 +83,6 @@ def format_eval(model_ref: str, result: EvalResult) -> str:
         f"{model_ref}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f} "
         f"({result.tokens} {scored} in {result.windows} windows{size}{where})"
     )
+
+
+__all__ = ["EvalCell", "eval_model", "format_eval", "format_grid", "grid_json"]

@@ -1,6 +1,8 @@
-"""The `hfmerge` command line: thin commands that parse, call one library function and print.
+"""The `hfmerge` command line: thin commands that parse options, call one `hfmerge.api` function
+and print or write its result.
 
 Data goes to stdout; progress, hints and errors go to stderr. Errors are formatted in `main` only.
+The api (and what it imports) loads inside each command, so `hfmerge --help` stays fast.
 """
 
 from __future__ import annotations
@@ -57,15 +59,10 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe: merge the models it names, write a model directory, optionally push it."""
-    from hfmerge.pipeline.run import run_recipe
-    from hfmerge.recipe.schema import load_recipe
+    from hfmerge import api
 
-    parsed = load_recipe(recipe)
-    target = out or (None if parsed.output.path else Path("out") / recipe.stem)
-    result = run_recipe(
-        parsed,
-        recipe_text=recipe.read_text(encoding="utf-8"),
-        out_dir=target,
+    options = api.RunOptions(
+        out=out,
         dry_run=dry_run,
         force=force,
         push=push,
@@ -73,11 +70,12 @@ def run(
         offline=offline,
         max_memory=max_memory,
     )
+    result = api.run(recipe, options)
     if result.out_dir is None:
         typer.echo(result.describe_plan())
         return
     typer.echo(str(result.out_dir))
-    kind = "Routed" if parsed.route is not None else "Merged"
+    kind = "Routed" if result.routed else "Merged"
     _hint(f"{kind} model written to {result.out_dir}. Load it with:\n{result.snippet}")
     if result.url:
         typer.echo(result.url)
@@ -87,19 +85,9 @@ def run(
 @app.command()
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe: every schema problem at once, then model compatibility from headers."""
-    from hfmerge.pipeline.route import RoutePlan
-    from hfmerge.pipeline.run import run_recipe
-    from hfmerge.recipe.schema import load_recipe
+    from hfmerge import api
 
-    result = run_recipe(load_recipe(recipe), dry_run=True, progress=False)
-    plan = result.plan
-    if isinstance(plan, RoutePlan):
-        typer.echo(f"{recipe}: OK — {plan.method} router over {len(plan.experts)} experts")
-        return
-    typer.echo(
-        f"{recipe}: OK — {plan.method.name} over {len(plan.inputs)} models, "
-        f"{len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB of output"
-    )
+    typer.echo(f"{recipe}: OK — {api.validate(recipe).summary()}")
 
 
 @app.command()
@@ -109,25 +97,25 @@ def push(
     private: PrivateOpt = None,
 ) -> None:
     """Push a finished output directory to the Hub as one commit; prints the repo URL."""
-    from hfmerge.pipeline.publish import push_output
+    from hfmerge import api
 
-    url = push_output(directory, repo_id, private=bool(private))
-    typer.echo(url)
-    _hint(f"Pushed {directory} to {url}")
+    pushed = api.push(directory, repo_id, private=bool(private))
+    typer.echo(pushed.url)
+    _hint(f"Pushed {directory} to {pushed.url}")
 
 
 @app.command()
 def methods() -> None:
     """List the merge methods with their parameters and papers."""
-    from hfmerge.methods import describe_parameters, list_methods
+    from hfmerge import api
 
-    for method in list_methods():
+    for method in api.methods():
         typer.echo(f"{method.name}: {method.summary}")
         typer.echo(f"    paper: {method.paper}")
         count = f"{method.min_models}..{method.max_models or 'any'}"
         models = f"base + {count} models" if method.needs_base else f"{count} models, no base"
         typer.echo(f"    inputs: {models}")
-        for info in describe_parameters(method):
+        for info in method.parameters:
             default = "required" if info.required else f"default {info.default!r}"
             scope = "per model" if info.scope == "model" else "method"
             typer.echo(
@@ -138,9 +126,9 @@ def methods() -> None:
 @app.command()
 def archs() -> None:
     """List the supported architecture families."""
-    from hfmerge.arch import list_families
+    from hfmerge import api
 
-    for family in list_families():
+    for family in api.archs():
         typer.echo(
             f"{family.name}: model types {', '.join(family.model_types)} — {family.description}"
         )
@@ -149,10 +137,10 @@ def archs() -> None:
 @app.command()
 def zoo() -> None:
     """Build (or find cached) the offline model zoo and print each member's directory."""
-    from hfmerge.zoo import ZOO_MEMBERS, build_zoo
+    from hfmerge import api
 
-    for name, path in build_zoo().items():
-        typer.echo(f"zoo:{name}\t{path}\t{ZOO_MEMBERS[name]}")
+    for member in api.zoo():
+        typer.echo(f"{member.ref}\t{member.path}\t{member.description}")
 
 
 EvalModelArg = Annotated[str, typer.Argument(help="Model dir or zoo:NAME.", show_default=False)]
@@ -196,16 +184,16 @@ def eval_(
 
     Routed repos are evaluated through their router; several models or texts give a table.
     """
-    from hfmerge.analysis.evaluation import eval_grid, format_grid, grid_json
+    from hfmerge import api
+    from hfmerge.analysis.evaluation import format_grid
     from hfmerge.analysis.reports import write_json
 
-    texts: list[str | None] = list(data) if data else [None]
-    cells = eval_grid(
-        models, texts, max_length=max_length, samples=samples, batch_size=batch_size, progress=True
+    report = api.evaluate(
+        models, data=data, max_length=max_length, samples=samples, batch_size=batch_size
     )
-    typer.echo(format_grid(cells))
+    typer.echo(format_grid(report.cells))
     if json_out is not None:
-        _hint(f"wrote {write_json(json_out, grid_json(cells))}")
+        _hint(f"wrote {write_json(json_out, report.to_json())}")
 
 
 @app.command()
@@ -240,33 +228,28 @@ def barrier(
     batch_size: EvalBatchOpt = 8,
 ) -> None:
     """Loss along the straight line from MODEL_A to MODEL_B, and its barrier."""
-    from hfmerge.analysis.barrier import (
-        barrier_report,
-        compare_barriers,
-        format_barrier_table,
-        parse_align_modes,
-    )
+    from hfmerge import api
+    from hfmerge.analysis.barrier import format_barrier_table
     from hfmerge.analysis.reports import write_json
 
-    results = compare_barriers(
+    report = api.barrier(
         model_a,
         model_b,
-        aligns=parse_align_modes(align or []),
+        align=align or [],
         steps=steps,
         data=data,
         probe_data=probe_data,
         max_length=max_length,
         samples=samples,
         batch_size=batch_size,
-        progress=True,
     )
-    typer.echo(format_barrier_table(results))
+    typer.echo(format_barrier_table(report.results))
     if json_out is not None:
-        _hint(f"wrote {write_json(json_out, barrier_report(results))}")
+        _hint(f"wrote {write_json(json_out, report.to_json())}")
     if plot is not None:
         from hfmerge.analysis.plotting import plot_barriers
 
-        _hint(f"wrote {plot_barriers(results, plot)}")
+        _hint(f"wrote {plot_barriers(report.results, plot)}")
 
 
 @app.command()
@@ -284,24 +267,18 @@ def align(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
-    from hfmerge.align import align_checkpoint
-    from hfmerge.lm.batches import text_batches
-    from hfmerge.sources.refs import resolve_model
+    from hfmerge import api
 
-    a, b = resolve_model(model_a), resolve_model(model_b)
-    batches = None
-    if method == "activation":
-        batches = text_batches(a.path, label=a.label, data=data, max_length=128, samples=64)
-    result = align_checkpoint(
-        a.path,
-        b.path,
+    result = api.align(
+        model_a,
+        model_b,
         out,
-        method=method,  # type: ignore[arg-type]
+        method=method,  # type: ignore[arg-type]  # api.align refuses unknown methods
+        data=data,
         seed=seed,
-        batches=batches,
         force=force,
     )
-    typer.echo(str(out))
+    typer.echo(str(result.out_dir))
     _hint(
         f"{model_b} aligned into {model_a}'s basis by {method} matching in "
         f"{result.iterations} sweep(s); permutations saved beside the weights."
@@ -340,26 +317,21 @@ def cka(
     ] = False,
 ) -> None:
     """Debiased linear CKA of every layer of MODEL_A with every layer of MODEL_B."""
-    from hfmerge.analysis.cka import check_fail_under, compute_cka, format_report
+    from hfmerge import api
+    from hfmerge.analysis.cka import check_fail_under, format_report
     from hfmerge.analysis.reports import write_json
-    from hfmerge.errors import UnknownNameError
-    from hfmerge.lm.load import parse_device_map, parse_max_memory
-    from hfmerge.lm.probe import POOLINGS
 
-    if pooling is not None and pooling not in POOLINGS:
-        raise UnknownNameError("pooling", pooling, list(POOLINGS))
-    report = compute_cka(
+    report = api.cka(
         model_a,
         model_b,
         data=data,
         samples=samples,
         max_length=max_length,
         batch_size=batch_size,
-        pooling=pooling,  # checked above
-        device_map=parse_device_map(device_map),
-        max_memory=parse_max_memory(max_memory) if max_memory else None,
+        pooling=pooling,
+        device_map=device_map,
+        max_memory=max_memory,
         units=units,
-        progress=True,
     )
     typer.echo(format_report(report))
     if json_out is not None:

@@ -132,8 +132,8 @@ def _barriers(
         method = recipe.align.method
         curves = ("none", method) + ((f"{method}+repair",) if recipe.align.repair else ())
         none, aligned, *repaired = compare_barriers(
-            str(plan.base.source.path),
-            str(model.source.path),
+            plan.base.source,
+            model.source,
             aligns=curves,
             data=recipe.probe.data,
             max_length=recipe.probe.max_length,

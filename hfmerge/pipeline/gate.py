@@ -51,8 +51,8 @@ def cka_gate(recipe: Recipe, plan: MergePlan, *, force: bool, progress: bool) ->
     probe = recipe.probe
     reports = [
         compute_cka(
-            str(plan.base.source.path),
-            str(model.source.path),
+            plan.base.source,
+            model.source,
             data=probe.data,
             samples=probe.samples,
             max_length=probe.max_length,
@@ -62,7 +62,6 @@ def cka_gate(recipe: Recipe, plan: MergePlan, *, force: bool, progress: bool) ->
         for model in plan.inputs
         if model is not plan.base
     ]
-    reports = [_named(r, plan) for r in reports]
     for report in reports:
         if failing_layers(report, threshold) and not force:
             raise _gate_error(report, threshold, route_block(recipe))
@@ -78,18 +77,6 @@ def _gate_error(report: CkaReport, threshold: float, route: str) -> CkaGateError
         value=value,
         threshold=threshold,
         route_block=route,
-    )
-
-
-def _named(report: CkaReport, plan: MergePlan) -> CkaReport:
-    """The report with the models named as in the recipe rather than by their local paths."""
-    by_path = {str(m.source.path): m.label for m in [plan.base, *plan.inputs]}
-    from dataclasses import replace
-
-    return replace(
-        report,
-        model_a=by_path.get(report.model_a, report.model_a),
-        model_b=by_path.get(report.model_b, report.model_b),
     )
 
 

@@ -150,18 +150,12 @@ def build_route(plan: RoutePlan, recipe: Recipe, staging: Path, *, progress: boo
     if plan.backbone_expert is not None:
         backbone_path = paths[plan.names.index(plan.backbone_expert)]
     built = build_router(
-        plan.method,
-        backbone=backbone_path,
+        route,
+        recipe.probe,
         experts=paths,
+        backbone=backbone_path,
         calibration_texts=plan.calibration,
         names=plan.names,
-        layer=route.layer,
-        samples=recipe.probe.samples,
-        max_length=recipe.probe.max_length,
-        temperature=route.temperature,
-        min_confidence=route.min_confidence,
-        default_expert=route.default_expert,
-        seed=route.seed,
         progress=progress,
     )
 

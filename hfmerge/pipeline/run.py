@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from hfmerge.engine.budget import parse_memory_budget
 from hfmerge.engine.plan import MergePlan, build_plan, format_plan
 from hfmerge.engine.stream import execute_plan
-from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.errors import ModelSourceError
 from hfmerge.methods import get_method, validate_params
 from hfmerge.pipeline.card import (
@@ -24,6 +23,7 @@ from hfmerge.pipeline.card import (
     render_routed_card,
     routed_snippet,
 )
+from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.provenance import pinned_recipe
 from hfmerge.pipeline.publish import check_push, push_output
 from hfmerge.recipe.schema import ModelEntry, Recipe
@@ -61,6 +61,11 @@ class RunResult:
     url: str | None = None
     snippet: str = ""
 
+    @property
+    def routed(self) -> bool:
+        """True for a routed repo (a `route:` recipe), False for a merged model."""
+        return not isinstance(self.plan, MergePlan)
+
     def describe_plan(self) -> str:
         """The plan as `--dry-run` prints it."""
         if isinstance(self.plan, MergePlan):
@@ -69,18 +74,7 @@ class RunResult:
 
 
 def run_recipe(
-    recipe: Recipe,
-    *,
-    recipe_text: str | None = None,
-    out_dir: str | Path | None = None,
-    dry_run: bool = False,
-    force: bool = False,
-    progress: bool = True,
-    push: str | None = None,
-    private: bool | None = None,
-    offline: bool = False,
-    max_memory: str | int | None = None,
-    tuning: EngineTuning = DEFAULT_TUNING,
+    recipe: Recipe, options: RunOptions | None = None, *, recipe_file: Path | None = None
 ) -> RunResult:
     """Run a merge recipe end to end.
 
@@ -89,47 +83,32 @@ def run_recipe(
 
     Args:
         recipe: a validated recipe (`load_recipe`).
-        recipe_text: the recipe as written; saved beside the output (revisions pinned) and
-            shown in the card.
-        out_dir: overrides `output.path`.
-        dry_run: plan from headers only, download no weights, write nothing.
-        force: replace an existing output directory.
-        progress: draw progress bars on stderr.
-        push: Hub repo id to push the output to (overrides `output.push`).
-        private: make a newly created repo private (overrides `output.private`).
-        offline: use only the local HF cache, with no network request.
-        max_memory: peak memory for the merge step, e.g. "1GB" (engine/budget.py).
-        tuning: the merge engine's chunk, queue, thread and process sizes (engine/tuning.py).
+        options: how to run it (output directory, force, dry run, push, ...); default
+            `RunOptions()`. `RunOptions.output_dir` says where the output goes.
+        recipe_file: the file `recipe` was loaded from. Its text is saved beside the output
+            (revisions pinned) and shown in the card; its stem names the default output directory.
+
+    Returns:
+        The plan, and where the output went (None for a dry run), with the push URL if pushed.
 
     Raises:
         HfMergeError: any user-facing problem, raised before weights are downloaded or output
             is written. `PushError` when only the push failed: the output is then complete.
     """
-    max_memory_bytes = parse_memory_budget(max_memory)
+    options = options or RunOptions()
+    max_memory_bytes = parse_memory_budget(options.max_memory)
+    recipe_text = recipe_file.read_text(encoding="utf-8") if recipe_file is not None else None
+    target = options.output_dir(recipe, recipe_file=recipe_file)
     if recipe.route is not None:
-        return _run_route(
-            recipe,
-            recipe_text=recipe_text,
-            out_dir=out_dir,
-            dry_run=dry_run,
-            force=force,
-            progress=progress,
-            push=push,
-            private=private,
-            offline=offline,
-        )
+        return _run_route(recipe, options, target=target, recipe_text=recipe_text)
     assert recipe.merge is not None
+    force, progress, offline = options.force, options.progress, options.offline
     method = get_method(recipe.merge.method)
     base_entry, inputs_entries = _split_base(recipe, needs_base=method.needs_base)
     params, model_params = validate_params(
         method, recipe.merge.parameters, [e.method_params for e in inputs_entries]
     )
-    target = Path(out_dir or recipe.output.path or "out/merged")
-    push = push or recipe.output.push
-    if not dry_run:
-        check_output_dir(target, force=force)  # fail now, not after the merge
-        if push:
-            push = check_push(push, offline=offline)  # and a push that cannot work, too
+    push = _check_target(target, recipe, options)
     base, inputs = _inspect(base_entry, inputs_entries, offline=offline, progress=progress)
     plan = build_plan(
         method,
@@ -138,7 +117,7 @@ def run_recipe(
         out_dtype=recipe.output.dtype,
         max_shard_bytes=parse_size(recipe.output.max_shard_size),
     )
-    if dry_run:
+    if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, [m.source for m in [base, *inputs]])
     plan = _download(plan, offline=offline)
@@ -163,7 +142,7 @@ def run_recipe(
             input_perms=alignment.perms,
             progress=progress,
             max_memory_bytes=max_memory_bytes,
-            tuning=tuning,
+            tuning=options.tuning,
         )
         _copy_config(staging, plan, recipe)
         repaired = _repair(staging, plan, recipe, alignment.perms, model_params, progress=progress)
@@ -179,40 +158,39 @@ def run_recipe(
         )
     if not push:
         return RunResult(plan=plan, out_dir=target, snippet=snippet)
-    keep_private = recipe.output.private if private is None else private
+    keep_private = options.keep_private(recipe)
     url = push_output(target, push, private=keep_private, checked=True, method=method.name)
     return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet)
 
 
+def _check_target(target: Path, recipe: Recipe, options: RunOptions) -> str | None:
+    """Fail now, not after the merge: an output in the way, or a push that cannot work.
+
+    Returns the repo id to push to (None: no push), as the Hub normalizes it.
+    """
+    push = options.push_to(recipe)
+    if options.dry_run:
+        return push
+    check_output_dir(target, force=options.force)
+    return check_push(push, offline=options.offline) if push else None
+
+
 def _run_route(
-    recipe: Recipe,
-    *,
-    recipe_text: str | None,
-    out_dir: str | Path | None,
-    dry_run: bool,
-    force: bool,
-    progress: bool,
-    push: str | None,
-    private: bool | None,
-    offline: bool,
+    recipe: Recipe, options: RunOptions, *, target: Path, recipe_text: str | None
 ) -> RunResult:
     """The `route:` counterpart of a merge: experts pinned, router fitted, routed repo written."""
     from hfmerge.pipeline.route import build_route, download_route, plan_route
 
-    target = Path(out_dir or recipe.output.path or "out/routed")
-    push = push or recipe.output.push
-    if not dry_run:
-        check_output_dir(target, force=force)
-        if push:
-            push = check_push(push, offline=offline)
+    offline, progress = options.offline, options.progress
+    push = _check_target(target, recipe, options)
     plan = plan_route(recipe, offline=offline, progress=progress)
-    if dry_run:
+    if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, plan.models)
     plan = download_route(plan, offline=offline)
     text = pinned_recipe(recipe, recipe_text, plan.experts)
     snippet = routed_snippet(push or str(target))
-    with atomic_output_dir(target, force=force) as staging:
+    with atomic_output_dir(target, force=options.force) as staging:
         built = build_route(plan, recipe, staging, progress=progress)
         (staging / RECIPE_FILE).write_text(text, encoding="utf-8")
         card = render_routed_card(
@@ -227,7 +205,7 @@ def _run_route(
         (staging / "README.md").write_text(card, encoding="utf-8")
     if not push:
         return RunResult(plan=plan, out_dir=target, snippet=snippet)
-    keep_private = recipe.output.private if private is None else private
+    keep_private = options.keep_private(recipe)
     url = push_output(target, push, private=keep_private, checked=True, method="routed")
     return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet)
 

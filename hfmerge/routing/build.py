@@ -18,6 +18,7 @@ from hfmerge.lm.batches import pad_id_of, probe_batches
 from hfmerge.lm.load import DeviceMap, load_probe_model, load_tokenizer, position_limit
 from hfmerge.lm.textdata import token_windows
 from hfmerge.progress import track
+from hfmerge.recipe.schema import ProbeSpec, RouteSpec
 from hfmerge.routing.calibration import CalibrationReport, calibration_report
 from hfmerge.routing.features import check_layer, default_layer, num_blocks, window_features
 from hfmerge.routing.losses import sequence_losses
@@ -42,40 +43,50 @@ class BuiltRouter:
 
 
 def build_router(
-    method: str,
+    route: RouteSpec,
+    probe: ProbeSpec,
     *,
-    backbone: Path | None,
     experts: Sequence[Path],
+    backbone: Path | None,
     calibration_texts: Sequence[Sequence[str]],
     names: Sequence[str] | None = None,
-    layer: int | None = None,
-    samples: int | None = 64,
-    max_length: int = 128,
-    temperature: float | None = None,
-    min_confidence: float | None = None,
-    default_expert: int | None = None,
-    seed: int = 0,
     batch_size: int = 16,
     device_map: DeviceMap | None = None,
     progress: bool = False,
 ) -> BuiltRouter:
     """Tokenize each expert's texts with the router tokenizer, pool features, fit the router.
 
-    `backbone` is the router backbone's folder (an expert's, or another model sharing their
-    tokenizer); the perplexity router needs none and tokenizes with the first expert's
-    tokenizer. `samples` caps the windows per expert.
+    Args:
+        route: the recipe's `route:` section: router method, layer, temperature,
+            min_confidence, default_expert and seed (its `experts` and `bundle` are read by the
+            caller, which loads the texts and writes the repo).
+        probe: the recipe's `probe:` section: `samples` caps the windows per expert and
+            `max_length` their tokens (capped at the models' position limits). Its `data` and
+            `device_map` are not used: calibration text is per expert, placement is `device_map`.
+        experts: each expert's model folder.
+        backbone: the router backbone's folder (an expert's, or another model sharing their
+            tokenizer); the perplexity router needs none and tokenizes with the first expert's
+            tokenizer.
+        calibration_texts: one list of texts per expert, in `experts` order.
+        names: the experts' names (default `expert0`, `expert1`, ...), for reports and errors.
+        batch_size: windows per forward pass.
+        device_map: where the models load (None: transformers' default, the CPU).
+        progress: draw progress bars on stderr.
+
+    Returns:
+        The fitted router with its calibration report, layer and window length.
 
     Raises:
         RoutingError: fewer than two experts, texts not one list per expert, a bad layer.
         IncompatibleModelsError: the experts do not share the router tokenizer's vocabulary.
     """
-    cls = router_class(method)
+    cls = router_class(route.method)
     names = list(names or [f"expert{i}" for i in range(len(experts))])
     _check_inputs(experts, calibration_texts, names)
     settings = RouterSettings(
-        cls.default_temperature if temperature is None else temperature,
-        min_confidence,
-        default_expert,
+        cls.default_temperature if route.temperature is None else route.temperature,
+        route.min_confidence,
+        route.default_expert,
     )
     settings.check(len(experts))
     expert_paths = dict(zip(names, experts, strict=True))
@@ -84,8 +95,12 @@ def build_router(
     tokenizer = load_tokenizer(tokenizer_path, label=str(tokenizer_path))
     check_tokenizer_fits(tokenizer, expert_paths, tokenizer_label=str(tokenizer_path))
     # `max_length` is an upper bound, as for probing: models with fewer positions cap it.
-    max_length = common_usable_length([*experts, *([backbone] if backbone else [])], max_length)
-    windows, labels = _windows(tokenizer, calibration_texts, samples=samples, max_length=max_length)
+    max_length = common_usable_length(
+        [*experts, *([backbone] if backbone else [])], probe.max_length
+    )
+    windows, labels = _windows(
+        tokenizer, calibration_texts, samples=probe.samples, max_length=max_length
+    )
     if cls.inputs == "losses":
         inputs = _loss_inputs(
             experts,
@@ -99,12 +114,18 @@ def build_router(
     else:
         if backbone is None:
             raise RoutingError(
-                f"the {method} router needs a backbone model for its features",
+                f"the {route.method} router needs a backbone model for its features",
                 fix="name the router backbone (an expert or a shared base)",
             )
         inputs, used_layer = _feature_inputs(
-            backbone, windows, tokenizer, layer=layer, batch_size=batch_size, device_map=device_map
+            backbone,
+            windows,
+            tokenizer,
+            layer=route.layer,
+            batch_size=batch_size,
+            device_map=device_map,
         )
+    seed = route.seed
     report = calibration_report(cls, inputs, labels, experts=names, settings=settings, seed=seed)
     router = cls.fit(inputs, labels, num_experts=len(experts), settings=settings, seed=seed)
     return BuiltRouter(router, report, used_layer, max_length)

@@ -24,7 +24,14 @@ from hfmerge.cli.app import main
 from hfmerge.errors import IncompatibleModelsError, OutputError, UnknownNameError
 from hfmerge.lm.scoring import evaluate
 from hfmerge.lm.textdata import load_texts, token_windows
-from tests.support.lm import char_tokenizer, save_lm, save_permuted_copy, style_of, train_tiny_lm
+from tests.support.lm import (
+    char_tokenizer,
+    save_lm,
+    save_permuted_copy,
+    source_of,
+    style_of,
+    train_tiny_lm,
+)
 
 LENGTH, SAMPLES = 48, 8  # small, so every curve takes a fraction of a second
 
@@ -72,7 +79,12 @@ def test_barrier_is_the_largest_gap_above_the_endpoints_line() -> None:
 def test_model_with_itself_has_zero_barrier_and_a_flat_curve(tmp_path: Path, kind: str) -> None:
     path = save_lm(kind, tmp_path / "m", seed=4)
     result = loss_barrier(
-        str(path), str(path), steps=5, max_length=LENGTH, samples=SAMPLES, progress=False
+        source_of(path),
+        source_of(path),
+        steps=5,
+        max_length=LENGTH,
+        samples=SAMPLES,
+        progress=False,
     )
     assert abs(result.barrier) <= 1e-6
     assert max(result.loss) - min(result.loss) <= 1e-6
@@ -85,7 +97,7 @@ def test_curve_matches_evaluate_at_endpoints_and_an_averaged_model_at_the_midpoi
 ) -> None:
     a, b = save_lm(kind, tmp_path / "a", seed=0), save_lm(kind, tmp_path / "b", seed=1)
     result = loss_barrier(
-        str(a), str(b), steps=3, max_length=LENGTH, samples=SAMPLES, progress=False
+        source_of(a), source_of(b), steps=3, max_length=LENGTH, samples=SAMPLES, progress=False
     )
     tokenizer, windows = char_tokenizer(style_of(kind)), _windows(kind)
     model_a, model_b = _load(a, kind), _load(b, kind)
@@ -107,8 +119,8 @@ def test_permuted_copy_has_a_vanilla_barrier_that_alignment_removes(
 ) -> None:
     a, b = trained_pair
     none, weight, activation, repaired = compare_barriers(
-        str(a),
-        str(b),
+        source_of(a),
+        source_of(b),
         aligns=["none", "weight", "activation", "weight+repair"],
         steps=5,
         max_length=LENGTH,
@@ -139,16 +151,16 @@ def test_repair_curve_keeps_the_endpoints_and_reads_its_probe_text(
 ) -> None:
     a, b = seed_pair
     weight, repaired, held_out = compare_barriers(
-        str(a),
-        str(b),
+        source_of(a),
+        source_of(b),
         aligns=["weight", "weight+repair"],
         steps=3,
         max_length=LENGTH,
         samples=SAMPLES,
         progress=False,
     ) + compare_barriers(
-        str(a),
-        str(b),
+        source_of(a),
+        source_of(b),
         aligns=["weight+repair"],
         steps=3,
         max_length=LENGTH,
@@ -167,9 +179,9 @@ def test_repair_curve_keeps_the_endpoints_and_reads_its_probe_text(
 def test_incompatible_models_and_unknown_modes_are_refused(tmp_path: Path) -> None:
     llama, gpt2 = save_lm("llama", tmp_path / "l"), save_lm("gpt2", tmp_path / "g")
     with pytest.raises(IncompatibleModelsError, match="only in"):
-        loss_barrier(str(llama), str(gpt2), progress=False)
+        loss_barrier(source_of(llama), source_of(gpt2), progress=False)
     with pytest.raises(UnknownNameError, match="'weigth'"):
-        compare_barriers(str(llama), str(llama), aligns=["weigth"], progress=False)
+        compare_barriers(source_of(llama), source_of(llama), aligns=["weigth"], progress=False)
     assert parse_align_modes(["none,weight", " activation", "none", "weight+repair"]) == [
         "none",
         "weight",
@@ -225,7 +237,9 @@ def test_unwritable_plot_and_json_are_output_errors(
     trained_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     a, b = trained_pair
-    result = loss_barrier(str(a), str(b), steps=2, max_length=LENGTH, samples=2, progress=False)
+    result = loss_barrier(
+        source_of(a), source_of(b), steps=2, max_length=LENGTH, samples=2, progress=False
+    )
     missing = tmp_path / "no_dir" / "out"
     with pytest.raises(OutputError, match="no_dir") as plot_error:
         plot_barriers([result], missing)

@@ -16,7 +16,7 @@ from hfmerge.cli.app import main
 from hfmerge.errors import ModelSourceError
 from hfmerge.lm.scoring import MASK_FRACTION, Scored, evaluate, mlm_masks, perplexity
 from hfmerge.lm.textdata import load_texts, token_windows
-from tests.support.lm import char_tokenizer, save_lm
+from tests.support.lm import char_tokenizer, save_lm, source_of
 from tests.support.tiny_models import make_tiny_model, save_tiny_model
 
 TEXT = (
@@ -108,7 +108,7 @@ def test_mlm_loss_uses_the_same_masks_for_two_models_and_matches_their_own_loss(
 
 def test_eval_model_loads_dir_caps_length_and_matches_evaluate(tmp_path: Path) -> None:
     path = save_lm("llama", tmp_path / "m", seed=2)
-    result = eval_model(str(path), data=None, max_length=128, samples=6)
+    result = eval_model(source_of(path), data=None, max_length=128, samples=6)
     assert result.max_length == 64  # the tiny model has 64 positions
     assert result.data == "builtin:prose" and result.windows == 6
     model, tokenizer = make_tiny_model("llama", seed=2), char_tokenizer("llama")
@@ -119,17 +119,17 @@ def test_eval_model_loads_dir_caps_length_and_matches_evaluate(tmp_path: Path) -
 
 def test_eval_model_on_bert_uses_the_masked_objective(tmp_path: Path) -> None:
     path = save_lm("bert", tmp_path / "bert", seed=0)
-    assert eval_model(str(path), data=None, max_length=32, samples=4).objective == "masked"
+    assert eval_model(source_of(path), data=None, max_length=32, samples=4).objective == "masked"
 
 
 def test_model_without_tokenizer_or_lm_head_is_a_clear_error(tmp_path: Path) -> None:
     bare = save_tiny_model("llama", tmp_path / "bare")
     with pytest.raises(ModelSourceError, match="has no tokenizer") as info:
-        eval_model(str(bare), data=None)
+        eval_model(source_of(bare), data=None)
     assert "save_pretrained" in str(info.value)
     headless = save_lm("bert_base_model", tmp_path / "headless")
     with pytest.raises(ModelSourceError, match="no language-model head"):
-        eval_model(str(headless), data=None)
+        eval_model(source_of(headless), data=None)
 
 
 def test_cli_eval_prints_a_line_and_writes_json(

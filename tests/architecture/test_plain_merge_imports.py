@@ -16,9 +16,8 @@ from tests.support.engine import make_models
 
 CHECK = """
 import sys
-from hfmerge.pipeline.run import run_recipe
-from hfmerge.recipe.schema import load_recipe
-run_recipe(load_recipe(sys.argv[1]), force=True, progress=False)
+from hfmerge import api
+api.run(sys.argv[1], api.RunOptions(force=True, progress=False))
 heavy = {"transformers", "accelerate"}
 loaded = sorted(name for name in sys.modules if name.split(".")[0] in heavy)
 print(" ".join(loaded) or "none")

@@ -10,7 +10,7 @@ import pytest
 
 from hfmerge.analysis.cka import CkaReport, compute_cka, diagonal_pairs, format_report
 from hfmerge.cli.app import main
-from tests.support.lm import save_lm, save_permuted_copy
+from tests.support.lm import save_lm, save_permuted_copy, source_of
 
 FIELDS = {
     "model_a",
@@ -78,7 +78,12 @@ def test_json_has_the_fixed_fields_and_a_heatmap_is_written(
 def test_units_match_a_permuted_copy_and_not_another_init(models: dict[str, Path]) -> None:
     def run(b: str) -> CkaReport:
         return compute_cka(
-            str(models["a"]), str(models[b]), samples=6, max_length=32, device_map="cpu", units=True
+            source_of(models["a"]),
+            source_of(models[b]),
+            samples=6,
+            max_length=32,
+            device_map="cpu",
+            units=True,
         )
 
     permuted, other = run("permuted"), run("other")

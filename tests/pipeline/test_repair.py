@@ -13,10 +13,13 @@ from safetensors.torch import load_file, save_file
 from hfmerge.analysis.barrier import compare_barriers
 from hfmerge.analysis.evaluation import eval_model
 from hfmerge.errors import RecipeError, ShardWriteError
+from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import overwrite_tensors
-from tests.support.lm import save_lm, train_tiny_lm
+from tests.support.lm import save_lm, source_of, train_tiny_lm
+
+QUIET = RunOptions(progress=False)  # no progress bars in test output
 
 PROBE = {"data": "builtin", "samples": 8, "max_length": 32}
 FOLDED = (
@@ -59,7 +62,7 @@ def _recipe(
 
 def _loss(path: Path) -> float:
     return eval_model(
-        str(path),
+        source_of(path),
         data=str(PROBE["data"]),
         max_length=int(PROBE["max_length"]),
         samples=int(PROBE["samples"]),
@@ -70,11 +73,11 @@ def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
     seeds: tuple[Path, Path], tmp_path: Path
 ) -> None:
     a, b = seeds
-    run_recipe(_recipe(a, b, tmp_path / "plain", repair=False), progress=False)
-    run_recipe(_recipe(a, b, tmp_path / "repaired", repair=True), progress=False)
+    run_recipe(_recipe(a, b, tmp_path / "plain", repair=False), QUIET)
+    run_recipe(_recipe(a, b, tmp_path / "repaired", repair=True), QUIET)
     weight, repaired = compare_barriers(
-        str(a),
-        str(b),
+        source_of(a),
+        source_of(b),
         aligns=["weight", "weight+repair"],
         steps=3,
         data=str(PROBE["data"]),
@@ -118,8 +121,8 @@ def test_overwrite_tensors_keeps_dtype_and_refuses_a_new_shape(tmp_path: Path) -
 
 def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = seeds
-    run_recipe(_recipe(a, b, tmp_path / "one", repair=True), progress=False)
-    run_recipe(_recipe(a, b, tmp_path / "many", repair=True, shard="40KB"), progress=False)
+    run_recipe(_recipe(a, b, tmp_path / "one", repair=True), QUIET)
+    run_recipe(_recipe(a, b, tmp_path / "many", repair=True, shard="40KB"), QUIET)
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 2
     whole = load_file(tmp_path / "one" / "model.safetensors")
     sharded: dict[str, torch.Tensor] = {}

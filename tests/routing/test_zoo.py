@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hfmerge.analysis.evaluation import eval_model
+from hfmerge.recipe.schema import ProbeSpec, RouteSpec
 from hfmerge.routing import (
     BackboneRef,
     ExpertEntry,
@@ -20,6 +21,7 @@ from hfmerge.routing import (
     write_routed_repo,
 )
 from hfmerge.zoo import corpus, zoo_model
+from tests.support.lm import source_of
 
 EXPERTS = ("code", "prose")
 LENGTH = 64
@@ -41,13 +43,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 def routed_repo(method: str, zoo: dict[str, Path], out: Path) -> Path:
     """A bundled routed repo over the specialists, seed0 (their shared base) as backbone."""
     built = build_router(
-        method,
-        backbone=zoo["seed0"],
+        RouteSpec.model_validate({"method": method}),
+        ProbeSpec(samples=48, max_length=LENGTH),
         experts=[zoo[n] for n in EXPERTS],
+        backbone=zoo["seed0"],
         calibration_texts=[[corpus.train_text(n)[:60_000]] for n in EXPERTS],
         names=EXPERTS,
-        samples=48,
-        max_length=LENGTH,
     )
     entries = [ExpertEntry(n, ModelLocation(path=f"experts/{n}")) for n in EXPERTS]
     backbone = BackboneRef(location=ModelLocation(path="backbone"))
@@ -84,7 +85,8 @@ def test_perplexity_routing_scores_at_least_as_well_as_the_best_expert(
     repo = routed_repo("perplexity", zoo, tmp_path / "repo")
     routed = eval_routed(repo, data=str(data), max_length=LENGTH, device_map=None)
     alone = [
-        eval_model(str(repo / "experts" / n), data=str(data), max_length=LENGTH) for n in EXPERTS
+        eval_model(source_of(repo / "experts" / n), data=str(data), max_length=LENGTH)
+        for n in EXPERTS
     ]
     assert all(result.tokens == routed.tokens for result in alone)
     # Each window goes to the expert with its lowest loss, so the token-weighted mean can only

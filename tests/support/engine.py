@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from tests.support.tiny_models import make_tiny_model
@@ -30,7 +31,8 @@ def make_models(root: Path) -> list[Path]:
 
 
 def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, torch.Tensor]:
-    """Run `method` over models 1 and 2 with model 0 as base; the output's tensors."""
+    """Run `method` over models 1 and 2 with model 0 as base; the output's tensors. `run` holds
+    further `RunOptions` fields."""
     per_model = {"linear": {"weight": 0.5}, "task_arithmetic": {"weight": 0.5}, "model_stock": {}}
     fields = per_model.get(method, {"weight": 0.5, "density": 0.5})
     entries = [{"model": str(m), **fields} for m in models[1:]]
@@ -40,7 +42,7 @@ def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, t
         "merge": {"method": method},
         "output": {"path": str(out), "dtype": "bfloat16", "max_shard_size": "60KB"},
     }
-    run_recipe(parse_recipe(data), force=True, progress=False, **run)
+    run_recipe(parse_recipe(data), RunOptions(force=True, progress=False, **run))
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(file))

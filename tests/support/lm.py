@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from hfmerge.arch import spec_for
 from hfmerge.arch.permute import permute_state_dict, random_permutations
 from hfmerge.runtime import fixed_threads
+from hfmerge.sources.refs import ModelSource, resolve_model
 from hfmerge.zoo import corpus
 from tests.support.tiny_models import VOCAB, make_tiny_model
 
@@ -71,6 +72,11 @@ def char_tokenizer(style: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer, model_max_length=64, **names
     )
+
+
+def source_of(path: Path) -> ModelSource:
+    """A local model directory as the resolved source that analysis functions take."""
+    return resolve_model(str(path))
 
 
 def save_lm(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from hfmerge.recipe.schema import ProbeSpec, RouteSpec
 from hfmerge.routing import (
     BackboneRef,
     BuiltRouter,
@@ -49,18 +50,17 @@ def save_experts(root: Path) -> dict[str, Path]:
 
 
 def build(
-    method: str, experts: dict[str, Path], *, backbone: str = "digits", **options: Any
+    method: str, experts: dict[str, Path], *, backbone: str = "digits", **route: Any
 ) -> BuiltRouter:
-    """`method` fitted on digit vs letter texts, with `experts[backbone]` as the backbone."""
+    """`method` fitted on digit vs letter texts, with `experts[backbone]` as the backbone; `route`
+    holds other keys of the recipe's `route:` section."""
     return build_router(
-        method,
-        backbone=experts[backbone],
+        RouteSpec.model_validate({"method": method, **route}),
+        ProbeSpec(samples=24, max_length=LENGTH),
         experts=[experts[n] for n in NAMES],
+        backbone=experts[backbone],
         calibration_texts=[digit_texts(12), letter_texts(12)],
         names=NAMES,
-        samples=24,
-        max_length=LENGTH,
-        **options,
     )
 
 

@@ -1,0 +1,51 @@
+"""The public Python API: one function per `hfmerge` command, each returning a result object.
+
+What the command line prints or writes as JSON comes from these results; the functions themselves
+print nothing to stdout (progress bars go to stderr; `progress=False` turns them off). This is the
+boundary that takes model references as users write them, `org/name[@revision]`, a local directory
+or `zoo:NAME`, and resolves them (`hfmerge.sources.refs`); everything below takes resolved sources.
+
+    from hfmerge import api
+    result = api.run("recipes/demo.yaml", api.RunOptions(force=True))
+    report = api.cka("zoo:seed0", "zoo:seed1", samples=64)
+
+Every function raises `HfMergeError` (or a subclass) for a problem the user can fix, with what
+went wrong, why, and the fix. torch and transformers are imported inside the functions, so
+importing this package (and `import hfmerge`) stays fast.
+"""
+
+from hfmerge.api.listings import MethodInfo, ZooMember, archs, methods, zoo
+from hfmerge.api.models import (
+    AlignMethod,
+    AlignResult,
+    BarrierReport,
+    EvalReport,
+    align,
+    barrier,
+    cka,
+    evaluate,
+)
+from hfmerge.api.recipes import PushResult, Validation, push, run, validate
+from hfmerge.pipeline.options import RunOptions
+
+__all__ = [
+    "AlignMethod",
+    "AlignResult",
+    "BarrierReport",
+    "EvalReport",
+    "MethodInfo",
+    "PushResult",
+    "RunOptions",
+    "Validation",
+    "ZooMember",
+    "align",
+    "archs",
+    "barrier",
+    "cka",
+    "evaluate",
+    "methods",
+    "push",
+    "run",
+    "validate",
+    "zoo",
+]
