@@ -31,7 +31,7 @@ MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
 
 @dataclass(frozen=True)
 class CkaReport:
-    """Everything `hfmerge cka` prints and writes (DESIGN.md fixes the JSON field names)."""
+    """Everything `hfmerge cka` prints and writes (the JSON field names are a fixed format)."""
 
     model_a: str
     model_b: str
