@@ -15,7 +15,8 @@ import torch
 from hfmerge.methods.chunks import Chunk, TensorMerge
 
 # Helper threads beside the main one: whole chains of ops run in parallel, not each op's inner
-# loop, which on 2 cores makes TIES about 1.5x faster where intra-op threads gained nothing.
+# loop, so the threads meet once per chunk rather than at every op; intra-op threads gained
+# nothing on the chunked methods (TIES) where this split pays (benchmarks/NOTES.md).
 SPLIT_WORKERS = 1
 SPLIT_MIN_ELEMENTS = 1 << 16  # smaller chunks are not worth a hand-off
 PIECE_ELEMENTS = 1 << 16  # an element-wise merge's piece: 256 KiB per float32 temporary
@@ -90,10 +91,10 @@ def apply_in_pieces(
     time (flat runs: an element-wise merge does not care about rows), through float32 buffers
     reused for every piece, so the temporaries stay in a core's cache instead of streaming
     through memory. On the main thread only: memory-bound work gains nothing from a helper, and
-    the writer thread needs the other core (a helper made linear merges 1.1x slower on 2 cores).
-    Yielding parts lets the writer copy each one while it is still in cache: writing a 4M-element
-    chunk's output in one piece took the writer twice as long. One piece on a GPU, where the
-    conversions cost nothing.
+    the writer thread needs the other core (a helper made linear merges slower). Yielding parts
+    lets the writer copy each one while it is still in cache, where a whole chunk's output would
+    have left the cache before the writer reached it. One piece on a GPU, where the conversions
+    cost nothing.
     """
     first = chunk.tensors[0]
     if first.device.type != "cpu":

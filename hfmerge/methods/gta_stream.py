@@ -7,7 +7,7 @@ prunes each chunk with those cuts and combines it with the element-wise rule of 
 
 The output equals the whole-tensor function bit for bit, except with `rescale`: there the L1 norms
 are chunk sums added in float64 rather than one float32 `sum`, so the rescale factor may differ in
-its last bits (relative difference < 1e-6; tested in tests/test_engine_chunks.py).
+its last bits (relative difference < 1e-6; tested in tests/engine/test_chunks.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ sums the L1 norms for `rescale`; the apply pass then uses the kept masks, so not
 ranked twice.
 
 With `rescale`, the L1 norms are chunk sums added in float64 rather than one float32 `sum`, so the
-factor may differ in its last bits (as for chunked TIES; tested in tests/test_engine_chunks.py).
+factor may differ in its last bits (as for chunked TIES; tested in tests/engine/test_chunks.py).
 """
 
 from __future__ import annotations

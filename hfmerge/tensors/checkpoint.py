@@ -226,9 +226,9 @@ class LazyCheckpoint:
     def view_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """`get_rows`, as a copy-on-write view of the file's cached pages instead of a copy.
 
-        Reading a chunk once (converting or writing it) costs no copy into a buffer first, which
-        is about a third of a pread's cost for a merge; the pages are mapped while the tensor
-        lives and unmapped when it is freed. Writing to the tensor never reaches the file.
+        Reading a chunk once (converting or writing it) costs no copy into a buffer first, a large
+        part of what a pread costs a merge; the pages are mapped while the tensor lives and
+        unmapped when it is freed. Writing to the tensor never reaches the file.
         """
         info, offset, nbytes, shape = self._rows(name, start, stop)
         if nbytes < _MIN_MAP_BYTES:
