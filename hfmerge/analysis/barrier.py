@@ -79,7 +79,7 @@ class BarrierResult:
         return linear_baseline(self.lambdas, self.loss_a, self.loss_b)
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict with the fixed `barrier` fields (`lambdas`, `loss`, `barrier`, ...)."""
+        """JSON-ready dict (`lambdas`, `loss`, `barrier`, ...): the `--json` file's field names."""
         return {**asdict(self), "baseline": self.baseline}
 
 

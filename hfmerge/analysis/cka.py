@@ -37,7 +37,7 @@ MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
 
 @dataclass(frozen=True)
 class CkaReport:
-    """Everything `hfmerge cka` prints and writes (the JSON field names are fixed)."""
+    """Everything `hfmerge cka` prints and writes (the JSON field names are a fixed format)."""
 
     model_a: str
     model_b: str

@@ -48,8 +48,7 @@ def format_grid(cells: Sequence[EvalCell]) -> str:
 
 
 def grid_json(cells: Sequence[EvalCell]) -> dict[str, Any]:
-    """The `eval` JSON: one result's fields (`loss`, `perplexity`, `tokens`, ...), or
-    `{"results": [...]}` of such for several."""
+    """The `--json` fields of one result; `{"results": [...]}` for several."""
     if len(cells) == 1:
         return cells[0].to_json()
     return {"results": [c.to_json() for c in cells]}

@@ -61,7 +61,8 @@ def _normalise(cov: torch.Tensor, std_rows: torch.Tensor, std_cols: torch.Tensor
 
 def matched_correlation(corr_ab: torch.Tensor) -> float:
     """Mean correlation over the one-to-one matching of units that maximises total correlation."""
-    # Imported here: scipy.optimize costs 0.4 s, which every merge would pay via the CKA gate.
+    # Imported here: importing scipy.optimize is slow, and every merge would pay for it via the
+    # CKA gate's import of this module.
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(corr_ab.numpy(), maximize=True)

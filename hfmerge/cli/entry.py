@@ -1,15 +1,16 @@
 """The `hfmerge` console script: the command line, with Python's cyclic GC kept off torch.
 
-Importing torch creates about a million objects that live until the process exits. With the GC
-running they are traversed again and again while importing, and once more by the collection at
-interpreter exit: 0.6 s of a 1.1B-parameter linear merge that takes about five. So torch is
-imported with the GC paused, and what exists after the imports, and again after the command, is
-moved to the permanent generation (`gc.freeze`), which no collection scans. The GC runs as usual
-during the command. Only the console script does this: it owns its process, where tests calling
-`cli.main` in-process must keep their garbage collectable.
+Importing torch creates hundreds of thousands of objects that live until the process exits.
+With the GC running they are traversed again and again while importing, and once more by the
+collection at interpreter exit: a fixed cost on every command, large next to a short merge
+(measured in benchmarks/NOTES.md). So torch is imported with the GC paused, and what exists after
+the imports, and again after the command, is moved to the permanent generation (`gc.freeze`),
+which no collection scans. The GC runs as usual during the command. Only the console script does
+this: it owns its process, where tests calling `cli.main` in-process must keep their garbage
+collectable.
 
 For the same reason the script ends without the interpreter's teardown: freeing torch's modules
-and native state one by one took 0.17 s after every command, with nothing left to do by then.
+and native state one by one is slow, and by then it serves nothing.
 """
 
 from __future__ import annotations

@@ -91,10 +91,10 @@ def apply_in_pieces(
     at a time (flat runs: an element-wise merge does not care about rows), through float32 buffers
     reused for every piece, so the temporaries stay in a core's cache instead of streaming
     through memory. On the main thread only: memory-bound work gains nothing from a helper, and
-    the writer thread needs the other core (a helper made linear merges 1.1x slower on 2 cores).
-    Yielding parts lets the writer copy each one while it is still in cache: writing a 4M-element
-    chunk's output in one piece took the writer twice as long. One piece on a GPU, where the
-    conversions cost nothing.
+    the writer thread needs the other core (a helper made linear merges slower). Yielding parts
+    lets the writer copy each one while it is still in cache, where a whole chunk's output would
+    have left the cache before the writer reached it. One piece on a GPU, where the conversions
+    cost nothing.
     """
     first = chunk.tensors[0]
     if first.device.type != "cpu":

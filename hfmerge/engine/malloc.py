@@ -2,10 +2,10 @@
 
 The engine allocates and frees the same few chunk-sized buffers thousands of times, from three
 threads. By default glibc serves blocks of this size with fresh `mmap`s (or trims them off the
-heap) and gives them back on `free`, so every chunk pays page faults in the kernel: on a 2-core VM
-that doubled a linear merge's wall time. Raising the mmap and trim thresholds and sharing one
-arena keeps the buffers in the heap, reused; peak memory is unchanged (the same buffers), memory
-is simply not handed back between chunks. A no-op where glibc's `mallopt` is missing.
+heap) and gives them back on `free`, so every chunk pays page faults in the kernel on top of the
+memory-bound merge itself (benchmarks/NOTES.md). Raising the mmap and trim thresholds and sharing
+one arena keeps the buffers in the heap, reused; peak memory is unchanged (the same buffers),
+memory is simply not handed back between chunks. A no-op where glibc's `mallopt` is missing.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ files at their planned offsets.
 
 Why processes: an element-wise merge (linear, task arithmetic) is a few torch ops per 64K-element
 piece. torch drops the GIL inside each op and takes it back between them, so two threads hand the
-GIL over at every op and gained nothing (+0.6 s of CPU, no faster). Two processes share only the
-output files: on 2 cores they cut the engine time of a 1.1B-parameter linear merge by a fifth.
+GIL over at every op and gained nothing but CPU time. Two processes share only the output files,
+not a GIL, so both cores merge at once (benchmarks/NOTES.md has the measurement).
 
 How: once the shard files exist, the engine forks. The child merges its share, reports each
 finished tensor and then the names it wrote (or its error) through a pipe, and ends in `os._exit`

@@ -4,7 +4,7 @@ Non-negative float32 values order like their bit patterns read as int32, so the 
 magnitude is found from a histogram of the keys' top 16 bits (pass 1), then of the low 16 bits of
 the keys inside the one bin that holds it (pass 2). Integer counts add exactly, so any chunking
 gives the same cut, and it is the value `torch.kthvalue` returns, bit for bit: no sort, no
-whole-tensor temporary, about 1 ns per element per pass. `CutMask` then applies the cut chunk by
+whole-tensor temporary, only integer counting in each pass. `CutMask` then applies the cut chunk by
 chunk with `topk_mask`'s tie rule (ties at the cut are taken in flat-index order).
 """
 
@@ -66,8 +66,8 @@ class RadixSelect:
         """Pass 1's counts for one chunk, without adding them (safe on any thread)."""
         flat = keys.reshape(-1)
         if _LITTLE_ENDIAN:
-            # The top halves read in place as int16 (keys are >= 0): bincount of int16 is about
-            # 1.3x faster than shifting and counting int32.
+            # The top halves read in place as int16 (keys are >= 0): no shift, and no int32
+            # temporary to hold its result.
             return torch.bincount(flat.view(torch.int16)[1::2], minlength=HI_BINS)
         return torch.bincount(flat >> 16, minlength=HI_BINS)
 
@@ -179,8 +179,8 @@ class CutMask:
     def keep(self, keys: torch.Tensor) -> torch.Tensor:
         """1.0 for the entries of this chunk that are among the k largest, else 0.0 (float32).
 
-        Comparing into a float tensor, and multiplying by one, is about 3x faster on CPU than
-        making (and multiplying by) a bool mask."""
+        Comparing into a float tensor, and multiplying by one, is faster on CPU than making a
+        bool mask and multiplying by it, a mixed-dtype product."""
         kept = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
         if self.all_ties:
             return torch.ge(keys, self.key, out=kept)

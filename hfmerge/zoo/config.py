@@ -30,7 +30,7 @@ class ZooConfig:
     train_chars: int | None = None  # cap on each domain's train text; None uses all of it
     eval_windows: int = 128  # held-out windows per domain for the losses in zoo.json
     # Fixed so results do not depend on the machine. One thread, because on a shared 2-core box
-    # two OpenMP threads that get preempted spin at barriers and run up to 15x slower.
+    # two OpenMP threads that get preempted spin at barriers and run many times slower.
     threads: int = 1
 
     @classmethod
