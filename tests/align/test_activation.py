@@ -52,6 +52,8 @@ def test_cross_stats_score_constant_features_zero() -> None:
 @functools.cache
 def _pair(kind: str) -> tuple[PreTrainedModel, PreTrainedModel, ArchSpec, Permutations]:
     """Model A (float32), and B = A under a planted permutation."""
+    model_a: PreTrainedModel
+    model_b: PreTrainedModel
     if kind == "minilm":
         model_a, model_b = BertModel.from_pretrained(MINILM), BertModel.from_pretrained(MINILM)
     else:
@@ -61,7 +63,7 @@ def _pair(kind: str) -> tuple[PreTrainedModel, PreTrainedModel, ArchSpec, Permut
     planted = nontrivial_permutations(spec, seed=1)
     model_b.load_state_dict(permute_state_dict(state, spec, planted))
     for model in (model_a, model_b):
-        model.eval()
+        model.train(False)  # eval mode (`eval` itself is untyped)
     return model_a, model_b, spec, planted
 
 

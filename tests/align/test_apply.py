@@ -65,7 +65,7 @@ def _save_permuted(source: Path, out: Path, perms: Permutations) -> Path:
 
 def _load(kind: str, path: Path) -> PreTrainedModel:
     model: PreTrainedModel = AUTO[kind].from_pretrained(path, attn_implementation="eager")
-    model.eval()
+    model.train(False)  # eval mode (`eval` itself is untyped)
     return model
 
 

@@ -19,6 +19,7 @@ from hfmerge.engine.budget import ChunkPolicy, parse_memory_budget
 from hfmerge.engine.io_threads import Prefetcher, WriteBehind
 from hfmerge.engine.plan import TensorJob
 from hfmerge.errors import HfMergeError
+from hfmerge.methods.chunks import Chunk
 from hfmerge.tensors import LazyCheckpoint
 from tests.support.engine import make_models, merge
 
@@ -52,13 +53,13 @@ def test_row_halves_on_two_threads_give_the_same_output(
     monkeypatch.setattr(splitter, "for_device", classmethod(lambda cls, d: cls(0)))
     serial = merge(models, tmp_path / "serial", method)
     split_calls = []
-    real_split = engine.Chunk.split
+    real_split = Chunk.split
 
     def spy(chunk: Any, rows: int) -> Any:
         split_calls.append(rows)
         return real_split(chunk, rows)
 
-    monkeypatch.setattr(engine.Chunk, "split", spy)
+    monkeypatch.setattr(Chunk, "split", spy)
     monkeypatch.setattr(engine_compute, "SPLIT_MIN_ELEMENTS", 1)  # split every chunk of 2+ rows
     monkeypatch.setattr(splitter, "for_device", classmethod(lambda cls, d: cls(1)))
     halves = merge(models, tmp_path / "halves", method)
@@ -107,7 +108,7 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
     monkeypatch.setattr(engine_compute, "PIECE_ELEMENTS", 1 << 30)
     whole = merge(models, tmp_path / "whole", method)
     pieces: list[int] = []
-    real = engine_compute.Chunk
+    real = Chunk
 
     def spy(tensors: list[torch.Tensor], base: torch.Tensor | None, first: int, whole: bool) -> Any:
         assert all(t.dtype == torch.float32 for t in [*tensors, *([] if base is None else [base])])
@@ -141,9 +142,7 @@ def test_elementwise_pieces_of_any_shape_equal_the_method(
     )
     first = 1000  # the chunk's place in its tensor
     parts = list(
-        engine_compute.apply_in_pieces(
-            merge, engine.Chunk(inputs, None, first, True), torch.bfloat16
-        )
+        engine_compute.apply_in_pieces(merge, Chunk(inputs, None, first, True), torch.bfloat16)
     )
     expected = (
         method.merge([t.float() for t in inputs], base=None, model_params=per_model, params=params)

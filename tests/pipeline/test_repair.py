@@ -4,7 +4,7 @@ tensors REPAIR folds into differ from the plain merge."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 import torch
@@ -19,7 +19,14 @@ from hfmerge.tensors import overwrite_tensors
 from hfmerge.tensors.writer import ShardWriteError
 from tests.support.lm import save_lm, train_tiny_lm
 
-PROBE = {"data": "builtin", "samples": 8, "max_length": 32}
+
+class _Probe(TypedDict):
+    data: str
+    samples: int
+    max_length: int
+
+
+PROBE: _Probe = {"data": "builtin", "samples": 8, "max_length": 32}
 FOLDED = (
     "input_layernorm",
     "q_proj",
@@ -61,9 +68,9 @@ def _recipe(
 def _loss(path: Path) -> float:
     return eval_model(
         str(path),
-        data=str(PROBE["data"]),
-        max_length=int(PROBE["max_length"]),
-        samples=int(PROBE["samples"]),
+        data=PROBE["data"],
+        max_length=PROBE["max_length"],
+        samples=PROBE["samples"],
     ).loss
 
 
@@ -78,9 +85,9 @@ def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
         str(b),
         aligns=["weight", "weight+repair"],
         steps=3,
-        data=str(PROBE["data"]),
-        max_length=int(PROBE["max_length"]),
-        samples=int(PROBE["samples"]),
+        data=PROBE["data"],
+        max_length=PROBE["max_length"],
+        samples=PROBE["samples"],
         progress=False,
     )
     assert _loss(tmp_path / "plain") == pytest.approx(weight.loss_mid, abs=1e-4)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from hfmerge.engine.plan import MergePlan
 from hfmerge.errors import IncompatibleModelsError, InputDataError, OutputError
 from hfmerge.methods import METHODS
 from hfmerge.pipeline.run import run_recipe
@@ -138,6 +139,7 @@ def test_dry_run_reads_no_weights_and_writes_nothing(
     out = tmp_path / "out"
     result = run_recipe(recipe([str(a), str(b)], "linear", out), dry_run=True, progress=False)
     assert result.out_dir is None and not out.exists()
+    assert isinstance(result.plan, MergePlan)
     assert {j.name for j in result.plan.jobs} == set(weights(a))
 
 

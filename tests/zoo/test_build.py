@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 from hfmerge.errors import UnknownNameError
+from hfmerge.runtime import fixed_threads
 from hfmerge.zoo import ZOO_MEMBERS, ZooConfig, build_zoo, corpus, train, zoo_cache_dir, zoo_model
 
 TINY = ZooConfig.tiny()
@@ -85,6 +91,7 @@ def test_gpt2_pair_is_a_real_tied_gpt2_of_the_same_size(tiny_zoo: dict[str, Path
         path = zoo_cache_dir(TINY) / name
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        assert isinstance(model, GPT2LMHeadModel)
         config = model.config
         assert config.model_type == "gpt2"
         assert (config.n_embd, config.n_layer) == (TINY.hidden_size, TINY.num_layers)
@@ -151,6 +158,7 @@ def test_seed_models_differ_and_specialists_descend_from_seed0(tiny_zoo: dict[st
 
 def test_init_depends_on_the_seed_only(tiny_zoo: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_zoo["seed0"])
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
     torch.manual_seed(123)  # the global RNG state must not leak into the init
     first = train.new_model(TINY, tokenizer, seed=0).state_dict()
     torch.manual_seed(456)
@@ -298,7 +306,7 @@ def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
 
 def test_fixed_threads_restores_the_thread_count() -> None:
     before = torch.get_num_threads()
-    with train.fixed_threads(1):
+    with fixed_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 
