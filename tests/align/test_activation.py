@@ -79,7 +79,7 @@ def _minilm_batches() -> list[Batch]:
     return [dict(encoded)]
 
 
-@pytest.mark.parametrize("kind", [*TINY_FAMILIES, "minilm"])
+@pytest.mark.parametrize("kind", [*TINY_FAMILIES, pytest.param("minilm", marks=pytest.mark.slow)])
 def test_recovers_a_planted_permutation(kind: str) -> None:
     model_a, model_b, spec, planted = _pair(kind)
     batches = _minilm_batches() if kind == "minilm" else padded_batches(kind)

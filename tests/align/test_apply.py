@@ -113,6 +113,7 @@ def test_activation_method_on_disk(tmp_path: Path) -> None:
     assert min(result.correlation.values()) > 0.99
 
 
+@pytest.mark.slow
 def test_minilm_activation_with_the_builtin_probe_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

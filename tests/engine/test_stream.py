@@ -99,6 +99,7 @@ def test_engine_output_matches_the_method_on_whole_tensors(
             assert torch.equal(merged[name], expected), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_elementwise_merges_run_in_pieces_with_the_same_output(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str

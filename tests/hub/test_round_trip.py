@@ -114,6 +114,7 @@ def test_pinned_recipe_keeps_the_base_and_per_model_parameters(
     assert card.count("| base |") == 1 and card.count("| input |") == 1  # base found again
 
 
+@pytest.mark.slow
 def test_dry_run_and_validate_read_headers_only(
     fake_hub: FakeHub, tmp_path: Path, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -43,6 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny Llamas trained from different seeds (~15 s: the tests using them are slow)."""
     root = tmp_path_factory.mktemp("seeds")
     return (
         save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
@@ -74,6 +75,7 @@ def _loss(path: Path) -> float:
     ).loss
 
 
+@pytest.mark.slow
 def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
     seeds: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -124,6 +126,7 @@ def test_overwrite_tensors_keeps_dtype_and_refuses_a_new_shape(tmp_path: Path) -
         overwrite_tensors(tmp_path, {"b": torch.ones(5)}, label="m")
 
 
+@pytest.mark.slow
 def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = seeds
     run_recipe(_recipe(a, b, tmp_path / "one", repair=True), progress=False)

@@ -203,6 +203,7 @@ def test_route_recipe_with_missing_calibration_text_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path) -> None:
     from hfmerge.pipeline.gate import CkaGateError
     from tests.support.lm import save_lm
@@ -227,7 +228,7 @@ def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path)
     assert (tmp_path / "ok" / "config.json").exists()
 
 
-@pytest.mark.parametrize("method", ["weight", "activation"])
+@pytest.mark.parametrize("method", ["weight", pytest.param("activation", marks=pytest.mark.slow)])
 def test_align_step_merges_a_model_with_its_permuted_copy_back_into_it(
     method: str, tmp_path: Path
 ) -> None:
@@ -260,6 +261,7 @@ def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -
         assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
 
 
+@pytest.mark.slow
 def test_align_report_barrier_goes_into_the_card(tmp_path: Path) -> None:
     from tests.support.lm import save_lm, save_permuted_copy, train_tiny_lm
 
