@@ -85,10 +85,9 @@ def commands(bad: Path, good: Path, tmp: Path) -> dict[str, list[str]]:
 # What each command says of each hostile folder. None: the command succeeds without loading the
 # folder's model through transformers at all (barrier reads B's safetensors into A's model; a
 # centroid router runs only its backbone, the first model), so there is nothing to refuse.
-REFUSAL = {
-    "pickle": dict.fromkeys(
-        ["eval", "cka", "cka-reversed", "barrier", "align-activation", "run-route"], "pickle"
-    ),
+COMMANDS = ("eval", "cka", "cka-reversed", "barrier", "align-activation", "run-route")
+REFUSAL: dict[str, dict[str, str | None]] = {
+    "pickle": dict.fromkeys(COMMANDS, "pickle"),
     "remote-code": {
         "eval": "own folder",
         "cka": "own folder",
@@ -101,7 +100,7 @@ REFUSAL = {
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
-@pytest.mark.parametrize("command", sorted(REFUSAL["pickle"]))
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_hostile_folder_runs_no_code(
     kind: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

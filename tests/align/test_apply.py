@@ -65,7 +65,7 @@ def _save_permuted(source: Path, out: Path, perms: Permutations) -> Path:
 
 def _load(kind: str, path: Path) -> PreTrainedModel:
     model: PreTrainedModel = AUTO[kind].from_pretrained(path, attn_implementation="eager")
-    model.eval()
+    model.train(False)  # eval mode (`eval` itself is untyped)
     return model
 
 
@@ -113,6 +113,7 @@ def test_activation_method_on_disk(tmp_path: Path) -> None:
     assert min(result.correlation.values()) > 0.99
 
 
+@pytest.mark.slow
 def test_minilm_activation_with_the_builtin_probe_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -150,8 +150,8 @@ def test_repairer_targets_blend_the_endpoints() -> None:
         torch.testing.assert_close(reached[name], wanted, rtol=1e-9, atol=1e-12)
 
 
-def test_unsupported_family_is_named() -> None:
+def test_unsupported_family_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_tiny_model("llama")
-    model.config.model_type = "t5"
+    monkeypatch.setattr(model.config, "model_type", "t5")  # a class variable, set on the instance
     with pytest.raises(UnknownNameError, match="t5"):
         repair_sites(model)

@@ -62,7 +62,7 @@ def _inner(a: State, b: State, spec: ArchSpec) -> float:
     )
 
 
-@pytest.mark.parametrize("kind", [*TINY_FAMILIES, "minilm"])
+@pytest.mark.parametrize("kind", [*TINY_FAMILIES, pytest.param("minilm", marks=pytest.mark.slow)])
 def test_recovers_a_planted_permutation(kind: str) -> None:
     state, spec = _model(kind)
     planted = nontrivial_permutations(spec, seed=1)
@@ -90,6 +90,7 @@ def test_recovers_the_permutation_through_noise(kind: str) -> None:
     assert_same_perms(result.perms, invert(spec, planted))
 
 
+@pytest.mark.slow
 def test_same_seed_same_result() -> None:
     a, spec = _tiny("llama")
     b, _ = _tiny("llama", seed=1)  # unrelated: many near-ties, where order matters most

@@ -146,6 +146,7 @@ def seed_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
 
 
+@pytest.mark.slow
 def test_repair_curve_keeps_the_endpoints_and_reads_its_probe_text(
     seed_pair: tuple[Path, Path],
 ) -> None:

@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from hfmerge.analysis.similarity import CkaAccumulator, CkaMatrix, cka_matrix, linear_cka
+from hfmerge.analysis.similarity import (
+    ESTIMATORS,
+    CkaAccumulator,
+    CkaMatrix,
+    Estimator,
+    cka_matrix,
+    linear_cka,
+)
 from hfmerge.analysis.units import correlations, sparse_r2, unit_correspondence
 
 F64 = torch.float64
@@ -76,9 +83,9 @@ def test_uneven_minibatches_give_the_full_data_value(cuts: list[int]) -> None:
     edges = [0, *cuts, x.shape[0]]
     for start, end in itertools.pairwise(edges):
         accumulator.update(x[start:end], y[start:end])
-    for estimator, debiased in (("debiased", True), ("biased", False)):
-        expected = reference_cka(x, y, debiased=debiased)
-        assert accumulator.value(estimator) == pytest.approx(expected, abs=1e-6)  # type: ignore[arg-type]
+    for estimator in ESTIMATORS:
+        expected = reference_cka(x, y, debiased=estimator == "debiased")
+        assert accumulator.value(estimator) == pytest.approx(expected, abs=1e-6)
 
 
 def test_self_similarity_is_one() -> None:
@@ -192,7 +199,7 @@ def test_cka_matrix_memory_does_not_grow_with_samples() -> None:
 
 
 @pytest.mark.parametrize("estimator", ["debiased", "biased"])
-def test_gram_form_for_few_samples_equals_the_streamed_sums(estimator: str) -> None:
+def test_gram_form_for_few_samples_equals_the_streamed_sums(estimator: Estimator) -> None:
     xs, ys = _layers(seed=9, n=60)
     wide = [torch.cat([x, x[:, :2] * 3.0], dim=1) for x in xs]  # widths up to 9
     few = CkaMatrix([x.shape[1] for x in wide], [y.shape[1] for y in ys], buffer_rows=1000)
@@ -201,7 +208,7 @@ def test_gram_form_for_few_samples_equals_the_streamed_sums(estimator: str) -> N
         for matrix in (few, streamed):
             matrix.update([x[start:stop] for x in wide], [y[start:stop] for y in ys])
     assert not few.streaming and streamed.streaming and few.count == streamed.count == 60
-    gram, sums = few.values(estimator), streamed.values(estimator)  # type: ignore[arg-type]
+    gram, sums = few.values(estimator), streamed.values(estimator)
     assert torch.allclose(gram, sums, atol=1e-10)
     if estimator == "debiased":
         assert float(gram[1, 0]) == pytest.approx(

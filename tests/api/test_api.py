@@ -99,9 +99,9 @@ def test_cka_of_a_model_with_itself_is_one_on_the_diagonal(
     report = api.cka(a, a, samples=SAMPLES, max_length=LENGTH, device_map="cpu", progress=False)
     assert report.diagonal == pytest.approx([1.0] * len(report.layers_a), abs=1e-5)
     document = report.to_json()
-    fields = ("model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal")
-    fields += ("estimator", "pooling", "samples", "tokens")
-    assert set(fields) <= document.keys()
+    fields = {"model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal"}
+    fields |= {"estimator", "pooling", "samples", "tokens"}
+    assert fields <= document.keys()
     assert document["model_a"] == a and document["pooling"] == "mean"
     assert document["samples"] == SAMPLES
     other = api.cka(

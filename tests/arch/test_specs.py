@@ -235,6 +235,7 @@ def test_minilm_spec_covers_the_real_checkpoint(minilm_dir: Path) -> None:
     check_shapes(spec, shapes)
 
 
+@pytest.mark.slow
 def test_minilm_valid_permutations_keep_outputs(minilm_dir: Path) -> None:
     model = AutoModel.from_pretrained(minilm_dir, attn_implementation="eager")
     config, shapes = read_checkpoint(minilm_dir)

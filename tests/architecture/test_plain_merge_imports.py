@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.engine import make_models
@@ -36,6 +37,7 @@ def _run_in_fresh_interpreter(recipe: Path) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.slow
 def test_linear_and_ties_merges_import_no_transformers(tmp_path: Path) -> None:
     base, *tuned = make_models(tmp_path)
     for method in ("linear", "ties"):

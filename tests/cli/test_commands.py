@@ -155,6 +155,7 @@ def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str
     assert main(["no-such-command"]) == 2
 
 
+@pytest.mark.usefixtures("one_thread")  # activation probing: ten times slower on two threads
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_align_writes_b_in_a_basis(
     method: str, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]

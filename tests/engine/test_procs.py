@@ -122,9 +122,12 @@ def test_processes_share_the_budget_or_fall_back_to_one(
     monkeypatch.setattr(engine_budget, "current_rss", lambda: 0)
     seen: list[engine_budget.ChunkPolicy] = []
     real = engine_budget.chunk_policy
-    monkeypatch.setattr(
-        engine, "chunk_policy", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
-    )
+
+    def spy(*args: Any, **kwargs: Any) -> engine_budget.ChunkPolicy:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(engine, "chunk_policy", spy)
     reserve = DEFAULT_TUNING.reserve_bytes
     merge(models, tmp_path / "roomy", "linear", max_memory=2 * (reserve + 300_000))
     merge(models, tmp_path / "tight", "linear", max_memory=reserve + 300_000)

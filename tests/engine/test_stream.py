@@ -20,6 +20,7 @@ from hfmerge.engine.io_threads import Prefetcher, WriteBehind
 from hfmerge.engine.plan import TensorJob
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.errors import HfMergeError, OptionError
+from hfmerge.methods.chunks import Chunk
 from hfmerge.tensors import LazyCheckpoint
 from tests.support.engine import make_models, merge
 
@@ -59,7 +60,7 @@ def test_row_halves_on_two_threads_give_the_same_output(
         tuning=dataclasses.replace(DEFAULT_TUNING, split_workers=0),
     )
     split_calls = []
-    real_split = engine.Chunk.split
+    real_split = Chunk.split
 
     def spy(chunk: Any, rows: int) -> Any:
         split_calls.append(rows)
@@ -68,7 +69,7 @@ def test_row_halves_on_two_threads_give_the_same_output(
     def one_helper(cls: Any, device: torch.device, tuning: EngineTuning) -> Any:
         return cls(1, tuning.split_min_elements)  # as on a multi-core CPU, whatever this machine
 
-    monkeypatch.setattr(engine.Chunk, "split", spy)
+    monkeypatch.setattr(Chunk, "split", spy)
     monkeypatch.setattr(engine_compute.RowSplitter, "for_device", classmethod(one_helper))
     every_chunk = dataclasses.replace(DEFAULT_TUNING, split_min_elements=1)  # 2+ rows split
     halves = merge(models, tmp_path / "halves", method, tuning=every_chunk)
@@ -108,6 +109,7 @@ def test_engine_output_matches_the_method_on_whole_tensors(
             assert torch.equal(merged[name], expected), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_elementwise_merges_run_in_pieces_with_the_same_output(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
@@ -117,7 +119,7 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
     one_piece = dataclasses.replace(DEFAULT_TUNING, piece_elements=1 << 30)
     whole = merge(models, tmp_path / "whole", method, tuning=one_piece)
     pieces: list[int] = []
-    real = engine_compute.Chunk
+    real = Chunk
 
     def spy(tensors: list[torch.Tensor], base: torch.Tensor | None, first: int, whole: bool) -> Any:
         assert all(t.dtype == torch.float32 for t in [*tensors, *([] if base is None else [base])])
@@ -149,7 +151,7 @@ def test_elementwise_pieces_of_any_shape_equal_the_method(shape: tuple[int, ...]
     first = 1000  # the chunk's place in its tensor
     parts = list(
         engine_compute.apply_in_pieces(
-            merge, engine.Chunk(inputs, None, first, True), torch.bfloat16, tuning
+            merge, Chunk(inputs, None, first, True), torch.bfloat16, tuning
         )
     )
     expected = (

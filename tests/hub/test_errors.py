@@ -19,6 +19,7 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.mark.slow
 def test_every_preflight_problem_of_every_model_at_once_without_weights(
     fake_hub: FakeHub, tmp_path: Path, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

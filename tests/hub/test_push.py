@@ -56,6 +56,7 @@ def test_push_retries_server_errors_and_makes_one_commit(
     assert "from_pretrained('org/pushed')" in files["README.md"].decode()  # named on push
 
 
+@pytest.mark.slow
 def test_a_push_that_fails_for_good_keeps_the_output_and_says_how_to_finish(
     fake_hub: FakeHub, merged: Path, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,6 +121,7 @@ def test_run_push_checks_the_token_before_merging(
     assert "cannot be pushed to in offline mode" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_recipe_output_push_and_a_repush_without_stale_shards(
     fake_hub: FakeHub, merged: Path, chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

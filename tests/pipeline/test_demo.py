@@ -26,6 +26,7 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.setenv("HFMERGE_ZOO_SIZE", "tiny")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ZOO_RECIPES, ids=lambda p: p.name)
 def test_zoo_recipe_runs_and_loads(
     path: Path, tiny_zoo: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]

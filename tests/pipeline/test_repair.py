@@ -4,7 +4,7 @@ tensors REPAIR folds into differ from the plain merge."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 import torch
@@ -21,7 +21,14 @@ from tests.support.lm import save_lm, source_of, train_tiny_lm
 
 QUIET = RunOptions(progress=False)  # no progress bars in test output
 
-PROBE = {"data": "builtin", "samples": 8, "max_length": 32}
+
+class _Probe(TypedDict):
+    data: str
+    samples: int
+    max_length: int
+
+
+PROBE: _Probe = {"data": "builtin", "samples": 8, "max_length": 32}
 FOLDED = (
     "input_layernorm",
     "q_proj",
@@ -38,6 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny Llamas trained from different seeds (~15 s: the tests using them are slow)."""
     root = tmp_path_factory.mktemp("seeds")
     return (
         save_lm("llama", root / "a", model=train_tiny_lm("llama", seed=0, steps=200)),
@@ -63,12 +71,13 @@ def _recipe(
 def _loss(path: Path) -> float:
     return eval_model(
         source_of(path),
-        data=str(PROBE["data"]),
-        max_length=int(PROBE["max_length"]),
-        samples=int(PROBE["samples"]),
+        data=PROBE["data"],
+        max_length=PROBE["max_length"],
+        samples=PROBE["samples"],
     ).loss
 
 
+@pytest.mark.slow
 def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
     seeds: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -80,9 +89,9 @@ def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
         source_of(b),
         aligns=["weight", "weight+repair"],
         steps=3,
-        data=str(PROBE["data"]),
-        max_length=int(PROBE["max_length"]),
-        samples=int(PROBE["samples"]),
+        data=PROBE["data"],
+        max_length=PROBE["max_length"],
+        samples=PROBE["samples"],
         progress=False,
     )
     assert _loss(tmp_path / "plain") == pytest.approx(weight.loss_mid, abs=1e-4)
@@ -119,6 +128,7 @@ def test_overwrite_tensors_keeps_dtype_and_refuses_a_new_shape(tmp_path: Path) -
         overwrite_tensors(tmp_path, {"b": torch.ones(5)}, label="m")
 
 
+@pytest.mark.slow
 def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = seeds
     run_recipe(_recipe(a, b, tmp_path / "one", repair=True), QUIET)

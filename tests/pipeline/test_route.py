@@ -58,6 +58,7 @@ def route_recipe(
     return path
 
 
+@pytest.mark.slow
 def test_route_recipe_writes_a_routed_repo_that_serves_and_evaluates(
     experts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -122,6 +123,7 @@ def test_route_recipe_writes_a_routed_repo_that_serves_and_evaluates(
         )
 
 
+@pytest.mark.slow
 def test_routed_repo_over_hub_experts_is_pushed_and_loads_back_by_id(
     fake_hub: FakeHub,
     experts: dict[str, Path],

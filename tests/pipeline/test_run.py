@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from hfmerge.engine.plan import MergePlan
 from hfmerge.errors import IncompatibleModelsError, InputDataError, OutputError
 from hfmerge.methods import METHODS
 from hfmerge.pipeline.options import RunOptions
@@ -143,6 +144,7 @@ def test_dry_run_reads_no_weights_and_writes_nothing(
         recipe([str(a), str(b)], "linear", out), RunOptions(dry_run=True, progress=False)
     )
     assert result.out_dir is None and not out.exists()
+    assert isinstance(result.plan, MergePlan)
     assert {j.name for j in result.plan.jobs} == set(weights(a))
 
 
@@ -206,6 +208,7 @@ def test_route_recipe_with_missing_calibration_text_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path) -> None:
     from hfmerge.errors import CkaGateError
     from tests.support.lm import save_lm
@@ -230,7 +233,7 @@ def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path)
     assert (tmp_path / "ok" / "config.json").exists()
 
 
-@pytest.mark.parametrize("method", ["weight", "activation"])
+@pytest.mark.parametrize("method", ["weight", pytest.param("activation", marks=pytest.mark.slow)])
 def test_align_step_merges_a_model_with_its_permuted_copy_back_into_it(
     method: str, tmp_path: Path
 ) -> None:
@@ -263,6 +266,7 @@ def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -
         assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
 
 
+@pytest.mark.slow
 def test_align_report_barrier_goes_into_the_card(tmp_path: Path) -> None:
     from tests.support.lm import save_lm, save_permuted_copy, train_tiny_lm
 

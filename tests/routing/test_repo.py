@@ -59,7 +59,8 @@ def repo(experts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def manifest_json(repo: Path) -> dict[str, Any]:
-    return json.loads((repo / MANIFEST_FILE).read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    manifest: dict[str, Any] = json.loads((repo / MANIFEST_FILE).read_text(encoding="utf-8"))
+    return manifest
 
 
 def test_manifest_round_trips_and_bundles_by_hard_link(

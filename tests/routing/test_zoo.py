@@ -27,7 +27,8 @@ EXPERTS = ("code", "prose")
 LENGTH = 64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+# one_thread: see tests/support/fixtures.py; slow: the module fixture trains three zoo members.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,8 @@ class FakeHub:
         self.weight_bytes: dict[str, int] = {}  # file -> tensor-data bytes served
         self._failures: dict[str, tuple[int, int]] = {}  # route -> (remaining, status)
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self._server = _HubServer(("127.0.0.1", port), _Handler, self)
         self._server.daemon_threads = True
-        self._server.hub = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -133,6 +132,16 @@ class FakeHub:
             return [r for r in self.log if route is None or r.route == route]
 
 
+class _HubServer(ThreadingHTTPServer):
+    """The HTTP server, holding the hub its handlers serve."""
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], hub: FakeHub
+    ) -> None:
+        super().__init__(address, handler)
+        self.hub = hub
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
 
@@ -152,7 +161,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # the request log is kept in FakeHub.log
 
     def _serve(self, method: str) -> None:
-        hub: FakeHub = self.server.hub  # type: ignore[attr-defined]
+        assert isinstance(self.server, _HubServer)
+        hub = self.server.hub
         url = urlsplit(self.path)
         body = self._read_body()
         route, reply = self._route(hub, method, url.path, url.query, body)

@@ -89,7 +89,7 @@ def load_expert(path: Path) -> PreTrainedModel:
     """An expert loaded independently of the routing code, float32 on the CPU."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train(False)
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def mixed_batch(tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:

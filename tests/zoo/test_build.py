@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 from hfmerge.errors import UnknownNameError
+from hfmerge.runtime import fixed_threads
 from hfmerge.zoo import ZOO_MEMBERS, ZooConfig, build_zoo, corpus, train, zoo_cache_dir, zoo_model
 
 TINY = ZooConfig.tiny()
@@ -26,7 +32,8 @@ GPT2_MEMBERS = ("gpt2-seed0", "gpt2-seed1")
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny zoo per module: the cache root that holds it."""
+    """One tiny zoo per module: the cache root that holds it (training it takes ~20 s, so every
+    test that uses it is marked slow)."""
     root = tmp_path_factory.mktemp("zoo-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HFMERGE_CACHE", str(root))
@@ -61,6 +68,7 @@ def _probe_loss(model_dir: Path, domain: corpus.Domain, *, chunks: int = 12) -> 
         return float(model(**batch, labels=batch["input_ids"]).loss)
 
 
+@pytest.mark.slow
 def test_members_load_with_auto_classes_and_give_finite_logits(tiny_zoo: dict[str, Path]) -> None:
     for name, path in tiny_zoo.items():
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -80,11 +88,13 @@ def test_members_load_with_auto_classes_and_give_finite_logits(tiny_zoo: dict[st
         assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
 
 
+@pytest.mark.slow
 def test_gpt2_pair_is_a_real_tied_gpt2_of_the_same_size(tiny_zoo: dict[str, Path]) -> None:
     for name in GPT2_MEMBERS:
         path = zoo_cache_dir(TINY) / name
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        assert isinstance(model, GPT2LMHeadModel)
         config = model.config
         assert config.model_type == "gpt2"
         assert (config.n_embd, config.n_layer) == (TINY.hidden_size, TINY.num_layers)
@@ -105,6 +115,7 @@ def test_gpt2_pair_is_a_real_tied_gpt2_of_the_same_size(tiny_zoo: dict[str, Path
     )
 
 
+@pytest.mark.slow
 def test_tokenizer_is_lossless_on_code_and_unicode(tiny_zoo: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_zoo["seed0"])
     text = 'def naïve(x: int) -> str:\n\treturn f"{x} ≥ 0 → ok"  # 日本\n'
@@ -112,6 +123,7 @@ def test_tokenizer_is_lossless_on_code_and_unicode(tiny_zoo: dict[str, Path]) ->
     assert tokenizer.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_zoo_json_records_training_and_beats_unigram(tiny_zoo: dict[str, Path]) -> None:
     for name, path in tiny_zoo.items():
         info = json.loads((path / "zoo.json").read_text())
@@ -128,6 +140,7 @@ def test_zoo_json_records_training_and_beats_unigram(tiny_zoo: dict[str, Path]) 
             )
 
 
+@pytest.mark.slow
 def test_specialists_are_better_on_their_own_domain(tiny_zoo: dict[str, Path]) -> None:
     code_on_code = _probe_loss(tiny_zoo["code"], "code")
     prose_on_code = _probe_loss(tiny_zoo["prose"], "code")
@@ -137,6 +150,7 @@ def test_specialists_are_better_on_their_own_domain(tiny_zoo: dict[str, Path]) -
     assert prose_on_prose < code_on_prose
 
 
+@pytest.mark.slow
 def test_seed_models_differ_and_specialists_descend_from_seed0(tiny_zoo: dict[str, Path]) -> None:
     weights = {name: load_file(tiny_zoo[name] / "model.safetensors") for name in MEMBERS}
     assert weights["seed0"].keys() == weights["seed1"].keys()
@@ -149,8 +163,10 @@ def test_seed_models_differ_and_specialists_descend_from_seed0(tiny_zoo: dict[st
         assert near < far / 2, child
 
 
+@pytest.mark.slow
 def test_init_depends_on_the_seed_only(tiny_zoo: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_zoo["seed0"])
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
     torch.manual_seed(123)  # the global RNG state must not leak into the init
     first = train.new_model(TINY, tokenizer, seed=0).state_dict()
     torch.manual_seed(456)
@@ -160,6 +176,7 @@ def test_init_depends_on_the_seed_only(tiny_zoo: dict[str, Path]) -> None:
     assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_second_call_is_a_cache_hit(
     tiny_zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,6 +193,7 @@ def test_second_call_is_a_cache_hit(
     assert {n: (p / "model.safetensors").stat().st_mtime_ns for n, p in tiny_zoo.items()} == mtimes
 
 
+@pytest.mark.slow
 def test_rebuilding_in_a_fresh_cache_is_bitwise_identical(
     tiny_zoo: dict[str, Path], fresh_cache: Path
 ) -> None:
@@ -204,6 +222,7 @@ def test_failed_training_leaves_no_member_and_no_temp_dir(
     assert not list(cache_dir.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_concurrent_builders_train_each_member_once(
     tiny_zoo: dict[str, Path], fresh_cache: Path
 ) -> None:
@@ -298,7 +317,7 @@ def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
 
 def test_fixed_threads_restores_the_thread_count() -> None:
     before = torch.get_num_threads()
-    with train.fixed_threads(1):
+    with fixed_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 
