@@ -70,6 +70,7 @@ def leftovers(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.hfmerge-*"))
 
 
+@pytest.mark.slow  # a second interpreter runs a slowed-down merge
 def test_after_kill_9_the_next_run_removes_the_leftover(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -85,6 +86,7 @@ def test_after_kill_9_the_next_run_removes_the_leftover(
     assert (out / "config.json").is_file()
 
 
+@pytest.mark.slow  # a second interpreter runs a slowed-down merge
 def test_a_live_runs_staging_folder_is_never_taken_for_stale(tmp_path: Path) -> None:
     out = tmp_path / "out"
     child, _ = start_slow_run(tmp_path, out)

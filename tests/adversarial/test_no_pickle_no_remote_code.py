@@ -99,6 +99,7 @@ REFUSAL: dict[str, dict[str, str | None]] = {
 }
 
 
+@pytest.mark.slow  # a tiny model per case, and most commands load two
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_hostile_folder_runs_no_code(

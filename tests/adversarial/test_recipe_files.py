@@ -48,6 +48,7 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+@pytest.mark.slow  # a second interpreter, under a memory limit
 def test_an_alias_bomb_is_refused_by_validate_in_bounded_memory(tmp_path: Path) -> None:
     path = tmp_path / "bomb.yaml"
     path.write_text(alias_bomb())

@@ -156,6 +156,7 @@ sys.exit(main(["run", sys.argv[1]]))
 """
 
 
+@pytest.mark.slow  # a second interpreter runs the merge
 def test_an_input_that_shrinks_mid_merge_is_an_error_naming_it(tmp_path: Path) -> None:
     _, a, b = make_models(tmp_path)
     path = recipe(tmp_path / "r.yaml", a, [a, b], tmp_path / "out")
