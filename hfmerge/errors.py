@@ -216,6 +216,48 @@ class PreflightError(HfMergeError):
         )
 
 
+class NonFiniteWeightsError(HfMergeError):
+    """A tensor holds NaN or Inf values: in an input (`model` is its label) or, from finite
+    inputs, in the merged output (`model` is None). Counts are over the whole tensor."""
+
+    def __init__(
+        self,
+        model: str | None,
+        tensor: str,
+        *,
+        nan: int,
+        posinf: int,
+        neginf: int,
+        method: str,
+        others: Sequence[str] = (),
+    ) -> None:
+        self.model = model
+        self.tensor = tensor
+        self.nan, self.posinf, self.neginf = nan, posinf, neginf
+        self.method = method
+        self.others = list(others)  # other inputs with non-finite values in the same tensor
+        counts = (
+            f"{nan + posinf + neginf} non-finite values ({nan} NaN, {posinf} +Inf, "
+            f"{neginf} -Inf, counted over the whole tensor)"
+        )
+        also = f"; {', '.join(self.others)} also hold some there" if self.others else ""
+        optin = "pass --allow-non-finite (RunOptions(allow_non_finite=True)) to write it anyway"
+        if model is None:
+            super().__init__(
+                f"The {method} merge produced {counts} in tensor {tensor} from finite inputs; "
+                "nothing was written",
+                why="the method's arithmetic overflowed or divided zero by zero for these values",
+                fix=f"check the method's parameters for this tensor, or {optin}",
+            )
+            return
+        super().__init__(
+            f"Model {model}: tensor {tensor} holds {counts}{also}; nothing was written",
+            why="NaN or Inf weights flow into the merged model, whose outputs then turn NaN",
+            fix="check the model's weights or download it again (a Hub model: delete its folder "
+            f"in the HF cache); to merge anyway, {optin}",
+        )
+
+
 class OutputError(HfMergeError):
     """The output location cannot be written as asked (exists, not writable, ...)."""
 

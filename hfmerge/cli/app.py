@@ -57,6 +57,12 @@ def run(
         str | None,
         typer.Option("--max-memory", help="Peak memory while merging (all processes), e.g. 1GB."),
     ] = None,
+    allow_non_finite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-non-finite", help="Merge NaN or Inf weights with a warning, not an error."
+        ),
+    ] = False,
 ) -> None:
     """Run a recipe: merge the models it names, write a model directory, optionally push it."""
     from hfmerge import api
@@ -69,6 +75,7 @@ def run(
         private=private,
         offline=offline,
         max_memory=max_memory,
+        allow_non_finite=allow_non_finite,
     )
     result = api.run(recipe, options)
     if result.out_dir is None:

@@ -1,6 +1,7 @@
 """How the merge engine spends its cores on a chunk: the main thread and a helper each take half
 of its rows (torch drops the GIL inside each op), and element-wise merges convert and merge a
-chunk's elements in cache-sized flat pieces so their float32 temporaries stay in cache.
+chunk's elements in cache-sized flat pieces so their float32 temporaries stay in cache (and are
+checked for NaN and Inf there, `engine/finite.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ from typing import Any
 
 import torch
 
+from hfmerge.engine.finite import quick_sum, sums_finite
 from hfmerge.engine.tuning import EngineTuning
 from hfmerge.methods.chunks import Chunk, TensorMerge
+
+# Called with a part's offset in the chunk's flat elements and the part as written, before the
+# part is yielded, when the quick sums of its inputs or its output are not all finite.
+OnNonFinite = Callable[[int, torch.Tensor], None]
 
 
 class RowSplitter:
@@ -82,7 +88,11 @@ class RowSplitter:
 
 
 def apply_in_pieces(
-    merge: TensorMerge, chunk: Chunk, dtype: torch.dtype, tuning: EngineTuning
+    merge: TensorMerge,
+    chunk: Chunk,
+    dtype: torch.dtype,
+    tuning: EngineTuning,
+    on_non_finite: OnNonFinite | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """An element-wise merge of a chunk held in its storage dtype, cast to `dtype`, as
     (first element, flat output) parts of `tuning.part_elements`, each yielded once it is merged.
@@ -95,19 +105,27 @@ def apply_in_pieces(
     lets the writer copy each one while it is still in cache, where a whole chunk's output would
     have left the cache before the writer reached it. One piece on a GPU, where the conversions
     cost nothing.
+
+    With `on_non_finite`, each piece's float32 inputs and cast output are summed while in cache
+    (one sum for all converted inputs: they share one buffer), and a part whose sums are not all
+    finite is passed to it before it is yielded.
     """
     first = chunk.tensors[0]
     if first.device.type != "cpu":
-        rows = len(first) if first.dim() else 1
-        yield chunk.first, merge.apply(chunk.rows(0, rows, as_float=True)).to(dtype).reshape(-1)
+        yield chunk.first, _apply_on_device(merge, chunk, dtype, on_non_finite)
         return
     sources = [*chunk.tensors, *([] if chunk.base is None else [chunk.base])]
     flat = [source.reshape(-1) for source in sources]  # [rows, ...] -> [n]: views, no copy
     out = torch.empty(first.numel(), dtype=dtype)  # [n]: the chunk's rows, flat
     total = out.numel()
     size = max(1, min(tuning.piece_elements, total))  # an empty chunk has no piece
-    buffers = [torch.empty(size) if t.dtype != torch.float32 else None for t in flat]
+    converted = [i for i, t in enumerate(flat) if t.dtype != torch.float32]
+    joint = torch.empty(len(converted), size)  # [converted sources, piece]: one sum checks all
+    buffers: list[torch.Tensor | None] = [None] * len(flat)
+    for row, index in enumerate(converted):
+        buffers[index] = joint[row]
     inputs = len(chunk.tensors)
+    sums: list[torch.Tensor] = []
     part_start = 0
     for start in range(0, total, size):
         stop = min(total, start + size)
@@ -115,15 +133,40 @@ def apply_in_pieces(
             part if buffer is None else buffer[: stop - start].copy_(part)
             for part, buffer in zip((t[start:stop] for t in flat), buffers, strict=True)
         ]
+        if on_non_finite is not None:  # before the merge, which may reuse its inputs
+            sums.append(quick_sum(joint[:, : stop - start]))
+            sums += [quick_sum(f) for f, b in zip(floats, buffers, strict=True) if b is None]
         piece = Chunk(
             floats[:inputs],
             floats[inputs] if len(floats) > inputs else None,
             chunk.first + start,
             whole=False,
         )
-        out[start:stop].copy_(merge.apply(piece))
+        merged = out[start:stop]
+        merged.copy_(merge.apply(piece))
+        if on_non_finite is not None:
+            sums.append(quick_sum(merged))
         if stop - part_start >= tuning.part_elements or stop == total:
+            if on_non_finite is not None and not sums_finite(sums):
+                on_non_finite(part_start, out[part_start:stop])
+            sums.clear()
             yield chunk.first + part_start, out[part_start:stop]
             part_start = stop
     if total == 0:
         yield chunk.first, out
+
+
+def _apply_on_device(
+    merge: TensorMerge, chunk: Chunk, dtype: torch.dtype, on_non_finite: OnNonFinite | None
+) -> torch.Tensor:
+    """`apply_in_pieces` on a GPU: the whole chunk as one flat piece."""
+    first = chunk.tensors[0]
+    floats = chunk.rows(0, len(first) if first.dim() else 1, as_float=True)
+    if on_non_finite is None:
+        return merge.apply(floats).to(dtype).reshape(-1)
+    sources = [*floats.tensors, *([] if floats.base is None else [floats.base])]
+    sums = [quick_sum(t) for t in sources]  # before the merge, which may reuse its inputs
+    out = merge.apply(floats).to(dtype).reshape(-1)
+    if not sums_finite([*sums, quick_sum(out)]):
+        on_non_finite(0, out)
+    return out

@@ -7,7 +7,8 @@ GIL over at every op and gained nothing but CPU time. Two processes share only t
 not a GIL, so both cores merge at once (benchmarks/NOTES.md has the measurement).
 
 How: once the shard files exist, the engine forks. The child merges its share, reports each
-finished tensor and then the names it wrote (or its error) through a pipe, and ends in `os._exit`
+finished tensor and then its result (the names it wrote, what it found) or its error through a
+pipe, and ends in `os._exit`
 whatever happens, so it never returns into its caller's clean-up. The parent merges the rest and
 advances one progress bar for both. A parent that fails kills the child before its caller
 discards the output. Linux only (`fork` with torch loaded); elsewhere, and on a GPU, one process.
@@ -24,9 +25,10 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import Pipe
 from types import TracebackType
+from typing import Generic, TypeVar
 
 import torch
 
@@ -36,8 +38,10 @@ from hfmerge.errors import HfMergeError
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-# Merges `jobs`, calling `on_job()` after each; returns the names of the tensors it wrote.
-RunShare = Callable[[list[TensorJob], Callable[[], None]], Collection[str]]
+R = TypeVar("R")
+# Merges `jobs`, calling `on_job()` after each; returns what the parent needs to know (the names
+# of the tensors it wrote, ...), which must pickle.
+RunShare = Callable[[list[TensorJob], Callable[[], None]], R]
 
 
 def process_count(*, elementwise: bool, device: torch.device, tuning: EngineTuning) -> int:
@@ -61,24 +65,26 @@ def split_jobs(jobs: Sequence[TensorJob], shares: int) -> list[list[TensorJob]]:
     return [[job for job in jobs if owner[job.name] == share] for share in range(shares)]
 
 
-class ForkedShare:
+class ForkedShare(Generic[R]):
     """One share of the jobs, merged by a child process while the `with` block runs.
 
     `on_job(1)` is called (on a listener thread) for each tensor the child finishes; `check()`
-    raises the child's error as soon as it is known; `wait()` returns the names it wrote.
+    raises the child's error as soon as it is known; `wait()` returns what `run` returned.
     """
 
-    def __init__(self, jobs: list[TensorJob], run: RunShare, on_job: Callable[[int], None]) -> None:
+    def __init__(
+        self, jobs: list[TensorJob], run: RunShare[R], on_job: Callable[[int], None]
+    ) -> None:
         self._jobs = jobs
         self._run = run
         self._on_job = on_job
         self._pid = 0
-        self._written: frozenset[str] | None = None
+        self._result: R | None = None
         self._error: BaseException | None = None
         self._listener = threading.Thread(target=self._listen, name="hfmerge-share", daemon=True)
         self._receive, self._send = Pipe(duplex=False)
 
-    def __enter__(self) -> ForkedShare:
+    def __enter__(self) -> ForkedShare[R]:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
@@ -93,8 +99,8 @@ class ForkedShare:
         try:
             _die_with(parent)
             self._receive.close()
-            written = self._run(self._jobs, lambda: self._send.send(("job", None)))
-            self._send.send(("done", frozenset(written)))
+            result = self._run(self._jobs, lambda: self._send.send(("job", None)))
+            self._send.send(("done", result))
             status = 0
         except BaseException as exc:  # handed to the parent, which raises it
             with contextlib.suppress(BaseException):
@@ -110,7 +116,7 @@ class ForkedShare:
                     self._on_job(1)
                     continue
                 if kind == "done":
-                    self._written = value
+                    self._result = value
                 else:
                     self._error = value
                 return
@@ -122,13 +128,13 @@ class ForkedShare:
         if self._error is not None:
             raise self._error
 
-    def wait(self) -> frozenset[str]:
-        """Wait for the child; the names it wrote, or its error raised here."""
+    def wait(self) -> R:
+        """Wait for the child; what its `run` returned, or its error raised here."""
         self._listener.join()
         self._reap()
         self.check()
-        assert self._written is not None
-        return self._written
+        assert self._result is not None
+        return self._result
 
     def _reap(self) -> None:
         if self._pid:

@@ -6,7 +6,9 @@ no chunked form). A method that needs per-tensor statistics (TIES's magnitude cu
 once per statistics pass before the pass that produces output. Nothing holds a whole model, and
 the float32 temporaries are bounded by the chunk size, not the tensor size. Element-wise merges on
 a multi-core CPU split the tensors between two processes (`engine/procs.py`); the others split
-each chunk's rows between two threads (`engine/compute.py`).
+each chunk's rows between two threads (`engine/compute.py`). Every float chunk read and every
+merged chunk is checked for NaN and Inf on the way (`engine/finite.py`): an error at the end of the
+tensor, before the output is renamed into place, unless the run allows them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from hfmerge.arch.permute import permute_tensor
-from hfmerge.arch.spec import ArchSpec, Permutations
+from hfmerge.arch.spec import Permutations
+from hfmerge.engine import finite
+from hfmerge.engine.aligned import AlignedReader
 from hfmerge.engine.budget import ChunkPolicy, chunk_policy
 from hfmerge.engine.compute import RowSplitter, apply_in_pieces
 from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
@@ -49,8 +52,10 @@ def execute_plan(
     max_memory_bytes: int | None = None,
     device: str | torch.device | None = None,
     tuning: EngineTuning = DEFAULT_TUNING,
-) -> None:
-    """Write every planned tensor into `out_dir` (shards + index).
+    allow_non_finite: bool = False,
+) -> list[finite.NonFiniteFinding]:
+    """Write every planned tensor into `out_dir` (shards + index); what non-finite values were
+    found, when allowed (each also listed in a warning on stderr).
 
     Args:
         plan: the merge plan.
@@ -67,9 +72,14 @@ def execute_plan(
             process for two models.
         device: where the arithmetic runs; None picks CUDA when available, else the CPU.
         tuning: chunk, queue, piece, thread and process sizes (`engine/tuning.py`).
+        allow_non_finite: merge NaN and Inf values (inputs or output) with a warning instead of
+            raising `NonFiniteWeightsError`.
 
     Raises:
         HfMergeError: `max_memory_bytes` is too small for one chunk of some tensor.
+        NonFiniteWeightsError: an input tensor, or a merged one, holds NaN or Inf values (and
+            `allow_non_finite` is False); raised once that tensor is done, so its counts are
+            whole, and before the caller renames the output into place.
     """
     compute_device = resolve_device(device)
     elementwise = _merges_elementwise(plan, params, model_params)
@@ -88,6 +98,7 @@ def execute_plan(
         device=compute_device,
         perms=perms,
         tuning=tuning,
+        allow_non_finite=allow_non_finite,
     )
     own, *others = split_jobs(plan.jobs, policy.processes)
     with (
@@ -105,9 +116,22 @@ def execute_plan(
             for child in forked:
                 child.check()  # a child's error stops the parent too
 
-        run(own, on_job)
+        found = list(run(own, on_job).non_finite)
         for child in forked:
-            writer.record_written(child.wait())
+            result = child.wait()
+            writer.record_written(result.written)
+            found += result.non_finite
+    finite.warn_non_finite(found)  # after the progress bar, not through it
+    return found
+
+
+@dataclass(frozen=True)
+class _ShareResult:
+    """What one process's share reports: the names it wrote and the non-finite values it
+    found (allowed ones; otherwise it raised)."""
+
+    written: frozenset[str]
+    non_finite: tuple[finite.NonFiniteFinding, ...]
 
 
 @dataclass(frozen=True)
@@ -123,12 +147,13 @@ class _Share:
     device: torch.device
     perms: Sequence[Permutations | None]
     tuning: EngineTuning
+    allow_non_finite: bool
 
     def run(
         self, writer: ShardWriter, jobs: list[TensorJob], on_job: Callable[[], None]
-    ) -> frozenset[str]:
+    ) -> _ShareResult:
         """Merge `jobs` (in plan order) into `writer`, calling `on_job()` after each; the names
-        `writer` holds as written."""
+        `writer` holds as written, and the non-finite values found."""
         plan = replace(self.plan, jobs=jobs)
         steps = _Steps(
             plan,
@@ -141,7 +166,7 @@ class _Share:
         with ExitStack() as stack:
             steps.base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
             steps.inputs = [
-                _AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
+                AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
                 for m, p in zip(plan.inputs, self.perms, strict=True)
             ]
             # The reader and writer threads take the other core's share on small machines, and
@@ -151,17 +176,19 @@ class _Share:
             splitter = stack.enter_context(RowSplitter.for_device(steps.device, self.tuning))
             behind = stack.enter_context(WriteBehind(writer.write_part, self.policy.write_bytes))
             ahead = stack.enter_context(Prefetcher(steps.produce, self.policy.read_bytes))
+            tally = finite.FiniteTally(allow=self.allow_non_finite, method=plan.method.name)
             pending = iter(ahead)
-            for _ in jobs:
+            for job in jobs:
                 for step, size in pending:
                     job_end = step.job_end
-                    _run_step(step, behind, splitter, self.tuning)
+                    _run_step(step, behind, splitter, self.tuning, tally)
                     del step  # free the chunk before the reader may read the next one
                     ahead.done(size)
                     if job_end:
                         break
+                tally.end_tensor(job.name)  # raises for non-finite values, unless allowed
                 on_job()
-        return writer.written
+        return _ShareResult(writer.written, tuple(tally.found))
 
 
 def _merges_elementwise(
@@ -202,6 +229,9 @@ class _Step:
     whole: bool
     pass_end: bool
     job_end: bool
+    # Non-finite counts of the chunk's float32 inputs (the reader's check), by model label.
+    non_finite: tuple[tuple[str, finite.NonFiniteCount], ...] = ()
+    labels: Sequence[str] = ()  # the models of `tensors` and then `base`
 
 
 class _Steps:
@@ -226,7 +256,9 @@ class _Steps:
         # model is the same on every machine.
         self.device = device if plan.method.deterministic else torch.device("cpu")
         self.base: LazyCheckpoint | None = None
-        self.inputs: list[_AlignedReader] = []
+        self.inputs: list[AlignedReader] = []
+        base = [plan.base.label] if plan.method.needs_base else []
+        self.labels = [*(m.label for m in plan.inputs), *base]  # of `_read`'s tensors, base
 
     def produce(self, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
         """Every step with its input bytes, reading each chunk after `acquire` admits it."""
@@ -251,6 +283,7 @@ class _Steps:
             raw = self.base.get_rows(job.name, start, stop)
             last = stop == ranges[-1][1]
             step = _Step(job, None, 0, [raw], None, start * _row_elements(job), False, last, last)
+            step.non_finite = finite.check_sources([self.plan.base.label], [raw])  # copied as it is
             yield step, size
 
     def _merge(self, job: TensorJob, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
@@ -272,6 +305,10 @@ class _Steps:
                 acquire(size)
                 tensors, base = self._read(job.name, start, stop, raw=merge.elementwise)
                 end = stop == ranges[-1][1]
+                # Element-wise merges check their float32 pieces (`apply_in_pieces`); the
+                # others the float32 chunk here, once, beside the main thread's math.
+                check = pass_index == 0 and not merge.elementwise
+                sources = [*tensors, *([] if base is None else [base])]
                 step = _Step(
                     job,
                     merge,
@@ -282,6 +319,8 @@ class _Steps:
                     whole=start == 0 and stop == rows,
                     pass_end=end,
                     job_end=end and pass_index == merge.passes,
+                    non_finite=finite.check_sources(self.labels, sources) if check else (),
+                    labels=self.labels,
                 )
                 yield step, size
 
@@ -307,10 +346,17 @@ class _Steps:
 
 
 def _run_step(
-    step: _Step, behind: WriteBehind, splitter: RowSplitter, tuning: EngineTuning
+    step: _Step,
+    behind: WriteBehind,
+    splitter: RowSplitter,
+    tuning: EngineTuning,
+    tally: finite.FiniteTally,
 ) -> None:
-    """Merge, observe or copy one chunk; merged and copied rows go to the writer thread."""
+    """Merge, observe or copy one chunk; merged and copied rows go to the writer thread, their
+    non-finite values (and the inputs') to `tally`."""
     name = step.job.name
+    for label, count in step.non_finite:
+        tally.add(label, count)
     if step.merge is None:
         behind.put(name, step.first, step.tensors[0])
         return
@@ -322,7 +368,9 @@ def _run_step(
         return
     dtype = torch_dtype(step.job.dtype)
     if step.merge.elementwise:  # read in its storage dtype (`_Steps._read`); flat parts
-        for first, part in apply_in_pieces(step.merge, chunk, dtype, tuning):
+        sources = [*chunk.tensors, *([] if chunk.base is None else [chunk.base])]
+        on_non_finite = functools.partial(tally.add_part, step.labels, sources)
+        for first, part in apply_in_pieces(step.merge, chunk, dtype, tuning, on_non_finite):
             behind.put(name, first, part.cpu())
         return
     parts = splitter.apply(step.merge, chunk, dtype)
@@ -331,6 +379,7 @@ def _run_step(
     if got != expected:
         raise RuntimeError(f"method returned shape {got} for {name}, expected {expected}")
     for first, part in parts:
+        tally.add(None, finite.check_chunk(part))
         behind.put(name, first, part.cpu())
 
 
@@ -355,29 +404,3 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@dataclass(frozen=True)
-class _AlignedReader:
-    """One input's tensors, permuted on read into the base's basis when `perms` is set.
-
-    A permutation can move rows anywhere, so a permuted tensor is read whole once and its chunks
-    are cut from it (the last one is kept for the next pass).
-    """
-
-    checkpoint: LazyCheckpoint
-    spec: ArchSpec
-    perms: Permutations | None
-    _last: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows `start:stop` of tensor `name`, in the base's basis."""
-        if self.perms is None:
-            return self.checkpoint.get_rows(name, start, stop)
-        if name not in self._last:
-            self._last.clear()
-            tensor = self.checkpoint.get(name)
-            spec = self.spec.tensors[name]
-            self._last[name] = permute_tensor(tensor, spec, self.spec, self.perms)
-        whole = self._last[name]
-        return whole[start:stop] if whole.dim() else whole

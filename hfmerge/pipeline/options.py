@@ -34,6 +34,9 @@ class RunOptions:
         offline: use only the local HF cache, with no network request.
         max_memory: peak memory of the merge step, e.g. "1GB" or bytes (engine/budget.py).
         progress: draw progress bars on stderr.
+        allow_non_finite: merge even when an input tensor, or the merged output, holds NaN or
+            Inf values, listing them in a warning on stderr; by default they are an error
+            (`NonFiniteWeightsError`) and nothing is written.
         tuning: the merge engine's chunk, queue, thread and process sizes (engine/tuning.py);
             benchmarks and tests change them, users have no need to.
     """
@@ -46,6 +49,7 @@ class RunOptions:
     offline: bool = False
     max_memory: str | int | None = None
     progress: bool = True
+    allow_non_finite: bool = False
     tuning: EngineTuning = DEFAULT_TUNING
 
     def output_dir(self, recipe: Recipe, *, recipe_file: Path | None = None) -> Path:

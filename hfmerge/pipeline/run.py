@@ -143,6 +143,7 @@ def run_recipe(
             progress=progress,
             max_memory_bytes=max_memory_bytes,
             tuning=options.tuning,
+            allow_non_finite=options.allow_non_finite,
         )
         _copy_config(staging, plan, recipe)
         repaired = _repair(staging, plan, recipe, alignment.perms, model_params, progress=progress)

@@ -35,9 +35,10 @@ def two_processes(monkeypatch: pytest.MonkeyPatch) -> list[frozenset[str]]:
     from_children: list[frozenset[str]] = []
     wait = ForkedShare.wait
 
-    def spy(self: ForkedShare) -> frozenset[str]:
-        from_children.append(wait(self))
-        return from_children[-1]
+    def spy(self: ForkedShare[Any]) -> Any:
+        result = wait(self)
+        from_children.append(result.written)
+        return result
 
     monkeypatch.setattr(ForkedShare, "wait", spy)
     return from_children

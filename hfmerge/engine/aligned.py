@@ -1,0 +1,39 @@
+"""An input's tensors read in the base's basis: the permutations found by alignment are applied
+as rows are read, so aligned copies of the inputs are never written or held whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hfmerge.arch.permute import permute_tensor
+from hfmerge.arch.spec import ArchSpec, Permutations
+from hfmerge.tensors import LazyCheckpoint
+
+
+@dataclass(frozen=True)
+class AlignedReader:
+    """One input's tensors, permuted on read into the base's basis when `perms` is set.
+
+    A permutation can move rows anywhere, so a permuted tensor is read whole once and its chunks
+    are cut from it (the last one is kept for the next pass).
+    """
+
+    checkpoint: LazyCheckpoint
+    spec: ArchSpec
+    perms: Permutations | None
+    _last: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of tensor `name`, in the base's basis."""
+        if self.perms is None:
+            return self.checkpoint.get_rows(name, start, stop)
+        if name not in self._last:
+            self._last.clear()
+            tensor = self.checkpoint.get(name)
+            spec = self.spec.tensors[name]
+            self._last[name] = permute_tensor(tensor, spec, self.spec, self.perms)
+        whole = self._last[name]
+        return whole[start:stop] if whole.dim() else whole
