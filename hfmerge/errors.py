@@ -240,21 +240,21 @@ class NonFiniteWeightsError(HfMergeError):
             f"{nan + posinf + neginf} non-finite values ({nan} NaN, {posinf} +Inf, "
             f"{neginf} -Inf, counted over the whole tensor)"
         )
-        also = f"; {', '.join(self.others)} also hold some there" if self.others else ""
-        optin = "pass --allow-non-finite (RunOptions(allow_non_finite=True)) to write it anyway"
+        also = f"; so does that tensor in {', '.join(self.others)}" if self.others else ""
+        optin = "pass --allow-non-finite (RunOptions(allow_non_finite=True))"
         if model is None:
             super().__init__(
                 f"The {method} merge produced {counts} in tensor {tensor} from finite inputs; "
                 "nothing was written",
-                why="the method's arithmetic overflowed or divided zero by zero for these values",
-                fix=f"check the method's parameters for this tensor, or {optin}",
+                why="The method's arithmetic overflowed or divided zero by zero for these values",
+                fix=f"check the method's parameters for this tensor, or {optin} to write it anyway",
             )
             return
         super().__init__(
             f"Model {model}: tensor {tensor} holds {counts}{also}; nothing was written",
             why="NaN or Inf weights flow into the merged model, whose outputs then turn NaN",
             fix="check the model's weights or download it again (a Hub model: delete its folder "
-            f"in the HF cache); to merge anyway, {optin}",
+            f"in the HF cache); or, to merge anyway, {optin}",
         )
 
 

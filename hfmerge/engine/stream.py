@@ -229,7 +229,7 @@ class _Step:
     whole: bool
     pass_end: bool
     job_end: bool
-    # Non-finite counts of the chunk's float32 inputs (the reader's check), by model label.
+    # Non-finite counts of the chunk's inputs, found on the reader thread, by model label.
     non_finite: tuple[tuple[str, finite.NonFiniteCount], ...] = ()
     labels: Sequence[str] = ()  # the models of `tensors` and then `base`
 

@@ -415,3 +415,19 @@ def test_inputs_are_checked_even_when_the_output_hides_their_nan(
         (2, 0, 0),
     )
     assert_nothing_written(tmp_path)
+
+
+def test_with_two_inputs_not_finite_the_first_is_named_and_the_other_listed(
+    models: list[Path], tmp_path: Path
+) -> None:
+    poison(models[1], TENSOR, math.inf, count=2)
+    poison(models[2], TENSOR, math.nan, count=5)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        run(recipe(tmp_path, models, "ties"), tuning=SMALL_CHUNKS)
+    error = info.value
+    assert (error.model, counts(error), error.others) == (
+        str(models[1]),
+        (0, 2, 0),
+        [str(models[2])],
+    )
+    assert f"whole tensor); so does that tensor in {models[2]}; nothing was" in error.message()
