@@ -330,7 +330,7 @@ def _hub_endpoint(sources: list[ModelSource]) -> str:
         return DEFAULT_ENDPOINT  # no Hub input: nothing links to it
     from hfmerge import hub
 
-    return hub.settings().endpoint
+    return hub.settings().shown_endpoint  # a card is public: never the endpoint's credentials
 
 
 def _set_config_dtype(config_path: Path, dtype: str) -> None:
