@@ -99,8 +99,11 @@ def run_recipe(
     max_memory_bytes = parse_memory_budget(options.max_memory)
     recipe_text = recipe_file.read_text(encoding="utf-8") if recipe_file is not None else None
     target = options.output_dir(recipe, recipe_file=recipe_file)
+    recipe_dir = recipe_file.parent if recipe_file is not None else None  # for path hints only
     if recipe.route is not None:
-        return _run_route(recipe, options, target=target, recipe_text=recipe_text)
+        return _run_route(
+            recipe, options, target=target, recipe_text=recipe_text, recipe_dir=recipe_dir
+        )
     assert recipe.merge is not None
     force, progress, offline = options.force, options.progress, options.offline
     method = get_method(recipe.merge.method)
@@ -109,7 +112,9 @@ def run_recipe(
         method, recipe.merge.parameters, [e.method_params for e in inputs_entries]
     )
     push = _check_target(target, recipe, options)
-    base, inputs = _inspect(base_entry, inputs_entries, offline=offline, progress=progress)
+    base, inputs = _inspect(
+        base_entry, inputs_entries, offline=offline, progress=progress, recipe_dir=recipe_dir
+    )
     plan = build_plan(
         method,
         base=base,
@@ -176,14 +181,19 @@ def _check_target(target: Path, recipe: Recipe, options: RunOptions) -> str | No
 
 
 def _run_route(
-    recipe: Recipe, options: RunOptions, *, target: Path, recipe_text: str | None
+    recipe: Recipe,
+    options: RunOptions,
+    *,
+    target: Path,
+    recipe_text: str | None,
+    recipe_dir: Path | None,
 ) -> RunResult:
     """The `route:` counterpart of a merge: experts pinned, router fitted, routed repo written."""
     from hfmerge.pipeline.route import build_route, download_route, plan_route
 
     offline, progress = options.offline, options.progress
     push = _check_target(target, recipe, options)
-    plan = plan_route(recipe, offline=offline, progress=progress)
+    plan = plan_route(recipe, offline=offline, progress=progress, recipe_dir=recipe_dir)
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, plan.models)
@@ -218,11 +228,16 @@ def _split_base(recipe: Recipe, *, needs_base: bool) -> tuple[ModelEntry, list[M
 
 
 def _inspect(
-    base_entry: ModelEntry, entries: list[ModelEntry], *, offline: bool, progress: bool
+    base_entry: ModelEntry,
+    entries: list[ModelEntry],
+    *,
+    offline: bool,
+    progress: bool,
+    recipe_dir: Path | None,
 ) -> tuple[InspectedModel, list[InspectedModel]]:
     unique = list({e.ref: e for e in [base_entry, *entries]}.values())
     refs = [(e.model, e.revision) for e in unique]
-    found = inspect_models(refs, offline=offline, progress=progress)
+    found = inspect_models(refs, offline=offline, progress=progress, recipe_dir=recipe_dir)
     by_ref = {e.ref: model for e, model in zip(unique, found, strict=True)}
     return by_ref[base_entry.ref], [by_ref[e.ref] for e in entries]
 

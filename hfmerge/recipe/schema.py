@@ -2,6 +2,11 @@
 
 `load_recipe` reports every problem at once (schema, unknown keys, method names and
 parameters), each with its YAML line, before anything is read or written.
+
+Relative paths in a recipe (a model in `models` or `base`, `output.path`, `probe.data` and the
+experts' `data`) are read from the current working directory, not from the recipe file's folder
+(`hfmerge.sources.refs.local_path` for models); an error for one that does not exist shows the
+absolute path tried, and the recipe-folder spelling when that one exists.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    """One input model; keys other than `model` and `revision` are per-model method parameters."""
+    """One input model; keys other than `model` and `revision` are per-model method parameters.
+
+    `model` is a reference: a local directory (a relative one is read from the current working
+    directory), `zoo:NAME`, or a Hub id `org/name[@revision]`.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
