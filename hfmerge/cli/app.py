@@ -38,6 +38,16 @@ def _hint(message: str) -> None:
     stderr_console.print(message, highlight=False, soft_wrap=True)
 
 
+def _check_reports(json_out: Path | None, plot: Path | None = None) -> None:
+    """Refuse a report path that cannot be written now, before the models load, not after."""
+    from hfmerge.analysis.reports import check_report_path
+
+    if json_out is not None:
+        check_report_path(json_out, "the JSON report")
+    if plot is not None:
+        check_report_path(plot, "the plot")
+
+
 @app.command()
 def run(
     recipe: RecipeArg,
@@ -188,6 +198,7 @@ def eval_(
     from hfmerge.analysis.evaluation import format_grid
     from hfmerge.analysis.reports import write_json
 
+    _check_reports(json_out)
     report = api.evaluate(
         models, data=data, max_length=max_length, samples=samples, batch_size=batch_size
     )
@@ -232,6 +243,7 @@ def barrier(
     from hfmerge.analysis.barrier import format_barrier_table
     from hfmerge.analysis.reports import write_json
 
+    _check_reports(json_out, plot)
     report = api.barrier(
         model_a,
         model_b,
@@ -321,6 +333,7 @@ def cka(
     from hfmerge.analysis.cka import check_fail_under, format_report
     from hfmerge.analysis.reports import write_json
 
+    _check_reports(json_out, plot)
     report = api.cka(
         model_a,
         model_b,
