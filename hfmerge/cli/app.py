@@ -97,7 +97,10 @@ def validate(recipe: RecipeArg) -> None:
     """Check a recipe: every schema problem at once, then model compatibility from headers."""
     from hfmerge import api
 
-    typer.echo(f"{recipe}: OK — {api.validate(recipe).summary()}")
+    checked = api.validate(recipe)
+    typer.echo(f"{recipe}: OK — {checked.summary()}")
+    for note in checked.notes:
+        _hint(f"note: {note}")
 
 
 @app.command()
