@@ -85,6 +85,8 @@ def run(
         typer.echo(result.describe_plan())
         return
     typer.echo(str(result.out_dir))
+    for warning in result.warnings:
+        _hint(f"warning: {warning}")
     kind = "Routed" if result.routed else "Merged"
     _hint(f"{kind} model written to {result.out_dir}. Load it with:\n{result.snippet}")
     if result.url:

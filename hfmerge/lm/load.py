@@ -19,20 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.arch.config import read_config
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError, OptionError
-from hfmerge.tensors import read_checkpoint_index
+from hfmerge.tensors import has_tokenizer, read_checkpoint_index
 
 Objective = Literal["causal", "masked"]
-
-
-# Any one of these files means the directory carries its own tokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-)
 
 
 @contextmanager
@@ -95,7 +84,7 @@ def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory; a clear error when there is none."""
     from transformers import AutoTokenizer
 
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(path):
         raise ModelSourceError(
             label,
             "has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file)",

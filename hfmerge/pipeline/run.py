@@ -33,6 +33,7 @@ from hfmerge.tensors import (
     atomic_output_dir,
     check_output_dir,
     copy_side_files,
+    has_tokenizer,
     parse_size,
     read_checkpoint_index,
     refuse_overlap,
@@ -53,13 +54,15 @@ RECIPE_FILE = "hfmerge_recipe.yaml"
 @dataclass(frozen=True)
 class RunResult:
     """What `run_recipe` did: the plan (a merge plan, or a route plan for `route:` recipes),
-    where the output went (None for a dry run), the Python lines that load it, and the URL of
-    the Hub repo it was pushed to (None when not pushed)."""
+    where the output went (None for a dry run), the Python lines that load it, the URL of
+    the Hub repo it was pushed to (None when not pushed), and warnings about the output (one
+    line each, such as an output without a tokenizer)."""
 
     plan: MergePlan | RoutePlan
     out_dir: Path | None
     url: str | None = None
     snippet: str = ""
+    warnings: tuple[str, ...] = ()
 
     @property
     def routed(self) -> bool:
@@ -132,7 +135,9 @@ def run_recipe(
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
     alignment = align_inputs(recipe, plan, progress=progress)
     text = pinned_recipe(recipe, recipe_text, [m.source for m in [base, *inputs]])
-    snippet = load_snippet(base.config, push or str(target))
+    tokenizer = has_tokenizer(plan.base.source.path)  # downloaded with the base's config
+    warnings = () if tokenizer else (_no_tokenizer_warning(plan.base.label, target),)
+    snippet = load_snippet(base.config, push or str(target), tokenizer=tokenizer)
     card_params = CardParams(
         method=params.model_dump(by_alias=True),
         inputs=[p.model_dump(by_alias=True) for p in model_params],
@@ -160,12 +165,20 @@ def run_recipe(
             params=card_params,
             repo_id=push,
             sections=[cka.card_section(), alignment.card_section(repaired)],
+            tokenizer=tokenizer,
         )
     if not push:
-        return RunResult(plan=plan, out_dir=target, snippet=snippet)
+        return RunResult(plan=plan, out_dir=target, snippet=snippet, warnings=warnings)
     keep_private = options.keep_private(recipe)
     url = push_output(target, push, private=keep_private, checked=True, method=method.name)
-    return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet)
+    return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet, warnings=warnings)
+
+
+def _no_tokenizer_warning(base: str, target: Path) -> str:
+    return (
+        f"the base {base} has no tokenizer files, so the output {target} has no tokenizer: "
+        "copy the tokenizer files of the model it was trained with into it before loading one"
+    )
 
 
 def _check_target(target: Path, recipe: Recipe, options: RunOptions) -> str | None:
@@ -319,6 +332,7 @@ def _write_side_files(
     params: CardParams,
     repo_id: str | None,
     sections: list[str],
+    tokenizer: bool,
 ) -> None:
     (staging / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
     card = render_card(
@@ -332,6 +346,7 @@ def _write_side_files(
         repo_id=repo_id,
         endpoint=_endpoint(plan),
         extra_sections=[s for s in sections if s],
+        tokenizer=tokenizer,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
 
