@@ -109,7 +109,8 @@ def test_a_stale_old_output_is_put_back_when_the_output_is_missing(tmp_path: Pat
     aside = tmp_path / ".out.hfmerge-old-0123abcd"
     os.rename(out, aside)
     (entry,) = stale_staging(out)
-    assert entry.restores and entry.size == len("previous output")
+    assert entry.restores
+    assert entry.size == len("previous output")
     remove_stale(out)
     assert (out / "weights").read_text() == "previous output"
     assert leftovers(tmp_path) == []
@@ -122,7 +123,8 @@ def test_a_stale_old_output_is_deleted_when_the_new_one_is_in(tmp_path: Path) ->
     (entry,) = stale_staging(out)
     assert not entry.restores
     remove_stale(out)
-    assert out.is_dir() and leftovers(tmp_path) == []
+    assert out.is_dir()
+    assert leftovers(tmp_path) == []
 
 
 def test_foreign_hidden_folders_and_other_outputs_leftovers_are_left_alone(

@@ -61,7 +61,8 @@ def test_an_alias_bomb_is_refused_by_validate_in_bounded_memory(tmp_path: Path) 
         check=False,
     )
     assert done.returncode == 1, done.stderr
-    assert "YAML aliases" in done.stderr and str(path) in done.stderr
+    assert "YAML aliases" in done.stderr
+    assert str(path) in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -112,7 +113,8 @@ def test_a_duplicate_key_is_an_error_naming_both_lines(
     (problem,) = caught.value.problems
     assert problem.location == where
     assert f"also at line {first_line}" in problem.message
-    assert problem.line is not None and problem.line > first_line
+    assert problem.line is not None
+    assert problem.line > first_line
 
 
 def test_every_duplicate_is_reported_at_once() -> None:

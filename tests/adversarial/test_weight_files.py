@@ -71,7 +71,8 @@ def test_an_integer_tensor_against_a_float_one_is_refused_before_merging(
     path = recipe(tmp_path / "r.yaml", a, [a, b], tmp_path / "out")
     assert main(["run", str(path)]) == 1
     err = capsys.readouterr().err
-    assert f"F32 vs {integer}" in err and "same kind of number" in err
+    assert f"F32 vs {integer}" in err
+    assert "same kind of number" in err
     assert not (tmp_path / "out").exists()
     assert main(["validate", str(path)]) == 1  # validate sees it from headers too
     assert "same kind of number" in capsys.readouterr().err
@@ -103,9 +104,11 @@ def test_an_unknown_dtype_names_the_model_file_and_tensor(dtype: str, tmp_path: 
     with pytest.raises(ModelSourceError) as caught:
         read_checkpoint_index(a, label="org/a")
     message = str(caught.value)
-    assert "org/a" in message and "model.safetensors" in message
+    assert "org/a" in message
+    assert "model.safetensors" in message
     if dtype:
-        assert name in message and repr(dtype) in message
+        assert name in message
+        assert repr(dtype) in message
 
 
 def test_an_unknown_dtype_through_the_cli_is_one_clear_error(
@@ -115,7 +118,9 @@ def test_an_unknown_dtype_through_the_cli_is_one_clear_error(
     edit_header(b, lambda header: header[first_weight(header)].update(dtype="Q4"))
     assert main(["validate", str(recipe(tmp_path / "r.yaml", a, [a, b], tmp_path / "o"))]) == 1
     err = capsys.readouterr().err
-    assert "'Q4'" in err and str(b) in err and "Traceback" not in err
+    assert "'Q4'" in err
+    assert str(b) in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("link", ["loop", "dangling"])
@@ -168,8 +173,10 @@ def test_an_input_that_shrinks_mid_merge_is_an_error_naming_it(tmp_path: Path) -
         check=False,
     )
     assert done.returncode == 1, (done.returncode, done.stderr)  # not -7 (SIGBUS)
-    assert "model.safetensors" in done.stderr and str(b) in done.stderr
-    assert "ends" in done.stderr and "early" in done.stderr
+    assert "model.safetensors" in done.stderr
+    assert str(b) in done.stderr
+    assert "ends" in done.stderr
+    assert "early" in done.stderr
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.hfmerge-*"))
 

@@ -190,7 +190,8 @@ def test_pickle_only_directory_is_refused_without_unpickling(tmp_path: Path) -> 
     with pytest.raises(ModelSourceError) as caught:
         read_checkpoint_index(model_dir)
     message = caught.value.message()
-    assert "pickle" in message and "pytorch_model.bin" in message
+    assert "pickle" in message
+    assert "pytorch_model.bin" in message
     assert "safe_serialization=True" in message
     with pytest.raises(ModelSourceError):
         LazyCheckpoint(model_dir)
@@ -361,7 +362,8 @@ def test_written_model_loads_in_transformers_with_same_logits(
     assert (final / "model.safetensors.index.json").exists()
     result: Any = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     loaded, info = result
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
     ids = torch.randint(
         0, TINY_LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1)
     )

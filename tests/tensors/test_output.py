@@ -18,7 +18,8 @@ def leftovers(parent: Path) -> list[str]:
 def test_atomic_output_moves_result_into_place(tmp_path: Path) -> None:
     final = tmp_path / "nested" / "out"
     with atomic_output_dir(final, force=False) as work:
-        assert work.parent == final.parent and work.name.startswith(".out.hfmerge-tmp-")
+        assert work.parent == final.parent
+        assert work.name.startswith(".out.hfmerge-tmp-")
         (work / "a.txt").write_text("new")
         assert not final.exists()
     assert (final / "a.txt").read_text() == "new"
@@ -55,7 +56,8 @@ def test_existing_output_is_refused_before_any_work(tmp_path: Path) -> None:
     assert not ran
     with pytest.raises(OutputError):
         check_output_dir(final, force=False)
-    assert (final / "old.txt").read_text() == "old" and leftovers(tmp_path) == []
+    assert (final / "old.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
 
 
 def test_force_replaces_existing_output(tmp_path: Path) -> None:
