@@ -137,10 +137,16 @@ def test_foreign_hidden_folders_and_other_outputs_leftovers_are_left_alone(
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_an_interrupted_body_removes_its_staging_folder(tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt), atomic_output_dir(tmp_path / "out", force=False) as tmp:
+def _interrupt_half_way(out: Path) -> None:
+    """Write half of `out` into its staging folder, then stop as Ctrl-C does."""
+    with atomic_output_dir(out, force=False) as tmp:
         (tmp / "half").write_text("x")
         raise KeyboardInterrupt
+
+
+def test_an_interrupted_body_removes_its_staging_folder(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_half_way(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 

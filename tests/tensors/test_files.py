@@ -390,14 +390,20 @@ def test_writer_refuses_tensors_off_the_plan(
     writer.abort()
 
 
+def _write_a_twice(writer: ShardWriter) -> None:
+    """Write `a`, see the second write of `a` refused, and close the writer without `b`."""
+    with writer:
+        writer.write("a", torch.zeros(2))
+        with pytest.raises(ShardWriteError, match="already written"):
+            writer.write("a", torch.zeros(2))
+
+
 def test_writer_refuses_duplicates_and_missing_tensors(tmp_path: Path) -> None:
     specs = [OutputTensor("a", "F32", (2,)), OutputTensor("b", "F32", (2,))]
     plan = plan_shards(specs, max_shard_bytes=100)
     missing = "1 planned tensors were never written: 'b'"
-    with pytest.raises(ShardWriteError, match=missing), ShardWriter(tmp_path, plan) as writer:
-        writer.write("a", torch.zeros(2))
-        with pytest.raises(ShardWriteError, match="already written"):
-            writer.write("a", torch.zeros(2))
+    with pytest.raises(ShardWriteError, match=missing):
+        _write_a_twice(ShardWriter(tmp_path, plan))
     # An error in the body wins over the incompleteness check (the output is discarded anyway).
     with pytest.raises(RuntimeError, match="boom"), ShardWriter(tmp_path / "again", plan):
         raise RuntimeError("boom")

@@ -29,6 +29,13 @@ def test_atomic_output_moves_result_into_place(tmp_path: Path) -> None:
     assert final.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def _write_then_fail(final: Path, error: type[BaseException]) -> None:
+    """Write a file into `final`'s staging folder (replacing `final`), then fail with `error`."""
+    with atomic_output_dir(final, force=True) as work:
+        (work / "a.txt").write_text("new")
+        raise error()
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_atomic_output_on_error_leaves_final_untouched(
     tmp_path: Path, error: type[BaseException]
@@ -36,9 +43,8 @@ def test_atomic_output_on_error_leaves_final_untouched(
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    with pytest.raises(error), atomic_output_dir(final, force=True) as work:
-        (work / "a.txt").write_text("new")
-        raise error()
+    with pytest.raises(error):
+        _write_then_fail(final, error)
     assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
     assert leftovers(tmp_path) == []
     with pytest.raises(error), atomic_output_dir(tmp_path / "fresh", force=False):
