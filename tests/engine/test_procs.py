@@ -58,7 +58,7 @@ def _fail_in_child(monkeypatch: pytest.MonkeyPatch, error: BaseException | None)
     monkeypatch.setattr(engine._Share, "run", failing)
 
 
-class Unrebuildable(Exception):
+class UnrebuildableError(Exception):
     """Pickles (as its one message argument) but cannot be rebuilt from it."""
 
     def __init__(self, a: int, b: int) -> None:
@@ -192,10 +192,10 @@ def test_an_error_that_cannot_be_rebuilt_arrives_as_text(
     monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
-    _fail_in_child(monkeypatch, Unrebuildable(1, 2))
+    _fail_in_child(monkeypatch, UnrebuildableError(1, 2))
     with pytest.raises(RuntimeError, match="worker process failed") as info:
         merge(models, tmp_path / "out", "linear")
-    assert "Unrebuildable: 1/2" in str(info.value)
+    assert "UnrebuildableError: 1/2" in str(info.value)
     _assert_no_children()
 
 
