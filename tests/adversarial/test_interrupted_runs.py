@@ -101,6 +101,51 @@ def test_a_live_runs_staging_folder_is_never_taken_for_stale(tmp_path: Path) -> 
     assert [entry.path for entry in stale_staging(out)] == [live]  # the child is gone now
 
 
+@pytest.mark.slow  # a second interpreter runs a slowed-down merge
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+)
+def test_a_signal_mid_run_exits_non_zero_and_leaves_nothing(
+    signum: signal.Signals, status: int, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    child, _ = start_slow_run(tmp_path, out)
+    child.send_signal(signum)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == status, stderr
+    assert f"interrupted ({signum.name})" in stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""  # nothing that a `&& hfmerge push` could take for a result
+    assert leftovers(tmp_path) == []
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a second interpreter runs a slowed-down merge
+def test_clean_removes_what_a_killed_run_left_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    child, _ = start_slow_run(tmp_path, out)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=60)
+    (left,) = leftovers(tmp_path)
+    assert main(["clean", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"removed {left} (") and printed.endswith(" MB)\n")
+    assert leftovers(tmp_path) == []
+    assert main(["clean", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no staging folders" in captured.err
+
+
+def test_clean_of_a_folder_of_outputs_removes_the_stale_ones_inside(tmp_path: Path) -> None:
+    (tmp_path / ".a.hfmerge-tmp-0123abcd").mkdir()
+    (tmp_path / ".b.hfmerge-old-89abcdef").mkdir()  # b is missing: put back as b
+    assert main(["clean", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_a_stale_old_output_is_put_back_when_the_output_is_missing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
