@@ -132,11 +132,13 @@ def test_clean_removes_what_a_killed_run_left_and_says_so(
     (left,) = leftovers(tmp_path)
     assert main(["clean", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"removed {left} (") and printed.endswith(" MB)\n")
+    assert printed.startswith(f"removed {left} (")
+    assert printed.endswith(" MB)\n")
     assert leftovers(tmp_path) == []
     assert main(["clean", str(out)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == "" and "no staging folders" in captured.err
+    assert captured.out == ""
+    assert "no staging folders" in captured.err
 
 
 def test_clean_of_a_folder_of_outputs_removes_the_stale_ones_inside(tmp_path: Path) -> None:
