@@ -17,8 +17,9 @@ from hfmerge.errors import InputDataError, RecipeError, UnknownNameError
 from hfmerge.methods import METHODS
 from hfmerge.recipe.schema import parse_recipe
 from tests.support.fakehub import FakeHub
-from tests.support.fakehub_models import weights, write_recipe
+from tests.support.fakehub_models import write_recipe
 from tests.support.lm import save_lm, save_permuted_copy
+from tests.support.weights import read_weights
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),  # see conftest.one_thread
@@ -49,7 +50,7 @@ def test_run_merge_of_a_model_with_itself_is_the_model(
     out = tmp_path / "merged"
     result = api.run(recipe, api.RunOptions(out=out, progress=False))
     assert result.out_dir == out and not result.routed and result.url is None
-    original, merged = weights(models["a"]), weights(out)
+    original, merged = read_weights(models["a"]), read_weights(out)
     assert merged.keys() == original.keys()
     for name, tensor in original.items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0)
@@ -184,8 +185,8 @@ def test_align_writes_the_permuted_copy_back_in_the_reference_basis(
     out = tmp_path / "aligned"
     result = api.align(str(models["a"]), str(models["permuted"]), out, progress=False)
     assert result.out_dir == out and result.method == "weight" and result.iterations >= 1
-    aligned = weights(out)
-    for name, tensor in weights(models["a"]).items():
+    aligned = read_weights(out)
+    for name, tensor in read_weights(models["a"]).items():
         torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
     with pytest.raises(UnknownNameError, match="alignment method"):
         api.align(str(models["a"]), str(models["permuted"]), tmp_path / "x", method="nearest")  # type: ignore[arg-type]
