@@ -22,7 +22,7 @@ from tests.support.lm import save_lm, save_permuted_copy
 from tests.support.weights import read_weights
 
 pytestmark = [
-    pytest.mark.usefixtures("one_thread"),  # see conftest.one_thread
+    pytest.mark.usefixtures("one_thread"),  # see tests/support/fixtures.py one_thread
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
 ]
 
