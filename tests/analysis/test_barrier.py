@@ -36,7 +36,7 @@ from tests.support.lm import (
 LENGTH, SAMPLES = 48, 8  # small, so every curve takes a fraction of a second
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ TEXT = (
 ) * 3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 def direct_loss(model: PreTrainedModel, rows: Sequence[Scored], *, causal: bool) -> float:

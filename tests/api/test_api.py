@@ -17,11 +17,12 @@ from hfmerge.errors import InputDataError, RecipeError, UnknownNameError
 from hfmerge.methods import METHODS
 from hfmerge.recipe.schema import parse_recipe
 from tests.support.fakehub import FakeHub
-from tests.support.fakehub_models import weights, write_recipe
+from tests.support.fakehub_models import write_recipe
 from tests.support.lm import save_lm, save_permuted_copy
+from tests.support.weights import read_weights
 
 pytestmark = [
-    pytest.mark.usefixtures("one_thread"),  # see conftest.one_thread
+    pytest.mark.usefixtures("one_thread"),  # see tests/support/fixtures.py one_thread
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
 ]
 
@@ -51,7 +52,7 @@ def test_run_merge_of_a_model_with_itself_is_the_model(
     assert result.out_dir == out
     assert not result.routed
     assert result.url is None
-    original, merged = weights(models["a"]), weights(out)
+    original, merged = read_weights(models["a"]), read_weights(out)
     assert merged.keys() == original.keys()
     for name, tensor in original.items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0)
@@ -196,8 +197,8 @@ def test_align_writes_the_permuted_copy_back_in_the_reference_basis(
     assert result.out_dir == out
     assert result.method == "weight"
     assert result.iterations >= 1
-    aligned = weights(out)
-    for name, tensor in weights(models["a"]).items():
+    aligned = read_weights(out)
+    for name, tensor in read_weights(models["a"]).items():
         torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
     with pytest.raises(UnknownNameError, match="alignment method"):
         api.align(str(models["a"]), str(models["permuted"]), tmp_path / "x", method="nearest")  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ FIELDS = {
 SMALL = ["--samples", "6", "--max-length", "32", "--batch-size", "4", "--device-map", "cpu"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")

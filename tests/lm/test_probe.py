@@ -26,7 +26,7 @@ from tests.support.lm import char_tokenizer, save_lm, save_permuted_copy, style_
 LENGTH, SAMPLES = 32, 8
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import overwrite_tensors
 from tests.support.lm import save_lm, source_of, train_tiny_lm
+from tests.support.weights import read_weights
 
 QUIET = RunOptions(progress=False)  # no progress bars in test output
 
@@ -40,7 +41,7 @@ FOLDED = (
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +137,6 @@ def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_p
     run_recipe(_recipe(a, b, tmp_path / "many", repair=True, shard="40KB"), QUIET)
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 2
     whole = load_file(tmp_path / "one" / "model.safetensors")
-    sharded: dict[str, torch.Tensor] = {}
-    for file in (tmp_path / "many").glob("*.safetensors"):
-        sharded.update(load_file(file))
+    sharded = read_weights(tmp_path / "many")
     assert whole.keys() == sharded.keys()
     assert all(torch.equal(whole[name], sharded[name]) for name in whole)

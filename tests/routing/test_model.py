@@ -38,7 +38,7 @@ from tests.support.routing import (
 )
 from tests.support.tiny_models import make_tiny_model, tiny_batch
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from tests.support.routing import (
 )
 from tests.support.routing import write_bundled as write_repo
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ from tests.support.routing import (
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")

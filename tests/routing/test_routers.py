@@ -19,7 +19,7 @@ from hfmerge.routing.routers import (
 DIM, PER_EXPERT = 16, 40
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 def clusters(

@@ -29,6 +29,7 @@ from hfmerge.tensors import (
     plan_shards,
     read_checkpoint_index,
 )
+from tests.support.weights import read_weights
 
 TINY_LLAMA: dict[str, Any] = {
     "hidden_size": 32,
@@ -66,15 +67,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-
-
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in every safetensors file of `directory`, via safetensors itself."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +265,7 @@ def test_writer_round_trip_in_shuffled_order(tmp_path: Path) -> None:
     tensors = mixed_tensors()
     plan = write_shuffled(tmp_path, tensors, cap=40)
     assert len(plan.shards) > 2
-    back = read_all(tmp_path)
+    back = read_weights(tmp_path)
     assert set(back) == set(tensors)
     assert all(same_bits(back[name], tensor) for name, tensor in tensors.items())
     document = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -310,7 +302,7 @@ def test_large_writes_start_their_writeback_and_keep_their_bytes(
     header_length = 8 + struct.unpack("<Q", (tmp_path / "model.safetensors").read_bytes()[:8])[0]
     # Only the large write queues its writeback, on exactly its own byte range.
     assert calls == [(header_length + big.begin, big.end - big.begin, os.POSIX_FADV_DONTNEED)]
-    back = read_all(tmp_path)
+    back = read_weights(tmp_path)
     assert all(same_bits(back[name], tensor) for name, tensor in tensors.items())
 
 
@@ -319,7 +311,7 @@ def test_single_shard_is_model_safetensors_without_index(tmp_path: Path) -> None
     plan = write_shuffled(tmp_path, tensors, cap=parse_size("2GB"))
     assert plan.filenames == ("model.safetensors",)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    back = read_all(tmp_path)
+    back = read_weights(tmp_path)
     assert all(same_bits(back[name], tensor) for name, tensor in tensors.items())
 
 
@@ -333,7 +325,7 @@ def test_tensor_larger_than_cap_gets_its_own_shard(tmp_path: Path) -> None:
     plan = write_shuffled(tmp_path, tensors, cap=20)
     assert [s.names for s in plan.shards] == [("a", "b"), ("big",), ("c",)]
     assert plan.filenames[1] == "model-00002-of-00003.safetensors"
-    assert same_bits(read_all(tmp_path)["big"], tensors["big"])
+    assert same_bits(read_weights(tmp_path)["big"], tensors["big"])
     first_big = plan_shards(
         outputs_of({"big": tensors["big"], "a": tensors["a"]}), max_shard_bytes=20
     )

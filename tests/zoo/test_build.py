@@ -21,7 +21,6 @@ from transformers import (
 )
 
 from hfmerge.errors import UnknownNameError
-from hfmerge.runtime import fixed_threads
 from hfmerge.zoo import ZOO_MEMBERS, ZooConfig, build_zoo, corpus, train, zoo_cache_dir, zoo_model
 
 TINY = ZooConfig.tiny()
@@ -315,13 +314,6 @@ def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
     assert factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[-1] == pytest.approx(0.1)
-
-
-def test_fixed_threads_restores_the_thread_count() -> None:
-    before = torch.get_num_threads()
-    with fixed_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
 
 
 def test_sample_batch_is_seeded_and_bos_led() -> None:
