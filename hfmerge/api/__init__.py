@@ -14,6 +14,7 @@ went wrong, why, and the fix. torch and transformers are imported inside the fun
 importing this package (and `import hfmerge`) stays fast.
 """
 
+from hfmerge.api.housekeeping import clean
 from hfmerge.api.listings import MethodInfo, ZooMember, archs, methods, zoo
 from hfmerge.api.models import (
     AlignMethod,
@@ -42,6 +43,7 @@ __all__ = [
     "archs",
     "barrier",
     "cka",
+    "clean",
     "evaluate",
     "methods",
     "push",

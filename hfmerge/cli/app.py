@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 from typer.exceptions import TyperException
 
-from hfmerge.errors import HfMergeError
-from hfmerge.progress import stderr_console
+from hfmerge.cli.signals import signals_interrupt
+from hfmerge.errors import HfMergeError, Interrupted
+from hfmerge.progress import say
 from hfmerge.recipe.align_methods import ALIGN_METHODS
 
 app = typer.Typer(
@@ -35,7 +36,7 @@ PrivateOpt = Annotated[
 
 
 def _hint(message: str) -> None:
-    stderr_console.print(message, highlight=False, soft_wrap=True)
+    say(message)
 
 
 def _check_reports(json_out: Path | None, plot: Path | None = None) -> None:
@@ -361,23 +362,46 @@ def cka(
     check_fail_under(report, fail_under)
 
 
+@app.command()
+def clean(
+    path: Annotated[Path, typer.Argument(help="An output path, or a folder that holds outputs.")],
+) -> None:
+    """Remove staging folders left by killed runs beside PATH (and inside it); runs still alive
+    keep theirs."""
+    from hfmerge import api
+
+    done = api.clean(path)
+    for entry in done:
+        verb = "restored" if entry.restores else "removed"
+        target = f" as {entry.output}" if entry.restores else ""
+        print(f"{verb} {entry.path}{target} ({entry.size / 1e6:.1f} MB)")
+    if not done:
+        _hint(f"no staging folders of killed runs at {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every hfmerge error into one paragraph on stderr."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="hfmerge", standalone_mode=False)
+        with signals_interrupt():
+            # Not standalone: errors come here to be formatted once. typer returns an exit
+            # status instead of raising for `typer.Exit` and for a KeyboardInterrupt it met.
+            status = command.main(args=argv, prog_name="hfmerge", standalone_mode=False)
     except HfMergeError as exc:
-        _hint(f"[bold red]error:[/] {exc.message()}")
+        say(exc.message(), prefix="error: ", prefix_style="bold red")
         return 1
+    except Interrupted as stop:
+        say(f"interrupted ({stop.signal_name}): stopped; unfinished output was removed")
+        return stop.exit_status
     except typer.Exit as exc:
         return int(exc.exit_code)
     except typer.Abort:
-        _hint("aborted")
+        say("aborted")
         return 130
     except TyperException as exc:  # usage errors: bad option values, missing arguments
         exc.show()  # type: ignore[attr-defined]  # every raised one is a ClickException
         return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        _hint("interrupted: nothing was written (partial output is removed)")
+        say("interrupted (SIGINT): stopped; unfinished output was removed")
         return 130
-    return 0
+    return status if isinstance(status, int) else 0

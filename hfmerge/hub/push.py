@@ -10,7 +10,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from hfmerge.errors import HubError
 from hfmerge.hub.settings import HubSettings, check_repo_id, hub_api, redact_url, settings
 from hfmerge.hub.translate import TRANSIENT, translated
-from hfmerge.progress import stderr_console
+from hfmerge.progress import say
 from hfmerge.tensors import INDEX_FILE
 
 PUSH_ATTEMPTS = 4  # one try and three retries
@@ -73,11 +73,9 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, commit_message: st
             if exc.kind not in TRANSIENT or attempt == PUSH_ATTEMPTS:
                 raise
             delay = PUSH_BACKOFF_S * 2 ** (attempt - 1)
-            stderr_console.print(
+            say(
                 f"push to {repo_id} failed ({exc.problem}); retrying in "
-                f"{delay:g} s (attempt {attempt + 1} of {PUSH_ATTEMPTS})",
-                highlight=False,
-                soft_wrap=True,
+                f"{delay:g} s (attempt {attempt + 1} of {PUSH_ATTEMPTS})"
             )
             time.sleep(delay)
     raise AssertionError("unreachable: the last attempt returns or raises")
