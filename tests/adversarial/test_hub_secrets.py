@@ -93,7 +93,8 @@ def test_a_rejected_credential_is_not_echoed_in_the_error(
         err = fails(command, capsys)
         assert "the Hub rejected the token (401 Unauthorized)" in err
         assert f"set HF_TOKEN to a token from {fake_hub.url}/settings/tokens" in err
-        assert SECRET not in err and f"{USER}:" not in err
+        assert SECRET not in err
+        assert f"{USER}:" not in err
     assert not (chdir_tmp / "merged").exists()
 
 
@@ -134,7 +135,8 @@ def test_a_run_and_push_print_and_write_no_credentials(
     assert main(["run", str(recipe), "--push", "org/merged"]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[-1] == f"{secret_hub.url}/org/merged"  # the repo's URL, usable
-    assert SECRET not in out + err and f"{USER}:" not in out + err
+    assert SECRET not in out + err
+    assert f"{USER}:" not in out + err
     card = (chdir_tmp / "merged" / "README.md").read_text()
     sha = secret_hub.head("org/a")
     assert f"({secret_hub.url}/org/a/tree/{sha})" in card  # inputs linked on the Hub they came from

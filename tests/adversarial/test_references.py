@@ -62,7 +62,8 @@ def test_a_mistyped_local_path_the_hub_does_not_know(
     err = fails(["run", str(recipe)], capsys)
     assert f"Model models/mymodel: {NEITHER}" in err
     assert f"Hub repo models/mymodel: does not exist on {fake_hub.url}" in err
-    assert "did you mean models/my-model?" in err and "if it is a Hub id, check" in err
+    assert "did you mean models/my-model?" in err
+    assert "if it is a Hub id, check" in err
     assert not (chdir_tmp / "merged").exists()
 
 
@@ -119,8 +120,10 @@ def test_a_path_spelt_as_a_path_is_never_sent_to_the_hub(
     recipe = write_recipe(chdir_tmp / "r.yaml", ["models/base", ref])
     err = fails(["validate", str(recipe)], capsys)
     assert f"Model {ref}: no such directory ({local_path(ref)})" in err
-    assert str(local_path(ref)).startswith("/") and "~" not in str(local_path(ref))
-    assert "Hub repo" not in err and "127.0.0.1:9" not in err
+    assert str(local_path(ref)).startswith("/")
+    assert "~" not in str(local_path(ref))
+    assert "Hub repo" not in err
+    assert "127.0.0.1:9" not in err
 
 
 def test_an_absolute_path_error_offers_the_close_folder(
@@ -173,7 +176,8 @@ def test_relative_paths_are_read_from_the_current_directory(
         "(did you mean project/models/a?)" in err
     )
     assert "2 problems with the input models" in err  # both, at once
-    assert not (chdir_tmp / "merged").exists() and not (chdir_tmp / "project" / "merged").exists()
+    assert not (chdir_tmp / "merged").exists()
+    assert not (chdir_tmp / "project" / "merged").exists()
 
 
 def test_the_same_recipe_runs_from_its_own_folder(

@@ -56,7 +56,8 @@ def test_a_report_path_that_is_a_folder_fails_first(
     (chdir_tmp / "reports").mkdir()
     err = fails([*COMMANDS[command], "reports"], capsys)
     assert f"Output reports: is a directory, so {what(command)} cannot be written there" in err
-    assert "name a file" in err and MISSING_MODEL not in err
+    assert "name a file" in err
+    assert MISSING_MODEL not in err
     assert listing(chdir_tmp) == ["reports"]
 
 

@@ -73,7 +73,8 @@ def test_a_hub_base_without_tokenizer_warns_too(
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
     warned = warnings_in(capsys.readouterr().err)
-    assert len(warned) == 1 and warned[0].startswith("warning: the base org/a has no tokenizer")
+    assert len(warned) == 1
+    assert warned[0].startswith("warning: the base org/a has no tokenizer")
     assert not any((chdir_tmp / "merged" / name).exists() for name in TOKENIZER_FILES)
 
 

@@ -70,7 +70,8 @@ def test_an_output_over_an_input_is_an_error_in_validate(
     before = fingerprint(chdir_tmp / "models")
     path = recipe(chdir_tmp / "r.yaml", models, out)
     err = fails(["validate", str(path)], capsys)
-    assert "input model" in err and "writing it would replace or delete" in err
+    assert "input model" in err
+    assert "writing it would replace or delete" in err
     assert "choose an output path outside every input model's folder" in err
     assert fingerprint(chdir_tmp / "models") == before
 
