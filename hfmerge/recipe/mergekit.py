@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hfmerge.errors import RecipeError, RecipeProblem
 from hfmerge.methods import METHODS
 from hfmerge.methods.base import MergeMethod
 from hfmerge.progress import say
-from hfmerge.recipe.yaml_locations import Location
+from hfmerge.recipe.yaml_locations import Location, read_yaml
 
 MARKERS = ("merge_method", "slices")  # a top-level key that only a mergekit config has
 NOT_YET = "is not supported yet"
@@ -117,10 +119,10 @@ def translate(config: Mapping[str, Any]) -> Translation:
     _top_level(config, out)
     method = _method(config, out)
     base = config.get("base_model")
-    if base is not None:
-        out.put(("base",), base, ("base_model",))
     globals_, shared = _global_parameters(config.get("parameters"), method, out)
     _models(config, base, method, shared, out)
+    if base is not None:
+        out.put(("base",), base, ("base_model",))
     if "merge_method" in config:
         out.put(("merge",), {"method": config["merge_method"]}, ("merge_method",))
         out.origins[("merge", "method")] = ("merge_method",)
@@ -235,12 +237,18 @@ def _models(
     for index, item in enumerate(models):
         entries.append(_model_entry(item, index, base, method, shared, out))
     named = {e.get("model") for e in entries if isinstance(e, Mapping)}
-    if isinstance(base, str) and base not in named:
-        # mergekit adds a base missing from `models` as one more input.
+    if isinstance(base, str) and base not in named and _base_listed(method, len(entries)):
         entries.append(_entry({"model": base}, base, method, shared))
         out.origins[("models", len(entries) - 1)] = ("base_model",)
         for name in entries[-1]:
             out.origins[("models", len(entries) - 1, name)] = ("base_model",)
+
+
+def _base_listed(method: MergeMethod | None, count: int) -> bool:
+    """Whether a base missing from `models` is listed there too. mergekit merges it as one more
+    input: for `linear` that changes the result; a task-vector method takes it as the base
+    wherever it is listed, and a recipe lists at least two models."""
+    return (method is not None and not method.needs_base) or count < 2
 
 
 def _model_entry(
@@ -315,3 +323,29 @@ def _dtype(config: Mapping[str, Any], out: Translation) -> None:
 def _dtype_name(value: Any) -> Any:
     """mergekit's dtype names may carry a `torch.` prefix."""
     return value.removeprefix("torch.") if isinstance(value, str) else value
+
+
+def recipe_yaml(config_text: str, *, source: str) -> str:
+    """The hfmerge recipe equivalent to the mergekit config `config_text`, as commented YAML.
+
+    Raises:
+        RecipeError: the text is not a mergekit config (or not YAML).
+    """
+    import yaml
+
+    config, _ = read_yaml(config_text, source=source)
+    if not is_mergekit(config):
+        problem = RecipeProblem(
+            "", "is not a mergekit config (no top-level `merge_method:`); it runs as it is"
+        )
+        raise RecipeError(source, [problem])
+    translation = translate(config)
+    name = Path(source).name
+    header = [
+        f"# Converted by `hfmerge convert` from the mergekit config {name}.",
+        f"# Run it with: hfmerge run {Path(name).stem}.hfmerge.yml (this text saved there);",
+        f"# `hfmerge run {name}` runs the same merge.",
+        *(f"# Note: {note}." for note in translation.notes),
+    ]
+    body = yaml.safe_dump(translation.data, sort_keys=False, allow_unicode=True)
+    return "\n".join(header) + "\n" + body
