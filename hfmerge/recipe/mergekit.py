@@ -276,6 +276,9 @@ def _model_entry(
                 )
             entry["model"] = value
             out.origins[(*where, "model")] = (*where, "model")
+        elif key == "revision":  # hfmerge's own: the pin a run writes into the saved config
+            entry["revision"] = value
+            out.origins[(*where, "revision")] = (*where, "revision")
         elif key == "parameters" and isinstance(value, Mapping):
             for name, setting in value.items():
                 origin = (*where, "parameters", name)
@@ -284,7 +287,10 @@ def _model_entry(
                     out.origins[(*where, name)] = origin
         elif key != "parameters":
             out.problems.append(
-                ((*where, key), f"unknown key {key!r} in a model entry (valid: model, parameters)")
+                (
+                    (*where, key),
+                    f"unknown key {key!r} in a model entry (valid: model, parameters, revision)",
+                )
             )
         else:
             out.problems.append(((*where, key), "must be a mapping of parameter names"))

@@ -108,6 +108,18 @@ def test_a_base_missing_from_models_is_merged_by_linear_as_mergekit_does() -> No
     assert [m.model for m in recipe.models] == ["a", "c"] and recipe.base == "c"
 
 
+def test_a_revision_beside_a_model_is_kept_so_a_pinned_saved_config_runs_again() -> None:
+    # A run saves the config with each Hub model pinned: `revision:` beside `model:`.
+    text = """
+models:
+  - {model: org/a, revision: abc123, parameters: {weight: 0.4}}
+  - {model: org/b}
+merge_method: linear
+"""
+    first = parse_recipe_text(text).models[0]
+    assert (first.ref, first.method_params) == ("org/a@abc123", {"weight": 0.4})
+
+
 @pytest.mark.parametrize(
     ("keys", "written"),
     [
