@@ -322,7 +322,7 @@ class ShardWriteError(ValueError):
     """
 
 
-class ManifestProblem(ValueError):
+class ManifestError(ValueError):
     """One invalid field of a routed repo's manifest; the repo loader turns it into a
     RoutedRepoError naming the repo."""
 

@@ -74,6 +74,7 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def repo_cache(repo_id: str, hub: HubSettings) -> Path:
+    """The folder of model repo `repo_id` in the HF cache (`models--org--name`)."""
     return hub.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
@@ -89,6 +90,7 @@ def remember_ref(repo_id: str, revision: str, sha: str, hub: HubSettings) -> Non
 
 
 def hub_api(hub: HubSettings) -> HfApi:
+    """An `HfApi` client for `hub`'s endpoint and token that names hfmerge and its version."""
     try:
         release = version(LIBRARY)
     except PackageNotFoundError:  # a source tree that was never installed

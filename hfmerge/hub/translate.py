@@ -49,6 +49,10 @@ def translated(
 def translate(
     exc: Exception, repo_id: str, revision: str | None, *, hub: HubSettings, action: str
 ) -> HubError:
+    """The HubError for one huggingface_hub or transport error met while trying to `action`
+    (e.g. `download`, `push to`) `repo_id`: its kind (gated, not found, offline, 401, 403, server,
+    network, ...), the problem in words and the fix."""
+
     def error(problem: str, kind: str, fix: str) -> HubError:
         return HubError(repo_id, problem, kind=kind, revision=revision, fix=fix)
 

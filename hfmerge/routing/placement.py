@@ -220,7 +220,8 @@ def _size_text(count: int) -> str:
 
 
 def _memory_key(device: torch.device) -> int | str | None:
-    """accelerate's `max_memory` key of a tensor's device (None: meta/disk, not in memory)."""
+    """The `max_memory` key, as accelerate names devices, of a tensor's device (None: meta/disk,
+    not in memory)."""
     if device.type == "cuda":
         return device.index or 0
     if device.type in ("cpu", "mps", "xpu"):

@@ -132,11 +132,13 @@ def test_clean_removes_what_a_killed_run_left_and_says_so(
     (left,) = leftovers(tmp_path)
     assert main(["clean", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"removed {left} (") and printed.endswith(" MB)\n")
+    assert printed.startswith(f"removed {left} (")
+    assert printed.endswith(" MB)\n")
     assert leftovers(tmp_path) == []
     assert main(["clean", str(out)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == "" and "no staging folders" in captured.err
+    assert captured.out == ""
+    assert "no staging folders" in captured.err
 
 
 def test_clean_of_a_folder_of_outputs_removes_the_stale_ones_inside(tmp_path: Path) -> None:
@@ -154,7 +156,8 @@ def test_a_stale_old_output_is_put_back_when_the_output_is_missing(tmp_path: Pat
     aside = tmp_path / ".out.hfmerge-old-0123abcd"
     os.rename(out, aside)
     (entry,) = stale_staging(out)
-    assert entry.restores and entry.size == len("previous output")
+    assert entry.restores
+    assert entry.size == len("previous output")
     remove_stale(out)
     assert (out / "weights").read_text() == "previous output"
     assert leftovers(tmp_path) == []
@@ -167,7 +170,8 @@ def test_a_stale_old_output_is_deleted_when_the_new_one_is_in(tmp_path: Path) ->
     (entry,) = stale_staging(out)
     assert not entry.restores
     remove_stale(out)
-    assert out.is_dir() and leftovers(tmp_path) == []
+    assert out.is_dir()
+    assert leftovers(tmp_path) == []
 
 
 def test_foreign_hidden_folders_and_other_outputs_leftovers_are_left_alone(
@@ -180,10 +184,16 @@ def test_foreign_hidden_folders_and_other_outputs_leftovers_are_left_alone(
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_an_interrupted_body_removes_its_staging_folder(tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt), atomic_output_dir(tmp_path / "out", force=False) as tmp:
+def _interrupt_half_way(out: Path) -> None:
+    """Write half of `out` into its staging folder, then stop as Ctrl-C does."""
+    with atomic_output_dir(out, force=False) as tmp:
         (tmp / "half").write_text("x")
         raise KeyboardInterrupt
+
+
+def test_an_interrupted_body_removes_its_staging_folder(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_half_way(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 

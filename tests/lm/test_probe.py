@@ -213,4 +213,5 @@ def test_auto_device_map_with_memory_limit_loads_and_runs(llama_pair: tuple[Path
         llama_pair[0], label="a", device_map="auto", max_memory={"cpu": "1GiB"}
     )
     states = layer_states(model, _batches("llama")[0], causal=True, pooling="tokens")
-    assert len(states) == 3 and states[0].dtype == torch.float32
+    assert len(states) == 3
+    assert states[0].dtype == torch.float32

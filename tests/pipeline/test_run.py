@@ -89,8 +89,10 @@ def test_linear_merge_is_the_weighted_sum_and_loads(make_model: MakeModel, tmp_p
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
     card = (out / "README.md").read_text()
-    assert "base_model_relation: merge" in card and "linear" in card
-    assert (out / "hfmerge_recipe.yaml").exists() and (out / "config.json").exists()
+    assert "base_model_relation: merge" in card
+    assert "linear" in card
+    assert (out / "hfmerge_recipe.yaml").exists()
+    assert (out / "config.json").exists()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -133,7 +135,8 @@ def test_dry_run_reads_no_weights_and_writes_nothing(
     result = run_recipe(
         recipe([str(a), str(b)], "linear", out), RunOptions(dry_run=True, progress=False)
     )
-    assert result.out_dir is None and not out.exists()
+    assert result.out_dir is None
+    assert not out.exists()
     assert isinstance(result.plan, MergePlan)
     assert {j.name for j in result.plan.jobs} == set(read_weights(a))
 
@@ -147,7 +150,8 @@ def test_existing_output_is_kept_unless_forced(make_model: MakeModel, tmp_path: 
         run_recipe(recipe([str(a), str(b)], "linear", out), QUIET)
     assert (out / "keep.txt").read_text() == "precious"
     run_recipe(recipe([str(a), str(b)], "linear", out), RunOptions(force=True, progress=False))
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not (out / "keep.txt").exists()
+    assert (out / "config.json").exists()
 
 
 def test_failure_midway_leaves_nothing_behind(
@@ -177,7 +181,9 @@ def test_incompatible_models_named_before_any_output(make_model: MakeModel, tmp_
     with pytest.raises(IncompatibleModelsError) as info:
         run_recipe(recipe([str(a), str(wide)], "linear", out), QUIET)
     message = info.value.message()
-    assert str(a) in message and str(wide) in message and "mlp.gate_proj.weight" in message
+    assert str(a) in message
+    assert str(wide) in message
+    assert "mlp.gate_proj.weight" in message
     assert not out.exists()
 
 
@@ -212,12 +218,16 @@ def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path)
     with pytest.raises(CkaGateError) as info:
         run_recipe(strict, QUIET)
     message = info.value.message()
-    assert "below check.cka_min 0.95" in message and "route:" in message
-    assert "method: centroid" in message and not out.exists()
-    assert 0 <= info.value.value < 0.95 and info.value.layer.startswith(("block", "embeddings"))
+    assert "below check.cka_min 0.95" in message
+    assert "route:" in message
+    assert "method: centroid" in message
+    assert not out.exists()
+    assert 0 <= info.value.value < 0.95
+    assert info.value.layer.startswith(("block", "embeddings"))
     run_recipe(strict, RunOptions(force=True, progress=False))
     card = (out / "README.md").read_text()
-    assert "## CKA compatibility" in card and f"| `{tmp_path / 'b'}` |" in card
+    assert "## CKA compatibility" in card
+    assert f"| `{tmp_path / 'b'}` |" in card
     lenient = recipe(models, "linear", tmp_path / "ok", check={"cka_min": -1.0}, probe=probe)
     run_recipe(lenient, QUIET)
     assert (tmp_path / "ok" / "config.json").exists()
@@ -253,7 +263,8 @@ def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -
     original, merged = read_weights(minilm), read_weights(out)
     assert original.keys() == merged.keys()
     for name, tensor in original.items():
-        assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
+        assert merged[name].dtype == tensor.dtype, name
+        assert torch.equal(merged[name], tensor), name
 
 
 @pytest.mark.slow
@@ -274,4 +285,5 @@ def test_align_report_barrier_goes_into_the_card(tmp_path: Path) -> None:
     section = (out / "README.md").read_text().split("## Alignment")[1]
     row = next(line for line in section.splitlines() if line.startswith(f"| `{tmp_path / 'b'}`"))
     vanilla, aligned = (float(cell) for cell in row.split("|")[2:4])
-    assert vanilla > 0.1 and abs(aligned) < 1e-4
+    assert vanilla > 0.1
+    assert abs(aligned) < 1e-4
