@@ -266,38 +266,36 @@ def _model_entry(
         return item  # a plain name, or a value the schema reports
     entry: dict[str, Any] = {}
     for key, value in item.items():
-        if key == "model":
-            if isinstance(value, str) and "+" in value:
-                out.problems.append(
-                    (
-                        (*where, key),
-                        f"a LoRA reference (`model+lora`) {NOT_YET}; merge the LoRA in first",
-                    )
-                )
-            entry["model"] = value
-            out.origins[(*where, "model")] = (*where, "model")
-        elif key == "revision":  # hfmerge's own: the pin a run writes into the saved config
-            entry["revision"] = value
-            out.origins[(*where, "revision")] = (*where, "revision")
-        elif key == "parameters" and isinstance(value, Mapping):
-            for name, setting in value.items():
-                origin = (*where, "parameters", name)
-                if _accepted(name, setting, origin, method, out):
-                    entry[name] = setting
-                    out.origins[(*where, name)] = origin
-        elif key != "parameters":
-            out.problems.append(
-                (
-                    (*where, key),
-                    f"unknown key {key!r} in a model entry (valid: model, parameters, revision)",
-                )
-            )
-        else:
-            out.problems.append(((*where, key), "must be a mapping of parameter names"))
+        _entry_key(entry, (*where, key), value, method, out)
     for name in _entry(entry, base, method, shared).keys() - entry.keys():
         entry[name] = shared[name]
         out.origins[(*where, name)] = ("parameters", name)
     return entry
+
+
+def _entry_key(
+    entry: dict[str, Any], where: Location, value: Any, method: MergeMethod | None, out: Translation
+) -> None:
+    """Translate one key of a model entry into `entry`, or report it."""
+    key = where[-1]
+    if key in ("model", "revision"):  # `revision`: the pin a run writes into the saved config
+        if key == "model" and isinstance(value, str) and "+" in value:
+            out.problems.append(
+                (where, f"a LoRA reference (`model+lora`) {NOT_YET}; merge the LoRA in first")
+            )
+        entry[key] = value
+        out.origins[where] = where
+    elif key == "parameters" and isinstance(value, Mapping):
+        for name, setting in value.items():
+            origin = (*where, name)
+            if _accepted(name, setting, origin, method, out):
+                entry[name] = setting
+                out.origins[(*where[:-1], name)] = origin
+    elif key == "parameters":
+        out.problems.append((where, "must be a mapping of parameter names"))
+    else:
+        valid = "model, parameters, revision"
+        out.problems.append((where, f"unknown key {key!r} in a model entry (valid: {valid})"))
 
 
 def _entry(
@@ -311,8 +309,8 @@ def _entry(
 
 
 def _dtype(config: Mapping[str, Any], out: Translation) -> None:
-    """mergekit merges in `dtype` and writes `out_dtype`, else `dtype`; hfmerge merges in
-    float32 and writes `output.dtype`."""
+    """The written dtype: mergekit merges in `dtype` and writes `out_dtype`, else `dtype`;
+    hfmerge merges in float32 and writes `output.dtype`."""
     compute = _dtype_name(config.get("dtype"))
     if compute not in (None, "float32"):
         out.notes.append(
@@ -327,7 +325,7 @@ def _dtype(config: Mapping[str, Any], out: Translation) -> None:
 
 
 def _dtype_name(value: Any) -> Any:
-    """mergekit's dtype names may carry a `torch.` prefix."""
+    """The dtype name without the `torch.` prefix mergekit allows."""
     return value.removeprefix("torch.") if isinstance(value, str) else value
 
 

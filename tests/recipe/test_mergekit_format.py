@@ -94,7 +94,8 @@ parameters: {weight: 0.7, density: 0.4, normalize: false}
         {"weight": 0.7, "density": 0.4},
         {"weight": 0.2, "density": 0.4},
     ]
-    assert recipe.merge is not None and recipe.merge.parameters == {"normalize": False}
+    assert recipe.merge is not None
+    assert recipe.merge.parameters == {"normalize": False}
 
 
 def test_a_base_missing_from_models_is_merged_by_linear_as_mergekit_does() -> None:
@@ -105,7 +106,8 @@ def test_a_base_missing_from_models_is_merged_by_linear_as_mergekit_does() -> No
     assert [m.model for m in parse_recipe_text(ties).models] == ["a", "b"]
     one = "models: [{model: a}]\nmerge_method: task_arithmetic\nbase_model: c\n"
     recipe = parse_recipe_text(one)
-    assert [m.model for m in recipe.models] == ["a", "c"] and recipe.base == "c"
+    assert [m.model for m in recipe.models] == ["a", "c"]
+    assert recipe.base == "c"
 
 
 def test_a_revision_beside_a_model_is_kept_so_a_pinned_saved_config_runs_again() -> None:
@@ -180,9 +182,8 @@ def test_the_refusals_say_what_is_not_supported_yet() -> None:
         parse_recipe_text(text)
     messages = {p.location: p.message for p in caught.value.problems}
     assert "not supported yet" in messages["slices"]
-    assert (
-        "gradient" in messages["parameters.t"] and "not supported yet" in messages["parameters.t"]
-    )
+    assert "gradient" in messages["parameters.t"]
+    assert "not supported yet" in messages["parameters.t"]
 
 
 def test_a_method_hfmerge_lacks_is_named_with_every_method_hfmerge_has() -> None:
@@ -191,7 +192,8 @@ def test_a_method_hfmerge_lacks_is_named_with_every_method_hfmerge_has() -> None
         parse_recipe_text(text)
     [problem] = caught.value.problems
     assert (problem.location, problem.line) == ("merge_method", 2)
-    assert "'nuslerp'" in problem.message and all(name in problem.message for name in METHODS)
+    assert "'nuslerp'" in problem.message
+    assert all(name in problem.message for name in METHODS)
 
 
 def test_a_missing_parameter_and_a_bad_value_point_at_the_config_keys() -> None:
@@ -226,9 +228,11 @@ dtype: float16
 """
     recipe = parse_recipe_text(text)
     assert [m.method_params for m in recipe.models] == [{"weight": 1.0}, {"weight": 1.0}]
-    assert recipe.merge is not None and recipe.merge.parameters == {}
+    assert recipe.merge is not None
+    assert recipe.merge.parameters == {}
     notes = capsys.readouterr().err.splitlines()
-    assert len(notes) == 6 and all(line.startswith("note: ") for line in notes)
+    assert len(notes) == 6
+    assert all(line.startswith("note: ") for line in notes)
     for key in ("int8_mask", "rescale", "density", "lazy_unpickle", "allow_crimes", "dtype"):
         assert any(key in line for line in notes), key
 
@@ -247,7 +251,8 @@ def test_convert_prints_a_recipe_that_parses_to_the_same_recipe(
     config.write_text(mergekit_yaml(method, parameters={**EXAMPLES[method][0], "int8_mask": True}))
     converted = api.convert(config)
     assert converted.startswith("# Converted by `hfmerge convert` from the mergekit config")
-    assert "hfmerge run" in converted and "# Note: parameters.int8_mask" in converted
+    assert "hfmerge run" in converted
+    assert "# Note: parameters.int8_mask" in converted
     recipe: Recipe = parse_recipe_text(converted)
     assert "merge_method" not in yaml.safe_load(converted)  # a plain hfmerge recipe
     assert recipe == load_recipe(config)
