@@ -26,7 +26,7 @@ from hfmerge.api.models import (
     cka,
     evaluate,
 )
-from hfmerge.api.recipes import PushResult, Validation, push, run, validate
+from hfmerge.api.recipes import PushResult, Validation, convert, push, run, validate
 from hfmerge.pipeline.options import RunOptions
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "barrier",
     "cka",
     "clean",
+    "convert",
     "evaluate",
     "methods",
     "push",

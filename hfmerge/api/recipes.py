@@ -1,4 +1,4 @@
-"""`run`, `validate` and `push`: recipes in, result objects out (see `hfmerge.api`)."""
+"""`run`, `validate`, `convert` and `push`: recipes in, result objects out (see `hfmerge.api`)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,29 @@ def _refuse_inputs_as_output(target: Path, plan: MergePlan | RoutePlan) -> None:
     refuse_overlap(target, [source.path for source in sources])
 
 
+def convert(config: str | Path) -> str:
+    """The hfmerge recipe that runs a mergekit config, as YAML with a comment header.
+
+    The config is validated first, so the recipe returned parses to the same `Recipe`.
+
+    Args:
+        config: a mergekit config file (top-level `merge_method:`, flat `models:`).
+
+    Returns:
+        The recipe's YAML text.
+
+    Raises:
+        RecipeError: every problem of the config at once, each with its YAML line; or the file
+            is not a mergekit config.
+    """
+    from hfmerge.recipe.mergekit import recipe_yaml
+    from hfmerge.recipe.schema import load_recipe
+
+    path = Path(config)
+    load_recipe(path)  # every problem at once, with the config's own lines
+    return recipe_yaml(path.read_text(encoding="utf-8"), source=str(path))
+
+
 @dataclass(frozen=True)
 class PushResult:
     """A directory pushed to the Hub as one commit."""
@@ -164,4 +187,4 @@ def _recipe(recipe: str | Path | Recipe) -> tuple[Recipe, Path | None]:
     return load_recipe(path), path
 
 
-__all__ = ["PushResult", "Validation", "push", "run", "validate"]
+__all__ = ["PushResult", "Validation", "convert", "push", "run", "validate"]

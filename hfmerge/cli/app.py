@@ -107,6 +107,16 @@ def validate(recipe: RecipeArg) -> None:
 
 
 @app.command()
+def convert(
+    config: Annotated[Path, typer.Argument(help="mergekit config YAML file.", show_default=False)],
+) -> None:
+    """Print the hfmerge recipe that runs a mergekit config (it also runs as it is)."""
+    from hfmerge import api
+
+    typer.echo(api.convert(config), nl=False)
+
+
+@app.command()
 def push(
     directory: Annotated[Path, typer.Argument(help="Output directory of `hfmerge run`.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo id, `org/name` (or `name`).")],
