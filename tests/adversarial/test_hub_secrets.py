@@ -23,6 +23,9 @@ from tests.support.fakehub import FakeHub
 from tests.support.fakehub_models import seed_llama, write_recipe
 from tests.support.fakehub_store import User
 
+# The client's own LFS upload passes bytes as `data=`, which httpx2 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 USER = "merger"
 SECRET = "pr0xy-s3cret-5e55ion"
 
