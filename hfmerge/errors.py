@@ -364,7 +364,7 @@ class ShardWriteError(ValueError):
     """
 
 
-class ManifestProblem(ValueError):
+class ManifestError(ValueError):
     """One invalid field of a routed repo's manifest; the repo loader turns it into a
     RoutedRepoError naming the repo."""
 
@@ -372,3 +372,27 @@ class ManifestProblem(ValueError):
         self.where = where  # the field's dotted path, "" for the whole document
         self.problem = problem
         super().__init__(f"{where}: {problem}" if where else problem)
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) ended the command; the exit status is 128 + its number.
+
+    A BaseException, like KeyboardInterrupt: it is no error of the input, so `except Exception`
+    blocks let it pass, while the clean-up of staged output (`except BaseException`) still runs.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's convention for a command ended by a signal: 130 for SIGINT, 143 for TERM."""
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        """`SIGINT`, `SIGTERM`, ..."""
+        import signal
+
+        return signal.Signals(self.signum).name

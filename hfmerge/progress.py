@@ -1,4 +1,8 @@
-"""Progress bars on stderr (data goes to stdout), shared by every long-running step."""
+"""Progress bars and messages on stderr (data goes to stdout), shared by every step.
+
+Everything is printed as plain text, never as rich markup: a model path or an error message may
+hold `[/]` or `[bold]`, which markup would swallow, restyle or fail on.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +19,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 T = TypeVar("T")
 
 stderr_console = Console(stderr=True)
 
 
+def say(message: str, *, prefix: str = "", prefix_style: str = "") -> None:
+    """Print `message` to stderr as plain text, after an optional styled `prefix`."""
+    line = Text(prefix, style=prefix_style) + Text(message) if prefix else Text(message)
+    stderr_console.print(line, highlight=False, soft_wrap=True)
+
+
 def _bar() -> Progress:
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

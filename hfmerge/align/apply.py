@@ -124,15 +124,12 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     try:
-        loaded, _ = load_pretrained(cls, model.source.path, label=model.label, dtype=torch.float32)
+        return load_pretrained(cls, model.source.path, label=model.label)
     except (OSError, ValueError, RuntimeError) as exc:
         raise AlignmentError(
             f"transformers cannot load {model.label}: {exc}",
             fix="use weight matching, which reads the safetensors directly",
         ) from None
-    module: torch.nn.Module = loaded  # torch's typing of .eval (transformers wraps it)
-    module.eval()  # in place; no dropout while probing
-    return loaded
 
 
 def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:

@@ -57,7 +57,7 @@ class _Touch:
 
 
 def _touches(spec: ArchSpec, names: list[str]) -> dict[str, list[_Touch]]:
-    """group -> every (tensor, axis) it acts on."""
+    """Every (tensor, axis) that each group acts on, by group name."""
     out: dict[str, list[_Touch]] = {name: [] for name in spec.groups}
     for name in names:
         tensor = spec.tensors[name]

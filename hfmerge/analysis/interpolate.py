@@ -135,6 +135,7 @@ def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutatio
 
 
 def spec_of(path: Path, *, label: str) -> ArchSpec:
+    """The architecture spec of the model directory `path`, from its config and tensor names."""
     from hfmerge.arch import spec_for
 
     return spec_for(

@@ -1,4 +1,5 @@
-"""JSON report files (`--json OUT.json`), written atomically: a failed write leaves no half file."""
+"""Report files (`--json OUT.json`, `--plot OUT.png`): checked before the work that fills them,
+then written atomically, so a failed write leaves no half file."""
 
 from __future__ import annotations
 
@@ -21,6 +22,39 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+def check_report_path(path: Path, what: str) -> Path:
+    """Fail now, before the long work that fills it, if `what` cannot be written at `path`.
+
+    `replace_atomically` writes a temp file beside `path` and renames it over `path`: so the
+    folder must exist (it is not created) and be writable, and `path` must not be a directory.
+
+    Raises:
+        OutputError: naming the path, the problem and the fix.
+    """
+    path = Path(path)
+    folder = path.absolute().parent
+    if path.is_dir():
+        raise OutputError(
+            str(path),
+            f"is a directory, so {what} cannot be written there",
+            "name a file (one inside that folder, say), not the folder itself",
+        )
+    if not folder.is_dir():
+        problem = "is a file" if folder.exists() else "does not exist"
+        raise OutputError(
+            str(path),
+            f"cannot write {what}: its folder {folder} {problem}",
+            "create the folder first, or name a file in an existing folder",
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            str(path),
+            f"cannot write {what}: its folder {folder} is not writable",
+            "name a file in a folder you can write to",
+        )
+    return path
 
 
 def write_json(path: Path, document: Mapping[str, Any]) -> Path:
@@ -57,4 +91,4 @@ def replace_atomically(path: Path, write: Callable[[Path], object], *, what: str
     return path
 
 
-__all__ = ["replace_atomically", "write_json"]
+__all__ = ["check_report_path", "replace_atomically", "write_json"]

@@ -14,6 +14,7 @@ went wrong, why, and the fix. torch and transformers are imported inside the fun
 importing this package (and `import hfmerge`) stays fast.
 """
 
+from hfmerge.api.housekeeping import clean
 from hfmerge.api.listings import MethodInfo, ZooMember, archs, methods, zoo
 from hfmerge.api.models import (
     AlignMethod,
@@ -25,7 +26,7 @@ from hfmerge.api.models import (
     cka,
     evaluate,
 )
-from hfmerge.api.recipes import PushResult, Validation, push, run, validate
+from hfmerge.api.recipes import PushResult, Validation, convert, push, run, validate
 from hfmerge.pipeline.options import RunOptions
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "archs",
     "barrier",
     "cka",
+    "clean",
+    "convert",
     "evaluate",
     "methods",
     "push",

@@ -69,7 +69,10 @@ def align(
     """
     from hfmerge.align import align_checkpoint
     from hfmerge.lm.batches import text_batches
+    from hfmerge.tensors import check_output_dir
 
+    out_dir = Path(out)
+    check_output_dir(out_dir, force=force)  # before a download or a zoo build, not after
     a, b = _resolve(model_a, progress=progress), _resolve(model_b, progress=progress)
     batches = None
     if method == "activation":
@@ -80,7 +83,6 @@ def align(
             max_length=ALIGN_PROBE_LENGTH,
             samples=ALIGN_PROBE_SAMPLES,
         )
-    out_dir = Path(out)
     result = align_checkpoint(
         a.path,
         b.path,
@@ -335,9 +337,15 @@ def _scores(
 ) -> list[EvalResult]:
     """`ref` scored on each text: a routed repo through its router, else the resolved model."""
     from hfmerge.analysis.evaluation import eval_model
+    from hfmerge.errors import HubError
     from hfmerge.routing import eval_routed, is_routed_repo
+    from hfmerge.sources.refs import unresolved_reference
 
-    if is_routed_repo(ref, check_hub=True):
+    try:
+        routed = is_routed_repo(ref, check_hub=True)
+    except HubError as exc:  # the same error as `resolve_model` gives for a mistyped path
+        raise unresolved_reference(ref, exc) from None
+    if routed:
         return [
             eval_routed(
                 ref,

@@ -1,4 +1,4 @@
-"""`run`, `validate` and `push`: recipes in, result objects out (see `hfmerge.api`)."""
+"""`run`, `validate`, `convert` and `push`: recipes in, result objects out (see `hfmerge.api`)."""
 
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ def run(recipe: str | Path | Recipe, options: RunOptions | None = None) -> RunRe
 
 @dataclass(frozen=True)
 class Validation:
-    """A recipe that passed every check, and the plan it would run."""
+    """A recipe that passed every check, the plan it would run, and notes on running it (one
+    line each, such as an output directory that `run` will need `--force` to replace)."""
 
     recipe: Recipe
     plan: MergePlan | RoutePlan
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """`linear over 2 models, 12 tensors, 1.3 MB of output` or `centroid router over ...`."""
@@ -60,7 +62,8 @@ class Validation:
 
 
 def validate(recipe: str | Path | Recipe, *, offline: bool = False) -> Validation:
-    """Check a recipe: every schema problem at once, then model compatibility from headers.
+    """Check a recipe: every schema problem at once, then model compatibility from headers,
+    then the output path, with the checks `run` makes before it starts.
 
     Nothing is downloaded but configs and safetensors headers, and nothing is written.
 
@@ -69,17 +72,75 @@ def validate(recipe: str | Path | Recipe, *, offline: bool = False) -> Validatio
         offline: use only the local HF cache, with no network request.
 
     Returns:
-        The validated recipe and the plan a run would follow.
+        The validated recipe, the plan a run would follow, and notes: an existing non-empty
+        output directory is one (`run` replaces it only with `--force`), not an error.
 
     Raises:
         RecipeError: every schema and semantic problem of the recipe, each with its YAML line.
+        OutputError: the output path is a file, lies in an unwritable folder, or is, holds or
+            lies inside an input model's folder (`run` refuses these, even with `--force`).
         HfMergeError: a model that cannot be found or read, or models that do not fit together.
     """
     from hfmerge.pipeline.run import run_recipe
 
-    parsed, _ = _recipe(recipe)
-    result = run_recipe(parsed, RunOptions(dry_run=True, offline=offline, progress=False))
-    return Validation(parsed, result.plan)
+    parsed, recipe_file = _recipe(recipe)
+    options = RunOptions(dry_run=True, offline=offline, progress=False)
+    target = options.output_dir(parsed, recipe_file=recipe_file)
+    notes = _check_output(target)  # first, as in `run`: no Hub request for a refused output
+    result = run_recipe(parsed, options, recipe_file=recipe_file)
+    _refuse_inputs_as_output(target, result.plan)
+    return Validation(parsed, result.plan, notes)
+
+
+def _check_output(target: Path) -> tuple[str, ...]:
+    """`run`'s output checks: errors for what `--force` cannot help, a note for what it can."""
+    from hfmerge.errors import OutputError
+    from hfmerge.tensors import check_output_dir, output_path
+
+    check_output_dir(target, force=True)  # a file in the way, an unwritable folder
+    try:
+        check_output_dir(target, force=False)
+    except OutputError:
+        return (
+            f"the output {output_path(target)} exists and is not empty: `hfmerge run` will "
+            "replace it only with --force (or choose another output.path, or pass --out)",
+        )
+    return ()
+
+
+def _refuse_inputs_as_output(target: Path, plan: MergePlan | RoutePlan) -> None:
+    """`run`'s refusal of an output that is, holds or lies inside an input model's folder."""
+    from hfmerge.engine.plan import MergePlan
+    from hfmerge.tensors import refuse_overlap
+
+    if isinstance(plan, MergePlan):
+        sources = [plan.base.source, *(m.source for m in plan.inputs)]
+    else:
+        sources = plan.models
+    refuse_overlap(target, [source.path for source in sources])
+
+
+def convert(config: str | Path) -> str:
+    """The hfmerge recipe that runs a mergekit config, as YAML with a comment header.
+
+    The config is validated first, so the recipe returned parses to the same `Recipe`.
+
+    Args:
+        config: a mergekit config file (top-level `merge_method:`, flat `models:`).
+
+    Returns:
+        The recipe's YAML text.
+
+    Raises:
+        RecipeError: every problem of the config at once, each with its YAML line; or the file
+            is not a mergekit config.
+    """
+    from hfmerge.recipe.mergekit import recipe_yaml
+    from hfmerge.recipe.schema import load_recipe
+
+    path = Path(config)
+    load_recipe(path)  # every problem at once, with the config's own lines
+    return recipe_yaml(path.read_text(encoding="utf-8"), source=str(path))
 
 
 @dataclass(frozen=True)
@@ -126,4 +187,4 @@ def _recipe(recipe: str | Path | Recipe) -> tuple[Recipe, Path | None]:
     return load_recipe(path), path
 
 
-__all__ = ["PushResult", "Validation", "push", "run", "validate"]
+__all__ = ["PushResult", "Validation", "convert", "push", "run", "validate"]

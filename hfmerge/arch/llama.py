@@ -75,6 +75,7 @@ def _layer(b: SpecBuilder, p: str, i: int, *, biases: _Biases) -> None:
 
 
 def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, label: str) -> int:
+    """The width of one attention head: the config's `head_dim`, else `hidden / heads`."""
     # head_dim may differ from hidden / heads (e.g. Mistral-Nemo); null head_dim means the default.
     if config.get("head_dim") is None:
         return split_heads(hidden, heads, label=label)

@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 from typer.exceptions import TyperException
 
-from hfmerge.errors import HfMergeError
-from hfmerge.progress import stderr_console
+from hfmerge.cli.signals import signals_interrupt
+from hfmerge.errors import HfMergeError, Interrupted
+from hfmerge.progress import say
 from hfmerge.recipe.align_methods import ALIGN_METHODS
 
 app = typer.Typer(
@@ -35,7 +36,17 @@ PrivateOpt = Annotated[
 
 
 def _hint(message: str) -> None:
-    stderr_console.print(message, highlight=False, soft_wrap=True)
+    say(message)
+
+
+def _check_reports(json_out: Path | None, plot: Path | None = None) -> None:
+    """Refuse a report path that cannot be written now, before the models load, not after."""
+    from hfmerge.analysis.reports import check_report_path
+
+    if json_out is not None:
+        check_report_path(json_out, "the JSON report")
+    if plot is not None:
+        check_report_path(plot, "the plot")
 
 
 @app.command()
@@ -82,6 +93,8 @@ def run(
         typer.echo(result.describe_plan())
         return
     typer.echo(str(result.out_dir))
+    for warning in result.warnings:
+        _hint(f"warning: {warning}")
     kind = "Routed" if result.routed else "Merged"
     _hint(f"{kind} model written to {result.out_dir}. Load it with:\n{result.snippet}")
     if result.url:
@@ -94,7 +107,20 @@ def validate(recipe: RecipeArg) -> None:
     """Check a recipe: every schema problem at once, then model compatibility from headers."""
     from hfmerge import api
 
-    typer.echo(f"{recipe}: OK — {api.validate(recipe).summary()}")
+    checked = api.validate(recipe)
+    typer.echo(f"{recipe}: OK — {checked.summary()}")
+    for note in checked.notes:
+        _hint(f"note: {note}")
+
+
+@app.command()
+def convert(
+    config: Annotated[Path, typer.Argument(help="mergekit config YAML file.", show_default=False)],
+) -> None:
+    """Print the hfmerge recipe that runs a mergekit config (it also runs as it is)."""
+    from hfmerge import api
+
+    typer.echo(api.convert(config), nl=False)
 
 
 @app.command()
@@ -195,6 +221,7 @@ def eval_(
     from hfmerge.analysis.evaluation import format_grid
     from hfmerge.analysis.reports import write_json
 
+    _check_reports(json_out)
     report = api.evaluate(
         models, data=data, max_length=max_length, samples=samples, batch_size=batch_size
     )
@@ -239,6 +266,7 @@ def barrier(
     from hfmerge.analysis.barrier import format_barrier_table
     from hfmerge.analysis.reports import write_json
 
+    _check_reports(json_out, plot)
     report = api.barrier(
         model_a,
         model_b,
@@ -328,6 +356,7 @@ def cka(
     from hfmerge.analysis.cka import check_fail_under, format_report
     from hfmerge.analysis.reports import write_json
 
+    _check_reports(json_out, plot)
     report = api.cka(
         model_a,
         model_b,
@@ -350,23 +379,46 @@ def cka(
     check_fail_under(report, fail_under)
 
 
+@app.command()
+def clean(
+    path: Annotated[Path, typer.Argument(help="An output path, or a folder that holds outputs.")],
+) -> None:
+    """Remove staging folders left by killed runs beside PATH (and inside it); runs still alive
+    keep theirs."""
+    from hfmerge import api
+
+    done = api.clean(path)
+    for entry in done:
+        verb = "restored" if entry.restores else "removed"
+        target = f" as {entry.output}" if entry.restores else ""
+        print(f"{verb} {entry.path}{target} ({entry.size / 1e6:.1f} MB)")
+    if not done:
+        _hint(f"no staging folders of killed runs at {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every hfmerge error into one paragraph on stderr."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="hfmerge", standalone_mode=False)
+        with signals_interrupt():
+            # Not standalone: errors come here to be formatted once. typer returns an exit
+            # status instead of raising for `typer.Exit` and for a KeyboardInterrupt it met.
+            status = command.main(args=argv, prog_name="hfmerge", standalone_mode=False)
     except HfMergeError as exc:
-        _hint(f"[bold red]error:[/] {exc.message()}")
+        say(exc.message(), prefix="error: ", prefix_style="bold red")
         return 1
+    except Interrupted as stop:
+        say(f"interrupted ({stop.signal_name}): stopped; unfinished output was removed")
+        return stop.exit_status
     except typer.Exit as exc:
         return int(exc.exit_code)
     except typer.Abort:
-        _hint("aborted")
+        say("aborted")
         return 130
     except TyperException as exc:  # usage errors: bad option values, missing arguments
         exc.show()  # type: ignore[attr-defined]  # every raised one is a ClickException
         return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        _hint("interrupted: nothing was written (partial output is removed)")
+        say("interrupted (SIGINT): stopped; unfinished output was removed")
         return 130
-    return 0
+    return status if isinstance(status, int) else 0

@@ -23,7 +23,7 @@ _POLL = 0.1  # seconds between checks of the stop flag while blocked
 _END = object()
 
 
-class _Stopped(Exception):
+class _Stopped(Exception):  # noqa: N818 -- a signal that ends the producer, not an error
     """The consumer went away: the producer thread stops quietly."""
 
 

@@ -396,7 +396,7 @@ def _row_elements(job: TensorJob) -> int:
 
 @contextlib.contextmanager
 def _torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to `count` (None: unchanged), restored afterwards."""
+    """Set torch's intra-op thread count to `count` (None: unchanged) and restore it afterwards."""
     before = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(min(count, before))

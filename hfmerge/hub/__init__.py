@@ -1,7 +1,8 @@
 """All Hub I/O: pin revisions, read configs and safetensors headers remotely, download, push.
 
 The only package that imports huggingface_hub; every client error is translated here into an
-hfmerge error that names the repo and the fix (`translate`). `settings` reads the environment,
+hfmerge error that names the repo and the fix (`translate`). `settings` reads the environment
+(and `redact_url` is how an endpoint or URL is shown: never with its credentials),
 `reads` pins and reads without downloading weights, `push` checks a target and uploads.
 """
 
@@ -29,6 +30,8 @@ from hfmerge.hub.settings import (
     HubSettings,
     check_repo_id,
     is_commit_sha,
+    redact_client_logs,
+    redact_url,
     settings,
     snapshot_dir,
 )
@@ -37,6 +40,8 @@ from hfmerge.hub.settings import (
 constants.HF_HUB_DISABLE_TELEMETRY = (
     os.environ["HF_HUB_DISABLE_TELEMETRY"].upper() in constants.ENV_VARS_TRUE_VALUES
 )
+# The client's retry warnings print the URL they requested, credentials and all.
+redact_client_logs()
 
 __all__ = [
     "LIBRARY",
@@ -50,6 +55,7 @@ __all__ = [
     "is_commit_sha",
     "pin",
     "push_folder",
+    "redact_url",
     "remote_config",
     "remote_index",
     "resolve_revision",

@@ -8,9 +8,9 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
 from hfmerge.errors import HubError
-from hfmerge.hub.settings import HubSettings, check_repo_id, hub_api, settings
+from hfmerge.hub.settings import HubSettings, check_repo_id, hub_api, redact_url, settings
 from hfmerge.hub.translate import TRANSIENT, translated
-from hfmerge.progress import stderr_console
+from hfmerge.progress import say
 from hfmerge.tensors import INDEX_FILE
 
 PUSH_ATTEMPTS = 4  # one try and three retries
@@ -35,7 +35,7 @@ def check_push(repo_id: str, *, offline: bool = False) -> str:
             repo_id,
             "pushing needs a Hub token, and none is set",
             kind="unauthorized",
-            fix=f"set HF_TOKEN to a write token from {hub.endpoint}/settings/tokens "
+            fix=f"set HF_TOKEN to a write token from {hub.shown_endpoint}/settings/tokens "
             "(or run `hf auth login`)",
         )
     with translated(repo_id, None, hub=hub, action="push to"):
@@ -59,7 +59,8 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, commit_message: st
     """Create `repo_id` if needed and upload `folder` as one commit; the repo's URL.
 
     Network and server errors are retried with exponential backoff. The token travels in
-    request headers only: it is never printed, logged or written.
+    request headers only: it is never printed, logged or written; nor are credentials in
+    `HF_ENDPOINT` (the URL returned is `redact_url`'s).
     """
     hub = settings()
     for attempt in range(1, PUSH_ATTEMPTS + 1):
@@ -72,11 +73,9 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, commit_message: st
             if exc.kind not in TRANSIENT or attempt == PUSH_ATTEMPTS:
                 raise
             delay = PUSH_BACKOFF_S * 2 ** (attempt - 1)
-            stderr_console.print(
+            say(
                 f"push to {repo_id} failed ({exc.problem}); retrying in "
-                f"{delay:g} s (attempt {attempt + 1} of {PUSH_ATTEMPTS})",
-                highlight=False,
-                soft_wrap=True,
+                f"{delay:g} s (attempt {attempt + 1} of {PUSH_ATTEMPTS})"
             )
             time.sleep(delay)
     raise AssertionError("unreachable: the last attempt returns or raises")
@@ -105,4 +104,4 @@ def _push_once(folder: Path, repo_id: str, hub: HubSettings, *, private: bool, m
         if name not in local and name.endswith((".safetensors", INDEX_FILE))
     ]
     api.create_commit(repo_id, operations=operations, commit_message=message)  # ONE commit
-    return str(url)
+    return redact_url(str(url))

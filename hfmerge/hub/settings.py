@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,51 @@ from hfmerge.errors import HubError
 
 LIBRARY = "hfmerge"
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+# `scheme://user:password@`: credentials written into an address (up to its last `@`).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+# `?token=...`, `&api_key=...`, `#access_token=...`: a parameter whose name says it is a secret.
+_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&;#][\w.-]*(?:token|key|secret|passw|pwd|auth|sig|credential)[\w.-]*)=[^&;#\s]*",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+def redact_url(text: str) -> str:
+    """`text` (a URL, or a message holding URLs) fit to show: no credentials in it.
+
+    Credentials in an address (`https://user:secret@host`) are dropped, which leaves the address
+    a reader can open; the values of secret-looking parameters (`token=`, `api_key=`, `sig=`, ...)
+    become `***`. Every endpoint or URL that hfmerge shows (errors, hints, cards, the client's
+    log lines) goes through it; requests still use the address as configured.
+    """
+    text = _USERINFO.sub(r"\g<scheme>", text)
+    return _SECRET_PARAM.sub(rf"\g<name>={REDACTED}", text)
+
+
+class _RedactedRecords(logging.Filter):
+    """Rewrites each log record's message through `redact_url` before a handler prints it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = redact_url(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
+
+
+_REDACTED_RECORDS = _RedactedRecords()
+
+
+def redact_client_logs() -> None:
+    """Make the client's own log lines (its retry warnings name the URL) go through `redact_url`.
+
+    The filter sits on the handlers of the client's root logger, which every record of its
+    modules passes before it reaches any handler further up (the application's root logger).
+    """
+    client_logger = logging.getLogger("huggingface_hub")
+    for handler in client_logger.handlers:
+        handler.addFilter(_REDACTED_RECORDS)  # a filter already there is not added twice
 
 
 @dataclass(frozen=True)
@@ -29,6 +75,11 @@ class HubSettings:
     token: str | None
     cache_dir: Path
     offline: bool
+
+    @property
+    def shown_endpoint(self) -> str:
+        """The endpoint as messages and cards show it, without credentials (`redact_url`)."""
+        return redact_url(self.endpoint)
 
 
 def settings(*, offline: bool = False) -> HubSettings:
@@ -74,6 +125,7 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def repo_cache(repo_id: str, hub: HubSettings) -> Path:
+    """The folder of model repo `repo_id` in the HF cache (`models--org--name`)."""
     return hub.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
@@ -89,6 +141,7 @@ def remember_ref(repo_id: str, revision: str, sha: str, hub: HubSettings) -> Non
 
 
 def hub_api(hub: HubSettings) -> HfApi:
+    """An `HfApi` client for `hub`'s endpoint and token that names hfmerge and its version."""
     try:
         release = version(LIBRARY)
     except PackageNotFoundError:  # a source tree that was never installed

@@ -49,21 +49,25 @@ def translated(
 def translate(
     exc: Exception, repo_id: str, revision: str | None, *, hub: HubSettings, action: str
 ) -> HubError:
+    """The HubError for one huggingface_hub or transport error met while trying to `action`
+    (e.g. `download`, `push to`) `repo_id`: its kind (gated, not found, offline, 401, 403, server,
+    network, ...), the problem in words and the fix."""
+
     def error(problem: str, kind: str, fix: str) -> HubError:
         return HubError(repo_id, problem, kind=kind, revision=revision, fix=fix)
 
     token_note = "no token is set" if not hub.token else "your token has no access to it"
-    token_fix = f"set HF_TOKEN to a token from {hub.endpoint}/settings/tokens"
+    token_fix = f"set HF_TOKEN to a token from {hub.shown_endpoint}/settings/tokens"
     if isinstance(exc, hf_errors.GatedRepoError):  # before its base class, RepositoryNotFound
         return error(
             f"is gated and {token_note}",
             "gated",
-            f"open {hub.endpoint}/{repo_id}, "
+            f"open {hub.shown_endpoint}/{repo_id}, "
             f"accept its conditions, and {token_fix} of the account granted access",
         )
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
         return error(
-            f"does not exist on {hub.endpoint}, or it is private and {token_note}",
+            f"does not exist on {hub.shown_endpoint}, or it is private and {token_note}",
             "not_found",
             f"check the repo id's spelling; for a private repo, {token_fix}",
         )
@@ -71,7 +75,7 @@ def translate(
         return error(
             f"has no revision {revision!r}",
             "revision_not_found",
-            f"name a branch, tag or commit sha of {hub.endpoint}/{repo_id} that exists",
+            f"name a branch, tag or commit sha of {hub.shown_endpoint}/{repo_id} that exists",
         )
     if hub.offline and isinstance(exc, (ConnectionError, hf_errors.LocalEntryNotFoundError)):
         return error(
@@ -108,7 +112,7 @@ def translate(
         )
     retry = "try again" if action == "push to" else "run with --offline if the models are cached"
     return error(
-        f"cannot reach {hub.endpoint} to {action} it ({type(cause).__name__})",
+        f"cannot reach {hub.shown_endpoint} to {action} it ({type(cause).__name__})",
         "network",
         f"check the network connection and HF_ENDPOINT, or {retry}",
     )

@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -19,20 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.arch.config import read_config
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError, OptionError
-from hfmerge.tensors import read_checkpoint_index
+from hfmerge.tensors import has_tokenizer, read_checkpoint_index
 
 Objective = Literal["causal", "masked"]
-
-
-# Any one of these files means the directory carries its own tokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-)
 
 
 @contextmanager
@@ -52,27 +42,79 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_pretrained(
-    auto: Any, path: Path, *, label: str, **kwargs: Any
-) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """`auto.from_pretrained(path, **kwargs)` as hfmerge allows it, and its loading report.
+    auto: Any,
+    path: Path,
+    *,
+    label: str,
+    dtype: torch.dtype = torch.float32,
+    device_map: DeviceMap | None = None,
+    max_memory: MaxMemory | None = None,
+    complete: Completeness | None = None,
+) -> PreTrainedModel:
+    """`auto.from_pretrained(path)` as hfmerge allows it: the model, in eval mode.
 
     Every model hfmerge runs is loaded through here: from safetensors only (a folder with only
     pickle weights is refused before transformers sees it, since unpickling runs code), with
     `trust_remote_code=False` (a config that needs the folder's own Python is refused, with no
-    prompt), and with transformers' bars and warnings hidden.
+    prompt), and with transformers' bars and warnings hidden. `device_map` and `max_memory` place
+    it with accelerate.
+
+    Args:
+        auto: the transformers class to load with (`AutoModelForCausalLM`, `AutoModel`, ...).
+        path: the model's local folder.
+        label: the model's name in errors.
+        dtype: the weights' dtype once loaded.
+        device_map: an accelerate device map, or None to load on the CPU.
+        max_memory: per-device limits for `device_map`.
+        complete: when given, weights the checkpoint lacks (which transformers would fill with
+            random values) are an error saying what needs them and the fix.
 
     Raises:
-        ModelSourceError: no safetensors weights, or the model needs its own code.
+        ModelSourceError: no safetensors weights, the model needs its own code, or weights that
+            `complete` requires are missing.
     """
     read_checkpoint_index(path, label=label)  # refuses pickle-only folders, names the model
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+        if max_memory:
+            placement["max_memory"] = max_memory
     with quiet_transformers(), _no_remote_code(path, label=label):
         loaded: Any = auto.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=False, output_loading_info=True, **kwargs
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+            **placement,
         )
     model, info = loaded  # (model, {"missing_keys": [...], ...})
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
-    return model, info
+    if complete is not None:
+        complete.check(info.get("missing_keys", []), label=label)
+    model.train(False)  # in place; no dropout
+    return model
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Which weights a use of a model needs: missing ones would be random, so they are an error."""
+
+    needs: str  # what needs them, for the message: "its LM head", "its layers"
+    fix: str
+    optional_prefixes: tuple[str, ...] = ()  # weights this use does without (a BERT pooler)
+
+    def check(self, missing_keys: Sequence[str], *, label: str) -> None:
+        """Raise when a weight outside `optional_prefixes` is missing."""
+        missing = sorted(k for k in missing_keys if not k.startswith(self.optional_prefixes))
+        if missing:
+            raise ModelSourceError(
+                label,
+                f"lacks weights {self.needs} needs ({', '.join(missing[:5])}); they would be "
+                "random",
+                self.fix,
+            )
 
 
 @contextmanager
@@ -95,7 +137,7 @@ def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory; a clear error when there is none."""
     from transformers import AutoTokenizer
 
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(path):
         raise ModelSourceError(
             label,
             "has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file)",
@@ -130,16 +172,8 @@ def load_lm(path: Path, *, label: str) -> PreTrainedModel:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     objective = lm_objective(list(config.architectures or []), label=label)
     auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
-    model, info = load_pretrained(auto, path, label=label, dtype=torch.float32)
-    missing = sorted(info.get("missing_keys", []))
-    if missing:
-        raise ModelSourceError(
-            label,
-            f"lacks weights its LM head needs ({', '.join(missing[:5])}); they would be random",
-            "evaluate a checkpoint saved with its LM head",
-        )
-    model.train(False)
-    return model
+    head = Completeness("its LM head", "evaluate a checkpoint saved with its LM head")
+    return load_pretrained(auto, path, label=label, complete=head)
 
 
 def position_limit(config: Any) -> int | None:
@@ -269,22 +303,21 @@ def load_probe_model(
     """
     from transformers import AutoModel
 
-    placement: dict[str, Any] = {}
-    if device_map is not None:
-        placement["device_map"] = device_map
-        if max_memory:
-            placement["max_memory"] = max_memory
-    model, info = load_pretrained(AutoModel, path, label=label, dtype=dtype, **placement)
-    # A BERT pooler is not a hidden state: its absence from MLM checkpoints is harmless.
-    missing = sorted(k for k in info.get("missing_keys", []) if not k.startswith("pooler."))
-    if missing:
-        raise ModelSourceError(
-            label,
-            f"lacks weights its layers need ({', '.join(missing[:5])})",
-            "compare complete checkpoints (config.json and all safetensors)",
-        )
+    layers = Completeness(
+        "its layers",
+        "compare complete checkpoints (config.json and all safetensors)",
+        optional_prefixes=("pooler.",),  # not a hidden state: MLM checkpoints lack it harmlessly
+    )
+    model = load_pretrained(
+        AutoModel,
+        path,
+        label=label,
+        dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
+        complete=layers,
+    )
     model.config.tie_last_hidden_states = False  # see the note at the top
-    model.train(False)
     return model
 
 

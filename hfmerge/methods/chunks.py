@@ -67,18 +67,26 @@ class TensorMerge(Protocol):
     elementwise: bool
 
     @property
-    def passes(self) -> int: ...
+    def passes(self) -> int:
+        """How many statistics passes over the chunks come before `apply` (0 for most methods)."""
+        ...
 
-    def observe(self, pass_index: int, chunk: Chunk) -> None: ...
+    def observe(self, pass_index: int, chunk: Chunk) -> None:
+        """Take one chunk's statistics in pass `pass_index`."""
+        ...
 
     def observe_split(self, pass_index: int, head: Chunk, tail: Chunk, submit: Submit) -> None:
         """Exactly `observe(head)` then `observe(tail)`, where the merge may hand the tail's work
         to `submit` (another thread) so the two halves run at once."""
         ...
 
-    def end_pass(self, pass_index: int) -> None: ...
+    def end_pass(self, pass_index: int) -> None:
+        """Finish pass `pass_index`: every chunk has been observed in it."""
+        ...
 
-    def apply(self, chunk: Chunk) -> torch.Tensor: ...
+    def apply(self, chunk: Chunk) -> torch.Tensor:
+        """The merged rows of one chunk."""
+        ...
 
     @property
     def splittable(self) -> bool:
@@ -113,7 +121,10 @@ class StreamFactory(Protocol):
         params: MethodParams,
         generator: torch.Generator | None,
         device: torch.device,
-    ) -> TensorMerge: ...
+    ) -> TensorMerge:
+        """The merge of one tensor of `shape`, with these models' and the method's parameters,
+        drawing random numbers from `generator`, computing on `device`."""
+        ...
 
 
 class _NoStatistics:

@@ -205,6 +205,7 @@ def l1_scale(before: float, after: float) -> torch.Tensor | None:
 
 
 def need_base(chunk: Chunk) -> torch.Tensor:
+    """The chunk's base-model rows; a ValueError (a caller's bug) when it carries none."""
     if chunk.base is None:
         raise ValueError("task-vector methods need the base model's tensors")
     return chunk.base

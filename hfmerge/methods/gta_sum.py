@@ -75,7 +75,8 @@ def _elect(
         magnitude = agreeing.clone() if magnitude is None else magnitude.add_(agreeing)
         agrees = agreeing.sign_()  # 1 where it agrees, else 0
         divisor = agrees.mul_(weight) if divisor is None else divisor.add_(agrees, alpha=weight)
-    assert magnitude is not None and divisor is not None
+    assert magnitude is not None
+    assert divisor is not None
     # The agreeing entries share the sign, so sign * sum|delta| is their sum, bit for bit.
     mixed = magnitude.mul_(sign)
     no_agreement = torch.eq(divisor, 0, out=torch.empty_like(divisor))

@@ -70,7 +70,9 @@ class MergeFn(Protocol):
         model_params: Sequence[ModelParams],
         params: MethodParams,
         generator: torch.Generator | None,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Merge `tensors` (with `base`) into one float32 tensor of their shape."""
+        ...
 
 
 CrossCheck = Callable[[MethodParams, Sequence[ModelParams]], list[Problem]]

@@ -29,6 +29,10 @@ _PIPELINE_TAGS = {
 }
 REPO_PLACEHOLDER = "PATH_OR_REPO_ID"  # in the card's loading snippet when no repo id is known
 DEFAULT_ENDPOINT = "https://huggingface.co"
+NO_TOKENIZER_NOTE = (
+    "# No tokenizer: the base model had none. Copy the tokenizer files of the model it was "
+    "trained with\n# (tokenizer.json, tokenizer_config.json, ...) beside the weights to load one."
+)
 
 
 def auto_class_name(config: Mapping[str, Any]) -> str:
@@ -40,9 +44,19 @@ def auto_class_name(config: Mapping[str, Any]) -> str:
     return "AutoModel"
 
 
-def load_snippet(config: Mapping[str, Any], location: str) -> str:
-    """Python lines that load the model at `location` (a path or a Hub id)."""
+def load_snippet(config: Mapping[str, Any], location: str, *, tokenizer: bool = True) -> str:
+    """Python lines that load the model at `location` (a path or a Hub id).
+
+    With `tokenizer=False` (an output whose base had no tokenizer files) the lines load the
+    model alone and say how to add a tokenizer, instead of a load that would fail.
+    """
     auto = auto_class_name(config)
+    if not tokenizer:
+        return (
+            f"from transformers import {auto}\n"
+            f"model = {auto}.from_pretrained({location!r})\n"
+            f"{NO_TOKENIZER_NOTE}"
+        )
     return (
         f"from transformers import {auto}, AutoTokenizer\n"
         f"model = {auto}.from_pretrained({location!r})\n"
@@ -62,12 +76,13 @@ def render_card(
     repo_id: str | None = None,
     endpoint: str = DEFAULT_ENDPOINT,
     extra_sections: Sequence[str] = (),
+    tokenizer: bool = True,
 ) -> str:
     """The whole README.md: YAML front matter for the Hub, then the body.
 
     `repo_id` (where the model will be pushed) goes into the loading snippet; `endpoint` is the
     Hub that Hub inputs are linked on; `extra_sections` (markdown, e.g. the alignment report) go
-    after the method.
+    after the method; `tokenizer` says whether the output has one (`load_snippet`).
     """
     location = repo_id or REPO_PLACEHOLDER
     sections = [
@@ -79,7 +94,9 @@ def render_card(
         *extra_sections,
         "## Recipe\n\nEvery Hub model is pinned to the commit that was merged, so running this "
         "recipe again reproduces the same inputs.\n\n```yaml\n" + recipe_text.rstrip() + "\n```",
-        "## Use\n\n```python\n" + load_snippet(base.config, location) + "\n```",
+        "## Use\n\n```python\n"
+        + load_snippet(base.config, location, tokenizer=tokenizer)
+        + "\n```",
     ]
     return _front_matter(base, inputs) + "\n" + "\n\n".join(sections) + "\n"
 

@@ -38,14 +38,16 @@ def _pin_models(data: dict[str, Any], pins: Mapping[str, tuple[str, str]]) -> di
     """Hub entries of `models` (and `base`) rewritten to their pinned shas, matching as before.
 
     A string entry becomes `org/name@sha`; a mapping entry gets `model: org/name, revision: sha`
-    beside its parameters. `base` is rewritten to match the same entry.
+    beside its parameters. `base` (mergekit's `base_model`) is rewritten to match the same entry.
     """
     entries = [
         ModelEntry.model_validate({"model": m} if isinstance(m, str) else m)
         for m in data.get("models", [])
     ]
     shared = Counter(e.model for e in entries)
-    old_base = data.get("base")
+    # mergekit's spelling of the recipe names its base `base_model`
+    base_key = "base_model" if "base_model" in data and "base" not in data else "base"
+    old_base = data.get(base_key)
     new_base = pins.get(old_base, (None, None)) if isinstance(old_base, str) else (None, None)
     base: Any = f"{new_base[0]}@{new_base[1]}" if new_base[0] else old_base  # not in models
     models: list[Any] = []
@@ -62,4 +64,4 @@ def _pin_models(data: dict[str, Any], pins: Mapping[str, tuple[str, str]]) -> di
             # The bare repo id matches by `model` (as recipe checks compare) when it is unique.
             unique = shared[entry.model] == 1 and not isinstance(item, str)
             base = repo_id if unique else f"{repo_id}@{sha}"
-    return {**data, "models": models} | ({"base": base} if base is not None else {})
+    return {**data, "models": models} | ({base_key: base} if base is not None else {})

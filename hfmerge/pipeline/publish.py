@@ -46,6 +46,7 @@ def push_output(
 
 
 def check_push(repo_id: str, *, offline: bool) -> str:
+    """Fail fast, before any long work, if `repo_id` cannot be pushed to; the full repo id."""
     from hfmerge import hub
 
     return hub.check_push(repo_id, offline=offline)

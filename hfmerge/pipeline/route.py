@@ -74,8 +74,12 @@ def expert_names(refs: Sequence[str]) -> list[str]:
     return names
 
 
-def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
+def plan_route(
+    recipe: Recipe, *, offline: bool, progress: bool, recipe_dir: Path | None = None
+) -> RoutePlan:
     """Read the calibration text and pin every model; nothing is downloaded but configs.
+
+    `recipe_dir` is the recipe file's folder, for hints about relative paths (`pin_model`).
 
     Raises:
         InputDataError: a calibration file is missing, unreadable or empty.
@@ -85,7 +89,9 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
     assert route is not None
     calibration = [load_texts(expert.data) for expert in route.experts]  # bad input first
     experts = [
-        pin_model(e.model, revision=e.revision, offline=offline, progress=progress)
+        pin_model(
+            e.model, revision=e.revision, offline=offline, progress=progress, recipe_dir=recipe_dir
+        )
         for e in recipe.models
     ]
     for source in experts:
@@ -100,7 +106,11 @@ def plan_route(recipe: Recipe, *, offline: bool, progress: bool) -> RoutePlan:
             backbone_expert = names[refs.index(base.ref)]
         else:
             backbone = pin_model(
-                base.model, revision=base.revision, offline=offline, progress=progress
+                base.model,
+                revision=base.revision,
+                offline=offline,
+                progress=progress,
+                recipe_dir=recipe_dir,
             )
     off_hub = any(s.hub_id is None for s in [*experts, backbone] if s is not None)
     bundle = off_hub if route.bundle is None else route.bundle  # default: bundle what must be

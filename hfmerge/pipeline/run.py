@@ -33,6 +33,7 @@ from hfmerge.tensors import (
     atomic_output_dir,
     check_output_dir,
     copy_side_files,
+    has_tokenizer,
     parse_size,
     read_checkpoint_index,
     refuse_overlap,
@@ -53,13 +54,15 @@ RECIPE_FILE = "hfmerge_recipe.yaml"
 @dataclass(frozen=True)
 class RunResult:
     """What `run_recipe` did: the plan (a merge plan, or a route plan for `route:` recipes),
-    where the output went (None for a dry run), the Python lines that load it, and the URL of
-    the Hub repo it was pushed to (None when not pushed)."""
+    where the output went (None for a dry run), the Python lines that load it, the URL of
+    the Hub repo it was pushed to (None when not pushed), and warnings about the output (one
+    line each, such as an output without a tokenizer)."""
 
     plan: MergePlan | RoutePlan
     out_dir: Path | None
     url: str | None = None
     snippet: str = ""
+    warnings: tuple[str, ...] = ()
 
     @property
     def routed(self) -> bool:
@@ -99,8 +102,11 @@ def run_recipe(
     max_memory_bytes = parse_memory_budget(options.max_memory)
     recipe_text = recipe_file.read_text(encoding="utf-8") if recipe_file is not None else None
     target = options.output_dir(recipe, recipe_file=recipe_file)
+    recipe_dir = recipe_file.parent if recipe_file is not None else None  # for path hints only
     if recipe.route is not None:
-        return _run_route(recipe, options, target=target, recipe_text=recipe_text)
+        return _run_route(
+            recipe, options, target=target, recipe_text=recipe_text, recipe_dir=recipe_dir
+        )
     assert recipe.merge is not None
     force, progress, offline = options.force, options.progress, options.offline
     method = get_method(recipe.merge.method)
@@ -109,7 +115,9 @@ def run_recipe(
         method, recipe.merge.parameters, [e.method_params for e in inputs_entries]
     )
     push = _check_target(target, recipe, options)
-    base, inputs = _inspect(base_entry, inputs_entries, offline=offline, progress=progress)
+    base, inputs = _inspect(
+        base_entry, inputs_entries, offline=offline, progress=progress, recipe_dir=recipe_dir
+    )
     plan = build_plan(
         method,
         base=base,
@@ -127,7 +135,9 @@ def run_recipe(
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
     alignment = align_inputs(recipe, plan, progress=progress)
     text = pinned_recipe(recipe, recipe_text, [m.source for m in [base, *inputs]])
-    snippet = load_snippet(base.config, push or str(target))
+    tokenizer = has_tokenizer(plan.base.source.path)  # downloaded with the base's config
+    warnings = () if tokenizer else (_no_tokenizer_warning(plan.base.label, target),)
+    snippet = load_snippet(base.config, push or str(target), tokenizer=tokenizer)
     card_params = CardParams(
         method=params.model_dump(by_alias=True),
         inputs=[p.model_dump(by_alias=True) for p in model_params],
@@ -156,12 +166,20 @@ def run_recipe(
             params=card_params,
             repo_id=push,
             sections=[cka.card_section(), alignment.card_section(repaired)],
+            tokenizer=tokenizer,
         )
     if not push:
-        return RunResult(plan=plan, out_dir=target, snippet=snippet)
+        return RunResult(plan=plan, out_dir=target, snippet=snippet, warnings=warnings)
     keep_private = options.keep_private(recipe)
     url = push_output(target, push, private=keep_private, checked=True, method=method.name)
-    return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet)
+    return RunResult(plan=plan, out_dir=target, url=url, snippet=snippet, warnings=warnings)
+
+
+def _no_tokenizer_warning(base: str, target: Path) -> str:
+    return (
+        f"the base {base} has no tokenizer files, so the output {target} has no tokenizer: "
+        "copy the tokenizer files of the model it was trained with into it before loading one"
+    )
 
 
 def _check_target(target: Path, recipe: Recipe, options: RunOptions) -> str | None:
@@ -177,14 +195,19 @@ def _check_target(target: Path, recipe: Recipe, options: RunOptions) -> str | No
 
 
 def _run_route(
-    recipe: Recipe, options: RunOptions, *, target: Path, recipe_text: str | None
+    recipe: Recipe,
+    options: RunOptions,
+    *,
+    target: Path,
+    recipe_text: str | None,
+    recipe_dir: Path | None,
 ) -> RunResult:
     """The `route:` counterpart of a merge: experts pinned, router fitted, routed repo written."""
     from hfmerge.pipeline.route import build_route, download_route, plan_route
 
     offline, progress = options.offline, options.progress
     push = _check_target(target, recipe, options)
-    plan = plan_route(recipe, offline=offline, progress=progress)
+    plan = plan_route(recipe, offline=offline, progress=progress, recipe_dir=recipe_dir)
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
     _refuse_input_as_output(target, plan.models)
@@ -219,11 +242,16 @@ def _split_base(recipe: Recipe, *, needs_base: bool) -> tuple[ModelEntry, list[M
 
 
 def _inspect(
-    base_entry: ModelEntry, entries: list[ModelEntry], *, offline: bool, progress: bool
+    base_entry: ModelEntry,
+    entries: list[ModelEntry],
+    *,
+    offline: bool,
+    progress: bool,
+    recipe_dir: Path | None,
 ) -> tuple[InspectedModel, list[InspectedModel]]:
     unique = list({e.ref: e for e in [base_entry, *entries]}.values())
     refs = [(e.model, e.revision) for e in unique]
-    found = inspect_models(refs, offline=offline, progress=progress)
+    found = inspect_models(refs, offline=offline, progress=progress, recipe_dir=recipe_dir)
     by_ref = {e.ref: model for e, model in zip(unique, found, strict=True)}
     return by_ref[base_entry.ref], [by_ref[e.ref] for e in entries]
 
@@ -305,6 +333,7 @@ def _write_side_files(
     params: CardParams,
     repo_id: str | None,
     sections: list[str],
+    tokenizer: bool,
 ) -> None:
     (staging / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
     card = render_card(
@@ -318,6 +347,7 @@ def _write_side_files(
         repo_id=repo_id,
         endpoint=_endpoint(plan),
         extra_sections=[s for s in sections if s],
+        tokenizer=tokenizer,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
 
@@ -331,7 +361,7 @@ def _hub_endpoint(sources: list[ModelSource]) -> str:
         return DEFAULT_ENDPOINT  # no Hub input: nothing links to it
     from hfmerge import hub
 
-    return hub.settings().endpoint
+    return hub.settings().shown_endpoint  # a card is public: never the endpoint's credentials
 
 
 def _set_config_dtype(config_path: Path, dtype: str) -> None:

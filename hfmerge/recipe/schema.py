@@ -2,10 +2,16 @@
 
 `load_recipe` reports every problem at once (schema, unknown keys, method names and
 parameters), each with its YAML line, before anything is read or written.
+
+Relative paths in a recipe (a model in `models` or `base`, `output.path`, `probe.data` and the
+experts' `data`) are read from the current working directory, not from the recipe file's folder
+(`hfmerge.sources.refs.local_path` for models); an error for one that does not exist shows the
+absolute path tried, and the recipe-folder spelling when that one exists.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +27,11 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    """One input model; keys other than `model` and `revision` are per-model method parameters."""
+    """One input model; keys other than `model` and `revision` are per-model method parameters.
+
+    `model` is a reference: a local directory (a relative one is read from the current working
+    directory), `zoo:NAME`, or a Hub id `org/name[@revision]`.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -154,9 +164,25 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def parse_recipe_text(text: str, *, source: str = "<recipe>") -> Recipe:
-    """Parse YAML text into a validated `Recipe`, reporting every problem with its line."""
+    """Parse YAML text into a validated `Recipe`, reporting every problem with its line.
+
+    A mergekit config (top-level `merge_method:` or `slices:`) is translated first
+    (`hfmerge.recipe.mergekit`); its problems point at the config's own keys.
+    """
+    from hfmerge.recipe.mergekit import is_mergekit, translate  # late: the method registry
+
     data, positions = read_yaml(text, source=source)
-    return parse_recipe(data, source=source, positions=positions)
+    if not is_mergekit(data):
+        return parse_recipe(data, source=source, positions=positions)
+    translation = translate(data)
+    translation.say_notes()
+    return parse_recipe(
+        translation.data,
+        source=source,
+        positions=positions,
+        found=translation.problems,
+        relocate=translation.origin,
+    )
 
 
 def parse_recipe(
@@ -164,8 +190,14 @@ def parse_recipe(
     *,
     source: str = "<recipe>",
     positions: dict[Location, tuple[int, int]] | None = None,
+    found: Sequence[tuple[Location, str]] = (),
+    relocate: Callable[[Location], Location] | None = None,
 ) -> Recipe:
-    """Validate a recipe mapping; every schema and semantic problem is reported in one error."""
+    """Validate a recipe mapping; every schema and semantic problem is reported in one error.
+
+    `found` are problems already found (at the file's own paths) and `relocate` maps a path of
+    `data` to the path in the file it came from, for a mapping translated from another format.
+    """
     from hfmerge.recipe.checks import semantic_problems  # late: it imports the method registry
 
     if not isinstance(data, dict):
@@ -177,6 +209,9 @@ def parse_recipe(
     except ValidationError as exc:
         problems += [_describe_pydantic(err) for err in exc.errors()]
     problems += semantic_problems(data)
+    if relocate is not None:
+        problems = [(relocate(loc), msg) for loc, msg in problems]
+    problems = [*found, *problems]
     if problems:
         located = [locate(loc, msg, positions or {}) for loc, msg in _unique(problems)]
         raise RecipeError(source, located)

@@ -41,7 +41,7 @@ def read_yaml(text: str, *, source: str) -> tuple[Any, Positions]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         raise RecipeError(source, [RecipeProblem("", f"not valid YAML: {exc}", line)]) from None
-    except _TooManyValues:
+    except _TooManyValuesError:
         problem = RecipeProblem(
             "",
             f"expands to more than {MAX_VALUES:,} values through YAML aliases (*name); "
@@ -57,7 +57,7 @@ def read_yaml(text: str, *, source: str) -> tuple[Any, Positions]:
     return data, walk.positions
 
 
-class _TooManyValues(Exception):
+class _TooManyValuesError(Exception):
     """The walk ran past `MAX_VALUES`; `read_yaml` turns it into a located RecipeError."""
 
 
@@ -72,7 +72,7 @@ class _Walk:
     def visit(self, node: yaml.Node, path: Location) -> None:
         self.values += 1
         if self.values > MAX_VALUES:
-            raise _TooManyValues
+            raise _TooManyValuesError
         if isinstance(node, yaml.MappingNode):
             self._visit_mapping(node, path)
         elif isinstance(node, yaml.SequenceNode):

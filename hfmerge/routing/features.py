@@ -19,7 +19,7 @@ from hfmerge.lm.load import input_device, is_causal
 from hfmerge.lm.probe import kept_positions, pool
 
 
-class _Captured(Exception):
+class _Captured(Exception):  # noqa: N818 -- a signal that ends the forward pass, not an error
     """Raised by the hook once the block's output is pooled: the rest of the pass is skipped."""
 
     def __init__(self, pooled: torch.Tensor) -> None:

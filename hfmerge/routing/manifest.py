@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
-from hfmerge.errors import ManifestProblem
+from hfmerge.errors import ManifestError
 
 MANIFEST_FILE = "hfmerge_router.json"
 ROUTER_FILE = "router.safetensors"
@@ -27,7 +27,7 @@ _FIX = f"rebuild the routed repo with hfmerge, or correct {MANIFEST_FILE} by han
 
 
 def _fail(where: str, problem: str) -> NoReturn:
-    raise ManifestProblem(where, problem)
+    raise ManifestError(where, problem)
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def _check_router(spec: RouterSpec, names: Sequence[str]) -> None:
 
 
 def parse_manifest(data: Any) -> RoutedManifest:
-    """The manifest in a parsed JSON document; ManifestProblem names the first bad field."""
+    """The manifest in a parsed JSON document; ManifestError names the first bad field."""
     document = _object(data, "")
     version = document.get("format_version")
     if version != FORMAT_VERSION:

@@ -188,7 +188,8 @@ class RoutedModel:
         return model_inputs(rows, pad_id=pad_id_of(self.tokenizer))
 
     def _features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        assert self.backbone is not None and self.manifest.router.layer is not None
+        assert self.backbone is not None
+        assert self.manifest.router.layer is not None
         model = self.pool.get(self.backbone)
         return pooled_features(
             model, batch["input_ids"], batch["attention_mask"], layer=self.manifest.router.layer

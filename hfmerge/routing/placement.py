@@ -18,8 +18,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.errors import ModelSourceError, RoutingError
-from hfmerge.lm.load import DeviceMap, MaxMemory, load_pretrained, load_probe_model
+from hfmerge.errors import RoutingError
+from hfmerge.lm.load import (
+    Completeness,
+    DeviceMap,
+    MaxMemory,
+    load_pretrained,
+    load_probe_model,
+)
 from hfmerge.routing.manifest import AUTO_DTYPE
 from hfmerge.tensors import parse_size, read_checkpoint_index, torch_dtype
 
@@ -86,21 +92,15 @@ def load_causal_lm(
     """A causal LM placed by accelerate (`device_map`), eval mode; missing weights are an error."""
     from transformers import AutoModelForCausalLM
 
-    placement: dict[str, Any] = {}
-    if device_map is not None:
-        placement["device_map"] = device_map
-        if max_memory:
-            placement["max_memory"] = max_memory
-    model, info = load_pretrained(AutoModelForCausalLM, path, label=label, dtype=dtype, **placement)
-    missing = sorted(info.get("missing_keys", []))
-    if missing:
-        raise ModelSourceError(
-            label,
-            f"lacks weights ({', '.join(missing[:5])}); they would be random",
-            "route between complete checkpoints with LM heads",
-        )
-    model.train(False)
-    return model
+    return load_pretrained(
+        AutoModelForCausalLM,
+        path,
+        label=label,
+        dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
+        complete=Completeness("its LM head", "route between complete checkpoints with LM heads"),
+    )
 
 
 class ExpertPool:
@@ -220,7 +220,8 @@ def _size_text(count: int) -> str:
 
 
 def _memory_key(device: torch.device) -> int | str | None:
-    """accelerate's `max_memory` key of a tensor's device (None: meta/disk, not in memory)."""
+    """The `max_memory` key, as accelerate names devices, of a tensor's device (None: meta/disk,
+    not in memory)."""
     if device.type == "cuda":
         return device.index or 0
     if device.type in ("cpu", "mps", "xpu"):

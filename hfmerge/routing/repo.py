@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from hfmerge.errors import ManifestProblem, RoutedRepoError
+from hfmerge.errors import ManifestError, RoutedRepoError
 from hfmerge.routing.manifest import (
     MANIFEST_FILE,
     ROUTER_FILE,
@@ -77,7 +77,7 @@ def read_manifest(folder: Path, *, label: str | None = None) -> RoutedManifest:
         raise RoutedRepoError(label, f"{MANIFEST_FILE} cannot be read ({exc})", _FIX) from None
     try:
         return parse_manifest(data)
-    except ManifestProblem as problem:
+    except ManifestError as problem:
         raise RoutedRepoError(label, f"{MANIFEST_FILE}: {problem}", _FIX) from None
 
 

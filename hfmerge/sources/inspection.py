@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hfmerge.arch import check_shapes, spec_for
@@ -65,18 +66,25 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
 
 
 def inspect_models(
-    refs: Sequence[tuple[str, str | None]], *, offline: bool = False, progress: bool = True
+    refs: Sequence[tuple[str, str | None]],
+    *,
+    offline: bool = False,
+    progress: bool = True,
+    recipe_dir: Path | None = None,
 ) -> list[InspectedModel]:
     """Pin and inspect every (reference, revision), then check them against the first.
 
     No weights are downloaded. Raises the one problem found, or `PreflightError` listing every
     problem of every model (missing repo or revision, no access, offline, incompatible).
+    `recipe_dir` is the folder of the recipe naming them, for hints (`pin_model`).
     """
     found: list[InspectedModel] = []
     problems: list[HfMergeError] = []
     for ref, revision in refs:
         try:
-            source = pin_model(ref, revision=revision, offline=offline, progress=progress)
+            source = pin_model(
+                ref, revision=revision, offline=offline, progress=progress, recipe_dir=recipe_dir
+            )
             found.append(inspect_model(source, offline=offline))
         except HfMergeError as exc:
             problems.append(exc)

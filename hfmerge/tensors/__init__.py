@@ -27,9 +27,11 @@ from hfmerge.tensors.header import (
 )
 from hfmerge.tensors.output import (
     SIDE_FILES,
+    TOKENIZER_FILES,
     atomic_output_dir,
     check_output_dir,
     copy_side_files,
+    has_tokenizer,
     output_path,
     refuse_overlap,
 )
@@ -57,6 +59,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "SIDE_FILES",
     "SINGLE_FILE",
+    "TOKENIZER_FILES",
     "CheckpointIndex",
     "LazyCheckpoint",
     "OutputTensor",
@@ -75,6 +78,7 @@ __all__ = [
     "dtype_name",
     "element_size",
     "encode_header",
+    "has_tokenizer",
     "header_length",
     "is_known_dtype",
     "output_path",

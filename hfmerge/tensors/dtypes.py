@@ -37,7 +37,7 @@ def known_dtypes() -> list[str]:
 
 
 def dtype_kind(name: str) -> str:
-    """ "float", "int", "bool" or "complex": what kind of number the dtype `name` holds."""
+    """What kind of number the dtype `name` holds: "float", "int", "bool" or "complex"."""
     dtype = _lookup(name)[0]
     if dtype.is_complex:
         return "complex"

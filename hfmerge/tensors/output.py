@@ -29,6 +29,20 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Any one of these files means a model directory carries its own tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+)
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether `model_dir` holds tokenizer files (any of `TOKENIZER_FILES`)."""
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def output_path(path: str | os.PathLike[str]) -> Path:

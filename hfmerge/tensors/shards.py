@@ -47,13 +47,19 @@ class TensorLike(Protocol):
     """Anything with a tensor's name, safetensors dtype string and shape (e.g. `TensorInfo`)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The tensor's name in the checkpoint."""
+        ...
 
     @property
-    def dtype(self) -> str: ...
+    def dtype(self) -> str:
+        """Its safetensors dtype string: `F32`, `BF16`, `I64`, ..."""
+        ...
 
     @property
-    def shape(self) -> Sequence[int]: ...
+    def shape(self) -> Sequence[int]:
+        """Its shape."""
+        ...
 
 
 @dataclass(frozen=True)

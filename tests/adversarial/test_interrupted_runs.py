@@ -101,6 +101,53 @@ def test_a_live_runs_staging_folder_is_never_taken_for_stale(tmp_path: Path) -> 
     assert [entry.path for entry in stale_staging(out)] == [live]  # the child is gone now
 
 
+@pytest.mark.slow  # a second interpreter runs a slowed-down merge
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+)
+def test_a_signal_mid_run_exits_non_zero_and_leaves_nothing(
+    signum: signal.Signals, status: int, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    child, _ = start_slow_run(tmp_path, out)
+    child.send_signal(signum)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == status, stderr
+    assert f"interrupted ({signum.name})" in stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""  # nothing that a `&& hfmerge push` could take for a result
+    assert leftovers(tmp_path) == []
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a second interpreter runs a slowed-down merge
+def test_clean_removes_what_a_killed_run_left_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    child, _ = start_slow_run(tmp_path, out)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=60)
+    (left,) = leftovers(tmp_path)
+    assert main(["clean", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"removed {left} (")
+    assert printed.endswith(" MB)\n")
+    assert leftovers(tmp_path) == []
+    assert main(["clean", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no staging folders" in captured.err
+
+
+def test_clean_of_a_folder_of_outputs_removes_the_stale_ones_inside(tmp_path: Path) -> None:
+    (tmp_path / ".a.hfmerge-tmp-0123abcd").mkdir()
+    (tmp_path / ".b.hfmerge-old-89abcdef").mkdir()  # b is missing: put back as b
+    assert main(["clean", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_a_stale_old_output_is_put_back_when_the_output_is_missing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -109,7 +156,8 @@ def test_a_stale_old_output_is_put_back_when_the_output_is_missing(tmp_path: Pat
     aside = tmp_path / ".out.hfmerge-old-0123abcd"
     os.rename(out, aside)
     (entry,) = stale_staging(out)
-    assert entry.restores and entry.size == len("previous output")
+    assert entry.restores
+    assert entry.size == len("previous output")
     remove_stale(out)
     assert (out / "weights").read_text() == "previous output"
     assert leftovers(tmp_path) == []
@@ -122,7 +170,8 @@ def test_a_stale_old_output_is_deleted_when_the_new_one_is_in(tmp_path: Path) ->
     (entry,) = stale_staging(out)
     assert not entry.restores
     remove_stale(out)
-    assert out.is_dir() and leftovers(tmp_path) == []
+    assert out.is_dir()
+    assert leftovers(tmp_path) == []
 
 
 def test_foreign_hidden_folders_and_other_outputs_leftovers_are_left_alone(
@@ -135,10 +184,16 @@ def test_foreign_hidden_folders_and_other_outputs_leftovers_are_left_alone(
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_an_interrupted_body_removes_its_staging_folder(tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt), atomic_output_dir(tmp_path / "out", force=False) as tmp:
+def _interrupt_half_way(out: Path) -> None:
+    """Write half of `out` into its staging folder, then stop as Ctrl-C does."""
+    with atomic_output_dir(out, force=False) as tmp:
         (tmp / "half").write_text("x")
         raise KeyboardInterrupt
+
+
+def test_an_interrupted_body_removes_its_staging_folder(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_half_way(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -63,7 +63,8 @@ def test_run_with_force_refuses_an_output_over_an_input(
     path = recipe(chdir_tmp / "r.yaml", models, out)
     assert main(["run", str(path), "--force"]) == 1
     err = capsys.readouterr().err
-    assert "input model" in err and "outside every input" in err
+    assert "input model" in err
+    assert "outside every input" in err
     assert fingerprint(chdir_tmp / "work") == before
     assert not list(chdir_tmp.rglob(".*hfmerge-tmp-*"))
 

@@ -46,7 +46,8 @@ def test_cross_stats_score_constant_features_zero() -> None:
     correlation = stats.correlation()
     assert torch.isfinite(correlation).all()
     assert correlation[0, 1] == pytest.approx(1.0)
-    assert correlation[1].abs().max() == 0 and correlation[:, 0].abs().max() == 0
+    assert correlation[1].abs().max() == 0
+    assert correlation[:, 0].abs().max() == 0
 
 
 @functools.cache
@@ -88,7 +89,8 @@ def test_recovers_a_planted_permutation(kind: str) -> None:
     assert result.correlation.keys() == spec.groups.keys()
     # Matched units are the same units: correlation 1 (a unit that never varies scores 0).
     assert min(result.correlation.values()) > 0.99
-    assert result.iterations == 1 and len(result.objective) == 1
+    assert result.iterations == 1
+    assert len(result.objective) == 1
 
 
 def _corrupt_padding(batches: list[Batch]) -> list[Batch]:

@@ -28,7 +28,7 @@ from tests.support.tiny_models import make_tiny_model, max_abs_diff, model_outpu
 KINDS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "bert_base_model"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 def _probe(kind: str, *, seed: int = 0) -> ProbeBatch:

@@ -36,7 +36,7 @@ from tests.support.lm import (
 LENGTH, SAMPLES = 48, 8  # small, so every curve takes a fraction of a second
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,8 @@ def test_permuted_copy_has_a_vanilla_barrier_that_alignment_removes(
         progress=False,
     )
     assert none.loss_b == pytest.approx(none.loss_a, abs=1e-4)  # same function, new basis
-    assert none.barrier > 0.1 and none.loss_mid > none.loss_a + 0.1
+    assert none.barrier > 0.1
+    assert none.loss_mid > none.loss_a + 0.1
     assert repaired.align == "weight+repair"  # A and π(B) agree: every REPAIR factor is 1
     for aligned in (weight, activation, repaired):
         assert aligned.loss_a == none.loss_a
@@ -222,11 +223,13 @@ def test_cli_barrier_table_json_and_plot(
     report = json.loads((chdir_tmp / "barrier.json").read_text())
     assert {"lambdas", "loss", "barrier", "align", "loss_a", "loss_b"} <= report.keys()
     assert [r["align"] for r in report["results"]] == ["none", "weight"]
-    assert report["align"] == "none" and report["loss"] == report["results"][0]["loss"]
+    assert report["align"] == "none"
+    assert report["loss"] == report["results"][0]["loss"]
     for r in report["results"]:
         line = [(1 - x) * r["loss_a"] + x * r["loss_b"] for x in r["lambdas"]]
         assert r["barrier"] == max(loss - ln for loss, ln in zip(r["loss"], line, strict=True))
-        assert r["loss"][0] == r["loss_a"] and r["loss"][-1] == r["loss_b"]
+        assert r["loss"][0] == r["loss_a"]
+        assert r["loss"][-1] == r["loss_b"]
         assert r["loss_mid"] == r["loss"][r["lambdas"].index(0.5)]
     assert report["barrier"] > 0.1 > report["results"][1]["barrier"]
     assert out.splitlines()[0].split() == ["λ", "none", "weight"]
@@ -246,7 +249,8 @@ def test_unwritable_plot_and_json_are_output_errors(
         plot_barriers([result], missing)
     with pytest.raises(OutputError, match="no_dir") as json_error:
         write_json(missing, barrier_report([result]))
-    assert "Fix:" in str(plot_error.value) and "Fix:" in str(json_error.value)
+    assert "Fix:" in str(plot_error.value)
+    assert "Fix:" in str(json_error.value)
     assert plot_barriers([result], tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -268,6 +272,9 @@ def test_cli_barrier_missing_data_is_one_paragraph_and_writes_nothing(
     assert main(argv) == 1
     captured = capsys.readouterr()
     err = captured.err.strip()
-    assert captured.out == "" and "missing.jsonl" in err and "no such file" in err
-    assert "Fix:" in err and "Traceback" not in err
+    assert captured.out == ""
+    assert "missing.jsonl" in err
+    assert "no such file" in err
+    assert "Fix:" in err
+    assert "Traceback" not in err
     assert sorted(p.name for p in chdir_tmp.iterdir()) == []

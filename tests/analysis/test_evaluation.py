@@ -26,7 +26,7 @@ TEXT = (
 ) * 3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 def direct_loss(model: PreTrainedModel, rows: Sequence[Scored], *, causal: bool) -> float:
@@ -56,7 +56,8 @@ def test_causal_loss_equals_the_models_own_loss_token_weighted(kind: str) -> Non
         result = evaluate(model, tokenizer, windows, batch_size=batch_size)
         assert result.loss == pytest.approx(expected, rel=1e-5, abs=1e-6)
         assert result.tokens == sum(len(w) - 1 for w in windows)
-        assert result.windows == len(windows) and result.objective == "causal"
+        assert result.windows == len(windows)
+        assert result.objective == "causal"
         assert result.perplexity == pytest.approx(math.exp(result.loss), rel=1e-12)
 
 
@@ -110,7 +111,8 @@ def test_eval_model_loads_dir_caps_length_and_matches_evaluate(tmp_path: Path) -
     path = save_lm("llama", tmp_path / "m", seed=2)
     result = eval_model(source_of(path), data=None, max_length=128, samples=6)
     assert result.max_length == 64  # the tiny model has 64 positions
-    assert result.data == "builtin:prose" and result.windows == 6
+    assert result.data == "builtin:prose"
+    assert result.windows == 6
     model, tokenizer = make_tiny_model("llama", seed=2), char_tokenizer("llama")
     windows = token_windows(tokenizer, load_texts(None), max_length=64, samples=6)
     assert result.loss == pytest.approx(evaluate(model, tokenizer, windows).loss, rel=1e-6)
@@ -155,11 +157,13 @@ def test_cli_eval_prints_a_line_and_writes_json(
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads((chdir_tmp / "out.json").read_text())
-    assert len(out) == 1 and f"loss {report['loss']:.4f}" in out[0]
+    assert len(out) == 1
+    assert f"loss {report['loss']:.4f}" in out[0]
     assert {"loss", "perplexity", "tokens", "model", "windows", "max_length"} <= report.keys()
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     windows = token_windows(char_tokenizer("gpt2"), [TEXT], max_length=32, samples=3)
-    assert report["windows"] == 3 and report["tokens"] == sum(len(w) - 1 for w in windows)
+    assert report["windows"] == 3
+    assert report["tokens"] == sum(len(w) - 1 for w in windows)
 
 
 def test_cli_eval_missing_data_file_is_one_paragraph_and_exit_1(
@@ -170,6 +174,9 @@ def test_cli_eval_missing_data_file_is_one_paragraph_and_exit_1(
     captured = capsys.readouterr()
     assert captured.out == ""
     err = captured.err.strip()
-    assert "nope.txt" in err and "no such file" in err and "Fix:" in err
-    assert "Traceback" not in err and "\n\n" not in err
+    assert "nope.txt" in err
+    assert "no such file" in err
+    assert "Fix:" in err
+    assert "Traceback" not in err
+    assert "\n\n" not in err
     assert not (chdir_tmp / "out.json").exists()

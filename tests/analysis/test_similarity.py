@@ -195,7 +195,8 @@ def test_cka_matrix_memory_does_not_grow_with_samples() -> None:
     before = _stored_bytes(matrix)
     for start in range(20, 400, 20):
         matrix.update([x[start : start + 20] for x in xs], [y[start : start + 20] for y in ys])
-    assert matrix.count == 400 and _stored_bytes(matrix) == before
+    assert matrix.count == 400
+    assert _stored_bytes(matrix) == before
 
 
 @pytest.mark.parametrize("estimator", ["debiased", "biased"])
@@ -207,7 +208,9 @@ def test_gram_form_for_few_samples_equals_the_streamed_sums(estimator: Estimator
     for start, stop in ((0, 35), (35, 60)):
         for matrix in (few, streamed):
             matrix.update([x[start:stop] for x in wide], [y[start:stop] for y in ys])
-    assert not few.streaming and streamed.streaming and few.count == streamed.count == 60
+    assert not few.streaming
+    assert streamed.streaming
+    assert few.count == streamed.count == 60
     gram, sums = few.values(estimator), streamed.values(estimator)
     assert torch.allclose(gram, sums, atol=1e-10)
     if estimator == "debiased":
@@ -222,7 +225,8 @@ def test_gram_form_gives_nan_for_a_constant_layer() -> None:
     matrix = CkaMatrix([3, 3], [3])
     matrix.update([x, torch.ones(12, 3, dtype=F64)], [x * 2.0])
     values = matrix.values()
-    assert float(values[0, 0]) == pytest.approx(1.0) and torch.isnan(values[1, 0])
+    assert float(values[0, 0]) == pytest.approx(1.0)
+    assert torch.isnan(values[1, 0])
 
 
 def test_units_of_a_permuted_copy_match_perfectly_and_same_index_does_not() -> None:
@@ -233,7 +237,8 @@ def test_units_of_a_permuted_copy_match_perfectly_and_same_index_does_not() -> N
     accumulator.update(x, x[:, perm])
     units = unit_correspondence(accumulator)
     assert units.matched_correlation == pytest.approx(1.0, abs=1e-9)
-    assert units.same_index_correlation is not None and units.same_index_correlation < 0.5
+    assert units.same_index_correlation is not None
+    assert units.same_index_correlation < 0.5
     assert units.predicted_share == 1.0
 
 
@@ -248,7 +253,8 @@ def test_units_see_rotations_and_independence_that_cka_ignores() -> None:
     independent = CkaAccumulator(32, 32)
     independent.update(x, torch.randn(2000, 32, generator=g, dtype=F64))
     units = unit_correspondence(independent)
-    assert units.matched_correlation < 0.1 and units.predicted_share == 0.0
+    assert units.matched_correlation < 0.1
+    assert units.predicted_share == 0.0
 
 
 def test_sparse_r2_recovers_a_two_unit_combination() -> None:

@@ -17,11 +17,12 @@ from hfmerge.errors import InputDataError, RecipeError, UnknownNameError
 from hfmerge.methods import METHODS
 from hfmerge.recipe.schema import parse_recipe
 from tests.support.fakehub import FakeHub
-from tests.support.fakehub_models import weights, write_recipe
+from tests.support.fakehub_models import write_recipe
 from tests.support.lm import save_lm, save_permuted_copy
+from tests.support.weights import read_weights
 
 pytestmark = [
-    pytest.mark.usefixtures("one_thread"),  # see conftest.one_thread
+    pytest.mark.usefixtures("one_thread"),  # see tests/support/fixtures.py one_thread
     pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
 ]
 
@@ -48,8 +49,10 @@ def test_run_merge_of_a_model_with_itself_is_the_model(
     recipe = write_recipe(tmp_path / "r.yaml", [a, a], out=str(tmp_path / "unused"))
     out = tmp_path / "merged"
     result = api.run(recipe, api.RunOptions(out=out, progress=False))
-    assert result.out_dir == out and not result.routed and result.url is None
-    original, merged = weights(models["a"]), weights(out)
+    assert result.out_dir == out
+    assert not result.routed
+    assert result.url is None
+    original, merged = read_weights(models["a"]), read_weights(out)
     assert merged.keys() == original.keys()
     for name, tensor in original.items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0)
@@ -65,7 +68,8 @@ def test_run_output_dir_rule_and_dry_run(
     recipe = chdir_tmp / "named.yaml"
     recipe.write_text(f"models: [{a}, {a}]\nmerge:\n  method: linear\n", encoding="utf-8")
     plan = api.run(recipe, api.RunOptions(dry_run=True, progress=False))
-    assert plan.out_dir is None and "model.embed_tokens.weight" in plan.describe_plan()
+    assert plan.out_dir is None
+    assert "model.embed_tokens.weight" in plan.describe_plan()
     assert not (chdir_tmp / "out").exists()
     quiet = api.RunOptions(progress=False)
     assert api.run(recipe, quiet).out_dir == Path("out/named")  # no output.path: the file's stem
@@ -84,12 +88,15 @@ def test_validate_reports_every_problem_at_once_and_summarises_a_good_recipe(
     with pytest.raises(RecipeError) as info:
         api.validate(bad)
     message = info.value.message()
-    assert "unknown key 'modles'" in message and "'linaer'" in message and "dtype" in message
+    assert "unknown key 'modles'" in message
+    assert "'linaer'" in message
+    assert "dtype" in message
     assert len(info.value.problems) >= 3
     a = str(models["a"])
     good = api.validate(write_recipe(tmp_path / "good.yaml", [a, a]))
     assert good.summary().startswith("linear over 2 models,")
-    assert "MB of output" in good.summary() and not (tmp_path / "merged").exists()
+    assert "MB of output" in good.summary()
+    assert not (tmp_path / "merged").exists()
 
 
 def test_cka_of_a_model_with_itself_is_one_on_the_diagonal(
@@ -102,7 +109,8 @@ def test_cka_of_a_model_with_itself_is_one_on_the_diagonal(
     fields = {"model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal"}
     fields |= {"estimator", "pooling", "samples", "tokens"}
     assert fields <= document.keys()
-    assert document["model_a"] == a and document["pooling"] == "mean"
+    assert document["model_a"] == a
+    assert document["pooling"] == "mean"
     assert document["samples"] == SAMPLES
     other = api.cka(
         a,
@@ -129,7 +137,8 @@ def test_evaluate_gives_finite_losses_per_model_and_text(
     a, other = str(models["a"]), str(models["other"])
     single = api.evaluate(a, max_length=LENGTH, samples=SAMPLES, progress=False)
     (cell,) = single.cells
-    assert math.isfinite(cell.result.loss) and cell.result.loss > 0
+    assert math.isfinite(cell.result.loss)
+    assert cell.result.loss > 0
     assert cell.result.perplexity == pytest.approx(math.exp(cell.result.loss))
     assert {"loss", "perplexity", "tokens"} <= single.to_json().keys()
     texts = ["builtin:code", "builtin:prose"]
@@ -170,10 +179,12 @@ def test_barrier_of_a_permuted_copy_vanishes_once_aligned(models: dict[str, Path
     none, weight = report.results
     assert (none.align, weight.align) == ("none", "weight")
     assert none.loss_b == pytest.approx(none.loss_a, abs=1e-4)  # the same function
-    assert abs(weight.barrier) < 1e-4 and max(weight.loss) - min(weight.loss) < 1e-4
+    assert abs(weight.barrier) < 1e-4
+    assert max(weight.loss) - min(weight.loss) < 1e-4
     document = report.to_json()
     assert {"lambdas", "loss", "barrier", "align", "loss_a", "loss_b"} <= document.keys()
-    assert document["align"] == "none" and len(document["results"]) == 2
+    assert document["align"] == "none"
+    assert len(document["results"]) == 2
     with pytest.raises(UnknownNameError, match="'weigth'"):
         api.barrier(str(models["a"]), str(models["a"]), align=["weigth"])
 
@@ -183,9 +194,11 @@ def test_align_writes_the_permuted_copy_back_in_the_reference_basis(
 ) -> None:
     out = tmp_path / "aligned"
     result = api.align(str(models["a"]), str(models["permuted"]), out, progress=False)
-    assert result.out_dir == out and result.method == "weight" and result.iterations >= 1
-    aligned = weights(out)
-    for name, tensor in weights(models["a"]).items():
+    assert result.out_dir == out
+    assert result.method == "weight"
+    assert result.iterations >= 1
+    aligned = read_weights(out)
+    for name, tensor in read_weights(models["a"]).items():
         torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
     with pytest.raises(UnknownNameError, match="alignment method"):
         api.align(str(models["a"]), str(models["permuted"]), tmp_path / "x", method="nearest")  # type: ignore[arg-type]
@@ -201,16 +214,19 @@ def test_push_sends_a_run_output_to_the_hub(
     ).out_dir
     assert out is not None
     pushed = api.push(out, "org/merged", private=True)
-    assert pushed.url == f"{fake_hub.url}/org/merged" and pushed.directory == out
+    assert pushed.url == f"{fake_hub.url}/org/merged"
+    assert pushed.directory == out
     repo = fake_hub.repo("org/merged")
-    assert repo.private and "model.safetensors" in repo.commits[repo.branches["main"]]
+    assert repo.private
+    assert "model.safetensors" in repo.commits[repo.branches["main"]]
 
 
 def test_methods_and_archs_are_data() -> None:
     listed = {m.name: m for m in api.methods()}
     assert listed.keys() == METHODS.keys()
     linear = listed["linear"]
-    assert not linear.needs_base and linear.paper.startswith("https://")
+    assert not linear.needs_base
+    assert linear.paper.startswith("https://")
     assert "weight" in {p.name for p in linear.parameters if p.scope == "model"}
     assert "density" in {p.name for p in listed["ties"].parameters}
     families = {f.name: f for f in api.archs()}
@@ -219,8 +235,11 @@ def test_methods_and_archs_are_data() -> None:
 
 
 def test_top_level_names_are_the_api_and_import_lightly() -> None:
-    assert hfmerge.run is api.run and hfmerge.cka is api.cka and hfmerge.evaluate is api.evaluate
-    assert hfmerge.RunOptions is api.RunOptions and hfmerge.api is api
+    assert hfmerge.run is api.run
+    assert hfmerge.cka is api.cka
+    assert hfmerge.evaluate is api.evaluate
+    assert hfmerge.RunOptions is api.RunOptions
+    assert hfmerge.api is api
     probe = (
         "import sys, hfmerge; hfmerge.api; hfmerge.run; hfmerge.RunOptions; hfmerge.barrier; "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"

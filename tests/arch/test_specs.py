@@ -122,7 +122,9 @@ def test_spec_details_per_family() -> None:
     assert attn.qk_free_dims == (0, 0)
     gate = llama_spec.tensors["model.layers.0.mlp.gate_proj.weight"].axes
     up = llama_spec.tensors["model.layers.0.mlp.up_proj.weight"].axes
-    assert gate == up and gate[0] is not None and gate[0].group == "layers.0.mlp"
+    assert gate == up
+    assert gate[0] is not None
+    assert gate[0].group == "layers.0.mlp"
     qwen = make_tiny_model("qwen2")
     qwen_spec = spec_for(qwen.config.to_dict(), qwen.state_dict().keys())
     assert {n for n in qwen_spec.tensors if n.endswith("proj.bias")} == {
@@ -282,7 +284,8 @@ def test_unknown_model_type_names_the_supported_ones() -> None:
         spec_for({**config, "model_type": "t5"}, names, label="org/t5")
     assert info.value.kind == "architecture (model_type)"
     assert info.value.name == "t5"
-    assert info.value.owner == "org/t5" and "of org/t5" in str(info.value)
+    assert info.value.owner == "org/t5"
+    assert "of org/t5" in str(info.value)
     assert set(info.value.choices) == {"bert", "gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
 
 
@@ -299,7 +302,8 @@ def test_unknown_tensor_names_are_listed() -> None:
     with pytest.raises(ArchitectureError) as info:
         spec_for(config, names | extra, label="org/odd")
     message = str(info.value)
-    assert "org/odd" in message and "2 checkpoint tensor(s) are not in the llama spec" in message
+    assert "org/odd" in message
+    assert "2 checkpoint tensor(s) are not in the llama spec" in message
     assert all(name in message for name in extra)
 
 
@@ -353,7 +357,8 @@ def test_axis_lengths_match_the_real_shapes() -> None:
     spec = spec_for(model.config.to_dict(), state.keys())
     qkv = spec.tensors["gpt_neox.layers.0.attention.query_key_value.weight"]
     role = qkv.axes[0]
-    assert role is not None and role.layout is Layout.QKV_PER_HEAD
+    assert role is not None
+    assert role.layout is Layout.QKV_PER_HEAD
     assert axis_length(spec.groups[role.group], role.layout) == state[qkv.name].shape[0] == 192
     perms = nontrivial_permutations(spec)
     assert isinstance(perms["layers.0.attn"], AttentionPerm)

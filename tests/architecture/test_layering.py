@@ -50,40 +50,55 @@ def upward(edge: Import) -> bool:
     return LAYERS.index(layer_of(edge.imported)) > LAYERS.index(layer_of(edge.importer))
 
 
-def cycles(edges: list[Import]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+def import_graph(edges: list[Import]) -> dict[str, set[str]]:
+    """Each importing module's imported modules, self-imports left out."""
     graph: dict[str, set[str]] = defaultdict(set)
     for edge in edges:
         if edge.importer != edge.imported:
             graph[edge.importer].add(edge.imported)
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    found: list[list[str]] = []
+    return graph
 
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for nxt in graph.get(node, ()):
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            component = []
-            while True:
-                member = stack.pop()
-                component.append(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
 
+class _Tarjan:
+    """Tarjan's strongly connected components over one graph: `visit` every node once."""
+
+    def __init__(self, graph: dict[str, set[str]]) -> None:
+        self.graph = graph
+        self.index: dict[str, int] = {}
+        self.low: dict[str, int] = {}
+        self.stack: list[str] = []
+        self.components: list[list[str]] = []
+
+    def visit(self, node: str) -> None:
+        self.index[node] = self.low[node] = len(self.index)
+        self.stack.append(node)
+        for nxt in self.graph.get(node, ()):
+            if nxt not in self.index:
+                self.visit(nxt)
+                self.low[node] = min(self.low[node], self.low[nxt])
+            elif nxt in self.stack:
+                self.low[node] = min(self.low[node], self.index[nxt])
+        if self.low[node] == self.index[node]:
+            self.components.append(self._pop_component(node))
+
+    def _pop_component(self, root: str) -> list[str]:
+        """The stack's nodes down to `root`, popped: one strongly connected component."""
+        component: list[str] = []
+        while True:
+            member = self.stack.pop()
+            component.append(member)
+            if member == root:
+                return component
+
+
+def cycles(edges: list[Import]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    graph = import_graph(edges)
+    tarjan = _Tarjan(graph)
     for node in list(graph):
-        if node not in index:
-            visit(node)
-    return found
+        if node not in tarjan.index:
+            tarjan.visit(node)
+    return [sorted(component) for component in tarjan.components if len(component) > 1]
 
 
 def test_every_package_has_a_layer() -> None:

@@ -28,7 +28,7 @@ FIELDS = {
 SMALL = ["--samples", "6", "--max-length", "32", "--batch-size", "4", "--device-map", "cpu"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +61,26 @@ def test_json_has_the_fixed_fields_and_a_heatmap_is_written(
     ]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "block.1" in captured.out and "matrix" in captured.out and "matched r" in captured.out
-    assert "wrote" in captured.err and "wrote" not in captured.out
+    assert "block.1" in captured.out
+    assert "matrix" in captured.out
+    assert "matched r" in captured.out
+    assert "wrote" in captured.err
+    assert "wrote" not in captured.out
     report = json.loads(out.read_text())
     assert report.keys() >= FIELDS
     assert report["layers_a"] == ["embeddings", "block.0", "block.1"] == report["layers_b"]
-    assert len(report["matrix"]) == 3 and all(len(row) == 3 for row in report["matrix"])
+    assert len(report["matrix"]) == 3
+    assert all(len(row) == 3 for row in report["matrix"])
     assert report["diagonal"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
-    assert report["estimator"] == "debiased" and report["pooling"] == "tokens"
-    assert report["samples"] == 6 and report["tokens"] == report["cka_samples"] > 6
+    assert report["estimator"] == "debiased"
+    assert report["pooling"] == "tokens"
+    assert report["samples"] == 6
+    assert report["tokens"] == report["cka_samples"] > 6
     assert report["revisions"] == {"model_a": None, "model_b": None}
-    assert report["settings"]["max_length"] == 32 and report["settings"]["bos_dropped"]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert report["settings"]["max_length"] == 32
+    assert report["settings"]["bos_dropped"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
 
 
 def test_units_match_a_permuted_copy_and_not_another_init(models: dict[str, Path]) -> None:
@@ -87,15 +95,19 @@ def test_units_match_a_permuted_copy_and_not_another_init(models: dict[str, Path
         )
 
     permuted, other = run("permuted"), run("other")
-    assert permuted.units is not None and other.units is not None
+    assert permuted.units is not None
+    assert other.units is not None
     for unit in permuted.units:
-        assert unit.matched_correlation > 0.999 and unit.predicted_share > 0.99
-        assert unit.same_index_correlation is not None and unit.same_index_correlation < 0.5
+        assert unit.matched_correlation > 0.999
+        assert unit.predicted_share > 0.99
+        assert unit.same_index_correlation is not None
+        assert unit.same_index_correlation < 0.5
     # Embeddings are a lookup of ~40 distinct characters in 64 dims, so any two random tables are
     # partly linearly related (the token-identity effect); the blocks are not.
     assert other.units[0].matched_correlation < 0.6
     for unit in other.units[1:]:
-        assert unit.matched_correlation < 0.4 and unit.predicted_share < 0.2
+        assert unit.matched_correlation < 0.4
+        assert unit.predicted_share < 0.2
     assert max(other.diagonal) < 0.9  # and CKA itself sees two unrelated random models
     assert "matched r" in format_report(permuted)
 
@@ -127,8 +139,10 @@ def test_fail_under_exit_codes_name_the_layer(
     lowest = min(report["diagonal"])
     layer = report["layers_a"][report["diagonal"].index(lowest)]
     assert f"{lowest:.3f} at {layer}" in captured.err
-    assert "falls below 0.99" in captured.err and "Fix:" in captured.err
-    assert "Traceback" not in captured.err and "block.0" in captured.out
+    assert "falls below 0.99" in captured.err
+    assert "Fix:" in captured.err
+    assert "Traceback" not in captured.err
+    assert "block.0" in captured.out
 
 
 def test_models_of_different_depth_pair_by_relative_depth(
@@ -137,7 +151,8 @@ def test_models_of_different_depth_pair_by_relative_depth(
     out = tmp_path / "depth.json"
     assert main(["cka", str(models["a"]), str(models["deep"]), *SMALL, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert len(report["layers_b"]) == 5 and len(report["matrix"][0]) == 5
+    assert len(report["layers_b"]) == 5
+    assert len(report["matrix"][0]) == 5
     assert report["diagonal_pairs"] == [[0, 0], [1, 2], [2, 4]]
     assert report["diagonal"] == pytest.approx(
         [report["matrix"][i][j] for i, j in report["diagonal_pairs"]]
@@ -164,8 +179,10 @@ def test_mean_pooling_is_the_default_and_counts_windows(
         )
         reports.append(json.loads(out.read_text()))
     mean, tokens = reports
-    assert mean["pooling"] == "mean" and mean["cka_samples"] == mean["samples"] == 6
-    assert tokens["pooling"] == "tokens" and tokens["cka_samples"] == tokens["tokens"] > 6
+    assert mean["pooling"] == "mean"
+    assert mean["cka_samples"] == mean["samples"] == 6
+    assert tokens["pooling"] == "tokens"
+    assert tokens["cka_samples"] == tokens["tokens"] > 6
 
 
 def test_errors_are_one_paragraph(
@@ -177,7 +194,9 @@ def test_errors_are_one_paragraph(
         shutil.copy(models["a"] / name, bare / name)
     assert main(["cka", str(bare), str(models["a"]), *SMALL]) == 1
     err = capsys.readouterr().err
-    assert "has no tokenizer" in err and "Fix:" in err and "Traceback" not in err
+    assert "has no tokenizer" in err
+    assert "Fix:" in err
+    assert "Traceback" not in err
     assert main(["cka", str(models["a"]), str(models["a"]), "--pooling", "max"]) == 1
     assert "Unknown pooling 'max'" in capsys.readouterr().err
     assert (
@@ -198,7 +217,8 @@ def test_route_block_suggests_calibration_text_per_model() -> None:
     )
     block = route_block(recipe)
     assert block.splitlines()[:2] == ["route:", "  method: centroid"]
-    assert "builtin:code-train" in block and "builtin:prose-train" in block
+    assert "builtin:code-train" in block
+    assert "builtin:prose-train" in block
     assert "text typical of org/other's inputs" in block
 
 

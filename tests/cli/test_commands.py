@@ -27,7 +27,8 @@ def test_methods_lists_every_method_with_parameters(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     for name in METHODS:
         assert f"{name}:" in out
-    assert "paper: https://" in out and "density" in out
+    assert "paper: https://" in out
+    assert "density" in out
 
 
 def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,7 +36,8 @@ def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for family in ("bert", "gpt2", "gpt_neox", "llama"):
         assert f"{family}:" in out
-    assert "mistral" in out and "qwen2" in out
+    assert "mistral" in out
+    assert "qwen2" in out
 
 
 def test_run_writes_model_and_prints_its_path(
@@ -60,7 +62,8 @@ def test_dry_run_prints_the_plan(chdir_tmp: Path, capsys: pytest.CaptureFixture[
     path = write_recipe(chdir_tmp / "r.yaml", [str(a), str(a)])
     assert main(["run", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "model.embed_tokens.weight" in out and "merge" in out
+    assert "model.embed_tokens.weight" in out
+    assert "merge" in out
     assert not (chdir_tmp / "merged").exists()
 
 
@@ -72,7 +75,9 @@ def test_validate_reports_key_and_method_typos_in_one_error(
     for command in (["validate", str(path)], ["run", str(path)]):
         assert main(command) == 1
         err = capsys.readouterr().err
-        assert "unknown key 'modles'" in err and "'linaer'" in err and "'linear'" in err
+        assert "unknown key 'modles'" in err
+        assert "'linaer'" in err
+        assert "'linear'" in err
         assert "Traceback" not in err
     assert sorted(p.name for p in chdir_tmp.iterdir()) == ["bad.yaml"]
 
@@ -92,7 +97,8 @@ def test_console_script_runs_as_a_module() -> None:
         [sys.executable, "-m", "hfmerge", "--help"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0
-    assert "run" in done.stdout and "validate" in done.stdout
+    assert "run" in done.stdout
+    assert "validate" in done.stdout
 
 
 # Runs the console script with `cli.main` replaced, and prints what it saw: the exit status, whether
@@ -151,7 +157,8 @@ def test_import_hfmerge_stays_light_until_a_name_is_used() -> None:
 def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 2
     err = capsys.readouterr().err
-    assert "Missing argument" in err and "Traceback" not in err
+    assert "Missing argument" in err
+    assert "Traceback" not in err
     assert main(["no-such-command"]) == 2
 
 

@@ -123,7 +123,8 @@ def test_cut_mask_after_hands_on_the_remaining_ties() -> None:
     keys = torch.tensor([5, 3, 5, 5, 1, 5], dtype=torch.int32)
     mask = CutMask(Cut(5, ties=3))  # keep everything above 5, then the first three 5s
     later = mask.after(keys[:3])  # the head holds two of the 5s
-    assert later.ties_left == 1 and not later.stateless
+    assert later.ties_left == 1
+    assert not later.stateless
     assert mask.ties_left == 3  # the original is untouched
     whole = CutMask(Cut(5, ties=3))(keys)
     assert torch.equal(torch.cat([mask(keys[:3]), later(keys[3:])]), whole)
@@ -196,7 +197,8 @@ def test_radix_cut_is_kthvalue_and_masks_concatenate(seed: int) -> None:
 def test_radix_cut_edges() -> None:
     keys = magnitude_keys(torch.tensor([0.0, -0.0, 1.0, -2.0]))
     none, everything = select_cuts(keys, [0, 4])
-    assert not CutMask(none)(keys).any() and CutMask(everything)(keys).all()
+    assert not CutMask(none)(keys).any()
+    assert CutMask(everything)(keys).all()
     assert CutMask(select_cuts(keys, [1])[0])(keys).tolist() == [False, False, False, True]
     assert CutMask(select_cuts(keys, [3])[0])(keys).tolist() == [True, False, True, True]
 
@@ -285,7 +287,8 @@ def test_della_merges_a_one_dimensional_tensor_whole() -> None:
         generator=torch.Generator(),
         device=torch.device("cpu"),
     )
-    assert one_d.whole_only and not two_d.whole_only
+    assert one_d.whole_only
+    assert not two_d.whole_only
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (5, 13)])
@@ -294,5 +297,6 @@ def test_masks_pack_into_bits_and_back(shape: tuple[int, ...]) -> None:
 
     mask = torch.bernoulli(torch.full(shape, 0.5), generator=torch.Generator().manual_seed(1))
     packed = pack_mask(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(unpack_mask(packed, mask), mask)

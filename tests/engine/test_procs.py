@@ -59,7 +59,7 @@ def _fail_in_child(monkeypatch: pytest.MonkeyPatch, error: BaseException | None)
     monkeypatch.setattr(engine._Share, "run", failing)
 
 
-class Unrebuildable(Exception):
+class UnrebuildableError(Exception):
     """Pickles (as its one message argument) but cannot be rebuilt from it."""
 
     def __init__(self, a: int, b: int) -> None:
@@ -83,7 +83,8 @@ def test_two_processes_write_what_one_does(
     monkeypatch.setattr(engine, "process_count", lambda **_: 1)
     one = merge(models, tmp_path / "one", method)
     [child] = two_processes
-    assert child and child < set(one)  # the child wrote a share, the parent the rest
+    assert child
+    assert child < set(one)  # the child wrote a share, the parent the rest
     assert both.keys() == one.keys()
     for name, tensor in one.items():
         assert torch.equal(tensor, both[name]), name
@@ -192,10 +193,10 @@ def test_an_error_that_cannot_be_rebuilt_arrives_as_text(
     monkeypatch: pytest.MonkeyPatch,
     two_processes: list[frozenset[str]],
 ) -> None:
-    _fail_in_child(monkeypatch, Unrebuildable(1, 2))
+    _fail_in_child(monkeypatch, UnrebuildableError(1, 2))
     with pytest.raises(RuntimeError, match="worker process failed") as info:
         merge(models, tmp_path / "out", "linear")
-    assert "Unrebuildable: 1/2" in str(info.value)
+    assert "UnrebuildableError: 1/2" in str(info.value)
     _assert_no_children()
 
 
@@ -256,9 +257,11 @@ def test_every_kind_of_error_crosses_the_pipe_intact() -> None:
     ]
     for error in cases:
         copy = pickle.loads(pickle.dumps(error))
-        assert type(copy) is type(error) and vars(copy).keys() == vars(error).keys()
+        assert type(copy) is type(error)
+        assert vars(copy).keys() == vars(error).keys()
         assert (copy.what, copy.why, copy.fix) == (error.what, error.why, error.fix)
-        assert copy.message() == error.message() and str(copy) == str(error)
+        assert copy.message() == error.message()
+        assert str(copy) == str(error)
 
 
 def test_a_child_dies_with_its_parent(tmp_path: Path) -> None:
@@ -279,7 +282,8 @@ time.sleep(60)
     pid_file = tmp_path / "child"
     deadline = time.monotonic() + 30
     while not pid_file.exists() or not pid_file.read_text():
-        assert time.monotonic() < deadline and parent.poll() is None
+        assert time.monotonic() < deadline
+        assert parent.poll() is None
         time.sleep(0.05)
     child = int(pid_file.read_text())
     parent.send_signal(signal.SIGKILL)

@@ -129,7 +129,8 @@ def test_elementwise_merges_run_in_pieces_with_the_same_output(
     monkeypatch.setattr(engine_compute, "Chunk", spy)
     one_element = dataclasses.replace(DEFAULT_TUNING, piece_elements=1)
     small = merge(models, tmp_path / "small", method, tuning=one_element)
-    assert pieces and set(pieces) == {1}
+    assert pieces
+    assert set(pieces) == {1}
     assert whole.keys() == small.keys()
     for name, tensor in whole.items():
         assert torch.equal(tensor, small[name]), name
@@ -162,7 +163,8 @@ def test_elementwise_pieces_of_any_shape_equal_the_method(shape: tuple[int, ...]
     starts = [start for start, _ in parts]
     sizes = [part.numel() for _, part in parts]
     assert starts == [first + sum(sizes[:i]) for i in range(len(parts))]  # consecutive, in order
-    assert all(size == 12 for size in sizes[:-1]) and 0 <= sizes[-1] <= 12
+    assert all(size == 12 for size in sizes[:-1])
+    assert 0 <= sizes[-1] <= 12
     assert torch.equal(torch.cat([part for _, part in parts]), expected)
 
 

@@ -42,7 +42,8 @@ def test_every_preflight_problem_of_every_model_at_once_without_weights(
         gated_sha = fake_hub.head("org/gated")
         assert f"Hub repo org/gated@{gated_sha}: is gated and your token has no access" in err
         assert "accept its conditions" in err
-        assert "Hub repo bob/secret: does not exist" in err and "it is private" in err
+        assert "Hub repo bob/secret: does not exist" in err
+        assert "it is private" in err
         assert "Models org/a and org/wide are not compatible" in err
         assert "mlp.up_proj.weight has shape [96, 64] vs [128, 64]" in err
         assert "Traceback" not in err
@@ -62,7 +63,8 @@ def test_a_missing_model_fails_within_seconds_naming_it(
     err = one_line(capsys.readouterr().err)
     assert err.startswith("error: Hub repo org/does-not-exist: does not exist on http://127.0.0.1:")
     assert "check the repo id's spelling" in err
-    assert fake_hub.weight_bytes_served == 0 and not (chdir_tmp / "merged").exists()
+    assert fake_hub.weight_bytes_served == 0
+    assert not (chdir_tmp / "merged").exists()
 
 
 def test_gated_and_private_repos_open_to_the_right_token(
@@ -82,7 +84,8 @@ def test_gated_and_private_repos_open_to_the_right_token(
     assert hidden.value.kind == "not_found"
     monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)
     pinned = hub.pin("bob/secret", None)
-    assert pinned.sha == fake_hub.head("bob/secret") and pinned.license == "apache-2.0"
+    assert pinned.sha == fake_hub.head("bob/secret")
+    assert pinned.license == "apache-2.0"
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(HubError, match="no token is set"):
         hub.pin("bob/secret", None)
@@ -104,7 +107,8 @@ def test_a_rejected_token_is_named_as_such_and_never_shown(
     err = one_line(captured.err)
     assert "Hub repo org/a: the Hub rejected the token (401 Unauthorized)" in err
     assert "settings/tokens" in err
-    assert bad not in captured.err + captured.out and TOKEN not in captured.err
+    assert bad not in captured.err + captured.out
+    assert TOKEN not in captured.err
     assert fake_hub.weight_bytes_served == 0
 
 

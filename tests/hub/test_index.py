@@ -28,7 +28,8 @@ def test_remote_index_equals_the_local_one_without_tensor_bytes(
     local = read_checkpoint_index(tmp_path / "_seed" / "org--a")
     remote = hub.remote_index("org/a", sha)
     assert list(remote) == list(local)  # names, dtypes, shapes, shards and absolute offsets
-    assert remote.shards == local.shards and (len(remote.shards) > 1) == bool(shard_size)
+    assert remote.shards == local.shards
+    assert (len(remote.shards) > 1) == bool(shard_size)
     assert remote.model_dir == hub.snapshot_dir("org/a", sha)
     assert fake_hub.weight_bytes_served == 0
     ranges = [
@@ -36,7 +37,8 @@ def test_remote_index_equals_the_local_one_without_tensor_bytes(
         for r in fake_hub.requests("resolve")
         if r.method == "GET" and r.path.endswith(".safetensors")
     ]
-    assert ranges and all(ranges)
+    assert ranges
+    assert all(ranges)
 
 
 def test_a_downloaded_model_is_indexed_from_the_cache_with_no_request(
@@ -44,7 +46,8 @@ def test_a_downloaded_model_is_indexed_from_the_cache_with_no_request(
 ) -> None:
     seed_llama(fake_hub, tmp_path, "org/a", seed=0)
     source = resolve_model("org/a@main")
-    assert source.hub_id == "org/a" and source.revision == fake_hub.head("org/a")
+    assert source.hub_id == "org/a"
+    assert source.revision == fake_hub.head("org/a")
     assert sorted(p.name for p in source.path.iterdir()) == [
         "config.json",
         "generation_config.json",

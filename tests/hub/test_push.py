@@ -44,11 +44,13 @@ def test_push_retries_server_errors_and_makes_one_commit(
     assert main(["push", "merged", "org/pushed", "--private"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == f"{fake_hub.url}/org/pushed"
-    assert "retrying" in captured.err and TOKEN not in captured.out + captured.err
+    assert "retrying" in captured.err
+    assert TOKEN not in captured.out + captured.err
     assert [r.status for r in fake_hub.requests("commit")] == [500, 500, 200]
     assert len(fake_hub.requests("lfs_upload")) == 1  # a retry skips blobs already stored
     repo = fake_hub.repo("org/pushed")
-    assert repo.private and len(repo.history) == 2
+    assert repo.private
+    assert len(repo.history) == 2
     files = local_files(chdir_tmp / "merged")
     assert {
         p: d for p, d in remote_files(fake_hub, "org/pushed").items() if p != ".gitattributes"
@@ -65,7 +67,8 @@ def test_a_push_that_fails_for_good_keeps_the_output_and_says_how_to_finish(
     captured = capsys.readouterr()
     err = " ".join(captured.err.split())
     assert "The output in merged is complete, but pushing it to org/merged failed" in err
-    assert "the Hub answered 503" in err and "run `hfmerge push merged org/merged` to finish" in err
+    assert "the Hub answered 503" in err
+    assert "run `hfmerge push merged org/merged` to finish" in err
     assert len(fake_hub.requests("commit")) == hub.PUSH_ATTEMPTS
     assert captured.out.strip() == ""
     AutoModelForCausalLM.from_pretrained(chdir_tmp / "merged")  # the output is complete
@@ -97,7 +100,8 @@ def test_push_refuses_a_directory_that_is_not_a_model_output(
         (folder / name).write_bytes(data)
     assert main(["push", "notes", "org/notes"]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "Output notes: " in err and "model output" in err
+    assert "Output notes: " in err
+    assert "model output" in err
     assert fake_hub.log == []  # refused before any request
 
 
@@ -111,7 +115,8 @@ def test_run_push_checks_the_token_before_merging(
     monkeypatch.delenv("HF_TOKEN")
     assert main(["run", str(merged), "--push", "org/merged"]) == 1
     assert "pushing needs a Hub token, and none is set" in capsys.readouterr().err
-    assert not (chdir_tmp / "merged").exists() and fake_hub.log == []
+    assert not (chdir_tmp / "merged").exists()
+    assert fake_hub.log == []
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert main(["run", str(merged), "--push", "bob/merged"]) == 1
     err = " ".join(capsys.readouterr().err.split())
@@ -143,5 +148,6 @@ def test_recipe_output_push_and_a_repush_without_stale_shards(
     assert main(["run", str(single)]) == 0  # no namespace: the token owner's
     assert main(["push", "single", "org/m"]) == 0
     remote = remote_files(fake_hub, "org/m")
-    assert "model.safetensors" in remote and not shards & set(remote)
+    assert "model.safetensors" in remote
+    assert not shards & set(remote)
     assert "alice/m" in fake_hub.store.repos

@@ -65,10 +65,13 @@ def test_run_pins_merges_pushes_and_the_pushed_repo_loads(
 
     meta = card_metadata(card)
     assert meta["base_model"] == ["org/a", "org/b"]
-    assert meta["base_model_relation"] == "merge" and meta["library_name"] == "transformers"
+    assert meta["base_model_relation"] == "merge"
+    assert meta["library_name"] == "transformers"
     tags = meta["tags"]
-    assert isinstance(tags, list) and {"merge", "hfmerge"} <= set(tags)
-    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
+    assert isinstance(tags, list)
+    assert {"merge", "hfmerge"} <= set(tags)
+    assert meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-generation"
     assert f"{fake_hub.url}/org/a/tree/{sha_a}" in card
     assert f"{fake_hub.url}/org/b/tree/{sha_b}" in card
     assert "from_pretrained('org/merged')" in card
@@ -111,7 +114,8 @@ def test_pinned_recipe_keeps_the_base_and_per_model_parameters(
     assert main(["run", "first/hfmerge_recipe.yaml", "--out", "again"]) == 0
     assert same_weights(chdir_tmp / "first", chdir_tmp / "again")
     card = (chdir_tmp / "again" / "README.md").read_text()
-    assert card.count("| base |") == 1 and card.count("| input |") == 1  # base found again
+    assert card.count("| base |") == 1
+    assert card.count("| input |") == 1  # base found again
 
 
 @pytest.mark.slow
@@ -135,10 +139,12 @@ def test_dry_run_and_validate_read_headers_only(
     assert len(header_reads) >= 2 * 3  # (length, header) for org/b and each shard of org/a
     assert all(r.range for r in header_reads)
     assert fake_hub.weight_bytes_served == 0
-    assert cached_weight_files(cache) == [] and not (chdir_tmp / "merged").exists()
+    assert cached_weight_files(cache) == []
+    assert not (chdir_tmp / "merged").exists()
 
     assert main(["run", str(recipe)]) == 0  # the counter does see a real download
-    assert fake_hub.weight_bytes_served > 0 and cached_weight_files(cache)
+    assert fake_hub.weight_bytes_served > 0
+    assert cached_weight_files(cache)
 
 
 def test_offline_with_a_filled_cache_makes_no_request(
@@ -170,9 +176,12 @@ def test_offline_without_cache_names_the_model_and_the_fix(
     recipe = write_recipe(chdir_tmp / "r.yaml", ["org/a", "org/b"])
     assert main(["run", str(recipe), "--offline"]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "org/a" in err and "org/b" in err and "offline mode is on" in err
+    assert "org/a" in err
+    assert "org/b" in err
+    assert "offline mode is on" in err
     assert "run the same command once online" in err
-    assert fake_hub.log == [] and not (chdir_tmp / "merged").exists()
+    assert fake_hub.log == []
+    assert not (chdir_tmp / "merged").exists()
 
 
 def fake_hub_cache() -> str:
@@ -219,5 +228,6 @@ def test_pinning_rewrites_entries_and_keeps_the_base_matching(
     }
     data = {"models": models, "base": base, "merge": {"method": "task_arithmetic"}}
     pinned = _pin_models(data, pins)
-    assert pinned["models"] == pinned_models and pinned["base"] == pinned_base
+    assert pinned["models"] == pinned_models
+    assert pinned["base"] == pinned_base
     assert base_position(parse_recipe(pinned)) == base_position(parse_recipe(data))

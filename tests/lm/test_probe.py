@@ -26,7 +26,7 @@ from tests.support.lm import char_tokenizer, save_lm, save_permuted_copy, style_
 LENGTH, SAMPLES = 32, 8
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -213,4 +213,5 @@ def test_auto_device_map_with_memory_limit_loads_and_runs(llama_pair: tuple[Path
         llama_pair[0], label="a", device_map="auto", max_memory={"cpu": "1GiB"}
     )
     states = layer_states(model, _batches("llama")[0], causal=True, pooling="tokens")
-    assert len(states) == 3 and states[0].dtype == torch.float32
+    assert len(states) == 3
+    assert states[0].dtype == torch.float32

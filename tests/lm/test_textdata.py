@@ -18,10 +18,12 @@ def test_builtin_probe_is_prose_by_default_and_domains_are_selectable() -> None:
     assert load_texts(None) == [prose] == load_texts("builtin") == load_texts("builtin:prose")
     assert load_texts("builtin:code") == [builtin_probe_text("code")]
     assert load_texts("builtin:mixed") == [builtin_probe_text("mixed")]
-    assert "def " in load_texts("builtin:code")[0] and "def " not in prose[:2000]
+    assert "def " in load_texts("builtin:code")[0]
+    assert "def " not in prose[:2000]
     assert describe_data(None) == describe_data("builtin") == "builtin:prose"
     code_train = load_texts("builtin:code-train")[0]
-    assert "def " in code_train and code_train[:4000] not in load_texts("builtin:code")[0]
+    assert "def " in code_train
+    assert code_train[:4000] not in load_texts("builtin:code")[0]
     assert load_texts("builtin:prose-train")[0][:4000] not in prose
     with pytest.raises(InputDataError, match=r"builtin:code-train") as info:
         load_texts("builtin:poetry")
@@ -62,7 +64,9 @@ def test_bad_data_files_raise_one_paragraph_errors(
     with pytest.raises(InputDataError, match=expected) as info:
         load_texts(str(path))
     message = info.value.message()
-    assert str(path) in message and "Fix:" in message and "\n" not in message
+    assert str(path) in message
+    assert "Fix:" in message
+    assert "\n" not in message
 
 
 def test_missing_directory_and_non_utf8_files_are_clear_errors(tmp_path: Path) -> None:
@@ -93,7 +97,8 @@ def test_windows_tile_each_document_without_crossing_documents() -> None:
     assert [len(w) for w in windows] == [11, 11, 6, 8]
     assert all(int(w[0]) == bos for w in windows)
     bodies = [str(tokenizer.decode(w[1:].tolist())) for w in windows]
-    assert "".join(bodies[:3]) == texts[0] and bodies[3] == texts[1]
+    assert "".join(bodies[:3]) == texts[0]
+    assert bodies[3] == texts[1]
 
 
 def test_bert_windows_are_wrapped_in_cls_and_sep() -> None:

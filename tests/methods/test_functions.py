@@ -73,9 +73,11 @@ def test_registry_holds_the_methods_mergekit_users_expect() -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_is_documented(name: str) -> None:
     method = get_method(name)
-    assert isinstance(method, MergeMethod) and method.name == name
+    assert isinstance(method, MergeMethod)
+    assert method.name == name
     assert method.paper.startswith("https://")
-    assert method.summary and "\n" not in method.summary
+    assert method.summary
+    assert "\n" not in method.summary
     assert method.deterministic == (name not in RANDOM_METHODS)
     assert method.needs_base == (name != "linear")
 
@@ -140,7 +142,8 @@ def test_output_keeps_shape_and_float32(name: str) -> None:
     merged = run(
         name, tensors, base=randn(*shape, seed=9), params=params, models=weights_for(name, count)
     )
-    assert merged.shape == shape and merged.dtype == torch.float32
+    assert merged.shape == shape
+    assert merged.dtype == torch.float32
     assert torch.isfinite(merged).all()
 
 

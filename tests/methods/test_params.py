@@ -119,7 +119,8 @@ def test_key_of_another_method_names_its_owners() -> None:
     message = problems("task_arithmetic", {}, [{"weight": 1, "density": 0.5}])[
         ("models", 0, "density")
     ]
-    assert "ties" in message and "dare_linear" in message
+    assert "ties" in message
+    assert "dare_linear" in message
 
 
 def test_global_key_beside_a_model_asks_to_move_it() -> None:
@@ -210,7 +211,8 @@ def test_wrong_model_count(name: str, count: int, expected: str) -> None:
     assert expected in found[("models",)]
     with pytest.raises(MethodParameterError, match=expected) as caught:
         validate_params(get_method(name), params, models)
-    assert caught.value.method == name and "Fix:" in str(caught.value)
+    assert caught.value.method == name
+    assert "Fix:" in str(caught.value)
 
 
 def test_linear_refuses_to_normalise_weights_summing_to_zero() -> None:

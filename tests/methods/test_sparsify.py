@@ -31,7 +31,8 @@ def test_topk_mask_selects_exactly_the_k_largest(k: int) -> None:
     scores = randn(5, 6, seed=k).abs()
     mask = topk_mask(scores, k)
     expected = min(k, scores.numel())
-    assert mask.shape == scores.shape and int(mask.sum()) == expected
+    assert mask.shape == scores.shape
+    assert int(mask.sum()) == expected
     if 0 < expected < scores.numel():
         assert scores[mask].min() > scores[~mask].max()
 

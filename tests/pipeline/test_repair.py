@@ -18,6 +18,7 @@ from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import overwrite_tensors
 from tests.support.lm import save_lm, source_of, train_tiny_lm
+from tests.support.weights import read_weights
 
 QUIET = RunOptions(progress=False)  # no progress bars in test output
 
@@ -40,7 +41,7 @@ FOLDED = (
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +102,12 @@ def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
     plain = load_file(tmp_path / "plain" / "model.safetensors")
     fixed = load_file(tmp_path / "repaired" / "model.safetensors")
     changed = {name for name in plain if not torch.equal(plain[name], fixed[name])}
-    assert changed and all(any(part in name for part in FOLDED) for name in changed)
+    assert changed
+    assert all(any(part in name for part in FOLDED) for name in changed)
     assert not any("v_proj" in n or "gate_proj" in n or "embed" in n for n in changed)
     card = (tmp_path / "repaired" / "README.md").read_text()
-    assert "REPAIR" in card and "channel groups" in card
+    assert "REPAIR" in card
+    assert "channel groups" in card
 
 
 def test_repair_needs_a_linear_merge() -> None:
@@ -120,9 +123,8 @@ def test_overwrite_tensors_keeps_dtype_and_refuses_a_new_shape(tmp_path: Path) -
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     overwrite_tensors(tmp_path, {"a": torch.full((2, 3), 2.5)}, label="m")  # float32 in
     reloaded = load_file(tmp_path / "model.safetensors")
-    assert reloaded["a"].dtype == torch.bfloat16 and torch.equal(
-        reloaded["a"], torch.full((2, 3), 2.5).bfloat16()
-    )
+    assert reloaded["a"].dtype == torch.bfloat16
+    assert torch.equal(reloaded["a"], torch.full((2, 3), 2.5).bfloat16())
     assert torch.equal(reloaded["b"], tensors["b"])
     with pytest.raises(ShardWriteError, match="shape"):
         overwrite_tensors(tmp_path, {"b": torch.ones(5)}, label="m")
@@ -135,8 +137,6 @@ def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_p
     run_recipe(_recipe(a, b, tmp_path / "many", repair=True, shard="40KB"), QUIET)
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 2
     whole = load_file(tmp_path / "one" / "model.safetensors")
-    sharded: dict[str, torch.Tensor] = {}
-    for file in (tmp_path / "many").glob("*.safetensors"):
-        sharded.update(load_file(file))
+    sharded = read_weights(tmp_path / "many")
     assert whole.keys() == sharded.keys()
     assert all(torch.equal(whole[name], sharded[name]) for name in whole)

@@ -69,16 +69,21 @@ def test_route_recipe_writes_a_routed_repo_that_serves_and_evaluates(
     out = tmp_path / "out"
     assert main(["run", str(recipe), "--out", str(out), "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert "route: centroid router over 2 experts (bundled)" in plan and not out.exists()
+    assert "route: centroid router over 2 experts (bundled)" in plan
+    assert not out.exists()
     assert main(["validate", str(recipe)]) == 0
     assert "centroid router over 2 experts" in capsys.readouterr().out
 
     assert main(["run", str(recipe), "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == str(out) and "RoutedModel.from_pretrained" in captured.err
+    assert captured.out.strip() == str(out)
+    assert "RoutedModel.from_pretrained" in captured.err
     card = (out / "README.md").read_text()
-    assert "- routing" in card and "## Routing" in card and "held-out routing accuracy" in card
-    assert (out / "hfmerge_recipe.yaml").is_file() and (out / "experts" / "digits").is_dir()
+    assert "- routing" in card
+    assert "## Routing" in card
+    assert "held-out routing accuracy" in card
+    assert (out / "hfmerge_recipe.yaml").is_file()
+    assert (out / "experts" / "digits").is_dir()
     assert main(["run", str(recipe), "--out", str(out)]) == 1  # exists: refused without --force
     assert "--force" in capsys.readouterr().err
 
@@ -112,7 +117,8 @@ def test_route_recipe_writes_a_routed_repo_that_serves_and_evaluates(
         == 0
     )
     table = capsys.readouterr().out
-    assert "mean token loss" in table and str(out) in table
+    assert "mean token loss" in table
+    assert str(out) in table
     loss = {
         (r["model"], Path(r["data"]).stem): r["loss"]
         for r in json.loads(report.read_text())["results"]
@@ -142,7 +148,8 @@ def test_routed_repo_over_hub_experts_is_pushed_and_loads_back_by_id(
     assert capsys.readouterr().out.splitlines()[-1].endswith("org/routed")
     repo = fake_hub.repo("org/routed")
     files = repo.commits[repo.branches["main"]]
-    assert "hfmerge_router.json" in files and not any(p.startswith("experts/") for p in files)
+    assert "hfmerge_router.json" in files
+    assert not any(p.startswith("experts/") for p in files)
     manifest = json.loads(files["hfmerge_router.json"].data)
     assert [e["revision"] for e in manifest["experts"]] == [shas[n] for n in NAMES]
     assert "base_model:\n- org/digits\n- org/letters" in files["README.md"].data.decode()

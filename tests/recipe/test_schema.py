@@ -49,8 +49,10 @@ def test_misspelt_key_and_method_are_reported_together_with_lines() -> None:
     assert len(found) == 2
     joined = "\n".join(found)
     assert "outptu (line 10, col 1): unknown key 'outptu' (did you mean 'output'?)" in joined
-    assert "merge.method (line 8, col 3)" in joined and "did you mean 'ties'?" in joined
-    assert "valid methods:" in joined and "linear" in joined
+    assert "merge.method (line 8, col 3)" in joined
+    assert "did you mean 'ties'?" in joined
+    assert "valid methods:" in joined
+    assert "linear" in joined
 
 
 def test_unknown_per_model_parameter_is_located_at_the_model() -> None:
@@ -89,7 +91,8 @@ def test_bad_shard_size_dtype_and_model_count() -> None:
     found = "\n".join(problems_of(text))
     assert "output.max_shard_size" in found
     assert "output.dtype" in found
-    assert "models" in found and "at least 2" in found
+    assert "models" in found
+    assert "at least 2" in found
 
 
 def test_route_experts_must_match_models() -> None:
@@ -106,10 +109,12 @@ def test_route_needs_experts_a_valid_default_and_no_alignment() -> None:
     )
     found = "\n".join(problems_of(text))
     assert "default_expert 2 is not a model index" in found
-    assert "alignment has no effect on routing" in found and "route.temperature" in found
+    assert "alignment has no effect on routing" in found
+    assert "route.temperature" in found
     ok = head + "route:\n  experts: [{data: a}, {data: b}]\n  default_expert: 1\n"
     recipe = parse_recipe_text(ok)
-    assert recipe.route is not None and recipe.route.default_expert == 1
+    assert recipe.route is not None
+    assert recipe.route.default_expert == 1
 
 
 @pytest.mark.parametrize("method", ALIGN_METHODS)
@@ -119,7 +124,8 @@ def test_align_accepts_every_alignment_method(method: str) -> None:
 
 def test_align_refuses_a_method_outside_the_alignment_methods() -> None:
     (problem,) = problems_of(GOOD + "align: {method: weights}\n")
-    assert problem.startswith("align.method") and "weight" in problem
+    assert problem.startswith("align.method")
+    assert "weight" in problem
 
 
 def test_not_a_mapping_and_bad_yaml() -> None:

@@ -38,7 +38,7 @@ from tests.support.routing import (
 )
 from tests.support.tiny_models import make_tiny_model, tiny_batch
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +71,16 @@ def test_pooled_features_are_the_masked_mean_of_that_blocks_output(kind: str) ->
         ).hidden_states
     keep = kept_positions(batch["attention_mask"], causal=is_causal(model.config))
     assert torch.allclose(features, pool(states[1], keep, pooling="mean"), atol=1e-6)
-    assert features.dtype == torch.float32 and features.device.type == "cpu"
+    assert features.dtype == torch.float32
+    assert features.device.type == "cpu"
     assert [default_layer(n) for n in (1, 2, 4, 12, 32)] == [1, 1, 3, 8, 21]
 
 
 def test_calibration_report_and_layer(centroid: BuiltRouter) -> None:
     assert centroid.layer == default_layer(2)
     assert centroid.report.samples == [24, 24]
-    assert centroid.report.heldout_accuracy == 1.0 and centroid.report.warnings == []
+    assert centroid.report.heldout_accuracy == 1.0
+    assert centroid.report.warnings == []
 
 
 def test_texts_route_to_the_expert_of_their_domain(repo: Path) -> None:
@@ -110,7 +112,8 @@ def test_the_saved_repo_routes_as_the_built_router(
     assert saved.keys() == centroid.router.to_tensors().keys()
     assert all(torch.equal(saved[k], v) for k, v in centroid.router.to_tensors().items())
     manifest = read_manifest(repo)
-    assert manifest.router.layer == centroid.layer and manifest.calibration["samples"] == [24, 24]
+    assert manifest.router.layer == centroid.layer
+    assert manifest.calibration["samples"] == [24, 24]
     assert sorted(p.name for p in (repo / "experts" / "letters").iterdir()) == [
         "config.json",
         "generation_config.json",
@@ -176,7 +179,8 @@ def test_a_separate_backbone_is_bundled_and_kept_loaded(
     assert read_manifest(repo).router.backbone is not None
     model = RoutedModel.from_pretrained(repo, device_map=None)
     assert model.route(digit_texts(2, seed=3) + letter_texts(2, seed=4)) == [0, 0, 1, 1]
-    assert model.pool.models[BACKBONE].pinned and not model.pool.models[BACKBONE].head
+    assert model.pool.models[BACKBONE].pinned
+    assert not model.pool.models[BACKBONE].head
     assert model.pool.loaded == (BACKBONE,)  # routing needs no expert
 
 
@@ -213,6 +217,8 @@ def test_eval_scores_each_window_with_its_expert(repo: Path, tmp_path: Path) -> 
         tokenizer, [data.read_text(encoding="utf-8")], max_length=LENGTH, samples=None
     )
     direct = evaluate(load_expert(repo / "experts" / "digits"), tokenizer, windows)
-    assert routed.tokens == direct.tokens and routed.windows == direct.windows
+    assert routed.tokens == direct.tokens
+    assert routed.windows == direct.windows
     assert routed.loss == pytest.approx(direct.loss, rel=1e-6)  # every window goes to digits
-    assert routed.max_length == LENGTH and routed.data == str(data)
+    assert routed.max_length == LENGTH
+    assert routed.data == str(data)

@@ -22,7 +22,7 @@ from tests.support.routing import (
 )
 from tests.support.routing import write_bundled as write_repo
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,8 @@ def test_a_budget_for_one_expert_evicts_the_least_recently_used(repo: Path) -> N
     assert out.experts.tolist() == EXPECTED_ROUTES
     pool = model.pool
     assert pool.loads == ["digits", "letters"]  # backbone (= digits) routes and runs, then letters
-    assert pool.loaded == ("letters",) and pool.peak_bytes <= budget
+    assert pool.loaded == ("letters",)
+    assert pool.peak_bytes <= budget
     for index, name in enumerate(NAMES):  # the answers are still exactly the experts'
         rows = out.experts == index
         with torch.no_grad():
@@ -62,7 +63,8 @@ def test_a_budget_for_one_expert_evicts_the_least_recently_used(repo: Path) -> N
             ).logits
         assert torch.equal(out.logits[rows], expected)
     assert model.route(["12 34"]) == [0]  # routing needs the backbone back
-    assert pool.loads == ["digits", "letters", "digits"] and pool.loaded == ("digits",)
+    assert pool.loads == ["digits", "letters", "digits"]
+    assert pool.loaded == ("digits",)
 
 
 def test_an_evicted_expert_is_freed(repo: Path) -> None:
@@ -74,7 +76,8 @@ def test_an_evicted_expert_is_freed(repo: Path) -> None:
     first = weakref.ref(pool.get("digits"))
     pool.get("letters")
     gc.collect()
-    assert first() is None and pool.loaded == ("letters",)
+    assert first() is None
+    assert pool.loaded == ("letters",)
     assert pool.resident_bytes == pool.sizes["letters"]
 
 
@@ -82,7 +85,8 @@ def test_without_a_budget_every_expert_stays(repo: Path) -> None:
     pool = ExpertPool([PooledModel(n, repo / "experts" / n) for n in NAMES], device_map=None)
     for name in [*NAMES, NAMES[0]]:
         pool.get(name)
-    assert pool.loaded == ("letters", "digits") and pool.loads == list(NAMES)
+    assert pool.loaded == ("letters", "digits")
+    assert pool.loads == list(NAMES)
 
 
 def test_max_memory_is_the_budget_and_accelerate_places_each_expert(repo: Path) -> None:
@@ -92,7 +96,8 @@ def test_max_memory_is_the_budget_and_accelerate_places_each_expert(repo: Path) 
     assert model.pool.budget == int(size * 1.6)
     batch = mixed_batch(model.tokenizer)
     assert model(batch["input_ids"], batch["attention_mask"]).experts.tolist() == EXPECTED_ROUTES
-    assert len(model.pool.loaded) == 1 and model.pool.peak_bytes <= model.pool.budget
+    assert len(model.pool.loaded) == 1
+    assert model.pool.peak_bytes <= model.pool.budget
     assert model.pool.device_maps == {"digits": {"": "cpu"}, "letters": {"": "cpu"}}
 
 

@@ -43,7 +43,7 @@ from tests.support.routing import (
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_manifest_round_trips_and_bundles_by_hard_link(
     assert parse_manifest(data).to_json() == data
     weights = repo / "experts" / "digits" / "model.safetensors"
     assert os.path.samefile(weights, experts["digits"] / "model.safetensors")
-    assert is_routed_repo(repo) and not is_routed_repo(experts["digits"])
+    assert is_routed_repo(repo)
+    assert not is_routed_repo(experts["digits"])
 
 
 Edit = Callable[[dict[str, Any]], None]
@@ -132,7 +133,8 @@ def test_bad_manifests_name_the_field(repo: Path, tmp_path: Path, edit: Edit, me
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(RoutedRepoError, match=message) as caught:
         read_manifest(tmp_path)
-    assert caught.value.repo == str(tmp_path) and "Fix:" in str(caught.value)
+    assert caught.value.repo == str(tmp_path)
+    assert "Fix:" in str(caught.value)
 
 
 def test_missing_or_unreadable_files_are_clear(repo: Path, tmp_path: Path) -> None:
@@ -192,9 +194,11 @@ def test_experts_pinned_on_the_hub_and_a_routed_repo_read_by_id(
     assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_FILE, ROUTER_FILE]
     fake_hub.add_model("org/routed", folder)
     assert is_routed_repo("org/routed", check_hub=True)
-    assert not is_routed_repo("org/digits", check_hub=True) and not is_routed_repo("org/routed")
+    assert not is_routed_repo("org/digits", check_hub=True)
+    assert not is_routed_repo("org/routed")
     model = RoutedModel.from_pretrained("org/routed", device_map=None)
-    assert model.revision is not None and model.source == "org/routed"
+    assert model.revision is not None
+    assert model.source == "org/routed"
     assert model.route(digit_texts(2, seed=1) + letter_texts(2, seed=2)) == [0, 0, 1, 1]
     fake_hub.commit_files("org/digits", {"model.safetensors": None})  # main moves on
     again = RoutedModel.from_pretrained("org/routed", device_map=None)

@@ -19,7 +19,7 @@ from hfmerge.routing.routers import (
 DIM, PER_EXPERT = 16, 40
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
 def clusters(
@@ -147,9 +147,11 @@ def test_report_of_separated_experts_is_clean() -> None:
         CentroidRouter, features, labels, experts=["a", "b", "c"], settings=RouterSettings(0.1)
     )
     assert report.samples == [PER_EXPERT] * 3
-    assert report.heldout_samples == 3 * 8 and report.heldout_accuracy == 1.0
+    assert report.heldout_samples == 3 * 8
+    assert report.heldout_accuracy == 1.0
     assert report.expert_accuracy == [1.0, 1.0, 1.0]
-    assert report.centroid_cosine is not None and report.centroid_cosine[0][0] == 1.0
+    assert report.centroid_cosine is not None
+    assert report.centroid_cosine[0][0] == 1.0
     assert report.warnings == []
     assert report.to_json()["experts"] == ["a", "b", "c"]
 
@@ -164,7 +166,8 @@ def test_report_warns_about_overlapping_experts() -> None:
         experts=["a", "b", "c"],
         settings=RouterSettings(0.1),
     )
-    assert report.heldout_accuracy is not None and report.heldout_accuracy < 0.8
+    assert report.heldout_accuracy is not None
+    assert report.heldout_accuracy < 0.8
     assert any("held-out routing accuracy" in w for w in report.warnings)
     few = calibration_report(
         LogisticRouter,

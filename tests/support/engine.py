@@ -7,23 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
-from tests.support.tiny_models import make_tiny_model
+from tests.support.tiny_models import add_noise, make_tiny_model
+from tests.support.weights import read_weights
 
 
 def make_models(root: Path) -> list[Path]:
     """A tiny Llama base and two fine-tunes of it, saved under `root`."""
     paths = []
     for seed in range(3):
-        model = make_tiny_model("llama", seed=0)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.02 * seed * torch.randn(param.shape, generator=generator))
+        model = add_noise(make_tiny_model("llama", seed=0), seed=seed, scale=0.02 * seed)
         path = root / f"m{seed}"
         model.save_pretrained(path, safe_serialization=True)
         paths.append(path)
@@ -43,7 +39,4 @@ def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, t
         "output": {"path": str(out), "dtype": "bfloat16", "max_shard_size": "60KB"},
     }
     run_recipe(parse_recipe(data), RunOptions(force=True, progress=False, **run))
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
+    return read_weights(out)

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from tests.support.fakehub import FakeHub
 from tests.support.tiny_models import make_tiny_model
+from tests.support.weights import read_weights
 
 
 def seed_llama(
@@ -65,16 +65,8 @@ def write_recipe(
     return path
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a local checkpoint folder."""
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
 def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = weights(a), weights(b)
+    wa, wb = read_weights(a), read_weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

@@ -28,7 +28,7 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test inside its tmp directory (relative output paths land there)."""
     monkeypatch.chdir(tmp_path)
-    yield tmp_path
+    return tmp_path

@@ -161,6 +161,15 @@ def make_tiny_model(
     return exact_float64_norms(model)
 
 
+def add_noise(model: PreTrainedModel, *, seed: int, scale: float) -> PreTrainedModel:
+    """A fine-tune stand-in: every parameter plus `scale` times N(0, 1) noise drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
 def save_tiny_model(kind: str, path: str | Path, **kw: Any) -> Path:
     """Build `make_tiny_model(kind, **kw)` and save_pretrained it (safetensors) into `path`."""
     out = Path(path)

@@ -29,6 +29,7 @@ from hfmerge.tensors import (
     plan_shards,
     read_checkpoint_index,
 )
+from tests.support.weights import read_weights
 
 TINY_LLAMA: dict[str, Any] = {
     "hidden_size": 32,
@@ -66,15 +67,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-
-
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in every safetensors file of `directory`, via safetensors itself."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +182,8 @@ def test_pickle_only_directory_is_refused_without_unpickling(tmp_path: Path) -> 
     with pytest.raises(ModelSourceError) as caught:
         read_checkpoint_index(model_dir)
     message = caught.value.message()
-    assert "pickle" in message and "pytorch_model.bin" in message
+    assert "pickle" in message
+    assert "pytorch_model.bin" in message
     assert "safe_serialization=True" in message
     with pytest.raises(ModelSourceError):
         LazyCheckpoint(model_dir)
@@ -272,7 +265,7 @@ def test_writer_round_trip_in_shuffled_order(tmp_path: Path) -> None:
     tensors = mixed_tensors()
     plan = write_shuffled(tmp_path, tensors, cap=40)
     assert len(plan.shards) > 2
-    back = read_all(tmp_path)
+    back = read_weights(tmp_path)
     assert set(back) == set(tensors)
     assert all(same_bits(back[name], tensor) for name, tensor in tensors.items())
     document = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -309,7 +302,7 @@ def test_large_writes_start_their_writeback_and_keep_their_bytes(
     header_length = 8 + struct.unpack("<Q", (tmp_path / "model.safetensors").read_bytes()[:8])[0]
     # Only the large write queues its writeback, on exactly its own byte range.
     assert calls == [(header_length + big.begin, big.end - big.begin, os.POSIX_FADV_DONTNEED)]
-    back = read_all(tmp_path)
+    back = read_weights(tmp_path)
     assert all(same_bits(back[name], tensor) for name, tensor in tensors.items())
 
 
@@ -318,7 +311,7 @@ def test_single_shard_is_model_safetensors_without_index(tmp_path: Path) -> None
     plan = write_shuffled(tmp_path, tensors, cap=parse_size("2GB"))
     assert plan.filenames == ("model.safetensors",)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    back = read_all(tmp_path)
+    back = read_weights(tmp_path)
     assert all(same_bits(back[name], tensor) for name, tensor in tensors.items())
 
 
@@ -332,7 +325,7 @@ def test_tensor_larger_than_cap_gets_its_own_shard(tmp_path: Path) -> None:
     plan = write_shuffled(tmp_path, tensors, cap=20)
     assert [s.names for s in plan.shards] == [("a", "b"), ("big",), ("c",)]
     assert plan.filenames[1] == "model-00002-of-00003.safetensors"
-    assert same_bits(read_all(tmp_path)["big"], tensors["big"])
+    assert same_bits(read_weights(tmp_path)["big"], tensors["big"])
     first_big = plan_shards(
         outputs_of({"big": tensors["big"], "a": tensors["a"]}), max_shard_bytes=20
     )
@@ -361,7 +354,8 @@ def test_written_model_loads_in_transformers_with_same_logits(
     assert (final / "model.safetensors.index.json").exists()
     result: Any = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     loaded, info = result
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
     ids = torch.randint(
         0, TINY_LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1)
     )
@@ -388,14 +382,20 @@ def test_writer_refuses_tensors_off_the_plan(
     writer.abort()
 
 
+def _write_a_twice(writer: ShardWriter) -> None:
+    """Write `a`, see the second write of `a` refused, and close the writer without `b`."""
+    with writer:
+        writer.write("a", torch.zeros(2))
+        with pytest.raises(ShardWriteError, match="already written"):
+            writer.write("a", torch.zeros(2))
+
+
 def test_writer_refuses_duplicates_and_missing_tensors(tmp_path: Path) -> None:
     specs = [OutputTensor("a", "F32", (2,)), OutputTensor("b", "F32", (2,))]
     plan = plan_shards(specs, max_shard_bytes=100)
     missing = "1 planned tensors were never written: 'b'"
-    with pytest.raises(ShardWriteError, match=missing), ShardWriter(tmp_path, plan) as writer:
-        writer.write("a", torch.zeros(2))
-        with pytest.raises(ShardWriteError, match="already written"):
-            writer.write("a", torch.zeros(2))
+    with pytest.raises(ShardWriteError, match=missing):
+        _write_a_twice(ShardWriter(tmp_path, plan))
     # An error in the body wins over the incompleteness check (the output is discarded anyway).
     with pytest.raises(RuntimeError, match="boom"), ShardWriter(tmp_path / "again", plan):
         raise RuntimeError("boom")

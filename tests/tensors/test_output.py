@@ -18,7 +18,8 @@ def leftovers(parent: Path) -> list[str]:
 def test_atomic_output_moves_result_into_place(tmp_path: Path) -> None:
     final = tmp_path / "nested" / "out"
     with atomic_output_dir(final, force=False) as work:
-        assert work.parent == final.parent and work.name.startswith(".out.hfmerge-tmp-")
+        assert work.parent == final.parent
+        assert work.name.startswith(".out.hfmerge-tmp-")
         (work / "a.txt").write_text("new")
         assert not final.exists()
     assert (final / "a.txt").read_text() == "new"
@@ -28,6 +29,13 @@ def test_atomic_output_moves_result_into_place(tmp_path: Path) -> None:
     assert final.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def _write_then_fail(final: Path, error: type[BaseException]) -> None:
+    """Write a file into `final`'s staging folder (replacing `final`), then fail with `error`."""
+    with atomic_output_dir(final, force=True) as work:
+        (work / "a.txt").write_text("new")
+        raise error()
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_atomic_output_on_error_leaves_final_untouched(
     tmp_path: Path, error: type[BaseException]
@@ -35,9 +43,8 @@ def test_atomic_output_on_error_leaves_final_untouched(
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    with pytest.raises(error), atomic_output_dir(final, force=True) as work:
-        (work / "a.txt").write_text("new")
-        raise error()
+    with pytest.raises(error):
+        _write_then_fail(final, error)
     assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
     assert leftovers(tmp_path) == []
     with pytest.raises(error), atomic_output_dir(tmp_path / "fresh", force=False):
@@ -55,7 +62,8 @@ def test_existing_output_is_refused_before_any_work(tmp_path: Path) -> None:
     assert not ran
     with pytest.raises(OutputError):
         check_output_dir(final, force=False)
-    assert (final / "old.txt").read_text() == "old" and leftovers(tmp_path) == []
+    assert (final / "old.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
 
 
 def test_force_replaces_existing_output(tmp_path: Path) -> None:

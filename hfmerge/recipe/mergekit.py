@@ -1,0 +1,355 @@
+"""mergekit configs read as hfmerge recipes: the flat `models:` form, translated before validation.
+
+Model cards often carry a mergekit config (`merge_method:`, `base_model:`, `parameters:`, `dtype:`).
+`translate` turns one into the mapping of an hfmerge recipe, so it is validated and run by the one
+`Recipe` model like any recipe. Each translated key path remembers the mergekit path it came from,
+so every problem found after the translation is reported at the config's own key and line.
+
+What mergekit does and hfmerge follows (behaviour read from mergekit, not its code):
+- per-model parameters (`weight`, `density`, ...) given in the top-level `parameters:` apply to
+  every model that does not set its own;
+- `base_model` that is not in `models:` is still an input; for `linear` it is merged as one more
+  model, for task-vector methods it is the base;
+- the written dtype is `out_dtype`, else `dtype` (hfmerge always computes in float32);
+- switches hfmerge does not need (`int8_mask`, mergekit's command-line options) are dropped with
+  a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores.
+Not yet supported, each refused at its key: `slices`, `modules`, gradients (a list given as a
+parameter), `filter:` entries, LoRA references (`model+lora`), `tokenizer_source` other than
+`base`, `tokenizer:` and `chat_template`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hfmerge.errors import RecipeError, RecipeProblem
+from hfmerge.methods import METHODS
+from hfmerge.methods.base import MergeMethod
+from hfmerge.progress import say
+from hfmerge.recipe.yaml_locations import Location, read_yaml
+
+MARKERS = ("merge_method", "slices")  # a top-level key that only a mergekit config has
+NOT_YET = "is not supported yet"
+_KNOWN = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
+_REFUSED = {
+    "slices": "`slices:` (layer ranges) " + NOT_YET + "; list whole models under `models:`",
+    "modules": "`modules:` " + NOT_YET + "; list whole models under `models:`",
+    "tokenizer": "the `tokenizer:` section " + NOT_YET + " (hfmerge keeps the base's tokenizer)",
+    "chat_template": "`chat_template` " + NOT_YET + " (hfmerge keeps the base's template)",
+}
+# mergekit's run options (MergeOptions), sometimes pasted into configs; mergekit ignores them here.
+_RUN_OPTIONS = frozenset(
+    {
+        "allow_crimes",
+        "lazy_unpickle",
+        "low_cpu_memory",
+        "cuda",
+        "device",
+        "copy_tokenizer",
+        "trust_remote_code",
+        "random_seed",
+        "out_shard_size",
+        "clone_tensors",
+        "safe_serialization",
+        "write_model_card",
+        "read_to_gpu",
+        "multi_gpu",
+        "num_threads",
+        "transformers_cache",
+    }
+)
+# Parameters mergekit accepts (or ignores) and hfmerge does not need: dropped with a note.
+_DROPPED = {"int8_mask": "a mergekit memory switch for a mask hfmerge never stores"}
+_DROPPED_BY_METHOD = {
+    "task_arithmetic": {
+        "density": "mergekit's task_arithmetic ignores it (it prunes nothing)",
+        "rescale": "mergekit's task_arithmetic ignores it (it prunes nothing)",
+    }
+}
+
+
+def is_mergekit(data: Any) -> bool:
+    """Whether a recipe's YAML mapping is a mergekit config."""
+    return isinstance(data, Mapping) and any(key in data for key in MARKERS)
+
+
+@dataclass
+class Translation:
+    """A mergekit config as an hfmerge recipe mapping, with where each part came from."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    origins: dict[Location, Location] = field(default_factory=dict)  # recipe path -> config path
+    problems: list[tuple[Location, str]] = field(default_factory=list)  # at config paths
+    notes: list[str] = field(default_factory=list)
+    # Recipe sections whose keys are parameters, and where the config keeps them (a parameter
+    # that is missing altogether is reported there).
+    parameter_sections: dict[Location, Location] = field(default_factory=dict)
+
+    def origin(self, loc: Location) -> Location:
+        """The config path that the recipe path `loc` came from (its longest known prefix)."""
+        if loc not in self.origins and loc[:-1] in self.parameter_sections:
+            return (*self.parameter_sections[loc[:-1]], *loc[-1:])
+        for depth in range(len(loc), -1, -1):
+            if loc[:depth] in self.origins:
+                return (*self.origins[loc[:depth]], *loc[depth:])
+        return loc
+
+    def say_notes(self) -> None:
+        """Print each note on stderr, one line each."""
+        for note in self.notes:
+            say(note, prefix="note: ")
+
+    def put(self, path: Location, value: Any, origin: Location) -> None:
+        """Set `path` in `data` to `value`, remembering that it came from `origin`."""
+        target: Any = self.data
+        for part in path[:-1]:
+            target = target.setdefault(part, {}) if isinstance(part, str) else target[part]
+        target[path[-1]] = value
+        self.origins[path] = origin
+
+
+def translate(config: Mapping[str, Any]) -> Translation:
+    """The hfmerge recipe mapping that runs the mergekit `config`, with its refusals and notes."""
+    out = Translation(
+        origins={(): ()}, parameter_sections={("merge", "parameters"): ("parameters",)}
+    )
+    _top_level(config, out)
+    method = _method(config, out)
+    base = config.get("base_model")
+    globals_, shared = _global_parameters(config.get("parameters"), method, out)
+    _models(config, base, method, shared, out)
+    if base is not None:
+        out.put(("base",), base, ("base_model",))
+    if "merge_method" in config:
+        out.put(("merge",), {"method": config["merge_method"]}, ("merge_method",))
+        out.origins[("merge", "method")] = ("merge_method",)
+    else:
+        out.problems.append(((), "`merge_method:` is missing (every mergekit config names one)"))
+    if globals_:
+        out.put(("merge", "parameters"), globals_, ("parameters",))
+        for name in globals_:
+            out.origins[("merge", "parameters", name)] = ("parameters", name)
+    _dtype(config, out)
+    return out
+
+
+def _top_level(config: Mapping[str, Any], out: Translation) -> None:
+    for key in config:
+        if key in _REFUSED:
+            out.problems.append(((key,), _REFUSED[key]))
+        elif key == "tokenizer_source":
+            if config[key] not in (None, "base"):
+                out.problems.append(
+                    (
+                        (key,),
+                        f"tokenizer_source {config[key]!r} {NOT_YET}: only `base` (the base "
+                        "model's tokenizer, hfmerge's choice) is; remove the key or set `base`",
+                    )
+                )
+        elif key in _RUN_OPTIONS:
+            out.notes.append(f"{key}: a mergekit run option hfmerge does not need; ignored")
+        elif key not in _KNOWN:
+            valid = ", ".join([*_KNOWN, "tokenizer_source"])
+            out.problems.append(((key,), f"unknown mergekit key {key!r} (valid keys: {valid})"))
+
+
+def _method(config: Mapping[str, Any], out: Translation) -> MergeMethod | None:
+    # A name hfmerge lacks is reported by the recipe checks, with every method hfmerge has.
+    name = config.get("merge_method")
+    return METHODS.get(name) if isinstance(name, str) else None
+
+
+def _param_names(method: MergeMethod | None) -> tuple[set[str], set[str]]:
+    """(global names, per-model names) of the method's parameters, as written in YAML."""
+    if method is None:
+        return set(), set()
+
+    def names(cls: Any) -> set[str]:
+        return {f.alias or name for name, f in cls.model_fields.items()}
+
+    return names(method.params), names(method.model_params)
+
+
+def _global_parameters(
+    params: Any, method: MergeMethod | None, out: Translation
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method parameters, per-model parameters given for every model) of `parameters:`."""
+    if not isinstance(params, Mapping):
+        if params is not None:
+            out.problems.append((("parameters",), "must be a mapping of parameter names"))
+        return {}, {}
+    _, per_model = _param_names(method)
+    globals_: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    for name, value in params.items():
+        if not _accepted(name, value, ("parameters", name), method, out):
+            continue
+        (shared if name in per_model else globals_)[name] = value
+    return globals_, shared
+
+
+def _accepted(
+    name: str, value: Any, where: Location, method: MergeMethod | None, out: Translation
+) -> bool:
+    """False (with a problem or a note) for a value this step refuses or a switch it drops."""
+    dropped = {**_DROPPED, **_DROPPED_BY_METHOD.get(method.name if method else "", {})}
+    if name in dropped:
+        out.notes.append(f"{'.'.join(map(str, where))}: {dropped[name]}; ignored")
+        return False
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        out.problems.append(
+            (
+                where,
+                "`filter:` entries (values per tensor name) are not supported yet; give one number",
+            )
+        )
+        return False
+    if isinstance(value, Mapping):
+        out.problems.append((where, f"a `filter:`/`value:` entry {NOT_YET}; give one number"))
+        return False
+    if isinstance(value, list):
+        out.problems.append(
+            (where, f"a gradient (a list of values over the layers) {NOT_YET}; give one number")
+        )
+        return False
+    return True
+
+
+def _models(
+    config: Mapping[str, Any],
+    base: Any,
+    method: MergeMethod | None,
+    shared: Mapping[str, Any],
+    out: Translation,
+) -> None:
+    models = config.get("models")
+    if not isinstance(models, list):
+        if models is None and "slices" not in config:
+            out.problems.append((("models",), "required key is missing"))
+        elif models is not None:
+            out.problems.append((("models",), "must be a list of `- model: NAME` entries"))
+        return
+    entries: list[Any] = []
+    out.put(("models",), entries, ("models",))
+    for index, item in enumerate(models):
+        entries.append(_model_entry(item, index, base, method, shared, out))
+    named = {e.get("model") for e in entries if isinstance(e, Mapping)}
+    if isinstance(base, str) and base not in named and _base_listed(method, len(entries)):
+        entries.append(_entry({"model": base}, base, method, shared))
+        out.origins[("models", len(entries) - 1)] = ("base_model",)
+        for name in entries[-1]:
+            out.origins[("models", len(entries) - 1, name)] = ("base_model",)
+
+
+def _base_listed(method: MergeMethod | None, count: int) -> bool:
+    """Whether a base missing from `models` is listed there too. mergekit merges it as one more
+    input: for `linear` that changes the result; a task-vector method takes it as the base
+    wherever it is listed, and a recipe lists at least two models."""
+    return (method is not None and not method.needs_base) or count < 2
+
+
+def _model_entry(
+    item: Any,
+    index: int,
+    base: Any,
+    method: MergeMethod | None,
+    shared: Mapping[str, Any],
+    out: Translation,
+) -> Any:
+    where: Location = ("models", index)
+    out.origins[where] = where
+    out.parameter_sections[where] = (*where, "parameters")
+    if not isinstance(item, Mapping):
+        return item  # a plain name, or a value the schema reports
+    entry: dict[str, Any] = {}
+    for key, value in item.items():
+        _entry_key(entry, (*where, key), value, method, out)
+    for name in _entry(entry, base, method, shared).keys() - entry.keys():
+        entry[name] = shared[name]
+        out.origins[(*where, name)] = ("parameters", name)
+    return entry
+
+
+def _entry_key(
+    entry: dict[str, Any], where: Location, value: Any, method: MergeMethod | None, out: Translation
+) -> None:
+    """Translate one key of a model entry into `entry`, or report it."""
+    key = where[-1]
+    if key in ("model", "revision"):  # `revision`: the pin a run writes into the saved config
+        if key == "model" and isinstance(value, str) and "+" in value:
+            out.problems.append(
+                (where, f"a LoRA reference (`model+lora`) {NOT_YET}; merge the LoRA in first")
+            )
+        entry[key] = value
+        out.origins[where] = where
+    elif key == "parameters" and isinstance(value, Mapping):
+        for name, setting in value.items():
+            origin = (*where, name)
+            if _accepted(name, setting, origin, method, out):
+                entry[name] = setting
+                out.origins[(*where[:-1], name)] = origin
+    elif key == "parameters":
+        out.problems.append((where, "must be a mapping of parameter names"))
+    else:
+        valid = "model, parameters, revision"
+        out.problems.append((where, f"unknown key {key!r} in a model entry (valid: {valid})"))
+
+
+def _entry(
+    entry: dict[str, Any], base: Any, method: MergeMethod | None, shared: Mapping[str, Any]
+) -> dict[str, Any]:
+    """`entry` with the shared per-model parameters it lacks (none for a base that is only the
+    base: a task-vector method does not weigh it)."""
+    if method is not None and method.needs_base and entry.get("model") == base:
+        return dict(entry)
+    return {**shared, **entry}
+
+
+def _dtype(config: Mapping[str, Any], out: Translation) -> None:
+    """The written dtype: mergekit merges in `dtype` and writes `out_dtype`, else `dtype`;
+    hfmerge merges in float32 and writes `output.dtype`."""
+    compute = _dtype_name(config.get("dtype"))
+    if compute not in (None, "float32"):
+        out.notes.append(
+            f"dtype: hfmerge merges in float32, where mergekit merges in {compute}, so the "
+            "results can differ in the last bits"
+        )
+    key = "out_dtype" if config.get("out_dtype") is not None else "dtype"
+    written = _dtype_name(config.get(key))
+    if written is not None:
+        out.put(("output",), {"dtype": written}, (key,))
+        out.origins[("output", "dtype")] = (key,)
+
+
+def _dtype_name(value: Any) -> Any:
+    """The dtype name without the `torch.` prefix mergekit allows."""
+    return value.removeprefix("torch.") if isinstance(value, str) else value
+
+
+def recipe_yaml(config_text: str, *, source: str) -> str:
+    """The hfmerge recipe equivalent to the mergekit config `config_text`, as commented YAML.
+
+    Raises:
+        RecipeError: the text is not a mergekit config (or not YAML).
+    """
+    import yaml
+
+    config, _ = read_yaml(config_text, source=source)
+    if not is_mergekit(config):
+        problem = RecipeProblem(
+            "", "is not a mergekit config (no top-level `merge_method:`); it runs as it is"
+        )
+        raise RecipeError(source, [problem])
+    translation = translate(config)
+    name = Path(source).name
+    header = [
+        f"# Converted by `hfmerge convert` from the mergekit config {name}.",
+        f"# Run it with: hfmerge run {Path(name).stem}.hfmerge.yml (this text saved there);",
+        f"# `hfmerge run {name}` runs the same merge.",
+        *(f"# Note: {note}." for note in translation.notes),
+    ]
+    body = yaml.safe_dump(translation.data, sort_keys=False, allow_unicode=True)
+    return "\n".join(header) + "\n" + body

@@ -1,0 +1,103 @@
+"""A mergekit config run by `hfmerge run` and by mergekit itself gives the same tensors.
+
+On tiny local Llama models in float32: a base and two fine-tunes of it (tests/support/engine.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from hfmerge import api
+from tests.support.engine import make_models
+from tests.support.weights import read_weights
+
+pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
+
+TOLERANCE = 1e-5  # float32: both sum the same terms, in orders that may differ
+
+
+# Per method: (index into the models, its parameters) for each listed model (0 is the base),
+# and the global parameters, as model cards write them (with mergekit-only switches).
+LISTED: dict[str, list[tuple[int, dict[str, float]]]] = {
+    "linear": [(0, {"weight": 0.2}), (1, {"weight": 0.5}), (2, {"weight": 0.3})],
+    "task_arithmetic": [(1, {"weight": 0.6, "density": 0.5}), (2, {"weight": 0.7})],
+    "ties": [(0, {}), (1, {"weight": 0.6, "density": 0.5}), (2, {"weight": 0.4})],
+    "breadcrumbs_ties": [(1, {"weight": 0.6, "gamma": 0.05}), (2, {"weight": 0.4})],
+    "slerp": [(0, {}), (1, {})],
+    "model_stock": [(1, {}), (2, {})],
+}
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"lambda": 0.9, "normalize": False},
+    "ties": {"density": 0.7, "int8_mask": True, "normalize": True},
+    "breadcrumbs_ties": {"density": 0.6, "normalize": True},
+    "slerp": {"t": 0.3},
+    "model_stock": {},
+}
+
+
+def config_text(method: str, models: list[Path]) -> str:
+    """A mergekit config of `method` as a model card would carry it; models[0] is the base."""
+    parameters = PARAMETERS[method]
+    config = {
+        "models": [
+            {"model": str(models[index]), **({"parameters": params} if params else {})}
+            for index, params in LISTED[method]
+        ],
+        "merge_method": method,
+        "base_model": str(models[0]),
+        **({"parameters": parameters} if parameters else {}),
+        "dtype": "float32",
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def run_mergekit(text: str, out: Path) -> None:
+    merge = pytest.importorskip("mergekit.merge")
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    options = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
+    merge.run_merge(config, str(out), options=options)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.mark.parametrize("method", list(LISTED))
+def test_hfmerge_runs_a_mergekit_config_to_mergekits_tensors(
+    method: str, models: list[Path], tmp_path: Path
+) -> None:
+    text = config_text(method, models)
+    config = tmp_path / "config.yml"
+    config.write_text(text)
+    result = api.run(config, api.RunOptions(out=tmp_path / "ours", force=True, progress=False))
+    run_mergekit(text, tmp_path / "mergekit")
+    ours, theirs = read_weights(tmp_path / "ours"), read_weights(tmp_path / "mergekit")
+    assert ours.keys() == theirs.keys()
+    assert all(ours[name].dtype == torch.float32 for name in ours)
+    inputs = [read_weights(m) for m in models]
+    worst = max(float((ours[name] - theirs[name]).abs().max()) for name in ours)
+    print(f"{method}: max |hfmerge - mergekit| = {worst:.3g}")  # shown with -s
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=0, atol=TOLERANCE), name
+        # Not a copy of an input: the parameters took effect.
+        assert not any(torch.equal(ours[name], model[name]) for model in inputs[1:]), name
+    assert result.out_dir is not None
+    saved = yaml.safe_load((result.out_dir / "hfmerge_recipe.yaml").read_text())
+    assert saved["merge_method"] == method  # the card records the config as given
+
+
+def test_validate_plans_a_mergekit_config(models: list[Path], tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(config_text("ties", models))
+    summary = api.validate(config).summary()
+    assert summary.startswith("ties over 2 models")
