@@ -168,6 +168,52 @@ def test_elementwise_pieces_of_any_shape_equal_the_method(shape: tuple[int, ...]
     assert torch.equal(torch.cat([part for _, part in parts]), expected)
 
 
+@pytest.mark.parametrize("shape", [(), (5,), (70, 3)])
+@pytest.mark.parametrize(
+    "dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)]
+)
+def test_elementwise_pieces_pass_each_non_finite_part_on_unchanged(
+    shape: tuple[int, ...], dtypes: tuple[torch.dtype, torch.dtype]
+) -> None:
+    """Parts whose inputs or output hold NaN or Inf reach `on_non_finite` (offset in the chunk,
+    the part as written) before they are yielded; clean parts do not; the output is the same."""
+    from hfmerge.methods import get_method, validate_params
+
+    tuning = dataclasses.replace(DEFAULT_TUNING, piece_elements=4, part_elements=12)
+    method = get_method("linear")
+    params, per_model = validate_params(method, {}, [{"weight": 0.3}, {"weight": 0.9}])
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, generator=generator).to(dtype) for dtype in dtypes]
+    total = inputs[0].numel()
+    bad = total - 1  # in the last part
+    inputs[1].reshape(-1)[bad] = float("nan")
+    merge = method.tensor_merge(
+        shape, model_params=per_model, params=params, generator=None, device=torch.device("cpu")
+    )
+    chunk = Chunk(inputs, None, 1000, True)
+    plain = list(engine_compute.apply_in_pieces(merge, chunk, torch.bfloat16, tuning))
+    seen: list[tuple[int, torch.Tensor]] = []
+    yielded: list[int] = []
+
+    def on_non_finite(offset: int, part: torch.Tensor) -> None:
+        assert 1000 + offset not in yielded  # before the part is yielded
+        seen.append((offset, part.clone()))
+
+    checked = []
+    for first, part in engine_compute.apply_in_pieces(
+        merge, chunk, torch.bfloat16, tuning, on_non_finite
+    ):
+        yielded.append(first)
+        checked.append((first, part.clone()))
+    assert [f for f, _ in checked] == [f for f, _ in plain]
+    for (_, got), (_, want) in zip(checked, plain, strict=True):  # bit for bit, NaN included
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    ((offset, part),) = seen  # only the part holding the NaN
+    assert offset <= bad < offset + part.numel()
+    assert torch.equal(part.view(torch.int16), dict(plain)[1000 + offset].view(torch.int16))
+    assert part.isnan().sum() == 1
+
+
 def test_rows_per_chunk_follow_the_budget() -> None:
     policy = ChunkPolicy(chunk_elements=1000, read_bytes=1, write_bytes=1)
     job = TensorJob("w", (50, 64), "BF16", "merge", "parameter")
