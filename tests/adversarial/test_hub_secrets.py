@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from hfmerge.cli.app import main
 from hfmerge.hub import redact_url
 from tests.adversarial.cli_failures import fails, one_line
-from tests.support.fakehub import FakeHub
+from tests.support.fakehub import FakeHub, unused_port
 from tests.support.fakehub_models import seed_llama, write_recipe
 from tests.support.fakehub_store import User
 
@@ -118,9 +117,7 @@ def test_an_unreachable_endpoint_is_named_without_credentials(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with socket.socket() as sock:  # a port on 127.0.0.1 that nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = unused_port()  # a port on 127.0.0.1 that nothing listens on
     point_client_at(monkeypatch, with_credentials(f"http://127.0.0.1:{port}"))
     recipe = write_recipe(chdir_tmp / "r.yaml", ["org/a", "org/b"])
     err = fails(["run", str(recipe)], capsys)

@@ -8,7 +8,6 @@ and offers the fix: the close folder that exists, or the recipe-folder spelling.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from hfmerge.cli.app import main
 from hfmerge.errors import HubError, ModelSourceError
 from hfmerge.sources.refs import local_path, pin_model
 from tests.adversarial.cli_failures import fails
-from tests.support.fakehub import FakeHub
+from tests.support.fakehub import FakeHub, unused_port
 from tests.support.fakehub_models import seed_llama, write_recipe
 from tests.support.tiny_models import save_tiny_model
 
@@ -92,9 +91,7 @@ def test_an_unreachable_hub_names_the_local_path_tried(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with socket.socket() as sock:  # a port on 127.0.0.1 that nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = unused_port()  # a port on 127.0.0.1 that nothing listens on
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     save_tiny_model("llama", chdir_tmp / "a", seed=0)
     recipe = write_recipe(chdir_tmp / "r.yaml", ["a", "someorg/model"])

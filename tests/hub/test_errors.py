@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from hfmerge import hub
 from hfmerge.cli.app import main
 from hfmerge.errors import HubError, ModelSourceError
-from tests.support.fakehub import OTHER_TOKEN, TOKEN, FakeHub
+from tests.support.fakehub import OTHER_TOKEN, TOKEN, FakeHub, unused_port
 from tests.support.fakehub_models import seed_llama, write_recipe
 
 
@@ -146,9 +145,7 @@ def test_pickle_only_repo_is_refused_clearly_and_never_downloaded(
 def test_an_unreachable_hub_is_a_network_error(
     monkeypatch: pytest.MonkeyPatch, fake_hub: FakeHub
 ) -> None:
-    with socket.socket() as sock:  # a port on 127.0.0.1 that nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = unused_port()  # a port on 127.0.0.1 that nothing listens on
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     with pytest.raises(HubError) as caught:
         hub.pin("org/a", None)

@@ -7,6 +7,7 @@ The real `huggingface_hub` client talks to it (routes in `fakehub_routes.py`, st
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -320,3 +321,10 @@ def serve(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     serve()
+
+
+def unused_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: an endpoint that cannot be reached."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
