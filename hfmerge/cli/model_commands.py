@@ -1,0 +1,224 @@
+"""The commands that measure models: eval, barrier, align, cka.
+
+Each parses its options, checks where its reports go before the long work, calls one
+`hfmerge.api` function and prints the result. `cli/app.py` registers them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hfmerge.progress import say
+from hfmerge.recipe.align_methods import ALIGN_METHODS
+
+
+def _check_reports(json_out: Path | None, plot: Path | None = None) -> None:
+    """Refuse a report path that cannot be written now, before the models load, not after."""
+    from hfmerge.analysis.reports import check_report_path
+
+    if json_out is not None:
+        check_report_path(json_out, "the JSON report")
+    if plot is not None:
+        check_report_path(plot, "the plot")
+
+
+EvalModelArg = Annotated[str, typer.Argument(help="Model dir or zoo:NAME.", show_default=False)]
+EvalDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", help="UTF-8 text file, .jsonl with a `text` field, or builtin[:code|prose|mixed]."
+    ),
+]
+EvalJsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")]
+EvalLengthOpt = Annotated[int, typer.Option("--max-length", min=2, help="Tokens per window.")]
+EvalSamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--samples", min=1, help="Use this many windows, spread over the data (default: all)."
+    ),
+]
+EvalBatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")]
+
+
+def eval_(
+    models: Annotated[
+        list[str],
+        typer.Argument(help="Model dirs, zoo:NAME, Hub ids or routed repos.", show_default=False),
+    ],
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="UTF-8 text file, .jsonl with a `text` field, or "
+            "builtin[:code|prose|mixed]; repeat it to compare on several texts.",
+        ),
+    ] = None,
+    json_out: EvalJsonOpt = None,
+    max_length: EvalLengthOpt = 128,
+    samples: EvalSamplesOpt = None,
+    batch_size: EvalBatchOpt = 8,
+) -> None:
+    """Mean token loss and perplexity of models on text (MLM loss on fixed masks for BERT).
+
+    Routed repos are evaluated through their router; several models or texts give a table.
+    """
+    from hfmerge import api
+    from hfmerge.analysis.evaluation import format_grid
+    from hfmerge.analysis.reports import write_json
+
+    _check_reports(json_out)
+    report = api.evaluate(
+        models, data=data, max_length=max_length, samples=samples, batch_size=batch_size
+    )
+    typer.echo(format_grid(report.cells))
+    if json_out is not None:
+        say(f"wrote {write_json(json_out, report.to_json())}")
+
+
+def barrier(
+    model_a: EvalModelArg,
+    model_b: EvalModelArg,
+    align: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--align",
+            help=f"{', '.join(ALIGN_METHODS)}, each optionally +repair (weight+repair rescales "
+            "every interpolated point to the endpoints' channel statistics); repeat it (or a "
+            "comma list) to compare.",
+        ),
+    ] = None,
+    data: EvalDataOpt = None,
+    probe_data: Annotated[
+        str | None,
+        typer.Option(
+            "--probe-data",
+            help="Text for activation matching and REPAIR statistics, kept apart from the "
+            "scored --data (same forms as --data; default: --data itself).",
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Points on the λ grid.")] = 11,
+    json_out: EvalJsonOpt = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG plot of loss vs λ.")
+    ] = None,
+    max_length: EvalLengthOpt = 128,
+    samples: EvalSamplesOpt = None,
+    batch_size: EvalBatchOpt = 8,
+) -> None:
+    """Loss along the straight line from MODEL_A to MODEL_B, and its barrier."""
+    from hfmerge import api
+    from hfmerge.analysis.barrier import format_barrier_table
+    from hfmerge.analysis.reports import write_json
+
+    _check_reports(json_out, plot)
+    report = api.barrier(
+        model_a,
+        model_b,
+        align=align or [],
+        steps=steps,
+        data=data,
+        probe_data=probe_data,
+        max_length=max_length,
+        samples=samples,
+        batch_size=batch_size,
+    )
+    typer.echo(format_barrier_table(report.results))
+    if json_out is not None:
+        say(f"wrote {write_json(json_out, report.to_json())}")
+    if plot is not None:
+        from hfmerge.analysis.plotting import plot_barriers
+
+        say(f"wrote {plot_barriers(report.results, plot)}")
+
+
+def align(
+    model_a: Annotated[str, typer.Argument(help="Reference model: its basis is kept.")],
+    model_b: Annotated[str, typer.Argument(help="Model to rewrite into MODEL_A's basis.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for aligned MODEL_B.")],
+    method: Annotated[
+        str, typer.Option("--method", help="weight (no data) or activation (probe text).")
+    ] = "weight",
+    data: Annotated[
+        str | None, typer.Option("--data", help="Probe text for activation matching.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of weight matching's order.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
+    from hfmerge import api
+
+    result = api.align(
+        model_a,
+        model_b,
+        out,
+        method=method,  # type: ignore[arg-type]  # api.align refuses unknown methods
+        data=data,
+        seed=seed,
+        force=force,
+    )
+    typer.echo(str(result.out_dir))
+    say(
+        f"{model_b} aligned into {model_a}'s basis by {method} matching in "
+        f"{result.iterations} sweep(s); permutations saved beside the weights."
+    )
+
+
+def cka(
+    model_a: EvalModelArg,
+    model_b: EvalModelArg,
+    data: EvalDataOpt = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Probe windows.")] = 256,
+    max_length: EvalLengthOpt = 128,
+    batch_size: EvalBatchOpt = 8,
+    json_out: EvalJsonOpt = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG heatmap.")] = None,
+    fail_under: Annotated[
+        float | None, typer.Option("--fail-under", help="Exit 1 if a diagonal CKA is below X.")
+    ] = None,
+    device_map: Annotated[
+        str, typer.Option("--device-map", help="auto, cpu, cuda:0, ... or a JSON device map.")
+    ] = "auto",
+    max_memory: Annotated[
+        str | None, typer.Option("--max-memory", help="Per-device limits: `0=20GiB,cpu=60GiB`.")
+    ] = None,
+    pooling: Annotated[
+        str | None,
+        typer.Option(
+            "--pooling",
+            help="mean (per window; default) or tokens (every real token; "
+            "the default with --units).",
+        ),
+    ] = None,
+    units: Annotated[
+        bool, typer.Option("--units", help="Add matched-unit correlation (Li et al. 2016).")
+    ] = False,
+) -> None:
+    """Debiased linear CKA of every layer of MODEL_A with every layer of MODEL_B."""
+    from hfmerge import api
+    from hfmerge.analysis.cka import check_fail_under, format_report
+    from hfmerge.analysis.reports import write_json
+
+    _check_reports(json_out, plot)
+    report = api.cka(
+        model_a,
+        model_b,
+        data=data,
+        samples=samples,
+        max_length=max_length,
+        batch_size=batch_size,
+        pooling=pooling,
+        device_map=device_map,
+        max_memory=max_memory,
+        units=units,
+    )
+    typer.echo(format_report(report))
+    if json_out is not None:
+        say(f"wrote {write_json(json_out, report.to_json())}")
+    if plot is not None:
+        from hfmerge.analysis.cka_plot import plot_cka
+
+        say(f"wrote {plot_cka(report, plot)}")
+    check_fail_under(report, fail_under)
