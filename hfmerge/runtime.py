@@ -1,4 +1,4 @@
-"""Process-wide torch settings that results depend on: the intra-op thread count."""
+"""Process-wide torch settings: the intra-op thread count, and the device work runs on."""
 
 from __future__ import annotations
 
@@ -17,3 +17,22 @@ def fixed_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def capped_threads(count: int | None) -> Iterator[None]:
+    """Run with at most `count` intra-op threads (None: as they are), then restore the count."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(min(count, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or CUDA when it is available and none was asked for, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfmerge.runtime import fixed_threads
+from hfmerge.runtime import capped_threads, fixed_threads, resolve_device
 
 
 def test_fixed_threads_restores_the_thread_count() -> None:
@@ -20,3 +20,21 @@ def test_fixed_threads_restores_after_an_error() -> None:
     with pytest.raises(RuntimeError), fixed_threads(1):
         raise RuntimeError("inside")
     assert torch.get_num_threads() == before
+
+
+def test_capped_threads_lowers_never_raises_and_restores() -> None:
+    before = torch.get_num_threads()
+    with capped_threads(before + 4):
+        assert torch.get_num_threads() == before  # a cap above the count changes nothing
+    with capped_threads(1):
+        assert torch.get_num_threads() == 1
+    with capped_threads(None):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_resolve_device_takes_the_asked_device_else_cuda_or_cpu() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("meta")) == torch.device("meta")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected

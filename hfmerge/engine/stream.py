@@ -13,7 +13,6 @@ tensor, before the output is renamed into place, unless the run allows them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import zlib
@@ -37,6 +36,7 @@ from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.methods import MethodParams, ModelParams
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
+from hfmerge.runtime import capped_threads, resolve_device
 from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
 
 
@@ -172,7 +172,7 @@ class _Share:
             # The reader and writer threads take the other core's share on small machines, and
             # two teams spinning on two cores slow each other down: the main thread and its
             # helpers share a chunk's rows instead (`engine/compute.py`).
-            stack.enter_context(_torch_threads(self.tuning.compute_threads))
+            stack.enter_context(capped_threads(self.tuning.compute_threads))
             splitter = stack.enter_context(RowSplitter.for_device(steps.device, self.tuning))
             behind = stack.enter_context(WriteBehind(writer.write_part, self.policy.write_bytes))
             ahead = stack.enter_context(Prefetcher(steps.produce, self.policy.read_bytes))
@@ -207,13 +207,6 @@ def _merges_elementwise(
         device=torch.device("cpu"),
     )
     return merge.elementwise
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or CUDA when it is available and none was asked for, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -392,15 +385,3 @@ def _joined_shape(parts: Sequence[torch.Tensor]) -> tuple[int, ...]:
 
 def _row_elements(job: TensorJob) -> int:
     return math.prod(job.shape[1:]) if job.shape else 1
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Set torch's intra-op thread count to `count` (None: unchanged) and restore it afterwards."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(min(count, before))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
