@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from hfmerge.errors import NonFiniteWeightsError
-from hfmerge.progress import stderr_console
+from hfmerge.progress import say
 
 # The findings a warning lists one by one; the rest are counted.
 _WARN_LINES = 20
@@ -168,4 +168,4 @@ def warn_non_finite(findings: Sequence[NonFiniteFinding]) -> None:
     lines += [f"  - {f.describe()}" for f in findings[:_WARN_LINES]]
     if len(findings) > _WARN_LINES:
         lines.append(f"  - and {len(findings) - _WARN_LINES} more")
-    stderr_console.print("\n".join(lines), highlight=False, soft_wrap=True, markup=False)
+    say("\n".join(lines))
