@@ -9,6 +9,7 @@ from hfmerge.methods.dare import DARE_LINEAR, DARE_TIES
 from hfmerge.methods.della import DELLA, DELLA_LINEAR
 from hfmerge.methods.linear import LINEAR
 from hfmerge.methods.model_stock import MODEL_STOCK
+from hfmerge.methods.nearswap import NEARSWAP
 from hfmerge.methods.slerp import SLERP
 from hfmerge.methods.task_arithmetic import TASK_ARITHMETIC
 from hfmerge.methods.ties import TIES
@@ -25,6 +26,7 @@ _ALL = (
     DELLA,
     DELLA_LINEAR,
     MODEL_STOCK,
+    NEARSWAP,
 )
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}

@@ -31,7 +31,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "method", ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock"]
+    "method", ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock", "nearswap"]
 )
 def test_many_small_chunks_give_the_same_output(
     models: list[Path], tmp_path: Path, method: str

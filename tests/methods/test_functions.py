@@ -66,6 +66,7 @@ def test_registry_holds_the_methods_mergekit_users_expect() -> None:
         "della",
         "della_linear",
         "model_stock",
+        "nearswap",
     }
     assert [m.name for m in list_methods()] == list(METHODS)
 
@@ -101,7 +102,7 @@ def test_models_equal_to_the_base_give_the_base(name: str) -> None:
         {**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields else m
         for m in weights_for(name, count)
     ]
-    params = {"t": 0.7} if name == "slerp" else {}
+    params = {"t": 0.7} if name in ("slerp", "nearswap") else {}
     merged = run(
         name, [a.clone() for _ in range(count)], base=a.clone(), params=params, models=models
     )
@@ -138,7 +139,7 @@ def test_output_keeps_shape_and_float32(name: str) -> None:
     shape = (3, 2, 5)
     count = inputs_for(name, 2)
     tensors = [randn(*shape, seed=10 + i) for i in range(count)]
-    params = {"t": 0.4} if name == "slerp" else {}
+    params = {"t": 0.4} if name in ("slerp", "nearswap") else {}
     merged = run(
         name, tensors, base=randn(*shape, seed=9), params=params, models=weights_for(name, count)
     )
@@ -185,6 +186,22 @@ def test_slerp_falls_back_to_lerp_when_colinear(factor: float) -> None:
     base = randn(10, seed=6)
     merged = run("slerp", [factor * base], base=base, params={"t": 0.25})
     torch.testing.assert_close(merged, 0.75 * base + 0.25 * factor * base)
+
+
+# --- nearswap ---------------------------------------------------------------------------------
+
+
+def test_nearswap_takes_near_entries_and_shrinks_far_ones_towards_the_base() -> None:
+    base = torch.zeros(4)
+    other = torch.tensor([0.05, -0.1, 0.4, 2.0])
+    merged = run("nearswap", [other], base=base, params={"t": 0.1})
+    # |other - base| <= t: the other's entry; beyond, weight t / |other - base| of the way.
+    torch.testing.assert_close(merged, torch.tensor([0.05, -0.1, 0.1, 0.1]))
+
+
+def test_nearswap_with_t_zero_keeps_the_base() -> None:
+    base, other = randn(32, seed=70), randn(32, seed=71)
+    assert torch.equal(run("nearswap", [other], base=base, params={"t": 0.0}), base)
 
 
 # --- task arithmetic family --------------------------------------------------------------------
@@ -272,7 +289,7 @@ def test_seeded_generator_makes_every_method_reproducible(name: str) -> None:
     count = inputs_for(name, 2)
     tensors = [randn(16, 16, seed=50 + i) for i in range(count)]
     base = randn(16, 16, seed=49)
-    params = {"t": 0.5} if name == "slerp" else {}
+    params = {"t": 0.5} if name in ("slerp", "nearswap") else {}
     models = [
         {**m, "density": 0.5} if "density" in get_method(name).model_params.model_fields else m
         for m in weights_for(name, count)

@@ -75,6 +75,8 @@ def cases() -> list[Any]:
                 out.append(("della_linear", {"rescale": False}, epsilons))
     for t in (0.0, 0.3, 0.5, 1.0):
         out.append(("slerp", {"t": t}, [{}]))
+    for t in (0.0, 0.05, 0.2, 1.0):
+        out.append(("nearswap", {"t": t}, [{}]))
     for filter_wise in (False, True):
         out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}]))
         out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}, {}]))

@@ -23,6 +23,7 @@ from hfmerge.methods.ties import TiesParams
 DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "linear": ({"normalize": True}, {"weight": 1.0}),
     "slerp": ({"t": None}, {}),
+    "nearswap": ({"t": None}, {}),
     "task_arithmetic": ({"normalize": False, "lambda": 1.0}, {"weight": 1.0}),
     "ties": ({"normalize": True, "rescale": False, "lambda": 1.0}, {"weight": 1.0, "density": 1.0}),
     "dare_ties": (
@@ -206,7 +207,7 @@ def test_della_epsilon_is_free_when_nothing_is_pruned() -> None:
 )
 def test_wrong_model_count(name: str, count: int, expected: str) -> None:
     models = [{"weight": 1.0} if name in ("linear", "ties") else {} for _ in range(count)]
-    params = {"t": 0.5} if name == "slerp" else {}
+    params = {"t": 0.5} if name in ("slerp", "nearswap") else {}
     found = problems(name, params, models)
     assert expected in found[("models",)]
     with pytest.raises(MethodParameterError, match=expected) as caught:

@@ -100,7 +100,7 @@ def test_every_method_runs_end_to_end(name: str, make_model: MakeModel, tmp_path
     method = METHODS[name]
     base = make_model("base", seed=0)
     tunes = [make_model(f"ft{i}", seed=10 + i, finetune_of=0) for i in range(2)]
-    params: dict[str, Any] = {"t": 0.3} if name == "slerp" else {}
+    params: dict[str, Any] = {"t": 0.3} if name in ("slerp", "nearswap") else {}
     count = method.max_models or 2
     per_model = {"weight": 0.5} if "weight" in method.model_params.model_fields else {}
     models = [{"model": str(p), **per_model} for p in tunes[:count]]

@@ -28,14 +28,17 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "della_linear": ({}, {**PRUNED, "epsilon": 0.1}),
     "slerp": ({"t": 0.3}, {}),
     "model_stock": ({"filter_wise": True}, {}),
+    "nearswap": ({"t": 0.01}, {}),
 }
+
+TWO_MODELS = {"slerp", "nearswap"}  # a base and exactly one other model
 
 
 def mergekit_yaml(method: str, **extra: Any) -> str:
-    """A mergekit config of `method` over org/a and org/b, org/base the base (org/a for slerp)."""
+    """A mergekit config of `method` over org/a and org/b; the base org/base (TWO_MODELS: org/a)."""
     globals_, per_model = EXAMPLES[method]
-    base = "org/a" if method == "slerp" else "org/base"
-    models = ["org/a", "org/b"] if method == "slerp" else ["org/base", "org/a", "org/b"]
+    base = "org/a" if method in TWO_MODELS else "org/base"
+    models = ["org/a", "org/b"] if method in TWO_MODELS else ["org/base", "org/a", "org/b"]
     config: dict[str, Any] = {
         "models": [
             {"model": m, **({"parameters": per_model} if per_model and m != base else {})}
@@ -64,8 +67,8 @@ def test_the_methods_mergekit_shares_with_hfmerge_are_all_translated() -> None:
 @pytest.mark.parametrize("method", sorted(EXAMPLES))
 def test_each_method_translates_to_the_recipe_written_by_hand(method: str) -> None:
     globals_, per_model = EXAMPLES[method]
-    base = "org/a" if method == "slerp" else "org/base"
-    models = ["org/a", "org/b"] if method == "slerp" else ["org/base", "org/a", "org/b"]
+    base = "org/a" if method in TWO_MODELS else "org/base"
+    models = ["org/a", "org/b"] if method in TWO_MODELS else ["org/base", "org/a", "org/b"]
     expected = parse_recipe(
         {
             "models": [{"model": m, **(per_model if m != base else {})} for m in models],
