@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from hfmerge.methods.base import require_base
 from hfmerge.methods.chunks import Chunk, Submit, TensorMerge, apply_halves
 from hfmerge.methods.params import MethodParams, ModelParams
 
@@ -85,7 +84,7 @@ class GramForms:
     """
 
     name: str
-    parts: Callable[[MethodParams], GramMethod]
+    parts: Callable[[MethodParams, Sequence[ModelParams]], GramMethod]
     row_local: Callable[[MethodParams, tuple[int, ...]], bool] = lambda params, shape: False
 
     def merge(
@@ -98,9 +97,9 @@ class GramForms:
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         """The merge of whole tensors."""
-        chunk = Chunk(tensors, require_base(base, self.name), 0, whole=True)
+        chunk = Chunk(tensors, base, 0, whole=True)  # a method that needs the base checks it
         per_row = self.row_local(params, tuple(chunk.tensors[0].shape))
-        return self.parts(params).merge(chunk, per_row=per_row)
+        return self.parts(params, model_params).merge(chunk, per_row=per_row)
 
     def stream(
         self,
@@ -112,7 +111,7 @@ class GramForms:
         device: torch.device,
     ) -> TensorMerge:
         """The merge of one tensor of `shape` in row chunks."""
-        return GramMerge(self.parts(params), row_local=self.row_local(params, shape))
+        return GramMerge(self.parts(params, model_params), row_local=self.row_local(params, shape))
 
 
 class GramMerge:

@@ -71,7 +71,7 @@ def _mean_pairwise_cosine(products: torch.Tensor) -> torch.Tensor:
 # `t * mean_i(w_i) + (1 - t) * w_0` with `t = N cos / (1 + (N - 1) cos)`, cos the mean pairwise
 # cosine between the N task vectors: one per tensor, or per row with `filter_wise`.
 _PARTS = GramMethod(_vectors, _ratio, _combine)
-_FORMS = GramForms("model_stock", lambda params: _PARTS, _row_local)
+_FORMS = GramForms("model_stock", lambda params, model_params: _PARTS, _row_local)
 MODEL_STOCK = MergeMethod(
     name="model_stock",
     summary="Move from the base towards the models' average by a ratio set by their angle.",

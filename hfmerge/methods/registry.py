@@ -10,6 +10,7 @@ from hfmerge.methods.della import DELLA, DELLA_LINEAR
 from hfmerge.methods.linear import LINEAR
 from hfmerge.methods.model_stock import MODEL_STOCK
 from hfmerge.methods.nearswap import NEARSWAP
+from hfmerge.methods.nuslerp import NUSLERP
 from hfmerge.methods.slerp import SLERP
 from hfmerge.methods.task_arithmetic import TASK_ARITHMETIC
 from hfmerge.methods.ties import TIES
@@ -27,6 +28,7 @@ _ALL = (
     DELLA_LINEAR,
     MODEL_STOCK,
     NEARSWAP,
+    NUSLERP,
 )
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -22,7 +23,7 @@ class SlerpParams(MethodParams):
     t: Number = Field(description="interpolation factor: 0 gives the base model, 1 the other")
 
 
-def _parts(params: MethodParams) -> GramMethod:
+def _parts(params: MethodParams, model_params: Sequence[ModelParams]) -> GramMethod:
     """SLERP from the base (t=0) to the other model (t=1), each tensor taken as one vector:
     `sin((1-t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1`, θ the angle between the flattened tensors."""
     t = as_params(params, SlerpParams).t

@@ -15,7 +15,7 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
   a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores.
 Not yet supported, each refused at its key: `slices`, `modules`, gradients (a list given as a
 parameter), `filter:` entries, LoRA references (`model+lora`), `tokenizer_source` other than
-`base`, `tokenizer:` and `chat_template`.
+`base`, `tokenizer:`, `chat_template`, and `base_model` with `nuslerp`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ _RUN_OPTIONS = frozenset(
 )
 # Parameters mergekit accepts (or ignores) and hfmerge does not need: dropped with a note.
 _DROPPED = {"int8_mask": "a mergekit memory switch for a mask hfmerge never stores"}
+# Methods whose mergekit form with a `base_model` hfmerge lacks: refused, never merged otherwise.
+_BASE_REFUSED = {
+    "nuslerp": "`base_model` with nuslerp (SLERP of the task vectors) "
+    + NOT_YET
+    + "; remove it to interpolate the two models themselves",
+}
 _DROPPED_BY_METHOD = {
     "task_arithmetic": {
         "density": "mergekit's task_arithmetic ignores it (it prunes nothing)",
@@ -119,6 +125,9 @@ def translate(config: Mapping[str, Any]) -> Translation:
     _top_level(config, out)
     method = _method(config, out)
     base = config.get("base_model")
+    if base is not None and method is not None and method.name in _BASE_REFUSED:
+        out.problems.append((("base_model",), _BASE_REFUSED[method.name]))
+        base = None
     globals_, shared = _global_parameters(config.get("parameters"), method, out)
     _models(config, base, method, shared, out)
     if base is not None:

@@ -150,6 +150,9 @@ GRAM_CASES = [
     ("model_stock", (8, 3, 5), {"filter_wise": True}, 2),
     ("slerp", (37, 19), {"t": 0.3}, 1),
     ("slerp", (64,), {"t": 0.8}, 1),
+    ("nuslerp", (37, 19), {}, 2),
+    ("nuslerp", (64,), {}, 2),
+    ("nuslerp", (8, 3, 5), {"nuslerp_flatten": False}, 2),  # an angle per last-dim slice
 ]
 
 
@@ -167,8 +170,9 @@ def test_gram_methods_in_chunks_get_the_whole_tensors_coefficients(
     if count > 2:
         xs[1] = base.clone()
     global_params, per_model = validate_params(method, params, [{}] * count)
-    whole = method.merge(xs, base=base, model_params=per_model, params=global_params)
-    got = chunked(name, xs, base, global_params, per_model, 3, split=split)
+    used_base = base if method.needs_base else None
+    whole = method.merge(xs, base=used_base, model_params=per_model, params=global_params)
+    got = chunked(name, xs, used_base, global_params, per_model, 3, split=split)
     torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
     assert not torch.equal(whole, base)
 

@@ -22,6 +22,7 @@ from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.errors import HfMergeError, OptionError
 from hfmerge.methods.chunks import Chunk
 from hfmerge.tensors import LazyCheckpoint
+from tests.support import engine as engine_support
 from tests.support.engine import make_models, merge
 
 
@@ -31,7 +32,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "method", ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock", "nearswap"]
+    "method",
+    ["linear", "ties", "breadcrumbs", "dare_ties", "della", "model_stock", "nearswap", "nuslerp"],
 )
 def test_many_small_chunks_give_the_same_output(
     models: list[Path], tmp_path: Path, method: str
@@ -47,6 +49,27 @@ def test_many_small_chunks_give_the_same_output(
     assert whole.keys() == small.keys()
     for name, tensor in whole.items():
         assert torch.equal(tensor, small[name]), name
+
+
+def test_nuslerp_by_columns_merges_whole_tensors_whatever_the_chunk_size(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hfmerge.methods import get_method, validate_params
+
+    layout = {"nuslerp_flatten": False, "nuslerp_row_wise": True}  # an angle per column
+    monkeypatch.setitem(engine_support.GLOBAL_PARAMS, "nuslerp", layout)
+    small_chunks = dataclasses.replace(
+        DEFAULT_TUNING, target_chunk_elements=100, elementwise_chunk_elements=100, read_ahead=1
+    )
+    merged = merge(models, tmp_path / "out", "nuslerp", tuning=small_chunks)
+    method = get_method("nuslerp")
+    params, per_model = validate_params(method, layout, [{"weight": 0.3}] * 2)
+    with LazyCheckpoint(models[1]) as a, LazyCheckpoint(models[2]) as b:
+        for name in a.names:
+            expected = method.merge(
+                [a.get(name).float(), b.get(name).float()], model_params=per_model, params=params
+            ).to(torch.bfloat16)
+            assert torch.equal(merged[name], expected), name
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties", "model_stock"])

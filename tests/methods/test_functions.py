@@ -67,6 +67,7 @@ def test_registry_holds_the_methods_mergekit_users_expect() -> None:
         "della_linear",
         "model_stock",
         "nearswap",
+        "nuslerp",
     }
     assert [m.name for m in list_methods()] == list(METHODS)
 
@@ -80,7 +81,7 @@ def test_every_method_is_documented(name: str) -> None:
     assert method.summary
     assert "\n" not in method.summary
     assert method.deterministic == (name not in RANDOM_METHODS)
-    assert method.needs_base == (name != "linear")
+    assert method.needs_base == (name not in ("linear", "nuslerp"))
 
 
 def test_misspelt_method_lists_the_valid_ones() -> None:
@@ -202,6 +203,43 @@ def test_nearswap_takes_near_entries_and_shrinks_far_ones_towards_the_base() -> 
 def test_nearswap_with_t_zero_keeps_the_base() -> None:
     base, other = randn(32, seed=70), randn(32, seed=71)
     assert torch.equal(run("nearswap", [other], base=base, params={"t": 0.0}), base)
+
+
+# --- nuslerp ----------------------------------------------------------------------------------
+
+
+def nuslerp(
+    first: torch.Tensor, second: torch.Tensor, weights: tuple[float, float], **params: Any
+) -> torch.Tensor:
+    models = [{"weight": w} for w in weights]
+    return run("nuslerp", [first, second], params=params, models=models)
+
+
+def test_nuslerp_weights_pick_the_endpoints() -> None:
+    first, second = randn(8, 3, seed=80), randn(8, 3, seed=81)
+    torch.testing.assert_close(nuslerp(first, second, (1.0, 0.0)), first)
+    torch.testing.assert_close(nuslerp(first, second, (0.0, 2.0)), second)
+
+
+def test_nuslerp_halfway_between_orthogonal_unit_vectors_is_on_the_circle() -> None:
+    first, second = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    merged = nuslerp(first, second, (1.0, 1.0))
+    # theta = pi/2 and t = 1/2: sin(pi/4) of each, a unit vector (lerp would give length 0.71).
+    torch.testing.assert_close(merged, torch.tensor([0.5, 0.5]).sqrt())
+
+
+def test_nuslerp_interpolates_each_row_or_column_by_its_own_angle() -> None:
+    first = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    second = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    half = 0.5**0.5
+    rows = nuslerp(first, second, (1.0, 1.0), nuslerp_flatten=False)
+    # Row 0: orthogonal unit vectors, on the circle; row 1: equal rows stay as they are.
+    torch.testing.assert_close(rows, torch.tensor([[half, half], [1.0, 1.0]]))
+    columns = nuslerp(first, second, (1.0, 1.0), nuslerp_flatten=False, nuslerp_row_wise=True)
+    # Columns (1, 1) and (0, 1), then (0, 1) and (1, 1): 45 degrees apart, so each merged column
+    # is sin(22.5°) / sin(45°) times their sum.
+    c = math.sin(math.pi / 8) / math.sin(math.pi / 4)
+    torch.testing.assert_close(columns, torch.tensor([[c, c], [2 * c, 2 * c]]))
 
 
 # --- task arithmetic family --------------------------------------------------------------------

@@ -77,6 +77,10 @@ def cases() -> list[Any]:
         out.append(("slerp", {"t": t}, [{}]))
     for t in (0.0, 0.05, 0.2, 1.0):
         out.append(("nearswap", {"t": t}, [{}]))
+    for ws in ([1.0, 1.0], [0.3, 0.7], [2.0, -0.5], [1.0, -1.0]):  # the last: t falls back to 0.5
+        for flatten, row_wise in ((True, False), (False, False), (False, True), (True, True)):
+            layout = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+            out.append(("nuslerp", layout, [{"weight": w} for w in ws]))
     for filter_wise in (False, True):
         out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}]))
         out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}, {}]))
@@ -180,3 +184,22 @@ def test_ties_with_unrelated_models_matches_mergekit(mergekit_api: ModuleType) -
     models = [{"weight": w, "density": 0.4} for w in (1.0, 0.6, 0.3)]
     expected = theirs(mergekit_api, "ties", xs[0], xs[1:], {}, models, 0)
     torch.testing.assert_close(ours("ties", xs[0], xs[1:], {}, models, 0), expected)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],
+)
+def test_nuslerp_matches_mergekit_on_unrelated_zero_and_colinear_slices(
+    mergekit_api: ModuleType, layout: dict[str, Any]
+) -> None:
+    generator = torch.Generator().manual_seed(3)
+    first, second = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    first[1], second[1] = 0.0, 0.0  # a zero slice (row): normalised to zero, not divided by 0
+    first[:, 2] = 0.0  # a zero slice (column) in one model only
+    second[4] = 2 * first[4]  # parallel rows: linear interpolation
+    second[:, 3] = -first[:, 3]  # antipodal columns
+    models = [{"weight": 0.4}, {"weight": 0.6}]
+    expected = theirs(mergekit_api, "nuslerp", first, [first, second], layout, models, 0)
+    got = ours("nuslerp", first, [first, second], layout, models, 0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -29,23 +29,33 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "slerp": ({"t": 0.3}, {}),
     "model_stock": ({"filter_wise": True}, {}),
     "nearswap": ({"t": 0.01}, {}),
+    "nuslerp": ({"nuslerp_flatten": False}, {"weight": 0.3}),
 }
 
 TWO_MODELS = {"slerp", "nearswap"}  # a base and exactly one other model
+NO_BASE = {"nuslerp"}  # two models, no base_model
+
+
+def base_and_models(method: str) -> tuple[str | None, list[str]]:
+    """The example's base (org/base; org/a in TWO_MODELS; none in NO_BASE) and its models."""
+    if method in NO_BASE:
+        return None, ["org/a", "org/b"]
+    if method in TWO_MODELS:
+        return "org/a", ["org/a", "org/b"]
+    return "org/base", ["org/base", "org/a", "org/b"]
 
 
 def mergekit_yaml(method: str, **extra: Any) -> str:
-    """A mergekit config of `method` over org/a and org/b; the base org/base (TWO_MODELS: org/a)."""
+    """A mergekit config of `method` over org/a and org/b (`base_and_models`)."""
     globals_, per_model = EXAMPLES[method]
-    base = "org/a" if method in TWO_MODELS else "org/base"
-    models = ["org/a", "org/b"] if method in TWO_MODELS else ["org/base", "org/a", "org/b"]
+    base, models = base_and_models(method)
     config: dict[str, Any] = {
         "models": [
             {"model": m, **({"parameters": per_model} if per_model and m != base else {})}
             for m in models
         ],
         "merge_method": method,
-        "base_model": base,
+        **({"base_model": base} if base else {}),
         **({"parameters": globals_} if globals_ else {}),
         "dtype": "bfloat16",
         **extra,
@@ -67,12 +77,11 @@ def test_the_methods_mergekit_shares_with_hfmerge_are_all_translated() -> None:
 @pytest.mark.parametrize("method", sorted(EXAMPLES))
 def test_each_method_translates_to_the_recipe_written_by_hand(method: str) -> None:
     globals_, per_model = EXAMPLES[method]
-    base = "org/a" if method in TWO_MODELS else "org/base"
-    models = ["org/a", "org/b"] if method in TWO_MODELS else ["org/base", "org/a", "org/b"]
+    base, models = base_and_models(method)
     expected = parse_recipe(
         {
             "models": [{"model": m, **(per_model if m != base else {})} for m in models],
-            "base": base,
+            **({"base": base} if base else {}),
             "merge": {"method": method, "parameters": globals_},
             "output": {"dtype": "bfloat16"},
         }
@@ -189,13 +198,23 @@ def test_the_refusals_say_what_is_not_supported_yet() -> None:
     assert "not supported yet" in messages["parameters.t"]
 
 
+def test_nuslerp_with_a_base_model_is_refused_at_the_base_model() -> None:
+    # mergekit's nuslerp with a base interpolates task vectors: refused, not merged otherwise.
+    text = "models: [{model: a}, {model: b}]\nmerge_method: nuslerp\nbase_model: c\n"
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe_text(text)
+    [problem] = caught.value.problems
+    assert (problem.location, problem.line) == ("base_model", 3)
+    assert "not supported yet" in problem.message
+
+
 def test_a_method_hfmerge_lacks_is_named_with_every_method_hfmerge_has() -> None:
-    text = "models: [{model: a}, {model: b}]\nmerge_method: nuslerp\nbase_model: a\n"
+    text = "models: [{model: a}, {model: b}]\nmerge_method: karcher\nbase_model: a\n"
     with pytest.raises(RecipeError) as caught:
         parse_recipe_text(text)
     [problem] = caught.value.problems
     assert (problem.location, problem.line) == ("merge_method", 2)
-    assert "'nuslerp'" in problem.message
+    assert "'karcher'" in problem.message
     assert all(name in problem.message for name in METHODS)
 
 

@@ -40,6 +40,7 @@ def merge(models: list[Path], out: Path, method: str, **run: Any) -> dict[str, t
         "task_arithmetic": {"weight": 0.5},
         "model_stock": {},
         "nearswap": {},
+        "nuslerp": {"weight": 0.3},
     }
     fields = per_model.get(method, {"weight": 0.5, "density": 0.5})
     listed = models[:2] if method in ONE_OTHER else models[1:]  # the base listed as in slerp
