@@ -74,7 +74,10 @@ def _builtin_text(name: str) -> str:
 
 def _read_file(path: Path, name: str) -> str:
     if not path.exists():
-        raise InputDataError(name, "no such file", "check the path; " + _DATA_FIX)
+        # relative paths are read from the current directory, as model paths are: show where
+        raise InputDataError(
+            name, f"no such file ({path.absolute()})", "check the path; " + _DATA_FIX
+        )
     if not path.is_file():
         raise InputDataError(name, "is not a file", _DATA_FIX)
     try:

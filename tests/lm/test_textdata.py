@@ -151,3 +151,13 @@ def test_windows_tile_long_documents_with_a_tokenizer_that_pads_and_truncates() 
     )
     assert all(len(w) == 64 for w in windows[:-1])
     assert tokenizer.pad_token_id not in windows[0].tolist()
+
+
+def test_a_missing_relative_data_file_shows_the_absolute_path_tried(
+    chdir_tmp: Path,
+) -> None:
+    with pytest.raises(InputDataError) as caught:
+        load_texts("texts/absent.txt")
+    message = str(caught.value)
+    assert "texts/absent.txt" in message
+    assert f"({chdir_tmp / 'texts' / 'absent.txt'})" in message
