@@ -81,14 +81,14 @@ def validate(recipe: str | Path | Recipe, *, offline: bool = False) -> Validatio
             lies inside an input model's folder (`run` refuses these, even with `--force`).
         HfMergeError: a model that cannot be found or read, or models that do not fit together.
     """
-    from hfmerge.pipeline.run import run_recipe
+    from hfmerge.pipeline.run import refuse_input_as_output, run_recipe
 
     parsed, recipe_file = _recipe(recipe)
     options = RunOptions(dry_run=True, offline=offline, progress=False)
     target = options.output_dir(parsed, recipe_file=recipe_file)
     notes = _check_output(target)  # first, as in `run`: no Hub request for a refused output
     result = run_recipe(parsed, options, recipe_file=recipe_file)
-    _refuse_inputs_as_output(target, result.plan)
+    refuse_input_as_output(target, result.plan)
     return Validation(parsed, result.plan, notes)
 
 
@@ -106,18 +106,6 @@ def _check_output(target: Path) -> tuple[str, ...]:
             "replace it only with --force (or choose another output.path, or pass --out)",
         )
     return ()
-
-
-def _refuse_inputs_as_output(target: Path, plan: MergePlan | RoutePlan) -> None:
-    """`run`'s refusal of an output that is, holds or lies inside an input model's folder."""
-    from hfmerge.engine.plan import MergePlan
-    from hfmerge.tensors import refuse_overlap
-
-    if isinstance(plan, MergePlan):
-        sources = [plan.base.source, *(m.source for m in plan.inputs)]
-    else:
-        sources = plan.models
-    refuse_overlap(target, [source.path for source in sources])
 
 
 def convert(config: str | Path) -> str:

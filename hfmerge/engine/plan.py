@@ -12,6 +12,7 @@ from typing import Literal
 
 from hfmerge.methods import MergeMethod
 from hfmerge.sources.inspection import InspectedModel
+from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import ShardPlan, plan_shards
 
 # Recipe dtype names -> safetensors dtype codes.
@@ -46,6 +47,11 @@ class MergePlan:
     def total_bytes(self) -> int:
         """Size of the output weights."""
         return self.shards.total_bytes
+
+    @property
+    def models(self) -> list[ModelSource]:
+        """Every input's pinned source, the base first (as `RoutePlan.models` lists experts)."""
+        return [self.base.source, *(model.source for model in self.inputs)]
 
 
 def build_plan(

@@ -127,14 +127,14 @@ def run_recipe(
     )
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
-    _refuse_input_as_output(target, [m.source for m in [base, *inputs]])
+    refuse_input_as_output(target, plan)
     plan = _download(plan, offline=offline)
     from hfmerge.pipeline.align import align_inputs
     from hfmerge.pipeline.gate import cka_gate
 
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
     alignment = align_inputs(recipe, plan, progress=progress)
-    text = pinned_recipe(recipe, recipe_text, [m.source for m in [base, *inputs]])
+    text = pinned_recipe(recipe, recipe_text, plan.models)
     tokenizer = has_tokenizer(plan.base.source.path)  # downloaded with the base's config
     warnings = () if tokenizer else (_no_tokenizer_warning(plan.base.label, target),)
     snippet = load_snippet(base.config, push or str(target), tokenizer=tokenizer)
@@ -210,7 +210,7 @@ def _run_route(
     plan = plan_route(recipe, offline=offline, progress=progress, recipe_dir=recipe_dir)
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
-    _refuse_input_as_output(target, plan.models)
+    refuse_input_as_output(target, plan)
     plan = download_route(plan, offline=offline)
     text = pinned_recipe(recipe, recipe_text, plan.experts)
     snippet = routed_snippet(push or str(target))
@@ -285,8 +285,13 @@ def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
     )
 
 
-def _refuse_input_as_output(target: Path, sources: list[ModelSource]) -> None:
-    refuse_overlap(target, [source.path for source in sources])
+def refuse_input_as_output(target: Path, plan: MergePlan | RoutePlan) -> None:
+    """Refuse an output that is, holds or lies inside the folder of any model `plan` reads.
+
+    Raises:
+        OutputError: naming the output and the input model, whatever `--force` says.
+    """
+    refuse_overlap(target, [source.path for source in plan.models])
 
 
 @dataclass(frozen=True)
@@ -353,7 +358,7 @@ def _write_side_files(
 
 
 def _endpoint(plan: MergePlan) -> str:
-    return _hub_endpoint([m.source for m in [plan.base, *plan.inputs]])
+    return _hub_endpoint(plan.models)
 
 
 def _hub_endpoint(sources: list[ModelSource]) -> str:
