@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hfmerge.errors import OutputError
-from hfmerge.tensors.staging import StagingDir, lock_existing, remove_stale
+from hfmerge.tensors.staging import StagingDir, remove_stale
 
 # Config and tokenizer files a merged model inherits from its base; never weights.
 SIDE_FILES = (
@@ -176,7 +176,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists() or final.is_symlink():
         aside = final.parent / f".{final.name}.hfmerge-old-{secrets.token_hex(4)}"
         # locked before the rename, so the folder is never unheld under its staging name
-        held = lock_existing(final) if final.is_dir() and not final.is_symlink() else None
+        held = StagingDir.hold(final) if final.is_dir() and not final.is_symlink() else None
         os.rename(final, aside)
     try:
         try:

@@ -51,19 +51,19 @@ class StagingDir:
         self.path = path
         self._fd: int | None = _lock(path)
 
+    @classmethod
+    def hold(cls, path: Path) -> StagingDir:
+        """Mark an existing folder (an output moved aside) as held by this process."""
+        held = cls.__new__(cls)
+        held.path = path
+        held._fd = _lock(path)
+        return held
+
     def release(self) -> None:
         """Drop the lock (the folder has been renamed into place or removed)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def lock_existing(path: Path) -> StagingDir:
-    """Mark an existing folder (an output moved aside) as held by this process."""
-    held = StagingDir.__new__(StagingDir)
-    held.path = path
-    held._fd = _lock(path)
-    return held
 
 
 def stale_staging(place: Path) -> list[StaleStaging]:
@@ -73,11 +73,11 @@ def stale_staging(place: Path) -> list[StaleStaging]:
     if place.is_dir() and not place.is_symlink():
         found += _candidates(place)
     stale = []
-    for path, name in found:
+    for path, name, kind in found:
         if _is_held(path):
             continue
         output = path.parent / name
-        restores = path.name.split(".hfmerge-")[1].startswith("old") and not os.path.lexists(output)
+        restores = kind == "old" and not os.path.lexists(output)
         stale.append(StaleStaging(path, output, restores, _size(path)))
     return stale
 
@@ -100,12 +100,13 @@ def remove_stale(place: Path) -> list[StaleStaging]:
     return done
 
 
-def _candidates(folder: Path) -> Iterator[tuple[Path, str]]:
+def _candidates(folder: Path) -> Iterator[tuple[Path, str, str]]:
+    """Staging folders in `folder`: (path, the output's name, "tmp" or "old")."""
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             match = _STAGING.match(entry.name)
             if match and entry.is_dir() and not entry.is_symlink():
-                yield entry, match["name"]
+                yield entry, match["name"], match["kind"]
 
 
 def _lock(path: Path) -> int:
