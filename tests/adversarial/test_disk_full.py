@@ -11,6 +11,7 @@ import pytest
 
 from hfmerge.cli.app import main
 from tests.support.lm import save_lm
+from tests.support.staging import staging_leftovers
 
 
 def test_a_full_disk_while_copying_tokenizer_files_is_a_clear_error(
@@ -36,4 +37,4 @@ def test_a_full_disk_while_copying_tokenizer_files_is_a_clear_error(
     assert "free space" in err
     assert "Traceback" not in err
     assert not out.exists()
-    assert list(tmp_path.glob(".out.hfmerge-*")) == []
+    assert staging_leftovers(tmp_path) == []

@@ -20,6 +20,7 @@ from hfmerge.tensors import remove_stale, stale_staging
 from hfmerge.tensors.output import atomic_output_dir
 from hfmerge.tensors.staging import StagingDir
 from tests.support.engine import make_models
+from tests.support.staging import staging_leftovers
 
 SLOW_MERGE = """
 import sys, time
@@ -66,10 +67,6 @@ def start_slow_run(tmp_path: Path, out: Path) -> tuple[subprocess.Popen[str], Pa
     return child, path
 
 
-def leftovers(folder: Path) -> list[Path]:
-    return sorted(folder.glob(".*.hfmerge-*"))
-
-
 @pytest.mark.slow  # a second interpreter runs a slowed-down merge
 def test_after_kill_9_the_next_run_removes_the_leftover(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -78,11 +75,11 @@ def test_after_kill_9_the_next_run_removes_the_leftover(
     child, path = start_slow_run(tmp_path, out)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=60)
-    (left,) = leftovers(tmp_path)  # nothing can clean up after SIGKILL
+    (left,) = staging_leftovers(tmp_path)  # nothing can clean up after SIGKILL
     assert left.name.startswith(".out.hfmerge-tmp-")
     assert not out.exists()
     assert main(["run", str(path)]) == 0
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
     assert (out / "config.json").is_file()
 
 
@@ -91,7 +88,7 @@ def test_a_live_runs_staging_folder_is_never_taken_for_stale(tmp_path: Path) -> 
     out = tmp_path / "out"
     child, _ = start_slow_run(tmp_path, out)
     try:
-        (live,) = leftovers(tmp_path)
+        (live,) = staging_leftovers(tmp_path)
         assert stale_staging(out) == []  # its flock is held by the child
         assert remove_stale(out) == []
         assert live.is_dir()
@@ -117,7 +114,7 @@ def test_a_signal_mid_run_exits_non_zero_and_leaves_nothing(
     assert f"interrupted ({signum.name})" in stderr
     assert "Traceback" not in stderr
     assert stdout == ""  # nothing that a `&& hfmerge push` could take for a result
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
     assert not out.exists()
 
 
@@ -129,12 +126,12 @@ def test_clean_removes_what_a_killed_run_left_and_says_so(
     child, _ = start_slow_run(tmp_path, out)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=60)
-    (left,) = leftovers(tmp_path)
+    (left,) = staging_leftovers(tmp_path)
     assert main(["clean", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"removed {left} (")
     assert printed.endswith(" MB)\n")
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
     assert main(["clean", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -160,7 +157,7 @@ def test_a_stale_old_output_is_put_back_when_the_output_is_missing(tmp_path: Pat
     assert entry.size == len("previous output")
     remove_stale(out)
     assert (out / "weights").read_text() == "previous output"
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
 
 
 def test_a_stale_old_output_is_deleted_when_the_new_one_is_in(tmp_path: Path) -> None:
@@ -171,7 +168,7 @@ def test_a_stale_old_output_is_deleted_when_the_new_one_is_in(tmp_path: Path) ->
     assert not entry.restores
     remove_stale(out)
     assert out.is_dir()
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
 
 
 def test_foreign_hidden_folders_and_other_outputs_leftovers_are_left_alone(

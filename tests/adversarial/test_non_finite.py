@@ -34,6 +34,7 @@ from hfmerge.methods.linear import LINEAR, linear_merge
 from hfmerge.methods.params import MethodParams, ModelParams
 from hfmerge.pipeline.options import RunOptions
 from tests.support.engine import make_models
+from tests.support.staging import staging_leftovers
 
 # Chunks of 8 rows of 64, pieces of 64 elements, parts of 128: a tensor spans many of each.
 SMALL_CHUNKS = dataclasses.replace(
@@ -150,7 +151,7 @@ def merged(path: Path) -> dict[str, torch.Tensor]:
 
 def assert_nothing_written(folder: Path) -> None:
     assert not (folder / "out").exists()
-    assert not list(folder.glob(".out.hfmerge-*"))  # the staging folder is gone too
+    assert staging_leftovers(folder) == []  # the staging folder is gone too
 
 
 def dry_run(path: Path) -> MergePlan:

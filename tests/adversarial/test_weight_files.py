@@ -24,6 +24,7 @@ from hfmerge.cli.app import main
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, ModelSourceError
 from hfmerge.tensors import parse_shard_header, read_checkpoint_index
 from tests.support.engine import make_models
+from tests.support.staging import staging_leftovers
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
@@ -178,7 +179,7 @@ def test_an_input_that_shrinks_mid_merge_is_an_error_naming_it(tmp_path: Path) -
     assert "ends" in done.stderr
     assert "early" in done.stderr
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.hfmerge-*"))
+    assert staging_leftovers(tmp_path) == []
 
 
 def _corrupt_header(raw: bytes, rng: random.Random) -> bytes:

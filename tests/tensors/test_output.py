@@ -9,10 +9,7 @@ import pytest
 
 from hfmerge.errors import OutputError
 from hfmerge.tensors import atomic_output_dir, check_output_dir, copy_side_files
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".hfmerge-" in p.name)
+from tests.support.staging import staging_leftovers
 
 
 def test_atomic_output_moves_result_into_place(tmp_path: Path) -> None:
@@ -23,7 +20,7 @@ def test_atomic_output_moves_result_into_place(tmp_path: Path) -> None:
         (work / "a.txt").write_text("new")
         assert not final.exists()
     assert (final / "a.txt").read_text() == "new"
-    assert leftovers(final.parent) == []
+    assert staging_leftovers(final.parent) == []
     umask = os.umask(0)
     os.umask(umask)
     assert final.stat().st_mode & 0o777 == 0o777 & ~umask
@@ -46,7 +43,7 @@ def test_atomic_output_on_error_leaves_final_untouched(
     with pytest.raises(error):
         _write_then_fail(final, error)
     assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
     with pytest.raises(error), atomic_output_dir(tmp_path / "fresh", force=False):
         raise error()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -63,7 +60,7 @@ def test_existing_output_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(OutputError):
         check_output_dir(final, force=False)
     assert (final / "old.txt").read_text() == "old"
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
 
 
 def test_force_replaces_existing_output(tmp_path: Path) -> None:
@@ -75,7 +72,7 @@ def test_force_replaces_existing_output(tmp_path: Path) -> None:
         (work / "new.txt").write_text("new")
         assert (final / "old.txt").exists()  # the old output stays until the new one is complete
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
-    assert leftovers(tmp_path) == []
+    assert staging_leftovers(tmp_path) == []
 
 
 def test_output_rules_for_files_and_empty_dirs(tmp_path: Path) -> None:
