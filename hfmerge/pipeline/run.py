@@ -109,7 +109,7 @@ def run_recipe(
         )
     assert recipe.merge is not None
     force, progress, offline = options.force, options.progress, options.offline
-    method = get_method(recipe.merge.method)
+    method = get_method(recipe.merge.method).with_base(recipe.base is not None)
     base_entry, inputs_entries = _split_base(recipe, needs_base=method.needs_base)
     schedule = schedule_for(
         method, recipe.merge.parameters, [e.method_params for e in inputs_entries]

@@ -98,6 +98,7 @@ def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
         return [(("merge", "method"), _unknown_method(name))]
     entries = _model_entries(data)
     base = data.get("base")
+    method = method.with_base(base is not None)
     # Task-vector methods merge the models other than the base; the rest merge every listed model.
     positions = [
         i for i, e in enumerate(entries) if not method.needs_base or e.get("model") != base

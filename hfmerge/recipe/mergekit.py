@@ -226,8 +226,10 @@ def _models(
 def _base_listed(method: MergeMethod | None, count: int) -> bool:
     """Whether a base missing from `models` is listed there too. mergekit merges it as one more
     input: for `linear` that changes the result; a task-vector method takes it as the base
-    wherever it is listed, and a recipe lists at least two models."""
-    return (method is not None and not method.needs_base) or count < 2
+    wherever it is listed (so does a method whose base is optional, e.g. multislerp), and a
+    recipe lists at least two models."""
+    merges_base = method is not None and not method.needs_base and not method.optional_base
+    return merges_base or count < 2
 
 
 def _model_entry(
