@@ -11,6 +11,7 @@ or once a step is shorter than `tol`. Behaviour follows mergekit's `karcher`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -36,30 +37,48 @@ def karcher_merge(
     params: MethodParams,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """`mean_i |x_i|` times the Karcher mean of the directions `x_i / |x_i|`; `base` unused."""
+    """`mean_i |x_i|` times the Karcher mean of the directions `x_i / |x_i|`; `base` unused.
+
+    Directions are divided out when needed, not stored: the inputs plus about four tensors of
+    float32 at the peak, within the engine's workspace budget for whole-tensor merges.
+    """
     typed = as_params(params, KarcherParams)
     if len(tensors) == 1:
         return tensors[0].clone()
     vectors = [x.flatten() for x in tensors]  # each [*shape] -> [numel]
     lengths = [torch.linalg.vector_norm(v) for v in vectors]
-    kept = [i for i, length in enumerate(lengths) if float(length) > typed.tol]
+    kept = [
+        _Direction(vector, length)
+        for vector, length in zip(vectors, lengths, strict=True)
+        if float(length) > typed.tol
+    ]
     if not kept:
         return torch.zeros_like(tensors[0])
-    directions = [vectors[i] / lengths[i] for i in kept]
-    mean = _karcher_mean(directions, max_iter=typed.max_iter, tol=typed.tol)
+    mean = _karcher_mean(kept, max_iter=typed.max_iter, tol=typed.tol)
     share = 1.0 / len(tensors)
     scale = torch.stack([share * length for length in lengths]).sum()  # every length counts
-    return (mean * scale).reshape(tensors[0].shape)
+    return mean.mul_(scale).reshape(tensors[0].shape)
 
 
-def _karcher_mean(directions: list[torch.Tensor], *, max_iter: int, tol: float) -> torch.Tensor:
-    """[numel]: the equal-weight Karcher mean of unit [numel] `directions`."""
+@dataclass(frozen=True)
+class _Direction:
+    """A vector longer than `tol` and its length: `unit()` is its direction."""
+
+    vector: torch.Tensor
+    length: torch.Tensor
+
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.length
+
+
+def _karcher_mean(directions: list[_Direction], *, max_iter: int, tol: float) -> torch.Tensor:
+    """[numel]: the equal-weight Karcher mean of the `directions`."""
     share = 1.0 / len(directions)
-    mean = torch.zeros_like(directions[0])
+    mean = torch.zeros_like(directions[0].vector)
     for direction in directions:
-        mean += share * direction
+        mean += share * direction.unit()
     length = torch.linalg.vector_norm(mean)
-    mean = directions[0].clone() if float(length) < tol else mean / length
+    mean = directions[0].unit() if float(length) < tol else mean / length
     for _ in range(max_iter):
         step = _log_map_mean(mean, directions, share, tol)
         step_length = torch.linalg.vector_norm(step)
@@ -74,18 +93,19 @@ def _karcher_mean(directions: list[torch.Tensor], *, max_iter: int, tol: float) 
 
 
 def _log_map_mean(
-    mean: torch.Tensor, directions: list[torch.Tensor], share: float, tol: float
+    mean: torch.Tensor, directions: list[_Direction], share: float, tol: float
 ) -> torch.Tensor:
     """The mean of the directions mapped to the tangent plane at `mean` (the descent step):
     each is `θ / sin θ` times its part orthogonal to `mean`, θ its angle to `mean`; directions
     within `tol` of `mean` add nothing."""
     step = torch.zeros_like(mean)
     for direction in directions:
-        cosine = torch.dot(mean, direction).clamp(-1.0, 1.0)
+        unit = direction.unit()
+        cosine = torch.dot(mean, unit).clamp(-1.0, 1.0)
         angle = torch.arccos(cosine)
         if float(angle) < tol:
             continue
-        step += share * (angle / torch.sin(angle)) * (direction - cosine * mean)
+        step += share * (angle / torch.sin(angle)) * unit.sub_(mean * cosine)
     return step
 
 

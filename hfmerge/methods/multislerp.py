@@ -51,51 +51,57 @@ def multislerp_merge(
     params: MethodParams,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """The weighted spherical barycentre of `tensors` (of their task vectors over `base`)."""
+    """The weighted spherical barycentre of `tensors` (of their task vectors over `base`).
+
+    One vector at a time: the inputs' size plus about four tensors of float32 at the peak,
+    within the engine's workspace budget for whole-tensor merges.
+    """
     if len(tensors) == 1:
         return tensors[0].clone()
     typed = as_params(params, MultiSlerpParams)
-    vectors = torch.stack([x.flatten() for x in tensors])  # N x [*shape] -> [N, numel]
-    if base is not None:
-        vectors -= base.flatten()
+    # Each [*shape] -> [numel]: a view without a base, the task vector's copy with one.
+    vectors = [x.flatten() if base is None else (x - base).flatten() for x in tensors]
     weights = torch.tensor([as_params(one, WeightedModelParams).weight for one in model_params])
     if typed.normalize_weights:
         weights = weights / weights.sum()
-    merged = _barycentre(vectors, weights, typed.eps).reshape(tensors[0].shape)
+    merged = _barycentre(vectors, weights.tolist(), typed.eps).reshape(tensors[0].shape)
     return merged if base is None else merged.add_(base)
 
 
-def _barycentre(vectors: torch.Tensor, weights: torch.Tensor, eps: float) -> torch.Tensor:
-    """[numel]: the barycentre of the [N, numel] `vectors` with the [N] `weights`."""
-    columns = weights.unsqueeze(1)  # [N] -> [N, 1], to scale each row
-    lengths = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)  # [N, 1]
-    directions = vectors / (lengths + eps)
-    mean = (directions * columns).sum(0)
+def _barycentre(vectors: list[torch.Tensor], weights: list[float], eps: float) -> torch.Tensor:
+    """[numel]: the barycentre of the [numel] `vectors` with the `weights`."""
+    lengths = [torch.linalg.vector_norm(v) for v in vectors]
+    padded = [length + eps for length in lengths]  # vector / padded: its direction
+    mean = torch.zeros_like(vectors[0])
+    for vector, divisor, weight in zip(vectors, padded, weights, strict=True):
+        mean.add_(vector / divisor, alpha=weight)
     mean_length = torch.linalg.vector_norm(mean)
     if mean_length < eps:
         return _antipodal_fallback(vectors, weights)
     mean /= mean_length
-    # Project each direction onto the tangent plane at `mean`, and take the weighted sum there.
-    cosines = directions @ mean  # [N, numel] @ [numel] -> [N]
-    tangents = directions - cosines.unsqueeze(1) * mean.unsqueeze(0)
-    step = (tangents * columns).sum(0)
+    # Project each direction onto the tangent plane at `mean`; take the weighted sum there.
+    step = torch.zeros_like(mean)
+    for vector, divisor, weight in zip(vectors, padded, weights, strict=True):
+        direction = vector / divisor
+        tangent = direction.sub_(mean, alpha=float(torch.dot(direction, mean)))
+        step.add_(tangent, alpha=weight)
     angle = torch.linalg.vector_norm(step) + eps
     # The exponential map at `mean`: walk `angle` along the great circle towards `step`.
-    on_sphere: torch.Tensor = mean * torch.cos(angle) + step * (torch.sin(angle) / angle)
-    mean_of_lengths = torch.dot(lengths.squeeze(1), weights)
-    return on_sphere.mul_(mean_of_lengths)
+    on_sphere: torch.Tensor = mean.mul_(torch.cos(angle)).add_(step.mul_(torch.sin(angle) / angle))
+    pairs = zip(weights, lengths, strict=True)
+    return on_sphere.mul_(sum(weight * float(length) for weight, length in pairs))
 
 
-def _antipodal_fallback(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _antipodal_fallback(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Zero for zero vectors; the weighted sum of two vectors whose directions cancel; no answer
     for more."""
-    if not vectors.any():
+    if not any(bool(v.any()) for v in vectors):
         return torch.zeros_like(vectors[0])
-    if vectors.shape[0] == 2:
+    if len(vectors) == 2:
         return vectors[0] * weights[0] + vectors[1] * weights[1]
     raise MethodParameterError(
         "multislerp",
-        f"the weighted mean of the {vectors.shape[0]} models' directions is zero in a tensor "
+        f"the weighted mean of the {len(vectors)} models' directions is zero in a tensor "
         "(opposite models whose weights cancel), so it has no point on the sphere",
         fix="change a weight so that the opposite models no longer balance out",
     )

@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from hfmerge.methods.base import MergeMethod, require_base
+from hfmerge.methods.gta_sum import sum_of
 from hfmerge.methods.params import Fraction, MethodParams, ModelParams, as_params
 
 ZERO_ENERGY = 1e-6  # summed energies below this: the models weigh the same (mergekit's threshold)
@@ -43,23 +44,34 @@ def sce_merge(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """`base + sum_i w_i m_i d_i / sum_i w_i m_i`, d_i the selected task vectors, w_i their
-    energy weights and m_i the sign-agreement masks."""
+    energy weights and m_i the sign-agreement masks.
+
+    One task vector at a time past the selection: the inputs' size plus about five tensors of
+    float32 at the peak, within the engine's workspace budget for whole-tensor merges.
+    """
     anchor = require_base(base, "sce")
     keep = as_params(params, SceParams).select_topk
-    deltas = torch.stack([x - anchor for x in tensors])  # N x [*shape] -> [N, *shape]
+    deltas = [x - anchor for x in tensors]
     if keep < 1:
-        deltas *= _high_variance_mask(deltas, keep)
-    # [N] -> [N, 1, ..., 1]: one weight per model, broadcast over its entries
-    weights = _energy_weights(deltas).reshape(-1, *[1] * anchor.dim())
-    kept = weights * _sign_agreement(deltas)
-    merged = (deltas * kept).sum(0) / kept.sum(0).clamp(min=WEIGHT_FLOOR)
-    return merged.add_(anchor)
+        mask = _high_variance_mask(deltas, keep)
+        for delta in deltas:
+            delta.mul_(mask)
+        del mask
+    elected = sum_of(deltas).ge_(0).float().mul_(2).sub_(1)  # +1 where the sum is >= 0, else -1
+    total = torch.zeros_like(anchor)
+    kept_weight = torch.zeros_like(anchor)
+    for delta, weight in zip(deltas, _energy_weights(deltas).tolist(), strict=True):
+        # The model's weight where its entry has the elected sign, else 0 (erased).
+        kept = torch.eq(delta.sign(), elected).float().mul_(weight)
+        total.addcmul_(delta, kept)
+        kept_weight.add_(kept)
+    return total.div_(kept_weight.clamp_(min=WEIGHT_FLOOR)).add_(anchor)
 
 
-def _high_variance_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor:
+def _high_variance_mask(deltas: Sequence[torch.Tensor], keep: float) -> torch.Tensor:
     """[*shape] float32: 1 at the `keep` fraction of the entries with non-zero variance across the
-    models ([N, *shape] `deltas`) that vary most, else 0."""
-    variance = deltas.var(dim=0, correction=0)
+    models that vary most, else 0."""
+    variance = torch.stack(list(deltas)).var(dim=0, correction=0)  # N x [*shape] -> [*shape]
     # The count is taken in float32 (an integer tensor times a float), as mergekit takes it.
     count = int(torch.count_nonzero(variance) * keep)
     mask = torch.zeros_like(variance)
@@ -68,19 +80,13 @@ def _high_variance_mask(deltas: torch.Tensor, keep: float) -> torch.Tensor:
     return mask
 
 
-def _energy_weights(deltas: torch.Tensor) -> torch.Tensor:
+def _energy_weights(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """[N]: each task vector's mean square over their sum; equal when that sum is about 0."""
-    energies = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)  # [N, *shape] -> [N]
+    energies = torch.stack([delta.square().mean() for delta in deltas])
     total = float(energies.sum())
     if abs(total) < ZERO_ENERGY:
         return torch.full_like(energies, 1.0 / energies.shape[0])
     return energies / total
-
-
-def _sign_agreement(deltas: torch.Tensor) -> torch.Tensor:
-    """[N, *shape] bool: whether each entry has the sign of the entries' sum (+1 where it is 0)."""
-    elected = deltas.sum(dim=0).ge(0).float().mul_(2).sub_(1)  # [*shape], +1 or -1
-    return deltas.sign() == elected
 
 
 SCE = MergeMethod(

@@ -157,6 +157,17 @@ def test_output_keeps_shape_and_float32(name: str) -> None:
     assert torch.isfinite(merged).all()
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_are_left_as_they_were(name: str) -> None:
+    count = inputs_for(name, 3)
+    tensors = [randn(4, 6, seed=20 + i) for i in range(count)]
+    base = randn(4, 6, seed=19)
+    copies = [x.clone() for x in [*tensors, base]]
+    params = {"t": 0.4} if name in ("slerp", "nearswap") else {}
+    run(name, tensors, base=base, params=params, models=weights_for(name, count))
+    assert all(torch.equal(x, copy) for x, copy in zip([*tensors, base], copies, strict=True))
+
+
 # --- linear -----------------------------------------------------------------------------------
 
 
