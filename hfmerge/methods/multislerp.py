@@ -8,9 +8,9 @@ mean the weighted tangent vectors sum to zero in exact arithmetic, so the step o
 rounding: the result is the normalised weighted mean direction at the weighted mean length.)
 One model is returned as it is. Directions whose weighted mean vanishes (antipodal vectors with
 cancelling weights) have no barycentre: two models then fall back to their weighted sum, more
-refuse.
-Behaviour follows mergekit's `multislerp`, except where every vector is zero (a tensor that no
-fine-tune changed, say): that gives zero (the base) here, where mergekit refuses three or more.
+refuse. Behaviour follows mergekit's `multislerp`, except where every vector is zero (a tensor
+that no fine-tune changed, say): that gives zero (the base) here, where mergekit refuses three
+or more.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def _antipodal_fallback(vectors: list[torch.Tensor], weights: list[float]) -> to
         return vectors[0] * weights[0] + vectors[1] * weights[1]
     raise MethodParameterError(
         "multislerp",
-        f"the weighted mean of the {len(vectors)} models' directions is zero in a tensor "
-        "(opposite models whose weights cancel), so it has no point on the sphere",
+        f"the weighted mean of the {len(vectors)} models' directions is zero (opposite models "
+        "whose weights cancel), so it has no point on the sphere",
         fix="change a weight so that the opposite models no longer balance out",
     )
 

@@ -100,7 +100,8 @@ def test_an_optional_base_is_taken_apart_from_the_models_only_when_named() -> No
     # With it, a is the base: b's and c's weights cancel, reported where they are written.
     found = problems_of(MULTISLERP + "base: a/model\n")
     assert len(found) == 1
-    assert found[0].startswith("models") and "sum to 0" in found[0]
+    assert found[0].startswith("models")
+    assert "sum to 0" in found[0]
 
 
 def test_bad_shard_size_dtype_and_model_count() -> None:
