@@ -494,3 +494,15 @@ def test_arcee_fusion_threshold_is_per_tensor_with_importance_per_row() -> None:
     # so the threshold is 0.03 KL0 and only row 0's last two changes pass.
     expected = torch.tensor([[0.0, 0.0, 0.04, 3.0], [0.0, 0.0, 0.0, 0.0]])
     assert torch.equal(merged, expected)
+
+
+def test_arcee_fusion_reads_the_quartiles_of_every_score_in_large_tensors() -> None:
+    # mergekit samples a million scores above that size; hfmerge reads them all. One row: the
+    # importance is |change| times one KL, so the threshold is that of |change|, scaled.
+    other = randn(1_200_001, seed=95)
+    change = other.abs()
+    quarters = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    q1, median, q3 = torch.quantile(change.double(), quarters, interpolation="lower").float()
+    threshold = median + 1.5 * (q3 - q1)
+    merged = run("arcee_fusion", [other], base=torch.zeros_like(other))
+    assert torch.equal(merged, torch.where(change >= threshold, other, 0.0))
