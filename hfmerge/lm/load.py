@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.arch.config import read_config
+from hfmerge.arch.heads import auto_class_name
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError, OptionError
 from hfmerge.tensors import has_tokenizer, read_checkpoint_index
 
@@ -162,6 +163,22 @@ def lm_objective(architectures: Sequence[str], *, label: str) -> Objective:
         f"is a {', '.join(architectures)}, which has no language-model head to score text",
         "evaluate a checkpoint with its LM head (…ForCausalLM or …ForMaskedLM)",
     )
+
+
+def auto_class(config: Mapping[str, Any]) -> Any:
+    """The transformers Auto class for config.json's `architectures` (`arch.heads`): the causal
+    LM, masked LM, seq2seq LM, classifier, ... class, or `AutoModel` for a headless model."""
+    import transformers
+
+    return getattr(transformers, auto_class_name(config))
+
+
+def load_model(path: Path, *, label: str) -> PreTrainedModel:
+    """The model in `path` with the head its config names (`auto_class`), float32, eval mode;
+    weights the checkpoint lacks are an error (they would be random)."""
+    auto = auto_class(read_config(path, label=label))
+    whole = Completeness("its head and layers", "load a complete checkpoint (all safetensors)")
+    return load_pretrained(auto, path, label=label, complete=whole)
 
 
 def load_lm(path: Path, *, label: str) -> PreTrainedModel:
