@@ -316,10 +316,19 @@ def load_probe_model(
     """The model's base (no LM head), placed by accelerate, in eval mode.
 
     Raises:
-        ModelSourceError: weights of the base model are missing (they would be random).
+        ModelSourceError: an encoder-decoder (its two stacks have no one sequence of block
+            outputs), or weights of the base model are missing (they would be random).
     """
     from transformers import AutoModel
 
+    config = read_config(path, label=label)
+    if config.get("is_encoder_decoder"):
+        raise ModelSourceError(
+            label,
+            f"is an encoder-decoder ({config.get('model_type')}), whose encoder and decoder "
+            "blocks form no one sequence of hidden states to probe",
+            "probe decoder-only or encoder-only checkpoints",
+        )
     layers = Completeness(
         "its layers",
         "compare complete checkpoints (config.json and all safetensors)",
