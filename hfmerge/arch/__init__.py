@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hfmerge.arch import bert, generic, gpt2, gpt_neox, llama
-from hfmerge.arch.names import layer_index
 from hfmerge.arch.permute import axis_length
 from hfmerge.arch.spec import GENERIC_FAMILY, ArchSpec
 from hfmerge.errors import ArchitectureError, NoPermutationSpecError
@@ -158,7 +157,6 @@ __all__ = [
     "FamilyInfo",
     "check_shapes",
     "family_of",
-    "layer_index",
     "list_families",
     "model_type_of",
     "permutable_family",

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hfmerge.arch.config import config_field
-from hfmerge.arch.names import is_buffer_name
 from hfmerge.arch.spec import GENERIC_FAMILY, ArchSpec, TensorSpec
 
 NAME = GENERIC_FAMILY
@@ -26,6 +25,10 @@ _EMBEDDINGS = (
     "embed_in.weight",
 )
 _HEADED = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Last name parts that are always buffers (saved or kept, never loaded as parameters): RoPE
+# frequencies, position and token-type ids, GPT-2's old masked_bias.
+_BUFFER_LEAVES = frozenset({"inv_freq", "position_ids", "token_type_ids", "masked_bias"})
+_CAUSAL_MASK_NDIM = 4  # GPT-2-style `attn.bias`: a [1, 1, n, n] causal mask, not a bias vector
 
 
 def build(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> ArchSpec:
@@ -40,6 +43,14 @@ def build(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> Arc
         for name, shape in shapes.items()
     }
     return ArchSpec(GENERIC_FAMILY, str(config["model_type"]), {}, tensors, _tied(config, shapes))
+
+
+def is_buffer_name(name: str, ndim: int) -> bool:
+    """Whether a tensor of this name and rank is a buffer rather than a learned parameter."""
+    parts = name.split(".")
+    if parts[-1] in _BUFFER_LEAVES:
+        return True
+    return parts[-2:-1] == ["attn"] and parts[-1] == "bias" and ndim == _CAUSAL_MASK_NDIM
 
 
 def _tied(config: Mapping[str, Any], names: Mapping[str, Sequence[int]]) -> dict[str, str]:

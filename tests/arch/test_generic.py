@@ -10,13 +10,13 @@ from hfmerge.arch import (
     GENERIC_FAMILY,
     check_shapes,
     family_of,
-    layer_index,
     permutable_family,
     require_permutable,
     spec_for,
 )
+from hfmerge.arch.generic import is_buffer_name
 from hfmerge.arch.heads import auto_class_name
-from hfmerge.arch.names import is_buffer_name
+from hfmerge.arch.layers import layer_index
 from hfmerge.errors import ArchitectureError, NoPermutationSpecError
 
 # A causal LM with a tied head (no lm_head.weight), a RoPE buffer and GPT-2-style mask buffers.
@@ -111,27 +111,10 @@ def test_steps_that_permute_refuse_a_generic_model_naming_the_families() -> None
     assert permutable_family({"model_type": "gpt2"}, label="m", feature="REPAIR") == "gpt2"
 
 
-@pytest.mark.parametrize(
-    ("name", "index"),
-    [
-        ("model.layers.3.mlp.up_proj.weight", 3),
-        ("transformer.h.11.attn.c_attn.weight", 11),
-        ("bert.encoder.layer.0.attention.self.query.weight", 0),
-        ("encoder.block.2.layer.1.DenseReluDense.wi.weight", 2),  # block, not its sub-layer
-        ("decoder.block.1.layer.0.SelfAttention.q.weight", 1),
-        ("model.decoder.layers.5.encoder_attn.k_proj.weight", 5),
-        ("blocks.7.norm1.weight", 7),
-        ("model.layers.0.block_sparse_moe.experts.3.w1.weight", 0),  # the block, not the expert
-        ("layers.12.attention.wq.weight", 12),
-        ("model.embed_tokens.weight", None),
-        ("lm_head.weight", None),
-        ("model.norm.weight", None),
-        ("model.layers_norm.weight", None),
-        ("shadow.layers.x.weight", None),
-    ],
-)
-def test_layer_index_reads_the_block_from_the_name(name: str, index: int | None) -> None:
-    assert layer_index(name) == index
+def test_layer_index_gives_moe_experts_and_seq2seq_stacks_their_block() -> None:
+    assert layer_index("model.layers.1.block_sparse_moe.experts.3.w1.weight") == 1
+    assert layer_index("model.layers.0.mlp.experts.gate_up_proj") == 0
+    assert layer_index("model.decoder.layers.1.encoder_attn.k_proj.weight") == 1
 
 
 @pytest.mark.parametrize(
