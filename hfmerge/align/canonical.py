@@ -106,7 +106,7 @@ def _plain_order(slices: list[_Slice]) -> torch.Tensor:
 
 
 def _head_parts(group: PermGroup, slices: list[_Slice]) -> dict[str, torch.Tensor]:
-    """part -> [heads of the part, head_dim, m]: every slice's rows, split by head and dim."""
+    """Part -> [heads of the part, head_dim, m]: every slice's rows, split by head and dim."""
     pieces: dict[str, list[torch.Tensor]] = {part: [] for part in PARTS}
     for piece in slices:
         for part, where in head_slices(group, piece.role.layout).items():
@@ -156,9 +156,7 @@ def _kv_head(group: PermGroup, parts: dict[str, torch.Tensor], g: int) -> _KvHea
     vo = _dim_order(v, o, (0, dim), dim)
     q, o = q[:, qk], o[:, vo]  # [per_kv, head_dim, m]: dims in canonical order
     queries = canonical_order(torch.cat([q.flatten(1), o.flatten(1)], dim=1))  # [per_kv]
-    form = torch.cat(
-        [k[qk].flatten(), v[vo].flatten(), q[queries].flatten(), o[queries].flatten()]
-    )
+    form = torch.cat([k[qk].flatten(), v[vo].flatten(), q[queries].flatten(), o[queries].flatten()])
     return _KvHead(queries, qk, vo, form)
 
 
