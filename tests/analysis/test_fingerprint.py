@@ -1,4 +1,4 @@
-"""Fingerprints: invariant to every spec group, and telling copies, fine-tunes and strangers apart."""
+"""Fingerprints: invariant to every spec group; copies, fine-tunes and strangers told apart."""
 
 from __future__ import annotations
 
