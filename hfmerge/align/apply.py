@@ -267,6 +267,7 @@ def canonicalize_checkpoint(
         progress=progress,
         max_shard_bytes=max_shard_bytes,
         metadata={"aligned_by": "hfmerge", "align_method": "canonical"},
+        description="writing canonical model",
     )
     return perms
 
@@ -280,6 +281,7 @@ def _write_aligned(
     progress: bool,
     max_shard_bytes: int,
     metadata: dict[str, str],
+    description: str = "writing aligned model",
 ) -> None:
     """Stream B's tensors through `perms` into shards, keeping B's dtypes, names and side files."""
     spec, path = b.spec, b.source.path
@@ -291,7 +293,7 @@ def _write_aligned(
             LazyCheckpoint(path, label=b.label) as reader,
             ShardWriter(tmp, plan, metadata=metadata) as writer,
         ):
-            for name in track(plan.names, description="writing aligned model", enabled=progress):
+            for name in track(plan.names, description=description, enabled=progress):
                 writer.write(
                     name, permute_tensor(reader.get(name), spec.tensors[name], spec, perms)
                 )

@@ -26,11 +26,12 @@ AUTO = {
     "gpt_neox": AutoModelForCausalLM,
     "llama": AutoModelForCausalLM,
     "bert": AutoModelForMaskedLM,
+    "minilm": AutoModel,  # a bare encoder: its last hidden state, in the residual basis
 }
 
 
-def _load(auto: type[AutoModel], path: Path) -> PreTrainedModel:
-    model: PreTrainedModel = auto.from_pretrained(path, attn_implementation="eager")
+def _load(kind: str, path: Path) -> PreTrainedModel:
+    model: PreTrainedModel = AUTO[kind].from_pretrained(path, attn_implementation="eager")
     model.train(False)  # eval mode (`eval` itself is untyped)
     return model
 
@@ -46,7 +47,7 @@ def _assert_identical_folders(a: Path, b: Path) -> None:
     assert not differ, f"not bit-identical: {differ[:5]}"
 
 
-@pytest.mark.parametrize("kind", sorted(AUTO))
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "gpt_neox", "llama"])
 def test_canonical_folder_keeps_the_logits_and_ignores_a_planted_permutation(
     kind: str, tmp_path: Path
 ) -> None:
@@ -59,8 +60,8 @@ def test_canonical_folder_keeps_the_logits_and_ignores_a_planted_permutation(
     original, canonical = _weights(a), _weights(tmp_path / "ca")
     assert any(not torch.equal(original[n], canonical[n]) for n in original)  # it did move
     inputs = tiny_batch(kind, seed=1)
-    expected = model_outputs(_load(AUTO[kind], a), inputs)
-    got = model_outputs(_load(AUTO[kind], tmp_path / "ca"), inputs)
+    expected = model_outputs(_load(kind, a), inputs)
+    got = model_outputs(_load(kind, tmp_path / "ca"), inputs)
     assert max_abs_diff(expected, got) < 1e-5  # float32
     assert (tmp_path / "ca" / "config.json").read_text() == (a / "config.json").read_text()
     spec = spec_for(json.loads((a / "config.json").read_text()), _weights(a).keys())
@@ -88,8 +89,8 @@ def test_minilm_and_a_permuted_minilm_write_the_same_canonical_model(tmp_path: P
     ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     residual = load_file(str(tmp_path / "c1" / PERMUTATIONS_FILE))["residual"]
-    expected = model_outputs(_load(AutoModel, MINILM), inputs)
-    got = model_outputs(_load(AutoModel, tmp_path / "c1"), inputs, residual=residual)
+    expected = model_outputs(_load("minilm", MINILM), inputs)
+    got = model_outputs(_load("minilm", tmp_path / "c1"), inputs, residual=residual)
     assert max_abs_diff(expected, got) < 1e-5
 
 
