@@ -15,16 +15,20 @@ importing this package (and `import hfmerge`) stays fast.
 """
 
 from hfmerge.api.housekeeping import clean
-from hfmerge.api.listings import MethodInfo, ZooMember, archs, methods, zoo
+from hfmerge.api.listings import ArchSupport, MethodInfo, ZooMember, archs, methods, zoo
 from hfmerge.api.models import (
     AlignMethod,
     AlignResult,
     BarrierReport,
+    CanonicalizeResult,
     EvalReport,
+    FingerprintReport,
     align,
     barrier,
+    canonicalize,
     cka,
     evaluate,
+    fingerprint,
 )
 from hfmerge.api.recipes import PushResult, Validation, convert, push, run, validate
 from hfmerge.pipeline.options import RunOptions
@@ -32,8 +36,11 @@ from hfmerge.pipeline.options import RunOptions
 __all__ = [
     "AlignMethod",
     "AlignResult",
+    "ArchSupport",
     "BarrierReport",
+    "CanonicalizeResult",
     "EvalReport",
+    "FingerprintReport",
     "MethodInfo",
     "PushResult",
     "RunOptions",
@@ -42,10 +49,12 @@ __all__ = [
     "align",
     "archs",
     "barrier",
+    "canonicalize",
     "cka",
     "clean",
     "convert",
     "evaluate",
+    "fingerprint",
     "methods",
     "push",
     "run",
