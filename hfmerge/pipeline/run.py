@@ -42,6 +42,7 @@ from hfmerge.tensors import (
 
 if TYPE_CHECKING:
     from hfmerge.arch.spec import Permutations
+    from hfmerge.engine.slices import PlannedSlice
     from hfmerge.pipeline.repair import RepairReport
     from hfmerge.pipeline.route import RoutePlan
 
@@ -110,7 +111,9 @@ def run_recipe(
     assert recipe.merge is not None
     force, progress, offline = options.force, options.progress, options.offline
     method = get_method(recipe.merge.method)
-    base_entry, inputs_entries = _split_base(recipe, needs_base=method.needs_base)
+    # A `slices:` recipe reads its base as one more model: the output takes its config.
+    needs_base = method.needs_base or recipe.slices is not None
+    base_entry, inputs_entries = _split_base(recipe, needs_base=needs_base)
     schedule = schedule_for(
         method, recipe.merge.parameters, [e.method_params for e in inputs_entries]
     )
@@ -118,12 +121,8 @@ def run_recipe(
     base, inputs = _inspect(
         base_entry, inputs_entries, offline=offline, progress=progress, recipe_dir=recipe_dir
     )
-    plan = build_plan(
-        schedule,
-        base=base,
-        inputs=inputs,
-        out_dtype=recipe.output.dtype,
-        max_shard_bytes=parse_size(recipe.output.max_shard_size),
+    plan, slices = _plan(
+        recipe, schedule, (base_entry, base), list(zip(inputs_entries, inputs, strict=True))
     )
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
@@ -138,7 +137,7 @@ def run_recipe(
     tokenizer = has_tokenizer(plan.base.source.path)  # downloaded with the base's config
     warnings = () if tokenizer else (_no_tokenizer_warning(plan.base.label, target),)
     snippet = load_snippet(base.config, push or str(target), tokenizer=tokenizer)
-    card_params = CardParams(*schedule.card_values())
+    card_params = _card_params(schedule, slices, plan)
     with atomic_output_dir(target, force=force) as staging:
         execute_plan(
             plan,
@@ -150,7 +149,7 @@ def run_recipe(
             tuning=options.tuning,
             allow_non_finite=options.allow_non_finite,
         )
-        _copy_config(staging, plan, recipe)
+        _copy_config(staging, plan, recipe, slices)
         repaired = _repair(staging, plan, recipe, alignment.perms, schedule, progress=progress)
         _write_side_files(
             staging,
@@ -297,9 +296,51 @@ class CardParams:
     inputs: list[dict[str, Any]]
 
 
-def _copy_config(staging: Path, plan: MergePlan, recipe: Recipe) -> None:
-    """The base's config, tokenizer and other side files, with the output dtype set."""
+def _plan(
+    recipe: Recipe,
+    schedule: ParamSchedule,
+    base: tuple[ModelEntry, InspectedModel],
+    inputs: list[tuple[ModelEntry, InspectedModel]],
+) -> tuple[MergePlan, list[PlannedSlice] | None]:
+    """The merge plan, and the planned slices of a `slices:` recipe (None for `models:`)."""
+    max_shard_bytes = parse_size(recipe.output.max_shard_size)
+    if recipe.slices is not None:
+        from hfmerge.pipeline.slices import plan_slices
+
+        return plan_slices(
+            recipe, schedule.method, base=base, inputs=inputs, max_shard_bytes=max_shard_bytes
+        )
+    plan = build_plan(
+        schedule,
+        base=base[1],
+        inputs=[model for _, model in inputs],
+        out_dtype=recipe.output.dtype,
+        max_shard_bytes=max_shard_bytes,
+    )
+    return plan, None
+
+
+def _card_params(
+    schedule: ParamSchedule, slices: list[PlannedSlice] | None, plan: MergePlan
+) -> CardParams:
+    """The card's parameters; for a `slices:` recipe the first slice's method parameters (the
+    card's recipe shows every slice's settings)."""
+    if slices is None:
+        return CardParams(*schedule.card_values())
+    method, _ = slices[0].schedule.card_values()
+    return CardParams(method, [{} for _ in plan.inputs])
+
+
+def _copy_config(
+    staging: Path, plan: MergePlan, recipe: Recipe, slices: list[PlannedSlice] | None
+) -> None:
+    """The base's config, tokenizer and other side files, with the output dtype set (and the
+    depth a `slices:` recipe gives)."""
     copy_side_files(plan.base.source.path, staging)
+    if slices is not None:
+        from hfmerge.pipeline.slices import write_slices_config
+
+        write_slices_config(staging / "config.json", plan, slices)
     if recipe.output.dtype:
         _set_config_dtype(staging / "config.json", recipe.output.dtype)
 
