@@ -80,7 +80,7 @@ def _pin_slice(one: Any, pins: Mapping[str, tuple[str, str]]) -> Any:
         if isinstance(source, dict) and isinstance(source.get("model"), str):
             revision = source.get("revision")
             ref = f"{source['model']}@{revision}" if revision else source["model"]
-        if ref in pins:
+        if ref is not None and ref in pins:
             repo_id, sha = pins[ref]
             source = {**source, "model": repo_id, "revision": sha}
         sources.append(source)
