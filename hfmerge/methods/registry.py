@@ -14,6 +14,7 @@ from hfmerge.methods.model_stock import MODEL_STOCK
 from hfmerge.methods.multislerp import MULTISLERP
 from hfmerge.methods.nearswap import NEARSWAP
 from hfmerge.methods.nuslerp import NUSLERP
+from hfmerge.methods.passthrough import PASSTHROUGH
 from hfmerge.methods.sce import SCE
 from hfmerge.methods.slerp import SLERP
 from hfmerge.methods.task_arithmetic import TASK_ARITHMETIC
@@ -37,6 +38,7 @@ _ALL = (
     NUSLERP,
     MULTISLERP,
     KARCHER,
+    PASSTHROUGH,
 )
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}

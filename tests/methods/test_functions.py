@@ -72,6 +72,7 @@ def test_registry_holds_the_methods_mergekit_users_expect() -> None:
         "karcher",
         "sce",
         "arcee_fusion",
+        "passthrough",
     }
     assert [m.name for m in list_methods()] == list(METHODS)
 
@@ -85,7 +86,8 @@ def test_every_method_is_documented(name: str) -> None:
     assert method.summary
     assert "\n" not in method.summary
     assert method.deterministic == (name not in RANDOM_METHODS)
-    assert method.needs_base == (name not in ("linear", "nuslerp", "multislerp", "karcher"))
+    no_base = ("linear", "nuslerp", "multislerp", "karcher", "passthrough")
+    assert method.needs_base == (name not in no_base)
     assert method.optional_base == (name == "multislerp")
 
 
