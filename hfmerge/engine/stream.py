@@ -32,12 +32,13 @@ from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine.malloc import keep_chunk_buffers
 from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
+from hfmerge.engine.readers import open_reader
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.methods import MethodParams, ModelParams
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
 from hfmerge.runtime import capped_threads, resolve_device
-from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
+from hfmerge.tensors import ShardWriter, TensorReader, element_size, torch_dtype
 
 
 def execute_plan(
@@ -164,9 +165,9 @@ class _Share:
             device=self.device,
         )
         with ExitStack() as stack:
-            steps.base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
+            steps.base = open_reader(stack, plan.base)
             steps.inputs = [
-                AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
+                AlignedReader(open_reader(stack, m), m.spec, p)
                 for m, p in zip(plan.inputs, self.perms, strict=True)
             ]
             # The reader and writer threads take the other core's share on small machines, and
@@ -248,7 +249,7 @@ class _Steps:
         # Random methods stay on the CPU: their masks come from a CPU generator, so the merged
         # model is the same on every machine.
         self.device = device if plan.method.deterministic else torch.device("cpu")
-        self.base: LazyCheckpoint | None = None
+        self.base: TensorReader | None = None
         self.inputs: list[AlignedReader] = []
         base = [plan.base.label] if plan.method.needs_base else []
         self.labels = [*(m.label for m in plan.inputs), *base]  # of `_read`'s tensors, base
@@ -273,7 +274,8 @@ class _Steps:
         for start, stop in ranges:
             size = (stop - start) * row_bytes
             acquire(size)
-            raw = self.base.get_rows(job.name, start, stop)
+            # as stored, or in float32 where the base's adapter changes it
+            raw = self.base.get_rows(job.name, start, stop).to(torch_dtype(job.dtype))
             last = stop == ranges[-1][1]
             step = _Step(job, None, 0, [raw], None, start * _row_elements(job), False, last, last)
             step.non_finite = finite.check_sources([self.plan.base.label], [raw])  # copied as it is

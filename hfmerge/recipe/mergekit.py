@@ -12,10 +12,12 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
   model, for task-vector methods it is the base;
 - the written dtype is `out_dtype`, else `dtype` (hfmerge always computes in float32);
 - switches hfmerge does not need (`int8_mask`, mergekit's command-line options) are dropped with
-  a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores.
+  a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores;
+- a LoRA reference `model+lora` is a model with that adapter applied, which the recipe spells
+  the same way.
 Not yet supported, each refused at its key: `slices`, `modules`, gradients (a list given as a
-parameter), `filter:` entries, LoRA references (`model+lora`), `tokenizer_source` other than
-`base`, `tokenizer:`, `chat_template`, and `base_model` with `nuslerp`.
+parameter), `filter:` entries, `tokenizer_source` other than `base`, `tokenizer:`,
+`chat_template`, and `base_model` with `nuslerp`.
 """
 
 from __future__ import annotations
@@ -288,11 +290,7 @@ def _entry_key(
     """Translate one key of a model entry into `entry`, or report it."""
     key = where[-1]
     if key in ("model", "revision"):  # `revision`: the pin a run writes into the saved config
-        if key == "model" and isinstance(value, str) and "+" in value:
-            out.problems.append(
-                (where, f"a LoRA reference (`model+lora`) {NOT_YET}; merge the LoRA in first")
-            )
-        entry[key] = value
+        entry[key] = value  # `BASE+ADAPTER` as it is: the recipe's spelling too (`ModelEntry`)
         out.origins[where] = where
     elif key == "parameters" and isinstance(value, Mapping):
         for name, setting in value.items():

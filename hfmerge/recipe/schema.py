@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hfmerge.errors import RecipeError, RecipeProblem, did_you_mean
 from hfmerge.recipe.align_methods import AlignMethod
@@ -26,17 +26,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def split_adapter(reference: str) -> tuple[str, str | None]:
+    """`BASE+ADAPTER` (mergekit's spelling of a model with a LoRA adapter) -> (BASE, ADAPTER);
+    a reference without `+`, or an existing path that holds one, -> (reference, None)."""
+    if "+" not in reference or Path(reference).exists():
+        return reference, None
+    model, _, adapter = reference.partition("+")
+    return model, adapter
+
+
 class ModelEntry(BaseModel):
-    """One input model; keys other than `model` and `revision` are per-model method parameters.
+    """One input model; keys other than `model`, `revision` and `lora` are per-model method
+    parameters.
 
     `model` is a reference: a local directory (a relative one is read from the current working
-    directory), `zoo:NAME`, or a Hub id `org/name[@revision]`.
+    directory), `zoo:NAME`, or a Hub id `org/name[@revision]`. `lora` is a PEFT LoRA adapter
+    (a local folder or a Hub id `org/name[@revision]`) applied to the model as it is read;
+    `model: BASE+ADAPTER` is the same entry.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     model: str = Field(min_length=1)
     revision: str | None = None
+    lora: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_adapter(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not isinstance(value.get("model"), str):
+            return value
+        model, adapter = split_adapter(value["model"])
+        if adapter is None:
+            return value
+        if value.get("lora") is not None:
+            raise ValueError(
+                f"`model: {value['model']}` names an adapter and so does `lora:`; give it once"
+            )
+        return {**value, "model": model, "lora": adapter}
 
     @property
     def method_params(self) -> dict[str, Any]:
@@ -45,8 +72,20 @@ class ModelEntry(BaseModel):
 
     @property
     def ref(self) -> str:
-        """The reference as users write it: `org/name@revision`, a path, or `zoo:name`."""
-        return f"{self.model}@{self.revision}" if self.revision else self.model
+        """The reference as users write it: `org/name@revision`, a path, or `zoo:name`, then
+        `+ADAPTER` for a model with an adapter."""
+        ref = f"{self.model}@{self.revision}" if self.revision else self.model
+        return f"{ref}+{self.lora}" if self.lora else ref
+
+    @property
+    def spellings(self) -> tuple[str, str]:
+        """The names that refer to this entry (in `base:`): without and with its revision."""
+        model = f"{self.model}+{self.lora}" if self.lora else self.model
+        return model, self.ref
+
+    def same_model(self, other: ModelEntry) -> bool:
+        """Whether `other` names the same model and adapter (its revision aside)."""
+        return (self.model, self.lora) == (other.model, other.lora)
 
 
 class ProbeSpec(_Strict):
@@ -136,9 +175,9 @@ class Recipe(_Strict):
         if self.base is None:
             return self.models[0]
         for entry in self.models:
-            if self.base in (entry.model, entry.ref):
+            if self.base in entry.spellings:
                 return entry
-        return ModelEntry(model=self.base)
+        return ModelEntry.model_validate({"model": self.base})
 
 
 def load_recipe(path: str | Path) -> Recipe:
