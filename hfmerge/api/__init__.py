@@ -25,6 +25,7 @@ from hfmerge.api.models import (
     barrier,
     cka,
     evaluate,
+    extract_lora,
 )
 from hfmerge.api.recipes import PushResult, Validation, convert, push, run, validate
 from hfmerge.pipeline.options import RunOptions
@@ -46,6 +47,7 @@ __all__ = [
     "clean",
     "convert",
     "evaluate",
+    "extract_lora",
     "methods",
     "push",
     "run",
