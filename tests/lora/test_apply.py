@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 import torch
 
+from hfmerge.engine.tuning import EngineTuning
+from hfmerge.pipeline.options import RunOptions
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
 from tests.support.lora import merge_adapter, save_adapter
+from tests.support.weights import read_weights
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "plain": (
@@ -58,6 +63,26 @@ def test_adapter_on_read_equals_peft_merge(tmp_path: Path, case: str) -> None:
 
 
 def _base_tensor(base: Path, name: str) -> torch.Tensor:
-    from tests.support.weights import read_weights
-
     return read_weights(base)[name]
+
+
+@pytest.mark.parametrize(
+    ("method", "fields"),
+    [("task_arithmetic", {"weight": 1.0}), ("ties", {"weight": 1.0, "density": 1.0})],
+)
+def test_an_adapted_input_over_its_base_in_small_chunks(
+    tmp_path: Path, method: str, fields: dict[str, float]
+) -> None:
+    """Task vectors (and TIES's statistics pass) read the adapted rows chunk by chunk."""
+    base, adapter, expected = save_adapter("gpt2", tmp_path, **CASES["conv1d"][1])
+    data = {
+        "models": [{"model": f"{base}+{adapter}", **fields}, str(base)],
+        "base": str(base),
+        "merge": {"method": method},
+        "output": {"path": str(tmp_path / "out"), "dtype": "float32"},
+    }
+    tuning = EngineTuning(target_chunk_elements=500, elementwise_chunk_elements=500)
+    run_recipe(parse_recipe(data), RunOptions(force=True, progress=False, tuning=tuning))
+    merged = read_weights(tmp_path / "out")
+    for name, tensor in merged.items():
+        assert torch.allclose(tensor, expected[name], rtol=0, atol=1e-5), name
