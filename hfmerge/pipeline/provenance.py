@@ -33,13 +33,9 @@ def pinned_recipe(recipe: Recipe, recipe_text: str | None, sources: Sequence[Mod
 def _pins(source: ModelSource) -> list[tuple[str, tuple[str, str]]]:
     """(reference, (repo id, sha)) of a Hub source, and of its adapter's when it has one on the
     Hub; a model with an adapter is pinned by the reference of its model part."""
-    pins = []
-    ref = source.ref
-    if source.adapter is not None:
-        ref = ref.removesuffix(f"+{source.adapter.ref}")
-        pins += _pins(source.adapter)
+    pins = _pins(source.adapter) if source.adapter is not None else []
     if source.hub_id and source.revision:
-        pins.append((ref, (source.hub_id, source.revision)))
+        pins.append((source.without_adapter.ref, (source.hub_id, source.revision)))
     return pins
 
 

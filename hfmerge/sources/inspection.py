@@ -67,7 +67,9 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
     check_shapes(spec, shapes, label=source.label)  # header shapes agree with config.json
     adapter = None
     if source.adapter is not None:
-        adapter = inspect_adapter(source.adapter, source, index, spec, offline=offline)
+        adapter = inspect_adapter(
+            source.adapter, source.without_adapter, index, spec, offline=offline
+        )
     return InspectedModel(source=source, config=config, index=index, spec=spec, adapter=adapter)
 
 

@@ -51,6 +51,13 @@ class ModelSource:
         """The model's name in messages and tables: the reference as the user wrote it."""
         return self.ref
 
+    @property
+    def without_adapter(self) -> ModelSource:
+        """The model itself, as it is without its adapter (this source when it has none)."""
+        if self.adapter is None:
+            return self
+        return replace(self, ref=self.ref.removesuffix(f"+{self.adapter.ref}"), adapter=None)
+
 
 def split_revision(ref: str) -> tuple[str, str | None]:
     """`org/name@rev` -> ("org/name", "rev"); a reference without `@` has no revision."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from tests.adversarial.test_no_pickle_no_remote_code import _Marker
 from tests.support.lora import save_adapter
 from tests.support.tiny_models import make_tiny_model
 
-LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -50,7 +51,7 @@ def refused(tmp_path: Path, base: Path, adapter: Path, capsys: pytest.CaptureFix
 def test_an_adapter_for_another_base_is_refused_by_shape(
     tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base, adapter = pair
+    _, adapter = pair
     other = tmp_path / "other"
     make_tiny_model("llama", seed=0, hidden_size=32, num_attention_heads=4).save_pretrained(other)
     err = refused(tmp_path, other, adapter, capsys)
