@@ -255,7 +255,7 @@ def extract_lora(
         model, base, out, rank=rank, energy=energy, modules_to_save=modules_to_save, force=force
     )
     typer.echo(result.table)
-    typer.echo(str(result.out_dir))
+    typer.echo(str(out))  # as given, like `align`
     pairs = len(result.extraction.lora)
     saved = len(result.extraction.modules_to_save)
     say(f"{pairs} LoRA pairs and {saved} modules saved whole, written to {result.out_dir}.")
