@@ -11,7 +11,7 @@ from typing import Any
 
 from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
-from hfmerge.recipe.schema import split_adapter
+from hfmerge.recipe.adapter_refs import split_adapter
 from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
 

@@ -18,21 +18,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hfmerge.errors import RecipeError, RecipeProblem, did_you_mean
+from hfmerge.recipe.adapter_refs import split_adapter
 from hfmerge.recipe.align_methods import AlignMethod
 from hfmerge.recipe.yaml_locations import Location, locate, read_yaml
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def split_adapter(reference: str) -> tuple[str, str | None]:
-    """`BASE+ADAPTER` (mergekit's spelling of a model with a LoRA adapter) -> (BASE, ADAPTER);
-    a reference without `+`, or an existing path that holds one, -> (reference, None)."""
-    if "+" not in reference or Path(reference).exists():
-        return reference, None
-    model, _, adapter = reference.partition("+")
-    return model, adapter
 
 
 class ModelEntry(BaseModel):
