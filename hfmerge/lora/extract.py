@@ -36,7 +36,9 @@ from hfmerge.tensors import (
 )
 
 Kind = Literal["lora", "saved", "skipped", "unchanged"]
-_EMBEDDING_NAMES = frozenset({"wte", "wpe"})  # GPT-2's; other families say `embed` in the name
+# Embedding tables whose module name does not say `embed`: GPT-2's and GPT-J's, T5's and BART's
+# shared table, T5's relative position buckets. PEFT adapts an embedding with its own pair kind.
+_EMBEDDING_NAMES = frozenset({"wte", "wpe", "shared", "relative_attention_bias"})
 _NO_SHARD_CAP = 1 << 62  # PEFT reads one adapter file
 
 

@@ -31,13 +31,18 @@ def test_methods_lists_every_method_with_parameters(capsys: pytest.CaptureFixtur
     assert "density" in out
 
 
-def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
+def test_archs_is_a_table_of_families_and_what_runs_on_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["archs"]) == 0
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-5:] == ["merge", "align", "repair", "cka", "route"]
+    assert lines[0].startswith("family (model types)")
+    rows = {line.split(" (")[0]: line for line in lines[1:]}
     for family in ("bert", "gpt2", "gpt_neox", "llama"):
-        assert f"{family}:" in out
-    assert "mistral" in out
-    assert "qwen2" in out
+        assert rows[family].split()[-5:] == ["yes"] * 5, rows[family]
+    assert "llama (llama, mistral, qwen2)" in rows["llama"]
+    assert lines[-1].split() == ["any", "other", "model_type", "yes", "no", "no", "no", "no"]
 
 
 def test_run_writes_model_and_prints_its_path(
