@@ -23,8 +23,8 @@ from transformers import PreTrainedModel
 
 from hfmerge.arch import family_of
 from hfmerge.arch.common import config_int
+from hfmerge.arch.decoder import head_dim_of
 from hfmerge.arch.gpt_neox import rotary_fraction
-from hfmerge.arch.llama import head_dim_of
 from hfmerge.errors import ArchitectureError
 
 Side = Literal["output", "input"]

@@ -42,6 +42,16 @@ FAMILY_OF_KIND = {
     "llama_tied": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "granite": "llama",
+    "smollm3": "llama",
+    "seed_oss": "llama",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "olmo3": "olmo2",
 }
 # Tensors absent from the saved file because transformers ties them to another one.
 TIED_IN_FILE = {
@@ -51,6 +61,10 @@ TIED_IN_FILE = {
     },
     "gpt2": {"lm_head.weight": "transformer.wte.weight"},
     "llama_tied": {"lm_head.weight": "model.embed_tokens.weight"},
+    **{
+        kind: {"lm_head.weight": "model.embed_tokens.weight"}
+        for kind in ("smollm3", "gemma", "gemma2", "gemma3_text")  # tied by default
+    },
 }
 AUTO_CLASS = {"bert": AutoModelForMaskedLM, "bert_base_model": AutoModel}
 FLOAT64_ATOL = 1e-10
@@ -101,6 +115,8 @@ def test_spec_groups_and_axis_roles_are_consistent(kind: str) -> None:
             # Both sides of the attention circuit must be covered: heads read and written.
             assert Layout.O in used[name]
             assert used[name] & {Layout.Q, Layout.QKV_CONCAT, Layout.QKV_PER_HEAD}
+        elif kind == "phi3" and group.kind == "ff":
+            assert used[name] == {Layout.UNITS, Layout.UNITS_PAIR}  # gate_up_proj, down_proj
         else:
             assert used[name] == {Layout.UNITS}
 
@@ -286,7 +302,8 @@ def test_unknown_model_type_names_the_supported_ones() -> None:
     assert info.value.name == "t5"
     assert info.value.owner == "org/t5"
     assert "of org/t5" in str(info.value)
-    assert set(info.value.choices) == {"bert", "gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
+    assert set(info.value.choices) == set(MODEL_TYPES)
+    assert {"bert", "gpt2", "gpt_neox", "llama", "mistral", "qwen2"} < set(info.value.choices)
 
 
 def test_missing_model_type_is_an_architecture_error() -> None:
@@ -337,9 +354,8 @@ def test_check_shapes_catches_a_wrong_kv_head_count() -> None:
 
 
 def test_registry_lists_every_family() -> None:
-    assert (
-        [f.name for f in list_families()] == list(FAMILIES) == ["bert", "gpt2", "gpt_neox", "llama"]
-    )
+    families = ["bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2"]
+    assert [f.name for f in list_families()] == list(FAMILIES) == families
     assert MODEL_TYPES == {
         "bert": "bert",
         "gpt2": "gpt2",
@@ -347,6 +363,16 @@ def test_registry_lists_every_family() -> None:
         "llama": "llama",
         "mistral": "llama",
         "qwen2": "llama",
+        "granite": "llama",
+        "smollm3": "llama",
+        "seed_oss": "llama",
+        "qwen3": "qwen3",
+        "gemma": "gemma",
+        "gemma2": "gemma",
+        "gemma3_text": "gemma",
+        "phi3": "phi3",
+        "olmo2": "olmo2",
+        "olmo3": "olmo2",
     }
     assert all(f.description and f.model_types for f in list_families())
 
