@@ -209,7 +209,7 @@ def test_permuted_checkpoint_files_load_with_same_outputs(
         torch.testing.assert_close(got[key], expected[key], atol=FLOAT64_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "gemma2", "phi3"])
 def test_valid_permutations_keep_cached_generation_scores(kind: str) -> None:
     model: Any = make_tiny_model(kind, dtype=torch.float64)  # `generate` is untyped
     spec = spec_for(model.config.to_dict(), model.state_dict().keys())
