@@ -34,10 +34,10 @@ def test_methods_lists_every_method_with_parameters(capsys: pytest.CaptureFixtur
 def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["archs"]) == 0
     out = capsys.readouterr().out
-    for family in ("bert", "gpt2", "gpt_neox", "llama"):
+    for family in ("bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2"):
         assert f"{family}:" in out
-    assert "mistral" in out
-    assert "qwen2" in out
+    for model_type in ("mistral", "qwen2", "granite", "gemma2", "gemma3_text", "olmo3"):
+        assert model_type in out
 
 
 def test_run_writes_model_and_prints_its_path(
@@ -184,3 +184,22 @@ def test_align_writes_b_in_a_basis(
         torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
     assert (chdir_tmp / "c" / "hfmerge_permutations.safetensors").exists()
     assert main(["align", str(a), str(b), "--out", "c"]) == 1  # exists: refused without --force
+
+
+@pytest.mark.parametrize(
+    "kind", ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "smollm3"]
+)
+def test_align_undoes_a_planted_permutation_exactly(kind: str, chdir_tmp: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tests.support.lm import save_permuted_copy
+
+    a = save_tiny_model(kind, chdir_tmp / "a", seed=2)
+    b = save_permuted_copy(a, chdir_tmp / "b", seed=9)
+    permuted = load_file(b / "model.safetensors")
+    original = load_file(a / "model.safetensors")
+    assert any(not permuted[name].equal(tensor) for name, tensor in original.items())
+    assert main(["align", str(a), str(b), "--out", "c", "--method", "weight"]) == 0
+    aligned = load_file(chdir_tmp / "c" / "model.safetensors")
+    assert aligned.keys() == original.keys()
+    assert all(aligned[name].equal(tensor) for name, tensor in original.items())
