@@ -153,10 +153,11 @@ def test_a_tied_factor_commutes_with_rotary_embedding() -> None:
     )
 
 
-def test_repairer_targets_blend_the_endpoints() -> None:
-    a = make_tiny_model("gpt2", seed=1, dtype=torch.float64)
-    b = make_tiny_model("gpt2", seed=2, dtype=torch.float64)
-    probe = _probe("gpt2")
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3_text", "phi3", "olmo2"])
+def test_repairer_targets_blend_the_endpoints(kind: str) -> None:
+    a = make_tiny_model(kind, seed=1, dtype=torch.float64)
+    b = make_tiny_model(kind, seed=2, dtype=torch.float64)
+    probe = _probe(kind)
     repairer = Repairer(a, probe)
     repairer.measure_endpoints(lambda lam: a if lam == 0.0 else b)
     target = blend(repairer.rms_a, repairer.rms_b, 0.25)
