@@ -45,6 +45,9 @@ FAMILY_OF_KIND = {
     "granite": "llama",
     "smollm3": "llama",
     "seed_oss": "llama",
+    "ministral": "llama",
+    "internlm3": "llama",
+    "iquestcoder": "llama",
     "qwen3": "qwen3",
     "gemma": "gemma",
     "gemma2": "gemma",
@@ -146,6 +149,18 @@ def test_spec_details_per_family() -> None:
     assert {n for n in qwen_spec.tensors if n.endswith("proj.bias")} == {
         f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2) for p in "qkv"
     }
+
+
+def test_internlm3_reads_its_own_spelling_of_the_bias_flags() -> None:
+    """InternLM3's config.json on the Hub says `qkv_bias` and `bias` (InternLM3Config aliases)."""
+    model = make_tiny_model("internlm3")
+    config = model.config.to_dict()
+    names = model.state_dict().keys()
+    assert any(n.endswith("mlp.up_proj.bias") for n in names)
+    hub_style = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias")}
+    assert set(spec_for({**hub_style, "qkv_bias": True, "bias": True}, names).tensors) == set(names)
+    with pytest.raises(ArchitectureError, match="not in the llama spec"):
+        spec_for({**hub_style, "qkv_bias": False, "bias": False}, names)
 
 
 def _assert_every_permuted_tensor_moved(
@@ -366,6 +381,9 @@ def test_registry_lists_every_family() -> None:
         "granite": "llama",
         "smollm3": "llama",
         "seed_oss": "llama",
+        "ministral": "llama",
+        "internlm3": "llama",
+        "iquestcoder": "llama",
         "qwen3": "qwen3",
         "gemma": "gemma",
         "gemma2": "gemma",

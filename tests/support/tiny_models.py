@@ -29,8 +29,12 @@ from transformers import (
     GPTNeoXForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    InternLM3Config,
+    IQuestCoderConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MinistralConfig,
+    MinistralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Olmo2Config,
@@ -157,6 +161,18 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
         {**_LLAMA, **_TOKENS, "no_rope_layers": [1, 0], "tie_word_embeddings": True},
     ),
     "seed_oss": TinyFamily(SeedOssConfig, SeedOssForCausalLM, {**_LLAMA, "head_dim": 8}),
+    "ministral": TinyFamily(
+        MinistralConfig, MinistralForCausalLM, {**_LLAMA, "head_dim": 8, "sliding_window": 4}
+    ),
+    # transformers runs both with its Llama classes; InternLM3 with every bias on.
+    "internlm3": TinyFamily(
+        InternLM3Config,
+        LlamaForCausalLM,
+        {**_LLAMA, **_TOKENS, "head_dim": 8, "attention_bias": True, "mlp_bias": True},
+    ),
+    "iquestcoder": TinyFamily(
+        IQuestCoderConfig, LlamaForCausalLM, {**_LLAMA, **_TOKENS, "head_dim": 8}
+    ),
     # head_dim 16 with hidden 64 and 8 heads: q_proj has 128 rows.
     "qwen3": TinyFamily(Qwen3Config, Qwen3ForCausalLM, {**_LLAMA, "head_dim": 16}),
     "gemma": TinyFamily(GemmaConfig, GemmaForCausalLM, _GEMMA),
