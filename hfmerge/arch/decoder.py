@@ -70,6 +70,11 @@ class DecoderBlock:
     biases: Biases = Biases()
     free_pass_dims: bool = False
 
+    def __post_init__(self) -> None:
+        if self.qk_norm == "per_head" and self.free_pass_dims:
+            # Every head shares the norm's gain, so no head may reorder its Q/K dims alone.
+            raise ValueError("a per-head q/k norm needs every Q/K dim pinned")
+
 
 def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, label: str) -> int:
     """The width of one attention head: the config's `head_dim`, else `hidden / heads`."""
@@ -79,11 +84,11 @@ def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, label: st
     return config_int(config, "head_dim", label=label)
 
 
-def _with_bias(b: SpecBuilder, weight: str, has_bias: bool, *axes: AxisRole | None) -> None:
-    """`{weight}.weight` with `axes`, and `{weight}.bias` (its first axis) when there is one."""
-    b.add(f"{weight}.weight", *axes)
+def _with_bias(b: SpecBuilder, module: str, has_bias: bool, *axes: AxisRole | None) -> None:
+    """`{module}.weight` with `axes` ([out, in]), and `{module}.bias` ([out]) when it has one."""
+    b.add(f"{module}.weight", *axes)
     if has_bias:
-        b.add(f"{weight}.bias", axes[0])
+        b.add(f"{module}.bias", axes[0])
 
 
 def _attention(b: SpecBuilder, base: str, i: int, block: DecoderBlock) -> None:

@@ -151,18 +151,6 @@ def test_spec_details_per_family() -> None:
     }
 
 
-def test_internlm3_reads_its_own_spelling_of_the_bias_flags() -> None:
-    """InternLM3's config.json on the Hub says `qkv_bias` and `bias` (InternLM3Config aliases)."""
-    model = make_tiny_model("internlm3")
-    config = model.config.to_dict()
-    names = model.state_dict().keys()
-    assert any(n.endswith("mlp.up_proj.bias") for n in names)
-    hub_style = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias")}
-    assert set(spec_for({**hub_style, "qkv_bias": True, "bias": True}, names).tensors) == set(names)
-    with pytest.raises(ArchitectureError, match="not in the llama spec"):
-        spec_for({**hub_style, "qkv_bias": False, "bias": False}, names)
-
-
 def _assert_every_permuted_tensor_moved(
     spec: ArchSpec, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
 ) -> None:
