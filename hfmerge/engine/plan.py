@@ -7,10 +7,14 @@ happens to it (merged by the method, or copied from the base), plus the output s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from hfmerge.arch.layers import layer_of
 from hfmerge.methods import MergeMethod
+from hfmerge.methods.params import MergeParams
+from hfmerge.methods.schedule import ParamSchedule
+from hfmerge.methods.settings import layer_positions
 from hfmerge.sources.inspection import InspectedModel
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import ShardPlan, plan_shards
@@ -31,6 +35,7 @@ class TensorJob:
     dtype: str  # safetensors dtype code of the output tensor
     action: Action  # "merge": through the method; "copy": taken from the base unchanged
     why: str  # one phrase for the dry-run table: why this action
+    params: MergeParams | None = None  # what a "merge" job is merged with (None for a copy)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class MergePlan:
 
 
 def build_plan(
-    method: MergeMethod,
+    schedule: ParamSchedule,
     *,
     base: InspectedModel,
     inputs: Sequence[InspectedModel],
@@ -65,15 +70,27 @@ def build_plan(
     """Plan every tensor of the base checkpoint, in the base's order.
 
     Args:
-        method: the merge method.
+        schedule: the merge method with its settings; each merged tensor gets its parameters
+            from it, at the tensor's relative depth in its layer stack.
         base: the model whose config, tokenizer and buffers the output takes.
         inputs: the models the method combines.
         out_dtype: recipe dtype (`bfloat16`, ...) for float tensors; None keeps the base's.
         max_shard_bytes: output shard size cap.
+
+    Raises:
+        MethodParameterError: the settings give some tensor values that do not work together.
     """
-    jobs = [_job(base, name, out_dtype) for name in base.index.names]
+    depth = layer_positions({name: layer_of(name) for name in base.index.names})
+    jobs = []
+    for name in base.index.names:
+        job = _job(base, name, out_dtype)
+        if job.action == "merge":
+            job = replace(job, params=schedule.at(name, depth[name]))
+        jobs.append(job)
     shards = plan_shards(jobs, max_shard_bytes=max_shard_bytes)  # a job is TensorLike
-    return MergePlan(method=method, base=base, inputs=list(inputs), jobs=jobs, shards=shards)
+    return MergePlan(
+        method=schedule.method, base=base, inputs=list(inputs), jobs=jobs, shards=shards
+    )
 
 
 def _job(base: InspectedModel, name: str, out_dtype: str | None) -> TensorJob:

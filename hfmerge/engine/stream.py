@@ -33,7 +33,6 @@ from hfmerge.engine.malloc import keep_chunk_buffers
 from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
-from hfmerge.methods import MethodParams, ModelParams
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
 from hfmerge.runtime import capped_threads, resolve_device
@@ -44,8 +43,6 @@ def execute_plan(
     plan: MergePlan,
     out_dir: Path,
     *,
-    params: MethodParams,
-    model_params: Sequence[ModelParams],
     seed: int = 0,
     input_perms: Sequence[Permutations | None] | None = None,
     progress: bool = True,
@@ -58,10 +55,8 @@ def execute_plan(
     found, when allowed (each also listed in a warning on stderr).
 
     Args:
-        plan: the merge plan.
+        plan: the merge plan; each merged tensor's job holds its parameters.
         out_dir: directory to write the shards into.
-        params: the method's global parameters.
-        model_params: per-input parameters, in `plan.inputs` order.
         seed: seed of random methods (DARE, DELLA); each tensor draws from its own generator.
         input_perms: `input_perms[i]`, when given, permutes input i's tensors on read (alignment
             into the base's basis), so aligned copies of the inputs are never materialised.
@@ -82,7 +77,7 @@ def execute_plan(
             whole, and before the caller renames the output into place.
     """
     compute_device = resolve_device(device)
-    elementwise = _merges_elementwise(plan, params, model_params)
+    elementwise = _merges_elementwise(plan)
     processes = process_count(elementwise=elementwise, device=compute_device, tuning=tuning)
     policy = chunk_policy(
         plan, max_memory_bytes, tuning=tuning, elementwise=elementwise, processes=processes
@@ -92,8 +87,6 @@ def execute_plan(
     share = _Share(
         plan,
         policy,
-        params=params,
-        model_params=model_params,
         seed=seed,
         device=compute_device,
         perms=perms,
@@ -141,8 +134,6 @@ class _Share:
 
     plan: MergePlan
     policy: ChunkPolicy
-    params: MethodParams
-    model_params: Sequence[ModelParams]
     seed: int
     device: torch.device
     perms: Sequence[Permutations | None]
@@ -158,8 +149,6 @@ class _Share:
         steps = _Steps(
             plan,
             self.policy,
-            params=self.params,
-            model_params=self.model_params,
             seed=self.seed,
             device=self.device,
         )
@@ -191,18 +180,16 @@ class _Share:
         return _ShareResult(writer.written, tuple(tally.found))
 
 
-def _merges_elementwise(
-    plan: MergePlan, params: MethodParams, model_params: Sequence[ModelParams]
-) -> bool:
+def _merges_elementwise(plan: MergePlan) -> bool:
     """Whether the plan's merges are element-wise (linear, task arithmetic), asked of its first
     merged tensor: a method's tensors are all of one kind (`ChunkPolicy.rows_per_chunk` checks)."""
     job = next((job for job in plan.jobs if job.action == "merge"), None)
-    if job is None:
+    if job is None or job.params is None:
         return False
     merge = plan.method.tensor_merge(
         job.shape,
-        model_params=model_params,
-        params=params,
+        model_params=job.params.models,
+        params=job.params.method,
         generator=torch.Generator(),
         device=torch.device("cpu"),
     )
@@ -235,15 +222,11 @@ class _Steps:
         plan: MergePlan,
         policy: ChunkPolicy,
         *,
-        params: MethodParams,
-        model_params: Sequence[ModelParams],
         seed: int,
         device: torch.device,
     ) -> None:
         self.plan = plan
         self.policy = policy
-        self.params = params
-        self.model_params = model_params
         self.seed = seed
         # Random methods stay on the CPU: their masks come from a CPU generator, so the merged
         # model is the same on every machine.
@@ -281,10 +264,11 @@ class _Steps:
 
     def _merge(self, job: TensorJob, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
         method = self.plan.method
+        assert job.params is not None  # the plan gives every merged tensor its parameters
         merge = method.tensor_merge(
             job.shape,
-            model_params=self.model_params,
-            params=self.params,
+            model_params=job.params.models,
+            params=job.params.method,
             # A per-tensor seed keeps random methods reproducible in any tensor order.
             generator=torch.Generator().manual_seed(self.seed + zlib.crc32(job.name.encode())),
             device=self.device,

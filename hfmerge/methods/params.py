@@ -7,6 +7,7 @@ the method record that names the chunked forms.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Protocol, TypeVar
 
 import torch
@@ -51,6 +52,14 @@ class WeightedModelParams(ModelParams):
     default here, so `models: [a, b]` with `linear` is the uniform soup."""
 
     weight: Number = Field(1.0, description="how much this model contributes")
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """The typed parameters one tensor is merged with: the method's, and each input's."""
+
+    method: MethodParams
+    models: tuple[ModelParams, ...]
 
 
 class MergeFn(Protocol):

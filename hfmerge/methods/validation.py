@@ -47,14 +47,14 @@ def param_problems(
     Locations are ("parameters", key), ("models", i, key) with `i` indexing `model_params`, or
     ("models",) for the model count and checks across models.
     """
-    return _check(method, params, model_params)[2]
+    return check_params(method, params, model_params)[2]
 
 
 def validate_params(
     method: MergeMethod, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
 ) -> tuple[MethodParams, list[ModelParams]]:
     """Typed global and per-model parameters; `MethodParameterError` listing every problem."""
-    global_params, per_model, problems = _check(method, params, model_params)
+    global_params, per_model, problems = check_params(method, params, model_params)
     if problems or global_params is None:
         listing = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems)
         raise MethodParameterError(method.name, listing, fix=f"{method.name} takes {usage(method)}")
@@ -109,9 +109,16 @@ def _keys(cls: type[BaseModel]) -> set[str]:
     return {field.alias or name for name, field in cls.model_fields.items()}
 
 
-def _check(
-    method: MergeMethod, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
+def check_params(
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    *,
+    across_models: bool = True,
 ) -> tuple[MethodParams | None, list[ModelParams | None], list[Problem]]:
+    """(typed global parameters, typed per-model ones, problems) of single values; a part that
+    fails is None. `across_models=False` skips the method's checks across models (which a
+    per-tensor setting can only fail for some tensors)."""
     model_keys = _keys(method.model_params)
     shared = {key: value for key, value in params.items() if key in model_keys}
     own = {key: value for key, value in params.items() if key not in model_keys}
@@ -124,7 +131,9 @@ def _check(
         _validate_model(method, index, shared, dict(one), problems)
         for index, one in enumerate(model_params)
     ]
-    if method.cross_check and global_params is not None and None not in per_model:
+    checked = global_params is not None and None not in per_model
+    if across_models and method.cross_check and checked:
+        assert global_params is not None
         valid = [one for one in per_model if one is not None]
         problems.extend(method.cross_check(global_params, valid))
     return global_params, per_model, _unique(problems)

@@ -15,7 +15,8 @@ from hfmerge.engine.budget import parse_memory_budget
 from hfmerge.engine.plan import MergePlan, build_plan, format_plan
 from hfmerge.engine.stream import execute_plan
 from hfmerge.errors import ModelSourceError
-from hfmerge.methods import get_method, validate_params
+from hfmerge.methods import get_method
+from hfmerge.methods.schedule import ParamSchedule, schedule_for
 from hfmerge.pipeline.card import (
     DEFAULT_ENDPOINT,
     load_snippet,
@@ -41,7 +42,6 @@ from hfmerge.tensors import (
 
 if TYPE_CHECKING:
     from hfmerge.arch.spec import Permutations
-    from hfmerge.methods.params import ModelParams
     from hfmerge.pipeline.repair import RepairReport
     from hfmerge.pipeline.route import RoutePlan
 
@@ -111,7 +111,7 @@ def run_recipe(
     force, progress, offline = options.force, options.progress, options.offline
     method = get_method(recipe.merge.method)
     base_entry, inputs_entries = _split_base(recipe, needs_base=method.needs_base)
-    params, model_params = validate_params(
+    schedule = schedule_for(
         method, recipe.merge.parameters, [e.method_params for e in inputs_entries]
     )
     push = _check_target(target, recipe, options)
@@ -119,7 +119,7 @@ def run_recipe(
         base_entry, inputs_entries, offline=offline, progress=progress, recipe_dir=recipe_dir
     )
     plan = build_plan(
-        method,
+        schedule,
         base=base,
         inputs=inputs,
         out_dtype=recipe.output.dtype,
@@ -138,16 +138,11 @@ def run_recipe(
     tokenizer = has_tokenizer(plan.base.source.path)  # downloaded with the base's config
     warnings = () if tokenizer else (_no_tokenizer_warning(plan.base.label, target),)
     snippet = load_snippet(base.config, push or str(target), tokenizer=tokenizer)
-    card_params = CardParams(
-        method=params.model_dump(by_alias=True),
-        inputs=[p.model_dump(by_alias=True) for p in model_params],
-    )
+    card_params = CardParams(*schedule.card_values())
     with atomic_output_dir(target, force=force) as staging:
         execute_plan(
             plan,
             staging,
-            params=params,
-            model_params=model_params,
             seed=recipe.merge.seed,
             input_perms=alignment.perms,
             progress=progress,
@@ -156,7 +151,7 @@ def run_recipe(
             allow_non_finite=options.allow_non_finite,
         )
         _copy_config(staging, plan, recipe)
-        repaired = _repair(staging, plan, recipe, alignment.perms, model_params, progress=progress)
+        repaired = _repair(staging, plan, recipe, alignment.perms, schedule, progress=progress)
         _write_side_files(
             staging,
             plan,
@@ -314,7 +309,7 @@ def _repair(
     plan: MergePlan,
     recipe: Recipe,
     perms: list[Permutations | None],
-    model_params: list[ModelParams],
+    schedule: ParamSchedule,
     *,
     progress: bool,
 ) -> RepairReport | None:
@@ -324,6 +319,7 @@ def _repair(
     from hfmerge.methods.params import WeightedModelParams, as_params
     from hfmerge.pipeline.repair import repair_output
 
+    model_params = schedule.constant_models()  # the recipe checks refuse a varying weight
     weights = [float(as_params(p, WeightedModelParams).weight) for p in model_params]
     return repair_output(staging, plan, recipe, perms, weights, progress=progress)
 

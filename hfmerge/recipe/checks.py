@@ -33,7 +33,7 @@ def _repair_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
         return []
     method = merge.get("method") if isinstance(merge, Mapping) else None
     if method == "linear":
-        return []
+        return _varying_weight_problems(data)
     return [
         (
             ("align", "repair"),
@@ -42,6 +42,29 @@ def _repair_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
             f"{'merge method ' + repr(method) if method else 'no merge'}): use `merge: {{method: "
             "linear}` or drop `repair`",
         )
+    ]
+
+
+def _varying_weight_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
+    """REPAIR blends the inputs' statistics with one weight per model, for the whole network."""
+    from hfmerge.methods.settings import varies
+
+    merge = data.get("merge")
+    shared = merge.get("parameters") if isinstance(merge, Mapping) else None
+    places: list[tuple[Location, Any]] = []
+    if isinstance(shared, Mapping):
+        places.append((("merge", "parameters", "weight"), shared.get("weight")))
+    places += [
+        (("models", i, "weight"), e.get("weight")) for i, e in enumerate(_model_entries(data))
+    ]
+    return [
+        (
+            where,
+            "REPAIR blends the inputs' statistics with one weight per model: a gradient or "
+            "filter list cannot be used with `align: {repair: true}`; give one number",
+        )
+        for where, value in places
+        if varies(value)
     ]
 
 
@@ -99,9 +122,10 @@ def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
 def _method_param_problems(
     method: Any, params: Mapping[str, Any], per_model: list[dict[str, Any]]
 ) -> list[tuple[Location, str]]:
-    from hfmerge.methods import param_problems
+    from hfmerge.methods.schedule import schedule_for
 
-    return [(tuple(loc), msg) for loc, msg in param_problems(method, params, per_model)]
+    problems = schedule_for(method, params, per_model).problems()
+    return [(tuple(loc), msg) for loc, msg in problems]
 
 
 def _relocate(loc: Location, positions: list[int]) -> Location:

@@ -13,9 +13,12 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
 - the written dtype is `out_dtype`, else `dtype` (hfmerge always computes in float32);
 - switches hfmerge does not need (`int8_mask`, mergekit's command-line options) are dropped with
   a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores.
-Not yet supported, each refused at its key: `slices`, `modules`, gradients (a list given as a
-parameter), `filter:` entries, LoRA references (`model+lora`), `tokenizer_source` other than
-`base`, `tokenizer:`, `chat_template`, and `base_model` with `nuslerp`.
+- a parameter given as a list is a gradient over the layers, and a list of `filter:`/`value:`
+  entries gives values by tensor name: hfmerge's recipes take the same spelling
+  (`hfmerge.methods.settings`), so both pass through unchanged.
+Not yet supported, each refused at its key: `slices`, `modules`, LoRA references (`model+lora`),
+`tokenizer_source` other than `base`, `tokenizer:`, `chat_template`, and `base_model` with
+`nuslerp`.
 """
 
 from __future__ import annotations
@@ -128,8 +131,8 @@ def translate(config: Mapping[str, Any]) -> Translation:
     if base is not None and method is not None and method.name in _BASE_REFUSED:
         out.problems.append((("base_model",), _BASE_REFUSED[method.name]))
         base = None
-    globals_, shared = _global_parameters(config.get("parameters"), method, out)
-    _models(config, base, method, shared, out)
+    globals_ = _global_parameters(config.get("parameters"), method, out)
+    _models(config, base, method, out)
     if base is not None:
         out.put(("base",), base, ("base_model",))
     if "merge_method" in config:
@@ -171,33 +174,19 @@ def _method(config: Mapping[str, Any], out: Translation) -> MergeMethod | None:
     return METHODS.get(name) if isinstance(name, str) else None
 
 
-def _param_names(method: MergeMethod | None) -> tuple[set[str], set[str]]:
-    """(global names, per-model names) of the method's parameters, as written in YAML."""
-    if method is None:
-        return set(), set()
-
-    def names(cls: Any) -> set[str]:
-        return {f.alias or name for name, f in cls.model_fields.items()}
-
-    return names(method.params), names(method.model_params)
-
-
-def _global_parameters(
-    params: Any, method: MergeMethod | None, out: Translation
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(method parameters, per-model parameters given for every model) of `parameters:`."""
+def _global_parameters(params: Any, method: MergeMethod | None, out: Translation) -> dict[str, Any]:
+    """`parameters:` as the recipe's `merge.parameters`: the method's parameters, and per-model
+    ones as the default of every model that does not set its own (for a tensor, too, where the
+    model's own filter list has no entry that matches it)."""
     if not isinstance(params, Mapping):
         if params is not None:
             out.problems.append((("parameters",), "must be a mapping of parameter names"))
-        return {}, {}
-    _, per_model = _param_names(method)
-    globals_: dict[str, Any] = {}
-    shared: dict[str, Any] = {}
-    for name, value in params.items():
-        if not _accepted(name, value, ("parameters", name), method, out):
-            continue
-        (shared if name in per_model else globals_)[name] = value
-    return globals_, shared
+        return {}
+    return {
+        name: value
+        for name, value in params.items()
+        if _accepted(name, value, ("parameters", name), method, out)
+    }
 
 
 def _accepted(
@@ -208,22 +197,6 @@ def _accepted(
     if name in dropped:
         out.notes.append(f"{'.'.join(map(str, where))}: {dropped[name]}; ignored")
         return False
-    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-        out.problems.append(
-            (
-                where,
-                "`filter:` entries (values per tensor name) are not supported yet; give one number",
-            )
-        )
-        return False
-    if isinstance(value, Mapping):
-        out.problems.append((where, f"a `filter:`/`value:` entry {NOT_YET}; give one number"))
-        return False
-    if isinstance(value, list):
-        out.problems.append(
-            (where, f"a gradient (a list of values over the layers) {NOT_YET}; give one number")
-        )
-        return False
     return True
 
 
@@ -231,7 +204,6 @@ def _models(
     config: Mapping[str, Any],
     base: Any,
     method: MergeMethod | None,
-    shared: Mapping[str, Any],
     out: Translation,
 ) -> None:
     models = config.get("models")
@@ -244,13 +216,11 @@ def _models(
     entries: list[Any] = []
     out.put(("models",), entries, ("models",))
     for index, item in enumerate(models):
-        entries.append(_model_entry(item, index, base, method, shared, out))
+        entries.append(_model_entry(item, index, method, out))
     named = {e.get("model") for e in entries if isinstance(e, Mapping)}
     if isinstance(base, str) and base not in named and _base_listed(method, len(entries)):
-        entries.append(_entry({"model": base}, base, method, shared))
+        entries.append({"model": base})
         out.origins[("models", len(entries) - 1)] = ("base_model",)
-        for name in entries[-1]:
-            out.origins[("models", len(entries) - 1, name)] = ("base_model",)
 
 
 def _base_listed(method: MergeMethod | None, count: int) -> bool:
@@ -263,9 +233,7 @@ def _base_listed(method: MergeMethod | None, count: int) -> bool:
 def _model_entry(
     item: Any,
     index: int,
-    base: Any,
     method: MergeMethod | None,
-    shared: Mapping[str, Any],
     out: Translation,
 ) -> Any:
     where: Location = ("models", index)
@@ -276,9 +244,6 @@ def _model_entry(
     entry: dict[str, Any] = {}
     for key, value in item.items():
         _entry_key(entry, (*where, key), value, method, out)
-    for name in _entry(entry, base, method, shared).keys() - entry.keys():
-        entry[name] = shared[name]
-        out.origins[(*where, name)] = ("parameters", name)
     return entry
 
 
@@ -305,16 +270,6 @@ def _entry_key(
     else:
         valid = "model, parameters, revision"
         out.problems.append((where, f"unknown key {key!r} in a model entry (valid: {valid})"))
-
-
-def _entry(
-    entry: dict[str, Any], base: Any, method: MergeMethod | None, shared: Mapping[str, Any]
-) -> dict[str, Any]:
-    """`entry` with the shared per-model parameters it lacks (none for a base that is only the
-    base: a task-vector method does not weigh it)."""
-    if method is not None and method.needs_base and entry.get("model") == base:
-        return dict(entry)
-    return {**shared, **entry}
 
 
 def _dtype(config: Mapping[str, Any], out: Translation) -> None:

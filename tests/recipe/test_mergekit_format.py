@@ -11,7 +11,8 @@ import yaml
 from hfmerge import api
 from hfmerge.cli.app import main
 from hfmerge.errors import RecipeError
-from hfmerge.methods import METHODS
+from hfmerge.methods import METHODS, get_method
+from hfmerge.methods.schedule import schedule_for
 from hfmerge.recipe.schema import Recipe, load_recipe, parse_recipe, parse_recipe_text
 
 PRUNED = {"weight": 0.5, "density": 0.6}
@@ -101,13 +102,17 @@ base_model: org/base
 parameters: {weight: 0.7, density: 0.4, normalize: false}
 """
     recipe = parse_recipe_text(text)
-    assert [m.method_params for m in recipe.models] == [
-        {},
-        {"weight": 0.7, "density": 0.4},
-        {"weight": 0.2, "density": 0.4},
-    ]
+    assert [m.method_params for m in recipe.models] == [{}, {}, {"weight": 0.2}]
     assert recipe.merge is not None
-    assert recipe.merge.parameters == {"normalize": False}
+    # Under `parameters`, a per-model parameter is every model's default, as in mergekit.
+    assert recipe.merge.parameters == {"weight": 0.7, "density": 0.4, "normalize": False}
+    method = get_method("ties")
+    schedule = schedule_for(
+        method, recipe.merge.parameters, [m.method_params for m in recipe.models[1:]]
+    )
+    typed = schedule.at("model.layers.0.mlp.up_proj.weight", 0.0)
+    dumped = [p.model_dump() for p in typed.models]
+    assert [(p["weight"], p["density"]) for p in dumped] == [(0.7, 0.4), (0.2, 0.4)]
 
 
 def test_a_base_missing_from_models_is_merged_by_linear_as_mergekit_does() -> None:
@@ -155,12 +160,11 @@ def test_every_problem_of_a_config_is_reported_at_once_at_its_own_line() -> None
 models:
   - model: org/a
     parameters:
-      weight: [0.1, 0.5, 0.9]
+      density: [0.1, 1.5, 0.9]
   - model: org/b
     parameters:
       weight:
         - filter: mlp
-          value: 0.5
         - value: 1.0
       desnity: 0.5
     extra: 1
@@ -175,16 +179,16 @@ chat_template: chatml
 nonsense: 1
 """
     assert sorted(problems_of(text), key=lambda p: p[1] or 0) == [
-        ("models.0.parameters.weight", 4),
-        ("models.1.parameters.weight", 7),
-        ("models.1.parameters.desnity", 11),
-        ("models.1.extra", 12),
-        ("slices", 15),
-        ("parameters.t", 17),
-        ("tokenizer_source", 18),
-        ("tokenizer", 19),
-        ("chat_template", 20),
-        ("nonsense", 21),
+        ("models.0.parameters.density.1", 4),
+        ("models.1.parameters.weight.0", 8),
+        ("models.1.parameters.desnity", 10),
+        ("models.1.extra", 11),
+        ("slices", 14),
+        ("parameters.t", 16),
+        ("tokenizer_source", 17),
+        ("tokenizer", 18),
+        ("chat_template", 19),
+        ("nonsense", 20),
     ]
 
 
@@ -194,8 +198,7 @@ def test_the_refusals_say_what_is_not_supported_yet() -> None:
         parse_recipe_text(text)
     messages = {p.location: p.message for p in caught.value.problems}
     assert "not supported yet" in messages["slices"]
-    assert "gradient" in messages["parameters.t"]
-    assert "not supported yet" in messages["parameters.t"]
+    assert "parameters.t" not in messages  # a gradient is a setting like any other
 
 
 def test_nuslerp_with_a_base_model_is_refused_at_the_base_model() -> None:
