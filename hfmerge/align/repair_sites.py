@@ -8,7 +8,7 @@ architecture with the same tensors. Sites per block, in forward order:
 - norm outputs (pre-LN: the sublayer inputs; post-LN: the residual stream itself);
 - query and key projection outputs, one factor per RoPE pair so rotation still commutes with it
   (attention sharpness is the product of the two scales: the largest single lever); where queries
-  and keys are normalised (Qwen3, Gemma 3, OLMo 2), the q/k norm outputs instead;
+  and keys are normalised (Qwen3, Gemma 3, OLMo 2, EXAONE 4.0), the q/k norm outputs instead;
 - the attention output projection's input (the heads' value mixtures);
 - the FF down projection's input (the hidden units after the nonlinearity).
 """
@@ -232,12 +232,21 @@ def _phi3(model: PreTrainedModel) -> list[RepairSite]:
 
 
 def _olmo2(model: PreTrainedModel) -> list[RepairSite]:
+    return _post_norm_decoder(model, head_axis=None)
+
+
+def _exaone4(model: PreTrainedModel) -> list[RepairSite]:
+    return _post_norm_decoder(model, head_axis=1)  # q/k normalised after .transpose
+
+
+def _post_norm_decoder(model: PreTrainedModel, *, head_axis: int | None) -> list[RepairSite]:
+    """Norms after each sublayer (OLMo 2, EXAONE 4.0): q/k norm outputs, then the post-norms."""
     h = _Heads.of(model)
     return _decoder(
         model,
         h,
         [
-            *_qk_norms(h, head_axis=None),
+            *_qk_norms(h, head_axis=head_axis),
             _O_INPUT,
             _norm("post_attention_layernorm"),
             _DOWN_INPUT,
@@ -326,6 +335,7 @@ SITES: Mapping[str, Callable[[PreTrainedModel], list[RepairSite]]] = {
     "gemma": _gemma,
     "phi3": _phi3,
     "olmo2": _olmo2,
+    "exaone4": _exaone4,
 }
 
 

@@ -1,4 +1,4 @@
-"""Llama-style decoder blocks, shared by the llama, qwen3, gemma, phi3 and olmo2 family modules.
+"""Llama-style decoder blocks, shared by the llama, qwen3, gemma, phi3, olmo2 and exaone4 families.
 
 A block is attention (separate q/k/v/o, or Phi-3's fused qkv) and a gated FF (gate and up, or
 Phi-3's fused gate_up) around RMSNorms over the residual stream. The families differ only in the

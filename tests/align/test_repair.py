@@ -27,6 +27,7 @@ from tests.support.tiny_models import make_tiny_model, max_abs_diff, model_outpu
 
 KINDS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "bert_base_model"]
 DECODER_KINDS = ["granite", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3"]
+DECODER_KINDS += ["exaone4"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
@@ -112,7 +113,7 @@ def test_sites_cover_each_block_and_rope_pairs_share_a_factor() -> None:
 
 # Sites per block: norms, Q/K (projections or their norms), O input, down input.
 SITES_PER_BLOCK = {"granite": 6, "qwen3": 6, "gemma": 6, "gemma2": 8, "gemma3_text": 8}
-SITES_PER_BLOCK |= {"phi3": 5, "olmo2": 6, "olmo3": 6}
+SITES_PER_BLOCK |= {"phi3": 5, "olmo2": 6, "olmo3": 6, "exaone4": 6}
 
 
 @pytest.mark.parametrize("kind", DECODER_KINDS)
@@ -128,7 +129,11 @@ def test_decoder_sites_cover_each_block(kind: str) -> None:
     assert norms
     assert all(site.gain_offset == offset for site in norms)
     counts = _channel_counts(model, sites, _probe(kind))
-    if kind in ("qwen3", "gemma3_text"):  # per-head q/k norm: one factor per RoPE pair of a head
+    if kind in (
+        "qwen3",
+        "gemma3_text",
+        "exaone4",
+    ):  # per-head q/k norm: one factor per RoPE pair of a head
         head_dim = model.config.head_dim
         assert counts["model.layers.0.self_attn.q_norm"] == head_dim // 2
 

@@ -60,7 +60,7 @@ def test_within_head_qk_permutation_breaks_rope(kind: str) -> None:
     assert outputs_after(kind, permute_state_dict(state, spec, kept)) < KEPT
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text", "exaone4"])
 def test_per_head_qk_norm_stays_in_place_under_head_permutations(kind: str) -> None:
     state, spec = state_of(kind)
     name = "model.layers.0.self_attn.q_norm.weight"

@@ -55,6 +55,7 @@ FAMILY_OF_KIND = {
     "phi3": "phi3",
     "olmo2": "olmo2",
     "olmo3": "olmo2",
+    "exaone4": "exaone4",
 }
 # Tensors absent from the saved file because transformers ties them to another one.
 TIED_IN_FILE = {
@@ -357,7 +358,7 @@ def test_check_shapes_catches_a_wrong_kv_head_count() -> None:
 
 
 def test_registry_lists_every_family() -> None:
-    families = ["bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2"]
+    families = ["bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2", "exaone4"]
     assert [f.name for f in list_families()] == list(FAMILIES) == families
     assert MODEL_TYPES == {
         "bert": "bert",
@@ -379,6 +380,7 @@ def test_registry_lists_every_family() -> None:
         "phi3": "phi3",
         "olmo2": "olmo2",
         "olmo3": "olmo2",
+        "exaone4": "exaone4",
     }
     assert all(f.description and f.model_types for f in list_families())
 

@@ -34,7 +34,17 @@ def test_methods_lists_every_method_with_parameters(capsys: pytest.CaptureFixtur
 def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["archs"]) == 0
     out = capsys.readouterr().out
-    for family in ("bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2"):
+    for family in (
+        "bert",
+        "gpt2",
+        "gpt_neox",
+        "llama",
+        "qwen3",
+        "gemma",
+        "phi3",
+        "olmo2",
+        "exaone4",
+    ):
         assert f"{family}:" in out
     for model_type in ("mistral", "qwen2", "granite", "gemma2", "gemma3_text", "olmo3"):
         assert model_type in out
@@ -187,7 +197,8 @@ def test_align_writes_b_in_a_basis(
 
 
 @pytest.mark.parametrize(
-    "kind", ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "smollm3"]
+    "kind",
+    ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "exaone4", "granite", "smollm3"],
 )
 def test_align_undoes_a_planted_permutation_exactly(kind: str, chdir_tmp: Path) -> None:
     from safetensors.torch import load_file

@@ -17,6 +17,8 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    Exaone4Config,
+    Exaone4ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -184,6 +186,10 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     ),
     "olmo2": TinyFamily(Olmo2Config, Olmo2ForCausalLM, {**_LLAMA, **_TOKENS}),
     "olmo3": TinyFamily(Olmo3Config, Olmo3ForCausalLM, {**_LLAMA, **_TOKENS, **_WINDOWS}),
+    # Layer 0 slides with RoPE, layer 1 is global without it.
+    "exaone4": TinyFamily(
+        Exaone4Config, Exaone4ForCausalLM, {**_LLAMA, **_TOKENS, **_WINDOWS, "head_dim": 8}
+    ),
 }
 
 
