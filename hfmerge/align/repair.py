@@ -89,7 +89,7 @@ def fold(module: nn.Module, site: RepairSite, factors: torch.Tensor) -> None:
             shape = [1] * tensor.dim()
             shape[dim] = len(channels)
             # An offset gain (Gemma: x * (1 + w)) scales as (offset + w) * f = offset + w'.
-            offset = site.gain_offset if tensor is weight else 0.0
+            offset = site.gain_offset if tensor is weight and weight.dim() == 1 else 0.0
             picked = tensor.index_select(dim, channels) + offset  # channels along `dim`
             scaled_values = picked * per_channel.to(tensor.dtype).view(shape) - offset
             tensor.index_copy_(dim, channels, scaled_values)
