@@ -137,6 +137,26 @@ class ArchitectureError(HfMergeError):
         )
 
 
+class NoPermutationSpecError(HfMergeError):
+    """A step that needs a permutation spec (align, REPAIR, the CKA gate, a router backbone) was
+    asked of a model whose model_type has none: such a model merges tensor by tensor only."""
+
+    def __init__(self, model: str, model_type: str, feature: str, families: Sequence[str]) -> None:
+        self.model = model
+        self.model_type = model_type
+        self.feature = feature  # what asked for it: "recipe `align:`", "hfmerge align", ...
+        self.families = list(families)  # "llama (llama, mistral, qwen2)", one per family
+        super().__init__(
+            f"Model {model}: {feature} needs a permutation spec, and model_type "
+            f"{model_type!r} has none",
+            why="hfmerge merges any transformers checkpoint tensor by tensor, but aligning, "
+            "repairing, probing blocks and routing need the family's structure; families with a "
+            f"permutation spec: {'; '.join(self.families)}",
+            fix=f"drop {feature} for a plain merge, or use models of a listed family "
+            "(`hfmerge archs`)",
+        )
+
+
 class IncompatibleModelsError(HfMergeError):
     """Two input models cannot be merged tensor by tensor (names, shapes or families differ)."""
 

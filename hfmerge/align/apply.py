@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hfmerge.align.activation_matching import activation_matching
 from hfmerge.align.weight_matching import MatchResult, weight_matching
-from hfmerge.arch import spec_for
+from hfmerge.arch import require_permutable, spec_for
 from hfmerge.arch.permute import check_permutations, identity_permutations, permute_tensor
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
@@ -157,6 +157,8 @@ def _match(
 ) -> MatchResult:
     if method == "none":
         return MatchResult(perms=identity_permutations(b.spec), iterations=0, objective=[])
+    for model in (a, b):
+        require_permutable(model.spec, label=model.label, feature=f"{method} matching")
     if method == "weight":
         # Both models are held whole as float64 (16 bytes per parameter pair: 1.8 GB for
         # BERT-base); fine up to that size, larger models would need streamed similarities.

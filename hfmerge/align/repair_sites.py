@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.arch import family_of
+from hfmerge.arch import permutable_family
 from hfmerge.arch.common import config_int
 from hfmerge.arch.decoder import head_dim_of
 from hfmerge.arch.gpt_neox import rotary_fraction
@@ -342,7 +342,7 @@ SITES: Mapping[str, Callable[[PreTrainedModel], list[RepairSite]]] = {
 def repair_sites(model: PreTrainedModel) -> list[RepairSite]:
     """The family's sites for a loaded model, every block plus the final norm."""
     config = {"model_type": getattr(model.config, "model_type", None)}
-    return SITES[family_of(config, label=type(model).__name__)](model)
+    return SITES[permutable_family(config, label=type(model).__name__, feature="REPAIR")](model)
 
 
 __all__ = ["SITES", "RepairSite", "Side", "repair_sites", "rope_ties"]

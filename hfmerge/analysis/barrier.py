@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hfmerge.analysis.interpolate import Interpolator, check_same_tensors, spec_of
+from hfmerge.arch import require_permutable
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.errors import UnknownNameError
 from hfmerge.lm.batches import model_inputs, pad_id_of, window_batches
@@ -171,6 +172,20 @@ def _setup(
     )
 
 
+def _permutable_spec(
+    model_a: ModelSource, model_b: ModelSource, curves: Sequence[Curve]
+) -> ArchSpec | None:
+    """B's spec when a curve permutes or repairs (None when none does), after refusing a pair
+    without a permutation spec."""
+    needing = [c.name for c in curves if c.align != "none" or c.repair]
+    if not needing:
+        return None
+    specs = [spec_of(m.path, label=m.label) for m in (model_a, model_b)]
+    for model, spec in zip((model_a, model_b), specs, strict=True):
+        require_permutable(spec, label=model.label, feature=f"`barrier --align {needing[0]}`")
+    return specs[1]
+
+
 def _check_modes(aligns: Sequence[str]) -> list[Curve]:
     curves = [Curve.parse(name) for name in dict.fromkeys(aligns)]
     if not curves:
@@ -219,6 +234,7 @@ def compare_barriers(
     merged, and they are not solved twice.
     """
     curves, lambdas = _check_modes(aligns), lambda_grid(steps)
+    spec = _permutable_spec(model_a, model_b, curves)  # before any model loads
     setup = _setup(
         model_a,
         model_b,
@@ -228,7 +244,6 @@ def compare_barriers(
         samples=samples,
     )
     modes = list(dict.fromkeys(c.align for c in curves))
-    spec = spec_of(setup.path_b, label=setup.label_b) if modes != ["none"] else None
     known = dict(solved or {})
     perms = {
         m: None

@@ -138,9 +138,9 @@ def spec_of(path: Path, *, label: str) -> ArchSpec:
     """The architecture spec of the model directory `path`, from its config and tensor names."""
     from hfmerge.arch import spec_for
 
-    return spec_for(
-        read_config(path, label=label), read_checkpoint_index(path, label=label).names, label=label
-    )
+    index = read_checkpoint_index(path, label=label)
+    shapes = {name: index.info(name).shape for name in index.names}
+    return spec_for(read_config(path, label=label), index.names, label=label, shapes=shapes)
 
 
 __all__ = ["Interpolator", "check_same_tensors", "checkpoint_targets", "spec_of"]

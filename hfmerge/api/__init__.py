@@ -15,7 +15,7 @@ importing this package (and `import hfmerge`) stays fast.
 """
 
 from hfmerge.api.housekeeping import clean
-from hfmerge.api.listings import MethodInfo, ZooMember, archs, methods, zoo
+from hfmerge.api.listings import ArchSupport, MethodInfo, ZooMember, archs, methods, zoo
 from hfmerge.api.models import (
     AlignMethod,
     AlignResult,
@@ -32,6 +32,7 @@ from hfmerge.pipeline.options import RunOptions
 __all__ = [
     "AlignMethod",
     "AlignResult",
+    "ArchSupport",
     "BarrierReport",
     "EvalReport",
     "MethodInfo",

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hfmerge.arch import FamilyInfo
     from hfmerge.methods import ParameterInfo
 
 
@@ -46,15 +45,49 @@ def methods() -> list[MethodInfo]:
     ]
 
 
-def archs() -> list[FamilyInfo]:
-    """The supported architecture families.
+@dataclass(frozen=True)
+class ArchSupport:
+    """One row of `hfmerge archs`: a family, or every other model_type, and what runs on it."""
+
+    name: str  # the family; `generic` for the last row
+    model_types: tuple[str, ...]  # config.json model_types it covers; () for the generic row
+    description: str
+    merge: bool  # every merge method
+    align: bool  # `align:`, `hfmerge align`, `barrier --align weight|activation`
+    repair: bool  # `align.repair`, `barrier --align MODE+repair`
+    cka: bool  # the recipe's CKA gate `check:`
+    route: bool  # a `route:` recipe's router backbone
+
+    @property
+    def capabilities(self) -> dict[str, bool]:
+        """Each feature column of the table, in order."""
+        return {
+            "merge": self.merge,
+            "align": self.align,
+            "repair": self.repair,
+            "cka": self.cka,
+            "route": self.route,
+        }
+
+
+def archs() -> list[ArchSupport]:
+    """The architecture families with a permutation spec, then every other model_type.
 
     Returns:
-        Each family's name, the config `model_type`s it covers, and a one-line description.
+        One row per family (its name, the config `model_type`s it covers, a one-line description
+        and which features run on it), then the `generic` row: any other model_type a
+        transformers checkpoint has merges, and nothing that needs a permutation spec runs.
     """
-    from hfmerge.arch import list_families
+    from hfmerge.align.repair_sites import SITES
+    from hfmerge.arch import GENERIC_FAMILY, list_families
+    from hfmerge.arch.generic import DESCRIPTION
 
-    return list_families()
+    rows = [
+        ArchSupport(f.name, f.model_types, f.description, True, True, f.name in SITES, True, True)
+        for f in list_families()
+    ]
+    generic = ArchSupport(GENERIC_FAMILY, (), DESCRIPTION, True, False, False, False, False)
+    return [*rows, generic]
 
 
 @dataclass(frozen=True)
@@ -89,4 +122,4 @@ def zoo(*, progress: bool = True) -> list[ZooMember]:
     return [ZooMember(name, path, ZOO_MEMBERS[name]) for name, path in built.items()]
 
 
-__all__ = ["MethodInfo", "ZooMember", "archs", "methods", "zoo"]
+__all__ = ["ArchSupport", "MethodInfo", "ZooMember", "archs", "methods", "zoo"]

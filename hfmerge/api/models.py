@@ -65,6 +65,8 @@ def align(
         UnknownNameError: an unknown method.
         ModelSourceError, IncompatibleModelsError, ArchitectureError: models that cannot be
             read, or cannot be aligned with each other.
+        NoPermutationSpecError: a model whose model_type has no permutation spec (refused
+            before any download).
         OutputError: the output exists (without `force`) or is one of the inputs.
     """
     from hfmerge.align import align_checkpoint
@@ -73,7 +75,7 @@ def align(
 
     out_dir = Path(out)
     check_output_dir(out_dir, force=force)  # before a download or a zoo build, not after
-    a, b = _resolve(model_a, progress=progress), _resolve(model_b, progress=progress)
+    a, b = _resolve_permutable([model_a, model_b], feature="`hfmerge align`", progress=progress)
     batches = None
     if method == "activation":
         batches = text_batches(
@@ -222,12 +224,19 @@ def barrier(
         UnknownNameError: an unknown alignment mode.
         InputDataError: unreadable text, checked before any model loads.
         IncompatibleModelsError: the models' tensors differ in names or shapes.
+        NoPermutationSpecError: a mode other than `none` for a model whose model_type has no
+            permutation spec (refused before any download).
     """
     from hfmerge.analysis.barrier import compare_barriers, parse_align_modes
 
     aligns = parse_align_modes([align] if isinstance(align, str) else list(align))
     _check_texts(data, *([] if probe_data is None else [probe_data]))
-    a, b = _resolve(model_a, progress=progress), _resolve(model_b, progress=progress)
+    permuted = [mode for mode in aligns if mode != "none"]  # `weight`, `none+repair`, ...
+    if permuted:
+        feature = f"`barrier --align {permuted[0]}`"
+        a, b = _resolve_permutable([model_a, model_b], feature=feature, progress=progress)
+    else:
+        a, b = _resolve(model_a, progress=progress), _resolve(model_b, progress=progress)
     results = compare_barriers(
         a,
         b,
@@ -315,6 +324,17 @@ def _resolve(ref: str, *, progress: bool) -> ModelSource:
     from hfmerge.sources.refs import resolve_model
 
     return resolve_model(ref, progress=progress)
+
+
+def _resolve_permutable(refs: Sequence[str], *, feature: str, progress: bool) -> list[ModelSource]:
+    """`_resolve` for a command that permutes or repairs: a model without a permutation spec is
+    refused from its config and headers, before any weight is downloaded."""
+    from hfmerge.sources.inspection import refuse_unpermutable
+    from hfmerge.sources.refs import download_pinned, pin_model
+
+    pinned = [pin_model(ref, progress=progress) for ref in refs]
+    refuse_unpermutable(pinned, feature=feature)
+    return [download_pinned(source) for source in pinned]
 
 
 def _check_texts(*datas: str | None) -> None:

@@ -1,6 +1,8 @@
 """Architecture registry: config.json's model_type -> family builder -> ArchSpec of one checkpoint.
 
 Specs are built from config.json and the checkpoint's tensor names alone, before any weight is read.
+A model_type without a family gets a generic spec (`arch/generic.py`): it merges, but every step
+that needs permutation groups refuses it (`require_permutable`, `permutable_family`).
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hfmerge.arch import bert, exaone4, gemma, gpt2, gpt_neox, llama, olmo2, phi3, qwen3
+from hfmerge.arch import bert, exaone4, gemma, generic, gpt2, gpt_neox, llama, olmo2, phi3, qwen3
 from hfmerge.arch.permute import axis_length
-from hfmerge.arch.spec import ArchSpec
-from hfmerge.errors import ArchitectureError, UnknownNameError
+from hfmerge.arch.spec import GENERIC_FAMILY, ArchSpec
+from hfmerge.errors import ArchitectureError, NoPermutationSpecError
 
 
 class Builder(Protocol):
@@ -45,8 +47,8 @@ def list_families() -> list[FamilyInfo]:
     return [info for info, _ in _REGISTRY]
 
 
-def family_of(config: Mapping[str, Any], *, label: str = "model") -> str:
-    """The family name for config.json's `model_type`."""
+def model_type_of(config: Mapping[str, Any], *, label: str = "model") -> str:
+    """config.json's `model_type`, which every checkpoint hfmerge reads must have."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ArchitectureError(
@@ -54,15 +56,20 @@ def family_of(config: Mapping[str, Any], *, label: str = "model") -> str:
             "config.json has no `model_type`",
             fix="use the config.json saved with the model by transformers",
         )
-    if model_type not in MODEL_TYPES:
-        raise UnknownNameError(
-            "architecture (model_type)", model_type, list(MODEL_TYPES), owner=label
-        )
-    return MODEL_TYPES[model_type]
+    return model_type
+
+
+def family_of(config: Mapping[str, Any], *, label: str = "model") -> str:
+    """The family name for config.json's `model_type`; GENERIC_FAMILY when no family covers it."""
+    return MODEL_TYPES.get(model_type_of(config, label=label), GENERIC_FAMILY)
 
 
 def spec_for(
-    config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
+    config: dict[str, Any],
+    tensor_names: Collection[str],
+    *,
+    label: str = "model",
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> ArchSpec:
     """The spec of one checkpoint: every tensor name in it, with the group acting on each axis.
 
@@ -70,12 +77,47 @@ def spec_for(
         config: parsed config.json (a dict, not a transformers config object).
         tensor_names: names in the safetensors checkpoint (or a state dict's keys).
         label: the model's name in error messages.
+        shapes: every tensor's shape; a generic spec (a model_type without a family) takes each
+            tensor's rank from it, and cannot be built without it.
 
     Raises:
-        UnknownNameError: the model_type is not supported.
-        ArchitectureError: the config lacks a size, or names are unknown to / missing from the spec.
+        ArchitectureError: no model_type, the config lacks a size, or names are unknown to /
+            missing from the family's spec.
+        ValueError: a generic spec asked for without `shapes` (a caller's mistake).
     """
-    return FAMILIES[family_of(config, label=label)](config, tensor_names, label=label)
+    family = family_of(config, label=label)
+    if family != GENERIC_FAMILY:
+        return FAMILIES[family](config, tensor_names, label=label)
+    if shapes is None:
+        raise ValueError(f"the generic spec of {label} needs the tensor shapes")
+    return generic.build(config, {name: shapes[name] for name in tensor_names})
+
+
+def permutable_family(config: Mapping[str, Any], *, label: str, feature: str) -> str:
+    """The family of a model that `feature` permutes or probes block by block.
+
+    Raises:
+        NoPermutationSpecError: the model_type has no family, naming the ones that have.
+    """
+    family = family_of(config, label=label)
+    if family == GENERIC_FAMILY:
+        raise _no_spec(label, model_type_of(config, label=label), feature)
+    return family
+
+
+def require_permutable(spec: ArchSpec, *, label: str, feature: str) -> None:
+    """Refuse a generic spec for `feature` (align, REPAIR, the CKA gate, a router backbone).
+
+    Raises:
+        NoPermutationSpecError: naming the model, its model_type and the families that have one.
+    """
+    if not spec.permutable:
+        raise _no_spec(label, spec.model_type, feature)
+
+
+def _no_spec(label: str, model_type: str, feature: str) -> NoPermutationSpecError:
+    families = [f"{info.name} ({', '.join(info.model_types)})" for info, _ in _REGISTRY]
+    return NoPermutationSpecError(label, model_type, feature, families)
 
 
 def check_shapes(
@@ -110,10 +152,14 @@ def check_shapes(
 
 __all__ = [
     "FAMILIES",
+    "GENERIC_FAMILY",
     "MODEL_TYPES",
     "FamilyInfo",
     "check_shapes",
     "family_of",
     "list_families",
+    "model_type_of",
+    "permutable_family",
+    "require_permutable",
     "spec_for",
 ]

@@ -1,12 +1,14 @@
 """The one reader of a model directory's config.json.
 
 Every layer that needs a model's config (Hub reads, inspection, tokenizer checks, routing,
-interpolation) reads it here, so a missing or broken file gives the same error everywhere.
+interpolation) reads it here, so a missing or broken file gives the same error everywhere;
+`config_field` reads one field that composite configs may nest.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +41,22 @@ def read_config(directory: Path, *, label: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelSourceError(label, f"{CONFIG_FILE} is not a JSON object", _REPAIR_FIX)
     return config
+
+
+# Where multimodal and composite configs keep their language model's fields.
+_NESTED_CONFIGS = ("text_config", "language_config", "llm_config", "decoder")
+
+
+def config_field(config: Mapping[str, Any], key: str) -> Any:
+    """A config.json field, else the same field of its nested text config (None when neither).
+
+    Multimodal configs (Gemma 3, LLaVA, ...) keep the language model's fields, such as
+    `tie_word_embeddings`, under `text_config` rather than at the top level.
+    """
+    if config.get(key) is not None:
+        return config[key]
+    for nested in _NESTED_CONFIGS:
+        inner = config.get(nested)
+        if isinstance(inner, dict) and inner.get(key) is not None:
+            return inner[key]
+    return None

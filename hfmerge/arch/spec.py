@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 
 GroupKind = Literal["residual", "ff", "attention"]
+# The family of a model_type that no family module covers: names and shapes only, no groups.
+GENERIC_FAMILY = "generic"
 
 
 class Layout(StrEnum):
@@ -82,13 +84,19 @@ class TensorSpec:
 class ArchSpec:
     """The full spec of one checkpoint of one family."""
 
-    family: str  # registry name: "bert", "gpt2", "gpt_neox", "llama", "gemma", ...
+    family: str  # registry name: "bert", "llama", "gemma", ...; GENERIC_FAMILY for the rest
     model_type: str  # config.json's model_type: "bert", "llama", "mistral", "gemma2", ...
     groups: dict[str, PermGroup]
     tensors: dict[str, TensorSpec]
     # Tensors that share storage with another one and are absent from the checkpoint when tied,
     # e.g. {"lm_head.weight": "model.embed_tokens.weight"}. Informational: never written out.
     tied: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def permutable(self) -> bool:
+        """Whether the spec has permutation groups: False for a generic (familyless) model, which
+        merges tensor by tensor but cannot be aligned, repaired or probed block by block."""
+        return self.family != GENERIC_FAMILY
 
     @property
     def num_layers(self) -> int:

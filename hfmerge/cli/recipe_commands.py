@@ -7,11 +7,14 @@ hints on stderr). `cli/app.py` registers them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from hfmerge.progress import say
+
+if TYPE_CHECKING:
+    from hfmerge.api import ArchSupport
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OutOpt = Annotated[
@@ -125,13 +128,25 @@ def methods() -> None:
 
 
 def archs() -> None:
-    """List the supported architecture families."""
+    """List the architecture families and what runs on each (merge, align, repair, cka, route)."""
     from hfmerge import api
 
-    for family in api.archs():
-        typer.echo(
-            f"{family.name}: model types {', '.join(family.model_types)} — {family.description}"
-        )
+    rows = api.archs()
+    columns = list(rows[0].capabilities)
+    names = [_arch_cell(row) for row in rows]
+    width = max(len(n) for n in [*names, "family (model types)"])
+    header = f"{'family (model types)':<{width}}  " + "  ".join(f"{c:<6}" for c in columns)
+    typer.echo(header.rstrip())
+    for name, row in zip(names, rows, strict=True):
+        marks = "  ".join(f"{'yes' if ok else 'no':<6}" for ok in row.capabilities.values())
+        typer.echo(f"{name:<{width}}  {marks}".rstrip())
+
+
+def _arch_cell(row: ArchSupport) -> str:
+    """`llama (llama, mistral, qwen2)`, or `any other model_type` for the generic row."""
+    if not row.model_types:
+        return "any other model_type"
+    return f"{row.name} ({', '.join(row.model_types)})"
 
 
 def zoo() -> None:

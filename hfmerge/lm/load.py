@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.arch.config import read_config
+from hfmerge.arch.heads import auto_class_name
 from hfmerge.errors import IncompatibleModelsError, ModelSourceError, OptionError
 from hfmerge.tensors import has_tokenizer, read_checkpoint_index
 
@@ -164,6 +165,22 @@ def lm_objective(architectures: Sequence[str], *, label: str) -> Objective:
     )
 
 
+def auto_class(config: Mapping[str, Any]) -> Any:
+    """The transformers Auto class for config.json's `architectures` (`arch.heads`): the causal
+    LM, masked LM, seq2seq LM, classifier, ... class, or `AutoModel` for a headless model."""
+    import transformers
+
+    return getattr(transformers, auto_class_name(config))
+
+
+def load_model(path: Path, *, label: str) -> PreTrainedModel:
+    """The model in `path` with the head its config names (`auto_class`), float32, eval mode;
+    weights the checkpoint lacks are an error (they would be random)."""
+    auto = auto_class(read_config(path, label=label))
+    whole = Completeness("its head and layers", "load a complete checkpoint (all safetensors)")
+    return load_pretrained(auto, path, label=label, complete=whole)
+
+
 def load_lm(path: Path, *, label: str) -> PreTrainedModel:
     """The model in `path` with its LM head, float32, eval mode; missing weights are an error."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
@@ -299,10 +316,19 @@ def load_probe_model(
     """The model's base (no LM head), placed by accelerate, in eval mode.
 
     Raises:
-        ModelSourceError: weights of the base model are missing (they would be random).
+        ModelSourceError: an encoder-decoder (its two stacks have no one sequence of block
+            outputs), or weights of the base model are missing (they would be random).
     """
     from transformers import AutoModel
 
+    config = read_config(path, label=label)
+    if config.get("is_encoder_decoder"):
+        raise ModelSourceError(
+            label,
+            f"is an encoder-decoder ({config.get('model_type')}), whose encoder and decoder "
+            "blocks form no one sequence of hidden states to probe",
+            "probe decoder-only or encoder-only checkpoints",
+        )
     layers = Completeness(
         "its layers",
         "compare complete checkpoints (config.json and all safetensors)",

@@ -10,22 +10,21 @@ from typing import Any
 
 import yaml
 
+from hfmerge.arch.heads import auto_class_name
 from hfmerge.methods import MergeMethod
 from hfmerge.sources.inspection import InspectedModel
 from hfmerge.sources.refs import ModelSource
 
-# Head class suffix in config.architectures -> the transformers Auto class that loads it.
-_AUTO_CLASSES = (
-    ("ForCausalLM", "AutoModelForCausalLM"),
-    ("LMHeadModel", "AutoModelForCausalLM"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-)
 # Auto class -> the Hub's pipeline tag for it.
 _PIPELINE_TAGS = {
     "AutoModelForCausalLM": "text-generation",
     "AutoModelForMaskedLM": "fill-mask",
     "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForImageClassification": "image-classification",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+    "AutoModelForImageTextToText": "image-text-to-text",
 }
 REPO_PLACEHOLDER = "PATH_OR_REPO_ID"  # in the card's loading snippet when no repo id is known
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -33,15 +32,6 @@ NO_TOKENIZER_NOTE = (
     "# No tokenizer: the base model had none. Copy the tokenizer files of the model it was "
     "trained with\n# (tokenizer.json, tokenizer_config.json, ...) beside the weights to load one."
 )
-
-
-def auto_class_name(config: Mapping[str, Any]) -> str:
-    """The `transformers` Auto class that loads a model with this config."""
-    architectures = config.get("architectures") or [""]
-    for suffix, auto in _AUTO_CLASSES:
-        if str(architectures[0]).endswith(suffix):
-            return auto
-    return "AutoModel"
 
 
 def load_snippet(config: Mapping[str, Any], location: str, *, tokenizer: bool = True) -> str:

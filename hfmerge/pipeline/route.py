@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from hfmerge.lm.textdata import describe_data, load_texts
 from hfmerge.recipe.schema import Recipe
+from hfmerge.sources.inspection import refuse_unpermutable
 from hfmerge.sources.refs import ModelSource, download_pinned, pin_model
 from hfmerge.tensors import read_checkpoint_index
 
@@ -104,14 +105,17 @@ def plan_route(
         refs = [e.ref for e in recipe.models]
         if base.ref in refs:
             backbone_expert = names[refs.index(base.ref)]
+            reader = experts[refs.index(base.ref)]
         else:
-            backbone = pin_model(
+            backbone = reader = pin_model(
                 base.model,
                 revision=base.revision,
                 offline=offline,
                 progress=progress,
                 recipe_dir=recipe_dir,
             )
+        # a centroid or logistic router reads the backbone's blocks: configs and headers only
+        refuse_unpermutable([reader], feature="a `route:` router backbone", offline=offline)
     off_hub = any(s.hub_id is None for s in [*experts, backbone] if s is not None)
     bundle = off_hub if route.bundle is None else route.bundle  # default: bundle what must be
     return RoutePlan(

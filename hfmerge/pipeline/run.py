@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hfmerge.arch import require_permutable
 from hfmerge.engine.budget import parse_memory_budget
 from hfmerge.engine.plan import MergePlan, build_plan, format_plan
 from hfmerge.engine.stream import execute_plan
@@ -118,6 +119,7 @@ def run_recipe(
     base, inputs = _inspect(
         base_entry, inputs_entries, offline=offline, progress=progress, recipe_dir=recipe_dir
     )
+    _refuse_unpermutable(recipe, [base, *inputs])
     plan = build_plan(
         schedule,
         base=base,
@@ -249,6 +251,18 @@ def _inspect(
     found = inspect_models(refs, offline=offline, progress=progress, recipe_dir=recipe_dir)
     by_ref = {e.ref: model for e, model in zip(unique, found, strict=True)}
     return by_ref[base_entry.ref], [by_ref[e.ref] for e in entries]
+
+
+def _refuse_unpermutable(recipe: Recipe, models: list[InspectedModel]) -> None:
+    """Steps that need permutation groups refuse a generic model before any download."""
+    features = [
+        ("`align:` (permutation alignment)", recipe.align.method != "none"),
+        ("`align.repair` (REPAIR)", recipe.align.repair),
+        ("the CKA gate `check:`", recipe.check.cka_min is not None),
+    ]
+    for feature, asked in features:
+        for model in models if asked else []:
+            require_permutable(model.spec, label=model.label, feature=feature)
 
 
 def _download(plan: MergePlan, *, offline: bool) -> MergePlan:

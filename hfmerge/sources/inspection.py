@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hfmerge.arch import check_shapes, spec_for
+from hfmerge.arch import check_shapes, require_permutable, spec_for
 from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, PreflightError
@@ -59,10 +59,23 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
     else:
         config = read_config(source.path, label=source.label)
         index = read_checkpoint_index(source.path)
-    spec = spec_for(config, index.names, label=source.label)
     shapes = {name: index.info(name).shape for name in index.names}
+    spec = spec_for(config, index.names, label=source.label, shapes=shapes)
     check_shapes(spec, shapes, label=source.label)  # header shapes agree with config.json
     return InspectedModel(source=source, config=config, index=index, spec=spec)
+
+
+def refuse_unpermutable(
+    sources: Sequence[ModelSource], *, feature: str, offline: bool = False
+) -> None:
+    """Refuse, from configs and headers alone (no weights), a model without a permutation spec.
+
+    Raises:
+        NoPermutationSpecError: the first model whose model_type has no family, for `feature`.
+    """
+    for source in sources:
+        model = inspect_model(source, offline=offline)
+        require_permutable(model.spec, label=model.label, feature=feature)
 
 
 def inspect_models(

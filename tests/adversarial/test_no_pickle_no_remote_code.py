@@ -93,7 +93,7 @@ REFUSAL: dict[str, dict[str, str | None]] = {
         "cka": "own folder",
         "cka-reversed": "own folder",
         "barrier": None,
-        "align-activation": "architecture (model_type) 'evil_llama' of",
+        "align-activation": "model_type 'evil_llama' has none",
         "run-route": None,
     },
 }

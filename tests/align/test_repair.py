@@ -22,7 +22,7 @@ from hfmerge.align.repair import (
     scaled,
 )
 from hfmerge.align.repair_sites import RepairSite, repair_sites, rope_ties
-from hfmerge.errors import UnknownNameError
+from hfmerge.errors import NoPermutationSpecError
 from tests.support.tiny_models import make_tiny_model, max_abs_diff, model_outputs, tiny_batch
 
 KINDS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "bert_base_model"]
@@ -183,5 +183,6 @@ def test_repairer_targets_blend_the_endpoints(kind: str) -> None:
 def test_unsupported_family_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_tiny_model("llama")
     monkeypatch.setattr(model.config, "model_type", "t5")  # a class variable, set on the instance
-    with pytest.raises(UnknownNameError, match="t5"):
+    refusal = "REPAIR needs a permutation spec, and model_type 't5' has none"
+    with pytest.raises(NoPermutationSpecError, match=refusal):
         repair_sites(model)

@@ -232,6 +232,16 @@ def test_methods_and_archs_are_data() -> None:
     families = {f.name: f for f in api.archs()}
     assert {"bert", "gpt2", "gpt_neox", "llama"} <= families.keys()
     assert "mistral" in families["llama"].model_types
+    assert all(families[name].capabilities["align"] for name in ("bert", "gpt2", "llama"))
+    generic = api.archs()[-1]
+    assert (generic.name, generic.model_types) == ("generic", ())
+    assert generic.capabilities == {
+        "merge": True,
+        "align": False,
+        "repair": False,
+        "cka": False,
+        "route": False,
+    }
 
 
 def test_top_level_names_are_the_api_and_import_lightly() -> None:

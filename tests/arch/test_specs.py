@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 from hfmerge.arch import FAMILIES, MODEL_TYPES, check_shapes, list_families, spec_for
 from hfmerge.arch.permute import axis_length, permute_state_dict
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Layout
-from hfmerge.errors import ArchitectureError, UnknownNameError
+from hfmerge.errors import ArchitectureError
 from tests.support.tiny_models import (
     TINY_FAMILIES,
     exact_float64_norms,
@@ -298,16 +298,13 @@ def _llama_checkpoint() -> tuple[dict[str, Any], set[str]]:
     return json.loads(config), set(json.loads(names))
 
 
-def test_unknown_model_type_names_the_supported_ones() -> None:
+def test_a_model_type_without_a_family_is_merged_by_name_not_refused() -> None:
     config, names = _llama_checkpoint()
-    with pytest.raises(UnknownNameError) as info:
-        spec_for({**config, "model_type": "t5"}, names, label="org/t5")
-    assert info.value.kind == "architecture (model_type)"
-    assert info.value.name == "t5"
-    assert info.value.owner == "org/t5"
-    assert "of org/t5" in str(info.value)
-    assert set(info.value.choices) == set(MODEL_TYPES)
-    assert {"bert", "gpt2", "gpt_neox", "llama", "mistral", "qwen2"} < set(info.value.choices)
+    shapes = {name: (1,) for name in names}
+    spec = spec_for({**config, "model_type": "t5"}, names, label="org/t5", shapes=shapes)
+    assert (spec.family, spec.model_type, spec.groups) == ("generic", "t5", {})
+    assert spec.tensors.keys() == names
+    assert spec_for(config, names, label="org/llama").permutable
 
 
 def test_missing_model_type_is_an_architecture_error() -> None:

@@ -31,23 +31,21 @@ def test_methods_lists_every_method_with_parameters(capsys: pytest.CaptureFixtur
     assert "density" in out
 
 
-def test_archs_lists_families(capsys: pytest.CaptureFixture[str]) -> None:
+def test_archs_is_a_table_of_families_and_what_runs_on_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["archs"]) == 0
-    out = capsys.readouterr().out
-    for family in (
-        "bert",
-        "gpt2",
-        "gpt_neox",
-        "llama",
-        "qwen3",
-        "gemma",
-        "phi3",
-        "olmo2",
-        "exaone4",
-    ):
-        assert f"{family}:" in out
-    for model_type in ("mistral", "qwen2", "granite", "gemma2", "gemma3_text", "olmo3"):
-        assert model_type in out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-5:] == ["merge", "align", "repair", "cka", "route"]
+    assert lines[0].startswith("family (model types)")
+    rows = {line.split(" (")[0]: line for line in lines[1:]}
+    families = ("bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2", "exaone4")
+    for family in families:
+        assert rows[family].split()[-5:] == ["yes"] * 5, rows[family]
+    assert "llama (llama, mistral, ministral, qwen2, granite," in rows["llama"]
+    assert "gemma (gemma, gemma2, gemma3_text)" in rows["gemma"]
+    assert "olmo2 (olmo2, olmo3)" in rows["olmo2"]
+    assert lines[-1].split() == ["any", "other", "model_type", "yes", "no", "no", "no", "no"]
 
 
 def test_run_writes_model_and_prints_its_path(
