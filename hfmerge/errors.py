@@ -301,6 +301,14 @@ class AlignmentError(HfMergeError):
         super().__init__(f"Alignment failed: {problem}", why=why, fix=fix)
 
 
+class FingerprintError(HfMergeError):
+    """A model cannot be fingerprinted: its spec gives nothing to probe the residual basis with."""
+
+    def __init__(self, model: str, problem: str, *, fix: str = "") -> None:
+        self.model = model
+        super().__init__(f"Cannot fingerprint {model}: {problem}", fix=fix)
+
+
 class RoutedRepoError(HfMergeError):
     """A routed repo (`hfmerge_router.json` + `router.safetensors`) is missing or malformed."""
 

@@ -8,11 +8,13 @@ from hfmerge.align.apply import (
     PERMUTATIONS_FILE,
     align_checkpoint,
     align_permutations,
+    canonicalize_checkpoint,
     load_permutations,
     permutation_tensors,
     save_permutations,
 )
 from hfmerge.align.attention import attention_objective, head_slices, solve_attention
+from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.lap import solve_lap
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 
@@ -24,6 +26,8 @@ __all__ = [
     "align_checkpoint",
     "align_permutations",
     "attention_objective",
+    "canonical_permutations",
+    "canonicalize_checkpoint",
     "head_slices",
     "load_permutations",
     "permutation_tensors",

@@ -1,4 +1,5 @@
-"""Align model directories: find B's permutations into A's basis and write B permuted, streamed.
+"""Align model directories: find B's permutations into A's basis and write B permuted, streamed;
+or write one model in canonical unit order (`canonicalize_checkpoint`).
 
 Also saves and loads the permutations file (`hfmerge_permutations.safetensors`, int64 tensors).
 """
@@ -14,9 +15,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hfmerge.align.activation_matching import activation_matching
+from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.arch import require_permutable, spec_for
-from hfmerge.arch.permute import check_permutations, identity_permutations, permute_tensor
+from hfmerge.arch.permute import (
+    check_permutations,
+    compose,
+    identity_permutations,
+    invert,
+    permute_tensor,
+)
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
@@ -165,6 +173,11 @@ def _match(
         return weight_matching(
             b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
         )
+    if method == "canonical":
+        # B to its normal form, then back out through A's: both models sorted the same way.
+        to_a = invert(a.spec, canonical_permutations(a.spec, _read_params(a)))
+        perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
+        return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
@@ -186,8 +199,8 @@ def align_permutations(
 ) -> Permutations:
     """Permutations bringing model B into model A's basis (`none` gives the identity).
 
-    `weight` reads both checkpoints' tensors; `activation` loads both models with transformers
-    and runs `batches` (default: the built-in probe text through A's tokenizer).
+    `weight` and `canonical` read both checkpoints' tensors; `activation` loads both models with
+    transformers and runs `batches` (default: the built-in probe text through A's tokenizer).
     """
     a, b = _inspect_pair(model_a_dir, model_b_dir)
     return _match(method, a, b, seed=seed, batches=batches, progress=progress).perms
@@ -198,7 +211,7 @@ def align_checkpoint(
     model_b_dir: Path,
     out_dir: Path,
     *,
-    method: Literal["weight", "activation"],
+    method: Literal["weight", "activation", "canonical"],
     seed: int = 0,
     batches: Batches | None = None,
     force: bool = False,
@@ -230,6 +243,38 @@ def align_checkpoint(
     return result
 
 
+def canonicalize_checkpoint(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    max_shard_size: int | str = "5GB",
+) -> Permutations:
+    """Write the model in canonical unit order to `out_dir`: the same function, loadable as usual.
+
+    Any permuted copy of the model is written as the very same tensors. Config and tokenizer files
+    are copied; the permutations are saved beside the weights, as `align_checkpoint` does.
+    """
+    max_shard_bytes = parse_size(max_shard_size)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force=force, inputs=[Path(model_dir)])
+    model = inspect_model(ModelSource(ref=str(model_dir), path=Path(model_dir)))
+    require_permutable(model.spec, label=model.label, feature="canonicalize")
+    perms = canonical_permutations(model.spec, _read_params(model))
+    _write_aligned(
+        model,
+        out_dir,
+        perms,
+        force=force,
+        progress=progress,
+        max_shard_bytes=max_shard_bytes,
+        metadata={"aligned_by": "hfmerge", "align_method": "canonical"},
+        description="writing canonical model",
+    )
+    return perms
+
+
 def _write_aligned(
     b: InspectedModel,
     out_dir: Path,
@@ -239,6 +284,7 @@ def _write_aligned(
     progress: bool,
     max_shard_bytes: int,
     metadata: dict[str, str],
+    description: str = "writing aligned model",
 ) -> None:
     """Stream B's tensors through `perms` into shards, keeping B's dtypes, names and side files."""
     spec, path = b.spec, b.source.path
@@ -250,7 +296,7 @@ def _write_aligned(
             LazyCheckpoint(path, label=b.label) as reader,
             ShardWriter(tmp, plan, metadata=metadata) as writer,
         ):
-            for name in track(plan.names, description="writing aligned model", enabled=progress):
+            for name in track(plan.names, description=description, enabled=progress):
                 writer.write(
                     name, permute_tensor(reader.get(name), spec.tensors[name], spec, perms)
                 )

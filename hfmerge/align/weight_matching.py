@@ -20,12 +20,11 @@ from hfmerge.align.attention import (
     solve_attention,
 )
 from hfmerge.align.lap import assignment_value, improves, solve_lap
-from hfmerge.arch.permute import identity_permutations, permute_tensor
+from hfmerge.arch.permute import identity_permutations, permute_tensor, unit_rows
 from hfmerge.arch.spec import (
     ArchSpec,
     AttentionPerm,
     AxisRole,
-    Layout,
     PermGroup,
     Permutations,
 )
@@ -82,14 +81,6 @@ def _rows(tensor: torch.Tensor, axis: int) -> torch.Tensor:
     return moved.reshape(tensor.shape[axis], -1)  # [axis_len, ...] -> [axis_len, rest]
 
 
-def _unit_rows(rows: torch.Tensor, layout: Layout, size: int) -> torch.Tensor:
-    """[size, rest'] one row per unit: a `UNITS_PAIR` axis puts each unit's halves side by side."""
-    if layout is not Layout.UNITS_PAIR:
-        return rows
-    halves = rows.reshape(2, size, -1)  # [2*size, rest] -> [2, size, rest]
-    return halves.permute(1, 0, 2).reshape(size, -1)  # -> [size, 2, rest] -> [size, 2*rest]
-
-
 @dataclass
 class _Problem:
     """Both models' float64 tensors and the spec; B is permuted on demand, never in place."""
@@ -111,8 +102,8 @@ class _Problem:
         """[size, size] similarity of A's units (rows) to B's units (columns)."""
         total = torch.zeros(size, size, dtype=torch.float64)
         for touch in touches:
-            rows_a = _unit_rows(_rows(self.a[touch.tensor], touch.axis), touch.role.layout, size)
-            rows_b = _unit_rows(self.b_rows(touch, perms), touch.role.layout, size)
+            rows_a = unit_rows(_rows(self.a[touch.tensor], touch.axis), touch.role.layout)
+            rows_b = unit_rows(self.b_rows(touch, perms), touch.role.layout)
             total += rows_a @ rows_b.T
         return total
 

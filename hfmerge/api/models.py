@@ -1,4 +1,5 @@
-"""`align`, `evaluate`, `barrier` and `cka`: model references in, result objects out.
+"""`align`, `canonicalize`, `fingerprint`, `evaluate`, `barrier` and `cka`: model references in,
+result objects out.
 
 The references are resolved here (`hfmerge.sources.refs.resolve_model`). Every text is read before
 any model is resolved, so bad data fails before a download or a zoo build.
@@ -15,11 +16,12 @@ if TYPE_CHECKING:
     from hfmerge.analysis.barrier import BarrierResult
     from hfmerge.analysis.cka import CkaReport
     from hfmerge.analysis.evaluation import EvalCell
+    from hfmerge.analysis.fingerprint import PairResult
     from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.lm.scoring import EvalResult
     from hfmerge.sources.refs import ModelSource
 
-AlignMethod = Literal["weight", "activation"]
+AlignMethod = Literal["weight", "activation", "canonical"]
 ALIGN_PROBE_LENGTH = 128  # tokens per probe window of activation matching (`align`)
 ALIGN_PROBE_SAMPLES = 64  # probe windows of activation matching (`align`)
 
@@ -32,7 +34,7 @@ class AlignResult:
     model_b: str
     out_dir: Path
     method: str
-    iterations: int  # weight matching's sweeps over all groups; 1 for activation matching
+    iterations: int  # weight matching's sweeps over all groups; 1 for the other methods
 
 
 def align(
@@ -52,7 +54,8 @@ def align(
         model_a: reference model, whose basis is kept.
         model_b: model to rewrite.
         out: output directory for the aligned `model_b` (with its permutations beside it).
-        method: `weight` (weight matching, no data) or `activation` (probe text).
+        method: `weight` (weight matching, no data), `activation` (probe text) or `canonical`
+            (both models' canonical unit order, no data).
         data: probe text for activation matching (`--data` forms; default `builtin`).
         seed: seed of weight matching's order over the groups.
         force: replace an existing output directory.
@@ -96,6 +99,85 @@ def align(
         progress=progress,
     )
     return AlignResult(model_a, model_b, out_dir, method, result.iterations)
+
+
+@dataclass(frozen=True)
+class CanonicalizeResult:
+    """A model written in canonical unit order (`canonicalize`)."""
+
+    model: str
+    out_dir: Path
+
+
+def canonicalize(
+    model: str, out: str | Path, *, force: bool = False, progress: bool = True
+) -> CanonicalizeResult:
+    """Write `model` with every permutation group in canonical order: the same function, and the
+    same tensors, bit for bit, for any permuted copy of it.
+
+    Args:
+        model: the model to rewrite (a directory, `zoo:NAME` or a Hub id).
+        out: output directory (config, tokenizer and side files copied from `model`).
+        force: replace an existing output directory.
+        progress: draw progress bars on stderr.
+
+    Returns:
+        The model and the output directory.
+
+    Raises:
+        ModelSourceError, ArchitectureError: a model that cannot be read or has no spec.
+        AlignmentError: a permutation group that no tensor can key (an unusual spec).
+        OutputError: the output exists (without `force`) or is the input.
+    """
+    from hfmerge.align import canonicalize_checkpoint
+    from hfmerge.tensors import check_output_dir
+
+    out_dir = Path(out)
+    check_output_dir(out_dir, force=force)  # before a download or a zoo build, not after
+    source = _resolve(model, progress=progress)
+    canonicalize_checkpoint(source.path, out_dir, force=force, progress=progress)
+    return CanonicalizeResult(model, out_dir)
+
+
+@dataclass(frozen=True)
+class FingerprintReport:
+    """Every pair of models compared by their permutation-invariant fingerprints."""
+
+    models: list[str]
+    pairs: list[PairResult]
+
+    def to_json(self) -> dict[str, Any]:
+        """`models`, then `pairs`: `a`, `b`, `similarity`, `max_relative_change`, `verdict`."""
+        return {"models": self.models, "pairs": [p.to_json() for p in self.pairs]}
+
+
+def fingerprint(models: str | Sequence[str], *, progress: bool = True) -> FingerprintReport:
+    """Permutation-invariant fingerprints from weights alone, compared pair by pair.
+
+    Each model is read once (config, headers, then every tensor); no text, no transformers.
+
+    Args:
+        models: model references (directories, `zoo:NAME` or Hub ids); one or several.
+        progress: draw progress bars on stderr.
+
+    Returns:
+        The models and, for two or more, every pair's similarity and verdict: same weights up to
+        permutation, derived from, unrelated, or unrelated (different shapes).
+
+    Raises:
+        ModelSourceError, ArchitectureError: a model that cannot be read or has no spec.
+        FingerprintError: a spec with no token embedding to probe the residual basis with.
+    """
+    from hfmerge.analysis.fingerprint import compare_all
+    from hfmerge.analysis.fingerprint import fingerprint as fingerprint_of
+    from hfmerge.sources.inspection import inspect_model
+
+    refs = [models] if isinstance(models, str) else list(models)
+    prints = [
+        fingerprint_of(inspect_model(_resolve(ref, progress=progress)), progress=progress)
+        for ref in refs
+    ]
+    return FingerprintReport(refs, compare_all(prints))
 
 
 @dataclass(frozen=True)
@@ -207,8 +289,8 @@ def barrier(
     Args:
         model_a: the model at λ = 0.
         model_b: the model at λ = 1.
-        align: alignment modes to compare: `none`, `weight` or `activation`, each optionally
-            `+repair`; a name, a comma list, or a sequence of either.
+        align: alignment modes to compare: `none`, `weight`, `activation` or `canonical`, each
+            optionally `+repair`; a name, a comma list, or a sequence of either.
         steps: points on the λ grid (λ = 0.5, the merged model, is always among them).
         data: text to score (`evaluate`'s forms; None: `builtin`).
         probe_data: text for activation matching and REPAIR statistics (default: `data`).
@@ -397,9 +479,13 @@ __all__ = [
     "AlignMethod",
     "AlignResult",
     "BarrierReport",
+    "CanonicalizeResult",
     "EvalReport",
+    "FingerprintReport",
     "align",
     "barrier",
+    "canonicalize",
     "cka",
     "evaluate",
+    "fingerprint",
 ]

@@ -41,6 +41,19 @@ def axis_length(group: PermGroup, layout: Layout) -> int:
     return lengths[layout]
 
 
+def unit_rows(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """An axis' rows [axis_len, rest] as one row per unit of a plain group: [units, rest'].
+
+    A `UNITS_PAIR` axis holds each unit twice (gate and up halves): its two rows go side by side,
+    so whatever reads a unit's row sees both halves, which always move together.
+    """
+    if layout is not Layout.UNITS_PAIR:
+        return rows
+    halves = rows.reshape(2, rows.shape[0] // 2, -1)  # [2*size, rest] -> [2, size, rest]
+    paired = halves.permute(1, 0, 2)  # [2, size, rest] -> [size, 2, rest]
+    return paired.reshape(paired.shape[0], -1)  # [size, 2, rest] -> [size, 2*rest]
+
+
 def axis_index(group: PermGroup, perm: GroupPerm, layout: Layout) -> torch.Tensor:
     """The gather index (LongTensor of `axis_length` entries) for one axis of `layout`."""
     if group.kind != "attention":

@@ -38,6 +38,8 @@ COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("eval", model_commands.eval_),
     ("barrier", model_commands.barrier),
     ("align", model_commands.align),
+    ("canonicalize", model_commands.canonicalize),
+    ("fingerprint", model_commands.fingerprint),
     ("cka", model_commands.cka),
     ("clean", recipe_commands.clean),
 )

@@ -1,4 +1,5 @@
-"""The commands that measure models: eval, barrier, align, cka.
+"""The commands that measure or rewrite models: eval, barrier, align, canonicalize, fingerprint,
+cka.
 
 Each parses its options, checks where its reports go before the long work, calls one
 `hfmerge.api` function and prints the result. `cli/app.py` registers them.
@@ -139,7 +140,12 @@ def align(
     model_b: Annotated[str, typer.Argument(help="Model to rewrite into MODEL_A's basis.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for aligned MODEL_B.")],
     method: Annotated[
-        str, typer.Option("--method", help="weight (no data) or activation (probe text).")
+        str,
+        typer.Option(
+            "--method",
+            help="weight (no data), activation (probe text) or canonical (both models' "
+            "canonical unit order, no data).",
+        ),
     ] = "weight",
     data: Annotated[
         str | None, typer.Option("--data", help="Probe text for activation matching.")
@@ -164,6 +170,43 @@ def align(
         f"{model_b} aligned into {model_a}'s basis by {method} matching in "
         f"{result.iterations} sweep(s); permutations saved beside the weights."
     )
+
+
+def canonicalize(
+    model: Annotated[str, typer.Argument(help="Model dir, zoo:NAME or Hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the canonical model.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Write MODEL with every permutation group in canonical order: the same function, and the
+    same tensors for any permuted copy of it."""
+    from hfmerge import api
+
+    result = api.canonicalize(model, out, force=force)
+    typer.echo(str(result.out_dir))
+    say(f"{model} written in canonical unit order; permutations saved beside the weights.")
+
+
+def fingerprint(
+    models: Annotated[
+        list[str], typer.Argument(help="Model dirs, zoo:NAME or Hub ids.", show_default=False)
+    ],
+    json_out: EvalJsonOpt = None,
+) -> None:
+    """Permutation-invariant fingerprints from weights alone; for two or more models, a
+    similarity table with a verdict per pair (same weights up to permutation, derived from,
+    unrelated)."""
+    from hfmerge import api
+    from hfmerge.analysis.fingerprint import format_pairs
+    from hfmerge.analysis.reports import write_json
+
+    _check_reports(json_out)
+    report = api.fingerprint(models)
+    if report.pairs:
+        typer.echo(format_pairs(report.pairs))
+    else:
+        say("one model fingerprinted; give two or more to compare them")
+    if json_out is not None:
+        say(f"wrote {write_json(json_out, report.to_json())}")
 
 
 def cka(

@@ -166,8 +166,9 @@ def _row_elements(job: TensorJob) -> int:
 
 
 def _loaded(plan: MergePlan) -> int:
-    """Tensors read per output tensor: every input, and the base for task-vector methods."""
-    return len(plan.inputs) + (1 if plan.method.needs_base else 0)
+    """Tensors read per output tensor, at most: the method's, and the base for task-vector
+    methods."""
+    return plan.most_reads
 
 
 def _out_size(plan: MergePlan) -> int:

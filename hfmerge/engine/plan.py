@@ -21,14 +21,27 @@ from hfmerge.tensors import ShardPlan, plan_shards
 
 # Recipe dtype names -> safetensors dtype codes.
 DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_FLOAT_CODES = frozenset({"BF16", "F16", "F32", "F64"})
+FLOAT_CODES = frozenset({"BF16", "F16", "F32", "F64"})
 
 Action = Literal["merge", "copy"]
 
 
 @dataclass(frozen=True)
+class TensorRead:
+    """One tensor a job reads: the model (an index into `MergePlan.readers`: the base, then the
+    inputs) and the tensor's name in that model."""
+
+    model: int
+    name: str
+
+
+@dataclass(frozen=True)
 class TensorJob:
-    """What happens to one output tensor."""
+    """What happens to one output tensor.
+
+    A plain merge reads the tensor of the same name from every input (and the base); a job of a
+    `slices:` merge names what it reads in `reads` (the method's tensors) and `base_read`.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -36,6 +49,16 @@ class TensorJob:
     action: Action  # "merge": through the method; "copy": taken from the base unchanged
     why: str  # one phrase for the dry-run table: why this action
     params: MergeParams | None = None  # what a "merge" job is merged with (None for a copy)
+    reads: tuple[TensorRead, ...] = ()  # the method's tensors; () = every input's `name`
+    base_read: TensorRead | None = None  # the base tensor, or what a copy copies; None: `name`
+
+    def sources(self, inputs: int) -> tuple[TensorRead, ...]:
+        """The method's tensors, given the plan's number of inputs."""
+        return self.reads or tuple(TensorRead(i + 1, self.name) for i in range(inputs))
+
+    def base_source(self) -> TensorRead:
+        """The base tensor this job reads (for a copy: the tensor it copies)."""
+        return self.base_read or TensorRead(0, self.name)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,17 @@ class MergePlan:
     def total_bytes(self) -> int:
         """Size of the output weights."""
         return self.shards.total_bytes
+
+    @property
+    def readers(self) -> list[InspectedModel]:
+        """The models that `TensorRead.model` indexes: the base, then the inputs."""
+        return [self.base, *self.inputs]
+
+    @property
+    def most_reads(self) -> int:
+        """The most tensors one job reads (the method's, and the base for task-vector ones)."""
+        base = 1 if self.method.needs_base else 0
+        return max((len(job.sources(len(self.inputs))) + base for job in self.jobs), default=base)
 
     @property
     def models(self) -> list[ModelSource]:
@@ -99,7 +133,7 @@ def _job(base: InspectedModel, name: str, out_dtype: str | None) -> TensorJob:
     tensor_spec = base.spec.tensors.get(name)
     if tensor_spec is not None and tensor_spec.buffer:
         return TensorJob(name, shape, info.dtype, "copy", "buffer, not a parameter")
-    if info.dtype not in _FLOAT_CODES:
+    if info.dtype not in FLOAT_CODES:
         return TensorJob(name, shape, info.dtype, "copy", f"{info.dtype} is not a float type")
     dtype = DTYPE_CODES[out_dtype] if out_dtype else info.dtype
     return TensorJob(name, shape, dtype, "merge", "parameter")

@@ -153,10 +153,12 @@ class _Share:
             device=self.device,
         )
         with ExitStack() as stack:
-            steps.base = stack.enter_context(LazyCheckpoint(plan.base.source.path))
-            steps.inputs = [
-                AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
-                for m, p in zip(plan.inputs, self.perms, strict=True)
+            steps.readers = [
+                stack.enter_context(LazyCheckpoint(plan.base.source.path)),
+                *(
+                    AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
+                    for m, p in zip(plan.inputs, self.perms, strict=True)
+                ),
             ]
             # The reader and writer threads take the other core's share on small machines, and
             # two teams spinning on two cores slow each other down: the main thread and its
@@ -231,10 +233,8 @@ class _Steps:
         # Random methods stay on the CPU: their masks come from a CPU generator, so the merged
         # model is the same on every machine.
         self.device = device if plan.method.deterministic else torch.device("cpu")
-        self.base: LazyCheckpoint | None = None
-        self.inputs: list[AlignedReader] = []
-        base = [plan.base.label] if plan.method.needs_base else []
-        self.labels = [*(m.label for m in plan.inputs), *base]  # of `_read`'s tensors, base
+        # Indexed by `TensorRead.model`: the base, then the inputs (set by `_Share.run`).
+        self.readers: list[LazyCheckpoint | AlignedReader] = []
 
     def produce(self, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
         """Every step with its input bytes, reading each chunk after `acquire` admits it."""
@@ -249,17 +249,25 @@ class _Steps:
         step = self.policy.rows_per_chunk(job, whole=whole, elementwise=elementwise)
         return [(s, min(s + step, rows)) for s in range(0, rows, step)] or [(0, 0)]
 
+    def _labels(self, job: TensorJob) -> list[str]:
+        """The models of `_read`'s tensors for `job`, then the base's."""
+        readers = self.plan.readers
+        labels = [readers[read.model].label for read in job.sources(len(self.plan.inputs))]
+        base = [readers[job.base_source().model].label] if self.plan.method.needs_base else []
+        return [*labels, *base]
+
     def _copy(self, job: TensorJob, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
-        assert self.base is not None
+        source = job.base_source()
+        label = self.plan.readers[source.model].label
         ranges = self._ranges(job, whole=False, elementwise=True)  # a copy has no temporaries
         row_bytes = _row_elements(job) * element_size(job.dtype)
         for start, stop in ranges:
             size = (stop - start) * row_bytes
             acquire(size)
-            raw = self.base.get_rows(job.name, start, stop)
+            raw = self.readers[source.model].get_rows(source.name, start, stop)
             last = stop == ranges[-1][1]
             step = _Step(job, None, 0, [raw], None, start * _row_elements(job), False, last, last)
-            step.non_finite = finite.check_sources([self.plan.base.label], [raw])  # copied as it is
+            step.non_finite = finite.check_sources([label], [raw])  # copied as it is
             yield step, size
 
     def _merge(self, job: TensorJob, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
@@ -275,12 +283,13 @@ class _Steps:
         )
         ranges = self._ranges(job, whole=merge.whole_only, elementwise=merge.elementwise)
         rows = job.shape[0] if job.shape else 1
-        loaded = len(self.inputs) + (1 if method.needs_base else 0)
+        labels = self._labels(job)
+        loaded = len(labels)
         for pass_index in range(merge.passes + 1):
             for start, stop in ranges:
                 size = (stop - start) * _row_elements(job) * loaded * 4
                 acquire(size)
-                tensors, base = self._read(job.name, start, stop, raw=merge.elementwise)
+                tensors, base = self._read(job, start, stop, raw=merge.elementwise)
                 end = stop == ranges[-1][1]
                 # Element-wise merges check their float32 pieces (`apply_in_pieces`); the
                 # others the float32 chunk here, once, beside the main thread's math.
@@ -296,22 +305,25 @@ class _Steps:
                     whole=start == 0 and stop == rows,
                     pass_end=end,
                     job_end=end and pass_index == merge.passes,
-                    non_finite=finite.check_sources(self.labels, sources) if check else (),
-                    labels=self.labels,
+                    non_finite=finite.check_sources(labels, sources) if check else (),
+                    labels=labels,
                 )
                 yield step, size
 
     def _read(
-        self, name: str, start: int, stop: int, *, raw: bool
+        self, job: TensorJob, start: int, stop: int, *, raw: bool
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         # float32 on the compute device, converted here so the cast overlaps the main thread's
         # math; element-wise merges convert piece by piece themselves (`raw`).
         convert = self._on_device if raw else self._float
-        tensors = [convert(reader.get_rows(name, start, stop)) for reader in self.inputs]
+        tensors = [
+            convert(self.readers[read.model].get_rows(read.name, start, stop))
+            for read in job.sources(len(self.plan.inputs))
+        ]
         base = None
         if self.plan.method.needs_base:
-            assert self.base is not None
-            base = convert(self.base.get_rows(name, start, stop))
+            read = job.base_source()
+            base = convert(self.readers[read.model].get_rows(read.name, start, stop))
         return tensors, base
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from hfmerge.methods.linear import LINEAR
 from hfmerge.methods.model_stock import MODEL_STOCK
 from hfmerge.methods.nearswap import NEARSWAP
 from hfmerge.methods.nuslerp import NUSLERP
+from hfmerge.methods.passthrough import PASSTHROUGH
 from hfmerge.methods.slerp import SLERP
 from hfmerge.methods.task_arithmetic import TASK_ARITHMETIC
 from hfmerge.methods.ties import TIES
@@ -29,6 +30,7 @@ _ALL = (
     MODEL_STOCK,
     NEARSWAP,
     NUSLERP,
+    PASSTHROUGH,
 )
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}

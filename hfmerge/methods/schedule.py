@@ -31,11 +31,15 @@ class ParamSchedule:
         method: the merge method.
         given: the recipe's `parameters` (method parameters, and per-model defaults).
         per_model: each input's own settings, in the order the method receives the inputs.
+        fallback: settings that apply where `given` has none for a tensor (the merge's
+            `parameters` under a slice's); checked where they are given, not here.
     """
 
     method: MergeMethod
     given: Raw
     per_model: tuple[Raw, ...]
+    # Settings below `given` in precedence (a slice's `parameters` fall back to the merge's).
+    fallback: Raw = field(default_factory=dict)
     _cache: dict[str, MergeParams] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -81,6 +85,7 @@ class ParamSchedule:
                 (e.g. weights that sum to zero), naming the tensor.
         """
         resolved = [self._resolve(raw, tensor_name, t) for raw in self._sources()]
+        resolved[0] = {**self._resolve(self.fallback, tensor_name, t), **resolved[0]}
         key = json.dumps(resolved, sort_keys=True, default=str)
         if key not in self._cache:
             self._cache[key] = self._typed(resolved, tensor_name)
@@ -185,6 +190,11 @@ def _key_location(source: int, key: str) -> Location:
     return ("parameters", key) if source == 0 else ("models", source - 1, key)
 
 
-def schedule_for(method: MergeMethod, given: Raw, per_model: Sequence[Raw]) -> ParamSchedule:
-    """The schedule of `method` with the recipe's `parameters` and each input's own settings."""
-    return ParamSchedule(method, dict(given), tuple(dict(one) for one in per_model))
+def schedule_for(
+    method: MergeMethod, given: Raw, per_model: Sequence[Raw], *, fallback: Raw | None = None
+) -> ParamSchedule:
+    """The schedule of `method` with the recipe's `parameters` and each input's own settings
+    (and, for a slice, its own `parameters` as `given` over the merge's as `fallback`)."""
+    return ParamSchedule(
+        method, dict(given), tuple(dict(one) for one in per_model), dict(fallback or {})
+    )

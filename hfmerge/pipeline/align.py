@@ -47,14 +47,25 @@ class Alignment:
         lines.append(
             "The inputs were merged in their own bases (no permutation alignment)."
             if self.method == "none"
-            else f"Every input was permutation-aligned into the base's basis by **{self.method} "
-            "matching** (Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging."
+            else _aligned_sentence(self.method)
         )
         if repaired is not None:
             lines += repaired.card_lines()
         if self.barriers:
             lines += ["", *_barrier_table(self.barriers)]
         return "\n".join(lines)
+
+
+def _aligned_sentence(method: str) -> str:
+    if method == "canonical":
+        return (
+            "Every input was put into canonical unit order (every permutation group sorted by "
+            "keys read from its own weights) and then into the base's basis before merging."
+        )
+    return (
+        f"Every input was permutation-aligned into the base's basis by **{method} matching** "
+        "(Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging."
+    )
 
 
 def _barrier_table(rows: list[BarrierRow]) -> list[str]:

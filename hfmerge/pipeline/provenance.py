@@ -64,4 +64,24 @@ def _pin_models(data: dict[str, Any], pins: Mapping[str, tuple[str, str]]) -> di
             # The bare repo id matches by `model` (as recipe checks compare) when it is unique.
             unique = shared[entry.model] == 1 and not isinstance(item, str)
             base = repo_id if unique else f"{repo_id}@{sha}"
-    return {**data, "models": models} | ({base_key: base} if base is not None else {})
+    pinned = {**data, "models": models} if "models" in data else dict(data)
+    if isinstance(data.get("slices"), list):
+        pinned["slices"] = [_pin_slice(one, pins) for one in data["slices"]]
+    return pinned | ({base_key: base} if base is not None else {})
+
+
+def _pin_slice(one: Any, pins: Mapping[str, tuple[str, str]]) -> Any:
+    """A slice with each Hub source pinned (`model: org/name, revision: sha`)."""
+    if not isinstance(one, dict) or not isinstance(one.get("sources"), list):
+        return one
+    sources = []
+    for source in one["sources"]:
+        ref = None
+        if isinstance(source, dict) and isinstance(source.get("model"), str):
+            revision = source.get("revision")
+            ref = f"{source['model']}@{revision}" if revision else source["model"]
+        if ref is not None and ref in pins:
+            repo_id, sha = pins[ref]
+            source = {**source, "model": repo_id, "revision": sha}
+        sources.append(source)
+    return {**one, "sources": sources}

@@ -6,10 +6,9 @@ is assembled in a temporary directory that replaces the target only when complet
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hfmerge.arch import require_permutable
 from hfmerge.engine.budget import parse_memory_budget
@@ -19,22 +18,26 @@ from hfmerge.errors import ModelSourceError
 from hfmerge.methods import get_method
 from hfmerge.methods.schedule import ParamSchedule, schedule_for
 from hfmerge.pipeline.card import (
-    DEFAULT_ENDPOINT,
     load_snippet,
-    render_card,
     render_routed_card,
     routed_snippet,
 )
 from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.provenance import pinned_recipe
 from hfmerge.pipeline.publish import check_push, push_output
+from hfmerge.pipeline.side_files import (
+    RECIPE_FILE,
+    card_params,
+    copy_config,
+    hub_endpoint,
+    write_side_files,
+)
 from hfmerge.recipe.schema import ModelEntry, Recipe
 from hfmerge.sources.inspection import InspectedModel, inspect_models
-from hfmerge.sources.refs import ModelSource, fetch_files
+from hfmerge.sources.refs import fetch_files
 from hfmerge.tensors import (
     atomic_output_dir,
     check_output_dir,
-    copy_side_files,
     has_tokenizer,
     parse_size,
     read_checkpoint_index,
@@ -43,13 +46,12 @@ from hfmerge.tensors import (
 
 if TYPE_CHECKING:
     from hfmerge.arch.spec import Permutations
+    from hfmerge.engine.slices import PlannedSlice
     from hfmerge.pipeline.repair import RepairReport
     from hfmerge.pipeline.route import RoutePlan
 
 # The steps that probe models (CKA gate, alignment, routing) import transformers, which costs
 # seconds; they are imported where they run, so a plain merge starts fast.
-
-RECIPE_FILE = "hfmerge_recipe.yaml"
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def run_recipe(
     assert recipe.merge is not None
     force, progress, offline = options.force, options.progress, options.offline
     method = get_method(recipe.merge.method)
-    base_entry, inputs_entries = _split_base(recipe, needs_base=method.needs_base)
+    # A `slices:` recipe reads its base as one more model: the output takes its config.
+    needs_base = method.needs_base or recipe.slices is not None
+    base_entry, inputs_entries = _split_base(recipe, needs_base=needs_base)
     schedule = schedule_for(
         method, recipe.merge.parameters, [e.method_params for e in inputs_entries]
     )
@@ -120,12 +124,8 @@ def run_recipe(
         base_entry, inputs_entries, offline=offline, progress=progress, recipe_dir=recipe_dir
     )
     _refuse_unpermutable(recipe, [base, *inputs])
-    plan = build_plan(
-        schedule,
-        base=base,
-        inputs=inputs,
-        out_dtype=recipe.output.dtype,
-        max_shard_bytes=parse_size(recipe.output.max_shard_size),
+    plan, slices = _plan(
+        recipe, schedule, (base_entry, base), list(zip(inputs_entries, inputs, strict=True))
     )
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
@@ -140,7 +140,7 @@ def run_recipe(
     tokenizer = has_tokenizer(plan.base.source.path)  # downloaded with the base's config
     warnings = () if tokenizer else (_no_tokenizer_warning(plan.base.label, target),)
     snippet = load_snippet(base.config, push or str(target), tokenizer=tokenizer)
-    card_params = CardParams(*schedule.card_values())
+    card = card_params(schedule, slices, plan)
     with atomic_output_dir(target, force=force) as staging:
         execute_plan(
             plan,
@@ -152,15 +152,15 @@ def run_recipe(
             tuning=options.tuning,
             allow_non_finite=options.allow_non_finite,
         )
-        _copy_config(staging, plan, recipe)
+        copy_config(staging, plan, recipe, slices)
         repaired = _repair(staging, plan, recipe, alignment.perms, schedule, progress=progress)
-        _write_side_files(
+        write_side_files(
             staging,
             plan,
             recipe,
             title=target.name,
             recipe_text=text,
-            params=card_params,
+            params=card,
             repo_id=push,
             sections=[cka.card_section(), alignment.card_section(repaired)],
             tokenizer=tokenizer,
@@ -221,7 +221,7 @@ def _run_route(
             recipe_text=text,
             snippet=snippet,
             sections=[built.card_section],
-            endpoint=_hub_endpoint(plan.models),
+            endpoint=hub_endpoint(plan.models),
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
     if not push:
@@ -303,19 +303,28 @@ def refuse_input_as_output(target: Path, plan: MergePlan | RoutePlan) -> None:
     refuse_overlap(target, [source.path for source in plan.models])
 
 
-@dataclass(frozen=True)
-class CardParams:
-    """The resolved method parameters (defaults filled in) that the card lists."""
+def _plan(
+    recipe: Recipe,
+    schedule: ParamSchedule,
+    base: tuple[ModelEntry, InspectedModel],
+    inputs: list[tuple[ModelEntry, InspectedModel]],
+) -> tuple[MergePlan, list[PlannedSlice] | None]:
+    """The merge plan, and the planned slices of a `slices:` recipe (None for `models:`)."""
+    max_shard_bytes = parse_size(recipe.output.max_shard_size)
+    if recipe.slices is not None:
+        from hfmerge.pipeline.slices import plan_slices
 
-    method: dict[str, Any]
-    inputs: list[dict[str, Any]]
-
-
-def _copy_config(staging: Path, plan: MergePlan, recipe: Recipe) -> None:
-    """The base's config, tokenizer and other side files, with the output dtype set."""
-    copy_side_files(plan.base.source.path, staging)
-    if recipe.output.dtype:
-        _set_config_dtype(staging / "config.json", recipe.output.dtype)
+        return plan_slices(
+            recipe, schedule.method, base=base, inputs=inputs, max_shard_bytes=max_shard_bytes
+        )
+    plan = build_plan(
+        schedule,
+        base=base[1],
+        inputs=[model for _, model in inputs],
+        out_dtype=recipe.output.dtype,
+        max_shard_bytes=max_shard_bytes,
+    )
+    return plan, None
 
 
 def _repair(
@@ -336,52 +345,3 @@ def _repair(
     model_params = schedule.constant_models()  # the recipe checks refuse a varying weight
     weights = [float(as_params(p, WeightedModelParams).weight) for p in model_params]
     return repair_output(staging, plan, recipe, perms, weights, progress=progress)
-
-
-def _write_side_files(
-    staging: Path,
-    plan: MergePlan,
-    recipe: Recipe,
-    *,
-    title: str,
-    recipe_text: str,
-    params: CardParams,
-    repo_id: str | None,
-    sections: list[str],
-    tokenizer: bool,
-) -> None:
-    (staging / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
-    card = render_card(
-        title=title,
-        method=plan.method,
-        base=plan.base,
-        inputs=plan.inputs,
-        params=params.method,
-        input_params=params.inputs,
-        recipe_text=recipe_text,
-        repo_id=repo_id,
-        endpoint=_endpoint(plan),
-        extra_sections=[s for s in sections if s],
-        tokenizer=tokenizer,
-    )
-    (staging / "README.md").write_text(card, encoding="utf-8")
-
-
-def _endpoint(plan: MergePlan) -> str:
-    return _hub_endpoint(plan.models)
-
-
-def _hub_endpoint(sources: list[ModelSource]) -> str:
-    if all(source.hub_id is None for source in sources):
-        return DEFAULT_ENDPOINT  # no Hub input: nothing links to it
-    from hfmerge import hub
-
-    return hub.settings().shown_endpoint  # a card is public: never the endpoint's credentials
-
-
-def _set_config_dtype(config_path: Path, dtype: str) -> None:
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    for key in keys:
-        config[key] = dtype
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -9,5 +9,5 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-AlignMethod = Literal["none", "weight", "activation"]
+AlignMethod = Literal["none", "weight", "activation", "canonical"]
 ALIGN_METHODS: tuple[AlignMethod, ...] = get_args(AlignMethod)

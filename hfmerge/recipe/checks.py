@@ -11,6 +11,7 @@ from typing import Any
 
 from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
+from hfmerge.recipe.slice_checks import slice_problems
 from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
 
@@ -20,6 +21,8 @@ _MODEL_KEYS = frozenset({"model", "revision"})
 def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     """Every problem beyond the schema, as (location, message) pairs."""
     problems = _merge_xor_route(data)
+    if data.get("models") is None and data.get("slices") is None:
+        problems.append((("models",), "required key is missing"))
     problems += _merge_problems(data)
     problems += _route_problems(data)
     problems += _output_problems(data)
@@ -91,11 +94,13 @@ def _model_entries(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     merge = data.get("merge")
     if not isinstance(merge, Mapping) or not isinstance(merge.get("method"), str):
-        return []
+        return slice_problems(data, None)
     name = merge["method"]
     method = METHODS.get(name)
     if method is None:
-        return [(("merge", "method"), _unknown_method(name))]
+        return [(("merge", "method"), _unknown_method(name)), *slice_problems(data, None)]
+    if data.get("slices") is not None:
+        return slice_problems(data, method)
     entries = _model_entries(data)
     base = data.get("base")
     # Task-vector methods merge the models other than the base; the rest merge every listed model.
@@ -151,6 +156,8 @@ def _route_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     if not isinstance(models, list):
         return []
     problems: list[tuple[Location, str]] = []
+    if len(models) < 2:
+        problems.append((("models",), "routing needs at least 2 models to choose between"))
     if not experts:
         problems.append(
             (

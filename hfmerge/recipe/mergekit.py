@@ -16,9 +16,11 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
 - a parameter given as a list is a gradient over the layers, and a list of `filter:`/`value:`
   entries gives values by tensor name: hfmerge's recipes take the same spelling
   (`hfmerge.methods.settings`), so both pass through unchanged.
-Not yet supported, each refused at its key: `slices`, `modules`, LoRA references (`model+lora`),
-`tokenizer_source` other than `base`, `tokenizer:`, `chat_template`, and `base_model` with
-`nuslerp`.
+- `slices:` (block ranges stacked into a new model) become the recipe's `slices:`, each source's
+  `parameters` beside it and a slice's `base_model` as its `base`.
+Not yet supported, each refused at its key: `modules`, `residual_weight`, LoRA references
+(`model+lora`), `tokenizer_source` other than `base`, `tokenizer:`, `chat_template`, and
+`base_model` with `nuslerp`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ from hfmerge.recipe.yaml_locations import Location, read_yaml
 
 MARKERS = ("merge_method", "slices")  # a top-level key that only a mergekit config has
 NOT_YET = "is not supported yet"
-_KNOWN = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
+_KNOWN = ("models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
 _REFUSED = {
-    "slices": "`slices:` (layer ranges) " + NOT_YET + "; list whole models under `models:`",
     "modules": "`modules:` " + NOT_YET + "; list whole models under `models:`",
     "tokenizer": "the `tokenizer:` section " + NOT_YET + " (hfmerge keeps the base's tokenizer)",
     "chat_template": "`chat_template` " + NOT_YET + " (hfmerge keeps the base's template)",
@@ -82,7 +83,11 @@ _DROPPED_BY_METHOD = {
 
 def is_mergekit(data: Any) -> bool:
     """Whether a recipe's YAML mapping is a mergekit config."""
-    return isinstance(data, Mapping) and any(key in data for key in MARKERS)
+    if not isinstance(data, Mapping):
+        return False
+    # hfmerge's own recipes take `slices:` too, beside a `merge:` (or `route:`) section.
+    own = "merge" in data or "route" in data
+    return "merge_method" in data or ("slices" in data and not own)
 
 
 @dataclass
@@ -133,6 +138,7 @@ def translate(config: Mapping[str, Any]) -> Translation:
         base = None
     globals_ = _global_parameters(config.get("parameters"), method, out)
     _models(config, base, method, out)
+    _slices(config, method, out)
     if base is not None:
         out.put(("base",), base, ("base_model",))
     if "merge_method" in config:
@@ -247,12 +253,78 @@ def _model_entry(
     return entry
 
 
+def _slices(config: Mapping[str, Any], method: MergeMethod | None, out: Translation) -> None:
+    """`slices:` as the recipe's `slices:`: each source's `parameters` beside it, a slice's
+    `base_model` as its `base`."""
+    slices = config.get("slices")
+    if slices is None:
+        return
+    if not isinstance(slices, list):
+        out.problems.append((("slices",), "must be a list of `- sources: [...]` entries"))
+        return
+    translated: list[Any] = []
+    out.put(("slices",), translated, ("slices",))
+    for index, one in enumerate(slices):
+        translated.append(_slice(one, ("slices", index), method, out))
+
+
+def _slice(one: Any, where: Location, method: MergeMethod | None, out: Translation) -> Any:
+    out.origins[where] = where
+    if not isinstance(one, Mapping):
+        return one  # the schema reports it
+    result: dict[str, Any] = {}
+    for key, value in one.items():
+        if key == "sources" and isinstance(value, list):
+            result["sources"] = [
+                _source(item, (*where, "sources", number), method, out)
+                for number, item in enumerate(value)
+            ]
+            out.origins[(*where, "sources")] = (*where, "sources")
+        elif key == "base_model":
+            result["base"] = value
+            out.origins[(*where, "base")] = (*where, key)
+        elif key == "parameters" and isinstance(value, Mapping):
+            result["parameters"] = {
+                name: setting
+                for name, setting in value.items()
+                if _accepted(name, setting, (*where, key, name), method, out)
+            }
+            out.origins[(*where, key)] = (*where, key)
+        elif key == "residual_weight":
+            out.problems.append(((*where, key), f"`residual_weight` {NOT_YET}; remove it"))
+        else:
+            result[key] = value  # the schema reports a wrong type or an unknown key
+            out.origins[(*where, key)] = (*where, key)
+    return result
+
+
+def _source(item: Any, where: Location, method: MergeMethod | None, out: Translation) -> Any:
+    out.origins[where] = where
+    out.parameter_sections[where] = (*where, "parameters")
+    if not isinstance(item, Mapping):
+        return item
+    entry: dict[str, Any] = {}
+    for key, value in item.items():
+        _entry_key(entry, (*where, key), value, method, out, extra=("layer_range",))
+    return entry
+
+
 def _entry_key(
-    entry: dict[str, Any], where: Location, value: Any, method: MergeMethod | None, out: Translation
+    entry: dict[str, Any],
+    where: Location,
+    value: Any,
+    method: MergeMethod | None,
+    out: Translation,
+    *,
+    extra: tuple[str, ...] = (),
 ) -> None:
-    """Translate one key of a model entry into `entry`, or report it."""
+    """Translate one key of a model entry (or of a slice's source, which also takes the keys in
+    `extra`) into `entry`, or report it."""
     key = where[-1]
-    if key in ("model", "revision"):  # `revision`: the pin a run writes into the saved config
+    if key in extra:
+        entry[str(key)] = value
+        out.origins[where] = where
+    elif key in ("model", "revision"):  # `revision`: the pin a run writes into the saved config
         if key == "model" and isinstance(value, str) and "+" in value:
             out.problems.append(
                 (where, f"a LoRA reference (`model+lora`) {NOT_YET}; merge the LoRA in first")
@@ -268,7 +340,7 @@ def _entry_key(
     elif key == "parameters":
         out.problems.append((where, "must be a mapping of parameter names"))
     else:
-        valid = "model, parameters, revision"
+        valid = ", ".join(sorted(("model", "parameters", "revision", *extra)))
         out.problems.append((where, f"unknown key {key!r} in a model entry (valid: {valid})"))
 
 

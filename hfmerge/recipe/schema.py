@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hfmerge.errors import RecipeError, RecipeProblem, did_you_mean
 from hfmerge.recipe.align_methods import AlignMethod
@@ -47,6 +54,25 @@ class ModelEntry(BaseModel):
     def ref(self) -> str:
         """The reference as users write it: `org/name@revision`, a path, or `zoo:name`."""
         return f"{self.model}@{self.revision}" if self.revision else self.model
+
+
+class SliceSource(ModelEntry):
+    """One model's half-open range of blocks `[start, stop)` in a slice; other keys beside it are
+    its method parameters for this slice."""
+
+    layer_range: tuple[int, int]
+
+
+class SliceSpec(_Strict):
+    """One run of output blocks: the method over its sources' block ranges, block by block.
+
+    Every source spans the same number of blocks. `base` (one of the sources' models) is the
+    slice's base for task-vector methods; `parameters` override the merge's for this slice.
+    """
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class ProbeSpec(_Strict):
@@ -115,7 +141,10 @@ class OutputSpec(_Strict):
 class Recipe(_Strict):
     """A whole recipe. Build it with `load_recipe` (file) or `parse_recipe` (mapping)."""
 
-    models: list[ModelEntry] = Field(min_length=2)
+    models: list[ModelEntry] = Field(default_factory=list)
+    # Output blocks stacked from the models' block ranges (frankenmerges, depth up-scaling);
+    # instead of `models`, which then lists the slices' models.
+    slices: list[SliceSpec] | None = None
     base: str | None = None
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     align: AlignSpec = Field(default_factory=AlignSpec)
@@ -130,6 +159,19 @@ class Recipe(_Strict):
         if isinstance(value, list):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @model_validator(mode="after")
+    def _models_of_slices(self) -> Recipe:
+        """A `slices:` recipe lists its models once each (in order of first use), so pinning,
+        inspection and the card see every model it reads."""
+        if self.slices and not self.models:
+            unique = {
+                source.ref: ModelEntry(model=source.model, revision=source.revision)
+                for one in self.slices
+                for source in one.sources
+            }
+            object.__setattr__(self, "models", list(unique.values()))  # frozen: set once, here
+        return self
 
     def base_entry(self) -> ModelEntry:
         """The model named by `base` (or the first model when there is no `base`)."""

@@ -118,10 +118,10 @@ def test_permuted_copy_has_a_vanilla_barrier_that_alignment_removes(
     trained_pair: tuple[Path, Path],
 ) -> None:
     a, b = trained_pair
-    none, weight, activation, repaired = compare_barriers(
+    none, weight, activation, repaired, canonical = compare_barriers(
         source_of(a),
         source_of(b),
-        aligns=["none", "weight", "activation", "weight+repair"],
+        aligns=["none", "weight", "activation", "weight+repair", "canonical"],
         steps=5,
         max_length=LENGTH,
         samples=SAMPLES,
@@ -131,7 +131,8 @@ def test_permuted_copy_has_a_vanilla_barrier_that_alignment_removes(
     assert none.barrier > 0.1
     assert none.loss_mid > none.loss_a + 0.1
     assert repaired.align == "weight+repair"  # A and π(B) agree: every REPAIR factor is 1
-    for aligned in (weight, activation, repaired):
+    assert canonical.align == "canonical"
+    for aligned in (weight, activation, repaired, canonical):
         assert aligned.loss_a == none.loss_a
         assert aligned.barrier < 1e-4
         assert max(aligned.loss) - min(aligned.loss) < 1e-4

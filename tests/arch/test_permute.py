@@ -18,6 +18,7 @@ from hfmerge.arch.permute import (
     permute_state_dict,
     permute_tensor,
     random_permutations,
+    unit_rows,
 )
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Layout, PermGroup, Permutations
 from tests.support.controls import (
@@ -112,6 +113,14 @@ def test_axis_index_by_hand_units_pair() -> None:
     assert axis_index(ff, torch.tensor([2, 0, 1]), Layout.UNITS_PAIR).tolist() == [2, 0, 1, 5, 3, 4]
     with pytest.raises(ValueError, match="units"):
         axis_index(GQA, GQA_PERM, Layout.UNITS_PAIR)
+    rows = torch.arange(12.0).reshape(6, 2)  # [gate 0..2 | up 0..2] rows, 2 columns each
+    # Unit u's row is its gate row then its up row, so one order moves both halves.
+    assert unit_rows(rows, Layout.UNITS_PAIR).tolist() == [
+        [0.0, 1.0, 6.0, 7.0],
+        [2.0, 3.0, 8.0, 9.0],
+        [4.0, 5.0, 10.0, 11.0],
+    ]
+    assert unit_rows(rows, Layout.UNITS) is rows
 
 
 def _spec_with(*groups: PermGroup) -> ArchSpec:

@@ -68,6 +68,7 @@ def test_registry_holds_the_methods_mergekit_users_expect() -> None:
         "model_stock",
         "nearswap",
         "nuslerp",
+        "passthrough",
     }
     assert [m.name for m in list_methods()] == list(METHODS)
 
@@ -81,7 +82,7 @@ def test_every_method_is_documented(name: str) -> None:
     assert method.summary
     assert "\n" not in method.summary
     assert method.deterministic == (name not in RANDOM_METHODS)
-    assert method.needs_base == (name not in ("linear", "nuslerp"))
+    assert method.needs_base == (name not in ("linear", "nuslerp", "passthrough"))
 
 
 def test_misspelt_method_lists_the_valid_ones() -> None:

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "linear": ({"normalize": True}, {"weight": 1.0}),
     "slerp": ({"t": None}, {}),
     "nearswap": ({"t": None}, {}),
+    "passthrough": ({}, {"scale": None}),
     "nuslerp": ({"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": 1.0}),
     "task_arithmetic": ({"normalize": False, "lambda": 1.0}, {"weight": 1.0}),
     "ties": ({"normalize": True, "rescale": False, "lambda": 1.0}, {"weight": 1.0, "density": 1.0}),

@@ -37,3 +37,24 @@ def test_an_hfmerge_base_outside_models_is_pinned() -> None:
     saved = yaml.safe_load(pinned_recipe(parse_recipe_text(text), text, sources()))
     assert saved["base"] == f"org/base@{SHA_BASE}"
     assert saved["models"] == [f"org/a@{SHA_A}", f"org/b@{SHA_B}"]
+
+
+def test_the_sources_of_slices_are_pinned_and_the_saved_recipe_parses() -> None:
+    text = (
+        "slices:\n"
+        "  - sources: [{model: org/a, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: org/b, layer_range: [1, 3], scale: 0.5}]\n"
+        "merge: {method: passthrough}\n"
+    )
+    saved_text = pinned_recipe(parse_recipe_text(text), text, sources())
+    saved = yaml.safe_load(saved_text)
+    assert "models" not in saved
+    assert saved["slices"][0]["sources"][0] == {
+        "model": "org/a",
+        "revision": SHA_A,
+        "layer_range": [0, 2],
+    }
+    assert saved["slices"][1]["sources"][0]["revision"] == SHA_B
+    assert saved["slices"][1]["sources"][0]["scale"] == 0.5
+    recipe = parse_recipe_text(saved_text)
+    assert [m.ref for m in recipe.models] == [f"org/a@{SHA_A}", f"org/b@{SHA_B}"]

@@ -233,7 +233,9 @@ def test_cka_gate_refuses_with_a_route_block_and_force_overrides(tmp_path: Path)
     assert (tmp_path / "ok" / "config.json").exists()
 
 
-@pytest.mark.parametrize("method", ["weight", pytest.param("activation", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method", ["weight", "canonical", pytest.param("activation", marks=pytest.mark.slow)]
+)
 def test_align_step_merges_a_model_with_its_permuted_copy_back_into_it(
     method: str, tmp_path: Path
 ) -> None:

@@ -31,14 +31,18 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "model_stock": ({"filter_wise": True}, {}),
     "nearswap": ({"t": 0.01}, {}),
     "nuslerp": ({"nuslerp_flatten": False}, {"weight": 0.3}),
+    "passthrough": ({}, {"scale": 0.5}),
 }
 
 TWO_MODELS = {"slerp", "nearswap"}  # a base and exactly one other model
 NO_BASE = {"nuslerp"}  # two models, no base_model
+ONE_MODEL = {"passthrough"}  # one model, no base_model (a copy, e.g. to change the dtype)
 
 
 def base_and_models(method: str) -> tuple[str | None, list[str]]:
     """The example's base (org/base; org/a in TWO_MODELS; none in NO_BASE) and its models."""
+    if method in ONE_MODEL:
+        return None, ["org/a"]
     if method in NO_BASE:
         return None, ["org/a", "org/b"]
     if method in TWO_MODELS:
@@ -170,7 +174,7 @@ models:
     extra: 1
 merge_method: ties
 base_model: org/base
-slices: []
+modules: {}
 parameters:
   t: 0.5
 tokenizer_source: union
@@ -183,7 +187,7 @@ nonsense: 1
         ("models.1.parameters.weight.0", 8),
         ("models.1.parameters.desnity", 10),
         ("models.1.extra", 11),
-        ("slices", 14),
+        ("modules", 14),
         ("parameters.t", 16),
         ("tokenizer_source", 17),
         ("tokenizer", 18),
@@ -193,11 +197,11 @@ nonsense: 1
 
 
 def test_the_refusals_say_what_is_not_supported_yet() -> None:
-    text = "slices: []\nmerge_method: slerp\nparameters: {t: [0, 1]}\n"
+    text = "modules: {}\nmerge_method: slerp\nparameters: {t: [0, 1]}\n"
     with pytest.raises(RecipeError) as caught:
         parse_recipe_text(text)
     messages = {p.location: p.message for p in caught.value.problems}
-    assert "not supported yet" in messages["slices"]
+    assert "not supported yet" in messages["modules"]
     assert "parameters.t" not in messages  # a gradient is a setting like any other
 
 

@@ -86,13 +86,13 @@ def test_bad_shard_size_dtype_and_model_count() -> None:
     text = (
         GOOD.replace("500MB", "lots")
         .replace("dtype: bfloat16", "dtype: int8")
-        .replace("  - a/model\n", "", 1)
+        .replace("  - model: b/model\n    weight: 0.5\n    density: 0.4\n", "", 1)
     )
     found = "\n".join(problems_of(text))
     assert "output.max_shard_size" in found
     assert "output.dtype" in found
     assert "models" in found
-    assert "at least 2" in found
+    assert "at least 1 other model; got 0" in found  # only the base is listed
 
 
 def test_route_experts_must_match_models() -> None:
