@@ -12,6 +12,7 @@ from typing import Any
 from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
 from hfmerge.recipe.slice_checks import slice_problems
+from hfmerge.recipe.tokenizer_checks import tokenizer_problems
 from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
 
@@ -27,6 +28,7 @@ def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     problems += _route_problems(data)
     problems += _output_problems(data)
     problems += _repair_problems(data)
+    problems += tokenizer_problems(data)
     return problems
 
 
