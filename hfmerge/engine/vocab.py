@@ -92,6 +92,7 @@ def plan_vocab(
     base: int | None,
     rules: Mapping[str, TokenRule] | None = None,
     pad_to_multiple_of: int | None = None,
+    min_rows: int = 0,
 ) -> VocabPlan:
     """The plan that maps every reader's rows onto `out_vocab` (token -> output row).
 
@@ -101,6 +102,8 @@ def plan_vocab(
         base: the base's reader, preferred as donor; None without a base.
         rules: `tokens:` entries by token.
         pad_to_multiple_of: round the output rows up to a multiple of this.
+        min_rows: pad to at least this many rows (the base's, when the recipe names no
+            tokenizer: its padded vocabulary keeps its size).
 
     Raises:
         ValueError: a rule names a token its donor model lacks (the recipe checks name it first).
@@ -109,6 +112,7 @@ def plan_vocab(
     rows = tokens
     if pad_to_multiple_of and rows % pad_to_multiple_of:
         rows = (rows // pad_to_multiple_of + 1) * pad_to_multiple_of
+    rows = max(rows, min_rows)
     sources = {}
     for reader, vocab in vocabs.items():
         index = torch.full((tokens,), -1, dtype=torch.long)

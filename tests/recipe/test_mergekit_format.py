@@ -189,8 +189,7 @@ nonsense: 1
         ("models.1.extra", 11),
         ("modules", 14),
         ("parameters.t", 16),
-        ("tokenizer_source", 17),
-        ("tokenizer", 18),
+        ("tokenizer_source", 17),  # given twice: as tokenizer_source and as tokenizer:
         ("chat_template", 19),
         ("nonsense", 20),
     ]
