@@ -128,7 +128,7 @@ def run_recipe(
     plan, slices = _plan(
         recipe, schedule, (base_entry, base), list(zip(inputs_entries, inputs, strict=True))
     )
-    from hfmerge.pipeline.vocab import plan_vocabulary, save_vocabulary
+    from hfmerge.pipeline.vocab import plan_vocabulary, save_chat_template, save_vocabulary
 
     plan, vocabulary = plan_vocabulary(
         recipe,
@@ -165,6 +165,8 @@ def run_recipe(
         copy_config(staging, plan, recipe, slices)
         if vocabulary is not None:
             save_vocabulary(staging, vocabulary, plan)
+        if recipe.tokenizer is not None and recipe.tokenizer.chat_template is not None:
+            save_chat_template(staging, plan, recipe.tokenizer.chat_template)
         repaired = _repair(staging, plan, recipe, alignment.perms, schedule, progress=progress)
         write_side_files(
             staging,

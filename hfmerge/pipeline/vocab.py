@@ -60,16 +60,18 @@ def plan_vocabulary(
     readers = _vocab_readers(plan)
     sizes = {r: vocab_size(plan.readers[r]) for r in {0, *readers}}
     spec = recipe.tokenizer
-    if spec is None and len(set(sizes.values())) == 1:
+    asked = spec is not None and spec.changes_vocabulary
+    if not asked and len(set(sizes.values())) == 1:
         return plan, None
     if recipe.slices is not None:
         raise VocabularyError(
             "it does not combine with `slices:` yet",
             fix="stack models that share one vocabulary size, and remove `tokenizer:`",
         )
-    # Without `tokenizer:`, the base's tokenizer, and its padded size kept.
-    min_rows = (sizes[0] or 0) if spec is None else 0
-    spec = spec or TokenizerSpec(source="base")
+    # Without a `source`, the base's tokenizer, and its padded size kept.
+    unnamed = spec is None or spec.source is None
+    min_rows = (sizes[0] or 0) if unnamed else 0
+    spec = TokenizerSpec(source="base") if spec is None else spec
     tokenizers = _tokenizers(plan, readers, offline=offline)
     output = _output_tokenizer(spec, plan, entries, tokenizers, sizes)
     out_vocab: dict[str, int] = output.get_vocab()
@@ -155,7 +157,7 @@ def _output_tokenizer(
     tokenizers: Mapping[int, PreTrainedTokenizerBase],
     sizes: Mapping[int, int | None],
 ) -> PreTrainedTokenizerBase:
-    if spec.source == "base":
+    if spec.source in ("base", None):
         return tokenizers[0]
     if spec.source == "union":
         others = [(tokenizers[r], sizes[r]) for r in sorted(tokenizers) if r != 0]
@@ -188,7 +190,9 @@ def _notes(
     spec: TokenizerSpec,
 ) -> list[str]:
     """What happens to each token the models do not all share, in a few lines."""
-    notes = [f"output vocabulary: {len(out_vocab)} tokens (tokenizer source: {spec.source})"]
+    notes = [
+        f"output vocabulary: {len(out_vocab)} tokens (tokenizer source: {spec.source or 'base'})"
+    ]
     for r in readers:
         label = plan.readers[r].label
         # newest first: added tokens (chat markers) are the ones a user looks for
@@ -242,3 +246,30 @@ def _set_vocab_size(config: dict[str, Any], rows: int) -> None:
     for value in config.values():
         if isinstance(value, dict) and "vocab_size" in value:
             value["vocab_size"] = rows
+
+
+def save_chat_template(staging: Path, plan: MergePlan, value: str) -> None:
+    """Set the output tokenizer's chat template (`tokenizer.chat_template` of the recipe).
+
+    `auto` takes the template most of the models' tokenizers carry (none: left as it is).
+    """
+    from hfmerge.lm.chat_templates import chat_template
+
+    models = []
+    if value == "auto":
+        for model in plan.readers:
+            if has_tokenizer(model.source.path):
+                models.append(_template_of(_load(model, model.source.path)))
+    template = chat_template(value, models)
+    if template is None:
+        return
+    tokenizer = load_tokenizer(staging, label="the output")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(staging)
+
+
+def _template_of(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    return template if isinstance(template, str) else None

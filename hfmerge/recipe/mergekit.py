@@ -21,8 +21,9 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
 - a LoRA reference `model+lora` is a model with that adapter applied, which the recipe spells
   the same way;
 - `tokenizer_source` and the `tokenizer:` section become the recipe's `tokenizer:`.
-Not yet supported, each refused at its key: `modules`, `residual_weight`, `chat_template`, and
-`base_model` with `nuslerp`.
+- `chat_template` becomes the recipe's `tokenizer.chat_template`.
+Not yet supported, each refused at its key: `modules`, `residual_weight`, and `base_model` with
+`nuslerp`.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ _KNOWN = (
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "chat_template",
 )
 _REFUSED = {
     "modules": "`modules:` " + NOT_YET + "; list whole models under `models:`",
-    "chat_template": "`chat_template` " + NOT_YET + " (hfmerge keeps the base's template)",
 }
 # mergekit's run options (MergeOptions), sometimes pasted into configs; mergekit ignores them here.
 _RUN_OPTIONS = frozenset(
@@ -359,6 +360,12 @@ def _tokenizer(config: Mapping[str, Any], out: Translation) -> None:
         out.put(("tokenizer",), {"source": "union", **section}, ("tokenizer",))
     elif section is not None:
         out.put(("tokenizer",), section, ("tokenizer",))  # the schema reports its type
+    template = config.get("chat_template")
+    if template is not None:
+        if not isinstance(out.data.get("tokenizer", {}), dict):
+            return
+        out.put(("tokenizer", "chat_template"), template, ("chat_template",))
+        out.origins.setdefault(("tokenizer",), ("chat_template",))
 
 
 def _dtype(config: Mapping[str, Any], out: Translation) -> None:

@@ -125,9 +125,18 @@ class TokenSpec(_Strict):
 class TokenizerSpec(_Strict):
     """The output tokenizer, and how embedding rows follow it (mergekit's `tokenizer:`)."""
 
-    source: str = "union"  # `union`, `base`, or one of the models
+    # `union`, `base`, or one of the models; None: the base's, with its padded size kept
+    source: str | None = None
     tokens: dict[str, TokenSpec] = Field(default_factory=dict)
     pad_to_multiple_of: int | None = Field(None, gt=0)
+    # A named template (chatml, llama3, mistral, alpaca, exaone), `auto`, Jinja text or a file.
+    chat_template: str | None = Field(None, min_length=1)
+
+    @property
+    def changes_vocabulary(self) -> bool:
+        """Whether the section asks for more than the base's vocabulary (a chat template alone
+        does not)."""
+        return self.source is not None or bool(self.tokens) or self.pad_to_multiple_of is not None
 
 
 class ProbeSpec(_Strict):

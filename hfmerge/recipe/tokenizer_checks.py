@@ -28,6 +28,9 @@ def tokenizer_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     source = section.get("source")
     if isinstance(source, str) and source not in KEYWORD_SOURCES and source not in names:
         problems.append((("tokenizer", "source"), _not_a_model(source, names, keywords=True)))
+    template = section.get("chat_template")
+    if isinstance(template, str) and template:
+        problems += _template_problems(template)
     tokens = section.get("tokens")
     if isinstance(tokens, Mapping):
         for token, spec in tokens.items():
@@ -85,3 +88,20 @@ def _not_a_model(name: str, names: set[str], *, keywords: bool) -> str:
     listed = ", ".join(sorted(names)) or "none"
     choices = "`union`, `base` or one of the recipe's models" if keywords else "one of the models"
     return f"{name!r} is not {choices} (models: {listed})"
+
+
+def _template_problems(value: str) -> list[tuple[Location, str]]:
+    from pathlib import Path
+
+    from hfmerge.lm.chat_templates import AUTO, NAMED, is_template_text
+
+    if value in NAMED or value == AUTO or is_template_text(value) or Path(value).is_file():
+        return []
+    names = ", ".join(NAMED)
+    return [
+        (
+            ("tokenizer", "chat_template"),
+            f"{value!r} is not a named template ({names}), `auto`, Jinja text or a file (looked "
+            f"for {Path(value).absolute()})",
+        )
+    ]

@@ -149,3 +149,33 @@ def test_a_union_tokenizer_merge_gives_mergekits_tensors_and_tokenizes_the_chat_
     assert saved["vocab_size"] == ours[EMBED].shape[0] >= len(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+
+def test_a_chat_template_alone_sets_the_template_and_keeps_the_vocabulary(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    config = {
+        "models": [str(models["base"]), str(models["plain"])],
+        "merge": {"method": "linear"},
+        "tokenizer": {"chat_template": "chatml"},
+    }
+    out = _run(config, tmp_path)
+    assert read_weights(out)[EMBED].shape[0] == VOCAB  # no remap: the padded rows stay
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_mergekits_chat_template_key_runs(models: dict[str, Path], tmp_path: Path) -> None:
+    config = {
+        "models": [{"model": str(models["base"])}, {"model": str(models["plain"])}],
+        "merge_method": "linear",
+        "chat_template": "{{ 'custom:' + messages[0]['content'] }}",
+    }
+    out = _run(config, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == (
+        "custom:x"
+    )

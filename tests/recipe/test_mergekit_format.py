@@ -190,7 +190,6 @@ nonsense: 1
         ("modules", 14),
         ("parameters.t", 16),
         ("tokenizer_source", 17),  # given twice: as tokenizer_source and as tokenizer:
-        ("chat_template", 19),
         ("nonsense", 20),
     ]
 
