@@ -25,7 +25,7 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
 
 def render(template: str, conversation: list[dict[str, Any]], *, prompt: bool) -> str:
     try:
-        rendered, _ = render_jinja_template(
+        rendered = render_jinja_template(
             [conversation],
             chat_template=template,
             add_generation_prompt=prompt,
@@ -34,7 +34,7 @@ def render(template: str, conversation: list[dict[str, Any]], *, prompt: bool) -
         )
     except Exception as exc:  # a template may refuse a conversation: both must refuse it
         return f"refused: {type(exc).__name__}"
-    return str(rendered[0])
+    return str(rendered[0][0])  # (texts, generation indices) -> the one conversation's text
 
 
 @pytest.mark.mergekit
