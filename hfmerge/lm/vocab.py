@@ -40,7 +40,7 @@ def union_tokenizer(
         for index, info in decoder.items():
             if rows is None or index < rows:
                 added.setdefault(info.content, info)
-    result = _copy(base)
+    result = copied(base)
     known = base.get_vocab()
     for token in plain:
         if token not in known and token not in added:
@@ -50,8 +50,22 @@ def union_tokenizer(
     return result
 
 
-def _copy(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def copied(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A separate copy (adding tokens changes a tokenizer in place)."""
     with tempfile.TemporaryDirectory() as folder, quiet_transformers():
         tokenizer.save_pretrained(folder)
         return load_tokenizer(Path(folder), label="the base's tokenizer")
+
+
+def with_tokens(
+    tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]
+) -> PreTrainedTokenizerBase:
+    """A copy of `tokenizer` with each of `tokens` it lacks added (in order), or `tokenizer`
+    itself when it has them all."""
+    missing = [token for token in tokens if token not in tokenizer.get_vocab()]
+    if not missing:
+        return tokenizer
+    result = copied(tokenizer)
+    for token in missing:
+        result.add_tokens(token)
+    return result

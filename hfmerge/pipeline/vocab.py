@@ -13,20 +13,19 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from hfmerge.arch.config import config_field
 from hfmerge.engine.plan import MergePlan
 from hfmerge.engine.vocab import TokenRule, plan_vocab, vocab_tensors
 from hfmerge.errors import ModelSourceError, VocabularyError
-from hfmerge.lm.load import load_tokenizer
-from hfmerge.lm.vocab import model_vocab, union_tokenizer
 from hfmerge.recipe.schema import ModelEntry, Recipe, TokenizerSpec, TokenSource
 from hfmerge.sources.inspection import InspectedModel, vocab_size
 from hfmerge.sources.refs import fetch_files
 from hfmerge.tensors import has_tokenizer, plan_shards
+
+if TYPE_CHECKING:  # transformers is imported only when a merge changes the vocabulary
+    from transformers import PreTrainedTokenizerBase
 
 _SHOWN = 12  # tokens listed by name in a note; the rest are counted
 
@@ -72,6 +71,8 @@ def plan_vocabulary(
     unnamed = spec is None or spec.source is None
     min_rows = (sizes[0] or 0) if unnamed else 0
     spec = TokenizerSpec(source="base") if spec is None else spec
+    from hfmerge.lm.vocab import model_vocab
+
     tokenizers = _tokenizers(plan, readers, offline=offline)
     output = _output_tokenizer(spec, plan, entries, tokenizers, sizes)
     out_vocab: dict[str, int] = output.get_vocab()
@@ -140,6 +141,8 @@ def _tokenizers(
 
 
 def _load(model: InspectedModel, path: Path) -> PreTrainedTokenizerBase:
+    from hfmerge.lm.load import load_tokenizer
+
     try:
         return load_tokenizer(path, label=model.label)
     except (OSError, ValueError) as exc:
@@ -157,12 +160,18 @@ def _output_tokenizer(
     tokenizers: Mapping[int, PreTrainedTokenizerBase],
     sizes: Mapping[int, int | None],
 ) -> PreTrainedTokenizerBase:
+    """The tokenizer `spec.source` names, with every `tokens:` entry it lacks added (a new
+    special token, say), as mergekit does."""
+    from hfmerge.lm.vocab import union_tokenizer, with_tokens
+
     if spec.source in ("base", None):
-        return tokenizers[0]
-    if spec.source == "union":
+        tokenizer = tokenizers[0]
+    elif spec.source == "union":
         others = [(tokenizers[r], sizes[r]) for r in sorted(tokenizers) if r != 0]
-        return union_tokenizer(tokenizers[0], others)
-    return tokenizers[_reader_of(spec.source, entries)]
+        tokenizer = union_tokenizer(tokenizers[0], others)
+    else:
+        tokenizer = tokenizers[_reader_of(spec.source, entries)]
+    return with_tokens(tokenizer, list(spec.tokens))
 
 
 def _reader_of(name: str, entries: Sequence[ModelEntry]) -> int:
@@ -223,6 +232,8 @@ def save_vocabulary(staging: Path, output: OutputVocabulary, plan: MergePlan) ->
     Raises:
         VocabularyError: the saved tokenizer has more tokens than the embedding has rows (a bug).
     """
+    from hfmerge.lm.load import load_tokenizer
+
     output.tokenizer.save_pretrained(staging)
     path = staging / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -253,7 +264,7 @@ def save_chat_template(staging: Path, plan: MergePlan, value: str) -> None:
 
     `auto` takes the template most of the models' tokenizers carry (none: left as it is).
     """
-    from hfmerge.lm.chat_templates import chat_template
+    from hfmerge.recipe.chat_templates import chat_template
 
     models = []
     if value == "auto":
@@ -263,6 +274,8 @@ def save_chat_template(staging: Path, plan: MergePlan, value: str) -> None:
     template = chat_template(value, models)
     if template is None:
         return
+    from hfmerge.lm.load import load_tokenizer
+
     tokenizer = load_tokenizer(staging, label="the output")
     tokenizer.chat_template = template
     tokenizer.save_pretrained(staging)

@@ -93,7 +93,7 @@ def _not_a_model(name: str, names: set[str], *, keywords: bool) -> str:
 def _template_problems(value: str) -> list[tuple[Location, str]]:
     from pathlib import Path
 
-    from hfmerge.lm.chat_templates import AUTO, NAMED, is_template_text
+    from hfmerge.recipe.chat_templates import AUTO, NAMED, is_template_text
 
     if value in NAMED or value == AUTO or is_template_text(value) or Path(value).is_file():
         return []

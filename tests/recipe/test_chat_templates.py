@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from hfmerge.lm.chat_templates import AUTO, NAMED, chat_template
+from hfmerge.recipe.chat_templates import AUTO, NAMED, chat_template
 
 CONVERSATIONS: list[list[dict[str, Any]]] = [
     [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "hello\n"}],
