@@ -78,15 +78,20 @@ def plan_vocabulary(
     out_vocab: dict[str, int] = output.get_vocab()
     vocabs = {r: model_vocab(tokenizers[r], sizes[r]) for r in readers}
     base = 0 if 0 in readers else None
-    rules = {t: _rule(s, entries) for t, s in spec.tokens.items()}
-    vocab = plan_vocab(
-        out_vocab,
-        vocabs,
-        base=base,
-        rules=rules,
-        pad_to_multiple_of=spec.pad_to_multiple_of,
-        min_rows=min_rows,
-    )
+    rules = {t: _rule(s, entries, readers) for t, s in spec.tokens.items()}
+    try:
+        vocab = plan_vocab(
+            out_vocab,
+            vocabs,
+            base=base,
+            rules=rules,
+            pad_to_multiple_of=spec.pad_to_multiple_of,
+            min_rows=min_rows,
+        )
+    except ValueError as exc:  # a `tokens:` source that lacks the token it should give
+        raise VocabularyError(
+            str(exc), fix="name a model that has the token, or give `token:` or `token_id:`"
+        ) from None
     names = _token_indexed(plan.readers[0], sizes[0])
     jobs = [
         replace(job, shape=(vocab.rows, *job.shape[1:]), vocab=True)
@@ -174,21 +179,23 @@ def _output_tokenizer(
     return with_tokens(tokenizer, list(spec.tokens))
 
 
-def _reader_of(name: str, entries: Sequence[ModelEntry]) -> int:
-    """The reader a recipe name refers to (the recipe checks made sure one does)."""
-    return next(i for i, entry in enumerate(entries) if name in entry.spellings)
+def _reader_of(name: str, entries: Sequence[ModelEntry], among: Sequence[int] = ()) -> int:
+    """The reader a recipe name refers to (the recipe checks made sure one does); one of `among`
+    when it names one of them (the base of a `linear` merge is read as an input too)."""
+    found = [i for i, entry in enumerate(entries) if name in entry.spellings]
+    return next((i for i in found if i in among), found[0])
 
 
-def _rule(spec: Any, entries: Sequence[ModelEntry]) -> TokenRule:
+def _rule(spec: Any, entries: Sequence[ModelEntry], readers: Sequence[int]) -> TokenRule:
     source = spec.source
     if isinstance(source, TokenSource):
         if source.kind == "zero" or source.model is None:
             return TokenRule(None, force=spec.force)
-        reader = _reader_of(source.model, entries)
+        reader = _reader_of(source.model, entries, readers)
         return TokenRule(reader, source.token, source.token_id, force=spec.force)
     if source is None:
         return TokenRule(None, force=spec.force)
-    return TokenRule(_reader_of(source, entries), force=spec.force)
+    return TokenRule(_reader_of(source, entries, readers), force=spec.force)
 
 
 def _notes(

@@ -71,13 +71,13 @@ def config_text(method: str, models: list[Path], *, base: bool = True) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def run_mergekit(text: str, out: Path) -> None:
+def run_mergekit(text: str, out: Path, *, copy_tokenizer: bool = False) -> None:
     merge = pytest.importorskip("mergekit.merge")
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
-    options = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
+    options = MergeOptions(copy_tokenizer=copy_tokenizer, quiet=True, write_model_card=False)
     merge.run_merge(config, str(out), options=options)
 
 
