@@ -41,6 +41,7 @@ COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("canonicalize", model_commands.canonicalize),
     ("fingerprint", model_commands.fingerprint),
     ("cka", model_commands.cka),
+    ("units", model_commands.units),
     ("clean", recipe_commands.clean),
 )
 for name, command in COMMANDS:
