@@ -1,22 +1,26 @@
-"""Lasso from Gram matrices: many targets at once by coordinate descent, then a least-squares refit.
+"""Lasso from Gram matrices: many targets at once by ADMM, then a least-squares refit.
 
 Solves, per column j of `target`, min_β ½·βᵀGβ - t_jᵀβ + λ·‖β‖₁. With G the correlation matrix
 of the predictors and t_j their correlations with target j this is the standardised lasso
 (1/2n)·‖b_j - Aβ‖² + λ‖β‖₁ up to a constant, written with sums the caller already streamed.
 """
 
-# Coordinate descent (Friedman et al. 2010, covariance updates) rather than ISTA/FISTA: activation
-# units are strongly correlated, which makes G ill-conditioned; a proximal gradient step is then
-# tiny along most directions while a coordinate step is exact along its own. Every target shares
-# G, so one sweep updates a whole row of β [d_a, d_b] per coordinate and keeps the running product
-# Gβ current with one rank-one update.
+# ADMM (Boyd et al. 2011, §6.4) on the split β = z: β ← (G + ρI)⁻¹(t + ρ(z - u)),
+# z ← soft(β + u, λ/ρ), u ← u + β - z. Every target shares G, so one eigendecomposition serves all
+# iterations and all targets, and an iteration is one [d_a, d_a] @ [d_a, d_b] product. Activation
+# units are strongly correlated, which makes G ill-conditioned: proximal gradient (ISTA/FISTA) then
+# crawls, and coordinate descent, exact per coordinate, needs d_a Python-level steps per sweep and
+# thousands of sweeps (about 5 s per layer of width 128); ADMM reaches the same support and
+# objective (to 1e-14) in a few hundred products. z carries the exact zeros.
 
 from __future__ import annotations
 
 import torch
 
-MAX_SWEEPS = 2000
-TOLERANCE = 1e-9  # largest coefficient change in a sweep, in standardised units
+MAX_ITERATIONS = 20_000
+TOLERANCE = 1e-9  # on max |β - z| and ρ·max |Δz|, in standardised units
+STEP = 0.5  # ρ; the predictors are standardised (G_kk = 1), so one value suits every layer
+_CHECK_EVERY = 10  # iterations between convergence checks (each costs a device sync)
 
 
 def soft_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -29,35 +33,32 @@ def lasso_from_gram(
     target: torch.Tensor,
     *,
     penalty: float,
-    max_sweeps: int = MAX_SWEEPS,
+    max_iterations: int = MAX_ITERATIONS,
     tolerance: float = TOLERANCE,
 ) -> torch.Tensor:
     """Lasso coefficients [d_a, d_b] for `gram` [d_a, d_a] (Gᵀ = G, G ⪰ 0) and `target` [d_a, d_b].
 
-    A predictor with G_kk = 0 gets coefficient 0.
+    Exact zeros mark the predictors a target does not use.
     """
     if penalty < 0:
         raise ValueError(f"the L1 penalty must be >= 0, got {penalty}")
     gram, target = gram.double(), target.double()
-    beta = torch.zeros_like(target)  # [d_a, d_b]
-    product = torch.zeros_like(target)  # Gβ [d_a, d_b], kept current
-    diagonal = gram.diagonal()
-    active = [k for k in range(gram.shape[0]) if float(diagonal[k]) > 0]
-    for _ in range(max_sweeps):
-        largest = 0.0
-        for k in active:
-            # Partial residual correlation of coordinate k with every target, then its exact update.
-            partial = target[k] - product[k] + diagonal[k] * beta[k]  # [d_b]
-            change = soft_threshold(partial, penalty) / diagonal[k] - beta[k]  # [d_b]
-            size = float(change.abs().max())
-            if size == 0.0:
-                continue
-            beta[k] += change
-            product += torch.outer(gram[:, k], change)  # [d_a] x [d_b] -> [d_a, d_b]
-            largest = max(largest, size)
-        if largest < tolerance:
-            break
-    return beta
+    values, vectors = torch.linalg.eigh(gram)  # G = V diag(λ) Vᵀ
+    # (G + ρI)⁻¹ = V diag(1/(λ + ρ)) Vᵀ: [d_a, d_a] scaled by column, then @ [d_a, d_a]
+    solve = (vectors / (values.clamp_min(0) + STEP)) @ vectors.T
+    z = torch.zeros_like(target)  # [d_a, d_b]
+    u = torch.zeros_like(target)  # scaled dual [d_a, d_b]
+    for iteration in range(max_iterations):
+        beta = solve @ (target + STEP * (z - u))  # [d_a, d_a] @ [d_a, d_b]
+        previous = z
+        z = soft_threshold(beta + u, penalty / STEP)
+        u += beta - z
+        if iteration % _CHECK_EVERY == 0:
+            primal = float((beta - z).abs().max())
+            dual = STEP * float((z - previous).abs().max())
+            if max(primal, dual) < tolerance:
+                break
+    return z
 
 
 def refit_on_support(
@@ -84,4 +85,4 @@ def refit_on_support(
     return beta
 
 
-__all__ = ["MAX_SWEEPS", "TOLERANCE", "lasso_from_gram", "refit_on_support", "soft_threshold"]
+__all__ = ["MAX_ITERATIONS", "TOLERANCE", "lasso_from_gram", "refit_on_support", "soft_threshold"]
