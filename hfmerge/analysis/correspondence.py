@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hfmerge.analysis.coclusters import co_cluster
+from hfmerge.analysis.coclusters import CoClusters, co_cluster
 from hfmerge.analysis.lasso import lasso_from_gram, refit_on_support
 from hfmerge.analysis.similarity import CkaAccumulator
 from hfmerge.analysis.units import correlations_of, matching
@@ -202,6 +202,21 @@ def heldout_r2(weights: torch.Tensor, fit: Moments, heldout: Moments) -> torch.T
     return 1 - error / variance_b.clamp_min(1e-300)
 
 
+def unit_groups(
+    corr_aa: torch.Tensor,
+    corr_bb: torch.Tensor,
+    corr_ab: torch.Tensor,
+    *,
+    l1_penalty: float = L1_PENALTY,
+    seed: int = 0,
+) -> CoClusters:
+    """Co-cluster A's and B's units on the |r| graph of the pairs the lasso ties either way."""
+    b_on_a = lasso_from_gram(corr_aa, corr_ab, penalty=l1_penalty)  # [d_a, d_b]
+    a_on_b = lasso_from_gram(corr_bb, corr_ab.T, penalty=l1_penalty)  # [d_b, d_a]
+    ties = (b_on_a != 0) | (a_on_b != 0).T  # [d_a, d_b]
+    return co_cluster(corr_ab.abs() * ties, seed=seed)
+
+
 def many_to_many(
     corr_aa: torch.Tensor,
     corr_bb: torch.Tensor,
@@ -210,11 +225,8 @@ def many_to_many(
     l1_penalty: float = L1_PENALTY,
     seed: int = 0,
 ) -> ManyToMany:
-    """Co-cluster A's and B's units on the |r| graph of the lasso's ties; summarise the groups."""
-    b_on_a = lasso_from_gram(corr_aa, corr_ab, penalty=l1_penalty)  # [d_a, d_b]
-    a_on_b = lasso_from_gram(corr_bb, corr_ab.T, penalty=l1_penalty)  # [d_b, d_a]
-    ties = (b_on_a != 0) | (a_on_b != 0).T  # [d_a, d_b]
-    clusters = co_cluster(corr_ab.abs() * ties, seed=seed)
+    """The groups of `unit_groups`, summarised: |r| within and across, and their sizes."""
+    clusters = unit_groups(corr_aa, corr_bb, corr_ab, l1_penalty=l1_penalty, seed=seed)
     same = clusters.labels_a[:, None] == clusters.labels_b[None, :]  # [d_a, d_b]
     same &= (clusters.labels_a >= 0)[:, None]
     strength = corr_ab.abs()
@@ -266,4 +278,5 @@ __all__ = [
     "layer_correspondence",
     "many_to_many",
     "one_to_many",
+    "unit_groups",
 ]

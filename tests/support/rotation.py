@@ -26,11 +26,12 @@ _WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # weights [hidden, in] that ad
 def block_rotation(width: int, *, block: int, seed: int) -> torch.Tensor:
     """A block-diagonal orthogonal [width, width] matrix of random `block`×`block` rotations."""
     generator = torch.Generator().manual_seed(seed)
-    blocks = []
-    for _ in range(width // block):
-        q, _ = torch.linalg.qr(torch.randn(block, block, generator=generator, dtype=torch.float64))
-        blocks.append(q)  # [block, block], orthogonal
-    return torch.block_diag(*blocks)  # [width, width]
+    rotation = torch.zeros(width, width, dtype=torch.float64)
+    for start in range(0, width - width % block, block):
+        noise = torch.randn(block, block, generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(noise)  # [block, block], orthogonal
+        rotation[start : start + block, start : start + block] = q
+    return rotation  # [width, width]
 
 
 def rotated_state_dict(
