@@ -5,17 +5,20 @@ one-to-many and many-to-many, from streamed first and second moments.
   each B unit predicted by its matched A unit alone;
 - one-to-many: each B unit regressed on all A units with an L1 penalty (standardised lasso on the
   fit windows, refit on the units it keeps); the mean number of A units used and the held-out R²;
-- many-to-many: spectral co-clustering of the bipartite A–B graph (`analysis/coclusters.py`);
+- many-to-many: spectral co-clustering of the bipartite A–B graph of lasso ties
+  (`analysis/coclusters.py`);
   mean |r| within groups against across groups, and how many A and B units each group holds.
 """
 
-# The many-to-many graph is the |r| graph restricted to the pairs that sparse regression ties in
-# either direction (A unit in the lasso of a B unit, or B unit in the lasso of an A unit). Units of
-# one trained network correlate strongly among themselves (|r| up to ~0.9 in the zoo models), so
-# in the full |r| graph a B unit is tied almost as strongly to its copy's neighbours as to its copy,
-# and no clustering separates even an exact permutation. The lasso keeps the A units that add to
-# the prediction, which is what "corresponds" means: a permuted copy keeps exactly its matches, a
-# block-wise mixing exactly its blocks, whatever the correlations among A's own units.
+# The many-to-many graph weighs an A–B edge by the pair's standardised lasso coefficients, B unit
+# on A's units and A unit on B's, averaged; zero where neither lasso uses the pair. The full |r|
+# graph separates nothing: units of one trained network correlate strongly among themselves (|r|
+# up to ~0.9 in the zoo models), so a B unit is tied almost as strongly to its copy's neighbours
+# as to its copy, and even an exact permutation clusters into two halves. The coefficients keep
+# what each unit adds given the others, which is what "corresponds" means: a permuted copy keeps
+# exactly its matches, a block-wise mixing exactly its blocks, and a fine-tune (zoo:code) comes out
+# one-to-one where |r| weights on the same edges merge it into two or three groups. Within/across
+# are still reported as mean |r|.
 
 # Held-out R² uses only moments: with coefficients W [d_a, d_b] and the intercept from the fit
 # windows, the residual on held-out windows has mean Δm_b - Δm_aᵀW (Δ: held-out mean minus fit
@@ -100,7 +103,7 @@ class OneToMany:
 
 @dataclass(frozen=True)
 class ManyToMany:
-    """Groups of A and B units from spectral co-clustering of the lasso-sparsified |r| graph."""
+    """Groups of A and B units from spectral co-clustering of the lasso-coefficient graph."""
 
     groups: int
     within_abs_r: float  # mean |r| over A–B pairs in the same group
@@ -210,11 +213,11 @@ def unit_groups(
     l1_penalty: float = L1_PENALTY,
     seed: int = 0,
 ) -> CoClusters:
-    """Co-cluster A's and B's units on the |r| graph of the pairs the lasso ties either way."""
+    """Co-cluster A's and B's units on the graph of their standardised lasso coefficients, each
+    side regressed on the other (mean of the two |β|)."""
     b_on_a = lasso_from_gram(corr_aa, corr_ab, penalty=l1_penalty)  # [d_a, d_b]
     a_on_b = lasso_from_gram(corr_bb, corr_ab.T, penalty=l1_penalty)  # [d_b, d_a]
-    ties = (b_on_a != 0) | (a_on_b != 0).T  # [d_a, d_b]
-    return co_cluster(corr_ab.abs() * ties, seed=seed)
+    return co_cluster((b_on_a.abs() + a_on_b.abs().T) / 2, seed=seed)  # [d_a, d_b]
 
 
 def many_to_many(

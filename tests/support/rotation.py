@@ -23,13 +23,18 @@ _READERS = {  # norm gain -> the weights [out, hidden] that read the normed stre
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # weights [hidden, in] that add to the stream
 
 
-def block_rotation(width: int, *, block: int, seed: int) -> torch.Tensor:
-    """A block-diagonal orthogonal [width, width] matrix of random `block`×`block` rotations."""
+def block_rotation(width: int, *, block: int, seed: int, min_entry: float = 0.2) -> torch.Tensor:
+    """A block-diagonal orthogonal [width, width] matrix of random `block`×`block` rotations,
+    each mixing all its units: every entry at least `min_entry` in size (a rotation with a tiny
+    entry is close to one that mixes fewer units, and the planted block would be ambiguous)."""
     generator = torch.Generator().manual_seed(seed)
     rotation = torch.zeros(width, width, dtype=torch.float64)
     for start in range(0, width - width % block, block):
-        noise = torch.randn(block, block, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(noise)  # [block, block], orthogonal
+        while True:
+            noise = torch.randn(block, block, generator=generator, dtype=torch.float64)
+            q, _ = torch.linalg.qr(noise)  # [block, block], orthogonal
+            if float(q.abs().min()) >= min_entry:
+                break
         rotation[start : start + block, start : start + block] = q
     return rotation  # [width, width]
 
