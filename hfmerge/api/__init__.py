@@ -17,20 +17,23 @@ importing this package (and `import hfmerge`) stays fast.
 
 from hfmerge.api.housekeeping import clean
 from hfmerge.api.listings import ArchSupport, MethodInfo, ZooMember, archs, methods, zoo
-from hfmerge.api.measures import units
-from hfmerge.api.models import (
-    AlignMethod,
-    AlignResult,
+from hfmerge.api.measures import (
     BarrierReport,
-    CanonicalizeResult,
     EvalReport,
     FingerprintReport,
-    align,
     barrier,
-    canonicalize,
     cka,
     evaluate,
     fingerprint,
+    units,
+)
+from hfmerge.api.models import (
+    AlignMethod,
+    AlignResult,
+    CanonicalizeResult,
+    align,
+    canonicalize,
+    extract_lora,
 )
 from hfmerge.api.recipes import PushResult, Validation, convert, push, run, validate
 from hfmerge.pipeline.options import RunOptions
@@ -56,6 +59,7 @@ __all__ = [
     "clean",
     "convert",
     "evaluate",
+    "extract_lora",
     "fingerprint",
     "methods",
     "push",
