@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny Llama, its permuted copy, a block-rotated copy, and another random init."""
+    """A tiny Llama, its permuted copy, a block-rotated copy, another random init, a deeper one."""
     root = tmp_path_factory.mktemp("units")
     a = save_lm("llama", root / "a", seed=0)
     return {
@@ -28,6 +28,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "permuted": save_permuted_copy(a, root / "permuted", seed=4),
         "rotated": save_rotated_copy(a, root / "rotated", block=4, seed=5),
         "other": save_lm("llama", root / "other", seed=1),
+        "deep": save_lm("llama", root / "deep", seed=2, num_hidden_layers=4),
     }
 
 
@@ -109,6 +110,12 @@ def test_another_init_is_low_on_every_measure(models: dict[str, Path]) -> None:
         assert layer.one_to_many.heldout_r2 < 0.1
         assert layer.one_to_many.single_unit_heldout_r2 < 0.1
         assert layer.many_to_many.within_abs_r < 0.2
+
+
+def test_models_of_different_depth_pair_by_relative_depth(models: dict[str, Path]) -> None:
+    report = _units(models, "deep")
+    pairs = [(layer.layer_a, layer.layer_b) for layer in report.layers]
+    assert pairs == [("embeddings", "embeddings"), ("block.0", "block.1"), ("block.1", "block.3")]
 
 
 def test_errors_are_one_paragraph(
