@@ -34,6 +34,7 @@ from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
 from hfmerge.engine.readers import open_reader
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
+from hfmerge.errors import MethodParameterError
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
 from hfmerge.runtime import capped_threads, resolve_device
@@ -365,7 +366,10 @@ def _run_step(
         for first, part in apply_in_pieces(step.merge, chunk, dtype, tuning, on_non_finite):
             behind.put(name, first, part.cpu())
         return
-    parts = splitter.apply(step.merge, chunk, dtype)
+    try:
+        parts = splitter.apply(step.merge, chunk, dtype)
+    except MethodParameterError as error:  # e.g. multislerp's cancelling directions
+        raise error.in_tensor(name) from None
     expected = tuple(step.tensors[0].shape) if step.tensors else step.job.shape
     got = _joined_shape([part for _, part in parts])
     if got != expected:

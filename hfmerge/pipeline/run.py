@@ -113,7 +113,7 @@ def run_recipe(
         )
     assert recipe.merge is not None
     force, progress, offline = options.force, options.progress, options.offline
-    method = get_method(recipe.merge.method)
+    method = get_method(recipe.merge.method).with_base(recipe.base is not None)
     # A `slices:` recipe reads its base as one more model: the output takes its config.
     needs_base = method.needs_base or recipe.slices is not None
     base_entry, inputs_entries = _split_base(recipe, needs_base=needs_base)

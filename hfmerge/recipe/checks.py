@@ -145,6 +145,7 @@ def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
         return slice_problems(data, method)
     entries = _model_entries(data)
     base = data.get("base")
+    method = method.with_base(base is not None)
     # Task-vector methods merge the models other than the base; the rest merge every listed model.
     positions = [i for i, e in enumerate(entries) if not method.needs_base or _named(e) != base]
     per_model = [{k: v for k, v in entries[i].items() if k not in _MODEL_KEYS} for i in positions]

@@ -8,8 +8,9 @@ so every problem found after the translation is reported at the config's own key
 What mergekit does and hfmerge follows (behaviour read from mergekit, not its code):
 - per-model parameters (`weight`, `density`, ...) given in the top-level `parameters:` apply to
   every model that does not set its own;
-- `base_model` that is not in `models:` is still an input; for `linear` it is merged as one more
-  model, for task-vector methods it is the base;
+- `base_model` that is not in `models:` is still an input; for `linear` (and `karcher`) it is
+  merged as one more model, for task-vector methods and `multislerp` (whose base is optional) it
+  is the base;
 - the written dtype is `out_dtype`, else `dtype` (hfmerge always computes in float32);
 - switches hfmerge does not need (`int8_mask`, mergekit's command-line options) are dropped with
   a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores;
@@ -233,8 +234,10 @@ def _models(
 def _base_listed(method: MergeMethod | None, count: int) -> bool:
     """Whether a base missing from `models` is listed there too. mergekit merges it as one more
     input: for `linear` that changes the result; a task-vector method takes it as the base
-    wherever it is listed, and a recipe lists at least two models."""
-    return (method is not None and not method.needs_base) or count < 2
+    wherever it is listed (so does a method whose base is optional, e.g. multislerp), and a
+    recipe lists at least two models."""
+    merges_base = method is not None and not method.needs_base and not method.optional_base
+    return merges_base or count < 2
 
 
 def _model_entry(
