@@ -132,6 +132,14 @@ class MethodParameterError(HfMergeError):
         return MethodParameterError(self.method, self.problem, self.fix, tensor=tensor)
 
 
+class VocabularyError(HfMergeError):
+    """The models' vocabularies cannot be merged as the recipe asks."""
+
+    def __init__(self, problem: str, *, fix: str) -> None:
+        self.problem = problem
+        super().__init__(f"Tokenizer merging: {problem}", fix=fix)
+
+
 class ArchitectureError(HfMergeError):
     """A model's architecture is unsupported, or its tensors do not match its family's spec."""
 

@@ -20,9 +20,11 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
 - `slices:` (block ranges stacked into a new model) become the recipe's `slices:`, each source's
   `parameters` beside it and a slice's `base_model` as its `base`;
 - a LoRA reference `model+lora` is a model with that adapter applied, which the recipe spells
-  the same way.
-Not yet supported, each refused at its key: `modules`, `residual_weight`, `tokenizer_source`
-other than `base`, `tokenizer:`, `chat_template`, and `base_model` with `nuslerp`.
+  the same way;
+- `tokenizer_source` and the `tokenizer:` section become the recipe's `tokenizer:`.
+- `chat_template` becomes the recipe's `tokenizer.chat_template`.
+Not yet supported, each refused at its key: `modules`, `residual_weight`, and `base_model` with
+`nuslerp`.
 """
 
 from __future__ import annotations
@@ -40,11 +42,20 @@ from hfmerge.recipe.yaml_locations import Location, read_yaml
 
 MARKERS = ("merge_method", "slices")  # a top-level key that only a mergekit config has
 NOT_YET = "is not supported yet"
-_KNOWN = ("models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
+_KNOWN = (
+    "models",
+    "slices",
+    "merge_method",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
 _REFUSED = {
     "modules": "`modules:` " + NOT_YET + "; list whole models under `models:`",
-    "tokenizer": "the `tokenizer:` section " + NOT_YET + " (hfmerge keeps the base's tokenizer)",
-    "chat_template": "`chat_template` " + NOT_YET + " (hfmerge keeps the base's template)",
 }
 # mergekit's run options (MergeOptions), sometimes pasted into configs; mergekit ignores them here.
 _RUN_OPTIONS = frozenset(
@@ -153,6 +164,7 @@ def translate(config: Mapping[str, Any]) -> Translation:
         for name in globals_:
             out.origins[("merge", "parameters", name)] = ("parameters", name)
     _dtype(config, out)
+    _tokenizer(config, out)
     return out
 
 
@@ -160,19 +172,10 @@ def _top_level(config: Mapping[str, Any], out: Translation) -> None:
     for key in config:
         if key in _REFUSED:
             out.problems.append(((key,), _REFUSED[key]))
-        elif key == "tokenizer_source":
-            if config[key] not in (None, "base"):
-                out.problems.append(
-                    (
-                        (key,),
-                        f"tokenizer_source {config[key]!r} {NOT_YET}: only `base` (the base "
-                        "model's tokenizer, hfmerge's choice) is; remove the key or set `base`",
-                    )
-                )
         elif key in _RUN_OPTIONS:
             out.notes.append(f"{key}: a mergekit run option hfmerge does not need; ignored")
         elif key not in _KNOWN:
-            valid = ", ".join([*_KNOWN, "tokenizer_source"])
+            valid = ", ".join(_KNOWN)
             out.problems.append(((key,), f"unknown mergekit key {key!r} (valid keys: {valid})"))
 
 
@@ -342,6 +345,30 @@ def _entry_key(
     else:
         valid = ", ".join(sorted(("model", "parameters", "revision", *extra)))
         out.problems.append((where, f"unknown key {key!r} in a model entry (valid: {valid})"))
+
+
+def _tokenizer(config: Mapping[str, Any], out: Translation) -> None:
+    """`tokenizer_source: X` and the `tokenizer:` section (whose `source` defaults to `union`,
+    as in mergekit) as the recipe's `tokenizer:`."""
+    source, section = config.get("tokenizer_source"), config.get("tokenizer")
+    if source is not None and section is not None:
+        out.problems.append(
+            (("tokenizer_source",), "give `tokenizer_source` or a `tokenizer:` section, not both")
+        )
+        return
+    if source is not None:
+        out.put(("tokenizer",), {"source": source}, ("tokenizer_source",))
+        out.origins[("tokenizer", "source")] = ("tokenizer_source",)
+    elif isinstance(section, Mapping):
+        out.put(("tokenizer",), {"source": "union", **section}, ("tokenizer",))
+    elif section is not None:
+        out.put(("tokenizer",), section, ("tokenizer",))  # the schema reports its type
+    template = config.get("chat_template")
+    if template is not None:
+        if not isinstance(out.data.get("tokenizer", {}), dict):
+            return
+        out.put(("tokenizer", "chat_template"), template, ("chat_template",))
+        out.origins.setdefault(("tokenizer",), ("chat_template",))
 
 
 def _dtype(config: Mapping[str, Any], out: Translation) -> None:

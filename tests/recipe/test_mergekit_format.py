@@ -202,9 +202,7 @@ nonsense: 1
         ("models.1.extra", 11),
         ("modules", 14),
         ("parameters.t", 16),
-        ("tokenizer_source", 17),
-        ("tokenizer", 18),
-        ("chat_template", 19),
+        ("tokenizer_source", 17),  # given twice: as tokenizer_source and as tokenizer:
         ("nonsense", 20),
     ]
 
