@@ -151,16 +151,13 @@ def compute_cka(
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
     from hfmerge.lm.batches import probe_batches
-    from hfmerge.lm.load import position_limit
     from hfmerge.lm.probe import default_pooling
-    from hfmerge.lm.textdata import describe_data, load_texts, token_windows
+    from hfmerge.lm.textdata import describe_data, load_texts
 
     pooling = pooling or default_pooling(units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    pair = _load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
-    limits = [limit for m in pair.models if (limit := position_limit(m.config)) is not None]
-    length = min([max_length, *limits])
-    windows = token_windows(pair.tokenizer, texts, max_length=length, samples=samples)
+    pair = load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
+    windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
     matrix, tokens = _stream(pair, batches, pooling=pooling, progress=progress)
     if matrix.count < MIN_CKA_SAMPLES:
@@ -191,8 +188,21 @@ def compute_cka(
     )
 
 
+def probe_windows(
+    pair: ProbePair, texts: list[str], *, max_length: int, samples: int | None
+) -> tuple[list[torch.Tensor], int]:
+    """The probe windows of `texts` for both models, and their length (`max_length`, or less
+    where a model's position limit is lower)."""
+    from hfmerge.lm.load import position_limit
+    from hfmerge.lm.textdata import token_windows
+
+    limits = [limit for m in pair.models if (limit := position_limit(m.config)) is not None]
+    length = min([max_length, *limits])
+    return token_windows(pair.tokenizer, texts, max_length=length, samples=samples), length
+
+
 @dataclass(frozen=True)
-class _Pair:
+class ProbePair:
     """Both models loaded for probing, with the tokenizer they share."""
 
     models: tuple[PreTrainedModel, PreTrainedModel]
@@ -201,13 +211,19 @@ class _Pair:
     revisions: dict[str, str | None]
 
 
-def _load_pair(
+def load_pair(
     source_a: ModelSource,
     source_b: ModelSource,
     *,
     device_map: DeviceMap | None,
     max_memory: MaxMemory | None,
-) -> _Pair:
+) -> ProbePair:
+    """Load both models for probing with their shared tokenizer.
+
+    Raises:
+        ModelSourceError: a model cannot be loaded.
+        IncompatibleModelsError: no shared tokenizer, or one is causal and the other is not.
+    """
     from hfmerge.lm.load import is_causal, load_probe_model, shared_tokenizer
 
     label_a, label_b = source_a.label, source_b.label
@@ -221,13 +237,13 @@ def _load_pair(
         raise IncompatibleModelsError(
             label_a, label_b, ["one is a causal LM and the other a bidirectional encoder"]
         )
-    return _Pair(
+    return ProbePair(
         (a, b), tokenizer, causal, {"model_a": source_a.revision, "model_b": source_b.revision}
     )
 
 
 def _stream(
-    pair: _Pair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling, progress: bool
+    pair: ProbePair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling, progress: bool
 ) -> tuple[CkaMatrix, int]:
     """Feed every batch's states into one CkaMatrix; returns it and the tokens that entered."""
     from hfmerge.lm.probe import paired_states
@@ -346,11 +362,14 @@ def _matrix_table(report: CkaReport) -> str:
 
 __all__ = [
     "CkaReport",
+    "ProbePair",
     "check_fail_under",
     "compute_cka",
     "diagonal_pairs",
     "failing_layers",
     "format_report",
     "layer_names",
+    "load_pair",
+    "probe_windows",
     "short_name",
 ]

@@ -41,15 +41,22 @@ def correlations(accumulator: CkaAccumulator) -> tuple[torch.Tensor, torch.Tenso
 
     A unit that never varies correlates 0 with everything (1 with itself, so solves stay regular).
     """
-    cov_aa = accumulator.x.covariance()  # [d_a, d_a]
-    cov_bb = accumulator.y.covariance()  # [d_b, d_b]
+    return correlations_of(
+        accumulator.x.covariance(), accumulator.y.covariance(), accumulator.cross_covariance()
+    )
+
+
+def correlations_of(
+    cov_aa: torch.Tensor, cov_bb: torch.Tensor, cov_ab: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`correlations` from the covariances [d_a, d_a], [d_b, d_b] and [d_a, d_b]."""
     std_a = cov_aa.diagonal().clamp_min(0).sqrt()  # [d_a]
     std_b = cov_bb.diagonal().clamp_min(0).sqrt()  # [d_b]
     corr_aa = _normalise(cov_aa, std_a, std_a)
     corr_bb = _normalise(cov_bb, std_b, std_b)
     corr_aa.fill_diagonal_(1.0)
     corr_bb.fill_diagonal_(1.0)
-    return corr_aa, corr_bb, _normalise(accumulator.cross_covariance(), std_a, std_b)
+    return corr_aa, corr_bb, _normalise(cov_ab, std_a, std_b)
 
 
 def _normalise(cov: torch.Tensor, std_rows: torch.Tensor, std_cols: torch.Tensor) -> torch.Tensor:
@@ -59,14 +66,21 @@ def _normalise(cov: torch.Tensor, std_rows: torch.Tensor, std_cols: torch.Tensor
     return torch.where(scale > floor, cov / scale.clamp_min(1e-300), 0.0)
 
 
-def matched_correlation(corr_ab: torch.Tensor) -> float:
-    """Mean correlation over the one-to-one matching of units that maximises total correlation."""
+def matching(corr_ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-to-one matching of units that maximises total correlation: A indices, B indices
+    (min(d_a, d_b) pairs each)."""
     # Imported here: importing scipy.optimize is slow, and every merge would pay for it via the
     # CKA gate's import of this module.
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(corr_ab.numpy(), maximize=True)
-    return float(corr_ab[torch.from_numpy(rows), torch.from_numpy(cols)].mean())
+    return torch.from_numpy(rows), torch.from_numpy(cols)
+
+
+def matched_correlation(corr_ab: torch.Tensor) -> float:
+    """Mean correlation over the one-to-one matching of units that maximises total correlation."""
+    rows, cols = matching(corr_ab)
+    return float(corr_ab[rows, cols].mean())
 
 
 def sparse_r2(corr_aa: torch.Tensor, corr_ab: torch.Tensor, *, top_k: int) -> torch.Tensor:
@@ -112,7 +126,9 @@ __all__ = [
     "TOP_K",
     "UnitCorrespondence",
     "correlations",
+    "correlations_of",
     "matched_correlation",
+    "matching",
     "sparse_r2",
     "unit_correspondence",
 ]

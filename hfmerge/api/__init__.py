@@ -8,6 +8,7 @@ or `zoo:NAME`, and resolves them (`hfmerge.sources.refs`); everything below take
     from hfmerge import api
     result = api.run("recipes/demo.yaml", api.RunOptions(force=True))
     report = api.cka("zoo:seed0", "zoo:seed1", samples=64)
+    correspondence = api.units("zoo:seed0", "zoo:seed1", samples=64)
 
 Every function raises `HfMergeError` (or a subclass) for a problem the user can fix, with what
 went wrong, why, and the fix. torch and transformers are imported inside the functions, so
@@ -24,6 +25,7 @@ from hfmerge.api.measures import (
     cka,
     evaluate,
     fingerprint,
+    units,
 )
 from hfmerge.api.models import (
     AlignMethod,
@@ -62,6 +64,7 @@ __all__ = [
     "methods",
     "push",
     "run",
+    "units",
     "validate",
     "zoo",
 ]

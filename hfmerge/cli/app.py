@@ -42,6 +42,7 @@ COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("fingerprint", model_commands.fingerprint),
     ("extract-lora", model_commands.extract_lora),
     ("cka", model_commands.cka),
+    ("units", model_commands.units),
     ("clean", recipe_commands.clean),
 )
 for name, command in COMMANDS:

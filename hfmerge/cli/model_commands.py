@@ -1,5 +1,5 @@
 """The commands that measure or rewrite models: eval, barrier, align, canonicalize, fingerprint,
-cka, extract-lora.
+cka, units, extract-lora.
 
 Each parses its options, checks where its reports go before the long work, calls one
 `hfmerge.api` function and prints the result. `cli/app.py` registers them.
@@ -265,6 +265,51 @@ def cka(
 
         say(f"wrote {plot_cka(report, plot)}")
     check_fail_under(report, fail_under)
+
+
+def units(
+    model_a: EvalModelArg,
+    model_b: EvalModelArg,
+    data: EvalDataOpt = None,
+    samples: Annotated[
+        int, typer.Option("--samples", min=2, help="Probe windows (every fourth is held out).")
+    ] = 256,
+    max_length: EvalLengthOpt = 128,
+    batch_size: EvalBatchOpt = 8,
+    l1_penalty: Annotated[
+        float | None,
+        typer.Option("--l1", min=0.0, help="Lasso penalty in correlation units [default: 0.05]."),
+    ] = None,
+    json_out: EvalJsonOpt = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot by layer.")] = None,
+    device_map: Annotated[
+        str, typer.Option("--device-map", help="auto, cpu, cuda:0, ... or a JSON device map.")
+    ] = "auto",
+) -> None:
+    """How the units of MODEL_A and MODEL_B correspond per layer (Li et al. 2016): one-to-one
+    (matched r), one-to-many (lasso, held-out R²) and many-to-many (spectral groups)."""
+    from hfmerge import api
+    from hfmerge.analysis.reports import write_json
+    from hfmerge.analysis.unit_report import format_units
+
+    _check_reports(json_out, plot)
+    report = api.units(
+        model_a,
+        model_b,
+        data=data,
+        samples=samples,
+        max_length=max_length,
+        batch_size=batch_size,
+        l1_penalty=l1_penalty,
+        device_map=device_map,
+    )
+    typer.echo(format_units(report))
+    if json_out is not None:
+        say(f"wrote {write_json(json_out, report.to_json())}")
+    if plot is not None:
+        from hfmerge.analysis.units_plot import plot_units
+
+        say(f"wrote {plot_units(report, plot)}")
 
 
 def extract_lora(

@@ -1,8 +1,8 @@
 """Report and output paths that cannot be written fail at once, not after the work that fills them.
 
-`eval`, `barrier` and `cka` can run for minutes before they write `--json` or `--plot`. Each case
-names a model that does not exist: were the path checked only at the end, the error would be
-about that model instead. `align --out` is checked before its models are resolved too.
+`eval`, `barrier`, `cka` and `units` can run for minutes before they write `--json` or `--plot`.
+Each case names a model that does not exist: were the path checked only at the end, the error
+would be about that model instead. `align --out` is checked before its models are resolved too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ COMMANDS = {
     "cka --json": ["cka", MISSING_MODEL, MISSING_MODEL, "--json"],
     "cka --plot": ["cka", MISSING_MODEL, MISSING_MODEL, "--plot"],
     "cka --units --json": ["cka", MISSING_MODEL, MISSING_MODEL, "--units", "--json"],
+    "units --json": ["units", MISSING_MODEL, MISSING_MODEL, "--json"],
+    "units --plot": ["units", MISSING_MODEL, MISSING_MODEL, "--plot"],
 }
 
 
