@@ -15,6 +15,7 @@ from hfmerge.methods.passthrough import PASSTHROUGH
 from hfmerge.methods.slerp import SLERP
 from hfmerge.methods.task_arithmetic import TASK_ARITHMETIC
 from hfmerge.methods.ties import TIES
+from hfmerge.methods.tsv import TSV
 
 _ALL = (
     LINEAR,
@@ -31,6 +32,7 @@ _ALL = (
     NEARSWAP,
     NUSLERP,
     PASSTHROUGH,
+    TSV,
 )
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}
