@@ -64,6 +64,8 @@ class TaskVectorModelParams(WeightedModelParams):
         "this share of its squared singular values",
     )
 
+    alternatives: ClassVar[tuple[frozenset[str], ...]] = (frozenset({"rank", "energy"}),)
+
     @field_validator("energy")
     @classmethod
     def _one_truncation(cls, energy: float | None, info: ValidationInfo) -> float | None:

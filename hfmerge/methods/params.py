@@ -48,6 +48,9 @@ class ModelParams(BaseModel):
 
     # Field that a model-level (cross-field) check reports its error at.
     blame: ClassVar[str | None] = None
+    # Groups of keys that say one thing in different ways (a rank, or an energy share): a key of a
+    # group given beside a model replaces every key of that group under `parameters`.
+    alternatives: ClassVar[tuple[frozenset[str], ...]] = ()
 
 
 class WeightedModelParams(ModelParams):

@@ -156,7 +156,7 @@ def check_params(
         problems.append((("models",), count))
     global_params = _validate_global(method, own, problems)
     per_model = [
-        _validate_model(method, index, shared, dict(one), problems)
+        _validate_model(method, index, _defaults_for(method, shared, one), dict(one), problems)
         for index, one in enumerate(model_params)
     ]
     checked = global_params is not None and None not in per_model
@@ -165,6 +165,21 @@ def check_params(
         valid = [one for one in per_model if one is not None]
         problems.extend(method.cross_check(global_params, valid))
     return global_params, per_model, _unique(problems)
+
+
+def _defaults_for(
+    method: MergeMethod, shared: Mapping[str, Any], own: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The shared per-model defaults that apply to a model with its `own` settings: those not
+    replaced by an alternative the model gives itself (its `rank` replaces a shared `energy`)."""
+    replaced = {
+        key
+        for group in method.model_params.alternatives
+        if group & set(own)
+        for key in group
+        if key not in own
+    }
+    return {key: value for key, value in shared.items() if key not in replaced}
 
 
 def _validate_global(

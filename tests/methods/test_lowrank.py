@@ -198,6 +198,16 @@ def test_bad_rank_and_energy_are_located() -> None:
 def test_rank_and_energy_together_are_refused_at_energy() -> None:
     found = problems("dare_ties", {}, [{"rank": 2, "energy": 0.9}])
     assert found == {("models", 0, "energy"): "give `rank` or `energy`, not both (got 0.9)"}
+    found = problems("ties", {"rank": 2, "energy": 0.9}, [{}])
+    assert found == {("parameters", "energy"): "give `rank` or `energy`, not both (got 0.9)"}
+
+
+def test_a_models_own_rank_or_energy_replaces_the_shared_one() -> None:
+    _, models = validate_params(
+        get_method("ties"), {"energy": 0.9}, [{}, {"rank": 16}, {"energy": 0.5}]
+    )
+    truncations = [as_params(m, TaskVectorModelParams).truncation() for m in models]
+    assert truncations == [Truncation(energy=0.9), Truncation(rank=16), Truncation(energy=0.5)]
 
 
 # --- TSV-Merge --------------------------------------------------------------------------------
