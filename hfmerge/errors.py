@@ -183,6 +183,22 @@ class ModelSourceError(HfMergeError):
         super().__init__(f"Model {model}: {problem}", fix=fix)
 
 
+class AdapterError(HfMergeError):
+    """A LoRA adapter cannot be applied to its base: unreadable, unsupported or mismatched.
+
+    `problems` lists every problem found (a preflight reports them all at once).
+    """
+
+    def __init__(self, adapter: str, base: str, problems: Sequence[str], fix: str) -> None:
+        self.adapter = adapter
+        self.base = base
+        self.problems = list(problems)
+        shown = self.problems[:10]
+        more = len(self.problems) - len(shown)
+        listing = "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+        super().__init__(f"Adapter {adapter} (on base {base}): {listing}", fix=fix)
+
+
 class HubError(HfMergeError):
     """A Hub request failed.
 

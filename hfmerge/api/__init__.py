@@ -28,6 +28,7 @@ from hfmerge.api.models import (
     canonicalize,
     cka,
     evaluate,
+    extract_lora,
     fingerprint,
 )
 from hfmerge.api.recipes import PushResult, Validation, convert, push, run, validate
@@ -54,6 +55,7 @@ __all__ = [
     "clean",
     "convert",
     "evaluate",
+    "extract_lora",
     "fingerprint",
     "methods",
     "push",

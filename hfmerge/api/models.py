@@ -1,5 +1,5 @@
-"""`align`, `canonicalize`, `fingerprint`, `evaluate`, `barrier` and `cka`: model references in,
-result objects out.
+"""`align`, `canonicalize`, `fingerprint`, `evaluate`, `barrier`, `cka` and `extract_lora`: model
+references in, result objects out.
 
 The references are resolved here (`hfmerge.sources.refs.resolve_model`). Every text is read before
 any model is resolved, so bad data fails before a download or a zoo build.
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from hfmerge.analysis.fingerprint import PairResult
     from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.lm.scoring import EvalResult
+    from hfmerge.pipeline.extract import ExtractedAdapter
     from hfmerge.sources.refs import ModelSource
 
 AlignMethod = Literal["weight", "activation", "canonical"]
@@ -99,6 +100,68 @@ def align(
         progress=progress,
     )
     return AlignResult(model_a, model_b, out_dir, method, result.iterations)
+
+
+def extract_lora(
+    model: str,
+    base: str,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    modules_to_save: bool = False,
+    force: bool = False,
+    offline: bool = False,
+    progress: bool = True,
+) -> ExtractedAdapter:
+    """Extract a PEFT LoRA adapter from a fine-tune: `base` plus the adapter ≈ `model`.
+
+    Each linear weight's difference from the base is factored by SVD, streamed one tensor at a
+    time in float32; `PeftModel.from_pretrained(base, out)` loads the result. At full rank the
+    adapter reproduces the fine-tune's linear weights exactly.
+
+    Args:
+        model: the fine-tune (a local directory, `zoo:NAME` or a Hub id).
+        base: the model it was fine-tuned from.
+        out: output directory: adapter_model.safetensors, adapter_config.json, README.md.
+        rank: the rank of every delta (capped by the matrix's own). Default 16 without `energy`.
+        energy: instead of `rank`, per tensor the smallest rank keeping this share (0 < F <= 1)
+            of the delta's squared singular values.
+        modules_to_save: save changed embeddings, norms and biases whole (PEFT's
+            `modules_to_save`) instead of leaving them out.
+        force: replace an existing output directory.
+        offline: use only the local HF cache.
+        progress: draw progress bars on stderr.
+
+    Returns:
+        The output directory, the adapter's config, and each tensor's rank and kept energy.
+
+    Raises:
+        OptionError: both `rank` and `energy`, or a value out of range.
+        ModelSourceError, HubError, IncompatibleModelsError: models that cannot be read, or
+            that are not one base and its fine-tune (names or shapes differ).
+        OutputError: the output exists (without `force`) or overlaps an input.
+        NonFiniteWeightsError: a delta holds NaN or Inf values.
+    """
+    from hfmerge.lora.factor import rank_choice
+    from hfmerge.pipeline.extract import extract_lora_adapter
+    from hfmerge.sources.refs import pin_model
+    from hfmerge.tensors import check_output_dir
+
+    choice = rank_choice(rank, energy)
+    check_output_dir(Path(out), force=force)  # before a download or a zoo build, not after
+    pinned_model = pin_model(model, offline=offline, progress=progress)
+    pinned_base = pin_model(base, offline=offline, progress=progress)
+    return extract_lora_adapter(
+        pinned_model,
+        pinned_base,
+        Path(out),
+        choice,
+        modules_to_save=modules_to_save,
+        force=force,
+        offline=offline,
+        progress=progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -487,5 +550,6 @@ __all__ = [
     "canonicalize",
     "cka",
     "evaluate",
+    "extract_lora",
     "fingerprint",
 ]

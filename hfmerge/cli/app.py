@@ -40,6 +40,7 @@ COMMANDS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("align", model_commands.align),
     ("canonicalize", model_commands.canonicalize),
     ("fingerprint", model_commands.fingerprint),
+    ("extract-lora", model_commands.extract_lora),
     ("cka", model_commands.cka),
     ("clean", recipe_commands.clean),
 )

@@ -1,5 +1,5 @@
 """The commands that measure or rewrite models: eval, barrier, align, canonicalize, fingerprint,
-cka.
+cka, extract-lora.
 
 Each parses its options, checks where its reports go before the long work, calls one
 `hfmerge.api` function and prints the result. `cli/app.py` registers them.
@@ -265,3 +265,40 @@ def cka(
 
         say(f"wrote {plot_cka(report, plot)}")
     check_fail_under(report, fail_under)
+
+
+def extract_lora(
+    model: Annotated[str, typer.Argument(help="The fine-tune: model dir, zoo:NAME or Hub id.")],
+    base: Annotated[str, typer.Argument(help="The model it was fine-tuned from.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the adapter.")],
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="Rank of every delta (default 16).")
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy",
+            help="Instead of --rank: per tensor, the smallest rank keeping this share (0-1] of "
+            "the delta's squared singular values.",
+        ),
+    ] = None,
+    modules_to_save: Annotated[
+        bool,
+        typer.Option(
+            "--modules-to-save",
+            help="Save changed embeddings, norms and biases whole (PEFT modules_to_save).",
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Extract a PEFT LoRA adapter from MODEL against BASE: BASE plus the adapter ≈ MODEL."""
+    from hfmerge import api
+
+    result = api.extract_lora(
+        model, base, out, rank=rank, energy=energy, modules_to_save=modules_to_save, force=force
+    )
+    typer.echo(result.table)
+    typer.echo(str(out))  # as given, like `align`
+    pairs = len(result.extraction.lora)
+    saved = len(result.extraction.modules_to_save)
+    say(f"{pairs} LoRA pairs and {saved} modules saved whole, written to {result.out_dir}.")

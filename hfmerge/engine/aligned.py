@@ -10,7 +10,7 @@ import torch
 
 from hfmerge.arch.permute import permute_tensor
 from hfmerge.arch.spec import ArchSpec, Permutations
-from hfmerge.tensors import LazyCheckpoint
+from hfmerge.tensors import TensorReader
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class AlignedReader:
     are cut from it (the last one is kept for the next pass).
     """
 
-    checkpoint: LazyCheckpoint
+    checkpoint: TensorReader  # the input's checkpoint (with its adapter, if any)
     spec: ArchSpec
     perms: Permutations | None
     _last: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)

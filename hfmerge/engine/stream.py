@@ -32,11 +32,12 @@ from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine.malloc import keep_chunk_buffers
 from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
+from hfmerge.engine.readers import open_reader
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
 from hfmerge.runtime import capped_threads, resolve_device
-from hfmerge.tensors import LazyCheckpoint, ShardWriter, element_size, torch_dtype
+from hfmerge.tensors import ShardWriter, TensorReader, element_size, torch_dtype
 
 
 def execute_plan(
@@ -154,9 +155,9 @@ class _Share:
         )
         with ExitStack() as stack:
             steps.readers = [
-                stack.enter_context(LazyCheckpoint(plan.base.source.path)),
+                open_reader(stack, plan.base),
                 *(
-                    AlignedReader(stack.enter_context(LazyCheckpoint(m.source.path)), m.spec, p)
+                    AlignedReader(open_reader(stack, m), m.spec, p)
                     for m, p in zip(plan.inputs, self.perms, strict=True)
                 ),
             ]
@@ -241,7 +242,7 @@ class _Steps:
         # model is the same on every machine.
         self.device = device if plan.method.deterministic else torch.device("cpu")
         # Indexed by `TensorRead.model`: the base, then the inputs (set by `_Share.run`).
-        self.readers: list[LazyCheckpoint | AlignedReader] = []
+        self.readers: list[TensorReader | AlignedReader] = []
 
     def produce(self, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
         """Every step with its input bytes, reading each chunk after `acquire` admits it."""
@@ -271,7 +272,9 @@ class _Steps:
         for start, stop in ranges:
             size = (stop - start) * row_bytes
             acquire(size)
-            raw = self.readers[source.model].get_rows(source.name, start, stop)
+            # as stored, or in float32 where the model's adapter changes it
+            rows = self.readers[source.model].get_rows(source.name, start, stop)
+            raw = rows.to(torch_dtype(job.dtype))
             last = stop == ranges[-1][1]
             step = _Step(job, None, 0, [raw], None, start * _row_elements(job), False, last, last)
             step.non_finite = finite.check_sources([label], [raw])  # copied as it is

@@ -22,7 +22,10 @@ from hfmerge.hub.reads import (
     download,
     pin,
     remote_config,
+    remote_file,
+    remote_file_header,
     remote_index,
+    repo_files,
     resolve_revision,
 )
 from hfmerge.hub.settings import (
@@ -57,7 +60,10 @@ __all__ = [
     "push_folder",
     "redact_url",
     "remote_config",
+    "remote_file",
+    "remote_file_header",
     "remote_index",
+    "repo_files",
     "resolve_revision",
     "settings",
     "snapshot_dir",

@@ -45,6 +45,7 @@ from hfmerge.tensors import (
     header_length,
     parse_shard_header,
     read_checkpoint_index,
+    read_shard_header,
     read_weight_map,
 )
 
@@ -123,6 +124,44 @@ def remote_index(repo_id: str, sha: str, *, offline: bool = False) -> Checkpoint
             repo_id, "its safetensors checkpoint holds no tensors", "name a model with weights"
         )
     return CheckpointIndex(folder, tensors, label=repo_id)
+
+
+def remote_file(repo_id: str, sha: str, filename: str, *, offline: bool = False) -> Path | None:
+    """One small file of the repo at `sha` (an adapter's config), through the cache; None when
+    the commit has no such file."""
+    hub = settings(offline=offline)
+    with translated(repo_id, sha, hub=hub, action="read"):
+        return _hf_file(repo_id, sha, filename, hub)
+
+
+def remote_file_header(
+    repo_id: str, sha: str, filename: str, *, offline: bool = False
+) -> list[TensorInfo] | None:
+    """The tensors in the header of one safetensors file of the repo at `sha` (an adapter's
+    weights), from the cache or by range requests; None when the commit has no such file."""
+    hub = settings(offline=offline)
+    cached = snapshot_dir(repo_id, sha, hub=hub) / filename
+    if cached.is_file():
+        return read_shard_header(cached, filename, label=repo_id)
+    if hub.offline:
+        raise HubError(
+            repo_id,
+            f"its {filename} is not in the local cache ({hub.cache_dir}) and offline mode is on",
+            kind="offline",
+            revision=sha,
+            fix=OFFLINE_FIX,
+        )
+    with translated(repo_id, sha, hub=hub, action="read"):
+        return _remote_header(repo_id, sha, filename, hub)
+
+
+def repo_files(repo_id: str, sha: str, *, offline: bool = False) -> list[str]:
+    """The file names of the repo at `sha` (empty offline: the Hub cannot be asked)."""
+    hub = settings(offline=offline)
+    if hub.offline:
+        return []
+    with translated(repo_id, sha, hub=hub, action="read"):
+        return list(hub_api(hub).list_repo_files(repo_id, revision=sha))
 
 
 def download(

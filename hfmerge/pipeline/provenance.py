@@ -21,11 +21,7 @@ def pinned_recipe(recipe: Recipe, recipe_text: str | None, sources: Sequence[Mod
     data = yaml.safe_load(recipe_text) if recipe_text else None
     if not isinstance(data, dict):
         data = recipe.model_dump(mode="json", exclude_defaults=True)
-    pins = {
-        source.label: (source.hub_id, source.revision)
-        for source in sources
-        if source.hub_id and source.revision
-    }
+    pins = dict(pin for source in sources for pin in _pins(source))
     data = _pin_models(data, pins) if pins else data
     header = (
         "# Written by hfmerge: this model's recipe, with every Hub model pinned to the commit\n"
@@ -34,11 +30,21 @@ def pinned_recipe(recipe: Recipe, recipe_text: str | None, sources: Sequence[Mod
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+def _pins(source: ModelSource) -> list[tuple[str, tuple[str, str]]]:
+    """(reference, (repo id, sha)) of a Hub source, and of its adapter's when it has one on the
+    Hub; a model with an adapter is pinned by the reference of its model part."""
+    pins = _pins(source.adapter) if source.adapter is not None else []
+    if source.hub_id and source.revision:
+        pins.append((source.without_adapter.ref, (source.hub_id, source.revision)))
+    return pins
+
+
 def _pin_models(data: dict[str, Any], pins: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
     """Hub entries of `models` (and `base`) rewritten to their pinned shas, matching as before.
 
     A string entry becomes `org/name@sha`; a mapping entry gets `model: org/name, revision: sha`
-    beside its parameters. `base` (mergekit's `base_model`) is rewritten to match the same entry.
+    beside its parameters. A Hub adapter becomes `org/adapter@sha`, after `+` in a string entry
+    or as `lora:`. `base` (mergekit's `base_model`) is rewritten to match the same entry.
     """
     entries = [
         ModelEntry.model_validate({"model": m} if isinstance(m, str) else m)
@@ -52,22 +58,35 @@ def _pin_models(data: dict[str, Any], pins: Mapping[str, tuple[str, str]]) -> di
     base: Any = f"{new_base[0]}@{new_base[1]}" if new_base[0] else old_base  # not in models
     models: list[Any] = []
     for item, entry in zip(data.get("models", []), entries, strict=True):
-        if entry.ref not in pins:
+        model_ref = entry.ref.removesuffix(f"+{entry.lora}") if entry.lora else entry.ref
+        lora = _pinned(pins, entry.lora) if entry.lora else None
+        if model_ref not in pins and lora == entry.lora:
             models.append(item)
             continue
-        repo_id, sha = pins[entry.ref]
+        pin = pins.get(model_ref)
+        repo_id, sha = pin if pin else (entry.model, entry.revision)
+        plus = f"+{lora}" if lora else ""
         if isinstance(item, str):
-            models.append(f"{repo_id}@{sha}")
+            models.append(f"{_pinned(pins, model_ref)}{plus}")
         else:
-            models.append({**item, "model": repo_id, "revision": sha})
-        if old_base in (entry.model, entry.ref):
+            revision = {"revision": sha} if sha else {}
+            models.append(
+                {**item, "model": repo_id, **revision, **({"lora": lora} if lora else {})}
+            )
+        if old_base in entry.spellings:
             # The bare repo id matches by `model` (as recipe checks compare) when it is unique.
             unique = shared[entry.model] == 1 and not isinstance(item, str)
-            base = repo_id if unique else f"{repo_id}@{sha}"
-    pinned = {**data, "models": models} if "models" in data else dict(data)
+            base = (repo_id if unique or not sha else f"{repo_id}@{sha}") + plus
+    result = {**data, "models": models} if "models" in data else dict(data)
     if isinstance(data.get("slices"), list):
-        pinned["slices"] = [_pin_slice(one, pins) for one in data["slices"]]
-    return pinned | ({base_key: base} if base is not None else {})
+        result["slices"] = [_pin_slice(one, pins) for one in data["slices"]]
+    return result | ({base_key: base} if base is not None else {})
+
+
+def _pinned(pins: Mapping[str, tuple[str, str]], ref: str) -> str:
+    """`org/name@sha` for a pinned reference, the reference itself otherwise."""
+    pin = pins.get(ref)
+    return f"{pin[0]}@{pin[1]}" if pin else ref
 
 
 def _pin_slice(one: Any, pins: Mapping[str, tuple[str, str]]) -> Any:

@@ -33,6 +33,7 @@ from hfmerge.pipeline.side_files import (
     write_side_files,
 )
 from hfmerge.recipe.schema import ModelEntry, Recipe
+from hfmerge.sources.adapters import fetch_adapter
 from hfmerge.sources.inspection import InspectedModel, inspect_models
 from hfmerge.sources.refs import fetch_files
 from hfmerge.tensors import (
@@ -235,7 +236,7 @@ def _split_base(recipe: Recipe, *, needs_base: bool) -> tuple[ModelEntry, list[M
     base = recipe.base_entry()
     if not needs_base:
         return base, list(recipe.models)
-    return base, [e for e in recipe.models if e.model != base.model]
+    return base, [e for e in recipe.models if not e.same_model(base)]
 
 
 def _inspect(
@@ -247,7 +248,7 @@ def _inspect(
     recipe_dir: Path | None,
 ) -> tuple[InspectedModel, list[InspectedModel]]:
     unique = list({e.ref: e for e in [base_entry, *entries]}.values())
-    refs = [(e.model, e.revision) for e in unique]
+    refs = [(e.model, e.revision, e.lora) for e in unique]
     found = inspect_models(refs, offline=offline, progress=progress, recipe_dir=recipe_dir)
     by_ref = {e.ref: model for e, model in zip(unique, found, strict=True)}
     return by_ref[base_entry.ref], [by_ref[e.ref] for e in entries]
@@ -266,25 +267,20 @@ def _refuse_unpermutable(recipe: Recipe, models: list[InspectedModel]) -> None:
 
 
 def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
-    """Fetch the Hub inputs' weights (the base's config and tokenizer too) into the cache.
+    """Fetch the Hub inputs' weights (the base's config and tokenizer too) and Hub adapters into
+    the cache.
 
     Each downloaded checkpoint's headers must match the ones the plan was made from.
     """
     local: dict[int, InspectedModel] = {}
     for model in [plan.base, *plan.inputs]:
-        if id(model) in local or model.source.hub_id is None:
+        if id(model) in local:
             continue
-        source = fetch_files(
-            model.source, model.index.shards, side_files=model is plan.base, offline=offline
-        )
-        index = read_checkpoint_index(source.path, label=model.label)
-        if list(index) != list(model.index):
-            raise ModelSourceError(
-                model.label,
-                "its downloaded weights do not match the headers read before downloading",
-                "delete its folder in the HF cache and run again",
-            )
-        local[id(model)] = replace(model, source=source, index=index)
+        fetched = _download_model(model, side_files=model is plan.base, offline=offline)
+        if fetched.adapter is not None:
+            fetched = replace(fetched, adapter=fetch_adapter(fetched.adapter, offline=offline))
+        if fetched != model:
+            local[id(model)] = fetched
     if not local:
         return plan
     return replace(
@@ -294,13 +290,28 @@ def _download(plan: MergePlan, *, offline: bool) -> MergePlan:
     )
 
 
+def _download_model(model: InspectedModel, *, side_files: bool, offline: bool) -> InspectedModel:
+    if model.source.hub_id is None:
+        return model
+    source = fetch_files(model.source, model.index.shards, side_files=side_files, offline=offline)
+    index = read_checkpoint_index(source.path, label=model.label)
+    if list(index) != list(model.index):
+        raise ModelSourceError(
+            model.label,
+            "its downloaded weights do not match the headers read before downloading",
+            "delete its folder in the HF cache and run again",
+        )
+    return replace(model, source=source, index=index)
+
+
 def refuse_input_as_output(target: Path, plan: MergePlan | RoutePlan) -> None:
     """Refuse an output that is, holds or lies inside the folder of any model `plan` reads.
 
     Raises:
         OutputError: naming the output and the input model, whatever `--force` says.
     """
-    refuse_overlap(target, [source.path for source in plan.models])
+    adapters = [source.adapter.path for source in plan.models if source.adapter is not None]
+    refuse_overlap(target, [*(source.path for source in plan.models), *adapters])
 
 
 def _plan(

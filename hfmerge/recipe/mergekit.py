@@ -12,15 +12,16 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
   model, for task-vector methods it is the base;
 - the written dtype is `out_dtype`, else `dtype` (hfmerge always computes in float32);
 - switches hfmerge does not need (`int8_mask`, mergekit's command-line options) are dropped with
-  a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores.
+  a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores;
 - a parameter given as a list is a gradient over the layers, and a list of `filter:`/`value:`
   entries gives values by tensor name: hfmerge's recipes take the same spelling
-  (`hfmerge.methods.settings`), so both pass through unchanged.
+  (`hfmerge.methods.settings`), so both pass through unchanged;
 - `slices:` (block ranges stacked into a new model) become the recipe's `slices:`, each source's
-  `parameters` beside it and a slice's `base_model` as its `base`.
-Not yet supported, each refused at its key: `modules`, `residual_weight`, LoRA references
-(`model+lora`), `tokenizer_source` other than `base`, `tokenizer:`, `chat_template`, and
-`base_model` with `nuslerp`.
+  `parameters` beside it and a slice's `base_model` as its `base`;
+- a LoRA reference `model+lora` is a model with that adapter applied, which the recipe spells
+  the same way.
+Not yet supported, each refused at its key: `modules`, `residual_weight`, `tokenizer_source`
+other than `base`, `tokenizer:`, `chat_template`, and `base_model` with `nuslerp`.
 """
 
 from __future__ import annotations
@@ -325,11 +326,7 @@ def _entry_key(
         entry[str(key)] = value
         out.origins[where] = where
     elif key in ("model", "revision"):  # `revision`: the pin a run writes into the saved config
-        if key == "model" and isinstance(value, str) and "+" in value:
-            out.problems.append(
-                (where, f"a LoRA reference (`model+lora`) {NOT_YET}; merge the LoRA in first")
-            )
-        entry[key] = value
+        entry[key] = value  # `BASE+ADAPTER` as it is: the recipe's spelling too (`ModelEntry`)
         out.origins[where] = where
     elif key == "parameters" and isinstance(value, Mapping):
         for name, setting in value.items():

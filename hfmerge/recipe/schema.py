@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from hfmerge.errors import RecipeError, RecipeProblem, did_you_mean
+from hfmerge.recipe.adapter_refs import split_adapter
 from hfmerge.recipe.align_methods import AlignMethod
 from hfmerge.recipe.yaml_locations import Location, locate, read_yaml
 
@@ -34,16 +35,34 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    """One input model; keys other than `model` and `revision` are per-model method parameters.
+    """One input model; keys other than `model`, `revision` and `lora` are per-model method
+    parameters.
 
     `model` is a reference: a local directory (a relative one is read from the current working
-    directory), `zoo:NAME`, or a Hub id `org/name[@revision]`.
+    directory), `zoo:NAME`, or a Hub id `org/name[@revision]`. `lora` is a PEFT LoRA adapter
+    (a local folder or a Hub id `org/name[@revision]`) applied to the model as it is read;
+    `model: BASE+ADAPTER` is the same entry.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     model: str = Field(min_length=1)
     revision: str | None = None
+    lora: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_adapter(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not isinstance(value.get("model"), str):
+            return value
+        model, adapter = split_adapter(value["model"])
+        if adapter is None:
+            return value
+        if value.get("lora") is not None:
+            raise ValueError(
+                f"`model: {value['model']}` names an adapter and so does `lora:`; give it once"
+            )
+        return {**value, "model": model, "lora": adapter}
 
     @property
     def method_params(self) -> dict[str, Any]:
@@ -52,8 +71,20 @@ class ModelEntry(BaseModel):
 
     @property
     def ref(self) -> str:
-        """The reference as users write it: `org/name@revision`, a path, or `zoo:name`."""
-        return f"{self.model}@{self.revision}" if self.revision else self.model
+        """The reference as users write it: `org/name@revision`, a path, or `zoo:name`, then
+        `+ADAPTER` for a model with an adapter."""
+        ref = f"{self.model}@{self.revision}" if self.revision else self.model
+        return f"{ref}+{self.lora}" if self.lora else ref
+
+    @property
+    def spellings(self) -> tuple[str, str]:
+        """The names that refer to this entry (in `base:`): without and with its revision."""
+        model = f"{self.model}+{self.lora}" if self.lora else self.model
+        return model, self.ref
+
+    def same_model(self, other: ModelEntry) -> bool:
+        """Whether `other` names the same model and adapter (its revision aside)."""
+        return (self.model, self.lora) == (other.model, other.lora)
 
 
 class SliceSource(ModelEntry):
@@ -166,7 +197,9 @@ class Recipe(_Strict):
         inspection and the card see every model it reads."""
         if self.slices and not self.models:
             unique = {
-                source.ref: ModelEntry(model=source.model, revision=source.revision)
+                source.ref: ModelEntry(
+                    model=source.model, revision=source.revision, lora=source.lora
+                )
                 for one in self.slices
                 for source in one.sources
             }
@@ -178,9 +211,9 @@ class Recipe(_Strict):
         if self.base is None:
             return self.models[0]
         for entry in self.models:
-            if self.base in (entry.model, entry.ref):
+            if self.base in entry.spellings:
                 return entry
-        return ModelEntry(model=self.base)
+        return ModelEntry.model_validate({"model": self.base})
 
 
 def load_recipe(path: str | Path) -> Recipe:

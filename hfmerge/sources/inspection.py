@@ -15,6 +15,7 @@ from hfmerge.arch import check_shapes, require_permutable, spec_for
 from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, PreflightError
+from hfmerge.sources.adapters import InspectedAdapter, inspect_adapter
 from hfmerge.sources.refs import ModelSource, pin_model
 from hfmerge.tensors import CheckpointIndex, dtype_kind, read_checkpoint_index
 
@@ -36,8 +37,9 @@ class InspectedModel:
 
     source: ModelSource
     config: dict[str, Any]
-    index: CheckpointIndex
+    index: CheckpointIndex  # the base's tensors: an adapter changes values, not names or shapes
     spec: ArchSpec
+    adapter: InspectedAdapter | None = None  # a LoRA adapter applied on read (`source.adapter`)
 
     @property
     def label(self) -> str:
@@ -49,7 +51,8 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
     """Config + safetensors headers + architecture spec; reads no tensor data.
 
     A pinned Hub model is read remotely (config.json and header bytes only) unless its files are
-    already in the cache.
+    already in the cache. A source with an adapter has it checked against the model
+    (`inspect_adapter`), from its config and header alone as well.
     """
     if source.hub_id is not None and source.revision is not None:
         from hfmerge import hub
@@ -62,7 +65,12 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
     shapes = {name: index.info(name).shape for name in index.names}
     spec = spec_for(config, index.names, label=source.label, shapes=shapes)
     check_shapes(spec, shapes, label=source.label)  # header shapes agree with config.json
-    return InspectedModel(source=source, config=config, index=index, spec=spec)
+    adapter = None
+    if source.adapter is not None:
+        adapter = inspect_adapter(
+            source.adapter, source.without_adapter, index, spec, offline=offline
+        )
+    return InspectedModel(source=source, config=config, index=index, spec=spec, adapter=adapter)
 
 
 def refuse_unpermutable(
@@ -79,13 +87,14 @@ def refuse_unpermutable(
 
 
 def inspect_models(
-    refs: Sequence[tuple[str, str | None]],
+    refs: Sequence[tuple[str, str | None, str | None]],
     *,
     offline: bool = False,
     progress: bool = True,
     recipe_dir: Path | None = None,
 ) -> list[InspectedModel]:
-    """Pin and inspect every (reference, revision), then check them against the first.
+    """Pin and inspect every (reference, revision, LoRA adapter or None), then check them
+    against the first.
 
     No weights are downloaded. Raises the one problem found, or `PreflightError` listing every
     problem of every model (missing repo or revision, no access, offline, incompatible).
@@ -93,10 +102,15 @@ def inspect_models(
     """
     found: list[InspectedModel] = []
     problems: list[HfMergeError] = []
-    for ref, revision in refs:
+    for ref, revision, lora in refs:
         try:
             source = pin_model(
-                ref, revision=revision, offline=offline, progress=progress, recipe_dir=recipe_dir
+                ref,
+                revision=revision,
+                lora=lora,
+                offline=offline,
+                progress=progress,
+                recipe_dir=recipe_dir,
             )
             found.append(inspect_model(source, offline=offline))
         except HfMergeError as exc:

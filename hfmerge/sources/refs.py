@@ -42,11 +42,21 @@ class ModelSource:
     hub_id: str | None = None  # set for models that came from the Hub
     revision: str | None = None  # the commit sha they were pinned to
     license: str | None = None  # the Hub card's license, when it declares one
+    # A LoRA adapter applied to this model's weights on read (`BASE+ADAPTER`); `ref` then names
+    # both, and the other fields are the base's.
+    adapter: ModelSource | None = None
 
     @property
     def label(self) -> str:
         """The model's name in messages and tables: the reference as the user wrote it."""
         return self.ref
+
+    @property
+    def without_adapter(self) -> ModelSource:
+        """The model itself, as it is without its adapter (this source when it has none)."""
+        if self.adapter is None:
+            return self
+        return replace(self, ref=self.ref.removesuffix(f"+{self.adapter.ref}"), adapter=None)
 
 
 def split_revision(ref: str) -> tuple[str, str | None]:
@@ -78,20 +88,29 @@ def pin_model(
     ref: str,
     *,
     revision: str | None = None,
+    lora: str | None = None,
     offline: bool = False,
     progress: bool = True,
     recipe_dir: Path | None = None,
 ) -> ModelSource:
     """Resolve a reference without downloading weights: Hub ids are pinned to a commit sha.
 
-    `recipe_dir` (the folder of the recipe that names `ref`) only improves the error for a
-    relative path that exists there but not in the current directory.
+    `lora`, a second reference (a local folder or `org/name[@revision]`), is a LoRA adapter to
+    apply to the model on read; it is pinned the same way and the source's `ref` is
+    `REF+LORA`. `recipe_dir` (the folder of the recipe that names `ref`) only improves the
+    error for a relative path that exists there but not in the current directory.
 
     Raises:
         ModelSourceError: the reference names nothing usable (the error shows the local path
             tried), or a Hub-shaped reference looks like a mistyped local path.
         HubError: the Hub cannot resolve it (missing repo or revision, no access, offline).
     """
+    if lora is not None:
+        model = pin_model(
+            ref, revision=revision, offline=offline, progress=progress, recipe_dir=recipe_dir
+        )
+        adapter = pin_model(lora, offline=offline, progress=progress, recipe_dir=recipe_dir)
+        return replace(model, ref=f"{model.ref}+{adapter.ref}", adapter=adapter)
     if ref.startswith(ZOO_PREFIX):
         from hfmerge.zoo import zoo_model
 

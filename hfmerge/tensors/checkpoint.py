@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -188,19 +188,46 @@ def _no_safetensors_error(model_dir: Path, label: str) -> ModelSourceError:
     )
 
 
+def file_index(path: Path, *, label: str) -> CheckpointIndex:
+    """Index one safetensors file of any name (such as an adapter's) from its header."""
+    return CheckpointIndex(
+        path.parent, read_shard_header(path, path.name, label=label), label=label
+    )
+
+
+class TensorReader(Protocol):
+    """What the merge engine reads tensors through: a checkpoint, or a wrapper around one."""
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name`, whole."""
+        ...
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (dim 0) of tensor `name`."""
+        ...
+
+
 class LazyCheckpoint:
     """Read a checkpoint one tensor at a time, keeping at most `max_open` shard files open.
 
     Tensors are read with `pread` into fresh buffers, never through a memory map: a file that
     shrinks while mapped kills the process with SIGBUS on the next touch of a lost page, where a
     short read is an error naming the file; and a mapped shard keeps every page it touched
-    resident until it is unmapped. Use as a context manager.
+    resident until it is unmapped. Use as a context manager. `index`, when given, is the
+    checkpoint's index already read (`file_index` for a single file of another name).
     """
 
-    def __init__(self, model_dir: Path, *, label: str | None = None, max_open: int = 2) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        label: str | None = None,
+        max_open: int = 2,
+        index: CheckpointIndex | None = None,
+    ) -> None:
         if max_open < 1:
             raise ValueError("max_open must be at least 1")
-        self.index = read_checkpoint_index(model_dir, label=label)
+        self.index = index if index is not None else read_checkpoint_index(model_dir, label=label)
         self._fds = FdCache(self.index.model_dir, flags=os.O_RDONLY, max_open=max_open)
 
     @property

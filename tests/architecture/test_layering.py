@@ -21,6 +21,7 @@ LAYERS = (
     "arch",
     "methods",
     "hub",
+    "lora",
     "zoo",
     "recipe",
     "sources",

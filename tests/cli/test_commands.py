@@ -189,3 +189,27 @@ def test_align_writes_b_in_a_basis(
         torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
     assert (chdir_tmp / "c" / "hfmerge_permutations.safetensors").exists()
     assert main(["align", str(a), str(b), "--out", "c"]) == 1  # exists: refused without --force
+
+
+def test_extract_lora_prints_the_rank_table_then_the_adapter_path(
+    chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.support.tiny_models import add_noise, make_tiny_model
+
+    save_tiny_model("llama", chdir_tmp / "base")
+    add_noise(make_tiny_model("llama"), seed=3, scale=0.01).save_pretrained(chdir_tmp / "tuned")
+    argv = ["extract-lora", "tuned", "base", "--out", "adapter", "--rank", "2"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0] == "| tensor | shape | as | rank | energy kept |"
+    assert any(
+        line.startswith("| model.layers.1.mlp.up_proj.weight | 96×64 | LoRA | 2 |")
+        for line in lines
+    )
+    assert lines[-1] == "adapter"
+    assert "LoRA pairs and 0 modules saved whole" in " ".join(captured.err.split())
+    assert (chdir_tmp / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(argv) == 1  # exists: refused without --force
+    assert main([*argv, "--energy", "0.5", "--force"]) == 1  # --rank and --energy
+    assert "give --rank or --energy, not both" in " ".join(capsys.readouterr().err.split())
