@@ -21,7 +21,7 @@ import torch
 # any tensor order and on any thread.
 EXACT_SVD_MAX_DIM = 1024
 OVERSAMPLE = 10
-POWER_ITERATIONS = 2
+POWER_ITERATIONS = 4
 ENERGY_TOLERANCE = 1e-5
 FIRST_ENERGY_RANK = 64  # energy: the first number of directions tried by a randomized SVD
 
