@@ -18,7 +18,7 @@ import torch
 # with OVERSAMPLE extra directions and POWER_ITERATIONS passes it is near-exact for task vectors,
 # whose spectra decay fast. torch.svd_lowrank is that algorithm, but it draws its test matrix from
 # torch's global generator; this one draws from the tensor's own, so a merge is reproducible in
-# any tensor order and on any thread.
+# any tensor order and on any thread. Figures: benchmarks/NOTES.md.
 EXACT_SVD_MAX_DIM = 1024
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
