@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from hfmerge.align.attention import PARTS, head_slices
-from hfmerge.arch.permute import permute_tensor
+from hfmerge.arch.permute import permute_tensor, unit_rows
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, AxisRole, PermGroup, Permutations
 from hfmerge.errors import AlignmentError
 
@@ -102,7 +102,8 @@ def _fixed_slices(
 
 def _plain_order(slices: list[_Slice]) -> torch.Tensor:
     """[size] gather index of a residual or FF group."""
-    return canonical_order(torch.cat([s.rows for s in slices], dim=1))  # [size, sum of rests]
+    rows = [unit_rows(s.rows, s.role.layout) for s in slices]  # [size, rest] each
+    return canonical_order(torch.cat(rows, dim=1))  # [size, sum of rests]
 
 
 def _head_parts(group: PermGroup, slices: list[_Slice]) -> dict[str, torch.Tensor]:

@@ -35,7 +35,10 @@ MIN_RMS = 1e-8
 
 def channel_rms(activation: torch.Tensor, mask: torch.Tensor, site: RepairSite) -> torch.Tensor:
     """[factors] RMS over the unmasked tokens of each tied channel group of `site` (float64)."""
-    tokens = activation[mask].double()  # [b, t, c] -> [n_tokens, c]
+    if site.head_axis is not None:  # per-head: [b, t, heads, c], each head a sample
+        activation = activation.movedim(site.head_axis, 2)  # [b, heads, t, c] -> [b, t, heads, c]
+    tokens = activation[mask].double()  # [b, t, (heads,) c] -> [n_tokens, (heads,) c]
+    tokens = tokens.reshape(-1, activation.shape[-1])  # -> [n_tokens (* heads), c]
     if site.channels is not None:
         tokens = tokens[:, site.channels]  # [n_tokens, n_corrected]
     mean_square = tokens.pow(2).mean(0)  # [n_corrected]
@@ -85,8 +88,11 @@ def fold(module: nn.Module, site: RepairSite, factors: torch.Tensor) -> None:
         for tensor, dim in zip(targets, (axis, 0), strict=False):
             shape = [1] * tensor.dim()
             shape[dim] = len(channels)
-            picked = tensor.index_select(dim, channels)  # channels along `dim`
-            tensor.index_copy_(dim, channels, picked * per_channel.to(tensor.dtype).view(shape))
+            # An offset gain (Gemma: x * (1 + w)) scales as (offset + w) * f = offset + w'.
+            offset = site.gain_offset if tensor is weight and weight.dim() == 1 else 0.0
+            picked = tensor.index_select(dim, channels) + offset  # channels along `dim`
+            scaled_values = picked * per_channel.to(tensor.dtype).view(shape) - offset
+            tensor.index_copy_(dim, channels, scaled_values)
 
 
 Hook = Callable[[torch.Tensor, RepairSite], torch.Tensor | None]

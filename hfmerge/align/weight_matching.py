@@ -20,8 +20,14 @@ from hfmerge.align.attention import (
     solve_attention,
 )
 from hfmerge.align.lap import assignment_value, improves, solve_lap
-from hfmerge.arch.permute import identity_permutations, permute_tensor
-from hfmerge.arch.spec import ArchSpec, AttentionPerm, AxisRole, PermGroup, Permutations
+from hfmerge.arch.permute import identity_permutations, permute_tensor, unit_rows
+from hfmerge.arch.spec import (
+    ArchSpec,
+    AttentionPerm,
+    AxisRole,
+    PermGroup,
+    Permutations,
+)
 from hfmerge.errors import AlignmentError
 from hfmerge.progress import track
 
@@ -96,7 +102,9 @@ class _Problem:
         """[size, size] similarity of A's units (rows) to B's units (columns)."""
         total = torch.zeros(size, size, dtype=torch.float64)
         for touch in touches:
-            total += _rows(self.a[touch.tensor], touch.axis) @ self.b_rows(touch, perms).T
+            rows_a = unit_rows(_rows(self.a[touch.tensor], touch.axis), touch.role.layout)
+            rows_b = unit_rows(self.b_rows(touch, perms), touch.role.layout)
+            total += rows_a @ rows_b.T
         return total
 
     def heads(self, group: PermGroup, touches: list[_Touch], perms: Permutations) -> HeadBlocks:

@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hfmerge.arch import bert, generic, gpt2, gpt_neox, llama
+from hfmerge.arch import bert, exaone4, gemma, generic, gpt2, gpt_neox, llama, olmo2, phi3, qwen3
 from hfmerge.arch.permute import axis_length
 from hfmerge.arch.spec import GENERIC_FAMILY, ArchSpec
 from hfmerge.errors import ArchitectureError, NoPermutationSpecError
@@ -36,7 +36,7 @@ class FamilyInfo:
 
 _REGISTRY: tuple[tuple[FamilyInfo, Builder], ...] = tuple(
     (FamilyInfo(module.NAME, module.MODEL_TYPES, module.DESCRIPTION), module.build)
-    for module in (bert, gpt2, gpt_neox, llama)
+    for module in (bert, gpt2, gpt_neox, llama, qwen3, gemma, phi3, olmo2, exaone4)
 )
 FAMILIES: dict[str, Builder] = {info.name: build for info, build in _REGISTRY}
 MODEL_TYPES: dict[str, str] = {t: info.name for info, _ in _REGISTRY for t in info.model_types}

@@ -21,7 +21,8 @@ from hfmerge.arch.spec import (
     TensorSpec,
 )
 
-_ATTENTION_LAYOUTS = frozenset(Layout) - {Layout.UNITS}
+_UNIT_LAYOUTS = frozenset({Layout.UNITS, Layout.UNITS_PAIR})
+_ATTENTION_LAYOUTS = frozenset(Layout) - _UNIT_LAYOUTS
 
 
 def axis_length(group: PermGroup, layout: Layout) -> int:
@@ -29,6 +30,7 @@ def axis_length(group: PermGroup, layout: Layout) -> int:
     heads, kv, dim = group.num_heads, group.num_kv_heads, group.head_dim
     lengths = {
         Layout.UNITS: group.size,
+        Layout.UNITS_PAIR: 2 * group.size,
         Layout.Q: heads * dim,
         Layout.O: heads * dim,
         Layout.K: kv * dim,
@@ -39,14 +41,30 @@ def axis_length(group: PermGroup, layout: Layout) -> int:
     return lengths[layout]
 
 
+def unit_rows(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """An axis' rows [axis_len, rest] as one row per unit of a plain group: [units, rest'].
+
+    A `UNITS_PAIR` axis holds each unit twice (gate and up halves): its two rows go side by side,
+    so whatever reads a unit's row sees both halves, which always move together.
+    """
+    if layout is not Layout.UNITS_PAIR:
+        return rows
+    halves = rows.reshape(2, rows.shape[0] // 2, -1)  # [2*size, rest] -> [2, size, rest]
+    paired = halves.permute(1, 0, 2)  # [2, size, rest] -> [size, 2, rest]
+    return paired.reshape(paired.shape[0], -1)  # [size, 2, rest] -> [size, 2*rest]
+
+
 def axis_index(group: PermGroup, perm: GroupPerm, layout: Layout) -> torch.Tensor:
     """The gather index (LongTensor of `axis_length` entries) for one axis of `layout`."""
     if group.kind != "attention":
-        if layout is not Layout.UNITS or isinstance(perm, AttentionPerm):
+        if layout not in _UNIT_LAYOUTS or isinstance(perm, AttentionPerm):
             raise ValueError(
                 f"group {group.name!r} ({group.kind}) takes a plain index on a "
                 f"'units' axis, got layout {layout.value!r}"
             )
+        if layout is Layout.UNITS_PAIR:
+            # Both halves follow one order: unit u's gate row and up row stay a pair.
+            return torch.cat([perm.long(), perm.long() + group.size])  # [2 * size]
         return perm.long()
     if layout not in _ATTENTION_LAYOUTS or not isinstance(perm, AttentionPerm):
         raise ValueError(

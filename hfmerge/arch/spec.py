@@ -23,12 +23,14 @@ GENERIC_FAMILY = "generic"
 class Layout(StrEnum):
     """How an axis is laid out in terms of its group's units.
 
-    `UNITS` is a plain axis of `group.size` units (residual stream, FF hidden units). The other
-    layouts belong to attention groups and describe head-major axes, so a head permutation moves
-    whole `head_dim` blocks and within-head permutations move entries inside a block.
+    `UNITS` is a plain axis of `group.size` units (residual stream, FF hidden units); `UNITS_PAIR`
+    two such halves side by side, both in the units' order. The other layouts belong to attention
+    groups and describe head-major axes, so a head permutation moves whole `head_dim` blocks and
+    within-head permutations move entries inside a block.
     """
 
     UNITS = "units"
+    UNITS_PAIR = "units_pair"  # Phi-3 gate_up_proj: [gate | up], each `size` FF units
     Q = "q"  # [num_heads * head_dim]: query rows (or Conv1D columns), head-major
     K = "k"  # [num_kv_heads * head_dim]: key rows
     V = "v"  # [num_kv_heads * head_dim]: value rows
@@ -82,8 +84,8 @@ class TensorSpec:
 class ArchSpec:
     """The full spec of one checkpoint of one family."""
 
-    family: str  # registry name: "bert", "gpt2", "gpt_neox", "llama"; GENERIC_FAMILY for the rest
-    model_type: str  # config.json's model_type: "bert", "gpt2", "gpt_neox", "llama", "mistral", ...
+    family: str  # registry name: "bert", "llama", "gemma", ...; GENERIC_FAMILY for the rest
+    model_type: str  # config.json's model_type: "bert", "llama", "mistral", "gemma2", ...
     groups: dict[str, PermGroup]
     tensors: dict[str, TensorSpec]
     # Tensors that share storage with another one and are absent from the checkpoint when tied,

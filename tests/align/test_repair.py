@@ -26,6 +26,8 @@ from hfmerge.errors import NoPermutationSpecError
 from tests.support.tiny_models import make_tiny_model, max_abs_diff, model_outputs, tiny_batch
 
 KINDS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "bert_base_model"]
+DECODER_KINDS = ["granite", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3"]
+DECODER_KINDS += ["exaone4"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
@@ -51,7 +53,7 @@ def _effective(rms: SiteRms, factors: Factors, sites: list[RepairSite]) -> SiteR
     }
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, *DECODER_KINDS])
 def test_folded_factors_equal_scaling_the_activations(kind: str) -> None:
     model = make_tiny_model(kind, seed=3, dtype=torch.float64)
     sites, probe = repair_sites(model), _probe(kind)
@@ -77,7 +79,7 @@ def test_folded_factors_equal_scaling_the_activations(kind: str) -> None:
     assert max_abs_diff(plain, hooked) > 1e-3  # negative control: the factors do change it
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox", "bert", *DECODER_KINDS])
 def test_fit_meets_every_target_and_is_the_identity_on_own_statistics(kind: str) -> None:
     model = make_tiny_model(kind, seed=3, dtype=torch.float64)
     sites, probe = repair_sites(model), _probe(kind)
@@ -109,6 +111,33 @@ def test_sites_cover_each_block_and_rope_pairs_share_a_factor() -> None:
     assert partial.tolist() == [0, 1, 0, 1, 2, 3, 4, 5]
 
 
+# Sites per block: norms, Q/K (projections or their norms), O input, down input.
+SITES_PER_BLOCK = {"granite": 6, "qwen3": 6, "gemma": 6, "gemma2": 8, "gemma3_text": 8}
+SITES_PER_BLOCK |= {"phi3": 5, "olmo2": 6, "olmo3": 6, "exaone4": 6}
+
+
+@pytest.mark.parametrize("kind", DECODER_KINDS)
+def test_decoder_sites_cover_each_block(kind: str) -> None:
+    model = make_tiny_model(kind)
+    sites = repair_sites(model)
+    assert len(sites) == SITES_PER_BLOCK[kind] * model.config.num_hidden_layers + 1
+    assert sites[-1].module == "model.norm"
+    modules = dict(model.named_modules())
+    assert all(site.module in modules for site in sites)
+    offset = 1.0 if kind.startswith("gemma") else 0.0  # Gemma norms compute x * (1 + w)
+    norms = [site for site in sites if site.module.endswith("norm")]
+    assert norms
+    assert all(site.gain_offset == offset for site in norms)
+    counts = _channel_counts(model, sites, _probe(kind))
+    if kind in (
+        "qwen3",
+        "gemma3_text",
+        "exaone4",
+    ):  # per-head q/k norm: one factor per RoPE pair of a head
+        head_dim = model.config.head_dim
+        assert counts["model.layers.0.self_attn.q_norm"] == head_dim // 2
+
+
 def test_a_tied_factor_commutes_with_rotary_embedding() -> None:
     heads, length, head_dim = 2, 5, 8
     generator = torch.Generator().manual_seed(0)
@@ -129,10 +158,11 @@ def test_a_tied_factor_commutes_with_rotary_embedding() -> None:
     )
 
 
-def test_repairer_targets_blend_the_endpoints() -> None:
-    a = make_tiny_model("gpt2", seed=1, dtype=torch.float64)
-    b = make_tiny_model("gpt2", seed=2, dtype=torch.float64)
-    probe = _probe("gpt2")
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3_text", "phi3", "olmo2"])
+def test_repairer_targets_blend_the_endpoints(kind: str) -> None:
+    a = make_tiny_model(kind, seed=1, dtype=torch.float64)
+    b = make_tiny_model(kind, seed=2, dtype=torch.float64)
+    probe = _probe(kind)
     repairer = Repairer(a, probe)
     repairer.measure_endpoints(lambda lam: a if lam == 0.0 else b)
     target = blend(repairer.rms_a, repairer.rms_b, 0.25)

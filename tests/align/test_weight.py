@@ -76,7 +76,7 @@ def test_recovers_a_planted_permutation(kind: str) -> None:
     assert result.objective[-1] == pytest.approx(_inner(state, state, spec), rel=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "gpt2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "gpt2", "bert", "phi3", "olmo2"])
 def test_recovers_the_permutation_through_noise(kind: str) -> None:
     state, spec = _tiny(kind)
     generator = torch.Generator().manual_seed(2)

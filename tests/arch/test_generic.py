@@ -18,6 +18,7 @@ from hfmerge.arch.generic import is_buffer_name
 from hfmerge.arch.heads import auto_class_name
 from hfmerge.arch.layers import layer_index
 from hfmerge.errors import ArchitectureError, NoPermutationSpecError
+from tests.support.any_models import LLAMA_FAMILY
 
 # A causal LM with a tied head (no lm_head.weight), a RoPE buffer and GPT-2-style mask buffers.
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -101,7 +102,8 @@ def test_steps_that_permute_refuse_a_generic_model_naming_the_families() -> None
         require_permutable(spec, label="org/new", feature="recipe `align:`")
     error = caught.value
     assert (error.model, error.model_type, error.feature) == ("org/new", "newlm", "recipe `align:`")
-    assert "llama (llama, mistral, qwen2)" in error.families
+    assert LLAMA_FAMILY in error.families
+    assert "gemma (gemma, gemma2, gemma3_text)" in error.families
     text = str(error)
     assert "org/new" in text
     assert "recipe `align:` needs a permutation spec, and model_type 'newlm' has none" in text

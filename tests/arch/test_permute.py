@@ -6,13 +6,9 @@ twin that keeps the rule and must not.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from transformers import PreTrainedModel
 
-from hfmerge.arch import spec_for
 from hfmerge.arch.permute import (
     axis_index,
     check_permutations,
@@ -22,18 +18,22 @@ from hfmerge.arch.permute import (
     permute_state_dict,
     permute_tensor,
     random_permutations,
+    unit_rows,
 )
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Layout, PermGroup, Permutations
-from tests.support.tiny_models import (
-    make_tiny_model,
-    max_abs_diff,
-    model_outputs,
-    nontrivial_permutations,
-    tiny_batch,
+from tests.support.controls import (
+    CHANGED,
+    KEPT,
+    attention_only,
+    attention_perm,
+    outputs_after,
+    reversed_range,
+    state_of,
+    tiny,
 )
-
-CHANGED = 1e-3  # a broken symmetry must move some output by more than this
-KEPT = 1e-10  # a kept symmetry moves float64 outputs by less than this
+from tests.support.tiny_models import (
+    nontrivial_permutations,
+)
 
 # 4 query heads over 2 KV heads, head_dim 2. New KV slot 0 holds old KV head 1 (old query heads 2,
 # 3, taken in order 3, 2); slot 1 holds old KV head 0 (query heads 0, 1 in order).
@@ -107,20 +107,24 @@ def test_axis_index_refuses_mismatched_layouts() -> None:
     assert axis_index(residual, torch.tensor([2, 0, 3, 1]), Layout.UNITS).tolist() == [2, 0, 3, 1]
 
 
+def test_axis_index_by_hand_units_pair() -> None:
+    ff = PermGroup("layers.0.mlp", "ff", 3)
+    # [gate | up]: gate rows 0..2 and up rows 3..5 each follow the one FF order.
+    assert axis_index(ff, torch.tensor([2, 0, 1]), Layout.UNITS_PAIR).tolist() == [2, 0, 1, 5, 3, 4]
+    with pytest.raises(ValueError, match="units"):
+        axis_index(GQA, GQA_PERM, Layout.UNITS_PAIR)
+    rows = torch.arange(12.0).reshape(6, 2)  # [gate 0..2 | up 0..2] rows, 2 columns each
+    # Unit u's row is its gate row then its up row, so one order moves both halves.
+    assert unit_rows(rows, Layout.UNITS_PAIR).tolist() == [
+        [0.0, 1.0, 6.0, 7.0],
+        [2.0, 3.0, 8.0, 9.0],
+        [4.0, 5.0, 10.0, 11.0],
+    ]
+    assert unit_rows(rows, Layout.UNITS) is rows
+
+
 def _spec_with(*groups: PermGroup) -> ArchSpec:
     return ArchSpec("test", "test", {g.name: g for g in groups}, {})
-
-
-@functools.cache
-def _tiny(kind: str) -> tuple[PreTrainedModel, ArchSpec]:
-    """One float64 model per kind and its spec (from the in-memory state dict names)."""
-    model = make_tiny_model(kind, dtype=torch.float64)
-    return model, spec_for(model.config.to_dict(), model.state_dict().keys())
-
-
-def _state(kind: str) -> tuple[dict[str, torch.Tensor], ArchSpec]:
-    model, spec = _tiny(kind)
-    return {name: t.clone() for name, t in model.state_dict().items()}, spec
 
 
 def _assert_equal_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -129,12 +133,23 @@ def _assert_equal_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
-FAMILY_KINDS = ["bert", "gpt2", "gpt_neox", "llama", "qwen2"]  # every layout and bias pattern
+# Every layout and bias pattern, and each kind of q/k norm.
+FAMILY_KINDS = [
+    "bert",
+    "gpt2",
+    "gpt_neox",
+    "llama",
+    "qwen2",
+    "phi3",
+    "qwen3",
+    "olmo2",
+    "gemma3_text",
+]
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_inverse_undoes_and_compose_chains(kind: str) -> None:
-    state, spec = _state(kind)
+    state, spec = state_of(kind)
     p = nontrivial_permutations(spec, seed=10)
     q = nontrivial_permutations(spec, seed=11)
     once = permute_state_dict(state, spec, p)
@@ -150,7 +165,7 @@ def test_inverse_undoes_and_compose_chains(kind: str) -> None:
 
 
 def test_compose_treats_missing_groups_as_identity() -> None:
-    state, spec = _state("llama")
+    state, spec = state_of("llama")
     p = nontrivial_permutations(spec, seed=12)
     only_residual = {"residual": p["residual"]}
     composed = compose(spec, only_residual, p)
@@ -160,7 +175,7 @@ def test_compose_treats_missing_groups_as_identity() -> None:
 
 
 def test_groups_missing_from_perms_leave_their_axes_alone() -> None:
-    state, spec = _state("llama")
+    state, spec = state_of("llama")
     residual = nontrivial_permutations(spec, seed=13)["residual"]
     assert isinstance(residual, torch.Tensor)
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -169,7 +184,7 @@ def test_groups_missing_from_perms_leave_their_axes_alone() -> None:
 
 
 def test_permuting_keeps_dtype_and_values() -> None:
-    state, spec = _state("gpt2")
+    state, spec = state_of("gpt2")
     halves = {name: t.to(torch.bfloat16) for name, t in state.items()}
     perms = nontrivial_permutations(spec, seed=14)
     out = permute_state_dict(halves, spec, perms)
@@ -180,7 +195,7 @@ def test_permuting_keeps_dtype_and_values() -> None:
 
 
 def test_random_permutations_respect_rotary_and_are_seeded() -> None:
-    _, neox = _tiny("gpt_neox")
+    _, neox = tiny("gpt_neox")
     perms = random_permutations(neox, torch.Generator().manual_seed(0))
     again = random_permutations(neox, torch.Generator().manual_seed(0))
     attn = perms["layers.0.attn"]
@@ -188,24 +203,18 @@ def test_random_permutations_respect_rotary_and_are_seeded() -> None:
     start, end = neox.groups["layers.0.attn"].qk_free_dims
     assert torch.equal(attn.qk_dims[:, :start], torch.arange(start).repeat(4, 1))
     assert not torch.equal(attn.qk_dims[:, start:end], torch.arange(start, end).repeat(4, 1))
-    assert torch.equal(attn.qk_dims, _attn(again, "layers.0.attn").qk_dims)
-    _, llama = _tiny("llama")
+    assert torch.equal(attn.qk_dims, attention_perm(again, "layers.0.attn").qk_dims)
+    _, llama = tiny("llama")
     for _ in range(5):
-        rope = _attn(random_permutations(llama, torch.Generator()), "layers.1.attn")
+        rope = attention_perm(random_permutations(llama, torch.Generator()), "layers.1.attn")
         assert torch.equal(rope.qk_dims, torch.arange(8).repeat(2, 1))
 
 
-def _attn(perms: Permutations, name: str) -> AttentionPerm:
-    perm = perms[name]
-    assert isinstance(perm, AttentionPerm)
-    return perm
-
-
 def test_check_permutations_rejects_malformed_perms() -> None:
-    _, spec = _tiny("llama")
+    _, spec = tiny("llama")
     good = identity_permutations(spec)
     check_permutations(spec, good)
-    attn = _attn(good, "layers.0.attn")
+    attn = attention_perm(good, "layers.0.attn")
     bad: list[tuple[Permutations, str]] = [
         ({"residual": torch.arange(63)}, "shape"),
         ({"residual": torch.zeros(64, dtype=torch.long)}, "not a permutation"),
@@ -238,7 +247,7 @@ def test_check_permutations_rejects_malformed_perms() -> None:
 
 
 def test_permute_state_dict_refuses_unknown_names_and_wrong_shapes() -> None:
-    state, spec = _state("llama")
+    state, spec = state_of("llama")
     perms = identity_permutations(spec)
     with pytest.raises(ValueError, match=r"extra\.weight"):
         permute_state_dict({**state, "extra.weight": torch.zeros(2)}, spec, perms)
@@ -250,57 +259,26 @@ def test_permute_state_dict_refuses_unknown_names_and_wrong_shapes() -> None:
 # --- negative controls: each breaks one rule and must change the outputs -------------------------
 
 
-def _outputs_after(kind: str, state: dict[str, torch.Tensor]) -> float:
-    """Largest output change after loading `state` into a copy of the tiny float64 model."""
-    model, _ = _tiny(kind)
-    changed = make_tiny_model(kind, seed=77, dtype=torch.float64)
-    changed.load_state_dict(state, strict=True)
-    inputs = tiny_batch(kind, seed=20)
-    return max_abs_diff(model_outputs(model, inputs), model_outputs(changed, inputs))
-
-
-def _attention_only(spec: ArchSpec, layer: int, **parts: torch.Tensor) -> Permutations:
-    """Identity everywhere except the named parts of one layer's attention permutation."""
-    perm = _attn(identity_permutations(spec), f"layers.{layer}.attn")
-    fields = {
-        "kv_heads": perm.kv_heads,
-        "q_in_group": perm.q_in_group,
-        "qk_dims": perm.qk_dims,
-        "vo_dims": perm.vo_dims,
-        **parts,
-    }
-    return {f"layers.{layer}.attn": AttentionPerm(**fields)}
-
-
-def _reversed_range(rows: int, dim: int, start: int, end: int) -> torch.Tensor:
-    """[rows, dim] within-head orders reversing dims [start, end): every dim there moves."""
-    out = torch.arange(dim).repeat(rows, 1)  # [rows, dim]
-    out[:, start:end] = torch.arange(end - 1, start - 1, -1)
-    return out
-
-
 def test_within_head_qk_permutation_breaks_rope() -> None:
-    state, spec = _state("llama")
-    qk = _reversed_range(2, 8, 0, 8)
-    broken = _attention_only(spec, 0, qk_dims=qk)
+    state, spec = state_of("llama")
+    qk = reversed_range(2, 8, 0, 8)
+    broken = attention_only(spec, 0, qk_dims=qk)
     with pytest.raises(ValueError, match="rotary"):
         check_permutations(spec, broken)
-    assert _outputs_after("llama", permute_state_dict(state, spec, broken, check=False)) > CHANGED
+    assert outputs_after("llama", permute_state_dict(state, spec, broken, check=False)) > CHANGED
     # Twin: the same within-head order on V/O is a symmetry even with RoPE.
-    kept = _attention_only(spec, 0, vo_dims=qk)
-    assert _outputs_after("llama", permute_state_dict(state, spec, kept)) < KEPT
+    kept = attention_only(spec, 0, vo_dims=qk)
+    assert outputs_after("llama", permute_state_dict(state, spec, kept)) < KEPT
 
 
 def test_rotary_dims_of_neox_are_pinned_but_the_rest_are_free() -> None:
-    state, spec = _state("gpt_neox")
+    state, spec = state_of("gpt_neox")
     start, end = spec.groups["layers.1.attn"].qk_free_dims
     assert (start, end) == (4, 16)
-    rotary = _attention_only(spec, 1, qk_dims=_reversed_range(4, 16, 0, start))
-    assert (
-        _outputs_after("gpt_neox", permute_state_dict(state, spec, rotary, check=False)) > CHANGED
-    )
-    free = _attention_only(spec, 1, qk_dims=_reversed_range(4, 16, start, end))
-    assert _outputs_after("gpt_neox", permute_state_dict(state, spec, free)) < KEPT
+    rotary = attention_only(spec, 1, qk_dims=reversed_range(4, 16, 0, start))
+    assert outputs_after("gpt_neox", permute_state_dict(state, spec, rotary, check=False)) > CHANGED
+    free = attention_only(spec, 1, qk_dims=reversed_range(4, 16, start, end))
+    assert outputs_after("gpt_neox", permute_state_dict(state, spec, free)) < KEPT
 
 
 def _swap_query_heads(state: dict[str, torch.Tensor], a: int, b: int) -> dict[str, torch.Tensor]:
@@ -316,13 +294,13 @@ def _swap_query_heads(state: dict[str, torch.Tensor], a: int, b: int) -> dict[st
 
 
 def test_query_head_must_move_with_its_kv_group() -> None:
-    state, _ = _state("llama")  # 4 query heads per KV head: heads 0-3 read KV 0, heads 4-7 KV 1
-    assert _outputs_after("llama", _swap_query_heads(state, 0, 4)) > CHANGED
-    assert _outputs_after("llama", _swap_query_heads(state, 0, 3)) < KEPT  # same KV group
+    state, _ = state_of("llama")  # 4 query heads per KV head: heads 0-3 read KV 0, heads 4-7 KV 1
+    assert outputs_after("llama", _swap_query_heads(state, 0, 4)) > CHANGED
+    assert outputs_after("llama", _swap_query_heads(state, 0, 3)) < KEPT  # same KV group
 
 
 def test_gate_and_up_must_share_one_permutation() -> None:
-    state, _ = _state("llama")
+    state, _ = state_of("llama")
     gate_order, up_order = (
         torch.randperm(96, generator=torch.Generator().manual_seed(3)),
         torch.arange(95, -1, -1),
@@ -336,8 +314,8 @@ def test_gate_and_up_must_share_one_permutation() -> None:
         out[base + "down_proj.weight"] = state[base + "down_proj.weight"][:, up]
         return out
 
-    assert _outputs_after("llama", with_orders(gate_order, up_order)) > CHANGED
-    assert _outputs_after("llama", with_orders(up_order, up_order)) < KEPT
+    assert outputs_after("llama", with_orders(gate_order, up_order)) > CHANGED
+    assert outputs_after("llama", with_orders(up_order, up_order)) < KEPT
 
 
 @pytest.mark.parametrize(
@@ -350,7 +328,7 @@ def test_gate_and_up_must_share_one_permutation() -> None:
 def test_full_width_permutation_crosses_heads(
     reads: tuple[str, ...], writes: tuple[str, ...]
 ) -> None:
-    state, _ = _state("bert")  # 4 heads of 8 dims, no RoPE: within-head orders are free
+    state, _ = state_of("bert")  # 4 heads of 8 dims, no RoPE: within-head orders are free
     cross = torch.randperm(32, generator=torch.Generator().manual_seed(4))
     within = (torch.arange(4)[:, None] * 8 + torch.arange(7, -1, -1)).reshape(-1)  # [4, 8] -> [32]
     base = "bert.encoder.layer.0."
@@ -365,8 +343,8 @@ def test_full_width_permutation_crosses_heads(
             out[f"{base}{proj}.weight"] = state[f"{base}{proj}.weight"][:, order]
         return out
 
-    assert _outputs_after("bert", with_order(cross)) > CHANGED
-    assert _outputs_after("bert", with_order(within)) < KEPT
+    assert outputs_after("bert", with_order(cross)) > CHANGED
+    assert outputs_after("bert", with_order(within)) < KEPT
 
 
 @pytest.mark.parametrize(
@@ -375,12 +353,17 @@ def test_full_width_permutation_crosses_heads(
         ("llama", "model.layers.1.post_attention_layernorm.weight"),
         ("bert", "bert.encoder.layer.0.attention.output.LayerNorm.weight"),
         ("gpt_neox", "gpt_neox.final_layer_norm.bias"),
+        ("gemma", "model.norm.weight"),  # offset gain: still one entry per channel
+        ("gemma2", "model.layers.0.pre_feedforward_layernorm.weight"),
+        ("gemma3_text", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("olmo2", "model.layers.0.post_attention_layernorm.weight"),
+        ("phi3", "model.layers.1.input_layernorm.weight"),
     ],
 )
 def test_residual_permutation_must_reach_every_norm(kind: str, norm: str) -> None:
-    state, spec = _state(kind)
+    state, spec = state_of(kind)
     residual = {"residual": nontrivial_permutations(spec, seed=5)["residual"]}
     permuted = permute_state_dict(state, spec, residual)
-    assert _outputs_after(kind, permuted) < KEPT
+    assert outputs_after(kind, permuted) < KEPT
     skipped = {**permuted, norm: state[norm]}
-    assert _outputs_after(kind, skipped) > CHANGED
+    assert outputs_after(kind, skipped) > CHANGED

@@ -42,6 +42,20 @@ FAMILY_OF_KIND = {
     "llama_tied": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "granite": "llama",
+    "smollm3": "llama",
+    "seed_oss": "llama",
+    "ministral": "llama",
+    "internlm3": "llama",
+    "iquestcoder": "llama",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "olmo3": "olmo2",
+    "exaone4": "exaone4",
 }
 # Tensors absent from the saved file because transformers ties them to another one.
 TIED_IN_FILE = {
@@ -51,6 +65,10 @@ TIED_IN_FILE = {
     },
     "gpt2": {"lm_head.weight": "transformer.wte.weight"},
     "llama_tied": {"lm_head.weight": "model.embed_tokens.weight"},
+    **{
+        kind: {"lm_head.weight": "model.embed_tokens.weight"}
+        for kind in ("smollm3", "gemma", "gemma2", "gemma3_text")  # tied by default
+    },
 }
 AUTO_CLASS = {"bert": AutoModelForMaskedLM, "bert_base_model": AutoModel}
 FLOAT64_ATOL = 1e-10
@@ -101,6 +119,8 @@ def test_spec_groups_and_axis_roles_are_consistent(kind: str) -> None:
             # Both sides of the attention circuit must be covered: heads read and written.
             assert Layout.O in used[name]
             assert used[name] & {Layout.Q, Layout.QKV_CONCAT, Layout.QKV_PER_HEAD}
+        elif kind == "phi3" and group.kind == "ff":
+            assert used[name] == {Layout.UNITS, Layout.UNITS_PAIR}  # gate_up_proj, down_proj
         else:
             assert used[name] == {Layout.UNITS}
 
@@ -193,7 +213,7 @@ def test_permuted_checkpoint_files_load_with_same_outputs(
         torch.testing.assert_close(got[key], expected[key], atol=FLOAT64_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox", "gemma2", "phi3"])
 def test_valid_permutations_keep_cached_generation_scores(kind: str) -> None:
     model: Any = make_tiny_model(kind, dtype=torch.float64)  # `generate` is untyped
     spec = spec_for(model.config.to_dict(), model.state_dict().keys())
@@ -335,9 +355,8 @@ def test_check_shapes_catches_a_wrong_kv_head_count() -> None:
 
 
 def test_registry_lists_every_family() -> None:
-    assert (
-        [f.name for f in list_families()] == list(FAMILIES) == ["bert", "gpt2", "gpt_neox", "llama"]
-    )
+    families = ["bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2", "exaone4"]
+    assert [f.name for f in list_families()] == list(FAMILIES) == families
     assert MODEL_TYPES == {
         "bert": "bert",
         "gpt2": "gpt2",
@@ -345,6 +364,20 @@ def test_registry_lists_every_family() -> None:
         "llama": "llama",
         "mistral": "llama",
         "qwen2": "llama",
+        "granite": "llama",
+        "smollm3": "llama",
+        "seed_oss": "llama",
+        "ministral": "llama",
+        "internlm3": "llama",
+        "iquestcoder": "llama",
+        "qwen3": "qwen3",
+        "gemma": "gemma",
+        "gemma2": "gemma",
+        "gemma3_text": "gemma",
+        "phi3": "phi3",
+        "olmo2": "olmo2",
+        "olmo3": "olmo2",
+        "exaone4": "exaone4",
     }
     assert all(f.description and f.model_types for f in list_families())
 

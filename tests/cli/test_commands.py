@@ -39,9 +39,12 @@ def test_archs_is_a_table_of_families_and_what_runs_on_them(
     assert lines[0].split()[-5:] == ["merge", "align", "repair", "cka", "route"]
     assert lines[0].startswith("family (model types)")
     rows = {line.split(" (")[0]: line for line in lines[1:]}
-    for family in ("bert", "gpt2", "gpt_neox", "llama"):
+    families = ("bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2", "exaone4")
+    for family in families:
         assert rows[family].split()[-5:] == ["yes"] * 5, rows[family]
-    assert "llama (llama, mistral, qwen2)" in rows["llama"]
+    assert "llama (llama, mistral, ministral, qwen2, granite," in rows["llama"]
+    assert "gemma (gemma, gemma2, gemma3_text)" in rows["gemma"]
+    assert "olmo2 (olmo2, olmo3)" in rows["olmo2"]
     assert lines[-1].split() == ["any", "other", "model_type", "yes", "no", "no", "no", "no"]
 
 
@@ -189,6 +192,26 @@ def test_align_writes_b_in_a_basis(
         torch.testing.assert_close(aligned[name], tensor, rtol=0, atol=1e-6)
     assert (chdir_tmp / "c" / "hfmerge_permutations.safetensors").exists()
     assert main(["align", str(a), str(b), "--out", "c"]) == 1  # exists: refused without --force
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "exaone4", "granite", "smollm3"],
+)
+def test_align_undoes_a_planted_permutation_exactly(kind: str, chdir_tmp: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tests.support.lm import save_permuted_copy
+
+    a = save_tiny_model(kind, chdir_tmp / "a", seed=2)
+    b = save_permuted_copy(a, chdir_tmp / "b", seed=9)
+    permuted = load_file(b / "model.safetensors")
+    original = load_file(a / "model.safetensors")
+    assert any(not permuted[name].equal(tensor) for name, tensor in original.items())
+    assert main(["align", str(a), str(b), "--out", "c", "--method", "weight"]) == 0
+    aligned = load_file(chdir_tmp / "c" / "model.safetensors")
+    assert aligned.keys() == original.keys()
+    assert all(aligned[name].equal(tensor) for name, tensor in original.items())
 
 
 def test_extract_lora_prints_the_rank_table_then_the_adapter_path(

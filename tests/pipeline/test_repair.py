@@ -140,3 +140,38 @@ def test_repair_overwrites_tensors_across_shards(seeds: tuple[Path, Path], tmp_p
     sharded = read_weights(tmp_path / "many")
     assert whole.keys() == sharded.keys()
     assert all(torch.equal(whole[name], sharded[name]) for name in whole)
+
+
+# Per block, the tensors REPAIR folds into: norms (Gemma's offset gains too), the per-head q/k norm
+# gains (Gemma 3) or the fused qkv_proj (Phi-3), and the O and FF down-projection inputs.
+FOLDED_PER_BLOCK = {
+    "gemma3_text": {
+        "input_layernorm.weight",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "pre_feedforward_layernorm.weight",
+        "mlp.down_proj.weight",
+        "post_feedforward_layernorm.weight",
+    },
+    "phi3": {
+        "input_layernorm.weight",
+        "self_attn.qkv_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.down_proj.weight",
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(FOLDED_PER_BLOCK))
+def test_repair_runs_on_the_newer_decoder_families(kind: str, tmp_path: Path) -> None:
+    a, b = (save_lm(kind, tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 1)))
+    for repair in (False, True):
+        run_recipe(_recipe(a, b, tmp_path / f"repair_{repair}", repair=repair), QUIET)
+    plain = load_file(tmp_path / "repair_False" / "model.safetensors")
+    fixed = load_file(tmp_path / "repair_True" / "model.safetensors")
+    changed = {name for name in plain if not torch.equal(plain[name], fixed[name])}
+    expected = {f"model.layers.{i}.{t}" for i in range(2) for t in FOLDED_PER_BLOCK[kind]}
+    assert changed == expected | {"model.norm.weight"}

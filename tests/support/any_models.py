@@ -17,6 +17,10 @@ from transformers import AutoConfig, PreTrainedModel
 from tests.support.tiny_models import VOCAB, add_noise
 
 Inputs = Literal["text", "seq2seq", "image"]
+# How a refusal lists the llama family among those that have a spec.
+LLAMA_FAMILY = (
+    "llama (llama, mistral, ministral, qwen2, granite, smollm3, seed_oss, internlm3, iquestcoder)"
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,11 @@ _BART = {
 
 ANY_MODELS: dict[str, AnyModel] = {
     # decoders
-    "qwen3": AnyModel("qwen3", _CAUSAL, {**_GQA, "head_dim": 8}),
-    "gemma3_text": AnyModel("gemma3_text", _CAUSAL, {**_GQA, "head_dim": 8}),  # tied head
-    "phi3": AnyModel("phi3", _CAUSAL, {**_GQA, "pad_token_id": 0}),
-    "olmo2": AnyModel("olmo2", _CAUSAL, _GQA),
-    "granite": AnyModel("granite", _CAUSAL, _GQA),
+    "helium": AnyModel("helium", _CAUSAL, {**_GQA, "head_dim": 8, "pad_token_id": 0}),
+    "cohere2": AnyModel("cohere2", _CAUSAL, {**_GQA, "pad_token_id": 0}),  # tied head
+    "phi": AnyModel("phi", _CAUSAL, _GQA),
+    "stablelm": AnyModel("stablelm", _CAUSAL, _GQA),
+    "arcee": AnyModel("arcee", _CAUSAL, {**_GQA, "pad_token_id": 0}),
     "starcoder2": AnyModel("starcoder2", _CAUSAL, _GQA),
     "cohere": AnyModel("cohere", _CAUSAL, _GQA),
     "falcon": AnyModel(

@@ -17,18 +17,44 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    Exaone4Config,
+    Exaone4ForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    InternLM3Config,
+    IQuestCoderConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MinistralConfig,
+    MinistralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SeedOssConfig,
+    SeedOssForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from hfmerge.arch.permute import random_permutations
@@ -65,6 +91,20 @@ _LLAMA = {
     "max_position_embeddings": MAX_POSITIONS,
     "tie_word_embeddings": False,
 }
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # inside the tiny vocabulary
+# Gemma: head_dim 16 with hidden 48 (4 heads: q rows 64 != hidden), tied head by default; sliding
+# windows of 4 tokens are shorter than the test batches, so they really mask.
+_GEMMA = {
+    "hidden_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "max_position_embeddings": MAX_POSITIONS,
+    **_TOKENS,
+}
+_WINDOWS = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}
 
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "bert": TinyFamily(BertConfig, BertForMaskedLM, _BERT),
@@ -104,6 +144,52 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     ),
     "mistral": TinyFamily(MistralConfig, MistralForCausalLM, {**_LLAMA, "sliding_window": None}),
     "qwen2": TinyFamily(Qwen2Config, Qwen2ForCausalLM, _LLAMA),
+    # Llama in all but name: scalar multipliers (Granite), RoPE-free layers (SmolLM3), q/k/v bias
+    # without an o bias (Seed-OSS).
+    "granite": TinyFamily(
+        GraniteConfig,
+        GraniteForCausalLM,
+        {
+            **_LLAMA,
+            "embedding_multiplier": 3.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.2,
+            "logits_scaling": 1.5,
+        },
+    ),
+    "smollm3": TinyFamily(
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
+        {**_LLAMA, **_TOKENS, "no_rope_layers": [1, 0], "tie_word_embeddings": True},
+    ),
+    "seed_oss": TinyFamily(SeedOssConfig, SeedOssForCausalLM, {**_LLAMA, "head_dim": 8}),
+    "ministral": TinyFamily(
+        MinistralConfig, MinistralForCausalLM, {**_LLAMA, "head_dim": 8, "sliding_window": 4}
+    ),
+    # transformers runs both with its Llama classes; InternLM3 with every bias on.
+    "internlm3": TinyFamily(
+        InternLM3Config,
+        LlamaForCausalLM,
+        {**_LLAMA, **_TOKENS, "head_dim": 8, "attention_bias": True, "mlp_bias": True},
+    ),
+    "iquestcoder": TinyFamily(
+        IQuestCoderConfig, LlamaForCausalLM, {**_LLAMA, **_TOKENS, "head_dim": 8}
+    ),
+    # head_dim 16 with hidden 64 and 8 heads: q_proj has 128 rows.
+    "qwen3": TinyFamily(Qwen3Config, Qwen3ForCausalLM, {**_LLAMA, "head_dim": 16}),
+    "gemma": TinyFamily(GemmaConfig, GemmaForCausalLM, _GEMMA),
+    "gemma2": TinyFamily(Gemma2Config, Gemma2ForCausalLM, {**_GEMMA, **_WINDOWS}),
+    "gemma3_text": TinyFamily(Gemma3TextConfig, Gemma3ForCausalLM, {**_GEMMA, **_WINDOWS}),
+    # head_dim 8, half of it rotary: Q/K dims 4..7 of each head may move.
+    "phi3": TinyFamily(
+        Phi3Config, Phi3ForCausalLM, {**_LLAMA, **_TOKENS, "partial_rotary_factor": 0.5}
+    ),
+    "olmo2": TinyFamily(Olmo2Config, Olmo2ForCausalLM, {**_LLAMA, **_TOKENS}),
+    "olmo3": TinyFamily(Olmo3Config, Olmo3ForCausalLM, {**_LLAMA, **_TOKENS, **_WINDOWS}),
+    # Layer 0 slides with RoPE, layer 1 is global without it.
+    "exaone4": TinyFamily(
+        Exaone4Config, Exaone4ForCausalLM, {**_LLAMA, **_TOKENS, **_WINDOWS, "head_dim": 8}
+    ),
 }
 
 
@@ -129,17 +215,29 @@ def _rms_norm_in_input_dtype(self: Any, hidden: torch.Tensor) -> torch.Tensor:
     return scaled
 
 
+def _offset_rms_norm_in_input_dtype(self: Any, hidden: torch.Tensor) -> torch.Tensor:
+    variance = hidden.pow(2).mean(-1, keepdim=True)  # [..., 1]
+    scaled: torch.Tensor = (1.0 + self.weight) * (hidden * torch.rsqrt(variance + self.eps))
+    return scaled
+
+
 def exact_float64_norms(model: PreTrainedModel) -> PreTrainedModel:
     """Make RMSNorm compute in the input dtype (same function, no float32 rounding).
 
-    transformers' Llama/Mistral/Qwen2 RMSNorm upcasts to float32 even for float64 inputs; its
-    order-dependent rounding (~1e-7) would drown a 1e-10 invariance check. No-op for float32.
+    transformers' RMSNorms (Llama-style, and Gemma's `1 + weight` one) upcast to float32 even for
+    float64 inputs; their order-dependent rounding (~1e-7) would drown a 1e-10 invariance check.
+    No-op for float32.
     """
     if model.dtype != torch.float64:
         return model
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+        name = type(module).__name__
+        if not name.endswith("RMSNorm"):
+            continue
+        if hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+        elif name.startswith("Gemma") and hasattr(module, "eps"):
+            module.forward = types.MethodType(_offset_rms_norm_in_input_dtype, module)
     return model
 
 
