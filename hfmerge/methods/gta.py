@@ -25,12 +25,12 @@ from hfmerge.methods.gta_stream import Combine, Prune, TaskVectorMerge
 from hfmerge.methods.gta_sum import TaskVectorSum
 from hfmerge.methods.lowrank import Truncation, truncate
 from hfmerge.methods.params import (
-    Count,
     Flag,
     Fraction,
     MethodParams,
     ModelParams,
     Number,
+    Rank,
     Share,
     WeightedModelParams,
     as_params,
@@ -55,7 +55,7 @@ class PruneParams(TaskArithmeticParams):
 class TaskVectorModelParams(WeightedModelParams):
     """Per-model weight, and optionally how far to truncate its matrices' task vectors."""
 
-    rank: Count | None = Field(
+    rank: Rank | None = Field(
         None, description="truncate each matrix's task vector to this rank (SVD)"
     )
     energy: Share | None = Field(

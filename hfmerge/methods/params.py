@@ -30,7 +30,10 @@ Fraction = Annotated[
     float, BeforeValidator(_reject_bool), Field(ge=0.0, le=1.0, allow_inf_nan=False)
 ]
 Flag = StrictBool
-Count = Annotated[int, BeforeValidator(_reject_bool), Field(ge=1)]
+# An iteration count; a YAML integer (or a gradient value that lands on one), never a fraction.
+Count = Annotated[int, BeforeValidator(_reject_bool), Field(ge=0)]
+# A number of singular directions (a rank): 1 or more.
+Rank = Annotated[int, BeforeValidator(_reject_bool), Field(ge=1)]
 # A share of a whole: more than nothing, at most all of it.
 Share = Annotated[float, BeforeValidator(_reject_bool), Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 

@@ -20,7 +20,7 @@ from pydantic import Field
 from hfmerge.methods.base import MergeMethod, require_base
 from hfmerge.methods.gta_sum import sum_of
 from hfmerge.methods.lowrank import LowRank, top_directions
-from hfmerge.methods.params import Count, MethodParams, ModelParams, Number, as_params
+from hfmerge.methods.params import MethodParams, ModelParams, Number, Rank, as_params
 
 PAPER = "https://arxiv.org/abs/2412.00081"
 
@@ -28,7 +28,7 @@ PAPER = "https://arxiv.org/abs/2412.00081"
 class TsvParams(MethodParams):
     """Global parameters of `tsv`."""
 
-    rank: Count | None = Field(
+    rank: Rank | None = Field(
         None, description="directions kept per task and matrix (default: full rank / tasks)"
     )
     lambda_: Number = Field(1.0, alias="lambda", description="scale of the merged task vector")
