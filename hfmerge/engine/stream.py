@@ -185,11 +185,18 @@ class _Share:
 
 
 def _merges_elementwise(plan: MergePlan) -> bool:
-    """Whether the plan's merges are element-wise (linear, task arithmetic), asked of its first
-    merged tensor: a method's tensors are all of one kind (`ChunkPolicy.rows_per_chunk` checks)."""
-    job = next((job for job in plan.jobs if job.action == "merge"), None)
-    if job is None or job.params is None:
-        return False
+    """Whether every merged tensor of the plan merges element-wise (linear, task arithmetic).
+
+    Asked of each tensor, not only the first: a method's parameters may change a tensor's kind
+    (a task-vector method with `rank` merges its matrices whole, its norms element-wise), and
+    `ChunkPolicy.rows_per_chunk` refuses a merge with temporaries under an element-wise policy.
+    """
+    merged = [job for job in plan.jobs if job.action == "merge" and job.params is not None]
+    return bool(merged) and all(_job_elementwise(plan, job) for job in merged)
+
+
+def _job_elementwise(plan: MergePlan, job: TensorJob) -> bool:
+    assert job.params is not None
     merge = plan.method.tensor_merge(
         job.shape,
         model_params=job.params.models,

@@ -1,9 +1,9 @@
 """Low-rank factors of one weight delta: `delta ≈ B·A` from its singular value decomposition.
 
-Exact SVD for matrices whose smaller side is at most `RankChoice.exact_limit`; above it,
-randomized SVD (`torch.svd_lowrank`, with oversampling and power iterations, from a fixed seed so
-the same inputs give the same adapter). The rank is fixed (`rank`) or the smallest that keeps a
-share (`energy`) of the delta's squared singular values, i.e. of its squared Frobenius norm.
+The SVD is the merge methods' (`methods/lowrank.py`): exact for matrices whose smaller side is at
+most `RankChoice.exact_limit`, randomized above it, from a fixed seed so the same inputs give the
+same adapter. The rank is fixed (`rank`) or the smallest that keeps a share (`energy`) of the
+delta's squared singular values, i.e. of its squared Frobenius norm.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from hfmerge.errors import OptionError
-
-_START_RANK = 32  # randomized SVD's first try when the rank comes from `energy`
+from hfmerge.methods.lowrank import Truncation, low_rank
 
 
 @dataclass(frozen=True)
@@ -24,9 +23,7 @@ class RankChoice:
     rank: int | None = 16
     energy: float | None = None  # in (0, 1]; set: the rank comes from it, `rank` is ignored
     exact_limit: int = 1024  # exact SVD up to this smaller side; randomized above
-    oversample: int = 10  # extra columns of the randomized SVD's sketch
-    power_iterations: int = 4  # sharpen the sketch's spectrum (decaying singular values)
-    seed: int = 0
+    seed: int = 0  # of the randomized SVD's test matrix
 
 
 def rank_choice(rank: int | None, energy: float | None) -> RankChoice:
@@ -74,49 +71,15 @@ def factorize(delta: torch.Tensor, choice: RankChoice) -> Factors:
     other in a lower precision.
     """
     total = float(delta.square().sum())
-    full = min(delta.shape)
     if total == 0.0:  # nothing to keep: one zero pair keeps the module's place in the adapter
         zero_b, zero_a = delta.new_zeros(delta.shape[0], 1), delta.new_zeros(1, delta.shape[1])
         return Factors(zero_b, zero_a, 1.0)
-    if full <= choice.exact_limit:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        k = _rank(s, total, choice, full)
-    else:
-        u, s, vh, k = _randomized(delta, total, choice, full)
-    root = s[:k].sqrt()
-    b = u[:, :k] * root  # [out, k]: columns scaled by √s
-    a = root[:, None] * vh[:k]  # [k, in]: rows scaled by √s
-    kept = float(s[:k].square().sum()) / total
+    by_energy = choice.energy is not None
+    truncation = Truncation(energy=choice.energy) if by_energy else Truncation(rank=choice.rank)
+    generator = torch.Generator().manual_seed(choice.seed)
+    found = low_rank(delta, truncation, generator, exact_max_dim=choice.exact_limit)
+    root = found.s.sqrt()
+    b = found.u * root  # [out, k]: columns scaled by √s
+    a = root[:, None] * found.vh  # [k, in]: rows scaled by √s
+    kept = float(found.s.double().square().sum()) / total
     return Factors(b.contiguous(), a.contiguous(), min(kept, 1.0))
-
-
-def _rank(s: torch.Tensor, total: float, choice: RankChoice, full: int) -> int:
-    """The rank to keep of singular values `s` (descending) of a delta of energy `total`."""
-    if choice.energy is None:
-        assert choice.rank is not None
-        return max(1, min(choice.rank, full))
-    kept = torch.cumsum(s.double().square(), 0)  # [len(s)]
-    # The first index keeping the share; a rounding shortfall at 1.0 keeps every value.
-    k = int(torch.searchsorted(kept, torch.tensor(choice.energy * total, dtype=torch.float64)))
-    return max(1, min(k + 1, full, len(s)))
-
-
-def _randomized(
-    delta: torch.Tensor, total: float, choice: RankChoice, full: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(U, S, Vᵀ, k) of a randomized SVD; with `energy`, the sketch grows until it keeps the
-    share (or the exact SVD runs, once the sketch would cover half the matrix)."""
-    want = choice.rank if choice.energy is None else _START_RANK
-    assert want is not None
-    while True:
-        q = min(want + choice.oversample, full)
-        if choice.energy is not None and 2 * q > full:
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            return u, s, vh, _rank(s, total, choice, full)
-        with torch.random.fork_rng(devices=[delta.device] if delta.is_cuda else []):
-            torch.manual_seed(choice.seed)
-            u, s, v = torch.svd_lowrank(delta, q=q, niter=choice.power_iterations)
-        kept = float(s.double().square().sum())
-        if choice.energy is None or kept >= choice.energy * total:
-            return u, s, v.T, _rank(s, total, choice, full)
-        want *= 2

@@ -1,9 +1,12 @@
 """Generalized task arithmetic, shared by task_arithmetic, TIES, DARE, breadcrumbs and DELLA:
-sparsify each task vector -> weight -> optional sign consensus -> sum -> normalise -> lambda.
+optionally truncate each task vector to low rank -> sparsify it -> weight -> optional sign
+consensus -> sum -> normalise -> lambda.
 
 Each method is a `TaskVectorMethod`: data saying how it sparsifies (a magnitude band, random
 drops, or not at all) and whether it elects signs; its whole-tensor function and its chunked form
 follow from that. The arithmetic after sparsifying is `TaskVectorSum` (`methods/gta_sum.py`).
+A matrix truncated to low rank (`rank` or `energy`, `methods/lowrank.py`) needs its whole task
+vector for the SVD, so such a tensor merges whole; without them nothing changes.
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ from dataclasses import dataclass
 from typing import ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from hfmerge.methods.base import MergeMethod, require_base
 from hfmerge.methods.chunks import FunctionMerge, TensorMerge
 from hfmerge.methods.gta_stream import Combine, Prune, TaskVectorMerge
 from hfmerge.methods.gta_sum import TaskVectorSum
+from hfmerge.methods.lowrank import Truncation, truncate
 from hfmerge.methods.params import (
     Flag,
     Fraction,
     MethodParams,
     ModelParams,
     Number,
+    Rank,
+    Share,
     WeightedModelParams,
     as_params,
 )
@@ -46,14 +52,42 @@ class PruneParams(TaskArithmeticParams):
     rescale: Flag = Field(False, description="rescale each pruned task vector to its L1 norm")
 
 
-class PrunedModelParams(WeightedModelParams):
-    """Per-model weight and the fraction of its task vector to keep."""
+class TaskVectorModelParams(WeightedModelParams):
+    """Per-model weight, and optionally how far to truncate its matrices' task vectors."""
+
+    rank: Rank | None = Field(
+        None, description="truncate each matrix's task vector to this rank (SVD)"
+    )
+    energy: Share | None = Field(
+        None,
+        description="truncate each matrix's task vector to the fewest directions keeping "
+        "this share of its squared singular values",
+    )
+
+    alternatives: ClassVar[tuple[frozenset[str], ...]] = (frozenset({"rank", "energy"}),)
+
+    @field_validator("energy")
+    @classmethod
+    def _one_truncation(cls, energy: float | None, info: ValidationInfo) -> float | None:
+        if energy is not None and info.data.get("rank") is not None:
+            raise ValueError("give `rank` or `energy`, not both")
+        return energy
+
+    def truncation(self) -> Truncation | None:
+        """How this model's matrices' task vectors are truncated; None: they stay full."""
+        if self.rank is None and self.energy is None:
+            return None
+        return Truncation(rank=self.rank, energy=self.energy)
+
+
+class PrunedModelParams(TaskVectorModelParams):
+    """Per-model weight, truncation, and the fraction of its task vector to keep."""
 
     density: Fraction = Field(1.0, description="fraction of task-vector entries kept")
 
 
 GlobalT = TypeVar("GlobalT", bound=TaskArithmeticParams)
-ModelT = TypeVar("ModelT", bound=WeightedModelParams)
+ModelT = TypeVar("ModelT", bound=TaskVectorModelParams)
 # The magnitude band a sparsifier keeps of one model's task vector, from (global params, that
 # model's params, number of entries).
 BandOf = Callable[[GlobalT, ModelT, int], Band | None]
@@ -202,30 +236,42 @@ class TaskVectorMethod(Generic[GlobalT, ModelT]):
         device: torch.device,
     ) -> TensorMerge:
         """The method's merge of one tensor of `shape` (`StreamFactory`): chunk by chunk,
-        except DELLA's 1-D tensors, which merge whole."""
+        except DELLA's 1-D tensors and matrices truncated to low rank, which merge whole."""
         global_params, per_model = self._typed(params, model_params)
-        combine = self._sum(global_params, per_model)
-        rescale = _rescale(global_params)
-        if self.sparsify is None:
-            n = math.prod(shape)
-            return TaskVectorMerge(n, bands=None, rescale=rescale, combine=combine, device=device)
-        merge = self.sparsify.tensor_merge(
-            shape,
-            global_params,
-            per_model,
-            combine,
-            rescale=rescale,
-            generator=generator,
-            device=device,
-        )
-        if merge is not None:
-            return merge
+        if not _truncates(shape, per_model):  # a truncated matrix needs its whole task vector
+            merge = self._chunked(shape, global_params, per_model, generator, device)
+            if merge is not None:
+                return merge
         return FunctionMerge(
             self.merge,
             model_params=model_params,
             params=params,
             generator=generator,
             whole_only=True,
+        )
+
+    def _chunked(
+        self,
+        shape: tuple[int, ...],
+        params: GlobalT,
+        per_model: Sequence[ModelT],
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> TensorMerge | None:
+        """The chunked merge of one tensor; None where the sparsifier must merge it whole."""
+        combine = self._sum(params, per_model)
+        rescale = _rescale(params)
+        if self.sparsify is None:
+            n = math.prod(shape)
+            return TaskVectorMerge(n, bands=None, rescale=rescale, combine=combine, device=device)
+        return self.sparsify.tensor_merge(
+            shape,
+            params,
+            per_model,
+            combine,
+            rescale=rescale,
+            generator=generator,
+            device=device,
         )
 
     def _typed(
@@ -246,16 +292,28 @@ class TaskVectorMethod(Generic[GlobalT, ModelT]):
     def _pruner(
         self, params: GlobalT, per_model: Sequence[ModelT], generator: torch.Generator | None
     ) -> Prune | None:
-        """Each model's whole-tensor sparsifier, by model index; None when the method keeps all."""
+        """Each model's whole-tensor truncation then sparsifier, by model index; None when the
+        method keeps every task vector as it is."""
         sparsify = self.sparsify
-        if sparsify is None:
+        truncations = [model.truncation() for model in per_model]
+        if sparsify is None and all(t is None for t in truncations):
             return None
         rescale = _rescale(params)
 
         def prune(delta: torch.Tensor, index: int) -> torch.Tensor:
+            truncation = truncations[index]
+            if truncation is not None:
+                delta = truncate(delta, truncation, generator)
+            if sparsify is None:
+                return delta
             return sparsify.prune(params, per_model[index], delta, generator, rescale=rescale)
 
         return prune
+
+
+def _truncates(shape: tuple[int, ...], per_model: Sequence[TaskVectorModelParams]) -> bool:
+    """Whether some model's task vector of this tensor is truncated to low rank (matrices only)."""
+    return len(shape) == 2 and any(model.truncation() is not None for model in per_model)
 
 
 def _rescale(params: TaskArithmeticParams) -> bool:

@@ -32,6 +32,10 @@ Fraction = Annotated[
 Flag = StrictBool
 # An iteration count; a YAML integer (or a gradient value that lands on one), never a fraction.
 Count = Annotated[int, BeforeValidator(_reject_bool), Field(ge=0)]
+# A number of singular directions (a rank): 1 or more.
+Rank = Annotated[int, BeforeValidator(_reject_bool), Field(ge=1)]
+# A share of a whole: more than nothing, at most all of it.
+Share = Annotated[float, BeforeValidator(_reject_bool), Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class MethodParams(BaseModel):
@@ -47,6 +51,9 @@ class ModelParams(BaseModel):
 
     # Field that a model-level (cross-field) check reports its error at.
     blame: ClassVar[str | None] = None
+    # Groups of keys that say one thing in different ways (a rank, or an energy share): a key of a
+    # group given beside a model replaces every key of that group under `parameters`.
+    alternatives: ClassVar[tuple[frozenset[str], ...]] = ()
 
 
 class WeightedModelParams(ModelParams):

@@ -19,6 +19,7 @@ from hfmerge.methods.sce import SCE
 from hfmerge.methods.slerp import SLERP
 from hfmerge.methods.task_arithmetic import TASK_ARITHMETIC
 from hfmerge.methods.ties import TIES
+from hfmerge.methods.tsv import TSV
 
 _ALL = (
     LINEAR,
@@ -39,6 +40,7 @@ _ALL = (
     MULTISLERP,
     KARCHER,
     PASSTHROUGH,
+    TSV,
 )
 
 METHODS: dict[str, MergeMethod] = {method.name: method for method in _ALL}

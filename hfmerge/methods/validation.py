@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
@@ -86,11 +87,7 @@ def _short(info: ParameterInfo) -> str:
 def _describe(cls: type[BaseModel], scope: Scope) -> list[ParameterInfo]:
     infos = []
     for name, field in cls.model_fields.items():
-        kind = getattr(field.annotation, "__name__", str(field.annotation))
-        low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
-        high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
-        if low is not None and high is not None:
-            kind += f" in [{low:g}, {high:g}]"
+        kind = _kind(field.annotation, field.metadata)
         required = field.is_required()
         infos.append(
             ParameterInfo(
@@ -103,6 +100,37 @@ def _describe(cls: type[BaseModel], scope: Scope) -> list[ParameterInfo]:
             )
         )
     return infos
+
+
+def _kind(annotation: Any, metadata: Sequence[Any]) -> str:
+    """`float in [0, 1]`, `int >= 1`, `float in (0, 1]`; `... or none` for an optional value."""
+    options = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(options) == 1:
+        return f"{_kind(*_unwrap(options[0]))} or none"
+    kind: str = getattr(annotation, "__name__", str(annotation))
+    low = _bound(metadata, "ge")
+    above = _bound(metadata, "gt")
+    high = _bound(metadata, "le")
+    if high is not None and low is not None:
+        return f"{kind} in [{low:g}, {high:g}]"
+    if high is not None and above is not None:
+        return f"{kind} in ({above:g}, {high:g}]"
+    if low is not None:
+        return f"{kind} >= {low:g}"
+    return kind
+
+
+def _bound(metadata: Sequence[Any], name: str) -> float | None:
+    """The constraint `name` (ge, gt, le) among a field's metadata, if any."""
+    return next((getattr(m, name) for m in metadata if getattr(m, name, None) is not None), None)
+
+
+def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
+    """(type, constraints) of an `Annotated[type, ...]` inside an optional annotation."""
+    if get_origin(annotation) is Annotated:
+        inner, *extras = get_args(annotation)
+        return inner, [c for extra in extras for c in getattr(extra, "metadata", [extra])]
+    return annotation, []
 
 
 def _keys(cls: type[BaseModel]) -> set[str]:
@@ -128,7 +156,7 @@ def check_params(
         problems.append((("models",), count))
     global_params = _validate_global(method, own, problems)
     per_model = [
-        _validate_model(method, index, shared, dict(one), problems)
+        _validate_model(method, index, _defaults_for(method, shared, one), dict(one), problems)
         for index, one in enumerate(model_params)
     ]
     checked = global_params is not None and None not in per_model
@@ -137,6 +165,21 @@ def check_params(
         valid = [one for one in per_model if one is not None]
         problems.extend(method.cross_check(global_params, valid))
     return global_params, per_model, _unique(problems)
+
+
+def _defaults_for(
+    method: MergeMethod, shared: Mapping[str, Any], own: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The shared per-model defaults that apply to a model with its `own` settings: those not
+    replaced by an alternative the model gives itself (its `rank` replaces a shared `energy`)."""
+    replaced = {
+        key
+        for group in method.model_params.alternatives
+        if group & set(own)
+        for key in group
+        if key not in own
+    }
+    return {key: value for key, value in shared.items() if key not in replaced}
 
 
 def _validate_global(

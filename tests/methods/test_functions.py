@@ -73,6 +73,7 @@ def test_registry_holds_the_methods_mergekit_users_expect() -> None:
         "sce",
         "arcee_fusion",
         "passthrough",
+        "tsv",
     }
     assert [m.name for m in list_methods()] == list(METHODS)
 

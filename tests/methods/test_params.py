@@ -19,6 +19,8 @@ from hfmerge.methods import (
 from hfmerge.methods.params import MethodParams, ModelParams, as_params
 from hfmerge.methods.ties import TiesParams
 
+# The task-vector methods' optional low-rank truncation (None: not truncated).
+LOW_RANK = {"rank": None, "energy": None}
 # name: (global defaults, per-model defaults); None marks a required parameter.
 DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "linear": ({"normalize": True}, {"weight": 1.0}),
@@ -26,37 +28,41 @@ DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "nearswap": ({"t": None}, {}),
     "passthrough": ({}, {"scale": None}),
     "nuslerp": ({"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": 1.0}),
-    "task_arithmetic": ({"normalize": False, "lambda": 1.0}, {"weight": 1.0}),
-    "ties": ({"normalize": True, "rescale": False, "lambda": 1.0}, {"weight": 1.0, "density": 1.0}),
+    "task_arithmetic": ({"normalize": False, "lambda": 1.0}, {"weight": 1.0, **LOW_RANK}),
+    "ties": (
+        {"normalize": True, "rescale": False, "lambda": 1.0},
+        {"weight": 1.0, **LOW_RANK, "density": 1.0},
+    ),
     "dare_ties": (
         {"normalize": False, "rescale": True, "lambda": 1.0},
-        {"weight": 1.0, "density": 1.0},
+        {"weight": 1.0, **LOW_RANK, "density": 1.0},
     ),
     "dare_linear": (
         {"normalize": False, "rescale": True, "lambda": 1.0},
-        {"weight": 1.0, "density": 1.0},
+        {"weight": 1.0, **LOW_RANK, "density": 1.0},
     ),
     "breadcrumbs": (
         {"normalize": False, "rescale": False, "lambda": 1.0},
-        {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+        {"weight": 1.0, **LOW_RANK, "density": 1.0, "gamma": 0.01},
     ),
     "breadcrumbs_ties": (
         {"normalize": False, "rescale": False, "lambda": 1.0},
-        {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+        {"weight": 1.0, **LOW_RANK, "density": 1.0, "gamma": 0.01},
     ),
     "della": (
         {"normalize": True, "rescale": True, "lambda": 1.0},
-        {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+        {"weight": 1.0, **LOW_RANK, "density": 1.0, "epsilon": 0.15},
     ),
     "della_linear": (
         {"normalize": False, "rescale": True, "lambda": 1.0},
-        {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+        {"weight": 1.0, **LOW_RANK, "density": 1.0, "epsilon": 0.15},
     ),
     "model_stock": ({"filter_wise": False}, {}),
     "multislerp": ({"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0}),
     "karcher": ({"max_iter": 10, "tol": 1e-5}, {}),
     "sce": ({"select_topk": 1.0}, {}),
     "arcee_fusion": ({}, {}),
+    "tsv": ({"rank": None, "lambda": 1.0}, {}),
 }
 
 
@@ -94,8 +100,8 @@ def test_valid_parameters_give_typed_objects_with_defaults() -> None:
     )
     assert params.model_dump(by_alias=True) == {"normalize": True, "rescale": False, "lambda": 2.0}
     assert [m.model_dump() for m in models] == [
-        {"weight": 1.0, "density": 0.5},
-        {"weight": 0.5, "density": 0.2},
+        {"weight": 1.0, **LOW_RANK, "density": 0.5},
+        {"weight": 0.5, **LOW_RANK, "density": 0.2},
     ]
     with pytest.raises(ValidationError, match="frozen"):
         as_params(params, TiesParams).normalize = False  # type: ignore[misc]
