@@ -99,3 +99,25 @@ def test_an_aligned_merge_of_a_with_its_permuted_copy_is_a(kind: str, tmp_path: 
     assert merged.keys() == original.keys()
     for name, tensor in original.items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("align", "feature"),
+    [
+        ({"method": "activation"}, "`align: {method: activation}`"),
+        ({"method": "canonical"}, "`align: {method: canonical}`"),
+        ({"method": "weight", "repair": True}, "`align.repair` (REPAIR)"),
+    ],
+)
+def test_a_recipe_asking_moe_for_what_it_lacks_is_refused_before_merging(
+    align: dict[str, object], feature: str, tmp_path: Path
+) -> None:
+    a = save_moe_model("qwen3_moe", tmp_path / "a")
+    out = tmp_path / "out"
+    recipe = {"models": [str(a), str(a)], "align": align, "output": {"path": str(out)}}
+    with pytest.raises(AlignmentError, match="mixture-of-experts") as caught:
+        run_recipe(
+            parse_recipe({**recipe, "merge": {"method": "linear"}}), RunOptions(progress=False)
+        )
+    assert feature in str(caught.value)
+    assert not out.exists()
