@@ -118,11 +118,26 @@ class OptionError(HfMergeError):
 
 
 class MethodParameterError(HfMergeError):
-    """A merge method got parameters it cannot use."""
+    """A merge method got parameters it cannot use (in the tensor `tensor`, when it is known)."""
 
-    def __init__(self, method: str, problem: str, fix: str) -> None:
+    def __init__(self, method: str, problem: str, fix: str, *, tensor: str | None = None) -> None:
         self.method = method
-        super().__init__(f"Merge method {method!r}: {problem}", fix=fix)
+        self.problem = problem
+        self.tensor = tensor
+        where = f" in tensor {tensor}" if tensor else ""
+        super().__init__(f"Merge method {method!r}{where}: {problem}", fix=fix)
+
+    def in_tensor(self, tensor: str) -> MethodParameterError:
+        """The same error, naming the tensor it was raised for (a method never knows it)."""
+        return MethodParameterError(self.method, self.problem, self.fix, tensor=tensor)
+
+
+class VocabularyError(HfMergeError):
+    """The models' vocabularies cannot be merged as the recipe asks."""
+
+    def __init__(self, problem: str, *, fix: str) -> None:
+        self.problem = problem
+        super().__init__(f"Tokenizer merging: {problem}", fix=fix)
 
 
 class ArchitectureError(HfMergeError):

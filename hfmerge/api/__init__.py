@@ -16,20 +16,22 @@ importing this package (and `import hfmerge`) stays fast.
 
 from hfmerge.api.housekeeping import clean
 from hfmerge.api.listings import ArchSupport, MethodInfo, ZooMember, archs, methods, zoo
+from hfmerge.api.measures import (
+    BarrierReport,
+    EvalReport,
+    FingerprintReport,
+    barrier,
+    cka,
+    evaluate,
+    fingerprint,
+)
 from hfmerge.api.models import (
     AlignMethod,
     AlignResult,
-    BarrierReport,
     CanonicalizeResult,
-    EvalReport,
-    FingerprintReport,
     align,
-    barrier,
     canonicalize,
-    cka,
-    evaluate,
     extract_lora,
-    fingerprint,
 )
 from hfmerge.api.recipes import PushResult, Validation, convert, push, run, validate
 from hfmerge.pipeline.options import RunOptions

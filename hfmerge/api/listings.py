@@ -21,6 +21,7 @@ class MethodInfo:
     min_models: int  # models other than the base, for methods that need one
     max_models: int | None  # None: any number
     parameters: list[ParameterInfo]  # global ones, then per-model ones
+    optional_base: bool = False  # no base needed; with one, it merges the task vectors
 
 
 def methods() -> list[MethodInfo]:
@@ -40,6 +41,7 @@ def methods() -> list[MethodInfo]:
             m.min_models,
             m.max_models,
             describe_parameters(m),
+            m.optional_base,
         )
         for m in list_methods()
     ]

@@ -89,7 +89,10 @@ def validate(recipe: str | Path | Recipe, *, offline: bool = False) -> Validatio
     notes = _check_output(target)  # first, as in `run`: no Hub request for a refused output
     result = run_recipe(parsed, options, recipe_file=recipe_file)
     refuse_input_as_output(target, result.plan)
-    return Validation(parsed, result.plan, notes)
+    from hfmerge.engine.plan import MergePlan
+
+    plan_notes = result.plan.notes if isinstance(result.plan, MergePlan) else ()
+    return Validation(parsed, result.plan, (*notes, *plan_notes))
 
 
 def _check_output(target: Path) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import typer
 from hfmerge.progress import say
 
 if TYPE_CHECKING:
-    from hfmerge.api import ArchSupport
+    from hfmerge.api import ArchSupport, MethodInfo
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OutOpt = Annotated[
@@ -116,15 +116,23 @@ def methods() -> None:
     for method in api.methods():
         typer.echo(f"{method.name}: {method.summary}")
         typer.echo(f"    paper: {method.paper}")
-        count = f"{method.min_models}..{method.max_models or 'any'}"
-        models = f"base + {count} models" if method.needs_base else f"{count} models, no base"
-        typer.echo(f"    inputs: {models}")
+        typer.echo(f"    inputs: {_inputs(method)}")
         for info in method.parameters:
             default = "required" if info.required else f"default {info.default!r}"
             scope = "per model" if info.scope == "model" else "method"
             typer.echo(
                 f"    {scope} parameter {info.name} ({info.type}, {default}): {info.description}"
             )
+
+
+def _inputs(method: MethodInfo) -> str:
+    """`base + 1..any models`, `2..any models, no base` or, for an optional base, both forms."""
+    count = f"{method.min_models}..{method.max_models or 'any'}"
+    if method.needs_base:
+        return f"base + {count} models"
+    if method.optional_base:
+        return f"{count} models, base optional (then their task vectors are merged)"
+    return f"{count} models, no base"
 
 
 def archs() -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from hfmerge.arch.layers import layer_of
+from hfmerge.engine.vocab import VocabPlan
 from hfmerge.methods import MergeMethod
 from hfmerge.methods.params import MergeParams
 from hfmerge.methods.schedule import ParamSchedule
@@ -51,6 +52,7 @@ class TensorJob:
     params: MergeParams | None = None  # what a "merge" job is merged with (None for a copy)
     reads: tuple[TensorRead, ...] = ()  # the method's tensors; () = every input's `name`
     base_read: TensorRead | None = None  # the base tensor, or what a copy copies; None: `name`
+    vocab: bool = False  # token-indexed: each model's rows are remapped by `MergePlan.vocab`
 
     def sources(self, inputs: int) -> tuple[TensorRead, ...]:
         """The method's tensors, given the plan's number of inputs."""
@@ -70,6 +72,8 @@ class MergePlan:
     inputs: list[InspectedModel]  # the models the method combines, in recipe order
     jobs: list[TensorJob]
     shards: ShardPlan
+    vocab: VocabPlan | None = None  # how token-indexed tensors follow the output vocabulary
+    notes: tuple[str, ...] = ()  # what the plan does that a user should know (dropped tokens...)
 
     @property
     def total_bytes(self) -> int:

@@ -30,10 +30,11 @@ from hfmerge.engine.budget import ChunkPolicy, chunk_policy
 from hfmerge.engine.compute import RowSplitter, apply_in_pieces
 from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine.malloc import keep_chunk_buffers
-from hfmerge.engine.plan import MergePlan, TensorJob
+from hfmerge.engine.plan import MergePlan, TensorJob, TensorRead
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
 from hfmerge.engine.readers import open_reader
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
+from hfmerge.errors import MethodParameterError
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
 from hfmerge.runtime import capped_threads, resolve_device
@@ -236,6 +237,7 @@ class _Steps:
         self.device = device if plan.method.deterministic else torch.device("cpu")
         # Indexed by `TensorRead.model`: the base, then the inputs (set by `_Share.run`).
         self.readers: list[TensorReader | AlignedReader] = []
+        self._vocab: tuple[str, dict[int, torch.Tensor]] | None = None  # the last remapped job
 
     def produce(self, acquire: Acquire) -> Iterator[tuple[_Step, int]]:
         """Every step with its input bytes, reading each chunk after `acquire` admits it."""
@@ -319,15 +321,33 @@ class _Steps:
         # float32 on the compute device, converted here so the cast overlaps the main thread's
         # math; element-wise merges convert piece by piece themselves (`raw`).
         convert = self._on_device if raw else self._float
-        tensors = [
-            convert(self.readers[read.model].get_rows(read.name, start, stop))
-            for read in job.sources(len(self.plan.inputs))
-        ]
-        base = None
+        reads = list(job.sources(len(self.plan.inputs)))
         if self.plan.method.needs_base:
-            read = job.base_source()
-            base = convert(self.readers[read.model].get_rows(read.name, start, stop))
-        return tensors, base
+            reads.append(job.base_source())
+        if job.vocab:
+            remapped = self._remapped(job, reads)
+            rows = [convert(remapped[read.model][start:stop]) for read in reads]
+        else:
+            rows = [
+                convert(self.readers[read.model].get_rows(read.name, start, stop)) for read in reads
+            ]
+        if self.plan.method.needs_base:
+            return rows[:-1], rows[-1]
+        return rows, None
+
+    def _remapped(self, job: TensorJob, reads: Sequence[TensorRead]) -> dict[int, torch.Tensor]:
+        """Every read model's whole tensor on the output vocabulary, float32 (kept for the
+        job's next chunks)."""
+        if self._vocab is None or self._vocab[0] != job.name:
+            assert self.plan.vocab is not None  # the plan flags vocab jobs only with a plan
+            self._vocab = None  # free the last one first
+            whole = {}
+            for read in reads:
+                rows = self.plan.readers[read.model].index.info(read.name).shape[0]
+                tensor = self.readers[read.model].get_rows(read.name, 0, rows)
+                whole[read.model] = tensor.to(torch.float32)
+            self._vocab = (job.name, self.plan.vocab.remap(whole))
+        return self._vocab[1]
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device)
@@ -365,7 +385,10 @@ def _run_step(
         for first, part in apply_in_pieces(step.merge, chunk, dtype, tuning, on_non_finite):
             behind.put(name, first, part.cpu())
         return
-    parts = splitter.apply(step.merge, chunk, dtype)
+    try:
+        parts = splitter.apply(step.merge, chunk, dtype)
+    except MethodParameterError as error:  # e.g. multislerp's cancelling directions
+        raise error.in_tensor(name) from None
     expected = tuple(step.tensors[0].shape) if step.tensors else step.job.shape
     got = _joined_shape([part for _, part in parts])
     if got != expected:

@@ -6,7 +6,7 @@ A method never does I/O: the engine hands it float32 tensors of one shape and ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,7 +21,8 @@ class MergeMethod:
     """One merge method: what it is, what it needs, and its pure tensor function.
 
     `min_models` / `max_models` count the tensors passed in `tensors`: for `needs_base` methods
-    that is the models other than the base.
+    that is the models other than the base. A method with `optional_base` merges every model
+    without a base, and works relative to the base when a recipe names one (`with_base`).
     """
 
     name: str
@@ -32,12 +33,20 @@ class MergeMethod:
     fn: MergeFn
     # Defaults describe the common case, a task-vector method over one or more fine-tunes.
     needs_base: bool = True
+    optional_base: bool = False  # only with needs_base=False: a recipe's `base:` is then used
     min_models: int = 1
     max_models: int | None = None
     deterministic: bool = True
     cross_check: CrossCheck | None = None  # checks across models, e.g. linear's zero weight sum
     # The chunked form (methods/chunks.py); None: the engine hands `fn` whole tensors.
     stream: StreamFactory | None = None
+
+    def with_base(self, has_base: bool) -> MergeMethod:
+        """The form of this method a recipe runs: with an `optional_base` and a base named, the
+        same method taking that base apart from the other models (`needs_base`)."""
+        if self.optional_base and has_base and not self.needs_base:
+            return replace(self, needs_base=True)
+        return self
 
     def tensor_merge(
         self,

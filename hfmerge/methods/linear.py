@@ -47,12 +47,20 @@ def linear_merge(
 def check_weight_sum(params: MethodParams, model_params: Sequence[ModelParams]) -> list[Problem]:
     """Normalising by weights that sum to zero would divide by zero (mergekit writes inf/NaN)."""
     weights = [as_params(one, WeightedModelParams).weight for one in model_params]
-    if as_params(params, LinearParams).normalize and abs(sum(weights)) < ZERO_WEIGHT_SUM:
+    normalize = as_params(params, LinearParams).normalize
+    return zero_weight_sum_problems(weights, normalize=normalize, switch="normalize")
+
+
+def zero_weight_sum_problems(
+    weights: list[float], *, normalize: bool, switch: str
+) -> list[Problem]:
+    """The problem of dividing by `weights` that sum to about zero, when `switch` is on."""
+    if normalize and abs(sum(weights)) < ZERO_WEIGHT_SUM:
         return [
             (
                 ("models",),
-                f"the weights {weights} sum to 0, so `normalize` would divide by "
-                "zero: change a weight, or set `normalize: false` to take the plain weighted sum",
+                f"the weights {weights} sum to 0, so `{switch}` would divide by "
+                f"zero: change a weight, or set `{switch}: false` to take the plain weighted sum",
             )
         ]
     return []

@@ -30,6 +30,8 @@ Fraction = Annotated[
     float, BeforeValidator(_reject_bool), Field(ge=0.0, le=1.0, allow_inf_nan=False)
 ]
 Flag = StrictBool
+# An iteration count; a YAML integer (or a gradient value that lands on one), never a fraction.
+Count = Annotated[int, BeforeValidator(_reject_bool), Field(ge=0)]
 
 
 class MethodParams(BaseModel):

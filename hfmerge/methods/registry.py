@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from hfmerge.errors import UnknownNameError
+from hfmerge.methods.arcee_fusion import ARCEE_FUSION
 from hfmerge.methods.base import MergeMethod
 from hfmerge.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from hfmerge.methods.dare import DARE_LINEAR, DARE_TIES
 from hfmerge.methods.della import DELLA, DELLA_LINEAR
+from hfmerge.methods.karcher import KARCHER
 from hfmerge.methods.linear import LINEAR
 from hfmerge.methods.model_stock import MODEL_STOCK
+from hfmerge.methods.multislerp import MULTISLERP
 from hfmerge.methods.nearswap import NEARSWAP
 from hfmerge.methods.nuslerp import NUSLERP
 from hfmerge.methods.passthrough import PASSTHROUGH
+from hfmerge.methods.sce import SCE
 from hfmerge.methods.slerp import SLERP
 from hfmerge.methods.task_arithmetic import TASK_ARITHMETIC
 from hfmerge.methods.ties import TIES
@@ -27,9 +31,13 @@ _ALL = (
     BREADCRUMBS_TIES,
     DELLA,
     DELLA_LINEAR,
+    SCE,
     MODEL_STOCK,
     NEARSWAP,
+    ARCEE_FUSION,
     NUSLERP,
+    MULTISLERP,
+    KARCHER,
     PASSTHROUGH,
 )
 

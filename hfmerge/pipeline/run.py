@@ -113,7 +113,7 @@ def run_recipe(
         )
     assert recipe.merge is not None
     force, progress, offline = options.force, options.progress, options.offline
-    method = get_method(recipe.merge.method)
+    method = get_method(recipe.merge.method).with_base(recipe.base is not None)
     # A `slices:` recipe reads its base as one more model: the output takes its config.
     needs_base = method.needs_base or recipe.slices is not None
     base_entry, inputs_entries = _split_base(recipe, needs_base=needs_base)
@@ -127,6 +127,15 @@ def run_recipe(
     _refuse_unpermutable(recipe, [base, *inputs])
     plan, slices = _plan(
         recipe, schedule, (base_entry, base), list(zip(inputs_entries, inputs, strict=True))
+    )
+    from hfmerge.pipeline.vocab import plan_vocabulary, save_chat_template, save_vocabulary
+
+    plan, vocabulary = plan_vocabulary(
+        recipe,
+        plan,
+        [base_entry, *inputs_entries],
+        max_shard_bytes=parse_size(recipe.output.max_shard_size),
+        offline=offline,
     )
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)
@@ -154,6 +163,10 @@ def run_recipe(
             allow_non_finite=options.allow_non_finite,
         )
         copy_config(staging, plan, recipe, slices)
+        if vocabulary is not None:
+            save_vocabulary(staging, vocabulary, plan)
+        if recipe.tokenizer is not None and recipe.tokenizer.chat_template is not None:
+            save_chat_template(staging, plan, recipe.tokenizer.chat_template)
         repaired = _repair(staging, plan, recipe, alignment.perms, schedule, progress=progress)
         write_side_files(
             staging,

@@ -13,6 +13,7 @@ from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
 from hfmerge.recipe.adapter_refs import split_adapter
 from hfmerge.recipe.slice_checks import slice_problems
+from hfmerge.recipe.tokenizer_checks import tokenizer_problems
 from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
 
@@ -28,6 +29,7 @@ def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     problems += _route_problems(data)
     problems += _output_problems(data)
     problems += _repair_problems(data)
+    problems += tokenizer_problems(data)
     problems += _adapter_problems(data)
     return problems
 
@@ -145,6 +147,7 @@ def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
         return slice_problems(data, method)
     entries = _model_entries(data)
     base = data.get("base")
+    method = method.with_base(base is not None)
     # Task-vector methods merge the models other than the base; the rest merge every listed model.
     positions = [i for i, e in enumerate(entries) if not method.needs_base or _named(e) != base]
     per_model = [{k: v for k, v in entries[i].items() if k not in _MODEL_KEYS} for i in positions]

@@ -8,8 +8,9 @@ so every problem found after the translation is reported at the config's own key
 What mergekit does and hfmerge follows (behaviour read from mergekit, not its code):
 - per-model parameters (`weight`, `density`, ...) given in the top-level `parameters:` apply to
   every model that does not set its own;
-- `base_model` that is not in `models:` is still an input; for `linear` it is merged as one more
-  model, for task-vector methods it is the base;
+- `base_model` that is not in `models:` is still an input; for `linear` (and `karcher`) it is
+  merged as one more model, for task-vector methods and `multislerp` (whose base is optional) it
+  is the base;
 - the written dtype is `out_dtype`, else `dtype` (hfmerge always computes in float32);
 - switches hfmerge does not need (`int8_mask`, mergekit's command-line options) are dropped with
   a note, and `density`/`rescale` for `task_arithmetic`, which mergekit accepts and ignores;
@@ -19,9 +20,11 @@ What mergekit does and hfmerge follows (behaviour read from mergekit, not its co
 - `slices:` (block ranges stacked into a new model) become the recipe's `slices:`, each source's
   `parameters` beside it and a slice's `base_model` as its `base`;
 - a LoRA reference `model+lora` is a model with that adapter applied, which the recipe spells
-  the same way.
-Not yet supported, each refused at its key: `modules`, `residual_weight`, `tokenizer_source`
-other than `base`, `tokenizer:`, `chat_template`, and `base_model` with `nuslerp`.
+  the same way;
+- `tokenizer_source` and the `tokenizer:` section become the recipe's `tokenizer:`.
+- `chat_template` becomes the recipe's `tokenizer.chat_template`.
+Not yet supported, each refused at its key: `modules`, `residual_weight`, and `base_model` with
+`nuslerp`.
 """
 
 from __future__ import annotations
@@ -39,11 +42,20 @@ from hfmerge.recipe.yaml_locations import Location, read_yaml
 
 MARKERS = ("merge_method", "slices")  # a top-level key that only a mergekit config has
 NOT_YET = "is not supported yet"
-_KNOWN = ("models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype")
+_KNOWN = (
+    "models",
+    "slices",
+    "merge_method",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
 _REFUSED = {
     "modules": "`modules:` " + NOT_YET + "; list whole models under `models:`",
-    "tokenizer": "the `tokenizer:` section " + NOT_YET + " (hfmerge keeps the base's tokenizer)",
-    "chat_template": "`chat_template` " + NOT_YET + " (hfmerge keeps the base's template)",
 }
 # mergekit's run options (MergeOptions), sometimes pasted into configs; mergekit ignores them here.
 _RUN_OPTIONS = frozenset(
@@ -152,6 +164,7 @@ def translate(config: Mapping[str, Any]) -> Translation:
         for name in globals_:
             out.origins[("merge", "parameters", name)] = ("parameters", name)
     _dtype(config, out)
+    _tokenizer(config, out)
     return out
 
 
@@ -159,19 +172,10 @@ def _top_level(config: Mapping[str, Any], out: Translation) -> None:
     for key in config:
         if key in _REFUSED:
             out.problems.append(((key,), _REFUSED[key]))
-        elif key == "tokenizer_source":
-            if config[key] not in (None, "base"):
-                out.problems.append(
-                    (
-                        (key,),
-                        f"tokenizer_source {config[key]!r} {NOT_YET}: only `base` (the base "
-                        "model's tokenizer, hfmerge's choice) is; remove the key or set `base`",
-                    )
-                )
         elif key in _RUN_OPTIONS:
             out.notes.append(f"{key}: a mergekit run option hfmerge does not need; ignored")
         elif key not in _KNOWN:
-            valid = ", ".join([*_KNOWN, "tokenizer_source"])
+            valid = ", ".join(_KNOWN)
             out.problems.append(((key,), f"unknown mergekit key {key!r} (valid keys: {valid})"))
 
 
@@ -233,8 +237,10 @@ def _models(
 def _base_listed(method: MergeMethod | None, count: int) -> bool:
     """Whether a base missing from `models` is listed there too. mergekit merges it as one more
     input: for `linear` that changes the result; a task-vector method takes it as the base
-    wherever it is listed, and a recipe lists at least two models."""
-    return (method is not None and not method.needs_base) or count < 2
+    wherever it is listed (so does a method whose base is optional, e.g. multislerp), and a
+    recipe lists at least two models."""
+    merges_base = method is not None and not method.needs_base and not method.optional_base
+    return merges_base or count < 2
 
 
 def _model_entry(
@@ -339,6 +345,30 @@ def _entry_key(
     else:
         valid = ", ".join(sorted(("model", "parameters", "revision", *extra)))
         out.problems.append((where, f"unknown key {key!r} in a model entry (valid: {valid})"))
+
+
+def _tokenizer(config: Mapping[str, Any], out: Translation) -> None:
+    """`tokenizer_source: X` and the `tokenizer:` section (whose `source` defaults to `union`,
+    as in mergekit) as the recipe's `tokenizer:`."""
+    source, section = config.get("tokenizer_source"), config.get("tokenizer")
+    if source is not None and section is not None:
+        out.problems.append(
+            (("tokenizer_source",), "give `tokenizer_source` or a `tokenizer:` section, not both")
+        )
+        return
+    if source is not None:
+        out.put(("tokenizer",), {"source": source}, ("tokenizer_source",))
+        out.origins[("tokenizer", "source")] = ("tokenizer_source",)
+    elif isinstance(section, Mapping):
+        out.put(("tokenizer",), {"source": "union", **section}, ("tokenizer",))
+    elif section is not None:
+        out.put(("tokenizer",), section, ("tokenizer",))  # the schema reports its type
+    template = config.get("chat_template")
+    if template is not None:
+        if not isinstance(out.data.get("tokenizer", {}), dict):
+            return
+        out.put(("tokenizer", "chat_template"), template, ("chat_template",))
+        out.origins.setdefault(("tokenizer",), ("chat_template",))
 
 
 def _dtype(config: Mapping[str, Any], out: Translation) -> None:

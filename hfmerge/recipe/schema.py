@@ -106,6 +106,39 @@ class SliceSpec(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class TokenSource(_Strict):
+    """A token's row taken from a model's row of a (possibly other) token, or zeros."""
+
+    kind: Literal["model_token", "zero"]
+    model: str | None = None  # model_token: the donor model
+    token: str | None = None  # model_token: the donor's token (or give token_id)
+    token_id: int | None = Field(None, ge=0)
+
+
+class TokenSpec(_Strict):
+    """Where one output token's embedding row comes from, when a model lacks the token."""
+
+    source: str | TokenSource | None = None  # a model (its row of this token), or a TokenSource
+    force: bool = False  # every model takes the source's row, even those that have the token
+
+
+class TokenizerSpec(_Strict):
+    """The output tokenizer, and how embedding rows follow it (mergekit's `tokenizer:`)."""
+
+    # `union`, `base`, or one of the models; None: the base's, with its padded size kept
+    source: str | None = None
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+    # A named template (chatml, llama3, mistral, alpaca, exaone), `auto`, Jinja text or a file.
+    chat_template: str | None = Field(None, min_length=1)
+
+    @property
+    def changes_vocabulary(self) -> bool:
+        """Whether the section asks for more than the base's vocabulary (a chat template alone
+        does not)."""
+        return self.source is not None or bool(self.tokens) or self.pad_to_multiple_of is not None
+
+
 class ProbeSpec(_Strict):
     """Text used for activations (alignment, CKA, routing)."""
 
@@ -182,6 +215,9 @@ class Recipe(_Strict):
     check: CheckSpec = Field(default_factory=CheckSpec)
     merge: MergeSpec | None = None
     route: RouteSpec | None = None
+    # The output vocabulary; without it, inputs whose vocabularies differ in size merge onto the
+    # base's tokenizer.
+    tokenizer: TokenizerSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @field_validator("models", mode="before")

@@ -36,6 +36,8 @@ def slice_problems(
     problems += _whole_model_steps(data)
     if not isinstance(slices, list):
         return problems
+    if method is not None:  # an optional base is the recipe's `base:`, as in `run_recipe`
+        method = method.with_base(data.get("base") is not None)
     for index, one in enumerate(slices):
         if isinstance(one, Mapping):
             problems += _one_slice(data, index, one, method)
@@ -70,6 +72,12 @@ def _one_slice(
         return problems
     base = one.get("base", data.get("base"))
     names = [s.get("model") for s in sources]
+    if method.optional_base and not method.needs_base and one.get("base") is not None:
+        message = (
+            f"{method.name} takes its base from the recipe's top-level `base:` (without one it "
+            "merges the models themselves); move `base:` there"
+        )
+        return [*problems, ((*where, "base"), message)]
     if method.needs_base:
         if base is None:
             return [*problems, ((*where, "base"), f"{method.name} needs a base: set `base:`")]

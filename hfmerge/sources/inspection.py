@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from hfmerge.arch import check_shapes, require_permutable, spec_for
-from hfmerge.arch.config import read_config
+from hfmerge.arch.config import config_field, read_config
+from hfmerge.arch.layers import layer_of
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import HfMergeError, IncompatibleModelsError, PreflightError
 from hfmerge.sources.adapters import InspectedAdapter, inspect_adapter
 from hfmerge.sources.refs import ModelSource, pin_model
 from hfmerge.tensors import CheckpointIndex, dtype_kind, read_checkpoint_index
 
-# Config keys that must agree for two checkpoints to be merged tensor by tensor.
+# Config keys that must agree for two checkpoints to be merged tensor by tensor. Vocabulary sizes
+# may differ (added tokens, padding): the embeddings are remapped onto the output vocabulary.
 _SHAPE_KEYS = (
     "model_type",
-    "vocab_size",
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
@@ -142,7 +143,11 @@ def compatibility_problems(models: Sequence[InspectedModel]) -> list[Incompatibl
     errors = []
     for other in models[1:]:
         problems = _config_differences(reference, other) + tensor_differences(
-            reference.index, other.index, label_a=reference.label, label_b=other.label
+            reference.index,
+            other.index,
+            label_a=reference.label,
+            label_b=other.label,
+            vocab=(vocab_size(reference), vocab_size(other)),
         )
         if problems:
             errors.append(IncompatibleModelsError(reference.label, other.label, problems))
@@ -159,16 +164,33 @@ def _config_differences(a: InspectedModel, b: InspectedModel) -> list[str]:
     ]
 
 
+def vocab_size(model: InspectedModel) -> int | None:
+    """The model's vocabulary size from its config (nested text configs too)."""
+    size = config_field(model.config, "vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def tensor_differences(
-    index_a: CheckpointIndex, index_b: CheckpointIndex, *, label_a: str, label_b: str
+    index_a: CheckpointIndex,
+    index_b: CheckpointIndex,
+    *,
+    label_a: str,
+    label_b: str,
+    vocab: tuple[int | None, int | None] = (None, None),
 ) -> list[str]:
-    """Tensors only in one checkpoint, then tensors whose shapes differ (from headers alone)."""
+    """Tensors only in one checkpoint, then tensors whose shapes differ (from headers alone).
+
+    With `vocab` (each model's vocabulary size), a token-indexed tensor outside the blocks may
+    have each model's own number of rows: it is remapped onto the output vocabulary.
+    """
     names_a, names_b = set(index_a.names), set(index_b.names)
     problems = [f"tensor {n} only in {label_a}" for n in sorted(names_a - names_b)]
     problems += [f"tensor {n} only in {label_b}" for n in sorted(names_b - names_a)]
     for name in sorted(names_a & names_b):
         info_a, info_b = index_a.info(name), index_b.info(name)
-        if tuple(info_a.shape) != tuple(info_b.shape):
+        if tuple(info_a.shape) != tuple(info_b.shape) and not _vocab_rows(
+            name, info_a.shape, info_b.shape, vocab
+        ):
             problems.append(f"tensor {name} has shape {list(info_a.shape)} vs {list(info_b.shape)}")
         # BF16 against F32 converts exactly enough; an integer against a float would be merged
         # as the integers' values, a silent corruption of the output
@@ -178,3 +200,15 @@ def tensor_differences(
                 "of number (float, integer, bool) in every model"
             )
     return problems
+
+
+def _vocab_rows(
+    name: str, shape_a: Sequence[int], shape_b: Sequence[int], vocab: tuple[int | None, int | None]
+) -> bool:
+    """Whether two shapes differ only in their rows, each model's own vocabulary size."""
+    return (
+        layer_of(name) is None
+        and len(shape_a) == len(shape_b) >= 1
+        and tuple(shape_a[1:]) == tuple(shape_b[1:])
+        and (shape_a[0], shape_b[0]) == vocab
+    )

@@ -19,11 +19,15 @@ from hfmerge.engine.budget import ChunkPolicy, parse_memory_budget
 from hfmerge.engine.io_threads import Prefetcher, WriteBehind
 from hfmerge.engine.plan import TensorJob
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
-from hfmerge.errors import HfMergeError, OptionError
+from hfmerge.errors import HfMergeError, MethodParameterError, OptionError
 from hfmerge.methods.chunks import Chunk
+from hfmerge.pipeline.options import RunOptions
+from hfmerge.pipeline.run import run_recipe
+from hfmerge.recipe.schema import parse_recipe
 from hfmerge.tensors import LazyCheckpoint
 from tests.support import engine as engine_support
 from tests.support.engine import make_models, merge
+from tests.support.tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -398,3 +402,28 @@ def test_write_behind_writes_everything_in_order_of_arrival() -> None:
         for i in range(50):
             behind.put("t", i, torch.zeros(2))
     assert written == [("t", i) for i in range(50)]
+
+
+def test_a_method_error_in_one_tensor_names_the_tensor(tmp_path: Path) -> None:
+    # multislerp has no barycentre where the weighted directions cancel: a model, its negation
+    # (equal weights) and a third model of weight 0 cancel in every tensor.
+    paths = []
+    for name, sign in (("a", 1.0), ("minus_a", -1.0), ("b", 1.0)):
+        model = make_tiny_model("llama", seed=0 if name != "b" else 1)
+        for param in model.parameters():
+            param.data.mul_(sign)
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+        paths.append(tmp_path / name)
+    weights = (1.0, 1.0, 0.0)
+    recipe = parse_recipe(
+        {
+            "models": [{"model": str(p), "weight": w} for p, w in zip(paths, weights, strict=True)],
+            "merge": {"method": "multislerp"},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(MethodParameterError) as caught:
+        run_recipe(recipe, RunOptions(force=True, progress=False))
+    assert caught.value.tensor is not None
+    assert f"in tensor {caught.value.tensor}: " in str(caught.value)
+    assert "opposite models whose weights cancel" in str(caught.value)

@@ -68,6 +68,10 @@ def test_registry_holds_the_methods_mergekit_users_expect() -> None:
         "model_stock",
         "nearswap",
         "nuslerp",
+        "multislerp",
+        "karcher",
+        "sce",
+        "arcee_fusion",
         "passthrough",
     }
     assert [m.name for m in list_methods()] == list(METHODS)
@@ -82,7 +86,9 @@ def test_every_method_is_documented(name: str) -> None:
     assert method.summary
     assert "\n" not in method.summary
     assert method.deterministic == (name not in RANDOM_METHODS)
-    assert method.needs_base == (name not in ("linear", "nuslerp", "passthrough"))
+    no_base = ("linear", "nuslerp", "multislerp", "karcher", "passthrough")
+    assert method.needs_base == (name not in no_base)
+    assert method.optional_base == (name == "multislerp")
 
 
 def test_misspelt_method_lists_the_valid_ones() -> None:
@@ -120,6 +126,9 @@ def test_models_equal_to_the_base_give_the_base(name: str) -> None:
         ("breadcrumbs_ties", {"normalize": True}),
         ("della", {}),
         ("model_stock", {}),
+        ("multislerp", {}),
+        ("karcher", {}),
+        ("sce", {}),
     ],
 )
 def test_identical_models_merge_to_themselves(name: str, params: dict[str, Any]) -> None:
@@ -148,6 +157,17 @@ def test_output_keeps_shape_and_float32(name: str) -> None:
     assert merged.shape == shape
     assert merged.dtype == torch.float32
     assert torch.isfinite(merged).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_are_left_as_they_were(name: str) -> None:
+    count = inputs_for(name, 3)
+    tensors = [randn(4, 6, seed=20 + i) for i in range(count)]
+    base = randn(4, 6, seed=19)
+    copies = [x.clone() for x in [*tensors, base]]
+    params = {"t": 0.4} if name in ("slerp", "nearswap") else {}
+    run(name, tensors, base=base, params=params, models=weights_for(name, count))
+    assert all(torch.equal(x, copy) for x, copy in zip([*tensors, base], copies, strict=True))
 
 
 # --- linear -----------------------------------------------------------------------------------
@@ -369,3 +389,122 @@ def test_model_stock_filter_wise_sets_one_ratio_per_row() -> None:
     b = torch.tensor([[0.0, 1.0], [1.0, 2.0]])  # row 0 orthogonal (t=0), row 1 identical (t=1)
     merged = run("model_stock", [a, b], base=base, params={"filter_wise": True})
     torch.testing.assert_close(merged, torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
+
+
+# --- multislerp -------------------------------------------------------------------------------
+
+
+def test_multislerp_halfway_between_orthogonal_vectors_is_on_the_sphere_at_the_mean_length() -> (
+    None
+):
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    merged = run("multislerp", [e0, e1], models=[{"weight": 1.0}, {"weight": 1.0}])
+    # The normalised mean direction (1, 1)/√2, scaled by the mean length (1 + 3) / 2.
+    torch.testing.assert_close(merged, 2 * torch.tensor([0.5, 0.5]).sqrt())
+
+
+def test_multislerp_with_a_base_interpolates_the_task_vectors() -> None:
+    base = randn(6, 5, seed=90)
+    deltas = [randn(6, 5, seed=91 + i) for i in range(3)]
+    models = [{"weight": w} for w in (0.2, 0.5, 0.3)]
+    method = get_method("multislerp").with_base(True)
+    params, per_model = validate_params(method, {}, models)
+    merged = method.merge(
+        [base + d for d in deltas], base=base, model_params=per_model, params=params
+    )
+    alone = run("multislerp", deltas, models=models)
+    torch.testing.assert_close(merged, base + alone, rtol=1e-5, atol=1e-5)
+
+
+def test_multislerp_weights_not_normalised_scale_the_result_by_their_sum() -> None:
+    xs = [randn(10, seed=92), randn(10, seed=93), randn(10, seed=94)]
+    models = [{"weight": 0.5}, {"weight": 1.5}, {"weight": 0.5}]
+    normalised = run("multislerp", xs, models=models)
+    # The mean direction is normalised either way; only the mean length takes the weights' sum.
+    summed = run("multislerp", xs, params={"normalize_weights": False}, models=models)
+    torch.testing.assert_close(summed, 2.5 * normalised)
+
+
+# --- karcher ----------------------------------------------------------------------------------
+
+
+def test_karcher_of_two_directions_is_their_geodesic_midpoint_at_the_mean_length() -> None:
+    a, b = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 4.0])
+    merged = run("karcher", [a, b])
+    torch.testing.assert_close(merged, 3 * torch.tensor([0.5, 0.0, 0.5]).sqrt())
+
+
+def test_karcher_moves_the_start_towards_the_spherical_mean() -> None:
+    # Three directions bunched on one side: the normalised arithmetic mean (max_iter 0) is not
+    # the Karcher mean, whose tangent vectors sum to zero.
+    xs = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-0.6, 0.8])]
+    start = run("karcher", xs, params={"max_iter": 0})
+    found = run("karcher", xs, params={"max_iter": 50, "tol": 1e-7})
+    angles = torch.atan2(torch.stack([x[1] for x in xs]), torch.stack([x[0] for x in xs]))
+    expected = float(angles.mean())  # on a circle the Karcher mean is the mean angle
+    assert float(torch.atan2(found[1], found[0])) == pytest.approx(expected, abs=1e-5)
+    assert float(torch.atan2(start[1], start[0])) != pytest.approx(expected, abs=1e-3)
+    assert float(found.norm()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_karcher_of_zero_models_is_zero() -> None:
+    zeros = torch.zeros(3, 2)
+    assert torch.equal(run("karcher", [zeros, zeros.clone()]), zeros)
+
+
+# --- sce --------------------------------------------------------------------------------------
+
+
+def test_sce_weights_by_energy_and_erases_opposed_signs() -> None:
+    base = torch.zeros(3)
+    a, b = torch.tensor([1.0, -3.0, 0.5]), torch.tensor([2.0, 1.0, -1.0])
+    wa, wb = (1 + 9 + 0.25) / 3, (4 + 1 + 1) / 3  # mean squares: the models' energy weights
+    merged = run("sce", [a, b], base=base)
+    # Sums [3, -2, -0.5]: entry 0 averages both by energy, entry 1 keeps a's, entry 2 b's.
+    expected = torch.tensor([(wa * 1 + wb * 2) / (wa + wb), -3.0, -1.0])
+    torch.testing.assert_close(merged, expected)
+
+
+def test_sce_select_topk_keeps_the_entries_varying_most() -> None:
+    base = torch.zeros(5)
+    a = torch.tensor([1.0, 1.0, 1.0, 4.0, 0.0])
+    b = torch.tensor([1.0, 2.0, 4.0, -4.0, 0.0])  # variances 0, 0.25, 2.25, 16, 0
+    merged = run("sce", [a, b], base=base, params={"select_topk": 0.5})
+    # Half of the 3 varying entries, rounded down: entry 3 only; a's +4 wins the sign there
+    # (sum 0 counts as +), the rest keep the base.
+    torch.testing.assert_close(merged, torch.tensor([0.0, 0.0, 0.0, 4.0, 0.0]))
+
+
+# --- arcee_fusion -----------------------------------------------------------------------------
+
+
+def test_arcee_fusion_takes_only_the_outlying_changes() -> None:
+    base = torch.zeros(9)
+    other = torch.tensor([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 5.0])
+    # One row: importance is |change| times one KL, so the threshold is median + 1.5 IQR of
+    # the changes, 0.05 + 1.5 * (0.07 - 0.03) = 0.11: only the last entry passes.
+    merged = run("arcee_fusion", [other], base=base)
+    assert torch.equal(merged, torch.where(other > 1, other, base))
+
+
+def test_arcee_fusion_threshold_is_per_tensor_with_importance_per_row() -> None:
+    base = torch.zeros(2, 4)
+    other = torch.tensor([[0.01, 0.02, 0.04, 3.0], [0.5, 0.5, 0.5, 0.5]])
+    merged = run("arcee_fusion", [other], base=base)
+    # Row 1 changes uniformly: its softmax is unchanged, so its KL and importance are 0. The
+    # sorted scores are KL0 * [0, 0, 0, 0, 0.01, 0.02, 0.04, 3]: q1 = median = 0, q3 = 0.02 KL0,
+    # so the threshold is 0.03 KL0 and only row 0's last two changes pass.
+    expected = torch.tensor([[0.0, 0.0, 0.04, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(merged, expected)
+
+
+def test_arcee_fusion_reads_the_quartiles_of_every_score_in_large_tensors() -> None:
+    # mergekit samples a million scores above that size; hfmerge reads them all. One row: the
+    # importance is |change| times one KL, so the threshold is that of |change|, scaled.
+    other = randn(1_200_001, seed=95)
+    change = other.abs()
+    quarters = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    q1, median, q3 = torch.quantile(change.double(), quarters, interpolation="lower").float()
+    threshold = median + 1.5 * (q3 - q1)
+    merged = run("arcee_fusion", [other], base=torch.zeros_like(other))
+    assert torch.equal(merged, torch.where(change >= threshold, other, 0.0))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from hfmerge.errors import MethodParameterError
 from hfmerge.methods import METHODS, describe_parameters, get_method, validate_params
 
 pytestmark = pytest.mark.mergekit
@@ -84,7 +85,25 @@ def cases() -> list[Any]:
     for filter_wise in (False, True):
         out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}]))
         out.append(("model_stock", {"filter_wise": filter_wise}, [{}, {}, {}]))
+    out += _sphere_and_selection_cases()
     return [pytest.param(*case, id=f"{case[0]}-{i}") for i, case in enumerate(out)]
+
+
+def _sphere_and_selection_cases() -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """The cases of multislerp (without a base), karcher, sce and arcee_fusion."""
+    out: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
+    for ws in WEIGHTS:
+        for normalize in (True, False):
+            weighted = [{"weight": w} for w in ws]
+            out.append(("multislerp", {"normalize_weights": normalize}, weighted))
+    out.append(("multislerp", {"eps": 1e-3}, [{"weight": 0.6}, {"weight": 0.4}]))
+    for count in (1, 2, 3):
+        out.append(("karcher", {}, [{}] * count))
+        out.append(("karcher", {"max_iter": 2, "tol": 1e-3}, [{}] * count))
+        for keep in (1.0, 0.5, 0.2, 0.0):
+            out.append(("sce", {"select_topk": keep}, [{}] * count))
+    out.append(("arcee_fusion", {}, [{}]))
+    return out
 
 
 def ours(
@@ -94,8 +113,11 @@ def ours(
     params: dict[str, Any],
     models: list[dict[str, Any]],
     seed: int,
+    *,
+    with_base: bool = False,
 ) -> torch.Tensor:
-    method = get_method(name)
+    """hfmerge's merge; `with_base` gives an optional-base method the base."""
+    method = get_method(name).with_base(with_base)
     global_params, per_model = validate_params(method, params, models)
     return method.merge(
         xs,
@@ -114,8 +136,11 @@ def theirs(
     params: dict[str, Any],
     models: list[dict[str, Any]],
     seed: int,
+    *,
+    with_base: bool = False,
 ) -> torch.Tensor:
-    needs_base = get_method(name).needs_base
+    """mergekit's merge of the same inputs; `with_base` as in `ours`."""
+    needs_base = get_method(name).with_base(with_base).needs_base
     inputs = [base, *xs] if needs_base else list(xs)
     offset = 1 if needs_base else 0
     parameters: dict[str, Any] = dict(params)
@@ -203,3 +228,99 @@ def test_nuslerp_matches_mergekit_on_unrelated_zero_and_colinear_slices(
     expected = theirs(mergekit_api, "nuslerp", first, [first, second], layout, models, 0)
     got = ours("nuslerp", first, [first, second], layout, models, 0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("weights", WEIGHTS, ids=len)
+def test_multislerp_with_a_base_matches_mergekit(
+    mergekit_api: ModuleType, shape: tuple[int, ...], weights: list[float]
+) -> None:
+    # With a base, the task vectors are interpolated and the base added back.
+    models = [{"weight": w} for w in weights]
+    base, xs = related(shape, len(models), 7)
+    expected = theirs(mergekit_api, "multislerp", base, xs, {}, models, 0, with_base=True)
+    got = ours("multislerp", base, xs, {}, models, 0, with_base=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if len(models) > 1 and base.numel() > 1:  # one model, or scalars: both forms coincide
+        assert not torch.allclose(got, ours("multislerp", base, xs, {}, models, 0), atol=1e-3)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_matches_mergekit_on_two_antipodal_models(
+    mergekit_api: ModuleType, with_base: bool
+) -> None:
+    # Opposite directions with equal weights: no barycentre, so the weighted sum stands in for
+    # it, 0.5 a - 0.5 * 2a = -0.5 a (plus the base). Integers and quarters keep the task vectors
+    # exact, so the directions cancel exactly.
+    base = torch.arange(12.0) - 6
+    a = torch.randint(-8, 8, (12,), generator=torch.Generator().manual_seed(5)) / 4
+    xs = [base + a, base - 2 * a] if with_base else [a, -2 * a]
+    models = [{"weight": 1.0}, {"weight": 1.0}]
+    expected = theirs(mergekit_api, "multislerp", base, xs, {}, models, 0, with_base=with_base)
+    got = ours("multislerp", base, xs, {}, models, 0, with_base=with_base)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, -0.5 * a + (base if with_base else 0))
+
+
+def test_multislerp_refuses_more_models_whose_directions_cancel_as_mergekit_does(
+    mergekit_api: ModuleType,
+) -> None:
+    a, b = (torch.randn(9, generator=torch.Generator().manual_seed(i)) for i in (6, 7))
+    xs, models = [a, -a, b, -2 * b], [{"weight": 1.0}] * 4
+    with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
+        theirs(mergekit_api, "multislerp", a, xs, {}, models, 0)
+    with pytest.raises(MethodParameterError) as caught:
+        ours("multislerp", a, xs, {}, models, 0)
+    assert "opposite models whose weights cancel" in caught.value.what
+
+
+def test_multislerp_of_zero_task_vectors_is_the_base_where_mergekit_refuses(
+    mergekit_api: ModuleType,
+) -> None:
+    # A tensor no fine-tune changed: every task vector is zero, and so is their barycentre.
+    base = torch.randn(4, 3, generator=torch.Generator().manual_seed(8))
+    xs, models = [base.clone() for _ in range(3)], [{"weight": 1.0}] * 3
+    with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
+        theirs(mergekit_api, "multislerp", base, xs, {}, models, 0, with_base=True)
+    assert torch.equal(ours("multislerp", base, xs, {}, models, 0, with_base=True), base)
+
+
+@pytest.mark.parametrize(
+    "xs",
+    [
+        pytest.param(lambda a, b: [a, -a], id="antipodal"),
+        pytest.param(lambda a, b: [a, torch.zeros_like(a), b], id="one-zero"),
+        pytest.param(lambda a, b: [torch.zeros_like(a), torch.zeros_like(a)], id="all-zero"),
+        pytest.param(lambda a, b: [a, 1e-7 * b], id="one-shorter-than-tol"),
+        pytest.param(lambda a, b: [a, 3 * a], id="parallel"),
+    ],
+)
+def test_karcher_matches_mergekit_on_degenerate_models(mergekit_api: ModuleType, xs: Any) -> None:
+    a, b = (torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i in (8, 9))
+    models = xs(a, b)
+    expected = theirs(mergekit_api, "karcher", a, models, {}, [{}] * len(models), 0)
+    got = ours("karcher", a, models, {}, [{}] * len(models), 0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_sce_matches_mergekit_with_unrelated_models_and_unchanged_entries(
+    mergekit_api: ModuleType, keep: float
+) -> None:
+    xs = [torch.randn(20, 30, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for x in xs[1:]:
+        x[3] = xs[0][3]  # a row no model changed: zero variance, never selected
+    expected = theirs(mergekit_api, "sce", xs[0], xs[1:], {"select_topk": keep}, [{}] * 3, 0)
+    got = ours("sce", xs[0], xs[1:], {"select_topk": keep}, [{}] * 3, 0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], xs[0][3])
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (64,), (33, 17), (4, 5, 6)], ids=str)
+def test_arcee_fusion_matches_mergekit_with_unrelated_and_equal_models(
+    mergekit_api: ModuleType, shape: tuple[int, ...]
+) -> None:
+    base, other = (torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    for x in (other, base.clone()):
+        expected = theirs(mergekit_api, "arcee_fusion", base, [x], {}, [{}], 0)
+        torch.testing.assert_close(ours("arcee_fusion", base, [x], {}, [{}], 0), expected)

@@ -53,6 +53,10 @@ DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
     ),
     "model_stock": ({"filter_wise": False}, {}),
+    "multislerp": ({"normalize_weights": True, "eps": 1e-8}, {"weight": 1.0}),
+    "karcher": ({"max_iter": 10, "tol": 1e-5}, {}),
+    "sce": ({"select_topk": 1.0}, {}),
+    "arcee_fusion": ({}, {}),
 }
 
 
@@ -222,6 +226,23 @@ def test_linear_refuses_to_normalise_weights_summing_to_zero() -> None:
     models = [{"weight": 1.0}, {"weight": -1.0}]
     assert "sum to 0" in problems("linear", {}, models)[("models",)]
     assert problems("linear", {"normalize": False}, models) == {}
+
+
+def test_multislerp_refuses_to_normalise_weights_summing_to_zero() -> None:
+    models = [{"weight": 0.5}, {"weight": -0.5}]
+    assert "`normalize_weights` would divide" in problems("multislerp", {}, models)[("models",)]
+    assert problems("multislerp", {"normalize_weights": False}, models) == {}
+
+
+@pytest.mark.parametrize("bad", [True, -1, 2.5, "ten"])
+def test_an_iteration_count_is_a_whole_number_at_least_zero(bad: Any) -> None:
+    assert list(problems("karcher", {"max_iter": bad}, [{}, {}])) == [("parameters", "max_iter")]
+
+
+def test_an_iteration_count_reads_yaml_spellings_of_whole_numbers() -> None:
+    for given in (0, 3, 3.0, "3"):
+        params, _ = validate_params(get_method("karcher"), {"max_iter": given}, [{}, {}])
+        assert params.model_dump()["max_iter"] == int(float(given))
 
 
 def test_every_problem_is_reported_at_once() -> None:

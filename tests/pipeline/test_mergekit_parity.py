@@ -30,6 +30,10 @@ LISTED: dict[str, list[tuple[int, dict[str, float]]]] = {
     "breadcrumbs_ties": [(1, {"weight": 0.6, "gamma": 0.05}), (2, {"weight": 0.4})],
     "slerp": [(0, {}), (1, {})],
     "model_stock": [(1, {}), (2, {})],
+    "multislerp": [(0, {}), (1, {"weight": 0.7}), (2, {"weight": 0.4})],
+    "karcher": [(0, {}), (1, {}), (2, {})],
+    "sce": [(0, {}), (1, {}), (2, {})],
+    "arcee_fusion": [(0, {}), (1, {})],
 }
 PARAMETERS: dict[str, dict[str, Any]] = {
     "linear": {"normalize": True},
@@ -38,19 +42,29 @@ PARAMETERS: dict[str, dict[str, Any]] = {
     "breadcrumbs_ties": {"density": 0.6, "normalize": True},
     "slerp": {"t": 0.3},
     "model_stock": {},
+    "multislerp": {"normalize_weights": False},
+    "karcher": {"max_iter": 20, "tol": 1e-6},
+    "sce": {"select_topk": 0.5, "int8_mask": True},
+    "arcee_fusion": {},
+}
+# mergekit configs without `base_model`: (method, models listed as in LISTED).
+WITHOUT_BASE: dict[str, list[tuple[int, dict[str, float]]]] = {
+    "multislerp": [(1, {"weight": 0.7}), (2, {"weight": 0.4})],
+    "linear": [(1, {"weight": 0.7}), (2, {"weight": 0.4})],
 }
 
 
-def config_text(method: str, models: list[Path]) -> str:
-    """A mergekit config of `method` as a model card would carry it; models[0] is the base."""
+def config_text(method: str, models: list[Path], *, base: bool = True) -> str:
+    """A mergekit config of `method` as a model card would carry it; models[0] is the base,
+    named as `base_model` unless `base` is false."""
     parameters = PARAMETERS[method]
     config = {
         "models": [
             {"model": str(models[index]), **({"parameters": params} if params else {})}
-            for index, params in LISTED[method]
+            for index, params in (LISTED if base else WITHOUT_BASE)[method]
         ],
         "merge_method": method,
-        "base_model": str(models[0]),
+        **({"base_model": str(models[0])} if base else {}),
         **({"parameters": parameters} if parameters else {}),
         "dtype": "float32",
     }
@@ -72,11 +86,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return make_models(tmp_path_factory.mktemp("models"))
 
 
-@pytest.mark.parametrize("method", list(LISTED))
+@pytest.mark.parametrize(
+    ("method", "base"),
+    [*((method, True) for method in LISTED), *((method, False) for method in WITHOUT_BASE)],
+    ids=lambda value: {True: "base", False: "no-base"}.get(value, value),
+)
 def test_hfmerge_runs_a_mergekit_config_to_mergekits_tensors(
-    method: str, models: list[Path], tmp_path: Path
+    method: str, base: bool, models: list[Path], tmp_path: Path
 ) -> None:
-    text = config_text(method, models)
+    text = config_text(method, models, base=base)
     config = tmp_path / "config.yml"
     config.write_text(text)
     result = api.run(config, api.RunOptions(out=tmp_path / "ours", force=True, progress=False))

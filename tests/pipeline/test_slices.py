@@ -75,12 +75,25 @@ def configs(m: list[Path]) -> dict[str, dict[str, Any]]:
             "parameters": {"t": 0.3},
             "dtype": "float32",
         },
+        # An optional base: multislerp of the task vectors over base_model in each slice.
+        "multislerp_per_slice": {
+            "slices": [
+                {"sources": [_src(m[0], 0, 3), _src(m[1], 0, 3, weight=0.7), _src(m[2], 0, 3)]},
+                {"sources": [_src(m[0], 3, 5), _src(m[1], 3, 5), _src(m[2], 3, 5, weight=2.0)]},
+            ],
+            "merge_method": "multislerp",
+            "base_model": str(m[0]),
+            "parameters": {"weight": 0.4},
+            "dtype": "float32",
+        },
     }
 
 
 @pytest.mark.mergekit
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["frankenmerge", "depth_upscaling", "slerp_per_slice"])
+@pytest.mark.parametrize(
+    "name", ["frankenmerge", "depth_upscaling", "slerp_per_slice", "multislerp_per_slice"]
+)
 def test_slices_give_mergekits_tensors_and_a_loadable_model(
     name: str,
     models: list[Path],  # noqa: F811
@@ -180,3 +193,27 @@ align: {method: weight}
         "slices.1.sources.0.layer_range": 6,
         "slices.1.base": 7,
     }
+
+
+def test_an_optional_base_in_slices_is_the_recipes_base() -> None:
+    from hfmerge.recipe.schema import parse_recipe_text
+
+    text = """\
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 2]}
+      - {model: b, layer_range: [0, 2]}
+    base: a
+merge: {method: multislerp}
+"""
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe_text(text)
+    [problem] = caught.value.problems
+    assert (problem.location, problem.line) == ("slices.0.base", 5)
+    assert "top-level `base:`" in problem.message
+    # At the top, the base is every slice's base, and must be among each slice's sources.
+    top = text.replace("    base: a\n", "").replace("merge:", "base: c\nmerge:")
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe_text(top)
+    assert [p.location for p in caught.value.problems] == ["slices.0.base"]
+    parse_recipe_text(top.replace("base: c", "base: a"))

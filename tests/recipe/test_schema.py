@@ -82,6 +82,28 @@ def test_task_method_without_base_is_refused() -> None:
     assert any(p.startswith("base:") and "builds on a base model" in p for p in found)
 
 
+MULTISLERP = """\
+models:
+  - a/model
+  - model: b/model
+    weight: 0.5
+  - model: c/model
+    weight: -0.5
+merge:
+  method: multislerp
+"""
+
+
+def test_an_optional_base_is_taken_apart_from_the_models_only_when_named() -> None:
+    # Without `base:` all three models are merged (a's default weight 1 keeps the sum off 0).
+    assert parse_recipe_text(MULTISLERP).base is None
+    # With it, a is the base: b's and c's weights cancel, reported where they are written.
+    found = problems_of(MULTISLERP + "base: a/model\n")
+    assert len(found) == 1
+    assert found[0].startswith("models")
+    assert "sum to 0" in found[0]
+
+
 def test_bad_shard_size_dtype_and_model_count() -> None:
     text = (
         GOOD.replace("500MB", "lots")
