@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hfmerge.align.activation_matching import activation_matching
-from hfmerge.align.canonical import canonical_permutations
+from hfmerge.align.canonical import canonical_permutations, refuse_experts
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.arch import require_permutable, spec_for
 from hfmerge.arch.permute import (
@@ -23,7 +23,7 @@ from hfmerge.arch.permute import (
     compose,
     identity_permutations,
     invert,
-    permute_tensor,
+    read_permuted,
 )
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
@@ -179,6 +179,7 @@ def _match(
         perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
         return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
+        refuse_experts(b.spec, label=b.label, feature="activation matching")
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
         # yields permutations that fit the checkpoint's spec too.
@@ -297,9 +298,7 @@ def _write_aligned(
             ShardWriter(tmp, plan, metadata=metadata) as writer,
         ):
             for name in track(plan.names, description=description, enabled=progress):
-                writer.write(
-                    name, permute_tensor(reader.get(name), spec.tensors[name], spec, perms)
-                )
+                writer.write(name, read_permuted(name, reader.get, spec, perms))
         copy_side_files(path, tmp)
         save_permutations(
             tmp / PERMUTATIONS_FILE, perms, metadata={"family": spec.family, **metadata}

@@ -175,6 +175,22 @@ def _attention_order(group: PermGroup, slices: list[_Slice]) -> AttentionPerm:
     )
 
 
+def refuse_experts(spec: ArchSpec, *, label: str, feature: str) -> None:
+    """Refuse a mixture-of-experts spec for `feature`, which only weight matching supports.
+
+    Raises:
+        AlignmentError: naming the model and the feature, with weight matching as the fix.
+    """
+    if spec.has_experts:
+        raise AlignmentError(
+            f"{feature} does not support the mixture-of-experts model {label} ({spec.family})",
+            why="transformers fuses each block's experts into 3-D tensors in memory, so "
+            "activations and module names do not match the checkpoint's per-expert tensors; "
+            "canonical order and REPAIR have no expert-order keys or sites yet",
+            fix="use weight matching (`--method weight`, `align: {method: weight}`) without repair",
+        )
+
+
 def canonical_permutations(spec: ArchSpec, params: Mapping[str, torch.Tensor]) -> Permutations:
     """The permutations that put a checkpoint into canonical order (one per group of `spec`).
 
@@ -184,6 +200,7 @@ def canonical_permutations(spec: ArchSpec, params: Mapping[str, torch.Tensor]) -
     Raises:
         AlignmentError: a group has no tensor slice that could key it (an unusual spec).
     """
+    refuse_experts(spec, label=spec.model_type, feature="canonical unit order")
     perms: Permutations = {}
     for group in sorted(spec.groups.values(), key=lambda g: _KIND_ORDER[g.kind]):
         slices = _fixed_slices(spec, params, group.name, perms)

@@ -26,7 +26,7 @@ from hfmerge.arch import permutable_family
 from hfmerge.arch.common import config_int
 from hfmerge.arch.decoder import head_dim_of
 from hfmerge.arch.gpt_neox import rotary_fraction
-from hfmerge.errors import ArchitectureError
+from hfmerge.errors import AlignmentError, ArchitectureError
 
 Side = Literal["output", "input"]
 
@@ -342,7 +342,14 @@ SITES: Mapping[str, Callable[[PreTrainedModel], list[RepairSite]]] = {
 def repair_sites(model: PreTrainedModel) -> list[RepairSite]:
     """The family's sites for a loaded model, every block plus the final norm."""
     config = {"model_type": getattr(model.config, "model_type", None)}
-    return SITES[permutable_family(config, label=type(model).__name__, feature="REPAIR")](model)
+    label = type(model).__name__
+    family = permutable_family(config, label=label, feature="REPAIR")
+    if family not in SITES:  # mixtures of experts: no per-expert statistics sites yet
+        raise AlignmentError(
+            f"REPAIR has no statistics sites for the {family} family ({label})",
+            fix="align without repair (drop `+repair` / `align.repair`)",
+        )
+    return SITES[family](model)
 
 
 __all__ = ["SITES", "RepairSite", "Side", "repair_sites", "rope_ties"]

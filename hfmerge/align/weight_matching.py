@@ -2,6 +2,8 @@
 
 Coordinate ascent on <W_A, P(W_B)>: one group at a time, in a seeded random order per sweep, with
 every other group's current permutation applied to B; attention groups use the head-aware solver.
+A mixture of experts' expert order is one more assignment step (`align/expert_order.py`); each FF
+group of an expert is then matched against A's expert in the slot its B expert lands in.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from hfmerge.align.attention import (
     head_slices,
     solve_attention,
 )
+from hfmerge.align.expert_order import ExpertProfiles, expert_profiles, slot_name
 from hfmerge.align.lap import assignment_value, improves, solve_lap
-from hfmerge.arch.permute import identity_permutations, permute_tensor, unit_rows
+from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.permute import identity_permutations, permute_tensor, read_permuted, unit_rows
 from hfmerge.arch.spec import (
     ArchSpec,
     AttentionPerm,
@@ -54,12 +58,12 @@ class MatchResult:
 
 @dataclass(frozen=True)
 class _Touch:
-    """One axis of one tensor that a group acts on."""
+    """One axis of one of B's tensors that a group acts on."""
 
     tensor: str
     axis: int
     role: AxisRole
-    static: bool  # no other axis is permuted: the contribution never changes
+    static: bool  # no other axis is permuted, nor is it an expert's: its contribution never changes
 
 
 def _touches(spec: ArchSpec, names: list[str]) -> dict[str, list[_Touch]]:
@@ -71,7 +75,8 @@ def _touches(spec: ArchSpec, names: list[str]) -> dict[str, list[_Touch]]:
             if role is None:
                 continue
             others = [r for i, r in enumerate(tensor.axes) if i != axis and r is not None]
-            out[role.group].append(_Touch(name, axis, role, static=not others))
+            static = not others and tensor.expert is None
+            out[role.group].append(_Touch(name, axis, role, static=static))
     return out
 
 
@@ -89,6 +94,10 @@ class _Problem:
     a: dict[str, torch.Tensor]
     b: dict[str, torch.Tensor]
 
+    def a_rows(self, touch: _Touch, perms: Permutations) -> torch.Tensor:
+        """A's tensor that B's touched one meets (an expert's: its slot's), as [axis_len, rest]."""
+        return _rows(self.a[slot_name(touch.tensor, self.spec, perms)], touch.axis)
+
     def b_rows(self, touch: _Touch, perms: Permutations) -> torch.Tensor:
         """B's tensor with every axis but the touched one permuted: [axis_len, rest]."""
         tensor_spec = self.spec.tensors[touch.tensor]
@@ -102,7 +111,7 @@ class _Problem:
         """[size, size] similarity of A's units (rows) to B's units (columns)."""
         total = torch.zeros(size, size, dtype=torch.float64)
         for touch in touches:
-            rows_a = unit_rows(_rows(self.a[touch.tensor], touch.axis), touch.role.layout)
+            rows_a = unit_rows(self.a_rows(touch, perms), touch.role.layout)
             rows_b = unit_rows(self.b_rows(touch, perms), touch.role.layout)
             total += rows_a @ rows_b.T
         return total
@@ -111,7 +120,7 @@ class _Problem:
         """Per-part head blocks of one attention group, slices taken from each axis' layout."""
         total: HeadBlocks = {}
         for touch in touches:
-            rows_a, rows_b = _rows(self.a[touch.tensor], touch.axis), self.b_rows(touch, perms)
+            rows_a, rows_b = self.a_rows(touch, perms), self.b_rows(touch, perms)
             for part, where in head_slices(group, touch.role.layout).items():
                 index = where.reshape(-1)  # [heads, head_dim] -> [heads*head_dim]
                 gram = rows_a[index] @ rows_b[index].T  # [heads*head_dim, heads*head_dim]
@@ -123,11 +132,7 @@ class _Problem:
     def objective(self, perms: Permutations) -> float:
         """<W_A, P(W_B)> over every matched tensor."""
         return sum(
-            float(
-                (
-                    self.a[n] * permute_tensor(self.b[n], self.spec.tensors[n], self.spec, perms)
-                ).sum()
-            )
+            float((self.a[n] * read_permuted(n, self.b.__getitem__, self.spec, perms)).sum())
             for n in self.a
         )
 
@@ -141,13 +146,16 @@ class _GroupStep:
         self.dynamic = [t for t in touches if not t.static]
         # Groups on the other axes of the dynamic tensors (itself too where it is on two axes):
         # the similarity depends on their permutations and on nothing else.
+        tensors = problem.spec.tensors
         self.neighbours = sorted(
             {
                 r.group
                 for t in self.dynamic
-                for i, r in enumerate(problem.spec.tensors[t.tensor].axes)
+                for i, r in enumerate(tensors[t.tensor].axes)
                 if r is not None and i != t.axis
             }
+            # An expert's tensors are compared with the slot their expert lands in.
+            | {slot.group for t in self.dynamic if (slot := tensors[t.tensor].expert)}
         )
         self.solved_at: dict[str, int] | None = None  # neighbours' versions at the last solve
         static = [t for t in touches if t.static]
@@ -156,6 +164,10 @@ class _GroupStep:
             self.static_blocks = problem.heads(group, static, identity)
         else:
             self.static_plain = problem.plain(group.size, static, identity)
+        self.profiles: ExpertProfiles | None = None
+        if group.kind == "experts":
+            self.profiles = expert_profiles(problem.spec, group, problem.a, problem.b)
+            self.neighbours = sorted({*self.neighbours, RESIDUAL})
 
     def run(self, perms: Permutations, versions: dict[str, int]) -> bool:
         """Re-solve this group against the others' current permutations; True if it changed.
@@ -177,6 +189,10 @@ class _GroupStep:
 
     def _plain(self, perms: Permutations) -> bool:
         similarity = self.static_plain + self.problem.plain(self.group.size, self.dynamic, perms)
+        if self.profiles is not None:
+            residual = perms[RESIDUAL]
+            assert isinstance(residual, torch.Tensor)
+            similarity = similarity + self.profiles.similarity(residual)
         old = perms[self.group.name]
         assert isinstance(old, torch.Tensor)
         new = solve_lap(similarity)

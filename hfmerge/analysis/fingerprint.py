@@ -13,6 +13,10 @@ not depend on any permutation group of the spec:
 - anything else: its singular values (a matrix) or sorted values (a vector), which no
   permutation changes.
 
+A mixture of experts' expert order moves whole tensors between names, so the entries of one
+tensor across the experts of a block are summed into one: the Gram of all the experts' units
+together, which neither the expert order nor any expert's FF order changes.
+
 Two fingerprints compare entry by entry when their entries have the same shapes: the similarity
 of an entry is the correlation of its values, the model's is the mean over the entries that probe
 the residual basis (singular and sorted values only decide whether the weights are the same).
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 
+from hfmerge.arch.experts import expert_tensor_name
 from hfmerge.arch.spec import ArchSpec, AxisRole, TensorSpec
 from hfmerge.errors import FingerprintError
 from hfmerge.progress import track
@@ -168,14 +173,23 @@ def fingerprint(model: InspectedModel, *, progress: bool = False) -> Fingerprint
     embedding = _embedding(spec, shapes)
     residual = _residual(spec)
     names = [name for name, t in spec.tensors.items() if not t.buffer]
-    entries = []
+    entries: list[tuple[torch.Tensor, bool]] = []
+    summed: dict[str, int] = {}  # one tensor of every expert of a block -> its entry's index
     with LazyCheckpoint(model.source.path, label=model.label) as reader:
         x = reader.get(embedding)[probe_rows(shapes[embedding][0])].to(torch.float64)  # [k, d]
         for name in track(names, description=f"fingerprint {model.label}", enabled=progress):
             if name == embedding:
                 entries.append((_gram(x), True))  # E[S] E[S]^T, its diagonal left out
+                continue
+            entry = _entry(reader.get(name), spec.tensors[name], residual, x)
+            slot = spec.tensors[name].expert
+            key = None if slot is None else expert_tensor_name(name, slot, 0)
+            if key is None or key not in summed:
+                summed.update({} if key is None else {key: len(entries)})
+                entries.append(entry)
             else:
-                entries.append(_entry(reader.get(name), spec.tensors[name], residual, x))
+                total, probes = entries[summed[key]]
+                entries[summed[key]] = (total + entry[0], probes)
     return Fingerprint(
         model.label, spec.family, tuple(e for e, _ in entries), tuple(p for _, p in entries)
     )

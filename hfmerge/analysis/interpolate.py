@@ -119,19 +119,20 @@ class Interpolator:
         # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).
         if lam == 0.0 or not a.info(name).dtype.startswith(("F", "BF")):
             return a.get(name)  # integer buffers (position ids) are A's, never averaged
-        other = b.get(name)
         if spec is not None and perms is not None and name in spec.tensors:
-            other = _permuted(name, other, spec, perms)
+            other = _permuted(name, b, spec, perms)
+        else:
+            other = b.get(name)
         if lam == 1.0:
             return other
         # lerp is exact when both sides agree, so a model interpolated with itself stays itself.
         return torch.lerp(a.get(name).float(), other.float(), lam)
 
 
-def _permuted(name: str, tensor: torch.Tensor, spec: ArchSpec, perms: Permutations) -> torch.Tensor:
-    from hfmerge.arch.permute import permute_tensor
+def _permuted(name: str, b: LazyCheckpoint, spec: ArchSpec, perms: Permutations) -> torch.Tensor:
+    from hfmerge.arch.permute import read_permuted
 
-    return permute_tensor(tensor, spec.tensors[name], spec, perms)
+    return read_permuted(name, b.get, spec, perms)
 
 
 def spec_of(path: Path, *, label: str) -> ArchSpec:

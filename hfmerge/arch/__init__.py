@@ -11,7 +11,20 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hfmerge.arch import bert, exaone4, gemma, generic, gpt2, gpt_neox, llama, olmo2, phi3, qwen3
+from hfmerge.arch import (
+    bert,
+    exaone4,
+    gemma,
+    generic,
+    gpt2,
+    gpt_neox,
+    llama,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen3,
+    qwen3_moe,
+)
 from hfmerge.arch.permute import axis_length
 from hfmerge.arch.spec import GENERIC_FAMILY, ArchSpec
 from hfmerge.errors import ArchitectureError, NoPermutationSpecError
@@ -36,7 +49,19 @@ class FamilyInfo:
 
 _REGISTRY: tuple[tuple[FamilyInfo, Builder], ...] = tuple(
     (FamilyInfo(module.NAME, module.MODEL_TYPES, module.DESCRIPTION), module.build)
-    for module in (bert, gpt2, gpt_neox, llama, qwen3, gemma, phi3, olmo2, exaone4)
+    for module in (
+        bert,
+        gpt2,
+        gpt_neox,
+        llama,
+        qwen3,
+        gemma,
+        phi3,
+        olmo2,
+        exaone4,
+        mixtral,
+        qwen3_moe,
+    )
 )
 FAMILIES: dict[str, Builder] = {info.name: build for info, build in _REGISTRY}
 MODEL_TYPES: dict[str, str] = {t: info.name for info, _ in _REGISTRY for t in info.model_types}

@@ -10,7 +10,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfmerge.arch.spec import ArchSpec, AxisRole, Layout, PermGroup, TensorSpec
+from hfmerge.arch.spec import ArchSpec, AxisRole, ExpertSlot, Layout, PermGroup, TensorSpec
 from hfmerge.errors import ArchitectureError
 
 RESIDUAL = "residual"
@@ -143,6 +143,7 @@ class _Entry:
     required: bool
     buffer: bool
     tied_to: str | None  # absent when tied: recorded in ArchSpec.tied instead
+    expert: ExpertSlot | None = None  # a tensor of one expert: moves whole with it
 
 
 @dataclass
@@ -160,11 +161,19 @@ class SpecBuilder:
         self.groups[group.name] = group
 
     def add(
-        self, name: str | tuple[str, ...], *axes: AxisRole | None, required: bool = True
+        self,
+        name: str | tuple[str, ...],
+        *axes: AxisRole | None,
+        required: bool = True,
+        expert: ExpertSlot | None = None,
     ) -> None:
-        """A parameter; a tuple of names gives accepted spellings (first = the usual one)."""
+        """A parameter; a tuple of names gives accepted spellings (first = the usual one).
+
+        `expert`: the tensor belongs to that expert (its name holds `experts.{index}.`)."""
         names = (name,) if isinstance(name, str) else name
-        self.entries.append(_Entry(names, axes, required, buffer=False, tied_to=None))
+        self.entries.append(
+            _Entry(names, axes, required, buffer=False, tied_to=None, expert=expert)
+        )
 
     def buffer(self, name: str, *, ndim: int) -> None:
         """A non-parameter buffer that some checkpoints hold: optional, never permuted."""
@@ -195,7 +204,9 @@ class SpecBuilder:
                     f"its checkpoint holds one tensor under several names: {', '.join(present)}",
                 )
             if present:
-                tensors[present[0]] = TensorSpec(present[0], entry.axes, buffer=entry.buffer)
+                tensors[present[0]] = TensorSpec(
+                    present[0], entry.axes, buffer=entry.buffer, expert=entry.expert
+                )
             elif entry.tied_to is not None:
                 tied[entry.names[0]] = entry.tied_to
             elif entry.required:

@@ -4,7 +4,8 @@ A block is attention (separate q/k/v/o, or Phi-3's fused qkv) and a gated FF (ga
 Phi-3's fused gate_up) around RMSNorms over the residual stream. The families differ only in the
 data of `DecoderBlock`: which norms a block holds, whether queries and keys are normalised (per head
 or over the whole projection), which projections carry a bias, and whether Q/K dims past a partial
-rotary part may move.
+rotary part may move. Mixture-of-experts families (Mixtral, Qwen3-MoE) replace the FF of their
+sparse blocks by a router and experts (`arch/moe.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hfmerge.arch.common import (
     split_heads,
 )
 from hfmerge.arch.gpt_neox import rotary_fraction
+from hfmerge.arch.moe import MoeBlock, MoeShape, add_moe, moe_shape
 from hfmerge.arch.spec import ArchSpec, AxisRole, Layout, PermGroup
 
 # "per_head": one gain over head_dim shared by every head (Qwen3, Gemma 3); "projection": one gain
@@ -62,6 +64,7 @@ class DecoderBlock:
         biases: which projections carry a bias.
         free_pass_dims: Q/K dims past the rotary part may move inside a head (GPT-NeoX style);
             otherwise every Q/K dim stays in place, which is always exact.
+        moe: the names of the MoE block that replaces the FF in sparse blocks, if any.
     """
 
     norms: tuple[str, ...] = PRE_NORMS
@@ -69,6 +72,7 @@ class DecoderBlock:
     fused: bool = False
     biases: Biases = Biases()
     free_pass_dims: bool = False
+    moe: MoeBlock | None = None
 
     def __post_init__(self) -> None:
         if self.qk_norm == "per_head" and self.free_pass_dims:
@@ -122,12 +126,26 @@ def _mlp(b: SpecBuilder, base: str, i: int, block: DecoderBlock) -> None:
     _with_bias(b, f"{base}down_proj", block.biases.mlp, R, ff(i))
 
 
-def _layer(b: SpecBuilder, p: str, i: int, block: DecoderBlock) -> None:
+def _feed_forward(
+    b: SpecBuilder, base: str, i: int, block: DecoderBlock, sizes: tuple[int, MoeShape | None]
+) -> None:
+    """Block i's FF: an MoE block where the config makes it sparse, else a dense one."""
+    inner, moe = sizes
+    if block.moe is not None and moe is not None and i in moe.sparse:
+        add_moe(b, base, i, block.moe, moe)
+        return
+    b.group(PermGroup(mlp_group(i), "ff", inner))
+    _mlp(b, f"{base}mlp.", i, block)
+
+
+def _layer(
+    b: SpecBuilder, p: str, i: int, block: DecoderBlock, sizes: tuple[int, MoeShape | None]
+) -> None:
     base = f"{p}layers.{i}."
     for norm in block.norms:
         b.add(f"{base}{norm}.weight", R)
     _attention(b, f"{base}self_attn.", i, block)
-    _mlp(b, f"{base}mlp.", i, block)
+    _feed_forward(b, base, i, block, sizes)
     b.buffer(f"{base}self_attn.rotary_emb.inv_freq", ndim=1)  # saved by transformers < 4.31
 
 
@@ -161,6 +179,7 @@ def build_decoder(
     head_dim = head_dim_of(config, hidden, heads, label=label)
     layers = config_int(config, "num_hidden_layers", label=label)
     inner = config_int(config, "intermediate_size", label=label)
+    moe = None if block.moe is None else moe_shape(config, layers, label=label)
     qk_free_dims = _qk_free_dims(config, head_dim, block, label=label)
     names = set(tensor_names)
     p = detect_prefix(names, "embed_tokens.weight", ("model.", ""), label=label, family=family)
@@ -170,7 +189,6 @@ def build_decoder(
     b.add(f"{p}embed_tokens.weight", None, R)
     b.buffer(f"{p}rotary_emb.inv_freq", ndim=1)
     for i in range(layers):
-        b.group(PermGroup(mlp_group(i), "ff", inner))
         b.group(
             attention_group(
                 i,
@@ -181,7 +199,7 @@ def build_decoder(
                 label=label,
             )
         )
-        _layer(b, p, i, block)
+        _layer(b, p, i, block, (inner, moe))
     b.add(f"{p}norm.weight", R)
     if has_lm_head(config, names, prefix=p, head_names=("lm_head.weight",)):
         is_tied = config_flag(config, "tie_word_embeddings", default=tied_by_default)

@@ -1,7 +1,9 @@
 """Permutations on an ArchSpec: per-axis gather index, apply, identity, random, invert, compose.
 
 Convention (spec.py): a permutation is a gather index, `new[i] = old[perm[i]]`. Applying `first` and
-then `second` equals applying `compose(spec, first, second)`.
+then `second` equals applying `compose(spec, first, second)`. Output tensor `name` is its source
+tensor (`source_name`: another expert's, when experts are reordered) moved by `permute_tensor`;
+`read_permuted` does both, and every caller that permutes a checkpoint goes through it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from hfmerge.arch.experts import compose_expert_ffs, expert_tensor_name, invert_expert_ffs, plain
 from hfmerge.arch.spec import (
     ArchSpec,
     AttentionPerm,
@@ -153,6 +156,28 @@ def permute_tensor(
     return _apply(tensor, tensor_spec, index_for)
 
 
+def source_name(name: str, spec: ArchSpec, perms: Permutations) -> str:
+    """The input tensor that output tensor `name` comes from under `perms`.
+
+    Itself, except for a tensor of an expert: output slot e holds old expert `perm[e]` of its
+    experts group, so it comes from the same tensor of that expert (`experts.{perm[e]}.`).
+    """
+    tensor = spec.tensors.get(name)
+    slot = None if tensor is None else tensor.expert
+    if slot is None or slot.group not in perms:
+        return name
+    order = plain(perms, slot.group, spec.groups[slot.group].size)
+    return expert_tensor_name(name, slot, int(order[slot.index]))
+
+
+def read_permuted(
+    name: str, read: Callable[[str], torch.Tensor], spec: ArchSpec, perms: Permutations
+) -> torch.Tensor:
+    """Output tensor `name` in the permuted basis: its source tensor read by `read`, then moved."""
+    source = source_name(name, spec, perms)
+    return permute_tensor(read(source), spec.tensors[source], spec, perms)
+
+
 def permute_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     spec: ArchSpec,
@@ -179,7 +204,13 @@ def permute_state_dict(
             cache[key] = axis_index(spec.groups[role.group], perms[role.group], role.layout)
         return cache[key]
 
-    return {name: _apply(t, spec.tensors[name], index_for) for name, t in state_dict.items()}
+    def moved(name: str) -> torch.Tensor:
+        source = source_name(name, spec, perms)
+        if source not in state_dict:
+            raise ValueError(f"{name} comes from {source}, which the state dict lacks")
+        return _apply(state_dict[source], spec.tensors[source], index_for)
+
+    return {name: moved(name) for name in state_dict}
 
 
 def _rows_of(values: torch.Tensor, rows: int) -> torch.Tensor:
@@ -244,7 +275,7 @@ def invert(spec: ArchSpec, perms: Permutations) -> Permutations:
             qk_dims=_argsort_rows(perm.qk_dims[inv_kv]),
             vo_dims=_argsort_rows(perm.vo_dims[inv_kv]),
         )
-    return out
+    return out | invert_expert_ffs(spec, perms)
 
 
 def compose(spec: ArchSpec, first: Permutations, second: Permutations) -> Permutations:
@@ -266,7 +297,7 @@ def compose(spec: ArchSpec, first: Permutations, second: Permutations) -> Permut
             out[name] = a[b.long()]
         else:
             raise ValueError(f"group {name!r}: cannot compose a plain and an attention permutation")
-    return out
+    return out | compose_expert_ffs(spec, first, second)
 
 
 def _check_rows(name: str, what: str, rows: torch.Tensor, shape: tuple[int, ...]) -> None:

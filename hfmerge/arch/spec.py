@@ -5,6 +5,13 @@ reads or writes those units) leaves the model's function unchanged. Alignment so
 permutation per group; merging and checks only need names, axes and the buffer flag.
 
 Index convention everywhere: a permutation is a gather index, `new[i] = old[perm[i]]`.
+
+Mixtures of experts add an `experts` group per MoE layer: the order of its experts. The checkpoint
+holds each expert's projections as separate tensors (`...experts.{e}.w1.weight`), so that group acts
+on tensor NAMES as well as on the router's expert axis: output expert slot e is old expert
+`perm[e]`, read whole (`arch/permute.py` `source_name`). Each expert has its own FF group
+(`layers.{i}.experts.{e}.mlp`), keyed by the expert it belongs to, not by the slot it lands in: the
+FF permutation applied to output slot e is the one of old expert `perm[e]`, which travels with it.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Literal
 
 import torch
 
-GroupKind = Literal["residual", "ff", "attention"]
+GroupKind = Literal["residual", "ff", "attention", "experts"]
 # The family of a model_type that no family module covers: names and shapes only, no groups.
 GENERIC_FAMILY = "generic"
 
@@ -40,22 +47,32 @@ class Layout(StrEnum):
 
 
 @dataclass(frozen=True)
+class ExpertSlot:
+    """Expert `index` of the experts group `group` (e.g. "layers.3.experts")."""
+
+    group: str
+    index: int
+
+
+@dataclass(frozen=True)
 class PermGroup:
     """One permutation symmetry of the network.
 
-    For `residual` and `ff` groups, `size` units are permuted freely. For `attention` groups the
-    permutation is structured (see `AttentionPerm`): KV groups move as wholes (each with its query
-    heads), query heads may reorder inside their KV group, V/O dims may reorder inside each head,
-    and Q/K dims may reorder inside each head only within `qk_free_dims` (rotary dims are pinned).
+    For `residual`, `ff` and `experts` groups, `size` units (or experts) are permuted freely. For
+    `attention` groups the permutation is structured (see `AttentionPerm`): KV groups move as
+    wholes (each with its query heads), query heads may reorder inside their KV group, V/O dims may
+    reorder inside each head, and Q/K dims may reorder inside each head only within `qk_free_dims`
+    (rotary dims are pinned).
     """
 
-    name: str  # "residual", "layers.3.mlp", "layers.3.attn"
+    name: str  # "residual", "layers.3.mlp", "layers.3.attn", "layers.3.experts"
     kind: GroupKind
-    size: int  # residual/ff: units; attention: num_heads * head_dim
+    size: int  # residual/ff: units; experts: experts; attention: num_heads * head_dim
     num_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
     qk_free_dims: tuple[int, int] = (0, 0)  # [start, end) of head dims that Q/K may permute
+    expert: ExpertSlot | None = None  # an expert's FF group: the expert it moves with
 
     @property
     def queries_per_kv(self) -> int:
@@ -78,6 +95,8 @@ class TensorSpec:
     name: str
     axes: tuple[AxisRole | None, ...]
     buffer: bool = False  # a non-parameter (e.g. position_ids): copied from the base, never merged
+    # A tensor of one expert, named `...experts.{index}....`: it moves whole with its expert.
+    expert: ExpertSlot | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,11 @@ class ArchSpec:
         """Whether the spec has permutation groups: False for a generic (familyless) model, which
         merges tensor by tensor but cannot be aligned, repaired or probed block by block."""
         return self.family != GENERIC_FAMILY
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the spec has mixture-of-experts layers (an `experts` group)."""
+        return any(g.kind == "experts" for g in self.groups.values())
 
     @property
     def num_layers(self) -> int:
@@ -124,5 +148,5 @@ class AttentionPerm:
     vo_dims: torch.Tensor
 
 
-GroupPerm = torch.Tensor | AttentionPerm  # [size] index (residual/ff); AttentionPerm (attention)
+GroupPerm = torch.Tensor | AttentionPerm  # [size] index (residual/ff/experts); AttentionPerm
 Permutations = dict[str, GroupPerm]  # group name -> its permutation

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hfmerge.arch.permute import permute_tensor
+from hfmerge.arch.permute import read_permuted
 from hfmerge.arch.spec import ArchSpec, Permutations
 from hfmerge.tensors import TensorReader
 
@@ -32,8 +32,7 @@ class AlignedReader:
             return self.checkpoint.get_rows(name, start, stop)
         if name not in self._last:
             self._last.clear()
-            tensor = self.checkpoint.get(name)
-            spec = self.spec.tensors[name]
-            self._last[name] = permute_tensor(tensor, spec, self.spec, self.perms)
+            # An expert's slot may read another expert's tensor (its source under the order).
+            self._last[name] = read_permuted(name, self.checkpoint.get, self.spec, self.perms)
         whole = self._last[name]
         return whole[start:stop] if whole.dim() else whole

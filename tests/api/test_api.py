@@ -233,6 +233,8 @@ def test_methods_and_archs_are_data() -> None:
     assert {"bert", "gpt2", "gpt_neox", "llama"} <= families.keys()
     assert "mistral" in families["llama"].model_types
     assert all(families[name].capabilities["align"] for name in ("bert", "gpt2", "llama"))
+    assert families["mixtral"].capabilities["align"]
+    assert not families["qwen3_moe"].capabilities["repair"]
     generic = api.archs()[-1]
     assert (generic.name, generic.model_types) == ("generic", ())
     assert generic.capabilities == {

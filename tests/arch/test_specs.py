@@ -355,7 +355,10 @@ def test_check_shapes_catches_a_wrong_kv_head_count() -> None:
 
 
 def test_registry_lists_every_family() -> None:
-    families = ["bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2", "exaone4"]
+    families = [
+        *("bert", "gpt2", "gpt_neox", "llama", "qwen3", "gemma", "phi3", "olmo2", "exaone4"),
+        *("mixtral", "qwen3_moe"),
+    ]
     assert [f.name for f in list_families()] == list(FAMILIES) == families
     assert MODEL_TYPES == {
         "bert": "bert",
@@ -378,6 +381,8 @@ def test_registry_lists_every_family() -> None:
         "olmo2": "olmo2",
         "olmo3": "olmo2",
         "exaone4": "exaone4",
+        "mixtral": "mixtral",
+        "qwen3_moe": "qwen3_moe",
     }
     assert all(f.description and f.model_types for f in list_families())
 

@@ -78,7 +78,7 @@ ANY_MODELS: dict[str, AnyModel] = {
         {**_SIZES, "ffn_dim": 48, "word_embed_proj_dim": 32},
     ),
     "bloom": AnyModel("bloom", _CAUSAL, {"hidden_size": 32, "n_layer": 2, "n_head": 4}),
-    # mixtures of experts
+    # mixtures of experts: they have families now, and still merge here through their specs
     "mixtral": AnyModel(
         "mixtral", _CAUSAL, {**_GQA, "num_local_experts": 4, "num_experts_per_tok": 2}
     ),

@@ -39,6 +39,8 @@ from transformers import (
     MinistralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo3Config,
@@ -51,6 +53,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SeedOssConfig,
     SeedOssForCausalLM,
     SmolLM3Config,
@@ -105,6 +109,31 @@ _GEMMA = {
     **_TOKENS,
 }
 _WINDOWS = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}
+# 4 experts, top-2 routing, 24 FF units per expert (hidden 32, 4 query heads over 2 KV heads).
+_MOE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 24,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": MAX_POSITIONS,
+    "tie_word_embeddings": False,
+    **_TOKENS,
+}
+# Mixture-of-experts models: transformers fuses their experts in memory, so their state_dict()
+# names differ from the checkpoint's; tests/support/tiny_moe.py reads and writes them as saved.
+TINY_MOE_FAMILIES: dict[str, TinyFamily] = {
+    "mixtral": TinyFamily(
+        MixtralConfig, MixtralForCausalLM, {**_MOE, "num_local_experts": 4, "sliding_window": None}
+    ),
+    # head_dim 16 (q rows 64 != hidden 32), experts of 12 units.
+    "qwen3_moe": TinyFamily(
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        {**_MOE, "num_experts": 4, "moe_intermediate_size": 12, "head_dim": 16},
+    ),
+}
 
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "bert": TinyFamily(BertConfig, BertForMaskedLM, _BERT),
@@ -221,17 +250,30 @@ def _offset_rms_norm_in_input_dtype(self: Any, hidden: torch.Tensor) -> torch.Te
     return scaled
 
 
-def exact_float64_norms(model: PreTrainedModel) -> PreTrainedModel:
-    """Make RMSNorm compute in the input dtype (same function, no float32 rounding).
+def _router_in_input_dtype(
+    self: Any, hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden = hidden.reshape(-1, self.hidden_dim)  # [batch, seq, hidden] -> [tokens, hidden]
+    logits = torch.nn.functional.linear(hidden, self.weight)  # [tokens, experts]
+    top, chosen = torch.topk(logits.softmax(dim=-1), self.top_k, dim=-1)  # [tokens, top_k]
+    if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises its top-k
+        top = top / top.sum(dim=-1, keepdim=True)
+    return logits, top, chosen
 
-    transformers' RMSNorms (Llama-style, and Gemma's `1 + weight` one) upcast to float32 even for
-    float64 inputs; their order-dependent rounding (~1e-7) would drown a 1e-10 invariance check.
-    No-op for float32.
+
+def exact_float64_norms(model: PreTrainedModel) -> PreTrainedModel:
+    """Make RMSNorm and MoE routers compute in the input dtype (same function, no float32 rounding).
+
+    transformers' RMSNorms (Llama-style, and Gemma's `1 + weight` one) and MoE routers' softmax
+    upcast to float32 even for float64 inputs; their order-dependent rounding (~1e-7) would drown a
+    1e-10 invariance check. No-op for float32.
     """
     if model.dtype != torch.float64:
         return model
     for module in model.modules():
         name = type(module).__name__
+        if name.endswith("TopKRouter"):
+            module.forward = types.MethodType(_router_in_input_dtype, module)
         if not name.endswith("RMSNorm"):
             continue
         if hasattr(module, "variance_epsilon"):
@@ -248,7 +290,7 @@ def make_tiny_model(
 
     In float64, RMSNorm is made to compute in float64 (see `exact_float64_norms`).
     """
-    family = TINY_FAMILIES[kind]
+    family = TINY_FAMILIES[kind] if kind in TINY_FAMILIES else TINY_MOE_FAMILIES[kind]
     config = family.config_cls(vocab_size=VOCAB, **{**family.fields, **overrides})
     config._attn_implementation = "eager"  # exact same kernel before and after permuting
     torch.manual_seed(seed)  # anything transformers draws at init (overwritten below anyway)
