@@ -7,8 +7,9 @@ Each parses its options, checks where its reports go before the long work, calls
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Protocol
 
 import typer
 
@@ -24,6 +25,27 @@ def _check_reports(json_out: Path | None, plot: Path | None = None) -> None:
         check_report_path(json_out, "the JSON report")
     if plot is not None:
         check_report_path(plot, "the plot")
+
+
+class _Report(Protocol):
+    """A command's report, as its JSON file holds it."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def _write_reports(
+    report: _Report,
+    json_out: Path | None,
+    plot: Path | None = None,
+    draw: Callable[[Path], Path] | None = None,
+) -> None:
+    """Write the JSON report and the plot the flags ask for, each announced on stderr."""
+    from hfmerge.analysis.reports import write_json
+
+    if json_out is not None:
+        say(f"wrote {write_json(json_out, report.to_json())}")
+    if plot is not None and draw is not None:
+        say(f"wrote {draw(plot)}")
 
 
 EvalModelArg = Annotated[str, typer.Argument(help="Model dir or zoo:NAME.", show_default=False)]
@@ -68,15 +90,13 @@ def eval_(
     """
     from hfmerge import api
     from hfmerge.analysis.evaluation import format_grid
-    from hfmerge.analysis.reports import write_json
 
     _check_reports(json_out)
     report = api.evaluate(
         models, data=data, max_length=max_length, samples=samples, batch_size=batch_size
     )
     typer.echo(format_grid(report.cells))
-    if json_out is not None:
-        say(f"wrote {write_json(json_out, report.to_json())}")
+    _write_reports(report, json_out)
 
 
 def barrier(
@@ -112,7 +132,6 @@ def barrier(
     """Loss along the straight line from MODEL_A to MODEL_B, and its barrier."""
     from hfmerge import api
     from hfmerge.analysis.barrier import format_barrier_table
-    from hfmerge.analysis.reports import write_json
 
     _check_reports(json_out, plot)
     report = api.barrier(
@@ -127,12 +146,15 @@ def barrier(
         batch_size=batch_size,
     )
     typer.echo(format_barrier_table(report.results))
-    if json_out is not None:
-        say(f"wrote {write_json(json_out, report.to_json())}")
-    if plot is not None:
-        from hfmerge.analysis.plotting import plot_barriers
 
-        say(f"wrote {plot_barriers(report.results, plot)}")
+    def draw(path: Path) -> Path:
+        from hfmerge.analysis.plotting import (
+            plot_barriers,
+        )  # matplotlib only when a plot is asked for
+
+        return plot_barriers(report.results, path)
+
+    _write_reports(report, json_out, plot, draw)
 
 
 def align(
@@ -197,7 +219,6 @@ def fingerprint(
     unrelated)."""
     from hfmerge import api
     from hfmerge.analysis.fingerprint import format_pairs
-    from hfmerge.analysis.reports import write_json
 
     _check_reports(json_out)
     report = api.fingerprint(models)
@@ -205,8 +226,7 @@ def fingerprint(
         typer.echo(format_pairs(report.pairs))
     else:
         say("one model fingerprinted; give two or more to compare them")
-    if json_out is not None:
-        say(f"wrote {write_json(json_out, report.to_json())}")
+    _write_reports(report, json_out)
 
 
 def cka(
@@ -242,7 +262,6 @@ def cka(
     """Debiased linear CKA of every layer of MODEL_A with every layer of MODEL_B."""
     from hfmerge import api
     from hfmerge.analysis.cka import check_fail_under, format_report
-    from hfmerge.analysis.reports import write_json
 
     _check_reports(json_out, plot)
     report = api.cka(
@@ -258,12 +277,13 @@ def cka(
         units=units,
     )
     typer.echo(format_report(report))
-    if json_out is not None:
-        say(f"wrote {write_json(json_out, report.to_json())}")
-    if plot is not None:
-        from hfmerge.analysis.cka_plot import plot_cka
 
-        say(f"wrote {plot_cka(report, plot)}")
+    def draw(path: Path) -> Path:
+        from hfmerge.analysis.cka_plot import plot_cka  # matplotlib only when a plot is asked for
+
+        return plot_cka(report, path)
+
+    _write_reports(report, json_out, plot, draw)
     check_fail_under(report, fail_under)
 
 
@@ -289,7 +309,6 @@ def units(
     """How the units of MODEL_A and MODEL_B correspond per layer (Li et al. 2016): one-to-one
     (matched r), one-to-many (lasso, held-out R²) and many-to-many (spectral groups)."""
     from hfmerge import api
-    from hfmerge.analysis.reports import write_json
     from hfmerge.analysis.unit_report import format_units
 
     _check_reports(json_out, plot)
@@ -304,12 +323,15 @@ def units(
         device_map=device_map,
     )
     typer.echo(format_units(report))
-    if json_out is not None:
-        say(f"wrote {write_json(json_out, report.to_json())}")
-    if plot is not None:
-        from hfmerge.analysis.units_plot import plot_units
 
-        say(f"wrote {plot_units(report, plot)}")
+    def draw(path: Path) -> Path:
+        from hfmerge.analysis.units_plot import (
+            plot_units,
+        )  # matplotlib only when a plot is asked for
+
+        return plot_units(report, path)
+
+    _write_reports(report, json_out, plot, draw)
 
 
 def extract_lora(
