@@ -81,10 +81,28 @@ def write_side_files(
         recipe_text=recipe_text,
         repo_id=repo_id,
         endpoint=_endpoint(plan),
-        extra_sections=[s for s in sections if s],
+        extra_sections=[s for s in [*sections, converted_section(recipe_text)] if s],
         tokenizer=tokenizer,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
+
+
+def converted_section(recipe_text: str) -> str:
+    """For a mergekit config, a card section with the same merge as an hfmerge recipe (what
+    `hfmerge convert` prints); empty for an hfmerge recipe."""
+    import yaml
+
+    from hfmerge.recipe.mergekit import is_mergekit, recipe_yaml
+
+    if not is_mergekit(yaml.safe_load(recipe_text)):
+        return ""
+    converted = recipe_yaml(recipe_text, source=RECIPE_FILE)
+    return (
+        "## As an hfmerge recipe\n\n"
+        "The recipe above is a mergekit config. The same merge in hfmerge's own format, which "
+        "also takes `align:`, `check:` and `route:`:\n\n"
+        f"```yaml\n{converted.rstrip()}\n```\n"
+    )
 
 
 def _endpoint(plan: MergePlan) -> str:

@@ -112,6 +112,10 @@ def test_hfmerge_runs_a_mergekit_config_to_mergekits_tensors(
     assert result.out_dir is not None
     saved = yaml.safe_load((result.out_dir / "hfmerge_recipe.yaml").read_text())
     assert saved["merge_method"] == method  # the card records the config as given
+    card = (result.out_dir / "README.md").read_text()
+    converted = card.split("## As an hfmerge recipe", 1)[1].split("```yaml\n", 1)[1]
+    as_recipe = yaml.safe_load(converted.split("```", 1)[0])  # and as converted
+    assert as_recipe["merge"]["method"] == method
 
 
 def test_validate_plans_a_mergekit_config(models: list[Path], tmp_path: Path) -> None:
