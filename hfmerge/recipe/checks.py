@@ -12,12 +12,13 @@ from typing import Any
 from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
 from hfmerge.recipe.adapter_refs import split_adapter
+from hfmerge.recipe.schema import ModelEntry
 from hfmerge.recipe.slice_checks import slice_problems
 from hfmerge.recipe.tokenizer_checks import tokenizer_problems
 from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
 
-_MODEL_KEYS = frozenset({"model", "revision", "lora"})
+_MODEL_KEYS = frozenset(ModelEntry.model_fields)  # the rest of an entry's keys are settings
 
 
 def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:

@@ -217,3 +217,19 @@ merge: {method: multislerp}
         parse_recipe_text(top)
     assert [p.location for p in caught.value.problems] == ["slices.0.base"]
     parse_recipe_text(top.replace("base: c", "base: a"))
+
+
+def test_a_slice_source_may_name_an_adapter_in_either_spelling() -> None:
+    from hfmerge.recipe.schema import parse_recipe_text
+
+    text = """\
+slices:
+  - sources: [{model: a, lora: ad, layer_range: [0, 2]}]
+  - sources: [{model: a+ad, layer_range: [2, 4], scale: 0.5}]
+merge: {method: passthrough}
+"""
+    recipe = parse_recipe_text(text)
+    assert recipe.slices is not None
+    assert [s.lora for one in recipe.slices for s in one.sources] == ["ad", "ad"]
+    assert [s.method_params for one in recipe.slices for s in one.sources] == [{}, {"scale": 0.5}]
+    assert [m.ref for m in recipe.models] == ["a+ad"]
