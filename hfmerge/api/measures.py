@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hfmerge.api.references import check_texts, resolve, resolve_permutable
+from hfmerge.api.references import check_texts, probe_pair, resolve, resolve_permutable
 
 if TYPE_CHECKING:
     from hfmerge.analysis.barrier import BarrierResult
@@ -261,25 +261,28 @@ def cka(
     """
     from hfmerge.analysis.cka import compute_cka
     from hfmerge.errors import UnknownNameError
-    from hfmerge.lm.load import parse_device_map, parse_max_memory
     from hfmerge.lm.probe import POOLINGS
 
     if pooling is not None and pooling not in POOLINGS:
         raise UnknownNameError("pooling", pooling, list(POOLINGS))
-    placement = parse_device_map(device_map) if isinstance(device_map, str) else device_map
-    limits = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
-    check_texts(data)
-    a, b = resolve(model_a, progress=progress), resolve(model_b, progress=progress)
+    pair = probe_pair(
+        model_a,
+        model_b,
+        data=data,
+        device_map=device_map,
+        max_memory=max_memory,
+        progress=progress,
+    )
     return compute_cka(
-        a,
-        b,
+        pair.a,
+        pair.b,
         data=data,
         samples=samples,
         max_length=max_length,
         batch_size=batch_size,
         pooling=pooling,  # narrowed to `Pooling` by the check above
-        device_map=placement,
-        max_memory=limits or None,
+        device_map=pair.device_map,
+        max_memory=pair.max_memory,
         units=units,
         progress=progress,
     )
@@ -328,24 +331,27 @@ def units(
     from hfmerge.analysis.correspondence import L1_PENALTY
     from hfmerge.analysis.unit_report import compute_units
     from hfmerge.errors import OptionError
-    from hfmerge.lm.load import parse_device_map, parse_max_memory
 
     penalty = L1_PENALTY if l1_penalty is None else l1_penalty
     if penalty < 0:
         raise OptionError("--l1", str(penalty), "is negative", fix="give a penalty of 0 or more")
-    placement = parse_device_map(device_map) if isinstance(device_map, str) else device_map
-    limits = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
-    check_texts(data)
-    a, b = resolve(model_a, progress=progress), resolve(model_b, progress=progress)
+    pair = probe_pair(
+        model_a,
+        model_b,
+        data=data,
+        device_map=device_map,
+        max_memory=max_memory,
+        progress=progress,
+    )
     return compute_units(
-        a,
-        b,
+        pair.a,
+        pair.b,
         data=data,
         samples=samples,
         max_length=max_length,
         batch_size=batch_size,
-        device_map=placement,
-        max_memory=limits or None,
+        device_map=pair.device_map,
+        max_memory=pair.max_memory,
         l1_penalty=penalty,
         progress=progress,
     )

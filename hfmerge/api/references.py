@@ -7,9 +7,11 @@ The one place in `api/` that turns what a user writes (`org/name[@revision]`, a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.sources.refs import ModelSource
 
 
@@ -38,3 +40,33 @@ def check_texts(*datas: str | None) -> None:
 
     for data in dict.fromkeys(datas):
         load_texts(data)
+
+
+@dataclass(frozen=True)
+class ProbePair:
+    """Two resolved models to run side by side, and where to place them."""
+
+    a: ModelSource
+    b: ModelSource
+    device_map: DeviceMap
+    max_memory: MaxMemory | None
+
+
+def probe_pair(
+    model_a: str,
+    model_b: str,
+    *,
+    data: str | None,
+    device_map: DeviceMap,
+    max_memory: str | MaxMemory | None,
+    progress: bool,
+) -> ProbePair:
+    """The models a probing command (`cka`, `units`) runs, resolved once the placement flags
+    parse and the probe text reads: a bad flag or text fails before any download."""
+    from hfmerge.lm.load import parse_device_map, parse_max_memory
+
+    placement = parse_device_map(device_map) if isinstance(device_map, str) else device_map
+    limits = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    check_texts(data)
+    a, b = resolve(model_a, progress=progress), resolve(model_b, progress=progress)
+    return ProbePair(a, b, placement, limits or None)
