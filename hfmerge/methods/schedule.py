@@ -57,19 +57,21 @@ class ParamSchedule:
         across models (e.g. weights summing to zero) is left to `at`, which sees each tensor's
         combination.
         """
-        problems = self._shape_problems()
-        broken = {loc[:2] if loc[0] == "parameters" else loc[:3] for loc, _ in problems}
-        first = self._first_leaves()
+        problems: list[Problem] = []
+        first: list[dict[str, Any]] = [{} for _ in self._sources()]  # each first single value
+        varying: dict[Location, Any] = {}
         for source, raw in enumerate(self._sources()):
-            for key in raw:
-                if _key_location(source, key) in broken:
-                    first[source].pop(key, None)  # reported already; checked once it is fixed
-        varying = {
-            _key_location(source, key): setting
-            for source, raw in enumerate(self._sources())
-            for key, setting in raw.items()
-            if settings.varies(setting) and _key_location(source, key) not in broken
-        }
+            for key, setting in raw.items():
+                where = _key_location(source, key)
+                shape = settings.shape_problems(setting)
+                problems += [((*where, *path), message) for path, message in shape]
+                if shape:
+                    continue  # reported already; its values are checked once it is fixed
+                leaf = next(settings.leaves(setting), None)
+                if leaf is not None:
+                    first[source][key] = leaf[1]
+                if settings.varies(setting):
+                    varying[where] = setting
         found = check_params(self.method, first[0], first[1:], across_models=not self.varies)[2]
         # A varying setting's values are checked one by one below, each at its own place.
         problems += [p for p in found if not any(_under(p[0], where) for where in varying)]
@@ -143,26 +145,6 @@ class ParamSchedule:
             )
         models = tuple(one for one in per_model if one is not None)
         return MergeParams(method=method_params, models=models)
-
-    def _shape_problems(self) -> list[Problem]:
-        problems: list[Problem] = []
-        for source, raw in enumerate(self._sources()):
-            for key, setting in raw.items():
-                for path, message in settings.shape_problems(setting):
-                    problems.append(((*_key_location(source, key), *path), message))
-        return problems
-
-    def _first_leaves(self) -> list[dict[str, Any]]:
-        """Each source with every varying setting replaced by its first single value."""
-        firsts = []
-        for raw in self._sources():
-            one = {}
-            for key, setting in raw.items():
-                found = next(settings.leaves(setting), None)
-                if found is not None:
-                    one[key] = found[1]
-            firsts.append(one)
-        return firsts
 
     def _leaf_problems(
         self, first: list[dict[str, Any]], where: Location, setting: Any
