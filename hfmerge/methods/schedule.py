@@ -18,7 +18,7 @@ from hfmerge.errors import MethodParameterError
 from hfmerge.methods import settings
 from hfmerge.methods.base import MergeMethod
 from hfmerge.methods.params import Location, MergeParams, ModelParams, Problem
-from hfmerge.methods.validation import check_params, usage
+from hfmerge.methods.validation import check_params, param_keys, usage
 
 Raw = Mapping[str, Any]
 
@@ -110,9 +110,7 @@ class ParamSchedule:
     def constant_models(self) -> list[ModelParams]:
         """Each input's parameters when none of them varies per tensor (REPAIR blends with one
         weight per model); a `MethodParameterError` otherwise."""
-        per_model_keys = set(self.method.model_params.model_fields) | {
-            f.alias for f in self.method.model_params.model_fields.values() if f.alias
-        }
+        per_model_keys = param_keys(self.method.model_params)
         varying = sorted(
             key
             for raw in self._sources()

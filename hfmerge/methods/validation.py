@@ -133,7 +133,8 @@ def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
     return annotation, []
 
 
-def _keys(cls: type[BaseModel]) -> set[str]:
+def param_keys(cls: type[BaseModel]) -> set[str]:
+    """The parameters of a parameter class as a recipe spells them (`lambda`, not `lambda_`)."""
     return {field.alias or name for name, field in cls.model_fields.items()}
 
 
@@ -147,7 +148,7 @@ def check_params(
     """(typed global parameters, typed per-model ones, problems) of single values; a part that
     fails is None. `across_models=False` skips the method's checks across models (which a
     per-tensor setting can only fail for some tensors)."""
-    model_keys = _keys(method.model_params)
+    model_keys = param_keys(method.model_params)
     shared = {key: value for key, value in params.items() if key in model_keys}
     own = {key: value for key, value in params.items() if key not in model_keys}
     problems: list[Problem] = []
@@ -235,16 +236,18 @@ def _message(method: MergeMethod, detail: ErrorDetails, scope: Scope) -> str:
 
 
 def _unknown_key(method: MergeMethod, key: str, scope: Scope) -> str:
-    if scope == "model" and key in _keys(method.params):
+    if scope == "model" and key in param_keys(method.params):
         return f"`{key}` applies to the whole merge: move it under `parameters`"
-    accepted = sorted(_keys(method.params) | _keys(method.model_params))
+    accepted = sorted(param_keys(method.params) | param_keys(method.model_params))
     text = f"{method.name} has no parameter `{key}`"
     if key in _MERGEKIT_ONLY:
         return f"{text}: {_MERGEKIT_ONLY[key]}"
     hint = did_you_mean(key, accepted)
     if hint:
         return f"{text}; {hint}"
-    owners = [m.name for m in METHODS.values() if key in _keys(m.params) | _keys(m.model_params)]
+    owners = [
+        m.name for m in METHODS.values() if key in param_keys(m.params) | param_keys(m.model_params)
+    ]
     if owners:
         text += f" (it belongs to {', '.join(owners)})"
     return f"{text}; it takes {usage(method)}"
