@@ -20,8 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfmerge import api
 from tests.pipeline.test_mergekit_parity import TOLERANCE, run_mergekit
-from tests.support.lm import char_tokenizer, style_of
-from tests.support.tiny_models import VOCAB, add_noise, make_tiny_model
+from tests.support.lm import save_lm_with_tokens
 from tests.support.weights import read_weights
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
@@ -36,26 +35,8 @@ LOW_PRECISION_TOLERANCE = {"float16": 5e-3, "bfloat16": 4e-2}
 AS_WRITTEN_AGREEMENT = 0.9
 CHATML = ["<|im_start|>", "<|im_end|>"]
 LLAMA3 = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHAT_TEMPLATE = "{{ 'chat:' + messages[0]['content'] }}"  # what `chat_template: auto` finds
 NAMES = ["base", "orca", "platypus", "wizard", "chatml_model", "llama3_model"]
-
-
-def _save(path: Path, *, seed: int, added: list[str]) -> Path:
-    model = add_noise(make_tiny_model("llama", seed=0, num_hidden_layers=5), seed=seed, scale=0.02)
-    tokenizer = char_tokenizer(style_of("llama"))
-    if added:
-        tokenizer.add_tokens([f"<pad_{i}>" for i in range(VOCAB - len(tokenizer))])
-        tokenizer.add_tokens(added, special_tokens=True)
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        generator = torch.Generator().manual_seed(seed)
-        state = model.state_dict()
-        with torch.no_grad():
-            for name in ("model.embed_tokens.weight", "lm_head.weight"):
-                weight: torch.Tensor = state[name]
-                weight[VOCAB:] = torch.randn(len(added), weight.shape[1], generator=generator)
-        tokenizer.chat_template = "{{ 'chat:' + messages[0]['content'] }}"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +44,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("examples")
     added = {"chatml_model": CHATML, "llama3_model": LLAMA3}
     return {
-        name: str(_save(root / name, seed=seed, added=added.get(name, [])))
+        name: str(
+            save_lm_with_tokens(
+                root / name,
+                seed=seed,
+                scale=0.02,
+                added=added.get(name, []),
+                chat_template=CHAT_TEMPLATE if name in added else None,
+                num_hidden_layers=5,
+            )
+        )
         for seed, name in enumerate(NAMES)
     }
 

@@ -18,39 +18,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfmerge import api
 from tests.pipeline.test_mergekit_parity import TOLERANCE, run_mergekit
-from tests.support.lm import char_tokenizer, style_of
-from tests.support.tiny_models import VOCAB, add_noise, make_tiny_model
+from tests.support.lm import char_tokenizer, save_lm_with_tokens, style_of
+from tests.support.tiny_models import VOCAB
 from tests.support.weights import read_weights
 
 CHAT = ["<|im_start|>", "<|im_end|>"]
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-def _save(path: Path, *, seed: int, chat: bool) -> Path:
-    model = add_noise(make_tiny_model("llama", seed=0), seed=seed, scale=0.02 * seed)
-    tokenizer = char_tokenizer(style_of("llama"))
-    if chat:
-        tokenizer.add_tokens([f"<extra_{i}>" for i in range(VOCAB - len(tokenizer))])
-        tokenizer.add_tokens(CHAT, special_tokens=True)  # rows 97 and 98
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        generator = torch.Generator().manual_seed(seed)
-        state = model.state_dict()
-        with torch.no_grad():
-            for name in (EMBED, HEAD):
-                weight: torch.Tensor = state[name]
-                weight[VOCAB:] = torch.randn(len(CHAT), weight.shape[1], generator=generator)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vocab")
     return {
-        "base": _save(root / "base", seed=0, chat=False),
-        "chat": _save(root / "chat", seed=1, chat=True),
-        "plain": _save(root / "plain", seed=2, chat=False),
+        "base": save_lm_with_tokens(root / "base", seed=0, scale=0.0, added=[]),
+        "chat": save_lm_with_tokens(root / "chat", seed=1, scale=0.02, added=CHAT),
+        "plain": save_lm_with_tokens(root / "plain", seed=2, scale=0.04, added=[]),
     }
 
 

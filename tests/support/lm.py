@@ -21,7 +21,7 @@ from hfmerge.arch.permute import permute_state_dict, random_permutations
 from hfmerge.runtime import fixed_threads
 from hfmerge.sources.refs import ModelSource, resolve_model
 from hfmerge.zoo import corpus
-from tests.support.tiny_models import VOCAB, make_tiny_model
+from tests.support.tiny_models import VOCAB, add_noise, make_tiny_model
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 \n.,;:!?'\"()[]{}-_=+*/<>#%&|@$^~`\\\t"
 # Specials per tokenizer style: (token names in id order, template, special-token kwargs).
@@ -86,6 +86,38 @@ def save_lm(
     model = model or make_tiny_model(kind, seed=seed, **overrides)
     model.save_pretrained(path)
     char_tokenizer(style_of(kind)).save_pretrained(path)
+    return path
+
+
+def save_lm_with_tokens(
+    path: Path,
+    *,
+    seed: int,
+    scale: float,
+    added: list[str],
+    chat_template: str | None = None,
+    **overrides: Any,
+) -> Path:
+    """A fine-tune stand-in of the tiny Llama (seed 0 plus `scale` noise drawn from `seed`) with
+    the char tokenizer, saved into `path`. With `added`, filler tokens first fill the tokenizer up
+    to the embedding's padded rows, then `added` become special tokens at the rows after them,
+    with random embedding and head rows (a fine-tune that added chat tokens)."""
+    model = add_noise(make_tiny_model("llama", seed=0, **overrides), seed=seed, scale=scale)
+    tokenizer = char_tokenizer(style_of("llama"))
+    if added:
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(VOCAB - len(tokenizer))])
+        tokenizer.add_tokens(added, special_tokens=True)  # rows VOCAB, VOCAB + 1, ...
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        generator = torch.Generator().manual_seed(seed)
+        state = model.state_dict()  # shares storage with the parameters
+        with torch.no_grad():
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                weight: torch.Tensor = state[name]
+                weight[VOCAB:] = torch.randn(len(added), weight.shape[1], generator=generator)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
