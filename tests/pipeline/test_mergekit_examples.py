@@ -18,10 +18,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfmerge import api
-from tests.pipeline.test_mergekit_parity import TOLERANCE, run_mergekit
 from tests.support.lm import save_lm_with_tokens
-from tests.support.weights import read_weights
+from tests.support.mergekit import TOLERANCE, run_both
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
 
@@ -207,12 +205,7 @@ def test_each_example_runs_as_written_and_gives_mergekits_tensors(
     if dtype == "float32":
         config |= {"dtype": dtype}
     text = yaml.safe_dump(config, sort_keys=False)
-    path = tmp_path / "config.yml"
-    path.write_text(text)
-    api.run(path, api.RunOptions(out=tmp_path / "ours", force=True, progress=False))
-    run_mergekit(text, tmp_path / "mergekit", copy_tokenizer=True)
-    ours, theirs = read_weights(tmp_path / "ours"), read_weights(tmp_path / "mergekit")
-    assert ours.keys() == theirs.keys()
+    _, ours, theirs = run_both(text, tmp_path, copy_tokenizer=True)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ours")
     expected = AutoTokenizer.from_pretrained(tmp_path / "mergekit")
     theirs = in_our_token_order(theirs, expected.get_vocab(), tokenizer.get_vocab())

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from hfmerge import api
-from tests.pipeline.test_mergekit_parity import TOLERANCE, run_mergekit
+from tests.support.mergekit import TOLERANCE, run_both
 from tests.support.tiny_models import add_noise, make_tiny_model
 from tests.support.weights import read_weights
 
@@ -82,13 +82,7 @@ def config_text(name: str, models: list[Path]) -> str:
 def test_gradients_and_filters_give_mergekits_tensors(
     name: str, models: list[Path], tmp_path: Path
 ) -> None:
-    text = config_text(name, models)
-    config = tmp_path / "config.yml"
-    config.write_text(text)
-    api.run(config, api.RunOptions(out=tmp_path / "ours", force=True, progress=False))
-    run_mergekit(text, tmp_path / "mergekit")
-    ours, theirs = read_weights(tmp_path / "ours"), read_weights(tmp_path / "mergekit")
-    assert ours.keys() == theirs.keys()
+    _, ours, theirs = run_both(config_text(name, models), tmp_path)
     worst = max(float((ours[name] - theirs[name]).abs().max()) for name in ours)
     print(f"{name}: max |hfmerge - mergekit| = {worst:.3g}")  # shown with -s
     for tensor in ours:

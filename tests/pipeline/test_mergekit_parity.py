@@ -14,12 +14,10 @@ import yaml
 
 from hfmerge import api
 from tests.support.engine import make_models
+from tests.support.mergekit import TOLERANCE, run_both
 from tests.support.weights import read_weights
 
 pytestmark = [pytest.mark.mergekit, pytest.mark.slow]
-
-TOLERANCE = 1e-5  # float32: both sum the same terms, in orders that may differ
-
 
 # Per method: (index into the models, its parameters) for each listed model (0 is the base),
 # and the global parameters, as model cards write them (with mergekit-only switches).
@@ -71,16 +69,6 @@ def config_text(method: str, models: list[Path], *, base: bool = True) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def run_mergekit(text: str, out: Path, *, copy_tokenizer: bool = False) -> None:
-    merge = pytest.importorskip("mergekit.merge")
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
-    config = MergeConfiguration.model_validate(yaml.safe_load(text))
-    options = MergeOptions(copy_tokenizer=copy_tokenizer, quiet=True, write_model_card=False)
-    merge.run_merge(config, str(out), options=options)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return make_models(tmp_path_factory.mktemp("models"))
@@ -94,13 +82,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_hfmerge_runs_a_mergekit_config_to_mergekits_tensors(
     method: str, base: bool, models: list[Path], tmp_path: Path
 ) -> None:
-    text = config_text(method, models, base=base)
-    config = tmp_path / "config.yml"
-    config.write_text(text)
-    result = api.run(config, api.RunOptions(out=tmp_path / "ours", force=True, progress=False))
-    run_mergekit(text, tmp_path / "mergekit")
-    ours, theirs = read_weights(tmp_path / "ours"), read_weights(tmp_path / "mergekit")
-    assert ours.keys() == theirs.keys()
+    result, ours, theirs = run_both(config_text(method, models, base=base), tmp_path)
     assert all(ours[name].dtype == torch.float32 for name in ours)
     inputs = [read_weights(m) for m in models]
     worst = max(float((ours[name] - theirs[name]).abs().max()) for name in ours)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from hfmerge import api
 from hfmerge.errors import HfMergeError, RecipeError
 from tests.pipeline.test_mergekit_gradients import models  # noqa: F401 (fixture)
-from tests.pipeline.test_mergekit_parity import TOLERANCE, run_mergekit
+from tests.support.mergekit import TOLERANCE, run_both
 from tests.support.weights import read_weights
 
 
@@ -99,13 +99,7 @@ def test_slices_give_mergekits_tensors_and_a_loadable_model(
     models: list[Path],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    text = yaml.safe_dump(configs(models)[name], sort_keys=False)
-    config = tmp_path / "config.yml"
-    config.write_text(text)
-    api.run(config, api.RunOptions(out=tmp_path / "ours", force=True, progress=False))
-    run_mergekit(text, tmp_path / "mergekit")
-    ours, theirs = read_weights(tmp_path / "ours"), read_weights(tmp_path / "mergekit")
-    assert ours.keys() == theirs.keys()
+    _, ours, theirs = run_both(yaml.safe_dump(configs(models)[name], sort_keys=False), tmp_path)
     for tensor in ours:
         assert torch.allclose(ours[tensor], theirs[tensor], rtol=0, atol=TOLERANCE), tensor
     ours_config = json.loads((tmp_path / "ours" / "config.json").read_text())

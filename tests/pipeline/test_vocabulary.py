@@ -17,8 +17,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfmerge import api
-from tests.pipeline.test_mergekit_parity import TOLERANCE, run_mergekit
 from tests.support.lm import char_tokenizer, save_lm_with_tokens, style_of
+from tests.support.mergekit import TOLERANCE, run_both
 from tests.support.tiny_models import VOCAB
 from tests.support.weights import read_weights
 
@@ -111,13 +111,7 @@ def test_a_union_tokenizer_merge_gives_mergekits_tensors_and_tokenizes_the_chat_
     if config["merge_method"] != "linear":  # mergekit's linear would merge the base in too
         config["base_model"] = str(models["base"])
     config["dtype"] = "float32"
-    text = yaml.safe_dump(config, sort_keys=False)
-    path = tmp_path / "config.yml"
-    path.write_text(text)
-    api.run(path, api.RunOptions(out=tmp_path / "ours", force=True, progress=False))
-    run_mergekit(text, tmp_path / "mergekit")
-    ours, theirs = read_weights(tmp_path / "ours"), read_weights(tmp_path / "mergekit")
-    assert ours.keys() == theirs.keys()
+    _, ours, theirs = run_both(yaml.safe_dump(config, sort_keys=False), tmp_path)
     for tensor in ours:
         assert ours[tensor].shape == theirs[tensor].shape, tensor
         assert torch.allclose(ours[tensor], theirs[tensor], rtol=0, atol=TOLERANCE), tensor
