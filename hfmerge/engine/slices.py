@@ -19,7 +19,7 @@ from hfmerge.engine.plan import (
     TensorJob,
     TensorRead,
 )
-from hfmerge.errors import IncompatibleModelsError, RecipeError, RecipeProblem
+from hfmerge.errors import ArchitectureError, IncompatibleModelsError, RecipeError, RecipeProblem
 from hfmerge.methods import MergeMethod
 from hfmerge.methods.schedule import ParamSchedule
 from hfmerge.sources.inspection import InspectedModel
@@ -119,8 +119,6 @@ def _block_stack(readers: Sequence[InspectedModel]) -> _Stack:
                 blocks.setdefault(where[1], []).append(name[len(f"{where[0]}.{where[1]}.") :])
         suffixes.append(blocks)
     if len(prefixes) != 1:
-        from hfmerge.errors import ArchitectureError
-
         found = ", ".join(sorted(prefixes)) or "none"
         raise ArchitectureError(
             readers[0].label,
