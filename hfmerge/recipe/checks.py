@@ -12,13 +12,11 @@ from typing import Any
 from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
 from hfmerge.recipe.adapter_refs import split_adapter
-from hfmerge.recipe.schema import ModelEntry
+from hfmerge.recipe.entry_keys import MODEL_KEYS
 from hfmerge.recipe.slice_checks import slice_problems
 from hfmerge.recipe.tokenizer_checks import tokenizer_problems
 from hfmerge.recipe.yaml_locations import Location
 from hfmerge.tensors import parse_size
-
-_MODEL_KEYS = frozenset(ModelEntry.model_fields)  # the rest of an entry's keys are settings
 
 
 def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
@@ -151,7 +149,7 @@ def _merge_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     method = method.with_base(base is not None)
     # Task-vector methods merge the models other than the base; the rest merge every listed model.
     positions = [i for i, e in enumerate(entries) if not method.needs_base or _named(e) != base]
-    per_model = [{k: v for k, v in entries[i].items() if k not in _MODEL_KEYS} for i in positions]
+    per_model = [{k: v for k, v in entries[i].items() if k not in MODEL_KEYS} for i in positions]
     problems: list[tuple[Location, str]] = []
     if method.needs_base and not base:
         problems.append(

@@ -10,11 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hfmerge.methods.base import MergeMethod
-from hfmerge.recipe.schema import SliceSource
+from hfmerge.recipe.entry_keys import SOURCE_KEYS
 from hfmerge.recipe.yaml_locations import Location
 
-# A source's own keys (the model, its revision and adapter, its blocks); the rest are settings.
-SOURCE_KEYS = frozenset(SliceSource.model_fields)
 # Steps that compare or permute whole models block by block, which a stack of ranges is not.
 _WHOLE_MODEL_STEPS = {
     "align": "alignment maps each model onto the base block by block",
