@@ -155,6 +155,7 @@ class SpecBuilder:
     label: str
     groups: dict[str, PermGroup] = field(default_factory=dict)
     entries: list[_Entry] = field(default_factory=list)
+    norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def group(self, group: PermGroup) -> None:
         """Declare a permutation group."""
@@ -190,6 +191,10 @@ class SpecBuilder:
             _Entry(names, axes, required=not is_tied, buffer=False, tied_to=to if is_tied else None)
         )
 
+    def norm(self, name: str, *, readers: tuple[str, ...]) -> None:
+        """A residual-width RMSNorm gain `name` (added with `add`) and the tensors reading it."""
+        self.norm_readers[name] = readers
+
     def finish(self, tensor_names: Collection[str]) -> ArchSpec:
         """The spec restricted to the checkpoint's names; unknown or missing names are an error."""
         names = set(tensor_names)
@@ -212,7 +217,14 @@ class SpecBuilder:
             elif entry.required:
                 missing.append(entry.names[0])
         self._check_names(names - tensors.keys(), missing)
-        return ArchSpec(self.family, self.model_type, dict(self.groups), tensors, tied)
+        readers = {
+            norm: tuple(r for r in found if r in tensors or r in tied)
+            for norm, found in self.norm_readers.items()
+            if norm in tensors
+        }
+        return ArchSpec(
+            self.family, self.model_type, dict(self.groups), tensors, tied, norm_readers=readers
+        )
 
     def _check_names(self, unknown: Collection[str], missing: Collection[str]) -> None:
         problems = []

@@ -65,6 +65,9 @@ class DecoderBlock:
         free_pass_dims: Q/K dims past the rotary part may move inside a head (GPT-NeoX style);
             otherwise every Q/K dim stays in place, which is always exact.
         moe: the names of the MoE block that replaces the FF in sparse blocks, if any.
+        folds: the block's two pre-norms are plain RMSNorms (`x / rms(x) * gain`) read only by
+            the attention's q/k/v and the FF's gate/up projections, so their gains fold into
+            those projections exactly (`ArchSpec.norm_readers`).
     """
 
     norms: tuple[str, ...] = PRE_NORMS
@@ -73,11 +76,14 @@ class DecoderBlock:
     biases: Biases = Biases()
     free_pass_dims: bool = False
     moe: MoeBlock | None = None
+    folds: bool = False
 
     def __post_init__(self) -> None:
         if self.qk_norm == "per_head" and self.free_pass_dims:
             # Every head shares the norm's gain, so no head may reorder its Q/K dims alone.
             raise ValueError("a per-head q/k norm needs every Q/K dim pinned")
+        if self.folds and (self.norms != PRE_NORMS or self.moe is not None):
+            raise ValueError("only the two pre-norms of a dense block fold into their readers")
 
 
 def head_dim_of(config: Mapping[str, Any], hidden: int, heads: int, *, label: str) -> int:
@@ -138,12 +144,25 @@ def _feed_forward(
     _mlp(b, f"{base}mlp.", i, block)
 
 
+def _norm_readers(base: str, block: DecoderBlock) -> dict[str, tuple[str, ...]]:
+    """Block pre-norm gain -> the projections reading it (`DecoderBlock.folds`)."""
+    attention = ("qkv_proj",) if block.fused else ("q_proj", "k_proj", "v_proj")
+    mlp = ("gate_up_proj",) if block.fused else ("gate_proj", "up_proj")
+    return {
+        f"{base}input_layernorm.weight": tuple(f"{base}self_attn.{m}.weight" for m in attention),
+        f"{base}post_attention_layernorm.weight": tuple(f"{base}mlp.{m}.weight" for m in mlp),
+    }
+
+
 def _layer(
     b: SpecBuilder, p: str, i: int, block: DecoderBlock, sizes: tuple[int, MoeShape | None]
 ) -> None:
     base = f"{p}layers.{i}."
     for norm in block.norms:
         b.add(f"{base}{norm}.weight", R)
+    if block.folds:
+        for norm, readers in _norm_readers(base, block).items():
+            b.norm(norm, readers=readers)
     _attention(b, f"{base}self_attn.", i, block)
     _feed_forward(b, base, i, block, sizes)
     b.buffer(f"{base}self_attn.rotary_emb.inv_freq", ndim=1)  # saved by transformers < 4.31
@@ -204,4 +223,9 @@ def build_decoder(
     if has_lm_head(config, names, prefix=p, head_names=("lm_head.weight",)):
         is_tied = config_flag(config, "tie_word_embeddings", default=tied_by_default)
         b.tied("lm_head.weight", None, R, to=f"{p}embed_tokens.weight", is_tied=is_tied)
+        if block.folds:
+            b.norm(f"{p}norm.weight", readers=("lm_head.weight",))
+    elif block.folds:
+        # A bare model hands its final norm's output to the caller: nothing to fold it into.
+        b.norm_readers.clear()
     return b.finish(names)

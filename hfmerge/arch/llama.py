@@ -71,7 +71,7 @@ def build(
         config,
         tensor_names,
         family=NAME,
-        block=DecoderBlock(biases=_biases(config)),
+        block=DecoderBlock(biases=_biases(config), folds=True),
         tied_by_default=config.get("model_type") in TIED_BY_DEFAULT,
         label=label,
     )

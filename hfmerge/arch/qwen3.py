@@ -21,7 +21,7 @@ def build(
     config: dict[str, Any], tensor_names: Collection[str], *, label: str = "model"
 ) -> ArchSpec:
     """The Qwen3 spec of one checkpoint; the `model.` prefix is read from tensor names."""
-    block = DecoderBlock(qk_norm="per_head", biases=attention_biases(config))
+    block = DecoderBlock(qk_norm="per_head", biases=attention_biases(config), folds=True)
     return build_decoder(
         config, tensor_names, family=NAME, block=block, tied_by_default=False, label=label
     )

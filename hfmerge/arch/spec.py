@@ -110,12 +110,22 @@ class ArchSpec:
     # Tensors that share storage with another one and are absent from the checkpoint when tied,
     # e.g. {"lm_head.weight": "model.embed_tokens.weight"}. Informational: never written out.
     tied: dict[str, str] = field(default_factory=dict)
+    # RMSNorm gain -> the linear layers that read its output, e.g. {"model.norm.weight":
+    # ("lm_head.weight",)}: the data of the norm-folding rewrite (`arch/residual.py`). Empty for
+    # families where folding is not exact (LayerNorm's mean-centring, Gemma's 1 + gain, norms
+    # after a block's output).
+    norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def permutable(self) -> bool:
         """Whether the spec has permutation groups: False for a generic (familyless) model, which
         merges tensor by tensor but cannot be aligned, repaired or probed block by block."""
         return self.family != GENERIC_FAMILY
+
+    @property
+    def foldable(self) -> bool:
+        """Whether every residual-width norm's gain can be folded into its readers (RMSNorm)."""
+        return bool(self.norm_readers)
 
     @property
     def has_experts(self) -> bool:
