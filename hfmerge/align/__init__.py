@@ -1,11 +1,15 @@
-"""Permutation alignment (Git Re-Basin): weight matching, activation matching, aligned checkpoints.
+"""Permutation alignment (Git Re-Basin): weight matching, activation matching, aligned checkpoints;
+and orthogonal residual alignment of RMSNorm models (`orthogonal.py`).
 
-`align_permutations` is the one-call entry point; `align_checkpoint` also writes B into A's basis.
+`align_basis` is the one-call entry point (`align_permutations` for the permutation methods);
+`align_checkpoint` also writes B into A's basis.
 """
 
 from hfmerge.align.activation_matching import CrossStats, activation_matching
 from hfmerge.align.apply import (
     PERMUTATIONS_FILE,
+    ROTATION_FILE,
+    align_basis,
     align_checkpoint,
     align_permutations,
     canonicalize_checkpoint,
@@ -16,13 +20,16 @@ from hfmerge.align.apply import (
 from hfmerge.align.attention import attention_objective, head_slices, solve_attention
 from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.lap import solve_lap
+from hfmerge.align.orthogonal import orthogonal_matching
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 
 __all__ = [
     "PERMUTATIONS_FILE",
+    "ROTATION_FILE",
     "CrossStats",
     "MatchResult",
     "activation_matching",
+    "align_basis",
     "align_checkpoint",
     "align_permutations",
     "attention_objective",
@@ -30,6 +37,7 @@ __all__ = [
     "canonicalize_checkpoint",
     "head_slices",
     "load_permutations",
+    "orthogonal_matching",
     "permutation_tensors",
     "save_permutations",
     "solve_attention",

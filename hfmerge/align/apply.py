@@ -1,11 +1,14 @@
-"""Align model directories: find B's permutations into A's basis and write B permuted, streamed;
-or write one model in canonical unit order (`canonicalize_checkpoint`).
+"""Align model directories: find B's permutations (and, for the orthogonal methods, B's folded
+residual rotation) into A's basis and write B so, streamed; or write one model in canonical unit
+order (`canonicalize_checkpoint`).
 
 Also saves and loads the permutations file (`hfmerge_permutations.safetensors`, int64 tensors).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -16,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from hfmerge.align.activation_matching import activation_matching
 from hfmerge.align.canonical import canonical_permutations, refuse_experts
+from hfmerge.align.orthogonal import orthogonal_matching
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.arch import require_permutable, spec_for
 from hfmerge.arch.permute import (
@@ -23,12 +27,12 @@ from hfmerge.arch.permute import (
     compose,
     identity_permutations,
     invert,
-    read_permuted,
 )
+from hfmerge.arch.residual import BasisMap, mapped_names, read_in_basis, require_foldable
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
-from hfmerge.recipe.align_methods import ALIGN_METHODS
+from hfmerge.recipe.align_methods import ALIGN_METHODS, ORTHOGONAL_METHODS
 from hfmerge.sources.inspection import InspectedModel, check_mergeable, inspect_model
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import (
@@ -45,6 +49,7 @@ if TYPE_CHECKING:  # transformers loads only for activation matching
     from transformers import PreTrainedModel
 
 PERMUTATIONS_FILE = "hfmerge_permutations.safetensors"
+ROTATION_FILE = "hfmerge_rotation.safetensors"  # the orthogonal methods' residual map, "rotation"
 ATTENTION_FIELDS = ("kv_heads", "q_in_group", "qk_dims", "vo_dims")
 _WRITTEN = tuple(m for m in ALIGN_METHODS if m != "none")  # methods `align_checkpoint` takes
 Batches = Iterable[dict[str, torch.Tensor]]
@@ -167,6 +172,12 @@ def _match(
         return MatchResult(perms=identity_permutations(b.spec), iterations=0, objective=[])
     for model in (a, b):
         require_permutable(model.spec, label=model.label, feature=f"{method} matching")
+    if method in ORTHOGONAL_METHODS:
+        for model in (a, b):
+            require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
+        return orthogonal_matching(
+            b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
+        )
     if method == "weight":
         # Both models are held whole as float64 (16 bytes per parameter pair: 1.8 GB for
         # BERT-base); fine up to that size, larger models would need streamed similarities.
@@ -203,8 +214,30 @@ def align_permutations(
     `weight` and `canonical` read both checkpoints' tensors; `activation` loads both models with
     transformers and runs `batches` (default: the built-in probe text through A's tokenizer).
     """
+    if method in ORTHOGONAL_METHODS:
+        raise AlignmentError(
+            f"`{method}` maps the residual stream by an orthogonal matrix, not a permutation",
+            fix="call align_basis, which returns the permutations and the rotation together",
+        )
     a, b = _inspect_pair(model_a_dir, model_b_dir)
     return _match(method, a, b, seed=seed, batches=batches, progress=progress).perms
+
+
+def align_basis(
+    method: str,
+    model_a_dir: Path,
+    model_b_dir: Path,
+    *,
+    seed: int = 0,
+    batches: Batches | None = None,
+    progress: bool = False,
+) -> BasisMap:
+    """How model B is read into model A's basis by any method (`none`: as it is).
+
+    As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation.
+    """
+    a, b = _inspect_pair(model_a_dir, model_b_dir)
+    return _match(method, a, b, seed=seed, batches=batches, progress=progress).basis
 
 
 def align_checkpoint(
@@ -212,7 +245,7 @@ def align_checkpoint(
     model_b_dir: Path,
     out_dir: Path,
     *,
-    method: Literal["weight", "activation", "canonical"],
+    method: Literal["weight", "activation", "canonical", "weight+orthogonal"],
     seed: int = 0,
     batches: Batches | None = None,
     force: bool = False,
@@ -222,7 +255,9 @@ def align_checkpoint(
     """Write model B permuted into A's basis to `out_dir`: same function as B, loadable as usual.
 
     Tensors stream one at a time from B's shards into the output; config and tokenizer files are
-    copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`.
+    copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`. The
+    orthogonal methods write B folded (norm gains 1, a tied head untied) and rotated, with the
+    rotation beside it (`hfmerge_rotation.safetensors`).
     """
     parse_size(max_shard_size)  # a bad size fails now, not after the matching
     if method not in _WRITTEN:
@@ -235,7 +270,7 @@ def align_checkpoint(
     _write_aligned(
         b,
         out_dir,
-        result.perms,
+        result.basis,
         force=force,
         progress=progress,
         max_shard_bytes=parse_size(max_shard_size),
@@ -266,7 +301,7 @@ def canonicalize_checkpoint(
     _write_aligned(
         model,
         out_dir,
-        perms,
+        BasisMap(perms),
         force=force,
         progress=progress,
         max_shard_bytes=max_shard_bytes,
@@ -279,7 +314,7 @@ def canonicalize_checkpoint(
 def _write_aligned(
     b: InspectedModel,
     out_dir: Path,
-    perms: Permutations,
+    basis: BasisMap,
     *,
     force: bool,
     progress: bool,
@@ -287,19 +322,38 @@ def _write_aligned(
     metadata: dict[str, str],
     description: str = "writing aligned model",
 ) -> None:
-    """Stream B's tensors through `perms` into shards, keeping B's dtypes, names and side files."""
+    """Stream B's tensors through `basis` into shards, keeping B's dtypes, names and side files
+    (a head untied by the fold is added, with the tensor's it was tied to dtype and shape)."""
     spec, path = b.spec, b.source.path
-    plan = plan_shards(
-        [b.index.info(name) for name in b.index.names], max_shard_bytes=max_shard_bytes
-    )
+    names = mapped_names(spec, list(b.index.names), basis)
+    infos = [
+        dataclasses.replace(b.index.info(spec.tied.get(name, name)), name=name) for name in names
+    ]
+    plan = plan_shards(infos, max_shard_bytes=max_shard_bytes)
+    perms = basis.perms if basis.perms is not None else identity_permutations(spec)
     with atomic_output_dir(out_dir, force=force) as tmp:
         with (
             LazyCheckpoint(path, label=b.label) as reader,
             ShardWriter(tmp, plan, metadata=metadata) as writer,
         ):
             for name in track(plan.names, description=description, enabled=progress):
-                writer.write(name, read_permuted(name, reader.get, spec, perms))
+                writer.write(name, read_in_basis(name, reader.get, spec, basis))
         copy_side_files(path, tmp)
+        if len(names) > len(b.index.names):
+            _untie_config(tmp / "config.json")
         save_permutations(
             tmp / PERMUTATIONS_FILE, perms, metadata={"family": spec.family, **metadata}
         )
+        if basis.rotation is not None:
+            rotation = basis.rotation.to(torch.float64).contiguous()
+            save_file({"rotation": rotation}, str(tmp / ROTATION_FILE), metadata=metadata)
+
+
+def _untie_config(path: Path) -> None:
+    """Mark a written config's head untied: the fold gave `lm_head.weight` its own values."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tie_word_embeddings"] = False
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):
+        text_config["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -25,6 +25,7 @@ from hfmerge.align.expert_order import ExpertProfiles, expert_profiles, slot_nam
 from hfmerge.align.lap import assignment_value, improves, solve_lap
 from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.permute import identity_permutations, permute_tensor, read_permuted, unit_rows
+from hfmerge.arch.residual import BasisMap
 from hfmerge.arch.spec import (
     ArchSpec,
     AttentionPerm,
@@ -47,6 +48,8 @@ class MatchResult:
             entry, the sum over groups of the mean matched correlation.
         converged: the last sweep changed no group (weight matching stops there).
         correlation: activation matching only: mean correlation of matched units per group.
+        rotation: orthogonal alignment only: [hidden, hidden] Q on B's folded residual stream,
+            applied after `perms` (whose residual permutation is then the identity).
     """
 
     perms: Permutations
@@ -54,6 +57,12 @@ class MatchResult:
     objective: list[float]
     converged: bool = True
     correlation: dict[str, float] = field(default_factory=dict)
+    rotation: torch.Tensor | None = None
+
+    @property
+    def basis(self) -> BasisMap:
+        """How B is read into A's basis: the permutations, and the fold and rotation if any."""
+        return BasisMap(self.perms, fold=self.rotation is not None, rotation=self.rotation)
 
 
 @dataclass(frozen=True)
@@ -258,12 +267,15 @@ def weight_matching(
     seed: int = 0,
     max_iter: int = 100,
     progress: bool = False,
+    start: Permutations | None = None,
+    fixed: frozenset[str] = frozenset(),
 ) -> MatchResult:
     """Permutations of B's units that maximise <W_A, P(W_B)> (Git Re-Basin weight matching).
 
     Holds both models as float64 copies (buffers skipped); the similarity of a group sums every
     (tensor, axis) the spec says it acts on, vectors such as norm weights and biases included.
-    Stops after the first sweep that changes no group, or after `max_iter` sweeps.
+    Stops after the first sweep that changes no group, or after `max_iter` sweeps. `start`: the
+    permutations to start from (default: the identity); `fixed`: groups kept at their start.
     """
     if max_iter < 1:
         raise ValueError("max_iter must be at least 1")
@@ -273,14 +285,14 @@ def weight_matching(
     steps = {
         name: _GroupStep(problem, spec.groups[name], touches[name])
         for name in spec.groups
-        if touches[name]
+        if touches[name] and name not in fixed
     }
     if not steps:
         raise AlignmentError(
             "no tensor carries a permutation group",
             fix="pass the models' parameters, not only their buffers",
         )
-    perms = identity_permutations(spec)
+    perms = dict(identity_permutations(spec) if start is None else start)
     order = list(steps)
     generator = torch.Generator().manual_seed(seed)
     versions = dict.fromkeys(spec.groups, 0)

@@ -17,13 +17,14 @@ from transformers import PreTrainedModel
 
 from hfmerge.analysis.interpolate import Interpolator, check_same_tensors, spec_of
 from hfmerge.arch import require_permutable
-from hfmerge.arch.spec import ArchSpec, Permutations
+from hfmerge.arch.residual import BasisMap, require_foldable, require_untied
+from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import UnknownNameError
 from hfmerge.lm.batches import model_inputs, pad_id_of, window_batches
 from hfmerge.lm.load import Objective, load_lm, load_tokenizer, usable_length
 from hfmerge.lm.scoring import Scored, objective_of, prepare, score
 from hfmerge.progress import track
-from hfmerge.recipe.align_methods import ALIGN_METHODS, AlignMethod
+from hfmerge.recipe.align_methods import ALIGN_METHODS, ORTHOGONAL_METHODS, AlignMethod
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:
@@ -105,15 +106,13 @@ def barrier_of(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float
     return gaps[best], lambdas[best]
 
 
-def _permutations(mode: str, setup: _Setup, *, batch_size: int, progress: bool) -> Permutations:
-    """B's permutations into A's basis by `mode`; activation matching reads the probe windows."""
-    from hfmerge.align import align_permutations
+def _basis(mode: str, setup: _Setup, *, batch_size: int, progress: bool) -> BasisMap:
+    """B's map into A's basis by `mode`; activation matching reads the probe windows."""
+    from hfmerge.align import align_basis
 
     windows = setup.probes
     batches = window_batches(windows, pad_id=setup.pad_id, batch_size=batch_size)
-    return align_permutations(
-        mode, setup.path_a, setup.path_b, seed=0, batches=batches, progress=progress
-    )
+    return align_basis(mode, setup.path_a, setup.path_b, seed=0, batches=batches, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -183,6 +182,11 @@ def _permutable_spec(
     specs = [spec_of(m.path, label=m.label) for m in (model_a, model_b)]
     for model, spec in zip((model_a, model_b), specs, strict=True):
         require_permutable(spec, label=model.label, feature=f"`barrier --align {needing[0]}`")
+        for curve in (c for c in curves if c.align in ORTHOGONAL_METHODS):
+            feature = f"`barrier --align {curve.name}`"
+            require_foldable(spec, label=model.label, feature=feature)
+            # One loaded model is interpolated: its tied head cannot take the folded values.
+            require_untied(spec, label=model.label, feature=feature)
     return specs[1]
 
 
@@ -194,7 +198,7 @@ def _check_modes(aligns: Sequence[str]) -> list[Curve]:
 
 
 def _repairer(
-    setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None, perms: Permutations | None
+    setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None, basis: BasisMap | None
 ) -> Repairer:
     """REPAIR between A and π(B), their statistics measured on the probe windows."""
     from hfmerge.align.repair import ProbeBatch, Repairer
@@ -203,7 +207,7 @@ def _repairer(
     repairer = Repairer(setup.model, ProbeBatch(model_inputs(windows, pad_id=setup.pad_id)))
 
     def endpoint(lam: float) -> PreTrainedModel:
-        interpolator.load(lam, spec=spec, perms=perms)
+        interpolator.load(lam, spec=spec, basis=basis)
         return setup.model
 
     repairer.measure_endpoints(endpoint)
@@ -222,16 +226,16 @@ def compare_barriers(
     samples: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
-    solved: Mapping[str, Permutations] | None = None,
+    solved: Mapping[str, BasisMap] | None = None,
 ) -> list[BarrierResult]:
     """One barrier curve per alignment mode, on the same windows and λ grid (one model loaded).
 
     `model_a` and `model_b` are resolved models (`hfmerge.sources.refs.resolve_model`). `aligns`
-    holds modes (`none`, `weight`, `activation`), each optionally `MODE+repair`. Activation
-    matching and REPAIR read `probe_data` (default: the scored `data`, so those curves are then
-    measured in-sample); weight matching reads no data. `solved` gives permutations already
-    found for a mode (the recipe's align step), so the curve is that of the very permutations
-    merged, and they are not solved twice.
+    holds modes (`none`, `weight`, `activation`, `weight+orthogonal`, ...), each optionally
+    `MODE+repair`. Activation matching and REPAIR read `probe_data` (default: the scored `data`,
+    so those curves are then measured in-sample); weight matching reads no data. `solved` gives
+    maps already found for a mode (the recipe's align step), so the curve is that of the very
+    map merged, and it is not solved twice.
     """
     curves, lambdas = _check_modes(aligns), lambda_grid(steps)
     spec = _permutable_spec(model_a, model_b, curves)  # before any model loads
@@ -245,24 +249,24 @@ def compare_barriers(
     )
     modes = list(dict.fromkeys(c.align for c in curves))
     known = dict(solved or {})
-    perms = {
+    bases = {
         m: None
         if m == "none"
-        else known.get(m) or _permutations(m, setup, batch_size=batch_size, progress=progress)
+        else known.get(m) or _basis(m, setup, batch_size=batch_size, progress=progress)
         for m in modes
     }
     interpolator = Interpolator(
         setup.model, setup.path_a, setup.path_b, label_a=setup.label_a, label_b=setup.label_b
     )
     repairers = {
-        c.align: _repairer(setup, interpolator, spec, perms[c.align]) for c in curves if c.repair
+        c.align: _repairer(setup, interpolator, spec, bases[c.align]) for c in curves if c.repair
     }
     # λ=0 is model A whatever the curve (REPAIR there is the identity): evaluate it once.
     jobs = [(curves[0], 0.0)] + [(c, lam) for c in curves for lam in lambdas if lam != 0.0]
     losses: dict[tuple[Curve, float], float] = {}
     tokens = 0
     for curve, lam in track(jobs, description="barrier: interpolating", enabled=progress):
-        interpolator.load(lam, spec=spec, perms=perms[curve.align])
+        interpolator.load(lam, spec=spec, basis=bases[curve.align])
         if curve.repair and 0.0 < lam < 1.0:  # endpoints: REPAIR is the identity
             repairers[curve.align].apply(setup.model, lam)
         result = score(

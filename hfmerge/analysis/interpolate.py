@@ -1,5 +1,8 @@
 """Streamed interpolation: one loaded model set to (1-λ)·A + λ·π(B), read per tensor.
 
+π is B's map into A's basis (`arch/residual.py`): permutations, and for the orthogonal methods the
+norm fold and a residual rotation, which read A folded too.
+
 The loss barrier scores such points along the line; REPAIR measures the inputs with it (λ = 1 is
 π(B) itself). Only one model is ever loaded: each checkpoint tensor is read from both files and
 written into the model's own storage.
@@ -14,7 +17,8 @@ import torch
 from transformers import PreTrainedModel
 
 from hfmerge.arch.config import read_config
-from hfmerge.arch.spec import ArchSpec, Permutations
+from hfmerge.arch.residual import FOLDED, BasisMap, read_in_basis
+from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import ArchitectureError, IncompatibleModelsError
 from hfmerge.sources.inspection import tensor_differences
 from hfmerge.tensors import LazyCheckpoint, read_checkpoint_index
@@ -96,16 +100,17 @@ class Interpolator:
         self.targets = checkpoint_targets(model, names, label=label_a)
 
     def load(
-        self, lam: float, *, spec: ArchSpec | None = None, perms: Permutations | None = None
+        self, lam: float, *, spec: ArchSpec | None = None, basis: BasisMap | None = None
     ) -> None:
-        """Write the interpolated weights into the model; B is permuted by `perms` on read."""
+        """Write the interpolated weights into the model; B is read through `basis` (and A
+        folded when `basis` folds)."""
         with (
             LazyCheckpoint(self.path_a, label=self.label_a) as a,
             LazyCheckpoint(self.path_b, label=self.label_b) as b,
             torch.no_grad(),
         ):
             for name, target in self.targets.items():
-                target.copy_(self._value(name, lam, a, b, spec, perms))
+                target.copy_(self._value(name, lam, a, b, spec, basis))
 
     @staticmethod
     def _value(
@@ -114,25 +119,30 @@ class Interpolator:
         a: LazyCheckpoint,
         b: LazyCheckpoint,
         spec: ArchSpec | None,
-        perms: Permutations | None,
+        basis: BasisMap | None,
     ) -> torch.Tensor:
-        # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).
-        if lam == 0.0 or not a.info(name).dtype.startswith(("F", "BF")):
+        if not a.info(name).dtype.startswith(("F", "BF")):
             return a.get(name)  # integer buffers (position ids) are A's, never averaged
-        if spec is not None and perms is not None and name in spec.tensors:
-            other = _permuted(name, b, spec, perms)
-        else:
-            other = b.get(name)
+        if spec is None or name not in spec.tensors:
+            basis = None
+        own = _read(name, a, spec, FOLDED if basis is not None and basis.fold else None)
+        # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).
+        if lam == 0.0:
+            return own
+        other = _read(name, b, spec, basis)
         if lam == 1.0:
             return other
         # lerp is exact when both sides agree, so a model interpolated with itself stays itself.
-        return torch.lerp(a.get(name).float(), other.float(), lam)
+        return torch.lerp(own.float(), other.float(), lam)
 
 
-def _permuted(name: str, b: LazyCheckpoint, spec: ArchSpec, perms: Permutations) -> torch.Tensor:
-    from hfmerge.arch.permute import read_permuted
-
-    return read_permuted(name, b.get, spec, perms)
+def _read(
+    name: str, checkpoint: LazyCheckpoint, spec: ArchSpec | None, basis: BasisMap | None
+) -> torch.Tensor:
+    """Tensor `name` of `checkpoint`, through `basis` when there is one."""
+    if spec is None or basis is None:
+        return checkpoint.get(name)
+    return read_in_basis(name, checkpoint.get, spec, basis)
 
 
 def spec_of(path: Path, *, label: str) -> ArchSpec:

@@ -16,7 +16,7 @@ from hfmerge.api.references import resolve, resolve_permutable
 if TYPE_CHECKING:
     from hfmerge.pipeline.extract import ExtractedAdapter
 
-AlignMethod = Literal["weight", "activation", "canonical"]
+AlignMethod = Literal["weight", "activation", "canonical", "weight+orthogonal"]
 ALIGN_PROBE_LENGTH = 128  # tokens per probe window of activation matching (`align`)
 ALIGN_PROBE_SAMPLES = 64  # probe windows of activation matching (`align`)
 
@@ -29,7 +29,7 @@ class AlignResult:
     model_b: str
     out_dir: Path
     method: str
-    iterations: int  # weight matching's sweeps over all groups; 1 for the other methods
+    iterations: int  # weight matching's sweeps (orthogonal: rounds); 1 for the others
 
 
 def align(
@@ -49,8 +49,10 @@ def align(
         model_a: reference model, whose basis is kept.
         model_b: model to rewrite.
         out: output directory for the aligned `model_b` (with its permutations beside it).
-        method: `weight` (weight matching, no data), `activation` (probe text) or `canonical`
-            (both models' canonical unit order, no data).
+        method: `weight` (weight matching, no data), `activation` (probe text), `canonical`
+            (both models' canonical unit order, no data) or `weight+orthogonal` (RMSNorm
+            models: norm gains folded into their readers, the residual stream rotated by
+            Procrustes alternated with weight matching, no data; writes B folded and untied).
         data: probe text for activation matching (`--data` forms; default `builtin`).
         seed: seed of weight matching's order over the groups.
         force: replace an existing output directory.

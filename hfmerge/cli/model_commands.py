@@ -165,8 +165,9 @@ def align(
         str,
         typer.Option(
             "--method",
-            help="weight (no data), activation (probe text) or canonical (both models' "
-            "canonical unit order, no data).",
+            help="weight (no data), activation (probe text), canonical (both models' "
+            "canonical unit order, no data) or weight+orthogonal (RMSNorm models: norm gains "
+            "folded, the residual stream rotated; no data).",
         ),
     ] = "weight",
     data: Annotated[
@@ -175,7 +176,7 @@ def align(
     seed: Annotated[int, typer.Option("--seed", help="Seed of weight matching's order.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
-    """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
+    """Write MODEL_B permuted (or rotated) into MODEL_A's basis: the same function, loadable."""
     from hfmerge import api
 
     result = api.align(
@@ -190,7 +191,7 @@ def align(
     typer.echo(str(result.out_dir))
     say(
         f"{model_b} aligned into {model_a}'s basis by {method} matching in "
-        f"{result.iterations} sweep(s); permutations saved beside the weights."
+        f"{result.iterations} sweep(s); the map is saved beside the weights."
     )
 
 

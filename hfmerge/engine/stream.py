@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hfmerge.arch.spec import Permutations
+from hfmerge.arch.residual import FOLDED, BasisMap
 from hfmerge.engine import finite
 from hfmerge.engine.aligned import AlignedReader
 from hfmerge.engine.budget import ChunkPolicy, chunk_policy
@@ -46,7 +46,7 @@ def execute_plan(
     out_dir: Path,
     *,
     seed: int = 0,
-    input_perms: Sequence[Permutations | None] | None = None,
+    input_bases: Sequence[BasisMap | None] | None = None,
     progress: bool = True,
     max_memory_bytes: int | None = None,
     device: str | torch.device | None = None,
@@ -60,8 +60,9 @@ def execute_plan(
         plan: the merge plan; each merged tensor's job holds its parameters.
         out_dir: directory to write the shards into.
         seed: seed of random methods (DARE, DELLA); each tensor draws from its own generator.
-        input_perms: `input_perms[i]`, when given, permutes input i's tensors on read (alignment
-            into the base's basis), so aligned copies of the inputs are never materialised.
+        input_bases: `input_bases[i]`, when given, maps input i's tensors on read (alignment
+            into the base's basis), so aligned copies of the inputs are never materialised. When
+            one folds the norm gains (orthogonal alignment), the base is read folded too.
         progress: draw a progress bar on stderr.
         max_memory_bytes: peak resident memory to stay within, summed over the merging
             processes; chunks and queues are sized from it. None: `tuning`'s chunk sizes (by
@@ -85,13 +86,13 @@ def execute_plan(
         plan, max_memory_bytes, tuning=tuning, elementwise=elementwise, processes=processes
     )
     keep_chunk_buffers()
-    perms = list(input_perms) if input_perms is not None else [None] * len(plan.inputs)
+    bases = list(input_bases) if input_bases is not None else [None] * len(plan.inputs)
     share = _Share(
         plan,
         policy,
         seed=seed,
         device=compute_device,
-        perms=perms,
+        bases=bases,
         tuning=tuning,
         allow_non_finite=allow_non_finite,
     )
@@ -138,7 +139,7 @@ class _Share:
     policy: ChunkPolicy
     seed: int
     device: torch.device
-    perms: Sequence[Permutations | None]
+    bases: Sequence[BasisMap | None]
     tuning: EngineTuning
     allow_non_finite: bool
 
@@ -155,11 +156,15 @@ class _Share:
             device=self.device,
         )
         with ExitStack() as stack:
+            # Folded inputs only add up with a folded base (task vectors, copied tensors).
+            folds = any(b is not None and b.fold for b in self.bases)
             steps.readers = [
-                open_reader(stack, plan.base),
+                AlignedReader(open_reader(stack, plan.base), plan.base.spec, FOLDED)
+                if folds
+                else open_reader(stack, plan.base),
                 *(
-                    AlignedReader(open_reader(stack, m), m.spec, p)
-                    for m, p in zip(plan.inputs, self.perms, strict=True)
+                    AlignedReader(open_reader(stack, m), m.spec, b)
+                    for m, b in zip(plan.inputs, self.bases, strict=True)
                 ),
             ]
             # The reader and writer threads take the other core's share on small machines, and

@@ -1,7 +1,8 @@
-"""The recipe's `align:` step: every input permuted into the base's basis before merging.
+"""The recipe's `align:` step: every input mapped into the base's basis before merging.
 
-Permutations are solved per input against the base and applied on read by the engine, so the
-aligned inputs are never written out. With `report_barrier`, the loss barrier between the base and
+Permutations (and, for the orthogonal methods, the norm fold and a residual rotation) are solved
+per input against the base and applied on read by the engine, so the aligned inputs are never
+written out. With `report_barrier`, the loss barrier between the base and
 each input is measured with and without alignment for the model card.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hfmerge.arch.spec import Permutations
+from hfmerge.arch.residual import FOLDED, BasisMap, require_foldable, require_untied
 from hfmerge.engine.plan import MergePlan
+from hfmerge.recipe.align_methods import ORTHOGONAL_METHODS
 from hfmerge.recipe.schema import Recipe
 
 if TYPE_CHECKING:
@@ -33,10 +35,10 @@ class BarrierRow:
 
 @dataclass(frozen=True)
 class Alignment:
-    """Per-input permutations (None: already in the base's basis) and the optional report."""
+    """Per-input maps into the base's basis (None: read as it is) and the optional report."""
 
     method: str
-    perms: list[Permutations | None]
+    bases: list[BasisMap | None]
     barriers: list[BarrierRow] = field(default_factory=list)
 
     def card_section(self, repaired: RepairReport | None = None) -> str:
@@ -57,6 +59,14 @@ class Alignment:
 
 
 def _aligned_sentence(method: str) -> str:
+    if method in ORTHOGONAL_METHODS:
+        return (
+            "Every RMSNorm gain was folded into the layers that read it (an exact rewrite: the "
+            "merged model's norm gains are 1), and every input's residual stream was mapped into "
+            f"the base's by one orthogonal matrix (**{method}**: Procrustes on the weights, "
+            "alternated with weight matching of the FF and attention units; Theus et al. 2025, "
+            "*Generalized linear mode connectivity for transformers*) before merging."
+        )
     if method == "canonical":
         return (
             "Every input was put into canonical unit order (every permutation group sorted by "
@@ -92,11 +102,18 @@ def _barrier_table(rows: list[BarrierRow]) -> list[str]:
 
 
 def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignment:
-    """Solve each input's permutations into the base's basis (`align.method`)."""
+    """Solve each input's map into the base's basis (`align.method`)."""
     method = recipe.align.method
     if method == "none":
         return Alignment(method, [None] * len(plan.inputs))
-    from hfmerge.align import align_permutations
+    from hfmerge.align import align_basis
+
+    folds = method in ORTHOGONAL_METHODS
+    if folds:
+        for model in plan.inputs:  # before any matching
+            feature = f"`align.method: {method}`"
+            require_foldable(model.spec, label=model.label, feature=feature)
+            require_untied(model.spec, label=model.label, feature=feature)
     from hfmerge.lm.batches import text_batches
 
     batches = None
@@ -109,13 +126,13 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
             max_length=probe.max_length,
             samples=probe.samples,
         )
-    perms: list[Permutations | None] = []
+    bases: list[BasisMap | None] = []
     for model in plan.inputs:
         if model is plan.base:
-            perms.append(None)  # the base is its own basis
+            bases.append(FOLDED if folds else None)  # the base is its own basis
             continue
-        perms.append(
-            align_permutations(
+        bases.append(
+            align_basis(
                 method,
                 plan.base.source.path,
                 model.source.path,
@@ -125,19 +142,19 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
             )
         )
     barriers = (
-        _barriers(recipe, plan, perms, progress=progress) if recipe.align.report_barrier else []
+        _barriers(recipe, plan, bases, progress=progress) if recipe.align.report_barrier else []
     )
-    return Alignment(method, perms, barriers)
+    return Alignment(method, bases, barriers)
 
 
 def _barriers(
-    recipe: Recipe, plan: MergePlan, perms: list[Permutations | None], *, progress: bool
+    recipe: Recipe, plan: MergePlan, bases: list[BasisMap | None], *, progress: bool
 ) -> list[BarrierRow]:
     """Barrier of each input with the base, unaligned and with the permutations being merged."""
     from hfmerge.analysis.barrier import compare_barriers
 
     rows = []
-    for model, solved in zip(plan.inputs, perms, strict=True):
+    for model, solved in zip(plan.inputs, bases, strict=True):
         if model is plan.base or solved is None:
             continue
         method = recipe.align.method

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from hfmerge.align.repair import Factors, ProbeBatch, SiteRms, fit, measure
 from hfmerge.align.repair_sites import RepairSite, repair_sites
-from hfmerge.arch.spec import Permutations
+from hfmerge.arch.residual import BasisMap
 from hfmerge.engine.plan import MergePlan
 from hfmerge.recipe.schema import Recipe
 
@@ -58,7 +58,7 @@ def _blend(stats: Sequence[SiteRms], weights: Sequence[float]) -> SiteRms:
 
 def _input_stats(
     plan: MergePlan,
-    perms: Sequence[Permutations | None],
+    bases: Sequence[BasisMap | None],
     sites: list[RepairSite],
     probe: ProbeBatch,
     model: PreTrainedModel,
@@ -73,13 +73,13 @@ def _input_stats(
     spec = spec_of(base, label=plan.base.label)
     stats = []
     for entry, solved in track(
-        list(zip(plan.inputs, perms, strict=True)),
+        list(zip(plan.inputs, bases, strict=True)),
         description="repair: measuring inputs",
         enabled=progress,
     ):
         Interpolator(
             model, base, entry.source.path, label_a=plan.base.label, label_b=entry.label
-        ).load(1.0, spec=spec, perms=solved)
+        ).load(1.0, spec=spec, basis=solved)
         stats.append(measure(model, sites, probe))
     return stats
 
@@ -109,7 +109,7 @@ def repair_output(
     staging: Path,
     plan: MergePlan,
     recipe: Recipe,
-    perms: Sequence[Permutations | None],
+    bases: Sequence[BasisMap | None],
     weights: Sequence[float],
     *,
     progress: bool,
@@ -131,7 +131,7 @@ def repair_output(
     windows = ProbeBatch(batch)
     model = load_lm(plan.base.source.path, label=plan.base.label)
     sites = repair_sites(model)
-    target = _blend(_input_stats(plan, perms, sites, windows, model, progress=progress), weights)
+    target = _blend(_input_stats(plan, bases, sites, windows, model, progress=progress), weights)
     del model
     merged = load_lm(staging, label=str(staging))
     factors: Factors = fit(merged, sites, windows, target)

@@ -46,7 +46,7 @@ from hfmerge.tensors import (
 )
 
 if TYPE_CHECKING:
-    from hfmerge.arch.spec import Permutations
+    from hfmerge.arch.residual import BasisMap
     from hfmerge.engine.slices import PlannedSlice
     from hfmerge.pipeline.repair import RepairReport
     from hfmerge.pipeline.route import RoutePlan
@@ -156,7 +156,7 @@ def run_recipe(
             plan,
             staging,
             seed=recipe.merge.seed,
-            input_perms=alignment.perms,
+            input_bases=alignment.bases,
             progress=progress,
             max_memory_bytes=max_memory_bytes,
             tuning=options.tuning,
@@ -167,7 +167,7 @@ def run_recipe(
             save_vocabulary(staging, vocabulary, plan)
         if recipe.tokenizer is not None and recipe.tokenizer.chat_template is not None:
             save_chat_template(staging, plan, recipe.tokenizer.chat_template)
-        repaired = _repair(staging, plan, recipe, alignment.perms, schedule, progress=progress)
+        repaired = _repair(staging, plan, recipe, alignment.bases, schedule, progress=progress)
         write_side_files(
             staging,
             plan,
@@ -363,7 +363,7 @@ def _repair(
     staging: Path,
     plan: MergePlan,
     recipe: Recipe,
-    perms: list[Permutations | None],
+    bases: list[BasisMap | None],
     schedule: ParamSchedule,
     *,
     progress: bool,
@@ -376,4 +376,4 @@ def _repair(
 
     model_params = schedule.constant_models()  # the recipe checks refuse a varying weight
     weights = [float(as_params(p, WeightedModelParams).weight) for p in model_params]
-    return repair_output(staging, plan, recipe, perms, weights, progress=progress)
+    return repair_output(staging, plan, recipe, bases, weights, progress=progress)

@@ -9,5 +9,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-AlignMethod = Literal["none", "weight", "activation", "canonical"]
+AlignMethod = Literal["none", "weight", "activation", "canonical", "weight+orthogonal"]
 ALIGN_METHODS: tuple[AlignMethod, ...] = get_args(AlignMethod)
+# Methods that fold the norm gains and rotate the residual stream (RMSNorm families only): the
+# base is then read folded too, and the merge's norm gains are all 1.
+ORTHOGONAL_METHODS = frozenset({"weight+orthogonal"})

@@ -9,16 +9,11 @@ from hfmerge.arch import spec_for
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, require_foldable
 from hfmerge.errors import AlignmentError
 from tests.support.controls import KEPT, tiny
+from tests.support.rotation import random_orthogonal
 from tests.support.tiny_models import make_tiny_model, max_abs_diff, model_outputs, tiny_batch
 
 FOLDABLE = ("llama", "llama_tied", "mistral", "qwen2", "qwen3")
 NOT_FOLDABLE = ("gpt2", "gemma", "gemma2", "olmo2", "bert")
-
-
-def _orthogonal(width: int, *, seed: int) -> torch.Tensor:
-    noise = torch.randn(width, width, generator=torch.Generator().manual_seed(seed))
-    q, _ = torch.linalg.qr(noise.double())  # [width, width], orthogonal
-    return q
 
 
 def _logits_change(kind: str, state: dict[str, torch.Tensor]) -> float:
@@ -75,7 +70,7 @@ def test_folding_keeps_the_logits_and_sets_every_gain_to_one(kind: str) -> None:
 def test_a_rotated_residual_stream_keeps_the_logits(kind: str) -> None:
     model, spec = tiny(kind)
     hidden = spec.groups["residual"].size
-    rotation = _orthogonal(hidden, seed=3)
+    rotation = random_orthogonal(hidden, seed=3)
     rotated = map_state_dict(model.state_dict(), spec, BasisMap(fold=True, rotation=rotation))
     embed = "model.embed_tokens.weight"
     assert torch.allclose(rotated[embed], model.state_dict()[embed] @ rotation.T)  # E·Qᵀ
@@ -91,6 +86,6 @@ def test_a_broken_rotation_changes_the_logits() -> None:
     """Negative control: a non-orthogonal map (or none of the fold) moves the logits."""
     model, spec = tiny("llama")
     hidden = spec.groups["residual"].size
-    skewed = _orthogonal(hidden, seed=3) * 1.1
+    skewed = random_orthogonal(hidden, seed=3) * 1.1
     state = map_state_dict(model.state_dict(), spec, BasisMap(fold=True, rotation=skewed))
     assert _logits_change("llama", state) > 1e-3

@@ -23,6 +23,13 @@ _READERS = {  # norm gain -> the weights [out, hidden] that read the normed stre
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # weights [hidden, in] that add to the stream
 
 
+def random_orthogonal(width: int, *, seed: int) -> torch.Tensor:
+    """A random float64 [width, width] orthogonal matrix (QR of Gaussian noise)."""
+    noise = torch.randn(width, width, generator=torch.Generator().manual_seed(seed))
+    q: torch.Tensor = torch.linalg.qr(noise.double()).Q  # [width, width], orthogonal
+    return q
+
+
 def block_rotation(width: int, *, block: int, seed: int, min_entry: float = 0.2) -> torch.Tensor:
     """A block-diagonal orthogonal [width, width] matrix of random `block`×`block` rotations,
     each mixing all its units: every entry at least `min_entry` in size (a rotation with a tiny

@@ -1,0 +1,146 @@
+"""Orthogonal residual alignment (weight mode): one orthogonal map of B's residual stream, found by
+Procrustes, alternated with weight matching of the FF and attention groups.
+
+Both models are folded first (`arch/residual.py`: every RMSNorm gain moved into its readers), so
+an orthogonal Q on B's residual stream keeps B's function. Q maximises
+Σ_t ⟨A_t, Q·B_t⟩ over every tensor t with a residual axis (that axis' rows multiplied by Q):
+with C = Σ_t rows_A · rows_Bᵀ ([hidden, hidden]) and C = U S Vᵀ, Q = U Vᵀ. A residual permutation
+is a special Q, so the residual group of weight matching is redundant here: its answer is only the
+starting Q. Then Procrustes (given the FF / attention permutations) and weight matching (given Q,
+residual group fixed) take turns, each from the other's last answer, until the objective stops
+improving. Permutations act on other axes than Q, so the two commute on every tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from hfmerge.align.weight_matching import MatchResult, weight_matching
+from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.permute import identity_permutations
+from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, read_in_basis
+from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
+from hfmerge.progress import track
+
+MAX_ROUNDS = 20
+TOLERANCE = 1e-9  # relative objective gain below which the alternation has converged
+
+
+def residual_rows(tensor: torch.Tensor, axes: tuple[AxisRole | None, ...]) -> torch.Tensor | None:
+    """The tensor's residual axis first, the rest flattened: [hidden, rest]; None without one."""
+    found = [i for i, role in enumerate(axes) if role is not None and role.group == RESIDUAL]
+    if len(found) != 1:
+        return None  # no residual axis (q/k/v biases, per-head norms); none has two
+    moved = tensor.movedim(found[0], 0)  # [..., hidden, ...] -> [hidden, ...]
+    return moved.reshape(moved.shape[0], -1)  # [hidden, ...] -> [hidden, rest]
+
+
+def axes_of(spec: ArchSpec, name: str) -> tuple[AxisRole | None, ...]:
+    """A tensor's axis roles; an untied head takes those of the tensor it was tied to."""
+    return spec.tensors[spec.tied.get(name, name)].axes
+
+
+def procrustes(
+    spec: ArchSpec,
+    folded_a: Mapping[str, torch.Tensor],
+    folded_b: Mapping[str, torch.Tensor],
+    perms: Permutations,
+) -> torch.Tensor:
+    """[hidden, hidden] orthogonal Q maximising Σ ⟨A_t, Q·π(B)_t⟩ over the residual axes.
+
+    Both models folded (norm gains 1, skipped: they are the same in both). `perms`' residual
+    permutation should be the identity, Q takes its place.
+    """
+    hidden = spec.groups[RESIDUAL].size
+    cross = torch.zeros(hidden, hidden, dtype=torch.float64)
+    moved = BasisMap(perms)
+    for name, tensor_a in folded_a.items():
+        if name in spec.norm_readers:
+            continue
+        rows_a = residual_rows(tensor_a, axes_of(spec, name))
+        if rows_a is None:
+            continue
+        tensor_b = read_in_basis(name, folded_b.__getitem__, spec, moved)
+        rows_b = residual_rows(tensor_b, axes_of(spec, name))
+        assert rows_b is not None
+        cross += rows_a @ rows_b.T  # [hidden, rest] @ [rest, hidden]
+    u, _, vh = torch.linalg.svd(cross)
+    rotation: torch.Tensor = u @ vh  # [hidden, hidden], orthogonal
+    return rotation
+
+
+def _objective(
+    spec: ArchSpec,
+    folded_a: Mapping[str, torch.Tensor],
+    folded_b: Mapping[str, torch.Tensor],
+    basis: BasisMap,
+) -> float:
+    """⟨A, B read through `basis`⟩ over every folded tensor."""
+    return sum(
+        float((a * read_in_basis(name, folded_b.__getitem__, spec, basis)).sum())
+        for name, a in folded_a.items()
+    )
+
+
+def _permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """The orthogonal matrix P of a gather index: (P h)[i] = h[perm[i]]."""
+    return torch.eye(perm.numel(), dtype=torch.float64)[perm.long()]  # [hidden, hidden]
+
+
+def orthogonal_matching(
+    spec: ArchSpec,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    *,
+    seed: int = 0,
+    max_rounds: int = MAX_ROUNDS,
+    progress: bool = False,
+) -> MatchResult:
+    """B's permutations and residual rotation into A's basis (`MatchResult.rotation` set).
+
+    `params_*`: every non-buffer tensor of the checkpoint (a tied head absent, as saved).
+    """
+    folded_a = map_state_dict({n: t.double() for n, t in params_a.items()}, spec, FOLDED)
+    folded_b = map_state_dict({n: t.double() for n, t in params_b.items()}, spec, FOLDED)
+    saved = [n for n in folded_a if n in spec.tensors]  # weight matching: the spec's own names
+    first = weight_matching(
+        spec,
+        {n: folded_a[n] for n in saved},
+        {n: folded_b[n] for n in saved},
+        seed=seed,
+        progress=progress,
+    )
+    residual = first.perms[RESIDUAL]
+    assert isinstance(residual, torch.Tensor)
+    perms = {**first.perms, RESIDUAL: identity_permutations(spec)[RESIDUAL]}
+    rotation = _permutation_matrix(residual)
+    objective = [_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation))]
+    converged = False
+    for _ in track(range(max_rounds), description="orthogonal alignment", enabled=progress):
+        rotation = procrustes(spec, folded_a, folded_b, perms)
+        turned = BasisMap(fold=True, rotation=rotation)
+        rotated_b = {n: read_in_basis(n, folded_b.__getitem__, spec, turned) for n in saved}
+        perms = weight_matching(
+            spec,
+            {n: folded_a[n] for n in saved},
+            rotated_b,
+            seed=seed,
+            start=perms,
+            fixed=frozenset({RESIDUAL}),
+        ).perms
+        objective.append(_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation)))
+        if objective[-1] - objective[-2] <= TOLERANCE * abs(objective[-2]):
+            converged = True
+            break
+    return MatchResult(
+        perms=perms,
+        iterations=len(objective) - 1,
+        objective=objective,
+        converged=converged,
+        rotation=rotation,
+    )
+
+
+__all__ = ["orthogonal_matching", "procrustes", "residual_rows"]
