@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from hfmerge.align import ROTATION_FILE, align_checkpoint, align_permutations
 from hfmerge.align.orthogonal import orthogonal_matching, procrustes
 from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict
+from hfmerge.errors import AlignmentError
 from tests.support.controls import KEPT, tiny
 from tests.support.rotation import random_orthogonal
 from tests.support.tiny_models import (
@@ -14,6 +22,7 @@ from tests.support.tiny_models import (
     max_abs_diff,
     model_outputs,
     nontrivial_permutations,
+    save_tiny_model,
     tiny_batch,
 )
 
@@ -64,3 +73,27 @@ def test_the_aligned_model_keeps_its_own_logits() -> None:
     aligned.load_state_dict(map_state_dict(params_b, spec, result.basis), strict=True)
     inputs = tiny_batch("llama", seed=20)
     assert max_abs_diff(model_outputs(model_b, inputs), model_outputs(aligned, inputs)) < KEPT
+
+
+def test_align_out_writes_b_folded_untied_and_rotated_as_a_plain_checkpoint(
+    tmp_path: Path,
+) -> None:
+    a = save_tiny_model("llama_tied", tmp_path / "a", seed=1)
+    b = save_tiny_model("llama_tied", tmp_path / "b", seed=2)
+    out = tmp_path / "out"
+    align_checkpoint(a, b, out, method="weight+orthogonal", progress=False)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert load_file(out / ROTATION_FILE)["rotation"].shape == (64, 64)
+    written = load_file(out / "model.safetensors")
+    assert "lm_head.weight" in written
+    assert torch.equal(written["model.norm.weight"], torch.ones(64))
+    inputs = tiny_batch("llama_tied", seed=20)
+    original: PreTrainedModel = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32)
+    aligned: PreTrainedModel = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not aligned.config.tie_word_embeddings
+    assert max_abs_diff(model_outputs(original, inputs), model_outputs(aligned, inputs)) < 1e-4
+
+
+def test_align_permutations_refuses_a_method_that_rotates(tmp_path: Path) -> None:
+    with pytest.raises(AlignmentError, match="not a permutation"):
+        align_permutations("weight+orthogonal", tmp_path / "a", tmp_path / "b")

@@ -1,4 +1,5 @@
-"""A Llama whose residual stream is rotated within blocks of units: the same function, mixed units.
+"""A Llama whose residual stream is rotated within blocks of units: the same function, mixed units;
+and a copy rotated by a full random orthogonal map (`save_mapped_copy`) for orthogonal alignment.
 
 RMSNorm without a gain commutes with any orthogonal map Q (‖hQ‖ = ‖h‖), so after folding each
 norm's gain into the weights that read its output, writing every residual state as hQ keeps the
@@ -15,6 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from hfmerge.arch import spec_for
+from hfmerge.arch.residual import BasisMap, map_state_dict
+from tests.support.tiny_models import nontrivial_permutations
 
 _READERS = {  # norm gain -> the weights [out, hidden] that read the normed stream
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -79,4 +84,29 @@ def save_rotated_copy(source: Path, out: Path, *, block: int, seed: int) -> Path
     tensors = load_file(out / "model.safetensors")
     rotated = rotated_state_dict(tensors, rotation, layers=int(config["num_hidden_layers"]))
     save_file(rotated, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def save_mapped_copy(source: Path, out: Path, *, seed: int) -> Path:
+    """`source` (a saved tiny Llama-style model) folded, every group permuted and its residual
+    stream rotated by a random orthogonal matrix: the same function in a basis no permutation
+    reaches (the head untied if it was tied)."""
+    shutil.copytree(source, out)
+    config = json.loads((out / "config.json").read_text())
+    tensors = load_file(out / "model.safetensors")
+    spec = spec_for(config, tensors.keys())
+    basis = BasisMap(
+        nontrivial_permutations(spec, seed=seed),
+        fold=True,
+        rotation=random_orthogonal(int(config["hidden_size"]), seed=seed),
+    )
+    mapped = map_state_dict({n: t.double() for n, t in tensors.items()}, spec, basis)
+    dtypes = {n: tensors[spec.tied.get(n, n)].dtype for n in mapped}
+    save_file(
+        {n: t.to(dtypes[n]).contiguous() for n, t in mapped.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config))
     return out
