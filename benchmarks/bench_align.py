@@ -2,8 +2,9 @@
 
     python benchmarks/bench_align.py [--samples 64] [--pairs llama,gpt2] [--skip-bert]
 
-Part 1 prints barrier and midpoint loss for none / activation / weight alignment, and weight
-alignment with REPAIR, between the two seeds of each zoo family (built on first use): Llama-style
+Part 1 prints barrier and midpoint loss for none / activation / weight alignment, weight
+alignment with REPAIR, and (RMSNorm families only) orthogonal residual alignment
+(weight+orthogonal), between the two seeds of each zoo family (built on first use): Llama-style
 zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 / zoo:gpt2-seed1, same width, depth and data.
 Losses are scored on the held-out built-in prose; activation matching and REPAIR statistics read
 the zoo's prose training text (`--probe-data builtin:prose-train`), never the scored text.
@@ -25,20 +26,25 @@ PAIRS: dict[str, tuple[str, str, str]] = {
     "llama": ("zoo:seed0", "zoo:seed1", "Llama-style: RoPE, GQA, SwiGLU, RMSNorm"),
     "gpt2": ("zoo:gpt2-seed0", "zoo:gpt2-seed1", "GPT-2-style: learned positions, GELU, LayerNorm"),
 }
+MODES = ("none", "activation", "weight", "weight+repair")
+# Orthogonal residual alignment is exact only where the norm gains fold (RMSNorm): GPT-2's
+# LayerNorm refuses it, so it is only asked of these families.
+ORTHOGONAL = ("weight+orthogonal",)
+RMSNORM_FAMILIES = frozenset({"llama"})
 
 
 def barrier_table(pairs: list[str], samples: int) -> None:
     """Barrier and midpoint loss per alignment mode on each zoo seed pair."""
     from hfmerge import api
 
-    print(f"{'pair':<32} {'align':<14} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
+    print(f"{'pair':<32} {'align':<18} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
     for family in pairs:
         model_a, model_b, what = PAIRS[family]
         start = time.perf_counter()
         results = api.barrier(
             model_a,
             model_b,
-            align=("none", "activation", "weight", "weight+repair"),
+            align=MODES + (ORTHOGONAL if family in RMSNORM_FAMILIES else ()),
             probe_data=PROBE_DATA,
             samples=samples,
             progress=False,
@@ -47,10 +53,12 @@ def barrier_table(pairs: list[str], samples: int) -> None:
         vanilla = results[0].barrier
         for result in results:
             print(
-                f"{model_a + ' / ' + model_b:<32} {result.align:<14} {result.barrier:>8.3f} "
+                f"{model_a + ' / ' + model_b:<32} {result.align:<18} {result.barrier:>8.3f} "
                 f"{result.loss_mid:>9.3f} {result.barrier / vanilla:>7.2f}x {seconds:>5.0f}"
             )
         print(f"  ({what}; scored on builtin, probes from {PROBE_DATA}, {samples} windows)")
+        if family not in RMSNORM_FAMILIES:
+            print("  (weight+orthogonal: refused, LayerNorm does not commute with a rotation)")
 
 
 def bert_base_timing() -> None:
