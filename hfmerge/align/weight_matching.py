@@ -54,7 +54,8 @@ class MatchResult:
 
 
 class _GroupStep:
-    """One group's coordinate step; the part of its similarity that never changes is cached."""
+    """One group's coordinate step; the part of its similarity that never changes is cached when
+    the memory plan says so (`align/matching_memory.py`), else summed again at each solve."""
 
     def __init__(
         self, problem: Problem, group: PermGroup, touches: list[Touch], *, cache: bool
