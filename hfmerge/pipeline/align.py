@@ -101,12 +101,16 @@ def _barrier_table(rows: list[BarrierRow]) -> list[str]:
     return lines
 
 
-def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignment:
-    """Solve each input's map into the base's basis (`align.method`)."""
+def align_inputs(
+    recipe: Recipe, plan: MergePlan, *, progress: bool, max_memory_bytes: int | None = None
+) -> Alignment:
+    """Solve each input's map into the base's basis (`align.method`); weight matching
+    within `max_memory_bytes` (`--max-memory`) when given."""
     method = recipe.align.method
     if method == "none":
         return Alignment(method, [None] * len(plan.inputs))
     from hfmerge.align import align_basis
+    from hfmerge.lm.batches import text_batches
 
     folds = method in ORTHOGONAL_METHODS
     if folds:
@@ -114,7 +118,6 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
             feature = f"`align.method: {method}`"
             require_foldable(model.spec, label=model.label, feature=feature)
             require_untied(model.spec, label=model.label, feature=feature)
-    from hfmerge.lm.batches import text_batches
 
     batches = None
     if method == "activation":
@@ -139,6 +142,7 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
                 seed=recipe.align.seed,
                 batches=batches,
                 progress=progress,
+                max_memory_bytes=max_memory_bytes,
             )
         )
     barriers = (
