@@ -7,6 +7,7 @@ Also saves and loads the permutations file (`hfmerge_permutations.safetensors`, 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -29,7 +30,13 @@ from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
 from hfmerge.recipe.align_methods import ALIGN_METHODS
-from hfmerge.sources.inspection import InspectedModel, check_mergeable, inspect_model
+from hfmerge.sources.inspection import (
+    InspectedModel,
+    check_mergeable,
+    inspect_downloaded,
+    inspect_model,
+)
+from hfmerge.sources.readers import open_reader
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import (
     LazyCheckpoint,
@@ -102,18 +109,23 @@ def load_permutations(path: Path, spec: ArchSpec) -> Permutations:
     return perms
 
 
-def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel, InspectedModel]:
-    """Configs, headers and specs of both models, refused unless they match tensor by tensor."""
+def _inspect_pair(
+    model_a: Path | ModelSource, model_b: Path | ModelSource
+) -> tuple[InspectedModel, InspectedModel]:
+    """Configs, headers and specs of both models (a source's LoRA adapter checked against its
+    base), refused unless they match tensor by tensor."""
     pair = tuple(
-        inspect_model(ModelSource(ref=str(d), path=Path(d))) for d in (model_a_dir, model_b_dir)
+        inspect_downloaded(m if isinstance(m, ModelSource) else ModelSource(ref=str(m), path=m))
+        for m in (model_a, model_b)
     )
     check_mergeable(pair)
     return pair[0], pair[1]
 
 
 def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
-    """Every non-buffer tensor of the checkpoint as float64."""
-    with LazyCheckpoint(model.source.path, label=model.label) as reader:
+    """Every non-buffer tensor of the checkpoint as float64 (its LoRA adapter applied)."""
+    with ExitStack() as stack:
+        reader = open_reader(stack, model)
         return {
             name: reader.get(name).to(torch.float64)
             for name, tensor in model.spec.tensors.items()
@@ -132,7 +144,9 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     try:
-        return load_pretrained(cls, model.source.path, label=model.label)
+        return load_pretrained(
+            cls, model.source.path, label=model.label, adapter=model.source.adapter_path
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise AlignmentError(
             f"transformers cannot load {model.label}: {exc}",
@@ -191,8 +205,8 @@ def _match(
 
 def align_permutations(
     method: str,
-    model_a_dir: Path,
-    model_b_dir: Path,
+    model_a: Path | ModelSource,
+    model_b: Path | ModelSource,
     *,
     seed: int = 0,
     batches: Batches | None = None,
@@ -202,8 +216,9 @@ def align_permutations(
 
     `weight` and `canonical` read both checkpoints' tensors; `activation` loads both models with
     transformers and runs `batches` (default: the built-in probe text through A's tokenizer).
+    A model is a folder, or a resolved source whose LoRA adapter is applied to what is read.
     """
-    a, b = _inspect_pair(model_a_dir, model_b_dir)
+    a, b = _inspect_pair(model_a, model_b)
     return _match(method, a, b, seed=seed, batches=batches, progress=progress).perms
 
 

@@ -200,9 +200,12 @@ def barrier(
     permuted = [mode for mode in aligns if mode != "none"]  # `weight`, `none+repair`, ...
     if permuted:
         feature = f"`barrier --align {permuted[0]}`"
-        a, b = resolve_permutable([model_a, model_b], feature=feature, progress=progress)
+        a, b = resolve_permutable(
+            [model_a, model_b], feature=feature, progress=progress, adapters=True
+        )
     else:
-        a, b = resolve(model_a, progress=progress), resolve(model_b, progress=progress)
+        a = resolve(model_a, progress=progress, adapters=True)
+        b = resolve(model_b, progress=progress, adapters=True)
     results = compare_barriers(
         a,
         b,
@@ -388,7 +391,7 @@ def _scores(
             )
             for data in datas
         ]
-    source = resolve(ref, progress=progress)
+    source = resolve(ref, progress=progress, adapters=True)
     return [
         eval_model(
             source,

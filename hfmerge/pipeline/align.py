@@ -117,8 +117,8 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
         perms.append(
             align_permutations(
                 method,
-                plan.base.source.path,
-                model.source.path,
+                plan.base.source,
+                model.source,
                 seed=recipe.align.seed,
                 batches=batches,
                 progress=progress,

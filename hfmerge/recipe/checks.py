@@ -47,30 +47,21 @@ def _has_adapter(entry: Mapping[str, Any]) -> bool:
 
 
 def _adapter_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
-    """The steps that run whole models (transformers) do not apply adapters yet: refused, so an
-    adapter is never silently left out of a measurement."""
+    """Routing refuses adapters (alignment, REPAIR and the CKA gate apply them as they load)."""
     base = data.get("base")
     adapted = any(_has_adapter(e) for e in _model_entries(data)) or (
         isinstance(base, str) and split_adapter(base)[1] is not None
     )
-    if not adapted:
+    if not adapted or data.get("route") is None:
         return []
-    why = (
-        "runs the models whole, which does not apply LoRA adapters yet (a merge applies them "
-        "on read): merge the adapter into its base first (PEFT's `merge_and_unload`, then "
-        "`save_pretrained`) and name that model, or remove this step"
-    )
-    align, check = data.get("align"), data.get("check")
-    problems: list[tuple[Location, str]] = []
-    if data.get("route") is not None:
-        problems.append((("route",), f"routing {why}"))
-    if isinstance(align, Mapping) and align.get("method", "none") != "none":
-        problems.append((("align", "method"), f"alignment {why}"))
-    if isinstance(align, Mapping) and align.get("repair") is True:
-        problems.append((("align", "repair"), f"REPAIR {why}"))
-    if isinstance(check, Mapping) and check.get("cka_min") is not None:
-        problems.append((("check", "cka_min"), f"the CKA gate {why}"))
-    return problems
+    return [
+        (
+            ("route",),
+            "routing does not serve LoRA adapters yet (a merge applies them on read): merge "
+            "the adapter into its base first (PEFT's `merge_and_unload`, then "
+            "`save_pretrained`) and name that model",
+        )
+    ]
 
 
 def _repair_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:

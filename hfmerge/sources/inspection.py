@@ -7,7 +7,7 @@ headers only) and compares them, reporting every problem of every model at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,17 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
             source.adapter, source.without_adapter, index, spec, offline=offline
         )
     return InspectedModel(source=source, config=config, index=index, spec=spec, adapter=adapter)
+
+
+def inspect_downloaded(source: ModelSource) -> InspectedModel:
+    """`inspect_model` of a source's files on disk (a Hub model's once downloaded, its adapter's
+    too): what a step that reads the weights checks them against, with no Hub request."""
+    return inspect_model(_on_disk(source))
+
+
+def _on_disk(source: ModelSource) -> ModelSource:
+    adapter = None if source.adapter is None else _on_disk(source.adapter)
+    return replace(source, hub_id=None, revision=None, adapter=adapter)
 
 
 def refuse_unpermutable(

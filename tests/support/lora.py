@@ -53,3 +53,16 @@ def merge_adapter(
     }
     run_recipe(parse_recipe(data), RunOptions(force=True, progress=False))
     return read_weights(out)
+
+
+def save_peft_merged(base: Path, adapter: Path, out: Path) -> Path:
+    """PEFT's own merge of `base` and `adapter` (`merge_and_unload`), saved into `out` with the
+    base's tokenizer files: the model a whole-model step over `BASE+ADAPTER` must equal."""
+    from transformers import AutoModelForCausalLM
+
+    from hfmerge.tensors import copy_side_files
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    model.merge_and_unload().save_pretrained(out)
+    copy_side_files(base, out)
+    return out
