@@ -1,6 +1,6 @@
 """A model with a LoRA adapter in a recipe: `BASE+ADAPTER` (mergekit's spelling, in a recipe or
 a mergekit config) and `{model: BASE, lora: ADAPTER}` are one entry; the steps that run whole
-models apply them (routing refuses them)."""
+models apply them, and routing serves them."""
 
 from __future__ import annotations
 
@@ -91,10 +91,6 @@ def test_steps_that_run_whole_models_take_adapters(extra: dict[str, Any]) -> Non
     assert parsed.models[0].ref == "a+b"
 
 
-def test_routing_refuses_adapters() -> None:
-    data = {"models": ["a+b", "c"], "route": {"experts": [{"data": "x"}, {"data": "y"}]}}
-    with pytest.raises(RecipeError) as caught:
-        parse_recipe(data)
-    assert any(
-        p.location == "route" and "LoRA adapters" in p.message for p in caught.value.problems
-    )
+def test_routing_takes_adapters_as_experts() -> None:
+    data = {"models": ["a+b", "a+c"], "route": {"experts": [{"data": "x"}, {"data": "y"}]}}
+    assert [entry.lora for entry in parse_recipe(data).models] == ["b", "c"]
