@@ -105,7 +105,8 @@ def evaluate(
     Routed repos (local folders or Hub ids) are evaluated through their router.
 
     Args:
-        models: model references or routed repos; one or several.
+        models: model references or routed repos; one or several. `BASE+ADAPTER` is a base
+            with its LoRA adapter applied.
         data: text to score: a UTF-8 file, a `.jsonl` with a `text` field, or
             `builtin[:code|prose|mixed]` (None: `builtin`); one or several.
         max_length: tokens per window (capped at the model's position limit).
@@ -171,7 +172,7 @@ def barrier(
     """Loss along the straight line from `model_a` to `model_b`, and its barrier.
 
     Args:
-        model_a: the model at λ = 0.
+        model_a: the model at λ = 0 (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: the model at λ = 1.
         align: alignment modes to compare: `none`, `weight`, `activation` or `canonical`, each
             optionally `+repair`; a name, a comma list, or a sequence of either.
@@ -238,7 +239,7 @@ def cka(
     """Debiased linear CKA of every layer of `model_a` with every layer of `model_b`.
 
     Args:
-        model_a: first model.
+        model_a: first model (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: second model (it must share `model_a`'s tokenizer).
         data: probe text (`evaluate`'s forms; None: `builtin`).
         samples: probe windows.
@@ -308,7 +309,7 @@ def units(
     one-to-one (matched correlation), one-to-many (sparse prediction) and many-to-many (groups).
 
     Args:
-        model_a: first model.
+        model_a: first model (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: second model (it must share `model_a`'s tokenizer).
         data: probe text (`evaluate`'s forms; None: `builtin`).
         samples: probe windows; every fourth is held out to score the regressions.

@@ -48,6 +48,7 @@ def test_a_loaded_model_with_its_adapter_is_peft_s_merge(tmp_path: Path, case: s
         assert torch.allclose(tensor, expected[prefix + name], rtol=0, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_evaluate_and_cka_over_base_plus_adapter_are_those_of_the_merge(
     pair: tuple[Path, Path, Path],
 ) -> None:
@@ -64,6 +65,7 @@ def test_evaluate_and_cka_over_base_plus_adapter_are_those_of_the_merge(
     assert min(with_adapter.diagonal) < 0.9999  # not the base against itself
 
 
+@pytest.mark.slow
 def test_barrier_with_weight_matching_reads_the_adapted_weights(
     pair: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

@@ -23,7 +23,8 @@ from tests.support.lm import char_tokenizer
 from tests.support.lora import save_adapter, save_peft_merged
 from tests.support.routing import LENGTH, NAMES, digit_texts, letter_texts
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
+# The routed repo fixture builds a router (~2 s); see tests/support/fixtures.py one_thread.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 LORA: dict[str, Any] = {
     "r": 4,
