@@ -52,17 +52,23 @@ class RoutePlan:
         for name, source, data in zip(
             self.names, self.experts, self.calibration_names, strict=True
         ):
-            pinned = f"@{source.revision}" if source.revision else ""
-            model = f"{source.hub_id or source.ref}{pinned}"
-            if source.adapter is not None:  # its base, then its adapter, each as pinned
-                adapter = source.adapter
-                model = source.ref if adapter.hub_id is None else f"{model}+{adapter.hub_id}"
-            lines.append(f"  expert {name}: {model}, calibration {data}")
+            lines.append(f"  expert {name}: {_shown(source, pins=True)}, calibration {data}")
         if self.backbone is not None:
             lines.append(f"  router backbone: {self.backbone.ref}")
         elif self.backbone_expert is not None:
             lines.append(f"  router backbone: expert {self.backbone_expert}")
         return "\n".join(lines)
+
+
+def _shown(source: ModelSource, *, pins: bool) -> str:
+    """A model as plans and cards show it: its Hub id (with its pinned sha when `pins`) or its
+    reference; a model with an adapter as `BASE+ADAPTER`, each shown so."""
+    if source.adapter is not None:
+        adapter = _shown(source.adapter, pins=pins)
+        return f"{_shown(source.without_adapter, pins=pins)}+{adapter}"
+    if source.hub_id is None:
+        return source.ref
+    return f"{source.hub_id}@{source.revision}" if pins else source.hub_id
 
 
 def expert_names(refs: Sequence[str]) -> list[str]:
@@ -263,10 +269,9 @@ def _card_section(plan: RoutePlan, built: BuiltRouter) -> str:
     for k, (name, source) in enumerate(zip(plan.names, plan.experts, strict=True)):
         recall = report.expert_accuracy[k]
         shown = "–" if recall is None else f"{recall:.1%}"
-        model = source.hub_id or source.ref
-        pinned = f" @ `{source.revision[:12]}`" if source.revision else ""
+        pinned = f" @ `{source.revision[:12]}`" if source.revision and not source.adapter else ""
         rows.append(
-            f"| `{name}` | `{model}`{pinned} | {plan.calibration_names[k]} | "
+            f"| `{name}` | `{_shown(source, pins=False)}`{pinned} | {plan.calibration_names[k]} | "
             f"{report.samples[k]} | {shown} |"
         )
     settings = built.router.settings

@@ -105,6 +105,10 @@ def test_hub_adapters_serve_as_routed_experts_and_in_whole_model_commands(
     assert [e.adapter.repo_id if e.adapter else None for e in manifest.experts] == [
         f"org/{n}" for n in NAMES
     ]
+    card = (chdir_tmp / "routed" / "README.md").read_text(encoding="utf-8")
+    assert "[`org/base`]" in card  # the base and the adapter, each linked at its commit
+    assert "[`org/digits`]" in card
+    assert "`org/base+org/letters`" in card
     model = RoutedModel.from_pretrained(chdir_tmp / "routed", device_map="cpu")
     inputs = digit_texts(2, seed=5) + letter_texts(2, seed=6)
     batch = model.tokenizer(inputs, return_tensors="pt", padding=True)
