@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,16 @@ class LowRankFactors:
     a: torch.Tensor  # [r, in] (an embedding's: [r, num_embeddings])
     b: torch.Tensor  # [out, r]
     scale: float
+    # Copies on the devices the module ran on, made once rather than on every call.
+    placed: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) on `device`."""
+        if device not in self.placed:
+            self.placed[device] = (self.a.to(device), self.b.to(device))
+        return self.placed[device]
 
 
 @dataclass(frozen=True)
@@ -103,13 +113,9 @@ def read_expert_adapter(name: str, base: Path, adapter: Path) -> ExpertAdapter:
 def _hook(factors: LowRankFactors, module: nn.Module) -> Any:
     """The forward hook adding the factors' product to `module`'s output."""
     embedding = isinstance(module, nn.Embedding)
-    placed: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_delta(_: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        device = output.device
-        if device not in placed:
-            placed[device] = (factors.a.to(device), factors.b.to(device))
-        a, b = placed[device]
+        a, b = factors.on(output.device)
         x = inputs[0]
         if embedding:
             low = nn.functional.embedding(x, a.T)  # [..., r]: rows of Aᵀ
