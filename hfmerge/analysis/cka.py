@@ -22,6 +22,7 @@ from hfmerge.errors import (
     HfMergeError,
     IncompatibleModelsError,
     InputDataError,
+    OptionError,
 )
 from hfmerge.sources.refs import ModelSource
 
@@ -50,11 +51,12 @@ class CkaReport:
     biased_diagonal: list[float]  # the biased estimator on the same pairs, for comparison
     pooling: Pooling
     samples: int  # probe windows (sequences)
-    tokens: int  # real tokens in them that entered (padding and causal position 0 excluded)
-    cka_samples: int  # samples the estimator saw: tokens, or windows with mean pooling
+    tokens: int  # real tokens in them (padding and causal position 0 excluded)
+    cka_samples: int  # samples the estimator saw: (subsampled) tokens, or windows with mean pooling
     settings: dict[str, Any] = field(default_factory=dict)
     units: list[UnitCorrespondence] | None = None
     estimator: str = "debiased"  # unbiased HSIC (Song et al. 2012) in every term; exact streaming
+    tokens_per_window: int | None = None  # `tokens` subsample; None: every token (or mean)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document (`--json`)."""
@@ -68,6 +70,7 @@ class CkaReport:
             "diagonal": self.diagonal,
             "estimator": self.estimator,
             "pooling": self.pooling,
+            "tokens_per_window": self.tokens_per_window,
             "samples": self.samples,
             "tokens": self.tokens,
             "cka_samples": self.cka_samples,
@@ -135,6 +138,7 @@ def compute_cka(
     max_length: int = 128,
     batch_size: int = 8,
     pooling: Pooling | None = None,
+    tokens_per_window: int | None = None,
     device_map: DeviceMap | None = "auto",
     max_memory: MaxMemory | None = None,
     units: bool = False,
@@ -143,23 +147,27 @@ def compute_cka(
     """Probe both models on the same windows of `data` and build the CKA report.
 
     `model_a` and `model_b` are resolved models (`hfmerge.sources.refs.resolve_model`); the
-    report names them as their references were written. `pooling` defaults to `mean`, or to
-    `tokens` with `units` (see `hfmerge.lm.probe`).
+    report names them as their references were written. `pooling` defaults to `tokens`, with at
+    most `tokens_per_window` random tokens of each window (default 16; 0: every token, the default
+    with `units`); see `hfmerge.lm.probe`. `tokens_per_window` applies to `tokens` pooling only.
 
     Raises:
         InputDataError: the data is unreadable or too short for CKA.
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
     from hfmerge.lm.batches import probe_batches
-    from hfmerge.lm.probe import default_pooling
+    from hfmerge.lm.probe import DEFAULT_POOLING
     from hfmerge.lm.textdata import describe_data, load_texts
 
-    pooling = pooling or default_pooling(units=units)
+    pooling = pooling or DEFAULT_POOLING
+    per_window = _per_window(pooling, tokens_per_window, units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     pair = load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
     windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
-    matrix, tokens = _stream(pair, batches, pooling=pooling, progress=progress)
+    matrix, tokens = _stream(
+        pair, batches, pooling=pooling, tokens_per_window=per_window, progress=progress
+    )
     if matrix.count < MIN_CKA_SAMPLES:
         raise InputDataError(
             describe_data(data),
@@ -181,11 +189,43 @@ def compute_cka(
         matrix,
         revisions=pair.revisions,
         pooling=pooling,
+        tokens_per_window=per_window,
         windows=len(windows),
         tokens=tokens,
         settings=settings,
         units=units,
     )
+
+
+def _per_window(pooling: Pooling, tokens_per_window: int | None, *, units: bool) -> int | None:
+    """The tokens each window gives under `tokens` pooling (None: every one, or `mean` pooling)."""
+    from hfmerge.lm.probe import default_tokens_per_window
+
+    check_tokens_per_window(pooling, tokens_per_window)
+    if pooling != "tokens" or tokens_per_window == 0:
+        return None
+    return tokens_per_window or default_tokens_per_window(units=units)
+
+
+def check_tokens_per_window(pooling: str | None, tokens_per_window: int | None) -> None:
+    """Raise `OptionError` for a negative count, or a count with `mean` pooling."""
+    if tokens_per_window is None:
+        return
+    if tokens_per_window < 0:
+        raise OptionError(
+            "--tokens-per-window",
+            str(tokens_per_window),
+            "is negative",
+            fix="give 1 or more tokens per window, or 0 for every token",
+        )
+    if pooling == "mean":
+        raise OptionError(
+            "--tokens-per-window",
+            str(tokens_per_window),
+            "applies to --pooling tokens only",
+            why="mean pooling averages every token of a window",
+            fix="drop --tokens-per-window, or use --pooling tokens",
+        )
 
 
 def probe_windows(
@@ -243,24 +283,56 @@ def load_pair(
 
 
 def _stream(
-    pair: ProbePair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling, progress: bool
+    pair: ProbePair,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    pooling: Pooling,
+    tokens_per_window: int | None,
+    progress: bool,
 ) -> tuple[CkaMatrix, int]:
-    """Feed every batch's states into one CkaMatrix; returns it and the tokens that entered."""
+    """Feed every batch's states into one CkaMatrix; returns it and the real tokens probed."""
     from hfmerge.lm.probe import paired_states
 
     widths = [
         [int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1) for m in pair.models
     ]
     matrix, tokens = CkaMatrix(widths[0], widths[1]), 0
-    windows = sum(int(batch["input_ids"].shape[0]) for batch in batches)
-    if pooling == "tokens" or windows > matrix.buffer_rows:  # the d×d streaming sums will be used
+    expected = _estimator_samples(
+        batches, causal=pair.causal, pooling=pooling, tokens_per_window=tokens_per_window
+    )
+    if expected > matrix.buffer_rows:  # the d×d streaming sums will be used
         _check_memory(widths[0], widths[1])
     for states in paired_states(
-        *pair.models, batches, causal=pair.causal, pooling=pooling, progress=progress
+        *pair.models,
+        batches,
+        causal=pair.causal,
+        pooling=pooling,
+        tokens_per_window=tokens_per_window,
+        progress=progress,
     ):
         matrix.update(states.a, states.b)
         tokens += states.tokens
     return matrix, tokens
+
+
+def _estimator_samples(
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    causal: bool,
+    pooling: Pooling,
+    tokens_per_window: int | None,
+) -> int:
+    """The samples the estimator will see (at most; a mean drops windows without tokens)."""
+    from hfmerge.lm.probe import kept_positions
+
+    kept = torch.cat(
+        [kept_positions(b["attention_mask"], causal=causal).sum(1) for b in batches]
+    )  # [windows]: kept tokens per window
+    if pooling == "mean":
+        return len(kept)
+    if tokens_per_window is not None:
+        kept = kept.clamp(max=tokens_per_window)
+    return int(kept.sum())
 
 
 def _report(
@@ -270,6 +342,7 @@ def _report(
     *,
     revisions: dict[str, str | None],
     pooling: Pooling,
+    tokens_per_window: int | None,
     windows: int,
     tokens: int,
     settings: dict[str, Any],
@@ -289,6 +362,7 @@ def _report(
         diagonal=[float(values[i, j]) for i, j in pairs],
         biased_diagonal=[float(biased[i, j]) for i, j in pairs],
         pooling=pooling,
+        tokens_per_window=tokens_per_window,
         samples=windows,
         tokens=tokens,
         cka_samples=matrix.count,
@@ -310,7 +384,8 @@ def _check_memory(widths_a: list[int], widths_b: list[int]) -> None:
             "estimator keeps a width×width sum per layer pair, which suits widths of a few "
             f"hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
             fix=f"use --pooling mean with at most {max(widths_a + widths_b)} windows (--samples), "
-            "which needs no such sums, or compare narrower or shallower models",
+            "or fewer windows or --tokens-per-window, which need no such sums, or compare "
+            "narrower or shallower models",
         )
 
 
@@ -319,7 +394,7 @@ def format_report(report: CkaReport) -> str:
     lines = [
         f"CKA {report.model_a} (A) vs {report.model_b} (B): {report.estimator} linear CKA "
         "(unbiased HSIC, exact over all sample pairs)",
-        f"{report.pooling} pooling, {report.cka_samples} samples from {report.samples} windows "
+        f"{pooling_label(report)}, {report.cka_samples} samples from {report.samples} windows "
         f"({report.tokens} tokens) of {report.settings.get('data', '?')}",
         "",
         _diagonal_table(report),
@@ -327,6 +402,13 @@ def format_report(report: CkaReport) -> str:
     if max(len(report.layers_a), len(report.layers_b)) <= MATRIX_MAX_LAYERS:
         lines += ["", "matrix (rows: layers of A, columns: layers of B)", _matrix_table(report)]
     return "\n".join(lines)
+
+
+def pooling_label(report: CkaReport) -> str:
+    """`mean pooling`, `tokens pooling`, or `tokens pooling (16 per window)`."""
+    if report.tokens_per_window is None:
+        return f"{report.pooling} pooling"
+    return f"{report.pooling} pooling ({report.tokens_per_window} per window)"
 
 
 def _diagonal_table(report: CkaReport) -> str:
@@ -364,12 +446,14 @@ __all__ = [
     "CkaReport",
     "ProbePair",
     "check_fail_under",
+    "check_tokens_per_window",
     "compute_cka",
     "diagonal_pairs",
     "failing_layers",
     "format_report",
     "layer_names",
     "load_pair",
+    "pooling_label",
     "probe_windows",
     "short_name",
 ]

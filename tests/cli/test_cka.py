@@ -165,12 +165,12 @@ def test_diagonal_pairs_rule() -> None:
     assert diagonal_pairs(3, 7) == [(0, 0), (1, 3), (2, 6)]
 
 
-def test_mean_pooling_is_the_default_and_counts_windows(
+def test_a_token_subsample_is_the_default_and_mean_counts_windows(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
     reports = []
-    for flags in ([], ["--pooling", "tokens"]):
-        out = tmp_path / f"{len(flags)}.json"
+    for flags in ([], ["--pooling", "mean"], ["--tokens-per-window", "0"]):
+        out = tmp_path / f"{len(reports)}.json"
         assert (
             main(
                 ["cka", str(models["a"]), str(models["other"]), *SMALL, *flags, "--json", str(out)]
@@ -178,11 +178,27 @@ def test_mean_pooling_is_the_default_and_counts_windows(
             == 0
         )
         reports.append(json.loads(out.read_text()))
-    mean, tokens = reports
+    sampled, mean, every = reports
+    assert sampled["pooling"] == "tokens"
+    assert sampled["tokens_per_window"] == 16
+    assert sampled["tokens"] > 6 * 16  # every window has more than 16 tokens to pick from
+    assert sampled["cka_samples"] == 6 * 16
     assert mean["pooling"] == "mean"
+    assert mean["tokens_per_window"] is None
     assert mean["cka_samples"] == mean["samples"] == 6
-    assert tokens["pooling"] == "tokens"
-    assert tokens["cka_samples"] == tokens["tokens"] > 6
+    assert every["pooling"] == "tokens"
+    assert every["tokens_per_window"] is None
+    assert every["cka_samples"] == every["tokens"] == sampled["tokens"]
+
+
+def test_tokens_per_window_needs_token_pooling(
+    models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = str(models["a"])
+    assert main(["cka", a, a, *SMALL, "--pooling", "mean", "--tokens-per-window", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "--tokens-per-window '8': applies to --pooling tokens only" in err
+    assert "Fix:" in err
 
 
 def test_errors_are_one_paragraph(
