@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,7 +169,7 @@ def test_diagonal_pairs_rule() -> None:
 def test_a_token_subsample_is_the_default_and_mean_counts_windows(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    reports = []
+    reports: list[dict[str, Any]] = []
     for flags in ([], ["--pooling", "mean"], ["--tokens-per-window", "0"]):
         out = tmp_path / f"{len(reports)}.json"
         assert (
