@@ -259,8 +259,8 @@ def cka(
         typer.Option(
             "--tokens-per-window",
             min=0,
-            help="With token pooling, at most K random tokens of each window; 0: every token. "
-            "[default: 16; every token with --units]",
+            help="With token pooling, at most K random tokens of each window (default 16; "
+            "every token with --units); 0: every token.",
             show_default=False,
         ),
     ] = None,
