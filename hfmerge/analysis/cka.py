@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `ch
     from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.lm.probe import Pooling
 
-MAX_STATS_BYTES = 8 * 2**30  # float64 sums for every layer pair; see `_check_memory`
+MAX_STATS_BYTES = 8 * 2**30  # float64 sums, or rows and Grams; see `_check_memory`
 MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
 
 
@@ -300,8 +300,7 @@ def _stream(
     expected = _estimator_samples(
         batches, causal=pair.causal, pooling=pooling, tokens_per_window=tokens_per_window
     )
-    if expected > matrix.buffer_rows:  # the d×d streaming sums will be used
-        _check_memory(widths[0], widths[1])
+    _check_memory(widths[0], widths[1], samples=expected, streaming=expected > matrix.buffer_rows)
     for states in paired_states(
         *pair.models,
         batches,
@@ -371,21 +370,35 @@ def _report(
     )
 
 
-def _check_memory(widths_a: list[int], widths_b: list[int]) -> None:
-    """Exact streaming keeps d_a·d_b float64 sums per layer pair: refuse what cannot fit."""
-    needed = 8 * (
-        sum(d * d for d in widths_a) + sum(d * d for d in widths_b) + sum(widths_a) * sum(widths_b)
-    )
+def _check_memory(
+    widths_a: list[int], widths_b: list[int], *, samples: int, streaming: bool
+) -> None:
+    """Refuse what cannot fit: with `streaming`, d_a·d_b float64 sums per layer pair; otherwise
+    the samples' rows and an n×n Gram matrix per layer (`CkaMatrix`)."""
+    if streaming:
+        needed = 8 * (
+            sum(d * d for d in widths_a)
+            + sum(d * d for d in widths_b)
+            + sum(widths_a) * sum(widths_b)
+        )
+        why = (
+            "with more samples than the width the exact estimator keeps a width×width sum per "
+            "layer pair, which suits widths of a few hundred"
+        )
+    else:
+        layers = len(widths_a) + len(widths_b)
+        needed = 8 * samples * (sum(widths_a) + sum(widths_b) + samples * layers)
+        why = (
+            f"with at most the width in samples the exact estimator keeps the {samples} samples' "
+            "rows and a samples×samples Gram matrix per layer"
+        )
     if needed > MAX_STATS_BYTES:
         raise HfMergeError(
             f"CKA over all {len(widths_a)}×{len(widths_b)} layer pairs would hold "
             f"{needed / 2**30:.1f} GiB of float64 statistics",
-            why="with more samples than the width (token pooling, or many windows) the exact "
-            "estimator keeps a width×width sum per layer pair, which suits widths of a few "
-            f"hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
+            why=f"{why}; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
             fix=f"use --pooling mean with at most {max(widths_a + widths_b)} windows (--samples), "
-            "or fewer windows or --tokens-per-window, which need no such sums, or compare "
-            "narrower or shallower models",
+            "or fewer windows or --tokens-per-window, or compare narrower or shallower models",
         )
 
 
