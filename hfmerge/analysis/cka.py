@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hfmerge.analysis.cka_samples import check_memory, estimator_samples, tokens_per_window_for
 from hfmerge.analysis.similarity import MIN_CKA_SAMPLES, CkaMatrix
 from hfmerge.analysis.units import UnitCorrespondence, unit_correspondence
 from hfmerge.errors import (
     CkaBelowThresholdError,
-    HfMergeError,
     IncompatibleModelsError,
     InputDataError,
-    OptionError,
 )
 from hfmerge.sources.refs import ModelSource
 
@@ -32,7 +31,6 @@ if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `ch
     from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.lm.probe import Pooling
 
-MAX_STATS_BYTES = 8 * 2**30  # float64 sums, or rows and Grams; see `_check_memory`
 MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
 
 
@@ -153,6 +151,8 @@ def compute_cka(
 
     Raises:
         InputDataError: the data is unreadable or too short for CKA.
+        OptionError: a negative `tokens_per_window`, or one with `mean` pooling.
+        HfMergeError: the estimator's statistics would not fit in memory.
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
     from hfmerge.lm.batches import probe_batches
@@ -160,7 +160,7 @@ def compute_cka(
     from hfmerge.lm.textdata import describe_data, load_texts
 
     pooling = pooling or DEFAULT_POOLING
-    per_window = _per_window(pooling, tokens_per_window, units=units)
+    per_window = tokens_per_window_for(pooling, tokens_per_window, units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     pair = load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
     windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
@@ -195,37 +195,6 @@ def compute_cka(
         settings=settings,
         units=units,
     )
-
-
-def _per_window(pooling: Pooling, tokens_per_window: int | None, *, units: bool) -> int | None:
-    """The tokens each window gives under `tokens` pooling (None: every one, or `mean` pooling)."""
-    from hfmerge.lm.probe import default_tokens_per_window
-
-    check_tokens_per_window(pooling, tokens_per_window)
-    if pooling != "tokens" or tokens_per_window == 0:
-        return None
-    return tokens_per_window or default_tokens_per_window(units=units)
-
-
-def check_tokens_per_window(pooling: str | None, tokens_per_window: int | None) -> None:
-    """Raise `OptionError` for a negative count, or a count with `mean` pooling."""
-    if tokens_per_window is None:
-        return
-    if tokens_per_window < 0:
-        raise OptionError(
-            "--tokens-per-window",
-            str(tokens_per_window),
-            "is negative",
-            fix="give 1 or more tokens per window, or 0 for every token",
-        )
-    if pooling == "mean":
-        raise OptionError(
-            "--tokens-per-window",
-            str(tokens_per_window),
-            "applies to --pooling tokens only",
-            why="mean pooling averages every token of a window",
-            fix="drop --tokens-per-window, or use --pooling tokens",
-        )
 
 
 def probe_windows(
@@ -297,10 +266,10 @@ def _stream(
         [int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1) for m in pair.models
     ]
     matrix, tokens = CkaMatrix(widths[0], widths[1]), 0
-    expected = _estimator_samples(
+    expected = estimator_samples(
         batches, causal=pair.causal, pooling=pooling, tokens_per_window=tokens_per_window
     )
-    _check_memory(widths[0], widths[1], samples=expected, streaming=expected > matrix.buffer_rows)
+    check_memory(widths[0], widths[1], samples=expected, streaming=expected > matrix.buffer_rows)
     for states in paired_states(
         *pair.models,
         batches,
@@ -312,26 +281,6 @@ def _stream(
         matrix.update(states.a, states.b)
         tokens += states.tokens
     return matrix, tokens
-
-
-def _estimator_samples(
-    batches: list[dict[str, torch.Tensor]],
-    *,
-    causal: bool,
-    pooling: Pooling,
-    tokens_per_window: int | None,
-) -> int:
-    """The samples the estimator will see (at most; a mean drops windows without tokens)."""
-    from hfmerge.lm.probe import kept_positions
-
-    kept = torch.cat(
-        [kept_positions(b["attention_mask"], causal=causal).sum(1) for b in batches]
-    )  # [windows]: kept tokens per window
-    if pooling == "mean":
-        return len(kept)
-    if tokens_per_window is not None:
-        kept = kept.clamp(max=tokens_per_window)
-    return int(kept.sum())
 
 
 def _report(
@@ -368,38 +317,6 @@ def _report(
         settings=settings,
         units=[unit_correspondence(matrix.accumulator(i, j)) for i, j in pairs] if units else None,
     )
-
-
-def _check_memory(
-    widths_a: list[int], widths_b: list[int], *, samples: int, streaming: bool
-) -> None:
-    """Refuse what cannot fit: with `streaming`, d_a·d_b float64 sums per layer pair; otherwise
-    the samples' rows and an n×n Gram matrix per layer (`CkaMatrix`)."""
-    if streaming:
-        needed = 8 * (
-            sum(d * d for d in widths_a)
-            + sum(d * d for d in widths_b)
-            + sum(widths_a) * sum(widths_b)
-        )
-        why = (
-            "with more samples than the width the exact estimator keeps a width×width sum per "
-            "layer pair, which suits widths of a few hundred"
-        )
-    else:
-        layers = len(widths_a) + len(widths_b)
-        needed = 8 * samples * (sum(widths_a) + sum(widths_b) + samples * layers)
-        why = (
-            f"with at most the width in samples the exact estimator keeps the {samples} samples' "
-            "rows and a samples×samples Gram matrix per layer"
-        )
-    if needed > MAX_STATS_BYTES:
-        raise HfMergeError(
-            f"CKA over all {len(widths_a)}×{len(widths_b)} layer pairs would hold "
-            f"{needed / 2**30:.1f} GiB of float64 statistics",
-            why=f"{why}; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
-            fix=f"use --pooling mean with at most {max(widths_a + widths_b)} windows (--samples), "
-            "or fewer windows or --tokens-per-window, or compare narrower or shallower models",
-        )
 
 
 def format_report(report: CkaReport) -> str:
@@ -459,7 +376,6 @@ __all__ = [
     "CkaReport",
     "ProbePair",
     "check_fail_under",
-    "check_tokens_per_window",
     "compute_cka",
     "diagonal_pairs",
     "failing_layers",

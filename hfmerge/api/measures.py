@@ -263,7 +263,8 @@ def cka(
         IncompatibleModelsError: the models do not share a tokenizer, or one is causal and the
             other is not.
     """
-    from hfmerge.analysis.cka import check_tokens_per_window, compute_cka
+    from hfmerge.analysis.cka import compute_cka
+    from hfmerge.analysis.cka_samples import check_tokens_per_window
     from hfmerge.errors import UnknownNameError
     from hfmerge.lm.probe import POOLINGS
 

@@ -240,15 +240,15 @@ def test_route_block_suggests_calibration_text_per_model() -> None:
 
 
 def test_wide_models_are_refused_only_where_the_statistics_cannot_fit() -> None:
-    from hfmerge.analysis.cka import _check_memory
+    from hfmerge.analysis.cka_samples import check_memory
     from hfmerge.errors import HfMergeError
 
-    _check_memory([768] * 13, [768] * 13, samples=4096, streaming=True)  # BERT-base: fine
+    check_memory([768] * 13, [768] * 13, samples=4096, streaming=True)  # BERT-base: fine
     with pytest.raises(HfMergeError, match="--pooling mean with at most 4096 windows"):
-        _check_memory([4096] * 33, [4096] * 33, samples=8192, streaming=True)  # 7B: 140+ GiB
+        check_memory([4096] * 33, [4096] * 33, samples=8192, streaming=True)  # 7B: 140+ GiB
     # Rows and Grams below the width: 256 windows, or 64 of them at 16 tokens each, fit a 7B;
     # 256 windows at 16 tokens each (8.3 GiB of rows and 8.3 GiB of Grams) do not.
-    _check_memory([4096] * 33, [4096] * 33, samples=256, streaming=False)
-    _check_memory([4096] * 33, [4096] * 33, samples=64 * 16, streaming=False)
+    check_memory([4096] * 33, [4096] * 33, samples=256, streaming=False)
+    check_memory([4096] * 33, [4096] * 33, samples=64 * 16, streaming=False)
     with pytest.raises(HfMergeError, match="Gram matrix per layer"):
-        _check_memory([4096] * 33, [4096] * 33, samples=256 * 16, streaming=False)
+        check_memory([4096] * 33, [4096] * 33, samples=256 * 16, streaming=False)
