@@ -12,16 +12,16 @@ Models load under an accelerate device map; they run alternately batch by batch 
 # Pooling. `tokens` (default): each window gives at most `tokens_per_window` of its kept tokens
 # (default 16), a seeded random subsample, as samples. Tokens tell a trained model from a random
 # init of the same shape: on the real MiniLM against a random init (64 windows of held-out prose),
-# token CKA reads about 0.5 on the early layers and 0.15 on the last, where `mean` reads 0.97
-# falling to 0.22 (benchmarks/NOTES.md). A window's mean is close to its bag of token embeddings,
-# which any two embeddings of the same tokens share. The subsample keeps the cost near the forward
-# passes: the exact estimator's cost grows with the samples it sees (n·d² per layer pair streamed,
-# n²·d per layer through Grams), and 16 tokens per window read within about 0.03 of every token.
-# The picks depend only on the window's index and its kept positions, so batching does not change
-# them. `tokens_per_window` None: every kept token is one sample; unit matching (`--units`) needs
-# those samples (n well above the width), so it defaults to that. `mean`: the masked mean per
-# window is one sample (per-input summaries). Token pairing needs one tokenizer, which `cka`
-# requires anyway.
+# token CKA reads 0.55 at most (the shared token ids still lift the embeddings and first blocks)
+# and 0.17 on the last two blocks, where `mean` reads 0.97 falling to 0.22 (benchmarks/NOTES.md).
+# A window's mean is close to its bag of token embeddings, which any two embeddings of the same
+# tokens share. The subsample keeps the cost near the forward passes: the exact estimator's cost
+# grows with the samples it sees (n·d² per layer pair streamed, n²·d per layer through Grams), and
+# 16 tokens per window read within about 0.03 of every token. The picks depend only on the
+# window's index and its kept positions, so batching does not change them. `tokens_per_window`
+# None: every kept token is one sample; unit matching (`--units`) needs those samples (n well
+# above the width), so it defaults to that. `mean`: the masked mean per window is one sample (a
+# per-input summary). Token pairing needs one tokenizer, which `cka` requires anyway.
 
 from __future__ import annotations
 
