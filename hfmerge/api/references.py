@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hfmerge.errors import AdapterError
+
 if TYPE_CHECKING:
     from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.sources.refs import ModelSource
@@ -20,7 +22,7 @@ def resolve(ref: str, *, progress: bool, adapters: bool = False) -> ModelSource:
 
     With `adapters` (a command that loads models whole, and so applies a LoRA adapter when it
     loads them), `BASE+ADAPTER` is a base with its adapter, both pinned and downloaded;
-    otherwise `+` is part of the reference, as before.
+    otherwise `BASE+ADAPTER` is refused with an AdapterError (a path that exists is a path).
     """
     from hfmerge.sources.refs import download_pinned
 
@@ -45,7 +47,15 @@ def _pin(ref: str, *, progress: bool, adapters: bool) -> ModelSource:
     from hfmerge.recipe.adapter_refs import split_adapter
     from hfmerge.sources.refs import pin_model
 
-    model, adapter = split_adapter(ref) if adapters else (ref, None)
+    model, adapter = split_adapter(ref)
+    if adapter is not None and not adapters:
+        raise AdapterError(
+            adapter,
+            model,
+            ["this command reads the model's own weights, and does not apply LoRA adapters"],
+            fix="merge the adapter into its base first (`hfmerge run` on a recipe whose one "
+            "model is BASE+ADAPTER, or PEFT's merge_and_unload) and name that model",
+        )
     return pin_model(model, lora=adapter, progress=progress)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hfmerge import api
+from hfmerge.errors import AdapterError
 from hfmerge.lm.load import load_lm, load_probe_model
 from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
@@ -103,3 +104,17 @@ def test_a_recipe_s_gate_alignment_and_repair_apply_the_adapter(
     want = run(str(merged), tmp_path / "merged")
     for name, tensor in want.items():
         assert torch.allclose(got[name], tensor, rtol=0, atol=1e-5), name
+
+
+def test_commands_that_read_the_model_s_own_weights_refuse_an_adapter_by_name(
+    pair: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    base, adapter, _ = pair
+    adapted = f"{base}+{adapter}"
+    with pytest.raises(AdapterError) as caught:
+        api.fingerprint([adapted, str(base)], progress=False)
+    assert (caught.value.adapter, caught.value.base) == (str(adapter), str(base))
+    assert "merge_and_unload" in str(caught.value)
+    with pytest.raises(AdapterError):
+        api.align(str(base), adapted, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
