@@ -1,5 +1,6 @@
-"""Alignment of mixture-of-experts models (Mixtral, Qwen3-MoE): weight matching recovers planted
-expert orders and per-expert FF orders exactly; the methods without MoE support refuse it."""
+"""Alignment of mixture-of-experts models (Mixtral, Qwen3-MoE): weight matching and canonical order
+recover planted expert orders and per-expert FF orders exactly; the methods without MoE support
+refuse it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hfmerge.align import align_checkpoint, canonical_permutations
+from hfmerge.align import align_checkpoint
 from hfmerge.align.weight_matching import weight_matching
 from hfmerge.arch.experts import plain
 from hfmerge.arch.permute import invert, permute_state_dict
@@ -54,32 +55,26 @@ def test_weight_matching_pairs_experts_through_noise(kind: str, tmp_path: Path) 
         assert torch.equal(plain(result.perms, name, 4), plain(expected, name, 4)), name
 
 
+@pytest.mark.parametrize("method", ["weight", "canonical"])
 @pytest.mark.parametrize("kind", MOE_KINDS)
-def test_cli_align_returns_a_exactly(kind: str, chdir_tmp: Path) -> None:
-    """`hfmerge align A PERMUTED_A --method weight` writes A's own tensors, under A's names."""
+def test_cli_align_returns_a_exactly(kind: str, method: str, chdir_tmp: Path) -> None:
+    """`hfmerge align A PERMUTED_A --method M` writes A's own tensors, under A's names."""
     a = save_moe_model(kind, chdir_tmp / "a", seed=2)
     b = save_permuted_copy(a, chdir_tmp / "b", seed=9)
     original, permuted = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert any(not permuted[name].equal(tensor) for name, tensor in original.items())
-    assert main(["align", str(a), str(b), "--out", "c", "--method", "weight"]) == 0
+    assert main(["align", str(a), str(b), "--out", "c", "--method", method]) == 0
     aligned = load_file(chdir_tmp / "c" / "model.safetensors")
     assert aligned.keys() == original.keys()
     assert all(aligned[name].equal(tensor) for name, tensor in original.items())
 
 
-@pytest.mark.parametrize("method", ["activation", "canonical"])
-def test_methods_without_moe_support_refuse_it(method: str, tmp_path: Path) -> None:
+def test_activation_matching_refuses_moe(tmp_path: Path) -> None:
     a = save_moe_model("mixtral", tmp_path / "a")
     with pytest.raises(AlignmentError, match="mixture-of-experts") as caught:
-        align_checkpoint(a, a, tmp_path / "out", method=method, progress=False)  # type: ignore[arg-type]
+        align_checkpoint(a, a, tmp_path / "out", method="activation", progress=False)
     assert "fuses each block's experts" in str(caught.value)
     assert not (tmp_path / "out").exists()
-
-
-def test_canonical_order_refuses_experts(tmp_path: Path) -> None:
-    state, spec = checkpoint_of(save_moe_model("qwen3_moe", tmp_path / "a"))
-    with pytest.raises(AlignmentError, match="weight matching"):
-        canonical_permutations(spec, state)
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
@@ -105,7 +100,6 @@ def test_an_aligned_merge_of_a_with_its_permuted_copy_is_a(kind: str, tmp_path: 
     ("align", "feature"),
     [
         ({"method": "activation"}, "`align: {method: activation}`"),
-        ({"method": "canonical"}, "`align: {method: canonical}`"),
         ({"method": "weight", "repair": True}, "`align.repair` (REPAIR)"),
     ],
 )
