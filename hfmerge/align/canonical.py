@@ -205,20 +205,17 @@ def _expert_order(
 
 
 def refuse_experts(spec: ArchSpec, *, label: str, feature: str) -> None:
-    """Refuse a mixture-of-experts spec for `feature`, which only weight matching and canonical
-    order support.
+    """Refuse a mixture-of-experts spec for `feature` (REPAIR), which has no MoE support.
 
     Raises:
-        AlignmentError: naming the model and the feature, with those two as the fix.
+        AlignmentError: naming the model and the feature, with alignment alone as the fix.
     """
     if spec.has_experts:
         raise AlignmentError(
             f"{feature} does not support the mixture-of-experts model {label} ({spec.family})",
-            why="transformers fuses each block's experts into 3-D tensors in memory, so "
-            "activations and module names do not match the checkpoint's per-expert tensors; "
-            "REPAIR has no sites inside the fused experts yet",
-            fix="use weight matching or canonical order (`--method weight|canonical`, "
-            "`align: {method: weight}`) without repair",
+            why="transformers fuses each block's experts into 3-D tensors in memory, and "
+            "REPAIR has no sites inside the fused experts (no module per expert to rescale)",
+            fix="align without repair (`align: {method: weight}`, or activation or canonical)",
         )
 
 

@@ -81,9 +81,9 @@ def _traced_views(
     return views
 
 
-def _module_views(model: PreTrainedModel, *, label: str) -> dict[str, torch.Tensor]:
-    """File name -> view of the model tensor it loads into, for every tensor of the state dict."""
-    out: dict[str, torch.Tensor] = {}
+def _module_views(model: PreTrainedModel, *, label: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """File name -> (the model tensor it loads into, the view of it), for the whole state dict."""
+    out: dict[str, tuple[str, torch.Tensor]] = {}
     for name, tensor in model.state_dict().items():
         reverted = _file_tensors(model, name, tensor)
         storage = tensor.untyped_storage().data_ptr()
@@ -91,8 +91,14 @@ def _module_views(model: PreTrainedModel, *, label: str) -> dict[str, torch.Tens
             reverted = _traced_views(model, name, tensor, label=label)
         for file_name, view in reverted.items():
             # Tied tensors (embedding and head) revert to their own names, each a whole view.
-            out.setdefault(file_name, view)
+            out.setdefault(file_name, (name, view))
     return out
+
+
+def loaded_names(model: PreTrainedModel, *, label: str) -> dict[str, str]:
+    """Checkpoint tensor name -> the model's state-dict name that holds it (the fused expert
+    parameter for a per-expert tensor), for every tensor the model would save."""
+    return {file: name for file, (name, _) in _module_views(model, label=label).items()}
 
 
 def checkpoint_targets(
@@ -107,7 +113,7 @@ def checkpoint_targets(
         ArchitectureError: a checkpoint tensor has no place in the model or a different shape
             there, or a parameter is not written by any checkpoint tensor.
     """
-    views = _module_views(model, label=label)
+    views = {file: view for file, (_, view) in _module_views(model, label=label).items()}
     unknown = [n for n in index.names if n not in views]
     reshaped = [
         n for n in index.names if n in views and tuple(views[n].shape) != index.info(n).shape
