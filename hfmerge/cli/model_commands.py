@@ -174,6 +174,10 @@ def align(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weight matching's order.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", help="Peak memory of weight matching, e.g. 3GB."),
+    ] = None,
 ) -> None:
     """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
     from hfmerge import api
@@ -186,6 +190,7 @@ def align(
         data=data,
         seed=seed,
         force=force,
+        max_memory=max_memory,
     )
     typer.echo(str(result.out_dir))
     say(
