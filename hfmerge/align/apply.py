@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hfmerge.align.activation_matching import activation_matching
-from hfmerge.align.canonical import canonical_permutations, refuse_experts
+from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
 from hfmerge.arch import require_permutable, spec_for
@@ -214,11 +214,13 @@ def _match(
         perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
         return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
-        refuse_experts(b.spec, label=b.label, feature="activation matching")
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
-        # yields permutations that fit the checkpoint's spec too.
-        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
+        # yields permutations that fit the checkpoint's spec too. A mixture of experts keeps the
+        # checkpoint's spec: its loaded experts are fused, and are found by checkpoint name.
+        spec = a.spec
+        if not spec.has_experts:
+            spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
         data = _builtin_batches(a) if batches is None else batches
         return activation_matching(spec, model_a, model_b, data, progress=progress)
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)

@@ -2,12 +2,11 @@
 
 The loss barrier scores such points along the line; REPAIR measures the inputs with it (λ = 1 is
 π(B) itself). Only one model is ever loaded: each checkpoint tensor is read from both files and
-written into the model's own storage.
+written into the model's own storage (`lm/checkpoint_views.py`: fused experts slice by slice).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from transformers import PreTrainedModel
 
 from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec, Permutations
-from hfmerge.errors import ArchitectureError, IncompatibleModelsError
-from hfmerge.lm.adapter import file_tensors
+from hfmerge.errors import IncompatibleModelsError
+from hfmerge.lm.checkpoint_views import checkpoint_targets
 from hfmerge.sources.inspection import inspect_downloaded, tensor_differences
 from hfmerge.sources.readers import open_reader
 from hfmerge.sources.refs import ModelSource
@@ -36,52 +35,6 @@ def check_same_tensors(path_a: Path, path_b: Path, *, label_a: str, label_b: str
         raise IncompatibleModelsError(label_a, label_b, problems)
 
 
-def checkpoint_targets(
-    model: PreTrainedModel, names: Sequence[str], *, label: str
-) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the model tensor (a view of its storage) that name loads into.
-
-    transformers may rename tensors between file and module (`lm.adapter.file_tensors`). A tied
-    weight appears once in the file, so writing through the file's names updates every tensor
-    that shares it.
-    """
-    state = model.state_dict()
-    by_file = file_tensors(model)
-    storages = {t.untyped_storage().data_ptr() for t in state.values()}
-    unknown = [n for n in names if n not in by_file]
-    converted = [
-        n for n in names if n in by_file and by_file[n].untyped_storage().data_ptr() not in storages
-    ]
-    if unknown or converted:
-        raise ArchitectureError(
-            label,
-            "its checkpoint tensors do not map one-to-one onto the "
-            f"loaded model ({', '.join((unknown + converted)[:5])})",
-            fix="re-save the model with transformers' save_pretrained",
-        )
-    targets = {n: by_file[n] for n in names}
-    _check_coverage(model, targets, label=label)
-    return targets
-
-
-def _check_coverage(
-    model: PreTrainedModel, targets: dict[str, torch.Tensor], *, label: str
-) -> None:
-    """Every parameter is written by some checkpoint tensor (else it would stay A's forever)."""
-    written = {t.untyped_storage().data_ptr() for t in targets.values()}
-    missed = [
-        name
-        for name, param in model.named_parameters()
-        if param.untyped_storage().data_ptr() not in written
-    ]
-    if missed:
-        raise ArchitectureError(
-            label,
-            f"parameters {', '.join(missed[:5])} are not in its checkpoint",
-            fix="re-save the model with its full weights",
-        )
-
-
 class Interpolator:
     """Sets one loaded model's weights to (1-λ)·A + λ·π(B), reading both checkpoints per tensor
     (each with its LoRA adapter applied on read, when its source has one)."""
@@ -89,7 +42,7 @@ class Interpolator:
     def __init__(self, model: PreTrainedModel, a: ModelSource, b: ModelSource) -> None:
         self.model = model
         self.a, self.b = inspect_downloaded(a), inspect_downloaded(b)
-        self.targets = checkpoint_targets(model, self.a.index.names, label=a.label)
+        self.targets = checkpoint_targets(model, self.a.index, label=a.label)
 
     def load(
         self, lam: float, *, spec: ArchSpec | None = None, perms: Permutations | None = None
@@ -140,4 +93,4 @@ def spec_of(path: Path, *, label: str) -> ArchSpec:
     return spec_for(read_config(path, label=label), index.names, label=label, shapes=shapes)
 
 
-__all__ = ["Interpolator", "check_same_tensors", "checkpoint_targets", "spec_of"]
+__all__ = ["Interpolator", "check_same_tensors", "spec_of"]

@@ -15,24 +15,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.errors import ArchitectureError, ModelSourceError
+from hfmerge.errors import ModelSourceError
+from hfmerge.lm.checkpoint_views import file_views
 from hfmerge.sources.inspection import inspect_downloaded
 from hfmerge.sources.readers import open_reader
 from hfmerge.sources.refs import ModelSource
-
-
-def file_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The model's state dict under the names its checkpoint files use (views of its storage).
-
-    transformers may rename tensors between file and module (GPT-NeoX `embed_out` is `lm_head`);
-    its own save-time renaming maps module names back to file names.
-    """
-    state = model.state_dict()
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4.x stores module names unchanged
-        return state
-    return revert_weight_conversion(model, dict(state))  # type: ignore[no-any-return]
 
 
 def apply_adapter(model: PreTrainedModel, path: Path, adapter: Path, *, label: str) -> list[str]:
@@ -69,24 +56,15 @@ def _targets(model: PreTrainedModel, names: list[str], *, label: str) -> dict[st
     A headless model (`AutoModel` of a `…ForCausalLM` checkpoint) holds its tensors without the
     checkpoint's base-model prefix (`model.layers.0…` is `layers.0…`).
     """
-    tensors = file_tensors(model)
-    own = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    tensors = file_views(model, label=label)  # views, fused expert parameters included
     headless = model.base_model is model
     prefix = f"{model.base_model_prefix}."
     found: dict[str, torch.Tensor] = {}
     for name in names:
         key = name.removeprefix(prefix) if headless and name not in tensors else name
-        if key not in tensors:
-            continue
-        if tensors[key].untyped_storage().data_ptr() not in own:  # converted: a copy, not a view
-            raise ArchitectureError(
-                label,
-                f"its tensor {name} is converted by transformers on load, so its LoRA adapter "
-                "cannot be written into the loaded model",
-                fix="merge the adapter into its base first (`hfmerge run` with BASE+ADAPTER)",
-            )
-        found[name] = tensors[key]
+        if key in tensors:
+            found[name] = tensors[key]
     return found
 
 
-__all__ = ["apply_adapter", "file_tensors"]
+__all__ = ["apply_adapter"]

@@ -308,9 +308,12 @@ def parse_max_memory(text: str) -> MaxMemory:
 
 
 def is_causal(config: Any) -> bool:
-    """False for bidirectional encoders (BERT family, masked LMs), True for everything else."""
+    """False for bidirectional encoders (BERT family, masked LMs, the encoder of an
+    encoder-decoder, which is all `load_probe_model` keeps of one), True for everything else."""
     architectures = list(getattr(config, "architectures", None) or [])
     if any(name.endswith("ForMaskedLM") for name in architectures):
+        return False
+    if getattr(config, "is_encoder_decoder", False):
         return False
     return getattr(config, "model_type", "") not in _ENCODER_TYPES
 
@@ -325,22 +328,19 @@ def load_probe_model(
     adapter: Path | None = None,
 ) -> PreTrainedModel:
     """The model's base (no LM head), placed by accelerate, in eval mode, with its LoRA
-    `adapter` folder applied.
+    `adapter` folder applied; of an encoder-decoder (T5, BART), its encoder.
+
+    The encoder of an encoder-decoder is a bidirectional stack over the input tokens, probed like
+    an encoder-only model (embeddings, then each block). The decoder is left out: its states are a
+    function of the target tokens fed to it as well as of the encoder's output, so a window of
+    text alone gives it no input to compare two models on.
 
     Raises:
-        ModelSourceError: an encoder-decoder (its two stacks have no one sequence of block
-            outputs), or weights of the base model are missing (they would be random).
+        ModelSourceError: weights of the base model are missing (they would be random).
     """
     from transformers import AutoModel
 
     config = read_config(path, label=label)
-    if config.get("is_encoder_decoder"):
-        raise ModelSourceError(
-            label,
-            f"is an encoder-decoder ({config.get('model_type')}), whose encoder and decoder "
-            "blocks form no one sequence of hidden states to probe",
-            "probe decoder-only or encoder-only checkpoints",
-        )
     layers = Completeness(
         "its layers",
         "compare complete checkpoints (config.json and all safetensors)",
@@ -356,6 +356,8 @@ def load_probe_model(
         complete=layers,
         adapter=adapter,
     )
+    if config.get("is_encoder_decoder"):
+        model = model.get_encoder()  # a PreTrainedModel itself, with its own config copy
     model.config.tie_last_hidden_states = False  # see the note at the top
     return model
 

@@ -85,7 +85,7 @@ def _folded_tensors(
     model: PreTrainedModel, sites: list[RepairSite], staging: Path, *, label: str
 ) -> dict[str, torch.Tensor]:
     """Checkpoint name -> new value of every tensor a site's factor was folded into."""
-    from hfmerge.analysis.interpolate import checkpoint_targets
+    from hfmerge.lm.checkpoint_views import checkpoint_targets
     from hfmerge.tensors import read_checkpoint_index
 
     modules = dict(model.named_modules())
@@ -94,10 +94,10 @@ def _folded_tensors(
         for site in sites
         for p in modules[site.module].parameters(recurse=False)
     }
-    names = read_checkpoint_index(staging, label=label).names
+    index = read_checkpoint_index(staging, label=label)
     return {
         name: tensor
-        for name, tensor in checkpoint_targets(model, names, label=label).items()
+        for name, tensor in checkpoint_targets(model, index, label=label).items()
         if tensor.untyped_storage().data_ptr() in touched
     }
 
