@@ -5,7 +5,7 @@ and orthogonal residual alignment of RMSNorm models (`orthogonal.py`).
 `align_checkpoint` also writes B into A's basis.
 """
 
-from hfmerge.align.activation_matching import CrossStats, activation_matching
+from hfmerge.align.activation_matching import activation_matching
 from hfmerge.align.apply import (
     PERMUTATIONS_FILE,
     ROTATION_FILE,
@@ -19,6 +19,7 @@ from hfmerge.align.apply import (
 )
 from hfmerge.align.attention import attention_objective, head_slices, solve_attention
 from hfmerge.align.canonical import canonical_permutations
+from hfmerge.align.cross_stats import CrossStats
 from hfmerge.align.lap import solve_lap
 from hfmerge.align.orthogonal import orthogonal_matching
 from hfmerge.align.weight_matching import MatchResult, weight_matching

@@ -105,7 +105,8 @@ def evaluate(
     Routed repos (local folders or Hub ids) are evaluated through their router.
 
     Args:
-        models: model references or routed repos; one or several.
+        models: model references or routed repos; one or several. `BASE+ADAPTER` is a base
+            with its LoRA adapter applied.
         data: text to score: a UTF-8 file, a `.jsonl` with a `text` field, or
             `builtin[:code|prose|mixed]` (None: `builtin`); one or several.
         max_length: tokens per window (capped at the model's position limit).
@@ -171,7 +172,7 @@ def barrier(
     """Loss along the straight line from `model_a` to `model_b`, and its barrier.
 
     Args:
-        model_a: the model at λ = 0.
+        model_a: the model at λ = 0 (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: the model at λ = 1.
         align: alignment modes to compare: `none`, `weight`, `activation` or `canonical`, each
             optionally `+repair`; a name, a comma list, or a sequence of either.
@@ -200,9 +201,12 @@ def barrier(
     permuted = [mode for mode in aligns if mode != "none"]  # `weight`, `none+repair`, ...
     if permuted:
         feature = f"`barrier --align {permuted[0]}`"
-        a, b = resolve_permutable([model_a, model_b], feature=feature, progress=progress)
+        a, b = resolve_permutable(
+            [model_a, model_b], feature=feature, progress=progress, adapters=True
+        )
     else:
-        a, b = resolve(model_a, progress=progress), resolve(model_b, progress=progress)
+        a = resolve(model_a, progress=progress, adapters=True)
+        b = resolve(model_b, progress=progress, adapters=True)
     results = compare_barriers(
         a,
         b,
@@ -227,6 +231,7 @@ def cka(
     max_length: int = 128,
     batch_size: int = 8,
     pooling: str | None = None,
+    tokens_per_window: int | None = None,
     device_map: DeviceMap = "auto",
     max_memory: str | MaxMemory | None = None,
     units: bool = False,
@@ -235,14 +240,16 @@ def cka(
     """Debiased linear CKA of every layer of `model_a` with every layer of `model_b`.
 
     Args:
-        model_a: first model.
+        model_a: first model (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: second model (it must share `model_a`'s tokenizer).
         data: probe text (`evaluate`'s forms; None: `builtin`).
         samples: probe windows.
         max_length: tokens per window.
         batch_size: windows per forward pass.
-        pooling: `mean` (one sample per window; the default) or `tokens` (every real token;
-            the default with `units`).
+        pooling: `tokens` (the default: real tokens are the samples) or `mean` (one sample
+            per window).
+        tokens_per_window: with `tokens` pooling, at most this many tokens of each window, a
+            seeded random subsample (None: 16, or every token with `units`; 0: every token).
         device_map: `auto`, `cpu`, `cuda:0`, ..., a JSON device map, or a mapping.
         max_memory: per-device limits, `0=20GiB,cpu=60GiB` or a mapping.
         units: add matched-unit correlation (Li et al. 2016).
@@ -254,17 +261,20 @@ def cka(
 
     Raises:
         UnknownNameError: an unknown pooling.
+        OptionError: a negative `tokens_per_window`, or one with `mean` pooling.
         ModelSourceError: a bad device map or memory limit, or a model that cannot be probed.
         InputDataError: unreadable text (checked before any model loads), or too little of it.
         IncompatibleModelsError: the models do not share a tokenizer, or one is causal and the
             other is not.
     """
     from hfmerge.analysis.cka import compute_cka
+    from hfmerge.analysis.cka_samples import check_tokens_per_window
     from hfmerge.errors import UnknownNameError
     from hfmerge.lm.probe import POOLINGS
 
     if pooling is not None and pooling not in POOLINGS:
         raise UnknownNameError("pooling", pooling, list(POOLINGS))
+    check_tokens_per_window(pooling, tokens_per_window)
     pair = probe_pair(
         model_a,
         model_b,
@@ -281,6 +291,7 @@ def cka(
         max_length=max_length,
         batch_size=batch_size,
         pooling=pooling,  # narrowed to `Pooling` by the check above
+        tokens_per_window=tokens_per_window,
         device_map=pair.device_map,
         max_memory=pair.max_memory,
         units=units,
@@ -305,7 +316,7 @@ def units(
     one-to-one (matched correlation), one-to-many (sparse prediction) and many-to-many (groups).
 
     Args:
-        model_a: first model.
+        model_a: first model (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: second model (it must share `model_a`'s tokenizer).
         data: probe text (`evaluate`'s forms; None: `builtin`).
         samples: probe windows; every fourth is held out to score the regressions.
@@ -388,7 +399,7 @@ def _scores(
             )
             for data in datas
         ]
-    source = resolve(ref, progress=progress)
+    source = resolve(ref, progress=progress, adapters=True)
     return [
         eval_model(
             source,

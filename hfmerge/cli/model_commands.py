@@ -257,8 +257,17 @@ def cka(
         str | None,
         typer.Option(
             "--pooling",
-            help="mean (per window; default) or tokens (every real token; "
-            "the default with --units).",
+            help="tokens (real tokens are the samples; default) or mean (one per window).",
+        ),
+    ] = None,
+    tokens_per_window: Annotated[
+        int | None,
+        typer.Option(
+            "--tokens-per-window",
+            min=0,
+            help="With token pooling, at most K random tokens of each window (default 16; "
+            "every token with --units); 0: every token.",
+            show_default=False,
         ),
     ] = None,
     units: Annotated[
@@ -278,6 +287,7 @@ def cka(
         max_length=max_length,
         batch_size=batch_size,
         pooling=pooling,
+        tokens_per_window=tokens_per_window,
         device_map=device_map,
         max_memory=max_memory,
         units=units,

@@ -137,8 +137,8 @@ def align_inputs(
         bases.append(
             align_basis(
                 method,
-                plan.base.source.path,
-                model.source.path,
+                plan.base.source,
+                model.source,
                 seed=recipe.align.seed,
                 batches=batches,
                 progress=progress,
