@@ -1,6 +1,6 @@
 """Barrier against width: the zoo's seed pair trained at several widths, aligned three ways.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_width.py [--quick] [--widths 32,64,128,256]
+    OMP_NUM_THREADS=1 python benchmarks/bench_width.py [--quick] [--widths 16,32,64,128,256]
         [--steps 300] [--pairs llama] [--samples 64] [--plot width.png] [--json width.json]
 
 Entezari et al. (ICLR 2022) conjecture that once permutation symmetry is taken into account, SGD
@@ -44,7 +44,7 @@ PAIRS: dict[str, tuple[str, str]] = {
     "llama": ("seed0", "seed1"),
     "gpt2": ("gpt2-seed0", "gpt2-seed1"),
 }
-FULL_WIDTHS = (32, 64, 128, 256)
+FULL_WIDTHS = (16, 32, 64, 128, 256)
 QUICK_WIDTHS = (16, 32, 64)
 
 
@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny config, widths 16,32,64")
-    parser.add_argument("--widths", type=widths_arg, help="comma list (default 32,64,128,256)")
+    parser.add_argument("--widths", type=widths_arg, help="comma list (default 16,32,64,128,256)")
     parser.add_argument("--steps", type=int, help="pretraining steps (default: the config's)")
     parser.add_argument("--pairs", default="llama", help=f"comma list of {sorted(PAIRS)}")
     parser.add_argument("--samples", type=int, help="scored windows (default 64; quick 16)")

@@ -38,8 +38,8 @@ def bench() -> Iterator[ModuleType]:
 
 def test_default_widths_share_everything_but_the_width(bench: ModuleType) -> None:
     args = bench.parse_args([])
-    assert args.widths == (32, 64, 128, 256)
-    assert args.configs[2] == ZooConfig()  # width 128 is the default zoo itself
+    assert args.widths == (16, 32, 64, 128, 256)
+    assert args.configs[3] == ZooConfig()  # width 128 is the default zoo itself
     assert {(c.num_layers, c.num_heads, c.pretrain_steps) for c in args.configs} == {(4, 4, 300)}
 
 
