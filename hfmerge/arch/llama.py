@@ -4,7 +4,9 @@ RoPE pins every Q/K dim inside a head, so attention permutes KV groups (with the
 query heads inside a group, and V/O dims inside a head; gate_proj and up_proj share one FF order.
 Granite's scalar multipliers (embedding, residual, attention, logits), SmolLM3's RoPE-free
 layers and Ministral's sliding windows change nothing a permutation touches: the same spec holds.
-InternLM3 and IQuest-Coder checkpoints load as LlamaForCausalLM in transformers.
+InternLM3 and IQuest-Coder checkpoints load as LlamaForCausalLM in transformers. Helium and
+ERNIE 4.5 rotate interleaved pairs of Q/K dims (not the two halves); every Q/K dim is pinned here,
+so the pairing does not matter.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ MODEL_TYPES = (
     "seed_oss",
     "internlm3",
     "iquestcoder",
+    "helium",
+    "ernie4_5",
 )
 DESCRIPTION = (
     "Llama-style decoders (Llama, Mistral, Ministral, Qwen2, Granite, SmolLM3, Seed-OSS, "
-    "InternLM3, IQuest-Coder); RoPE, GQA, SwiGLU, tied or untied head"
+    "InternLM3, IQuest-Coder, Helium, ERNIE 4.5); RoPE, GQA, SwiGLU, tied or untied head"
 )
-TIED_BY_DEFAULT = frozenset({"smollm3"})  # model types whose config defaults to a tied head
+TIED_BY_DEFAULT = frozenset(
+    {"smollm3", "ernie4_5"}
+)  # model types whose config defaults to a tied head
 # Other config.json spellings of Llama's bias flags (transformers' InternLM3Config.attribute_map).
 _FLAG_ALIASES = {"internlm3": {"attention_bias": "qkv_bias", "mlp_bias": "bias"}}
 
@@ -52,6 +58,14 @@ def _biases(config: Mapping[str, Any]) -> Biases:
         return Biases(qkv=True)
     if model_type in ("mistral", "ministral"):  # their attention and MLP hard-code bias=False
         return Biases()
+    if model_type == "ernie4_5":  # one flag for every projection
+        use_bias = config_flag(config, "use_bias", default=False)
+        return Biases(qkv=use_bias, o=use_bias, mlp=use_bias)
+    if model_type == "helium":  # o_proj hard-codes bias=False
+        return Biases(
+            qkv=config_flag(config, "attention_bias", default=False),
+            mlp=config_flag(config, "mlp_bias", default=False),
+        )
     mlp = _flag(config, "mlp_bias", default=False)
     if model_type == "seed_oss":  # q/k/v and o read separate flags
         return Biases(

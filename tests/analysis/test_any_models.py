@@ -23,7 +23,7 @@ def _pair(kind: str, style: str, root: Path) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-@pytest.mark.parametrize(("kind", "style"), [("helium", "llama"), ("roberta", "bert")])
+@pytest.mark.parametrize(("kind", "style"), [("cohere", "llama"), ("roberta", "bert")])
 def test_eval_barrier_and_cka_run_on_a_generic_model(
     kind: str, style: str, tmp_path: Path, one_thread: None
 ) -> None:

@@ -48,6 +48,8 @@ FAMILY_OF_KIND = {
     "ministral": "llama",
     "internlm3": "llama",
     "iquestcoder": "llama",
+    "helium": "llama",
+    "ernie4_5": "llama",
     "qwen3": "qwen3",
     "gemma": "gemma",
     "gemma2": "gemma",
@@ -67,7 +69,7 @@ TIED_IN_FILE = {
     "llama_tied": {"lm_head.weight": "model.embed_tokens.weight"},
     **{
         kind: {"lm_head.weight": "model.embed_tokens.weight"}
-        for kind in ("smollm3", "gemma", "gemma2", "gemma3_text")  # tied by default
+        for kind in ("smollm3", "ernie4_5", "gemma", "gemma2", "gemma3_text")  # tied by default
     },
 }
 AUTO_CLASS = {"bert": AutoModelForMaskedLM, "bert_base_model": AutoModel}
@@ -373,6 +375,8 @@ def test_registry_lists_every_family() -> None:
         "ministral": "llama",
         "internlm3": "llama",
         "iquestcoder": "llama",
+        "helium": "llama",
+        "ernie4_5": "llama",
         "qwen3": "qwen3",
         "gemma": "gemma",
         "gemma2": "gemma",

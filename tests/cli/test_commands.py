@@ -50,6 +50,20 @@ def test_archs_is_a_table_of_families_and_what_runs_on_them(
     assert lines[-1].split() == ["any", "other", "model_type", "yes", "no", "no", "no", "no"]
 
 
+def test_the_readme_shows_the_archs_table_as_the_command_prints_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["archs"]) == 0
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = [
+        line.replace("|", " ").split()
+        for line in readme.splitlines()
+        if line.startswith("| ") and line.rstrip().endswith(("| yes |", "| no |"))
+    ]
+    assert rows == printed
+
+
 def test_run_writes_model_and_prints_its_path(
     chdir_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -198,7 +212,18 @@ def test_align_writes_b_in_a_basis(
 
 @pytest.mark.parametrize(
     "kind",
-    ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "exaone4", "granite", "smollm3"],
+    [
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo2",
+        "exaone4",
+        "granite",
+        "smollm3",
+        "helium",
+    ],
 )
 def test_align_undoes_a_planted_permutation_exactly(kind: str, chdir_tmp: Path) -> None:
     from safetensors.torch import load_file

@@ -19,7 +19,8 @@ from tests.support.tiny_models import VOCAB, add_noise
 Inputs = Literal["text", "seq2seq", "image"]
 # How a refusal lists the llama family among those that have a spec.
 LLAMA_FAMILY = (
-    "llama (llama, mistral, ministral, qwen2, granite, smollm3, seed_oss, internlm3, iquestcoder)"
+    "llama (llama, mistral, ministral, qwen2, granite, smollm3, seed_oss, internlm3, iquestcoder, "
+    "helium, ernie4_5)"
 )
 
 
@@ -58,6 +59,9 @@ _BART = {
 ANY_MODELS: dict[str, AnyModel] = {
     # decoders
     "helium": AnyModel("helium", _CAUSAL, {**_GQA, "head_dim": 8, "pad_token_id": 0}),
+    "hunyuan_v1_dense": AnyModel(
+        "hunyuan_v1_dense", _CAUSAL, {**_GQA, "head_dim": 8, "pad_token_id": 0}
+    ),
     "cohere2": AnyModel("cohere2", _CAUSAL, {**_GQA, "pad_token_id": 0}),  # tied head
     "phi": AnyModel("phi", _CAUSAL, _GQA),
     "stablelm": AnyModel("stablelm", _CAUSAL, _GQA),

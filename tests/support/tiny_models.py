@@ -17,6 +17,8 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    Ernie4_5Config,
+    Ernie4_5ForCausalLM,
     Exaone4Config,
     Exaone4ForCausalLM,
     Gemma2Config,
@@ -31,6 +33,8 @@ from transformers import (
     GPTNeoXForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    HeliumConfig,
+    HeliumForCausalLM,
     InternLM3Config,
     IQuestCoderConfig,
     LlamaConfig,
@@ -203,6 +207,18 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     ),
     "iquestcoder": TinyFamily(
         IQuestCoderConfig, LlamaForCausalLM, {**_LLAMA, **_TOKENS, "head_dim": 8}
+    ),
+    # Interleaved RoPE pairs; Helium with q/k/v and MLP biases (never on o_proj), ERNIE 4.5 with
+    # every bias on and its default tied head.
+    "helium": TinyFamily(
+        HeliumConfig,
+        HeliumForCausalLM,
+        {**_LLAMA, **_TOKENS, "head_dim": 8, "attention_bias": True, "mlp_bias": True},
+    ),
+    "ernie4_5": TinyFamily(
+        Ernie4_5Config,
+        Ernie4_5ForCausalLM,
+        {**_LLAMA, **_TOKENS, "head_dim": 8, "use_bias": True, "tie_word_embeddings": True},
     ),
     # head_dim 16 with hidden 64 and 8 heads: q_proj has 128 rows.
     "qwen3": TinyFamily(Qwen3Config, Qwen3ForCausalLM, {**_LLAMA, "head_dim": 16}),
