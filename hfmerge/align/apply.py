@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from hfmerge.align.activation_matching import activation_matching
 from hfmerge.align.canonical import canonical_permutations, refuse_experts
 from hfmerge.align.weight_matching import MatchResult, weight_matching
+from hfmerge.align.weights import Weights
 from hfmerge.arch import require_permutable, spec_for
 from hfmerge.arch.permute import (
     check_permutations,
@@ -111,14 +112,15 @@ def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel,
     return pair[0], pair[1]
 
 
+def _matched_names(model: InspectedModel) -> list[str]:
+    """The checkpoint's tensors that alignment reads: every one but the buffers."""
+    return [name for name, tensor in model.spec.tensors.items() if not tensor.buffer]
+
+
 def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
-    """Every non-buffer tensor of the checkpoint as float64."""
+    """Every non-buffer tensor of the checkpoint as float64 (canonical order holds them whole)."""
     with LazyCheckpoint(model.source.path, label=model.label) as reader:
-        return {
-            name: reader.get(name).to(torch.float64)
-            for name, tensor in model.spec.tensors.items()
-            if not tensor.buffer
-        }
+        return {name: reader.get(name).to(torch.float64) for name in _matched_names(model)}
 
 
 def _load_model(model: InspectedModel) -> PreTrainedModel:
@@ -162,17 +164,26 @@ def _match(
     seed: int,
     batches: Batches | None,
     progress: bool,
+    max_memory_bytes: int | None = None,
 ) -> MatchResult:
     if method == "none":
         return MatchResult(perms=identity_permutations(b.spec), iterations=0, objective=[])
     for model in (a, b):
         require_permutable(model.spec, label=model.label, feature=f"{method} matching")
     if method == "weight":
-        # Both models are held whole as float64 (16 bytes per parameter pair: 1.8 GB for
-        # BERT-base); fine up to that size, larger models would need streamed similarities.
-        return weight_matching(
-            b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
-        )
+        # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
+        with (
+            LazyCheckpoint(a.source.path, label=a.label) as reader_a,
+            LazyCheckpoint(b.source.path, label=b.label) as reader_b,
+        ):
+            return weight_matching(
+                b.spec,
+                Weights.from_checkpoint(reader_a, _matched_names(a)),
+                Weights.from_checkpoint(reader_b, _matched_names(b)),
+                seed=seed,
+                progress=progress,
+                max_memory_bytes=max_memory_bytes,
+            )
     if method == "canonical":
         # B to its normal form, then back out through A's: both models sorted the same way.
         to_a = invert(a.spec, canonical_permutations(a.spec, _read_params(a)))
@@ -197,14 +208,25 @@ def align_permutations(
     seed: int = 0,
     batches: Batches | None = None,
     progress: bool = False,
+    max_memory_bytes: int | None = None,
 ) -> Permutations:
     """Permutations bringing model B into model A's basis (`none` gives the identity).
 
-    `weight` and `canonical` read both checkpoints' tensors; `activation` loads both models with
-    transformers and runs `batches` (default: the built-in probe text through A's tokenizer).
+    `weight` streams both checkpoints' tensors, within `max_memory_bytes` when given (refused
+    before any weight is read if too small); `canonical` reads them whole; `activation` loads
+    both models with transformers and runs `batches` (default: the built-in probe text through
+    A's tokenizer).
     """
     a, b = _inspect_pair(model_a_dir, model_b_dir)
-    return _match(method, a, b, seed=seed, batches=batches, progress=progress).perms
+    return _match(
+        method,
+        a,
+        b,
+        seed=seed,
+        batches=batches,
+        progress=progress,
+        max_memory_bytes=max_memory_bytes,
+    ).perms
 
 
 def align_checkpoint(
@@ -218,11 +240,13 @@ def align_checkpoint(
     force: bool = False,
     progress: bool = True,
     max_shard_size: int | str = "5GB",
+    max_memory_bytes: int | None = None,
 ) -> MatchResult:
     """Write model B permuted into A's basis to `out_dir`: same function as B, loadable as usual.
 
     Tensors stream one at a time from B's shards into the output; config and tokenizer files are
     copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`.
+    `max_memory_bytes` bounds weight matching (see `align_permutations`).
     """
     parse_size(max_shard_size)  # a bad size fails now, not after the matching
     if method not in _WRITTEN:
@@ -231,7 +255,15 @@ def align_checkpoint(
     # before the long matching, not after it
     check_output_dir(out_dir, force=force, inputs=[Path(model_a_dir), Path(model_b_dir)])
     a, b = _inspect_pair(model_a_dir, model_b_dir)
-    result = _match(method, a, b, seed=seed, batches=batches, progress=progress)
+    result = _match(
+        method,
+        a,
+        b,
+        seed=seed,
+        batches=batches,
+        progress=progress,
+        max_memory_bytes=max_memory_bytes,
+    )
     _write_aligned(
         b,
         out_dir,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hfmerge.align.weights import square_sums
 from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.experts import expert_tensor_name, plain
 from hfmerge.arch.spec import ArchSpec, PermGroup, Permutations
@@ -30,12 +31,6 @@ def slot_name(name: str, spec: ArchSpec, perms: Permutations) -> str:
     order = plain(perms, slot.group, spec.groups[slot.group].size)
     landed = int(torch.argsort(order)[slot.index])  # B's expert index -> A's slot
     return expert_tensor_name(name, slot, landed)
-
-
-def _profile(tensor: torch.Tensor, axis: int) -> torch.Tensor:
-    """Squared entries summed over every axis but `axis`: [axis_len]."""
-    moved = tensor.movedim(axis, 0)  # [..., axis_len, ...] -> [axis_len, ...]
-    return moved.reshape(moved.shape[0], -1).square().sum(dim=1)  # -> [axis_len]
 
 
 @dataclass(frozen=True)
@@ -77,7 +72,7 @@ def expert_profiles(
     def stacked(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(
             [
-                torch.stack([_profile(params[n], _residual_axis(spec, n) or 0) for n in names])
+                torch.stack([square_sums(params[n], _residual_axis(spec, n) or 0) for n in names])
                 for names in per_expert
             ]
         )  # [experts, tensors, hidden]

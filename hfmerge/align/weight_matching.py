@@ -9,29 +9,26 @@ group of an expert is then matched against A's expert in the slot its B expert l
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from hfmerge.align.attention import (
-    HeadBlocks,
-    add_blocks,
-    attention_objective,
-    head_blocks,
-    head_slices,
-    solve_attention,
-)
-from hfmerge.align.expert_order import ExpertProfiles, expert_profiles, slot_name
+from hfmerge.align.attention import attention_objective, solve_attention
+from hfmerge.align.expert_order import ExpertProfiles, expert_profiles
 from hfmerge.align.lap import assignment_value, improves, solve_lap
-from hfmerge.arch.common import RESIDUAL
-from hfmerge.arch.permute import identity_permutations, permute_tensor, read_permuted, unit_rows
-from hfmerge.arch.spec import (
-    ArchSpec,
-    AttentionPerm,
-    AxisRole,
-    PermGroup,
-    Permutations,
+from hfmerge.align.matching_memory import plan_memory
+from hfmerge.align.matching_problem import (
+    HeadGrams,
+    Problem,
+    Touch,
+    grams_to_blocks,
+    group_touches,
+    plain_zeros,
 )
+from hfmerge.align.weights import Weights
+from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.permute import identity_permutations
+from hfmerge.arch.spec import ArchSpec, AttentionPerm, PermGroup, Permutations
 from hfmerge.errors import AlignmentError
 from hfmerge.progress import track
 
@@ -56,94 +53,17 @@ class MatchResult:
     correlation: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Touch:
-    """One axis of one of B's tensors that a group acts on."""
-
-    tensor: str
-    axis: int
-    role: AxisRole
-    static: bool  # no other axis is permuted, nor is it an expert's: its contribution never changes
-
-
-def _touches(spec: ArchSpec, names: list[str]) -> dict[str, list[_Touch]]:
-    """Every (tensor, axis) that each group acts on, by group name."""
-    out: dict[str, list[_Touch]] = {name: [] for name in spec.groups}
-    for name in names:
-        tensor = spec.tensors[name]
-        for axis, role in enumerate(tensor.axes):
-            if role is None:
-                continue
-            others = [r for i, r in enumerate(tensor.axes) if i != axis and r is not None]
-            static = not others and tensor.expert is None
-            out[role.group].append(_Touch(name, axis, role, static=static))
-    return out
-
-
-def _rows(tensor: torch.Tensor, axis: int) -> torch.Tensor:
-    """The tensor with `axis` first, flattened behind it: [axis_len, rest]."""
-    moved = tensor.movedim(axis, 0)  # [..., axis_len, ...] -> [axis_len, ...]
-    return moved.reshape(tensor.shape[axis], -1)  # [axis_len, ...] -> [axis_len, rest]
-
-
-@dataclass
-class _Problem:
-    """Both models' float64 tensors and the spec; B is permuted on demand, never in place."""
-
-    spec: ArchSpec
-    a: dict[str, torch.Tensor]
-    b: dict[str, torch.Tensor]
-
-    def a_rows(self, touch: _Touch, perms: Permutations) -> torch.Tensor:
-        """A's tensor that B's touched one meets (an expert's: its slot's), as [axis_len, rest]."""
-        return _rows(self.a[slot_name(touch.tensor, self.spec, perms)], touch.axis)
-
-    def b_rows(self, touch: _Touch, perms: Permutations) -> torch.Tensor:
-        """B's tensor with every axis but the touched one permuted: [axis_len, rest]."""
-        tensor_spec = self.spec.tensors[touch.tensor]
-        others = tuple(None if i == touch.axis else r for i, r in enumerate(tensor_spec.axes))
-        moved = permute_tensor(
-            self.b[touch.tensor], replace(tensor_spec, axes=others), self.spec, perms
-        )
-        return _rows(moved, touch.axis)
-
-    def plain(self, size: int, touches: list[_Touch], perms: Permutations) -> torch.Tensor:
-        """[size, size] similarity of A's units (rows) to B's units (columns)."""
-        total = torch.zeros(size, size, dtype=torch.float64)
-        for touch in touches:
-            rows_a = unit_rows(self.a_rows(touch, perms), touch.role.layout)
-            rows_b = unit_rows(self.b_rows(touch, perms), touch.role.layout)
-            total += rows_a @ rows_b.T
-        return total
-
-    def heads(self, group: PermGroup, touches: list[_Touch], perms: Permutations) -> HeadBlocks:
-        """Per-part head blocks of one attention group, slices taken from each axis' layout."""
-        total: HeadBlocks = {}
-        for touch in touches:
-            rows_a, rows_b = self.a_rows(touch, perms), self.b_rows(touch, perms)
-            for part, where in head_slices(group, touch.role.layout).items():
-                index = where.reshape(-1)  # [heads, head_dim] -> [heads*head_dim]
-                gram = rows_a[index] @ rows_b[index].T  # [heads*head_dim, heads*head_dim]
-                add_blocks(
-                    total, part, head_blocks(gram, heads=where.shape[0], head_dim=group.head_dim)
-                )
-        return total
-
-    def objective(self, perms: Permutations) -> float:
-        """<W_A, P(W_B)> over every matched tensor."""
-        return sum(
-            float((self.a[n] * read_permuted(n, self.b.__getitem__, self.spec, perms)).sum())
-            for n in self.a
-        )
-
-
 class _GroupStep:
-    """One group's coordinate step; the part of its similarity that never changes is cached."""
+    """One group's coordinate step; the part of its similarity that never changes is cached when
+    the memory plan says so (`align/matching_memory.py`), else summed again at each solve."""
 
-    def __init__(self, problem: _Problem, group: PermGroup, touches: list[_Touch]) -> None:
+    def __init__(
+        self, problem: Problem, group: PermGroup, touches: list[Touch], *, cache: bool
+    ) -> None:
         self.problem = problem
         self.group = group
         self.dynamic = [t for t in touches if not t.static]
+        self.static = [t for t in touches if t.static]
         # Groups on the other axes of the dynamic tensors (itself too where it is on two axes):
         # the similarity depends on their permutations and on nothing else.
         tensors = problem.spec.tensors
@@ -158,16 +78,31 @@ class _GroupStep:
             | {slot.group for t in self.dynamic if (slot := tensors[t.tensor].expert)}
         )
         self.solved_at: dict[str, int] | None = None  # neighbours' versions at the last solve
-        static = [t for t in touches if t.static]
-        identity = identity_permutations(problem.spec)  # static touches ignore it
-        if group.kind == "attention":
-            self.static_blocks = problem.heads(group, static, identity)
-        else:
-            self.static_plain = problem.plain(group.size, static, identity)
+        # The static part, summed once and kept when `cache`, else summed again at every solve:
+        # the same additions in the same order either way, so the similarity is the same.
+        self.cached_plain: torch.Tensor | None = None
+        self.cached_grams: HeadGrams | None = None
+        if cache and self.static:
+            if group.kind == "attention":
+                self.cached_grams = self._static_grams()
+            else:
+                self.cached_plain = self._static_plain()
         self.profiles: ExpertProfiles | None = None
         if group.kind == "experts":
             self.profiles = expert_profiles(problem.spec, group, problem.a, problem.b)
             self.neighbours = sorted({*self.neighbours, RESIDUAL})
+
+    def _static_plain(self) -> torch.Tensor:
+        total = plain_zeros(self.group.size)
+        # static touches ignore the permutations
+        self.problem.add_plain(total, self.static, identity_permutations(self.problem.spec))
+        return total
+
+    def _static_grams(self) -> HeadGrams:
+        grams: HeadGrams = {}
+        identity = identity_permutations(self.problem.spec)  # static touches ignore it
+        self.problem.add_heads(grams, self.group, self.static, identity)
+        return grams
 
     def run(self, perms: Permutations, versions: dict[str, int]) -> bool:
         """Re-solve this group against the others' current permutations; True if it changed.
@@ -188,7 +123,11 @@ class _GroupStep:
         return changed
 
     def _plain(self, perms: Permutations) -> bool:
-        similarity = self.static_plain + self.problem.plain(self.group.size, self.dynamic, perms)
+        if self.cached_plain is not None:
+            similarity = self.cached_plain.clone()
+        else:
+            similarity = self._static_plain()
+        self.problem.add_plain(similarity, self.dynamic, perms)
         if self.profiles is not None:
             residual = perms[RESIDUAL]
             assert isinstance(residual, torch.Tensor)
@@ -202,9 +141,12 @@ class _GroupStep:
         return True
 
     def _attention(self, perms: Permutations) -> bool:
-        blocks = dict(self.static_blocks)
-        for part, value in self.problem.heads(self.group, self.dynamic, perms).items():
-            add_blocks(blocks, part, value)
+        if self.cached_grams is not None:
+            grams = {part: gram.clone() for part, gram in self.cached_grams.items()}
+        else:
+            grams = self._static_grams()
+        self.problem.add_heads(grams, self.group, self.dynamic, perms)
+        blocks = grams_to_blocks(self.group, grams)
         old = perms[self.group.name]
         assert isinstance(old, AttentionPerm)
         new = solve_attention(self.group, blocks)
@@ -217,37 +159,30 @@ class _GroupStep:
         return True
 
 
-def _checked_names(
-    spec: ArchSpec, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor]
-) -> list[str]:
-    """Shared tensor names of A and B, refusing any difference in names or shapes."""
-    if params_a.keys() != params_b.keys():
-        only = sorted(set(params_a) ^ set(params_b))
+def _checked_names(spec: ArchSpec, a: Weights, b: Weights) -> list[str]:
+    """Shared tensor names of A and B, refusing any difference in names or shapes (from the
+    shapes alone: nothing is read)."""
+    if a.keys() != b.keys():
+        only = sorted(set(a) ^ set(b))
         raise AlignmentError(
             f"the two models hold different tensors ({', '.join(only[:5])})",
             fix="align only models of one architecture and size",
         )
-    unknown = sorted(n for n in params_a if n not in spec.tensors)
+    unknown = sorted(n for n in a if n not in spec.tensors)
     if unknown:
         raise AlignmentError(
             f"tensors not in the {spec.family} spec: {', '.join(unknown[:5])}",
             fix="build the spec from the same checkpoint as the tensors",
         )
     # Spec order keeps runs deterministic; buffers (position ids, masks) are never matched.
-    names = [n for n, t in spec.tensors.items() if n in params_a and not t.buffer]
+    names = [n for n, t in spec.tensors.items() if n in a and not t.buffer]
     for name in names:
-        if params_a[name].shape != params_b[name].shape:
+        if a.shape(name) != b.shape(name):
             raise AlignmentError(
-                f"tensor {name} has shape {tuple(params_a[name].shape)} in A and "
-                f"{tuple(params_b[name].shape)} in B",
+                f"tensor {name} has shape {a.shape(name)} in A and {b.shape(name)} in B",
                 fix="align only models of one architecture and size",
             )
     return names
-
-
-def _float64(params: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """CPU float64 copies: similarities and LAPs run in float64 on the CPU."""
-    return {n: params[n].detach().to(device="cpu", dtype=torch.float64) for n in names}
 
 
 def weight_matching(
@@ -258,28 +193,41 @@ def weight_matching(
     seed: int = 0,
     max_iter: int = 100,
     progress: bool = False,
+    max_memory_bytes: int | None = None,
 ) -> MatchResult:
     """Permutations of B's units that maximise <W_A, P(W_B)> (Git Re-Basin weight matching).
 
-    Holds both models as float64 copies (buffers skipped); the similarity of a group sums every
-    (tensor, axis) the spec says it acts on, vectors such as norm weights and biases included.
+    `params_a` and `params_b` are state dicts, or `Weights` read from checkpoints on disk: either
+    way the tensors are read one at a time in their stored dtype, and multiplied in float64
+    blocks (`align/weights.py`), never held whole as float64. The similarity of a group sums
+    every (tensor, axis) the spec says it acts on, vectors such as norm weights and biases
+    included (buffers skipped). Memory is about the largest similarity and the largest tensor
+    (`align/matching_memory.py`), checked against `max_memory_bytes` before any weight is read.
     Stops after the first sweep that changes no group, or after `max_iter` sweeps.
+
+    Raises:
+        AlignmentError: the models differ in tensors or shapes, or no tensor carries a group.
+        OptionError: `max_memory_bytes` is below what the matching needs.
     """
     if max_iter < 1:
         raise ValueError("max_iter must be at least 1")
-    names = _checked_names(spec, params_a, params_b)
-    problem = _Problem(spec, _float64(params_a, names), _float64(params_b, names))
-    touches = _touches(spec, names)
-    steps = {
-        name: _GroupStep(problem, spec.groups[name], touches[name])
-        for name in spec.groups
-        if touches[name]
-    }
-    if not steps:
+    a, b = Weights.of(params_a), Weights.of(params_b)
+    names = _checked_names(spec, a, b)
+    touches = group_touches(spec, names)
+    if not any(touches.values()):
         raise AlignmentError(
             "no tensor carries a permutation group",
             fix="pass the models' parameters, not only their buffers",
         )
+    memory = plan_memory(spec, touches, a, b, max_memory_bytes=max_memory_bytes)
+    problem = Problem(spec, a, b, names)
+    steps = {
+        name: _GroupStep(
+            problem, spec.groups[name], touches[name], cache=name in memory.cached_groups
+        )
+        for name in spec.groups
+        if touches[name]
+    }
     perms = identity_permutations(spec)
     # Visit order is a seeded shuffle of the group NAMES, sorted first, so that it depends on the
     # seed alone and not on the order a family module declares its groups: coordinate ascent

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hfmerge.analysis.cka_samples import check_memory, estimator_samples, tokens_per_window_for
 from hfmerge.analysis.similarity import MIN_CKA_SAMPLES, CkaMatrix
 from hfmerge.analysis.units import UnitCorrespondence, unit_correspondence
 from hfmerge.errors import (
     CkaBelowThresholdError,
-    HfMergeError,
     IncompatibleModelsError,
     InputDataError,
 )
@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `ch
     from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.lm.probe import Pooling
 
-MAX_STATS_BYTES = 8 * 2**30  # float64 sums for every layer pair; see `_check_memory`
 MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
 
 
@@ -50,11 +49,12 @@ class CkaReport:
     biased_diagonal: list[float]  # the biased estimator on the same pairs, for comparison
     pooling: Pooling
     samples: int  # probe windows (sequences)
-    tokens: int  # real tokens in them that entered (padding and causal position 0 excluded)
-    cka_samples: int  # samples the estimator saw: tokens, or windows with mean pooling
+    tokens: int  # real tokens in them (padding and causal position 0 excluded)
+    cka_samples: int  # samples the estimator saw: (subsampled) tokens, or windows with mean pooling
     settings: dict[str, Any] = field(default_factory=dict)
     units: list[UnitCorrespondence] | None = None
     estimator: str = "debiased"  # unbiased HSIC (Song et al. 2012) in every term; exact streaming
+    tokens_per_window: int | None = None  # `tokens` subsample; None: every token (or mean)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document (`--json`)."""
@@ -68,6 +68,7 @@ class CkaReport:
             "diagonal": self.diagonal,
             "estimator": self.estimator,
             "pooling": self.pooling,
+            "tokens_per_window": self.tokens_per_window,
             "samples": self.samples,
             "tokens": self.tokens,
             "cka_samples": self.cka_samples,
@@ -135,6 +136,7 @@ def compute_cka(
     max_length: int = 128,
     batch_size: int = 8,
     pooling: Pooling | None = None,
+    tokens_per_window: int | None = None,
     device_map: DeviceMap | None = "auto",
     max_memory: MaxMemory | None = None,
     units: bool = False,
@@ -143,23 +145,29 @@ def compute_cka(
     """Probe both models on the same windows of `data` and build the CKA report.
 
     `model_a` and `model_b` are resolved models (`hfmerge.sources.refs.resolve_model`); the
-    report names them as their references were written. `pooling` defaults to `mean`, or to
-    `tokens` with `units` (see `hfmerge.lm.probe`).
+    report names them as their references were written. `pooling` defaults to `tokens`, with at
+    most `tokens_per_window` random tokens of each window (default 16; 0: every token, the default
+    with `units`); see `hfmerge.lm.probe`. `tokens_per_window` applies to `tokens` pooling only.
 
     Raises:
         InputDataError: the data is unreadable or too short for CKA.
+        OptionError: a negative `tokens_per_window`, or one with `mean` pooling.
+        HfMergeError: the estimator's statistics would not fit in memory.
         ModelSourceError, IncompatibleModelsError: a model cannot be probed, or not with the other.
     """
     from hfmerge.lm.batches import probe_batches
-    from hfmerge.lm.probe import default_pooling
+    from hfmerge.lm.probe import DEFAULT_POOLING
     from hfmerge.lm.textdata import describe_data, load_texts
 
-    pooling = pooling or default_pooling(units=units)
+    pooling = pooling or DEFAULT_POOLING
+    per_window = tokens_per_window_for(pooling, tokens_per_window, units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     pair = load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
     windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
-    matrix, tokens = _stream(pair, batches, pooling=pooling, progress=progress)
+    matrix, tokens = _stream(
+        pair, batches, pooling=pooling, tokens_per_window=per_window, progress=progress
+    )
     if matrix.count < MIN_CKA_SAMPLES:
         raise InputDataError(
             describe_data(data),
@@ -181,6 +189,7 @@ def compute_cka(
         matrix,
         revisions=pair.revisions,
         pooling=pooling,
+        tokens_per_window=per_window,
         windows=len(windows),
         tokens=tokens,
         settings=settings,
@@ -243,20 +252,31 @@ def load_pair(
 
 
 def _stream(
-    pair: ProbePair, batches: list[dict[str, torch.Tensor]], *, pooling: Pooling, progress: bool
+    pair: ProbePair,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    pooling: Pooling,
+    tokens_per_window: int | None,
+    progress: bool,
 ) -> tuple[CkaMatrix, int]:
-    """Feed every batch's states into one CkaMatrix; returns it and the tokens that entered."""
+    """Feed every batch's states into one CkaMatrix; returns it and the real tokens probed."""
     from hfmerge.lm.probe import paired_states
 
     widths = [
         [int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1) for m in pair.models
     ]
     matrix, tokens = CkaMatrix(widths[0], widths[1]), 0
-    windows = sum(int(batch["input_ids"].shape[0]) for batch in batches)
-    if pooling == "tokens" or windows > matrix.buffer_rows:  # the d×d streaming sums will be used
-        _check_memory(widths[0], widths[1])
+    expected = estimator_samples(
+        batches, causal=pair.causal, pooling=pooling, tokens_per_window=tokens_per_window
+    )
+    check_memory(widths[0], widths[1], samples=expected, streaming=expected > matrix.buffer_rows)
     for states in paired_states(
-        *pair.models, batches, causal=pair.causal, pooling=pooling, progress=progress
+        *pair.models,
+        batches,
+        causal=pair.causal,
+        pooling=pooling,
+        tokens_per_window=tokens_per_window,
+        progress=progress,
     ):
         matrix.update(states.a, states.b)
         tokens += states.tokens
@@ -270,6 +290,7 @@ def _report(
     *,
     revisions: dict[str, str | None],
     pooling: Pooling,
+    tokens_per_window: int | None,
     windows: int,
     tokens: int,
     settings: dict[str, Any],
@@ -289,6 +310,7 @@ def _report(
         diagonal=[float(values[i, j]) for i, j in pairs],
         biased_diagonal=[float(biased[i, j]) for i, j in pairs],
         pooling=pooling,
+        tokens_per_window=tokens_per_window,
         samples=windows,
         tokens=tokens,
         cka_samples=matrix.count,
@@ -297,29 +319,12 @@ def _report(
     )
 
 
-def _check_memory(widths_a: list[int], widths_b: list[int]) -> None:
-    """Exact streaming keeps d_a·d_b float64 sums per layer pair: refuse what cannot fit."""
-    needed = 8 * (
-        sum(d * d for d in widths_a) + sum(d * d for d in widths_b) + sum(widths_a) * sum(widths_b)
-    )
-    if needed > MAX_STATS_BYTES:
-        raise HfMergeError(
-            f"CKA over all {len(widths_a)}×{len(widths_b)} layer pairs would hold "
-            f"{needed / 2**30:.1f} GiB of float64 statistics",
-            why="with more samples than the width (token pooling, or many windows) the exact "
-            "estimator keeps a width×width sum per layer pair, which suits widths of a few "
-            f"hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
-            fix=f"use --pooling mean with at most {max(widths_a + widths_b)} windows (--samples), "
-            "which needs no such sums, or compare narrower or shallower models",
-        )
-
-
 def format_report(report: CkaReport) -> str:
     """The readable table: settings, the diagonal (with --units columns), then a small matrix."""
     lines = [
         f"CKA {report.model_a} (A) vs {report.model_b} (B): {report.estimator} linear CKA "
         "(unbiased HSIC, exact over all sample pairs)",
-        f"{report.pooling} pooling, {report.cka_samples} samples from {report.samples} windows "
+        f"{pooling_label(report)}, {report.cka_samples} samples from {report.samples} windows "
         f"({report.tokens} tokens) of {report.settings.get('data', '?')}",
         "",
         _diagonal_table(report),
@@ -327,6 +332,13 @@ def format_report(report: CkaReport) -> str:
     if max(len(report.layers_a), len(report.layers_b)) <= MATRIX_MAX_LAYERS:
         lines += ["", "matrix (rows: layers of A, columns: layers of B)", _matrix_table(report)]
     return "\n".join(lines)
+
+
+def pooling_label(report: CkaReport) -> str:
+    """`mean pooling`, `tokens pooling`, or `tokens pooling (16 per window)`."""
+    if report.tokens_per_window is None:
+        return f"{report.pooling} pooling"
+    return f"{report.pooling} pooling ({report.tokens_per_window} per window)"
 
 
 def _diagonal_table(report: CkaReport) -> str:
@@ -370,6 +382,7 @@ __all__ = [
     "format_report",
     "layer_names",
     "load_pair",
+    "pooling_label",
     "probe_windows",
     "short_name",
 ]

@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from hfmerge.analysis.cka import CkaReport, short_name
+from hfmerge.analysis.cka import CkaReport, pooling_label, short_name
 from hfmerge.analysis.plotting import save_figure
 
 
@@ -44,7 +44,7 @@ def plot_cka(report: CkaReport, out: Path) -> Path:
     axes.set_xlabel(f"layer of B: {report.model_b}  (emb = embeddings, k = block k)")
     axes.set_ylabel(f"layer of A: {report.model_a}")
     axes.set_title(
-        f"CKA, {report.pooling} pooling, {report.cka_samples} samples "
+        f"CKA, {pooling_label(report)}, {report.cka_samples} samples "
         f"({report.settings.get('data', '?')})",
         fontsize="medium",
         wrap=True,

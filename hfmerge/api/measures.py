@@ -227,6 +227,7 @@ def cka(
     max_length: int = 128,
     batch_size: int = 8,
     pooling: str | None = None,
+    tokens_per_window: int | None = None,
     device_map: DeviceMap = "auto",
     max_memory: str | MaxMemory | None = None,
     units: bool = False,
@@ -241,8 +242,10 @@ def cka(
         samples: probe windows.
         max_length: tokens per window.
         batch_size: windows per forward pass.
-        pooling: `mean` (one sample per window; the default) or `tokens` (every real token;
-            the default with `units`).
+        pooling: `tokens` (the default: real tokens are the samples) or `mean` (one sample
+            per window).
+        tokens_per_window: with `tokens` pooling, at most this many tokens of each window, a
+            seeded random subsample (None: 16, or every token with `units`; 0: every token).
         device_map: `auto`, `cpu`, `cuda:0`, ..., a JSON device map, or a mapping.
         max_memory: per-device limits, `0=20GiB,cpu=60GiB` or a mapping.
         units: add matched-unit correlation (Li et al. 2016).
@@ -254,17 +257,20 @@ def cka(
 
     Raises:
         UnknownNameError: an unknown pooling.
+        OptionError: a negative `tokens_per_window`, or one with `mean` pooling.
         ModelSourceError: a bad device map or memory limit, or a model that cannot be probed.
         InputDataError: unreadable text (checked before any model loads), or too little of it.
         IncompatibleModelsError: the models do not share a tokenizer, or one is causal and the
             other is not.
     """
     from hfmerge.analysis.cka import compute_cka
+    from hfmerge.analysis.cka_samples import check_tokens_per_window
     from hfmerge.errors import UnknownNameError
     from hfmerge.lm.probe import POOLINGS
 
     if pooling is not None and pooling not in POOLINGS:
         raise UnknownNameError("pooling", pooling, list(POOLINGS))
+    check_tokens_per_window(pooling, tokens_per_window)
     pair = probe_pair(
         model_a,
         model_b,
@@ -281,6 +287,7 @@ def cka(
         max_length=max_length,
         batch_size=batch_size,
         pooling=pooling,  # narrowed to `Pooling` by the check above
+        tokens_per_window=tokens_per_window,
         device_map=pair.device_map,
         max_memory=pair.max_memory,
         units=units,

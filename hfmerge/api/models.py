@@ -42,6 +42,7 @@ def align(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
+    max_memory: str | int | None = None,
 ) -> AlignResult:
     """Write `model_b` permuted into `model_a`'s basis: the same function, loadable as usual.
 
@@ -55,6 +56,8 @@ def align(
         seed: seed of weight matching's order over the groups.
         force: replace an existing output directory.
         progress: draw progress bars on stderr.
+        max_memory: peak memory of weight matching, e.g. "3GB" or bytes; a budget too small
+            for the models is refused before any weight is read.
 
     Returns:
         The models, the output directory, the method and its sweeps.
@@ -66,11 +69,14 @@ def align(
         NoPermutationSpecError: a model whose model_type has no permutation spec (refused
             before any download).
         OutputError: the output exists (without `force`) or is one of the inputs.
+        OptionError: `max_memory` is not a size, or is below what weight matching needs.
     """
     from hfmerge.align import align_checkpoint
+    from hfmerge.engine.budget import parse_memory_budget
     from hfmerge.lm.batches import text_batches
     from hfmerge.tensors import check_output_dir
 
+    max_memory_bytes = parse_memory_budget(max_memory)
     out_dir = Path(out)
     check_output_dir(out_dir, force=force)  # before a download or a zoo build, not after
     a, b = resolve_permutable([model_a, model_b], feature="`hfmerge align`", progress=progress)
@@ -92,6 +98,7 @@ def align(
         batches=batches,
         force=force,
         progress=progress,
+        max_memory_bytes=max_memory_bytes,
     )
     return AlignResult(model_a, model_b, out_dir, method, result.iterations)
 

@@ -174,6 +174,10 @@ def align(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weight matching's order.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", help="Peak memory of weight matching, e.g. 3GB."),
+    ] = None,
 ) -> None:
     """Write MODEL_B permuted into MODEL_A's basis: the same function, loadable as usual."""
     from hfmerge import api
@@ -186,6 +190,7 @@ def align(
         data=data,
         seed=seed,
         force=force,
+        max_memory=max_memory,
     )
     typer.echo(str(result.out_dir))
     say(
@@ -251,8 +256,17 @@ def cka(
         str | None,
         typer.Option(
             "--pooling",
-            help="mean (per window; default) or tokens (every real token; "
-            "the default with --units).",
+            help="tokens (real tokens are the samples; default) or mean (one per window).",
+        ),
+    ] = None,
+    tokens_per_window: Annotated[
+        int | None,
+        typer.Option(
+            "--tokens-per-window",
+            min=0,
+            help="With token pooling, at most K random tokens of each window (default 16; "
+            "every token with --units); 0: every token.",
+            show_default=False,
         ),
     ] = None,
     units: Annotated[
@@ -272,6 +286,7 @@ def cka(
         max_length=max_length,
         batch_size=batch_size,
         pooling=pooling,
+        tokens_per_window=tokens_per_window,
         device_map=device_map,
         max_memory=max_memory,
         units=units,

@@ -41,7 +41,10 @@ def run(
     ] = False,
     max_memory: Annotated[
         str | None,
-        typer.Option("--max-memory", help="Peak memory while merging (all processes), e.g. 1GB."),
+        typer.Option(
+            "--max-memory",
+            help="Peak memory while merging (all processes) and weight matching, e.g. 1GB.",
+        ),
     ] = None,
     allow_non_finite: Annotated[
         bool,

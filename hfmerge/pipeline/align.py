@@ -91,8 +91,11 @@ def _barrier_table(rows: list[BarrierRow]) -> list[str]:
     return lines
 
 
-def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignment:
-    """Solve each input's permutations into the base's basis (`align.method`)."""
+def align_inputs(
+    recipe: Recipe, plan: MergePlan, *, progress: bool, max_memory_bytes: int | None = None
+) -> Alignment:
+    """Solve each input's permutations into the base's basis (`align.method`); weight matching
+    within `max_memory_bytes` (`--max-memory`) when given."""
     method = recipe.align.method
     if method == "none":
         return Alignment(method, [None] * len(plan.inputs))
@@ -122,6 +125,7 @@ def align_inputs(recipe: Recipe, plan: MergePlan, *, progress: bool) -> Alignmen
                 seed=recipe.align.seed,
                 batches=batches,
                 progress=progress,
+                max_memory_bytes=max_memory_bytes,
             )
         )
     barriers = (

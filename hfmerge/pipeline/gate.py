@@ -1,8 +1,11 @@
 """The recipe's `check:` gate: CKA per block between the base and each input, before merging.
 
-Below `check.cka_min` the run stops before anything is written and shows the `route:` block that
-would serve the models instead. CKA is blind to permutations, so aligned or not, the values are the
-same; alignment changes whether averaging works, CKA says whether the models still share features.
+The gate uses `hfmerge cka`'s default, token pooling with at most 16 random tokens per window:
+mean-pooled windows read close to 1 even against a random init of the same shape (they are near
+bag-of-words averages), token samples do not (see `hfmerge.lm.probe`). Below `check.cka_min` the
+run stops before anything is written and shows the `route:` block that would serve the models
+instead. CKA is blind to permutations, so aligned or not, the values are the same; alignment
+changes whether averaging works, CKA says whether the models still share features.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from hfmerge.analysis.cka import CkaReport, compute_cka, failing_layers
+from hfmerge.analysis.cka import CkaReport, compute_cka, failing_layers, pooling_label
 from hfmerge.engine.plan import MergePlan
 from hfmerge.errors import CkaGateError
 from hfmerge.recipe.schema import Recipe
@@ -32,7 +35,8 @@ class CkaCheck:
         lines = [
             "## CKA compatibility",
             "",
-            f"Debiased linear CKA per layer against the base (gate: `cka_min` {self.threshold:g}).",
+            f"Debiased linear CKA per layer against the base, {pooling_label(self.reports[0])} "
+            f"(gate: `cka_min` {self.threshold:g}).",
             "",
             "| input | " + " | ".join(layers) + " |",
             "|---|" + "---|" * len(layers),

@@ -145,7 +145,7 @@ def run_recipe(
     from hfmerge.pipeline.gate import cka_gate
 
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
-    alignment = align_inputs(recipe, plan, progress=progress)
+    alignment = align_inputs(recipe, plan, progress=progress, max_memory_bytes=max_memory_bytes)
     text = pinned_recipe(recipe, recipe_text, plan.models)
     tokenizer = has_tokenizer(plan.base.source.path)  # downloaded with the base's config
     warnings = () if tokenizer else (_no_tokenizer_warning(plan.base.label, target),)

@@ -107,10 +107,11 @@ def test_cka_of_a_model_with_itself_is_one_on_the_diagonal(
     assert report.diagonal == pytest.approx([1.0] * len(report.layers_a), abs=1e-5)
     document = report.to_json()
     fields = {"model_a", "model_b", "revisions", "layers_a", "layers_b", "matrix", "diagonal"}
-    fields |= {"estimator", "pooling", "samples", "tokens"}
+    fields |= {"estimator", "pooling", "tokens_per_window", "samples", "tokens"}
     assert fields <= document.keys()
     assert document["model_a"] == a
-    assert document["pooling"] == "mean"
+    assert document["pooling"] == "tokens"
+    assert document["tokens_per_window"] == 16
     assert document["samples"] == SAMPLES
     other = api.cka(
         a,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,12 +166,12 @@ def test_diagonal_pairs_rule() -> None:
     assert diagonal_pairs(3, 7) == [(0, 0), (1, 3), (2, 6)]
 
 
-def test_mean_pooling_is_the_default_and_counts_windows(
+def test_a_token_subsample_is_the_default_and_mean_counts_windows(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    reports = []
-    for flags in ([], ["--pooling", "tokens"]):
-        out = tmp_path / f"{len(flags)}.json"
+    reports: list[dict[str, Any]] = []
+    for flags in ([], ["--pooling", "mean"], ["--tokens-per-window", "0"]):
+        out = tmp_path / f"{len(reports)}.json"
         assert (
             main(
                 ["cka", str(models["a"]), str(models["other"]), *SMALL, *flags, "--json", str(out)]
@@ -178,11 +179,27 @@ def test_mean_pooling_is_the_default_and_counts_windows(
             == 0
         )
         reports.append(json.loads(out.read_text()))
-    mean, tokens = reports
+    sampled, mean, every = reports
+    assert sampled["pooling"] == "tokens"
+    assert sampled["tokens_per_window"] == 16
+    assert sampled["tokens"] > 6 * 16  # every window has more than 16 tokens to pick from
+    assert sampled["cka_samples"] == 6 * 16
     assert mean["pooling"] == "mean"
+    assert mean["tokens_per_window"] is None
     assert mean["cka_samples"] == mean["samples"] == 6
-    assert tokens["pooling"] == "tokens"
-    assert tokens["cka_samples"] == tokens["tokens"] > 6
+    assert every["pooling"] == "tokens"
+    assert every["tokens_per_window"] is None
+    assert every["cka_samples"] == every["tokens"] == sampled["tokens"]
+
+
+def test_tokens_per_window_needs_token_pooling(
+    models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = str(models["a"])
+    assert main(["cka", a, a, *SMALL, "--pooling", "mean", "--tokens-per-window", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "--tokens-per-window '8': applies to --pooling tokens only" in err
+    assert "Fix:" in err
 
 
 def test_errors_are_one_paragraph(
@@ -222,10 +239,16 @@ def test_route_block_suggests_calibration_text_per_model() -> None:
     assert "text typical of org/other's inputs" in block
 
 
-def test_wide_models_are_refused_only_where_streaming_sums_are_needed() -> None:
-    from hfmerge.analysis.cka import _check_memory
+def test_wide_models_are_refused_only_where_the_statistics_cannot_fit() -> None:
+    from hfmerge.analysis.cka_samples import check_memory
     from hfmerge.errors import HfMergeError
 
-    _check_memory([768] * 13, [768] * 13)  # BERT-base: fine
+    check_memory([768] * 13, [768] * 13, samples=4096, streaming=True)  # BERT-base: fine
     with pytest.raises(HfMergeError, match="--pooling mean with at most 4096 windows"):
-        _check_memory([4096] * 33, [4096] * 33)  # 7B-sized: 140+ GiB of sums
+        check_memory([4096] * 33, [4096] * 33, samples=8192, streaming=True)  # 7B: 140+ GiB
+    # Rows and Grams below the width: 256 windows, or 64 of them at 16 tokens each, fit a 7B;
+    # 256 windows at 16 tokens each (8.3 GiB of rows and 8.3 GiB of Grams) do not.
+    check_memory([4096] * 33, [4096] * 33, samples=256, streaming=False)
+    check_memory([4096] * 33, [4096] * 33, samples=64 * 16, streaming=False)
+    with pytest.raises(HfMergeError, match="Gram matrix per layer"):
+        check_memory([4096] * 33, [4096] * 33, samples=256 * 16, streaming=False)

@@ -19,7 +19,13 @@ from hfmerge.lm.load import (
     parse_max_memory,
     shared_tokenizer,
 )
-from hfmerge.lm.probe import kept_positions, layer_states, paired_states, pool
+from hfmerge.lm.probe import (
+    kept_positions,
+    layer_states,
+    paired_states,
+    pool,
+    sample_positions,
+)
 from hfmerge.lm.textdata import load_texts, token_windows
 from tests.support.lm import char_tokenizer, save_lm, save_permuted_copy, style_of
 
@@ -78,6 +84,43 @@ def test_pool_tokens_and_masked_mean() -> None:
     keep = torch.tensor([[True, True, False], [False, False, False]])
     assert pool(hidden, keep, pooling="tokens").tolist() == [[0.0, 1.0], [2.0, 3.0]]
     assert pool(hidden, keep, pooling="mean").tolist() == [[1.0, 2.0]]  # empty window dropped
+
+
+def test_sample_positions_keep_at_most_k_kept_tokens_per_window() -> None:
+    keep = kept_positions(
+        torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7]), causal=True
+    )
+    sampled = sample_positions(keep, 4, first_window=0)
+    assert sampled.sum(1).tolist() == [4, 4, 2]  # a window with fewer keeps them all
+    assert not (sampled & ~keep).any()  # never padding nor causal position 0
+    assert sampled.tolist() == sample_positions(keep, 4, first_window=0).tolist()  # seeded
+    assert sampled[0].tolist() != sample_positions(keep, 4, first_window=5)[0].tolist()
+
+
+def test_sampled_tokens_do_not_depend_on_batching() -> None:
+    def picks(batch_size: int) -> list[list[int]]:
+        rows: list[list[int]] = []
+        for batch in _batches("llama", batch_size=batch_size):
+            keep = kept_positions(batch["attention_mask"], causal=True)
+            sampled = sample_positions(keep, 5, first_window=len(rows))
+            rows += [row.nonzero().squeeze(1).tolist() for row in sampled]
+        return rows
+
+    assert picks(3) == picks(8)  # other padding lengths and window offsets, the same picks
+    assert all(len(row) == 5 for row in picks(3))
+
+
+def test_sampled_tokens_pair_up_between_the_two_models(llama_pair: tuple[Path, Path]) -> None:
+    a, b = (_load(path) for path in llama_pair)
+    batches = _batches("llama")
+    states = list(paired_states(a, b, batches, causal=True, tokens_per_window=5))
+    assert [s.a[0].shape[0] for s in states] == [15, 15, 10]  # 8 windows, 5 tokens each
+    assert sum(s.tokens for s in states) > 8 * 5  # `tokens` counts every kept token
+    matrix = CkaMatrix([s.shape[1] for s in states[0].a], [s.shape[1] for s in states[0].b])
+    for s in states:
+        matrix.update(s.a, s.b)
+    diagonal = matrix.values().diagonal()
+    assert diagonal.tolist() == pytest.approx([1.0] * len(diagonal), abs=1e-6)  # permuted copy
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfmerge.engine.plan import MergePlan
-from hfmerge.errors import IncompatibleModelsError, InputDataError, OutputError
+from hfmerge.errors import IncompatibleModelsError, InputDataError, OptionError, OutputError
 from hfmerge.methods import METHODS
 from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
@@ -254,6 +254,19 @@ def test_align_step_merges_a_model_with_its_permuted_copy_back_into_it(
     far = max((read_weights(plain)[n] - t).abs().max().item() for n, t in original.items())
     assert far > 1e-2  # the negative control: averaging unaligned copies is not the model
     assert "## Alignment" in (aligned / "README.md").read_text()
+
+
+def test_max_memory_bounds_the_align_step_before_any_output(tmp_path: Path) -> None:
+    from tests.support.lm import save_permuted_copy
+
+    make_tiny_model("llama", seed=3).save_pretrained(tmp_path / "a")
+    save_permuted_copy(tmp_path / "a", tmp_path / "b", seed=7)
+    models = [str(tmp_path / "a"), str(tmp_path / "b")]
+    out = tmp_path / "out"
+    weight = recipe(models, "linear", out, align={"method": "weight"})
+    with pytest.raises(OptionError, match="below what weight matching needs"):
+        run_recipe(weight, RunOptions(max_memory="1MB", progress=False))
+    assert not out.exists()
 
 
 def test_bert_buffers_and_int_tensors_are_copied_from_the_base(tmp_path: Path) -> None:
