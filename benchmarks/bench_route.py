@@ -7,11 +7,18 @@ Calibration uses the zoo's training text (`builtin:code-train`, `builtin:prose-t
 uses held-out text no zoo model trained on.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_route.py [--samples 128] [--max-length 128]
+
+With `--adapter-memory`, instead: the memory a routed model holds once every expert has run, over
+N LoRA adapters of zoo:seed0 (extracted at rank 8 from the code and prose specialists, repeated
+to make N) against over N merged copies of the same experts.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_route.py --adapter-memory [--experts 2 4 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -103,11 +110,83 @@ def routing_stats(path: Path, samples: int, max_length: int) -> tuple[float, flo
     return right / total, router_s, expert_s
 
 
+def held_bytes(path: Path) -> int:
+    """Bytes a routed model holds once every expert has run: the parameters of the models in its
+    pool, and its adapters' factors."""
+    model = RoutedModel.from_pretrained(path, device_map="cpu")
+    for name in model.experts:
+        model.pool.get(model.pool_names.get(name, name))  # what running the expert loads
+    params = sum(
+        p.numel() * p.element_size()
+        for name in model.pool.loaded
+        for p in model.pool.get(name).parameters()
+    )
+    return params + sum(adapter.numel * 4 for adapter in model.adapters.values())  # float32
+
+
+def run_recipe(recipe: dict[str, Any]) -> Path:
+    """The output folder of a recipe run quietly."""
+    out = api.run(parse_recipe(recipe), api.RunOptions(progress=False)).out_dir
+    assert out is not None  # not a dry run
+    return out
+
+
+def adapter_memory(counts: list[int]) -> None:
+    """The table: routed over N adapters vs over N merged copies, bytes held."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        adapters, merged = {}, {}
+        for domain in DOMAINS:
+            adapters[domain] = root / f"{domain}-lora"
+            api.extract_lora(f"zoo:{domain}", "zoo:seed0", adapters[domain], rank=8, progress=False)
+            alone = {"model": f"zoo:seed0+{adapters[domain]}", "weight": 1.0}
+            recipe = {
+                "models": [alone, {"model": "zoo:seed0", "weight": 0.0}],
+                "merge": {"method": "linear"},
+                "output": {"path": str(root / f"{domain}-merged")},
+            }
+            merged[domain] = run_recipe(recipe)
+        rows = []
+        for count in counts:
+            domains = [DOMAINS[i % len(DOMAINS)] for i in range(count)]
+            held = {}
+            for kind, folders in (("adapters", adapters), ("merged", merged)):
+                experts = []
+                for i, domain in enumerate(domains):  # a folder per expert: N distinct experts
+                    copy = root / f"n{count}-{kind}" / f"{domain}{i}"
+                    shutil.copytree(folders[domain], copy)
+                    experts.append(f"zoo:seed0+{copy}" if kind == "adapters" else str(copy))
+                recipe = {
+                    "models": experts,
+                    "base": "zoo:seed0",
+                    "probe": {"samples": 16, "max_length": 64},
+                    "route": {
+                        "method": "centroid",
+                        "experts": [{"data": f"builtin:{d}-train"} for d in domains],
+                    },
+                    "output": {"path": str(root / f"n{count}-{kind}-routed")},
+                }
+                held[kind] = held_bytes(run_recipe(recipe))
+            rows.append((count, held["adapters"], held["merged"]))
+    print("routed model over N experts of zoo:seed0 (float32), every expert run once; MB held")
+    print(f"{'N':>3} {'N adapters (r=8)':>17} {'N merged copies':>16} {'ratio':>7}")
+    for count, over_adapters, over_copies in rows:
+        print(
+            f"{count:>3} {over_adapters / 1e6:>17.2f} {over_copies / 1e6:>16.2f} "
+            f"{over_copies / over_adapters:>6.1f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=128, help="windows per domain")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--adapter-memory", action="store_true", help="the adapter memory table")
+    parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8])
     args = parser.parse_args()
+    if args.adapter_memory:
+        adapter_memory(args.experts)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         quiet = api.RunOptions(progress=False)
         built = {

@@ -3,7 +3,7 @@
 `align_permutations` is the one-call entry point; `align_checkpoint` also writes B into A's basis.
 """
 
-from hfmerge.align.activation_matching import CrossStats, activation_matching
+from hfmerge.align.activation_matching import activation_matching
 from hfmerge.align.apply import (
     PERMUTATIONS_FILE,
     align_checkpoint,
@@ -15,6 +15,7 @@ from hfmerge.align.apply import (
 )
 from hfmerge.align.attention import attention_objective, head_slices, solve_attention
 from hfmerge.align.canonical import canonical_permutations
+from hfmerge.align.cross_stats import CrossStats
 from hfmerge.align.lap import solve_lap
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 

@@ -21,6 +21,7 @@ from hfmerge.align.attention import (
     part_heads,
     solve_attention,
 )
+from hfmerge.align.cross_stats import CrossStats
 from hfmerge.align.lap import assignment_value, solve_lap
 from hfmerge.align.weight_matching import MatchResult
 from hfmerge.arch.spec import (
@@ -36,40 +37,6 @@ from hfmerge.progress import track
 
 if TYPE_CHECKING:  # transformers is imported when matching runs, not when hfmerge.align loads
     from transformers import PreTrainedModel
-
-
-class CrossStats:
-    """Streaming sums for the Pearson correlation of A's features (rows) with B's (columns)."""
-
-    def __init__(self, size_a: int, size_b: int) -> None:
-        self.count = 0
-        self.sum_a = torch.zeros(size_a, dtype=torch.float64)
-        self.sum_b = torch.zeros(size_b, dtype=torch.float64)
-        self.squares_a = torch.zeros(size_a, dtype=torch.float64)
-        self.squares_b = torch.zeros(size_b, dtype=torch.float64)
-        self.cross = torch.zeros(size_a, size_b, dtype=torch.float64)
-
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Add observations: `a` [n, size_a] and `b` [n, size_b], row i of both from one token."""
-        a, b = a.to(torch.float64), b.to(torch.float64)
-        self.count += a.shape[0]
-        self.sum_a += a.sum(0)
-        self.sum_b += b.sum(0)
-        self.squares_a += (a * a).sum(0)
-        self.squares_b += (b * b).sum(0)
-        self.cross += a.T @ b  # [size_a, n] @ [n, size_b] -> [size_a, size_b]
-
-    def correlation(self) -> torch.Tensor:
-        """[size_a, size_b] Pearson correlation; 0 wherever a feature never varies."""
-        n = self.count
-        mean_a, mean_b = self.sum_a / n, self.sum_b / n
-        covariance = self.cross / n - torch.outer(mean_a, mean_b)  # [size_a, size_b]
-        std_a = (self.squares_a / n - mean_a**2).clamp_min(0).sqrt()
-        std_b = (self.squares_b / n - mean_b**2).clamp_min(0).sqrt()
-        scale = torch.outer(std_a, std_b)  # [size_a, size_b]
-        # A feature with (numerically) no variance has no defined correlation: score it 0.
-        tiny = 1e-12 * float(scale.max()) if scale.numel() else 0.0
-        return torch.where(scale > tiny, covariance / scale.clamp_min(1e-300), 0.0)
 
 
 Where = Literal["input", "output"]
@@ -144,10 +111,19 @@ def _probes(spec: ArchSpec, modules: dict[str, nn.Module]) -> list[_Probe]:
     return probes
 
 
+def _in_experts(group: PermGroup) -> bool:
+    """An experts group or an expert's FF group: matched by `align/expert_activations.py`."""
+    return group.kind == "experts" or group.expert is not None
+
+
 def _check_coverage(spec: ArchSpec, probes: list[_Probe]) -> None:
     """Every FF and attention group is read by a probed module, else there is nothing to match."""
     seen = {p.group for p in probes if p.part in ("units", "o")}
-    missing = [g.name for g in spec.groups.values() if g.kind != "residual" and g.name not in seen]
+    missing = [
+        g.name
+        for g in spec.groups.values()
+        if g.kind != "residual" and not _in_experts(g) and g.name not in seen
+    ]
     if missing:
         raise AlignmentError(
             f"no linear module reads the units of {', '.join(missing[:5])}",
@@ -332,15 +308,31 @@ def activation_matching(
 
     Residual: correlation averaged over every hidden state (embeddings and each block's output);
     FF: the input of the FF down-projection; attention: the input of the output projection (per
-    head), plus the Q/K projection outputs where within-head Q/K dims are free. Memory: one
-    float64 [n, n] matrix per group and part (n = its width; the residual one per hidden state),
+    head), plus the Q/K projection outputs where within-head Q/K dims are free; mixture-of-experts
+    blocks: router logits for the expert order, and each expert's FF units on the tokens routed
+    to it (`align/expert_activations.py`; the batches are run twice more). Memory: one float64
+    [n, n] matrix per group and part (n = its width; the residual one per hidden state),
     whatever the amount of data.
+
+    `spec` names the modules: the loaded model's tensor names, or for a mixture of experts the
+    checkpoint's (its fused expert parameters are found through `lm/checkpoint_views.py`).
     """
+    batches = list(batches)  # a mixture of experts reads them again
     stats = _collect(spec, model_a, model_b, batches, progress=progress)
     perms: Permutations = {}
     correlation: dict[str, float] = {}
     for group in spec.groups.values():
-        perms[group.name], correlation[group.name] = _match_group(group, stats)
+        if not _in_experts(group):
+            perms[group.name], correlation[group.name] = _match_group(group, stats)
+    if spec.has_experts:
+        from hfmerge.align.expert_activations import expert_permutations
+
+        keeps = [_keep(batch) for batch in batches]
+        moe_perms, moe_correlation = expert_permutations(
+            spec, model_a, model_b, batches, keeps, label=spec.model_type
+        )
+        perms |= moe_perms
+        correlation |= moe_correlation
     return MatchResult(
         perms=perms, iterations=1, objective=[sum(correlation.values())], correlation=correlation
     )

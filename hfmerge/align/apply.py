@@ -7,6 +7,7 @@ Also saves and loads the permutations file (`hfmerge_permutations.safetensors`, 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -15,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hfmerge.align.activation_matching import activation_matching
-from hfmerge.align.canonical import canonical_permutations, refuse_experts
+from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
 from hfmerge.arch import require_permutable, spec_for
@@ -30,7 +31,13 @@ from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
 from hfmerge.recipe.align_methods import ALIGN_METHODS
-from hfmerge.sources.inspection import InspectedModel, check_mergeable, inspect_model
+from hfmerge.sources.inspection import (
+    InspectedModel,
+    check_mergeable,
+    inspect_downloaded,
+    inspect_model,
+)
+from hfmerge.sources.readers import open_reader
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import (
     LazyCheckpoint,
@@ -103,10 +110,14 @@ def load_permutations(path: Path, spec: ArchSpec) -> Permutations:
     return perms
 
 
-def _inspect_pair(model_a_dir: Path, model_b_dir: Path) -> tuple[InspectedModel, InspectedModel]:
-    """Configs, headers and specs of both models, refused unless they match tensor by tensor."""
+def _inspect_pair(
+    model_a: Path | ModelSource, model_b: Path | ModelSource
+) -> tuple[InspectedModel, InspectedModel]:
+    """Configs, headers and specs of both models (a source's LoRA adapter checked against its
+    base), refused unless they match tensor by tensor."""
     pair = tuple(
-        inspect_model(ModelSource(ref=str(d), path=Path(d))) for d in (model_a_dir, model_b_dir)
+        inspect_downloaded(m if isinstance(m, ModelSource) else ModelSource(ref=str(m), path=m))
+        for m in (model_a, model_b)
     )
     check_mergeable(pair)
     return pair[0], pair[1]
@@ -118,9 +129,23 @@ def _matched_names(model: InspectedModel) -> list[str]:
 
 
 def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
-    """Every non-buffer tensor of the checkpoint as float64 (canonical order holds them whole)."""
-    with LazyCheckpoint(model.source.path, label=model.label) as reader:
+    """Every non-buffer tensor of the checkpoint as float64, its LoRA adapter applied (canonical
+    order holds them whole)."""
+    with ExitStack() as stack:
+        reader = open_reader(stack, model)
         return {name: reader.get(name).to(torch.float64) for name in _matched_names(model)}
+
+
+def _weights(stack: ExitStack, model: InspectedModel) -> Weights:
+    """The tensors weight matching reads, streamed from the checkpoint (its adapter applied on
+    read); shapes and sizes from the headers (an adapted tensor is read as float32)."""
+    reader = open_reader(stack, model)
+    infos = [model.index.info(name) for name in _matched_names(model)]
+    return Weights(
+        reader.get,
+        {info.name: tuple(info.shape) for info in infos},
+        {info.name: info.nbytes for info in infos},
+    )
 
 
 def _load_model(model: InspectedModel) -> PreTrainedModel:
@@ -134,7 +159,9 @@ def _load_model(model: InspectedModel) -> PreTrainedModel:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     try:
-        return load_pretrained(cls, model.source.path, label=model.label)
+        return load_pretrained(
+            cls, model.source.path, label=model.label, adapter=model.source.adapter_path
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise AlignmentError(
             f"transformers cannot load {model.label}: {exc}",
@@ -172,14 +199,11 @@ def _match(
         require_permutable(model.spec, label=model.label, feature=f"{method} matching")
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
-        with (
-            LazyCheckpoint(a.source.path, label=a.label) as reader_a,
-            LazyCheckpoint(b.source.path, label=b.label) as reader_b,
-        ):
+        with ExitStack() as stack:
             return weight_matching(
                 b.spec,
-                Weights.from_checkpoint(reader_a, _matched_names(a)),
-                Weights.from_checkpoint(reader_b, _matched_names(b)),
+                _weights(stack, a),
+                _weights(stack, b),
                 seed=seed,
                 progress=progress,
                 max_memory_bytes=max_memory_bytes,
@@ -190,11 +214,13 @@ def _match(
         perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
         return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
-        refuse_experts(b.spec, label=b.label, feature="activation matching")
         model_a, model_b = _load_model(a), _load_model(b)
         # Group names do not depend on name prefixes, so a spec of the loaded module names
-        # yields permutations that fit the checkpoint's spec too.
-        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
+        # yields permutations that fit the checkpoint's spec too. A mixture of experts keeps the
+        # checkpoint's spec: its loaded experts are fused, and are found by checkpoint name.
+        spec = a.spec
+        if not spec.has_experts:
+            spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
         data = _builtin_batches(a) if batches is None else batches
         return activation_matching(spec, model_a, model_b, data, progress=progress)
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)
@@ -202,8 +228,8 @@ def _match(
 
 def align_permutations(
     method: str,
-    model_a_dir: Path,
-    model_b_dir: Path,
+    model_a: Path | ModelSource,
+    model_b: Path | ModelSource,
     *,
     seed: int = 0,
     batches: Batches | None = None,
@@ -215,9 +241,10 @@ def align_permutations(
     `weight` streams both checkpoints' tensors, within `max_memory_bytes` when given (refused
     before any weight is read if too small); `canonical` reads them whole; `activation` loads
     both models with transformers and runs `batches` (default: the built-in probe text through
-    A's tokenizer).
+    A's tokenizer). A model is a folder, or a resolved source whose LoRA adapter is applied to
+    what is read.
     """
-    a, b = _inspect_pair(model_a_dir, model_b_dir)
+    a, b = _inspect_pair(model_a, model_b)
     return _match(
         method,
         a,

@@ -5,12 +5,14 @@ canonical permutations' result, tensor for tensor and bit for bit, so canonical 
 alignment method (`align: {method: canonical}`): each model goes to its own normal form, and B
 into A's basis is B's canonical order followed by the inverse of A's.
 
-Groups are fixed in the order residual, FF, attention (spec order inside a kind). A unit's key is
-built only from tensor slices whose other axes are unpermuted or belong to groups already fixed,
-so it does not depend on any permutation still free: the residual units are keyed by the
-embedding's columns (and every other residual-only slice), FF units by their rows and columns
-in the now fixed residual basis. Units sort by their key's squared norm, largest first; equal
-norms fall back to the key itself, compared lexicographically.
+Groups are fixed in the order residual, FF, experts, attention (spec order inside a kind). A
+unit's key is built only from tensor slices whose other axes are unpermuted or belong to groups
+already fixed, so it does not depend on any permutation still free: the residual units are keyed
+by the embedding's columns (and every other residual-only slice), FF units by their rows and
+columns in the now fixed residual basis (an expert's FF group by that expert's own tensors,
+wherever it sits). Experts are keyed by their whole normal form: the router row and every tensor
+of the expert in the fixed residual and FF orders. Units sort by their key's squared norm,
+largest first; equal norms fall back to the key itself, compared lexicographically.
 
 Attention is fixed bottom-up inside each KV head, then across KV heads: V/O dims (key: the V row
 and the multiset of the O columns of the head's queries), free Q/K dims likewise (K row, Q rows;
@@ -30,7 +32,8 @@ from hfmerge.arch.permute import permute_tensor, unit_rows
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, AxisRole, PermGroup, Permutations
 from hfmerge.errors import AlignmentError
 
-_KIND_ORDER = {"residual": 0, "ff": 1, "attention": 2}  # each kind's keys need the ones before
+# Each kind's keys need the ones before: expert keys read every expert in its fixed FF order.
+_KIND_ORDER = {"residual": 0, "ff": 1, "experts": 2, "attention": 3}
 
 
 def canonical_order(keys: torch.Tensor) -> torch.Tensor:
@@ -175,19 +178,44 @@ def _attention_order(group: PermGroup, slices: list[_Slice]) -> AttentionPerm:
     )
 
 
+def _expert_order(
+    spec: ArchSpec,
+    params: Mapping[str, torch.Tensor],
+    group: PermGroup,
+    router: list[_Slice],
+    perms: Permutations,
+) -> torch.Tensor:
+    """[experts] gather index of one experts group, every expert's FF order already in `perms`.
+
+    An expert's key is its router rows (`router`: the group's slices) followed by each of its
+    tensors moved into the fixed orders, flattened; expert tensors sort by name, which differs
+    between experts only by the index, so every expert lists its tensors in one order.
+    """
+    keys: list[list[torch.Tensor]] = [
+        [piece.rows[e] for piece in router] for e in range(group.size)
+    ]
+    for name in sorted(spec.tensors):
+        tensor_spec = spec.tensors[name]
+        slot = tensor_spec.expert
+        if slot is None or slot.group != group.name or name not in params:
+            continue
+        moved = permute_tensor(params[name], tensor_spec, spec, perms)
+        keys[slot.index].append(moved.reshape(-1).to(torch.float64))  # any shape -> [numel]
+    return canonical_order(torch.stack([torch.cat(key) for key in keys]))  # [experts, m]
+
+
 def refuse_experts(spec: ArchSpec, *, label: str, feature: str) -> None:
-    """Refuse a mixture-of-experts spec for `feature`, which only weight matching supports.
+    """Refuse a mixture-of-experts spec for `feature` (REPAIR), which has no MoE support.
 
     Raises:
-        AlignmentError: naming the model and the feature, with weight matching as the fix.
+        AlignmentError: naming the model and the feature, with alignment alone as the fix.
     """
     if spec.has_experts:
         raise AlignmentError(
             f"{feature} does not support the mixture-of-experts model {label} ({spec.family})",
-            why="transformers fuses each block's experts into 3-D tensors in memory, so "
-            "activations and module names do not match the checkpoint's per-expert tensors; "
-            "canonical order and REPAIR have no expert-order keys or sites yet",
-            fix="use weight matching (`--method weight`, `align: {method: weight}`) without repair",
+            why="transformers fuses each block's experts into 3-D tensors in memory, and "
+            "REPAIR has no sites inside the fused experts (no module per expert to rescale)",
+            fix="align without repair (`align: {method: weight}`, or activation or canonical)",
         )
 
 
@@ -200,12 +228,13 @@ def canonical_permutations(spec: ArchSpec, params: Mapping[str, torch.Tensor]) -
     Raises:
         AlignmentError: a group has no tensor slice that could key it (an unusual spec).
     """
-    refuse_experts(spec, label=spec.model_type, feature="canonical unit order")
     perms: Permutations = {}
     for group in sorted(spec.groups.values(), key=lambda g: _KIND_ORDER[g.kind]):
         slices = _fixed_slices(spec, params, group.name, perms)
         if group.kind == "attention":
             perms[group.name] = _attention_order(group, slices)
+        elif group.kind == "experts":
+            perms[group.name] = _expert_order(spec, params, group, slices, perms)
         else:
             perms[group.name] = _plain_order(slices)
     return perms

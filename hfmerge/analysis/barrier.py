@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -111,9 +110,7 @@ def _permutations(mode: str, setup: _Setup, *, batch_size: int, progress: bool) 
 
     windows = setup.probes
     batches = window_batches(windows, pad_id=setup.pad_id, batch_size=batch_size)
-    return align_permutations(
-        mode, setup.path_a, setup.path_b, seed=0, batches=batches, progress=progress
-    )
+    return align_permutations(mode, setup.a, setup.b, seed=0, batches=batches, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -124,12 +121,20 @@ class _Setup:
     probes: list[torch.Tensor]  # unmasked token windows for activation matching and REPAIR
     scored: list[Scored]  # the scored windows with their labels (MLM: masked)
     pad_id: int
-    path_a: Path
-    path_b: Path
-    label_a: str
-    label_b: str
+    a: ModelSource
+    b: ModelSource
     data: str
     max_length: int
+
+    @property
+    def label_a(self) -> str:
+        """Model A's name in reports."""
+        return self.a.label
+
+    @property
+    def label_b(self) -> str:
+        """Model B's name in reports."""
+        return self.b.label
 
 
 def _setup(
@@ -149,7 +154,7 @@ def _setup(
     label_a, label_b = model_a.label, model_b.label
     check_same_tensors(path_a, path_b, label_a=label_a, label_b=label_b)
     tokenizer = load_tokenizer(path_a, label=label_a)  # A's tokenizer scores both models
-    model = load_lm(path_a, label=label_a)
+    model = load_lm(path_a, label=label_a, adapter=model_a.adapter_path)
     length = usable_length(model, max_length)
     windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
     probes = (
@@ -163,10 +168,8 @@ def _setup(
         probes,
         scored,
         pad_id_of(tokenizer),
-        path_a,
-        path_b,
-        label_a,
-        label_b,
+        model_a,
+        model_b,
         describe_data(data),
         length,
     )
@@ -251,9 +254,7 @@ def compare_barriers(
         else known.get(m) or _permutations(m, setup, batch_size=batch_size, progress=progress)
         for m in modes
     }
-    interpolator = Interpolator(
-        setup.model, setup.path_a, setup.path_b, label_a=setup.label_a, label_b=setup.label_b
-    )
+    interpolator = Interpolator(setup.model, setup.a, setup.b)
     repairers = {
         c.align: _repairer(setup, interpolator, spec, perms[c.align]) for c in curves if c.repair
     }

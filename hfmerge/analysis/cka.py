@@ -238,7 +238,13 @@ def load_pair(
     label_a, label_b = source_a.label, source_b.label
     tokenizer = shared_tokenizer(source_a.path, source_b.path, label_a=label_a, label_b=label_b)
     a, b = (
-        load_probe_model(s.path, label=s.ref, device_map=device_map, max_memory=max_memory)
+        load_probe_model(
+            s.path,
+            label=s.ref,
+            device_map=device_map,
+            max_memory=max_memory,
+            adapter=s.adapter_path,
+        )
         for s in (source_a, source_b)
     )
     causal = is_causal(a.config)

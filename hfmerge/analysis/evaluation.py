@@ -63,10 +63,11 @@ def eval_model(
     batch_size: int = 8,
     progress: bool = False,
 ) -> EvalResult:
-    """Load a resolved model with its tokenizer and evaluate it on `data`."""
+    """Load a resolved model (with its LoRA adapter, if any) and its tokenizer, and evaluate it
+    on `data`."""
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
     tokenizer = load_tokenizer(source.path, label=source.label)
-    model = load_lm(source.path, label=source.label)
+    model = load_lm(source.path, label=source.label, adapter=source.adapter_path)
     length = usable_length(model, max_length)
     windows = token_windows(tokenizer, texts, max_length=length, samples=samples)
     result = evaluate(model, tokenizer, windows, batch_size=batch_size, progress=progress)

@@ -2,12 +2,12 @@
 
 The loss barrier scores such points along the line; REPAIR measures the inputs with it (λ = 1 is
 π(B) itself). Only one model is ever loaded: each checkpoint tensor is read from both files and
-written into the model's own storage.
+written into the model's own storage (`lm/checkpoint_views.py`: fused experts slice by slice).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -15,9 +15,12 @@ from transformers import PreTrainedModel
 
 from hfmerge.arch.config import read_config
 from hfmerge.arch.spec import ArchSpec, Permutations
-from hfmerge.errors import ArchitectureError, IncompatibleModelsError
-from hfmerge.sources.inspection import tensor_differences
-from hfmerge.tensors import LazyCheckpoint, read_checkpoint_index
+from hfmerge.errors import IncompatibleModelsError
+from hfmerge.lm.checkpoint_views import checkpoint_targets
+from hfmerge.sources.inspection import inspect_downloaded, tensor_differences
+from hfmerge.sources.readers import open_reader
+from hfmerge.sources.refs import ModelSource
+from hfmerge.tensors import TensorReader, read_checkpoint_index
 
 
 def check_same_tensors(path_a: Path, path_b: Path, *, label_a: str, label_b: str) -> None:
@@ -32,104 +35,50 @@ def check_same_tensors(path_a: Path, path_b: Path, *, label_a: str, label_b: str
         raise IncompatibleModelsError(label_a, label_b, problems)
 
 
-def checkpoint_targets(
-    model: PreTrainedModel, names: Sequence[str], *, label: str
-) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the model tensor (a view of its storage) that name loads into.
-
-    transformers may rename tensors between file and module (GPT-NeoX `embed_out` is `lm_head`);
-    its own save-time renaming maps module names back to file names. A tied weight appears once in
-    the file, so writing through the file's names updates every tensor that shares it.
-    """
-    state = model.state_dict()
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4.x stores module names unchanged
-        by_file = state
-    else:
-        by_file = revert_weight_conversion(model, dict(state))
-    storages = {t.untyped_storage().data_ptr() for t in state.values()}
-    unknown = [n for n in names if n not in by_file]
-    converted = [
-        n for n in names if n in by_file and by_file[n].untyped_storage().data_ptr() not in storages
-    ]
-    if unknown or converted:
-        raise ArchitectureError(
-            label,
-            "its checkpoint tensors do not map one-to-one onto the "
-            f"loaded model ({', '.join((unknown + converted)[:5])})",
-            fix="re-save the model with transformers' save_pretrained",
-        )
-    targets = {n: by_file[n] for n in names}
-    _check_coverage(model, targets, label=label)
-    return targets
-
-
-def _check_coverage(
-    model: PreTrainedModel, targets: dict[str, torch.Tensor], *, label: str
-) -> None:
-    """Every parameter is written by some checkpoint tensor (else it would stay A's forever)."""
-    written = {t.untyped_storage().data_ptr() for t in targets.values()}
-    missed = [
-        name
-        for name, param in model.named_parameters()
-        if param.untyped_storage().data_ptr() not in written
-    ]
-    if missed:
-        raise ArchitectureError(
-            label,
-            f"parameters {', '.join(missed[:5])} are not in its checkpoint",
-            fix="re-save the model with its full weights",
-        )
-
-
 class Interpolator:
-    """Sets one loaded model's weights to (1-λ)·A + λ·π(B), reading both checkpoints per tensor."""
+    """Sets one loaded model's weights to (1-λ)·A + λ·π(B), reading both checkpoints per tensor
+    (each with its LoRA adapter applied on read, when its source has one)."""
 
-    def __init__(
-        self, model: PreTrainedModel, path_a: Path, path_b: Path, *, label_a: str, label_b: str
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, a: ModelSource, b: ModelSource) -> None:
         self.model = model
-        self.path_a, self.path_b = path_a, path_b
-        self.label_a, self.label_b = label_a, label_b
-        names = read_checkpoint_index(path_a, label=label_a).names
-        self.targets = checkpoint_targets(model, names, label=label_a)
+        self.a, self.b = inspect_downloaded(a), inspect_downloaded(b)
+        self.targets = checkpoint_targets(model, self.a.index, label=a.label)
 
     def load(
         self, lam: float, *, spec: ArchSpec | None = None, perms: Permutations | None = None
     ) -> None:
         """Write the interpolated weights into the model; B is permuted by `perms` on read."""
-        with (
-            LazyCheckpoint(self.path_a, label=self.label_a) as a,
-            LazyCheckpoint(self.path_b, label=self.label_b) as b,
-            torch.no_grad(),
-        ):
+        with ExitStack() as stack, torch.no_grad():
+            a, b = open_reader(stack, self.a), open_reader(stack, self.b)
             for name, target in self.targets.items():
-                target.copy_(self._value(name, lam, a, b, spec, perms))
-
-    @staticmethod
-    def _value(
-        name: str,
-        lam: float,
-        a: LazyCheckpoint,
-        b: LazyCheckpoint,
-        spec: ArchSpec | None,
-        perms: Permutations | None,
-    ) -> torch.Tensor:
-        # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).
-        if lam == 0.0 or not a.info(name).dtype.startswith(("F", "BF")):
-            return a.get(name)  # integer buffers (position ids) are A's, never averaged
-        if spec is not None and perms is not None and name in spec.tensors:
-            other = _permuted(name, b, spec, perms)
-        else:
-            other = b.get(name)
-        if lam == 1.0:
-            return other
-        # lerp is exact when both sides agree, so a model interpolated with itself stays itself.
-        return torch.lerp(a.get(name).float(), other.float(), lam)
+                floating = self.a.index.info(name).dtype.startswith(("F", "BF"))
+                target.copy_(_value(name, lam, a, b, spec, perms, floating=floating))
 
 
-def _permuted(name: str, b: LazyCheckpoint, spec: ArchSpec, perms: Permutations) -> torch.Tensor:
+def _value(
+    name: str,
+    lam: float,
+    a: TensorReader,
+    b: TensorReader,
+    spec: ArchSpec | None,
+    perms: Permutations | None,
+    *,
+    floating: bool,
+) -> torch.Tensor:
+    # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).
+    if lam == 0.0 or not floating:
+        return a.get(name)  # integer buffers (position ids) are A's, never averaged
+    if spec is not None and perms is not None and name in spec.tensors:
+        other = _permuted(name, b, spec, perms)
+    else:
+        other = b.get(name)
+    if lam == 1.0:
+        return other
+    # lerp is exact when both sides agree, so a model interpolated with itself stays itself.
+    return torch.lerp(a.get(name).float(), other.float(), lam)
+
+
+def _permuted(name: str, b: TensorReader, spec: ArchSpec, perms: Permutations) -> torch.Tensor:
     from hfmerge.arch.permute import read_permuted
 
     return read_permuted(name, b.get, spec, perms)
@@ -144,4 +93,4 @@ def spec_of(path: Path, *, label: str) -> ArchSpec:
     return spec_for(read_config(path, label=label), index.names, label=label, shapes=shapes)
 
 
-__all__ = ["Interpolator", "check_same_tensors", "checkpoint_targets", "spec_of"]
+__all__ = ["Interpolator", "check_same_tensors", "spec_of"]

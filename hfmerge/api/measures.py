@@ -105,7 +105,8 @@ def evaluate(
     Routed repos (local folders or Hub ids) are evaluated through their router.
 
     Args:
-        models: model references or routed repos; one or several.
+        models: model references or routed repos; one or several. `BASE+ADAPTER` is a base
+            with its LoRA adapter applied.
         data: text to score: a UTF-8 file, a `.jsonl` with a `text` field, or
             `builtin[:code|prose|mixed]` (None: `builtin`); one or several.
         max_length: tokens per window (capped at the model's position limit).
@@ -171,7 +172,7 @@ def barrier(
     """Loss along the straight line from `model_a` to `model_b`, and its barrier.
 
     Args:
-        model_a: the model at λ = 0.
+        model_a: the model at λ = 0 (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: the model at λ = 1.
         align: alignment modes to compare: `none`, `weight`, `activation` or `canonical`, each
             optionally `+repair`; a name, a comma list, or a sequence of either.
@@ -200,9 +201,12 @@ def barrier(
     permuted = [mode for mode in aligns if mode != "none"]  # `weight`, `none+repair`, ...
     if permuted:
         feature = f"`barrier --align {permuted[0]}`"
-        a, b = resolve_permutable([model_a, model_b], feature=feature, progress=progress)
+        a, b = resolve_permutable(
+            [model_a, model_b], feature=feature, progress=progress, adapters=True
+        )
     else:
-        a, b = resolve(model_a, progress=progress), resolve(model_b, progress=progress)
+        a = resolve(model_a, progress=progress, adapters=True)
+        b = resolve(model_b, progress=progress, adapters=True)
     results = compare_barriers(
         a,
         b,
@@ -236,7 +240,7 @@ def cka(
     """Debiased linear CKA of every layer of `model_a` with every layer of `model_b`.
 
     Args:
-        model_a: first model.
+        model_a: first model (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: second model (it must share `model_a`'s tokenizer).
         data: probe text (`evaluate`'s forms; None: `builtin`).
         samples: probe windows.
@@ -312,7 +316,7 @@ def units(
     one-to-one (matched correlation), one-to-many (sparse prediction) and many-to-many (groups).
 
     Args:
-        model_a: first model.
+        model_a: first model (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: second model (it must share `model_a`'s tokenizer).
         data: probe text (`evaluate`'s forms; None: `builtin`).
         samples: probe windows; every fourth is held out to score the regressions.
@@ -395,7 +399,7 @@ def _scores(
             )
             for data in datas
         ]
-    source = resolve(ref, progress=progress)
+    source = resolve(ref, progress=progress, adapters=True)
     return [
         eval_model(
             source,

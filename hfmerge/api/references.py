@@ -10,27 +10,53 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hfmerge.errors import AdapterError
+
 if TYPE_CHECKING:
     from hfmerge.lm.load import DeviceMap, MaxMemory
     from hfmerge.sources.refs import ModelSource
 
 
-def resolve(ref: str, *, progress: bool) -> ModelSource:
-    """A model reference as a local model directory (Hub models pinned and downloaded)."""
-    from hfmerge.sources.refs import resolve_model
+def resolve(ref: str, *, progress: bool, adapters: bool = False) -> ModelSource:
+    """A model reference as a local model directory (Hub models pinned and downloaded).
 
-    return resolve_model(ref, progress=progress)
+    With `adapters` (a command that loads models whole, and so applies a LoRA adapter when it
+    loads them), `BASE+ADAPTER` is a base with its adapter, both pinned and downloaded;
+    otherwise `BASE+ADAPTER` is refused with an AdapterError (a path that exists is a path).
+    """
+    from hfmerge.sources.refs import download_pinned
+
+    return download_pinned(_pin(ref, progress=progress, adapters=adapters))
 
 
-def resolve_permutable(refs: Sequence[str], *, feature: str, progress: bool) -> list[ModelSource]:
+def resolve_permutable(
+    refs: Sequence[str], *, feature: str, progress: bool, adapters: bool = False
+) -> list[ModelSource]:
     """`resolve` for a command that permutes or repairs: a model without a permutation spec is
     refused from its config and headers, before any weight is downloaded."""
     from hfmerge.sources.inspection import refuse_unpermutable
-    from hfmerge.sources.refs import download_pinned, pin_model
+    from hfmerge.sources.refs import download_pinned
 
-    pinned = [pin_model(ref, progress=progress) for ref in refs]
+    pinned = [_pin(ref, progress=progress, adapters=adapters) for ref in refs]
     refuse_unpermutable(pinned, feature=feature)
     return [download_pinned(source) for source in pinned]
+
+
+def _pin(ref: str, *, progress: bool, adapters: bool) -> ModelSource:
+    """`ref` pinned; `BASE+ADAPTER` as a base with its adapter when `adapters`."""
+    from hfmerge.recipe.adapter_refs import split_adapter
+    from hfmerge.sources.refs import pin_model
+
+    model, adapter = split_adapter(ref)
+    if adapter is not None and not adapters:
+        raise AdapterError(
+            adapter,
+            model,
+            ["this command reads the model's own weights, and does not apply LoRA adapters"],
+            fix="merge the adapter into its base first (`hfmerge run` on a recipe whose one "
+            "model is BASE+ADAPTER, or PEFT's merge_and_unload) and name that model",
+        )
+    return pin_model(model, lora=adapter, progress=progress)
 
 
 def check_texts(*datas: str | None) -> None:
@@ -68,5 +94,6 @@ def probe_pair(
     placement = parse_device_map(device_map) if isinstance(device_map, str) else device_map
     limits = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
     check_texts(data)
-    a, b = resolve(model_a, progress=progress), resolve(model_b, progress=progress)
+    a = resolve(model_a, progress=progress, adapters=True)
+    b = resolve(model_b, progress=progress, adapters=True)
     return ProbePair(a, b, placement, limits or None)

@@ -32,12 +32,12 @@ from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
 from hfmerge.engine.malloc import keep_chunk_buffers
 from hfmerge.engine.plan import MergePlan, TensorJob, TensorRead
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
-from hfmerge.engine.readers import open_reader
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
 from hfmerge.errors import MethodParameterError
 from hfmerge.methods.chunks import Chunk, TensorMerge
 from hfmerge.progress import counter
 from hfmerge.runtime import capped_threads, resolve_device
+from hfmerge.sources.readers import open_reader
 from hfmerge.tensors import ShardWriter, TensorReader, element_size, torch_dtype
 
 

@@ -51,6 +51,7 @@ def load_pretrained(
     device_map: DeviceMap | None = None,
     max_memory: MaxMemory | None = None,
     complete: Completeness | None = None,
+    adapter: Path | None = None,
 ) -> PreTrainedModel:
     """`auto.from_pretrained(path)` as hfmerge allows it: the model, in eval mode.
 
@@ -69,10 +70,13 @@ def load_pretrained(
         max_memory: per-device limits for `device_map`.
         complete: when given, weights the checkpoint lacks (which transformers would fill with
             random values) are an error saying what needs them and the fix.
+        adapter: a local PEFT LoRA adapter folder for the base in `path`, applied in place once
+            loaded (`lm.adapter.apply_adapter`: `W + scale·B·A`, as a merge reads BASE+ADAPTER).
 
     Raises:
         ModelSourceError: no safetensors weights, the model needs its own code, or weights that
             `complete` requires are missing.
+        AdapterError: `adapter` does not fit the base.
     """
     read_checkpoint_index(path, label=label)  # refuses pickle-only folders, names the model
     placement: dict[str, Any] = {}
@@ -94,6 +98,10 @@ def load_pretrained(
         raise TypeError(f"{path} loaded as a {type(model).__name__}, not a transformers model")
     if complete is not None:
         complete.check(info.get("missing_keys", []), label=label)
+    if adapter is not None:
+        from hfmerge.lm.adapter import apply_adapter
+
+        apply_adapter(model, path, adapter, label=label)
     model.train(False)  # in place; no dropout
     return model
 
@@ -173,16 +181,18 @@ def auto_class(config: Mapping[str, Any]) -> Any:
     return getattr(transformers, auto_class_name(config))
 
 
-def load_model(path: Path, *, label: str) -> PreTrainedModel:
-    """The model in `path` with the head its config names (`auto_class`), float32, eval mode;
-    weights the checkpoint lacks are an error (they would be random)."""
+def load_model(path: Path, *, label: str, adapter: Path | None = None) -> PreTrainedModel:
+    """The model in `path` with the head its config names (`auto_class`), float32, eval mode,
+    with its LoRA `adapter` folder applied; weights the checkpoint lacks are an error (they would
+    be random)."""
     auto = auto_class(read_config(path, label=label))
     whole = Completeness("its head and layers", "load a complete checkpoint (all safetensors)")
-    return load_pretrained(auto, path, label=label, complete=whole)
+    return load_pretrained(auto, path, label=label, complete=whole, adapter=adapter)
 
 
-def load_lm(path: Path, *, label: str) -> PreTrainedModel:
-    """The model in `path` with its LM head, float32, eval mode; missing weights are an error."""
+def load_lm(path: Path, *, label: str, adapter: Path | None = None) -> PreTrainedModel:
+    """The model in `path` with its LM head, float32, eval mode, with its LoRA `adapter` folder
+    applied; missing weights are an error."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     with quiet_transformers(), _no_remote_code(path, label=label):
@@ -190,7 +200,7 @@ def load_lm(path: Path, *, label: str) -> PreTrainedModel:
     objective = lm_objective(list(config.architectures or []), label=label)
     auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
     head = Completeness("its LM head", "evaluate a checkpoint saved with its LM head")
-    return load_pretrained(auto, path, label=label, complete=head)
+    return load_pretrained(auto, path, label=label, complete=head, adapter=adapter)
 
 
 def position_limit(config: Any) -> int | None:
@@ -298,9 +308,12 @@ def parse_max_memory(text: str) -> MaxMemory:
 
 
 def is_causal(config: Any) -> bool:
-    """False for bidirectional encoders (BERT family, masked LMs), True for everything else."""
+    """False for bidirectional encoders (BERT family, masked LMs, the encoder of an
+    encoder-decoder, which is all `load_probe_model` keeps of one), True for everything else."""
     architectures = list(getattr(config, "architectures", None) or [])
     if any(name.endswith("ForMaskedLM") for name in architectures):
+        return False
+    if getattr(config, "is_encoder_decoder", False):
         return False
     return getattr(config, "model_type", "") not in _ENCODER_TYPES
 
@@ -312,23 +325,22 @@ def load_probe_model(
     device_map: DeviceMap | None = "auto",
     max_memory: MaxMemory | None = None,
     dtype: torch.dtype = torch.float32,
+    adapter: Path | None = None,
 ) -> PreTrainedModel:
-    """The model's base (no LM head), placed by accelerate, in eval mode.
+    """The model's base (no LM head), placed by accelerate, in eval mode, with its LoRA
+    `adapter` folder applied; of an encoder-decoder (T5, BART), its encoder.
+
+    The encoder of an encoder-decoder is a bidirectional stack over the input tokens, probed like
+    an encoder-only model (embeddings, then each block). The decoder is left out: its states are a
+    function of the target tokens fed to it as well as of the encoder's output, so a window of
+    text alone gives it no input to compare two models on.
 
     Raises:
-        ModelSourceError: an encoder-decoder (its two stacks have no one sequence of block
-            outputs), or weights of the base model are missing (they would be random).
+        ModelSourceError: weights of the base model are missing (they would be random).
     """
     from transformers import AutoModel
 
     config = read_config(path, label=label)
-    if config.get("is_encoder_decoder"):
-        raise ModelSourceError(
-            label,
-            f"is an encoder-decoder ({config.get('model_type')}), whose encoder and decoder "
-            "blocks form no one sequence of hidden states to probe",
-            "probe decoder-only or encoder-only checkpoints",
-        )
     layers = Completeness(
         "its layers",
         "compare complete checkpoints (config.json and all safetensors)",
@@ -342,7 +354,10 @@ def load_probe_model(
         device_map=device_map,
         max_memory=max_memory,
         complete=layers,
+        adapter=adapter,
     )
+    if config.get("is_encoder_decoder"):
+        model = model.get_encoder()  # a PreTrainedModel itself, with its own config copy
     model.config.tie_last_hidden_states = False  # see the note at the top
     return model
 

@@ -120,8 +120,8 @@ def align_inputs(
         perms.append(
             align_permutations(
                 method,
-                plan.base.source.path,
-                model.source.path,
+                plan.base.source,
+                model.source,
                 seed=recipe.align.seed,
                 batches=batches,
                 progress=progress,

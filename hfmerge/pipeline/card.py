@@ -199,7 +199,12 @@ def _input_row(
 
 
 def _source_cells(source: ModelSource, *, endpoint: str, local: str) -> tuple[str, str]:
-    """Table cells (model, revision): Hub models linked at their pinned commit."""
+    """Table cells (model, revision): Hub models linked at their pinned commit; a model with a
+    LoRA adapter as both, `BASE + ADAPTER`."""
+    if source.adapter is not None:
+        base = _source_cells(source.without_adapter, endpoint=endpoint, local=local)
+        adapter = _source_cells(source.adapter, endpoint=endpoint, local=local)
+        return f"{base[0]} + {adapter[0]}", f"{base[1]} + {adapter[1]}"
     if source.hub_id and source.revision:
         link = f"{endpoint.rstrip('/')}/{source.hub_id}/tree/{source.revision}"
         return f"[`{source.hub_id}`]({link})", f"[`{source.revision}`]({link})"

@@ -69,17 +69,14 @@ def _input_stats(
     from hfmerge.analysis.interpolate import Interpolator, spec_of
     from hfmerge.progress import track
 
-    base = plan.base.source.path
-    spec = spec_of(base, label=plan.base.label)
+    spec = spec_of(plan.base.source.path, label=plan.base.label)
     stats = []
     for entry, solved in track(
         list(zip(plan.inputs, perms, strict=True)),
         description="repair: measuring inputs",
         enabled=progress,
     ):
-        Interpolator(
-            model, base, entry.source.path, label_a=plan.base.label, label_b=entry.label
-        ).load(1.0, spec=spec, perms=solved)
+        Interpolator(model, plan.base.source, entry.source).load(1.0, spec=spec, perms=solved)
         stats.append(measure(model, sites, probe))
     return stats
 
@@ -88,7 +85,7 @@ def _folded_tensors(
     model: PreTrainedModel, sites: list[RepairSite], staging: Path, *, label: str
 ) -> dict[str, torch.Tensor]:
     """Checkpoint name -> new value of every tensor a site's factor was folded into."""
-    from hfmerge.analysis.interpolate import checkpoint_targets
+    from hfmerge.lm.checkpoint_views import checkpoint_targets
     from hfmerge.tensors import read_checkpoint_index
 
     modules = dict(model.named_modules())
@@ -97,10 +94,10 @@ def _folded_tensors(
         for site in sites
         for p in modules[site.module].parameters(recurse=False)
     }
-    names = read_checkpoint_index(staging, label=label).names
+    index = read_checkpoint_index(staging, label=label)
     return {
         name: tensor
-        for name, tensor in checkpoint_targets(model, names, label=label).items()
+        for name, tensor in checkpoint_targets(model, index, label=label).items()
         if tensor.untyped_storage().data_ptr() in touched
     }
 
@@ -129,7 +126,8 @@ def repair_output(
         batch_size=ONE_BATCH,
     )[0]
     windows = ProbeBatch(batch)
-    model = load_lm(plan.base.source.path, label=plan.base.label)
+    base = plan.base.source
+    model = load_lm(base.path, label=base.label, adapter=base.adapter_path)
     sites = repair_sites(model)
     target = _blend(_input_stats(plan, perms, sites, windows, model, progress=progress), weights)
     del model

@@ -269,14 +269,11 @@ def _inspect(
 
 def _refuse_unpermutable(recipe: Recipe, models: list[InspectedModel]) -> None:
     """Steps that need permutation groups refuse a generic model before any download, and those
-    without mixture-of-experts support (all alignment but weight matching) refuse MoE models."""
+    without mixture-of-experts support (REPAIR) refuse MoE models."""
     from hfmerge.align.canonical import refuse_experts
 
-    method = recipe.align.method
-    unsupported = f"`align: {{method: {method}}}`" if method in ("activation", "canonical") else ""
-    unsupported = "`align.repair` (REPAIR)" if recipe.align.repair else unsupported
-    for model in models if unsupported else []:
-        refuse_experts(model.spec, label=model.label, feature=unsupported)
+    for model in models if recipe.align.repair else []:
+        refuse_experts(model.spec, label=model.label, feature="`align.repair` (REPAIR)")
     features = [
         ("`align:` (permutation alignment)", recipe.align.method != "none"),
         ("`align.repair` (REPAIR)", recipe.align.repair),

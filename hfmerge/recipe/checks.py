@@ -11,7 +11,6 @@ from typing import Any
 
 from hfmerge.errors import did_you_mean
 from hfmerge.methods import METHODS
-from hfmerge.recipe.adapter_refs import split_adapter
 from hfmerge.recipe.entry_keys import MODEL_KEYS
 from hfmerge.recipe.slice_checks import slice_problems
 from hfmerge.recipe.tokenizer_checks import tokenizer_problems
@@ -29,7 +28,6 @@ def semantic_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
     problems += _output_problems(data)
     problems += _repair_problems(data)
     problems += tokenizer_problems(data)
-    problems += _adapter_problems(data)
     return problems
 
 
@@ -37,40 +35,6 @@ def _named(entry: Mapping[str, Any]) -> Any:
     """How `base:` names a model entry: `BASE+ADAPTER` for one with `lora:`."""
     model, lora = entry.get("model"), entry.get("lora")
     return f"{model}+{lora}" if isinstance(model, str) and isinstance(lora, str) else model
-
-
-def _has_adapter(entry: Mapping[str, Any]) -> bool:
-    model = entry.get("model")
-    return entry.get("lora") is not None or (
-        isinstance(model, str) and split_adapter(model)[1] is not None
-    )
-
-
-def _adapter_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:
-    """The steps that run whole models (transformers) do not apply adapters yet: refused, so an
-    adapter is never silently left out of a measurement."""
-    base = data.get("base")
-    adapted = any(_has_adapter(e) for e in _model_entries(data)) or (
-        isinstance(base, str) and split_adapter(base)[1] is not None
-    )
-    if not adapted:
-        return []
-    why = (
-        "runs the models whole, which does not apply LoRA adapters yet (a merge applies them "
-        "on read): merge the adapter into its base first (PEFT's `merge_and_unload`, then "
-        "`save_pretrained`) and name that model, or remove this step"
-    )
-    align, check = data.get("align"), data.get("check")
-    problems: list[tuple[Location, str]] = []
-    if data.get("route") is not None:
-        problems.append((("route",), f"routing {why}"))
-    if isinstance(align, Mapping) and align.get("method", "none") != "none":
-        problems.append((("align", "method"), f"alignment {why}"))
-    if isinstance(align, Mapping) and align.get("repair") is True:
-        problems.append((("align", "repair"), f"REPAIR {why}"))
-    if isinstance(check, Mapping) and check.get("cka_min") is not None:
-        problems.append((("check", "cka_min"), f"the CKA gate {why}"))
-    return problems
 
 
 def _repair_problems(data: Mapping[str, Any]) -> list[tuple[Location, str]]:

@@ -53,6 +53,8 @@ def build_router(
     batch_size: int = 16,
     device_map: DeviceMap | None = None,
     progress: bool = False,
+    adapters: Sequence[Path | None] | None = None,
+    backbone_adapter: Path | None = None,
 ) -> BuiltRouter:
     """Tokenize each expert's texts with the router tokenizer, pool features, fit the router.
 
@@ -72,6 +74,9 @@ def build_router(
         batch_size: windows per forward pass.
         device_map: where the models load (None: transformers' default, the CPU).
         progress: draw progress bars on stderr.
+        adapters: each expert's LoRA adapter folder, or None (default: none): an expert with
+            one is its folder in `experts` (the base) with the adapter applied.
+        backbone_adapter: the backbone's LoRA adapter folder (an adapter expert as backbone).
 
     Returns:
         The fitted router with its calibration report, layer and window length.
@@ -103,7 +108,7 @@ def build_router(
     )
     if cls.inputs == "losses":
         inputs = _loss_inputs(
-            experts,
+            list(zip(experts, adapters or [None] * len(experts), strict=True)),
             windows,
             tokenizer,
             batch_size=batch_size,
@@ -118,7 +123,7 @@ def build_router(
                 fix="name the router backbone (an expert or a shared base)",
             )
         inputs, used_layer = _feature_inputs(
-            backbone,
+            (backbone, backbone_adapter),
             windows,
             tokenizer,
             layer=route.layer,
@@ -170,7 +175,7 @@ def _windows(
 
 
 def _feature_inputs(
-    backbone: Path,
+    backbone_with_adapter: tuple[Path, Path | None],
     windows: Sequence[torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -180,8 +185,11 @@ def _feature_inputs(
 ) -> tuple[torch.Tensor, int]:
     """[n, d] pooled features of the windows at `layer` (default: ~2/3 depth), and the layer."""
     # The dtype the serving side loads it in (`auto`), so features match at serve time.
+    backbone, adapter = backbone_with_adapter
     dtype = load_dtype(PooledModel("backbone", backbone))
-    model = load_probe_model(backbone, label=str(backbone), device_map=device_map, dtype=dtype)
+    model = load_probe_model(
+        backbone, label=str(backbone), device_map=device_map, dtype=dtype, adapter=adapter
+    )
     used = default_layer(num_blocks(model)) if layer is None else layer
     check_layer(model, used)
     limit = position_limit(model.config)
@@ -197,7 +205,7 @@ def _feature_inputs(
 
 
 def _loss_inputs(
-    experts: Sequence[Path],
+    experts: Sequence[tuple[Path, Path | None]],
     windows: Sequence[torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -205,16 +213,20 @@ def _loss_inputs(
     device_map: DeviceMap | None,
     progress: bool,
 ) -> torch.Tensor:
-    """[n, E]: each expert's mean token loss on each window, one expert in memory at a time."""
+    """[n, E]: each expert's mean token loss on each window, one expert in memory at a time;
+    an expert is (model folder, LoRA adapter folder or None)."""
     batches = probe_batches(windows, tokenizer, batch_size=batch_size)
     columns = []
-    for path in track(experts, description="scoring calibration windows", enabled=progress):
+    for path, adapter in track(
+        experts, description="scoring calibration windows", enabled=progress
+    ):
         model = load_causal_lm(
             path,
             label=str(path),
             dtype=load_dtype(PooledModel(str(path), path)),
             device_map=device_map,
             max_memory=None,
+            adapter=adapter,
         )
         columns.append(
             torch.cat(

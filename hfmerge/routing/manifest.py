@@ -2,6 +2,13 @@
 
 Experts are Hub repos pinned to a commit sha, or folders bundled inside the routed repo
 (`experts/<name>`). Reading validates every field and names the one that is wrong.
+
+An expert that is a PEFT LoRA adapter of a base model also has an `adapter` location (the same
+two kinds: `{"repo_id", "revision"}` or `{"path"}`, a bundled adapter in `experts/<name>`), and
+its own location is then its base's (a bundled base in `bases/<name>`, once for every expert on
+it). `RoutedModel` loads each base once and applies an expert's adapter per input. A manifest
+with an adapter is `format_version` 2, so an hfmerge that does not know adapters refuses it
+rather than serve the bare base; every other manifest is still written, and read, as version 1.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ from hfmerge.errors import ManifestError
 MANIFEST_FILE = "hfmerge_router.json"
 ROUTER_FILE = "router.safetensors"
 FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # a manifest with an adapter expert
+READ_VERSIONS = (FORMAT_VERSION, ADAPTER_FORMAT_VERSION)
 POOLING = "mean"  # one masked mean per sequence; the only pooling routers use so far
 EXPERTS_DIR = "experts"
+BASES_DIR = "bases"  # bundled bases of adapter experts
 AUTO_DTYPE = "auto"  # load as the checkpoint stores it
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch names
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also a folder name under experts/
@@ -52,15 +62,22 @@ class ModelLocation:
 
 @dataclass(frozen=True)
 class ExpertEntry:
-    """One expert: its name, where it is, and the dtype to load it in (`auto`: as stored)."""
+    """One expert: its name, where it is, and the dtype to load it in (`auto`: as stored).
+
+    With `adapter`, the expert is that LoRA adapter on the model at `location` (its base).
+    """
 
     name: str
     location: ModelLocation
     dtype: str = AUTO_DTYPE
+    adapter: ModelLocation | None = None
 
-    def to_json(self) -> dict[str, str]:
-        """`{"name", "path" | "repo_id"+"revision", "dtype"}`."""
-        return {"name": self.name, **self.location.to_json(), "dtype": self.dtype}
+    def to_json(self) -> dict[str, Any]:
+        """`{"name", "path" | "repo_id"+"revision", "dtype"}`, and `"adapter": {...}`."""
+        entry: dict[str, Any] = {"name": self.name, **self.location.to_json(), "dtype": self.dtype}
+        if self.adapter is not None:
+            entry["adapter"] = self.adapter.to_json()
+        return entry
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,9 @@ class RoutedManifest:
     def __post_init__(self) -> None:
         _check_experts(self.experts)
         _check_router(self.router, self.names)
+        adapted = any(expert.adapter is not None for expert in self.experts)
+        if adapted and self.format_version < ADAPTER_FORMAT_VERSION:  # as an old reader sees it
+            object.__setattr__(self, "format_version", ADAPTER_FORMAT_VERSION)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -161,6 +181,8 @@ def _check_experts(experts: Sequence[ExpertEntry]) -> None:
             _fail(f"experts[{i}].name", f"{expert.name!r} appears twice")
         seen.add(expert.name)
         _check_location(expert.location, f"experts[{i}]")
+        if expert.adapter is not None:
+            _check_location(expert.adapter, f"experts[{i}].adapter")
 
 
 def _check_location(location: ModelLocation, where: str) -> None:
@@ -211,11 +233,11 @@ def parse_manifest(data: Any) -> RoutedManifest:
     """The manifest in a parsed JSON document; ManifestError names the first bad field."""
     document = _object(data, "")
     version = document.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         _fail(
             "format_version",
             f"{version!r} is not a version this hfmerge reads "
-            f"({FORMAT_VERSION}); a newer hfmerge may have written it",
+            f"({', '.join(map(str, READ_VERSIONS))}); a newer hfmerge may have written it",
         )
     experts = _list(document.get("experts"), "experts")
     entries = tuple(_expert(item, f"experts[{i}]") for i, item in enumerate(experts))
@@ -226,8 +248,14 @@ def parse_manifest(data: Any) -> RoutedManifest:
 
 def _expert(data: Any, where: str) -> ExpertEntry:
     item = _object(data, where)
+    adapter = item.get("adapter")
     return ExpertEntry(
-        _string(item.get("name"), f"{where}.name"), _location(item, where), _dtype(item, where)
+        _string(item.get("name"), f"{where}.name"),
+        _location(item, where),
+        _dtype(item, where),
+        None
+        if adapter is None
+        else _location(_object(adapter, f"{where}.adapter"), f"{where}.adapter"),
     )
 
 
@@ -308,7 +336,9 @@ def _number(value: Any, where: str, *, integer: bool = False) -> Any:
 
 
 __all__ = [
+    "ADAPTER_FORMAT_VERSION",
     "AUTO_DTYPE",
+    "BASES_DIR",
     "EXPERTS_DIR",
     "FLOAT_DTYPES",
     "FORMAT_VERSION",

@@ -3,21 +3,26 @@
 Per batch the router backbone runs once (or, for the perplexity router, every expert scores
 the input); then each chosen expert runs on its own rows only, and the rows are put back in
 order. A row's logits are exactly what its expert gives for that sub-batch.
+
+Experts that are LoRA adapters share their base: the pool holds each base once, and an adapter
+expert runs as its base with its factors hooked on for that call (`routing/adapters.py`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.lm.batches import model_inputs, pad_id_of
 from hfmerge.lm.load import DeviceMap, MaxMemory, input_device, load_tokenizer
+from hfmerge.routing.adapters import ExpertAdapter, read_expert_adapter
 from hfmerge.routing.features import pooled_features
 from hfmerge.routing.losses import loss_matrix, sequence_losses
 from hfmerge.routing.manifest import RoutedManifest
@@ -28,6 +33,7 @@ from hfmerge.routing.vocab import check_expert_vocabularies
 from hfmerge.tensors import parse_size
 
 BACKBONE = "_router_backbone"  # pool name of a separate backbone (never a valid expert name)
+SHARED_BASE = "_base"  # pool names of adapter experts' bases: `_base0`, `_base1`, ...
 
 
 @dataclass(frozen=True)
@@ -51,14 +57,18 @@ class RoutedModel:
         backbone: str | None,
         source: str = "",
         revision: str | None = None,
+        adapters: Mapping[str, ExpertAdapter] | None = None,
+        pool_names: Mapping[str, str] | None = None,
     ) -> None:
         self.manifest = manifest
         self.router = router
         self.pool = pool
         self.tokenizer = tokenizer
-        self.backbone = backbone  # pool name of the router backbone; None for perplexity
+        self.backbone = backbone  # expert or pool name of the router backbone; None: perplexity
         self.source = source
         self.revision = revision
+        self.adapters = dict(adapters or {})  # adapter experts' factors, by expert name
+        self.pool_names = dict(pool_names or {})  # expert -> the pool model it runs on
 
     @classmethod
     def from_pretrained(
@@ -104,8 +114,12 @@ class RoutedModel:
         """A routed model over an opened repo whose models are all on disk."""
         manifest = repo.manifest
         check_expert_vocabularies(repo.expert_paths)
-        pooled = [PooledModel(e.name, repo.expert_paths[e.name], e.dtype) for e in manifest.experts]
-        backbone, tokenizer_path = _backbone_entry(repo, pooled)
+        pooled, pool_names, bases = _pooled_experts(repo)
+        adapters = {
+            name: read_expert_adapter(name, repo.expert_paths[name], path)
+            for name, path in repo.adapter_paths.items()
+        }
+        backbone, tokenizer_path = _backbone_entry(repo, pooled, bases)
         pool = ExpertPool(
             pooled, device_map=device_map, max_memory=max_memory, budget_bytes=memory_budget
         )
@@ -118,6 +132,8 @@ class RoutedModel:
             backbone=backbone,
             source=repo.ref,
             revision=repo.revision,
+            adapters=adapters,
+            pool_names=pool_names,
         )
 
     @property
@@ -187,17 +203,29 @@ class RoutedModel:
             raise ValueError("a row has no real token (its attention mask is all zeros)")
         return model_inputs(rows, pad_id=pad_id_of(self.tokenizer))
 
+    @contextmanager
+    def _running(self, name: str) -> Iterator[PreTrainedModel]:
+        """The model that runs expert (or pool entry) `name`: its own, or its shared base with
+        its adapter hooked on until the block ends."""
+        model = self.pool.get(self.pool_names.get(name, name))
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            yield model
+            return
+        with adapter.active(model):
+            yield model
+
     def _features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.backbone is not None
         assert self.manifest.router.layer is not None
-        model = self.pool.get(self.backbone)
-        return pooled_features(
-            model, batch["input_ids"], batch["attention_mask"], layer=self.manifest.router.layer
-        )  # [B, d]
+        with self._running(self.backbone) as model:
+            return pooled_features(
+                model, batch["input_ids"], batch["attention_mask"], layer=self.manifest.router.layer
+            )  # [B, d]
 
     def _expert_losses(self, batch: dict[str, torch.Tensor], expert: int) -> torch.Tensor:
-        model = self.pool.get(self.experts[expert])
-        return sequence_losses(model, batch["input_ids"], batch["attention_mask"])  # [B]
+        with self._running(self.experts[expert]) as model:
+            return sequence_losses(model, batch["input_ids"], batch["attention_mask"])  # [B]
 
     # -- running the experts ---------------------------------------------------------------
 
@@ -223,9 +251,8 @@ class RoutedModel:
     def _expert_logits(
         self, expert: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        model = self.pool.get(self.experts[expert])
-        device = input_device(model)
-        with torch.inference_mode():
+        with self._running(self.experts[expert]) as model, torch.inference_mode():
+            device = input_device(model)
             out = model(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -271,10 +298,9 @@ class RoutedModel:
         attention_mask: torch.Tensor,
         kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        model = self.pool.get(self.experts[expert])
-        device = input_device(model)
         kwargs.setdefault("pad_token_id", pad_id_of(self.tokenizer))
-        with torch.inference_mode():
+        with self._running(self.experts[expert]) as model, torch.inference_mode():
+            device = input_device(model)
             # Typed loosely by transformers (mypy sees nn.Module's __getattr__).
             sequences = cast(Any, model).generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
@@ -294,15 +320,41 @@ def _mask_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
 
-def _backbone_entry(repo: LocalRoutedRepo, pooled: list[PooledModel]) -> tuple[str | None, Path]:
+def _pooled_experts(
+    repo: LocalRoutedRepo,
+) -> tuple[list[PooledModel], dict[str, str], dict[Path, str]]:
+    """The pool's models (each expert, or once each base that adapter experts share), the pool
+    name each expert runs on, and the pool name of each shared base's folder."""
+    pooled: list[PooledModel] = []
+    names: dict[str, str] = {}
+    bases: dict[Path, str] = {}  # a base folder -> its pool name
+    for expert in repo.manifest.experts:
+        path = repo.expert_paths[expert.name]
+        if expert.name not in repo.adapter_paths:
+            pooled.append(PooledModel(expert.name, path, expert.dtype))
+            names[expert.name] = expert.name
+            continue
+        if path not in bases:
+            bases[path] = f"{SHARED_BASE}{len(bases)}"
+            pooled.append(PooledModel(bases[path], path, expert.dtype))
+        names[expert.name] = bases[path]
+    return pooled, names, bases
+
+
+def _backbone_entry(
+    repo: LocalRoutedRepo, pooled: list[PooledModel], bases: dict[Path, str]
+) -> tuple[str | None, Path]:
     """(pool name of the router backbone, folder of the router tokenizer); a separate backbone
-    joins `pooled` pinned, since it runs on every batch."""
+    joins `pooled` pinned, since it runs on every batch, unless it is the shared base of
+    adapter experts (`bases`), which then serves as both."""
     backbone = repo.manifest.router.backbone
     if backbone is None:  # perplexity: tokenize as the experts do
         return None, repo.expert_paths[repo.manifest.names[0]]
     if backbone.expert is not None:
         return backbone.expert, repo.expert_paths[backbone.expert]
     assert repo.backbone_path is not None  # resolved by open_routed_repo
+    if repo.backbone_path in bases:
+        return bases[repo.backbone_path], repo.backbone_path
     pooled.append(
         PooledModel(BACKBONE, repo.backbone_path, backbone.dtype, head=False, pinned=True)
     )

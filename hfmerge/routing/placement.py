@@ -88,8 +88,10 @@ def load_causal_lm(
     dtype: torch.dtype,
     device_map: DeviceMap | None,
     max_memory: MaxMemory | None,
+    adapter: Path | None = None,
 ) -> PreTrainedModel:
-    """A causal LM placed by accelerate (`device_map`), eval mode; missing weights are an error."""
+    """A causal LM placed by accelerate (`device_map`), eval mode, with its LoRA `adapter` folder
+    applied; missing weights are an error."""
     from transformers import AutoModelForCausalLM
 
     return load_pretrained(
@@ -100,6 +102,7 @@ def load_causal_lm(
         device_map=device_map,
         max_memory=max_memory,
         complete=Completeness("its LM head", "route between complete checkpoints with LM heads"),
+        adapter=adapter,
     )
 
 

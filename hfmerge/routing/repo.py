@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from hfmerge.errors import ManifestError, RoutedRepoError
+from hfmerge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from hfmerge.routing.manifest import (
     MANIFEST_FILE,
     ROUTER_FILE,
@@ -41,6 +42,7 @@ class LocalRoutedRepo:
     backbone_path: Path | None  # a separate backbone's folder; None when it is an expert
     ref: str  # how the user named the repo
     revision: str | None = None  # the commit sha, for a Hub repo
+    adapter_paths: dict[str, Path] = field(default_factory=dict)  # adapter experts' folders
 
 
 def is_routed_repo(ref: str | Path, *, check_hub: bool = False, offline: bool = False) -> bool:
@@ -111,21 +113,33 @@ def write_routed_repo(
     *,
     bundle_sources: Mapping[str, Path] | None = None,
     backbone_source: Path | None = None,
+    adapter_sources: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write the manifest, router tensors and bundled models into `staging_dir`; returns it.
 
     `bundle_sources` maps each expert whose location is a `path` to the folder to copy it
-    from; `backbone_source` does the same for a separate bundled backbone. The card is not
-    written here.
+    from (an adapter expert's base: a base shared by several is copied once);
+    `adapter_sources` maps each adapter expert whose adapter is a `path` to its adapter folder;
+    `backbone_source` does the same for a separate bundled backbone. The card is not written
+    here.
     """
     _check_router_fits(manifest, router)
     staging_dir.mkdir(parents=True, exist_ok=True)
-    sources = dict(bundle_sources or {})
+    sources, adapters = dict(bundle_sources or {}), dict(adapter_sources or {})
+    bundled: set[str] = set()
     for expert in manifest.experts:
-        _bundle_location(expert.location, sources.get(expert.name), staging_dir, expert.name)
+        if expert.location.path not in bundled:
+            _bundle_location(expert.location, sources.get(expert.name), staging_dir, expert.name)
+            bundled.add(str(expert.location.path))
+        if expert.adapter is not None and expert.adapter.path is not None:
+            source = adapters.get(expert.name)
+            if source is None:
+                raise ValueError(f"adapter of {expert.name} is bundled but no folder was given")
+            bundle_adapter(source, staging_dir / expert.adapter.path)
     backbone = manifest.router.backbone
-    if backbone is not None and backbone.location is not None:
-        _bundle_location(backbone.location, backbone_source, staging_dir, "router backbone")
+    location = None if backbone is None else backbone.location
+    if location is not None and str(location.path) not in bundled:  # else: adapters' base
+        _bundle_location(location, backbone_source, staging_dir, "router backbone")
     save_file(
         router.to_tensors(),
         staging_dir / ROUTER_FILE,
@@ -166,6 +180,14 @@ def bundle_model(source: Path, target: Path, *, label: str) -> list[str]:
     return copied + weights
 
 
+def bundle_adapter(source: Path, target: Path) -> list[str]:
+    """Copy a PEFT adapter folder's config and safetensors weights into `target`; names."""
+    names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    for name in names:
+        _link_or_copy(source / name, target / name)
+    return names
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """Hard link (instant, no extra space), else copy; resolve first: the Hub cache's snapshot
     files are symlinks, and a hard link to a symlink would dangle once moved."""
@@ -196,6 +218,18 @@ def resolve_location(
     return resolve_model(ref, offline=offline, progress=progress).path
 
 
+def resolve_adapter(location: ModelLocation, folder: Path, *, label: str, offline: bool) -> Path:
+    """A local adapter folder for `location`: inside `folder`, or its config and safetensors
+    weights downloaded at the pinned sha."""
+    if location.path is not None:
+        return resolve_location(location, folder, label=label, offline=offline, progress=False)
+    from hfmerge import hub
+
+    patterns = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    repo_id, sha = str(location.repo_id), str(location.revision)  # both set: checked when parsed
+    return hub.download(repo_id, sha, allow_patterns=patterns, offline=offline)
+
+
 def open_routed_repo(
     ref: str | Path, *, revision: str | None = None, offline: bool = False, progress: bool = False
 ) -> LocalRoutedRepo:
@@ -216,6 +250,13 @@ def open_routed_repo(
         )
         for expert in manifest.experts
     }
+    adapters = {
+        expert.name: resolve_adapter(
+            expert.adapter, folder, label=f"adapter of expert {expert.name!r}", offline=offline
+        )
+        for expert in manifest.experts
+        if expert.adapter is not None
+    }
     backbone = manifest.router.backbone
     backbone_path = None
     if backbone is not None and backbone.location is not None:
@@ -226,7 +267,7 @@ def open_routed_repo(
             offline=offline,
             progress=progress,
         )
-    return LocalRoutedRepo(folder, manifest, router, experts, backbone_path, label, sha)
+    return LocalRoutedRepo(folder, manifest, router, experts, backbone_path, label, sha, adapters)
 
 
 def _repo_folder(ref: str, *, revision: str | None, offline: bool) -> tuple[Path, str | None]:
@@ -258,9 +299,10 @@ def _download_bundled(ref: str, sha: str, manifest: RoutedManifest, *, offline: 
     from hfmerge.sources.refs import split_revision
 
     locations = [expert.location for expert in manifest.experts]
+    locations += [expert.adapter for expert in manifest.experts if expert.adapter is not None]
     if manifest.router.backbone is not None and manifest.router.backbone.location is not None:
         locations.append(manifest.router.backbone.location)
-    patterns = [f"{loc.path}/*" for loc in locations if loc.path is not None]
+    patterns = list(dict.fromkeys(f"{loc.path}/*" for loc in locations if loc.path is not None))
     repo_id = split_revision(ref)[0]
     if not patterns:  # every model is a pinned Hub repo of its own
         return hub.snapshot_dir(repo_id, sha)
@@ -271,11 +313,13 @@ def _download_bundled(ref: str, sha: str, manifest: RoutedManifest, *, offline: 
 
 __all__ = [
     "LocalRoutedRepo",
+    "bundle_adapter",
     "bundle_model",
     "is_routed_repo",
     "open_routed_repo",
     "read_manifest",
     "read_router",
+    "resolve_adapter",
     "resolve_location",
     "write_routed_repo",
 ]

@@ -57,8 +57,10 @@ def inspect_adapter(
     spec: ArchSpec,
     *,
     offline: bool,
+    warn: bool = True,
 ) -> InspectedAdapter:
-    """Read `adapter`'s config and header and check them against the base's `index`.
+    """Read `adapter`'s config and header and check them against the base's `index`; with
+    `warn`, say so when its config names another base.
 
     Raises:
         AdapterError: with every problem found (no adapter files, pickle-only weights, an
@@ -84,7 +86,8 @@ def inspect_adapter(
             "apply the adapter to the base it was trained on (its adapter_config.json names it "
             f"as base_model_name_or_path: {config.base_model or 'not given'})",
         )
-    _warn_other_base(adapter, base, config)
+    if warn:
+        _warn_other_base(adapter, base, config)
     return InspectedAdapter(adapter, config, layout, files.tensors)
 
 

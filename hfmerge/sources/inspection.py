@@ -7,7 +7,7 @@ headers only) and compares them, reporting every problem of every model at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,15 @@ class InspectedModel:
         return self.source.label
 
 
-def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedModel:
+def inspect_model(
+    source: ModelSource, *, offline: bool = False, warn: bool = True
+) -> InspectedModel:
     """Config + safetensors headers + architecture spec; reads no tensor data.
 
     A pinned Hub model is read remotely (config.json and header bytes only) unless its files are
     already in the cache. A source with an adapter has it checked against the model
-    (`inspect_adapter`), from its config and header alone as well.
+    (`inspect_adapter`, which with `warn` says when the adapter names another base), from its
+    config and header alone as well.
     """
     if source.hub_id is not None and source.revision is not None:
         from hfmerge import hub
@@ -69,9 +72,21 @@ def inspect_model(source: ModelSource, *, offline: bool = False) -> InspectedMod
     adapter = None
     if source.adapter is not None:
         adapter = inspect_adapter(
-            source.adapter, source.without_adapter, index, spec, offline=offline
+            source.adapter, source.without_adapter, index, spec, offline=offline, warn=warn
         )
     return InspectedModel(source=source, config=config, index=index, spec=spec, adapter=adapter)
+
+
+def inspect_downloaded(source: ModelSource) -> InspectedModel:
+    """`inspect_model` of a source's files on disk (a Hub model's once downloaded, its adapter's
+    too): what a step that reads the weights checks them against, with no Hub request. The
+    pair was inspected, and any warning about it given, when it was named."""
+    return inspect_model(_on_disk(source), warn=False)
+
+
+def _on_disk(source: ModelSource) -> ModelSource:
+    adapter = None if source.adapter is None else _on_disk(source.adapter)
+    return replace(source, hub_id=None, revision=None, adapter=adapter)
 
 
 def refuse_unpermutable(

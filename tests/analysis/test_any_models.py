@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hfmerge import api
-from hfmerge.errors import ModelSourceError
+from hfmerge.errors import IncompatibleModelsError
 from tests.support.any_models import save_any_model
 from tests.support.lm import char_tokenizer
 
@@ -41,7 +41,19 @@ def test_eval_barrier_and_cka_run_on_a_generic_model(
     assert same.diagonal == pytest.approx([1.0] * 3, abs=1e-6)
 
 
-def test_cka_refuses_an_encoder_decoder_before_loading_it(tmp_path: Path) -> None:
-    a, b = _pair("t5", "llama", tmp_path)
-    with pytest.raises(ModelSourceError, match="is an encoder-decoder"):
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_cka_probes_an_encoder_decoders_encoder(kind: str, tmp_path: Path) -> None:
+    """The encoder's embeddings and blocks, bidirectional; the decoder is not probed."""
+    a, b = _pair(kind, "llama", tmp_path)
+    report = api.cka(a, b, samples=8, max_length=16, device_map="cpu", progress=False)
+    assert len(report.diagonal) == 3  # embeddings and 2 encoder blocks
+    assert all(-1.0 <= v <= 1.0 for v in report.diagonal)
+    same = api.cka(a, a, samples=8, max_length=16, device_map="cpu", progress=False)
+    assert same.diagonal == pytest.approx([1.0] * 3, abs=1e-6)
+
+
+def test_cka_refuses_an_encoder_decoder_against_a_causal_lm(tmp_path: Path) -> None:
+    a, _ = _pair("t5", "llama", tmp_path / "t5")
+    b, _ = _pair("helium", "llama", tmp_path / "helium")
+    with pytest.raises(IncompatibleModelsError, match="causal LM and the other"):
         api.cka(a, b, samples=8, max_length=16, device_map="cpu", progress=False)

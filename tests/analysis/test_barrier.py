@@ -91,7 +91,9 @@ def test_model_with_itself_has_zero_barrier_and_a_flat_curve(tmp_path: Path, kin
     assert result.objective == ("masked" if kind == "bert" else "causal")
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "gpt2", "gpt_neox", "bert"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "llama_tied", "gpt2", "gpt_neox", "bert", "mixtral", "qwen3_moe"]
+)
 def test_curve_matches_evaluate_at_endpoints_and_an_averaged_model_at_the_midpoint(
     tmp_path: Path, kind: str
 ) -> None:
@@ -104,7 +106,8 @@ def test_curve_matches_evaluate_at_endpoints_and_an_averaged_model_at_the_midpoi
     assert result.loss_a == pytest.approx(evaluate(model_a, tokenizer, windows).loss, abs=1e-6)
     assert result.loss_b == pytest.approx(evaluate(model_b, tokenizer, windows).loss, abs=1e-6)
     assert abs(result.loss_a - result.loss_b) > 1e-3  # the two models do differ
-    # Independent midpoint: average every module tensor (tied ones included) by hand.
+    # Independent midpoint: average every module tensor (tied ones included) by hand; an MoE's
+    # module tensors are its fused experts, so this also checks the per-expert checkpoint views.
     state_b = model_b.state_dict()
     averaged = {
         n: (t + state_b[n]) / 2 if t.is_floating_point() else t
@@ -194,6 +197,27 @@ def test_incompatible_models_and_unknown_modes_are_refused(tmp_path: Path) -> No
     with pytest.raises(UnknownNameError, match="activation\\+repair"):
         parse_align_modes(["weight+rescale"])
     assert parse_align_modes([]) == ["none"]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_cli_barrier_of_an_moe_and_its_permuted_copy_vanishes_once_aligned(
+    kind: str, chdir_tmp: Path
+) -> None:
+    """Expert order, per-expert FF orders and the residual planted: the loaded model holds each
+    block's experts fused, and every per-expert checkpoint tensor is written into its slice."""
+    a = save_lm(kind, chdir_tmp / "a", seed=2)
+    b = save_permuted_copy(a, chdir_tmp / "b", seed=7)
+    aligns = ["--align", "none", "--align", "weight", "--align", "canonical"]
+    size = ["--max-length", str(LENGTH), "--samples", str(SAMPLES), "--json", "barrier.json"]
+    assert main(["barrier", str(a), str(b), *aligns, "--steps", "3", *size]) == 0
+    none, *aligned = json.loads((chdir_tmp / "barrier.json").read_text())["results"]
+    assert none["loss_b"] == pytest.approx(none["loss_a"], abs=1e-5)  # same function, new basis
+    assert max(none["loss"]) - min(none["loss"]) > 1e-2  # unaligned midpoints differ
+    for curve in aligned:
+        assert curve["loss_a"] == none["loss_a"]
+        assert curve["loss_b"] == pytest.approx(curve["loss_a"], abs=1e-5)
+        assert abs(curve["barrier"]) < 1e-5
+        assert max(curve["loss"]) - min(curve["loss"]) < 1e-5
 
 
 def test_cli_barrier_table_json_and_plot(

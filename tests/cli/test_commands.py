@@ -45,7 +45,7 @@ def test_archs_is_a_table_of_families_and_what_runs_on_them(
     assert "llama (llama, mistral, ministral, qwen2, granite," in rows["llama"]
     assert "gemma (gemma, gemma2, gemma3_text)" in rows["gemma"]
     assert "olmo2 (olmo2, olmo3)" in rows["olmo2"]
-    for family in ("mixtral", "qwen3_moe"):  # weight matching only: no REPAIR sites for experts
+    for family in ("mixtral", "qwen3_moe"):  # no REPAIR sites inside fused experts
         assert rows[family].split()[-5:] == ["yes", "yes", "no", "yes", "yes"], rows[family]
     assert lines[-1].split() == ["any", "other", "model_type", "yes", "no", "no", "no", "no"]
 

@@ -27,6 +27,7 @@ from hfmerge.lm.probe import (
     sample_positions,
 )
 from hfmerge.lm.textdata import load_texts, token_windows
+from tests.support.any_models import save_any_model
 from tests.support.lm import char_tokenizer, save_lm, save_permuted_copy, style_of
 
 LENGTH, SAMPLES = 32, 8
@@ -258,3 +259,25 @@ def test_auto_device_map_with_memory_limit_loads_and_runs(llama_pair: tuple[Path
     states = layer_states(model, _batches("llama")[0], causal=True, pooling="tokens")
     assert len(states) == 3
     assert states[0].dtype == torch.float32
+
+
+def test_an_encoder_decoders_probe_states_are_its_encoder_blocks_outputs(tmp_path: Path) -> None:
+    """T5's encoder: every state is a block's own output (the last one before the final norm),
+    and the decoder is not run."""
+    path = save_any_model("t5", tmp_path / "t5")
+    model = _load(path)
+    assert not is_causal(model.config)
+    batch = _batches("llama")[0]
+    outputs: list[torch.Tensor] = []
+    blocks = model.get_submodule("block")  # T5Stack.block: the encoder's blocks
+    assert isinstance(blocks, torch.nn.ModuleList)
+    hooks = [
+        block.register_forward_hook(lambda _m, _i, out: outputs.append(out[0])) for block in blocks
+    ]
+    states = layer_states(model, batch, causal=False, pooling="tokens")
+    for hook in hooks:
+        hook.remove()
+    keep = batch["attention_mask"].bool()
+    assert len(states) == 1 + len(outputs) == 3
+    for state, output in zip(states[1:], outputs, strict=True):
+        torch.testing.assert_close(state, output[keep], rtol=0, atol=0)

@@ -1,6 +1,6 @@
 """A model with a LoRA adapter in a recipe: `BASE+ADAPTER` (mergekit's spelling, in a recipe or
 a mergekit config) and `{model: BASE, lora: ADAPTER}` are one entry; the steps that run whole
-models refuse adapters rather than leave them out."""
+models apply them, and routing serves them."""
 
 from __future__ import annotations
 
@@ -82,25 +82,15 @@ models:
 
 
 @pytest.mark.parametrize(
-    ("extra", "location"),
-    [
-        ({"align": {"method": "weight"}}, "align.method"),
-        ({"check": {"cka_min": 0.5}}, "check.cka_min"),
-        ({"align": {"repair": True}}, "align.repair"),
-    ],
+    "extra",
+    [{"align": {"method": "weight"}}, {"check": {"cka_min": 0.5}}, {"align": {"repair": True}}],
 )
-def test_steps_that_run_whole_models_refuse_adapters(extra: dict[str, Any], location: str) -> None:
-    with pytest.raises(RecipeError) as caught:
-        parse_recipe(recipe([{"model": "a", "lora": "b"}, "c"], **extra))
-    messages = {p.location: p.message for p in caught.value.problems}
-    assert "does not apply LoRA adapters yet" in messages[location]
-    assert "merge_and_unload" in messages[location]
+def test_steps_that_run_whole_models_take_adapters(extra: dict[str, Any]) -> None:
+    """They load each model with its adapter applied (tests/lora/test_whole_models.py)."""
+    parsed = parse_recipe(recipe([{"model": "a", "lora": "b"}, "c"], **extra))
+    assert parsed.models[0].ref == "a+b"
 
 
-def test_routing_refuses_adapters() -> None:
-    data = {"models": ["a+b", "c"], "route": {"experts": [{"data": "x"}, {"data": "y"}]}}
-    with pytest.raises(RecipeError) as caught:
-        parse_recipe(data)
-    assert any(
-        p.location == "route" and "LoRA adapters" in p.message for p in caught.value.problems
-    )
+def test_routing_takes_adapters_as_experts() -> None:
+    data = {"models": ["a+b", "a+c"], "route": {"experts": [{"data": "x"}, {"data": "y"}]}}
+    assert [entry.lora for entry in parse_recipe(data).models] == ["b", "c"]

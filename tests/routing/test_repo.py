@@ -105,7 +105,16 @@ def _set(path: str, value: Any) -> Edit:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_set("format_version", 2), "format_version: 2 is not a version this hfmerge reads"),
+        (_set("format_version", 3), "format_version: 3 is not a version this hfmerge reads"),
+        (_set("experts.0.adapter", "lora"), r"experts\[0\].adapter: must be a JSON object"),
+        (
+            _set("experts.0.adapter", {"path": "../lora"}),
+            r"experts\[0\].adapter.path: '../lora' is not a plain relative folder",
+        ),
+        (
+            _set("experts.0.adapter", {"repo_id": "org/lora", "revision": "main"}),
+            r"experts\[0\].adapter.revision: 'main' is not a 40-hex commit sha",
+        ),
         (_set("experts", []), "experts: lists 0 expert"),
         (_set("experts.1.name", "digits"), r"experts\[1\].name: 'digits' appears twice"),
         (_set("experts.0.path", "../elsewhere"), "is not a plain relative folder"),

@@ -17,13 +17,14 @@ from tests.support.weights import read_weights
 
 
 def save_adapter(
-    kind: str, root: Path, *, seed: int = 0, **lora: Any
+    kind: str, root: Path, *, seed: int = 0, adapter_seed: int | None = None, **lora: Any
 ) -> tuple[Path, Path, dict[str, torch.Tensor]]:
-    """A tiny `kind` base and a PEFT LoRA adapter on it (random non-zero A and B), saved under
-    `root`; with the tensors of PEFT's own merge of the two (`merge_and_unload`)."""
+    """A tiny `kind` base (from `seed`) and a PEFT LoRA adapter on it (random non-zero A and B,
+    from `adapter_seed`, default `seed + 1`), saved under `root`; with the tensors of PEFT's own
+    merge of the two (`merge_and_unload`)."""
     base_dir, adapter_dir = root / "base", root / "adapter"
     make_tiny_model(kind, seed=seed).save_pretrained(base_dir)
-    torch.manual_seed(seed + 1)
+    torch.manual_seed(seed + 1 if adapter_seed is None else adapter_seed)
     config = LoraConfig(init_lora_weights=False, **lora)
     peft_model = get_peft_model(make_tiny_model(kind, seed=seed), config)
     with torch.no_grad():  # every trained part non-zero and unlike the base
@@ -53,3 +54,16 @@ def merge_adapter(
     }
     run_recipe(parse_recipe(data), RunOptions(force=True, progress=False))
     return read_weights(out)
+
+
+def save_peft_merged(base: Path, adapter: Path, out: Path) -> Path:
+    """PEFT's own merge of `base` and `adapter` (`merge_and_unload`), saved into `out` with the
+    base's tokenizer files: the model a whole-model step over `BASE+ADAPTER` must equal."""
+    from transformers import AutoModelForCausalLM
+
+    from hfmerge.tensors import copy_side_files
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    model.merge_and_unload().save_pretrained(out)
+    copy_side_files(base, out)
+    return out
