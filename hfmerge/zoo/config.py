@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from hfmerge.errors import UnknownNameError
+from hfmerge.errors import OptionError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,32 @@ class ZooConfig:
             train_chars=150_000,
             eval_windows=16,
         )
+
+    def with_width(self, hidden_size: int) -> ZooConfig:
+        """This config at another width: FF at the same multiple of it, heads and KV heads fixed.
+
+        Depth, data, steps, tokenizer and learning rates stay as they are, so only the width
+        differs. Heads stay fixed (head_dim grows with the width) rather than head_dim, so every
+        width has the same symmetry groups (one residual group, one FF group per block, the same
+        KV heads with the same query heads) and only their sizes grow, as when Entezari et al.
+        widen the layers of an MLP. It also makes this config's own width give this very config
+        (same cache key), so the default zoo's seed pair is one of the widths.
+
+        Raises:
+            OptionError: `hidden_size` is not a positive multiple of 2 x `num_heads` (each head
+                gets an even head_dim, which RoPE rotates in pairs).
+        """
+        step = 2 * self.num_heads
+        if hidden_size < step or hidden_size % step:
+            raise OptionError(
+                "hidden_size",
+                str(hidden_size),
+                f"not a positive multiple of {step} (2 x {self.num_heads} heads)",
+                why="every head needs the same even head_dim: RoPE rotates pairs of dimensions",
+                fix=f"pick a width such as {step * max(1, hidden_size // step)}",
+            )
+        ff = round(hidden_size * self.intermediate_size / self.hidden_size)
+        return replace(self, hidden_size=hidden_size, intermediate_size=ff)
 
 
 ZOO_SIZE_ENV = "HFMERGE_ZOO_SIZE"  # "default" or "tiny": which config `zoo:NAME` references use

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedModel
 
+from hfmerge import api
 from hfmerge.analysis.barrier import (
     barrier_of,
     barrier_report,
@@ -337,3 +339,19 @@ def test_orthogonal_barrier_refuses_a_layernorm_model_before_loading(tmp_path: P
     b = save_lm("gpt2", tmp_path / "b", seed=2)
     with pytest.raises(AlignmentError, match="not exact"):
         compare_barriers(source_of(a), source_of(b), aligns=["weight+orthogonal"], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_eval_and_cka_of_an_moe_and_its_permuted_copy_see_one_function(
+    kind: str, tmp_path: Path
+) -> None:
+    """`hfmerge eval` and `hfmerge cka` load MoE models with their experts fused; a copy with
+    planted expert-order, per-expert FF and residual permutations is the same function."""
+    a = save_lm(kind, tmp_path / "a", seed=2)
+    b = save_permuted_copy(a, tmp_path / "b", seed=7)
+    size: dict[str, Any] = {"max_length": LENGTH, "samples": SAMPLES, "progress": False}
+    report = api.evaluate([str(a), str(b)], **size)
+    assert report.result(str(b)).loss == pytest.approx(report.result(str(a)).loss, abs=1e-5)
+    cka = api.cka(str(a), str(b), device_map="cpu", **size)
+    assert cka.diagonal == pytest.approx([1.0] * len(cka.diagonal), abs=1e-5)
+    assert len(cka.diagonal) == 3  # embeddings and 2 blocks
