@@ -1,6 +1,6 @@
 """Alignment benchmark: loss barriers of the zoo's seed pairs; weight-matching cost at BERT-base.
 
-    python benchmarks/bench_align.py [--samples 64] [--pairs llama,gpt2] [--skip-bert]
+    python benchmarks/bench_align.py [--samples 64] [--pairs llama,gpt2] [--skip-bert] [--orders N]
 
 Part 1 prints barrier and midpoint loss for none / activation / weight alignment, weight
 alignment with REPAIR, and (RMSNorm families only) orthogonal residual alignment
@@ -61,6 +61,41 @@ def barrier_table(pairs: list[str], samples: int) -> None:
             print("  (weight+orthogonal: refused, LayerNorm does not commute with a rotation)")
 
 
+def order_spread(pairs: list[str], samples: int, orders: int) -> None:
+    """Barrier per visit order of weight matching (its `seed`), for `weight` and, on RMSNorm
+    pairs, `weight+orthogonal`: coordinate ascent ends in a different local optimum per order."""
+    # Internal on purpose: `hfmerge barrier` always uses seed 0.
+    from hfmerge.align.apply import align_basis
+    from hfmerge.analysis.barrier import compare_barriers
+    from hfmerge.api.references import resolve
+
+    print(f"\n{'pair':<32} {'align':<18} barrier per visit order (seed 0..{orders - 1})")
+    for family in pairs:
+        model_a, model_b, _ = PAIRS[family]
+        a, b = resolve(model_a, progress=False), resolve(model_b, progress=False)
+        modes = ["weight"] + (["weight+orthogonal"] if family in RMSNORM_FAMILIES else [])
+        for mode in modes:
+            barriers = []
+            for seed in range(orders):
+                basis = align_basis(mode, a, b, seed=seed)
+                (curve,) = compare_barriers(
+                    a,
+                    b,
+                    aligns=[mode],
+                    steps=3,  # the barrier of these pairs sits at λ = 0.5
+                    probe_data=PROBE_DATA,
+                    samples=samples,
+                    progress=False,
+                    solved={mode: basis},
+                )
+                barriers.append(curve.barrier)
+            shown = " ".join(f"{v:.3f}" for v in barriers)
+            print(
+                f"{model_a + ' / ' + model_b:<32} {mode:<18} {shown}  (range {min(barriers):.3f}-"
+                f"{max(barriers):.3f})"
+            )
+
+
 def bert_base_timing() -> None:
     """Wall time and peak RSS of weight matching on a random BERT-base-sized pair."""
     from transformers import BertConfig, BertModel
@@ -90,12 +125,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--pairs", default=",".join(PAIRS), help="comma list of zoo families")
     parser.add_argument("--skip-bert", action="store_true")
+    parser.add_argument(
+        "--orders", type=int, default=0, help="also the barrier over N visit orders (seeds)"
+    )
     args = parser.parse_args()
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     unknown = sorted(set(pairs) - set(PAIRS))
     if unknown:
         parser.error(f"unknown pair {unknown}; choose from {sorted(PAIRS)}")
     barrier_table(pairs, args.samples)
+    if args.orders > 0:
+        order_spread(pairs, args.samples, args.orders)
     if not args.skip_bert:
         bert_base_timing()
 
