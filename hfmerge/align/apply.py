@@ -260,16 +260,7 @@ def align_permutations(
             f"`{method}` maps the residual stream by an orthogonal matrix, not a permutation",
             fix="call align_basis, which returns the permutations and the rotation together",
         )
-    a, b = _inspect_pair(model_a, model_b)
-    return _match(
-        method,
-        a,
-        b,
-        seed=seed,
-        batches=batches,
-        progress=progress,
-        max_memory_bytes=max_memory_bytes,
-    ).perms
+    return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).perms
 
 
 def align_basis(
@@ -287,6 +278,19 @@ def align_basis(
     As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation
     (they hold both models as float64 and do not stream: `max_memory_bytes` bounds `weight`).
     """
+    return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).basis
+
+
+def _solve(
+    method: str,
+    model_a: Path | ModelSource,
+    model_b: Path | ModelSource,
+    seed: int,
+    batches: Batches | None,
+    progress: bool,
+    max_memory_bytes: int | None,
+) -> MatchResult:
+    """Both models inspected, then matched by `method`."""
     a, b = _inspect_pair(model_a, model_b)
     return _match(
         method,
@@ -296,7 +300,7 @@ def align_basis(
         batches=batches,
         progress=progress,
         max_memory_bytes=max_memory_bytes,
-    ).basis
+    )
 
 
 def align_checkpoint(
