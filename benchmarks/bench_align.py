@@ -4,8 +4,9 @@
 
 Part 1 prints barrier and midpoint loss for none / activation / weight alignment, weight
 alignment with REPAIR, and (RMSNorm families only) orthogonal residual alignment
-(weight+orthogonal), between the two seeds of each zoo family (built on first use): Llama-style
-zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 / zoo:gpt2-seed1, same width, depth and data.
+(weight+orthogonal, activation+orthogonal), between the two seeds of each zoo family (built on
+first use): Llama-style zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 / zoo:gpt2-seed1,
+same width, depth and data.
 Losses are scored on the held-out built-in prose; activation matching and REPAIR statistics read
 the zoo's prose training text (`--probe-data builtin:prose-train`), never the scored text.
 Part 2 times weight matching on two randomly initialised BERT-base-sized models (12 layers,
@@ -29,7 +30,7 @@ PAIRS: dict[str, tuple[str, str, str]] = {
 MODES = ("none", "activation", "weight", "weight+repair")
 # Orthogonal residual alignment is exact only where the norm gains fold (RMSNorm): GPT-2's
 # LayerNorm refuses it, so it is only asked of these families.
-ORTHOGONAL = ("weight+orthogonal",)
+ORTHOGONAL = ("weight+orthogonal", "activation+orthogonal")
 RMSNORM_FAMILIES = frozenset({"llama"})
 
 
@@ -58,7 +59,7 @@ def barrier_table(pairs: list[str], samples: int) -> None:
             )
         print(f"  ({what}; scored on builtin, probes from {PROBE_DATA}, {samples} windows)")
         if family not in RMSNORM_FAMILIES:
-            print("  (weight+orthogonal: refused, LayerNorm does not commute with a rotation)")
+            print("  (orthogonal modes: refused, LayerNorm does not commute with a rotation)")
 
 
 def order_spread(pairs: list[str], samples: int, orders: int) -> None:

@@ -23,7 +23,10 @@ from hfmerge.align.attention import (
 )
 from hfmerge.align.cross_stats import CrossStats
 from hfmerge.align.lap import assignment_value, solve_lap
+from hfmerge.align.orthogonal import orthogonal_factor
 from hfmerge.align.weight_matching import MatchResult
+from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.spec import (
     ArchSpec,
     AxisRole,
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # transformers is imported when matching runs, not when hfmer
 
 
 Where = Literal["input", "output"]
+ResidualMap = Literal["permute", "rotate"]
 
 
 @dataclass(frozen=True)
@@ -296,12 +300,25 @@ def _match_group(group: PermGroup, stats: _Statistics) -> tuple[GroupPerm, float
     return order, assignment_value(similarity, order) / group.size
 
 
+def _residual_rotation(stats: _Statistics) -> torch.Tensor:
+    """[hidden, hidden] orthogonal Q maximising Σ ⟨h_A, Q h_B⟩ over the non-padding tokens of
+    every hidden state but the last (float64 sums C = Σ h_A h_Bᵀ, streamed per batch).
+
+    transformers returns the last hidden state after the final norm, whose gain (A's is not
+    folded) does not commute with Q; the others are the residual stream itself, which folding
+    leaves unchanged, so Q read on the loaded models holds for the folded ones.
+    """
+    cross = torch.stack([s.cross for s in stats.residual[:-1]]).sum(0)  # [hidden, hidden]
+    return orthogonal_factor(cross)
+
+
 def activation_matching(
     spec: ArchSpec,
     model_a: PreTrainedModel,
     model_b: PreTrainedModel,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
+    residual: ResidualMap = "permute",
     progress: bool = False,
 ) -> MatchResult:
     """Permutations of B's units that maximise the correlation of matched activations with A's.
@@ -316,13 +333,21 @@ def activation_matching(
 
     `spec` names the modules: the loaded model's tensor names, or for a mixture of experts the
     checkpoint's (its fused expert parameters are found through `lm/checkpoint_views.py`).
+
+    `residual="rotate"` (`activation+orthogonal`, models to be read folded): the residual group
+    is left as it is and `MatchResult.rotation` is the orthogonal Q of `_residual_rotation`
+    instead. The FF and attention statistics are read inside blocks, where a map of the residual
+    stream changes nothing, so they are those of B already rotated: no alternation is needed.
     """
     batches = list(batches)  # a mixture of experts reads them again
     stats = _collect(spec, model_a, model_b, batches, progress=progress)
+    rotate = residual == "rotate"
     perms: Permutations = {}
     correlation: dict[str, float] = {}
     for group in spec.groups.values():
-        if not _in_experts(group):
+        if rotate and group.name == RESIDUAL:
+            perms[group.name] = identity_permutations(spec)[RESIDUAL]  # Q takes its place
+        elif not _in_experts(group):
             perms[group.name], correlation[group.name] = _match_group(group, stats)
     if spec.has_experts:
         from hfmerge.align.expert_activations import expert_permutations
@@ -334,5 +359,9 @@ def activation_matching(
         perms |= moe_perms
         correlation |= moe_correlation
     return MatchResult(
-        perms=perms, iterations=1, objective=[sum(correlation.values())], correlation=correlation
+        perms=perms,
+        iterations=1,
+        objective=[sum(correlation.values())],
+        correlation=correlation,
+        rotation=_residual_rotation(stats) if rotate else None,
     )

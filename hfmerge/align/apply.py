@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from safetensors.torch import save_file
 
-from hfmerge.align.activation_matching import activation_matching
+from hfmerge.align.activation_matching import ResidualMap, activation_matching
 from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.orthogonal import orthogonal_matching
 from hfmerge.align.permutation_files import PERMUTATIONS_FILE, ROTATION_FILE, save_permutations
@@ -150,9 +150,12 @@ def _match(
     if method in ORTHOGONAL_METHODS:
         for model in (a, b):
             require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
+    if method == "weight+orthogonal":
         return orthogonal_matching(
             b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
         )
+    if method == "activation+orthogonal":
+        return _activation_matching(a, b, batches, residual="rotate", progress=progress)
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
         with ExitStack() as stack:
@@ -170,16 +173,28 @@ def _match(
         perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
         return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
-        model_a, model_b = _load_model(a), _load_model(b)
-        # Group names do not depend on name prefixes, so a spec of the loaded module names
-        # yields permutations that fit the checkpoint's spec too. A mixture of experts keeps the
-        # checkpoint's spec: its loaded experts are fused, and are found by checkpoint name.
-        spec = a.spec
-        if not spec.has_experts:
-            spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
-        data = _builtin_batches(a) if batches is None else batches
-        return activation_matching(spec, model_a, model_b, data, progress=progress)
+        return _activation_matching(a, b, batches, residual="permute", progress=progress)
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)
+
+
+def _activation_matching(
+    a: InspectedModel,
+    b: InspectedModel,
+    batches: Batches | None,
+    *,
+    residual: ResidualMap,
+    progress: bool,
+) -> MatchResult:
+    """Activation matching of the two models loaded with transformers (`activation_matching`)."""
+    model_a, model_b = _load_model(a), _load_model(b)
+    # Group names do not depend on name prefixes, so a spec of the loaded module names
+    # yields permutations that fit the checkpoint's spec too. A mixture of experts keeps the
+    # checkpoint's spec: its loaded experts are fused, and are found by checkpoint name.
+    spec = a.spec
+    if not spec.has_experts:
+        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
+    data = _builtin_batches(a) if batches is None else batches
+    return activation_matching(spec, model_a, model_b, data, residual=residual, progress=progress)
 
 
 def align_permutations(
@@ -253,7 +268,9 @@ def align_checkpoint(
     model_b_dir: Path,
     out_dir: Path,
     *,
-    method: Literal["weight", "activation", "canonical", "weight+orthogonal"],
+    method: Literal[
+        "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+    ],
     seed: int = 0,
     batches: Batches | None = None,
     force: bool = False,

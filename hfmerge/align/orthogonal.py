@@ -66,6 +66,14 @@ def procrustes(
         rows_b = residual_rows(tensor_b, axes_of(spec, name))
         assert rows_b is not None
         cross += rows_a @ rows_b.T  # [hidden, rest] @ [rest, hidden]
+    return orthogonal_factor(cross)
+
+
+def orthogonal_factor(cross: torch.Tensor) -> torch.Tensor:
+    """The orthogonal Q maximising tr(Qᵀ C) for C = Σ a bᵀ [hidden, hidden]: U Vᵀ of C's SVD.
+
+    So Q maximises Σ ⟨a, Q b⟩: it reads B's vectors b into A's basis.
+    """
     u, _, vh = torch.linalg.svd(cross)
     rotation: torch.Tensor = u @ vh  # [hidden, hidden], orthogonal
     return rotation
@@ -143,4 +151,4 @@ def orthogonal_matching(
     )
 
 
-__all__ = ["orthogonal_matching", "procrustes", "residual_rows"]
+__all__ = ["orthogonal_factor", "orthogonal_matching", "procrustes", "residual_rows"]

@@ -174,8 +174,9 @@ def barrier(
     Args:
         model_a: the model at λ = 0 (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: the model at λ = 1.
-        align: alignment modes to compare: `none`, `weight`, `activation` or `canonical`, each
-            optionally `+repair`; a name, a comma list, or a sequence of either.
+        align: alignment modes to compare: `none`, `weight`, `activation`, `canonical`,
+            `weight+orthogonal` or `activation+orthogonal`, each optionally `+repair`; a name,
+            a comma list, or a sequence of either.
         steps: points on the λ grid (λ = 0.5, the merged model, is always among them).
         data: text to score (`evaluate`'s forms; None: `builtin`).
         probe_data: text for activation matching and REPAIR statistics (default: `data`).

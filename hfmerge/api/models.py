@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from hfmerge.api.references import resolve, resolve_permutable
+from hfmerge.recipe.align_methods import ACTIVATION_METHODS
 
 if TYPE_CHECKING:
     from hfmerge.pipeline.extract import ExtractedAdapter
 
-AlignMethod = Literal["weight", "activation", "canonical", "weight+orthogonal"]
+AlignMethod = Literal[
+    "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+]
 ALIGN_PROBE_LENGTH = 128  # tokens per probe window of activation matching (`align`)
 ALIGN_PROBE_SAMPLES = 64  # probe windows of activation matching (`align`)
 
@@ -53,8 +56,10 @@ def align(
         method: `weight` (weight matching, no data), `activation` (probe text), `canonical`
             (both models' canonical unit order, no data) or `weight+orthogonal` (RMSNorm
             models: norm gains folded into their readers, the residual stream rotated by
-            Procrustes alternated with weight matching, no data; writes B folded and untied).
-        data: probe text for activation matching (`--data` forms; default `builtin`).
+            Procrustes alternated with weight matching, no data; writes B folded and untied) or
+            `activation+orthogonal` (the same, Q by Procrustes on residual activations of the
+            probe text and the units by activation matching).
+        data: probe text for the activation methods (`--data` forms; default `builtin`).
         seed: seed of weight matching's order over the groups.
         force: replace an existing output directory.
         progress: draw progress bars on stderr.
@@ -83,7 +88,7 @@ def align(
     check_output_dir(out_dir, force=force)  # before a download or a zoo build, not after
     a, b = resolve_permutable([model_a, model_b], feature="`hfmerge align`", progress=progress)
     batches = None
-    if method == "activation":
+    if method in ACTIVATION_METHODS:
         batches = text_batches(
             a.path,
             label=a.label,

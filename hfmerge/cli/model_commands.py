@@ -166,12 +166,13 @@ def align(
         typer.Option(
             "--method",
             help="weight (no data), activation (probe text), canonical (both models' "
-            "canonical unit order, no data) or weight+orthogonal (RMSNorm models: norm gains "
-            "folded, the residual stream rotated; no data).",
+            "canonical unit order, no data), weight+orthogonal (RMSNorm models: norm gains "
+            "folded, the residual stream rotated; no data) or activation+orthogonal (the same, "
+            "from probe text).",
         ),
     ] = "weight",
     data: Annotated[
-        str | None, typer.Option("--data", help="Probe text for activation matching.")
+        str | None, typer.Option("--data", help="Probe text for the activation methods.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weight matching's order.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from hfmerge.arch.residual import FOLDED, BasisMap, require_foldable, require_untied
 from hfmerge.engine.plan import MergePlan
-from hfmerge.recipe.align_methods import ORTHOGONAL_METHODS
+from hfmerge.recipe.align_methods import ACTIVATION_METHODS, ORTHOGONAL_METHODS
 from hfmerge.recipe.schema import Recipe
 
 if TYPE_CHECKING:
@@ -58,14 +58,22 @@ class Alignment:
         return "\n".join(lines)
 
 
+_ORTHOGONAL_HOW = {
+    "weight+orthogonal": "Procrustes on the weights, alternated with weight matching of the FF "
+    "and attention units",
+    "activation+orthogonal": "Procrustes on residual activations of the probe text, with "
+    "activation matching of the FF and attention units",
+}
+
+
 def _aligned_sentence(method: str) -> str:
     if method in ORTHOGONAL_METHODS:
         return (
             "Every RMSNorm gain was folded into the layers that read it (an exact rewrite: the "
             "merged model's norm gains are 1), and every input's residual stream was mapped into "
-            f"the base's by one orthogonal matrix (**{method}**: Procrustes on the weights, "
-            "alternated with weight matching of the FF and attention units; Theus et al. 2025, "
-            "*Generalized linear mode connectivity for transformers*) before merging."
+            f"the base's by one orthogonal matrix (**{method}**: {_ORTHOGONAL_HOW[method]}; "
+            "Theus et al. 2025, *Generalized linear mode connectivity for transformers*) before "
+            "merging."
         )
     if method == "canonical":
         return (
@@ -120,7 +128,7 @@ def align_inputs(
             require_untied(model.spec, label=model.label, feature=feature)
 
     batches = None
-    if method == "activation":
+    if method in ACTIVATION_METHODS:
         probe = recipe.probe
         batches = text_batches(
             plan.base.source.path,

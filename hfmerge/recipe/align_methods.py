@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-AlignMethod = Literal["none", "weight", "activation", "canonical", "weight+orthogonal"]
+AlignMethod = Literal[
+    "none", "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+]
 ALIGN_METHODS: tuple[AlignMethod, ...] = get_args(AlignMethod)
 # Methods that fold the norm gains and rotate the residual stream (RMSNorm families only): the
 # base is then read folded too, and the merge's norm gains are all 1.
-ORTHOGONAL_METHODS = frozenset({"weight+orthogonal"})
+ORTHOGONAL_METHODS = frozenset({"weight+orthogonal", "activation+orthogonal"})
+# Methods that run probe text through both models (transformers loads them).
+ACTIVATION_METHODS = frozenset({"activation", "activation+orthogonal"})

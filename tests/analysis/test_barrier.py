@@ -315,7 +315,8 @@ def test_cli_barrier_with_orthogonal_alignment_removes_a_rotation_that_weight_ca
 
     a, _ = trained_pair
     b = save_mapped_copy(a, chdir_tmp / "rotated", seed=3)
-    argv = ["barrier", str(a), str(b), "--align", "none,weight,weight+orthogonal"]
+    modes = "none,weight,weight+orthogonal,activation+orthogonal"
+    argv = ["barrier", str(a), str(b), "--align", modes]
     argv += ["--steps", "3", "--json", "barrier.json", "--max-length", str(LENGTH)]
     assert main([*argv, "--samples", str(SAMPLES)]) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == [
@@ -323,22 +324,27 @@ def test_cli_barrier_with_orthogonal_alignment_removes_a_rotation_that_weight_ca
         "none",
         "weight",
         "weight+orthogonal",
+        "activation+orthogonal",
     ]
-    none, weight, orthogonal = json.loads((chdir_tmp / "barrier.json").read_text())["results"]
+    none, weight, *orthogonals = json.loads((chdir_tmp / "barrier.json").read_text())["results"]
     assert none["loss_b"] == pytest.approx(none["loss_a"], abs=1e-4)  # same function
     assert weight["barrier"] > 0.1  # permutations cannot undo a rotation
-    assert orthogonal["loss_a"] == pytest.approx(none["loss_a"], abs=1e-5)  # A folded is A
-    assert orthogonal["barrier"] < 1e-4
-    assert max(orthogonal["loss"]) - min(orthogonal["loss"]) < 1e-4
+    for orthogonal in orthogonals:
+        assert orthogonal["loss_a"] == pytest.approx(none["loss_a"], abs=1e-5)  # A folded is A
+        assert orthogonal["barrier"] < 1e-4
+        assert max(orthogonal["loss"]) - min(orthogonal["loss"]) < 1e-4
 
 
-def test_orthogonal_barrier_refuses_a_layernorm_model_before_loading(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["weight+orthogonal", "activation+orthogonal"])
+def test_orthogonal_barrier_refuses_a_layernorm_model_before_loading(
+    tmp_path: Path, mode: str
+) -> None:
     from hfmerge.errors import AlignmentError
 
     a = save_lm("gpt2", tmp_path / "a", seed=1)
     b = save_lm("gpt2", tmp_path / "b", seed=2)
     with pytest.raises(AlignmentError, match="not exact"):
-        compare_barriers(source_of(a), source_of(b), aligns=["weight+orthogonal"], progress=False)
+        compare_barriers(source_of(a), source_of(b), aligns=[mode], progress=False)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])

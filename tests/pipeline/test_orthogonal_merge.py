@@ -24,13 +24,15 @@ from tests.support.weights import read_weights
 QUIET = RunOptions(progress=False)
 
 
-def _recipe(models: list[Path], out: Path, method: str, **extra: Any) -> Any:
+def _recipe(
+    models: list[Path], out: Path, method: str, align: str = "weight+orthogonal", **extra: Any
+) -> Any:
     return parse_recipe(
         {
             "models": [str(m) for m in models],
             "merge": {"method": method},
             "output": {"path": str(out)},
-            "align": {"method": "weight+orthogonal"},
+            "align": {"method": align},
             **extra,
         }
     )
@@ -65,6 +67,18 @@ def test_a_model_merged_with_its_rotated_copy_is_the_model_folded(
     inputs = tiny_batch("llama", seed=2)
     assert max_abs_diff(model_outputs(_load(a), inputs), model_outputs(_load(out), inputs)) < 1e-4
     assert "orthogonal" in (out / "README.md").read_text().split("## Alignment")[1]
+
+
+def test_activation_orthogonal_in_a_recipe_undoes_the_rotation_from_probe_text(
+    tmp_path: Path,
+) -> None:
+    a = save_lm("llama", tmp_path / "a", seed=3)
+    b = save_mapped_copy(a, tmp_path / "b", seed=7)
+    out = tmp_path / "out"
+    run_recipe(_recipe([a, b], out, "linear", align="activation+orthogonal"), QUIET)
+    inputs = tiny_batch("llama", seed=2)
+    assert max_abs_diff(model_outputs(_load(a), inputs), model_outputs(_load(out), inputs)) < 1e-4
+    assert "residual activations" in (out / "README.md").read_text().split("## Alignment")[1]
 
 
 def test_permutations_alone_cannot_undo_the_rotation(tmp_path: Path) -> None:
