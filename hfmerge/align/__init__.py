@@ -7,21 +7,23 @@ and orthogonal residual alignment of RMSNorm models (`orthogonal.py`).
 
 from hfmerge.align.activation_matching import activation_matching
 from hfmerge.align.apply import (
-    PERMUTATIONS_FILE,
-    ROTATION_FILE,
     align_basis,
     align_checkpoint,
     align_permutations,
     canonicalize_checkpoint,
-    load_permutations,
-    permutation_tensors,
-    save_permutations,
 )
 from hfmerge.align.attention import attention_objective, head_slices, solve_attention
 from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.cross_stats import CrossStats
 from hfmerge.align.lap import solve_lap
 from hfmerge.align.orthogonal import orthogonal_matching
+from hfmerge.align.permutation_files import (
+    PERMUTATIONS_FILE,
+    ROTATION_FILE,
+    load_permutations,
+    permutation_tensors,
+    save_permutations,
+)
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 
 __all__ = [

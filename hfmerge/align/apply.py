@@ -2,7 +2,7 @@
 residual rotation) into A's basis and write B so, streamed; or write one model in canonical unit
 order (`canonicalize_checkpoint`).
 
-Also saves and loads the permutations file (`hfmerge_permutations.safetensors`, int64 tensors).
+Its files beside the model (permutations, rotation) are `align/permutation_files.py`.
 """
 
 from __future__ import annotations
@@ -15,23 +15,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hfmerge.align.activation_matching import activation_matching
 from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.orthogonal import orthogonal_matching
+from hfmerge.align.permutation_files import PERMUTATIONS_FILE, ROTATION_FILE, save_permutations
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
 from hfmerge.arch import require_permutable, spec_for
 from hfmerge.arch.permute import (
-    check_permutations,
     compose,
     identity_permutations,
     invert,
 )
 from hfmerge.arch.residual import BasisMap, mapped_names, read_in_basis, require_foldable
-from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
+from hfmerge.arch.spec import Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
 from hfmerge.recipe.align_methods import ALIGN_METHODS, ORTHOGONAL_METHODS
@@ -56,63 +55,9 @@ from hfmerge.tensors import (
 if TYPE_CHECKING:  # transformers loads only for activation matching
     from transformers import PreTrainedModel
 
-PERMUTATIONS_FILE = "hfmerge_permutations.safetensors"
-ROTATION_FILE = "hfmerge_rotation.safetensors"  # the orthogonal methods' residual map, "rotation"
-ATTENTION_FIELDS = ("kv_heads", "q_in_group", "qk_dims", "vo_dims")
 _WRITTEN = tuple(m for m in ALIGN_METHODS if m != "none")  # methods `align_checkpoint` takes
 Batches = Iterable[dict[str, torch.Tensor]]
 PROBE_SAMPLES, PROBE_LENGTH, PROBE_BATCH = 32, 128, 8  # built-in probe when no batches are given
-
-
-def permutation_tensors(perms: Permutations) -> dict[str, torch.Tensor]:
-    """One int64 tensor per plain group, and per field of an attention group (`NAME.kv_heads`)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, perm in perms.items():
-        if isinstance(perm, AttentionPerm):
-            for field in ATTENTION_FIELDS:
-                out[f"{name}.{field}"] = getattr(perm, field).to(torch.int64).contiguous()
-        else:
-            out[name] = perm.to(torch.int64).contiguous()
-    return out
-
-
-def save_permutations(
-    path: Path, perms: Permutations, *, metadata: dict[str, str] | None = None
-) -> None:
-    """Write `perms` as a safetensors file (see `permutation_tensors` for the names)."""
-    save_file(permutation_tensors(perms), str(path), metadata={"format": "pt", **(metadata or {})})
-
-
-def load_permutations(path: Path, spec: ArchSpec) -> Permutations:
-    """Read a permutations file written for `spec`'s architecture; every group must be in it."""
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise AlignmentError(
-            f"cannot read permutations file {path}: {exc}",
-            fix=f"point to the {PERMUTATIONS_FILE} written by `hfmerge align`",
-        ) from None
-    perms: Permutations = {}
-    for name, group in spec.groups.items():
-        keys = [f"{name}.{f}" for f in ATTENTION_FIELDS] if group.kind == "attention" else [name]
-        if all(key in tensors for key in keys):
-            values = [tensors.pop(key) for key in keys]
-            perms[name] = AttentionPerm(*values) if group.kind == "attention" else values[0]
-    problems = [f"unknown entries {', '.join(sorted(tensors)[:5])}"] if tensors else []
-    missing = [name for name in spec.groups if name not in perms]
-    if missing:
-        problems.append(f"no permutation for {', '.join(missing[:5])}")
-    try:
-        check_permutations(spec, perms)
-    except ValueError as exc:
-        problems.append(str(exc))
-    if problems:
-        raise AlignmentError(
-            f"permutations file {path} does not fit this {spec.family} model",
-            why="; ".join(problems),
-            fix="use the file written when this model pair was aligned",
-        )
-    return perms
 
 
 def _inspect_pair(
@@ -260,16 +205,7 @@ def align_permutations(
             f"`{method}` maps the residual stream by an orthogonal matrix, not a permutation",
             fix="call align_basis, which returns the permutations and the rotation together",
         )
-    a, b = _inspect_pair(model_a, model_b)
-    return _match(
-        method,
-        a,
-        b,
-        seed=seed,
-        batches=batches,
-        progress=progress,
-        max_memory_bytes=max_memory_bytes,
-    ).perms
+    return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).perms
 
 
 def align_basis(
@@ -287,6 +223,19 @@ def align_basis(
     As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation
     (they hold both models as float64 and do not stream: `max_memory_bytes` bounds `weight`).
     """
+    return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).basis
+
+
+def _solve(
+    method: str,
+    model_a: Path | ModelSource,
+    model_b: Path | ModelSource,
+    seed: int,
+    batches: Batches | None,
+    progress: bool,
+    max_memory_bytes: int | None,
+) -> MatchResult:
+    """Both models inspected, then matched by `method`."""
     a, b = _inspect_pair(model_a, model_b)
     return _match(
         method,
@@ -296,7 +245,7 @@ def align_basis(
         batches=batches,
         progress=progress,
         max_memory_bytes=max_memory_bytes,
-    ).basis
+    )
 
 
 def align_checkpoint(

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from hfmerge.align import align_checkpoint, weight_matching, weights
-from hfmerge.align.apply import PERMUTATIONS_FILE
 from hfmerge.align.matching_memory import plan_memory, similarity_bytes
 from hfmerge.align.matching_problem import group_touches
+from hfmerge.align.permutation_files import PERMUTATIONS_FILE
 from hfmerge.align.weights import Weights
 from hfmerge.arch import spec_for
 from hfmerge.arch.permute import invert, permute_state_dict, random_permutations
