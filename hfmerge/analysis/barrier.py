@@ -19,7 +19,7 @@ from hfmerge.arch import require_permutable
 from hfmerge.arch.residual import BasisMap, require_foldable, require_untied
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import UnknownNameError
-from hfmerge.lm.batches import model_inputs, pad_id_of, window_batches
+from hfmerge.lm.batches import pad_id_of, window_batches
 from hfmerge.lm.load import Objective, load_lm, load_tokenizer, usable_length
 from hfmerge.lm.scoring import Scored, objective_of, prepare, score
 from hfmerge.progress import track
@@ -203,13 +203,19 @@ def _check_modes(aligns: Sequence[str]) -> list[Curve]:
 
 
 def _repairer(
-    setup: _Setup, interpolator: Interpolator, spec: ArchSpec | None, basis: BasisMap | None
+    setup: _Setup,
+    interpolator: Interpolator,
+    spec: ArchSpec | None,
+    basis: BasisMap | None,
+    *,
+    batch_size: int,
 ) -> Repairer:
     """REPAIR between A and π(B), their statistics measured on the probe windows."""
-    from hfmerge.align.repair import ProbeBatch, Repairer
+    from hfmerge.align.repair import Repairer
 
-    windows = setup.probes[:REPAIR_WINDOWS]  # one batch: bounded, whatever --samples says
-    repairer = Repairer(setup.model, ProbeBatch(model_inputs(windows, pad_id=setup.pad_id)))
+    windows = setup.probes[:REPAIR_WINDOWS]  # bounded, whatever --samples says
+    batches = window_batches(windows, pad_id=setup.pad_id, batch_size=batch_size)
+    repairer = Repairer(setup.model, batches)
 
     def endpoint(lam: float) -> PreTrainedModel:
         interpolator.load(lam, spec=spec, basis=basis)
@@ -262,7 +268,9 @@ def compare_barriers(
     }
     interpolator = Interpolator(setup.model, setup.a, setup.b)
     repairers = {
-        c.align: _repairer(setup, interpolator, spec, bases[c.align]) for c in curves if c.repair
+        c.align: _repairer(setup, interpolator, spec, bases[c.align], batch_size=batch_size)
+        for c in curves
+        if c.repair
     }
     # λ=0 is model A whatever the curve (REPAIR there is the identity): evaluate it once.
     jobs = [(curves[0], 0.0)] + [(c, lam) for c in curves for lam in lambdas if lam != 0.0]

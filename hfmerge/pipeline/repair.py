@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.align.repair import Factors, ProbeBatch, SiteRms, fit, measure
+from hfmerge.align.repair import ProbeBatches, SiteRms, fit_factors, fold_factors, measure
 from hfmerge.align.repair_sites import RepairSite, repair_sites
 from hfmerge.arch.residual import BasisMap
 from hfmerge.engine.plan import MergePlan
 from hfmerge.recipe.schema import Recipe
 
-ONE_BATCH = 1 << 30  # `text_batches` batch size that keeps every window in one batch
+REPAIR_BATCH = 8  # probe windows per forward pass (statistics are summed over the batches)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class RepairReport:
     smallest: float
     largest: float
     probe: str
+    passes: int  # passes over the probe batches the fit took
 
     def card_lines(self) -> list[str]:
         """Markdown lines for the card's alignment section."""
@@ -42,7 +43,7 @@ class RepairReport:
             f"channel groups at {self.sites} sites (norm outputs, queries and keys per RoPE "
             "pair, attention and FF output-projection inputs) to the merge-weighted blend of "
             f"the inputs' statistics on `{self.probe}`; factors ranged from "
-            f"{self.smallest:.3f} to {self.largest:.3f}.",
+            f"{self.smallest:.3f} to {self.largest:.3f} ({self.passes} fit passes over the probe).",
         ]
 
 
@@ -60,7 +61,7 @@ def _input_stats(
     plan: MergePlan,
     bases: Sequence[BasisMap | None],
     sites: list[RepairSite],
-    probe: ProbeBatch,
+    probe: ProbeBatches,
     model: PreTrainedModel,
     *,
     progress: bool,
@@ -117,28 +118,28 @@ def repair_output(
     from hfmerge.tensors import overwrite_tensors
 
     probe = recipe.probe
-    batch = text_batches(
+    windows = text_batches(
         plan.base.source.path,
         label=plan.base.label,
         data=probe.data,
         max_length=probe.max_length,
         samples=probe.samples,
-        batch_size=ONE_BATCH,
-    )[0]
-    windows = ProbeBatch(batch)
+        batch_size=REPAIR_BATCH,
+    )
     base = plan.base.source
     model = load_lm(base.path, label=base.label, adapter=base.adapter_path)
     sites = repair_sites(model)
     target = _blend(_input_stats(plan, bases, sites, windows, model, progress=progress), weights)
     del model
     merged = load_lm(staging, label=str(staging))
-    factors: Factors = fit(merged, sites, windows, target)
+    factors, passes = fit_factors(merged, sites, windows, target)
+    fold_factors(merged, sites, factors)
     overwrite_tensors(
         staging, _folded_tensors(merged, sites, staging, label=str(staging)), label=str(staging)
     )
     values = torch.cat(list(factors.values()))
     return RepairReport(
-        len(sites), len(values), float(values.min()), float(values.max()), probe.data
+        len(sites), len(values), float(values.min()), float(values.max()), probe.data, passes
     )
 
 

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from hfmerge.align.repair import (
     Factors,
-    ProbeBatch,
+    ProbeBatches,
     Repairer,
     SiteRms,
     blend,
@@ -33,13 +33,13 @@ DECODER_KINDS += ["exaone4"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
 
-def _probe(kind: str, *, seed: int = 0) -> ProbeBatch:
+def _probe(kind: str, *, seed: int = 0) -> ProbeBatches:
     batch = tiny_batch(kind, seed=seed, batch=4, length=12)
-    return ProbeBatch({k: batch[k] for k in ("input_ids", "attention_mask")})
+    return [{k: batch[k] for k in ("input_ids", "attention_mask")}]
 
 
 def _channel_counts(
-    model: PreTrainedModel, sites: list[RepairSite], probe: ProbeBatch
+    model: PreTrainedModel, sites: list[RepairSite], probe: ProbeBatches
 ) -> dict[str, int]:
     """Factor count per site, read off one forward pass (all channels where untied and unpicked)."""
     return {site: len(rms) for site, rms in measure(model, sites, probe).items()}

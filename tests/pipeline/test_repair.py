@@ -3,6 +3,7 @@ tensors REPAIR folds into differ from the plain merge."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -108,6 +109,7 @@ def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
     card = (tmp_path / "repaired" / "README.md").read_text()
     assert "REPAIR" in card
     assert "channel groups" in card
+    assert re.search(r"\(\d+ fit passes over the probe\)", card)
 
 
 def test_repair_needs_a_linear_merge() -> None:
