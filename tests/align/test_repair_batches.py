@@ -111,3 +111,22 @@ def test_batched_fit_equals_the_one_batch_fit(kind: str, size: int) -> None:
     factors, passes = fit_factors(model, sites, batches, target)
     assert 1 < passes < MAX_PASSES  # settled, after more than one pass
     _assert_same(factors, want, rtol=1e-5)
+
+
+def test_a_fit_that_runs_out_of_passes_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hfmerge.align.repair as repair
+
+    model = make_tiny_model("llama", seed=3, dtype=torch.float64)
+    sites, batch = repair_sites(model), _windows("llama")
+    batches = _split(batch, 4)
+    target = _target(model, sites, [batch])
+    monkeypatch.setattr(repair, "MAX_PASSES", 2)  # the batched fit needs about 8
+    _, passes = fit_factors(model, sites, batches, target)
+    assert passes == 2
+    warning = capsys.readouterr().err
+    assert "REPAIR's fit stopped after 2 passes" in warning
+    _, passes = fit_factors(model, sites, [batch], target)  # one batch: exact in one pass
+    assert passes == 1
+    assert capsys.readouterr().err == ""
