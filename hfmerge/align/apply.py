@@ -89,12 +89,8 @@ def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
 def _weights(stack: ExitStack, model: InspectedModel) -> Weights:
     """The tensors weight matching reads, streamed from the checkpoint (its adapter applied on
     read); shapes and sizes from the headers (an adapted tensor is read as float32)."""
-    reader = open_reader(stack, model)
-    infos = [model.index.info(name) for name in _matched_names(model)]
-    return Weights(
-        reader.get,
-        {info.name: tuple(info.shape) for info in infos},
-        {info.name: info.nbytes for info in infos},
+    return Weights.from_headers(
+        open_reader(stack, model).get, model.index.info, _matched_names(model)
     )
 
 

@@ -18,9 +18,16 @@ from collections.abc import Mapping
 import torch
 
 from hfmerge.align.weight_matching import MatchResult, weight_matching
+from hfmerge.align.weights import axis_rows
 from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.permute import identity_permutations
-from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, read_in_basis
+from hfmerge.arch.residual import (
+    FOLDED,
+    BasisMap,
+    map_state_dict,
+    read_in_basis,
+    residual_axes,
+)
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.progress import track
 
@@ -30,11 +37,10 @@ TOLERANCE = 1e-9  # relative objective gain below which the alternation has conv
 
 def residual_rows(tensor: torch.Tensor, axes: tuple[AxisRole | None, ...]) -> torch.Tensor | None:
     """The tensor's residual axis first, the rest flattened: [hidden, rest]; None without one."""
-    found = [i for i, role in enumerate(axes) if role is not None and role.group == RESIDUAL]
+    found = residual_axes(axes)
     if len(found) != 1:
         return None  # no residual axis (q/k/v biases, per-head norms); none has two
-    moved = tensor.movedim(found[0], 0)  # [..., hidden, ...] -> [hidden, ...]
-    return moved.reshape(moved.shape[0], -1)  # [hidden, ...] -> [hidden, rest]
+    return axis_rows(tensor, found[0])  # [hidden, rest]
 
 
 def axes_of(spec: ArchSpec, name: str) -> tuple[AxisRole | None, ...]:

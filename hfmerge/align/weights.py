@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from hfmerge.tensors import LazyCheckpoint
+from hfmerge.tensors import TensorInfo
 
 # float64 elements of one side's converted block (32 MiB): large enough for full-speed GEMMs, small
 # beside the similarity matrices they are summed into.
@@ -28,7 +28,7 @@ F64 = 8
 class Weights(Mapping[str, torch.Tensor]):
     """Tensors by name, each read when asked for: on the CPU, in its stored dtype.
 
-    Build one with `of` (a state dict) or `from_checkpoint` (a checkpoint's headers and reader).
+    Build one with `of` (a state dict) or `from_headers` (a checkpoint's reader and headers).
     Reading the same name twice reads it twice; nothing is cached.
     """
 
@@ -54,13 +54,18 @@ class Weights(Mapping[str, torch.Tensor]):
         )
 
     @classmethod
-    def from_checkpoint(cls, reader: LazyCheckpoint, names: Iterable[str]) -> Weights:
-        """Tensors `names` of an open checkpoint; shapes and sizes from its headers alone."""
-        infos = [reader.info(name) for name in names]
+    def from_headers(
+        cls,
+        read: Callable[[str], torch.Tensor],
+        info: Callable[[str], TensorInfo],
+        names: Iterable[str],
+    ) -> Weights:
+        """Tensors `names`, each read by `read`; shapes and sizes from the headers (`info`)."""
+        infos = [info(name) for name in names]
         return cls(
-            reader.get,
-            {info.name: tuple(info.shape) for info in infos},
-            {info.name: info.nbytes for info in infos},
+            read,
+            {i.name: tuple(i.shape) for i in infos},
+            {i.name: i.nbytes for i in infos},
         )
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -117,13 +117,14 @@ def _read(name: str, get: Reader, spec: ArchSpec, basis: BasisMap) -> torch.Tens
     return get(name) if basis.perms is None else read_permuted(name, get, spec, basis.perms)
 
 
-def _residual_axes(axes: tuple[AxisRole | None, ...]) -> list[int]:
+def residual_axes(axes: tuple[AxisRole | None, ...]) -> list[int]:
+    """The axes of a tensor that the residual permutation (or rotation) acts on."""
     return [i for i, role in enumerate(axes) if role is not None and role.group == RESIDUAL]
 
 
 def _along(gain: torch.Tensor, axes: tuple[AxisRole | None, ...]) -> torch.Tensor:
     """A [hidden] gain shaped to scale a reader's residual (input) axis by broadcasting."""
-    (axis,) = _residual_axes(axes)
+    (axis,) = residual_axes(axes)
     shape = [1] * len(axes)
     shape[axis] = gain.shape[0]
     return gain.reshape(shape)
@@ -133,7 +134,7 @@ def rotate_residual(
     tensor: torch.Tensor, axes: tuple[AxisRole | None, ...], rotation: torch.Tensor
 ) -> torch.Tensor:
     """Multiply every residual axis of `tensor` by `rotation` (Q): rows u ↦ Σ_v Q[u, v] row v."""
-    for axis in _residual_axes(axes):
+    for axis in residual_axes(axes):
         moved = tensor.movedim(axis, 0)  # [..., hidden, ...] -> [hidden, ...]
         rows = moved.reshape(moved.shape[0], -1)  # [hidden, ...] -> [hidden, rest]
         turned = (rotation @ rows).reshape(moved.shape)  # [hidden, rest] -> [hidden, ...]
@@ -158,5 +159,6 @@ __all__ = [
     "reader_norms",
     "require_foldable",
     "require_untied",
+    "residual_axes",
     "rotate_residual",
 ]

@@ -59,8 +59,8 @@ def test_planted_permutation_recovered_from_checkpoints_on_disk(tmp_path: Path) 
     with LazyCheckpoint(a) as reader_a, LazyCheckpoint(b) as reader_b:
         streamed = weight_matching(
             spec,
-            Weights.from_checkpoint(reader_a, reader_a.names),
-            Weights.from_checkpoint(reader_b, reader_b.names),
+            Weights.from_headers(reader_a.get, reader_a.info, reader_a.names),
+            Weights.from_headers(reader_b.get, reader_b.info, reader_b.names),
         )
     assert_same_perms(streamed.perms, invert(spec, planted))
     assert streamed.converged
