@@ -7,7 +7,7 @@ padding is masked out of every statistic. Attention groups use the head-aware so
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -334,14 +334,16 @@ def activation_matching_one_at_a_time(
 
         return loaded
 
-    def features(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def features(
+        model: PreTrainedModel, batch: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         keep = _keep(batch)
         with torch.inference_mode():
             hidden = _hidden_states(model, batch)
-        found = {f"h{i}": _tokens(h, keep) for i, h in enumerate(hidden)}
+        for i, h in enumerate(hidden):
+            yield f"h{i}", _tokens(h, keep)
         for index, probe in enumerate(probes):
-            found[f"p{index}"] = _tokens(_take(store, index, probe), keep)[:, probe.columns]
-        return found
+            yield f"p{index}", _tokens(_take(store, index, probe), keep)[:, probe.columns]
 
     files = record_one_at_a_time(
         (hooked(loaders[0]), hooked(loaders[1])), list(batches), features, folder, progress=progress

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 Batches = Iterable[dict[str, torch.Tensor]]
 PROBE_SAMPLES, PROBE_LENGTH, PROBE_BATCH = 32, 128, 8  # built-in probe when no batches are given
-FLOAT64 = 8
+FLOAT32, FLOAT64 = 4, 8
 
 
 def model_class(model: InspectedModel) -> Any:
@@ -171,7 +171,8 @@ def _plan(
     hidden, depth = int(config.hidden_size), int(config.num_hidden_layers) + 1
     sums = [_sums_bytes(w) for w in widths] + [_sums_bytes(hidden)] * depth
     batch, length = (max(int(b["input_ids"].shape[i]) for b in batches) for i in (0, 1))
-    features = FLOAT64 * batch * length * (sum(widths) + hidden * depth)  # one batch, float64
+    # One batch's captured activations (float32), and one feature set of them in float64.
+    features = batch * length * (FLOAT32 * (sum(widths) + hidden * depth) + FLOAT64 * max(widths))
     return plan_placement(
         (Footprint.of(a.source.path, label=a.label), Footprint.of(b.source.path, label=b.label)),
         budget=budget,

@@ -27,7 +27,10 @@ from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-FLOAT32 = 4
+# A model and a batch -> (key, [tokens, width] rows) for every feature set, one at a time.
+Features = Callable[
+    ["PreTrainedModel", dict[str, torch.Tensor]], Iterator[tuple[str, torch.Tensor]]
+]
 
 
 class FeatureFiles:
@@ -60,21 +63,22 @@ class FeatureFiles:
 def record(
     model: PreTrainedModel,
     batches: Sequence[dict[str, torch.Tensor]],
-    features: Callable[[PreTrainedModel, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    features: Features,
     folder: Path,
     *,
     description: str,
     progress: bool,
 ) -> FeatureFiles:
-    """Run `model` on every batch and write the [tokens, width] feature sets `features` returns."""
+    """Run `model` on every batch and write the [tokens, width] feature sets `features` yields
+    (one at a time: only the model's captured activations are held whole)."""
     files = FeatureFiles(folder)
     for batch in track(batches, description=description, enabled=progress):
-        found = features(model, batch)
-        counts = {int(rows.shape[0]) for rows in found.values()}
+        counts = set()
+        for key, rows in features(model, batch):
+            files.append(key, rows)
+            counts.add(int(rows.shape[0]))
         if len(counts) != 1:
             raise ValueError(f"feature sets of one batch hold different token counts: {counts}")
-        for key, rows in found.items():
-            files.append(key, rows)
         files.batch_rows.append(counts.pop())
     return files
 
@@ -82,7 +86,7 @@ def record(
 def record_one_at_a_time(
     loaders: tuple[Callable[[], PreTrainedModel], Callable[[], PreTrainedModel]],
     batches: Sequence[dict[str, torch.Tensor]],
-    features: Callable[[PreTrainedModel, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    features: Features,
     folder: Path,
     *,
     progress: bool,
@@ -156,6 +160,7 @@ class StoredResidual(Sequence[CrossStats]):
 
 __all__ = [
     "FeatureFiles",
+    "Features",
     "StoredParts",
     "StoredResidual",
     "cross_stats",
