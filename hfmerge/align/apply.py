@@ -152,6 +152,8 @@ def _match(
         )
     if method == "activation+orthogonal":
         return _activation_matching(a, b, batches, residual="rotate", progress=progress)
+    if method == "learned":
+        return _learned_matching(a, b, batches, seed=seed, progress=progress)
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
         with ExitStack() as stack:
@@ -191,6 +193,22 @@ def _activation_matching(
         spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
     data = _builtin_batches(a) if batches is None else batches
     return activation_matching(spec, model_a, model_b, data, residual=residual, progress=progress)
+
+
+def _learned_matching(
+    a: InspectedModel, b: InspectedModel, batches: Batches | None, *, seed: int, progress: bool
+) -> MatchResult:
+    """`weight+orthogonal`, its rotation then refined on the probe text (`learned_matching`),
+    through A's causal LM loaded once."""
+    from hfmerge.align.learned import learned_matching
+    from hfmerge.lm.load import load_lm
+
+    model = load_lm(a.source.path, label=a.label, adapter=a.source.adapter_path)
+    data = _builtin_batches(a) if batches is None else batches
+    params_a, params_b = _read_params(a), _read_params(b)
+    return learned_matching(
+        b.spec, model, params_a, params_b, data, label=a.label, seed=seed, progress=progress
+    )
 
 
 def align_permutations(
@@ -265,7 +283,7 @@ def align_checkpoint(
     out_dir: Path,
     *,
     method: Literal[
-        "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+        "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal", "learned"
     ],
     seed: int = 0,
     batches: Batches | None = None,
