@@ -146,14 +146,7 @@ def _match(
     if method in ORTHOGONAL_METHODS:
         for model in (a, b):
             require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
-    if method == "weight+orthogonal":
-        return orthogonal_matching(
-            b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
-        )
-    if method == "activation+orthogonal":
-        return _activation_matching(a, b, batches, residual="rotate", progress=progress)
-    if method == "learned":
-        return _learned_matching(a, b, batches, seed=seed, progress=progress)
+        return _orthogonal_matching(method, a, b, batches, seed=seed, progress=progress)
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
         with ExitStack() as stack:
@@ -173,6 +166,25 @@ def _match(
     if method == "activation":
         return _activation_matching(a, b, batches, residual="permute", progress=progress)
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)
+
+
+def _orthogonal_matching(
+    method: str,
+    a: InspectedModel,
+    b: InspectedModel,
+    batches: Batches | None,
+    *,
+    seed: int,
+    progress: bool,
+) -> MatchResult:
+    """The methods that fold both models and rotate B's residual stream."""
+    if method == "activation+orthogonal":
+        return _activation_matching(a, b, batches, residual="rotate", progress=progress)
+    if method == "learned":
+        return _learned_matching(a, b, batches, seed=seed, progress=progress)
+    return orthogonal_matching(
+        b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
+    )
 
 
 def _activation_matching(

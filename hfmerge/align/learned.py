@@ -24,7 +24,6 @@ from transformers import PreTrainedModel
 
 from hfmerge.align.orthogonal import axes_of, orthogonal_matching
 from hfmerge.align.weight_matching import MatchResult
-from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, rotate_residual
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.errors import AlignmentError
@@ -39,6 +38,7 @@ WINDOW_STEPS = 20  # the loss is averaged over windows of at least this many ste
 PATIENCE = 3  # ... and the refinement stops after this many windows without a gain ...
 MIN_GAIN = 1e-3  # ... of at least this fraction of the best window's loss
 MIDPOINT = 0.5
+OBJECTIVE_BATCHES = 16  # the midpoint loss reported is measured on at most this many batches
 IGNORE = -100  # label value that the model's loss skips (padding)
 
 Batch = dict[str, torch.Tensor]
@@ -124,9 +124,7 @@ def _module_names(
     loaded = loaded_names(model, label=label)
     state = model.state_dict()
     names = {n: loaded.get(n, n) for n in tensors}
-    wrong = [
-        n for n, m in names.items() if m not in state or state[m].shape != tensors[n].shape
-    ]
+    wrong = [n for n, m in names.items() if m not in state or state[m].shape != tensors[n].shape]
     fused = len(set(names.values())) < len(names)
     missed = sorted(
         {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(names.values())
@@ -149,7 +147,8 @@ def _rotation(start: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
     construction, with no projection back (plain steps on Q then an SVD would leave the manifold
     and come back by a jump Adam's moments know nothing of); G = 0 is exactly the start.
     """
-    return start @ torch.linalg.matrix_exp(generator - generator.T)
+    turn: torch.Tensor = torch.linalg.matrix_exp(generator - generator.T)  # [hidden, hidden]
+    return start @ turn
 
 
 def refine_rotation(
@@ -210,7 +209,7 @@ def learned_matching(
     *,
     label: str,
     seed: int = 0,
-    steps: int = STEPS,
+    steps: int | None = None,
     learning_rate: float = LEARNING_RATE,
     progress: bool = False,
 ) -> MatchResult:
@@ -218,25 +217,28 @@ def learned_matching(
 
     `model` is A's causal LM, loaded (its tensors are replaced at every step, never written);
     `params_*` every non-buffer checkpoint tensor, by `spec`'s names. `objective` holds the
-    midpoint loss (λ = 0.5, on `batches`) at the start Q and at the learned Q; `iterations` the
-    gradient steps taken; `converged`, whether the loss stopped improving within `steps`.
+    midpoint loss (λ = 0.5, on the first OBJECTIVE_BATCHES batches) at the start Q and at the
+    learned Q; `iterations` the
+    gradient steps taken (at most `steps`, default STEPS); `converged`, whether the loss stopped
+    improving within them.
     """
     data = list(batches)
     if not data:
         raise AlignmentError("`learned` alignment got no probe batches", fix="give probe text")
     start = orthogonal_matching(spec, params_a, params_b, seed=seed, progress=progress)
-    assert start.rotation is not None and start.perms[RESIDUAL] is not None
+    assert start.rotation is not None
     midpoint = interpolated(spec, model, params_a, params_b, start.perms, label=label)
     rotation, taken, stopped = refine_rotation(
         midpoint,
         start.rotation,
         data,
-        steps=steps,
+        steps=STEPS if steps is None else steps,
         learning_rate=learning_rate,
         seed=seed,
         progress=progress,
     )
-    objective = [midpoint.mean_loss(data, MIDPOINT, q) for q in (start.rotation, rotation)]
+    measured = data[:OBJECTIVE_BATCHES]
+    objective = [midpoint.mean_loss(measured, MIDPOINT, q) for q in (start.rotation, rotation)]
     return MatchResult(
         perms=start.perms,
         iterations=taken,

@@ -22,6 +22,6 @@ ALIGN_METHODS: tuple[AlignMethod, ...] = get_args(AlignMethod)
 # Methods that fold the norm gains and rotate the residual stream (RMSNorm families only): the
 # base is then read folded too, and the merge's norm gains are all 1.
 ORTHOGONAL_METHODS = frozenset({"weight+orthogonal", "activation+orthogonal", "learned"})
-# Methods that run probe text through both models (transformers loads them).
-# `learned` also runs it, through A alone: gradient steps on the interpolated model's loss.
+# Methods that run probe text (transformers loads the models): through both models, or for
+# `learned` through the interpolated one.
 ACTIVATION_METHODS = frozenset({"activation", "activation+orthogonal", "learned"})
