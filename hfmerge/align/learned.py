@@ -28,6 +28,7 @@ from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, rotate_resid
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.errors import AlignmentError
 from hfmerge.lm.checkpoint_views import loaded_names
+from hfmerge.lm.scoring import IGNORE
 from hfmerge.progress import track
 from hfmerge.runtime import fixed_threads
 
@@ -39,7 +40,6 @@ PATIENCE = 3  # ... and the refinement stops after this many windows without a g
 MIN_GAIN = 1e-3  # ... of at least this fraction of the best window's loss
 MIDPOINT = 0.5
 OBJECTIVE_BATCHES = 16  # the midpoint loss reported is measured on at most this many batches
-IGNORE = -100  # label value that the model's loss skips (padding)
 
 Batch = dict[str, torch.Tensor]
 
