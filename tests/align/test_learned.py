@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from hfmerge.align import MatchResult, align_basis, align_checkpoint
 from hfmerge.align.learned import learned_matching
@@ -47,7 +47,8 @@ def _batches(text: str) -> list[Batch]:
 
 
 def _with(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> PreTrainedModel:
-    """A float64 copy of `model`'s class holding `tensors`."""
+    """A float64 Llama of `model`'s config holding `tensors`."""
+    assert isinstance(model.config, LlamaConfig)
     copy = LlamaForCausalLM(model.config).double()
     copy.load_state_dict(dict(tensors), strict=True)
     copy.train(False)
