@@ -181,7 +181,11 @@ def align(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     max_memory: Annotated[
         str | None,
-        typer.Option("--max-memory", help="Peak memory of weight matching, e.g. 3GB."),
+        typer.Option(
+            "--max-memory",
+            help="Host memory of weight or activation matching, e.g. 3GB (activation: the "
+            "models run one at a time, offloaded to disk if need be, when they do not fit).",
+        ),
     ] = None,
 ) -> None:
     """Write MODEL_B permuted (or rotated) into MODEL_A's basis: the same function, loadable."""
