@@ -108,13 +108,8 @@ def _match(
     if method in ORTHOGONAL_METHODS:
         for model in (a, b):
             require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
-    if method == "weight+orthogonal":
-        return orthogonal_matching(
-            b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
-        )
-    if method == "activation+orthogonal":
-        return match_activations(
-            a, b, batches, residual="rotate", progress=progress, max_memory_bytes=max_memory_bytes
+        return _orthogonal_matching(
+            method, a, b, batches, seed=seed, progress=progress, max_memory_bytes=max_memory_bytes
         )
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
@@ -137,6 +132,45 @@ def _match(
             a, b, batches, residual="permute", progress=progress, max_memory_bytes=max_memory_bytes
         )
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)
+
+
+def _orthogonal_matching(
+    method: str,
+    a: InspectedModel,
+    b: InspectedModel,
+    batches: Batches | None,
+    *,
+    seed: int,
+    progress: bool,
+    max_memory_bytes: int | None,
+) -> MatchResult:
+    """The methods that fold both models and rotate B's residual stream."""
+    if method == "activation+orthogonal":
+        return match_activations(
+            a, b, batches, residual="rotate", progress=progress, max_memory_bytes=max_memory_bytes
+        )
+    if method == "learned":
+        return _learned_matching(a, b, batches, seed=seed, progress=progress)
+    return orthogonal_matching(
+        b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
+    )
+
+
+def _learned_matching(
+    a: InspectedModel, b: InspectedModel, batches: Batches | None, *, seed: int, progress: bool
+) -> MatchResult:
+    """`weight+orthogonal`, its rotation then refined on the probe text (`learned_matching`),
+    through A's causal LM loaded once."""
+    from hfmerge.align.activation_run import builtin_batches
+    from hfmerge.align.learned import learned_matching
+    from hfmerge.lm.load import load_lm
+
+    model = load_lm(a.source.path, label=a.label, adapter=a.source.adapter_path)
+    data = builtin_batches(a) if batches is None else batches
+    params_a, params_b = _read_params(a), _read_params(b)
+    return learned_matching(
+        b.spec, model, params_a, params_b, data, label=a.label, seed=seed, progress=progress
+    )
 
 
 def align_permutations(
@@ -213,7 +247,7 @@ def align_checkpoint(
     out_dir: Path,
     *,
     method: Literal[
-        "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+        "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal", "learned"
     ],
     seed: int = 0,
     batches: Batches | None = None,
