@@ -11,7 +11,7 @@ import dataclasses
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -50,9 +50,6 @@ from hfmerge.tensors import (
     parse_size,
     plan_shards,
 )
-
-if TYPE_CHECKING:  # transformers loads only for activation matching
-    pass
 
 _WRITTEN = tuple(m for m in ALIGN_METHODS if m != "none")  # methods `align_checkpoint` takes
 
