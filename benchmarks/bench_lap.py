@@ -20,6 +20,7 @@ the objective gap to scipy relative to scipy's objective (0 for an exact solver)
 A solver that is not installed is left out of the table.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lap.py [--sizes 2048,5632,11008,14336]
+        [--kinds planted,independent] [--solvers hfmerge,lapx-lapjvh]
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def run_solver(path: Path, solver: str, calls: int) -> dict[str, list[float]]:
     return result
 
 
-def solvers(n: int) -> list[str]:
+def solvers(n: int, wanted: set[str] | None) -> list[str]:
     """The solvers to run at width n: scipy first (the reference), optional ones if installed."""
     names = ["scipy", "hfmerge"]
     if n <= 5632:  # float32 costs: the answer does not need the widest (and slowest) sizes
@@ -126,7 +127,7 @@ def solvers(n: int) -> list[str]:
             continue
         if importlib.util.find_spec(module) is not None:
             names.append(name)
-    return names
+    return [name for name in names if wanted is None or name == "scipy" or name in wanted]
 
 
 def main() -> None:
@@ -134,7 +135,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="2048,5632,11008,14336")
     parser.add_argument("--hidden", type=int, default=1024, help="unit weight width")
     parser.add_argument("--kinds", default="planted,independent")
+    parser.add_argument("--solvers", help="comma-separated subset (scipy always runs)")
     args = parser.parse_args()
+    wanted = set(args.solvers.split(",")) if args.solvers else None
     sizes = [int(n) for n in args.sizes.split(",")]
     print(f"hidden {args.hidden}; a dense float64 n x n similarity: ", end="")
     print(", ".join(f"{n}: {n * n * 8 / 1e9:.2f} GB" for n in sizes))
@@ -151,7 +154,7 @@ def main() -> None:
                 calls = 1 if n >= 11008 else 2
                 reference: list[int] = []
                 best, scipy_seconds = 0.0, 0.0
-                for solver in solvers(n):
+                for solver in solvers(n, wanted):
                     result = run_solver(path, solver, calls)
                     cols = np.asarray(result["cols"], dtype=np.int64)
                     value = float(matrix[np.arange(n), cols].sum())

@@ -51,7 +51,8 @@ def solve_dense_lap(matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
     rows, cols = linear_sum_assignment(matrix, maximize=True)
     # scipy returns rows sorted, so `cols` is already indexed by row.
     assert np.array_equal(rows, np.arange(len(rows)))
-    return cols.astype(np.int64)
+    order: npt.NDArray[np.int64] = cols.astype(np.int64)
+    return order
 
 
 def assignment_value(similarity: torch.Tensor, perm: torch.Tensor) -> float:

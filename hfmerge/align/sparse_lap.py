@@ -155,11 +155,13 @@ def _dense_pass(
     columns = _column_potentials(similarity, match, potentials)
     raised = potentials.copy()
     best_columns = np.empty(n, dtype=np.int64)
+    block = np.empty((min(CHECK_BLOCK, n), n))  # one buffer: a fresh one per block page-faults
     for start in range(0, n, CHECK_BLOCK):
         stop = min(start + CHECK_BLOCK, n)
-        excess = similarity[start:stop] - columns[None, :]  # [block, n]: s_ij - v_j
+        excess = block[: stop - start]  # [rows, n]: s_ij - v_j
+        np.subtract(similarity[start:stop], columns[None, :], out=excess)
         best_columns[start:stop] = excess.argmax(axis=1)
         best = excess[np.arange(stop - start), best_columns[start:stop]]
-        raised[start:stop] = np.maximum(raised[start:stop], best)
+        np.maximum(raised[start:stop], best, out=raised[start:stop])
     rows = np.flatnonzero(raised > potentials + tolerance)
     return raised, rows * n + best_columns[rows]
