@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -17,13 +16,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from safetensors.torch import save_file
 
-from hfmerge.align.activation_matching import ResidualMap, activation_matching
+from hfmerge.align.activation_run import Batches, match_activations
 from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.orthogonal import orthogonal_matching
 from hfmerge.align.permutation_files import PERMUTATIONS_FILE, ROTATION_FILE, save_permutations
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
-from hfmerge.arch import require_permutable, spec_for
+from hfmerge.arch import require_permutable
 from hfmerge.arch.permute import (
     compose,
     identity_permutations,
@@ -53,11 +52,9 @@ from hfmerge.tensors import (
 )
 
 if TYPE_CHECKING:  # transformers loads only for activation matching
-    from transformers import PreTrainedModel
+    pass
 
 _WRITTEN = tuple(m for m in ALIGN_METHODS if m != "none")  # methods `align_checkpoint` takes
-Batches = Iterable[dict[str, torch.Tensor]]
-PROBE_SAMPLES, PROBE_LENGTH, PROBE_BATCH = 32, 128, 8  # built-in probe when no batches are given
 
 
 def _inspect_pair(
@@ -94,41 +91,6 @@ def _weights(stack: ExitStack, model: InspectedModel) -> Weights:
     )
 
 
-def _load_model(model: InspectedModel) -> PreTrainedModel:
-    """The checkpoint's own model class (config `architectures`), else AutoModel, in float32."""
-    import transformers
-
-    from hfmerge.lm.load import load_pretrained
-
-    names = model.config.get("architectures") or []
-    cls = getattr(transformers, str(names[0]), None) if names else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = transformers.AutoModel
-    try:
-        return load_pretrained(
-            cls, model.source.path, label=model.label, adapter=model.source.adapter_path
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise AlignmentError(
-            f"transformers cannot load {model.label}: {exc}",
-            fix="use weight matching, which reads the safetensors directly",
-        ) from None
-
-
-def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:
-    """Batches of the built-in English probe text, tokenized with the model's own tokenizer."""
-    from hfmerge.lm.batches import text_batches
-
-    return text_batches(
-        model.source.path,
-        label=model.label,
-        data=None,
-        max_length=PROBE_LENGTH,
-        samples=PROBE_SAMPLES,
-        batch_size=PROBE_BATCH,
-    )
-
-
 def _match(
     method: str,
     a: InspectedModel,
@@ -151,7 +113,9 @@ def _match(
             b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
         )
     if method == "activation+orthogonal":
-        return _activation_matching(a, b, batches, residual="rotate", progress=progress)
+        return match_activations(
+            a, b, batches, residual="rotate", progress=progress, max_memory_bytes=max_memory_bytes
+        )
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
         with ExitStack() as stack:
@@ -169,28 +133,10 @@ def _match(
         perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
         return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
-        return _activation_matching(a, b, batches, residual="permute", progress=progress)
+        return match_activations(
+            a, b, batches, residual="permute", progress=progress, max_memory_bytes=max_memory_bytes
+        )
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)
-
-
-def _activation_matching(
-    a: InspectedModel,
-    b: InspectedModel,
-    batches: Batches | None,
-    *,
-    residual: ResidualMap,
-    progress: bool,
-) -> MatchResult:
-    """Activation matching of the two models loaded with transformers (`activation_matching`)."""
-    model_a, model_b = _load_model(a), _load_model(b)
-    # Group names do not depend on name prefixes, so a spec of the loaded module names
-    # yields permutations that fit the checkpoint's spec too. A mixture of experts keeps the
-    # checkpoint's spec: its loaded experts are fused, and are found by checkpoint name.
-    spec = a.spec
-    if not spec.has_experts:
-        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
-    data = _builtin_batches(a) if batches is None else batches
-    return activation_matching(spec, model_a, model_b, data, residual=residual, progress=progress)
 
 
 def align_permutations(
@@ -208,8 +154,9 @@ def align_permutations(
     `weight` streams both checkpoints' tensors, within `max_memory_bytes` when given (refused
     before any weight is read if too small); `canonical` reads them whole; `activation` loads
     both models with transformers and runs `batches` (default: the built-in probe text through
-    A's tokenizer). A model is a folder, or a resolved source whose LoRA adapter is applied to
-    what is read.
+    A's tokenizer), within `max_memory_bytes` when given: together, or one at a time with their
+    features on disk and layers offloaded as needed (`align/activation_run.py`). A model is a
+    folder, or a resolved source whose LoRA adapter is applied to what is read.
     """
     if method in ORTHOGONAL_METHODS:
         raise AlignmentError(
@@ -232,7 +179,8 @@ def align_basis(
     """How model B is read into model A's basis by any method (`none`: as it is).
 
     As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation
-    (they hold both models as float64 and do not stream: `max_memory_bytes` bounds `weight`).
+    (`weight+orthogonal` holds both models as float64 and does not stream; `max_memory_bytes`
+    bounds `weight`, `activation` and `activation+orthogonal`).
     """
     return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).basis
 

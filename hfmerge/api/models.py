@@ -63,7 +63,9 @@ def align(
         seed: seed of weight matching's order over the groups.
         force: replace an existing output directory.
         progress: draw progress bars on stderr.
-        max_memory: peak memory of weight matching, e.g. "3GB" or bytes; a budget too small
+        max_memory: host memory of weight or activation matching, e.g. "3GB" or bytes (the
+            activation methods run the models one at a time when they do not fit together,
+            with layers offloaded to disk if need be); a budget too small
             for the models is refused before any weight is read.
 
     Returns:

@@ -178,7 +178,11 @@ def align(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     max_memory: Annotated[
         str | None,
-        typer.Option("--max-memory", help="Peak memory of weight matching, e.g. 3GB."),
+        typer.Option(
+            "--max-memory",
+            help="Host memory of weight or activation matching, e.g. 3GB (activation: the "
+            "models run one at a time, offloaded to disk if need be, when they do not fit).",
+        ),
     ] = None,
 ) -> None:
     """Write MODEL_B permuted (or rotated) into MODEL_A's basis: the same function, loadable."""
@@ -252,7 +256,13 @@ def cka(
         str, typer.Option("--device-map", help="auto, cpu, cuda:0, ... or a JSON device map.")
     ] = "auto",
     max_memory: Annotated[
-        str | None, typer.Option("--max-memory", help="Per-device limits: `0=20GiB,cpu=60GiB`.")
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="One size for host memory, e.g. 4GB (the models run together, one at a time, "
+            "or with layers offloaded to disk, as it allows), or per-device limits: "
+            "`0=20GiB,cpu=60GiB`.",
+        ),
     ] = None,
     pooling: Annotated[
         str | None,
