@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
+from hfmerge.align import lap
 from hfmerge.align.attention import (
     HeadBlocks,
     add_blocks,
@@ -15,7 +17,8 @@ from hfmerge.align.attention import (
     head_slices,
     solve_attention,
 )
-from hfmerge.align.lap import assignment_value, improves, solve_lap
+from hfmerge.align.lap import assignment_value, improves, solve_dense_lap, solve_lap
+from hfmerge.align.sparse_lap import _candidate_edges, _sparse_matching, solve_sparse_lap
 from hfmerge.arch.permute import axis_index, axis_length, invert, random_permutations
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Layout, PermGroup
 from hfmerge.errors import AlignmentError
@@ -214,3 +217,106 @@ def test_solve_attention_refuses_misshapen_blocks() -> None:
         solve_attention(GQA, {"o": torch.zeros(2, 2, 4, 4, dtype=torch.float64)})
     with pytest.raises(ValueError, match="unknown attention part"):
         solve_attention(GQA, {"x": torch.zeros(6, 6, 4, 4, dtype=torch.float64)})
+
+
+def _planted(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`A @ B.T` for B = A's units permuted plus noise, and the gather index that undoes it."""
+    generator = torch.Generator().manual_seed(seed)
+    units = torch.randn(n, 32, generator=generator, dtype=torch.float64)
+    planted = torch.randperm(n, generator=generator)
+    moved = units[torch.argsort(planted)] + 0.1 * torch.randn(
+        n, 32, generator=generator, dtype=torch.float64
+    )
+    return units @ moved.T, planted  # [n, 32] @ [32, n] -> [n, n]
+
+
+def _similarities(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random, low-rank (independent models), uneven-norm (some columns top every row), tied."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def gaussian(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    norms = torch.exp(gaussian(n))  # column norms over about a factor 20 from 5% to 95%
+    return {
+        "random": gaussian(n, n),
+        "low rank": gaussian(n, 16) @ gaussian(16, n),  # [n, 16] @ [16, n]
+        "uneven norms": (gaussian(n, 16) @ gaussian(16, n)) * norms,
+        "ties": torch.randint(0, 3, (n, n), generator=generator).to(torch.float64),
+    }
+
+
+def _dense_value(similarity: torch.Tensor) -> float:
+    return assignment_value(similarity, torch.from_numpy(solve_dense_lap(similarity.numpy())))
+
+
+@pytest.mark.parametrize("n", [1, 7, 60, 300])
+def test_sparse_lap_is_exact_or_declines(n: int) -> None:
+    certified = 0
+    for name, similarity in _similarities(n, seed=n).items():
+        perm = solve_sparse_lap(similarity.numpy())
+        if perm is None:
+            continue
+        certified += 1
+        assert sorted(perm.tolist()) == list(range(n)), name
+        assert assignment_value(similarity, torch.from_numpy(perm)) == pytest.approx(
+            _dense_value(similarity), rel=1e-12, abs=1e-12
+        ), name
+    assert certified >= 3  # random, low rank and ties are certified; uneven norms may decline
+
+
+def test_sparse_lap_grows_the_graph_to_the_optimum() -> None:
+    # 4 candidates per row miss the optimum of a random matrix: the rounds must add edges.
+    similarity = _similarities(200, seed=3)["random"]
+    edges = _candidate_edges(similarity.numpy(), 4)
+    first = _sparse_matching(similarity.numpy(), edges)
+    assert first is not None
+    best = _dense_value(similarity)
+    assert assignment_value(similarity, torch.from_numpy(first)) < best - 1e-6
+    perm = solve_sparse_lap(similarity.numpy(), candidates=4)
+    assert perm is not None
+    assert assignment_value(similarity, torch.from_numpy(perm)) == pytest.approx(best, rel=1e-12)
+
+
+def test_sparse_lap_recovers_a_planted_permutation() -> None:
+    similarity, planted = _planted(500, seed=4)
+    perm = solve_sparse_lap(similarity.numpy())
+    assert perm is not None
+    assert torch.equal(torch.from_numpy(perm), planted)
+
+
+def test_solve_lap_declined_sparse_falls_back_to_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lap, "SPARSE_MIN_UNITS", 10)
+    similarity = _similarities(80, seed=5)["uneven norms"]
+    calls: list[bool] = []
+
+    def declined(matrix: object, candidates: int = 0) -> None:
+        calls.append(True)
+
+    monkeypatch.setattr(lap, "solve_sparse_lap", declined)
+    perm = solve_lap(similarity)
+    assert calls == [True]
+    assert assignment_value(similarity, perm) == pytest.approx(_dense_value(similarity), rel=1e-12)
+
+
+def test_solve_lap_uses_the_sparse_solver_when_wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lap, "SPARSE_MIN_UNITS", 10)
+    monkeypatch.setattr(lap, "solve_dense_lap", None)  # any dense solve would fail
+    similarity, planted = _planted(40, seed=6)
+    assert torch.equal(solve_lap(similarity), planted)
+    with pytest.raises(AlignmentError, match="NaN"):
+        solve_lap(torch.full((12, 12), float("nan")))
+
+
+@pytest.mark.slow
+def test_solve_lap_matches_scipy_at_3000_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lap, "SPARSE_MIN_UNITS", 3000)
+    generator = torch.Generator().manual_seed(7)
+    weights = torch.randn(2, 3000, 256, generator=generator, dtype=torch.float64)
+    independent = weights[0] @ weights[1].T  # [3000, 256] @ [256, 3000]: two unrelated models
+    for similarity in (independent, _planted(3000, seed=8)[0]):
+        certified = solve_sparse_lap(similarity.numpy())
+        assert certified is not None
+        reference = solve_dense_lap(similarity.numpy())
+        assert np.array_equal(certified, reference)
+        assert torch.equal(solve_lap(similarity), torch.from_numpy(reference))
