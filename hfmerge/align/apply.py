@@ -1,8 +1,8 @@
 """Align model directories: find B's permutations (and, for the orthogonal methods, B's folded
-residual rotation) into A's basis and write B so, streamed; or write one model in canonical unit
-order (`canonicalize_checkpoint`).
+residual rotation; for `weight+orthogonal` also its within-head maps) into A's basis and write B
+so, streamed; or write one model in canonical unit order (`canonicalize_checkpoint`).
 
-Its files beside the model (permutations, rotation) are `align/permutation_files.py`.
+Its files beside the model (permutations, rotation, head maps) are `align/permutation_files.py`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ from safetensors.torch import save_file
 
 from hfmerge.align.activation_matching import ResidualMap, activation_matching
 from hfmerge.align.canonical import canonical_permutations
-from hfmerge.align.orthogonal import orthogonal_matching
-from hfmerge.align.permutation_files import PERMUTATIONS_FILE, ROTATION_FILE, save_permutations
+from hfmerge.align.head_maps import head_map_matching
+from hfmerge.align.permutation_files import (
+    HEAD_MAPS_FILE,
+    PERMUTATIONS_FILE,
+    ROTATION_FILE,
+    save_head_maps,
+    save_permutations,
+)
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
 from hfmerge.arch import require_permutable, spec_for
@@ -147,7 +153,8 @@ def _match(
         for model in (a, b):
             require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
     if method == "weight+orthogonal":
-        return orthogonal_matching(
+        # Procrustes and weight matching, then B's within-head maps (align/head_maps.py).
+        return head_map_matching(
             b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
         )
     if method == "activation+orthogonal":
@@ -279,7 +286,8 @@ def align_checkpoint(
     Tensors stream one at a time from B's shards into the output; config and tokenizer files are
     copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`. The
     orthogonal methods write B folded (norm gains 1, a tied head untied) and rotated, with the
-    rotation beside it (`hfmerge_rotation.safetensors`).
+    rotation beside it (`hfmerge_rotation.safetensors`); `weight+orthogonal` also maps B's
+    heads within (`hfmerge_head_maps.safetensors`).
     `max_memory_bytes` bounds weight matching (see `align_permutations`).
     """
     parse_size(max_shard_size)  # a bad size fails now, not after the matching
@@ -378,6 +386,8 @@ def _write_aligned(
         if basis.rotation is not None:
             rotation = basis.rotation.to(torch.float64).contiguous()
             save_file({"rotation": rotation}, str(tmp / ROTATION_FILE), metadata=metadata)
+        if basis.head_maps is not None:
+            save_head_maps(tmp / HEAD_MAPS_FILE, basis.head_maps, metadata=metadata)
 
 
 def _untie_config(path: Path) -> None:

@@ -20,6 +20,7 @@ import torch
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import axis_rows
 from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.head_maps import HeadMaps
 from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.residual import (
     FOLDED,
@@ -53,15 +54,17 @@ def procrustes(
     folded_a: Mapping[str, torch.Tensor],
     folded_b: Mapping[str, torch.Tensor],
     perms: Permutations,
+    head_maps: HeadMaps | None = None,
 ) -> torch.Tensor:
     """[hidden, hidden] orthogonal Q maximising Σ ⟨A_t, Q·π(B)_t⟩ over the residual axes.
 
     Both models folded (norm gains 1, skipped: they are the same in both). `perms`' residual
-    permutation should be the identity, Q takes its place.
+    permutation should be the identity, Q takes its place; B's within-head maps, if given, are
+    applied after `perms` (they act on other axes than Q).
     """
     hidden = spec.groups[RESIDUAL].size
     cross = torch.zeros(hidden, hidden, dtype=torch.float64)
-    moved = BasisMap(perms)
+    moved = BasisMap(perms, head_maps=head_maps)
     for name, tensor_a in folded_a.items():
         if name in spec.norm_readers:
             continue
@@ -85,7 +88,7 @@ def orthogonal_factor(cross: torch.Tensor) -> torch.Tensor:
     return rotation
 
 
-def _objective(
+def basis_objective(
     spec: ArchSpec,
     folded_a: Mapping[str, torch.Tensor],
     folded_b: Mapping[str, torch.Tensor],
@@ -130,7 +133,7 @@ def orthogonal_matching(
     assert isinstance(residual, torch.Tensor)
     perms = {**first.perms, RESIDUAL: identity_permutations(spec)[RESIDUAL]}
     rotation = _permutation_matrix(residual)
-    objective = [_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation))]
+    objective = [basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation))]
     converged = False
     for _ in track(range(max_rounds), description="orthogonal alignment", enabled=progress):
         rotation = procrustes(spec, folded_a, folded_b, perms)
@@ -144,7 +147,7 @@ def orthogonal_matching(
             start=perms,
             fixed=frozenset({RESIDUAL}),
         ).perms
-        objective.append(_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation)))
+        objective.append(basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation)))
         if objective[-1] - objective[-2] <= TOLERANCE * abs(objective[-2]):
             converged = True
             break
@@ -157,4 +160,10 @@ def orthogonal_matching(
     )
 
 
-__all__ = ["orthogonal_factor", "orthogonal_matching", "procrustes", "residual_rows"]
+__all__ = [
+    "basis_objective",
+    "orthogonal_factor",
+    "orthogonal_matching",
+    "procrustes",
+    "residual_rows",
+]
