@@ -1,5 +1,5 @@
 """Align model directories: find B's permutations (and, for the orthogonal methods, B's folded
-residual rotation; for `weight+orthogonal` also its within-head maps) into A's basis and write B
+residual rotation and its within-head maps of attention) into A's basis and write B
 so, streamed; or write one model in canonical unit order (`canonicalize_checkpoint`).
 
 Its files beside the model (permutations, rotation, head maps) are `align/permutation_files.py`.
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from hfmerge.align.activation_matching import ResidualMap, activation_matching
 from hfmerge.align.canonical import canonical_permutations
-from hfmerge.align.head_maps import head_map_matching
+from hfmerge.align.head_maps import head_map_matching, with_head_maps
 from hfmerge.align.permutation_files import (
     HEAD_MAPS_FILE,
     PERMUTATIONS_FILE,
@@ -158,7 +158,8 @@ def _match(
             b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
         )
     if method == "activation+orthogonal":
-        return _activation_matching(a, b, batches, residual="rotate", progress=progress)
+        found = _activation_matching(a, b, batches, residual="rotate", progress=progress)
+        return with_head_maps(b.spec, _read_params(a), _read_params(b), found)
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
         with ExitStack() as stack:
@@ -286,8 +287,8 @@ def align_checkpoint(
     Tensors stream one at a time from B's shards into the output; config and tokenizer files are
     copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`. The
     orthogonal methods write B folded (norm gains 1, a tied head untied) and rotated, with the
-    rotation beside it (`hfmerge_rotation.safetensors`); `weight+orthogonal` also maps B's
-    heads within (`hfmerge_head_maps.safetensors`).
+    rotation beside it (`hfmerge_rotation.safetensors`) and B's heads mapped within
+    (`hfmerge_head_maps.safetensors`).
     `max_memory_bytes` bounds weight matching (see `align_permutations`).
     """
     parse_size(max_shard_size)  # a bad size fails now, not after the matching

@@ -16,12 +16,16 @@ the tests check those too); on the zoo's Llama seeds the least-squares invertibl
 numerically, condition numbers 2-2.6) lowered the barrier no further than the orthogonal one,
 so the solver keeps to Procrustes, which is closed-form and cannot be ill-conditioned.
 
-`head_map_matching` runs after `orthogonal_matching` (its permutations kept) and alternates the
-head maps with the residual Procrustes, each given the other, while the objective improves.
+`head_map_matching` (`weight+orthogonal`) runs after `orthogonal_matching` (its permutations
+kept) and alternates the head maps with the residual Procrustes, each given the other, while the
+objective improves; `activation+orthogonal` adds the head maps once to its activation-matched
+permutations and rotation (`with_head_maps`). Weight matching is not run again after the head
+maps: permutations planted together with within-head maps are not always found exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
@@ -141,36 +145,56 @@ def head_map_matching(
     params_b: Mapping[str, torch.Tensor],
     *,
     seed: int = 0,
-    rounds: int = MAX_ROUNDS,
     progress: bool = False,
 ) -> MatchResult:
-    """`orthogonal_matching`, then B's within-head maps alternated with the residual Procrustes
-    (permutations fixed) for up to `rounds` rounds while the objective improves."""
+    """`weight+orthogonal`: `orthogonal_matching`, then B's within-head maps alternated with the
+    residual Procrustes (`with_head_maps`)."""
     first = orthogonal_matching(spec, params_a, params_b, seed=seed, progress=progress)
-    assert first.rotation is not None
+    return with_head_maps(spec, params_a, params_b, first, rounds=MAX_ROUNDS)
+
+
+def with_head_maps(
+    spec: ArchSpec,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    found: MatchResult,
+    *,
+    rounds: int = 0,
+) -> MatchResult:
+    """`found` (permutations and residual rotation) with B's within-head maps added; then, for
+    up to `rounds` rounds while the objective improves, Procrustes given the head maps and the
+    head maps given the new rotation (the permutations kept). `rounds=0` keeps `found`'s
+    rotation (an activation-matched one)."""
+    assert found.rotation is not None
     folded_a = map_state_dict({n: t.double() for n, t in params_a.items()}, spec, FOLDED)
     folded_b = map_state_dict({n: t.double() for n, t in params_b.items()}, spec, FOLDED)
-    perms, rotation = first.perms, first.rotation
+    perms, rotation = found.perms, found.rotation
     maps = solve_head_maps(spec, folded_a, folded_b, BasisMap(perms, True, rotation))
     objective = [basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation, maps))]
-    converged = False
+    converged = rounds == 0
     for _ in range(rounds):
         turned = procrustes(spec, folded_a, folded_b, perms, maps)
-        found = solve_head_maps(spec, folded_a, folded_b, BasisMap(perms, True, turned))
-        value = basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, turned, found))
+        solved = solve_head_maps(spec, folded_a, folded_b, BasisMap(perms, True, turned))
+        value = basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, turned, solved))
         if value - objective[-1] <= TOLERANCE * abs(objective[-1]):
             converged = True
             break
-        rotation, maps = turned, found
+        rotation, maps = turned, solved
         objective.append(value)
-    return MatchResult(
-        perms=perms,
-        iterations=first.iterations + len(objective),
-        objective=first.objective + objective,
-        converged=first.converged and converged,
+    return dataclasses.replace(
+        found,
+        iterations=found.iterations + len(objective),
+        objective=found.objective + objective,
+        converged=found.converged and converged,
         rotation=rotation,
         head_maps=maps,
     )
 
 
-__all__ = ["head_map_matching", "head_rows", "pair_rotations", "solve_head_maps"]
+__all__ = [
+    "head_map_matching",
+    "head_rows",
+    "pair_rotations",
+    "solve_head_maps",
+    "with_head_maps",
+]

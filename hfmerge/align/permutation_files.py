@@ -1,8 +1,8 @@
 """The files `hfmerge align` writes beside the aligned model: B's permutations
 (`hfmerge_permutations.safetensors`, int64 tensors) and, for the orthogonal methods, its residual
-rotation (`hfmerge_rotation.safetensors`, one tensor "rotation"); for `weight+orthogonal` also its
-within-head maps (`hfmerge_head_maps.safetensors`: `GROUP.qk` and `GROUP.vo`, float64
-[num_kv_heads, head_dim, head_dim] each, per KV slot after the permutations)."""
+rotation (`hfmerge_rotation.safetensors`, one tensor "rotation") and its within-head maps
+(`hfmerge_head_maps.safetensors`: `GROUP.qk` and `GROUP.vo`, float64 [num_kv_heads, head_dim,
+head_dim] each, per KV slot after the permutations)."""
 
 from __future__ import annotations
 

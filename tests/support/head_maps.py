@@ -42,10 +42,11 @@ def random_head_maps(
     scaled: bool = False,
     invertible: bool = False,
     qk: bool = True,
+    vo: bool = True,
 ) -> HeadMaps:
     """Random exact maps of every attention group: per KV slot, a rotation (times a scale when
     `scaled`) of each RoPE pair (identity when not `qk`), and an orthogonal (or, when
-    `invertible`, a general) V/O map."""
+    `invertible`, a general) V/O map (identity when not `vo`)."""
     generator = torch.Generator().manual_seed(seed)
     maps: HeadMaps = {}
     for name, group in spec.groups.items():
@@ -58,7 +59,9 @@ def random_head_maps(
             pair_map(pairs, pair_blocks(len(pairs), generator, scaled=scaled)) if qk else eye
             for _ in slots
         ]
-        vo_maps = [_vo(group.head_dim, generator, invertible=invertible) for _ in slots]
+        vo_maps = [
+            _vo(group.head_dim, generator, invertible=invertible) if vo else eye for _ in slots
+        ]
         maps[name] = HeadMap(qk=torch.stack(qk_maps), vo=torch.stack(vo_maps))
     return maps
 
