@@ -18,9 +18,11 @@ so the solver keeps to Procrustes, which is closed-form and cannot be ill-condit
 
 `head_map_matching` (`weight+orthogonal`) runs after `orthogonal_matching` (its permutations
 kept) and alternates the head maps with the residual Procrustes, each given the other, while the
-objective improves; `activation+orthogonal` adds the head maps once to its activation-matched
-permutations and rotation (`with_head_maps`). Weight matching is not run again after the head
-maps: permutations planted together with within-head maps are not always found exactly.
+objective improves. Within-head maps blur the head scores of the weight matching that ran before
+them, so the whole is swept again on B mapped within its own heads, up to `MAX_SWEEPS` times:
+with one sweep, permutations, a rotation and head maps planted together came back only to 0.86
+in the weights of a tiny Llama; with six, to 3e-5. `activation+orthogonal` adds the head maps once
+to its activation-matched permutations and rotation (`with_head_maps`).
 """
 
 from __future__ import annotations
@@ -43,14 +45,18 @@ from hfmerge.align.weights import axis_rows
 from hfmerge.arch.head_maps import (
     HeadMap,
     HeadMaps,
+    compose_head_maps,
     head_layouts_only,
     pair_map,
+    permuted_head_maps,
     qk_maps_exact,
     rotary_pairs,
 )
+from hfmerge.arch.permute import invert
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, read_in_basis
 from hfmerge.arch.spec import ArchSpec, Layout, PermGroup
 
+MAX_SWEEPS = 5  # most sweeps of weight matching on B mapped within its own heads
 _PARTS = {Layout.Q: "q", Layout.K: "k", Layout.V: "v", Layout.O: "o"}
 PartRows = dict[str, list[torch.Tensor]]  # part -> one [heads, head_dim, rest] block per tensor
 Rows = dict[str, PartRows]  # attention group -> its parts' rows
@@ -145,12 +151,32 @@ def head_map_matching(
     params_b: Mapping[str, torch.Tensor],
     *,
     seed: int = 0,
+    sweeps: int = MAX_SWEEPS,
     progress: bool = False,
 ) -> MatchResult:
     """`weight+orthogonal`: `orthogonal_matching`, then B's within-head maps alternated with the
-    residual Procrustes (`with_head_maps`)."""
-    first = orthogonal_matching(spec, params_a, params_b, seed=seed, progress=progress)
-    return with_head_maps(spec, params_a, params_b, first, rounds=MAX_ROUNDS)
+    residual Procrustes (`with_head_maps`); then again on B mapped within its own heads, so that
+    weight matching sees heads already turned towards A's, for up to `sweeps` sweeps while the
+    objective improves (each sweep after the first starts from the last one's answer)."""
+    own: HeadMaps = {}  # B's head maps so far, on its own KV heads (before any permutation)
+    best: MatchResult | None = None
+    for _ in range(sweeps):
+        mapped_b = map_state_dict(params_b, spec, BasisMap(head_maps=own)) if own else params_b
+        # Later sweeps start from the last permutations and rotation, which read the mapped B
+        # as they read B with the last head maps.
+        found = orthogonal_matching(
+            spec, params_a, mapped_b, seed=seed, progress=progress, start=best
+        )
+        result = with_head_maps(spec, params_a, mapped_b, found, rounds=MAX_ROUNDS)
+        assert result.head_maps is not None
+        total = compose_head_maps(permuted_head_maps(spec, result.perms, own), result.head_maps)
+        result = dataclasses.replace(result, head_maps=total)
+        if best is not None and not result.objective[-1] > best.objective[-1] * (1 + TOLERANCE):
+            break
+        best = result
+        own = permuted_head_maps(spec, invert(spec, result.perms), total)
+    assert best is not None
+    return best
 
 
 def with_head_maps(

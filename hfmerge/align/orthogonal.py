@@ -114,25 +114,31 @@ def orthogonal_matching(
     seed: int = 0,
     max_rounds: int = MAX_ROUNDS,
     progress: bool = False,
+    start: MatchResult | None = None,
 ) -> MatchResult:
     """B's permutations and residual rotation into A's basis (`MatchResult.rotation` set).
 
     `params_*`: every non-buffer tensor of the checkpoint (a tied head absent, as saved).
+    `start`: permutations (residual identity) and rotation to alternate from, instead of a
+    first weight matching.
     """
     folded_a = map_state_dict({n: t.double() for n, t in params_a.items()}, spec, FOLDED)
     folded_b = map_state_dict({n: t.double() for n, t in params_b.items()}, spec, FOLDED)
     saved = [n for n in folded_a if n in spec.tensors]  # weight matching: the spec's own names
-    first = weight_matching(
-        spec,
-        {n: folded_a[n] for n in saved},
-        {n: folded_b[n] for n in saved},
-        seed=seed,
-        progress=progress,
-    )
-    residual = first.perms[RESIDUAL]
-    assert isinstance(residual, torch.Tensor)
-    perms = {**first.perms, RESIDUAL: identity_permutations(spec)[RESIDUAL]}
-    rotation = _permutation_matrix(residual)
+    if start is not None and start.rotation is not None:
+        perms, rotation = start.perms, start.rotation
+    else:
+        first = weight_matching(
+            spec,
+            {n: folded_a[n] for n in saved},
+            {n: folded_b[n] for n in saved},
+            seed=seed,
+            progress=progress,
+        )
+        residual = first.perms[RESIDUAL]
+        assert isinstance(residual, torch.Tensor)
+        perms = {**first.perms, RESIDUAL: identity_permutations(spec)[RESIDUAL]}
+        rotation = _permutation_matrix(residual)
     objective = [basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation))]
     converged = False
     for _ in track(range(max_rounds), description="orthogonal alignment", enabled=progress):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hfmerge.arch.spec import ArchSpec, AxisRole, Layout, PermGroup
+from hfmerge.arch.spec import ArchSpec, AttentionPerm, AxisRole, Layout, PermGroup, Permutations
 
 # RoPE pairs dim i with dim i + head_dim/2 (transformers' `rotate_half`), except in these model
 # types, whose modeling code rotates interleaved pairs (2i, 2i + 1).
@@ -58,6 +58,36 @@ def identity_head_map(group: PermGroup) -> HeadMap:
     eye = torch.eye(group.head_dim, dtype=torch.float64)
     stack = eye.expand(group.num_kv_heads, -1, -1).clone()  # [kv, head_dim, head_dim]
     return HeadMap(qk=stack, vo=stack.clone())
+
+
+def permuted_head_maps(spec: ArchSpec, perms: Permutations, maps: HeadMaps) -> HeadMaps:
+    """Maps of B's own KV heads (applied before `perms`) as maps of the slots after `perms`.
+
+    Slot g holds old KV head `kv_heads[g]` with its dims in order `qk_dims[g]` / `vo_dims[g]`:
+    with P = I[dims] the gather matrix, a map M of the old rows acts on the new ones as P·M·Pᵀ.
+    """
+    out: HeadMaps = {}
+    for name, head_map in maps.items():
+        perm = perms.get(name)
+        if not isinstance(perm, AttentionPerm):
+            out[name] = head_map
+            continue
+        eye = torch.eye(spec.groups[name].head_dim, dtype=torch.float64)
+        kv = perm.kv_heads.long()
+        qk_gather, vo_gather = eye[perm.qk_dims.long()], eye[perm.vo_dims.long()]  # [kv, d, d]
+        out[name] = HeadMap(
+            qk=qk_gather @ head_map.qk[kv] @ qk_gather.mT,
+            vo=vo_gather @ head_map.vo[kv] @ vo_gather.mT,
+        )
+    return out
+
+
+def compose_head_maps(first: HeadMaps, then: HeadMaps) -> HeadMaps:
+    """`first`, then `then`, on the same slots: one map per slot (a group in one only is kept)."""
+    out = dict(first) | dict(then)
+    for name in first.keys() & then.keys():
+        out[name] = HeadMap(qk=then[name].qk @ first[name].qk, vo=then[name].vo @ first[name].vo)
+    return out
 
 
 def rotary_pairs(spec: ArchSpec, head_dim: int) -> torch.Tensor:
@@ -142,10 +172,12 @@ __all__ = [
     "ROPE_FAMILIES",
     "HeadMap",
     "HeadMaps",
+    "compose_head_maps",
     "head_layouts_only",
     "identity_head_map",
     "map_heads",
     "pair_map",
+    "permuted_head_maps",
     "qk_maps_exact",
     "rotary_pairs",
 ]

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfmerge.arch.head_maps import identity_head_map, qk_maps_exact, rotary_pairs
+from hfmerge.arch.head_maps import (
+    compose_head_maps,
+    identity_head_map,
+    permuted_head_maps,
+    qk_maps_exact,
+    rotary_pairs,
+)
 from hfmerge.arch.residual import BasisMap, map_state_dict
 from tests.support.controls import CHANGED, KEPT, outputs_after, state_of, tiny
 from tests.support.head_maps import mixing_head_maps, random_head_maps
@@ -103,3 +109,29 @@ def test_identity_maps_leave_every_tensor_unchanged() -> None:
     mapped = map_state_dict(state, spec, BasisMap(head_maps=eye))
     for name, value in state.items():
         assert torch.allclose(mapped[name], value, atol=1e-14, rtol=0), name
+
+
+def test_maps_of_own_heads_move_with_the_permutations() -> None:
+    """Maps of B's own heads then permutations equal the permutations then the moved maps;
+    composing maps equals applying them one after the other."""
+    state, spec = state_of("llama")
+    perms = nontrivial_permutations(spec, seed=3)
+    own = random_head_maps(spec, seed=5, invertible=True)
+    first = map_state_dict(
+        map_state_dict(state, spec, BasisMap(head_maps=own)), spec, BasisMap(perms)
+    )
+    moved = map_state_dict(
+        state, spec, BasisMap(perms, head_maps=permuted_head_maps(spec, perms, own))
+    )
+    then = random_head_maps(spec, seed=6, invertible=True, scaled=True)
+    twice = map_state_dict(
+        map_state_dict(state, spec, BasisMap(head_maps=own)), spec, BasisMap(head_maps=then)
+    )
+    once = map_state_dict(state, spec, BasisMap(head_maps=compose_head_maps(own, then)))
+    for name, value in first.items():
+        assert torch.allclose(moved[name], value, atol=1e-12, rtol=0), name
+        assert torch.allclose(once[name], twice[name], atol=1e-12, rtol=0), name
+    assert not torch.allclose(
+        moved["model.layers.0.self_attn.v_proj.weight"],
+        state["model.layers.0.self_attn.v_proj.weight"],
+    )
