@@ -1,7 +1,7 @@
 """Weight matching at scale: a Llama-shaped pair of about 1.1B parameters, streamed from disk.
 
     .venv/bin/python benchmarks/bench_align_scale.py [--work-dir DIR] [--depths 0.25,0.5,1]
-        [--max-memory 3GB] [--quick]
+        [--max-memory 3GB] [--quick] [--probe-samples 32] [--cka-memory 4GB] [--activation]
 
 Builds once (cached in --work-dir, default `$HFMERGE_CACHE/bench-align-scale`) a bf16 checkpoint
 of TinyLlama's shape (hidden 2048, 22 layers, FF 5632, 32 heads, 4 KV heads, vocab 32000), written
@@ -14,6 +14,12 @@ the aligned copy equals the model bit for bit (the planted permutation recovered
 RSS should stay flat in depth and the time should grow linearly with it. `--quick` runs a tiny
 shape in seconds (the smoke test's). Child processes get OMP_NUM_THREADS = the core count unless
 it is set.
+
+Then, on the deepest pair (a BPE tokenizer trained on the built-in text is saved beside both), with
+`--probe-samples` windows of built-in text: `hfmerge cka MODEL PLANTED --max-memory 4GB` (wall,
+peak RSS, the placement it chose, the lowest diagonal CKA: 1 for a permuted copy), and with
+`--activation`, `hfmerge align --method activation` (no memory bound: both models and every group's
+float64 statistics are held; `--probe-samples 0` skips both).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from harness import LlamaShape, measure, write_model
+from harness import LlamaShape, measure, measure_command, write_model
 
 # Internal on purpose: the planted copy is written by the aligned-checkpoint writer itself, and the
 # outputs (GBs) are compared tensor by tensor, read lazily.
@@ -39,7 +45,7 @@ from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import LazyCheckpoint
 
 TINYLLAMA = LlamaShape(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000)
-QUICK = LlamaShape(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=96, vocab=256)
+QUICK = LlamaShape(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=96, vocab=512)
 PLANTED_SEED = 1
 
 # Runs `api.align` (what `hfmerge align` runs) and writes its sweeps and the seconds spent in
@@ -138,6 +144,51 @@ def run_depth(root: Path, shape: LlamaShape, depth: float, max_memory: str) -> R
     )
 
 
+def save_tokenizer(*folders: Path, vocab: int) -> None:
+    """A BPE tokenizer of at most `vocab` tokens trained on the built-in text, saved into each
+    folder lacking one."""
+    from hfmerge.lm.textdata import load_texts
+    from hfmerge.zoo.tokenizer import build_tokenizer
+
+    missing = [f for f in folders if not (f / "tokenizer.json").exists()]
+    if missing:
+        tokenizer = build_tokenizer(
+            load_texts(None), vocab_size=min(vocab, 4096), model_max_length=2048
+        )
+        for folder in missing:
+            tokenizer.save_pretrained(folder)
+
+
+def probe_rows(
+    root: Path, shape: LlamaShape, depth: float, *, samples: int, memory: str, activation: bool
+) -> None:
+    """CKA within `memory` (and activation matching, unbounded) on the pair at `depth`, printed."""
+    model, planted = build(root, shape_at(shape, depth))
+    save_tokenizer(model, planted, vocab=shape.vocab)
+    report = model.parent / "cka.json"
+    small = ["--samples", str(samples), "--max-length", "128", "--batch-size", "8"]
+    print(f"cka at depth {depth} within {memory} ...", file=sys.stderr, flush=True)
+    cka = ["cka", str(model), str(planted), *small, "--max-memory", memory, "--json", str(report)]
+    wall, rss = measure_command([sys.executable, "-m", "hfmerge", *cka])
+    done = json.loads(report.read_text())
+    print(
+        f"hfmerge cka MODEL PLANTED --max-memory {memory}, {samples} windows: {wall:.1f} s, peak "
+        f"RSS {rss * 2**20 / 1e9:.2f} GB, models {done['settings']['placement']}, lowest "
+        f"diagonal CKA {min(done['diagonal']):.4f} over {len(done['diagonal'])} layers"
+    )
+    if not activation:
+        return
+    out = model.parent / "aligned-activation"
+    align = ["align", str(model), str(planted), "--out", str(out), "--method", "activation"]
+    wall, rss = measure_command([sys.executable, "-m", "hfmerge", *align, "--force"])
+    exact = same_weights(out, model)
+    shutil.rmtree(out)
+    print(
+        f"hfmerge align MODEL PLANTED --method activation: {wall:.1f} s, peak RSS "
+        f"{rss * 2**20 / 1e9:.2f} GB, recovered exactly: {'yes' if exact else 'NO'}"
+    )
+
+
 def print_table(rows: list[Row], max_memory: str) -> None:
     """One line per depth, then time and memory relative to the shallowest depth."""
     budget = f", --max-memory {max_memory}" if max_memory else ""
@@ -176,6 +227,9 @@ def main() -> None:
     parser.add_argument("--depths", default="0.25,0.5,1")
     parser.add_argument("--max-memory", default="3GB", help="passed to the aligner ('' for none)")
     parser.add_argument("--quick", action="store_true", help="a tiny shape, in seconds")
+    parser.add_argument("--probe-samples", type=int, default=32, help="0: no cka row")
+    parser.add_argument("--cka-memory", default="4GB", help="cka's --max-memory")
+    parser.add_argument("--activation", action="store_true", help="add activation matching")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     shape = QUICK if args.quick else TINYLLAMA
@@ -187,6 +241,15 @@ def main() -> None:
         print_table(rows, args.max_memory)  # after each depth: a long run reports as it goes
     if not all(r.exact for r in rows):
         raise SystemExit("the planted permutation was not recovered exactly")
+    if args.probe_samples:
+        probe_rows(
+            root,
+            shape,
+            max(depths),
+            samples=args.probe_samples,
+            memory=args.cka_memory,
+            activation=args.activation,
+        )
 
 
 if __name__ == "__main__":

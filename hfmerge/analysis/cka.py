@@ -16,19 +16,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfmerge.analysis.cka_samples import check_memory, estimator_samples, tokens_per_window_for
+from hfmerge.analysis.probe_pair import ProbePair, forward_bytes, open_pair, probe_windows
 from hfmerge.analysis.similarity import MIN_CKA_SAMPLES, CkaMatrix
 from hfmerge.analysis.units import UnitCorrespondence, unit_correspondence
 from hfmerge.errors import (
     CkaBelowThresholdError,
-    IncompatibleModelsError,
     InputDataError,
 )
+from hfmerge.lm.placement import limit_setting
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from hfmerge.lm.load import DeviceMap, MaxMemory
+    from hfmerge.lm.placement import DeviceMap, MemoryLimit
     from hfmerge.lm.probe import Pooling
 
 MATRIX_MAX_LAYERS = 16  # print the full matrix only when it fits a terminal
@@ -138,7 +137,7 @@ def compute_cka(
     pooling: Pooling | None = None,
     tokens_per_window: int | None = None,
     device_map: DeviceMap | None = "auto",
-    max_memory: MaxMemory | None = None,
+    max_memory: MemoryLimit | None = None,
     units: bool = False,
     progress: bool = False,
 ) -> CkaReport:
@@ -162,11 +161,19 @@ def compute_cka(
     pooling = pooling or DEFAULT_POOLING
     per_window = tokens_per_window_for(pooling, tokens_per_window, units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    pair = load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
+    limits = None if isinstance(max_memory, int) else max_memory
+    pair = open_pair(model_a, model_b, device_map=device_map, max_memory=limits)
     windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
-    matrix, tokens = _stream(
-        pair, batches, pooling=pooling, tokens_per_window=per_window, progress=progress
+    matrix, tokens, pair = _stream(
+        pair,
+        batches,
+        pooling=pooling,
+        tokens_per_window=per_window,
+        budget=max_memory if isinstance(max_memory, int) else None,
+        batch_size=batch_size,
+        length=length,
+        progress=progress,
     )
     if matrix.count < MIN_CKA_SAMPLES:
         raise InputDataError(
@@ -179,7 +186,8 @@ def compute_cka(
         "max_length": length,
         "batch_size": batch_size,
         "device_map": device_map,
-        "max_memory": {str(k): v for k, v in (max_memory or {}).items()},
+        "max_memory": limit_setting(max_memory),
+        "placement": pair.placement.describe(),
         "causal": pair.causal,
         "bos_dropped": pair.causal,
     }
@@ -197,96 +205,37 @@ def compute_cka(
     )
 
 
-def probe_windows(
-    pair: ProbePair, texts: list[str], *, max_length: int, samples: int | None
-) -> tuple[list[torch.Tensor], int]:
-    """The probe windows of `texts` for both models, and their length (`max_length`, or less
-    where a model's position limit is lower)."""
-    from hfmerge.lm.load import position_limit
-    from hfmerge.lm.textdata import token_windows
-
-    limits = [limit for m in pair.models if (limit := position_limit(m.config)) is not None]
-    length = min([max_length, *limits])
-    return token_windows(pair.tokenizer, texts, max_length=length, samples=samples), length
-
-
-@dataclass(frozen=True)
-class ProbePair:
-    """Both models loaded for probing, with the tokenizer they share."""
-
-    models: tuple[PreTrainedModel, PreTrainedModel]
-    tokenizer: PreTrainedTokenizerBase
-    causal: bool
-    revisions: dict[str, str | None]
-
-
-def load_pair(
-    source_a: ModelSource,
-    source_b: ModelSource,
-    *,
-    device_map: DeviceMap | None,
-    max_memory: MaxMemory | None,
-) -> ProbePair:
-    """Load both models for probing with their shared tokenizer.
-
-    Raises:
-        ModelSourceError: a model cannot be loaded.
-        IncompatibleModelsError: no shared tokenizer, or one is causal and the other is not.
-    """
-    from hfmerge.lm.load import is_causal, load_probe_model, shared_tokenizer
-
-    label_a, label_b = source_a.label, source_b.label
-    tokenizer = shared_tokenizer(source_a.path, source_b.path, label_a=label_a, label_b=label_b)
-    a, b = (
-        load_probe_model(
-            s.path,
-            label=s.ref,
-            device_map=device_map,
-            max_memory=max_memory,
-            adapter=s.adapter_path,
-        )
-        for s in (source_a, source_b)
-    )
-    causal = is_causal(a.config)
-    if is_causal(b.config) != causal:
-        raise IncompatibleModelsError(
-            label_a, label_b, ["one is a causal LM and the other a bidirectional encoder"]
-        )
-    return ProbePair(
-        (a, b), tokenizer, causal, {"model_a": source_a.revision, "model_b": source_b.revision}
-    )
-
-
 def _stream(
     pair: ProbePair,
     batches: list[dict[str, torch.Tensor]],
     *,
     pooling: Pooling,
     tokens_per_window: int | None,
+    budget: int | None,
+    batch_size: int,
+    length: int,
     progress: bool,
-) -> tuple[CkaMatrix, int]:
-    """Feed every batch's states into one CkaMatrix; returns it and the real tokens probed."""
-    from hfmerge.lm.probe import paired_states
-
-    widths = [
-        [int(m.config.hidden_size)] * (int(m.config.num_hidden_layers) + 1) for m in pair.models
-    ]
+) -> tuple[CkaMatrix, int, ProbePair]:
+    """Feed every batch's states into one CkaMatrix; returns it, the real tokens probed and the
+    pair as it was placed: with a `budget` in bytes, within it (together, one at a time, or one
+    at a time with disk offload), checked before any model loads."""
+    widths = [[w] * d for w, d in zip(pair.widths(), pair.depths(), strict=True)]
     matrix, tokens = CkaMatrix(widths[0], widths[1]), 0
     expected = estimator_samples(
         batches, causal=pair.causal, pooling=pooling, tokens_per_window=tokens_per_window
     )
-    check_memory(widths[0], widths[1], samples=expected, streaming=expected > matrix.buffer_rows)
-    for states in paired_states(
-        *pair.models,
-        batches,
-        causal=pair.causal,
-        pooling=pooling,
-        tokens_per_window=tokens_per_window,
-        progress=progress,
+    stats = check_memory(
+        widths[0], widths[1], samples=expected, streaming=expected > matrix.buffer_rows
+    )
+    if budget is not None:
+        working = stats + forward_bytes(pair, batch_size=batch_size, length=length)
+        pair = pair.within(budget, working=working, kept=4 * expected * sum(widths[0]))
+    for states in pair.states(
+        batches, pooling=pooling, tokens_per_window=tokens_per_window, progress=progress
     ):
         matrix.update(states.a, states.b)
         tokens += states.tokens
-    return matrix, tokens
+    return matrix, tokens, pair
 
 
 def _report(
@@ -332,12 +281,21 @@ def format_report(report: CkaReport) -> str:
         "(unbiased HSIC, exact over all sample pairs)",
         f"{pooling_label(report)}, {report.cka_samples} samples from {report.samples} windows "
         f"({report.tokens} tokens) of {report.settings.get('data', '?')}",
+        *_placement_line(report),
         "",
         _diagonal_table(report),
     ]
     if max(len(report.layers_a), len(report.layers_b)) <= MATRIX_MAX_LAYERS:
         lines += ["", "matrix (rows: layers of A, columns: layers of B)", _matrix_table(report)]
     return "\n".join(lines)
+
+
+def _placement_line(report: CkaReport) -> list[str]:
+    """A line saying the models ran one at a time (within a --max-memory size), if they did."""
+    placement = report.settings.get("placement", "together")
+    if placement == "together":
+        return []
+    return [f"models run {placement}, within --max-memory {report.settings.get('max_memory')}"]
 
 
 def pooling_label(report: CkaReport) -> str:
@@ -380,15 +338,12 @@ def _matrix_table(report: CkaReport) -> str:
 
 __all__ = [
     "CkaReport",
-    "ProbePair",
     "check_fail_under",
     "compute_cka",
     "diagonal_pairs",
     "failing_layers",
     "format_report",
     "layer_names",
-    "load_pair",
     "pooling_label",
-    "probe_windows",
     "short_name",
 ]

@@ -70,11 +70,10 @@ def estimator_samples(
     return int(kept.sum())
 
 
-def check_memory(
-    widths_a: list[int], widths_b: list[int], *, samples: int, streaming: bool
-) -> None:
-    """Refuse what cannot fit: with `streaming`, d_a·d_b float64 sums per layer pair; otherwise
-    the samples' rows and an n×n Gram matrix per layer (`CkaMatrix`)."""
+def check_memory(widths_a: list[int], widths_b: list[int], *, samples: int, streaming: bool) -> int:
+    """The bytes of the estimator's statistics, refused when they cannot fit: with `streaming`,
+    d_a·d_b float64 sums per layer pair; otherwise the samples' rows and an n×n Gram matrix per
+    layer (`CkaMatrix`)."""
     if streaming:
         needed = 8 * (
             sum(d * d for d in widths_a)
@@ -100,6 +99,7 @@ def check_memory(
             fix=f"use --pooling mean with at most {max(widths_a + widths_b)} windows (--samples), "
             "or fewer windows or --tokens-per-window, or compare narrower or shallower models",
         )
+    return needed
 
 
 __all__ = [

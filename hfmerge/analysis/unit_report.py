@@ -13,20 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfmerge.analysis.cka import diagonal_pairs, layer_names, load_pair, probe_windows
+from hfmerge.analysis.cka import diagonal_pairs, layer_names
 from hfmerge.analysis.correspondence import (
     L1_PENALTY,
     LayerCorrespondence,
     Moments,
     layer_correspondence,
 )
+from hfmerge.analysis.probe_pair import ProbePair, forward_bytes, open_pair, probe_windows
 from hfmerge.analysis.similarity import CkaAccumulator
 from hfmerge.errors import HfMergeError, InputDataError
+from hfmerge.lm.placement import limit_setting
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:
-    from hfmerge.analysis.cka import ProbePair
-    from hfmerge.lm.load import DeviceMap, MaxMemory
+    from hfmerge.lm.placement import DeviceMap, MemoryLimit
 
 HELDOUT_EVERY = 4  # window i is held out when i % 4 == 3: a quarter, spread over the data
 MAX_STATS_BYTES = 8 * 2**30  # float64 moments of every layer pair, fit and held out
@@ -71,7 +72,7 @@ def compute_units(
     max_length: int = 128,
     batch_size: int = 8,
     device_map: DeviceMap | None = "auto",
-    max_memory: MaxMemory | None = None,
+    max_memory: MemoryLimit | None = None,
     l1_penalty: float = L1_PENALTY,
     progress: bool = False,
 ) -> UnitsReport:
@@ -85,7 +86,8 @@ def compute_units(
     from hfmerge.lm.textdata import describe_data, load_texts
 
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    pair = load_pair(model_a, model_b, device_map=device_map, max_memory=max_memory)
+    limits = None if isinstance(max_memory, int) else max_memory
+    pair = open_pair(model_a, model_b, device_map=device_map, max_memory=limits)
     windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
     if len(windows) < MIN_SAMPLES:
         raise InputDataError(
@@ -96,13 +98,18 @@ def compute_units(
         )
     heldout = [w for i, w in enumerate(windows) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
     fit = [w for i, w in enumerate(windows) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-    widths = [int(m.config.hidden_size) for m in pair.models]
-    depths = [int(m.config.num_hidden_layers) + 1 for m in pair.models]
+    widths, depths = pair.widths(), pair.depths()
     pairs = diagonal_pairs(*depths)
-    _check_memory(widths, len(pairs))
-    fit_sums, fit_tokens = _accumulate(pair, fit, pairs, batch_size=batch_size, progress=progress)
-    held_sums, held_tokens = _accumulate(
-        pair, heldout, pairs, batch_size=batch_size, progress=progress
+    stats = _check_memory(widths, len(pairs))
+    if isinstance(max_memory, int):
+        tokens = sum(int(w.numel()) for w in windows)  # at most: every token is a sample
+        pair = pair.within(
+            max_memory,
+            working=stats + forward_bytes(pair, batch_size=batch_size, length=length),
+            kept=4 * tokens * widths[0] * depths[0],
+        )
+    (fit_sums, fit_tokens), (held_sums, held_tokens) = _accumulate(
+        pair, (fit, heldout), pairs, batch_size=batch_size, progress=progress
     )
     names_a, names_b = layer_names(depths[0]), layer_names(depths[1])
     layers = [
@@ -132,7 +139,8 @@ def compute_units(
             "heldout_windows": len(heldout),
             "l1_penalty": l1_penalty,
             "device_map": device_map,
-            "max_memory": {str(k): v for k, v in (max_memory or {}).items()},
+            "max_memory": limit_setting(max_memory),
+            "placement": pair.placement.describe(),
             "causal": pair.causal,
             "bos_dropped": pair.causal,
         },
@@ -141,36 +149,39 @@ def compute_units(
 
 def _accumulate(
     pair: ProbePair,
-    windows: list[torch.Tensor],
+    parts: tuple[list[torch.Tensor], list[torch.Tensor]],
     pairs: list[tuple[int, int]],
     *,
     batch_size: int,
     progress: bool,
-) -> tuple[list[CkaAccumulator], int]:
-    """Token-level moments of every layer pair on `windows`, and the tokens that entered."""
+) -> tuple[tuple[list[CkaAccumulator], int], tuple[list[CkaAccumulator], int]]:
+    """Token-level moments of every layer pair on the fit and the held-out windows, and the
+    tokens that entered each: one pass of the models over both parts' batches."""
     from hfmerge.lm.batches import probe_batches
-    from hfmerge.lm.probe import paired_states
 
-    width_a, width_b = (int(m.config.hidden_size) for m in pair.models)
-    sums = [CkaAccumulator(width_a, width_b) for _ in pairs]
-    batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
-    tokens = 0
-    for states in paired_states(
-        *pair.models, batches, causal=pair.causal, pooling="tokens", progress=progress
-    ):
-        for accumulator, (i, j) in zip(sums, pairs, strict=True):
+    width_a, width_b = pair.widths()
+    fit = probe_batches(parts[0], pair.tokenizer, batch_size=batch_size)
+    heldout = probe_batches(parts[1], pair.tokenizer, batch_size=batch_size)
+    sums = [[CkaAccumulator(width_a, width_b) for _ in pairs] for _ in range(2)]
+    tokens = [0, 0]
+    every_token = pair.states(
+        fit + heldout, pooling="tokens", tokens_per_window=None, progress=progress
+    )
+    for index, states in enumerate(every_token):
+        part = int(index >= len(fit))  # 0: fit, 1: held out
+        for accumulator, (i, j) in zip(sums[part], pairs, strict=True):
             accumulator.update(states.a[i], states.b[j])
-        tokens += states.tokens
-    if any(s.count < MIN_SAMPLES for s in sums):
+        tokens[part] += states.tokens
+    if any(s.count < MIN_SAMPLES for part in sums for s in part):
         raise InputDataError(
             "the probe windows",
             "left fewer than 2 tokens in the fit or held-out part",
             "give longer text or raise --samples or --max-length",
         )
-    return sums, tokens
+    return (sums[0], tokens[0]), (sums[1], tokens[1])
 
 
-def _check_memory(widths: list[int], pairs: int) -> None:
+def _check_memory(widths: tuple[int, int], pairs: int) -> int:
     """Each layer pair keeps d_a² + d_b² + d_a·d_b float64 sums, twice (fit and held out)."""
     width_a, width_b = widths
     needed = 2 * pairs * 8 * (width_a**2 + width_b**2 + width_a * width_b)
@@ -182,6 +193,7 @@ def _check_memory(widths: list[int], pairs: int) -> None:
             f"suits widths of a few hundred; the limit is {MAX_STATS_BYTES / 2**30:.0f} GiB",
             fix="compare narrower or shallower models",
         )
+    return needed
 
 
 def format_units(report: UnitsReport) -> str:

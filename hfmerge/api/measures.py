@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hfmerge.api.references import check_texts, probe_pair, resolve, resolve_permutable
+from hfmerge.api.references import check_texts, probe_request, resolve, resolve_permutable
 
 if TYPE_CHECKING:
     from hfmerge.analysis.barrier import BarrierResult
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from hfmerge.analysis.evaluation import EvalCell
     from hfmerge.analysis.fingerprint import PairResult
     from hfmerge.analysis.unit_report import UnitsReport
-    from hfmerge.lm.load import DeviceMap, MaxMemory
+    from hfmerge.lm.placement import DeviceMap, MemoryLimit
     from hfmerge.lm.scoring import EvalResult
 
 
@@ -234,7 +234,7 @@ def cka(
     pooling: str | None = None,
     tokens_per_window: int | None = None,
     device_map: DeviceMap = "auto",
-    max_memory: str | MaxMemory | None = None,
+    max_memory: str | MemoryLimit | None = None,
     units: bool = False,
     progress: bool = True,
 ) -> CkaReport:
@@ -252,7 +252,9 @@ def cka(
         tokens_per_window: with `tokens` pooling, at most this many tokens of each window, a
             seeded random subsample (None: 16, or every token with `units`; 0: every token).
         device_map: `auto`, `cpu`, `cuda:0`, ..., a JSON device map, or a mapping.
-        max_memory: per-device limits, `0=20GiB,cpu=60GiB` or a mapping.
+        max_memory: one size for the command's host memory (`4GB`: both models together,
+            one at a time, or one at a time with layers offloaded to disk, as it allows), or
+            per-device limits for accelerate, `0=20GiB,cpu=60GiB` or a mapping.
         units: add matched-unit correlation (Li et al. 2016).
         progress: draw progress bars on stderr.
 
@@ -276,7 +278,7 @@ def cka(
     if pooling is not None and pooling not in POOLINGS:
         raise UnknownNameError("pooling", pooling, list(POOLINGS))
     check_tokens_per_window(pooling, tokens_per_window)
-    pair = probe_pair(
+    pair = probe_request(
         model_a,
         model_b,
         data=data,
@@ -310,7 +312,7 @@ def units(
     batch_size: int = 8,
     l1_penalty: float | None = None,
     device_map: DeviceMap = "auto",
-    max_memory: str | MaxMemory | None = None,
+    max_memory: str | MemoryLimit | None = None,
     progress: bool = True,
 ) -> UnitsReport:
     """How the units of `model_a` and `model_b` correspond, layer by layer (Li et al. 2016):
@@ -325,7 +327,9 @@ def units(
         batch_size: windows per forward pass.
         l1_penalty: the lasso's penalty in correlation units (None: 0.05).
         device_map: `auto`, `cpu`, `cuda:0`, ..., a JSON device map, or a mapping.
-        max_memory: per-device limits, `0=20GiB,cpu=60GiB` or a mapping.
+        max_memory: one size for the command's host memory (`4GB`: both models together,
+            one at a time, or one at a time with layers offloaded to disk, as it allows), or
+            per-device limits for accelerate, `0=20GiB,cpu=60GiB` or a mapping.
         progress: draw progress bars on stderr.
 
     Returns:
@@ -347,7 +351,7 @@ def units(
     penalty = L1_PENALTY if l1_penalty is None else l1_penalty
     if penalty < 0:
         raise OptionError("--l1", str(penalty), "is negative", fix="give a penalty of 0 or more")
-    pair = probe_pair(
+    pair = probe_request(
         model_a,
         model_b,
         data=data,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from hfmerge.errors import AdapterError
 
 if TYPE_CHECKING:
-    from hfmerge.lm.load import DeviceMap, MaxMemory
+    from hfmerge.lm.placement import DeviceMap, MemoryLimit
     from hfmerge.sources.refs import ModelSource
 
 
@@ -69,31 +69,33 @@ def check_texts(*datas: str | None) -> None:
 
 
 @dataclass(frozen=True)
-class ProbePair:
-    """Two resolved models to run side by side, and where to place them."""
+class ProbeRequest:
+    """Two resolved models to probe side by side, and the placement flags as parsed."""
 
     a: ModelSource
     b: ModelSource
     device_map: DeviceMap
-    max_memory: MaxMemory | None
+    max_memory: MemoryLimit | None
 
 
-def probe_pair(
+def probe_request(
     model_a: str,
     model_b: str,
     *,
     data: str | None,
     device_map: DeviceMap,
-    max_memory: str | MaxMemory | None,
+    max_memory: str | MemoryLimit | None,
     progress: bool,
-) -> ProbePair:
+) -> ProbeRequest:
     """The models a probing command (`cka`, `units`) runs, resolved once the placement flags
     parse and the probe text reads: a bad flag or text fails before any download."""
-    from hfmerge.lm.load import parse_device_map, parse_max_memory
+    from hfmerge.lm.placement import check_budget_map, parse_device_map, parse_memory_limit
 
     placement = parse_device_map(device_map) if isinstance(device_map, str) else device_map
-    limits = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    limits = parse_memory_limit(max_memory) if isinstance(max_memory, str) else max_memory
+    if isinstance(limits, int):
+        check_budget_map(placement)
     check_texts(data)
     a = resolve(model_a, progress=progress, adapters=True)
     b = resolve(model_b, progress=progress, adapters=True)
-    return ProbePair(a, b, placement, limits or None)
+    return ProbeRequest(a, b, placement, limits or None)

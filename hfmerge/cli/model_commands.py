@@ -252,7 +252,13 @@ def cka(
         str, typer.Option("--device-map", help="auto, cpu, cuda:0, ... or a JSON device map.")
     ] = "auto",
     max_memory: Annotated[
-        str | None, typer.Option("--max-memory", help="Per-device limits: `0=20GiB,cpu=60GiB`.")
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="One size for host memory, e.g. 4GB (the models run together, one at a time, "
+            "or with layers offloaded to disk, as it allows), or per-device limits: "
+            "`0=20GiB,cpu=60GiB`.",
+        ),
     ] = None,
     pooling: Annotated[
         str | None,

@@ -6,7 +6,6 @@ safetensors in a local directory, with its config's own class and no remote code
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -16,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.arch.config import read_config
 from hfmerge.arch.heads import auto_class_name
-from hfmerge.errors import IncompatibleModelsError, ModelSourceError, OptionError
+from hfmerge.errors import IncompatibleModelsError, ModelSourceError
+from hfmerge.lm.placement import DeviceMap, MaxMemory
 from hfmerge.tensors import has_tokenizer, read_checkpoint_index
 
 Objective = Literal["causal", "masked"]
@@ -34,9 +34,14 @@ def quiet_transformers() -> Iterator[None]:
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     hf_logging.set_verbosity(logging.ERROR)
+    # accelerate warns that offloaded layers sit on the meta device: the report says where they went
+    offload = logging.getLogger("accelerate.big_modeling")
+    offload_level = offload.level
+    offload.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        offload.setLevel(offload_level)
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
@@ -52,6 +57,7 @@ def load_pretrained(
     max_memory: MaxMemory | None = None,
     complete: Completeness | None = None,
     adapter: Path | None = None,
+    offload_folder: Path | None = None,
 ) -> PreTrainedModel:
     """`auto.from_pretrained(path)` as hfmerge allows it: the model, in eval mode.
 
@@ -72,6 +78,7 @@ def load_pretrained(
             random values) are an error saying what needs them and the fix.
         adapter: a local PEFT LoRA adapter folder for the base in `path`, applied in place once
             loaded (`lm.adapter.apply_adapter`: `W + scale·B·A`, as a merge reads BASE+ADAPTER).
+        offload_folder: where accelerate may put layers that `max_memory` leaves no room for.
 
     Raises:
         ModelSourceError: no safetensors weights, the model needs its own code, or weights that
@@ -84,6 +91,8 @@ def load_pretrained(
         placement["device_map"] = device_map
         if max_memory:
             placement["max_memory"] = max_memory
+        if offload_folder is not None:
+            placement["offload_folder"] = str(offload_folder)
     with quiet_transformers(), _no_remote_code(path, label=label):
         loaded: Any = auto.from_pretrained(
             path,
@@ -140,6 +149,21 @@ def _no_remote_code(path: Path, *, label: str) -> Iterator[None]:
             "never runs",
             "use a checkpoint of an architecture that transformers ships (`hfmerge archs`)",
         ) from None
+
+
+def load_config(path: Path, *, label: str) -> PretrainedConfig:
+    """The model's transformers config (no weights read), as `load_pretrained` would build it;
+    of an encoder-decoder, the same config its encoder keeps.
+
+    Raises:
+        ModelSourceError: no readable config.json, or one that needs the folder's own code.
+    """
+    from transformers import AutoConfig
+
+    read_config(path, label=label)  # a missing or broken config.json, named
+    with quiet_transformers(), _no_remote_code(path, label=label):
+        config: PretrainedConfig = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    return config
 
 
 def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
@@ -222,15 +246,6 @@ def usable_length(model: PreTrainedModel, max_length: int) -> int:
     return max_length if limit is None else min(max_length, limit)
 
 
-DeviceMap = str | dict[str, int | str]
-
-
-MaxMemory = dict[int | str, str]
-
-
-_NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
 _ENCODER_TYPES = frozenset(
     {
         "bert",
@@ -248,74 +263,16 @@ _ENCODER_TYPES = frozenset(
 )
 
 
-_MAP_FIX = (
-    "use auto, balanced, sequential, cpu, a device such as cuda:0, or a JSON mapping of "
-    'module names to devices such as \'{"": "cpu"}\''
-)
-
-
-def parse_device_map(text: str) -> DeviceMap:
-    """`--device-map`: a named strategy, one device for everything, or a JSON module -> device map.
-
-    Raises:
-        OptionError: an unknown strategy or device, or a malformed JSON map.
-    """
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            mapping = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise OptionError(
-                "--device-map", text, f"is not valid JSON ({exc.msg})", fix=_MAP_FIX
-            ) from None
-        if not isinstance(mapping, dict) or not all(
-            isinstance(v, int | str) for v in mapping.values()
-        ):
-            raise OptionError(
-                "--device-map", text, "must map module names to devices", fix=_MAP_FIX
-            )
-        return mapping
-    if text in _NAMED_MAPS:
-        return text
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise OptionError(
-            "--device-map", text, "is neither a strategy nor a device", fix=_MAP_FIX
-        ) from None
-    return text
-
-
-def parse_max_memory(text: str) -> MaxMemory:
-    """`0=20GiB,cpu=60GiB` -> {0: "20GiB", "cpu": "60GiB"} (accelerate's `max_memory`).
-
-    Raises:
-        OptionError: an entry without `=`.
-    """
-    limits: MaxMemory = {}
-    for entry in filter(None, (part.strip() for part in text.split(","))):
-        device, sep, size = entry.partition("=")
-        if not sep or not device.strip() or not size.strip():
-            raise OptionError(
-                "--max-memory",
-                text,
-                f"entry {entry!r} is not DEVICE=SIZE",
-                fix="write it like `0=20GiB,cpu=60GiB`",
-            )
-        key = device.strip()
-        limits[int(key) if key.isdigit() else key] = size.strip()
-    return limits
-
-
 def is_causal(config: Any) -> bool:
     """False for bidirectional encoders (BERT family, masked LMs, the encoder of an
     encoder-decoder, which is all `load_probe_model` keeps of one), True for everything else."""
-    architectures = list(getattr(config, "architectures", None) or [])
+    get = config.get if isinstance(config, Mapping) else partial(getattr, config)
+    architectures = list(get("architectures", None) or [])
     if any(name.endswith("ForMaskedLM") for name in architectures):
         return False
-    if getattr(config, "is_encoder_decoder", False):
+    if get("is_encoder_decoder", False):
         return False
-    return getattr(config, "model_type", "") not in _ENCODER_TYPES
+    return get("model_type", "") not in _ENCODER_TYPES
 
 
 def load_probe_model(
@@ -326,6 +283,7 @@ def load_probe_model(
     max_memory: MaxMemory | None = None,
     dtype: torch.dtype = torch.float32,
     adapter: Path | None = None,
+    offload_folder: Path | None = None,
 ) -> PreTrainedModel:
     """The model's base (no LM head), placed by accelerate, in eval mode, with its LoRA
     `adapter` folder applied; of an encoder-decoder (T5, BART), its encoder.
@@ -355,6 +313,7 @@ def load_probe_model(
         max_memory=max_memory,
         complete=layers,
         adapter=adapter,
+        offload_folder=offload_folder,
     )
     if config.get("is_encoder_decoder"):
         model = model.get_encoder()  # a PreTrainedModel itself, with its own config copy

@@ -1,6 +1,7 @@
 """Hidden states of two models on the same probe windows, as per-layer samples, padding masked.
 
-Models load under an accelerate device map; they run alternately batch by batch and nothing is kept.
+Models load under an accelerate device map; together they run alternately batch by batch and nothing
+is kept, one at a time the caller keeps the first model's samples until the second runs.
 """
 
 # Which states: `hidden_states` = embeddings output, then every block's output. transformers 5 ties
@@ -122,6 +123,48 @@ class PairedStates:
     tokens: int  # real tokens kept in this batch (before mean pooling or the token subsample)
 
 
+def batch_positions(
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    causal: bool,
+    pooling: Pooling,
+    tokens_per_window: int | None,
+) -> Iterator[tuple[Mapping[str, torch.Tensor], torch.Tensor, int]]:
+    """Each batch with the [b, t] positions that enter and its real tokens kept.
+
+    Under `tokens` pooling, `tokens_per_window` keeps at most that many tokens of each window
+    (`sample_positions`: the same for every model and every run); None keeps every one."""
+    first_window = 0
+    for batch in batches:
+        keep = kept_positions(batch["attention_mask"], causal=causal)
+        kept = int(keep.sum())
+        if pooling == "tokens" and tokens_per_window is not None:
+            keep = sample_positions(keep, tokens_per_window, first_window=first_window)
+        first_window += keep.shape[0]
+        yield batch, keep, kept
+
+
+def model_states(
+    model: PreTrainedModel,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    causal: bool,
+    pooling: Pooling = "tokens",
+    tokens_per_window: int | None = None,
+    progress: bool = False,
+    description: str = "probing",
+) -> Iterator[tuple[list[torch.Tensor], int]]:
+    """One model's states on each batch, with the batch's real tokens: what `paired_states`
+    yields for one side, for models that run one at a time."""
+    positions = batch_positions(
+        batches, causal=causal, pooling=pooling, tokens_per_window=tokens_per_window
+    )
+    for batch, keep, kept in track(
+        positions, description=description, enabled=progress, total=len(batches)
+    ):
+        yield layer_states(model, batch, causal=causal, pooling=pooling, keep=keep), kept
+
+
 def paired_states(
     model_a: PreTrainedModel,
     model_b: PreTrainedModel,
@@ -132,17 +175,13 @@ def paired_states(
     tokens_per_window: int | None = None,
     progress: bool = False,
 ) -> Iterator[PairedStates]:
-    """Run A, then B, on each batch and yield their states; the caller streams them away.
-
-    Under `tokens` pooling, `tokens_per_window` keeps at most that many tokens of each window
-    (`sample_positions`, the same for both models); None keeps every one."""
-    first_window = 0
-    for batch in track(batches, description="probing both models", enabled=progress):
-        keep = kept_positions(batch["attention_mask"], causal=causal)
-        kept = int(keep.sum())
-        if pooling == "tokens" and tokens_per_window is not None:
-            keep = sample_positions(keep, tokens_per_window, first_window=first_window)
-        first_window += keep.shape[0]
+    """Run A, then B, on each batch and yield their states; the caller streams them away."""
+    positions = batch_positions(
+        batches, causal=causal, pooling=pooling, tokens_per_window=tokens_per_window
+    )
+    for batch, keep, kept in track(
+        positions, description="probing both models", enabled=progress, total=len(batches)
+    ):
         yield PairedStates(
             layer_states(model_a, batch, causal=causal, pooling=pooling, keep=keep),
             layer_states(model_b, batch, causal=causal, pooling=pooling, keep=keep),
@@ -157,9 +196,11 @@ __all__ = [
     "TOKENS_PER_WINDOW",
     "PairedStates",
     "Pooling",
+    "batch_positions",
     "default_tokens_per_window",
     "kept_positions",
     "layer_states",
+    "model_states",
     "paired_states",
     "pool",
     "sample_positions",

@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from hfmerge.errors import RoutingError
 from hfmerge.lm.batches import pad_id_of, probe_batches
-from hfmerge.lm.load import DeviceMap, load_probe_model, load_tokenizer, position_limit
+from hfmerge.lm.load import load_probe_model, load_tokenizer, position_limit
+from hfmerge.lm.placement import DeviceMap
 from hfmerge.lm.textdata import token_windows
 from hfmerge.progress import track
 from hfmerge.recipe.schema import ProbeSpec, RouteSpec

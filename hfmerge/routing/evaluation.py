@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from hfmerge.lm.batches import pad_id_of
-from hfmerge.lm.load import DeviceMap, MaxMemory
+from hfmerge.lm.placement import DeviceMap, MaxMemory
 from hfmerge.lm.scoring import EvalResult, causal_targets, score
 from hfmerge.routing.model import RoutedModel
 from hfmerge.routing.vocab import common_usable_length

@@ -21,7 +21,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfmerge.lm.batches import model_inputs, pad_id_of
-from hfmerge.lm.load import DeviceMap, MaxMemory, input_device, load_tokenizer
+from hfmerge.lm.load import input_device, load_tokenizer
+from hfmerge.lm.placement import DeviceMap, MaxMemory
 from hfmerge.routing.adapters import ExpertAdapter, read_expert_adapter
 from hfmerge.routing.features import pooled_features
 from hfmerge.routing.losses import loss_matrix, sequence_losses

@@ -21,11 +21,10 @@ from transformers import PreTrainedModel
 from hfmerge.errors import RoutingError
 from hfmerge.lm.load import (
     Completeness,
-    DeviceMap,
-    MaxMemory,
     load_pretrained,
     load_probe_model,
 )
+from hfmerge.lm.placement import DeviceMap, MaxMemory
 from hfmerge.routing.manifest import AUTO_DTYPE
 from hfmerge.tensors import parse_size, read_checkpoint_index, torch_dtype
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from hfmerge.analysis.cka import CkaReport, compute_cka, diagonal_pairs, format_report
+from hfmerge.analysis.probe_pair import open_pair, probe_windows
+from hfmerge.analysis.similarity import CkaMatrix
 from hfmerge.cli.app import main
+from hfmerge.lm.placement import ProbePlacement
 from tests.support.lm import save_lm, save_permuted_copy, source_of
 
 FIELDS = {
@@ -252,3 +257,58 @@ def test_wide_models_are_refused_only_where_the_statistics_cannot_fit() -> None:
     check_memory([4096] * 33, [4096] * 33, samples=64 * 16, streaming=False)
     with pytest.raises(HfMergeError, match="Gram matrix per layer"):
         check_memory([4096] * 33, [4096] * 33, samples=256 * 16, streaming=False)
+
+
+def pair_values(models: dict[str, Path], placement: ProbePlacement) -> torch.Tensor:
+    """The CKA matrix of A and another init with the models placed as `placement` says."""
+    from hfmerge.lm.batches import probe_batches
+    from hfmerge.lm.textdata import load_texts
+
+    pair = open_pair(
+        source_of(models["a"]), source_of(models["other"]), device_map="cpu", max_memory=None
+    )
+    pair = dataclasses.replace(pair, placement=placement)
+    windows, _ = probe_windows(pair, load_texts(None), max_length=32, samples=6)
+    widths = [[w] * d for w, d in zip(pair.widths(), pair.depths(), strict=True)]
+    matrix = CkaMatrix(*widths)
+    for states in pair.states(
+        probe_batches(windows, pair.tokenizer, batch_size=4),
+        pooling="tokens",
+        tokens_per_window=16,
+        progress=False,
+    ):
+        matrix.update(states.a, states.b)
+    return matrix.values("debiased")
+
+
+def test_models_run_one_at_a_time_or_offloaded_give_the_same_cka(models: dict[str, Path]) -> None:
+    together = pair_values(models, ProbePlacement("cpu", None))
+    alone = pair_values(models, ProbePlacement("auto", None, one_at_a_time=True))
+    offloaded = pair_values(
+        models, ProbePlacement("auto", {"cpu": "1KiB"}, one_at_a_time=True, offload=True)
+    )
+    assert together.shape == (3, 3)
+    assert torch.equal(alone, together)
+    assert torch.allclose(offloaded, together, atol=1e-6)
+    assert not torch.allclose(
+        together, torch.ones(3, 3, dtype=torch.float64), atol=1e-2
+    )  # another init: not all 1
+
+
+def test_one_size_of_max_memory_plans_the_placement(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = SMALL[:-2]  # no --device-map: a budget plans it
+    out = tmp_path / "cka.json"
+    args = ["cka", str(models["a"]), str(models["permuted"]), *flags]
+    assert main([*args, "--max-memory", "100GB", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["placement"] == "together"
+    assert settings["max_memory"] == f"{10**11} bytes"
+    capsys.readouterr()
+    assert main([*args, "--max-memory", "100MB"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot hold the probe of even one model" in err
+    assert "GB or more" in err
+    assert main([*args, "--max-memory", "100GB", "--device-map", "cpu"]) == 1
+    assert "cannot be combined with a single --max-memory size" in capsys.readouterr().err

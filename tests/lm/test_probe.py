@@ -15,10 +15,9 @@ from hfmerge.lm.batches import probe_batches
 from hfmerge.lm.load import (
     is_causal,
     load_probe_model,
-    parse_device_map,
-    parse_max_memory,
     shared_tokenizer,
 )
+from hfmerge.lm.placement import parse_device_map, parse_max_memory
 from hfmerge.lm.probe import (
     kept_positions,
     layer_states,
