@@ -1,12 +1,15 @@
 """Alignment benchmark: loss barriers of the zoo's seed pairs; weight-matching cost at BERT-base.
 
-    python benchmarks/bench_align.py [--samples 64] [--pairs llama,gpt2] [--skip-bert] [--orders N]
+    python benchmarks/bench_align.py [--samples 64] [--pairs llama,llama-w64,gpt2] [--skip-bert]
+        [--orders N]
 
 Part 1 prints barrier and midpoint loss for none / activation / weight alignment, weight
 alignment with REPAIR, and (RMSNorm families only) orthogonal residual alignment
-(weight+orthogonal, activation+orthogonal), between the two seeds of each zoo family (built on
-first use): Llama-style zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 / zoo:gpt2-seed1,
-same width, depth and data.
+(weight+orthogonal, activation+orthogonal, learned), between the two seeds of each zoo family
+(built on first use): Llama-style zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 /
+zoo:gpt2-seed1, same width, depth and data; and a second Llama-style pair trained apart, the
+same seeds at width 64 (`ZooConfig.with_width`, as benchmarks/bench_width.py trains them), which
+`learned`'s step count and learning rate were not tuned on.
 Losses are scored on the held-out built-in prose; activation matching and REPAIR statistics read
 the zoo's prose training text (`--probe-data builtin:prose-train`), never the scored text.
 Part 2 times weight matching on two randomly initialised BERT-base-sized models (12 layers,
@@ -25,13 +28,27 @@ PROBE_DATA = "builtin:prose-train"  # the seeds' training text; the scored text 
 # family -> (model A, model B, what it is)
 PAIRS: dict[str, tuple[str, str, str]] = {
     "llama": ("zoo:seed0", "zoo:seed1", "Llama-style: RoPE, GQA, SwiGLU, RMSNorm"),
+    "llama-w64": ("seed0", "seed1", "Llama-style at width 64, the zoo config's other width"),
     "gpt2": ("zoo:gpt2-seed0", "zoo:gpt2-seed1", "GPT-2-style: learned positions, GELU, LayerNorm"),
 }
+WIDTHS = {"llama-w64": 64}  # pairs trained at another width of the zoo config: their members
 MODES = ("none", "activation", "weight", "weight+repair")
 # Orthogonal residual alignment is exact only where the norm gains fold (RMSNorm): GPT-2's
 # LayerNorm refuses it, so it is only asked of these families.
-ORTHOGONAL = ("weight+orthogonal", "activation+orthogonal")
-RMSNORM_FAMILIES = frozenset({"llama"})
+ORTHOGONAL = ("weight+orthogonal", "activation+orthogonal", "learned")
+RMSNORM_FAMILIES = frozenset({"llama", "llama-w64"})
+
+
+def pair_refs(family: str) -> tuple[str, str]:
+    """The pair's two model references; a pair at another width is trained (or found cached)."""
+    model_a, model_b, _ = PAIRS[family]
+    if family not in WIDTHS:
+        return model_a, model_b
+    from hfmerge.zoo import ZooConfig, zoo_model
+
+    config = ZooConfig().with_width(WIDTHS[family])
+    path_a, path_b = (zoo_model(m, config=config, progress=False) for m in (model_a, model_b))
+    return str(path_a), str(path_b)
 
 
 def barrier_table(pairs: list[str], samples: int) -> None:
@@ -41,10 +58,13 @@ def barrier_table(pairs: list[str], samples: int) -> None:
     print(f"{'pair':<32} {'align':<18} {'barrier':>8} {'midpoint':>9} {'vs none':>8} {'s':>5}")
     for family in pairs:
         model_a, model_b, what = PAIRS[family]
+        ref_a, ref_b = pair_refs(family)
+        if family in WIDTHS:
+            model_a, model_b = (f"zoo:{m}@{WIDTHS[family]}" for m in (model_a, model_b))
         start = time.perf_counter()
         results = api.barrier(
-            model_a,
-            model_b,
+            ref_a,
+            ref_b,
             align=MODES + (ORTHOGONAL if family in RMSNORM_FAMILIES else ()),
             probe_data=PROBE_DATA,
             samples=samples,
@@ -73,7 +93,7 @@ def order_spread(pairs: list[str], samples: int, orders: int) -> None:
     print(f"\n{'pair':<32} {'align':<18} barrier per visit order (seed 0..{orders - 1})")
     for family in pairs:
         model_a, model_b, _ = PAIRS[family]
-        a, b = resolve(model_a, progress=False), resolve(model_b, progress=False)
+        a, b = (resolve(ref, progress=False) for ref in pair_refs(family))
         modes = ["weight"] + (["weight+orthogonal"] if family in RMSNORM_FAMILIES else [])
         for mode in modes:
             barriers = []

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_align_scale.py [--work-dir DIR] [--depths 0.25,0.5,1]
         [--max-memory 3GB] [--quick] [--probe-samples 32] [--cka-memory 4GB] [--activation]
+        [--activation-memory 6GB]
 
 Builds once (cached in --work-dir, default `$HFMERGE_CACHE/bench-align-scale`) a bf16 checkpoint
 of TinyLlama's shape (hidden 2048, 22 layers, FF 5632, 32 heads, 4 KV heads, vocab 32000), written
@@ -18,8 +19,9 @@ it is set.
 Then, on the deepest pair (a BPE tokenizer trained on the built-in text is saved beside both), with
 `--probe-samples` windows of built-in text: `hfmerge cka MODEL PLANTED --max-memory 4GB` (wall,
 peak RSS, the placement it chose, the lowest diagonal CKA: 1 for a permuted copy), and with
-`--activation`, `hfmerge align --method activation` (no memory bound: both models and every group's
-float64 statistics are held; `--probe-samples 0` skips both).
+`--activation`, `hfmerge align --method activation --max-memory 6GB` (`--activation-memory`; the
+models run one at a time with their features in temporary files when they do not fit together);
+`--probe-samples 0` skips both.
 """
 
 from __future__ import annotations
@@ -160,9 +162,16 @@ def save_tokenizer(*folders: Path, vocab: int) -> None:
 
 
 def probe_rows(
-    root: Path, shape: LlamaShape, depth: float, *, samples: int, memory: str, activation: bool
+    root: Path,
+    shape: LlamaShape,
+    depth: float,
+    *,
+    samples: int,
+    memory: str,
+    activation: str | None,
 ) -> None:
-    """CKA within `memory` (and activation matching, unbounded) on the pair at `depth`, printed."""
+    """CKA within `memory` (and activation matching within `activation`) on the pair at `depth`,
+    printed."""
     model, planted = build(root, shape_at(shape, depth))
     save_tokenizer(model, planted, vocab=shape.vocab)
     report = model.parent / "cka.json"
@@ -176,16 +185,18 @@ def probe_rows(
         f"RSS {rss * 2**20 / 1e9:.2f} GB, models {done['settings']['placement']}, lowest "
         f"diagonal CKA {min(done['diagonal']):.4f} over {len(done['diagonal'])} layers"
     )
-    if not activation:
+    if activation is None:
         return
     out = model.parent / "aligned-activation"
     align = ["align", str(model), str(planted), "--out", str(out), "--method", "activation"]
+    align += ["--max-memory", activation]
     wall, rss = measure_command([sys.executable, "-m", "hfmerge", *align, "--force"])
     exact = same_weights(out, model)
     shutil.rmtree(out)
     print(
-        f"hfmerge align MODEL PLANTED --method activation: {wall:.1f} s, peak RSS "
-        f"{rss * 2**20 / 1e9:.2f} GB, recovered exactly: {'yes' if exact else 'NO'}"
+        f"hfmerge align MODEL PLANTED --method activation --max-memory {activation}: "
+        f"{wall:.1f} s, peak RSS {rss * 2**20 / 1e9:.2f} GB, "
+        f"recovered exactly: {'yes' if exact else 'NO'}"
     )
 
 
@@ -230,6 +241,7 @@ def main() -> None:
     parser.add_argument("--probe-samples", type=int, default=32, help="0: no cka row")
     parser.add_argument("--cka-memory", default="4GB", help="cka's --max-memory")
     parser.add_argument("--activation", action="store_true", help="add activation matching")
+    parser.add_argument("--activation-memory", default="6GB", help="its --max-memory")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     shape = QUICK if args.quick else TINYLLAMA
@@ -248,7 +260,7 @@ def main() -> None:
             max(depths),
             samples=args.probe_samples,
             memory=args.cka_memory,
-            activation=args.activation,
+            activation=args.activation_memory if args.activation else None,
         )
 
 

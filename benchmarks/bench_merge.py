@@ -44,7 +44,7 @@ MERGEKIT_FLAGS = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
 # Internal on purpose: the floor is the engine's own reading and writing with no arithmetic.
 FLOOR = """
 import math, sys
-from hfmerge.engine.malloc import keep_chunk_buffers
+from hfmerge.tensors.malloc import keep_chunk_buffers
 from hfmerge.tensors import LazyCheckpoint, ShardWriter, plan_shards
 keep_chunk_buffers()  # the engine's allocator settings, so the floor pays no extra page faults
 out, *models = sys.argv[1:]

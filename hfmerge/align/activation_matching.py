@@ -6,18 +6,20 @@ padding is masked out of every statistic. Attention groups use the head-aware so
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
 
+from hfmerge.align.activation_probes import Probe, Where, check_coverage, in_experts, probes_of
 from hfmerge.align.attention import (
     HeadBlocks,
     attention_objective,
     head_blocks,
-    head_slices,
     part_heads,
     solve_attention,
 )
@@ -29,9 +31,7 @@ from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.spec import (
     ArchSpec,
-    AxisRole,
     GroupPerm,
-    Layout,
     PermGroup,
     Permutations,
 )
@@ -42,99 +42,7 @@ if TYPE_CHECKING:  # transformers is imported when matching runs, not when hfmer
     from transformers import PreTrainedModel
 
 
-Where = Literal["input", "output"]
 ResidualMap = Literal["permute", "rotate"]
-
-
-@dataclass(frozen=True)
-class _Probe:
-    """One captured feature set: a module's input or output, restricted to one group's part."""
-
-    module: str
-    where: Where
-    group: str
-    part: str  # "units" (FF), or an attention part: "o" (input of O), "q" or "k" (outputs)
-    columns: torch.Tensor  # [features]: positions on the captured axis, head-major for parts
-
-
-def _linear_axes(module: nn.Module) -> tuple[int, int] | None:
-    """(output axis, input axis) of the module's weight; None if it is not a linear map."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Linear):
-        return 0, 1  # [out, in]
-    if isinstance(module, Conv1D):
-        return 1, 0  # GPT-2 Conv1D stores [in, out]
-    return None
-
-
-def _input_probe(spec: ArchSpec, module: str, role: AxisRole | None) -> _Probe | None:
-    """A module reading an FF group's units, or the per-head outputs of attention (O input)."""
-    if role is None:
-        return None
-    group = spec.groups[role.group]
-    if group.kind == "ff":
-        return _Probe(module, "input", group.name, "units", torch.arange(group.size))
-    if role.layout is Layout.O:
-        where = head_slices(group, Layout.O)["o"].reshape(-1)  # -> [heads*head_dim]
-        return _Probe(module, "input", group.name, "o", where)
-    return None
-
-
-def _output_probes(spec: ArchSpec, module: str, role: AxisRole | None) -> list[_Probe]:
-    """A module writing queries and/or keys, when the group lets Q/K dims move at all."""
-    if role is None or spec.groups[role.group].kind != "attention":
-        return []
-    group = spec.groups[role.group]
-    start, end = group.qk_free_dims
-    if end - start < 2:  # Q/K dims are pinned (RoPE): nothing to learn from them
-        return []
-    return [
-        _Probe(module, "output", group.name, part, where.reshape(-1))  # [heads*head_dim]
-        for part, where in head_slices(group, role.layout).items()
-        if part in ("q", "k")
-    ]
-
-
-def _probes(spec: ArchSpec, modules: dict[str, nn.Module]) -> list[_Probe]:
-    """From the spec: FF inputs of down-projections, O inputs, and free Q/K projection outputs.
-
-    A weight tensor's name minus `.weight` is its module; the module type says which weight axis
-    is its input (nn.Linear [out, in], GPT-2 Conv1D [in, out]).
-    """
-    probes: list[_Probe] = []
-    for name, tensor in spec.tensors.items():
-        module_name = name.removesuffix(".weight")
-        module = modules.get(module_name) if name.endswith(".weight") else None
-        axes = None if module is None or tensor.buffer else _linear_axes(module)
-        if axes is None:
-            continue
-        out_role, in_role = tensor.axes[axes[0]], tensor.axes[axes[1]]
-        probe = _input_probe(spec, module_name, in_role)
-        probes += ([probe] if probe else []) + _output_probes(spec, module_name, out_role)
-    return probes
-
-
-def _in_experts(group: PermGroup) -> bool:
-    """An experts group or an expert's FF group: matched by `align/expert_activations.py`."""
-    return group.kind == "experts" or group.expert is not None
-
-
-def _check_coverage(spec: ArchSpec, probes: list[_Probe]) -> None:
-    """Every FF and attention group is read by a probed module, else there is nothing to match."""
-    seen = {p.group for p in probes if p.part in ("units", "o")}
-    missing = [
-        g.name
-        for g in spec.groups.values()
-        if g.kind != "residual" and not _in_experts(g) and g.name not in seen
-    ]
-    if missing:
-        raise AlignmentError(
-            f"no linear module reads the units of {', '.join(missing[:5])}",
-            why="activation matching captures the input of the projection after each group",
-            fix="use weight matching for this model, or a model class whose module names match "
-            "its checkpoint",
-        )
 
 
 Captured = dict[int, torch.Tensor]  # probe index -> captured activations [batch, seq, width]
@@ -142,7 +50,7 @@ Hidden = tuple[torch.Tensor, ...]  # hidden states, each [batch, seq, hidden]
 
 
 def _hooks(
-    model: nn.Module, probes: list[_Probe], store: Captured
+    model: nn.Module, probes: list[Probe], store: Captured
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Register one hook per probe that writes the probed tensor into `store`."""
     modules = dict(model.named_modules())
@@ -190,7 +98,7 @@ def _tokens(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class _Statistics:
     """Every group's running sums, fed one batch of both models at a time."""
 
-    def __init__(self, probes: list[_Probe]) -> None:
+    def __init__(self, probes: list[Probe]) -> None:
         self.probes = probes
         self.parts: dict[tuple[str, str], CrossStats] = {}
         self.residual: list[CrossStats] = []
@@ -214,7 +122,25 @@ class _Statistics:
             self.parts[key].update(a, b)
 
 
-def _take(store: Captured, index: int, probe: _Probe) -> torch.Tensor:
+class _Sums(Protocol):
+    """What matching reads: every (group, part)'s statistics and each hidden state's."""
+
+    @property
+    def parts(self) -> Mapping[tuple[str, str], CrossStats]: ...
+
+    @property
+    def residual(self) -> Sequence[CrossStats]: ...
+
+
+@dataclass(frozen=True)
+class _StoredSums:
+    """The statistics of models run one at a time, summed from their feature files on demand."""
+
+    parts: Mapping[tuple[str, str], CrossStats]
+    residual: Sequence[CrossStats]
+
+
+def _take(store: Captured, index: int, probe: Probe) -> torch.Tensor:
     if index not in store:
         raise AlignmentError(
             f"module {probe.module} did not run in the forward pass",
@@ -226,7 +152,9 @@ def _take(store: Captured, index: int, probe: _Probe) -> torch.Tensor:
 
 def _hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> Hidden:
     """Run the model (its hooks fire) and return every residual-stream hidden state."""
-    inputs = {k: v.to(model.device) for k, v in batch.items()}
+    from hfmerge.lm.load import input_device  # offloaded weights sit on `meta`: inputs go to cpu
+
+    inputs = {k: v.to(input_device(model)) for k, v in batch.items()}
     hidden: Hidden = model(**inputs, output_hidden_states=True).hidden_states
     return hidden
 
@@ -251,8 +179,8 @@ def _collect(
     *,
     progress: bool,
 ) -> _Statistics:
-    probes = _probes(spec, dict(model_a.named_modules()))
-    _check_coverage(spec, probes)
+    probes = probes_of(spec, dict(model_a.named_modules()))
+    check_coverage(spec, probes)
     stores: tuple[Captured, Captured] = ({}, {})
     handles = _hooks(model_a, probes, stores[0]) + _hooks(model_b, probes, stores[1])
     stats = _Statistics(probes)
@@ -273,7 +201,7 @@ def _collect(
     return stats
 
 
-def _attention_blocks(group: PermGroup, stats: _Statistics) -> HeadBlocks:
+def _attention_blocks(group: PermGroup, stats: _Sums) -> HeadBlocks:
     blocks: HeadBlocks = {}
     for part in ("q", "k", "o"):
         if (group.name, part) in stats.parts:
@@ -284,7 +212,7 @@ def _attention_blocks(group: PermGroup, stats: _Statistics) -> HeadBlocks:
     return blocks
 
 
-def _match_group(group: PermGroup, stats: _Statistics) -> tuple[GroupPerm, float]:
+def _match_group(group: PermGroup, stats: _Sums) -> tuple[GroupPerm, float]:
     """One group's assignment and the mean correlation of the units it matches."""
     if group.kind == "attention":
         blocks = _attention_blocks(group, stats)
@@ -292,15 +220,19 @@ def _match_group(group: PermGroup, stats: _Statistics) -> tuple[GroupPerm, float
         matched = sum(part_heads(group, p) * group.head_dim for p in blocks)
         return perm, attention_objective(group, blocks, perm) / matched
     if group.kind == "residual":
-        # One permutation serves every residual position: average their correlations.
-        similarity = torch.stack([s.correlation() for s in stats.residual]).mean(0)  # [d, d]
+        # One permutation serves every residual position: average their correlations (summed
+        # one at a time: with the models run one at a time each is read from disk as it comes).
+        total = torch.zeros(group.size, group.size, dtype=torch.float64)
+        for residual_stats in stats.residual:
+            total += residual_stats.correlation()
+        similarity = total / len(stats.residual)  # [d, d]
     else:
         similarity = stats.parts[group.name, "units"].correlation()
     order = solve_lap(similarity)
     return order, assignment_value(similarity, order) / group.size
 
 
-def _residual_rotation(stats: _Statistics) -> torch.Tensor:
+def _residual_rotation(stats: _Sums) -> torch.Tensor:
     """[hidden, hidden] orthogonal Q maximising Σ ⟨h_A, Q h_B⟩ over the non-padding tokens of
     every hidden state but the last (float64 sums C = Σ h_A h_Bᵀ, streamed per batch).
 
@@ -308,7 +240,8 @@ def _residual_rotation(stats: _Statistics) -> torch.Tensor:
     folded) does not commute with Q; the others are the residual stream itself, which folding
     leaves unchanged, so Q read on the loaded models holds for the folded ones.
     """
-    cross = torch.stack([s.cross for s in stats.residual[:-1]]).sum(0)  # [hidden, hidden]
+    cross = sum(stats.residual[i].cross for i in range(len(stats.residual) - 1))  # [d, d]
+    assert isinstance(cross, torch.Tensor)
     return orthogonal_factor(cross)
 
 
@@ -341,23 +274,105 @@ def activation_matching(
     """
     batches = list(batches)  # a mixture of experts reads them again
     stats = _collect(spec, model_a, model_b, batches, progress=progress)
+    result = _matched(spec, stats, residual=residual)
+    if not spec.has_experts:
+        return result
+    from hfmerge.align.expert_activations import expert_permutations
+
+    keeps = [_keep(batch) for batch in batches]
+    moe_perms, moe_correlation = expert_permutations(
+        spec, model_a, model_b, batches, keeps, label=spec.model_type
+    )
+    correlation = {**(result.correlation or {}), **moe_correlation}
+    return dataclasses.replace(
+        result,
+        perms={**result.perms, **moe_perms},
+        objective=[sum(correlation.values())],
+        correlation=correlation,
+    )
+
+
+def activation_matching_one_at_a_time(
+    spec: ArchSpec,
+    skeleton: nn.Module,
+    loaders: tuple[Callable[[], PreTrainedModel], Callable[[], PreTrainedModel]],
+    batches: Iterable[dict[str, torch.Tensor]],
+    folder: Path,
+    *,
+    residual: ResidualMap = "permute",
+    progress: bool = False,
+) -> MatchResult:
+    """`activation_matching` with A, then B, loaded, run and freed, their features kept in
+    files under `folder` (`align/activation_store.py`): the same permutations, for models that
+    do not fit together. `skeleton`: the model's modules (the meta device will do), to find what
+    to hook before any weight loads.
+
+    Raises:
+        AlignmentError: a mixture of experts (its expert statistics pair both models at once).
+    """
+    from hfmerge.align.activation_store import (
+        StoredParts,
+        StoredResidual,
+        record_one_at_a_time,
+    )
+
+    if spec.has_experts:
+        raise AlignmentError(
+            "activation matching of a mixture of experts runs both models at once",
+            why="each expert's statistics pair the tokens A and B route to it",
+            fix="give --max-memory room for both models, or use weight matching",
+        )
+    probes = probes_of(spec, dict(skeleton.named_modules()))
+    check_coverage(spec, probes)
+    store: Captured = {}
+
+    def hooked(load: Callable[[], PreTrainedModel]) -> Callable[[], PreTrainedModel]:
+        def loaded() -> PreTrainedModel:
+            model = load()
+            _hooks(model, probes, store)  # the model is freed after its run, hooks with it
+            return model
+
+        return loaded
+
+    def features(
+        model: PreTrainedModel, batch: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        keep = _keep(batch)
+        with torch.inference_mode():
+            hidden = _hidden_states(model, batch)
+        for i, h in enumerate(hidden):
+            yield f"h{i}", _tokens(h, keep)
+        for index, probe in enumerate(probes):
+            yield f"p{index}", _tokens(_take(store, index, probe), keep)[:, probe.columns]
+
+    files = record_one_at_a_time(
+        (hooked(loaders[0]), hooked(loaders[1])), list(batches), features, folder, progress=progress
+    )
+    if not files[0].batch_rows or sum(files[0].batch_rows) < 2:
+        raise AlignmentError(
+            "the batches hold fewer than two non-padding tokens",
+            fix="pass probe text with more tokens",
+        )
+    keys: dict[tuple[str, str], list[str]] = {}
+    for index, probe in enumerate(probes):
+        keys.setdefault((probe.group, probe.part), []).append(f"p{index}")
+    depth = len([k for k in files[0].widths if k.startswith("h")])
+    sums = _StoredSums(
+        StoredParts(files, keys), StoredResidual(files, [f"h{i}" for i in range(depth)])
+    )
+    return _matched(spec, sums, residual=residual)
+
+
+def _matched(spec: ArchSpec, stats: _Sums, *, residual: ResidualMap) -> MatchResult:
+    """Every group but the experts' matched on `stats` (the residual one rotated or permuted)."""
     rotate = residual == "rotate"
     perms: Permutations = {}
     correlation: dict[str, float] = {}
     for group in spec.groups.values():
         if rotate and group.name == RESIDUAL:
             perms[group.name] = identity_permutations(spec)[RESIDUAL]  # Q takes its place
-        elif not _in_experts(group):
+        elif not in_experts(group):
             perms[group.name], correlation[group.name] = _match_group(group, stats)
-    if spec.has_experts:
-        from hfmerge.align.expert_activations import expert_permutations
-
-        keeps = [_keep(batch) for batch in batches]
-        moe_perms, moe_correlation = expert_permutations(
-            spec, model_a, model_b, batches, keeps, label=spec.model_type
-        )
-        perms |= moe_perms
-        correlation |= moe_correlation
     return MatchResult(
         perms=perms,
         iterations=1,

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 
-from hfmerge.align.activation_matching import ResidualMap, activation_matching
+from hfmerge.align.activation_run import Batches, match_activations
 from hfmerge.align.canonical import canonical_permutations
 from hfmerge.align.head_maps import head_map_matching, with_head_maps
 from hfmerge.align.permutation_files import (
@@ -29,7 +28,7 @@ from hfmerge.align.permutation_files import (
 )
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
-from hfmerge.arch import require_permutable, spec_for
+from hfmerge.arch import require_permutable
 from hfmerge.arch.permute import (
     compose,
     identity_permutations,
@@ -58,12 +57,7 @@ from hfmerge.tensors import (
     plan_shards,
 )
 
-if TYPE_CHECKING:  # transformers loads only for activation matching
-    from transformers import PreTrainedModel
-
 _WRITTEN = tuple(m for m in ALIGN_METHODS if m != "none")  # methods `align_checkpoint` takes
-Batches = Iterable[dict[str, torch.Tensor]]
-PROBE_SAMPLES, PROBE_LENGTH, PROBE_BATCH = 32, 128, 8  # built-in probe when no batches are given
 
 
 def _inspect_pair(
@@ -100,41 +94,6 @@ def _weights(stack: ExitStack, model: InspectedModel) -> Weights:
     )
 
 
-def _load_model(model: InspectedModel) -> PreTrainedModel:
-    """The checkpoint's own model class (config `architectures`), else AutoModel, in float32."""
-    import transformers
-
-    from hfmerge.lm.load import load_pretrained
-
-    names = model.config.get("architectures") or []
-    cls = getattr(transformers, str(names[0]), None) if names else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = transformers.AutoModel
-    try:
-        return load_pretrained(
-            cls, model.source.path, label=model.label, adapter=model.source.adapter_path
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise AlignmentError(
-            f"transformers cannot load {model.label}: {exc}",
-            fix="use weight matching, which reads the safetensors directly",
-        ) from None
-
-
-def _builtin_batches(model: InspectedModel) -> list[dict[str, torch.Tensor]]:
-    """Batches of the built-in English probe text, tokenized with the model's own tokenizer."""
-    from hfmerge.lm.batches import text_batches
-
-    return text_batches(
-        model.source.path,
-        label=model.label,
-        data=None,
-        max_length=PROBE_LENGTH,
-        samples=PROBE_SAMPLES,
-        batch_size=PROBE_BATCH,
-    )
-
-
 def _match(
     method: str,
     a: InspectedModel,
@@ -152,14 +111,9 @@ def _match(
     if method in ORTHOGONAL_METHODS:
         for model in (a, b):
             require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
-    if method == "weight+orthogonal":
-        # Procrustes and weight matching, then B's within-head maps (align/head_maps.py).
-        return head_map_matching(
-            b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
+        return _orthogonal_matching(
+            method, a, b, batches, seed=seed, progress=progress, max_memory_bytes=max_memory_bytes
         )
-    if method == "activation+orthogonal":
-        found = _activation_matching(a, b, batches, residual="rotate", progress=progress)
-        return with_head_maps(b.spec, _read_params(a), _read_params(b), found)
     if method == "weight":
         # Streamed: tensors are read from the checkpoints one at a time (align/weights.py).
         with ExitStack() as stack:
@@ -177,28 +131,50 @@ def _match(
         perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
         return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
-        return _activation_matching(a, b, batches, residual="permute", progress=progress)
+        return match_activations(
+            a, b, batches, residual="permute", progress=progress, max_memory_bytes=max_memory_bytes
+        )
     raise UnknownNameError("alignment method", method, ALIGN_METHODS)
 
 
-def _activation_matching(
+def _orthogonal_matching(
+    method: str,
     a: InspectedModel,
     b: InspectedModel,
     batches: Batches | None,
     *,
-    residual: ResidualMap,
+    seed: int,
     progress: bool,
+    max_memory_bytes: int | None,
 ) -> MatchResult:
-    """Activation matching of the two models loaded with transformers (`activation_matching`)."""
-    model_a, model_b = _load_model(a), _load_model(b)
-    # Group names do not depend on name prefixes, so a spec of the loaded module names
-    # yields permutations that fit the checkpoint's spec too. A mixture of experts keeps the
-    # checkpoint's spec: its loaded experts are fused, and are found by checkpoint name.
-    spec = a.spec
-    if not spec.has_experts:
-        spec = spec_for(model_a.config.to_dict(), model_a.state_dict().keys(), label=a.label)
-    data = _builtin_batches(a) if batches is None else batches
-    return activation_matching(spec, model_a, model_b, data, residual=residual, progress=progress)
+    """The methods that fold both models and rotate B's residual stream."""
+    if method == "activation+orthogonal":
+        found = match_activations(
+            a, b, batches, residual="rotate", progress=progress, max_memory_bytes=max_memory_bytes
+        )
+        # B's within-head maps added to the activation-matched map (align/head_maps.py).
+        return with_head_maps(b.spec, _read_params(a), _read_params(b), found)
+    if method == "learned":
+        return _learned_matching(a, b, batches, seed=seed, progress=progress)
+    # Procrustes and weight matching, then B's within-head maps (align/head_maps.py).
+    return head_map_matching(b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress)
+
+
+def _learned_matching(
+    a: InspectedModel, b: InspectedModel, batches: Batches | None, *, seed: int, progress: bool
+) -> MatchResult:
+    """`weight+orthogonal`, its rotation then refined on the probe text (`learned_matching`),
+    through A's causal LM loaded once."""
+    from hfmerge.align.activation_run import builtin_batches
+    from hfmerge.align.learned import learned_matching
+    from hfmerge.lm.load import load_lm
+
+    model = load_lm(a.source.path, label=a.label, adapter=a.source.adapter_path)
+    data = builtin_batches(a) if batches is None else batches
+    params_a, params_b = _read_params(a), _read_params(b)
+    return learned_matching(
+        b.spec, model, params_a, params_b, data, label=a.label, seed=seed, progress=progress
+    )
 
 
 def align_permutations(
@@ -216,8 +192,9 @@ def align_permutations(
     `weight` streams both checkpoints' tensors, within `max_memory_bytes` when given (refused
     before any weight is read if too small); `canonical` reads them whole; `activation` loads
     both models with transformers and runs `batches` (default: the built-in probe text through
-    A's tokenizer). A model is a folder, or a resolved source whose LoRA adapter is applied to
-    what is read.
+    A's tokenizer), within `max_memory_bytes` when given: together, or one at a time with their
+    features on disk and layers offloaded as needed (`align/activation_run.py`). A model is a
+    folder, or a resolved source whose LoRA adapter is applied to what is read.
     """
     if method in ORTHOGONAL_METHODS:
         raise AlignmentError(
@@ -240,7 +217,8 @@ def align_basis(
     """How model B is read into model A's basis by any method (`none`: as it is).
 
     As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation
-    (they hold both models as float64 and do not stream: `max_memory_bytes` bounds `weight`).
+    (`weight+orthogonal` holds both models as float64 and does not stream; `max_memory_bytes`
+    bounds `weight`, `activation` and `activation+orthogonal`).
     """
     return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).basis
 
@@ -273,7 +251,7 @@ def align_checkpoint(
     out_dir: Path,
     *,
     method: Literal[
-        "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+        "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal", "learned"
     ],
     seed: int = 0,
     batches: Batches | None = None,

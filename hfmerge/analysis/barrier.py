@@ -106,7 +106,8 @@ def barrier_of(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float
 
 
 def _basis(mode: str, setup: _Setup, *, batch_size: int, progress: bool) -> BasisMap:
-    """B's map into A's basis by `mode`; activation matching reads the probe windows."""
+    """B's map into A's basis by `mode`; activation matching and `learned` read the probe
+    windows."""
     from hfmerge.align import align_basis
 
     windows = setup.probes
@@ -119,7 +120,7 @@ class _Setup:
     """Everything loaded once per comparison: the model, scored windows, paths, labels."""
 
     model: PreTrainedModel
-    probes: list[torch.Tensor]  # unmasked token windows for activation matching and REPAIR
+    probes: list[torch.Tensor]  # unmasked token windows for activation matching, learned, REPAIR
     scored: list[Scored]  # the scored windows with their labels (MLM: masked)
     pad_id: int
     a: ModelSource
@@ -243,7 +244,8 @@ def compare_barriers(
 
     `model_a` and `model_b` are resolved models (`hfmerge.sources.refs.resolve_model`). `aligns`
     holds modes (`none`, `weight`, `activation`, `weight+orthogonal`, ...), each optionally
-    `MODE+repair`. Activation matching and REPAIR read `probe_data` (default: the scored `data`,
+    `MODE+repair`. Activation matching, `learned` and REPAIR read `probe_data` (default: the
+    scored `data`,
     so those curves are then measured in-sample); weight matching reads no data. `solved` gives
     maps already found for a mode (the recipe's align step), so the curve is that of the very
     map merged, and it is not solved twice.

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfmerge.analysis.cka_samples import check_memory, estimator_samples, tokens_per_window_for
-from hfmerge.analysis.probe_pair import ProbePair, forward_bytes, open_pair, probe_windows
+from hfmerge.analysis.probe_pair import ProbePair, open_pair, probe_windows
 from hfmerge.analysis.similarity import MIN_CKA_SAMPLES, CkaMatrix
 from hfmerge.analysis.units import UnitCorrespondence, unit_correspondence
 from hfmerge.errors import (
     CkaBelowThresholdError,
     InputDataError,
 )
-from hfmerge.lm.placement import limit_setting
+from hfmerge.lm.placement import forward_bytes, limit_setting
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
@@ -228,7 +228,7 @@ def _stream(
         widths[0], widths[1], samples=expected, streaming=expected > matrix.buffer_rows
     )
     if budget is not None:
-        working = stats + forward_bytes(pair, batch_size=batch_size, length=length)
+        working = stats + forward_bytes(pair.configs, batch_size=batch_size, length=length)
         pair = pair.within(budget, working=working, kept=4 * expected * sum(widths[0]))
     for states in pair.states(
         batches, pooling=pooling, tokens_per_window=tokens_per_window, progress=progress
@@ -295,7 +295,7 @@ def _placement_line(report: CkaReport) -> list[str]:
     placement = report.settings.get("placement", "together")
     if placement == "together":
         return []
-    return [f"models run {placement}, within --max-memory {report.settings.get('max_memory')}"]
+    return [f"models run {placement}, within --max-memory of {report.settings.get('max_memory')}"]
 
 
 def pooling_label(report: CkaReport) -> str:

@@ -23,14 +23,13 @@ import torch
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.lm.placement import Footprint, ProbePlacement, plan_placement
 from hfmerge.sources.refs import ModelSource
+from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from hfmerge.lm.placement import DeviceMap, MaxMemory
     from hfmerge.lm.probe import PairedStates, Pooling
-
-FLOAT32 = 4
 
 
 @dataclass(frozen=True)
@@ -102,6 +101,7 @@ class ProbePair:
                     progress=progress,
                 )
                 return
+            return_freed_blocks()  # offloaded layers come and go: see tensors/malloc.py
             states_of = partial(
                 model_states,
                 batches=batches,
@@ -114,6 +114,7 @@ class ProbePair:
             first = deque(states_of(model, description=self.sources[0].label))
             del model
             gc.collect()  # A's layers go before B's load
+            trim_heap()
             model = self._load(1, folder)
             for states_b, _ in states_of(model, description=self.sources[1].label):
                 states_a, kept = first.popleft()  # A's samples go as they are used
@@ -176,17 +177,4 @@ def probe_windows(
     return token_windows(pair.tokenizer, texts, max_length=length, samples=samples), length
 
 
-def forward_bytes(pair: ProbePair, *, batch_size: int, length: int) -> int:
-    """float32 bytes one forward pass of the larger model holds at most: every hidden state
-    (they are all returned), a block's FF activations and its attention scores."""
-    sizes = []
-    for config in pair.configs:
-        hidden = int(config.hidden_size)
-        inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
-        heads = int(getattr(config, "num_attention_heads", None) or 1)
-        per_token = hidden * (int(config.num_hidden_layers) + 1) + 3 * inner + 2 * heads * length
-        sizes.append(FLOAT32 * batch_size * length * per_token)
-    return max(sizes)
-
-
-__all__ = ["ProbePair", "forward_bytes", "open_pair", "probe_windows"]
+__all__ = ["ProbePair", "open_pair", "probe_windows"]

@@ -20,10 +20,10 @@ from hfmerge.analysis.correspondence import (
     Moments,
     layer_correspondence,
 )
-from hfmerge.analysis.probe_pair import ProbePair, forward_bytes, open_pair, probe_windows
+from hfmerge.analysis.probe_pair import ProbePair, open_pair, probe_windows
 from hfmerge.analysis.similarity import CkaAccumulator
 from hfmerge.errors import HfMergeError, InputDataError
-from hfmerge.lm.placement import limit_setting
+from hfmerge.lm.placement import forward_bytes, limit_setting
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def compute_units(
         tokens = sum(int(w.numel()) for w in windows)  # at most: every token is a sample
         pair = pair.within(
             max_memory,
-            working=stats + forward_bytes(pair, batch_size=batch_size, length=length),
+            working=stats + forward_bytes(pair.configs, batch_size=batch_size, length=length),
             kept=4 * tokens * widths[0] * depths[0],
         )
     (fit_sums, fit_tokens), (held_sums, held_tokens) = _accumulate(

@@ -175,11 +175,13 @@ def barrier(
         model_a: the model at λ = 0 (`BASE+ADAPTER`: a base with its LoRA adapter applied).
         model_b: the model at λ = 1.
         align: alignment modes to compare: `none`, `weight`, `activation`, `canonical`,
-            `weight+orthogonal` or `activation+orthogonal`, each optionally `+repair`; a name,
+            `weight+orthogonal`, `activation+orthogonal` or `learned`, each optionally
+            `+repair`; a name,
             a comma list, or a sequence of either.
         steps: points on the λ grid (λ = 0.5, the merged model, is always among them).
         data: text to score (`evaluate`'s forms; None: `builtin`).
-        probe_data: text for activation matching and REPAIR statistics (default: `data`).
+        probe_data: text for activation matching, `learned` and REPAIR statistics (default:
+            `data`).
         max_length: tokens per window.
         samples: use this many windows (None: all).
         batch_size: windows per forward pass.

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from hfmerge.pipeline.extract import ExtractedAdapter
 
 AlignMethod = Literal[
-    "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+    "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal", "learned"
 ]
 ALIGN_PROBE_LENGTH = 128  # tokens per probe window of activation matching (`align`)
 ALIGN_PROBE_SAMPLES = 64  # probe windows of activation matching (`align`)
@@ -58,12 +58,17 @@ def align(
             models: norm gains folded into their readers, the residual stream rotated by
             Procrustes alternated with weight matching, no data; writes B folded and untied) or
             `activation+orthogonal` (the same, Q by Procrustes on residual activations of the
-            probe text and the units by activation matching).
-        data: probe text for the activation methods (`--data` forms; default `builtin`).
+            probe text and the units by activation matching) or `learned` (`weight+orthogonal`,
+            then Q refined by gradient descent on the loss of the interpolated models at
+            λ ~ U(0.4, 0.6) on the probe text).
+        data: probe text for the activation methods and `learned` (`--data` forms; default
+            `builtin`).
         seed: seed of weight matching's order over the groups.
         force: replace an existing output directory.
         progress: draw progress bars on stderr.
-        max_memory: peak memory of weight matching, e.g. "3GB" or bytes; a budget too small
+        max_memory: host memory of weight or activation matching, e.g. "3GB" or bytes (the
+            activation methods run the models one at a time when they do not fit together,
+            with layers offloaded to disk if need be); a budget too small
             for the models is refused before any weight is read.
 
     Returns:

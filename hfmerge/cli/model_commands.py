@@ -116,7 +116,8 @@ def barrier(
         str | None,
         typer.Option(
             "--probe-data",
-            help="Text for activation matching and REPAIR statistics, kept apart from the "
+            help="Text for activation matching, learned alignment and REPAIR statistics, kept "
+            "apart from the "
             "scored --data (same forms as --data; default: --data itself).",
         ),
     ] = None,
@@ -167,18 +168,24 @@ def align(
             "--method",
             help="weight (no data), activation (probe text), canonical (both models' "
             "canonical unit order, no data), weight+orthogonal (RMSNorm models: norm gains "
-            "folded, the residual stream rotated; no data) or activation+orthogonal (the same, "
-            "from probe text).",
+            "folded, the residual stream rotated; no data), activation+orthogonal (the same, "
+            "from probe text) or learned (weight+orthogonal's rotation refined by gradient "
+            "descent on the midpoint model's loss on probe text).",
         ),
     ] = "weight",
     data: Annotated[
-        str | None, typer.Option("--data", help="Probe text for the activation methods.")
+        str | None,
+        typer.Option("--data", help="Probe text for the activation methods and learned."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weight matching's order.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     max_memory: Annotated[
         str | None,
-        typer.Option("--max-memory", help="Peak memory of weight matching, e.g. 3GB."),
+        typer.Option(
+            "--max-memory",
+            help="Host memory of weight or activation matching, e.g. 3GB (activation: the "
+            "models run one at a time, offloaded to disk if need be, when they do not fit).",
+        ),
     ] = None,
 ) -> None:
     """Write MODEL_B permuted (or rotated) into MODEL_A's basis: the same function, loadable."""

@@ -29,7 +29,6 @@ from hfmerge.engine.aligned import AlignedReader
 from hfmerge.engine.budget import ChunkPolicy, chunk_policy
 from hfmerge.engine.compute import RowSplitter, apply_in_pieces
 from hfmerge.engine.io_threads import Acquire, Prefetcher, WriteBehind
-from hfmerge.engine.malloc import keep_chunk_buffers
 from hfmerge.engine.plan import MergePlan, TensorJob, TensorRead
 from hfmerge.engine.procs import ForkedShare, process_count, split_jobs
 from hfmerge.engine.tuning import DEFAULT_TUNING, EngineTuning
@@ -39,6 +38,7 @@ from hfmerge.progress import counter
 from hfmerge.runtime import capped_threads, resolve_device
 from hfmerge.sources.readers import open_reader
 from hfmerge.tensors import ShardWriter, TensorReader, element_size, torch_dtype
+from hfmerge.tensors.malloc import keep_chunk_buffers
 
 
 def execute_plan(

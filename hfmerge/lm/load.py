@@ -166,6 +166,19 @@ def load_config(path: Path, *, label: str) -> PretrainedConfig:
     return config
 
 
+def empty_model(auto: Any, path: Path, *, label: str) -> PreTrainedModel:
+    """The model `auto` builds from the config in `path`, on the meta device: its modules and
+    parameter names, no weights (what to hook, before a model too big to hold twice loads)."""
+    from accelerate import init_empty_weights
+
+    config = load_config(path, label=label)
+    with quiet_transformers(), init_empty_weights():
+        model = auto.from_config(config) if hasattr(auto, "from_config") else auto(config)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{path} built a {type(model).__name__}, not a transformers model")
+    return model
+
+
 def load_tokenizer(path: Path, *, label: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory; a clear error when there is none."""
     from transformers import AutoTokenizer

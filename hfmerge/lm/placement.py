@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,7 +123,7 @@ def parse_memory_limit(text: str) -> MemoryLimit:
 def limit_setting(limit: MemoryLimit | None) -> str | dict[str, str]:
     """How a report records `--max-memory`: the size as given in bytes, or the per-device map."""
     if isinstance(limit, int):
-        return f"{limit} bytes"
+        return f"{limit / 1e9:g} GB"
     return {str(k): v for k, v in (limit or {}).items()}
 
 
@@ -182,12 +184,13 @@ def plan_placement(
     device_map: DeviceMap | None,
     working: int,
     kept: int,
+    paired: int = 0,
 ) -> ProbePlacement:
     """Place two probed models within `budget` bytes of host memory.
 
     `working`: bytes the caller holds whichever way the models load (activations of a batch,
     statistics); `kept`: bytes it holds in addition when they run one at a time (the first
-    model's samples).
+    model's samples); `paired`: bytes it holds in addition when they run together.
 
     Raises:
         OptionError: `device_map` names a device or a JSON map: a budget plans the map itself.
@@ -198,7 +201,7 @@ def plan_placement(
     fixed = BASE_BYTES + max(f.largest_shard for f in footprints) + working
     # Whole models need no limit: accelerate would place them as they are. A limit would apply
     # to each model alone, not to the two together.
-    if budget - fixed >= sum(f.weights for f in footprints):
+    if budget - fixed - paired >= sum(f.weights for f in footprints):
         return ProbePlacement(strategy, None)
     share = budget - fixed - kept
     if share >= max(f.weights for f in footprints):
@@ -213,6 +216,19 @@ def plan_placement(
             "or fewer --samples or a smaller --batch-size",
         )
     return ProbePlacement(strategy, _cpu(share), one_at_a_time=True, offload=True)
+
+
+def forward_bytes(configs: Sequence[Any], *, batch_size: int, length: int) -> int:
+    """float32 bytes one forward pass of the largest of these models holds at most: every
+    hidden state (they are all returned), a block's FF activations and its attention scores."""
+    sizes = []
+    for config in configs:
+        hidden = int(config.hidden_size)
+        inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+        heads = int(getattr(config, "num_attention_heads", None) or 1)
+        per_token = hidden * (int(config.num_hidden_layers) + 1) + 3 * inner + 2 * heads * length
+        sizes.append(PROBE_BYTES_PER_PARAM * batch_size * length * per_token)
+    return max(sizes)
 
 
 def _cpu(share: int) -> MaxMemory:
@@ -231,6 +247,7 @@ __all__ = [
     "MemoryLimit",
     "ProbePlacement",
     "check_budget_map",
+    "forward_bytes",
     "limit_setting",
     "parse_device_map",
     "parse_max_memory",

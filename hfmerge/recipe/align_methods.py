@@ -10,11 +10,18 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 AlignMethod = Literal[
-    "none", "weight", "activation", "canonical", "weight+orthogonal", "activation+orthogonal"
+    "none",
+    "weight",
+    "activation",
+    "canonical",
+    "weight+orthogonal",
+    "activation+orthogonal",
+    "learned",
 ]
 ALIGN_METHODS: tuple[AlignMethod, ...] = get_args(AlignMethod)
 # Methods that fold the norm gains and rotate the residual stream (RMSNorm families only): the
 # base is then read folded too, and the merge's norm gains are all 1.
-ORTHOGONAL_METHODS = frozenset({"weight+orthogonal", "activation+orthogonal"})
-# Methods that run probe text through both models (transformers loads them).
-ACTIVATION_METHODS = frozenset({"activation", "activation+orthogonal"})
+ORTHOGONAL_METHODS = frozenset({"weight+orthogonal", "activation+orthogonal", "learned"})
+# Methods that run probe text (transformers loads the models): through both models, or for
+# `learned` through the interpolated one.
+ACTIVATION_METHODS = frozenset({"activation", "activation+orthogonal", "learned"})

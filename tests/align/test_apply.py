@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedM
 
 from hfmerge.align import (
     PERMUTATIONS_FILE,
+    activation_run,
     align_checkpoint,
     align_permutations,
-    apply,
     load_permutations,
     save_permutations,
 )
@@ -117,7 +117,7 @@ def test_activation_method_on_disk(tmp_path: Path) -> None:
 def test_minilm_activation_with_the_builtin_probe_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(apply, "PROBE_SAMPLES", 8)  # 8 x 128 tokens: enough here, and quick
+    monkeypatch.setattr(activation_run, "PROBE_SAMPLES", 8)  # 8 x 128 tokens: enough, and quick
     spec = _spec(MINILM)
     planted = nontrivial_permutations(spec, seed=3)
     b = _save_permuted(MINILM, tmp_path / "b", planted)

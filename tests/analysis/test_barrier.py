@@ -335,7 +335,7 @@ def test_cli_barrier_with_orthogonal_alignment_removes_a_rotation_that_weight_ca
         assert max(orthogonal["loss"]) - min(orthogonal["loss"]) < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["weight+orthogonal", "activation+orthogonal"])
+@pytest.mark.parametrize("mode", ["weight+orthogonal", "activation+orthogonal", "learned"])
 def test_orthogonal_barrier_refuses_a_layernorm_model_before_loading(
     tmp_path: Path, mode: str
 ) -> None:

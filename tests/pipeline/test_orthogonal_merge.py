@@ -81,6 +81,21 @@ def test_activation_orthogonal_in_a_recipe_undoes_the_rotation_from_probe_text(
     assert "residual activations" in (out / "README.md").read_text().split("## Alignment")[1]
 
 
+def test_learned_in_a_recipe_starts_from_weight_orthogonal_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no gradient step, `learned` is its start: the planted rotation undone."""
+    monkeypatch.setattr("hfmerge.align.learned.STEPS", 0)
+    a = save_lm("llama", tmp_path / "a", seed=3)
+    b = save_mapped_copy(a, tmp_path / "b", seed=7)
+    out = tmp_path / "out"
+    recipe = _recipe([a, b], out, "linear", align="learned", probe={"samples": 8})
+    run_recipe(recipe, QUIET)
+    inputs = tiny_batch("llama", seed=2)
+    assert max_abs_diff(model_outputs(_load(a), inputs), model_outputs(_load(out), inputs)) < 1e-4
+    assert "gradient descent" in (out / "README.md").read_text().split("## Alignment")[1]
+
+
 def test_permutations_alone_cannot_undo_the_rotation(tmp_path: Path) -> None:
     """The negative control of the test above: `weight` leaves the merge far from the model."""
     a = save_lm("llama", tmp_path / "a", seed=3)
