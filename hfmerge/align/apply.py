@@ -1,8 +1,8 @@
 """Align model directories: find B's permutations (and, for the orthogonal methods, B's folded
-residual rotation) into A's basis and write B so, streamed; or write one model in canonical unit
-order (`canonicalize_checkpoint`).
+residual rotation and its within-head maps of attention) into A's basis and write B
+so, streamed; or write one model in canonical unit order (`canonicalize_checkpoint`).
 
-Its files beside the model (permutations, rotation) are `align/permutation_files.py`.
+Its files beside the model (permutations, rotation, head maps) are `align/permutation_files.py`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from safetensors.torch import save_file
 
 from hfmerge.align.activation_run import Batches, match_activations
 from hfmerge.align.canonical import canonical_permutations
-from hfmerge.align.orthogonal import orthogonal_matching
-from hfmerge.align.permutation_files import PERMUTATIONS_FILE, ROTATION_FILE, save_permutations
+from hfmerge.align.head_maps import head_map_matching, with_head_maps
+from hfmerge.align.permutation_files import (
+    HEAD_MAPS_FILE,
+    PERMUTATIONS_FILE,
+    ROTATION_FILE,
+    save_head_maps,
+    save_permutations,
+)
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
 from hfmerge.arch import require_permutable
@@ -143,14 +149,15 @@ def _orthogonal_matching(
 ) -> MatchResult:
     """The methods that fold both models and rotate B's residual stream."""
     if method == "activation+orthogonal":
-        return match_activations(
+        found = match_activations(
             a, b, batches, residual="rotate", progress=progress, max_memory_bytes=max_memory_bytes
         )
+        # B's within-head maps added to the activation-matched map (align/head_maps.py).
+        return with_head_maps(b.spec, _read_params(a), _read_params(b), found)
     if method == "learned":
         return _learned_matching(a, b, batches, seed=seed, progress=progress)
-    return orthogonal_matching(
-        b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress
-    )
+    # Procrustes and weight matching, then B's within-head maps (align/head_maps.py).
+    return head_map_matching(b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress)
 
 
 def _learned_matching(
@@ -258,7 +265,8 @@ def align_checkpoint(
     Tensors stream one at a time from B's shards into the output; config and tokenizer files are
     copied from B, and the permutations are saved as `hfmerge_permutations.safetensors`. The
     orthogonal methods write B folded (norm gains 1, a tied head untied) and rotated, with the
-    rotation beside it (`hfmerge_rotation.safetensors`).
+    rotation beside it (`hfmerge_rotation.safetensors`) and B's heads mapped within
+    (`hfmerge_head_maps.safetensors`).
     `max_memory_bytes` bounds weight matching (see `align_permutations`).
     """
     parse_size(max_shard_size)  # a bad size fails now, not after the matching
@@ -357,6 +365,8 @@ def _write_aligned(
         if basis.rotation is not None:
             rotation = basis.rotation.to(torch.float64).contiguous()
             save_file({"rotation": rotation}, str(tmp / ROTATION_FILE), metadata=metadata)
+        if basis.head_maps is not None:
+            save_head_maps(tmp / HEAD_MAPS_FILE, basis.head_maps, metadata=metadata)
 
 
 def _untie_config(path: Path) -> None:

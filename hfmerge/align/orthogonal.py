@@ -20,6 +20,7 @@ import torch
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import axis_rows
 from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.head_maps import HeadMaps
 from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.residual import (
     FOLDED,
@@ -53,15 +54,17 @@ def procrustes(
     folded_a: Mapping[str, torch.Tensor],
     folded_b: Mapping[str, torch.Tensor],
     perms: Permutations,
+    head_maps: HeadMaps | None = None,
 ) -> torch.Tensor:
     """[hidden, hidden] orthogonal Q maximising Σ ⟨A_t, Q·π(B)_t⟩ over the residual axes.
 
     Both models folded (norm gains 1, skipped: they are the same in both). `perms`' residual
-    permutation should be the identity, Q takes its place.
+    permutation should be the identity, Q takes its place; B's within-head maps, if given, are
+    applied after `perms` (they act on other axes than Q).
     """
     hidden = spec.groups[RESIDUAL].size
     cross = torch.zeros(hidden, hidden, dtype=torch.float64)
-    moved = BasisMap(perms)
+    moved = BasisMap(perms, head_maps=head_maps)
     for name, tensor_a in folded_a.items():
         if name in spec.norm_readers:
             continue
@@ -85,7 +88,7 @@ def orthogonal_factor(cross: torch.Tensor) -> torch.Tensor:
     return rotation
 
 
-def _objective(
+def basis_objective(
     spec: ArchSpec,
     folded_a: Mapping[str, torch.Tensor],
     folded_b: Mapping[str, torch.Tensor],
@@ -111,26 +114,32 @@ def orthogonal_matching(
     seed: int = 0,
     max_rounds: int = MAX_ROUNDS,
     progress: bool = False,
+    start: MatchResult | None = None,
 ) -> MatchResult:
     """B's permutations and residual rotation into A's basis (`MatchResult.rotation` set).
 
     `params_*`: every non-buffer tensor of the checkpoint (a tied head absent, as saved).
+    `start`: permutations (residual identity) and rotation to alternate from, instead of a
+    first weight matching.
     """
     folded_a = map_state_dict({n: t.double() for n, t in params_a.items()}, spec, FOLDED)
     folded_b = map_state_dict({n: t.double() for n, t in params_b.items()}, spec, FOLDED)
     saved = [n for n in folded_a if n in spec.tensors]  # weight matching: the spec's own names
-    first = weight_matching(
-        spec,
-        {n: folded_a[n] for n in saved},
-        {n: folded_b[n] for n in saved},
-        seed=seed,
-        progress=progress,
-    )
-    residual = first.perms[RESIDUAL]
-    assert isinstance(residual, torch.Tensor)
-    perms = {**first.perms, RESIDUAL: identity_permutations(spec)[RESIDUAL]}
-    rotation = _permutation_matrix(residual)
-    objective = [_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation))]
+    if start is not None and start.rotation is not None:
+        perms, rotation = start.perms, start.rotation
+    else:
+        first = weight_matching(
+            spec,
+            {n: folded_a[n] for n in saved},
+            {n: folded_b[n] for n in saved},
+            seed=seed,
+            progress=progress,
+        )
+        residual = first.perms[RESIDUAL]
+        assert isinstance(residual, torch.Tensor)
+        perms = {**first.perms, RESIDUAL: identity_permutations(spec)[RESIDUAL]}
+        rotation = _permutation_matrix(residual)
+    objective = [basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation))]
     converged = False
     for _ in track(range(max_rounds), description="orthogonal alignment", enabled=progress):
         rotation = procrustes(spec, folded_a, folded_b, perms)
@@ -144,7 +153,7 @@ def orthogonal_matching(
             start=perms,
             fixed=frozenset({RESIDUAL}),
         ).perms
-        objective.append(_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation)))
+        objective.append(basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation)))
         if objective[-1] - objective[-2] <= TOLERANCE * abs(objective[-2]):
             converged = True
             break
@@ -157,4 +166,10 @@ def orthogonal_matching(
     )
 
 
-__all__ = ["orthogonal_factor", "orthogonal_matching", "procrustes", "residual_rows"]
+__all__ = [
+    "basis_objective",
+    "orthogonal_factor",
+    "orthogonal_matching",
+    "procrustes",
+    "residual_rows",
+]

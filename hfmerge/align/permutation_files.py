@@ -1,6 +1,8 @@
 """The files `hfmerge align` writes beside the aligned model: B's permutations
 (`hfmerge_permutations.safetensors`, int64 tensors) and, for the orthogonal methods, its residual
-rotation (`hfmerge_rotation.safetensors`, one tensor "rotation")."""
+rotation (`hfmerge_rotation.safetensors`, one tensor "rotation") and its within-head maps
+(`hfmerge_head_maps.safetensors`: `GROUP.qk` and `GROUP.vo`, float64 [num_kv_heads, head_dim,
+head_dim] each, per KV slot after the permutations)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hfmerge.arch.head_maps import HeadMap, HeadMaps
 from hfmerge.arch.permute import check_permutations
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, Permutations
 from hfmerge.errors import AlignmentError
 
 PERMUTATIONS_FILE = "hfmerge_permutations.safetensors"
 ROTATION_FILE = "hfmerge_rotation.safetensors"  # the orthogonal methods' residual map, "rotation"
+HEAD_MAPS_FILE = "hfmerge_head_maps.safetensors"  # within-head maps, `GROUP.qk` / `GROUP.vo`
 ATTENTION_FIELDS = ("kv_heads", "q_in_group", "qk_dims", "vo_dims")
 
 
@@ -70,11 +74,33 @@ def load_permutations(path: Path, spec: ArchSpec) -> Permutations:
     return perms
 
 
+def save_head_maps(
+    path: Path, head_maps: HeadMaps, *, metadata: dict[str, str] | None = None
+) -> None:
+    """Write within-head maps as float64 `GROUP.qk` and `GROUP.vo` tensors."""
+    tensors = {
+        f"{group}.{part}": getattr(head_map, part).to(torch.float64).contiguous()
+        for group, head_map in head_maps.items()
+        for part in ("qk", "vo")
+    }
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def load_head_maps(path: Path) -> HeadMaps:
+    """Read within-head maps written by `save_head_maps`."""
+    tensors = load_file(str(path))
+    groups = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    return {g: HeadMap(qk=tensors[f"{g}.qk"], vo=tensors[f"{g}.vo"]) for g in groups}
+
+
 __all__ = [
     "ATTENTION_FIELDS",
+    "HEAD_MAPS_FILE",
     "PERMUTATIONS_FILE",
     "ROTATION_FILE",
+    "load_head_maps",
     "load_permutations",
     "permutation_tensors",
+    "save_head_maps",
     "save_permutations",
 ]

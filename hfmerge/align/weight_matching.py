@@ -27,6 +27,7 @@ from hfmerge.align.matching_problem import (
 )
 from hfmerge.align.weights import Weights
 from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.head_maps import HeadMaps
 from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.residual import BasisMap
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, PermGroup, Permutations
@@ -47,6 +48,8 @@ class MatchResult:
         correlation: activation matching only: mean correlation of matched units per group.
         rotation: orthogonal alignment only: [hidden, hidden] Q on B's folded residual stream,
             applied after `perms` (whose residual permutation is then the identity).
+        head_maps: orthogonal alignment with head maps only: B's within-head maps of attention
+            per KV slot after `perms` (`arch/head_maps.py`).
     """
 
     perms: Permutations
@@ -55,11 +58,18 @@ class MatchResult:
     converged: bool = True
     correlation: dict[str, float] = field(default_factory=dict)
     rotation: torch.Tensor | None = None
+    head_maps: HeadMaps | None = None
 
     @property
     def basis(self) -> BasisMap:
-        """How B is read into A's basis: the permutations, and the fold and rotation if any."""
-        return BasisMap(self.perms, fold=self.rotation is not None, rotation=self.rotation)
+        """How B is read into A's basis: the permutations, the fold and rotation and the
+        within-head maps if any."""
+        return BasisMap(
+            self.perms,
+            fold=self.rotation is not None,
+            rotation=self.rotation,
+            head_maps=self.head_maps,
+        )
 
 
 class _GroupStep:

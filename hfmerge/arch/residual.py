@@ -1,6 +1,7 @@
-"""One model's tensors read in another's basis: permutations, then the norm-gain fold and an
-orthogonal map of the residual stream. Every reader of aligned tensors (the merge engine,
-`hfmerge align`, the barrier's interpolation) goes through `read_in_basis`.
+"""One model's tensors read in another's basis: permutations, then the norm-gain fold, an
+orthogonal map of the residual stream and within-head maps of attention (`arch/head_maps.py`).
+Every reader of aligned tensors (the merge engine, `hfmerge align`, the barrier's interpolation)
+goes through `read_in_basis`.
 
 Computational invariance (RMSNorm families, `ArchSpec.norm_readers`): rms(x) ⊙ g read by W equals
 rms(x) read by W·diag(g), so each gain folds into the layers that read it and becomes 1. With every
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from hfmerge.arch.common import RESIDUAL
+from hfmerge.arch.head_maps import HeadMaps, map_heads
 from hfmerge.arch.permute import read_permuted
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.errors import AlignmentError
@@ -35,11 +37,14 @@ class BasisMap:
             and by the base itself when the other inputs are rotated.
         rotation: [hidden, hidden] orthogonal Q applied to every residual axis after the
             permutations: h_base ≈ Q h_model. None: no rotation.
+        head_maps: within-head maps of attention groups, per KV slot after the permutations
+            (`arch/head_maps.py`); they act on head axes only. None: none.
     """
 
     perms: Permutations | None = None
     fold: bool = False
     rotation: torch.Tensor | None = None
+    head_maps: HeadMaps | None = None
 
     def __post_init__(self) -> None:
         if self.rotation is not None and not self.fold:
@@ -98,18 +103,21 @@ def read_in_basis(name: str, get: Reader, spec: ArchSpec, basis: BasisMap | None
         return get(name)
     source = spec.tied.get(name, name)
     tensor = _read(source, get, spec, basis)
-    if not basis.fold:
+    if not basis.fold and basis.head_maps is None:
         return tensor
-    if name in spec.norm_readers:
+    if basis.fold and name in spec.norm_readers:
         return torch.ones_like(tensor)  # its gain now lives in its readers
-    norm = reader_norms(spec).get(name)
     axes = spec.tensors[source].axes
     wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     out = tensor.to(wide)
-    if norm is not None:
-        out = out * _along(_read(norm, get, spec, basis).to(wide), axes)
-    if basis.rotation is not None:
-        out = rotate_residual(out, axes, basis.rotation.to(wide))
+    if basis.fold:
+        norm = reader_norms(spec).get(name)
+        if norm is not None:
+            out = out * _along(_read(norm, get, spec, basis).to(wide), axes)
+        if basis.rotation is not None:
+            out = rotate_residual(out, axes, basis.rotation.to(wide))
+    if basis.head_maps is not None:
+        out = map_heads(out, axes, spec, basis.head_maps)
     return out.to(tensor.dtype)
 
 

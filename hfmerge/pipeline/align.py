@@ -1,9 +1,9 @@
 """The recipe's `align:` step: every input mapped into the base's basis before merging.
 
-Permutations (and, for the orthogonal methods, the norm fold and a residual rotation) are solved
-per input against the base and applied on read by the engine, so the aligned inputs are never
-written out. With `report_barrier`, the loss barrier between the base and
-each input is measured with and without alignment for the model card.
+Permutations (and, for the orthogonal methods, the norm fold, a residual rotation and within-head
+maps of attention) are solved per input against the base and applied on read by the engine, so
+the aligned inputs are never written out. With `report_barrier`, the loss barrier between the base
+and each input is measured with and without alignment for the model card.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def _aligned_sentence(method: str) -> str:
             "Every RMSNorm gain was folded into the layers that read it (an exact rewrite: the "
             "merged model's norm gains are 1), and every input's residual stream was mapped into "
             f"the base's by one orthogonal matrix (**{method}**: {_ORTHOGONAL_HOW[method]}; "
-            "Theus et al. 2025, *Generalized linear mode connectivity for transformers*) before "
-            "merging."
+            "Theus et al. 2025, *Generalized linear mode connectivity for transformers*), and its "
+            "attention heads mapped within (a rotation of each RoPE pair of query/key dims, an "
+            "orthogonal map of value dims) before merging."
         )
     if method == "canonical":
         return (
