@@ -1,12 +1,13 @@
-"""Learned orthogonal alignment (`learned`): the residual map of `orthogonal_matching` refined by
-gradient descent on the loss of the interpolated model (after Theus et al. 2025, *Generalized
-linear mode connectivity for transformers*).
+"""Learned orthogonal alignment (`learned`): the residual map of `weight+orthogonal` (with its
+within-head maps, kept as they are) refined by gradient descent on the loss of the interpolated
+model (after Theus et al. 2025, *Generalized linear mode connectivity for transformers*).
 
-Start: `weight+orthogonal` (FF / attention permutations and a residual rotation Q0). Then a few
-hundred Adam steps on the mean next-token loss of θ(λ, Q) = (1-λ)·A + λ·Q(B) on probe batches,
-λ drawn from U(0.4, 0.6) per step, both models folded and B's units permuted. Only Q moves: the
-permutations stay as weight matching left them (Theus et al. find that the refinement mostly
-adjusts the residual map). Q stays orthogonal, so B read through it keeps B's function exactly.
+Start: `weight+orthogonal` (FF / attention permutations, within-head maps and a residual rotation
+Q0). Then a few hundred Adam steps on the mean next-token loss of θ(λ, Q) = (1-λ)·A + λ·Q(B) on
+probe batches, λ drawn from U(0.4, 0.6) per step, both models folded and B's units permuted. Only
+Q moves: the permutations and head maps stay as they were found (Theus et al. find that the
+refinement mostly adjusts the residual map). Q stays orthogonal, so B read through it keeps B's
+function exactly.
 
 The model runs functionally: one loaded skeleton of A takes the interpolated tensors at each step
 (`torch.func.functional_call`), so no second model is built.
@@ -22,8 +23,10 @@ import torch
 from torch.func import functional_call
 from transformers import PreTrainedModel
 
-from hfmerge.align.orthogonal import axes_of, orthogonal_matching
+from hfmerge.align.head_maps import head_map_matching
+from hfmerge.align.orthogonal import axes_of
 from hfmerge.align.weight_matching import MatchResult
+from hfmerge.arch.head_maps import HeadMaps
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, rotate_residual
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.errors import AlignmentError
@@ -97,16 +100,18 @@ def interpolated(
     perms: Permutations,
     *,
     label: str,
+    head_maps: HeadMaps | None = None,
 ) -> Interpolated:
-    """A and B (checkpoint tensors, `spec`'s names) folded, B permuted by `perms`, renamed to
-    `model`'s own tensors (A's causal LM, loaded).
+    """A and B (checkpoint tensors, `spec`'s names) folded, B permuted by `perms` and mapped
+    within its heads by `head_maps`, renamed to `model`'s own tensors (A's causal LM, loaded).
+    The head maps act on head dims, Q on the residual axis: they commute.
 
     Raises:
         AlignmentError: the checkpoint's tensors are not the model's parameters one to one
             (transformers fused some of them on load, as it does with experts).
     """
     own = map_state_dict(params_a, spec, FOLDED)
-    other = map_state_dict(params_b, spec, BasisMap(perms, fold=True))
+    other = map_state_dict(params_b, spec, BasisMap(perms, fold=True, head_maps=head_maps))
     names = _module_names(model, own, label=label)
     return Interpolated(
         model,
@@ -225,9 +230,11 @@ def learned_matching(
     data = list(batches)
     if not data:
         raise AlignmentError("`learned` alignment got no probe batches", fix="give probe text")
-    start = orthogonal_matching(spec, params_a, params_b, seed=seed, progress=progress)
+    start = head_map_matching(spec, params_a, params_b, seed=seed, progress=progress)
     assert start.rotation is not None
-    midpoint = interpolated(spec, model, params_a, params_b, start.perms, label=label)
+    midpoint = interpolated(
+        spec, model, params_a, params_b, start.perms, label=label, head_maps=start.head_maps
+    )
     rotation, taken, stopped = refine_rotation(
         midpoint,
         start.rotation,
@@ -245,6 +252,7 @@ def learned_matching(
         objective=objective,
         converged=stopped,
         rotation=rotation,
+        head_maps=start.head_maps,
     )
 
 

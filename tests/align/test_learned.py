@@ -20,6 +20,7 @@ from hfmerge.cli.app import main
 from hfmerge.errors import AlignmentError
 from hfmerge.lm.batches import probe_batches
 from hfmerge.lm.textdata import load_texts, token_windows
+from tests.support.align import assert_same_perms
 from tests.support.lm import char_tokenizer, save_lm, train_tiny_lm
 from tests.support.rotation import random_orthogonal
 from tests.support.tiny_models import (
@@ -136,7 +137,8 @@ def test_on_a_pair_trained_apart_the_midpoint_loss_falls(trained_a: PreTrainedMo
     spec = _spec(trained_a)
     params_b = _params(model_b, spec)
     result = _learned(trained_a, spec, params_b, probe)
-    start = BasisMap(result.perms, fold=True, rotation=_start_rotation(trained_a, spec, params_b))
+    start = _start(trained_a, spec, params_b)
+    assert_same_perms(start.perms, result.perms)
     before = _midpoint_loss(trained_a, spec, params_b, start, probe)
     after = _midpoint_loss(trained_a, spec, params_b, result.basis, probe)
     assert result.objective == pytest.approx([before, after], abs=1e-4)
@@ -147,14 +149,15 @@ def test_on_a_pair_trained_apart_the_midpoint_loss_falls(trained_a: PreTrainedMo
     assert 0 < result.iterations <= STEPS
 
 
-def _start_rotation(
+def _start(
     model_a: PreTrainedModel, spec: ArchSpec, params_b: Mapping[str, torch.Tensor]
-) -> torch.Tensor:
-    from hfmerge.align.orthogonal import orthogonal_matching
+) -> BasisMap:
+    """weight+orthogonal's map: the start the learned rotation refines."""
+    from hfmerge.align.head_maps import head_map_matching
 
-    start = orthogonal_matching(spec, _params(model_a, spec), params_b)
+    start = head_map_matching(spec, _params(model_a, spec), params_b)
     assert start.rotation is not None
-    return start.rotation
+    return start.basis
 
 
 @pytest.mark.slow
