@@ -138,6 +138,7 @@ def test_on_a_pair_trained_apart_the_midpoint_loss_falls(trained_a: PreTrainedMo
     params_b = _params(model_b, spec)
     result = _learned(trained_a, spec, params_b, probe)
     start = _start(trained_a, spec, params_b)
+    assert start.perms is not None
     assert_same_perms(start.perms, result.perms)
     before = _midpoint_loss(trained_a, spec, params_b, start, probe)
     after = _midpoint_loss(trained_a, spec, params_b, result.basis, probe)
