@@ -45,32 +45,29 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-@functools.cache
-def keep_chunk_buffers() -> bool:
-    """Tune glibc's allocator once per process; whether it took effect."""
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply glibc `mallopt` settings in order; whether every one took."""
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    settings = (
+    return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+@functools.cache
+def keep_chunk_buffers() -> bool:
+    """Tune glibc's allocator once per process; whether it took effect."""
+    return _mallopt(
         (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
         (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
         (_M_ARENA_MAX, 1),  # the reader thread's buffers are freed by the main thread
     )
-    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 def return_freed_blocks() -> bool:
     """Give freed layer-sized blocks back to the system at once (probing); whether it took."""
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _RETURNED_BLOCKS) == 1)
+    return _mallopt((_M_MMAP_THRESHOLD, _RETURNED_BLOCKS))
 
 
 def trim_heap() -> None:

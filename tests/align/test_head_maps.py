@@ -22,7 +22,7 @@ from hfmerge.arch.head_maps import HeadMaps
 from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict
 from hfmerge.arch.spec import ArchSpec
-from tests.support.controls import KEPT, tiny
+from tests.support.controls import KEPT, tiny, tiny_params
 from tests.support.head_maps import pair_blocks, random_head_maps
 from tests.support.rotation import random_orthogonal
 from tests.support.tiny_models import (
@@ -33,11 +33,6 @@ from tests.support.tiny_models import (
     save_tiny_model,
     tiny_batch,
 )
-
-
-def _params(kind: str) -> dict[str, torch.Tensor]:
-    model, spec = tiny(kind)
-    return {n: t.clone() for n, t in model.state_dict().items() if n in spec.tensors}
 
 
 def _assert_close(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -63,7 +58,7 @@ def test_pair_procrustes_finds_the_rotation_that_maps_b_onto_a() -> None:
 def test_planted_head_maps_are_undone_to_1e_8() -> None:
     """B is A folded with random pair rotations and V/O maps: the solver brings it back to A."""
     _, spec = tiny("llama")
-    folded_a = map_state_dict(_params("llama"), spec, FOLDED)
+    folded_a = map_state_dict(tiny_params("llama"), spec, FOLDED)
     planted = BasisMap(fold=True, head_maps=random_head_maps(spec, seed=1))
     folded_b = map_state_dict(folded_a, spec, planted)
     assert not torch.allclose(
@@ -88,7 +83,7 @@ def test_head_maps_added_to_the_inverse_rotation_undo_a_planted_map() -> None:
     """`with_head_maps` given the rotation that undoes B's finds the head maps that undo the
     planted ones, to 1e-8."""
     _, spec = tiny("llama")
-    params = _params("llama")
+    params = tiny_params("llama")
     rotation = random_orthogonal(spec.groups["residual"].size, seed=6)
     planted = BasisMap(fold=True, rotation=rotation, head_maps=random_head_maps(spec, seed=2))
     params_b = map_state_dict(params, spec, planted)
@@ -104,7 +99,7 @@ def test_weight_orthogonal_undoes_planted_permutations_rotation_and_head_maps() 
     """The whole `weight+orthogonal` on B = A permuted, rotated and mapped within its heads: back
     to A to 1e-4 (the alternations converge linearly and stop at a relative gain of 1e-9)."""
     _, spec = tiny("llama")
-    params = _params("llama")
+    params = tiny_params("llama")
     params_b = map_state_dict(params, spec, _planted(spec, random_head_maps(spec, seed=2)))
     result = head_map_matching(spec, params, params_b, sweeps=6)
     aligned = map_state_dict(params_b, spec, result.basis)
@@ -116,7 +111,7 @@ def test_head_maps_keep_b_and_bring_it_closer_to_a_than_procrustes_alone() -> No
     """Two unrelated tiny Llamas: B read through the maps is still B, and nearer to A."""
     _, spec = tiny("llama")
     model_b = make_tiny_model("llama", seed=9, dtype=torch.float64)
-    params_a = _params("llama")
+    params_a = tiny_params("llama")
     params_b = {n: t for n, t in model_b.state_dict().items() if n in spec.tensors}
     plain = orthogonal_matching(spec, params_a, params_b)
     result = head_map_matching(spec, params_a, params_b)
@@ -132,7 +127,7 @@ def test_qwen3_gets_vo_maps_only() -> None:
     _, spec = tiny("qwen3")
     model_b = make_tiny_model("qwen3", seed=9, dtype=torch.float64)
     params_b = {n: t for n, t in model_b.state_dict().items() if n in spec.tensors}
-    result = head_map_matching(spec, _params("qwen3"), params_b)
+    result = head_map_matching(spec, tiny_params("qwen3"), params_b)
     assert result.head_maps is not None
     for head_map in result.head_maps.values():
         assert torch.equal(head_map.qk, torch.eye(16, dtype=torch.float64).expand_as(head_map.qk))

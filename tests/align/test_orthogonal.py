@@ -15,7 +15,7 @@ from hfmerge.align.orthogonal import orthogonal_matching, procrustes
 from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict
 from hfmerge.errors import AlignmentError
-from tests.support.controls import KEPT, tiny
+from tests.support.controls import KEPT, tiny, tiny_params
 from tests.support.rotation import random_orthogonal
 from tests.support.tiny_models import (
     make_tiny_model,
@@ -27,14 +27,9 @@ from tests.support.tiny_models import (
 )
 
 
-def _params(kind: str) -> dict[str, torch.Tensor]:
-    model, spec = tiny(kind)
-    return {n: t.clone() for n, t in model.state_dict().items() if n in spec.tensors}
-
-
 def test_procrustes_recovers_a_planted_rotation_in_the_right_orientation() -> None:
     _, spec = tiny("llama")
-    folded_a = map_state_dict(_params("llama"), spec, FOLDED)
+    folded_a = map_state_dict(tiny_params("llama"), spec, FOLDED)
     planted = random_orthogonal(spec.groups["residual"].size, seed=5)
     # B's stream is h_B = Qᵀ h_A, so reading B into A's basis needs Q.
     folded_b = map_state_dict(folded_a, spec, BasisMap(fold=True, rotation=planted.T))
@@ -46,7 +41,7 @@ def test_procrustes_recovers_a_planted_rotation_in_the_right_orientation() -> No
 def test_a_planted_rotation_and_permutations_are_undone_to_1e_8() -> None:
     """B is A folded, every group permuted and the stream rotated: aligning B gives back A."""
     _, spec = tiny("llama")
-    params = _params("llama")
+    params = tiny_params("llama")
     perms = nontrivial_permutations(spec, seed=4)
     rotation = random_orthogonal(spec.groups["residual"].size, seed=6)
     params_b = map_state_dict(params, spec, BasisMap(perms, fold=True, rotation=rotation))
@@ -66,7 +61,7 @@ def test_the_aligned_model_keeps_its_own_logits() -> None:
     _, spec = tiny("llama")
     model_b = make_tiny_model("llama", seed=9, dtype=torch.float64)
     params_b = {n: t for n, t in model_b.state_dict().items() if n in spec.tensors}
-    result = orthogonal_matching(spec, _params("llama"), params_b, max_rounds=3)
+    result = orthogonal_matching(spec, tiny_params("llama"), params_b, max_rounds=3)
     assert result.rotation is not None
     assert not torch.allclose(result.rotation.abs(), torch.eye(result.rotation.shape[0]).double())
     aligned = make_tiny_model("llama", seed=77, dtype=torch.float64)

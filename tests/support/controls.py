@@ -27,6 +27,12 @@ def tiny(kind: str) -> tuple[PreTrainedModel, ArchSpec]:
     return model, spec_for(model.config.to_dict(), model.state_dict().keys())
 
 
+def tiny_params(kind: str) -> dict[str, torch.Tensor]:
+    """A copy of the tiny model's spec tensors (its checkpoint's, a tied head absent)."""
+    model, spec = tiny(kind)
+    return {n: t.clone() for n, t in model.state_dict().items() if n in spec.tensors}
+
+
 def state_of(kind: str) -> tuple[dict[str, torch.Tensor], ArchSpec]:
     """A copy of the tiny model's state dict (tests may edit it) and its spec."""
     model, spec = tiny(kind)
