@@ -294,7 +294,7 @@ def activation_matching(
 
 def activation_matching_one_at_a_time(
     spec: ArchSpec,
-    skeleton: nn.Module,
+    probes: list[Probe],
     loaders: tuple[Callable[[], PreTrainedModel], Callable[[], PreTrainedModel]],
     batches: Iterable[dict[str, torch.Tensor]],
     folder: Path,
@@ -304,8 +304,8 @@ def activation_matching_one_at_a_time(
 ) -> MatchResult:
     """`activation_matching` with A, then B, loaded, run and freed, their features kept in
     files under `folder` (`align/activation_store.py`): the same permutations, for models that
-    do not fit together. `skeleton`: the model's modules (the meta device will do), to find what
-    to hook before any weight loads.
+    do not fit together. `probes`: what to hook (`probes_of` on the model's modules; a model on
+    the meta device will do, so they are known before any weight loads).
 
     Raises:
         AlignmentError: a mixture of experts (its expert statistics pair both models at once).
@@ -322,7 +322,6 @@ def activation_matching_one_at_a_time(
             why="each expert's statistics pair the tokens A and B route to it",
             fix="give --max-memory room for both models, or use weight matching",
         )
-    probes = probes_of(spec, dict(skeleton.named_modules()))
     check_coverage(spec, probes)
     store: Captured = {}
 

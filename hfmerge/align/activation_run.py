@@ -22,7 +22,7 @@ from hfmerge.align.activation_matching import (
     activation_matching,
     activation_matching_one_at_a_time,
 )
-from hfmerge.align.activation_probes import probes_of
+from hfmerge.align.activation_probes import Probe, probes_of
 from hfmerge.align.weight_matching import MatchResult
 from hfmerge.arch import spec_for
 from hfmerge.arch.spec import ArchSpec
@@ -125,7 +125,8 @@ def match_activations(
         )
     skeleton = _skeleton(a)
     spec = _loaded_spec(a, skeleton)
-    placement = _plan(a, b, spec, skeleton, data, max_memory_bytes)
+    probes = probes_of(spec, dict(skeleton.named_modules()))
+    placement = _plan(a, b, skeleton.config, probes, data, max_memory_bytes)
     if not placement.one_at_a_time:
         model_a, model_b = load_model(a, placement), load_model(b, placement)
         return activation_matching(
@@ -139,7 +140,7 @@ def match_activations(
         )
         return activation_matching_one_at_a_time(
             spec,
-            skeleton,
+            probes,
             loaders,
             data,
             root / "features",
@@ -157,8 +158,8 @@ def _skeleton(model: InspectedModel) -> PreTrainedModel:
 def _plan(
     a: InspectedModel,
     b: InspectedModel,
-    spec: ArchSpec,
-    skeleton: PreTrainedModel,
+    config: Any,
+    probes: list[Probe],
     batches: list[dict[str, torch.Tensor]],
     budget: int,
 ) -> ProbePlacement:
@@ -166,8 +167,7 @@ def _plan(
     together, one group's at a time (and one batch of features) when they run one at a time."""
     from hfmerge.lm.placement import Footprint, forward_bytes, plan_placement
 
-    config = skeleton.config
-    widths = [len(p.columns) for p in probes_of(spec, dict(skeleton.named_modules()))]
+    widths = [len(p.columns) for p in probes]
     hidden, depth = int(config.hidden_size), int(config.num_hidden_layers) + 1
     sums = [_sums_bytes(w) for w in widths] + [_sums_bytes(hidden)] * depth
     batch, length = (max(int(b["input_ids"].shape[i]) for b in batches) for i in (0, 1))

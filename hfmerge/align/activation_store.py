@@ -12,7 +12,6 @@ batch, so the permutations are the same.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,7 +106,6 @@ def record_one_at_a_time(
             )
         )
         del model
-        gc.collect()
         trim_heap()
     return recorded[0], recorded[1]
 

@@ -23,7 +23,7 @@ from hfmerge.errors import (
     CkaBelowThresholdError,
     InputDataError,
 )
-from hfmerge.lm.placement import forward_bytes, limit_setting
+from hfmerge.lm.placement import forward_bytes, limit_setting, split_limit
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
@@ -161,7 +161,7 @@ def compute_cka(
     pooling = pooling or DEFAULT_POOLING
     per_window = tokens_per_window_for(pooling, tokens_per_window, units=units)
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    limits = None if isinstance(max_memory, int) else max_memory
+    budget, limits = split_limit(max_memory)
     pair = open_pair(model_a, model_b, device_map=device_map, max_memory=limits)
     windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
     batches = probe_batches(windows, pair.tokenizer, batch_size=batch_size)
@@ -170,7 +170,7 @@ def compute_cka(
         batches,
         pooling=pooling,
         tokens_per_window=per_window,
-        budget=max_memory if isinstance(max_memory, int) else None,
+        budget=budget,
         batch_size=batch_size,
         length=length,
         progress=progress,

@@ -8,7 +8,6 @@ is read.
 
 from __future__ import annotations
 
-import gc
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -113,8 +112,7 @@ class ProbePair:
             model = self._load(0, folder)
             first = deque(states_of(model, description=self.sources[0].label))
             del model
-            gc.collect()  # A's layers go before B's load
-            trim_heap()
+            trim_heap()  # A's layers go before B's load
             model = self._load(1, folder)
             for states_b, _ in states_of(model, description=self.sources[1].label):
                 states_a, kept = first.popleft()  # A's samples go as they are used

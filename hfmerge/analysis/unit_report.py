@@ -23,7 +23,7 @@ from hfmerge.analysis.correspondence import (
 from hfmerge.analysis.probe_pair import ProbePair, open_pair, probe_windows
 from hfmerge.analysis.similarity import CkaAccumulator
 from hfmerge.errors import HfMergeError, InputDataError
-from hfmerge.lm.placement import forward_bytes, limit_setting
+from hfmerge.lm.placement import forward_bytes, limit_setting, split_limit
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def compute_units(
     from hfmerge.lm.textdata import describe_data, load_texts
 
     texts = load_texts(data)  # first: a bad data file should fail before any model loads
-    limits = None if isinstance(max_memory, int) else max_memory
+    budget, limits = split_limit(max_memory)
     pair = open_pair(model_a, model_b, device_map=device_map, max_memory=limits)
     windows, length = probe_windows(pair, texts, max_length=max_length, samples=samples)
     if len(windows) < MIN_SAMPLES:
@@ -101,10 +101,10 @@ def compute_units(
     widths, depths = pair.widths(), pair.depths()
     pairs = diagonal_pairs(*depths)
     stats = _check_memory(widths, len(pairs))
-    if isinstance(max_memory, int):
+    if budget is not None:
         tokens = sum(int(w.numel()) for w in windows)  # at most: every token is a sample
         pair = pair.within(
-            max_memory,
+            budget,
             working=stats + forward_bytes(pair.configs, batch_size=batch_size, length=length),
             kept=4 * tokens * widths[0] * depths[0],
         )

@@ -230,10 +230,9 @@ def load_model(path: Path, *, label: str, adapter: Path | None = None) -> PreTra
 def load_lm(path: Path, *, label: str, adapter: Path | None = None) -> PreTrainedModel:
     """The model in `path` with its LM head, float32, eval mode, with its LoRA `adapter` folder
     applied; missing weights are an error."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    with quiet_transformers(), _no_remote_code(path, label=label):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config = load_config(path, label=label)
     objective = lm_objective(list(config.architectures or []), label=label)
     auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
     head = Completeness("its LM head", "evaluate a checkpoint saved with its LM head")

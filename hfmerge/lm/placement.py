@@ -120,6 +120,13 @@ def parse_memory_limit(text: str) -> MemoryLimit:
         ) from None
 
 
+def split_limit(limit: MemoryLimit | None) -> tuple[int | None, MaxMemory | None]:
+    """`--max-memory` as (a host budget in bytes, accelerate's per-device limits): one is None."""
+    if isinstance(limit, int):
+        return limit, None
+    return None, limit
+
+
 def limit_setting(limit: MemoryLimit | None) -> str | dict[str, str]:
     """How a report records `--max-memory`: the size as given in bytes, or the per-device map."""
     if isinstance(limit, int):
@@ -253,4 +260,5 @@ __all__ = [
     "parse_max_memory",
     "parse_memory_limit",
     "plan_placement",
+    "split_limit",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -71,7 +72,9 @@ def return_freed_blocks() -> bool:
 
 
 def trim_heap() -> None:
-    """Hand the heap's freed memory back to the system (`malloc_trim(0)`)."""
+    """Free what is unreachable (`gc.collect`), then hand the heap's freed memory back to the
+    system (`malloc_trim(0)`)."""
+    gc.collect()  # a model's layers sit in reference cycles: freed only by the collector
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim.argtypes = [ctypes.c_size_t]
