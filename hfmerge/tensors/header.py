@@ -144,8 +144,13 @@ def _check_layout(infos: list[TensorInfo], file_size: int, *, label: str, shard:
             raise _corrupt(label, shard, f"tensor {info.name!r} overlaps the tensor before it")
         previous_end = info.offset + info.nbytes
     if previous_end > file_size:
+        # Worded like a short read of the data (checkpoint._read_exactly): a file cut while a
+        # merge runs is reported the same whichever read meets the cut first.
         raise _corrupt(
-            label, shard, f"its header needs {previous_end} bytes but the file has {file_size}"
+            label,
+            shard,
+            f"the file ends {previous_end - file_size} bytes early "
+            f"(its header needs {previous_end} bytes, the file has {file_size})",
         )
 
 

@@ -215,7 +215,7 @@ BAD_SOURCES: list[tuple[dict[str, bytes], str]] = [
     ({"model.safetensors": b"\x00\x01garbage"}, "not a valid safetensors"),
     ({"model.safetensors": struct.pack("<Q", 2**60) + b"{}"}, "header length"),
     ({"model.safetensors": framed(b"{not json")}, "not valid JSON"),
-    ({"model.safetensors": f32x4(16)}, "but the file has"),
+    ({"model.safetensors": f32x4(16)}, "ends 8 bytes early"),
     ({"model.safetensors": f32x4(8)}, "does not match dtype and shape"),
     ({"model.safetensors": framed({"w": {"dtype": "F32"}})}, "invalid shape"),
     (sharded({SHARD1: ["a"]}, {"a": SHARD1, "b": SHARD2}), f"{SHARD2}, which is missing"),
@@ -461,3 +461,13 @@ def test_lazy_reads_own_their_memory_and_report_truncation(tmp_path: Path) -> No
             file.truncate(file.seek(0, os.SEEK_END) - 8)
         with pytest.raises(ModelSourceError, match="ends 8 bytes early"):
             checkpoint.get("b")
+
+
+def test_a_cut_file_reads_the_same_at_its_header_as_at_its_data(tmp_path: Path) -> None:
+    """A file cut mid-merge may meet a header re-read or a data read first; both say so alike."""
+    save_file({"a": torch.ones(4), "b": torch.ones(5)}, str(tmp_path / "model.safetensors"))
+    with open(tmp_path / "model.safetensors", "r+b") as file:
+        file.truncate(file.seek(0, os.SEEK_END) - 8)
+    with pytest.raises(ModelSourceError, match="ends 8 bytes early") as caught:
+        read_checkpoint_index(tmp_path)
+    assert "model.safetensors" in str(caught.value)
