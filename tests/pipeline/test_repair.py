@@ -10,6 +10,7 @@ from typing import Any, TypedDict
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from hfmerge.analysis.barrier import compare_barriers
 from hfmerge.analysis.evaluation import eval_model
@@ -57,13 +58,20 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _recipe(
-    a: Path, b: Path, out: Path, *, repair: bool, method: str = "linear", shard: str = "5GB"
+    a: Path,
+    b: Path,
+    out: Path,
+    *,
+    repair: bool,
+    method: str = "linear",
+    shard: str = "5GB",
+    align: str = "weight",
 ) -> Any:
     return parse_recipe(
         {
             "models": [{"model": str(a), "weight": 0.5}, {"model": str(b), "weight": 0.5}],
             "base": str(a),
-            "align": {"method": "weight", "repair": repair},
+            "align": {"method": align, "repair": repair},
             "probe": PROBE,
             "merge": {"method": method},
             "output": {"path": str(out), "max_shard_size": shard},
@@ -81,25 +89,28 @@ def _loss(path: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("align", ["weight", "weight+orthogonal"])
 def test_repaired_merge_is_the_barrier_midpoint_and_touches_only_folded_tensors(
-    seeds: tuple[Path, Path], tmp_path: Path
+    seeds: tuple[Path, Path], tmp_path: Path, align: str
 ) -> None:
     a, b = seeds
-    run_recipe(_recipe(a, b, tmp_path / "plain", repair=False), QUIET)
-    run_recipe(_recipe(a, b, tmp_path / "repaired", repair=True), QUIET)
-    weight, repaired = compare_barriers(
+    run_recipe(_recipe(a, b, tmp_path / "plain", repair=False, align=align), QUIET)
+    run_recipe(_recipe(a, b, tmp_path / "repaired", repair=True, align=align), QUIET)
+    aligned, repaired = compare_barriers(
         source_of(a),
         source_of(b),
-        aligns=["weight", "weight+repair"],
+        aligns=[align, f"{align}+repair"],
         steps=3,
         data=PROBE["data"],
         max_length=PROBE["max_length"],
         samples=PROBE["samples"],
         progress=False,
     )
-    assert _loss(tmp_path / "plain") == pytest.approx(weight.loss_mid, abs=1e-4)
+    assert _loss(tmp_path / "plain") == pytest.approx(aligned.loss_mid, abs=1e-4)
     assert _loss(tmp_path / "repaired") == pytest.approx(repaired.loss_mid, abs=1e-4)
-    assert abs(repaired.loss_mid - weight.loss_mid) > 1e-3
+    assert abs(repaired.loss_mid - aligned.loss_mid) > 1e-3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "repaired")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 
     plain = load_file(tmp_path / "plain" / "model.safetensors")
     fixed = load_file(tmp_path / "repaired" / "model.safetensors")
