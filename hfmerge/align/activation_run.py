@@ -127,6 +127,8 @@ def match_activations(
     spec = _loaded_spec(a, skeleton)
     probes = probes_of(spec, dict(skeleton.named_modules()))
     placement = _plan(a, b, skeleton.config, probes, data, max_memory_bytes)
+    if progress:
+        placement.announce("activation matching", budget=max_memory_bytes)
     if not placement.one_at_a_time:
         model_a, model_b = load_model(a, placement), load_model(b, placement)
         return activation_matching(

@@ -50,6 +50,19 @@ class MemoryPlan:
     cached_groups: frozenset[str]
     peak_bytes: int
 
+    def announce(self, *, max_memory_bytes: int | None) -> None:
+        """Say the plan before the work starts: the memory matching adds to the process's."""
+        from hfmerge.progress import say
+
+        within = (
+            "" if max_memory_bytes is None else f", within --max-memory {_gb(max_memory_bytes)}"
+        )
+        say(
+            f"weight matching: about {_gb(current_rss() + self.peak_bytes)} at peak "
+            f"({_gb(self.peak_bytes)} of similarities and tensors{within}); "
+            "sweeps repeat until one changes no permutation"
+        )
+
 
 def _peak_bytes(
     spec: ArchSpec,

@@ -242,6 +242,8 @@ def weight_matching(
             fix="pass the models' parameters, not only their buffers",
         )
     memory = plan_memory(spec, touches, a, b, max_memory_bytes=max_memory_bytes)
+    if progress:
+        memory.announce(max_memory_bytes=max_memory_bytes)
     problem = Problem(spec, a, b, names)
     steps = {
         name: _GroupStep(

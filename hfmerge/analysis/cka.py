@@ -230,6 +230,8 @@ def _stream(
     if budget is not None:
         working = stats + forward_bytes(pair.configs, batch_size=batch_size, length=length)
         pair = pair.within(budget, working=working, kept=4 * expected * sum(widths[0]))
+        if progress:
+            pair.placement.announce("cka", budget=budget)
     for states in pair.states(
         batches, pooling=pooling, tokens_per_window=tokens_per_window, progress=progress
     ):

@@ -108,6 +108,8 @@ def compute_units(
             working=stats + forward_bytes(pair.configs, batch_size=batch_size, length=length),
             kept=4 * tokens * widths[0] * depths[0],
         )
+        if progress:
+            pair.placement.announce("units", budget=budget)
     (fit_sums, fit_tokens), (held_sums, held_tokens) = _accumulate(
         pair, (fit, heldout), pairs, batch_size=batch_size, progress=progress
     )

@@ -162,12 +162,20 @@ class ProbePlacement:
     max_memory: MaxMemory | None  # per model, for accelerate
     one_at_a_time: bool = False  # load, run and free A before B loads
     offload: bool = False  # some layers may go to a temporary folder on disk
+    peak_bytes: int | None = None  # the plan's estimate of the command's host memory at peak
 
     def describe(self) -> str:
         """`together`, `one at a time` or `one at a time, with disk offload` (reports, JSON)."""
         if not self.one_at_a_time:
             return "together"
         return "one at a time, with disk offload" if self.offload else "one at a time"
+
+    def announce(self, task: str, *, budget: int) -> None:
+        """Say the plan before the work starts: where the models go and the memory it expects."""
+        from hfmerge.progress import say
+
+        peak = f"about {_gb(self.peak_bytes)} at peak, " if self.peak_bytes is not None else ""
+        say(f"{task}: models {self.describe()}; {peak}within --max-memory {_gb(budget)}")
 
 
 def check_budget_map(device_map: DeviceMap | None) -> None:
@@ -210,11 +218,13 @@ def plan_placement(
     fixed = BASE_BYTES + max(f.largest_shard for f in footprints) + working
     # Whole models need no limit: accelerate would place them as they are. A limit would apply
     # to each model alone, not to the two together.
-    if budget - fixed - paired >= sum(f.weights for f in footprints):
-        return ProbePlacement(strategy, None)
+    together = fixed + paired + sum(f.weights for f in footprints)
+    if together <= budget:
+        return ProbePlacement(strategy, None, peak_bytes=together)
     share = budget - fixed - kept
     if share >= max(f.weights for f in footprints):
-        return ProbePlacement(strategy, None, one_at_a_time=True)
+        alone = fixed + kept + max(f.weights for f in footprints)
+        return ProbePlacement(strategy, None, one_at_a_time=True, peak_bytes=alone)
     least = LAYER_HEADROOM * max(f.largest_tensor for f in footprints)
     if share < least:
         raise HfMergeError(
@@ -224,7 +234,9 @@ def plan_placement(
             fix=f"give --max-memory {math.ceil((fixed + kept + least) / 1e9)}GB or more, "
             f"or {shrink}",
         )
-    return ProbePlacement(strategy, _cpu(share), one_at_a_time=True, offload=True)
+    return ProbePlacement(
+        strategy, _cpu(share), one_at_a_time=True, offload=True, peak_bytes=budget
+    )
 
 
 def forward_bytes(configs: Sequence[Any], *, batch_size: int, length: int) -> int:
@@ -242,6 +254,10 @@ def forward_bytes(configs: Sequence[Any], *, batch_size: int, length: int) -> in
 
 def _cpu(share: int) -> MaxMemory:
     return {"cpu": f"{share // 2**20}MiB"}
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
 
 
 def _gib(size: int) -> str:

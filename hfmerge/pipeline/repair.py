@@ -239,6 +239,8 @@ def repair_output(
             budget=max_memory_bytes,
             length=probe.max_length,
         )
+        if progress:
+            placement.announce("repair", budget=max_memory_bytes)
     with tempfile.TemporaryDirectory(prefix="hfmerge-repair-") as scratch:
         if placement.offload:
             measured = _input_stats_placed(

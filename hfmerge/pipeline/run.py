@@ -142,9 +142,11 @@ def run_recipe(
     refuse_input_as_output(target, plan)
     plan = _download(plan, offline=offline)
     from hfmerge.pipeline.align import align_inputs
-    from hfmerge.pipeline.repair import check_repair_budget
 
-    check_repair_budget(recipe, plan, max_memory_bytes)  # before the matching and the merge
+    if recipe.align.repair:  # its budget is checked before the matching and the merge
+        from hfmerge.pipeline.repair import check_repair_budget
+
+        check_repair_budget(recipe, plan, max_memory_bytes)
     from hfmerge.pipeline.gate import cka_gate
 
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written

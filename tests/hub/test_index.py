@@ -70,7 +70,7 @@ def test_parse_shard_header_reads_bytes_as_read_shard_header_reads_files(tmp_pat
     assert parsed == read_shard_header(path, "s", label="m")
     with pytest.raises(ModelSourceError, match="header length field"):
         header_length(data[:8], file_size=length, shard="s", label="m")
-    with pytest.raises(ModelSourceError, match=r"needs \d+ bytes but the file has"):
+    with pytest.raises(ModelSourceError, match=r"ends 1 bytes early \(its header needs \d+ bytes"):
         parse_shard_header(data[8 : 8 + length], file_size=len(data) - 1, shard="s", label="m")
     with pytest.raises(ModelSourceError, match="only 3 bytes"):
         header_length(data[:3], file_size=3, shard="s", label="m")
