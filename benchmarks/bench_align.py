@@ -5,7 +5,8 @@
 
 Part 1 prints barrier and midpoint loss for none / activation / weight alignment, weight
 alignment with REPAIR, and (RMSNorm families only) orthogonal residual alignment
-(weight+orthogonal, activation+orthogonal, learned), between the two seeds of each zoo family
+(weight+orthogonal, the same with REPAIR, activation+orthogonal, learned), between the two seeds
+of each zoo family
 (built on first use): Llama-style zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 /
 zoo:gpt2-seed1, same width, depth and data; and a second Llama-style pair trained apart, the
 same seeds at width 64 (`ZooConfig.with_width`, as benchmarks/bench_width.py trains them), which
@@ -35,7 +36,7 @@ WIDTHS = {"llama-w64": 64}  # pairs trained at another width of the zoo config: 
 MODES = ("none", "activation", "weight", "weight+repair")
 # Orthogonal residual alignment is exact only where the norm gains fold (RMSNorm): GPT-2's
 # LayerNorm refuses it, so it is only asked of these families.
-ORTHOGONAL = ("weight+orthogonal", "activation+orthogonal", "learned")
+ORTHOGONAL = ("weight+orthogonal", "weight+orthogonal+repair", "activation+orthogonal", "learned")
 RMSNORM_FAMILIES = frozenset({"llama", "llama-w64"})
 
 
