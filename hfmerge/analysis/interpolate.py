@@ -13,12 +13,13 @@ own) and tied back for a map that does not fold (`lm/tied_head.py`).
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.arch.config import read_config
+from hfmerge.arch.config import CONFIG_FILE, mark_untied, read_config
 from hfmerge.arch.residual import FOLDED, BasisMap, mapped_names, read_in_basis
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import IncompatibleModelsError
@@ -100,12 +101,17 @@ def write_point(
 ) -> None:
     """Write (1-λ)·A + λ·π(B) to the new folder `out_dir` as a checkpoint with A's tensor names,
     dtypes and config: what `Interpolator.load` puts in a loaded model, for a model that must load
-    with its layers placed by accelerate instead. An interior point is rounded to A's dtypes."""
+    with its layers placed by accelerate instead. An interior point is rounded to A's dtypes; a
+    tied head that `basis` folds is written untied (as `hfmerge align` writes it)."""
     from hfmerge.progress import track
     from hfmerge.tensors import ShardWriter, copy_side_files, plan_shards, torch_dtype
 
     first, other = inspect_downloaded(a), inspect_downloaded(b)
-    infos = list(first.index)
+    names = list(first.index.names)
+    folded = spec is not None and basis is not None and basis.fold
+    heads = [n for n in mapped_names(first.spec, names, FOLDED) if n not in names] if folded else []
+    tied = first.spec.tied
+    infos = [*first.index, *(replace(first.index.info(tied[h]), name=h) for h in heads)]
     out_dir.mkdir()
     with ExitStack() as stack, torch.no_grad():
         reader_a, reader_b = open_reader(stack, first), open_reader(stack, other)
@@ -116,6 +122,8 @@ def write_point(
             value = _value(info.name, lam, reader_a, reader_b, spec, basis, floating=floating)
             writer.write(info.name, value.to(torch_dtype(info.dtype)))
     copy_side_files(a.path, out_dir)
+    if heads:
+        mark_untied(out_dir / CONFIG_FILE)
 
 
 def _value(
