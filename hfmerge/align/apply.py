@@ -8,7 +8,6 @@ Its files beside the model (permutations, rotation, head maps) are `align/permut
 from __future__ import annotations
 
 import dataclasses
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from hfmerge.align.permutation_files import (
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
 from hfmerge.arch import require_permutable
+from hfmerge.arch.config import CONFIG_FILE, mark_untied
 from hfmerge.arch.permute import (
     compose,
     identity_permutations,
@@ -358,7 +358,7 @@ def _write_aligned(
                 writer.write(name, read_in_basis(name, reader.get, spec, basis))
         copy_side_files(path, tmp)
         if len(names) > len(b.index.names):
-            _untie_config(tmp / "config.json")
+            mark_untied(tmp / CONFIG_FILE)
         save_permutations(
             tmp / PERMUTATIONS_FILE, perms, metadata={"family": spec.family, **metadata}
         )
@@ -367,13 +367,3 @@ def _write_aligned(
             save_file({"rotation": rotation}, str(tmp / ROTATION_FILE), metadata=metadata)
         if basis.head_maps is not None:
             save_head_maps(tmp / HEAD_MAPS_FILE, basis.head_maps, metadata=metadata)
-
-
-def _untie_config(path: Path) -> None:
-    """Mark a written config's head untied: the fold gave `lm_head.weight` its own values."""
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["tie_word_embeddings"] = False
-    text_config = config.get("text_config")
-    if isinstance(text_config, dict):
-        text_config["tie_word_embeddings"] = False
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from hfmerge.analysis.interpolate import Interpolator, check_same_tensors, spec_of
 from hfmerge.arch import require_permutable
-from hfmerge.arch.residual import BasisMap, require_foldable, require_untied
+from hfmerge.arch.residual import BasisMap, require_foldable
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import UnknownNameError
 from hfmerge.lm.batches import pad_id_of, window_batches
@@ -190,9 +190,8 @@ def _permutable_spec(
         require_permutable(spec, label=model.label, feature=f"`barrier --align {needing[0]}`")
         for curve in (c for c in curves if c.align in ORTHOGONAL_METHODS):
             feature = f"`barrier --align {curve.name}`"
+            # A tied head is untied in the loaded model while folded weights are interpolated.
             require_foldable(spec, label=model.label, feature=feature)
-            # One loaded model is interpolated: its tied head cannot take the folded values.
-            require_untied(spec, label=model.label, feature=feature)
     return specs[1]
 
 

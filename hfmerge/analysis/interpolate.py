@@ -6,21 +6,25 @@ norm fold and a residual rotation, which read A folded too.
 The loss barrier scores such points along the line; REPAIR measures the inputs with it (λ = 1 is
 π(B) itself). Only one model is ever loaded: each checkpoint tensor is read from both files and
 written into the model's own storage (`lm/checkpoint_views.py`: fused experts slice by slice).
+A tied head is untied while the weights loaded are folded (the fold gives the head values of its
+own) and tied back for a map that does not fold (`lm/tied_head.py`).
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from hfmerge.arch.config import read_config
-from hfmerge.arch.residual import FOLDED, BasisMap, read_in_basis
+from hfmerge.arch.config import CONFIG_FILE, mark_untied, read_config
+from hfmerge.arch.residual import FOLDED, BasisMap, mapped_names, read_in_basis
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import IncompatibleModelsError
-from hfmerge.lm.checkpoint_views import checkpoint_targets
+from hfmerge.lm.checkpoint_views import checkpoint_targets, file_views
+from hfmerge.lm.tied_head import head_is_tied, tie_head, untie_head
 from hfmerge.sources.inspection import inspect_downloaded, tensor_differences
 from hfmerge.sources.readers import open_reader
 from hfmerge.sources.refs import ModelSource
@@ -46,18 +50,42 @@ class Interpolator:
     def __init__(self, model: PreTrainedModel, a: ModelSource, b: ModelSource) -> None:
         self.model = model
         self.a, self.b = inspect_downloaded(a), inspect_downloaded(b)
+        names = list(self.a.index.names)
+        # Tied heads absent from the checkpoint, which a fold writes as tensors of their own.
+        self.heads = [n for n in mapped_names(self.a.spec, names, FOLDED) if n not in names]
+        if self.heads:
+            tie_head(model)  # as loaded: another interpolation may have left it untied
+        self.tied = head_is_tied(model)
         self.targets = checkpoint_targets(model, self.a.index, label=a.label)
+        self._untied_targets: dict[str, torch.Tensor] | None = None
 
     def load(
         self, lam: float, *, spec: ArchSpec | None = None, basis: BasisMap | None = None
     ) -> None:
         """Write the interpolated weights into the model; B is read through `basis` (and A
-        folded when `basis` folds)."""
+        folded when `basis` folds, the model's tied head untied first)."""
+        targets = self._targets(folded=basis is not None and basis.fold)
         with ExitStack() as stack, torch.no_grad():
             a, b = open_reader(stack, self.a), open_reader(stack, self.b)
-            for name, target in self.targets.items():
-                floating = self.a.index.info(name).dtype.startswith(("F", "BF"))
+            for name, target in targets.items():
+                stored = self.a.spec.tied.get(name, name)  # a tied head is stored as its tensor
+                floating = self.a.index.info(stored).dtype.startswith(("F", "BF"))
                 target.copy_(_value(name, lam, a, b, spec, basis, floating=floating))
+
+    def _targets(self, *, folded: bool) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> the model's view it loads into, the head untied when `folded` (a
+        head the checkpoint lacks is then written too) and tied as loaded otherwise."""
+        if not self.tied:
+            return self.targets
+        if not folded:
+            tie_head(self.model)  # the loaded embedding parameter: `targets` still write it
+            self._untied_targets = None
+            return self.targets
+        if self._untied_targets is None:
+            untie_head(self.model)
+            views = file_views(self.model, label=self.a.label)
+            self._untied_targets = {n: views[n] for n in [*self.a.index.names, *self.heads]}
+        return self._untied_targets
 
 
 def write_point(
@@ -73,12 +101,17 @@ def write_point(
 ) -> None:
     """Write (1-λ)·A + λ·π(B) to the new folder `out_dir` as a checkpoint with A's tensor names,
     dtypes and config: what `Interpolator.load` puts in a loaded model, for a model that must load
-    with its layers placed by accelerate instead. An interior point is rounded to A's dtypes."""
+    with its layers placed by accelerate instead. An interior point is rounded to A's dtypes; a
+    tied head that `basis` folds is written untied (as `hfmerge align` writes it)."""
     from hfmerge.progress import track
     from hfmerge.tensors import ShardWriter, copy_side_files, plan_shards, torch_dtype
 
     first, other = inspect_downloaded(a), inspect_downloaded(b)
-    infos = list(first.index)
+    names = list(first.index.names)
+    folded = spec is not None and basis is not None and basis.fold
+    heads = [n for n in mapped_names(first.spec, names, FOLDED) if n not in names] if folded else []
+    tied = first.spec.tied
+    infos = [*first.index, *(replace(first.index.info(tied[h]), name=h) for h in heads)]
     out_dir.mkdir()
     with ExitStack() as stack, torch.no_grad():
         reader_a, reader_b = open_reader(stack, first), open_reader(stack, other)
@@ -89,6 +122,8 @@ def write_point(
             value = _value(info.name, lam, reader_a, reader_b, spec, basis, floating=floating)
             writer.write(info.name, value.to(torch_dtype(info.dtype)))
     copy_side_files(a.path, out_dir)
+    if heads:
+        mark_untied(out_dir / CONFIG_FILE)
 
 
 def _value(
@@ -103,7 +138,7 @@ def _value(
 ) -> torch.Tensor:
     if not floating:
         return a.get(name)  # integer buffers (position ids) are A's, never averaged
-    if spec is None or name not in spec.tensors:
+    if spec is None or (name not in spec.tensors and name not in spec.tied):
         basis = None
     own = _read(name, a, spec, FOLDED if basis is not None and basis.fold else None)
     # Endpoints read one checkpoint only, so λ=0 is exactly A and λ=1 exactly π(B).

@@ -2,7 +2,8 @@
 
 Every layer that needs a model's config (Hub reads, inspection, tokenizer checks, routing,
 interpolation) reads it here, so a missing or broken file gives the same error everywhere;
-`config_field` reads one field that composite configs may nest.
+`config_field` reads one field that composite configs may nest. `mark_untied` is the one writer
+of the head's tie flag: a written model whose LM head was given values of its own.
 """
 
 from __future__ import annotations
@@ -60,3 +61,16 @@ def config_field(config: Mapping[str, Any], key: str) -> Any:
         if isinstance(inner, dict) and inner.get(key) is not None:
             return inner[key]
     return None
+
+
+def mark_untied(path: Path) -> None:
+    """Mark the config.json at `path` untied (`tie_word_embeddings: false`, in its nested text
+    config too): a written model's `lm_head.weight` holds values of its own (the orthogonal
+    alignments fold the final norm's gain into the head, not into the embedding)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tie_word_embeddings"] = False
+    for nested in _NESTED_CONFIGS:
+        inner = config.get(nested)
+        if isinstance(inner, dict) and (nested == "text_config" or "tie_word_embeddings" in inner):
+            inner["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

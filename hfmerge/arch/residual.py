@@ -67,20 +67,6 @@ def require_foldable(spec: ArchSpec, *, label: str, feature: str) -> None:
         )
 
 
-def require_untied(spec: ArchSpec, *, label: str, feature: str) -> None:
-    """Refuse a tied head where the fold would have to untie it in place (a loaded model, or a
-    merge whose output keeps the base's tensor names)."""
-    tied = [name for name in spec.tied if name in reader_norms(spec)]
-    if tied:
-        raise AlignmentError(
-            f"{feature} folds the final norm's gain into {label}'s head, which is tied to its "
-            f"embedding ({tied[0]} shares {spec.tied[tied[0]]})",
-            why="after the fold the head and the embedding hold different values",
-            fix="save the models untied first (lm_head.weight written, tie_word_embeddings: "
-            "false), or use the `weight` permutation alignment",
-        )
-
-
 def reader_norms(spec: ArchSpec) -> dict[str, str]:
     """Reader tensor -> the norm gain it reads (the inverse of `ArchSpec.norm_readers`)."""
     return {reader: norm for norm, readers in spec.norm_readers.items() for reader in readers}
@@ -166,7 +152,6 @@ __all__ = [
     "read_in_basis",
     "reader_norms",
     "require_foldable",
-    "require_untied",
     "residual_axes",
     "rotate_residual",
 ]

@@ -131,6 +131,34 @@ def build_plan(
     )
 
 
+def untie_heads(plan: MergePlan, heads: Sequence[str], *, max_shard_bytes: int) -> MergePlan:
+    """The plan with each of `heads` (tied in the base: `ArchSpec.tied`) written as a tensor of its
+    own, after the others: the job of the tensor it is tied to, reading the head's name instead.
+
+    For the orthogonal alignments, which fold the final norm's gain into the head and not into
+    the embedding; every reader then reads the head through `read_in_basis`, which takes a tied
+    head from the tensor it shares (the same shape and dtype).
+    """
+    if not heads:
+        return plan
+    tied, jobs = plan.base.spec.tied, {job.name: job for job in plan.jobs}
+    every = [*plan.jobs, *(_untied_job(jobs[tied[head]], head) for head in heads)]
+    return replace(plan, jobs=every, shards=plan_shards(every, max_shard_bytes=max_shard_bytes))
+
+
+def _untied_job(shared: TensorJob, head: str) -> TensorJob:
+    """The job of the tensor `head` shares, writing and reading `head` (a `slices:` job names
+    what it reads; a plain one reads its own name)."""
+    base_read = shared.base_read
+    return replace(
+        shared,
+        name=head,
+        why=f"tied to {shared.name}, untied by the norm fold",
+        reads=tuple(replace(read, name=head) for read in shared.reads),
+        base_read=None if base_read is None else replace(base_read, name=head),
+    )
+
+
 def _job(base: InspectedModel, name: str, out_dtype: str | None) -> TensorJob:
     info = base.index.info(name)
     shape = tuple(info.shape)

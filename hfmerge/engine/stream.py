@@ -355,7 +355,8 @@ class _Steps:
             self._vocab = None  # free the last one first
             whole = {}
             for read in reads:
-                rows = self.plan.readers[read.model].index.info(read.name).shape[0]
+                model = self.plan.readers[read.model]  # a tied head has the rows of its tensor
+                rows = model.index.info(model.spec.tied.get(read.name, read.name)).shape[0]
                 tensor = self.readers[read.model].get_rows(read.name, 0, rows)
                 whole[read.model] = tensor.to(torch.float32)
             self._vocab = (job.name, self.plan.vocab.remap(whole))

@@ -2,7 +2,8 @@
 
 Permutations (and, for the orthogonal methods, the norm fold, a residual rotation and within-head
 maps of attention) are solved per input against the base and applied on read by the engine, so
-the aligned inputs are never written out. With `report_barrier`, the loss barrier between the base
+the aligned inputs are never written out. The fold unties a tied head (`untie_folded_heads`): the
+output is then written untied. With `report_barrier`, the loss barrier between the base
 and each input is measured with and without alignment for the model card.
 """
 
@@ -11,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hfmerge.arch.residual import FOLDED, BasisMap, require_foldable, require_untied
-from hfmerge.engine.plan import MergePlan
+from hfmerge.arch.config import config_field
+from hfmerge.arch.layers import layer_of
+from hfmerge.arch.residual import FOLDED, BasisMap, mapped_names, reader_norms, require_foldable
+from hfmerge.engine.plan import MergePlan, untie_heads
 from hfmerge.recipe.align_methods import ACTIVATION_METHODS, ORTHOGONAL_METHODS
 from hfmerge.recipe.schema import Recipe
+from hfmerge.sources.inspection import InspectedModel
 
 if TYPE_CHECKING:
     from hfmerge.pipeline.repair import RepairReport
@@ -40,6 +44,7 @@ class Alignment:
     method: str
     bases: list[BasisMap | None]
     barriers: list[BarrierRow] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)  # heads written untied (`untied_heads`)
 
     def card_section(self, repaired: RepairReport | None = None) -> str:
         """Markdown for the model card ('' when nothing was aligned or repaired)."""
@@ -51,6 +56,7 @@ class Alignment:
             if self.method == "none"
             else _aligned_sentence(self.method)
         )
+        lines += [_untied_sentence(head) for head in self.untied]
         if repaired is not None:
             lines += repaired.card_lines()
         if self.barriers:
@@ -87,6 +93,15 @@ def _aligned_sentence(method: str) -> str:
     return (
         f"Every input was permutation-aligned into the base's basis by **{method} matching** "
         "(Git Re-Basin, https://arxiv.org/abs/2209.04836) before merging."
+    )
+
+
+def _untied_sentence(head: str) -> str:
+    return (
+        f"\nThe base's LM head `{head}` was tied to its input embedding. Folding the final "
+        "norm's gain gives the head values of its own (the gain scales what the head reads, not "
+        f"the embedding), so the output is written untied: `{head}` saved as the merge of the "
+        "folded heads, and `tie_word_embeddings: false` in config.json."
     )
 
 
@@ -129,7 +144,6 @@ def align_inputs(
         for model in plan.inputs:  # before any matching
             feature = f"`align.method: {method}`"
             require_foldable(model.spec, label=model.label, feature=feature)
-            require_untied(model.spec, label=model.label, feature=feature)
 
     batches = None
     if method in ACTIVATION_METHODS:
@@ -160,7 +174,31 @@ def align_inputs(
     barriers = (
         _barriers(recipe, plan, bases, progress=progress) if recipe.align.report_barrier else []
     )
-    return Alignment(method, bases, barriers)
+    return Alignment(method, bases, barriers, untied_heads(recipe, plan.base))
+
+
+def untied_heads(recipe: Recipe, base: InspectedModel) -> list[str]:
+    """The base's LM heads that the output writes untied: tied to the input embedding in the
+    base (absent from its checkpoint, or saved beside it under a config that ties them) when
+    `align.method` folds the norms. A head reads the final norm and the embedding does not, so
+    after the fold they differ; the output's config must say so.
+    """
+    if recipe.align.method not in ORTHOGONAL_METHODS:
+        return []
+    spec = base.spec
+    names = list(base.index.names)
+    absent = [name for name in mapped_names(spec, names, FOLDED) if name not in names]
+    if config_field(base.config, "tie_word_embeddings") is not True:
+        return absent
+    saved = [name for name in reader_norms(spec) if name in names and layer_of(name) is None]
+    return absent + saved
+
+
+def untie_folded_heads(recipe: Recipe, plan: MergePlan, *, max_shard_bytes: int) -> MergePlan:
+    """The plan writing each untied head the base's checkpoint lacks (`untied_heads`) as a tensor
+    of its own, the merge of the inputs' folded heads (`engine.plan.untie_heads`)."""
+    absent = [head for head in untied_heads(recipe, plan.base) if head in plan.base.spec.tied]
+    return untie_heads(plan, absent, max_shard_bytes=max_shard_bytes)
 
 
 def _barriers(

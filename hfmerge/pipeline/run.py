@@ -17,6 +17,7 @@ from hfmerge.engine.stream import execute_plan
 from hfmerge.errors import ModelSourceError
 from hfmerge.methods import get_method
 from hfmerge.methods.schedule import ParamSchedule, schedule_for
+from hfmerge.pipeline.align import untie_folded_heads
 from hfmerge.pipeline.card import (
     load_snippet,
     render_routed_card,
@@ -136,6 +137,10 @@ def run_recipe(
         [base_entry, *inputs_entries],
         max_shard_bytes=parse_size(recipe.output.max_shard_size),
         offline=offline,
+    )
+    # The orthogonal alignments' fold gives a tied head values of its own: one more tensor.
+    plan = untie_folded_heads(
+        recipe, plan, max_shard_bytes=parse_size(recipe.output.max_shard_size)
     )
     if options.dry_run:
         return RunResult(plan=plan, out_dir=None)

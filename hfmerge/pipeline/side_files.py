@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hfmerge.arch.config import CONFIG_FILE, mark_untied
 from hfmerge.engine.plan import MergePlan
 from hfmerge.methods.schedule import ParamSchedule
+from hfmerge.pipeline.align import untied_heads
 from hfmerge.pipeline.card import DEFAULT_ENDPOINT, render_card
 from hfmerge.recipe.schema import Recipe
 from hfmerge.sources.refs import ModelSource
@@ -47,8 +49,10 @@ def copy_config(
     staging: Path, plan: MergePlan, recipe: Recipe, slices: list[PlannedSlice] | None
 ) -> None:
     """The base's config, tokenizer and other side files, with the output dtype set (and the
-    depth a `slices:` recipe gives)."""
+    depth a `slices:` recipe gives, and the head marked untied when the merge wrote it)."""
     copy_side_files(plan.base.source.path, staging)
+    if untied_heads(recipe, plan.base):
+        mark_untied(staging / CONFIG_FILE)
     if slices is not None:
         from hfmerge.pipeline.slices import write_slices_config
 

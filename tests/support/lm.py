@@ -163,3 +163,13 @@ def save_permuted_copy(source: Path, out: Path, *, seed: int = 1) -> Path:
         metadata={"format": "pt"},
     )
     return out
+
+
+def save_head_beside_embedding(path: Path) -> Path:
+    """A saved tied model (`tie_word_embeddings: true`) rewritten with its head saved too, equal
+    to the embedding, as some checkpoints are: the config ties them, the file holds both."""
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
+    return path
