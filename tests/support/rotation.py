@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hfmerge.arch import spec_for
-from hfmerge.arch.residual import BasisMap, map_state_dict
+from hfmerge.arch.residual import BasisMap, lift_rotation, map_state_dict, rotation_space
+from hfmerge.arch.spec import ArchSpec
 from tests.support.tiny_models import nontrivial_permutations
 
 _READERS = {  # norm gain -> the weights [out, hidden] that read the normed stream
@@ -110,3 +111,11 @@ def save_mapped_copy(source: Path, out: Path, *, seed: int) -> Path:
     config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def allowed_rotation(spec: ArchSpec, *, seed: int) -> torch.Tensor:
+    """A random orthogonal map of `spec`'s residual stream that keeps its function: any, or one
+    fixing the all-ones direction where its norms centre (LayerNorm)."""
+    space = rotation_space(spec)
+    width = spec.groups["residual"].size if space is None else space.shape[1]
+    return lift_rotation(space, random_orthogonal(width, seed=seed))
