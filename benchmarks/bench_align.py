@@ -5,7 +5,8 @@
 
 Part 1 prints barrier and midpoint loss for none / activation / weight alignment, weight
 alignment with REPAIR, and (untied pairs only) orthogonal residual alignment
-(weight+orthogonal, activation+orthogonal, learned), between the two seeds of each zoo family
+(weight+orthogonal, the same with REPAIR, activation+orthogonal, learned), between the two seeds
+of each zoo family
 (built on first use): Llama-style zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 /
 zoo:gpt2-seed1, same width, depth and data; and a second Llama-style pair trained apart, the
 same seeds at width 64 (`ZooConfig.with_width`, as benchmarks/bench_width.py trains them), which
@@ -36,7 +37,7 @@ MODES = ("none", "activation", "weight", "weight+repair")
 # Orthogonal residual alignment folds the norms, which unties a tied head: the barrier refuses it
 # for the GPT-2 zoo seeds (tied), so it is only asked of these pairs (README gives the GPT-2
 # figures, measured on untied copies of the seeds).
-ORTHOGONAL = ("weight+orthogonal", "activation+orthogonal", "learned")
+ORTHOGONAL = ("weight+orthogonal", "weight+orthogonal+repair", "activation+orthogonal", "learned")
 ORTHOGONAL_PAIRS = frozenset({"llama", "llama-w64"})
 
 

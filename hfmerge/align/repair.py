@@ -102,7 +102,7 @@ def scaled(activation: torch.Tensor, site: RepairSite, factors: torch.Tensor) ->
     return activation * scale  # [b, t, c] * [c]
 
 
-def _axes(module: nn.Module, site: RepairSite) -> tuple[int, bool]:
+def fold_axes(module: nn.Module, site: RepairSite) -> tuple[int, bool]:
     """(weight axis that carries the site's channels, whether the bias carries them too)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -115,23 +115,31 @@ def _axes(module: nn.Module, site: RepairSite) -> tuple[int, bool]:
     return (out_axis, True) if site.side == "output" else (1 - out_axis, False)
 
 
+def folded(
+    tensor: torch.Tensor, dim: int, site: RepairSite, factors: torch.Tensor, *, gain: bool
+) -> torch.Tensor:
+    """`tensor` with its entries along `dim` that carry the site's channels multiplied by their
+    factors (a new tensor). `gain`: `tensor` is a norm's gain, so an offset gain (Gemma:
+    x * (1 + w)) scales as (offset + w) * f = offset + w'."""
+    channels = site.channels if site.channels is not None else torch.arange(tensor.shape[dim])
+    shape = [1] * tensor.dim()
+    shape[dim] = len(channels)
+    offset = site.gain_offset if gain else 0.0
+    picked = tensor.index_select(dim, channels) + offset  # channels along `dim`
+    scaled_values = picked * _per_channel(site, factors).to(tensor.dtype).view(shape) - offset
+    return tensor.index_copy(dim, channels, scaled_values)
+
+
 def fold(module: nn.Module, site: RepairSite, factors: torch.Tensor) -> None:
     """Multiply the weight (and bias) entries that produce or read the site's channels, in place."""
-    axis, with_bias = _axes(module, site)
+    axis, with_bias = fold_axes(module, site)
     weight = module.get_parameter("weight")
     bias = getattr(module, "bias", None)
     targets = [weight] + ([bias] if with_bias and isinstance(bias, torch.Tensor) else [])
-    channels = site.channels if site.channels is not None else torch.arange(weight.shape[axis])
-    per_channel = _per_channel(site, factors)
     with torch.no_grad():
         for tensor, dim in zip(targets, (axis, 0), strict=False):
-            shape = [1] * tensor.dim()
-            shape[dim] = len(channels)
-            # An offset gain (Gemma: x * (1 + w)) scales as (offset + w) * f = offset + w'.
-            offset = site.gain_offset if tensor is weight and weight.dim() == 1 else 0.0
-            picked = tensor.index_select(dim, channels) + offset  # channels along `dim`
-            scaled_values = picked * per_channel.to(tensor.dtype).view(shape) - offset
-            tensor.index_copy_(dim, channels, scaled_values)
+            gain = tensor is weight and weight.dim() == 1
+            tensor.copy_(folded(tensor, dim, site, factors, gain=gain))
 
 
 Hook = Callable[[torch.Tensor, RepairSite], torch.Tensor | None]
@@ -349,7 +357,9 @@ __all__ = [
     "fit",
     "fit_factors",
     "fold",
+    "fold_axes",
     "fold_factors",
+    "folded",
     "group_rms",
     "hooked_sites",
     "measure",

@@ -60,6 +60,37 @@ class Interpolator:
                 target.copy_(_value(name, lam, a, b, spec, basis, floating=floating))
 
 
+def write_point(
+    a: ModelSource,
+    b: ModelSource,
+    lam: float,
+    out_dir: Path,
+    *,
+    spec: ArchSpec | None = None,
+    basis: BasisMap | None = None,
+    max_shard_bytes: int,
+    progress: bool = False,
+) -> None:
+    """Write (1-λ)·A + λ·π(B) to the new folder `out_dir` as a checkpoint with A's tensor names,
+    dtypes and config: what `Interpolator.load` puts in a loaded model, for a model that must load
+    with its layers placed by accelerate instead. An interior point is rounded to A's dtypes."""
+    from hfmerge.progress import track
+    from hfmerge.tensors import ShardWriter, copy_side_files, plan_shards, torch_dtype
+
+    first, other = inspect_downloaded(a), inspect_downloaded(b)
+    infos = list(first.index)
+    out_dir.mkdir()
+    with ExitStack() as stack, torch.no_grad():
+        reader_a, reader_b = open_reader(stack, first), open_reader(stack, other)
+        shards = plan_shards(infos, max_shard_bytes=max_shard_bytes)
+        writer = stack.enter_context(ShardWriter(out_dir, shards))
+        for info in track(infos, description=f"writing {b.label} at λ={lam:g}", enabled=progress):
+            floating = info.dtype.startswith(("F", "BF"))
+            value = _value(info.name, lam, reader_a, reader_b, spec, basis, floating=floating)
+            writer.write(info.name, value.to(torch_dtype(info.dtype)))
+    copy_side_files(a.path, out_dir)
+
+
 def _value(
     name: str,
     lam: float,
@@ -103,4 +134,4 @@ def spec_of(path: Path, *, label: str) -> ArchSpec:
     return spec_for(read_config(path, label=label), index.names, label=label, shapes=shapes)
 
 
-__all__ = ["Interpolator", "check_same_tensors", "spec_of"]
+__all__ = ["Interpolator", "check_same_tensors", "spec_of", "write_point"]

@@ -89,8 +89,8 @@ def load_pretrained(
     placement: dict[str, Any] = {}
     if device_map is not None:
         placement["device_map"] = device_map
-        if max_memory:
-            placement["max_memory"] = max_memory
+        if max_memory:  # a copy: accelerate rewrites the sizes in the dict it is given
+            placement["max_memory"] = dict(max_memory)
         if offload_folder is not None:
             placement["offload_folder"] = str(offload_folder)
     with quiet_transformers(), _no_remote_code(path, label=label):
@@ -227,16 +227,38 @@ def load_model(path: Path, *, label: str, adapter: Path | None = None) -> PreTra
     return load_pretrained(auto, path, label=label, complete=whole, adapter=adapter)
 
 
-def load_lm(path: Path, *, label: str, adapter: Path | None = None) -> PreTrainedModel:
-    """The model in `path` with its LM head, float32, eval mode, with its LoRA `adapter` folder
-    applied; missing weights are an error."""
+def lm_class(path: Path, *, label: str) -> Any:
+    """The transformers auto class of the model in `path` with its LM head: masked or causal."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     config = load_config(path, label=label)
     objective = lm_objective(list(config.architectures or []), label=label)
-    auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
+    return AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
+
+
+def load_lm(
+    path: Path,
+    *,
+    label: str,
+    adapter: Path | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: MaxMemory | None = None,
+    offload_folder: Path | None = None,
+) -> PreTrainedModel:
+    """The model in `path` with its LM head, float32, eval mode, with its LoRA `adapter` folder
+    applied; missing weights are an error. `device_map`, `max_memory` and `offload_folder` place
+    it with accelerate (default: whole, on the CPU)."""
     head = Completeness("its LM head", "evaluate a checkpoint saved with its LM head")
-    return load_pretrained(auto, path, label=label, complete=head, adapter=adapter)
+    return load_pretrained(
+        lm_class(path, label=label),
+        path,
+        label=label,
+        complete=head,
+        adapter=adapter,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+    )
 
 
 def position_limit(config: Any) -> int | None:

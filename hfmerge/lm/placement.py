@@ -192,12 +192,14 @@ def plan_placement(
     working: int,
     kept: int,
     paired: int = 0,
+    shrink: str = "fewer --samples or a smaller --batch-size",
 ) -> ProbePlacement:
     """Place two probed models within `budget` bytes of host memory.
 
     `working`: bytes the caller holds whichever way the models load (activations of a batch,
     statistics); `kept`: bytes it holds in addition when they run one at a time (the first
-    model's samples); `paired`: bytes it holds in addition when they run together.
+    model's samples); `paired`: bytes it holds in addition when they run together; `shrink`: how
+    the user makes `working` smaller, for the error.
 
     Raises:
         OptionError: `device_map` names a device or a JSON map: a budget plans the map itself.
@@ -220,7 +222,7 @@ def plan_placement(
             why=f"the interpreter, the largest shard while it loads, {_gib(working + kept)} of "
             f"activations and statistics, and room for one layer need {_gib(fixed + kept + least)}",
             fix=f"give --max-memory {math.ceil((fixed + kept + least) / 1e9)}GB or more, "
-            "or fewer --samples or a smaller --batch-size",
+            f"or {shrink}",
         )
     return ProbePlacement(strategy, _cpu(share), one_at_a_time=True, offload=True)
 

@@ -32,8 +32,9 @@ class RunOptions:
         push: Hub repo id to push the output to. None: the recipe's `output.push`.
         private: make a newly created Hub repo private. None: the recipe's `output.private`.
         offline: use only the local HF cache, with no network request.
-        max_memory: peak memory of the merge step (engine/budget.py) and of weight matching
-            (align/matching_memory.py), e.g. "1GB" or bytes.
+        max_memory: peak memory of the merge step (engine/budget.py), of weight and activation
+            matching (align/matching_memory.py, align/activation_run.py) and of REPAIR
+            (pipeline/repair.py), e.g. "1GB" or bytes.
         progress: draw progress bars on stderr.
         allow_non_finite: merge even when an input tensor, or the merged output, holds NaN or
             Inf values, listing them in a warning on stderr; by default they are an error

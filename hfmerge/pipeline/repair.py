@@ -2,26 +2,41 @@
 
 Runs on the staging directory, after the engine wrote the merge and before the rename puts it in
 place. The base and every aligned input are measured on the probe text (one model loaded, each
-input permuted into it on read), the merged model is fitted to the merge-weighted blend of their
-channel statistics, and only the tensors the factors fold into are overwritten in their shards.
+input read into it through its map), the merged model is fitted to the merge-weighted blend of
+their channel statistics, and only the tensors the factors fold into are overwritten in their
+shards (`align/repair_checkpoint.py`).
+
+With `--max-memory`, the plan (`lm.placement.plan_placement`, from the configs and headers) says
+whether one model fits whole beside a probe batch's forward pass. If not, each model loads with the
+layers that do not fit offloaded to a temporary folder, and an input read through a map is first
+written there in the base's basis (`analysis.interpolate.write_point`): accelerate places a
+checkpoint, not a model whose weights are written after loading.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
 
-from hfmerge.align.repair import ProbeBatches, SiteRms, fit_factors, fold_factors, measure
+from hfmerge.align.repair import ProbeBatches, SiteRms, fit_factors, measure
+from hfmerge.align.repair_checkpoint import fold_into_checkpoint
 from hfmerge.align.repair_sites import RepairSite, repair_sites
 from hfmerge.arch.residual import BasisMap
 from hfmerge.engine.plan import MergePlan
+from hfmerge.lm.placement import Footprint, ProbePlacement, forward_bytes, plan_placement
 from hfmerge.recipe.schema import Recipe
+from hfmerge.tensors.malloc import trim_heap
 
 REPAIR_BATCH = 8  # probe windows per forward pass (statistics are summed over the batches)
+FLOAT64 = 8
+SITES_PER_BLOCK = (
+    8  # the most REPAIR sites one block has (Gemma 3: four norms, q/k norms, two projection inputs)
+)
 
 
 @dataclass(frozen=True)
@@ -62,45 +77,126 @@ def _input_stats(
     bases: Sequence[BasisMap | None],
     sites: list[RepairSite],
     probe: ProbeBatches,
-    model: PreTrainedModel,
     *,
     progress: bool,
 ) -> list[SiteRms]:
-    """Each input's statistics in the base's basis, measured in `model` (loaded from the base)."""
+    """Each input's statistics in the base's basis, measured in one model loaded from the base."""
     from hfmerge.analysis.interpolate import Interpolator, spec_of
+    from hfmerge.lm.load import load_lm
     from hfmerge.progress import track
 
-    spec = spec_of(plan.base.source.path, label=plan.base.label)
+    base = plan.base.source
+    model = load_lm(base.path, label=base.label, adapter=base.adapter_path)
+    spec = spec_of(base.path, label=plan.base.label)
     stats = []
     for entry, solved in track(
         list(zip(plan.inputs, bases, strict=True)),
         description="repair: measuring inputs",
         enabled=progress,
     ):
-        Interpolator(model, plan.base.source, entry.source).load(1.0, spec=spec, basis=solved)
+        Interpolator(model, base, entry.source).load(1.0, spec=spec, basis=solved)
         stats.append(measure(model, sites, probe))
     return stats
 
 
-def _folded_tensors(
-    model: PreTrainedModel, sites: list[RepairSite], staging: Path, *, label: str
-) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> new value of every tensor a site's factor was folded into."""
-    from hfmerge.lm.checkpoint_views import checkpoint_targets
-    from hfmerge.tensors import read_checkpoint_index
+def _input_stats_placed(
+    plan: MergePlan,
+    bases: Sequence[BasisMap | None],
+    sites: list[RepairSite],
+    probe: ProbeBatches,
+    placement: ProbePlacement,
+    scratch: Path,
+    *,
+    shard_bytes: int,
+    progress: bool,
+) -> list[SiteRms]:
+    """`_input_stats` with each input loaded on its own, placed by accelerate (layers offloaded to
+    `scratch`): an input read through a map is first written there in the base's basis, in shards
+    of at most `shard_bytes` (the plan counts the largest shard as resident while it loads)."""
+    from hfmerge.analysis.interpolate import spec_of, write_point
+    from hfmerge.lm.load import load_lm
 
-    modules = dict(model.named_modules())
-    touched = {
-        p.untyped_storage().data_ptr()
-        for site in sites
-        for p in modules[site.module].parameters(recurse=False)
-    }
-    index = read_checkpoint_index(staging, label=label)
-    return {
-        name: tensor
-        for name, tensor in checkpoint_targets(model, index, label=label).items()
-        if tensor.untyped_storage().data_ptr() in touched
-    }
+    base = plan.base.source
+    spec = spec_of(base.path, label=plan.base.label)
+    stats = []
+    for number, (entry, solved) in enumerate(zip(plan.inputs, bases, strict=True)):
+        source = entry.source
+        folder, adapter = source.path, source.adapter_path
+        if solved is not None or adapter is not None:
+            folder, adapter = scratch / f"input-{number}", None
+            write_point(
+                base,
+                source,
+                1.0,
+                folder,
+                spec=spec,
+                basis=solved,
+                max_shard_bytes=shard_bytes,
+                progress=progress,
+            )
+        model = load_lm(
+            folder,
+            label=source.label,
+            adapter=adapter,
+            device_map=placement.device_map,
+            max_memory=placement.max_memory,
+            offload_folder=scratch / "offload",
+        )
+        stats.append(measure(model, sites, probe))
+        del model
+        trim_heap()
+        if folder != source.path:
+            shutil.rmtree(folder)
+    return stats
+
+
+def repair_working_bytes(path: Path, *, label: str, inputs: int, length: int) -> int:
+    """Host bytes REPAIR holds beside a model shaped like the one in `path`: one probe batch's
+    forward pass (windows of `length` tokens) and the statistics of `inputs` inputs."""
+    from hfmerge.lm.load import load_config
+
+    config = load_config(path, label=label)
+    widest = max(int(config.hidden_size), int(getattr(config, "intermediate_size", 0) or 0))
+    sites = SITES_PER_BLOCK * int(config.num_hidden_layers) + 1
+    # Per site: each input's float64 RMS per channel, and the fit's sums and factors (a few more).
+    stats = FLOAT64 * sites * widest * (inputs + 4)
+    return forward_bytes([config], batch_size=REPAIR_BATCH, length=length) + stats
+
+
+def repair_placement(
+    path: Path, *, label: str, inputs: int, budget: int, length: int
+) -> ProbePlacement:
+    """Where REPAIR's one model at a time goes within `budget` bytes of host memory, for models
+    shaped like the one in `path`: whole, or with the layers that do not fit beside one probe
+    batch's forward pass (windows of `length` tokens) offloaded to disk.
+
+    Raises:
+        HfMergeError: the budget cannot hold one model even with its layers on disk.
+    """
+    footprint = Footprint.of(path, label=label)
+    return plan_placement(
+        (footprint, footprint),
+        budget=budget,
+        device_map="auto",
+        working=repair_working_bytes(path, label=label, inputs=inputs, length=length),
+        kept=0,
+        shrink="fewer `probe.samples` or a shorter `probe.max_length`",
+    )
+
+
+def check_repair_budget(recipe: Recipe, plan: MergePlan, max_memory_bytes: int | None) -> None:
+    """Refuse a `--max-memory` that REPAIR could not work within (`repair_placement` on the
+    downloaded base, whose shapes the merge has), before anything long runs."""
+    if not recipe.align.repair or max_memory_bytes is None:
+        return
+    base = plan.base
+    repair_placement(
+        base.source.path,
+        label=base.label,
+        inputs=len(plan.inputs),
+        budget=max_memory_bytes,
+        length=recipe.probe.max_length,
+    )
 
 
 def repair_output(
@@ -111,11 +207,16 @@ def repair_output(
     weights: Sequence[float],
     *,
     progress: bool,
+    max_memory_bytes: int | None = None,
 ) -> RepairReport:
-    """Fit REPAIR factors on the merged model in `staging` and overwrite the folded tensors."""
+    """Fit REPAIR factors on the merged model in `staging` and overwrite the folded tensors.
+
+    One model is held at a time (the base holding each input in turn, then the merge); within
+    `max_memory_bytes` of host memory when given, each loads with the layers that do not fit
+    offloaded to a temporary folder on disk.
+    """
     from hfmerge.lm.batches import text_batches
-    from hfmerge.lm.load import load_lm
-    from hfmerge.tensors import overwrite_tensors
+    from hfmerge.lm.load import empty_model, lm_class, load_lm
 
     probe = recipe.probe
     windows = text_batches(
@@ -126,21 +227,54 @@ def repair_output(
         samples=probe.samples,
         batch_size=REPAIR_BATCH,
     )
-    base = plan.base.source
-    model = load_lm(base.path, label=base.label, adapter=base.adapter_path)
-    sites = repair_sites(model)
-    target = _blend(_input_stats(plan, bases, sites, windows, model, progress=progress), weights)
-    del model
-    merged = load_lm(staging, label=str(staging))
-    factors, passes = fit_factors(merged, sites, windows, target)
-    fold_factors(merged, sites, factors)
-    overwrite_tensors(
-        staging, _folded_tensors(merged, sites, staging, label=str(staging)), label=str(staging)
-    )
+    label = str(staging)
+    skeleton = empty_model(lm_class(staging, label=label), staging, label=label)
+    sites = repair_sites(skeleton)
+    placement = ProbePlacement("auto", None)
+    if max_memory_bytes is not None:
+        placement = repair_placement(
+            staging,
+            label=label,
+            inputs=len(plan.inputs),
+            budget=max_memory_bytes,
+            length=probe.max_length,
+        )
+    with tempfile.TemporaryDirectory(prefix="hfmerge-repair-") as scratch:
+        if placement.offload:
+            measured = _input_stats_placed(
+                plan,
+                bases,
+                sites,
+                windows,
+                placement,
+                Path(scratch),
+                shard_bytes=Footprint.of(staging, label=label).largest_shard,
+                progress=progress,
+            )
+        else:
+            measured = _input_stats(plan, bases, sites, windows, progress=progress)
+        trim_heap()
+        target = _blend(measured, weights)
+        merged = load_lm(
+            staging,
+            label=label,
+            device_map=placement.device_map if placement.offload else None,
+            max_memory=placement.max_memory,
+            offload_folder=Path(scratch) / "offload",
+        )
+        factors, passes = fit_factors(merged, sites, windows, target)
+        del merged
+    fold_into_checkpoint(staging, skeleton, sites, factors, label=label)
     values = torch.cat(list(factors.values()))
     return RepairReport(
         len(sites), len(values), float(values.min()), float(values.max()), probe.data, passes
     )
 
 
-__all__ = ["RepairReport", "repair_output"]
+__all__ = [
+    "RepairReport",
+    "check_repair_budget",
+    "repair_output",
+    "repair_placement",
+    "repair_working_bytes",
+]

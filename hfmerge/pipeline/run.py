@@ -142,6 +142,9 @@ def run_recipe(
     refuse_input_as_output(target, plan)
     plan = _download(plan, offline=offline)
     from hfmerge.pipeline.align import align_inputs
+    from hfmerge.pipeline.repair import check_repair_budget
+
+    check_repair_budget(recipe, plan, max_memory_bytes)  # before the matching and the merge
     from hfmerge.pipeline.gate import cka_gate
 
     cka = cka_gate(recipe, plan, force=force, progress=progress)  # before any output is written
@@ -167,7 +170,15 @@ def run_recipe(
             save_vocabulary(staging, vocabulary, plan)
         if recipe.tokenizer is not None and recipe.tokenizer.chat_template is not None:
             save_chat_template(staging, plan, recipe.tokenizer.chat_template)
-        repaired = _repair(staging, plan, recipe, alignment.bases, schedule, progress=progress)
+        repaired = _repair(
+            staging,
+            plan,
+            recipe,
+            alignment.bases,
+            schedule,
+            progress=progress,
+            max_memory_bytes=max_memory_bytes,
+        )
         write_side_files(
             staging,
             plan,
@@ -364,6 +375,7 @@ def _repair(
     schedule: ParamSchedule,
     *,
     progress: bool,
+    max_memory_bytes: int | None,
 ) -> RepairReport | None:
     """`align.repair`: rescale the staged merge (a linear merge, checked with the recipe)."""
     if not recipe.align.repair:
@@ -373,4 +385,6 @@ def _repair(
 
     model_params = schedule.constant_models()  # the recipe checks refuse a varying weight
     weights = [float(as_params(p, WeightedModelParams).weight) for p in model_params]
-    return repair_output(staging, plan, recipe, bases, weights, progress=progress)
+    return repair_output(
+        staging, plan, recipe, bases, weights, progress=progress, max_memory_bytes=max_memory_bytes
+    )
