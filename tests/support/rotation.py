@@ -89,9 +89,9 @@ def save_rotated_copy(source: Path, out: Path, *, block: int, seed: int) -> Path
 
 
 def save_mapped_copy(source: Path, out: Path, *, seed: int) -> Path:
-    """`source` (a saved tiny Llama-style model) folded, every group permuted and its residual
-    stream rotated by a random orthogonal matrix: the same function in a basis no permutation
-    reaches (the head untied if it was tied)."""
+    """`source` (a saved tiny pre-norm model: Llama-style, GPT-2) folded, every group permuted and
+    its residual stream rotated by a random orthogonal matrix (fixing 1 under LayerNorm): the same
+    function in a basis no permutation reaches (the head untied if it was tied)."""
     shutil.copytree(source, out)
     config = json.loads((out / "config.json").read_text())
     tensors = load_file(out / "model.safetensors")
@@ -99,7 +99,7 @@ def save_mapped_copy(source: Path, out: Path, *, seed: int) -> Path:
     basis = BasisMap(
         nontrivial_permutations(spec, seed=seed),
         fold=True,
-        rotation=random_orthogonal(int(config["hidden_size"]), seed=seed),
+        rotation=allowed_rotation(spec, seed=seed),
     )
     mapped = map_state_dict({n: t.double() for n, t in tensors.items()}, spec, basis)
     dtypes = {n: tensors[spec.tied.get(n, n)].dtype for n in mapped}
