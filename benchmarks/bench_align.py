@@ -4,10 +4,9 @@
         [--orders N]
 
 Part 1 prints barrier and midpoint loss for none / activation / weight alignment, weight
-alignment with REPAIR, and (RMSNorm families only) orthogonal residual alignment
-(weight+orthogonal, the same with REPAIR, activation+orthogonal, learned), between the two seeds
-of each zoo family
-(built on first use): Llama-style zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 /
+alignment with REPAIR, and orthogonal residual alignment (weight+orthogonal, the same with
+REPAIR, activation+orthogonal, learned), between the two seeds of each zoo family (built on first
+use): Llama-style zoo:seed0 / zoo:seed1 and GPT-2-style zoo:gpt2-seed0 /
 zoo:gpt2-seed1, same width, depth and data; and a second Llama-style pair trained apart, the
 same seeds at width 64 (`ZooConfig.with_width`, as benchmarks/bench_width.py trains them), which
 `learned`'s step count and learning rate were not tuned on.
@@ -34,10 +33,7 @@ PAIRS: dict[str, tuple[str, str, str]] = {
 }
 WIDTHS = {"llama-w64": 64}  # pairs trained at another width of the zoo config: their members
 MODES = ("none", "activation", "weight", "weight+repair")
-# Orthogonal residual alignment is exact only where the norm gains fold (RMSNorm): GPT-2's
-# LayerNorm refuses it, so it is only asked of these families.
 ORTHOGONAL = ("weight+orthogonal", "weight+orthogonal+repair", "activation+orthogonal", "learned")
-RMSNORM_FAMILIES = frozenset({"llama", "llama-w64"})
 
 
 def pair_refs(family: str) -> tuple[str, str]:
@@ -66,7 +62,7 @@ def barrier_table(pairs: list[str], samples: int) -> None:
         results = api.barrier(
             ref_a,
             ref_b,
-            align=MODES + (ORTHOGONAL if family in RMSNORM_FAMILIES else ()),
+            align=MODES + ORTHOGONAL,
             probe_data=PROBE_DATA,
             samples=samples,
             progress=False,
@@ -79,13 +75,11 @@ def barrier_table(pairs: list[str], samples: int) -> None:
                 f"{result.loss_mid:>9.3f} {result.barrier / vanilla:>7.2f}x {seconds:>5.0f}"
             )
         print(f"  ({what}; scored on builtin, probes from {PROBE_DATA}, {samples} windows)")
-        if family not in RMSNORM_FAMILIES:
-            print("  (orthogonal modes: refused, LayerNorm does not commute with a rotation)")
 
 
 def order_spread(pairs: list[str], samples: int, orders: int) -> None:
-    """Barrier per visit order of weight matching (its `seed`), for `weight` and, on RMSNorm
-    pairs, `weight+orthogonal`: coordinate ascent ends in a different local optimum per order."""
+    """Barrier per visit order of weight matching (its `seed`), for `weight` and
+    `weight+orthogonal`: coordinate ascent ends in a different local optimum per order."""
     # Internal on purpose: `hfmerge barrier` always uses seed 0.
     from hfmerge.align.apply import align_basis
     from hfmerge.analysis.barrier import compare_barriers
@@ -95,8 +89,7 @@ def order_spread(pairs: list[str], samples: int, orders: int) -> None:
     for family in pairs:
         model_a, model_b, _ = PAIRS[family]
         a, b = (resolve(ref, progress=False) for ref in pair_refs(family))
-        modes = ["weight"] + (["weight+orthogonal"] if family in RMSNORM_FAMILIES else [])
-        for mode in modes:
+        for mode in ("weight", "weight+orthogonal"):
             barriers = []
             for seed in range(orders):
                 basis = align_basis(mode, a, b, seed=seed)

@@ -1,5 +1,5 @@
 """Permutation alignment (Git Re-Basin): weight matching, activation matching, aligned checkpoints;
-and orthogonal residual alignment of RMSNorm models (`orthogonal.py`), with within-head maps of
+and orthogonal residual alignment of pre-norm models (`orthogonal.py`), with within-head maps of
 attention (`head_maps.py`).
 
 `align_basis` is the one-call entry point (`align_permutations` for the permutation methods);

@@ -25,7 +25,7 @@ from hfmerge.align.attention import (
 )
 from hfmerge.align.cross_stats import CrossStats
 from hfmerge.align.lap import assignment_value, solve_lap
-from hfmerge.align.orthogonal import orthogonal_factor
+from hfmerge.align.orthogonal import residual_factor
 from hfmerge.align.weight_matching import MatchResult
 from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.permute import identity_permutations
@@ -232,7 +232,7 @@ def _match_group(group: PermGroup, stats: _Sums) -> tuple[GroupPerm, float]:
     return order, assignment_value(similarity, order) / group.size
 
 
-def _residual_rotation(stats: _Sums) -> torch.Tensor:
+def _residual_rotation(spec: ArchSpec, stats: _Sums) -> torch.Tensor:
     """[hidden, hidden] orthogonal Q maximising Σ ⟨h_A, Q h_B⟩ over the non-padding tokens of
     every hidden state but the last (float64 sums C = Σ h_A h_Bᵀ, streamed per batch).
 
@@ -242,7 +242,7 @@ def _residual_rotation(stats: _Sums) -> torch.Tensor:
     """
     cross = sum(stats.residual[i].cross for i in range(len(stats.residual) - 1))  # [d, d]
     assert isinstance(cross, torch.Tensor)
-    return orthogonal_factor(cross)
+    return residual_factor(spec, cross)  # fixing 1 where the norms centre
 
 
 def activation_matching(
@@ -377,5 +377,5 @@ def _matched(spec: ArchSpec, stats: _Sums, *, residual: ResidualMap) -> MatchRes
         iterations=1,
         objective=[sum(correlation.values())],
         correlation=correlation,
-        rotation=_residual_rotation(stats) if rotate else None,
+        rotation=_residual_rotation(spec, stats) if rotate else None,
     )

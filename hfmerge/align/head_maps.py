@@ -7,7 +7,8 @@ o_proj), and two Procrustes problems are solved:
 
 - Q/K, per RoPE pair (dims i, j of the head): the 2-D rotation R maximising Σ ⟨a, R b⟩ over the
   pair's rows of every query head of the slot and of its key head: with C = Σ a bᵀ (2x2), R's
-  angle is atan2(C₁₀ - C₀₁, C₀₀ + C₁₁). The identity where Q/K maps are not exact (q/k norms).
+  angle is atan2(C₁₀ - C₀₁, C₀₀ + C₁₁). Without RoPE (GPT-2), the orthogonal U Vᵀ of the whole
+  head's C. The identity where Q/K maps are not exact (q/k norms, partial RoPE).
 - V/O: the orthogonal M = U Vᵀ of C = Σ v_A v_Bᵀ + Σ o_A o_Bᵀ = U S Vᵀ (M⁻ᵀ = M, so o_proj's
   columns take M as the values do).
 
@@ -46,7 +47,7 @@ from hfmerge.arch.head_maps import (
     HeadMap,
     HeadMaps,
     compose_head_maps,
-    head_layouts_only,
+    head_parts,
     pair_map,
     permuted_head_maps,
     qk_maps_exact,
@@ -67,12 +68,13 @@ def head_rows(spec: ArchSpec, get: Callable[[str], torch.Tensor]) -> Rows:
     rows: Rows = {}
     for name, tensor_spec in spec.tensors.items():
         for axis, role in enumerate(tensor_spec.axes):
-            if role is None or role.layout not in _PARTS:
+            if role is None or spec.groups[role.group].kind != "attention":
                 continue
             group = spec.groups[role.group]
-            flat = axis_rows(get(name).double(), axis)  # [heads*head_dim, rest]
-            blocks = flat.reshape(-1, group.head_dim, flat.shape[1])  # -> [heads, d, rest]
-            rows.setdefault(role.group, {}).setdefault(_PARTS[role.layout], []).append(blocks)
+            flat = axis_rows(get(name).double(), axis)  # [axis_len, rest]
+            for layout, index in head_parts(group, role.layout):  # a fused axis: q, k and v
+                blocks = flat[index].reshape(-1, group.head_dim, flat.shape[1])  # [heads, d, rest]
+                rows.setdefault(role.group, {}).setdefault(_PARTS[layout], []).append(blocks)
     return rows
 
 
@@ -103,12 +105,14 @@ def pair_rotations(pairs: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
 
 
 def _qk_map(
-    group: PermGroup, pairs: torch.Tensor, a: PartRows, b: PartRows, slot: int
+    group: PermGroup, pairs: torch.Tensor | None, a: PartRows, b: PartRows, slot: int
 ) -> torch.Tensor:
-    """Slot `slot`'s pair rotations, from its query heads' and key head's rows."""
+    """Slot `slot`'s Q/K map, from its query heads' and key head's rows: a rotation of each RoPE
+    pair, or with `pairs` None (no RoPE) the orthogonal Procrustes map of the whole head."""
     rows_a = _slot_rows(group, a, "q", slot) + _slot_rows(group, a, "k", slot)
     rows_b = _slot_rows(group, b, "q", slot) + _slot_rows(group, b, "k", slot)
-    return pair_rotations(pairs, _cross(rows_a, rows_b, group.head_dim))
+    cross = _cross(rows_a, rows_b, group.head_dim)
+    return orthogonal_factor(cross) if pairs is None else pair_rotations(pairs, cross)
 
 
 def _vo_map(group: PermGroup, a: PartRows, b: PartRows, slot: int) -> torch.Tensor:
@@ -127,8 +131,6 @@ def solve_head_maps(
 ) -> HeadMaps:
     """B's within-head maps after `basis` (its permutations, fold and rotation; its own head
     maps are ignored). Q/K maps are the identity where they would not be exact."""
-    if not head_layouts_only(spec):
-        raise ValueError(f"within-head maps need separate q/k/v/o projections ({spec.family})")
     moved = BasisMap(basis.perms, basis.fold, basis.rotation)
     rows_a = head_rows(spec, folded_a.__getitem__)
     rows_b = head_rows(spec, lambda n: read_in_basis(n, folded_b.__getitem__, spec, moved))
@@ -136,7 +138,7 @@ def solve_head_maps(
     maps: HeadMaps = {}
     for name, a in rows_a.items():
         group, b = spec.groups[name], rows_b[name]
-        pairs = rotary_pairs(spec, group.head_dim)
+        pairs = rotary_pairs(spec, group.head_dim) if spec.rotary else None
         eye = torch.eye(group.head_dim, dtype=torch.float64)
         slots = range(group.num_kv_heads)
         qk = [_qk_map(group, pairs, a, b, g) if with_qk else eye for g in slots]

@@ -27,7 +27,14 @@ from hfmerge.align.head_maps import head_map_matching
 from hfmerge.align.orthogonal import axes_of
 from hfmerge.align.weight_matching import MatchResult
 from hfmerge.arch.head_maps import HeadMaps
-from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, rotate_residual
+from hfmerge.arch.residual import (
+    FOLDED,
+    BasisMap,
+    lift_rotation,
+    map_state_dict,
+    rotate_residual,
+    rotation_space,
+)
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.errors import AlignmentError
 from hfmerge.lm.checkpoint_views import loaded_names
@@ -52,13 +59,15 @@ class Interpolated:
     """θ(λ, Q) = (1-λ)·A + λ·Q(B) run through one loaded skeleton of A, by module tensor name.
 
     `own`: A folded; `other`: B folded and permuted, not rotated (float32 both); `axes`: each
-    tensor's axis roles, which say where Q acts (none for the folded norm gains).
+    tensor's axis roles, which say where Q acts (none for the folded norm gains); `space`: the
+    directions Q may turn (`rotation_space`: None, all; 1⊥ with centred norms).
     """
 
     model: PreTrainedModel
     own: dict[str, torch.Tensor]
     other: dict[str, torch.Tensor]
     axes: dict[str, tuple[AxisRole | None, ...]]
+    space: torch.Tensor | None = None
 
     def weights(self, lam: float, rotation: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every tensor of the interpolated model; differentiable in `rotation` [hidden, hidden]."""
@@ -119,6 +128,7 @@ def interpolated(
         other={names[n]: t.float() for n, t in other.items()},
         # A folded norm gain is 1 on every unit, which Q leaves as it is: no axis to rotate.
         axes={names[n]: () if n in spec.norm_readers else axes_of(spec, n) for n in own},
+        space=rotation_space(spec),
     )
 
 
@@ -145,15 +155,19 @@ def _module_names(
     return names
 
 
-def _rotation(start: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
-    """Q = Q0 · expm(G - Gᵀ) [hidden, hidden].
+def _rotation(
+    start: torch.Tensor, generator: torch.Tensor, space: torch.Tensor | None
+) -> torch.Tensor:
+    """Q = Q0 · expm(G - Gᵀ) [hidden, hidden]; with centred norms Q0 · lift(expm(G - Gᵀ)), G
+    [hidden − 1, hidden − 1] acting on `space` (the basis of 1⊥, `rotation_space`), so Q fixes
+    the all-ones direction as Q0 does.
 
     The exponential of a skew-symmetric matrix is a rotation, so Q is orthogonal at every step by
     construction, with no projection back (plain steps on Q then an SVD would leave the manifold
     and come back by a jump Adam's moments know nothing of); G = 0 is exactly the start.
     """
-    turn: torch.Tensor = torch.linalg.matrix_exp(generator - generator.T)  # [hidden, hidden]
-    return start @ turn
+    turn: torch.Tensor = torch.linalg.matrix_exp(generator - generator.T)  # [k, k]
+    return start @ lift_rotation(space, turn)
 
 
 def refine_rotation(
@@ -173,7 +187,9 @@ def refine_rotation(
     least WINDOW_STEPS steps), and the Q returned is the one at the end of the best window.
     """
     draws = torch.Generator().manual_seed(seed)
-    generator = torch.zeros_like(start, dtype=torch.float64, requires_grad=True)
+    space = model.space
+    size = start.shape[0] if space is None else space.shape[1]
+    generator = torch.zeros(size, size, dtype=torch.float64, requires_grad=True)  # [k, k]
     optimizer = torch.optim.Adam([generator], lr=learning_rate)
     window = len(batches) * math.ceil(WINDOW_STEPS / len(batches))
     best_loss, best = math.inf, generator.detach().clone()
@@ -185,7 +201,8 @@ def refine_rotation(
         for step in track(range(steps), description="learned alignment", enabled=progress):
             low, high = LAMBDAS
             lam = low + (high - low) * float(torch.rand((), generator=draws, dtype=torch.float64))
-            loss = model.loss(batches[step % len(batches)], lam, _rotation(start, generator))
+            turned = _rotation(start, generator, space)
+            loss = model.loss(batches[step % len(batches)], lam, turned)
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -202,7 +219,7 @@ def refine_rotation(
     if taken < window:  # too few steps for one window: the last Q is all there is
         best = generator.detach().clone()
     with torch.no_grad():
-        return _rotation(start, best), taken, taken < steps
+        return _rotation(start, best, space), taken, taken < steps
 
 
 def learned_matching(

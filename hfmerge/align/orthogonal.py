@@ -1,8 +1,9 @@
 """Orthogonal residual alignment (weight mode): one orthogonal map of B's residual stream, found by
 Procrustes, alternated with weight matching of the FF and attention groups.
 
-Both models are folded first (`arch/residual.py`: every RMSNorm gain moved into its readers), so
-an orthogonal Q on B's residual stream keeps B's function. Q maximises
+Both models are folded first (`arch/residual.py`: every norm gain moved into its readers, and a
+LayerNorm's bias into its readers' biases), so an orthogonal Q on B's residual stream keeps B's
+function (with LayerNorms, a Q that fixes the all-ones direction: `residual_factor`). Q maximises
 Σ_t ⟨A_t, Q·B_t⟩ over every tensor t with a residual axis (that axis' rows multiplied by Q):
 with C = Σ_t rows_A · rows_Bᵀ ([hidden, hidden]) and C = U S Vᵀ, Q = U Vᵀ. A residual permutation
 is a special Q, so the residual group of weight matching is redundant here: its answer is only the
@@ -25,9 +26,11 @@ from hfmerge.arch.permute import identity_permutations
 from hfmerge.arch.residual import (
     FOLDED,
     BasisMap,
+    lift_rotation,
     map_state_dict,
     read_in_basis,
     residual_axes,
+    rotation_space,
 )
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.progress import track
@@ -75,7 +78,21 @@ def procrustes(
         rows_b = residual_rows(tensor_b, axes_of(spec, name))
         assert rows_b is not None
         cross += rows_a @ rows_b.T  # [hidden, rest] @ [rest, hidden]
-    return orthogonal_factor(cross)
+    return residual_factor(spec, cross)
+
+
+def residual_factor(spec: ArchSpec, cross: torch.Tensor) -> torch.Tensor:
+    """The residual Q maximising tr(Qᵀ C) among those keeping `spec`'s function: any orthogonal
+    Q, or with centred norms one fixing the all-ones direction (`rotation_space`).
+
+    With U the [hidden, hidden − 1] basis of 1⊥, such a Q is U·R·Uᵀ + 11ᵀ/d for an orthogonal R,
+    and tr(Qᵀ C) = tr(Rᵀ·Uᵀ C U) + 1ᵀ C 1/d: R is the Procrustes answer for Uᵀ C U, lifted.
+    """
+    space = rotation_space(spec)
+    if space is None:
+        return orthogonal_factor(cross)
+    inner = space.T @ cross.to(space.dtype) @ space  # [hidden − 1, hidden − 1]
+    return lift_rotation(space, orthogonal_factor(inner))
 
 
 def orthogonal_factor(cross: torch.Tensor) -> torch.Tensor:
@@ -171,5 +188,6 @@ __all__ = [
     "orthogonal_factor",
     "orthogonal_matching",
     "procrustes",
+    "residual_factor",
     "residual_rows",
 ]

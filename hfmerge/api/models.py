@@ -54,7 +54,7 @@ def align(
         model_b: model to rewrite.
         out: output directory for the aligned `model_b` (with its permutations beside it).
         method: `weight` (weight matching, no data), `activation` (probe text), `canonical`
-            (both models' canonical unit order, no data) or `weight+orthogonal` (RMSNorm
+            (both models' canonical unit order, no data) or `weight+orthogonal` (pre-norm
             models: norm gains folded into their readers, the residual stream rotated by
             Procrustes alternated with weight matching, no data; writes B folded and untied) or
             `activation+orthogonal` (the same, Q by Procrustes on residual activations of the

@@ -28,6 +28,13 @@ NAME = "bert"
 MODEL_TYPES = ("bert",)
 DESCRIPTION = "BERT encoders (BertModel, BertForMaskedLM, BertForPreTraining); tied MLM decoder"
 MLM_HEAD = "cls.predictions."
+POST_LN = (
+    "BERT is post-LN: each LayerNorm normalises the residual sum after a block (and after the "
+    "embeddings), so its output is the residual stream itself, which every later block reads "
+    "and adds to. Its gain and bias act on the stream, not on one layer's input: they cannot be "
+    "folded into readers, and a LayerNorm with a gain other than 1 does not commute with a "
+    "rotation of the stream"
+)
 
 
 def _norm(b: SpecBuilder, base: str) -> None:
@@ -102,6 +109,8 @@ def build(
         names, "embeddings.word_embeddings.weight", ("bert.", ""), label=label, family=NAME
     )
     b = SpecBuilder(NAME, str(config.get("model_type", NAME)), label)
+    b.rotary = False
+    b.fold_refusal = POST_LN
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     _embeddings(b, p)
     for i in range(layers):

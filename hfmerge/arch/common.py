@@ -156,6 +156,10 @@ class SpecBuilder:
     groups: dict[str, PermGroup] = field(default_factory=dict)
     entries: list[_Entry] = field(default_factory=list)
     norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    norm_biases: dict[str, str] = field(default_factory=dict)
+    centred_norms: bool = False  # see ArchSpec
+    rotary: bool = True
+    fold_refusal: str = ""
 
     def group(self, group: PermGroup) -> None:
         """Declare a permutation group."""
@@ -191,9 +195,12 @@ class SpecBuilder:
             _Entry(names, axes, required=not is_tied, buffer=False, tied_to=to if is_tied else None)
         )
 
-    def norm(self, name: str, *, readers: tuple[str, ...]) -> None:
-        """A residual-width RMSNorm gain `name` (added with `add`) and the tensors reading it."""
+    def norm(self, name: str, *, readers: tuple[str, ...], bias: str | None = None) -> None:
+        """A residual-width norm gain `name` (added with `add`), the tensors reading it and, for
+        a LayerNorm, its bias."""
         self.norm_readers[name] = readers
+        if bias is not None:
+            self.norm_biases[name] = bias
 
     def finish(self, tensor_names: Collection[str]) -> ArchSpec:
         """The spec restricted to the checkpoint's names; unknown or missing names are an error."""
@@ -223,7 +230,17 @@ class SpecBuilder:
             if norm in tensors
         }
         return ArchSpec(
-            self.family, self.model_type, dict(self.groups), tensors, tied, norm_readers=readers
+            self.family,
+            self.model_type,
+            dict(self.groups),
+            tensors,
+            tied,
+            norm_readers=readers,
+            norm_biases={n: b for n, b in self.norm_biases.items() if n in readers},
+            reader_biases=_reader_biases(readers, tensors),
+            centred_norms=self.centred_norms,
+            rotary=self.rotary,
+            fold_refusal=self.fold_refusal,
         )
 
     def _check_names(self, unknown: Collection[str], missing: Collection[str]) -> None:
@@ -246,3 +263,12 @@ class SpecBuilder:
                 "tying flags) matches the weights; modified or unsupported variants of a family "
                 "(extra heads, cross-attention, relative positions) cannot be aligned",
             )
+
+
+def _reader_biases(
+    readers: dict[str, tuple[str, ...]], tensors: Mapping[str, TensorSpec]
+) -> dict[str, str]:
+    """Norm reader `X.weight` -> `X.bias` where the checkpoint holds one (as every transformers
+    Linear and Conv1D names them); a tied head has none."""
+    found = {r: r.removesuffix(".weight") + ".bias" for rs in readers.values() for r in rs}
+    return {r: bias for r, bias in found.items() if r.endswith(".weight") and bias in tensors}

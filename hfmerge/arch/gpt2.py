@@ -1,6 +1,9 @@
 """GPT-2 (GPT2Model, GPT2LMHeadModel): pre-LayerNorm decoder with Conv1D weights stored [in, out].
 
 `attn.c_attn` fuses Q | K | V along its output axis (axis 1), heads contiguous inside each block.
+Each LayerNorm sits in front of what reads it (ln_1: c_attn, ln_2: c_fc, ln_f: the head), so its
+gain and bias fold into those readers (`arch/residual.py`); positions are learned (`wpe`, written
+into the residual stream like `wte`), so no RoPE constrains the within-head Q/K maps.
 """
 
 from __future__ import annotations
@@ -34,15 +37,21 @@ def _norm(b: SpecBuilder, base: str) -> None:
     b.add(f"{base}.bias", R)
 
 
+def _folded_norm(b: SpecBuilder, base: str, *readers: str) -> None:
+    """A LayerNorm in front of `readers`: its gain and bias fold into them."""
+    _norm(b, base)
+    b.norm(f"{base}.weight", readers=readers, bias=f"{base}.bias")
+
+
 def _layer(b: SpecBuilder, p: str, i: int) -> None:
     base = f"{p}h.{i}."
-    _norm(b, f"{base}ln_1")
+    _folded_norm(b, f"{base}ln_1", f"{base}attn.c_attn.weight")
     # Conv1D is [in, out]: the residual is axis 0, the fused Q|K|V output is axis 1.
     b.add(f"{base}attn.c_attn.weight", R, attn(i, Layout.QKV_CONCAT))
     b.add(f"{base}attn.c_attn.bias", attn(i, Layout.QKV_CONCAT))
     b.add(f"{base}attn.c_proj.weight", attn(i, Layout.O), R)
     b.add(f"{base}attn.c_proj.bias", R)
-    _norm(b, f"{base}ln_2")
+    _folded_norm(b, f"{base}ln_2", f"{base}mlp.c_fc.weight")
     b.add(f"{base}mlp.c_fc.weight", R, ff(i))
     b.add(f"{base}mlp.c_fc.bias", ff(i))
     b.add(f"{base}mlp.c_proj.weight", ff(i), R)
@@ -64,6 +73,7 @@ def build(
     names = set(tensor_names)
     p = detect_prefix(names, "wte.weight", ("transformer.", ""), label=label, family=NAME)
     b = SpecBuilder(NAME, str(config.get("model_type", NAME)), label)
+    b.centred_norms, b.rotary = True, False
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     # Rows are token ids / positions: never permuted.
     b.add(f"{p}wte.weight", None, R)
@@ -82,9 +92,13 @@ def build(
             )
         )
         _layer(b, p, i)
-    _norm(b, f"{p}ln_f")
     # The bare GPT2Model has no head; the original `gpt2` repo has no prefix and a tied head.
     is_tied = config_flag(config, "tie_word_embeddings", default=True)
     if has_lm_head(config, names, prefix=p, head_names=("lm_head.weight",)):
+        _folded_norm(b, f"{p}ln_f", "lm_head.weight")
         b.tied("lm_head.weight", None, R, to=f"{p}wte.weight", is_tied=is_tied)
+    else:
+        # A bare model hands its final norm's output to the caller: nothing to fold it into.
+        _norm(b, f"{p}ln_f")
+        b.norm_readers.clear()
     return b.finish(names)

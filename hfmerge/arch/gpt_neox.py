@@ -2,6 +2,8 @@
 
 `attention.query_key_value` rows are head-major and interleaved, `[head][q | k | v][head_dim]`;
 rotary acts on the first `rotary_ndims` dims of each q/k head, so only the other dims may move.
+Both block LayerNorms read the block's input (in parallel or in turn) and the final one feeds the
+head, so each norm's gain and bias fold into its readers (`arch/residual.py`).
 """
 
 from __future__ import annotations
@@ -57,10 +59,16 @@ def _norm(b: SpecBuilder, base: str) -> None:
     b.add(f"{base}.bias", R)
 
 
+def _folded_norm(b: SpecBuilder, base: str, *readers: str) -> None:
+    """A LayerNorm in front of `readers`: its gain and bias fold into them."""
+    _norm(b, base)
+    b.norm(f"{base}.weight", readers=readers, bias=f"{base}.bias")
+
+
 def _layer(b: SpecBuilder, p: str, i: int, *, attention_bias: bool) -> None:
     base = f"{p}layers.{i}."
-    _norm(b, f"{base}input_layernorm")
-    _norm(b, f"{base}post_attention_layernorm")
+    _folded_norm(b, f"{base}input_layernorm", f"{base}attention.query_key_value.weight")
+    _folded_norm(b, f"{base}post_attention_layernorm", f"{base}mlp.dense_h_to_4h.weight")
     b.add(f"{base}attention.query_key_value.weight", attn(i, Layout.QKV_PER_HEAD), R)
     b.add(f"{base}attention.dense.weight", R, attn(i, Layout.O))
     if attention_bias:
@@ -89,6 +97,7 @@ def build(
     names = set(tensor_names)
     p = detect_prefix(names, "embed_in.weight", ("gpt_neox.", ""), label=label, family=NAME)
     b = SpecBuilder(NAME, str(config.get("model_type", NAME)), label)
+    b.centred_norms = True
     b.group(PermGroup(RESIDUAL, "residual", hidden))
     b.add(f"{p}embed_in.weight", None, R)
     b.buffer(f"{p}rotary_emb.inv_freq", ndim=1)
@@ -105,8 +114,12 @@ def build(
             )
         )
         _layer(b, p, i, attention_bias=config_flag(config, "attention_bias", default=True))
-    _norm(b, f"{p}final_layer_norm")
     if has_lm_head(config, names, prefix=p, head_names=HEAD_NAMES):
+        _folded_norm(b, f"{p}final_layer_norm", *HEAD_NAMES)  # the spelling present is kept
         is_tied = config_flag(config, "tie_word_embeddings", default=False)
         b.tied(HEAD_NAMES, None, R, to=f"{p}embed_in.weight", is_tied=is_tied)
+    else:
+        # A bare model hands its final norm's output to the caller: nothing to fold it into.
+        _norm(b, f"{p}final_layer_norm")
+        b.norm_readers.clear()
     return b.finish(names)

@@ -13,6 +13,12 @@ The maps act on B after its permutations (`arch/residual.py` `read_in_basis`), p
 the permuted model; they touch only head-major axes, so they commute with the norm fold and the
 residual rotation (which act on the residual axis).
 
+Without RoPE (`ArchSpec.rotary` False: GPT-2's learned positions) nothing turns q and k between
+the projection and the product, so G may be any orthogonal matrix of the head's dims.
+
+Fused projections (GPT-2's c_attn [Q | K | V], GPT-NeoX's [head][q | k | v]) are split into their
+q, k and v rows (`head_parts`), each mapped as a separate projection's would be.
+
 A per-dim gain on q or k after the projection (Qwen3's per-head q/k norm, OLMo 2's norm over the
 whole projection) does not commute with a rotation of a pair unless the pair's gains are equal, so
 `qk_maps_exact` is False there and only V/O maps apply.
@@ -32,6 +38,7 @@ INTERLEAVED_ROPE = frozenset({"helium", "ernie4_5"})
 # Families whose every Q/K dim is rotated by RoPE (no pass-through dims) in a known pairing.
 ROPE_FAMILIES = frozenset({"llama", "qwen3"})
 _HEAD_LAYOUTS = frozenset({Layout.Q, Layout.K, Layout.V, Layout.O})
+_FUSED_PARTS = (Layout.Q, Layout.K, Layout.V)
 _QK_NORMS = ("q_norm.weight", "k_norm.weight")
 
 
@@ -108,20 +115,31 @@ def pair_map(pairs: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def qk_maps_exact(spec: ArchSpec) -> bool:
-    """Whether Q/K maps keep the function: RoPE over the whole head in a known pairing (the
-    llama family), no per-dim gain on q or k (q/k norms), separate q/k/v/o projections."""
+    """Whether Q/K maps keep the function: no RoPE (any orthogonal map), or RoPE over the whole
+    head in a known pairing (the llama family: pair rotations); and no per-dim gain on q or k
+    (q/k norms)."""
     normed = any(name.endswith(_QK_NORMS) for name in spec.tensors)
-    return spec.family in ROPE_FAMILIES and not normed and head_layouts_only(spec)
+    return (not spec.rotary or spec.family in ROPE_FAMILIES) and not normed
 
 
-def head_layouts_only(spec: ArchSpec) -> bool:
-    """Whether every attention axis is a separate q, k, v or o projection's (not fused)."""
-    return all(
-        role.layout in _HEAD_LAYOUTS
-        for tensor in spec.tensors.values()
-        for role in tensor.axes
-        if role is not None and spec.groups[role.group].kind == "attention"
-    )
+def head_parts(group: PermGroup, layout: Layout) -> list[tuple[Layout, torch.Tensor]]:
+    """An attention axis as separate projections' axes: (q, k, v or o layout, the index of its
+    rows on the axis), one part for a separate projection, q, k and v for a fused one."""
+    heads, kv, dim = group.num_heads, group.num_kv_heads, group.head_dim
+    if layout in _HEAD_LAYOUTS:
+        size = heads * dim if layout in (Layout.Q, Layout.O) else kv * dim
+        return [(layout, torch.arange(size))]
+    if layout is Layout.QKV_CONCAT:  # [Q (heads*d) | K (kv*d) | V (kv*d)]
+        starts = (0, heads * dim, (heads + kv) * dim)
+        sizes = (heads * dim, kv * dim, kv * dim)
+        return [
+            (part, start + torch.arange(size))
+            for part, start, size in zip((Layout.Q, Layout.K, Layout.V), starts, sizes, strict=True)
+        ]
+    if layout is Layout.QKV_PER_HEAD:  # [head][q | k | v][d], heads == kv
+        block = torch.arange(heads)[:, None] * (3 * dim) + torch.arange(dim)  # [heads, d]
+        return [(part, (block + k * dim).reshape(-1)) for k, part in enumerate(_FUSED_PARTS)]
+    raise ValueError(f"{group.name}: no within-head parts on a {layout} axis")
 
 
 def _axis_maps(group: PermGroup, head_map: HeadMap, layout: Layout) -> torch.Tensor:
@@ -156,14 +174,14 @@ def map_heads(
     for axis, role in enumerate(axes):
         if role is None or role.group not in head_maps:
             continue
-        if role.layout not in _HEAD_LAYOUTS:
-            raise ValueError(f"{role.group}: within-head maps need separate q/k/v/o projections")
         group = spec.groups[role.group]
-        maps = _axis_maps(group, head_maps[role.group], role.layout).to(tensor.dtype)
-        moved = tensor.movedim(axis, 0)  # [..., heads*d, ...] -> [heads*d, ...]
-        rows = moved.reshape(maps.shape[0], group.head_dim, -1)  # -> [heads, d, rest]
-        mapped = (maps @ rows).reshape(moved.shape)  # [heads, d, rest] -> [heads*d, ...]
-        tensor = mapped.movedim(0, axis)  # [heads*d, ...] -> [..., heads*d, ...]
+        moved = tensor.movedim(axis, 0)  # [..., axis_len, ...] -> [axis_len, ...]
+        mapped = torch.empty_like(moved)
+        for layout, index in head_parts(group, role.layout):
+            maps = _axis_maps(group, head_maps[role.group], layout).to(tensor.dtype)
+            rows = moved[index].reshape(maps.shape[0], group.head_dim, -1)  # [heads, d, rest]
+            mapped[index] = (maps @ rows).reshape(moved[index].shape)  # -> [heads*d, ...]
+        tensor = mapped.movedim(0, axis)  # [axis_len, ...] -> [..., axis_len, ...]
     return tensor
 
 
@@ -173,7 +191,7 @@ __all__ = [
     "HeadMap",
     "HeadMaps",
     "compose_head_maps",
-    "head_layouts_only",
+    "head_parts",
     "identity_head_map",
     "map_heads",
     "pair_map",

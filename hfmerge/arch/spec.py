@@ -110,11 +110,22 @@ class ArchSpec:
     # Tensors that share storage with another one and are absent from the checkpoint when tied,
     # e.g. {"lm_head.weight": "model.embed_tokens.weight"}. Informational: never written out.
     tied: dict[str, str] = field(default_factory=dict)
-    # RMSNorm gain -> the linear layers that read its output, e.g. {"model.norm.weight":
+    # Norm gain -> the linear layers that read its output, e.g. {"model.norm.weight":
     # ("lm_head.weight",)}: the data of the norm-folding rewrite (`arch/residual.py`). Empty for
-    # families where folding is not exact (LayerNorm's mean-centring, Gemma's 1 + gain, norms
-    # after a block's output).
+    # families where folding is not exact (Gemma's 1 + gain, norms after a block's output).
     norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # LayerNorm gain -> its bias (`arch/residual.py` folds it too); absent for RMSNorms.
+    norm_biases: dict[str, str] = field(default_factory=dict)
+    # Norm reader weight -> its own bias, where it has one (it can absorb the norm's bias).
+    reader_biases: dict[str, str] = field(default_factory=dict)
+    # The residual norms subtract the mean (LayerNorm): a residual rotation keeps the function
+    # only if it fixes the all-ones direction (`arch/residual.py` `rotation_space`).
+    centred_norms: bool = False
+    # Whether RoPE turns queries and keys; False for learned absolute positions (GPT-2, BERT),
+    # where a within-head Q/K map may be any orthogonal matrix (`arch/head_maps.py`).
+    rotary: bool = True
+    # Why the norm gains do not fold, when the family knows (`require_foldable`'s message).
+    fold_refusal: str = ""
 
     @property
     def permutable(self) -> bool:
@@ -124,7 +135,7 @@ class ArchSpec:
 
     @property
     def foldable(self) -> bool:
-        """Whether every residual-width norm's gain can be folded into its readers (RMSNorm)."""
+        """Whether every residual-width norm's gain (and LayerNorm bias) folds into its readers."""
         return bool(self.norm_readers)
 
     @property

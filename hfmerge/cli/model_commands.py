@@ -167,7 +167,7 @@ def align(
         typer.Option(
             "--method",
             help="weight (no data), activation (probe text), canonical (both models' "
-            "canonical unit order, no data), weight+orthogonal (RMSNorm models: norm gains "
+            "canonical unit order, no data), weight+orthogonal (pre-norm models: norm gains "
             "folded, the residual stream rotated; no data), activation+orthogonal (the same, "
             "from probe text) or learned (weight+orthogonal's rotation refined by gradient "
             "descent on the midpoint model's loss on probe text).",

@@ -78,12 +78,13 @@ _ORTHOGONAL_HOW = {
 def _aligned_sentence(method: str) -> str:
     if method in ORTHOGONAL_METHODS:
         return (
-            "Every RMSNorm gain was folded into the layers that read it (an exact rewrite: the "
-            "merged model's norm gains are 1), and every input's residual stream was mapped into "
+            "Every norm gain (and LayerNorm bias) was folded into the layers that read it (an "
+            "exact rewrite: the merged model's norm gains are 1), and every input's residual "
+            "stream was mapped into "
             f"the base's by one orthogonal matrix (**{method}**: {_ORTHOGONAL_HOW[method]}; "
             "Theus et al. 2025, *Generalized linear mode connectivity for transformers*), and its "
-            "attention heads mapped within (a rotation of each RoPE pair of query/key dims, an "
-            "orthogonal map of value dims) before merging."
+            "attention heads mapped within (an orthogonal map of query/key dims, per RoPE pair "
+            "where RoPE turns them; an orthogonal map of value dims) before merging."
         )
     if method == "canonical":
         return (

@@ -19,7 +19,7 @@ AlignMethod = Literal[
     "learned",
 ]
 ALIGN_METHODS: tuple[AlignMethod, ...] = get_args(AlignMethod)
-# Methods that fold the norm gains and rotate the residual stream (RMSNorm families only): the
+# Methods that fold the norm gains and rotate the residual stream (pre-norm families): the
 # base is then read folded too, and the merge's norm gains are all 1.
 ORTHOGONAL_METHODS = frozenset({"weight+orthogonal", "activation+orthogonal", "learned"})
 # Methods that run probe text (transformers loads the models): through both models, or for

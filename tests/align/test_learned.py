@@ -1,5 +1,5 @@
 """`learned`: weight+orthogonal's residual rotation refined by gradient descent on the loss of the
-interpolated models; B's function kept, the midpoint loss lowered, LayerNorm models refused."""
+interpolated models; B's function kept, the midpoint loss lowered, post-LN models refused."""
 
 from __future__ import annotations
 
@@ -187,9 +187,9 @@ def test_cli_barrier_compares_learned_with_the_other_modes(
     assert abs(learned["loss_mid"] - orthogonal["loss_mid"]) > 1e-4
 
 
-def test_a_layernorm_pair_is_refused(tmp_path: Path) -> None:
-    a = save_lm("gpt2", tmp_path / "a", seed=1)
-    b = save_lm("gpt2", tmp_path / "b", seed=2)
+def test_a_post_layernorm_pair_is_refused(tmp_path: Path) -> None:
+    a = save_lm("bert", tmp_path / "a", seed=1)
+    b = save_lm("bert", tmp_path / "b", seed=2)
     with pytest.raises(AlignmentError, match="not exact"):
         align_basis("learned", a, b, batches=_batches("builtin"))
 

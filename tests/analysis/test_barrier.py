@@ -336,13 +336,13 @@ def test_cli_barrier_with_orthogonal_alignment_removes_a_rotation_that_weight_ca
 
 
 @pytest.mark.parametrize("mode", ["weight+orthogonal", "activation+orthogonal", "learned"])
-def test_orthogonal_barrier_refuses_a_layernorm_model_before_loading(
+def test_orthogonal_barrier_refuses_a_post_layernorm_model_before_loading(
     tmp_path: Path, mode: str
 ) -> None:
     from hfmerge.errors import AlignmentError
 
-    a = save_lm("gpt2", tmp_path / "a", seed=1)
-    b = save_lm("gpt2", tmp_path / "b", seed=2)
+    a = save_lm("bert", tmp_path / "a", seed=1)
+    b = save_lm("bert", tmp_path / "b", seed=2)
     with pytest.raises(AlignmentError, match="not exact"):
         compare_barriers(source_of(a), source_of(b), aligns=[mode], progress=False)
 

@@ -13,7 +13,7 @@ from tests.support.rotation import random_orthogonal
 from tests.support.tiny_models import make_tiny_model, max_abs_diff, model_outputs, tiny_batch
 
 FOLDABLE = ("llama", "llama_tied", "mistral", "qwen2", "qwen3")
-NOT_FOLDABLE = ("gpt2", "gemma", "gemma2", "olmo2", "bert")
+NOT_FOLDABLE = ("gemma", "gemma2", "olmo2", "bert")
 
 
 def _logits_change(kind: str, state: dict[str, torch.Tensor]) -> float:
@@ -45,6 +45,14 @@ def test_families_where_folding_is_not_exact_are_refused(kind: str) -> None:
     with pytest.raises(AlignmentError, match="not exact") as info:
         require_foldable(spec, label="B", feature="weight+orthogonal")
     assert "`weight`" in info.value.fix
+
+
+def test_bert_is_refused_because_its_norms_follow_each_block() -> None:
+    _, spec = tiny("bert")
+    with pytest.raises(AlignmentError) as info:
+        require_foldable(spec, label="B", feature="weight+orthogonal")
+    assert "post-LN" in info.value.why
+    assert "residual sum after a block" in info.value.why
 
 
 def test_a_bare_model_has_nothing_to_fold_its_final_norm_into() -> None:

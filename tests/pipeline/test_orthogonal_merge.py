@@ -111,7 +111,19 @@ def test_permutations_alone_cannot_undo_the_rotation(tmp_path: Path) -> None:
     assert max_abs_diff(model_outputs(_load(a), inputs), model_outputs(_load(out), inputs)) > 1e-2
 
 
-@pytest.mark.parametrize(("kind", "reason"), [("gpt2", "not exact")])
+def test_a_gpt2_merged_with_its_rotated_copy_keeps_its_function(tmp_path: Path) -> None:
+    """LayerNorm: the copy's rotation fixes 1, and the merge reads the base's biases folded."""
+    a = save_lm("gpt2", tmp_path / "a", seed=3, tie_word_embeddings=False)
+    b = save_mapped_copy(a, tmp_path / "b", seed=7)
+    out = tmp_path / "out"
+    run_recipe(_recipe([a, b], out, "linear"), QUIET)
+    merged = read_weights(out)
+    assert torch.equal(merged["transformer.ln_f.weight"], torch.ones(32))
+    inputs = tiny_batch("gpt2", seed=2)
+    assert max_abs_diff(model_outputs(_load(a), inputs), model_outputs(_load(out), inputs)) < 1e-4
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("bert", "post-LN")])
 def test_models_the_rewrite_does_not_fit_are_refused_before_matching(
     kind: str, reason: str, tmp_path: Path
 ) -> None:

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hfmerge.arch import spec_for
-from hfmerge.arch.residual import BasisMap, map_state_dict
+from hfmerge.arch.residual import BasisMap, lift_rotation, map_state_dict, rotation_space
+from hfmerge.arch.spec import ArchSpec
 from tests.support.tiny_models import nontrivial_permutations
 
 _READERS = {  # norm gain -> the weights [out, hidden] that read the normed stream
@@ -88,9 +89,9 @@ def save_rotated_copy(source: Path, out: Path, *, block: int, seed: int) -> Path
 
 
 def save_mapped_copy(source: Path, out: Path, *, seed: int) -> Path:
-    """`source` (a saved tiny Llama-style model) folded, every group permuted and its residual
-    stream rotated by a random orthogonal matrix: the same function in a basis no permutation
-    reaches (the head untied if it was tied)."""
+    """`source` (a saved tiny pre-norm model: Llama-style, GPT-2) folded, every group permuted and
+    its residual stream rotated by a random orthogonal matrix (fixing 1 under LayerNorm): the same
+    function in a basis no permutation reaches (the head untied if it was tied)."""
     shutil.copytree(source, out)
     config = json.loads((out / "config.json").read_text())
     tensors = load_file(out / "model.safetensors")
@@ -98,7 +99,7 @@ def save_mapped_copy(source: Path, out: Path, *, seed: int) -> Path:
     basis = BasisMap(
         nontrivial_permutations(spec, seed=seed),
         fold=True,
-        rotation=random_orthogonal(int(config["hidden_size"]), seed=seed),
+        rotation=allowed_rotation(spec, seed=seed),
     )
     mapped = map_state_dict({n: t.double() for n, t in tensors.items()}, spec, basis)
     dtypes = {n: tensors[spec.tied.get(n, n)].dtype for n in mapped}
@@ -110,3 +111,11 @@ def save_mapped_copy(source: Path, out: Path, *, seed: int) -> Path:
     config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def allowed_rotation(spec: ArchSpec, *, seed: int) -> torch.Tensor:
+    """A random orthogonal map of `spec`'s residual stream that keeps its function: any, or one
+    fixing the all-ones direction where its norms centre (LayerNorm)."""
+    space = rotation_space(spec)
+    width = spec.groups["residual"].size if space is None else space.shape[1]
+    return lift_rotation(space, random_orthogonal(width, seed=seed))
