@@ -7,7 +7,9 @@ Q0). Then a few hundred Adam steps on the mean next-token loss of θ(λ, Q) = (1
 probe batches, λ drawn from U(0.4, 0.6) per step, both models folded and B's units permuted. Only
 Q moves: the permutations and head maps stay as they were found (Theus et al. find that the
 refinement mostly adjusts the residual map). Q stays orthogonal, so B read through it keeps B's
-function exactly.
+function exactly. A share of the probe batches is held out of the steps and chooses the Q kept,
+so a refinement that only fits the probe text is dropped (with few probe tokens it can: on the
+tiny test models, 8 windows of 48 tokens made the held-out midpoint worse).
 
 The model runs functionally: one loaded skeleton of A takes the interpolated tensors at each step
 (`torch.func.functional_call`), so no second model is built.
@@ -50,6 +52,7 @@ PATIENCE = 3  # ... and the refinement stops after this many windows without a g
 MIN_GAIN = 1e-3  # ... of at least this fraction of the best window's loss
 MIDPOINT = 0.5
 OBJECTIVE_BATCHES = 16  # the midpoint loss reported is measured on at most this many batches
+HELDOUT_EVERY = 4  # every 4th probe batch (the last one of 2 or 3) chooses Q, never trains it
 
 Batch = dict[str, torch.Tensor]
 
@@ -170,11 +173,25 @@ def _rotation(
     return start @ lift_rotation(space, turn)
 
 
+def split_heldout(batches: list[Batch]) -> tuple[list[Batch], list[Batch]]:
+    """(batches the steps train on, batches held out to choose Q): every HELDOUT_EVERY-th batch
+    is held out, the last of 2 or 3; one batch is not split."""
+    if len(batches) < 2:
+        return batches, []
+    held = {i for i in range(len(batches)) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1}
+    held = held or {len(batches) - 1}
+    return (
+        [b for i, b in enumerate(batches) if i not in held],
+        [b for i, b in enumerate(batches) if i in held],
+    )
+
+
 def refine_rotation(
     model: Interpolated,
     start: torch.Tensor,
     batches: list[Batch],
     *,
+    heldout: list[Batch] | None = None,
     steps: int = STEPS,
     learning_rate: float = LEARNING_RATE,
     seed: int = 0,
@@ -183,8 +200,12 @@ def refine_rotation(
     """The orthogonal Q near `start` (float64) lowering the loss of `model` for λ ~ U(0.4, 0.6):
     (Q float64, steps taken, whether it stopped early because the loss stopped improving).
 
-    Batches are visited in turn; the loss is averaged per window of whole passes over them (at
-    least WINDOW_STEPS steps), and the Q returned is the one at the end of the best window.
+    The steps visit `batches` in turn, in windows of whole passes over them (at least
+    WINDOW_STEPS steps). At the end of each window Q is scored: by the midpoint loss on `heldout`
+    when given (text the steps never see, so a Q that only fits the probe text is not chosen;
+    the start is scored too, so the Q returned is never worse there), else by the window's mean
+    training loss. The Q returned is the best scored; the steps stop after PATIENCE windows
+    without a gain.
     """
     draws = torch.Generator().manual_seed(seed)
     space = model.space
@@ -193,6 +214,8 @@ def refine_rotation(
     optimizer = torch.optim.Adam([generator], lr=learning_rate)
     window = len(batches) * math.ceil(WINDOW_STEPS / len(batches))
     best_loss, best = math.inf, generator.detach().clone()
+    if heldout:
+        best_loss = model.mean_loss(heldout, MIDPOINT, start)
     running, stale, taken = 0.0, 0, 0
     model.model.train(False)  # no dropout
     # One thread: float sums depend on the split, so the learned Q is the same on any machine
@@ -210,14 +233,22 @@ def refine_rotation(
             if taken % window:
                 continue
             mean, running = running / window, 0.0
+            if heldout:  # the Q reached, scored on text the steps never saw
+                mean = model.mean_loss(heldout, MIDPOINT, _rotation(start, generator, space))
             if mean < best_loss * (1 - MIN_GAIN):
                 best_loss, best, stale = mean, generator.detach().clone(), 0
                 continue
             stale += 1
             if stale >= PATIENCE:
                 break
-    if taken < window:  # too few steps for one window: the last Q is all there is
-        best = generator.detach().clone()
+    last = generator.detach().clone()
+    # Steps after the last window are scored too; with no held-out text and too few steps for one
+    # window, the last Q is all there is.
+    late = bool(heldout) and taken % window > 0
+    if (not heldout and taken < window) or (
+        late and model.mean_loss(heldout or [], MIDPOINT, _rotation(start, last, space)) < best_loss
+    ):
+        best = last
     with torch.no_grad():
         return _rotation(start, best, space), taken, taken < steps
 
@@ -239,10 +270,10 @@ def learned_matching(
 
     `model` is A's causal LM, loaded (its tensors are replaced at every step, never written);
     `params_*` every non-buffer checkpoint tensor, by `spec`'s names. `objective` holds the
-    midpoint loss (λ = 0.5, on the first OBJECTIVE_BATCHES batches) at the start Q and at the
-    learned Q; `iterations` the
-    gradient steps taken (at most `steps`, default STEPS); `converged`, whether the loss stopped
-    improving within them.
+    midpoint loss (λ = 0.5, on the first OBJECTIVE_BATCHES batches, held-out ones included) at the
+    start Q and at the learned Q; `iterations` the gradient steps taken (at most `steps`, default
+    STEPS); `converged`, whether the loss stopped improving within them. Every HELDOUT_EVERY-th
+    batch is held out of the steps and chooses the Q returned (`split_heldout`).
     """
     data = list(batches)
     if not data:
@@ -252,10 +283,12 @@ def learned_matching(
     midpoint = interpolated(
         spec, model, params_a, params_b, start.perms, label=label, head_maps=start.head_maps
     )
+    train, heldout = split_heldout(data)
     rotation, taken, stopped = refine_rotation(
         midpoint,
         start.rotation,
-        data,
+        train,
+        heldout=heldout,
         steps=STEPS if steps is None else steps,
         learning_rate=learning_rate,
         seed=seed,

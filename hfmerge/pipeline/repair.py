@@ -30,7 +30,7 @@ from hfmerge.arch.residual import BasisMap
 from hfmerge.engine.plan import MergePlan
 from hfmerge.lm.placement import Footprint, ProbePlacement, forward_bytes, plan_placement
 from hfmerge.recipe.schema import Recipe
-from hfmerge.tensors.malloc import trim_heap
+from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 
 REPAIR_BATCH = 8  # probe windows per forward pass (statistics are summed over the batches)
 FLOAT64 = 8
@@ -243,6 +243,9 @@ def repair_output(
             placement.announce("repair", budget=max_memory_bytes)
     with tempfile.TemporaryDirectory(prefix="hfmerge-repair-") as scratch:
         if placement.offload:
+            # Offloaded layers come and go as float32 blocks; the merge before this step told
+            # glibc to keep such blocks (tensors/malloc.py), which would hold every layer.
+            return_freed_blocks()
             measured = _input_stats_placed(
                 plan,
                 bases,

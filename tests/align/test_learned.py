@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from hfmerge.align import MatchResult, align_basis, align_checkpoint
-from hfmerge.align.learned import learned_matching
+from hfmerge.align.learned import learned_matching, split_heldout
 from hfmerge.arch import spec_for
 from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict
 from hfmerge.arch.spec import ArchSpec
@@ -41,9 +41,10 @@ def _params(model: PreTrainedModel, spec: ArchSpec) -> dict[str, torch.Tensor]:
     }
 
 
-def _batches(text: str) -> list[Batch]:
+def _batches(text: str, samples: int = 32) -> list[Batch]:
+    """Probe batches of 4 windows of 48 characters (32 windows: 2 of the 8 batches held out)."""
     tokenizer = char_tokenizer("llama")
-    windows = token_windows(tokenizer, load_texts(text), max_length=48, samples=16)
+    windows = token_windows(tokenizer, load_texts(text), max_length=48, samples=samples)
     return probe_batches(windows, tokenizer, batch_size=4)
 
 
@@ -213,3 +214,30 @@ def test_a_tied_head_is_learned_untied_and_the_written_model_is_still_b(
     assert not aligned.config.tie_word_embeddings
     inputs = tiny_batch("llama", seed=20)
     assert max_abs_diff(model_outputs(original, inputs), model_outputs(aligned, inputs)) < 1e-4
+
+
+def test_every_fourth_probe_batch_is_held_out_to_choose_the_rotation() -> None:
+    batches: list[Batch] = [{"input_ids": torch.tensor([i])} for i in range(9)]
+    train, held = split_heldout(batches)
+    assert [int(b["input_ids"]) for b in held] == [3, 7]
+    assert [int(b["input_ids"]) for b in train] == [0, 1, 2, 4, 5, 6, 8]
+    assert split_heldout(batches[:3]) == (batches[:2], batches[2:3])  # the last of 2 or 3
+    assert split_heldout(batches[:1]) == (batches[:1], [])  # one batch: nothing to hold out
+
+
+@pytest.mark.slow
+def test_a_refinement_that_only_fits_the_probe_text_is_not_kept(
+    trained_a: PreTrainedModel,
+) -> None:
+    """16 probe windows (3 batches to step on, 1 held out): the steps lower the loss on the
+    batches they see but raise it on the held-out one, so weight+orthogonal's map is kept."""
+    spec = _spec(trained_a)
+    params_b = _params(train_tiny_lm("llama", seed=1), spec)
+    probe = _batches("builtin:prose-train", samples=16)
+    result = _learned(trained_a, spec, params_b, probe)
+    start = _start(trained_a, spec, params_b)
+    assert result.rotation is not None
+    assert start.rotation is not None
+    assert torch.equal(result.rotation, start.rotation)
+    assert result.objective[0] == result.objective[1]
+    assert result.iterations == STEPS  # it stepped; the held-out batch chose the start
