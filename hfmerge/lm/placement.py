@@ -11,7 +11,9 @@ model that do not fit beside the statistics the command keeps.
 # - the largest shard file: transformers memory-maps a shard while loading it, and the pages it
 #   touches count as resident until it is done with that shard (loading a 1.1B model with 1 GiB on
 #   the CPU peaks 2.3 GB above that 1 GiB, from its 2.0 GB first shard);
-# - the layers kept in memory, float32 (the CPU share handed to accelerate);
+# - the layers kept in memory, float32 (the CPU share handed to accelerate), and with layers on
+#   disk, room for two of the largest tensors in flight (converted while loading, materialised
+#   while running);
 # - the caller's own working memory: activations of one batch, the statistics, and, one model at a
 #   time, the first model's samples kept until the second runs.
 
@@ -234,8 +236,10 @@ def plan_placement(
             fix=f"give --max-memory {math.ceil((fixed + kept + least) / 1e9)}GB or more, "
             f"or {shrink}",
         )
+    # The layers kept in memory leave room for the largest tensors in flight: loading converts
+    # each to float32 beside the layers already placed, and a run materialises offloaded ones.
     return ProbePlacement(
-        strategy, _cpu(share), one_at_a_time=True, offload=True, peak_bytes=budget
+        strategy, _cpu(share - least), one_at_a_time=True, offload=True, peak_bytes=budget
     )
 
 

@@ -74,3 +74,14 @@ def test_a_footprint_is_read_from_the_headers(tmp_path: Path) -> None:
     assert footprint.weights == 4 * sum(sizes)
     assert footprint.largest_tensor == 4 * max(sizes)
     assert footprint.largest_shard == (path / "model.safetensors").stat().st_size
+
+
+def test_an_offloaded_plan_keeps_room_for_the_largest_tensors_in_flight() -> None:
+    model = Footprint(weights=4000 * 2**20, largest_shard=2000 * 2**20, largest_tensor=250 * 2**20)
+    fixed = BASE_BYTES + model.largest_shard + 100 * 2**20  # and the working bytes below
+    budget = fixed + 1500 * 2**20
+    placed = plan_placement(
+        (model, model), budget=budget, device_map=None, working=100 * 2**20, kept=0
+    )
+    assert placed.offload
+    assert placed.max_memory == {"cpu": "1000MiB"}  # 1500 MiB less two 250 MiB tensors
