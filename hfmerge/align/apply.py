@@ -7,7 +7,6 @@ Its files beside the model (permutations, rotation, head maps) are `align/permut
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
@@ -34,7 +33,7 @@ from hfmerge.arch.permute import (
     identity_permutations,
     invert,
 )
-from hfmerge.arch.residual import BasisMap, mapped_names, read_in_basis, require_foldable
+from hfmerge.arch.residual import BasisMap, mapped_infos, read_in_basis, require_foldable
 from hfmerge.arch.spec import Permutations
 from hfmerge.errors import AlignmentError, UnknownNameError
 from hfmerge.progress import track
@@ -343,10 +342,7 @@ def _write_aligned(
     """Stream B's tensors through `basis` into shards, keeping B's dtypes, names and side files
     (a head untied by the fold is added, with the tensor's it was tied to dtype and shape)."""
     spec, path = b.spec, b.source.path
-    names = mapped_names(spec, list(b.index.names), basis)
-    infos = [
-        dataclasses.replace(b.index.info(spec.tied.get(name, name)), name=name) for name in names
-    ]
+    infos = mapped_infos(spec, b.index, basis)
     plan = plan_shards(infos, max_shard_bytes=max_shard_bytes)
     perms = basis.perms if basis.perms is not None else identity_permutations(spec)
     with atomic_output_dir(out_dir, force=force) as tmp:
@@ -357,7 +353,7 @@ def _write_aligned(
             for name in track(plan.names, description=description, enabled=progress):
                 writer.write(name, read_in_basis(name, reader.get, spec, basis))
         copy_side_files(path, tmp)
-        if len(names) > len(b.index.names):
+        if len(infos) > len(b.index.names):
             mark_untied(tmp / CONFIG_FILE)
         save_permutations(
             tmp / PERMUTATIONS_FILE, perms, metadata={"family": spec.family, **metadata}

@@ -19,6 +19,7 @@ from hfmerge.align.weights import CHUNK_ELEMENTS, F64, Weights
 from hfmerge.arch.spec import ArchSpec, PermGroup
 from hfmerge.engine.budget import current_rss
 from hfmerge.errors import OptionError
+from hfmerge.tensors import format_size
 
 WORKING_COPIES = 3  # a similarity being solved, its copy, and room for the solver's temporaries
 TENSOR_COPIES = 3  # A's tensor, B's, and B's gathered copy, all in their stored dtype
@@ -54,12 +55,12 @@ class MemoryPlan:
         """Say the plan before the work starts: the memory matching adds to the process's."""
         from hfmerge.progress import say
 
-        within = (
-            "" if max_memory_bytes is None else f", within --max-memory {_gb(max_memory_bytes)}"
-        )
+        within = ""
+        if max_memory_bytes is not None:
+            within = f", within --max-memory {format_size(max_memory_bytes)}"
         say(
-            f"weight matching: about {_gb(current_rss() + self.peak_bytes)} at peak "
-            f"({_gb(self.peak_bytes)} of similarities and tensors{within}); "
+            f"weight matching: about {format_size(current_rss() + self.peak_bytes)} at peak "
+            f"({format_size(self.peak_bytes)} of similarities and tensors{within}); "
             "sweeps repeat until one changes no permutation"
         )
 
@@ -111,14 +112,12 @@ def plan_memory(
     )
     raise OptionError(
         "--max-memory",
-        _gb(max_memory_bytes),
+        format_size(max_memory_bytes),
         "is below what weight matching needs",
-        why=f"weight matching holds about {_gb(bare.peak_bytes)} (group {largest}'s float64 "
-        f"similarity, {_gb(similarity_bytes(spec.groups[largest]))}, with its solver's copies, "
-        f"and the largest tensor of each model) beside the {_gb(held)} the process already uses",
-        fix=f"raise --max-memory to at least {_gb(held + bare.peak_bytes)}, or leave it out",
+        why=f"weight matching holds about {format_size(bare.peak_bytes)} (group {largest}'s "
+        f"float64 similarity, {format_size(similarity_bytes(spec.groups[largest]))}, with its "
+        "solver's copies, and the largest tensor of each model) beside the "
+        f"{format_size(held)} the process already uses",
+        fix=f"raise --max-memory to at least {format_size(held + bare.peak_bytes)}, "
+        "or leave it out",
     )
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"

@@ -13,14 +13,13 @@ own) and tied back for a map that does not fold (`lm/tied_head.py`).
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
 from hfmerge.arch.config import CONFIG_FILE, mark_untied, read_config
-from hfmerge.arch.residual import FOLDED, BasisMap, mapped_names, read_in_basis
+from hfmerge.arch.residual import FOLDED, BasisMap, mapped_infos, mapped_names, read_in_basis
 from hfmerge.arch.spec import ArchSpec
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.lm.checkpoint_views import checkpoint_targets, file_views
@@ -107,11 +106,8 @@ def write_point(
     from hfmerge.tensors import ShardWriter, copy_side_files, plan_shards, torch_dtype
 
     first, other = inspect_downloaded(a), inspect_downloaded(b)
-    names = list(first.index.names)
-    folded = spec is not None and basis is not None and basis.fold
-    heads = [n for n in mapped_names(first.spec, names, FOLDED) if n not in names] if folded else []
-    tied = first.spec.tied
-    infos = [*first.index, *(replace(first.index.info(tied[h]), name=h) for h in heads)]
+    folds = spec is not None and basis is not None and basis.fold
+    infos = mapped_infos(first.spec, first.index, FOLDED if folds else None)
     out_dir.mkdir()
     with ExitStack() as stack, torch.no_grad():
         reader_a, reader_b = open_reader(stack, first), open_reader(stack, other)
@@ -122,7 +118,7 @@ def write_point(
             value = _value(info.name, lam, reader_a, reader_b, spec, basis, floating=floating)
             writer.write(info.name, value.to(torch_dtype(info.dtype)))
     copy_side_files(a.path, out_dir)
-    if heads:
+    if len(infos) > len(first.index.names):  # a tied head the fold gave values of its own
         mark_untied(out_dir / CONFIG_FILE)
 
 

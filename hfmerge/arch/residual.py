@@ -28,6 +28,7 @@ LayerNorm (`ArchSpec.centred_norms`): LN(x) = g ⊙ n(x) + b with n(x) = (x − 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from hfmerge.arch.head_maps import HeadMaps, map_heads
 from hfmerge.arch.permute import read_permuted
 from hfmerge.arch.spec import ArchSpec, AxisRole, Permutations
 from hfmerge.errors import AlignmentError
+from hfmerge.tensors import CheckpointIndex, TensorInfo
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -128,6 +130,15 @@ def mapped_names(spec: ArchSpec, names: list[str], basis: BasisMap | None) -> li
         return list(names)
     untied = [n for n in spec.tied if n in reader_norms(spec) and n not in names]
     return list(names) + untied
+
+
+def mapped_infos(
+    spec: ArchSpec, index: CheckpointIndex, basis: BasisMap | None
+) -> list[TensorInfo]:
+    """The header records of the tensors `mapped_names` gives: an untied head takes the record
+    of the tensor it was tied to (its dtype and shape) under its own name."""
+    names = mapped_names(spec, list(index.names), basis)
+    return [dataclasses.replace(index.info(spec.tied.get(n, n)), name=n) for n in names]
 
 
 def read_in_basis(name: str, get: Reader, spec: ArchSpec, basis: BasisMap | None) -> torch.Tensor:
@@ -254,6 +265,7 @@ __all__ = [
     "absorbs_bias",
     "lift_rotation",
     "map_state_dict",
+    "mapped_infos",
     "mapped_names",
     "ones_complement",
     "read_in_basis",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from hfmerge.engine.plan import MergePlan, TensorJob
 from hfmerge.engine.tuning import EngineTuning
 from hfmerge.errors import HfMergeError, OptionError
-from hfmerge.tensors import element_size, parse_size
+from hfmerge.tensors import element_size, format_size, parse_size
 
 F32 = 4
 
@@ -152,12 +152,13 @@ def _check_fits(plan: MergePlan, chunk: int, budget: int, available: int, per_el
             unit = "tensor" if whole else "row of tensor"
             raise OptionError(
                 "--max-memory",
-                _gb(budget),
+                format_size(budget),
                 "is below what one chunk needs",
                 why=f"merging one {unit} {job.name} ({need:,} elements) takes about "
-                f"{_gb(need * per_element)} beside the {_gb(budget - available)} the process "
-                "already uses" + (f"; {plan.method.name} merges whole tensors" if whole else ""),
-                fix=f"raise --max-memory to at least {_gb(wanted)}, or leave it out",
+                f"{format_size(need * per_element)} beside the "
+                f"{format_size(budget - available)} the process already uses"
+                + (f"; {plan.method.name} merges whole tensors" if whole else ""),
+                fix=f"raise --max-memory to at least {format_size(wanted)}, or leave it out",
             )
 
 
@@ -173,10 +174,6 @@ def _loaded(plan: MergePlan) -> int:
 
 def _out_size(plan: MergePlan) -> int:
     return max((element_size(job.dtype) for job in plan.jobs), default=F32)
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"
 
 
 def current_rss() -> int:

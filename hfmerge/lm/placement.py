@@ -31,7 +31,7 @@ import torch
 
 from hfmerge.errors import HfMergeError, OptionError
 from hfmerge.tensors import read_checkpoint_index
-from hfmerge.tensors.shards import parse_size
+from hfmerge.tensors.shards import format_size, parse_size
 
 DeviceMap = str | dict[str, int | str]
 MaxMemory = dict[int | str, str]
@@ -176,8 +176,10 @@ class ProbePlacement:
         """Say the plan before the work starts: where the models go and the memory it expects."""
         from hfmerge.progress import say
 
-        peak = f"about {_gb(self.peak_bytes)} at peak, " if self.peak_bytes is not None else ""
-        say(f"{task}: models {self.describe()}; {peak}within --max-memory {_gb(budget)}")
+        peak = (
+            f"about {format_size(self.peak_bytes)} at peak, " if self.peak_bytes is not None else ""
+        )
+        say(f"{task}: models {self.describe()}; {peak}within --max-memory {format_size(budget)}")
 
 
 def check_budget_map(device_map: DeviceMap | None) -> None:
@@ -258,10 +260,6 @@ def forward_bytes(configs: Sequence[Any], *, batch_size: int, length: int) -> in
 
 def _cpu(share: int) -> MaxMemory:
     return {"cpu": f"{share // 2**20}MiB"}
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"
 
 
 def _gib(size: int) -> str:

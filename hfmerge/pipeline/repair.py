@@ -26,6 +26,7 @@ import torch
 from hfmerge.align.repair import ProbeBatches, SiteRms, fit_factors, measure
 from hfmerge.align.repair_checkpoint import fold_into_checkpoint
 from hfmerge.align.repair_sites import RepairSite, repair_sites
+from hfmerge.align.weights import F64
 from hfmerge.arch.residual import BasisMap
 from hfmerge.engine.plan import MergePlan
 from hfmerge.lm.placement import Footprint, ProbePlacement, forward_bytes, plan_placement
@@ -33,10 +34,8 @@ from hfmerge.recipe.schema import Recipe
 from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 
 REPAIR_BATCH = 8  # probe windows per forward pass (statistics are summed over the batches)
-FLOAT64 = 8
-SITES_PER_BLOCK = (
-    8  # the most REPAIR sites one block has (Gemma 3: four norms, q/k norms, two projection inputs)
-)
+# The most REPAIR sites one block has (Gemma 3: four norms, q and k norms, two projection inputs).
+SITES_PER_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ def repair_working_bytes(path: Path, *, label: str, inputs: int, length: int) ->
     widest = max(int(config.hidden_size), int(getattr(config, "intermediate_size", 0) or 0))
     sites = SITES_PER_BLOCK * int(config.num_hidden_layers) + 1
     # Per site: each input's float64 RMS per channel, and the fit's sums and factors (a few more).
-    stats = FLOAT64 * sites * widest * (inputs + 4)
+    stats = F64 * sites * widest * (inputs + 4)
     return forward_bytes([config], batch_size=REPAIR_BATCH, length=length) + stats
 
 

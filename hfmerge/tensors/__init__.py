@@ -45,6 +45,7 @@ from hfmerge.tensors.shards import (
     PlannedTensor,
     ShardPlan,
     TensorLike,
+    format_size,
     parse_size,
     plan_shards,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "element_size",
     "encode_header",
     "file_index",
+    "format_size",
     "has_tokenizer",
     "header_length",
     "is_known_dtype",

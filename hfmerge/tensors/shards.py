@@ -19,6 +19,11 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _UNITS.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
 
 
+def format_size(size: int) -> str:
+    """A byte count as messages print it: decimal gigabytes, two decimals ("1.41 GB")."""
+    return f"{size / 1e9:.2f} GB"
+
+
 def parse_size(size: int | str) -> int:
     """Bytes in a size such as 2_000_000, "2GB", "500MB", "1.5GiB" or "1024" (1GB = 10**9)."""
     if isinstance(size, bool):
