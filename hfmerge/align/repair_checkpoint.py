@@ -10,10 +10,11 @@ the meta device (`lm.checkpoint_views.loaded_names`), so no weight is loaded for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from hfmerge.align.repair import Factors, fold_axes, folded
@@ -29,29 +30,41 @@ def folded_tensors(
     read: Callable[[str], torch.Tensor],
     *,
     label: str,
-) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> new float32 value of every tensor a site's factor folds into.
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, new float32 value) of every tensor a site's factor folds into, each
+    yielded once the last site that folds into it has: only tensors still awaiting a later site
+    are held, not the whole set (most of a model's matrices).
 
     `skeleton`: the model's modules (any device, meta included); `read`: one checkpoint tensor by
     name. Sites that share a tensor fold into it in turn, as folding into a loaded model would.
     """
     file_name = {state: file for file, state in loaded_names(skeleton, label=label).items()}
     modules = dict(skeleton.named_modules())
-    values: dict[str, torch.Tensor] = {}
-    for site in sites:
-        if site.module not in factors:
-            continue
-        module = modules[site.module]
-        axis, with_bias = fold_axes(module, site)
-        parts = [("weight", axis)]
-        if with_bias and isinstance(getattr(module, "bias", None), torch.Tensor):
-            parts.append(("bias", 0))
-        for part, dim in parts:
-            name = file_name[f"{site.module}.{part}"]
-            current = values[name] if name in values else read(name).float()
-            gain = part == "weight" and current.dim() == 1
-            values[name] = folded(current, dim, site, factors[site.module], gain=gain)
-    return values
+    folds = [
+        (file_name[f"{site.module}.{part}"], part, dim, site)
+        for site in sites
+        if site.module in factors
+        for part, dim in _fold_parts(modules[site.module], site)
+    ]
+    last = {name: number for number, (name, *_fold) in enumerate(folds)}
+    pending: dict[str, torch.Tensor] = {}
+    for number, (name, part, dim, site) in enumerate(folds):
+        current = pending.pop(name) if name in pending else read(name).float()
+        gain = part == "weight" and current.dim() == 1
+        value = folded(current, dim, site, factors[site.module], gain=gain)
+        if last[name] == number:
+            yield name, value
+        else:
+            pending[name] = value
+
+
+def _fold_parts(module: nn.Module, site: RepairSite) -> list[tuple[str, int]]:
+    """(parameter, axis) pairs a site's factor folds into: the weight, and the bias with it."""
+    axis, with_bias = fold_axes(module, site)
+    parts = [("weight", axis)]
+    if with_bias and isinstance(getattr(module, "bias", None), torch.Tensor):
+        parts.append(("bias", 0))
+    return parts
 
 
 def fold_into_checkpoint(
@@ -66,7 +79,7 @@ def fold_into_checkpoint(
     would leave some tensors folded and others not)."""
     with LazyCheckpoint(folder, label=label) as reader:
         values = folded_tensors(skeleton, sites, factors, reader.get, label=label)
-    overwrite_tensors(folder, values, label=label)
+        overwrite_tensors(folder, values, label=label)
 
 
 __all__ = ["fold_into_checkpoint", "folded_tensors"]

@@ -289,34 +289,41 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def overwrite_tensors(model_dir: Path, values: Mapping[str, torch.Tensor], *, label: str) -> None:
+def overwrite_tensors(
+    model_dir: Path,
+    values: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    *,
+    label: str,
+) -> None:
     """Overwrite tensors of a written checkpoint in place: same names, shapes and dtypes.
 
     Each value is cast to the dtype in the shard header and written over the old bytes at its
-    header offset, so no shard is rewritten or held in memory. For a checkpoint still being
-    assembled (a staging directory): a crash mid-way would leave mixed values in the file.
+    header offset, so no shard is rewritten or held in memory. `values` may be a stream of (name,
+    value) pairs: each is written as it comes, so only one need exist at a time. For a checkpoint
+    still being assembled (a staging directory): a crash mid-way would leave mixed values in the
+    file.
     """
     from hfmerge.tensors.checkpoint import read_checkpoint_index
     from hfmerge.tensors.dtypes import torch_dtype
 
     index = read_checkpoint_index(model_dir, label=label)
-    by_shard: dict[str, list[str]] = {}
-    for name, value in values.items():
-        info = index.info(name)
-        if tuple(value.shape) != info.shape:
-            raise ShardWriteError(
-                f"{name}: shape {list(value.shape)} does not match the "
-                f"checkpoint's {list(info.shape)}"
-            )
-        by_shard.setdefault(info.shard, []).append(name)
-    for shard, names in by_shard.items():
-        fd = os.open(model_dir / shard, os.O_WRONLY)
-        try:
-            for name in names:
-                info = index.info(name)
-                _pwrite_all(
-                    fd, _tensor_bytes(values[name].to(torch_dtype(info.dtype))), info.offset
+    pairs = values.items() if isinstance(values, Mapping) else values
+    fds: dict[str, int] = {}
+    try:
+        for name, value in pairs:
+            info = index.info(name)
+            if tuple(value.shape) != info.shape:
+                raise ShardWriteError(
+                    f"{name}: shape {list(value.shape)} does not match the "
+                    f"checkpoint's {list(info.shape)}"
                 )
+            if info.shard not in fds:
+                fds[info.shard] = os.open(model_dir / info.shard, os.O_WRONLY)
+            _pwrite_all(
+                fds[info.shard], _tensor_bytes(value.to(torch_dtype(info.dtype))), info.offset
+            )
+        for fd in fds.values():
             os.fsync(fd)
-        finally:
+    finally:
+        for fd in fds.values():
             os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +18,15 @@ from hfmerge.align.repair import (
     blend,
     fit,
     fold,
+    fold_factors,
     hooked_sites,
     measure,
     scaled,
 )
+from hfmerge.align.repair_checkpoint import fold_into_checkpoint, folded_tensors
 from hfmerge.align.repair_sites import RepairSite, repair_sites, rope_ties
 from hfmerge.errors import NoPermutationSpecError
+from hfmerge.tensors import LazyCheckpoint
 from tests.support.tiny_models import make_tiny_model, max_abs_diff, model_outputs, tiny_batch
 
 KINDS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "bert_base_model"]
@@ -186,3 +190,42 @@ def test_unsupported_family_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     refusal = "REPAIR needs a permutation spec, and model_type 't5' has none"
     with pytest.raises(NoPermutationSpecError, match=refusal):
         repair_sites(model)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen3", "gemma"])
+def test_folding_into_a_checkpoint_streams_and_equals_folding_into_the_model(
+    kind: str, tmp_path: Path
+) -> None:
+    depth = {"n_layer" if kind == "gpt2" else "num_hidden_layers": 4}
+    model = make_tiny_model(kind, seed=3, **depth)
+    model.save_pretrained(tmp_path)
+    sites, probe = repair_sites(model), _probe(kind)
+    generator = torch.Generator().manual_seed(7)
+    factors = {
+        s: 0.5 + torch.rand(n, generator=generator)
+        for s, n in _channel_counts(model, sites, probe).items()
+    }
+    expected = copy.deepcopy(model)
+    fold_factors(expected, sites, factors)
+
+    # Every tensor comes out once, and only tensors still awaiting a later site are held (a
+    # few at a time, however deep the model), not every folded matrix at once.
+    held: list[int] = []
+    names: list[str] = []
+    with LazyCheckpoint(tmp_path, label="m") as reader:
+
+        def read(name: str) -> torch.Tensor:
+            held.append(len(held) + 1 - len(names))
+            return reader.get(name)
+
+        for name, _value in folded_tensors(model, sites, factors, read, label="m"):
+            names.append(name)
+    assert len(names) == len(set(names)) > 4 * 4
+    assert max(held) <= 3
+
+    fold_into_checkpoint(tmp_path, model, sites, factors, label="m")
+    reloaded = type(model).from_pretrained(tmp_path)
+    want = expected.state_dict()
+    for name, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert any(not torch.equal(v, model.state_dict()[n]) for n, v in want.items())
