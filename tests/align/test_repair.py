@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -196,7 +197,7 @@ def test_unsupported_family_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_folding_into_a_checkpoint_streams_and_equals_folding_into_the_model(
     kind: str, tmp_path: Path
 ) -> None:
-    depth = {"n_layer" if kind == "gpt2" else "num_hidden_layers": 4}
+    depth: dict[str, Any] = {"n_layer" if kind == "gpt2" else "num_hidden_layers": 4}
     model = make_tiny_model(kind, seed=3, **depth)
     model.save_pretrained(tmp_path)
     sites, probe = repair_sites(model), _probe(kind)
