@@ -10,7 +10,9 @@ tensor by tensor, and a planted copy: the same weights under a random permutatio
 (GQA heads, rotary-pinned Q/K dims and all), written by the streamed aligned-checkpoint writer.
 `--depths` scales the layer count (0.25 -> 6 layers, 0.5 -> 11, 1 -> 22). For each depth it runs
 `hfmerge align MODEL PLANTED --out OUT` (the API call behind it) in a fresh process and prints the
-sweeps, the matching time per sweep and in all, the process's wall time and peak RSS, and whether
+sweeps, the matching time per sweep and in all, the first sweep's time beside the estimate said
+before it starts (`align/matching_time.py`; `-` where the first sweep is too short to estimate),
+the process's wall time and peak RSS, and whether
 the aligned copy equals the model bit for bit (the planted permutation recovered exactly). Peak
 RSS should stay flat in depth and the time should grow linearly with it. `--quick` runs a tiny
 shape in seconds (the smoke test's). Child processes get OMP_NUM_THREADS = the core count unless
@@ -50,25 +52,31 @@ TINYLLAMA = LlamaShape(hidden=2048, layers=22, heads=32, kv_heads=4, intermediat
 QUICK = LlamaShape(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=96, vocab=512)
 PLANTED_SEED = 1
 
-# Runs `api.align` (what `hfmerge align` runs) and writes its sweeps and the seconds spent in
-# weight matching (timed by wrapping the function the aligner calls) to the JSON file argv[5].
+# Runs `api.align` (what `hfmerge align` runs) and writes to the JSON file argv[5] its sweeps, the
+# seconds spent in weight matching and in its first sweep (by wrapping the function the aligner
+# calls), and the first sweep's time as estimated before the work (what `hfmerge align` says).
 ALIGN = """
 import json, sys, time
 import hfmerge.align.apply as apply
 from hfmerge import api
+from hfmerge.align.matching_problem import group_touches
+from hfmerge.align.matching_time import first_sweep_estimate
 model, planted, out, max_memory, report = sys.argv[1:]
-seconds = []
+done = {}
 inner = apply.weight_matching
-def timed(*args, **kwargs):
+def timed(spec, a, b, **kwargs):
+    names = [n for n in a if not spec.tensors[n].buffer]
+    touches = {g: ts for g, ts in group_touches(spec, names).items() if ts}
+    estimate = first_sweep_estimate(spec, touches, a)
+    done["predicted_s"] = estimate.seconds if estimate is not None else None
     start = time.perf_counter()
-    try:
-        return inner(*args, **kwargs)
-    finally:
-        seconds.append(time.perf_counter() - start)
+    result = inner(spec, a, b, **kwargs)
+    done.update(matching_s=time.perf_counter() - start, first_s=result.seconds[0])
+    return result
 apply.weight_matching = timed
 result = api.align(model, planted, out, force=True, progress=False, max_memory=max_memory or None)
 with open(report, "w") as handle:
-    json.dump({"sweeps": result.iterations, "matching_s": seconds[0]}, handle)
+    json.dump({"sweeps": result.iterations, **done}, handle)
 """
 
 
@@ -81,6 +89,8 @@ class Row:
     parameters: int
     sweeps: int
     matching_s: float
+    first_s: float  # the first sweep, which solves every group
+    predicted_s: float | None  # the first sweep as estimated before the work (None: too short)
     wall_s: float
     peak_rss_mib: float
     exact: bool
@@ -140,6 +150,8 @@ def run_depth(root: Path, shape: LlamaShape, depth: float, max_memory: str) -> R
         parameters=scaled.parameters,
         sweeps=int(done["sweeps"]),
         matching_s=float(done["matching_s"]),
+        first_s=float(done["first_s"]),
+        predicted_s=done["predicted_s"],
         wall_s=wall,
         peak_rss_mib=rss,
         exact=exact,
@@ -208,13 +220,15 @@ def print_table(rows: list[Row], max_memory: str) -> None:
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', os.cpu_count())}"
     )
     print(
-        f"{'depth':>5} {'layers':>6} {'params':>9} {'sweeps':>6} {'s/sweep':>8} {'match s':>8} "
-        f"{'total s':>8} {'peak RSS GB':>11}  recovered exactly"
+        f"{'depth':>5} {'layers':>6} {'params':>9} {'sweeps':>6} {'s/sweep':>8} {'sweep 1':>8} "
+        f"{'estimate':>8} {'match s':>8} {'total s':>8} {'peak RSS GB':>11}  recovered exactly"
     )
     for r in rows:
+        estimate = "-" if r.predicted_s is None else f"{r.predicted_s:.1f}"
         print(
             f"{r.depth:>5} {r.layers:>6} {r.parameters / 1e6:>8.1f}M {r.sweeps:>6} "
-            f"{r.matching_s / r.sweeps:>8.1f} {r.matching_s:>8.1f} {r.wall_s:>8.1f} "
+            f"{r.matching_s / r.sweeps:>8.1f} {r.first_s:>8.1f} {estimate:>8} "
+            f"{r.matching_s:>8.1f} {r.wall_s:>8.1f} "
             f"{r.peak_rss_mib * 2**20 / 1e9:>11.2f}  {'yes' if r.exact else 'NO'}"
         )
     first = rows[0]

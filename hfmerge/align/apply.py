@@ -26,6 +26,7 @@ from hfmerge.align.permutation_files import (
 )
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
+from hfmerge.align.whole_memory import check_whole_memory
 from hfmerge.arch import require_permutable
 from hfmerge.arch.config import CONFIG_FILE, mark_untied
 from hfmerge.arch.permute import (
@@ -107,6 +108,9 @@ def _match(
         return MatchResult(perms=identity_permutations(b.spec), iterations=0, objective=[])
     for model in (a, b):
         require_permutable(model.spec, label=model.label, feature=f"{method} matching")
+    matched = set(_matched_names(a))
+    parameters = sum(info.numel for info in a.index if info.name in matched)
+    check_whole_memory(method, parameters, max_memory_bytes=max_memory_bytes, progress=progress)
     if method in ORTHOGONAL_METHODS:
         for model in (a, b):
             require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
@@ -189,10 +193,11 @@ def align_permutations(
     """Permutations bringing model B into model A's basis (`none` gives the identity).
 
     `weight` streams both checkpoints' tensors, within `max_memory_bytes` when given (refused
-    before any weight is read if too small); `canonical` reads them whole; `activation` loads
-    both models with transformers and runs `batches` (default: the built-in probe text through
-    A's tokenizer), within `max_memory_bytes` when given: together, or one at a time with their
-    features on disk and layers offloaded as needed (`align/activation_run.py`). A model is a
+    before any weight is read if too small); `canonical` reads them whole (refused when the budget
+    is below its peak); `activation` loads both models with transformers and runs `batches`
+    (default: the built-in probe text through A's tokenizer), within `max_memory_bytes` when
+    given: together, or one at a time with their features on disk and layers offloaded as needed
+    (`align/activation_run.py`). A model is a
     folder, or a resolved source whose LoRA adapter is applied to what is read.
     """
     if method in ORTHOGONAL_METHODS:
@@ -215,9 +220,10 @@ def align_basis(
 ) -> BasisMap:
     """How model B is read into model A's basis by any method (`none`: as it is).
 
-    As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation
-    (`weight+orthogonal` holds both models as float64 and does not stream; `max_memory_bytes`
-    bounds `weight`, `activation` and `activation+orthogonal`).
+    As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation.
+    `max_memory_bytes` bounds `weight` and `activation`; the methods that hold both models whole
+    (`canonical`, the orthogonal ones, `learned`) are refused when it, or the machine, is below
+    their peak (`align/whole_memory.py`).
     """
     return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).basis
 

@@ -8,6 +8,7 @@ group of an expert is then matched against A's expert in the slot its B expert l
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from hfmerge.align.matching_problem import (
     group_touches,
     plain_zeros,
 )
+from hfmerge.align.matching_time import first_sweep_estimate
 from hfmerge.align.weights import Weights
 from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.head_maps import HeadMaps
@@ -50,6 +52,8 @@ class MatchResult:
             applied after `perms` (whose residual permutation is then the identity).
         head_maps: orthogonal alignment with head maps only: B's within-head maps of attention
             per KV slot after `perms` (`arch/head_maps.py`).
+        seconds: weight matching only: the wall time of each sweep (the first, which solves
+            every group, is what `align/matching_time.py` predicts).
     """
 
     perms: Permutations
@@ -59,6 +63,7 @@ class MatchResult:
     correlation: dict[str, float] = field(default_factory=dict)
     rotation: torch.Tensor | None = None
     head_maps: HeadMaps | None = None
+    seconds: list[float] = field(default_factory=list)
 
     @property
     def basis(self) -> BasisMap:
@@ -242,15 +247,17 @@ def weight_matching(
             fix="pass the models' parameters, not only their buffers",
         )
     memory = plan_memory(spec, touches, a, b, max_memory_bytes=max_memory_bytes)
+    solved = {name: ts for name, ts in touches.items() if ts and name not in fixed}
     if progress:
         memory.announce(max_memory_bytes=max_memory_bytes)
+        estimate = first_sweep_estimate(spec, solved, a)
+        if estimate is not None:
+            estimate.announce()
     problem = Problem(spec, a, b, names)
+    started = time.perf_counter()  # the first sweep's time includes summing the static caches
     steps = {
-        name: _GroupStep(
-            problem, spec.groups[name], touches[name], cache=name in memory.cached_groups
-        )
-        for name in spec.groups
-        if touches[name] and name not in fixed
+        name: _GroupStep(problem, spec.groups[name], ts, cache=name in memory.cached_groups)
+        for name, ts in solved.items()
     }
     perms = dict(identity_permutations(spec) if start is None else start)
     # Visit order is a seeded shuffle of the group NAMES, sorted first, so that it depends on the
@@ -261,6 +268,7 @@ def weight_matching(
     generator = torch.Generator().manual_seed(seed)
     versions = dict.fromkeys(spec.groups, 0)
     objective: list[float] = []
+    seconds: list[float] = []
     converged = False
     while len(objective) < max_iter and not converged:
         sweep = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
@@ -270,7 +278,13 @@ def weight_matching(
             for name in track(sweep, description=description, enabled=progress)
         ]
         objective.append(problem.objective(perms))
+        seconds.append(time.perf_counter() - started)
+        started = time.perf_counter()
         converged = not any(changed)
     return MatchResult(
-        perms=perms, iterations=len(objective), objective=objective, converged=converged
+        perms=perms,
+        iterations=len(objective),
+        objective=objective,
+        converged=converged,
+        seconds=seconds,
     )

@@ -66,10 +66,11 @@ def align(
         seed: seed of weight matching's order over the groups.
         force: replace an existing output directory.
         progress: draw progress bars on stderr.
-        max_memory: host memory of weight or activation matching, e.g. "3GB" or bytes (the
-            activation methods run the models one at a time when they do not fit together,
-            with layers offloaded to disk if need be); a budget too small
-            for the models is refused before any weight is read.
+        max_memory: host memory of the alignment, e.g. "3GB" or bytes (weight matching streams
+            within it; the activation methods run the models one at a time when they do not fit
+            together, with layers offloaded to disk if need be; canonical, the orthogonal
+            methods and learned hold both models whole); a budget too small for the models is
+            refused before any weight is read.
 
     Returns:
         The models, the output directory, the method and its sweeps.
@@ -81,7 +82,7 @@ def align(
         NoPermutationSpecError: a model whose model_type has no permutation spec (refused
             before any download).
         OutputError: the output exists (without `force`) or is one of the inputs.
-        OptionError: `max_memory` is not a size, or is below what weight matching needs.
+        OptionError: `max_memory` is not a size, or is below what the method needs.
     """
     from hfmerge.align import align_checkpoint
     from hfmerge.engine.budget import parse_memory_budget

@@ -183,8 +183,9 @@ def align(
         str | None,
         typer.Option(
             "--max-memory",
-            help="Host memory of weight or activation matching, e.g. 3GB (activation: the "
-            "models run one at a time, offloaded to disk if need be, when they do not fit).",
+            help="Host memory of the alignment, e.g. 3GB (activation: the models run one at a "
+            "time, offloaded to disk if need be, when they do not fit; canonical, the orthogonal "
+            "methods and learned hold both models whole and are refused when it is too small).",
         ),
     ] = None,
 ) -> None:

@@ -1,0 +1,70 @@
+"""The alignment methods that hold both models whole: their peak said, and refused under a budget
+or a machine too small for it, before any weight is read or anything written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hfmerge.align import align_checkpoint, apply, whole_memory
+from hfmerge.align.whole_memory import BYTES_PER_PARAMETER, check_whole_memory, whole_peak_bytes
+from hfmerge.errors import HfMergeError, OptionError
+from tests.support.lm import save_permuted_copy
+from tests.support.tiny_models import save_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    a = save_tiny_model("llama", tmp_path / "a", dtype=torch.bfloat16)
+    return a, save_permuted_copy(a, tmp_path / "b", seed=3)
+
+
+def _no_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object) -> None:
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(apply, "_read_params", refuse)
+
+
+@pytest.mark.parametrize("method", sorted(BYTES_PER_PARAMETER))
+def test_a_budget_below_the_peak_is_refused_before_any_read(
+    method: Any, pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_reads(monkeypatch)
+    with pytest.raises(OptionError, match=re.escape(f"below what `{method}` needs")) as refused:
+        align_checkpoint(*pair, tmp_path / "out", method=method, max_memory_bytes=10**6)
+    assert "--method weight or activation" in refused.value.fix
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_machine_below_the_peak_is_refused(
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_reads(monkeypatch)
+    monkeypatch.setattr(whole_memory, "physical_memory", lambda: 10**6)
+    with pytest.raises(HfMergeError, match="more memory than this machine has"):
+        align_checkpoint(*pair, tmp_path / "out", method="weight+orthogonal")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_peak_is_said_and_streaming_methods_are_not_checked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(whole_memory, "current_rss", lambda: 10**9)
+    check_whole_memory("learned", 10**7, max_memory_bytes=None, progress=True)
+    assert "learned: about 1.50 GB at peak" in capsys.readouterr().err
+    assert whole_peak_bytes("learned", 10**7) == 5 * 10**8
+    for streaming in ("weight", "activation", "none"):  # bounded elsewhere: never refused here
+        check_whole_memory(streaming, 10**12, max_memory_bytes=1, progress=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_budget_above_the_peak_runs(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    align_checkpoint(*pair, tmp_path / "out", method="canonical", max_memory_bytes=10**11)
+    assert (tmp_path / "out" / "config.json").exists()
