@@ -26,6 +26,15 @@ T = TypeVar("T")
 stderr_console = Console(stderr=True)
 
 
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3.5 min` or `1.2 h`: an estimate's length, as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def say(message: str, *, prefix: str = "", prefix_style: str = "") -> None:
     """Print `message` to stderr as plain text, after an optional styled `prefix`."""
     line = Text(prefix, style=prefix_style) + Text(message) if prefix else Text(message)

@@ -117,11 +117,12 @@ class SweepEstimate:
 
     def announce(self) -> None:
         """Say the estimate before the work starts."""
-        from hfmerge.progress import say
+        from hfmerge.progress import format_duration, say
 
         widest = max(self.work.assignments, default=0)
+        length = format_duration(self.seconds)
         say(
-            f"weight matching: the first sweep should take about {_duration(self.seconds)} here "
+            f"weight matching: the first sweep should take about {length} here "
             f"({self.work.flop / 1e12:.2g} TFLOP of float64 products at the "
             f"{self.speed.flop_per_second / 1e9:.0f} GFLOP/s measured just now, and "
             f"{len(self.work.assignments)} assignments of up to {widest} units); later sweeps "
@@ -139,14 +140,6 @@ def first_sweep_estimate(
         return None
     widest = max((spec.groups[g].size for g, ts in touches.items() if ts), default=1)
     return SweepEstimate.of(work, MachineSpeed.measure(widest))
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 __all__ = ["MachineSpeed", "SweepEstimate", "SweepWork", "first_sweep_estimate"]

@@ -24,6 +24,7 @@ from hfmerge.errors import (
     InputDataError,
 )
 from hfmerge.lm.placement import forward_bytes, limit_setting, split_limit
+from hfmerge.lm.probe_time import ProbeText
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:  # lm/probe.py imports transformers, which a merge without `check:` never needs
@@ -231,7 +232,7 @@ def _stream(
         working = stats + forward_bytes(pair.configs, batch_size=batch_size, length=length)
         pair = pair.within(budget, working=working, kept=4 * expected * sum(widths[0]))
         if progress:
-            pair.placement.announce("cka", budget=budget)
+            pair.announce("cka", budget=budget, text=ProbeText.of(batches))
     for states in pair.states(
         batches, pooling=pooling, tokens_per_window=tokens_per_window, progress=progress
     ):

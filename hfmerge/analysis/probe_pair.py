@@ -21,6 +21,7 @@ import torch
 
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.lm.placement import Footprint, ProbePlacement, plan_placement
+from hfmerge.lm.probe_time import ProbeText, probe_seconds
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 
@@ -72,6 +73,13 @@ class ProbePair:
             kept=kept,
         )
         return replace(self, placement=placement)
+
+    def announce(self, task: str, *, budget: int, text: ProbeText) -> None:
+        """Say the plan before the work starts (`ProbePlacement.announce`), with the time of
+        both models' passes over `text`."""
+        source = self.sources[0]
+        seconds = probe_seconds(source.path, text, self.placement, label=source.label, passes=2)
+        self.placement.announce(task, budget=budget, seconds=seconds)
 
     def states(
         self,

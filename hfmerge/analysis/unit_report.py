@@ -24,6 +24,7 @@ from hfmerge.analysis.probe_pair import ProbePair, open_pair, probe_windows
 from hfmerge.analysis.similarity import CkaAccumulator
 from hfmerge.errors import HfMergeError, InputDataError
 from hfmerge.lm.placement import forward_bytes, limit_setting, split_limit
+from hfmerge.lm.probe_time import ProbeText
 from hfmerge.sources.refs import ModelSource
 
 if TYPE_CHECKING:
@@ -109,7 +110,10 @@ def compute_units(
             kept=4 * tokens * widths[0] * depths[0],
         )
         if progress:
-            pair.placement.announce("units", budget=budget)
+            size = ProbeText(
+                tokens, max(int(w.shape[-1]) for w in windows), -(-len(windows) // batch_size)
+            )
+            pair.announce("units", budget=budget, text=size)
     (fit_sums, fit_tokens), (held_sums, held_tokens) = _accumulate(
         pair, (fit, heldout), pairs, batch_size=batch_size, progress=progress
     )

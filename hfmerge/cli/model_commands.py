@@ -183,9 +183,8 @@ def align(
         str | None,
         typer.Option(
             "--max-memory",
-            help="Host memory of the alignment, e.g. 3GB (activation: the models run one at a "
-            "time, offloaded to disk if need be, when they do not fit; canonical, the orthogonal "
-            "methods and learned hold both models whole and are refused when it is too small).",
+            help="Host memory of the alignment, e.g. 3GB (activation: models one at a time, "
+            "offloaded if need be; canonical, *orthogonal, learned: refused if too small).",
         ),
     ] = None,
 ) -> None:

@@ -172,14 +172,19 @@ class ProbePlacement:
             return "together"
         return "one at a time, with disk offload" if self.offload else "one at a time"
 
-    def announce(self, task: str, *, budget: int) -> None:
-        """Say the plan before the work starts: where the models go and the memory it expects."""
-        from hfmerge.progress import say
+    def announce(self, task: str, *, budget: int, seconds: float | None = None) -> None:
+        """Say the plan before the work starts: where the models go, the memory it expects and,
+        when given, how long the forward passes should take (`lm.probe_time`)."""
+        from hfmerge.progress import format_duration, say
 
         peak = (
             f"about {format_size(self.peak_bytes)} at peak, " if self.peak_bytes is not None else ""
         )
-        say(f"{task}: models {self.describe()}; {peak}within --max-memory {format_size(budget)}")
+        time = "" if seconds is None else f"; the forward passes about {format_duration(seconds)}"
+        say(
+            f"{task}: models {self.describe()}; {peak}within --max-memory {format_size(budget)}"
+            f"{time}"
+        )
 
 
 def check_budget_map(device_map: DeviceMap | None) -> None:

@@ -30,6 +30,7 @@ from hfmerge.align.weights import F64
 from hfmerge.arch.residual import BasisMap
 from hfmerge.engine.plan import MergePlan
 from hfmerge.lm.placement import Footprint, ProbePlacement, forward_bytes, plan_placement
+from hfmerge.lm.probe_time import ProbeText, probe_seconds
 from hfmerge.recipe.schema import Recipe
 from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 
@@ -239,7 +240,11 @@ def repair_output(
             length=probe.max_length,
         )
         if progress:
-            placement.announce("repair", budget=max_memory_bytes)
+            # Each input measured once, then the merge fitted: one pass at least.
+            passes = len(plan.inputs) + 1
+            text = ProbeText.of(windows)
+            seconds = probe_seconds(staging, text, placement, label=label, passes=passes)
+            placement.announce("repair", budget=max_memory_bytes, seconds=seconds)
     with tempfile.TemporaryDirectory(prefix="hfmerge-repair-") as scratch:
         if placement.offload:
             # Offloaded layers come and go as float32 blocks; the merge before this step told
