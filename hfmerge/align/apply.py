@@ -151,16 +151,28 @@ def _orthogonal_matching(
     max_memory_bytes: int | None,
 ) -> MatchResult:
     """The methods that fold both models and rotate B's residual stream."""
+    if method == "learned":
+        return _learned_matching(a, b, batches, seed=seed, progress=progress)
+    found = None
     if method == "activation+orthogonal":
         found = match_activations(
             a, b, batches, residual="rotate", progress=progress, max_memory_bytes=max_memory_bytes
         )
-        # B's within-head maps added to the activation-matched map (align/head_maps.py).
-        return with_head_maps(b.spec, _read_params(a), _read_params(b), found)
-    if method == "learned":
-        return _learned_matching(a, b, batches, seed=seed, progress=progress)
-    # Procrustes and weight matching, then B's within-head maps (align/head_maps.py).
-    return head_map_matching(b.spec, _read_params(a), _read_params(b), seed=seed, progress=progress)
+    # Streamed: both checkpoints read one tensor at a time, folded and mapped on read.
+    with ExitStack() as stack:
+        weights_a, weights_b = _weights(stack, a), _weights(stack, b)
+        if found is not None:
+            # B's within-head maps added to the activation-matched map (align/head_maps.py).
+            return with_head_maps(b.spec, weights_a, weights_b, found)
+        # Procrustes and weight matching, then B's within-head maps (align/head_maps.py).
+        return head_map_matching(
+            b.spec,
+            weights_a,
+            weights_b,
+            seed=seed,
+            progress=progress,
+            max_memory_bytes=max_memory_bytes,
+        )
 
 
 def _learned_matching(
@@ -221,9 +233,9 @@ def align_basis(
     """How model B is read into model A's basis by any method (`none`: as it is).
 
     As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation.
-    `max_memory_bytes` bounds `weight` and `activation`; the methods that hold both models whole
-    (`canonical`, the orthogonal ones, `learned`) are refused when it, or the machine, is below
-    their peak (`align/whole_memory.py`).
+    `max_memory_bytes` bounds `weight`, `activation` and the orthogonal methods, which stream;
+    `canonical` and `learned`, which hold both models whole, are refused when it, or the machine,
+    is below their peak (`align/whole_memory.py`).
     """
     return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).basis
 

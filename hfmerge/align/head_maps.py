@@ -37,6 +37,7 @@ from hfmerge.align.orthogonal import (
     MAX_ROUNDS,
     TOLERANCE,
     basis_objective,
+    mapped_weights,
     orthogonal_factor,
     orthogonal_matching,
     procrustes,
@@ -54,7 +55,7 @@ from hfmerge.arch.head_maps import (
     rotary_pairs,
 )
 from hfmerge.arch.permute import invert
-from hfmerge.arch.residual import FOLDED, BasisMap, map_state_dict, read_in_basis
+from hfmerge.arch.residual import FOLDED, BasisMap, read_in_basis
 from hfmerge.arch.spec import ArchSpec, Layout, PermGroup
 
 MAX_SWEEPS = 5  # most sweeps of weight matching on B mapped within its own heads
@@ -63,12 +64,15 @@ PartRows = dict[str, list[torch.Tensor]]  # part -> one [heads, head_dim, rest] 
 Rows = dict[str, PartRows]  # attention group -> its parts' rows
 
 
-def head_rows(spec: ArchSpec, get: Callable[[str], torch.Tensor]) -> Rows:
-    """Every attention tensor's head-major axis as [heads, head_dim, rest] float64 blocks."""
+def head_rows(spec: ArchSpec, get: Callable[[str], torch.Tensor], only: str | None = None) -> Rows:
+    """Every attention tensor's head-major axis as [heads, head_dim, rest] float64 blocks; of
+    attention group `only`'s tensors alone when given (one layer's, not the model's)."""
     rows: Rows = {}
     for name, tensor_spec in spec.tensors.items():
         for axis, role in enumerate(tensor_spec.axes):
             if role is None or spec.groups[role.group].kind != "attention":
+                continue
+            if only is not None and role.group != only:
                 continue
             group = spec.groups[role.group]
             flat = axis_rows(get(name).double(), axis)  # [axis_len, rest]
@@ -132,12 +136,17 @@ def solve_head_maps(
     """B's within-head maps after `basis` (its permutations, fold and rotation; its own head
     maps are ignored). Q/K maps are the identity where they would not be exact."""
     moved = BasisMap(basis.perms, basis.fold, basis.rotation)
-    rows_a = head_rows(spec, folded_a.__getitem__)
-    rows_b = head_rows(spec, lambda n: read_in_basis(n, folded_b.__getitem__, spec, moved))
     with_qk = qk_maps_exact(spec)
     maps: HeadMaps = {}
-    for name, a in rows_a.items():
-        group, b = spec.groups[name], rows_b[name]
+    # One attention group (one layer) at a time: its rows only are held, never the model's.
+    for name in (g for g, group in spec.groups.items() if group.kind == "attention"):
+        a = head_rows(spec, folded_a.__getitem__, only=name).get(name)
+        if a is None:
+            continue  # a group no tensor of this checkpoint carries
+        b = head_rows(
+            spec, lambda n: read_in_basis(n, folded_b.__getitem__, spec, moved), only=name
+        )[name]
+        group = spec.groups[name]
         pairs = rotary_pairs(spec, group.head_dim) if spec.rotary else None
         eye = torch.eye(group.head_dim, dtype=torch.float64)
         slots = range(group.num_kv_heads)
@@ -155,19 +164,28 @@ def head_map_matching(
     seed: int = 0,
     sweeps: int = MAX_SWEEPS,
     progress: bool = False,
+    max_memory_bytes: int | None = None,
 ) -> MatchResult:
     """`weight+orthogonal`: `orthogonal_matching`, then B's within-head maps alternated with the
     residual Procrustes (`with_head_maps`); then again on B mapped within its own heads, so that
     weight matching sees heads already turned towards A's, for up to `sweeps` sweeps while the
-    objective improves (each sweep after the first starts from the last one's answer)."""
+    objective improves (each sweep after the first starts from the last one's answer). Both
+    models are read one tensor at a time (state dicts or `Weights` from disk); weight matching
+    within `max_memory_bytes` when given."""
     own: HeadMaps = {}  # B's head maps so far, on its own KV heads (before any permutation)
     best: MatchResult | None = None
     for _ in range(sweeps):
-        mapped_b = map_state_dict(params_b, spec, BasisMap(head_maps=own)) if own else params_b
+        mapped_b = mapped_weights(spec, params_b, BasisMap(head_maps=own)) if own else params_b
         # Later sweeps start from the last permutations and rotation, which read the mapped B
         # as they read B with the last head maps.
         found = orthogonal_matching(
-            spec, params_a, mapped_b, seed=seed, progress=progress, start=best
+            spec,
+            params_a,
+            mapped_b,
+            seed=seed,
+            progress=progress,
+            start=best,
+            max_memory_bytes=max_memory_bytes,
         )
         result = with_head_maps(spec, params_a, mapped_b, found, rounds=MAX_ROUNDS)
         assert result.head_maps is not None
@@ -194,8 +212,10 @@ def with_head_maps(
     head maps given the new rotation (the permutations kept). `rounds=0` keeps `found`'s
     rotation (an activation-matched one)."""
     assert found.rotation is not None
-    folded_a = map_state_dict({n: t.double() for n, t in params_a.items()}, spec, FOLDED)
-    folded_b = map_state_dict({n: t.double() for n, t in params_b.items()}, spec, FOLDED)
+    folded_a, folded_b = (
+        mapped_weights(spec, params_a, FOLDED),
+        mapped_weights(spec, params_b, FOLDED),
+    )
     perms, rotation = found.perms, found.rotation
     maps = solve_head_maps(spec, folded_a, folded_b, BasisMap(perms, True, rotation))
     objective = [basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation, maps))]

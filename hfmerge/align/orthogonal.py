@@ -10,16 +10,21 @@ is a special Q, so the residual group of weight matching is redundant here: its 
 starting Q. Then Procrustes (given the FF / attention permutations) and weight matching (given Q,
 residual group fixed) take turns, each from the other's last answer, until the objective stops
 improving. Permutations act on other axes than Q, so the two commute on every tensor.
+
+Neither model is held: both are read one tensor at a time, folded (and B rotated) on read
+(`mapped_weights`), by every pass that needs them: Procrustes' cross sum, the objective, and the
+streamed weight matching, which `max_memory_bytes` bounds as it bounds plain weight matching.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
 from hfmerge.align.weight_matching import MatchResult, weight_matching
-from hfmerge.align.weights import axis_rows
+from hfmerge.align.weights import F64, Weights, axis_rows
 from hfmerge.arch.common import RESIDUAL
 from hfmerge.arch.head_maps import HeadMaps
 from hfmerge.arch.permute import identity_permutations
@@ -27,7 +32,7 @@ from hfmerge.arch.residual import (
     FOLDED,
     BasisMap,
     lift_rotation,
-    map_state_dict,
+    mapped_names,
     read_in_basis,
     residual_axes,
     rotation_space,
@@ -37,6 +42,19 @@ from hfmerge.progress import track
 
 MAX_ROUNDS = 20
 TOLERANCE = 1e-9  # relative objective gain below which the alternation has converged
+
+
+def mapped_weights(spec: ArchSpec, params: Mapping[str, torch.Tensor], basis: BasisMap) -> Weights:
+    """`params` read through `basis` in float64, one tensor at a time when asked for (a folded
+    tied head added untied): what `map_state_dict` holds, without holding it."""
+    source = Weights.of(params)
+    names = mapped_names(spec, list(source), basis)
+    shapes = {name: source.shape(spec.tied.get(name, name)) for name in names}
+
+    def read(name: str) -> torch.Tensor:
+        return read_in_basis(name, lambda n: source[n].double(), spec, basis)
+
+    return Weights(read, shapes, {name: F64 * math.prod(s) for name, s in shapes.items()})
 
 
 def residual_rows(tensor: torch.Tensor, axes: tuple[AxisRole | None, ...]) -> torch.Tensor | None:
@@ -132,25 +150,30 @@ def orthogonal_matching(
     max_rounds: int = MAX_ROUNDS,
     progress: bool = False,
     start: MatchResult | None = None,
+    max_memory_bytes: int | None = None,
 ) -> MatchResult:
     """B's permutations and residual rotation into A's basis (`MatchResult.rotation` set).
 
-    `params_*`: every non-buffer tensor of the checkpoint (a tied head absent, as saved).
-    `start`: permutations (residual identity) and rotation to alternate from, instead of a
-    first weight matching.
+    `params_*`: every non-buffer tensor of the checkpoint (a tied head absent, as saved), as
+    state dicts or `Weights` read from disk. `start`: permutations (residual identity) and
+    rotation to alternate from, instead of a first weight matching. `max_memory_bytes`: weight
+    matching's budget (`align/matching_memory.py`).
     """
-    folded_a = map_state_dict({n: t.double() for n, t in params_a.items()}, spec, FOLDED)
-    folded_b = map_state_dict({n: t.double() for n, t in params_b.items()}, spec, FOLDED)
+    folded_a, folded_b = (
+        mapped_weights(spec, params_a, FOLDED),
+        mapped_weights(spec, params_b, FOLDED),
+    )
     saved = [n for n in folded_a if n in spec.tensors]  # weight matching: the spec's own names
     if start is not None and start.rotation is not None:
         perms, rotation = start.perms, start.rotation
     else:
         first = weight_matching(
             spec,
-            {n: folded_a[n] for n in saved},
-            {n: folded_b[n] for n in saved},
+            folded_a.subset(saved),
+            folded_b.subset(saved),
             seed=seed,
             progress=progress,
+            max_memory_bytes=max_memory_bytes,
         )
         residual = first.perms[RESIDUAL]
         assert isinstance(residual, torch.Tensor)
@@ -161,14 +184,14 @@ def orthogonal_matching(
     for _ in track(range(max_rounds), description="orthogonal alignment", enabled=progress):
         rotation = procrustes(spec, folded_a, folded_b, perms)
         turned = BasisMap(fold=True, rotation=rotation)
-        rotated_b = {n: read_in_basis(n, folded_b.__getitem__, spec, turned) for n in saved}
         perms = weight_matching(
             spec,
-            {n: folded_a[n] for n in saved},
-            rotated_b,
+            folded_a.subset(saved),
+            mapped_weights(spec, folded_b, turned).subset(saved),
             seed=seed,
             start=perms,
             fixed=frozenset({RESIDUAL}),
+            max_memory_bytes=max_memory_bytes,
         ).perms
         objective.append(basis_objective(spec, folded_a, folded_b, BasisMap(perms, True, rotation)))
         if objective[-1] - objective[-2] <= TOLERANCE * abs(objective[-2]):
@@ -185,6 +208,7 @@ def orthogonal_matching(
 
 __all__ = [
     "basis_objective",
+    "mapped_weights",
     "orthogonal_factor",
     "orthogonal_matching",
     "procrustes",

@@ -68,6 +68,13 @@ class Weights(Mapping[str, torch.Tensor]):
             {i.name: i.nbytes for i in infos},
         )
 
+    def subset(self, names: Iterable[str]) -> Weights:
+        """The tensors `names` only, read as these are (nothing read now)."""
+        kept = list(names)
+        return Weights(
+            self._read, {n: self._shapes[n] for n in kept}, {n: self._nbytes[n] for n in kept}
+        )
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor `name`, without reading it."""
         return self._shapes[name]

@@ -1,12 +1,12 @@
 """The memory of the alignment methods that hold both models whole, known before any weight is read.
 
-`weight` and `activation` matching stream within `--max-memory` (`matching_memory.py`,
-`activation_run.py`). `canonical`, `weight+orthogonal`, `activation+orthogonal` (for its
-within-head maps) and `learned` read each model's tensors whole as float64, and the orthogonal
-methods keep folded copies beside them; `learned` also runs A's model and the interpolated one. So
-their peak grows with the models: about `BYTES_PER_PARAMETER[method]` per parameter of one model,
-above what the process already holds. A budget (or a machine) too small for that is refused before
-the work starts, with the streaming methods as the fix.
+`weight`, `activation` and the orthogonal methods stream within `--max-memory`
+(`matching_memory.py`, `activation_run.py`, `orthogonal.py`). `canonical` reads each model's
+tensors whole as float64 to sort them, and `learned` trains through both models held whole beside
+A's loaded model and the interpolated one. So their peak grows with the models: about
+`BYTES_PER_PARAMETER[method]` per parameter of one model, above what the process already holds. A
+budget (or a machine) too small for that is refused before the work starts, with the streaming
+methods as the fix.
 """
 
 from __future__ import annotations
@@ -19,15 +19,9 @@ from hfmerge.tensors import format_size
 
 # Peak bytes above the process's own per parameter of one model, measured with `hfmerge align` on a
 # 61M-parameter bf16 Llama pair and rounded up: canonical holds one model as float64 at a time;
-# weight+orthogonal both, their folded copies and the Procrustes and matching products; learned adds
-# A's loaded model and the interpolated one it trains through.
-BYTES_PER_PARAMETER = {
-    "canonical": 10,
-    "weight+orthogonal": 40,
-    "activation+orthogonal": 30,
-    "learned": 50,
-}
-STREAMING_FIX = "use --method weight or activation, which stream within a budget"
+# learned both, their folded copies, A's loaded model and the interpolated one it trains through.
+BYTES_PER_PARAMETER = {"canonical": 10, "learned": 50}
+STREAMING_FIX = "use --method weight, activation or weight+orthogonal, which stream within a budget"
 
 
 def whole_peak_bytes(method: str, parameters: int) -> int:

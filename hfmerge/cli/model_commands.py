@@ -184,7 +184,7 @@ def align(
         typer.Option(
             "--max-memory",
             help="Host memory of the alignment, e.g. 3GB (activation: models one at a time, "
-            "offloaded if need be; canonical, *orthogonal, learned: refused if too small).",
+            "offloaded if need be; canonical and learned: refused if too small).",
         ),
     ] = None,
 ) -> None:

@@ -39,7 +39,7 @@ def test_a_budget_below_the_peak_is_refused_before_any_read(
     _no_reads(monkeypatch)
     with pytest.raises(OptionError, match=re.escape(f"below what `{method}` needs")) as refused:
         align_checkpoint(*pair, tmp_path / "out", method=method, max_memory_bytes=10**6)
-    assert "--method weight or activation" in refused.value.fix
+    assert "--method weight, activation or weight+orthogonal" in refused.value.fix
     assert not (tmp_path / "out").exists()
 
 
@@ -49,7 +49,7 @@ def test_a_machine_below_the_peak_is_refused(
     _no_reads(monkeypatch)
     monkeypatch.setattr(whole_memory, "physical_memory", lambda: 10**6)
     with pytest.raises(HfMergeError, match="more memory than this machine has"):
-        align_checkpoint(*pair, tmp_path / "out", method="weight+orthogonal")
+        align_checkpoint(*pair, tmp_path / "out", method="learned")
     assert not (tmp_path / "out").exists()
 
 
@@ -60,11 +60,25 @@ def test_the_peak_is_said_and_streaming_methods_are_not_checked(
     check_whole_memory("learned", 10**7, max_memory_bytes=None, progress=True)
     assert "learned: about 1.50 GB at peak" in capsys.readouterr().err
     assert whole_peak_bytes("learned", 10**7) == 5 * 10**8
-    for streaming in ("weight", "activation", "none"):  # bounded elsewhere: never refused here
+    # bounded elsewhere: never refused here
+    for streaming in ("weight", "activation", "weight+orthogonal", "activation+orthogonal"):
         check_whole_memory(streaming, 10**12, max_memory_bytes=1, progress=True)
     assert capsys.readouterr().err == ""
 
 
 def test_a_budget_above_the_peak_runs(pair: tuple[Path, Path], tmp_path: Path) -> None:
     align_checkpoint(*pair, tmp_path / "out", method="canonical", max_memory_bytes=10**11)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_weight_orthogonal_streams_within_weight_matchings_budget(
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_reads(monkeypatch)  # no model is read whole: the checkpoints are streamed
+    with pytest.raises(OptionError, match="below what weight matching needs"):
+        align_checkpoint(
+            *pair, tmp_path / "small", method="weight+orthogonal", max_memory_bytes=10**6
+        )
+    assert not (tmp_path / "small").exists()
+    align_checkpoint(*pair, tmp_path / "out", method="weight+orthogonal", max_memory_bytes=10**11)
     assert (tmp_path / "out" / "config.json").exists()
