@@ -26,7 +26,7 @@ from hfmerge.align.permutation_files import (
 )
 from hfmerge.align.weight_matching import MatchResult, weight_matching
 from hfmerge.align.weights import Weights
-from hfmerge.align.whole_memory import check_whole_memory
+from hfmerge.align.whole_memory import check_method_memory
 from hfmerge.arch import require_permutable
 from hfmerge.arch.config import CONFIG_FILE, mark_untied
 from hfmerge.arch.permute import (
@@ -79,8 +79,8 @@ def _matched_names(model: InspectedModel) -> list[str]:
 
 
 def _read_params(model: InspectedModel) -> dict[str, torch.Tensor]:
-    """Every non-buffer tensor of the checkpoint as float64, its LoRA adapter applied (canonical
-    order holds them whole)."""
+    """Every non-buffer tensor of the checkpoint as float64, its LoRA adapter applied (`learned`
+    holds them whole)."""
     with ExitStack() as stack:
         reader = open_reader(stack, model)
         return {name: reader.get(name).to(torch.float64) for name in _matched_names(model)}
@@ -109,8 +109,10 @@ def _match(
     for model in (a, b):
         require_permutable(model.spec, label=model.label, feature=f"{method} matching")
     matched = set(_matched_names(a))
-    parameters = sum(info.numel for info in a.index if info.name in matched)
-    check_whole_memory(method, parameters, max_memory_bytes=max_memory_bytes, progress=progress)
+    shapes = {info.name: tuple(info.shape) for info in a.index if info.name in matched}
+    check_method_memory(
+        method, a.spec, shapes, max_memory_bytes=max_memory_bytes, progress=progress
+    )
     if method in ORTHOGONAL_METHODS:
         for model in (a, b):
             require_foldable(model.spec, label=model.label, feature=f"`{method}` alignment")
@@ -130,8 +132,10 @@ def _match(
             )
     if method == "canonical":
         # B to its normal form, then back out through A's: both models sorted the same way.
-        to_a = invert(a.spec, canonical_permutations(a.spec, _read_params(a)))
-        perms = compose(b.spec, canonical_permutations(b.spec, _read_params(b)), to_a)
+        # Streamed: each group's keys are read from the checkpoint when the group is sorted.
+        with ExitStack() as stack:
+            to_a = invert(a.spec, canonical_permutations(a.spec, _weights(stack, a)))
+            perms = compose(b.spec, canonical_permutations(b.spec, _weights(stack, b)), to_a)
         return MatchResult(perms=perms, iterations=1, objective=[])
     if method == "activation":
         return match_activations(
@@ -205,8 +209,8 @@ def align_permutations(
     """Permutations bringing model B into model A's basis (`none` gives the identity).
 
     `weight` streams both checkpoints' tensors, within `max_memory_bytes` when given (refused
-    before any weight is read if too small); `canonical` reads them whole (refused when the budget
-    is below its peak); `activation` loads both models with transformers and runs `batches`
+    before any weight is read if too small); `canonical` streams them too, one group's keys at a
+    time; `activation` loads both models with transformers and runs `batches`
     (default: the built-in probe text through A's tokenizer), within `max_memory_bytes` when
     given: together, or one at a time with their features on disk and layers offloaded as needed
     (`align/activation_run.py`). A model is a
@@ -234,8 +238,8 @@ def align_basis(
 
     As `align_permutations`; the orthogonal methods add the norm fold and B's residual rotation.
     `max_memory_bytes` bounds `weight`, `activation` and the orthogonal methods, which stream;
-    `canonical` and `learned`, which hold both models whole, are refused when it, or the machine,
-    is below their peak (`align/whole_memory.py`).
+    `learned`, which holds both models whole, is refused when it, or the machine, is below its
+    peak (`align/whole_memory.py`).
     """
     return _solve(method, model_a, model_b, seed, batches, progress, max_memory_bytes).basis
 
@@ -332,7 +336,8 @@ def canonicalize_checkpoint(
     check_output_dir(out_dir, force=force, inputs=[Path(model_dir)])
     model = inspect_model(ModelSource(ref=str(model_dir), path=Path(model_dir)))
     require_permutable(model.spec, label=model.label, feature="canonicalize")
-    perms = canonical_permutations(model.spec, _read_params(model))
+    with ExitStack() as stack:  # streamed: one group's keys held at a time
+        perms = canonical_permutations(model.spec, _weights(stack, model))
     _write_aligned(
         model,
         out_dir,

@@ -22,18 +22,21 @@ heads by the whole head's normal form, which is invariant to every order inside 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
 from hfmerge.align.attention import PARTS, head_slices
+from hfmerge.align.weights import F64
 from hfmerge.arch.permute import permute_tensor, unit_rows
 from hfmerge.arch.spec import ArchSpec, AttentionPerm, AxisRole, PermGroup, Permutations
 from hfmerge.errors import AlignmentError
 
 # Each kind's keys need the ones before: expert keys read every expert in its fixed FF order.
 _KIND_ORDER = {"residual": 0, "ff": 1, "experts": 2, "attention": 3}
+KEY_COPIES = 3  # a group's float64 keys as slices, joined, and squared for their norms
 
 
 def canonical_order(keys: torch.Tensor) -> torch.Tensor:
@@ -76,24 +79,34 @@ class _Slice:
     role: AxisRole
 
 
-def _fixed_slices(
-    spec: ArchSpec, params: Mapping[str, torch.Tensor], group: str, perms: Permutations
-) -> list[_Slice]:
-    """Every axis of `group` whose other axes are unpermuted or in `perms`, in the fixed basis."""
-    out = []
+def _key_axes(
+    spec: ArchSpec, names: Container[str], group: str, fixed: Container[str]
+) -> Iterator[tuple[str, int, AxisRole]]:
+    """(tensor, axis, role) of every axis of `group` whose other axes are unpermuted or in
+    `fixed`: the slices that key its units."""
     for name, tensor_spec in spec.tensors.items():
-        if name not in params:
+        if name not in names:
             continue
         for axis, role in enumerate(tensor_spec.axes):
             others = [r for i, r in enumerate(tensor_spec.axes) if i != axis and r is not None]
             if role is None or role.group != group:
                 continue
-            if any(r.group not in perms for r in others):
+            if any(r.group not in fixed for r in others):
                 continue  # a free group on another axis would leak its order into the key
-            kept = tuple(None if i == axis else r for i, r in enumerate(tensor_spec.axes))
-            moved = permute_tensor(params[name], replace(tensor_spec, axes=kept), spec, perms)
-            rows = moved.movedim(axis, 0)  # [..., axis_len, ...] -> [axis_len, ...]
-            out.append(_Slice(rows.reshape(moved.shape[axis], -1).to(torch.float64), role))
+            yield name, axis, role
+
+
+def _fixed_slices(
+    spec: ArchSpec, params: Mapping[str, torch.Tensor], group: str, perms: Permutations
+) -> list[_Slice]:
+    """Every axis of `group` whose other axes are unpermuted or in `perms`, in the fixed basis."""
+    out = []
+    for name, axis, role in _key_axes(spec, params, group, perms):
+        tensor_spec = spec.tensors[name]
+        kept = tuple(None if i == axis else r for i, r in enumerate(tensor_spec.axes))
+        moved = permute_tensor(params[name], replace(tensor_spec, axes=kept), spec, perms)
+        rows = moved.movedim(axis, 0)  # [..., axis_len, ...] -> [axis_len, ...]
+        out.append(_Slice(rows.reshape(moved.shape[axis], -1).to(torch.float64), role))
     if not out:
         raise AlignmentError(
             f"cannot put group {group!r} of this {spec.family} model into canonical order",
@@ -217,6 +230,23 @@ def refuse_experts(spec: ArchSpec, *, label: str, feature: str) -> None:
             "REPAIR has no sites inside the fused experts (no module per expert to rescale)",
             fix="align without repair (`align: {method: weight}`, or activation or canonical)",
         )
+
+
+def canonical_peak_bytes(spec: ArchSpec, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Bytes canonical order holds at most beside the process, from the tensors' `shapes`: the
+    largest group's float64 keys `KEY_COPIES` times (the slices, the keys they are joined into,
+    their squares summed into norms), and the largest tensor read and converted to float64."""
+    fixed: set[str] = set()
+    keys = 0
+    for group in sorted(spec.groups.values(), key=lambda g: _KIND_ORDER[g.kind]):
+        # Each key slice is one whole tensor with the group's axis first.
+        elements = sum(
+            math.prod(shapes[name]) for name, *_ in _key_axes(spec, shapes, group.name, fixed)
+        )
+        keys = max(keys, F64 * elements)
+        fixed.add(group.name)
+    largest = max((math.prod(shape) for shape in shapes.values()), default=0)
+    return KEY_COPIES * keys + F64 * largest
 
 
 def canonical_permutations(spec: ArchSpec, params: Mapping[str, torch.Tensor]) -> Permutations:

@@ -1,27 +1,56 @@
-"""The memory of the alignment methods that hold both models whole, known before any weight is read.
+"""The memory of the alignment methods that streaming does not bound, known before any weight is
+read: `canonical` and `learned`.
 
 `weight`, `activation` and the orthogonal methods stream within `--max-memory`
-(`matching_memory.py`, `activation_run.py`, `orthogonal.py`). `canonical` reads each model's
-tensors whole as float64 to sort them, and `learned` trains through both models held whole beside
-A's loaded model and the interpolated one. So their peak grows with the models: about
-`BYTES_PER_PARAMETER[method]` per parameter of one model, above what the process already holds. A
-budget (or a machine) too small for that is refused before the work starts, with the streaming
-methods as the fix.
+(`matching_memory.py`, `activation_run.py`, `orthogonal.py`). `canonical` streams its reads but
+holds one group's sort keys at a time, whose size the shapes give (`canonical_peak_bytes`; at LLM
+sizes the residual group's: the embedding's and head's columns). `learned` trains through both
+models held whole in float64, beside A's loaded model and the interpolated one, so its peak grows
+with the models: about `BYTES_PER_PARAMETER[method]` per parameter of one model. Each peak counts
+above what the process already holds; a budget (or a machine) too small for it is refused before
+the work starts, with the streaming methods as the fix.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 
+from hfmerge.align.canonical import canonical_peak_bytes
+from hfmerge.arch.spec import ArchSpec
 from hfmerge.engine.budget import current_rss
 from hfmerge.errors import HfMergeError, OptionError
 from hfmerge.tensors import format_size
 
 # Peak bytes above the process's own per parameter of one model, measured with `hfmerge align` on a
-# 61M-parameter bf16 Llama pair and rounded up: canonical holds one model as float64 at a time;
-# learned both, their folded copies, A's loaded model and the interpolated one it trains through.
-BYTES_PER_PARAMETER = {"canonical": 10, "learned": 50}
+# 61M-parameter bf16 Llama pair and rounded up: both models and their folded copies in float64, A's
+# loaded model and the interpolated one it trains through.
+BYTES_PER_PARAMETER = {"learned": 50}
 STREAMING_FIX = "use --method weight, activation or weight+orthogonal, which stream within a budget"
+
+
+def check_method_memory(
+    method: str,
+    spec: ArchSpec,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    max_memory_bytes: int | None,
+    progress: bool,
+) -> None:
+    """The peak of `canonical` (one group's sort keys at a time) and `learned` (both models
+    whole) for models of these tensor `shapes`, checked and said (`check_peak`); nothing for the
+    streaming methods."""
+    if method == "canonical":
+        check_peak(
+            method,
+            canonical_peak_bytes(spec, shapes),
+            held="one group's float64 sort keys at a time",
+            max_memory_bytes=max_memory_bytes,
+            progress=progress,
+        )
+    parameters = sum(math.prod(shape) for shape in shapes.values())
+    check_whole_memory(method, parameters, max_memory_bytes=max_memory_bytes, progress=progress)
 
 
 def whole_peak_bytes(method: str, parameters: int) -> int:
@@ -32,20 +61,31 @@ def whole_peak_bytes(method: str, parameters: int) -> int:
 def check_whole_memory(
     method: str, parameters: int, *, max_memory_bytes: int | None, progress: bool
 ) -> None:
-    """Refuse `method` on models of `parameters` each when its peak exceeds `max_memory_bytes` or
-    the machine's memory; else say the peak when `progress`. Nothing for the streaming methods.
+    """`check_peak` for a method that holds both models whole (`BYTES_PER_PARAMETER`) on models
+    of `parameters` each; nothing for the others."""
+    if method not in BYTES_PER_PARAMETER:
+        return
+    check_peak(
+        method,
+        whole_peak_bytes(method, parameters),
+        held=f"both models whole in float64 ({_count(parameters)} parameters each)",
+        max_memory_bytes=max_memory_bytes,
+        progress=progress,
+    )
+
+
+def check_peak(
+    method: str, added: int, *, held: str, max_memory_bytes: int | None, progress: bool
+) -> None:
+    """Refuse `method`, which adds `added` bytes to the process holding `held`, when that is over
+    `max_memory_bytes` or the machine's memory; else say the peak when `progress`.
 
     Raises:
         OptionError: the peak is over `max_memory_bytes`.
         HfMergeError: the peak is over the machine's physical memory.
     """
-    if method not in BYTES_PER_PARAMETER:
-        return
-    peak = current_rss() + whole_peak_bytes(method, parameters)
-    why = (
-        f"`{method}` holds both models whole in float64 (not streamed): about "
-        f"{format_size(peak)} at peak for two models of {_count(parameters)} parameters each"
-    )
+    peak = current_rss() + added
+    why = f"`{method}` holds {held}: about {format_size(peak)} at peak"
     if max_memory_bytes is not None and peak > max_memory_bytes:
         raise OptionError(
             "--max-memory",
@@ -65,7 +105,7 @@ def check_whole_memory(
     if progress:
         from hfmerge.progress import say
 
-        say(f"{method}: about {format_size(peak)} at peak (both models whole in float64)")
+        say(f"{method}: about {format_size(peak)} at peak ({held})")
 
 
 def _count(parameters: int) -> str:
@@ -84,4 +124,11 @@ def physical_memory() -> int | None:
         return None
 
 
-__all__ = ["BYTES_PER_PARAMETER", "check_whole_memory", "physical_memory", "whole_peak_bytes"]
+__all__ = [
+    "BYTES_PER_PARAMETER",
+    "check_method_memory",
+    "check_peak",
+    "check_whole_memory",
+    "physical_memory",
+    "whole_peak_bytes",
+]

@@ -1,5 +1,5 @@
-"""The alignment methods that hold both models whole: their peak said, and refused under a budget
-or a machine too small for it, before any weight is read or anything written."""
+"""`learned`, which holds both models whole: its peak said, and refused under a budget or a machine
+too small for it, before any weight is read or anything written; the other methods stream."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from hfmerge.align import align_checkpoint, apply, whole_memory
+from hfmerge.align import align_checkpoint, apply, canonical, whole_memory
 from hfmerge.align.whole_memory import BYTES_PER_PARAMETER, check_whole_memory, whole_peak_bytes
+from hfmerge.arch import spec_for
 from hfmerge.errors import HfMergeError, OptionError
 from tests.support.lm import save_permuted_copy
-from tests.support.tiny_models import save_tiny_model
+from tests.support.tiny_models import make_tiny_model, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/support/fixtures.py one_thread
 
@@ -32,7 +33,7 @@ def _no_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(apply, "_read_params", refuse)
 
 
-@pytest.mark.parametrize("method", sorted(BYTES_PER_PARAMETER))
+@pytest.mark.parametrize("method", ["canonical", *sorted(BYTES_PER_PARAMETER)])
 def test_a_budget_below_the_peak_is_refused_before_any_read(
     method: Any, pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,8 +67,12 @@ def test_the_peak_is_said_and_streaming_methods_are_not_checked(
     assert capsys.readouterr().err == ""
 
 
-def test_a_budget_above_the_peak_runs(pair: tuple[Path, Path], tmp_path: Path) -> None:
-    align_checkpoint(*pair, tmp_path / "out", method="canonical", max_memory_bytes=10**11)
+@pytest.mark.parametrize("method", ["canonical", "weight+orthogonal"])
+def test_streaming_methods_read_no_model_whole(
+    method: Any, pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_reads(monkeypatch)
+    align_checkpoint(*pair, tmp_path / "out", method=method, max_memory_bytes=10**11)
     assert (tmp_path / "out" / "config.json").exists()
 
 
@@ -80,5 +85,27 @@ def test_weight_orthogonal_streams_within_weight_matchings_budget(
             *pair, tmp_path / "small", method="weight+orthogonal", max_memory_bytes=10**6
         )
     assert not (tmp_path / "small").exists()
-    align_checkpoint(*pair, tmp_path / "out", method="weight+orthogonal", max_memory_bytes=10**11)
-    assert (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen3"])
+def test_canonical_peak_counts_the_keys_canonical_order_builds(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_tiny_model(kind)
+    state = dict(model.state_dict())
+    spec = spec_for(model.config.to_dict(), state.keys())
+    built: list[int] = []
+    real = canonical._fixed_slices
+
+    def recorded(*args: Any) -> Any:
+        slices = real(*args)
+        built.append(sum(piece.rows.numel() * piece.rows.element_size() for piece in slices))
+        return slices
+
+    monkeypatch.setattr(canonical, "_fixed_slices", recorded)
+    params = {n: t for n, t in state.items() if not spec.tensors[n].buffer}
+    canonical.canonical_permutations(spec, params)
+    shapes = {n: tuple(t.shape) for n, t in params.items()}
+    largest = max(t.numel() for t in params.values())
+    expected = canonical.KEY_COPIES * max(built) + 8 * largest
+    assert canonical.canonical_peak_bytes(spec, shapes) == expected
