@@ -210,11 +210,11 @@ def align_permutations(
 
     `weight` streams both checkpoints' tensors, within `max_memory_bytes` when given (refused
     before any weight is read if too small); `canonical` streams them too, one group's keys at a
-    time; `activation` loads both models with transformers and runs `batches`
-    (default: the built-in probe text through A's tokenizer), within `max_memory_bytes` when
-    given: together, or one at a time with their features on disk and layers offloaded as needed
-    (`align/activation_run.py`). A model is a
-    folder, or a resolved source whose LoRA adapter is applied to what is read.
+    time; `activation` loads both models with transformers and runs `batches` (default: the
+    built-in probe text through A's tokenizer), within `max_memory_bytes` when given: together,
+    or one at a time with their features on disk and layers offloaded as needed
+    (`align/activation_run.py`). A model is a folder, or a resolved source whose LoRA adapter is
+    applied to what is read.
     """
     if method in ORTHOGONAL_METHODS:
         raise AlignmentError(

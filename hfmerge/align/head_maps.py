@@ -24,6 +24,9 @@ them, so the whole is swept again on B mapped within its own heads, up to `MAX_S
 with one sweep, permutations, a rotation and head maps planted together came back only to 0.86
 in the weights of a tiny Llama; with six, to 3e-5. `activation+orthogonal` adds the head maps once
 to its activation-matched permutations and rotation (`with_head_maps`).
+
+Neither model is held: both are read one tensor at a time through their maps
+(`orthogonal.mapped_weights`), and the head maps are solved one attention group at a time.
 """
 
 from __future__ import annotations
