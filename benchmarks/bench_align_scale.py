@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_align_scale.py [--work-dir DIR] [--depths 0.25,0.5,1]
         [--max-memory 3GB] [--quick] [--probe-samples 32] [--cka-memory 4GB] [--activation]
-        [--activation-memory 6GB]
+        [--activation-memory 6GB] [--orthogonal] [--orthogonal-memory 4GB]
 
 Builds once (cached in --work-dir, default `$HFMERGE_CACHE/bench-align-scale`) a bf16 checkpoint
 of TinyLlama's shape (hidden 2048, 22 layers, FF 5632, 32 heads, 4 KV heads, vocab 32000), written
@@ -23,7 +23,11 @@ Then, on the deepest pair (a BPE tokenizer trained on the built-in text is saved
 peak RSS, the placement it chose, the lowest diagonal CKA: 1 for a permuted copy), and with
 `--activation`, `hfmerge align --method activation --max-memory 6GB` (`--activation-memory`; the
 models run one at a time with their features in temporary files when they do not fit together);
-`--probe-samples 0` skips both.
+`--probe-samples 0` skips both. With `--orthogonal`, on the deepest pair: `hfmerge align
+--method weight+orthogonal --max-memory 4GB` (`--orthogonal-memory`; streamed, the models folded
+and rotated on read): wall, peak RSS, and whether the output is the model folded (norm gains
+moved into their readers) to within one bf16 rounding step per tensor, which is what recovering a
+planted permutation with a rotation and maps within heads leaves.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from harness import LlamaShape, measure, measure_command, write_model
 # outputs (GBs) are compared tensor by tensor, read lazily.
 from hfmerge.align.apply import _write_aligned
 from hfmerge.arch.permute import random_permutations
-from hfmerge.arch.residual import BasisMap
+from hfmerge.arch.residual import FOLDED, BasisMap, read_in_basis
 from hfmerge.sources.inspection import inspect_model
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors import LazyCheckpoint
@@ -158,6 +162,38 @@ def run_depth(root: Path, shape: LlamaShape, depth: float, max_memory: str) -> R
     )
 
 
+def matches_folded(out: Path, model: Path) -> bool:
+    """Whether each tensor in `out` is `model`'s read folded, to within one bf16 rounding step of
+    the tensor's largest value (the orthogonal methods write B folded, in its stored dtype)."""
+    spec = inspect_model(ModelSource(ref=str(model), path=model)).spec
+    with LazyCheckpoint(out) as written, LazyCheckpoint(model) as source:
+        for name in written.names:
+            want = read_in_basis(name, lambda n: source.get(n).double(), spec, FOLDED)
+            step = 2.0**-8 * float(want.abs().max())  # bf16 keeps 8 significant bits
+            if float((written.get(name).double() - want).abs().max()) > step:
+                return False
+    return True
+
+
+def orthogonal_row(root: Path, shape: LlamaShape, depth: float, *, memory: str) -> None:
+    """`hfmerge align --method weight+orthogonal` within `memory` on the pair at `depth`,
+    printed."""
+    model, planted = build(root, shape_at(shape, depth))
+    out = model.parent / "aligned-orthogonal"
+    align = ["align", str(model), str(planted), "--out", str(out), "--method", "weight+orthogonal"]
+    print(f"weight+orthogonal at depth {depth} within {memory} ...", file=sys.stderr, flush=True)
+    wall, rss = measure_command(
+        [sys.executable, "-m", "hfmerge", *align, "--max-memory", memory, "--force"]
+    )
+    recovered = matches_folded(out, model)
+    shutil.rmtree(out)
+    print(
+        f"hfmerge align MODEL PLANTED --method weight+orthogonal --max-memory {memory}: "
+        f"{wall:.1f} s, peak RSS {rss * 2**20 / 1e9:.2f} GB, "
+        f"the model folded, to one bf16 step: {'yes' if recovered else 'NO'}"
+    )
+
+
 def save_tokenizer(*folders: Path, vocab: int) -> None:
     """A BPE tokenizer of at most `vocab` tokens trained on the built-in text, saved into each
     folder lacking one."""
@@ -256,6 +292,8 @@ def main() -> None:
     parser.add_argument("--cka-memory", default="4GB", help="cka's --max-memory")
     parser.add_argument("--activation", action="store_true", help="add activation matching")
     parser.add_argument("--activation-memory", default="6GB", help="its --max-memory")
+    parser.add_argument("--orthogonal", action="store_true", help="add weight+orthogonal")
+    parser.add_argument("--orthogonal-memory", default="4GB", help="its --max-memory")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     shape = QUICK if args.quick else TINYLLAMA
@@ -276,6 +314,8 @@ def main() -> None:
             memory=args.cka_memory,
             activation=args.activation_memory if args.activation else None,
         )
+    if args.orthogonal:
+        orthogonal_row(root, shape, max(depths), memory=args.orthogonal_memory)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def test_quick_run_recovers_the_planted_copy(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, str(ROOT / "benchmarks" / "bench_align_scale.py")]
     argv += ["--quick", "--depths", "0.5,1", "--work-dir", str(tmp_path)]
-    argv += ["--probe-samples", "8", "--activation"]
+    argv += ["--probe-samples", "8", "--activation", "--orthogonal"]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [
@@ -28,4 +28,5 @@ def test_quick_run_recovers_the_planted_copy(tmp_path: Path) -> None:
     assert all(int(row[3]) >= 2 for row in rows)  # sweeps: the last one changed nothing
     assert "models together, lowest diagonal CKA 1.0000 over 5 layers" in done.stdout
     assert "--method activation" in done.stdout
+    assert "the model folded, to one bf16 step: yes" in done.stdout
     assert "recovered exactly: yes" in done.stdout
