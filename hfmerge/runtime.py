@@ -1,8 +1,11 @@
-"""Process-wide torch settings: the intra-op thread count, and the device work runs on."""
+"""Process-wide torch settings: the intra-op thread count, the device work runs on, and how fast
+this machine runs a piece of work (the estimates said before long work starts)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -36,3 +39,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fastest_seconds(run: Callable[[], object], *, tries: int = 4) -> float:
+    """The shortest wall time of `tries` calls of `run`: the first warms up the BLAS threads, and
+    the shortest is the least disturbed by whatever else the machine runs."""
+    best = math.inf
+    for _ in range(tries):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)

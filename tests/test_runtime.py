@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from hfmerge.runtime import capped_threads, fixed_threads, resolve_device
+from hfmerge.runtime import capped_threads, fastest_seconds, fixed_threads, resolve_device
 
 
 def test_fixed_threads_restores_the_thread_count() -> None:
@@ -38,3 +40,11 @@ def test_resolve_device_takes_the_asked_device_else_cuda_or_cpu() -> None:
     assert resolve_device(torch.device("meta")) == torch.device("meta")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None).type == expected
+
+
+def test_fastest_seconds_is_the_shortest_call() -> None:
+    pauses = iter([0.05, 0.001, 0.03])
+    shortest = fastest_seconds(lambda: time.sleep(next(pauses)), tries=3)
+    assert 0.001 <= shortest < 0.03
+    with pytest.raises(StopIteration):
+        next(pauses)  # every try ran

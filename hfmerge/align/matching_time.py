@@ -14,7 +14,6 @@ similarity is about the hardest case for the solver, so the assignments' share e
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from hfmerge.align.lap import solve_dense_lap
 from hfmerge.align.matching_problem import Touch
 from hfmerge.align.weights import CHUNK_ELEMENTS, Weights
 from hfmerge.arch.spec import ArchSpec, PermGroup
+from hfmerge.runtime import fastest_seconds
 
 CALIBRATION_UNITS = 1024  # width of the timed assignment
 # Dense assignment time grows about as width^2.2 on random similarities (1024 to 5632 units on the
@@ -75,26 +75,19 @@ class MachineSpeed:
 
     @classmethod
     def measure(cls, widest: int) -> MachineSpeed:
-        """Time one product shaped like matching's blocks (the best of three after a warm-up)
-        and one assignment; about half a second in all."""
+        """Time one product shaped like matching's blocks (`fastest_seconds`) and one
+        assignment; about half a second in all."""
         units = max(1, min(widest, WIDEST_TIMED_PRODUCT))
         cols = max(1, CHUNK_ELEMENTS // units)
         generator = torch.Generator().manual_seed(0)
         left = torch.randn(units, cols, generator=generator, dtype=torch.float64)
         right = torch.randn(units, cols, generator=generator, dtype=torch.float64)
         total = torch.zeros(units, units, dtype=torch.float64)
-        best = math.inf
-        for _ in range(4):  # the first warms up the BLAS threads
-            start = time.perf_counter()
-            total.addmm_(left, right.T)
-            best = min(best, time.perf_counter() - start)
-        rate = 2.0 * units * units * cols / max(best, 1e-9)
+        rate = 2.0 * units * units * cols / fastest_seconds(lambda: total.addmm_(left, right.T))
         similarity = torch.randn(
             CALIBRATION_UNITS, CALIBRATION_UNITS, generator=generator, dtype=torch.float64
         ).numpy()
-        start = time.perf_counter()
-        solve_dense_lap(similarity)
-        return cls(rate, time.perf_counter() - start)
+        return cls(rate, fastest_seconds(lambda: solve_dense_lap(similarity), tries=1))
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ file was read recently, as it is after a download or a merge).
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Any
 
 import torch
 
-from hfmerge.lm.placement import Footprint, ProbePlacement
+from hfmerge.lm.placement import PROBE_BYTES_PER_PARAM, Footprint, ProbePlacement
+from hfmerge.runtime import fastest_seconds
 from hfmerge.tensors import LazyCheckpoint, parse_size, read_checkpoint_index
 
 WORTH_ESTIMATING_SECONDS = 10.0  # below this the passes are short: nothing to say
@@ -34,23 +33,16 @@ class ProbeSpeed:
 
     @classmethod
     def measure(cls, path: Path, *, label: str, rows: int, hidden: int, inner: int) -> ProbeSpeed:
-        """Time a [rows, hidden] x [hidden, inner] float32 product (the best of three after a
-        warm-up) and one read of the largest tensor in `path`, converted to float32."""
+        """Time a [rows, hidden] x [hidden, inner] float32 product (`fastest_seconds`) and one
+        read of the largest tensor in `path`, converted to float32."""
         generator = torch.Generator().manual_seed(0)
         left = torch.randn(rows, hidden, generator=generator)
         right = torch.randn(hidden, inner, generator=generator)
-        best = math.inf
-        for _ in range(4):  # the first warms up the BLAS threads
-            start = time.perf_counter()
-            torch.mm(left, right)
-            best = min(best, time.perf_counter() - start)
+        rate = 2.0 * rows * hidden * inner / fastest_seconds(lambda: torch.mm(left, right))
         largest = max(read_checkpoint_index(path, label=label), key=lambda info: info.numel)
         with LazyCheckpoint(path, label=label) as reader:
-            start = time.perf_counter()
-            loaded = reader.get(largest.name).float()
-            read = time.perf_counter() - start
-        rate = 2.0 * rows * hidden * inner / max(best, 1e-9)
-        return cls(rate, loaded.numel() * loaded.element_size() / max(read, 1e-9))
+            read = fastest_seconds(lambda: reader.get(largest.name).float(), tries=1)
+        return cls(rate, PROBE_BYTES_PER_PARAM * largest.numel / read)
 
 
 @dataclass(frozen=True)
