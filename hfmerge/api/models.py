@@ -69,8 +69,9 @@ def align(
         max_memory: host memory of the alignment, e.g. "3GB" or bytes (weight matching streams
             within it; the activation methods run the models one at a time when they do not fit
             together, with layers offloaded to disk if need be; the orthogonal methods stream as
-            weight matching does; canonical and learned hold both models whole); a budget too
-            small for the models is refused before any weight is read.
+            weight matching does; canonical holds one group's sort keys at a time, learned both
+            models whole); a budget too small for the models is refused before any weight is
+            read.
 
     Returns:
         The models, the output directory, the method and its sweeps.
