@@ -6,7 +6,7 @@ read: `canonical` and `learned`.
 holds one group's sort keys at a time, whose size the shapes give (`canonical_peak_bytes`; at LLM
 sizes the residual group's: the embedding's and head's columns). `learned` trains through both
 models held whole in float64, beside A's loaded model and the interpolated one, so its peak grows
-with the models: about `BYTES_PER_PARAMETER[method]` per parameter of one model. Each peak counts
+with the models: about `LEARNED_BYTES_PER_PARAMETER` per parameter of one model. Each peak counts
 above what the process already holds; a budget (or a machine) too small for it is refused before
 the work starts, with the streaming methods as the fix.
 """
@@ -26,7 +26,7 @@ from hfmerge.tensors import format_size
 # Peak bytes above the process's own per parameter of one model, measured with `hfmerge align` on a
 # 61M-parameter bf16 Llama pair and rounded up: both models and their folded copies in float64, A's
 # loaded model and the interpolated one it trains through.
-BYTES_PER_PARAMETER = {"learned": 50}
+LEARNED_BYTES_PER_PARAMETER = 50
 STREAMING_FIX = "use --method weight, activation or weight+orthogonal, which stream within a budget"
 
 
@@ -38,40 +38,18 @@ def check_method_memory(
     max_memory_bytes: int | None,
     progress: bool,
 ) -> None:
-    """The peak of `canonical` (one group's sort keys at a time) and `learned` (both models
+    """The peak of `canonical` (one group's sort keys at a time) or `learned` (both models
     whole) for models of these tensor `shapes`, checked and said (`check_peak`); nothing for the
-    streaming methods."""
+    methods that stream within `--max-memory`."""
     if method == "canonical":
-        check_peak(
-            method,
-            canonical_peak_bytes(spec, shapes),
-            held="one group's float64 sort keys at a time",
-            max_memory_bytes=max_memory_bytes,
-            progress=progress,
-        )
-    parameters = sum(math.prod(shape) for shape in shapes.values())
-    check_whole_memory(method, parameters, max_memory_bytes=max_memory_bytes, progress=progress)
-
-
-def whole_peak_bytes(method: str, parameters: int) -> int:
-    """The peak `method` adds to the process for two models of `parameters` each."""
-    return BYTES_PER_PARAMETER[method] * parameters
-
-
-def check_whole_memory(
-    method: str, parameters: int, *, max_memory_bytes: int | None, progress: bool
-) -> None:
-    """`check_peak` for a method that holds both models whole (`BYTES_PER_PARAMETER`) on models
-    of `parameters` each; nothing for the others."""
-    if method not in BYTES_PER_PARAMETER:
+        added, held = canonical_peak_bytes(spec, shapes), "one group's float64 sort keys at a time"
+    elif method == "learned":
+        parameters = sum(math.prod(shape) for shape in shapes.values())
+        added = LEARNED_BYTES_PER_PARAMETER * parameters
+        held = f"both models whole in float64 ({_count(parameters)} parameters each)"
+    else:
         return
-    check_peak(
-        method,
-        whole_peak_bytes(method, parameters),
-        held=f"both models whole in float64 ({_count(parameters)} parameters each)",
-        max_memory_bytes=max_memory_bytes,
-        progress=progress,
-    )
+    check_peak(method, added, held=held, max_memory_bytes=max_memory_bytes, progress=progress)
 
 
 def check_peak(
@@ -124,11 +102,4 @@ def physical_memory() -> int | None:
         return None
 
 
-__all__ = [
-    "BYTES_PER_PARAMETER",
-    "check_method_memory",
-    "check_peak",
-    "check_whole_memory",
-    "physical_memory",
-    "whole_peak_bytes",
-]
+__all__ = ["LEARNED_BYTES_PER_PARAMETER", "check_method_memory", "check_peak", "physical_memory"]
