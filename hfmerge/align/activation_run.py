@@ -128,11 +128,17 @@ def match_activations(
     probes = probes_of(spec, dict(skeleton.named_modules()))
     placement = _plan(a, b, skeleton.config, probes, data, max_memory_bytes)
     if progress:
-        from hfmerge.lm.probe_time import ProbeText, probe_seconds
+        from hfmerge.lm.probe_time import ProbeText, announce_probe
 
-        text = ProbeText.of(data)
-        seconds = probe_seconds(a.source.path, text, placement, label=a.label, passes=2)
-        placement.announce("activation matching", budget=max_memory_bytes, seconds=seconds)
+        announce_probe(
+            placement,
+            "activation matching",
+            budget=max_memory_bytes,
+            path=a.source.path,
+            label=a.label,
+            text=ProbeText.of(data),
+            passes=2,
+        )
     if not placement.one_at_a_time:
         model_a, model_b = load_model(a, placement), load_model(b, placement)
         return activation_matching(

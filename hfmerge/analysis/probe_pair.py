@@ -21,7 +21,7 @@ import torch
 
 from hfmerge.errors import IncompatibleModelsError
 from hfmerge.lm.placement import Footprint, ProbePlacement, plan_placement
-from hfmerge.lm.probe_time import ProbeText, probe_seconds
+from hfmerge.lm.probe_time import ProbeText, announce_probe
 from hfmerge.sources.refs import ModelSource
 from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 
@@ -78,8 +78,15 @@ class ProbePair:
         """Say the plan before the work starts (`ProbePlacement.announce`), with the time of
         both models' passes over `text`."""
         source = self.sources[0]
-        seconds = probe_seconds(source.path, text, self.placement, label=source.label, passes=2)
-        self.placement.announce(task, budget=budget, seconds=seconds)
+        announce_probe(
+            self.placement,
+            task,
+            budget=budget,
+            path=source.path,
+            label=source.label,
+            text=text,
+            passes=2,
+        )
 
     def states(
         self,

@@ -80,7 +80,7 @@ class ProbeWork:
         footprint = Footprint.of(path, label=label)
         hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
         embedding = int(getattr(config, "vocab_size", 0) or 0) * hidden  # looked up, not multiplied
-        matrices = max(0, footprint.weights // 4 - embedding)
+        matrices = max(0, footprint.weights // PROBE_BYTES_PER_PARAM - embedding)
         # The products with the weights, then per layer the scores and their weighted sum.
         flop = 2.0 * matrices * text.tokens + 4.0 * layers * hidden * text.length * text.tokens
         offloaded = 0
@@ -114,4 +114,20 @@ def probe_seconds(
     return seconds if seconds >= WORTH_ESTIMATING_SECONDS else None
 
 
-__all__ = ["ProbeSpeed", "ProbeText", "ProbeWork", "probe_seconds"]
+def announce_probe(
+    placement: ProbePlacement,
+    task: str,
+    *,
+    budget: int,
+    path: Path,
+    label: str,
+    text: ProbeText,
+    passes: int,
+) -> None:
+    """Say the plan before the work starts (`ProbePlacement.announce`) with the time of
+    `passes` passes over `text` of models shaped like the one in `path`."""
+    seconds = probe_seconds(path, text, placement, label=label, passes=passes)
+    placement.announce(task, budget=budget, seconds=seconds)
+
+
+__all__ = ["ProbeSpeed", "ProbeText", "ProbeWork", "announce_probe", "probe_seconds"]

@@ -30,7 +30,7 @@ from hfmerge.align.weights import F64
 from hfmerge.arch.residual import BasisMap
 from hfmerge.engine.plan import MergePlan
 from hfmerge.lm.placement import Footprint, ProbePlacement, forward_bytes, plan_placement
-from hfmerge.lm.probe_time import ProbeText, probe_seconds
+from hfmerge.lm.probe_time import ProbeText, announce_probe
 from hfmerge.recipe.schema import Recipe
 from hfmerge.tensors.malloc import return_freed_blocks, trim_heap
 
@@ -240,11 +240,15 @@ def repair_output(
             length=probe.max_length,
         )
         if progress:
-            # Each input measured once, then the merge fitted: one pass at least.
-            passes = len(plan.inputs) + 1
-            text = ProbeText.of(windows)
-            seconds = probe_seconds(staging, text, placement, label=label, passes=passes)
-            placement.announce("repair", budget=max_memory_bytes, seconds=seconds)
+            announce_probe(
+                placement,
+                "repair",
+                budget=max_memory_bytes,
+                path=staging,
+                label=label,
+                text=ProbeText.of(windows),
+                passes=len(plan.inputs) + 1,  # each input measured, then one fit pass at least
+            )
     with tempfile.TemporaryDirectory(prefix="hfmerge-repair-") as scratch:
         if placement.offload:
             # Offloaded layers come and go as float32 blocks; the merge before this step told
